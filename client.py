@@ -1,0 +1,159 @@
+"""MiniTorrent client: browse the catalog and download verified files.
+
+    python client.py [--config PATH] list [--json] [--search TEXT]
+    python client.py [--config PATH] get NAME [NAME ...] [--output DIR]
+    python client.py [--config PATH] status [--json]
+
+Exit status: 0 on success, 1 when a command failed (the reason is one line on
+stderr), 2 for a bad command line or configuration, 130 when interrupted.
+``ClientEngine`` is the part a window will hold; it imports no tkinter.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from config_loader import Config, load_config
+from database import ClientStore
+from downloader import Downloader, DownloadResult, Progress
+from error_handler import MiniTorrentError
+from logger_config import setup_logging
+from progress import TerminalProgress, human_size
+from remote import ServerClient
+
+log = logging.getLogger(__name__)
+
+
+class ClientEngine:
+    """The client's engine: one server connection pool, the state database, downloads.
+
+    Methods may be called from any thread; downloads run in the caller's thread.
+    """
+
+    def __init__(self, config: Config, on_progress: Callable[[Progress], None] | None = None) -> None:
+        self.config = config
+        main = config.server.main
+        transfer = config.transfer
+        self.server = ServerClient(
+            main.host,
+            main.port,
+            io_timeout_s=transfer.io_timeout,
+            pool_size=transfer.pool_size,
+            retry_deadline_s=config.client.retry_deadline,
+        )
+        self.store = ClientStore(config.client.data_dir / "client.db")
+        self.downloader = Downloader(self.server, self.store, pipeline_depth=transfer.pipeline_depth,
+                                     on_progress=on_progress)
+
+    def close(self) -> None:
+        """Close connections and the state database."""
+        self.server.close()
+        self.store.close()
+
+    def list_files(self, search: str = "") -> list[dict]:
+        """Catalog entries matching ``search``."""
+        return self.server.list_files(search)
+
+    def status(self) -> dict:
+        """The server's status snapshot, with the address it was read from."""
+        snapshot = self.server.status()
+        snapshot["address"] = self.server.pool.address
+        return snapshot
+
+    def download(self, name: str, output_dir: Path | None = None) -> DownloadResult:
+        """Download one file (see ``Downloader.download``)."""
+        return self.downloader.download(name, output_dir or self.config.client.download_dir)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="MiniTorrent client: browse and download shared files.")
+    parser.add_argument("--config", help="path to config.yaml (default: the one beside this program)")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    listing = commands.add_parser("list", help="list the shared files")
+    listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    listing.add_argument("--search", default="", metavar="TEXT", help="only names containing TEXT (any case)")
+    get = commands.add_parser("get", help="download files by name")
+    get.add_argument("names", nargs="+", metavar="NAME")
+    get.add_argument("--output", type=Path, metavar="DIR", help="folder to save into (default: client.download_dir)")
+    status = commands.add_parser("status", help="show the server's status and metrics")
+    status.add_argument("--json", action="store_true", help="print JSON")
+    return parser
+
+
+def run_list(engine: ClientEngine, args: argparse.Namespace) -> int:
+    entries = engine.list_files(args.search)
+    if args.json:
+        print(json.dumps(entries, ensure_ascii=False, indent=2))
+        return 0
+    if not entries:
+        print("no files" + (f" matching {args.search!r}" if args.search else ""))
+        return 0
+    print(f"{'NAME':40}  {'SIZE':>10}  {'CHUNKS':>6}  {'DOWNLOADS':>9}  SHA256")
+    for entry in entries:
+        print(f"{entry['name']:40}  {human_size(entry['size']):>10}  {entry['chunks']:>6}  "
+              f"{entry['downloads']:>9}  {entry['sha256'][:16]}")
+    return 0
+
+
+def run_get(engine: ClientEngine, args: argparse.Namespace) -> int:
+    failed = 0
+    for name in args.names:
+        try:
+            result = engine.download(name, args.output)
+        except MiniTorrentError as error:
+            print(f"error: {error}", file=sys.stderr)
+            failed += 1
+            continue
+        resumed = f", {result.resumed_chunks} chunks resumed" if result.resumed_chunks else ""
+        print(f"{result.outcome}: {result.path} ({human_size(result.size)}, sha256 verified{resumed})", flush=True)
+    return 1 if failed else 0
+
+
+def run_status(engine: ClientEngine, args: argparse.Namespace) -> int:
+    snapshot = engine.status()
+    if args.json:
+        print(json.dumps(snapshot, ensure_ascii=False, indent=2))
+        return 0
+    per_file = snapshot.pop("downloads_per_file", {})
+    for key, value in snapshot.items():
+        print(f"{key:22} {value}")
+    for name, count in per_file.items():
+        print(f"  downloads of {name}: {count}")
+    return 0
+
+
+COMMANDS = {"list": run_list, "get": run_get, "status": run_status}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        print("the client window is not built yet; use a command: list, get or status (see --help)",
+              file=sys.stderr)
+        return 2
+    try:
+        config = load_config(args.config)
+        setup_logging(config.logging, "client", console_level="WARNING")
+        engine = ClientEngine(config, on_progress=TerminalProgress() if args.command == "get" else None)
+    except MiniTorrentError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    try:
+        return COMMANDS[args.command](engine, args)
+    except MiniTorrentError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    finally:
+        engine.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

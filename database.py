@@ -1,0 +1,531 @@
+"""Durable state in SQLite: the server's catalog and the client's downloads.
+
+DESIGN principle 5: WAL mode, one connection per thread, schema versioned with
+``PRAGMA user_version``. Every write is one short ``BEGIN IMMEDIATE``
+transaction, so a process killed at any moment leaves either the old state or
+the new one, never half of each.
+
+Every public method may be called from any thread: each thread lazily gets its
+own connection. ``close()`` is for shutdown, once worker threads have stopped.
+"""
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+import unicodedata
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+from error_handler import CatalogError
+from integrity import Manifest, chunk_count
+
+# How long a writer waits for another connection's write lock before giving
+# up with "database is locked". Writes are short; 5 s means something is stuck.
+BUSY_TIMEOUT_MS = 5000
+
+
+def _statements(script: str) -> Iterator[str]:
+    """Split a migration script into statements.
+
+    Splitting at every ';' would break a quoted ';' or a trigger body, so
+    pieces are joined until SQLite itself calls the statement complete.
+    """
+    pending = ""
+    for piece in script.split(";"):
+        pending += piece + ";"
+        if sqlite3.complete_statement(pending):
+            yield pending
+            pending = ""
+    if pending.strip():
+        yield pending  # a trailing comment runs as a no-op; anything else fails loudly
+
+
+class SQLiteStore:
+    """One SQLite file, one connection per thread, versioned schema.
+
+    A subclass lists ``MIGRATIONS``: SQL scripts where script ``i`` brings the
+    schema from ``user_version`` ``i`` to ``i + 1``. Opening applies the
+    missing ones in one transaction, so a failure leaves the file as it was.
+    Raises ``CatalogError`` when the file is not a database, its schema is
+    newer than this code knows, or a migration fails.
+    """
+
+    MIGRATIONS: Sequence[str] = ()
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        # Every connection opened, with the thread it belongs to, so close()
+        # can close them all and connections of finished threads get closed.
+        self._connections: list[tuple[threading.Thread, sqlite3.Connection]] = []
+        self._closed = False
+        try:
+            self._migrate()
+        except sqlite3.DatabaseError as error:
+            self.close()
+            raise CatalogError(f"{self.path}: cannot open database: {error}") from error
+        except BaseException:
+            self.close()
+            raise
+
+    # ------------------------------------------------------------ lifecycle
+
+    def close(self) -> None:
+        """Close every connection this store opened; later calls raise
+        ``CatalogError``. Call once the threads using the store have stopped."""
+        with self._lock:
+            self._closed = True
+            connections, self._connections = self._connections, []
+        for _thread, connection in connections:
+            connection.close()
+
+    def __enter__(self) -> "SQLiteStore":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @property
+    def schema_version(self) -> int:
+        """The database's ``PRAGMA user_version``."""
+        return self._connection().execute("PRAGMA user_version").fetchone()[0]
+
+    # ---------------------------------------------------------- connections
+
+    def _connection(self) -> sqlite3.Connection:
+        """This thread's connection, opened on first use."""
+        if self._closed:
+            raise CatalogError(f"{self.path}: database is closed")
+        connection = getattr(self._local, "connection", None)
+        if connection is None:
+            connection = self._open()
+            self._local.connection = connection
+        return connection
+
+    def _open(self) -> sqlite3.Connection:
+        # isolation_level=None: no implicit transactions; _transaction() says
+        # exactly where each begins and ends. check_same_thread=False only so
+        # close() and the pruning below may close a connection from another
+        # thread; each connection is still used by its own thread alone.
+        connection = sqlite3.connect(
+            self.path, isolation_level=None, check_same_thread=False
+        )
+        try:
+            self._configure(connection)
+        except BaseException:
+            connection.close()
+            raise
+        with self._lock:
+            if self._closed:
+                connection.close()
+                raise CatalogError(f"{self.path}: database is closed")
+            self._close_orphans()
+            self._connections.append((threading.current_thread(), connection))
+        return connection
+
+    @staticmethod
+    def _configure(connection: sqlite3.Connection) -> None:
+        connection.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        connection.execute("PRAGMA journal_mode = WAL")
+        # In WAL mode NORMAL loses nothing when a process is killed, only
+        # (possibly the last commits) on power loss, and saves an fsync per commit.
+        connection.execute("PRAGMA synchronous = NORMAL")
+        connection.execute("PRAGMA foreign_keys = ON")
+
+    def _close_orphans(self) -> None:
+        """Close connections whose threads have ended (caller holds _lock), so
+        a server starting a thread per client does not leak file handles."""
+        alive = []
+        for thread, connection in self._connections:
+            if thread.is_alive():
+                alive.append((thread, connection))
+            else:
+                connection.close()
+        self._connections = alive
+
+    @contextmanager
+    def _transaction(self, mode: str = "IMMEDIATE") -> Iterator[sqlite3.Connection]:
+        """``BEGIN <mode>`` ... ``COMMIT``, or ``ROLLBACK`` if the block raises.
+
+        IMMEDIATE (the default, for writes) takes the write lock up front, so
+        two writers never deadlock upgrading read locks. DEFERRED gives reads a
+        consistent snapshot across several queries. Do not nest.
+        """
+        connection = self._connection()
+        connection.execute(f"BEGIN {mode}")
+        try:
+            yield connection
+            connection.execute("COMMIT")
+        except BaseException:
+            if connection.in_transaction:
+                connection.execute("ROLLBACK")
+            raise
+
+    def _migrate(self) -> None:
+        known = len(self.MIGRATIONS)
+        with self._transaction() as connection:
+            found = connection.execute("PRAGMA user_version").fetchone()[0]
+            if found > known:
+                raise CatalogError(
+                    f"{self.path}: database schema version {found} is newer than "
+                    f"this program understands ({known}); upgrade MiniTorrent or "
+                    f"use another data_dir"
+                )
+            for version in range(found, known):
+                for statement in _statements(self.MIGRATIONS[version]):
+                    connection.execute(statement)
+                connection.execute(f"PRAGMA user_version = {version + 1}")
+
+
+def _fold(text: str) -> str:
+    """Caseless, normalisation-proof form of ``text`` for substring search.
+
+    Plain ``casefold`` would miss "café" typed with a combining accent (as
+    macOS file names are) when the catalog holds the precomposed one.
+    """
+    return unicodedata.normalize("NFC", unicodedata.normalize("NFD", text).casefold())
+
+
+# --------------------------------------------------------------- server side
+
+
+@dataclass(frozen=True, slots=True)
+class FileRecord:
+    """A catalog entry as listed: everything but the chunk digests."""
+
+    name: str
+    size: int
+    chunk_size: int
+    sha256: str
+    added_at: float
+    downloads: int
+    chunks: int
+
+
+_FILE_COLUMNS = "name, size, chunk_size, sha256, added_at, downloads"
+
+
+def _file_record(row: tuple) -> FileRecord:
+    name, size, chunk_size, sha256, added_at, downloads = row
+    return FileRecord(
+        name, size, chunk_size, sha256, added_at, downloads, chunk_count(size, chunk_size)
+    )
+
+
+class ServerStore(SQLiteStore):
+    """The server's catalog: one row per file name, with its manifest.
+
+    Several names may share one sha256 (the same content under two names).
+    """
+
+    MIGRATIONS = (
+        """
+        CREATE TABLE files (
+            name          TEXT PRIMARY KEY,
+            name_folded   TEXT NOT NULL,   -- _fold(name), for search
+            size          INTEGER NOT NULL CHECK (size >= 0),
+            chunk_size    INTEGER NOT NULL CHECK (chunk_size > 0),
+            sha256        TEXT NOT NULL,
+            added_at      REAL NOT NULL,
+            downloads     INTEGER NOT NULL DEFAULT 0,
+            -- Last, because SQLite must walk a big blob's overflow pages to
+            -- reach any column after it; listing never reads the digests.
+            chunk_digests BLOB NOT NULL
+        );
+        CREATE INDEX files_sha256 ON files (sha256);
+        """,
+    )
+
+    def add_file(self, name: str, manifest: Manifest, added_at: float | None = None) -> FileRecord:
+        """Add ``name`` with ``manifest``; return its record.
+
+        ``added_at`` defaults to now (unix time). Raises ``CatalogError`` if a
+        file of that exact name is already in the catalog.
+        """
+        added_at = time.time() if added_at is None else added_at
+        try:
+            with self._transaction() as connection:
+                connection.execute(
+                    "INSERT INTO files (name, name_folded, size, chunk_size, sha256,"
+                    " chunk_digests, added_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (name, _fold(name), manifest.size, manifest.chunk_size,
+                     manifest.sha256, manifest.chunk_digests, added_at),
+                )
+        except sqlite3.IntegrityError as error:
+            raise CatalogError(f"{name!r} is already in the catalog") from error
+        return FileRecord(
+            name, manifest.size, manifest.chunk_size, manifest.sha256, added_at, 0,
+            manifest.chunk_count,
+        )
+
+    def get_file(self, name: str) -> FileRecord | None:
+        """The record for ``name`` (exact match), or None."""
+        row = self._connection().execute(
+            f"SELECT {_FILE_COLUMNS} FROM files WHERE name = ?", (name,)
+        ).fetchone()
+        return None if row is None else _file_record(row)
+
+    def get_manifest(self, name: str) -> Manifest | None:
+        """The manifest of ``name`` (exact match), or None."""
+        row = self._connection().execute(
+            "SELECT size, chunk_size, sha256, chunk_digests FROM files WHERE name = ?",
+            (name,),
+        ).fetchone()
+        return None if row is None else Manifest(*row)
+
+    def names_with_sha256(self, sha256: str) -> list[str]:
+        """Names whose content has this whole-file SHA-256, sorted."""
+        rows = self._connection().execute(
+            "SELECT name FROM files WHERE sha256 = ? ORDER BY name", (sha256,)
+        )
+        return [name for (name,) in rows]
+
+    def list_files(self, search: str | None = None) -> list[FileRecord]:
+        """Records ordered by name; with ``search``, only names containing it.
+
+        The match is a case- and accent-form-insensitive substring test in
+        which every character, ``%`` and ``_`` included, is literal.
+        """
+        if search:
+            rows = self._connection().execute(
+                f"SELECT {_FILE_COLUMNS} FROM files WHERE instr(name_folded, ?) > 0"
+                " ORDER BY name",
+                (_fold(search),),
+            )
+        else:
+            rows = self._connection().execute(
+                f"SELECT {_FILE_COLUMNS} FROM files ORDER BY name"
+            )
+        return [_file_record(row) for row in rows]
+
+    def remove_file(self, name: str) -> bool:
+        """Remove ``name``; True if it was there."""
+        with self._transaction() as connection:
+            cursor = connection.execute("DELETE FROM files WHERE name = ?", (name,))
+        return cursor.rowcount > 0
+
+    def record_download(self, name: str) -> int:
+        """Count one more download of ``name``; return the new count.
+
+        Atomic under concurrent callers. ``CatalogError`` if there is no such file.
+        """
+        with self._transaction() as connection:
+            connection.execute(
+                "UPDATE files SET downloads = downloads + 1 WHERE name = ?", (name,)
+            )
+            row = connection.execute(
+                "SELECT downloads FROM files WHERE name = ?", (name,)
+            ).fetchone()
+        if row is None:
+            raise CatalogError(f"no file named {name!r} in the catalog")
+        return row[0]
+
+    def file_count(self) -> int:
+        """Number of names in the catalog."""
+        return self._connection().execute("SELECT COUNT(*) FROM files").fetchone()[0]
+
+    def total_bytes(self) -> int:
+        """Sum of the sizes of all names (content shared by two names counts twice)."""
+        return self._connection().execute(
+            "SELECT COALESCE(SUM(size), 0) FROM files"
+        ).fetchone()[0]
+
+
+# --------------------------------------------------------------- client side
+
+
+@dataclass
+class DownloadState:
+    """An unfinished download: where it goes, what it must be, what is done."""
+
+    id: int
+    dest_path: str
+    name: str
+    manifest: Manifest
+    verified: set[int]
+    started_at: float
+
+
+@dataclass(frozen=True)
+class CompletedFile:
+    """A download that finished and passed its whole-file check."""
+
+    path: str
+    name: str
+    size: int
+    sha256: str
+    manifest: Manifest
+    completed_at: float
+
+
+_DOWNLOAD_COLUMNS = "id, dest_path, name, size, chunk_size, sha256, chunk_digests, started_at"
+
+
+def _download_state(row: tuple, verified: set[int]) -> DownloadState:
+    id_, dest_path, name, size, chunk_size, sha256, digests, started_at = row
+    manifest = Manifest(size, chunk_size, sha256, digests)
+    return DownloadState(id_, dest_path, name, manifest, verified, started_at)
+
+
+class ClientStore(SQLiteStore):
+    """The client's downloads in progress, their verified chunks, and the
+    files it has finished (which it may seed)."""
+
+    MIGRATIONS = (
+        """
+        CREATE TABLE downloads (
+            -- AUTOINCREMENT: an id is never reused, so a worker still holding
+            -- the id of a replaced download cannot mark chunks of its successor.
+            id            INTEGER PRIMARY KEY AUTOINCREMENT,
+            dest_path     TEXT NOT NULL UNIQUE,
+            name          TEXT NOT NULL,
+            size          INTEGER NOT NULL,
+            chunk_size    INTEGER NOT NULL,
+            sha256        TEXT NOT NULL,
+            started_at    REAL NOT NULL,
+            chunk_digests BLOB NOT NULL  -- last: see the files table
+        );
+        CREATE TABLE verified_chunks (
+            download_id INTEGER NOT NULL REFERENCES downloads (id) ON DELETE CASCADE,
+            chunk_index INTEGER NOT NULL,
+            PRIMARY KEY (download_id, chunk_index)
+        ) WITHOUT ROWID;
+        CREATE TABLE completed (
+            path          TEXT PRIMARY KEY,
+            name          TEXT NOT NULL,
+            size          INTEGER NOT NULL,
+            sha256        TEXT NOT NULL,
+            chunk_size    INTEGER NOT NULL,
+            completed_at  REAL NOT NULL,
+            chunk_digests BLOB NOT NULL  -- last: see the files table
+        );
+        """,
+    )
+
+    def begin_download(
+        self, dest_path: str, name: str, manifest: Manifest, started_at: float | None = None
+    ) -> DownloadState:
+        """Start, or resume, the download that lands at ``dest_path``.
+
+        If a download to ``dest_path`` exists with an equal manifest it is
+        returned with its verified chunks (resume). If it exists with another
+        manifest (the file changed) it and its verified chunks are dropped and
+        a fresh one starts: chunks of two versions are never mixed.
+        """
+        with self._transaction() as connection:
+            row = connection.execute(
+                f"SELECT {_DOWNLOAD_COLUMNS} FROM downloads WHERE dest_path = ?",
+                (dest_path,),
+            ).fetchone()
+            if row is not None:
+                state = _download_state(row, self._verified(connection, row[0]))
+                if state.manifest == manifest:
+                    return state
+                connection.execute("DELETE FROM downloads WHERE id = ?", (state.id,))
+            started_at = time.time() if started_at is None else started_at
+            cursor = connection.execute(
+                "INSERT INTO downloads (dest_path, name, size, chunk_size, sha256,"
+                " chunk_digests, started_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (dest_path, name, manifest.size, manifest.chunk_size, manifest.sha256,
+                 manifest.chunk_digests, started_at),
+            )
+        return DownloadState(cursor.lastrowid, dest_path, name, manifest, set(), started_at)
+
+    @staticmethod
+    def _verified(connection: sqlite3.Connection, download_id: int) -> set[int]:
+        rows = connection.execute(
+            "SELECT chunk_index FROM verified_chunks WHERE download_id = ?", (download_id,)
+        )
+        return {index for (index,) in rows}
+
+    def mark_verified(self, download_id: int, indexes: Iterable[int]) -> None:
+        """Record that these chunks are written and verified; idempotent.
+
+        One transaction for the whole batch. Raises ``CatalogError`` if there
+        is no such download, ``ValueError`` if an index is out of range.
+        """
+        with self._transaction() as connection:
+            count = self._chunk_count(connection, download_id)
+            rows = [(download_id, self._checked_index(index, count)) for index in indexes]
+            connection.executemany(
+                "INSERT OR IGNORE INTO verified_chunks (download_id, chunk_index)"
+                " VALUES (?, ?)",
+                rows,
+            )
+
+    def forget_verified(self, download_id: int, indexes: Iterable[int]) -> None:
+        """Unmark chunks (say, found corrupt on disk); unknown ones are ignored."""
+        with self._transaction() as connection:
+            connection.executemany(
+                "DELETE FROM verified_chunks WHERE download_id = ? AND chunk_index = ?",
+                [(download_id, index) for index in indexes],
+            )
+
+    @staticmethod
+    def _chunk_count(connection: sqlite3.Connection, download_id: int) -> int:
+        row = connection.execute(
+            "SELECT size, chunk_size FROM downloads WHERE id = ?", (download_id,)
+        ).fetchone()
+        if row is None:
+            raise CatalogError(f"no download in progress with id {download_id}")
+        return chunk_count(*row)
+
+    @staticmethod
+    def _checked_index(index: int, count: int) -> int:
+        if not 0 <= index < count:
+            raise ValueError(f"chunk index {index} out of range (download has {count} chunks)")
+        return index
+
+    def finish_download(self, download_id: int, completed_at: float | None = None) -> None:
+        """Move a download into the completed files, in one transaction.
+
+        A completed entry already at the same path is replaced. Raises
+        ``CatalogError`` if there is no such download.
+        """
+        completed_at = time.time() if completed_at is None else completed_at
+        with self._transaction() as connection:
+            cursor = connection.execute(
+                "INSERT OR REPLACE INTO completed (path, name, size, sha256, chunk_size,"
+                " chunk_digests, completed_at) SELECT dest_path, name, size, sha256,"
+                " chunk_size, chunk_digests, ? FROM downloads WHERE id = ?",
+                (completed_at, download_id),
+            )
+            if cursor.rowcount == 0:
+                raise CatalogError(f"no download in progress with id {download_id}")
+            connection.execute("DELETE FROM downloads WHERE id = ?", (download_id,))
+
+    def abandon_download(self, dest_path: str) -> None:
+        """Forget the download to ``dest_path`` and its verified chunks, if any."""
+        with self._transaction() as connection:
+            connection.execute("DELETE FROM downloads WHERE dest_path = ?", (dest_path,))
+
+    def in_progress(self) -> list[DownloadState]:
+        """Every unfinished download, oldest first, with its verified chunks."""
+        with self._transaction("DEFERRED") as connection:
+            rows = connection.execute(
+                f"SELECT {_DOWNLOAD_COLUMNS} FROM downloads ORDER BY started_at, id"
+            ).fetchall()
+            verified: dict[int, set[int]] = {row[0]: set() for row in rows}
+            for download_id, index in connection.execute(
+                "SELECT download_id, chunk_index FROM verified_chunks"
+            ):
+                verified[download_id].add(index)
+        return [_download_state(row, verified[row[0]]) for row in rows]
+
+    def completed_files(self) -> list[CompletedFile]:
+        """Every completed download, ordered by path."""
+        rows = self._connection().execute(
+            "SELECT path, name, size, sha256, chunk_size, chunk_digests, completed_at"
+            " FROM completed ORDER BY path"
+        )
+        return [
+            CompletedFile(path, name, size, sha256,
+                          Manifest(size, chunk_size, sha256, digests), completed_at)
+            for path, name, size, sha256, chunk_size, digests, completed_at in rows
+        ]

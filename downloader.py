@@ -1,0 +1,419 @@
+"""Downloading one file: verified chunks, resumable, never a corrupt final file.
+
+The life of a download of ``NAME`` into ``DIR``:
+
+1. Fetch the manifest. If ``DIR/NAME`` already exists it must hold exactly
+   that content (then there is nothing to do), otherwise the download is
+   refused: an existing different file is never overwritten.
+2. Open ``DIR/NAME.part`` and the client database's record of which chunks of
+   it are verified. A record for another version of the file is discarded
+   (chunks of two versions are never mixed); recorded chunks are hashed again
+   from disk before they are trusted, which costs a local read, not a fetch.
+3. Fetch the missing chunks over a few pooled connections, keeping
+   ``pipeline_depth`` requests in flight on each. Every chunk is checked
+   against the manifest *before* it is written. A connection that fails is
+   replaced, with backoff, until ``retry_deadline_s`` passes without progress.
+4. Meanwhile a hasher thread follows the verified prefix of the file and
+   computes the whole-file SHA-256, so the final check costs no extra pass.
+5. Only if that matches the manifest is the ``.part`` file linked to its final
+   name (``os.link``, which refuses to replace anything) and the record moved
+   to the completed files.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import protocol
+from database import ClientStore, DownloadState
+from error_handler import ConnectionFailed, DownloadError, MiniTorrentError, RemoteError, backoff_delays
+from integrity import Manifest, sha256_file
+from protocol import ErrorCode, ProtocolError, check_file_name
+from remote import ServerClient, ServerSession
+from storage import fsync_dir, read_exactly_at
+
+log = logging.getLogger(__name__)
+
+STREAMS_PER_DOWNLOAD = 2  # two cores: one stream hashes while the other receives
+MAX_CHUNK_ATTEMPTS = 3  # a chunk failing verification this often means the source is damaged
+MARK_BATCH = 16  # verified chunks recorded per database transaction
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A download's progress, as told to ``on_progress`` (from worker threads)."""
+
+    name: str
+    total_bytes: int
+    done_bytes: int
+    fetched_bytes: int  # received in this run (resumed bytes excluded)
+    chunks_done: int
+    chunks_total: int
+
+
+@dataclass(frozen=True)
+class DownloadResult:
+    """What ``download`` did: ``outcome`` is downloaded or already present."""
+
+    name: str
+    path: Path
+    outcome: str
+    size: int
+    fetched_bytes: int
+    resumed_chunks: int
+    seconds: float
+
+
+class Downloader:
+    """Downloads files from one server into a folder. One ``download`` at a time per thread."""
+
+    def __init__(
+        self,
+        server: ServerClient,
+        store: ClientStore,
+        *,
+        pipeline_depth: int,
+        on_progress: Callable[[Progress], None] | None = None,
+    ) -> None:
+        self.server = server
+        self.store = store
+        self.pipeline_depth = pipeline_depth
+        self.on_progress = on_progress
+
+    def download(self, name: str, output_dir: Path) -> DownloadResult:
+        """Download ``name`` into ``output_dir``; raise ``DownloadError`` with a one-line reason.
+
+        On failure no file exists under the final name; verified chunks stay
+        in ``NAME.part`` so that running it again resumes.
+        """
+        started = time.monotonic()
+        name = _checked_name(name)
+        manifest = self._fetch_manifest(name)
+        output_dir = Path(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        final = output_dir / name
+        if final.exists():
+            return self._already_present(name, final, manifest, started)
+        job = _Job(self, name, final, manifest)
+        fetched, resumed = job.run()
+        self._report(name, manifest)
+        return DownloadResult(name, final, "downloaded", manifest.size, fetched, resumed, time.monotonic() - started)
+
+    def _fetch_manifest(self, name: str) -> Manifest:
+        try:
+            return self.server.manifest(name)
+        except RemoteError as error:
+            if error.code == ErrorCode.NOT_FOUND:
+                raise DownloadError(f"{name}: no such file on the server") from error
+            raise DownloadError(f"{name}: {error}") from error
+        except MiniTorrentError as error:
+            raise DownloadError(f"{name}: {error}") from error
+
+    def _already_present(self, name: str, final: Path, manifest: Manifest, started: float) -> DownloadResult:
+        if not final.is_file() or sha256_file(final) != manifest.sha256:
+            raise DownloadError(f"{final} already exists with different content; not overwriting it")
+        return DownloadResult(name, final, "already present", manifest.size, 0, 0, time.monotonic() - started)
+
+    def _report(self, name: str, manifest: Manifest) -> None:
+        try:
+            self.server.report_downloaded(name, manifest.sha256)
+        except MiniTorrentError as error:  # the file is safe; only the server's counter misses it
+            log.warning("could not report the download of %s: %s", name, error)
+
+
+def _checked_name(name: str) -> str:
+    try:
+        return check_file_name(name)
+    except ProtocolError as error:
+        raise DownloadError(str(error)) from error
+
+
+class _Job:
+    """The state of one running download, shared by its stream threads."""
+
+    def __init__(self, owner: Downloader, name: str, final: Path, manifest: Manifest) -> None:
+        self.owner = owner
+        self.name = name
+        self.final = final
+        self.part = final.with_name(name + ".part")
+        self.manifest = manifest
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._failure: BaseException | None = None
+        self._queue: deque[int] = deque()
+        self._attempts: dict[int, int] = {}
+        self._unmarked: list[int] = []
+        self._done_bytes = 0
+        self._fetched_bytes = 0
+        self._chunks_done = 0
+        self._last_progress = time.monotonic()
+
+    # The whole run ---------------------------------------------------------------
+
+    def run(self) -> tuple[int, int]:
+        """Fetch, verify and install the file; returns (bytes fetched, chunks resumed)."""
+        state = self.owner.store.begin_download(str(self.final), self.name, self.manifest)
+        fd = os.open(self.part, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            resumed = self._recheck_resumed(fd, state)
+            self._prepare(fd, state, resumed)
+            self._hasher = _WholeFileHasher(fd, self.manifest, resumed)
+            self._hasher.start()
+            try:
+                self._fetch_all(fd, state)
+            finally:
+                self._hasher.finish_or_cancel(self._failure is None and self._chunks_done == self.manifest.chunk_count)
+                self._flush_marks(state)
+            self._check_whole_file(state)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self._install(state)
+        return self._fetched_bytes, len(resumed)
+
+    def _recheck_resumed(self, fd: int, state: DownloadState) -> set[int]:
+        if not state.verified:
+            return set()
+        good = {i for i in state.verified if _chunk_on_disk_ok(fd, self.manifest, i)}
+        if good != state.verified:
+            log.warning("%s: %d recorded chunks failed a recheck and will be fetched again",
+                        self.name, len(state.verified - good))
+            self.owner.store.forget_verified(state.id, state.verified - good)
+        log.info("%s: resuming with %d of %d chunks verified", self.name, len(good), self.manifest.chunk_count)
+        return good
+
+    def _prepare(self, fd: int, state: DownloadState, resumed: set[int]) -> None:
+        if not resumed:
+            os.ftruncate(fd, 0)  # a leftover .part with no record is not trusted
+        os.ftruncate(fd, self.manifest.size)
+        self._queue.extend(i for i in range(self.manifest.chunk_count) if i not in resumed)
+        self._chunks_done = len(resumed)
+        self._done_bytes = sum(self.manifest.chunk_span(i)[1] for i in resumed)
+        self._notify()
+
+    def _check_whole_file(self, state: DownloadState) -> None:
+        if self._failure is not None:
+            raise self._failure
+        if self._chunks_done != self.manifest.chunk_count:
+            raise DownloadError(f"{self.name}: download stopped before all chunks arrived")
+        if self._hasher.hexdigest() != self.manifest.sha256:
+            self.owner.store.abandon_download(str(self.final))
+            self.part.unlink(missing_ok=True)
+            raise DownloadError(f"{self.name}: whole-file SHA-256 does not match the manifest; download discarded")
+
+    def _install(self, state: DownloadState) -> None:
+        try:
+            os.link(self.part, self.final)  # unlike rename, never replaces a file that appeared meanwhile
+        except FileExistsError as error:
+            raise DownloadError(f"{self.final} appeared during the download; kept {self.part.name}") from error
+        fsync_dir(self.final.parent)
+        self.part.unlink()
+        self.owner.store.finish_download(state.id)
+        log.info("%s: downloaded and verified (%d bytes)", self.name, self.manifest.size)
+
+    # Streams --------------------------------------------------------------------
+
+    def _fetch_all(self, fd: int, state: DownloadState) -> None:
+        if not self._queue:
+            return
+        streams = [
+            threading.Thread(target=self._stream, args=(fd, state), name=f"get-{self.name[:20]}-{n}", daemon=True)
+            for n in range(min(STREAMS_PER_DOWNLOAD, len(self._queue)))
+        ]
+        for thread in streams:
+            thread.start()
+        for thread in streams:
+            thread.join()
+
+    def _stream(self, fd: int, state: DownloadState) -> None:
+        """One stream: keep a connection busy with chunk requests until none are left."""
+        buffer = bytearray(self.manifest.chunk_size)
+        delays = backoff_delays()
+        try:
+            while not self._stop.is_set() and self._has_work():
+                try:
+                    with self.owner.server.pool.session() as session:
+                        self._pump(session, fd, state, buffer)
+                    delays = backoff_delays()
+                except ConnectionFailed as error:
+                    self._wait_before_reconnect(error, next(delays))
+        except BaseException as error:  # hand the failure to the thread running the job
+            self._fail(error)
+
+    def _pump(self, session: ServerSession, fd: int, state: DownloadState, buffer: bytearray) -> None:
+        in_flight: deque[int] = deque()
+        try:
+            while not self._stop.is_set():
+                self._send_requests(session, in_flight)
+                if not in_flight:
+                    return
+                index = in_flight.popleft()
+                try:
+                    frame = session.receive(protocol.ChunkData, buffer)
+                except BaseException:
+                    in_flight.appendleft(index)
+                    raise
+                self._accept_chunk(fd, state, index, frame)
+        finally:
+            self._requeue(in_flight)
+
+    def _send_requests(self, session: ServerSession, in_flight: deque[int]) -> None:
+        wanted = []
+        with self._lock:
+            while self._queue and len(in_flight) + len(wanted) < self.owner.pipeline_depth:
+                wanted.append(self._queue.popleft())
+        if not wanted:
+            return
+        in_flight.extend(wanted)
+        session.connection.send_many([protocol.GetChunk(self.name, self.manifest.sha256, i) for i in wanted])
+
+    def _accept_chunk(self, fd: int, state: DownloadState, index: int, frame: protocol.Frame) -> None:
+        reply = frame.message
+        if reply.index != index or not self.manifest.verify_chunk(index, frame.payload):
+            self._strike(index)
+            return
+        offset, length = self.manifest.chunk_span(index)
+        os.pwrite(fd, frame.payload, offset)
+        with self._lock:
+            self._chunks_done += 1
+            self._done_bytes += length
+            self._fetched_bytes += length
+            self._last_progress = time.monotonic()
+            self._unmarked.append(index)
+            flush = len(self._unmarked) >= MARK_BATCH
+        self._hasher.chunk_ready(index)
+        if flush:
+            self._flush_marks(state)
+        self._notify()
+
+    def _strike(self, index: int) -> None:
+        with self._lock:
+            attempts = self._attempts.get(index, 0) + 1
+            self._attempts[index] = attempts
+            if attempts < MAX_CHUNK_ATTEMPTS:
+                self._queue.append(index)
+        log.warning("%s: chunk %d failed SHA-256 verification (attempt %d)", self.name, index, attempts)
+        if attempts >= MAX_CHUNK_ATTEMPTS:
+            raise DownloadError(
+                f"{self.name}: chunk {index} failed SHA-256 verification {attempts} times; "
+                "the server's copy is damaged"
+            )
+
+    def _wait_before_reconnect(self, error: ConnectionFailed, delay_s: float) -> None:
+        deadline_s = self.owner.server.retry_deadline_s
+        with self._lock:
+            stalled_s = time.monotonic() - self._last_progress
+        if stalled_s >= deadline_s:
+            raise DownloadError(f"{self.name}: server unreachable for {stalled_s:.0f} s: {error}")
+        log.info("%s: %s; reconnecting in %.1f s", self.name, error, delay_s)
+        self._stop.wait(min(delay_s, deadline_s - stalled_s))
+
+    # Shared bookkeeping -----------------------------------------------------------
+
+    def _has_work(self) -> bool:
+        with self._lock:
+            return bool(self._queue)
+
+    def _requeue(self, indexes: deque[int]) -> None:
+        with self._lock:
+            self._queue.extendleft(reversed(indexes))
+        indexes.clear()
+
+    def _fail(self, error: BaseException) -> None:
+        if isinstance(error, RemoteError):
+            error = DownloadError(f"{self.name}: {_explain(error)}")
+        elif isinstance(error, ProtocolError):
+            error = DownloadError(f"{self.name}: the server broke the protocol: {error}")
+        with self._lock:
+            if self._failure is None:
+                self._failure = error
+        self._stop.set()
+
+    def _flush_marks(self, state: DownloadState) -> None:
+        with self._lock:
+            batch, self._unmarked = self._unmarked, []
+        if batch:
+            self.owner.store.mark_verified(state.id, batch)
+
+    def _notify(self) -> None:
+        if self.owner.on_progress is None:
+            return
+        with self._lock:
+            progress = Progress(self.name, self.manifest.size, self._done_bytes, self._fetched_bytes,
+                                self._chunks_done, self.manifest.chunk_count)
+        self.owner.on_progress(progress)
+
+
+def _explain(error: RemoteError) -> str:
+    if error.code == ErrorCode.STALE_VERSION:
+        return "the file changed on the server during the download; run the command again"
+    if error.code == ErrorCode.NOT_FOUND:
+        return "the file was removed from the server during the download"
+    return str(error)
+
+
+class _WholeFileHasher:
+    """Hashes the file in order as its chunks become verified, in its own thread.
+
+    Reading back from the page cache is cheap; doing it alongside the download
+    means the whole-file SHA-256 is ready the moment the last chunk lands.
+    """
+
+    def __init__(self, fd: int, manifest: Manifest, ready: set[int]) -> None:
+        self._fd = fd
+        self._manifest = manifest
+        self._ready = set(ready)
+        self._cond = threading.Condition()
+        self._cancelled = False
+        self._hash = hashlib.sha256()
+        self._thread = threading.Thread(target=self._run, name="whole-file-hash", daemon=True)
+
+    def start(self) -> None:
+        """Start hashing in the background."""
+        self._thread.start()
+
+    def chunk_ready(self, index: int) -> None:
+        """Chunk ``index`` is verified and written; any thread."""
+        with self._cond:
+            self._ready.add(index)
+            self._cond.notify()
+
+    def finish_or_cancel(self, finish: bool) -> None:
+        """Wait for the hash to complete, or stop it if the download failed."""
+        if not finish:
+            with self._cond:
+                self._cancelled = True
+                self._cond.notify()
+        self._thread.join()
+
+    def hexdigest(self) -> str:
+        """The whole-file SHA-256 (after ``finish_or_cancel(True)``)."""
+        return self._hash.hexdigest()
+
+    def _run(self) -> None:
+        buffer = bytearray(self._manifest.chunk_size)
+        for index in range(self._manifest.chunk_count):
+            with self._cond:
+                while index not in self._ready and not self._cancelled:
+                    self._cond.wait()
+                if self._cancelled:
+                    return
+                self._ready.discard(index)
+            offset, length = self._manifest.chunk_span(index)
+            view = memoryview(buffer)[:length]
+            if not read_exactly_at(self._fd, view, offset):
+                return  # cannot happen after ftruncate; the digest then simply will not match
+            self._hash.update(view)
+
+
+def _chunk_on_disk_ok(fd: int, manifest: Manifest, index: int) -> bool:
+    offset, length = manifest.chunk_span(index)
+    view = memoryview(bytearray(length))
+    return read_exactly_at(fd, view, offset) and manifest.verify_chunk(index, view)

@@ -1,0 +1,131 @@
+"""Thread-safe counters for a server or a client, read as one snapshot dict.
+
+Connection threads update the counters; a status request, the terminal or a
+window reads ``snapshot()``. One lock guards everything: updates are a few
+additions, far cheaper than the socket work around them.
+
+Speeds come in two flavours: the average since start (bytes / uptime) and the
+recent rate over the last ``RATE_WINDOW_S`` seconds, which is what a person
+watching a transfer wants to see.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter, deque
+from typing import Any, Callable
+
+RATE_WINDOW_S = 5.0
+
+
+class RateMeter:
+    """Bytes per second over a sliding window, from timestamped samples."""
+
+    def __init__(self, window_s: float = RATE_WINDOW_S, clock: Callable[[], float] = time.monotonic):
+        self._window_s = window_s
+        self._clock = clock
+        self._samples: deque[tuple[float, int]] = deque()
+        self._total_in_window = 0
+
+    def add(self, nbytes: int) -> None:
+        """Record ``nbytes`` moved now. Caller holds the owner's lock."""
+        now = self._clock()
+        self._samples.append((now, nbytes))
+        self._total_in_window += nbytes
+        self._expire(now)
+
+    def rate(self) -> float:
+        """Bytes per second over the window. Caller holds the owner's lock."""
+        now = self._clock()
+        self._expire(now)
+        return self._total_in_window / self._window_s
+
+    def _expire(self, now: float) -> None:
+        while self._samples and self._samples[0][0] < now - self._window_s:
+            self._total_in_window -= self._samples.popleft()[1]
+
+
+class Metrics:
+    """Counters of one running program. Every method may be called from any thread."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._started = clock()
+        self._bytes_sent = 0
+        self._bytes_received = 0
+        self._active_connections = 0
+        self._connections_total = 0
+        self._requests_ok = 0
+        self._requests_failed = 0
+        self._downloads: Counter[str] = Counter()
+        self._upload = RateMeter(clock=clock)
+        self._download = RateMeter(clock=clock)
+
+    def add_sent(self, nbytes: int) -> None:
+        """Count bytes sent (uploaded)."""
+        with self._lock:
+            self._bytes_sent += nbytes
+            self._upload.add(nbytes)
+
+    def add_received(self, nbytes: int) -> None:
+        """Count bytes received (downloaded)."""
+        with self._lock:
+            self._bytes_received += nbytes
+            self._download.add(nbytes)
+
+    def connection_opened(self) -> None:
+        """A connection started being served."""
+        with self._lock:
+            self._active_connections += 1
+            self._connections_total += 1
+
+    def connection_closed(self) -> None:
+        """A connection ended."""
+        with self._lock:
+            self._active_connections -= 1
+
+    def request_done(self, ok: bool) -> None:
+        """Count one request, answered successfully or with an error."""
+        with self._lock:
+            if ok:
+                self._requests_ok += 1
+            else:
+                self._requests_failed += 1
+
+    def set_downloads(self, counts: dict[str, int]) -> None:
+        """Replace the per-file download counts (loaded from the catalog)."""
+        with self._lock:
+            self._downloads = Counter(counts)
+
+    def download_finished(self, name: str) -> None:
+        """Count one completed download of ``name``."""
+        with self._lock:
+            self._downloads[name] += 1
+
+    @property
+    def active_connections(self) -> int:
+        """Connections being served right now."""
+        with self._lock:
+            return self._active_connections
+
+    def snapshot(self) -> dict[str, Any]:
+        """All counters as a JSON-safe dict (the body of a status reply)."""
+        with self._lock:
+            uptime = max(self._clock() - self._started, 1e-9)
+            requests = self._requests_ok + self._requests_failed
+            return {
+                "uptime_s": round(uptime, 3),
+                "bytes_sent": self._bytes_sent,
+                "bytes_received": self._bytes_received,
+                "active_connections": self._active_connections,
+                "connections_total": self._connections_total,
+                "requests_total": requests,
+                "requests_failed": self._requests_failed,
+                "success_rate": round(self._requests_ok / requests, 4) if requests else 1.0,
+                "average_upload_bps": round(self._bytes_sent / uptime, 1),
+                "average_download_bps": round(self._bytes_received / uptime, 1),
+                "upload_bps": round(self._upload.rate(), 1),
+                "download_bps": round(self._download.rate(), 1),
+                "downloads_per_file": dict(sorted(self._downloads.items())),
+            }

@@ -1,0 +1,463 @@
+"""The MiniTorrent wire protocol: messages and framing, with no I/O.
+
+Everything that crosses a socket is defined here, once. The module never
+touches a socket: ``encode_*`` turn messages into bytes and ``FrameDecoder``
+is fed bytes and hands back whole frames, so tests can split input at every
+offset without a network. ``transport.py`` holds the few lines that move these
+bytes over TCP (see docs/protocol.md for the full description).
+
+Frame layout (integers big-endian)::
+
+    +-------+-----------------+------------------+--------------+-----------+
+    | "MT"  | header_len: u32 | payload_len: u64 | header JSON  | payload   |
+    +-------+-----------------+------------------+--------------+-----------+
+      2 B          4 B               8 B          header_len B   payload_len B
+
+The header is a UTF-8 JSON object with a ``"type"`` key naming the message and
+one key per field. The payload carries bulk bytes (a chunk, a manifest's
+digests) so that they are never JSON-encoded and can be sent with
+``sendfile``. Both lengths are checked against limits before any memory is
+set aside for them: first the absolute limits below, then (once the header
+says what the message is) the payload limit of that message type.
+
+Replies come back on a connection in the order the requests were sent, which
+is what makes pipelining chunk requests safe without request ids.
+"""
+from __future__ import annotations
+
+import json
+import struct
+import typing
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
+
+from error_handler import MiniTorrentError
+
+PROTOCOL_VERSION = 1
+MAGIC = b"MT"
+PREFIX = struct.Struct("!2sIQ")
+PREFIX_BYTES = PREFIX.size
+
+MAX_HEADER_BYTES = 64 * 1024  # a listing page of a few hundred names fits; digests go in payloads
+MAX_CHUNK_BYTES = 16 * 1024 * 1024  # the largest transfer.chunk_size the config accepts
+MAX_MANIFEST_CHUNKS = 4 * 1024 * 1024  # 4 TiB at 1 MiB chunks
+MAX_PAYLOAD_BYTES = max(MAX_CHUNK_BYTES, 32 * MAX_MANIFEST_CHUNKS)  # 128 MiB
+MAX_NAME_BYTES = 255  # what ext4 and most file systems allow for one name
+MAX_LIST_ENTRIES = 200  # names per listing page, keeps a page under MAX_HEADER_BYTES
+
+
+class ErrorCode:
+    """The ``code`` of an ``ErrorReply``; stable strings that scripts may test."""
+
+    BAD_FRAME = "BAD_FRAME"  # framing broken: the connection is closed after the reply
+    BAD_REQUEST = "BAD_REQUEST"  # well framed, but the header is not a valid message
+    UNKNOWN_REQUEST = "UNKNOWN_REQUEST"
+    HELLO_REQUIRED = "HELLO_REQUIRED"
+    VERSION_MISMATCH = "VERSION_MISMATCH"
+    BAD_NAME = "BAD_NAME"
+    NOT_FOUND = "NOT_FOUND"
+    OUT_OF_RANGE = "OUT_OF_RANGE"
+    STALE_VERSION = "STALE_VERSION"  # the file changed: the client's sha256 is not the served one
+    BUSY = "BUSY"  # max_connections reached: retry later
+    TIMEOUT = "TIMEOUT"
+    STORAGE_ERROR = "STORAGE_ERROR"  # the server's own copy is unreadable or damaged
+    INTERNAL = "INTERNAL"
+
+
+class ProtocolError(MiniTorrentError):
+    """A rule of the protocol was broken.
+
+    ``code`` is the ``ErrorCode`` to answer with. ``recoverable`` says whether
+    the byte stream is still in step (the frame was whole, only its content
+    was bad) so the connection may go on serving.
+    """
+
+    def __init__(self, message: str, code: str = ErrorCode.BAD_FRAME, recoverable: bool = False):
+        super().__init__(message)
+        self.code = code
+        self.recoverable = recoverable
+
+
+class LocalProtocolError(ProtocolError):
+    """We were about to break the protocol (a bug on this side)."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer broke the protocol."""
+
+
+def check_file_name(name: object) -> str:
+    """Return ``name`` if it is safe to use as one file name, else raise.
+
+    A name crosses the network and becomes a path on disk, so it must be a
+    single component: no ``/`` or ``\\``, no NUL or other control character,
+    not ``.`` or ``..``, not empty, at most 255 UTF-8 bytes. Spaces, accents,
+    emoji, ``|`` and ``:`` are all fine. Raises ``RemoteProtocolError`` with
+    code ``BAD_NAME`` (a ``MiniTorrentError``).
+    """
+    def refuse(why: str) -> typing.NoReturn:
+        raise RemoteProtocolError(f"bad file name {name!r}: {why}", ErrorCode.BAD_NAME, True)
+
+    if not isinstance(name, str):
+        refuse("not a string")
+    if name in ("", ".", ".."):
+        refuse("empty or a directory reference")
+    if "/" in name or "\\" in name:
+        refuse("contains a path separator")
+    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in name):
+        refuse("contains a control character")
+    try:
+        encoded = name.encode("utf-8")
+    except UnicodeEncodeError:
+        refuse("not valid Unicode")
+    if len(encoded) > MAX_NAME_BYTES:
+        refuse(f"longer than {MAX_NAME_BYTES} bytes")
+    return name
+
+
+# --------------------------------------------------------------------------
+# Messages
+# --------------------------------------------------------------------------
+
+_REGISTRY: dict[str, type[Message]] = {}
+
+
+@dataclass(frozen=True)
+class Message:
+    """Base of every message: a frozen dataclass that checks its field types.
+
+    ``TYPE`` is the wire name. ``MAX_PAYLOAD`` is the largest payload this
+    message may carry (0: none).
+    """
+
+    TYPE: ClassVar[str] = ""
+    MAX_PAYLOAD: ClassVar[int] = 0
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.TYPE:
+            _REGISTRY[cls.TYPE] = cls
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for field in fields(self):
+            _check_type(field.name, getattr(self, field.name), hints[field.name])
+        self.validate()
+
+    def validate(self) -> None:
+        """Check invariants beyond field types; raise ``RemoteProtocolError``."""
+
+    def to_header(self) -> dict[str, Any]:
+        """The JSON object that represents this message on the wire."""
+        header = {"type": self.TYPE}
+        header.update({f.name: getattr(self, f.name) for f in fields(self)})
+        return header
+
+
+def _check_type(name: str, value: Any, expected: Any) -> None:
+    origin = typing.get_origin(expected) or expected
+    if origin is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif origin is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, origin)
+    if not ok:
+        raise RemoteProtocolError(
+            f"field {name!r} must be {origin.__name__}, got {type(value).__name__}",
+            ErrorCode.BAD_REQUEST,
+            recoverable=True,
+        )
+
+
+def _require(condition: bool, text: str, code: str = ErrorCode.BAD_REQUEST) -> None:
+    if not condition:
+        raise RemoteProtocolError(text, code, recoverable=True)
+
+
+# Requests (imperative names) -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Hello(Message):
+    """First message on every connection: who is calling, which version."""
+
+    TYPE = "hello"
+    version: int
+    role: str  # "client" today; "peer", "main", "backup" as they arrive
+    agent: str = ""
+
+
+@dataclass(frozen=True)
+class ListFiles(Message):
+    """Ask for catalog entries whose names contain ``search`` (any case)."""
+
+    TYPE = "list"
+    search: str = ""
+    offset: int = 0  # paging: a reply holds at most MAX_LIST_ENTRIES entries
+
+    def validate(self) -> None:
+        _require(self.offset >= 0, "offset must not be negative", ErrorCode.OUT_OF_RANGE)
+
+
+@dataclass(frozen=True)
+class GetManifest(Message):
+    """Ask for a file's manifest: sizes, whole-file and per-chunk SHA-256."""
+
+    TYPE = "manifest"
+    name: str
+
+    def validate(self) -> None:
+        check_file_name(self.name)
+
+
+@dataclass(frozen=True)
+class CountFiles(Message):
+    """Ask how many files the catalog holds and their total size."""
+
+    TYPE = "count"
+
+
+@dataclass(frozen=True)
+class GetChunk(Message):
+    """Ask for chunk ``index`` of ``name``, as of the version ``sha256``."""
+
+    TYPE = "get"
+    name: str
+    sha256: str
+    index: int
+
+    def validate(self) -> None:
+        check_file_name(self.name)
+        _require(self.index >= 0, f"chunk index {self.index} is negative", ErrorCode.OUT_OF_RANGE)
+
+
+@dataclass(frozen=True)
+class ReportDownloaded(Message):
+    """Tell the server a download of ``name`` finished and verified."""
+
+    TYPE = "downloaded"
+    name: str
+    sha256: str
+
+    def validate(self) -> None:
+        check_file_name(self.name)
+
+
+@dataclass(frozen=True)
+class GetStatus(Message):
+    """Ask for the server's metrics snapshot."""
+
+    TYPE = "status"
+
+
+# Replies (nouns) ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Welcome(Message):
+    """Answer to ``Hello``: the server's version, role and epoch."""
+
+    TYPE = "welcome"
+    version: int
+    role: str
+    epoch: int
+    server_id: str
+
+
+@dataclass(frozen=True)
+class FileList(Message):
+    """One page of catalog entries; ``total`` counts all matches."""
+
+    TYPE = "files"
+    files: list
+    total: int
+    offset: int = 0
+
+    def validate(self) -> None:
+        _require(all(isinstance(entry, dict) for entry in self.files), "files must be objects")
+
+
+@dataclass(frozen=True)
+class ManifestInfo(Message):
+    """A manifest; the payload is the raw 32-byte chunk digests, in order."""
+
+    TYPE = "manifest_info"
+    MAX_PAYLOAD = 32 * MAX_MANIFEST_CHUNKS
+    name: str
+    size: int
+    chunk_size: int
+    sha256: str
+    chunks: int
+
+
+@dataclass(frozen=True)
+class FileCount(Message):
+    """Answer to ``CountFiles``."""
+
+    TYPE = "file_count"
+    files: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class ChunkData(Message):
+    """A chunk; the payload is its bytes (checked by the receiver, never trusted)."""
+
+    TYPE = "chunk"
+    MAX_PAYLOAD = MAX_CHUNK_BYTES
+    name: str
+    index: int
+
+
+@dataclass(frozen=True)
+class StatusInfo(Message):
+    """Answer to ``GetStatus``: a metrics snapshot (see metrics.py)."""
+
+    TYPE = "status_info"
+    metrics: dict
+
+
+@dataclass(frozen=True)
+class Ok(Message):
+    """A plain acknowledgement."""
+
+    TYPE = "ok"
+
+
+@dataclass(frozen=True)
+class ErrorReply(Message):
+    """A request failed; ``code`` is an ``ErrorCode``, ``message`` is for people."""
+
+    TYPE = "error"
+    code: str
+    message: str
+
+
+# --------------------------------------------------------------------------
+# Framing
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Frame:
+    """A decoded frame: the message and its payload (possibly a memoryview)."""
+
+    message: Message
+    payload: bytes | memoryview = b""
+
+
+def encode_head(message: Message, payload_len: int = 0) -> bytes:
+    """Encode the prefix and header of a frame whose payload follows separately.
+
+    Used with ``sendfile``: the caller sends these bytes, then exactly
+    ``payload_len`` bytes. Raises ``LocalProtocolError`` if a limit is broken.
+    """
+    header = json.dumps(message.to_header(), ensure_ascii=False, separators=(",", ":")).encode()
+    if len(header) > MAX_HEADER_BYTES:
+        raise LocalProtocolError(f"{message.TYPE} header is {len(header)} bytes, over the limit")
+    if not 0 <= payload_len <= message.MAX_PAYLOAD:
+        raise LocalProtocolError(f"{message.TYPE} may not carry a {payload_len}-byte payload")
+    return PREFIX.pack(MAGIC, len(header), payload_len) + header
+
+
+def encode_frame(message: Message, payload: bytes | memoryview = b"") -> bytes:
+    """Encode a whole frame: prefix, header and payload."""
+    return encode_head(message, len(payload)) + bytes(payload)
+
+
+def parse_prefix(prefix: bytes | memoryview) -> tuple[int, int]:
+    """Return ``(header_len, payload_len)`` from the fixed-size prefix.
+
+    Raises ``RemoteProtocolError`` (not recoverable) for a wrong magic, an
+    empty or oversized header, or a payload over the absolute limit.
+    """
+    magic, header_len, payload_len = PREFIX.unpack(prefix)
+    if magic != MAGIC:
+        raise RemoteProtocolError(f"not a MiniTorrent frame (starts with {bytes(magic)!r})")
+    if not 0 < header_len <= MAX_HEADER_BYTES:
+        raise RemoteProtocolError(f"header of {header_len} bytes is outside 1..{MAX_HEADER_BYTES}")
+    if payload_len > MAX_PAYLOAD_BYTES:
+        raise RemoteProtocolError(f"payload of {payload_len} bytes is over {MAX_PAYLOAD_BYTES}")
+    return header_len, payload_len
+
+
+def decode_header(raw: bytes | memoryview, payload_len: int) -> Message:
+    """Decode a header into its ``Message`` and check the payload fits that type.
+
+    A bad header in a well-formed frame raises a *recoverable*
+    ``RemoteProtocolError`` (the stream is still in step, once the payload is
+    skipped); a payload over the type's limit raises a non-recoverable one,
+    because reading it would mean accepting the oversized allocation.
+    """
+    try:
+        header = json.loads(bytes(raw).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise RemoteProtocolError(f"header is not UTF-8 JSON: {error}", ErrorCode.BAD_REQUEST, True)
+    if not isinstance(header, dict) or not isinstance(header.get("type"), str):
+        raise RemoteProtocolError("header must be a JSON object with a 'type'", ErrorCode.BAD_REQUEST, True)
+    kind = _REGISTRY.get(header["type"])
+    if kind is None:
+        raise RemoteProtocolError(f"unknown message type {header['type']!r}", ErrorCode.UNKNOWN_REQUEST, True)
+    if payload_len > kind.MAX_PAYLOAD:
+        raise RemoteProtocolError(f"{kind.TYPE} may not carry a {payload_len}-byte payload")
+    names = {f.name for f in fields(kind)}
+    missing = sorted(n for n in names if n not in header and _is_required(kind, n))
+    if missing:
+        raise RemoteProtocolError(f"{kind.TYPE} is missing {', '.join(missing)}", ErrorCode.BAD_REQUEST, True)
+    # Keys this version does not know are ignored so a newer peer's additions do not break us.
+    return kind(**{k: v for k, v in header.items() if k in names})
+
+
+def _is_required(kind: type[Message], name: str) -> bool:
+    field = next(f for f in fields(kind) if f.name == name)
+    return field.default is field.default_factory  # both MISSING: no default
+
+
+class FrameDecoder:
+    """Incremental decoder: ``feed`` it bytes, take whole ``Frame``s out.
+
+    ``next_frame`` returns ``None`` while more bytes are needed. After it
+    raises a non-recoverable error the decoder is unusable (the stream is out
+    of step). After a recoverable one, the offending frame has been consumed
+    and decoding can go on.
+    """
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self._broken: ProtocolError | None = None
+
+    def feed(self, data: bytes) -> None:
+        """Append received bytes."""
+        self._buffer += data
+
+    def next_frame(self) -> Frame | None:
+        """Return the next whole frame, ``None`` if incomplete; raise on bad input."""
+        if self._broken:
+            raise self._broken
+        if len(self._buffer) < PREFIX_BYTES:
+            return None
+        try:
+            header_len, payload_len = parse_prefix(self._buffer[:PREFIX_BYTES])
+        except ProtocolError as error:
+            self._broken = error
+            raise
+        end_of_header = PREFIX_BYTES + header_len
+        end = end_of_header + payload_len
+        if len(self._buffer) < end_of_header:
+            return None
+        try:
+            message = decode_header(self._buffer[PREFIX_BYTES:end_of_header], payload_len)
+        except ProtocolError as error:
+            if not error.recoverable:
+                self._broken = error
+                raise
+            if len(self._buffer) < end:
+                return None  # wait for the rest so the stream stays in step
+            del self._buffer[:end]
+            raise
+        if len(self._buffer) < end:
+            return None
+        payload = bytes(self._buffer[end_of_header:end])
+        del self._buffer[:end]
+        return Frame(message, payload)

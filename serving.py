@@ -1,0 +1,347 @@
+"""The request-serving core shared by every program that serves chunks.
+
+The main server serves its catalog through it today; the active backup and a
+seeding client will serve theirs through the same code, each by handing it a
+different ``FileSource``. The server owns the listening socket, caps the
+number of connections, and runs one handler thread per connection. A handler
+reads a request, answers it, and loops until the peer leaves, goes idle past
+``idle_timeout_s``, or breaks the framing.
+
+Shared state lives on the server (the source, metrics, the set of open
+connections); a handler only keeps what belongs to its connection.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import selectors
+import socket
+import threading
+import uuid
+from dataclasses import dataclass
+from typing import BinaryIO, Protocol
+
+import protocol
+from error_handler import MiniTorrentError
+from metrics import Metrics
+from protocol import ErrorCode, ErrorReply, Message, ProtocolError
+from transport import Connection, ConnectionClosed
+
+log = logging.getLogger(__name__)
+
+BUSY_REPLY_TIMEOUT_S = 1.0  # a turned-away client gets this long to read "busy"
+
+
+class RequestFailed(MiniTorrentError):
+    """Raised by a ``FileSource`` to answer a request with an ``ErrorReply``."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class ChunkLocation:
+    """Where the bytes of one chunk are: ``length`` bytes of ``path`` at ``offset``."""
+
+    path: str
+    offset: int
+    length: int
+
+
+class FileSource(Protocol):
+    """What a server serves from. Called from handler threads concurrently."""
+
+    def list_files(self, search: str) -> list[dict]:
+        """Catalog entries whose names contain ``search`` (case-insensitive)."""
+
+    def count_files(self) -> tuple[int, int]:
+        """(number of files, total bytes)."""
+
+    def manifest(self, name: str) -> tuple[dict, bytes]:
+        """(manifest header, raw chunk digests); ``RequestFailed`` if unknown."""
+
+    def locate_chunk(self, name: str, sha256: str, index: int) -> ChunkLocation:
+        """Where chunk ``index`` of that version of ``name`` is; ``RequestFailed`` if not served."""
+
+    def record_download(self, name: str, sha256: str) -> None:
+        """A client finished and verified a download of ``name``."""
+
+
+class RequestServer:
+    """Serve a ``FileSource`` on a TCP port to up to ``max_connections`` peers."""
+
+    def __init__(
+        self,
+        source: FileSource,
+        *,
+        host: str,
+        port: int,
+        role: str,
+        max_connections: int,
+        idle_timeout_s: float,
+        io_timeout_s: float,
+        metrics: Metrics | None = None,
+        epoch: int = 0,
+    ) -> None:
+        self.source = source
+        self.role = role
+        self.epoch = epoch
+        self.server_id = uuid.uuid4().hex[:12]
+        self.metrics = metrics or Metrics()
+        self.max_connections = max_connections
+        self.idle_timeout_s = idle_timeout_s
+        self.io_timeout_s = io_timeout_s
+        self._requested_address = (host, port)
+        self._listener: socket.socket | None = None
+        self._wakeup_r, self._wakeup_w = socket.socketpair()
+        self._lock = threading.Lock()
+        self._handlers: dict[threading.Thread, Connection] = {}
+        self._accept_thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The (host, port) actually bound; the port is real even if 0 was asked."""
+        if self._listener is None:
+            raise RuntimeError("server not started")
+        return self._listener.getsockname()[:2]
+
+    def start(self) -> tuple[str, int]:
+        """Bind, listen and start accepting in a background thread.
+
+        Raises ``MiniTorrentError`` if the address cannot be bound.
+        """
+        host, port = self._requested_address
+        try:
+            self._listener = socket.create_server((host, port), backlog=128, reuse_port=False)
+        except OSError as error:
+            raise MiniTorrentError(f"cannot listen on {host}:{port}: {error.strerror or error}") from error
+        self._accept_thread = threading.Thread(target=self._accept_loop, name=f"{self.role}-accept", daemon=True)
+        self._accept_thread.start()
+        log.info("%s serving on %s:%d (max %d connections)", self.role, *self.address, self.max_connections)
+        return self.address
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Stop accepting, close every connection and wait for the handlers."""
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        self._wakeup_w.send(b"x")
+        if self._accept_thread:
+            self._accept_thread.join(timeout_s)
+        with self._lock:
+            handlers = dict(self._handlers)
+        for connection in handlers.values():
+            _shutdown(connection.sock)
+        for thread in handlers:
+            thread.join(timeout_s)
+        if self._listener:
+            self._listener.close()
+        self._wakeup_r.close()
+        self._wakeup_w.close()
+        log.info("%s stopped", self.role)
+
+    # Accepting -----------------------------------------------------------------
+
+    def _accept_loop(self) -> None:
+        with selectors.DefaultSelector() as selector:
+            selector.register(self._listener, selectors.EVENT_READ)
+            selector.register(self._wakeup_r, selectors.EVENT_READ)
+            while not self._stopping.is_set():
+                for key, _ in selector.select():
+                    if key.fileobj is self._listener:
+                        self._accept_one()
+
+    def _accept_one(self) -> None:
+        try:
+            sock, _ = self._listener.accept()
+        except OSError as error:
+            log.warning("accept failed: %s", error)
+            return
+        connection = Connection(sock, io_timeout_s=self.io_timeout_s, idle_timeout_s=self.idle_timeout_s)
+        with self._lock:
+            full = len(self._handlers) >= self.max_connections
+            if not full:
+                thread = threading.Thread(target=self._serve, args=(connection,), daemon=True,
+                                          name=f"{self.role}-conn-{connection.peer}")
+                self._handlers[thread] = connection
+        if full:
+            self._turn_away(connection)
+        else:
+            thread.start()
+
+    def _turn_away(self, connection: Connection) -> None:
+        log.info("busy: turned away %s (%d connections open)", connection.peer, self.max_connections)
+        connection.io_timeout_s = BUSY_REPLY_TIMEOUT_S
+        try:
+            connection.send(ErrorReply(ErrorCode.BUSY, f"server busy: {self.max_connections} connections open, retry later"))
+        except ConnectionClosed:
+            pass
+        self.metrics.request_done(ok=False)
+        connection.close()
+
+    # Serving one connection ----------------------------------------------------------
+
+    def _serve(self, connection: Connection) -> None:
+        self.metrics.connection_opened()
+        handler = _Handler(self, connection)
+        try:
+            handler.handle()
+        finally:
+            handler.finish()
+            self.metrics.connection_closed()
+            with self._lock:
+                self._handlers.pop(threading.current_thread(), None)
+
+
+class _Handler:
+    """Serves the requests of one connection, in order."""
+
+    def __init__(self, server: RequestServer, connection: Connection) -> None:
+        self.server = server
+        self.connection = connection
+        self.greeted = False
+        self._open_file: tuple[str, BinaryIO] | None = None
+        self._counted_sent = 0
+        self._counted_received = 0
+
+    def handle(self) -> None:
+        """Answer requests until the peer leaves, idles out, or breaks framing."""
+        while True:
+            try:
+                frame = self.connection.recv()
+            except ConnectionClosed as closed:
+                log.debug("%s", closed)
+                return
+            except ProtocolError as error:
+                self._reply_error(error.code, str(error))
+                if not error.recoverable:
+                    log.warning("closing %s: %s", self.connection.peer, error)
+                    return
+                continue
+            if not self._answer(frame.message):
+                return
+
+    def finish(self) -> None:
+        """Release the connection's resources and settle its byte counters."""
+        self._count_bytes()
+        if self._open_file:
+            self._open_file[1].close()
+        self.connection.close()
+
+    def _answer(self, request: Message) -> bool:
+        """Answer one request; False means close the connection."""
+        try:
+            keep_open = self._dispatch(request)
+            self.server.metrics.request_done(ok=True)
+            return keep_open
+        except RequestFailed as failure:
+            return self._reply_error(failure.code, str(failure))
+        except ProtocolError as error:
+            return self._reply_error(error.code, str(error))
+        except ConnectionClosed as closed:
+            log.info("%s: %s", self.connection.peer, closed)
+            return False
+        except Exception:  # one bad request must never take the server down
+            log.exception("internal error answering %s", type(request).__name__)
+            return self._reply_error(ErrorCode.INTERNAL, "internal server error")
+        finally:
+            self._count_bytes()
+
+    def _reply_error(self, code: str, text: str) -> bool:
+        self.server.metrics.request_done(ok=False)
+        try:
+            self.connection.send(ErrorReply(code, text))
+        except ConnectionClosed:
+            return False
+        return code not in (ErrorCode.VERSION_MISMATCH,)
+
+    def _dispatch(self, request: Message) -> bool:
+        if isinstance(request, protocol.Hello):
+            return self._greet(request)
+        if not self.greeted:
+            raise RequestFailed(ErrorCode.HELLO_REQUIRED, "send hello first")
+        source = self.server.source
+        if isinstance(request, protocol.GetChunk):
+            self._send_chunk(request)
+        elif isinstance(request, protocol.ListFiles):
+            self._send_listing(request)
+        elif isinstance(request, protocol.GetManifest):
+            header, digests = source.manifest(request.name)
+            self.connection.send(protocol.ManifestInfo(name=request.name, **header), digests)
+        elif isinstance(request, protocol.CountFiles):
+            files, total = source.count_files()
+            self.connection.send(protocol.FileCount(files=files, bytes=total))
+        elif isinstance(request, protocol.ReportDownloaded):
+            source.record_download(request.name, request.sha256)
+            self.server.metrics.download_finished(request.name)
+            self.connection.send(protocol.Ok())
+        elif isinstance(request, protocol.GetStatus):
+            self._send_status()
+        else:
+            raise RequestFailed(ErrorCode.UNKNOWN_REQUEST, f"{request.TYPE} is not a request this server answers")
+        return True
+
+    def _greet(self, hello: protocol.Hello) -> bool:
+        if hello.version != protocol.PROTOCOL_VERSION:
+            raise RequestFailed(
+                ErrorCode.VERSION_MISMATCH,
+                f"protocol version {hello.version} is not supported (this server speaks {protocol.PROTOCOL_VERSION})",
+            )
+        self.greeted = True
+        server = self.server
+        self.connection.send(protocol.Welcome(protocol.PROTOCOL_VERSION, server.role, server.epoch, server.server_id))
+        return True
+
+    def _send_listing(self, request: protocol.ListFiles) -> None:
+        matches = self.server.source.list_files(request.search)
+        page = matches[request.offset : request.offset + protocol.MAX_LIST_ENTRIES]
+        self.connection.send(protocol.FileList(files=page, total=len(matches), offset=request.offset))
+
+    def _send_chunk(self, request: protocol.GetChunk) -> None:
+        where = self.server.source.locate_chunk(request.name, request.sha256, request.index)
+        file = self._file(where.path)
+        if _file_size(file) < where.offset + where.length:
+            raise RequestFailed(ErrorCode.STORAGE_ERROR, f"the server's copy of {request.name} is truncated")
+        reply = protocol.ChunkData(name=request.name, index=request.index)
+        self.connection.send_file_payload(reply, file, where.offset, where.length)
+
+    def _send_status(self) -> None:
+        snapshot = self.server.metrics.snapshot()
+        snapshot.update(role=self.server.role, epoch=self.server.epoch, server_id=self.server.server_id)
+        self.connection.send(protocol.StatusInfo(metrics=snapshot))
+
+    def _file(self, path: str) -> BinaryIO:
+        """The open file for ``path``; one stays open per connection across chunk requests."""
+        if self._open_file and self._open_file[0] == path:
+            return self._open_file[1]
+        if self._open_file:
+            self._open_file[1].close()
+        try:
+            file = open(path, "rb")
+        except OSError as error:
+            raise RequestFailed(ErrorCode.STORAGE_ERROR, f"cannot read the server's copy: {error.strerror}") from error
+        self._open_file = (path, file)
+        return file
+
+    def _count_bytes(self) -> None:
+        sent = self.connection.bytes_sent - self._counted_sent
+        received = self.connection.bytes_received - self._counted_received
+        if sent:
+            self.server.metrics.add_sent(sent)
+        if received:
+            self.server.metrics.add_received(received)
+        self._counted_sent += sent
+        self._counted_received += received
+
+
+def _file_size(file: BinaryIO) -> int:
+    return os.fstat(file.fileno()).st_size
+
+
+def _shutdown(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass

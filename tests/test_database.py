@@ -1,0 +1,356 @@
+"""Tests for database.py: the SQLite base, the server catalog, the client state."""
+from __future__ import annotations
+
+import io
+import sqlite3
+import threading
+import unicodedata
+
+import pytest
+
+from database import ClientStore, ServerStore, SQLiteStore
+from error_handler import CatalogError
+from integrity import Manifest, build_manifest
+
+LONG_TIMEOUT = 30  # seconds; thread joins that should take milliseconds
+
+
+def manifest_of(data: bytes, chunk_size: int = 4) -> Manifest:
+    return build_manifest(io.BytesIO(data), chunk_size)
+
+
+@pytest.fixture
+def server(tmp_path):
+    with ServerStore(tmp_path / "db" / "server.sqlite3") as store:
+        yield store
+
+
+@pytest.fixture
+def client(tmp_path):
+    with ClientStore(tmp_path / "client.sqlite3") as store:
+        yield store
+
+
+def run_in_threads(count: int, target) -> None:
+    """Run target(i) on ``count`` threads at once; re-raise the first failure."""
+    errors: list[BaseException] = []
+    start = threading.Barrier(count)
+
+    def body(i: int) -> None:
+        try:
+            start.wait()
+            target(i)
+        except BaseException as error:  # reported to the test thread below
+            errors.append(error)
+
+    threads = [threading.Thread(target=body, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(LONG_TIMEOUT)
+    assert [] == [thread for thread in threads if thread.is_alive()]
+    if errors:
+        raise errors[0]
+
+
+class TestSQLiteStore:
+    def test_wal_mode_and_pragmas(self, server):
+        """Connections run in WAL mode with foreign keys on and a busy timeout."""
+        connection = server._connection()
+        assert "wal" == connection.execute("PRAGMA journal_mode").fetchone()[0]
+        assert 1 == connection.execute("PRAGMA foreign_keys").fetchone()[0]
+        assert 5000 == connection.execute("PRAGMA busy_timeout").fetchone()[0]
+        assert 1 == connection.execute("PRAGMA synchronous").fetchone()[0]  # NORMAL
+
+    def test_user_version_set(self, server, client):
+        """Each store's schema version is the number of its migrations."""
+        assert len(ServerStore.MIGRATIONS) == server.schema_version
+        assert len(ClientStore.MIGRATIONS) == client.schema_version
+
+    def test_creates_parent_folder(self, tmp_path):
+        """A missing parent folder of the database file is created."""
+        with ServerStore(tmp_path / "a" / "b" / "s.db"):
+            pass
+        assert (tmp_path / "a" / "b" / "s.db").is_file()
+
+    def test_reopening_keeps_data(self, tmp_path):
+        """Data written, closed and reopened is still there."""
+        path = tmp_path / "s.db"
+        with ServerStore(path) as store:
+            store.add_file("a.txt", manifest_of(b"hello"))
+        with ServerStore(path) as store:
+            assert ["a.txt"] == [record.name for record in store.list_files()]
+
+    def test_newer_schema_refused(self, tmp_path):
+        """A database from a newer program is refused with a clear CatalogError."""
+        path = tmp_path / "s.db"
+        with sqlite3.connect(path) as connection:
+            connection.execute("PRAGMA user_version = 99")
+        connection.close()
+        with pytest.raises(CatalogError, match="schema version 99 is newer"):
+            ServerStore(path)
+
+    def test_not_a_database_refused(self, tmp_path):
+        """A file that is not SQLite is a CatalogError, not a raw sqlite3 error."""
+        path = tmp_path / "s.db"
+        path.write_bytes(b"this is not a database at all" * 100)
+        with pytest.raises(CatalogError, match="cannot open database"):
+            ServerStore(path)
+
+    def test_migrations_applied_in_order(self, tmp_path):
+        """Migrations run in order, only new ones on reopen, with ';' in quotes and triggers."""
+
+        class V1(SQLiteStore):
+            MIGRATIONS = ("CREATE TABLE t (x INTEGER); INSERT INTO t VALUES (1);",)
+
+        class V2(SQLiteStore):
+            MIGRATIONS = V1.MIGRATIONS + (
+                "INSERT INTO t VALUES ('a;b');"
+                " CREATE TRIGGER t_noop AFTER INSERT ON t BEGIN SELECT 1; SELECT 2; END;"
+                " -- a trailing comment",
+            )
+
+        path = tmp_path / "m.db"
+        V1(path).close()
+        with V2(path) as store:
+            rows = store._connection().execute("SELECT x FROM t").fetchall()
+            assert 2 == store.schema_version
+        assert [(1,), ("a;b",)] == rows
+
+    def test_failed_migration_rolls_back(self, tmp_path):
+        """A migration that fails leaves the schema and version untouched."""
+
+        class Broken(SQLiteStore):
+            MIGRATIONS = ("CREATE TABLE t (x); INSERT INTO nowhere VALUES (1);",)
+
+        path = tmp_path / "b.db"
+        with pytest.raises(CatalogError):
+            Broken(path)
+        connection = sqlite3.connect(path)
+        assert (0, []) == (
+            connection.execute("PRAGMA user_version").fetchone()[0],
+            connection.execute("SELECT name FROM sqlite_master").fetchall(),
+        )
+        connection.close()
+
+    def test_use_after_close_refused(self, tmp_path):
+        """Calls after close() raise CatalogError."""
+        store = ServerStore(tmp_path / "s.db")
+        store.close()
+        with pytest.raises(CatalogError, match="closed"):
+            store.file_count()
+
+    def test_close_closes_every_thread_connection(self, tmp_path):
+        """close() closes the connections other threads opened."""
+        store = ServerStore(tmp_path / "s.db")
+        opened: list[sqlite3.Connection] = []
+        run_in_threads(3, lambda _i: opened.append(store._connection()))
+        store.close()
+        for connection in opened:
+            with pytest.raises(sqlite3.ProgrammingError):
+                connection.execute("SELECT 1")
+
+    def test_finished_threads_connections_pruned(self, server):
+        """Connections of threads that ended are closed when a new one opens."""
+        for _ in range(5):
+            run_in_threads(2, lambda _i: server.file_count())
+        run_in_threads(1, lambda _i: server.file_count())
+        assert len(server._connections) <= 3
+
+
+class TestServerCatalog:
+    def test_add_and_get(self, server):
+        """A file added can be read back as a record and as its manifest."""
+        manifest = manifest_of(b"0123456789")
+        added = server.add_file("a.txt", manifest, added_at=1000.0)
+        assert added == server.get_file("a.txt")
+        assert ("a.txt", 10, 4, 3, 0, 1000.0) == (
+            added.name, added.size, added.chunk_size, added.chunks, added.downloads,
+            added.added_at,
+        )
+        assert manifest == server.get_manifest("a.txt")
+
+    def test_missing_file_is_none(self, server):
+        """Unknown names give None, not an error."""
+        assert (None, None) == (server.get_file("nope"), server.get_manifest("nope"))
+
+    def test_duplicate_name_refused(self, server):
+        """Adding a name twice raises CatalogError and keeps the first."""
+        first = server.add_file("a.txt", manifest_of(b"one"))
+        with pytest.raises(CatalogError, match="already in the catalog"):
+            server.add_file("a.txt", manifest_of(b"two"))
+        assert first == server.get_file("a.txt")
+
+    def test_names_sharing_content(self, server):
+        """Two names with the same content are both found by sha256."""
+        manifest = manifest_of(b"same")
+        server.add_file("b.txt", manifest)
+        server.add_file("a.txt", manifest)
+        server.add_file("c.txt", manifest_of(b"other"))
+        assert ["a.txt", "b.txt"] == server.names_with_sha256(manifest.sha256)
+
+    def test_remove(self, server):
+        """remove_file says whether the name was there."""
+        server.add_file("a.txt", manifest_of(b"x"))
+        assert (True, False) == (server.remove_file("a.txt"), server.remove_file("a.txt"))
+        assert 0 == server.file_count()
+
+    def test_counts_and_total_bytes(self, server):
+        """file_count and total_bytes sum over every name."""
+        assert (0, 0) == (server.file_count(), server.total_bytes())
+        server.add_file("a", manifest_of(b"12345"))
+        server.add_file("b", manifest_of(b""))
+        server.add_file("c", manifest_of(b"123"))
+        assert (3, 8) == (server.file_count(), server.total_bytes())
+
+    def test_record_download(self, server):
+        """record_download counts up and refuses unknown names."""
+        server.add_file("a.txt", manifest_of(b"x"))
+        assert [1, 2] == [server.record_download("a.txt") for _ in range(2)]
+        with pytest.raises(CatalogError, match="no file named"):
+            server.record_download("nope")
+
+    def test_concurrent_writers(self, server):
+        """8 threads recording 100 downloads each lose no update."""
+        server.add_file("hot.bin", manifest_of(b"x"))
+        run_in_threads(8, lambda _i: [server.record_download("hot.bin") for _ in range(100)])
+        assert 800 == server.get_file("hot.bin").downloads
+
+
+class TestServerSearch:
+    @pytest.fixture
+    def names(self, server):
+        names = ["café.txt", "Report 100%.pdf", "a_b.txt", "axb.txt", "CAFETERIA.md", "ü.bin"]
+        for name in names:
+            server.add_file(name, manifest_of(name.encode()))
+        return names
+
+    def search(self, server, text):
+        return [record.name for record in server.list_files(text)]
+
+    def test_listed_by_name(self, server, names):
+        """Without a search every file is listed, ordered by name."""
+        assert sorted(names) == self.search(server, None)
+
+    def test_case_and_accent_insensitive(self, server, names):
+        """'CAFÉ' finds 'café.txt' but not 'CAFETERIA.md'."""
+        assert ["café.txt"] == self.search(server, "CAFÉ")
+        assert ["CAFETERIA.md", "café.txt"] == self.search(server, "caf")
+
+    def test_decomposed_accent_matches(self, server, names):
+        """A search typed with a combining accent finds the precomposed name."""
+        assert ["café.txt"] == self.search(server, unicodedata.normalize("NFD", "Café"))
+        assert ["ü.bin"] == self.search(server, "Ü")
+
+    def test_percent_and_underscore_literal(self, server, names):
+        """% and _ are plain characters, not LIKE wildcards."""
+        assert ["Report 100%.pdf"] == self.search(server, "%")
+        assert ["a_b.txt"] == self.search(server, "_")
+
+    def test_no_match(self, server, names):
+        """A search that matches nothing gives an empty list."""
+        assert [] == self.search(server, "zzz")
+
+    def test_ten_thousand_files(self, server):
+        """10,000 files list completely, in order, and search finds the right ones."""
+        manifest = manifest_of(b"data")
+        with server._transaction() as connection:  # bulk load in one commit
+            connection.executemany(
+                "INSERT INTO files (name, name_folded, size, chunk_size, sha256,"
+                " chunk_digests, added_at) VALUES (?, ?, ?, ?, ?, ?, 0)",
+                [(f"file{i:05d}.bin", f"file{i:05d}.bin", manifest.size,
+                  manifest.chunk_size, manifest.sha256, manifest.chunk_digests)
+                 for i in range(10_000)],
+            )
+        listed = server.list_files()
+        assert [f"file{i:05d}.bin" for i in range(10_000)] == [r.name for r in listed]
+        assert 100 == len(server.list_files("FILE099"))
+
+
+@pytest.fixture
+def manifest_a() -> Manifest:
+    return manifest_of(b"version one of the file", chunk_size=5)
+
+
+class TestClientDownloads:
+    def test_begin_fresh(self, client, manifest_a):
+        """A new download starts with nothing verified and is listed in progress."""
+        state = client.begin_download("/dl/f.txt", "f.txt", manifest_a)
+        assert (set(), manifest_a) == (state.verified, state.manifest)
+        assert [state] == client.in_progress()
+
+    def test_resume_same_manifest_keeps_verified(self, client, manifest_a):
+        """Beginning again with the same manifest resumes with its verified chunks."""
+        state = client.begin_download("/dl/f.txt", "f.txt", manifest_a)
+        client.mark_verified(state.id, [0, 2, 2])
+        again = client.begin_download("/dl/f.txt", "f.txt", manifest_a)
+        assert (state.id, {0, 2}) == (again.id, again.verified)
+
+    def test_different_manifest_resets(self, client, manifest_a):
+        """A changed file drops the old download and its verified chunks."""
+        state = client.begin_download("/dl/f.txt", "f.txt", manifest_a)
+        client.mark_verified(state.id, [0, 1])
+        manifest_b = manifest_of(b"version two of the file!", chunk_size=5)
+        fresh = client.begin_download("/dl/f.txt", "f.txt", manifest_b)
+        assert (set(), manifest_b) == (fresh.verified, fresh.manifest)
+        assert [fresh] == client.in_progress()
+        with pytest.raises(CatalogError):
+            client.mark_verified(state.id, [0])
+
+    def test_mark_out_of_range_refused(self, client, manifest_a):
+        """Marking a chunk the file does not have is a ValueError and marks nothing."""
+        state = client.begin_download("/dl/f.txt", "f.txt", manifest_a)
+        with pytest.raises(ValueError, match="out of range"):
+            client.mark_verified(state.id, [1, manifest_a.chunk_count])
+        assert set() == client.in_progress()[0].verified
+
+    def test_forget_verified(self, client, manifest_a):
+        """Forgotten chunks leave the verified set; unknown ones are ignored."""
+        state = client.begin_download("/dl/f.txt", "f.txt", manifest_a)
+        client.mark_verified(state.id, range(4))
+        client.forget_verified(state.id, [1, 3, 4])
+        assert {0, 2} == client.in_progress()[0].verified
+
+    def test_finish_moves_to_completed(self, client, manifest_a):
+        """finish_download moves the row to completed and out of in-progress."""
+        state = client.begin_download("/dl/f.txt", "f.txt", manifest_a)
+        client.mark_verified(state.id, range(manifest_a.chunk_count))
+        client.finish_download(state.id, completed_at=42.0)
+        assert [] == client.in_progress()
+        [done] = client.completed_files()
+        assert ("/dl/f.txt", "f.txt", manifest_a.size, manifest_a.sha256, manifest_a, 42.0) == (
+            done.path, done.name, done.size, done.sha256, done.manifest, done.completed_at,
+        )
+
+    def test_finish_unknown_refused(self, client):
+        """Finishing a download that does not exist is a CatalogError."""
+        with pytest.raises(CatalogError, match="no download"):
+            client.finish_download(12345)
+
+    def test_abandon_cascades(self, client, manifest_a):
+        """Abandoning a download deletes its verified chunks with it."""
+        state = client.begin_download("/dl/f.txt", "f.txt", manifest_a)
+        client.mark_verified(state.id, [0, 1, 2])
+        client.abandon_download("/dl/f.txt")
+        connection = client._connection()
+        assert ([], 0) == (
+            client.in_progress(),
+            connection.execute("SELECT COUNT(*) FROM verified_chunks").fetchone()[0],
+        )
+
+    def test_state_survives_reopen(self, tmp_path, manifest_a):
+        """Verified chunks are still there after the store is reopened."""
+        path = tmp_path / "c.db"
+        with ClientStore(path) as store:
+            state = store.begin_download("/dl/f.txt", "f.txt", manifest_a)
+            store.mark_verified(state.id, [1, 3])
+        with ClientStore(path) as store:
+            assert [{1, 3}] == [s.verified for s in store.in_progress()]
+
+    def test_concurrent_marks(self, client):
+        """Threads marking different chunks of one download all land."""
+        manifest = manifest_of(bytes(800), chunk_size=1)
+        state = client.begin_download("/dl/z", "z", manifest)
+        run_in_threads(8, lambda i: [client.mark_verified(state.id, [i * 100 + k])
+                                     for k in range(100)])
+        assert set(range(800)) == client.in_progress()[0].verified
