@@ -1,0 +1,160 @@
+"""Shared test helpers: configs in tmp_path, in-process and subprocess servers, polling.
+
+Timeouts are named here, once, and generous: CI machines are shared and slow.
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+import yaml
+
+from config_loader import Config, load_config
+from main_server import MainServer
+
+ROOT = Path(__file__).resolve().parent.parent
+SHORT_TIMEOUT = 10.0  # something that should happen at once
+LONG_TIMEOUT = 60.0  # a large transfer or a process start on a loaded machine
+POLL_INTERVAL = 0.02
+
+
+def wait_until(condition: Callable[[], Any], timeout: float = SHORT_TIMEOUT, what: str = "condition") -> Any:
+    """Poll ``condition`` until it returns something truthy; fail the test at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(POLL_INTERVAL)
+
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    """``base`` updated with ``extra``, nested mappings merged key by key."""
+    merged = dict(base)
+    for key, value in extra.items():
+        merged[key] = deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
+
+
+def write_config(folder: Path, overrides: dict | None = None, name: str = "config.yaml") -> Path:
+    """Write a config for tests (port 0, no log file, short timeouts) and return its path."""
+    base = {
+        "server": {"main": {"port": 0, "data_dir": "server"}},
+        "client": {"download_dir": "downloads", "data_dir": "client", "retry_deadline": 5.0},
+        "transfer": {"idle_timeout": 10.0, "io_timeout": 5.0},
+        "logging": {"log_to_file": False, "level": "INFO"},
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text(yaml.safe_dump(deep_merge(base, overrides or {}), allow_unicode=True), encoding="utf-8")
+    return path
+
+
+def make_config(folder: Path, overrides: dict | None = None) -> Config:
+    """A loaded test config whose files live under ``folder``."""
+    return load_config(write_config(folder, overrides))
+
+
+def client_config_for(folder: Path, address: tuple[str, int], overrides: dict | None = None) -> Path:
+    """Write a client config pointing at a running server; returns its path."""
+    host, port = address
+    return write_config(folder, deep_merge({"server": {"main": {"host": host, "port": port}}}, overrides or {}))
+
+
+@pytest.fixture
+def server_factory(tmp_path: Path) -> Iterator[Callable[..., MainServer]]:
+    """Start in-process main servers on port 0; all are stopped after the test."""
+    started: list[MainServer] = []
+
+    def start(overrides: dict | None = None, folder: Path | None = None) -> MainServer:
+        engine = MainServer(make_config(folder or tmp_path / "srv", overrides))
+        engine.start()
+        started.append(engine)
+        return engine
+
+    yield start
+    for engine in started:
+        engine.stop()
+
+
+def make_file(path: Path, size: int, seed: int = 0) -> Path:
+    """Write ``size`` pseudo-random bytes (reproducible from ``seed``) without holding them all."""
+    import random
+
+    rng = random.Random(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as out:
+        remaining = size
+        while remaining:
+            block = min(remaining, 1 << 20)
+            out.write(rng.randbytes(block))
+            remaining -= block
+    return path
+
+
+class ServerProcess:
+    """A real ``main_server.py`` subprocess; its listening address read from stdout."""
+
+    def __init__(self, config_path: Path, add: list[Path] | None = None) -> None:
+        command = [sys.executable, str(ROOT / "main_server.py"), "--config", str(config_path), "--headless"]
+        if add:
+            command += ["--add", *map(str, add)]
+        # stderr goes to a file: a pipe nobody reads would fill up and block the server.
+        self.stderr_path = config_path.parent / "server.stderr"
+        with open(self.stderr_path, "w") as stderr:
+            self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True,
+                                            encoding="utf-8")
+        self.address = self._read_address()
+
+    def _read_address(self) -> tuple[str, int]:
+        deadline = time.monotonic() + LONG_TIMEOUT
+        for line in self.process.stdout:
+            match = re.search(r"listening on ([\d.]+):(\d+)", line)
+            if match:
+                return match.group(1), int(match.group(2))
+            if time.monotonic() > deadline:
+                break
+        self.process.kill()
+        raise AssertionError(f"server did not start: {self.stderr_path.read_text()}")
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        """Send ``sig`` and wait for the exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        try:
+            return self.process.wait(SHORT_TIMEOUT)
+        finally:
+            self.process.stdout.close()
+
+
+@pytest.fixture
+def server_process() -> Iterator[Callable[..., ServerProcess]]:
+    """Start real server subprocesses; any still running are killed after the test."""
+    started: list[ServerProcess] = []
+
+    def start(config_path: Path, add: list[Path] | None = None) -> ServerProcess:
+        proc = ServerProcess(config_path, add)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        if proc.process.poll() is None:
+            proc.process.kill()
+            proc.process.wait()
+
+
+def run_client(config_path: Path, *args: str, timeout: float = LONG_TIMEOUT) -> subprocess.CompletedProcess:
+    """Run ``client.py`` as a user would; returns the completed process (text output)."""
+    return subprocess.run([sys.executable, str(ROOT / "client.py"), "--config", str(config_path), *args],
+                          capture_output=True, text=True, encoding="utf-8", timeout=timeout,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
