@@ -158,3 +158,71 @@ def run_client(config_path: Path, *args: str, timeout: float = LONG_TIMEOUT) -> 
     return subprocess.run([sys.executable, str(ROOT / "client.py"), "--config", str(config_path), *args],
                           capture_output=True, text=True, encoding="utf-8", timeout=timeout,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+class SlowProxy:
+    """A TCP proxy that forwards server-to-client bytes at ``rate_bps``: a slow link on loopback.
+
+    It lets a test catch a download in the middle (to kill the client) without
+    slowing the code under test. Pacing uses short sleeps; it waits on nothing.
+    """
+
+    def __init__(self, target: tuple[str, int], rate_bps: int) -> None:
+        import socket
+        import threading
+
+        self.target = target
+        self.rate_bps = rate_bps
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = self.listener.getsockname()[:2]
+        self._sockets: list = []
+        threading.Thread(target=self._accept_loop, daemon=True).start()
+
+    def _accept_loop(self) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            self._sockets += [client, upstream]
+            threading.Thread(target=self._pump, args=(client, upstream, None), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, self.rate_bps), daemon=True).start()
+
+    @staticmethod
+    def _pump(source, sink, rate_bps: int | None) -> None:
+        block = 16 * 1024
+        try:
+            while True:
+                data = source.recv(block)
+                if not data:
+                    break
+                sink.sendall(data)
+                if rate_bps:
+                    time.sleep(len(data) / rate_bps)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, sink):
+                try:
+                    sock.close()
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        """Stop accepting and cut every forwarded connection."""
+        import socket
+
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept() on Linux
+        except OSError:
+            pass
+        self.listener.close()
+        for sock in self._sockets:
+            try:
+                sock.close()
+            except OSError:
+                pass

@@ -1,0 +1,360 @@
+"""Benchmark: download one big file with the real programs, against a raw-socket baseline.
+
+    python bench/transfer.py [--size 1G] [--repeat N]
+
+What runs, all on 127.0.0.1, all in one temporary folder that is removed at
+the end (also on Ctrl-C or an error):
+
+* MiniTorrent: the real ``main_server.py --headless --add FILE`` subprocess,
+  and the real ``client.py get NAME`` subprocess. Its time is the wall clock
+  from starting the client process to its exit, start-up included, because
+  that is what a user waits for. Its peak RSS comes from ``os.wait4``.
+* Baseline: the fastest plain Python can do on this machine right now. A
+  receiver process accepts one connection and ``recv_into``s a reused 1 MiB
+  buffer, writing each piece to a file; this process sends the same source
+  file with ``socket.sendfile``. Its time runs from ``connect`` to the
+  receiver having closed its file. Receiver and sender are separate processes
+  so they do not share a GIL.
+
+The two are alternated run by run and the medians compared, so a noisy,
+shared machine slows both alike. The figures are ratios against that
+baseline, never absolute speeds: those depend on the machine.
+
+Targets: MiniTorrent / baseline >= 0.8, client peak RSS <= 100 MiB.
+A benchmark, not a test: it prints PASS or MISS per target and exits 0. It
+exits 1 only if something is broken (a process fails, a download's SHA-256
+differs from the source's).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BLOCK_BYTES = 1024 * 1024  # write, read and receive in 1 MiB blocks: never a whole file in memory
+FILE_NAME = "bench payload.bin"  # a space, as real names have
+RATIO_TARGET = 0.8  # MiniTorrent must reach 80 % of the raw socket's throughput
+RSS_TARGET_MIB = 100.0  # the client's memory must not grow with the file
+START_TIMEOUT_S = 60.0  # a process start on a loaded machine
+MIN_RATE_BPS = 5e6  # any slower than this and a run is considered hung
+LISTENING = re.compile(r"listening on ([\d.]+):(\d+)")
+CLIENT_SPEED = re.compile(r"100\.0%.*?([\d.]+ [KMGT]?i?B)/s")
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+# The baseline receiver, run as ``python -c``: prints its port, receives one
+# connection into a reused buffer, writes it to argv[1], prints "done BYTES".
+RECEIVER = r"""
+import socket, sys
+BLOCK = 1024 * 1024
+with socket.create_server(("127.0.0.1", 0)) as listener:
+    print(listener.getsockname()[1], flush=True)
+    conn, _ = listener.accept()
+    buffer = bytearray(BLOCK)
+    view = memoryview(buffer)
+    total = 0
+    with conn, open(sys.argv[1], "wb", buffering=0) as out:
+        while True:
+            n = conn.recv_into(buffer)
+            if not n:
+                break
+            got = view[:n]
+            while got:
+                got = got[out.write(got):]
+            total += n
+print("done", total, flush=True)
+"""
+
+
+class BenchError(Exception):
+    """Something the benchmark relies on broke; the message says what."""
+
+
+@dataclass
+class ClientRun:
+    seconds: float
+    peak_rss_mib: float
+    reported_speed: str
+
+
+def parse_size(text: str) -> int:
+    """``"1G"`` -> 1073741824; ``"256M"``, ``"64KiB"``, ``"1000"`` (bytes) also work (binary units)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 1G, 256M or a number of bytes)")
+    size = int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+    if size <= 0:
+        raise argparse.ArgumentTypeError("size must be positive")
+    return size
+
+
+# Preparing --------------------------------------------------------------------------
+
+
+def write_random_file(path: Path, size: int) -> str:
+    """Write ``size`` random bytes in 1 MiB blocks; return their SHA-256."""
+    rng = random.Random(20261125)
+    digest = hashlib.sha256()
+    with open(path, "wb") as out:
+        remaining = size
+        while remaining:
+            block = rng.randbytes(min(remaining, BLOCK_BYTES))
+            digest.update(block)
+            out.write(block)
+            remaining -= len(block)
+    return digest.hexdigest()
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    buffer = bytearray(BLOCK_BYTES)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as source:
+        while n := source.readinto(buffer):
+            digest.update(view[:n])
+    return digest.hexdigest()
+
+
+def write_config(folder: Path) -> Path:
+    path = folder / "config.yaml"
+    path.write_text(
+        "server:\n"
+        "  main: {host: 127.0.0.1, port: 0, data_dir: server}\n"
+        "client: {download_dir: downloads, data_dir: client-state, retry_deadline: 10.0}\n"
+        "logging: {level: WARNING, log_to_file: false, log_dir: logs}\n",
+        encoding="utf-8",
+    )
+    return path
+
+
+# Processes --------------------------------------------------------------------------
+
+
+class Server:
+    """The real main server as a subprocess; its output drained to files so no pipe fills."""
+
+    def __init__(self, config: Path, source: Path, size: int) -> None:
+        folder = config.parent
+        self.stdout_path = folder / "server.stdout"
+        self.stderr_path = folder / "server.stderr"
+        self._found = threading.Event()
+        self.address: tuple[str, int] | None = None
+        command = [sys.executable, str(ROOT / "main_server.py"), "--config", str(config), "--headless",
+                   "--add", str(source)]
+        with open(self.stderr_path, "wb") as stderr:
+            self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, cwd=folder)
+        self._drain = threading.Thread(target=self._drain_stdout, daemon=True)
+        self._drain.start()
+        # --add copies, hashes and fsyncs the file before the server listens.
+        self._wait_listening(START_TIMEOUT_S + size / 20e6)
+
+    def _drain_stdout(self) -> None:
+        with open(self.stdout_path, "wb") as out:
+            for line in self.process.stdout:
+                out.write(line)
+                out.flush()
+                match = LISTENING.search(line.decode("utf-8", "replace"))
+                if match and not self._found.is_set():
+                    self.address = match.group(1), int(match.group(2))
+                    self._found.set()
+
+    def _wait_listening(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not self._found.wait(0.05):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise BenchError(f"main server did not start (exit {self.process.poll()}):\n"
+                                 + self.stderr_path.read_text(errors="replace")[-2000:])
+
+    def peak_rss_mib(self) -> float | None:
+        try:
+            status = Path(f"/proc/{self.process.pid}/status").read_text()
+        except OSError:
+            return None
+        match = re.search(r"VmHWM:\s+(\d+) kB", status)
+        return int(match.group(1)) / 1024 if match else None
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._drain.join(5)
+
+
+def run_client(config: Path, output: Path, size: int, log_folder: Path) -> ClientRun:
+    """Run ``client.py get``; wall-clock seconds and peak RSS of the whole process."""
+    command = [sys.executable, str(ROOT / "client.py"), "--config", str(config), "get", FILE_NAME,
+               "--output", str(output)]
+    stdout_path, stderr_path = log_folder / "client.stdout", log_folder / "client.stderr"
+    with open(stdout_path, "wb") as stdout, open(stderr_path, "wb") as stderr:
+        started = time.perf_counter()
+        process = subprocess.Popen(command, stdout=stdout, stderr=stderr, cwd=log_folder)
+        watchdog = threading.Timer(START_TIMEOUT_S + size / MIN_RATE_BPS, _kill, (process,))
+        watchdog.start()
+        try:
+            _, status, usage = os.wait4(process.pid, 0)
+        except BaseException:
+            _kill(process)
+            raise
+        finally:
+            watchdog.cancel()
+        seconds = time.perf_counter() - started
+    process.returncode = os.waitstatus_to_exitcode(status)  # tell Popen the child is reaped
+    if process.returncode != 0:
+        raise BenchError(f"client exited {process.returncode}:\n" + stderr_path.read_text(errors="replace")[-2000:])
+    speeds = CLIENT_SPEED.findall(stdout_path.read_text(errors="replace"))
+    return ClientRun(seconds, usage.ru_maxrss / 1024, speeds[-1] + "/s" if speeds else "n/a")
+
+
+def _kill(process: subprocess.Popen) -> None:
+    try:
+        process.kill()
+    except ProcessLookupError:
+        pass
+
+
+def run_baseline(source: Path, target: Path, size: int) -> float:
+    """Send ``source`` over 127.0.0.1 with sendfile to a recv_into receiver process; seconds taken."""
+    receiver = subprocess.Popen([sys.executable, "-c", RECEIVER, str(target)], stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(receiver.stdout.readline())
+        with open(source, "rb") as file:
+            started = time.perf_counter()
+            with socket.create_connection(("127.0.0.1", port), timeout=START_TIMEOUT_S) as sock:
+                sent = sock.sendfile(file)
+                sock.shutdown(socket.SHUT_WR)
+                done = receiver.stdout.readline()  # the receiver has closed its file
+            seconds = time.perf_counter() - started
+        receiver.wait(START_TIMEOUT_S)
+    finally:
+        _kill(receiver)
+        receiver.wait()
+        receiver.stdout.close()
+    if sent != size or done.split() != ["done", str(size)]:
+        raise BenchError(f"baseline moved {sent} bytes, receiver said {done.strip()!r}; expected {size}")
+    return seconds
+
+
+# The run ----------------------------------------------------------------------------
+
+
+def mb_per_s(size: int, seconds: float) -> float:
+    return size / seconds / 1e6
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "MISS"
+
+
+def bench(folder: Path, size: int, repeat: int) -> None:
+    source_dir = folder / "source"
+    source_dir.mkdir()
+    source = source_dir / FILE_NAME
+    print(f"writing {size} random bytes to {source} ...", flush=True)
+    source_sha = write_random_file(source, size)
+    config = write_config(folder)
+    print("starting the main server (importing the file) ...", flush=True)
+    started = time.perf_counter()
+    server = Server(config, source, size)
+    print(f"server listening on {server.address[0]}:{server.address[1]} "
+          f"(start-up with --add: {time.perf_counter() - started:.1f} s)", flush=True)
+    baseline_s: list[float] = []
+    client_runs: list[ClientRun] = []
+    try:
+        for run in range(repeat):
+            order = ("baseline", "minitorrent") if run % 2 == 0 else ("minitorrent", "baseline")
+            for which in order:
+                if which == "baseline":
+                    baseline_s.append(baseline_once(source, folder / "baseline.out", size))
+                    print(f"  run {run + 1}: baseline     {baseline_s[-1]:7.2f} s  "
+                          f"{mb_per_s(size, baseline_s[-1]):8.1f} MB/s", flush=True)
+                else:
+                    client_runs.append(minitorrent_once(config, folder, source_sha, size))
+                    last = client_runs[-1]
+                    print(f"  run {run + 1}: minitorrent  {last.seconds:7.2f} s  {mb_per_s(size, last.seconds):8.1f} MB/s"
+                          f"  peak RSS {last.peak_rss_mib:.1f} MiB  (client says {last.reported_speed})", flush=True)
+        server_rss = server.peak_rss_mib()
+    finally:
+        server.stop()
+    report(size, repeat, baseline_s, client_runs, server_rss)
+
+
+def baseline_once(source: Path, target: Path, size: int) -> float:
+    try:
+        return run_baseline(source, target, size)
+    finally:
+        target.unlink(missing_ok=True)
+
+
+def minitorrent_once(config: Path, folder: Path, source_sha: str, size: int) -> ClientRun:
+    output = folder / "downloads"
+    try:
+        result = run_client(config, output, size, folder)
+        got = sha256_of(output / FILE_NAME)
+        if got != source_sha:
+            raise BenchError(f"DOWNLOAD CORRUPT: sha256 {got} != source {source_sha}")
+        return result
+    finally:
+        # A fresh client every run: no finished file, no resumable state.
+        shutil.rmtree(output, ignore_errors=True)
+        shutil.rmtree(folder / "client-state", ignore_errors=True)
+
+
+def report(size: int, repeat: int, baseline_s: list[float], client_runs: list[ClientRun],
+           server_rss: float | None) -> None:
+    base = statistics.median(baseline_s)
+    mini = statistics.median(run.seconds for run in client_runs)
+    ratio = base / mini  # throughput ratio: minitorrent MB/s / baseline MB/s
+    rss = max(run.peak_rss_mib for run in client_runs)
+    print()
+    print(f"file size                 {size} bytes ({size / (1 << 20):.0f} MiB), median of {repeat} run(s)")
+    print(f"baseline (sendfile -> recv_into)  {mb_per_s(size, base):8.1f} MB/s  ({base:.2f} s)")
+    print(f"minitorrent (client process)      {mb_per_s(size, mini):8.1f} MB/s  ({mini:.2f} s, start-up included)")
+    if server_rss is not None:
+        print(f"server peak RSS (info)            {server_rss:8.1f} MiB")
+    print(f"ratio minitorrent/baseline        {ratio:8.2f}   target >= {RATIO_TARGET}      {verdict(ratio >= RATIO_TARGET)}")
+    print(f"client peak RSS                   {rss:8.1f} MiB target <= {RSS_TARGET_MIB:.0f} MiB  "
+          f"{verdict(rss <= RSS_TARGET_MIB)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", type=parse_size, default=1 << 30, help="file size: bytes, or 256M, 1G ... (default 1G)")
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each, alternated; medians reported (default 1)")
+    args = parser.parse_args(argv)
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
+    # SIGTERM unwinds like Ctrl-C, so the finally blocks stop processes and remove the folder.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    folder = Path(tempfile.mkdtemp(prefix="minitorrent-bench-"))
+    try:
+        bench(folder, args.size, args.repeat)
+    except BenchError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

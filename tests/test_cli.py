@@ -1,0 +1,181 @@
+"""The programs as a user runs them: real server and client processes, real signals."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from conftest import LONG_TIMEOUT, ROOT, SHORT_TIMEOUT, SlowProxy, client_config_for, make_file, run_client, \
+    wait_until, write_config
+from database import ClientStore
+from integrity import sha256_file
+
+CHUNK = 64 * 1024
+
+
+@pytest.fixture
+def shared(tmp_path, server_process):
+    """A real server process sharing two files; yields (process, client config path, files)."""
+    files = [make_file(tmp_path / "src" / "alpha report.txt", 3000, seed=1),
+             make_file(tmp_path / "src" / "Beta Café.bin", 5 * CHUNK + 1, seed=2)]
+    proc = server_process(write_config(tmp_path / "srv", {"transfer": {"chunk_size": CHUNK}}), add=files)
+    return proc, client_config_for(tmp_path / "cli", proc.address), files
+
+
+class TestList:
+    def test_json_lists_every_file_with_its_fields(self, shared):
+        """list --json prints objects with name, size, chunks, sha256 and downloads."""
+        _, config, files = shared
+        result = run_client(config, "list", "--json")
+        assert 0 == result.returncode, result.stderr
+        entries = {e["name"]: e for e in json.loads(result.stdout)}
+        assert {"alpha report.txt", "Beta Café.bin"} == set(entries)
+        beta = entries["Beta Café.bin"]
+        assert (5 * CHUNK + 1, 6, sha256_file(files[1]), 0) == (beta["size"], beta["chunks"], beta["sha256"],
+                                                                beta["downloads"])
+
+    def test_search_is_case_insensitive(self, shared):
+        """list --search matches any part of the name in any case, accents included."""
+        _, config, _ = shared
+        result = run_client(config, "list", "--json", "--search", "CAFÉ")
+        assert ["Beta Café.bin"] == [e["name"] for e in json.loads(result.stdout)]
+
+    def test_table_output(self, shared):
+        """Plain list prints a header and one row per file with human sizes."""
+        _, config, _ = shared
+        lines = run_client(config, "list").stdout.splitlines()
+        assert lines[0].startswith("NAME")
+        assert 3 == len(lines)
+        assert "320.0 KiB" in next(line for line in lines if line.startswith("Beta Café.bin"))
+
+
+class TestGet:
+    def test_get_several_files(self, shared, tmp_path):
+        """get NAME NAME downloads both byte-exact and says so, exit 0."""
+        _, config, files = shared
+        out = tmp_path / "dl"
+        result = run_client(config, "get", "alpha report.txt", "Beta Café.bin", "--output", str(out))
+        assert 0 == result.returncode, result.stderr
+        assert 2 == result.stdout.count("downloaded: ")
+        for source in files:
+            assert sha256_file(source) == sha256_file(out / source.name)
+
+    def test_unknown_file_fails_with_one_line(self, shared, tmp_path):
+        """An unknown name exits 1 with a one-line reason and no traceback."""
+        _, config, _ = shared
+        result = run_client(config, "get", "missing.txt", "--output", str(tmp_path / "dl"))
+        assert 1 == result.returncode
+        assert ["error: missing.txt: no such file on the server"] == result.stderr.strip().splitlines()
+
+    def test_download_is_counted(self, shared, tmp_path):
+        """After a finished download, list shows the file's download count and status shows it too."""
+        _, config, _ = shared
+        run_client(config, "get", "alpha report.txt", "--output", str(tmp_path / "dl"))
+        entries = {e["name"]: e for e in json.loads(run_client(config, "list", "--json").stdout)}
+        assert 1 == entries["alpha report.txt"]["downloads"]
+        status = json.loads(run_client(config, "status", "--json").stdout)
+        assert {"alpha report.txt": 1} == status["downloads_per_file"]
+        assert ("main", 0) == (status["role"], status["epoch"])
+
+
+class TestStatus:
+    def test_status_prints_metrics(self, shared):
+        """status prints the server's counters, one per line."""
+        _, config, _ = shared
+        result = run_client(config, "status")
+        assert 0 == result.returncode
+        keys = {line.split()[0] for line in result.stdout.splitlines() if line and not line.startswith(" ")}
+        assert {"uptime_s", "bytes_sent", "active_connections", "success_rate", "role", "epoch"} <= keys
+
+
+class TestFailures:
+    def test_unreachable_server(self, tmp_path):
+        """With no server listening, a command exits 1 with one line naming the address."""
+        import socket
+
+        with socket.socket() as probe:  # a port that was free a moment ago: nothing listens there
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        config = client_config_for(tmp_path, ("127.0.0.1", port), {"client": {"retry_deadline": 0.5}})
+        result = run_client(config, "list")
+        assert 1 == result.returncode
+        lines = result.stderr.strip().splitlines()
+        assert 1 == len(lines) and f"127.0.0.1:{port}" in lines[0], result.stderr
+
+    def test_bad_config_is_one_line(self, tmp_path):
+        """A config with a bad value exits 2 with one line naming the key."""
+        config = tmp_path / "config.yaml"
+        config.write_text("server:\n  main:\n    port: 99999\n")
+        result = run_client(config, "list")
+        assert 2 == result.returncode
+        assert "server.main.port" in result.stderr and 1 == len(result.stderr.strip().splitlines())
+
+    def test_add_missing_file(self, tmp_path):
+        """main_server --add of a missing file exits 1 with a one-line reason."""
+        config = write_config(tmp_path)
+        result = subprocess.run([sys.executable, str(ROOT / "main_server.py"), "--config", str(config),
+                                 "--headless", "--add", str(tmp_path / "nope.txt")],
+                                capture_output=True, text=True, timeout=LONG_TIMEOUT)
+        assert 1 == result.returncode
+        assert "nope.txt: not a regular file" in result.stderr
+        assert "Traceback" not in result.stderr
+
+
+class TestServerLifecycle:
+    @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+    def test_signal_stops_cleanly(self, tmp_path, server_process, sig):
+        """SIGTERM or SIGINT stops the headless server with exit status 0."""
+        proc = server_process(write_config(tmp_path))
+        assert 0 == proc.stop(sig)
+
+    def test_catalog_and_counts_survive_restart(self, tmp_path, server_process):
+        """Files and download counts are still there after the server is stopped and started again."""
+        source = make_file(tmp_path / "src" / "keep.txt", 1234)
+        server_config = write_config(tmp_path / "srv")
+        first = server_process(server_config, add=[source])
+        run_client(client_config_for(tmp_path / "c1", first.address), "get", "keep.txt",
+                   "--output", str(tmp_path / "dl"))
+        assert 0 == first.stop()
+        second = server_process(server_config)
+        entries = json.loads(run_client(client_config_for(tmp_path / "c2", second.address), "list", "--json").stdout)
+        assert [("keep.txt", 1234, 1)] == [(e["name"], e["size"], e["downloads"]) for e in entries]
+
+
+class TestResumeAfterKill:
+    @pytest.mark.timeout(LONG_TIMEOUT * 2)
+    def test_sigkilled_client_resumes_without_refetching(self, tmp_path, server_process):
+        """A client SIGKILLed mid-download resumes: verified chunks are not fetched again."""
+        source = make_file(tmp_path / "src" / "movie.bin", 64 * CHUNK, seed=7)
+        server = server_process(write_config(tmp_path / "srv", {"transfer": {"chunk_size": CHUNK}}), add=[source])
+        proxy = SlowProxy(server.address, rate_bps=1_000_000)  # ~4 s for the whole file
+        slow_config = client_config_for(tmp_path / "cli", proxy.address)
+        out = tmp_path / "dl"
+        first = subprocess.Popen([sys.executable, str(ROOT / "client.py"), "--config", str(slow_config),
+                                  "get", "movie.bin", "--output", str(out)],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        store = ClientStore(tmp_path / "cli" / "client" / "client.db")
+        try:
+            wait_until(lambda: store.in_progress() and len(store.in_progress()[0].verified) >= 20,
+                       LONG_TIMEOUT, "20 verified chunks")
+            first.send_signal(signal.SIGKILL)
+            first.wait(SHORT_TIMEOUT)
+            verified_before = len(store.in_progress()[0].verified)
+        finally:
+            store.close()
+            proxy.close()
+        assert not (out / "movie.bin").exists()
+        fast_config = client_config_for(tmp_path / "cli", server.address)
+        sent_before = json.loads(run_client(fast_config, "status", "--json").stdout)["bytes_sent"]
+        result = run_client(fast_config, "get", "movie.bin", "--output", str(out))
+        assert 0 == result.returncode, result.stderr
+        assert f"{verified_before} chunks resumed" in result.stdout
+        sent_after = json.loads(run_client(fast_config, "status", "--json").stdout)["bytes_sent"]
+        payload_sent = sent_after - sent_before
+        missing_bytes = (64 - verified_before) * CHUNK
+        assert missing_bytes <= payload_sent < missing_bytes + CHUNK  # headers only, not one chunk more
+        assert sha256_file(source) == sha256_file(out / "movie.bin")
+        assert not (out / "movie.bin.part").exists()
