@@ -5,6 +5,7 @@ and the tests use them as they are.
 """
 from __future__ import annotations
 
+import math
 import sys
 import threading
 import time
@@ -39,8 +40,8 @@ def human_duration(seconds: float | None) -> str:
 
 
 def percent(done: int, total: int) -> float:
-    """Completion in percent; an empty file is 100 % done."""
-    return 100.0 if total <= 0 else 100.0 * done / total
+    """Completion in percent, rounded down to 0.1 so that 100.0 means really done; empty is 100."""
+    return 100.0 if total <= 0 else math.floor(1000.0 * done / total) / 10
 
 
 class TerminalProgress:

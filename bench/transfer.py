@@ -128,11 +128,12 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_config(folder: Path) -> Path:
-    path = folder / "config.yaml"
+def write_config(folder: Path, name: str, port: int = 0) -> Path:
+    """The server's config (port 0: any free port) or the client's (the server's real port)."""
+    path = folder / name
     path.write_text(
         "server:\n"
-        "  main: {host: 127.0.0.1, port: 0, data_dir: server}\n"
+        f"  main: {{host: 127.0.0.1, port: {port}, data_dir: server}}\n"
         "client: {download_dir: downloads, data_dir: client-state, retry_deadline: 10.0}\n"
         "logging: {level: WARNING, log_to_file: false, log_dir: logs}\n",
         encoding="utf-8",
@@ -158,8 +159,12 @@ class Server:
             self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, cwd=folder)
         self._drain = threading.Thread(target=self._drain_stdout, daemon=True)
         self._drain.start()
-        # --add copies, hashes and fsyncs the file before the server listens.
-        self._wait_listening(START_TIMEOUT_S + size / 20e6)
+        try:
+            # --add copies, hashes and fsyncs the file before the server listens.
+            self._wait_listening(START_TIMEOUT_S + size / 20e6)
+        except BaseException:
+            self.stop()
+            raise
 
     def _drain_stdout(self) -> None:
         with open(self.stdout_path, "wb") as out:
@@ -211,6 +216,7 @@ def run_client(config: Path, output: Path, size: int, log_folder: Path) -> Clien
             _, status, usage = os.wait4(process.pid, 0)
         except BaseException:
             _kill(process)
+            process.wait()
             raise
         finally:
             watchdog.cancel()
@@ -233,7 +239,10 @@ def run_baseline(source: Path, target: Path, size: int) -> float:
     """Send ``source`` over 127.0.0.1 with sendfile to a recv_into receiver process; seconds taken."""
     receiver = subprocess.Popen([sys.executable, "-c", RECEIVER, str(target)], stdout=subprocess.PIPE, text=True)
     try:
-        port = int(receiver.stdout.readline())
+        line = receiver.stdout.readline()
+        if not line.strip().isdigit():
+            raise BenchError(f"baseline receiver did not start (said {line!r})")
+        port = int(line)
         with open(source, "rb") as file:
             started = time.perf_counter()
             with socket.create_connection(("127.0.0.1", port), timeout=START_TIMEOUT_S) as sock:
@@ -268,12 +277,12 @@ def bench(folder: Path, size: int, repeat: int) -> None:
     source = source_dir / FILE_NAME
     print(f"writing {size} random bytes to {source} ...", flush=True)
     source_sha = write_random_file(source, size)
-    config = write_config(folder)
     print("starting the main server (importing the file) ...", flush=True)
     started = time.perf_counter()
-    server = Server(config, source, size)
+    server = Server(write_config(folder, "server.yaml"), source, size)
     print(f"server listening on {server.address[0]}:{server.address[1]} "
           f"(start-up with --add: {time.perf_counter() - started:.1f} s)", flush=True)
+    config = write_config(folder, "client.yaml", server.address[1])
     baseline_s: list[float] = []
     client_runs: list[ClientRun] = []
     try:
@@ -333,6 +342,10 @@ def report(size: int, repeat: int, baseline_s: list[float], client_runs: list[Cl
           f"{verdict(rss <= RSS_TARGET_MIB)}")
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", type=parse_size, default=1 << 30, help="file size: bytes, or 256M, 1G ... (default 1G)")
@@ -341,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
     # SIGTERM unwinds like Ctrl-C, so the finally blocks stop processes and remove the folder.
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    signal.signal(signal.SIGTERM, _interrupt)
     folder = Path(tempfile.mkdtemp(prefix="minitorrent-bench-"))
     try:
         bench(folder, args.size, args.repeat)

@@ -5,8 +5,6 @@ Timeouts are named here, once, and generous: CI machines are shared and slow.
 from __future__ import annotations
 
 import os
-import re
-import signal
 import subprocess
 import sys
 import time
@@ -14,9 +12,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
-import yaml
 
 from config_loader import Config, load_config
+import launcher
+from launcher import ServerProcess
 from main_server import MainServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,10 +52,7 @@ def write_config(folder: Path, overrides: dict | None = None, name: str = "confi
         "transfer": {"idle_timeout": 10.0, "io_timeout": 5.0},
         "logging": {"log_to_file": False, "level": "INFO"},
     }
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / name
-    path.write_text(yaml.safe_dump(deep_merge(base, overrides or {}), allow_unicode=True), encoding="utf-8")
-    return path
+    return launcher.write_config(folder / name, deep_merge(base, overrides or {}))
 
 
 def make_config(folder: Path, overrides: dict | None = None) -> Config:
@@ -101,41 +97,6 @@ def make_file(path: Path, size: int, seed: int = 0) -> Path:
     return path
 
 
-class ServerProcess:
-    """A real ``main_server.py`` subprocess; its listening address read from stdout."""
-
-    def __init__(self, config_path: Path, add: list[Path] | None = None) -> None:
-        command = [sys.executable, str(ROOT / "main_server.py"), "--config", str(config_path), "--headless"]
-        if add:
-            command += ["--add", *map(str, add)]
-        # stderr goes to a file: a pipe nobody reads would fill up and block the server.
-        self.stderr_path = config_path.parent / "server.stderr"
-        with open(self.stderr_path, "w") as stderr:
-            self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True,
-                                            encoding="utf-8")
-        self.address = self._read_address()
-
-    def _read_address(self) -> tuple[str, int]:
-        deadline = time.monotonic() + LONG_TIMEOUT
-        for line in self.process.stdout:
-            match = re.search(r"listening on ([\d.]+):(\d+)", line)
-            if match:
-                return match.group(1), int(match.group(2))
-            if time.monotonic() > deadline:
-                break
-        self.process.kill()
-        raise AssertionError(f"server did not start: {self.stderr_path.read_text()}")
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        """Send ``sig`` and wait for the exit code."""
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-        try:
-            return self.process.wait(SHORT_TIMEOUT)
-        finally:
-            self.process.stdout.close()
-
-
 @pytest.fixture
 def server_process() -> Iterator[Callable[..., ServerProcess]]:
     """Start real server subprocesses; any still running are killed after the test."""
@@ -148,9 +109,7 @@ def server_process() -> Iterator[Callable[..., ServerProcess]]:
 
     yield start
     for proc in started:
-        if proc.process.poll() is None:
-            proc.process.kill()
-            proc.process.wait()
+        proc.kill()
 
 
 def run_client(config_path: Path, *args: str, timeout: float = LONG_TIMEOUT) -> subprocess.CompletedProcess:
