@@ -115,6 +115,8 @@ def write_random_file(path: Path, size: int) -> str:
             digest.update(block)
             out.write(block)
             remaining -= len(block)
+        out.flush()
+        os.fsync(out.fileno())  # else its writeback would slow whichever run comes first
     return digest.hexdigest()
 
 
