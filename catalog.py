@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -55,6 +56,7 @@ class Catalog:
         self.store_dir = self.data_dir / "store"
         self.store_dir.mkdir(parents=True, exist_ok=True)
         self.db = ServerStore(self.data_dir / "catalog.db")
+        self._lock = threading.Lock()  # see add_file
         self._remove_leftover_temp_files()
 
     def close(self) -> None:
@@ -73,26 +75,41 @@ class Catalog:
         name = _catalog_name(source)
         if not source.is_file():
             raise CatalogError(f"{source}: not a regular file")
-        manifest = self._import_bytes(source, on_progress)
-        return self._catalog(name, manifest)
+        manifest, temp = self._copy_to_temp(source, on_progress)
+        # Placing the bytes and naming them happen under one lock: two imports
+        # racing for one name would otherwise both take it (and one fail), and a
+        # removal could delete a blob an import has just decided to share.
+        with self._lock:
+            self._place_blob(source, temp, manifest)
+            return self._catalog(name, manifest)
 
     def remove_file(self, name: str) -> bool:
         """Stop sharing ``name``; its bytes go too unless another name shares them."""
-        record = self.db.get_file(name)
-        if record is None or not self.db.remove_file(name):
-            return False
-        if not self.db.names_with_sha256(record.sha256):
-            self._blob(record.sha256).unlink(missing_ok=True)
+        with self._lock:
+            record = self.db.get_file(name)
+            if record is None or not self.db.remove_file(name):
+                return False
+            if not self.db.names_with_sha256(record.sha256):
+                self._blob(record.sha256).unlink(missing_ok=True)
         log.info("removed %s", name)
         return True
 
-    def _import_bytes(self, source: Path, on_progress: Callable[[int], None] | None) -> Manifest:
+    def _copy_to_temp(self, source: Path, on_progress: Callable[[int], None] | None) -> tuple[Manifest, Path]:
+        """Copy ``source`` to a temp file in the store while hashing it; (manifest, temp path)."""
         temp = self.store_dir / f".incoming-{uuid.uuid4().hex}"
         try:
             with open(source, "rb") as reader, open(temp, "wb") as writer:
                 manifest = build_manifest(reader, self.chunk_size, copy_to=writer, on_progress=on_progress)
                 writer.flush()
                 os.fsync(writer.fileno())
+        except OSError as error:
+            temp.unlink(missing_ok=True)
+            raise CatalogError(f"{source}: cannot import: {error.strerror or error}") from error
+        return manifest, temp
+
+    def _place_blob(self, source: Path, temp: Path, manifest: Manifest) -> None:
+        """Rename ``temp`` to its blob, or drop it if those bytes are stored already. Caller holds _lock."""
+        try:
             blob = self._blob(manifest.sha256)
             if blob.exists() and blob.stat().st_size == manifest.size:
                 temp.unlink()  # the same bytes are already stored under another name
@@ -102,7 +119,6 @@ class Catalog:
         except OSError as error:
             temp.unlink(missing_ok=True)
             raise CatalogError(f"{source}: cannot import: {error.strerror or error}") from error
-        return manifest
 
     def _catalog(self, name: str, manifest: Manifest) -> AddResult:
         candidate = name

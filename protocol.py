@@ -392,7 +392,7 @@ def decode_header(raw: bytes | memoryview, payload_len: int) -> Message:
     """
     try:
         header = json.loads(bytes(raw).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (ValueError, RecursionError) as error:  # bad UTF-8 or JSON, a 5000-digit int, deep nesting
         raise RemoteProtocolError(f"header is not UTF-8 JSON: {error}", ErrorCode.BAD_REQUEST, True)
     if not isinstance(header, dict) or not isinstance(header.get("type"), str):
         raise RemoteProtocolError("header must be a JSON object with a 'type'", ErrorCode.BAD_REQUEST, True)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import threading
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,9 @@ from protocol import ErrorCode
 from serving import ChunkLocation, RequestFailed
 
 CHUNK_SIZE = 4  # bytes; small so a few bytes of content span several chunks
+LONG_TIMEOUT = 30.0  # seconds; thread joins that should take milliseconds
+THREADS = 8
+ROUNDS = 15  # races are probabilistic: repeat to make a lost one likely to show
 
 
 def sha256_of(data: bytes) -> str:
@@ -47,6 +51,30 @@ def store_files(catalog: Catalog) -> list[str]:
 
 def names(catalog: Catalog) -> list[str]:
     return [entry["name"] for entry in catalog.list_files()]
+
+
+def run_in_threads(count: int, target) -> list:
+    """Run target(i) on ``count`` threads released together; results by i; re-raise the first failure."""
+    results: list = [None] * count
+    errors: list[BaseException] = []
+    start = threading.Barrier(count)
+
+    def body(i: int) -> None:
+        try:
+            start.wait()
+            results[i] = target(i)
+        except BaseException as error:  # reported to the test thread below
+            errors.append(error)
+
+    threads = [threading.Thread(target=body, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(LONG_TIMEOUT)
+    assert [] == [thread for thread in threads if thread.is_alive()]
+    if errors:
+        raise errors[0]
+    return results
 
 
 class TestAddFile:
@@ -198,6 +226,36 @@ class TestRemoveFile:
     def test_remove_unknown_name(self, catalog):
         """Removing a name that is not shared returns False."""
         assert False is catalog.remove_file("ghost.txt")
+
+
+class TestConcurrentAdds:
+    def test_different_contents_under_one_name_all_land(self, catalog, source):
+        """Threads adding different contents under one name all succeed, each under its own number."""
+        for round_ in range(ROUNDS):
+            name = f"r{round_}.txt"
+            paths = [source(name, b"round %d content %d" % (round_, i), f"r{round_}-{i}") for i in range(THREADS)]
+            results = run_in_threads(THREADS, lambda i: catalog.add_file(paths[i]))
+            expected = [name] + [f"r{round_} ({n}).txt" for n in range(2, THREADS + 1)]
+            assert sorted(expected) == sorted(result.record.name for result in results)
+            assert THREADS == len({result.record.sha256 for result in results})
+
+    def test_same_file_added_at_once_is_added_once(self, catalog, source):
+        """Threads adding the same file at once: one adds it, the others find it unchanged."""
+        for round_ in range(ROUNDS):
+            path = source(f"r{round_}.txt", b"round %d" % round_)
+            results = run_in_threads(THREADS, lambda i: catalog.add_file(path))
+            assert ["added"] + ["unchanged"] * (THREADS - 1) == sorted(result.outcome for result in results)
+
+    def test_remove_while_adding_same_content_keeps_blob(self, catalog, source):
+        """Removing one name while the same content is added under another never loses the blob."""
+        for round_ in range(ROUNDS):
+            data = b"round %d" % round_
+            catalog.add_file(source("old.txt", data))
+            new = source("new.txt", data)
+            run_in_threads(2, lambda i: catalog.add_file(new) if i == 0 else catalog.remove_file("old.txt"))
+            assert ["new.txt"] == names(catalog)
+            assert data == (catalog.store_dir / sha256_of(data)).read_bytes()
+            catalog.remove_file("new.txt")
 
 
 class TestPersistence:
