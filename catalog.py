@@ -73,6 +73,8 @@ class Catalog:
         """
         source = Path(path)
         name = _catalog_name(source)
+        if not source.exists():
+            raise CatalogError(f"{source}: no such file")
         if not source.is_file():
             raise CatalogError(f"{source}: not a regular file")
         manifest, temp = self._copy_to_temp(source, on_progress)

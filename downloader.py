@@ -96,13 +96,14 @@ class Downloader:
         started = time.monotonic()
         name = _checked_name(name)
         manifest = self._fetch_manifest(name)
-        output_dir = Path(output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        final = output_dir / name
-        if final.exists():
-            return self._already_present(name, final, manifest, started)
-        job = _Job(self, name, final, manifest)
-        fetched, resumed = job.run()
+        final = Path(output_dir) / name
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            if final.exists():
+                return self._already_present(name, final, manifest, started)
+            fetched, resumed = _Job(self, name, final, manifest).run()
+        except OSError as error:
+            raise DownloadError(f"{name}: cannot write {error.filename or final}: {error.strerror or error}") from error
         self._report(name, manifest)
         return DownloadResult(name, final, "downloaded", manifest.size, fetched, resumed, time.monotonic() - started)
 
@@ -154,6 +155,7 @@ class _Job:
         self._fetched_bytes = 0
         self._chunks_done = 0
         self._last_progress = time.monotonic()
+        self._hasher: _WholeFileHasher | None = None
 
     # The whole run ---------------------------------------------------------------
 

@@ -112,7 +112,8 @@ class Metrics:
     def snapshot(self) -> dict[str, Any]:
         """All counters as a JSON-safe dict (the body of a status reply)."""
         with self._lock:
-            uptime = max(self._clock() - self._started, 1e-9)
+            uptime = self._clock() - self._started
+            averaging_s = max(uptime, 1.0)  # no absurd averages in the first instant
             requests = self._requests_ok + self._requests_failed
             return {
                 "uptime_s": round(uptime, 3),
@@ -123,8 +124,8 @@ class Metrics:
                 "requests_total": requests,
                 "requests_failed": self._requests_failed,
                 "success_rate": round(self._requests_ok / requests, 4) if requests else 1.0,
-                "average_upload_bps": round(self._bytes_sent / uptime, 1),
-                "average_download_bps": round(self._bytes_received / uptime, 1),
+                "average_upload_bps": round(self._bytes_sent / averaging_s, 1),
+                "average_download_bps": round(self._bytes_received / averaging_s, 1),
                 "upload_bps": round(self._upload.rate(), 1),
                 "download_bps": round(self._download.rate(), 1),
                 "downloads_per_file": dict(sorted(self._downloads.items())),

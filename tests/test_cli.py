@@ -121,7 +121,7 @@ class TestFailures:
                                  "--headless", "--add", str(tmp_path / "nope.txt")],
                                 capture_output=True, text=True, timeout=LONG_TIMEOUT)
         assert 1 == result.returncode
-        assert "nope.txt: not a regular file" in result.stderr
+        assert "nope.txt: no such file" in result.stderr
         assert "Traceback" not in result.stderr
 
 

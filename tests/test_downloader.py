@@ -264,3 +264,19 @@ class TestResume:
             engine.close()
         assert 0 == result.resumed_chunks
         assert sha256_file(new) == sha256_file(result.path)
+
+
+class TestLocalDiskProblems:
+    def test_unwritable_output_folder(self, tmp_path, server_factory):
+        """An output path that cannot be created fails with a one-line reason, not a traceback."""
+        source = make_file(tmp_path / "src" / "a.bin", 100)
+        server = server_factory()
+        server.add_file(source)
+        blocker = tmp_path / "blocker"
+        blocker.write_text("a file where a folder should be")
+        engine = engine_for(tmp_path, server)
+        try:
+            with pytest.raises(DownloadError, match="a.bin: cannot write"):
+                engine.download("a.bin", blocker / "sub")
+        finally:
+            engine.close()
