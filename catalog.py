@@ -32,8 +32,8 @@ from typing import Callable
 from database import FileRecord, ServerStore
 from error_handler import CatalogError
 from integrity import Manifest, build_manifest
-from protocol import ErrorCode, ProtocolError, check_file_name
-from serving import ChunkLocation, RequestFailed
+from protocol import ErrorCode, ProtocolError, RequestFailed, check_file_name
+from serving import ChunkLocation
 from storage import fsync_dir
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,7 @@ class Catalog:
         self.store_dir = self.data_dir / "store"
         self.store_dir.mkdir(parents=True, exist_ok=True)
         self.db = ServerStore(self.data_dir / "catalog.db")
+        self.origin = self.db.server_id()  # whose download counter this catalog increments
         self._lock = threading.Lock()  # see add_file
         self._remove_leftover_temp_files()
 
@@ -85,15 +86,60 @@ class Catalog:
             self._place_blob(source, temp, manifest)
             return self._catalog(name, manifest)
 
+    def add_verified(self, path: Path, manifest: Manifest, name: str) -> AddResult:
+        """Catalog a file already verified against ``manifest``, moving (not copying) it into the store.
+
+        Follows the same naming rule as ``add_file``. ``path`` must be on the
+        data folder's file system.
+        """
+        with self._lock:
+            self._place_blob(path, path, manifest)
+            return self._catalog(_catalog_name(Path(name)), manifest)
+
+    def put_replica(self, name: str, manifest: Manifest, added_at: float) -> None:
+        """Make ``name`` mean ``manifest`` exactly as the main says; its blob must be stored.
+
+        Unlike ``add_file`` this replaces a different content under ``name``:
+        the main is the authority for a replica's names.
+        """
+        with self._lock:
+            existing = self.db.get_file(name)
+            if existing is not None and existing.sha256 == manifest.sha256:
+                return
+            if existing is not None:
+                self._forget(name, existing.sha256)
+            self.db.add_file(name, manifest, added_at=added_at)
+        log.info("replicated %s (%d bytes)", name, manifest.size)
+
+    def has_blob(self, sha256: str, size: int) -> bool:
+        """True if the bytes of that content are stored complete."""
+        blob = self._blob(sha256)
+        return blob.exists() and blob.stat().st_size == size
+
+    def install_blob(self, path: Path, manifest: Manifest) -> None:
+        """Move a verified file into the store as the blob of ``manifest``."""
+        with self._lock:
+            self._place_blob(path, path, manifest)
+
+    def blob_path(self, sha256: str) -> Path:
+        """Where the bytes of that content live in the store."""
+        return self._blob(sha256)
+
     def remove_file(self, name: str) -> bool:
         """Stop sharing ``name``; its bytes go too unless another name shares them."""
         with self._lock:
             record = self.db.get_file(name)
-            if record is None or not self.db.remove_file(name):
+            if record is None or not self._forget(name, record.sha256):
                 return False
-            if not self.db.names_with_sha256(record.sha256):
-                self._blob(record.sha256).unlink(missing_ok=True)
         log.info("removed %s", name)
+        return True
+
+    def _forget(self, name: str, sha256: str) -> bool:
+        """Drop ``name`` and, unless another name shares them, its bytes. Caller holds _lock."""
+        if not self.db.remove_file(name):
+            return False
+        if not self.db.names_with_sha256(sha256):
+            self._blob(sha256).unlink(missing_ok=True)
         return True
 
     def _copy_to_temp(self, source: Path, on_progress: Callable[[int], None] | None) -> tuple[Manifest, Path]:
@@ -113,7 +159,7 @@ class Catalog:
         """Rename ``temp`` to its blob, or drop it if those bytes are stored already. Caller holds _lock."""
         try:
             blob = self._blob(manifest.sha256)
-            if blob.exists() and blob.stat().st_size == manifest.size:
+            if self.has_blob(manifest.sha256, manifest.size):
                 temp.unlink()  # the same bytes are already stored under another name
             else:
                 os.replace(temp, blob)
@@ -177,7 +223,7 @@ class Catalog:
     def record_download(self, name: str, sha256: str) -> None:
         """Count a finished download of ``name`` (persisted)."""
         if self._record(name).sha256 == sha256:
-            self.db.record_download(name)
+            self.db.record_download(name, self.origin)
 
     def download_counts(self) -> dict[str, int]:
         """Downloads per file name, as persisted."""

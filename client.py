@@ -36,11 +36,9 @@ class ClientEngine:
 
     def __init__(self, config: Config, on_progress: Callable[[Progress], None] | None = None) -> None:
         self.config = config
-        main = config.server.main
         transfer = config.transfer
         self.server = ServerClient(
-            main.host,
-            main.port,
+            server_addresses(config),
             io_timeout_s=transfer.io_timeout,
             pool_size=transfer.pool_size,
             retry_deadline_s=config.client.retry_deadline,
@@ -59,14 +57,18 @@ class ClientEngine:
         return self.server.list_files(search)
 
     def status(self) -> dict:
-        """The server's status snapshot, with the address it was read from."""
-        snapshot = self.server.status()
-        snapshot["address"] = self.server.pool.address
-        return snapshot
+        """The active server's status snapshot, with its address, role and epoch."""
+        return self.server.status()
 
     def download(self, name: str, output_dir: Path | None = None) -> DownloadResult:
         """Download one file (see ``Downloader.download``)."""
         return self.downloader.download(name, output_dir or self.config.client.download_dir)
+
+
+def server_addresses(config: Config) -> list[tuple[str, int]]:
+    """The servers a client may talk to: the main, then the backup (port 0: not configured)."""
+    servers = (config.server.main, config.server.backup)
+    return [(server.host, server.port) for server in servers if server.port != 0]
 
 
 def build_parser() -> argparse.ArgumentParser:

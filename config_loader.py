@@ -95,6 +95,9 @@ class BackupServerConfig:
     data_dir: Path = _setting(Path("data/backup"))
     heartbeat_interval: float = _setting(2.0, **_POSITIVE_SECONDS)
     heartbeat_timeout: float = _setting(6.0, **_POSITIVE_SECONDS)
+    failback: str = _setting(
+        "auto", must="auto or manual", ok=lambda v: v in ("auto", "manual"), normalize=str.lower
+    )
 
     def __post_init__(self) -> None:
         if not self.heartbeat_timeout > self.heartbeat_interval:
@@ -107,8 +110,11 @@ class BackupServerConfig:
 
 @dataclass(frozen=True)
 class ServerConfig:
+    """Both servers, and the secret their peer connections prove they share."""
+
     main: MainServerConfig = field(default_factory=MainServerConfig)
     backup: BackupServerConfig = field(default_factory=BackupServerConfig)
+    secret: str = _setting("")
 
 
 @dataclass(frozen=True)

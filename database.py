@@ -15,6 +15,7 @@ import sqlite3
 import threading
 import time
 import unicodedata
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,6 +184,13 @@ class SQLiteStore:
                 connection.execute(f"PRAGMA user_version = {version + 1}")
 
 
+def _bump_catalog_version(connection: sqlite3.Connection) -> None:
+    connection.execute(
+        "INSERT INTO meta (key, value) VALUES ('catalog_version', '1')"
+        " ON CONFLICT (key) DO UPDATE SET value = CAST(value AS INTEGER) + 1"
+    )
+
+
 def _fold(text: str) -> str:
     """Caseless, normalisation-proof form of ``text`` for substring search.
 
@@ -208,7 +216,11 @@ class FileRecord:
     chunks: int
 
 
-_FILE_COLUMNS = "name, size, chunk_size, sha256, added_at, downloads"
+# A file's downloads are the sum of its per-origin counters (see ServerStore).
+_FILE_COLUMNS = (
+    "name, size, chunk_size, sha256, added_at,"
+    " (SELECT COALESCE(SUM(count), 0) FROM download_counts d WHERE d.name = files.name)"
+)
 
 
 def _file_record(row: tuple) -> FileRecord:
@@ -222,6 +234,17 @@ class ServerStore(SQLiteStore):
     """The server's catalog: one row per file name, with its manifest.
 
     Several names may share one sha256 (the same content under two names).
+
+    Download counts are a grow-only counter per origin server (a G-counter):
+    each server only ever increments its own row, replicas exchange rows and
+    keep the larger value of each, and a file's count is the sum. Two servers
+    that both counted downloads while cut off from each other (split brain)
+    therefore merge to the right total, with nothing counted twice.
+
+    ``meta`` holds small durable values: the server's ``epoch``, its
+    ``server_id``, and ``catalog_version``, bumped by every add and remove in
+    the same transaction, so a replicator can tell cheaply that something
+    changed, even when another process changed it.
     """
 
     MIGRATIONS = (
@@ -233,12 +256,21 @@ class ServerStore(SQLiteStore):
             chunk_size    INTEGER NOT NULL CHECK (chunk_size > 0),
             sha256        TEXT NOT NULL,
             added_at      REAL NOT NULL,
-            downloads     INTEGER NOT NULL DEFAULT 0,
             -- Last, because SQLite must walk a big blob's overflow pages to
             -- reach any column after it; listing never reads the digests.
             chunk_digests BLOB NOT NULL
         );
         CREATE INDEX files_sha256 ON files (sha256);
+        CREATE TABLE download_counts (
+            name   TEXT NOT NULL,
+            origin TEXT NOT NULL,          -- server_id of the server that counted
+            count  INTEGER NOT NULL CHECK (count >= 0),
+            PRIMARY KEY (name, origin)
+        ) WITHOUT ROWID;
+        CREATE TABLE meta (
+            key   TEXT PRIMARY KEY,
+            value TEXT NOT NULL
+        ) WITHOUT ROWID;
         """,
     )
 
@@ -257,12 +289,10 @@ class ServerStore(SQLiteStore):
                     (name, _fold(name), manifest.size, manifest.chunk_size,
                      manifest.sha256, manifest.chunk_digests, added_at),
                 )
+                _bump_catalog_version(connection)
         except sqlite3.IntegrityError as error:
             raise CatalogError(f"{name!r} is already in the catalog") from error
-        return FileRecord(
-            name, manifest.size, manifest.chunk_size, manifest.sha256, added_at, 0,
-            manifest.chunk_count,
-        )
+        return self.get_file(name)
 
     def get_file(self, name: str) -> FileRecord | None:
         """The record for ``name`` (exact match), or None."""
@@ -305,26 +335,90 @@ class ServerStore(SQLiteStore):
         return [_file_record(row) for row in rows]
 
     def remove_file(self, name: str) -> bool:
-        """Remove ``name``; True if it was there."""
+        """Remove ``name`` (and its download counters); True if it was there."""
         with self._transaction() as connection:
             cursor = connection.execute("DELETE FROM files WHERE name = ?", (name,))
+            if cursor.rowcount:
+                connection.execute("DELETE FROM download_counts WHERE name = ?", (name,))
+                _bump_catalog_version(connection)
         return cursor.rowcount > 0
 
-    def record_download(self, name: str) -> int:
-        """Count one more download of ``name``; return the new count.
+    def record_download(self, name: str, origin: str = "local") -> int:
+        """Count one more download of ``name`` by ``origin``; return the file's total.
 
         Atomic under concurrent callers. ``CatalogError`` if there is no such file.
         """
         with self._transaction() as connection:
+            if connection.execute("SELECT 1 FROM files WHERE name = ?", (name,)).fetchone() is None:
+                raise CatalogError(f"no file named {name!r} in the catalog")
             connection.execute(
-                "UPDATE files SET downloads = downloads + 1 WHERE name = ?", (name,)
+                "INSERT INTO download_counts (name, origin, count) VALUES (?, ?, 1)"
+                " ON CONFLICT (name, origin) DO UPDATE SET count = count + 1",
+                (name, origin),
             )
-            row = connection.execute(
-                "SELECT downloads FROM files WHERE name = ?", (name,)
+            (total,) = connection.execute(
+                "SELECT SUM(count) FROM download_counts WHERE name = ?", (name,)
             ).fetchone()
-        if row is None:
-            raise CatalogError(f"no file named {name!r} in the catalog")
-        return row[0]
+        return total
+
+    def download_counters(self) -> dict[str, dict[str, int]]:
+        """Every counter: ``{name: {origin: count}}`` (what replicas exchange)."""
+        counters: dict[str, dict[str, int]] = {}
+        for name, origin, count in self._connection().execute(
+            "SELECT name, origin, count FROM download_counts ORDER BY name, origin"
+        ):
+            counters.setdefault(name, {})[origin] = count
+        return counters
+
+    def merge_download_counters(self, counters: dict[str, dict[str, int]]) -> int:
+        """Merge counters from a replica, keeping the larger value of each.
+
+        Counters of names not in this catalog are ignored. Returns how many
+        counters changed.
+        """
+        changed = 0
+        with self._transaction() as connection:
+            for name, by_origin in counters.items():
+                if connection.execute("SELECT 1 FROM files WHERE name = ?", (name,)).fetchone() is None:
+                    continue
+                for origin, count in by_origin.items():
+                    cursor = connection.execute(
+                        "INSERT INTO download_counts (name, origin, count) VALUES (?, ?, ?)"
+                        " ON CONFLICT (name, origin) DO UPDATE SET count = excluded.count"
+                        " WHERE excluded.count > count",
+                        (name, origin, count),
+                    )
+                    changed += cursor.rowcount
+        return changed
+
+    def get_meta(self, key: str, default: str | None = None) -> str | None:
+        """A durable value from ``meta``, or ``default``."""
+        row = self._connection().execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return default if row is None else row[0]
+
+    def set_meta(self, key: str, value: str) -> None:
+        """Store a durable value in ``meta`` (committed before returning)."""
+        with self._transaction() as connection:
+            connection.execute(
+                "INSERT INTO meta (key, value) VALUES (?, ?)"
+                " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (key, value),
+            )
+
+    def server_id(self) -> str:
+        """This server's durable identity, made on first use (the origin of its counters)."""
+        server_id = self.get_meta("server_id")
+        if server_id is None:
+            with self._transaction() as connection:
+                connection.execute(
+                    "INSERT OR IGNORE INTO meta (key, value) VALUES ('server_id', ?)", (uuid.uuid4().hex[:12],)
+                )
+            server_id = self.get_meta("server_id")
+        return server_id
+
+    def catalog_version(self) -> int:
+        """A number that grows with every add and remove (0 for a new catalog)."""
+        return int(self.get_meta("catalog_version", "0"))
 
     def file_count(self) -> int:
         """Number of names in the catalog."""

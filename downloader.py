@@ -12,7 +12,10 @@ The life of a download of ``NAME`` into ``DIR``:
 3. Fetch the missing chunks over a few pooled connections, keeping
    ``pipeline_depth`` requests in flight on each. Every chunk is checked
    against the manifest *before* it is written. A connection that fails is
-   replaced, with backoff, until ``retry_deadline_s`` passes without progress.
+   replaced, with backoff, until ``retry_deadline_s`` passes without progress;
+   if the server itself is gone the replacement comes from whichever server
+   is active now (the backup after a failover). Every request names the
+   file's SHA-256, so chunks of two versions are never mixed.
 4. Meanwhile a hasher thread follows the verified prefix of the file and
    computes the whole-file SHA-256, so the final check costs no extra pass.
 5. Only if that matches the manifest is the ``.part`` file linked to its final
@@ -36,7 +39,7 @@ from database import ClientStore, DownloadState
 from error_handler import ConnectionFailed, DownloadError, MiniTorrentError, RemoteError, backoff_delays
 from integrity import Manifest, sha256_file
 from protocol import ErrorCode, ProtocolError, check_file_name
-from remote import ServerClient, ServerSession
+from remote import MAX_RECONNECT_DELAY_S, ServerClient, ServerSession
 from storage import fsync_dir, read_exactly_at
 
 log = logging.getLogger(__name__)
@@ -69,6 +72,7 @@ class DownloadResult:
     fetched_bytes: int
     resumed_chunks: int
     seconds: float
+    manifest: Manifest
 
 
 class Downloader:
@@ -81,11 +85,13 @@ class Downloader:
         *,
         pipeline_depth: int,
         on_progress: Callable[[Progress], None] | None = None,
+        report_downloads: bool = True,
     ) -> None:
         self.server = server
         self.store = store
         self.pipeline_depth = pipeline_depth
         self.on_progress = on_progress
+        self.report_downloads = report_downloads  # False for server-to-server copies, which are no downloads
 
     def download(self, name: str, output_dir: Path) -> DownloadResult:
         """Download ``name`` into ``output_dir``; raise ``DownloadError`` with a one-line reason.
@@ -104,8 +110,10 @@ class Downloader:
             fetched, resumed = _Job(self, name, final, manifest).run()
         except OSError as error:
             raise DownloadError(f"{name}: cannot write {error.filename or final}: {error.strerror or error}") from error
-        self._report(name, manifest)
-        return DownloadResult(name, final, "downloaded", manifest.size, fetched, resumed, time.monotonic() - started)
+        if self.report_downloads:
+            self._report(name, manifest)
+        return DownloadResult(name, final, "downloaded", manifest.size, fetched, resumed, time.monotonic() - started,
+                              manifest)
 
     def _fetch_manifest(self, name: str) -> Manifest:
         try:
@@ -120,7 +128,8 @@ class Downloader:
     def _already_present(self, name: str, final: Path, manifest: Manifest, started: float) -> DownloadResult:
         if not final.is_file() or sha256_file(final) != manifest.sha256:
             raise DownloadError(f"{final} already exists with different content; not overwriting it")
-        return DownloadResult(name, final, "already present", manifest.size, 0, 0, time.monotonic() - started)
+        return DownloadResult(name, final, "already present", manifest.size, 0, 0, time.monotonic() - started,
+                              manifest)
 
     def _report(self, name: str, manifest: Manifest) -> None:
         try:
@@ -237,13 +246,19 @@ class _Job:
     def _stream(self, fd: int, state: DownloadState) -> None:
         """One stream: keep a connection busy with chunk requests until none are left."""
         buffer = bytearray(self.manifest.chunk_size)
-        delays = backoff_delays()
+        delays = backoff_delays(cap_s=MAX_RECONNECT_DELAY_S)
+        server = self.owner.server
         try:
             while not self._stop.is_set() and self._has_work():
                 try:
-                    with self.owner.server.pool.session() as session:
-                        self._pump(session, fd, state, buffer)
-                    delays = backoff_delays()
+                    pool = server.active_pool()
+                    try:
+                        with pool.session() as session:
+                            self._pump(session, fd, state, buffer)
+                    except ConnectionFailed:
+                        server.forget(pool)  # the next attempt asks every server who is active
+                        raise
+                    delays = backoff_delays(cap_s=MAX_RECONNECT_DELAY_S)
                 except ConnectionFailed as error:
                     self._wait_before_reconnect(error, next(delays))
         except BaseException as error:  # hand the failure to the thread running the job

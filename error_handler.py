@@ -49,6 +49,14 @@ class ServerBusy(ConnectionFailed):
     """The server is at max_connections; worth retrying after a pause."""
 
 
+class NotActive(ConnectionFailed):
+    """The server is on standby (or no server is active); another may be: retry."""
+
+
+class AuthenticationFailed(MiniTorrentError):
+    """A peer could not prove it knows the shared secret."""
+
+
 class RemoteError(MiniTorrentError):
     """The server answered a request with an error reply."""
 

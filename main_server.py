@@ -3,9 +3,13 @@
     python main_server.py [--config PATH] [--headless] [--add FILE ...]
 
 ``--add`` imports files into the server's data folder (see catalog.py for the
-naming rules), then the server serves until SIGINT or SIGTERM. The engine,
-``MainServer``, imports no tkinter: a window (or a test) holds one and calls
-its methods.
+naming rules), then the server serves until SIGINT or SIGTERM. If a main
+server already runs on that data folder, ``--add`` adds the files to its
+catalog (it notices within a second and replicates them) and exits.
+
+The engine, ``MainServer``, imports no tkinter: a window (or a test) holds one
+and calls its methods. With ``server.secret`` set it replicates to the backup
+and sends it heartbeats; see docs/failover.md for the roles and epochs.
 """
 from __future__ import annotations
 
@@ -14,55 +18,200 @@ import logging
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Callable, Sequence
 
+import protocol
 from catalog import AddResult, Catalog
+from cluster import NodeState, Role
 from config_loader import Config, load_config
+from database import ClientStore
 from error_handler import MiniTorrentError
 from logger_config import setup_logging
 from metrics import Metrics
+from remote import ServerClient
+from replication import PEER_ERRORS, Heartbeater, PeerLink, Replicator, catch_up_and_take_over
 from serving import RequestServer
+from storage import FolderLock
 
 log = logging.getLogger(__name__)
 
 
 class MainServer:
-    """The main server's engine: catalog, metrics and the request server.
+    """The main server's engine: catalog, role, replication and the request server.
 
-    ``start``/``stop`` may be called from any one controlling thread;
-    ``add_file`` from any thread (imports run in the caller's thread).
+    ``start``/``stop`` are called from one controlling thread; ``add_file``
+    and ``remove_file`` from any thread (imports run in the caller's thread).
     """
 
     def __init__(self, config: Config) -> None:
         self.config = config
         settings = config.server.main
         self.catalog = Catalog(settings.data_dir, config.transfer.chunk_size)
+        self.node = NodeState(self.catalog.db, "main", Role.STANDBY)
         self.metrics = Metrics()
         self.metrics.set_downloads(self.catalog.download_counts())
+        self.lock = FolderLock(settings.data_dir)
+        self.stop_event = threading.Event()
+        backup = config.server.backup
+        self.backup_address = (backup.host, backup.port)
+        self.replicating = bool(config.server.secret) and backup.port != 0
         self.server = RequestServer(
             self.catalog,
             host=settings.host,
             port=settings.port,
-            role="main",
+            name="main",
             max_connections=config.transfer.max_connections,
             idle_timeout_s=config.transfer.idle_timeout,
             io_timeout_s=config.transfer.io_timeout,
             metrics=self.metrics,
+            node=self.node,
+            status_extra=self._status_extra,
         )
+        self.replicator: Replicator | None = None
+        self._last_ack: tuple[float, protocol.HeartbeatAck] | None = None
+        self._catch_up_thread: threading.Thread | None = None
+
+    # Files --------------------------------------------------------------------------
 
     def add_file(self, path: str | Path, on_progress: Callable[[int], None] | None = None) -> AddResult:
         """Import one file into the catalog; raises ``CatalogError`` on bad input."""
-        return self.catalog.add_file(path, on_progress)
+        result = self.catalog.add_file(path, on_progress)
+        self._changed()
+        return result
+
+    def remove_file(self, name: str) -> bool:
+        """Stop sharing ``name``; True if it was shared."""
+        removed = self.catalog.remove_file(name)
+        self._changed()
+        return removed
+
+    def _changed(self) -> None:
+        if self.replicator:
+            self.replicator.notify_changed()
+
+    # Running --------------------------------------------------------------------------
 
     def start(self) -> tuple[str, int]:
-        """Start serving; returns the bound (host, port)."""
-        return self.server.start()
+        """Start serving (and replicating); returns the bound (host, port).
+
+        Raises ``MiniTorrentError`` if another main server runs on this data
+        folder or the address cannot be bound.
+        """
+        if not self.lock.acquire():
+            raise MiniTorrentError(f"another main server is running on {self.catalog.data_dir}")
+        address = self.server.start()
+        if self.replicating:
+            self._start_replication(f"{address[0]}:{address[1]}")
+        else:
+            reason = "server.secret is empty" if not self.config.server.secret else "no backup configured"
+            log.info("replication off: %s", reason)
+            self.node.become_active(f"{reason}; serving alone")
+        return address
 
     def stop(self) -> None:
-        """Stop serving and close the catalog."""
+        """Stop serving and replicating, and close the catalog."""
+        self.stop_event.set()
         self.server.stop()
+        for thread in self._threads():
+            thread.join(self.config.transfer.io_timeout + 1)
         self.catalog.close()
+        self.lock.release()
+
+    def _threads(self) -> list[threading.Thread]:
+        threads = [self._catch_up_thread] + ([self.replicator.thread, self._heartbeater.thread]
+                                             if self.replicator else [])
+        return [t for t in threads if t is not None and t.is_alive()]
+
+    def _start_replication(self, my_address: str) -> None:
+        secret, io_timeout = self.config.server.secret, self.config.transfer.io_timeout
+        heartbeat_link = PeerLink(self.backup_address, secret, io_timeout, self.node)
+        self.replicator = Replicator(self.catalog, PeerLink(self.backup_address, secret, io_timeout, self.node),
+                                     self.config.transfer.pipeline_depth, self.stop_event)
+        self._heartbeater = Heartbeater(heartbeat_link, self.config.server.backup.heartbeat_interval,
+                                        self.catalog.db.catalog_version, my_address, self._on_heartbeat_ack,
+                                        self.stop_event)
+        self.replicator.start()
+        self._heartbeater.start()
+
+    # Roles -------------------------------------------------------------------------------
+
+    def _on_heartbeat_ack(self, ack: protocol.HeartbeatAck | None) -> None:
+        """Decide our role from the backup's answer (heartbeat thread)."""
+        if ack is None:
+            self._backup_unreachable()
+            return
+        self._last_ack = (time.monotonic(), ack)
+        backup = f"{self.backup_address[0]}:{self.backup_address[1]}"
+        if ack.role == Role.ACTIVE.value and ack.epoch > self.node.epoch:
+            self.node.observe_epoch(ack.epoch, "the backup", primary=backup)
+            self._start_catch_up()
+        elif self.node.role is Role.STANDBY and not self._catching_up():
+            self.node.observe_epoch(ack.epoch, "the backup")
+            self.node.become_active("the backup is on standby")
+
+    def _backup_unreachable(self) -> None:
+        if self.node.role is Role.ACTIVE or self._catching_up():
+            return
+        last_contact = self._last_ack[0] if self._last_ack else None
+        timeout = self.config.server.backup.heartbeat_timeout
+        if last_contact is None or time.monotonic() - last_contact > timeout:
+            self.node.become_active("the backup is unreachable")
+
+    def _catching_up(self) -> bool:
+        return self._catch_up_thread is not None and self._catch_up_thread.is_alive()
+
+    def _start_catch_up(self) -> None:
+        if self._catching_up():
+            return
+        self._catch_up_thread = threading.Thread(target=self._catch_up_loop, name="failback", daemon=True)
+        self._catch_up_thread.start()
+
+    def _catch_up_loop(self) -> None:
+        """Fetch what the backup gained and take the role back; retry until done or stopped."""
+        config = self.config
+        link = PeerLink(self.backup_address, config.server.secret, config.transfer.io_timeout, self.node)
+        fetch_from = ServerClient([self.backup_address], io_timeout_s=config.transfer.io_timeout,
+                                  pool_size=2, retry_deadline_s=config.server.backup.heartbeat_timeout,
+                                  stop=self.stop_event)
+        store = ClientStore(self.catalog.data_dir / "failback.db")
+        try:
+            while not self.stop_event.is_set() and self.node.role is Role.STANDBY:
+                if self._try_take_over(link, fetch_from, store):
+                    return
+                self.stop_event.wait(config.server.backup.heartbeat_interval)
+        finally:
+            link.drop()
+            fetch_from.close()
+            store.close()
+
+    def _try_take_over(self, link: PeerLink, fetch_from: ServerClient, store: ClientStore) -> bool:
+        log.info("the backup is active with epoch %d: catching up before taking the role back",
+                 self.node.highest_seen_epoch)
+        try:
+            handed_over = catch_up_and_take_over(self.catalog, link, fetch_from,
+                                                 self.catalog.data_dir / "failback", store)
+        except (*PEER_ERRORS, MiniTorrentError) as error:
+            link.drop()
+            log.warning("failback not done yet: %s", error)
+            return False
+        if handed_over:
+            self.node.promote("the backup handed the active role back")
+            self.metrics.set_downloads(self.catalog.download_counts())
+            self._changed()
+        return handed_over
+
+    def _status_extra(self) -> dict:
+        if not self.replicating:
+            return {"backup": {"replicating": False}}
+        backup = {"replicating": True, "address": f"{self.backup_address[0]}:{self.backup_address[1]}"}
+        if self._last_ack:
+            seen_at, ack = self._last_ack
+            backup.update(role=ack.role, epoch=ack.epoch, last_heartbeat_ack_age_s=round(time.monotonic() - seen_at, 3))
+        if self.replicator:
+            backup.update(self.replicator.status())
+        return {"backup": backup}
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -112,9 +261,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if not args.headless:
         log.warning("the main server window is not built yet; running headless")
-    if not add_files(engine, args.add):
+    added_ok = add_files(engine, args.add)
+    if not added_ok or (args.add and _already_running(engine)):
         engine.catalog.close()
-        return 1
+        return 0 if added_ok else 1
     try:
         serve_until_signalled(engine)
     except MiniTorrentError as error:
@@ -122,6 +272,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         engine.catalog.close()
         return 1
     return 0
+
+
+def _already_running(engine: MainServer) -> bool:
+    """True (and says so) if another main server holds this data folder: it will share the files."""
+    if engine.lock.acquire():
+        engine.lock.release()
+        return False
+    print("the main server already running on this data folder now shares them", flush=True)
+    return True
 
 
 if __name__ == "__main__":

@@ -61,6 +61,10 @@ class ErrorCode:
     BUSY = "BUSY"  # max_connections reached: retry later
     TIMEOUT = "TIMEOUT"
     STORAGE_ERROR = "STORAGE_ERROR"  # the server's own copy is unreadable or damaged
+    STANDBY = "STANDBY"  # this server is not the active one; the message names the primary
+    AUTH_FAILED = "AUTH_FAILED"  # a peer did not prove it knows server.secret
+    INTEGRITY = "INTEGRITY"  # replicated bytes did not match their manifest
+    FAILBACK_MANUAL = "FAILBACK_MANUAL"  # the operator has not yet approved the hand-back
     INTERNAL = "INTERNAL"
 
 
@@ -76,6 +80,14 @@ class ProtocolError(MiniTorrentError):
         super().__init__(message)
         self.code = code
         self.recoverable = recoverable
+
+
+class RequestFailed(MiniTorrentError):
+    """Raised by server code to answer a request with ``ErrorReply(code, message)``."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class LocalProtocolError(ProtocolError):
@@ -184,8 +196,10 @@ class Hello(Message):
 
     TYPE = "hello"
     version: int
-    role: str  # "client" today; "peer", "main", "backup" as they arrive
+    role: str  # "client", or "main" for the main server's peer connections
     agent: str = ""
+    epoch: int = 0  # the highest epoch the caller has seen: a stale active server steps down
+    nonce: str = ""  # a peer's challenge to the server (see cluster.py)
 
 
 @dataclass(frozen=True)
@@ -260,9 +274,13 @@ class Welcome(Message):
 
     TYPE = "welcome"
     version: int
-    role: str
+    role: str  # "active" or "standby"
     epoch: int
     server_id: str
+    server: str = ""  # which program: "main" or "backup"
+    primary: str = ""  # host:port of the server believed active, when this one is not
+    nonce: str = ""  # to a peer: the server's challenge
+    proof: str = ""  # to a peer: the server's answer to the peer's challenge
 
 
 @dataclass(frozen=True)
@@ -332,6 +350,139 @@ class ErrorReply(Message):
     TYPE = "error"
     code: str
     message: str
+
+
+# Peer messages: main server to backup, after authentication -------------------
+
+MAX_DOCUMENT_BYTES = 64 * 1024 * 1024  # an inventory of ~300k files as JSON
+
+
+@dataclass(frozen=True)
+class Authenticate(Message):
+    """A peer's answer to the server's challenge (``Welcome.nonce``)."""
+
+    TYPE = "auth"
+    proof: str
+
+
+@dataclass(frozen=True)
+class Heartbeat(Message):
+    """The main is alive: its epoch, catalog version and client address."""
+
+    TYPE = "heartbeat"
+    epoch: int
+    catalog_version: int
+    address: str
+
+
+@dataclass(frozen=True)
+class HeartbeatAck(Message):
+    """The backup's answer to a heartbeat: its own role and epoch."""
+
+    TYPE = "heartbeat_ack"
+    role: str
+    epoch: int
+
+
+@dataclass(frozen=True)
+class GetInventory(Message):
+    """Ask a replica what it holds; the reply's payload is a JSON document."""
+
+    TYPE = "inventory"
+
+
+@dataclass(frozen=True)
+class Inventory(Message):
+    """Payload: JSON ``{"files": [{name, sha256, size, added_at}], "counters": {...}}``."""
+
+    TYPE = "inventory_info"
+    MAX_PAYLOAD = MAX_DOCUMENT_BYTES
+
+
+@dataclass(frozen=True)
+class ReplicateFile(Message):
+    """Offer a file to the replica; the payload is its chunk digests."""
+
+    TYPE = "replicate"
+    MAX_PAYLOAD = 32 * MAX_MANIFEST_CHUNKS
+    name: str
+    size: int
+    chunk_size: int
+    sha256: str
+    chunks: int
+    added_at: float
+
+    def validate(self) -> None:
+        check_file_name(self.name)
+
+
+@dataclass(frozen=True)
+class ReplicaState(Message):
+    """How much of a file the replica holds; payload: a bitmap of verified chunks."""
+
+    TYPE = "replica_state"
+    MAX_PAYLOAD = MAX_MANIFEST_CHUNKS // 8
+    sha256: str
+    complete: bool
+
+
+@dataclass(frozen=True)
+class ReplicateChunk(Message):
+    """One chunk of a file being replicated; the payload is its bytes."""
+
+    TYPE = "replicate_chunk"
+    MAX_PAYLOAD = MAX_CHUNK_BYTES
+    sha256: str
+    index: int
+
+    def validate(self) -> None:
+        _require(self.index >= 0, f"chunk index {self.index} is negative", ErrorCode.OUT_OF_RANGE)
+
+
+@dataclass(frozen=True)
+class ChunkStored(Message):
+    """A replicated chunk was verified and written; ``complete`` when the file is whole."""
+
+    TYPE = "chunk_stored"
+    sha256: str
+    index: int
+    complete: bool
+
+
+@dataclass(frozen=True)
+class RemoveFile(Message):
+    """The main no longer shares ``name``."""
+
+    TYPE = "remove"
+    name: str
+
+    def validate(self) -> None:
+        check_file_name(self.name)
+
+
+@dataclass(frozen=True)
+class MergeCounters(Message):
+    """Download counters to merge; payload: JSON ``{name: {origin: count}}``."""
+
+    TYPE = "update"
+    MAX_PAYLOAD = MAX_DOCUMENT_BYTES
+
+
+@dataclass(frozen=True)
+class HandOver(Message):
+    """The main asks the active backup to give the active role back."""
+
+    TYPE = "handover"
+    epoch: int
+
+
+@dataclass(frozen=True)
+class HandedOver(Message):
+    """The backup stopped serving; payload: its final counters as JSON."""
+
+    TYPE = "handed_over"
+    MAX_PAYLOAD = MAX_DOCUMENT_BYTES
+    epoch: int
 
 
 # --------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """The request-serving core shared by every program that serves chunks.
 
-The main server serves its catalog through it today; the active backup and a
-seeding client will serve theirs through the same code, each by handing it a
-different ``FileSource``. The server owns the listening socket, caps the
+The main server and the backup serve their catalogs through it, and a
+seeding client will serve its files through the same code, each by handing
+it a different ``FileSource``. The server owns the listening socket, caps the
 number of connections, and runs one handler thread per connection. A handler
 reads a request, answers it, and loops until the peer leaves, goes idle past
 ``idle_timeout_s``, or breaks the framing.
@@ -19,25 +19,19 @@ import socket
 import threading
 import uuid
 from dataclasses import dataclass
-from typing import BinaryIO, Protocol
+from typing import BinaryIO, Callable, Protocol
 
+import cluster
 import protocol
+from cluster import NodeState
 from error_handler import MiniTorrentError
 from metrics import Metrics
-from protocol import ErrorCode, ErrorReply, Message, ProtocolError
+from protocol import ErrorCode, ErrorReply, Frame, Message, ProtocolError, RequestFailed
 from transport import Connection, ConnectionClosed
 
 log = logging.getLogger(__name__)
 
 BUSY_REPLY_TIMEOUT_S = 1.0  # a turned-away client gets this long to read "busy"
-
-
-class RequestFailed(MiniTorrentError):
-    """Raised by a ``FileSource`` to answer a request with an ``ErrorReply``."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 @dataclass(frozen=True)
@@ -68,8 +62,19 @@ class FileSource(Protocol):
         """A client finished and verified a download of ``name``."""
 
 
+PeerHandler = Callable[["_Handler", Frame], None]
+PEER_SLOTS = 4  # connections kept beyond max_connections so a full server still hears its peer
+
+
 class RequestServer:
-    """Serve a ``FileSource`` on a TCP port to up to ``max_connections`` peers."""
+    """Serve a ``FileSource`` on a TCP port to up to ``max_connections`` clients.
+
+    ``node`` says whether client requests are served (active) or refused with
+    STANDBY, and carries the epoch; without one the server is always active
+    at epoch 0. ``peer_handlers`` answer the peer (replication) requests of
+    an authenticated main server; ``secret`` is what it must prove to know.
+    ``status_extra()`` adds entries to status replies.
+    """
 
     def __init__(
         self,
@@ -77,18 +82,25 @@ class RequestServer:
         *,
         host: str,
         port: int,
-        role: str,
+        name: str,
         max_connections: int,
         idle_timeout_s: float,
         io_timeout_s: float,
         metrics: Metrics | None = None,
-        epoch: int = 0,
+        node: NodeState | None = None,
+        secret: str = "",
+        peer_handlers: dict[type[Message], PeerHandler] | None = None,
+        status_extra: Callable[[], dict] | None = None,
     ) -> None:
         self.source = source
-        self.role = role
-        self.epoch = epoch
-        self.server_id = uuid.uuid4().hex[:12]
+        self.name = name
+        self.node = node
+        self.secret = secret
+        self.peer_handlers = peer_handlers or {}
+        self.status_extra = status_extra
+        self.server_id = node.server_id if node else uuid.uuid4().hex[:12]
         self.metrics = metrics or Metrics()
+        self._clients = 0
         self.max_connections = max_connections
         self.idle_timeout_s = idle_timeout_s
         self.io_timeout_s = io_timeout_s
@@ -117,9 +129,9 @@ class RequestServer:
             self._listener = socket.create_server((host, port), backlog=128, reuse_port=False)
         except OSError as error:
             raise MiniTorrentError(f"cannot listen on {host}:{port}: {error.strerror or error}") from error
-        self._accept_thread = threading.Thread(target=self._accept_loop, name=f"{self.role}-accept", daemon=True)
+        self._accept_thread = threading.Thread(target=self._accept_loop, name=f"{self.name}-accept", daemon=True)
         self._accept_thread.start()
-        log.info("%s serving on %s:%d (max %d connections)", self.role, *self.address, self.max_connections)
+        log.info("%s listening on %s:%d (max %d clients)", self.name, *self.address, self.max_connections)
         return self.address
 
     def stop(self, timeout_s: float = 5.0) -> None:
@@ -140,7 +152,7 @@ class RequestServer:
             self._listener.close()
         self._wakeup_r.close()
         self._wakeup_w.close()
-        log.info("%s stopped", self.role)
+        log.info("%s stopped", self.name)
 
     # Accepting -----------------------------------------------------------------
 
@@ -161,25 +173,46 @@ class RequestServer:
             return
         connection = Connection(sock, io_timeout_s=self.io_timeout_s, idle_timeout_s=self.idle_timeout_s)
         with self._lock:
-            full = len(self._handlers) >= self.max_connections
+            full = len(self._handlers) >= self.max_connections + PEER_SLOTS
             if not full:
                 thread = threading.Thread(target=self._serve, args=(connection,), daemon=True,
-                                          name=f"{self.role}-conn-{connection.peer}")
+                                          name=f"{self.name}-conn-{connection.peer}")
                 self._handlers[thread] = connection
         if full:
-            self._turn_away(connection)
+            self.turn_away(connection)
         else:
             thread.start()
 
-    def _turn_away(self, connection: Connection) -> None:
-        log.info("busy: turned away %s (%d connections open)", connection.peer, self.max_connections)
+    def turn_away(self, connection: Connection) -> None:
+        """Tell a connection the server is busy, and close it."""
+        log.info("busy: turned away %s (%d clients connected)", connection.peer, self.max_connections)
         connection.io_timeout_s = BUSY_REPLY_TIMEOUT_S
         try:
-            connection.send(ErrorReply(ErrorCode.BUSY, f"server busy: {self.max_connections} connections open, retry later"))
+            connection.send(ErrorReply(ErrorCode.BUSY, f"server busy: {self.max_connections} clients connected, retry later"))
         except ConnectionClosed:
             pass
         self.metrics.request_done(ok=False)
         connection.close()
+
+    def admit_client(self) -> bool:
+        """Take one of the ``max_connections`` client slots; False if none is free."""
+        with self._lock:
+            if self._clients >= self.max_connections:
+                return False
+            self._clients += 1
+            return True
+
+    def release_client(self) -> None:
+        """Give a client slot back."""
+        with self._lock:
+            self._clients -= 1
+
+    def welcome(self, nonce: str = "", proof: str = "") -> protocol.Welcome:
+        """The welcome this server gives now: its role, epoch and who is primary."""
+        node = self.node
+        role, epoch, primary = (node.role.value, node.epoch, node.primary) if node else ("active", 0, "")
+        return protocol.Welcome(protocol.PROTOCOL_VERSION, role, epoch, self.server_id, self.name, primary,
+                                nonce, proof)
 
     # Serving one connection ----------------------------------------------------------
 
@@ -196,12 +229,23 @@ class RequestServer:
 
 
 class _Handler:
-    """Serves the requests of one connection, in order."""
+    """Serves the requests of one connection, in order.
+
+    A connection says hello first. A client is then served while the node is
+    active. A peer (the main server) must also prove it knows the shared
+    secret before its replication requests are answered.
+    """
+
+    CLIENT_REQUESTS = (protocol.GetChunk, protocol.ListFiles, protocol.GetManifest, protocol.CountFiles,
+                       protocol.ReportDownloaded)
 
     def __init__(self, server: RequestServer, connection: Connection) -> None:
         self.server = server
         self.connection = connection
         self.greeted = False
+        self.is_client = False
+        self.peer_nonce = ""  # our challenge to a peer, until it answers
+        self.authenticated = False
         self._open_file: tuple[str, BinaryIO] | None = None
         self._counted_sent = 0
         self._counted_received = 0
@@ -220,20 +264,23 @@ class _Handler:
                     log.warning("closing %s: %s", self.connection.peer, error)
                     return
                 continue
-            if not self._answer(frame.message):
+            if not self._answer(frame):
                 return
 
     def finish(self) -> None:
         """Release the connection's resources and settle its byte counters."""
         self._count_bytes()
+        if self.is_client:
+            self.server.release_client()
         if self._open_file:
             self._open_file[1].close()
         self.connection.close()
 
-    def _answer(self, request: Message) -> bool:
+    def _answer(self, frame: Frame) -> bool:
         """Answer one request; False means close the connection."""
+        request = frame.message
         try:
-            keep_open = self._dispatch(request)
+            keep_open = self._dispatch(frame)
             self.server.metrics.request_done(ok=True)
             return keep_open
         except RequestFailed as failure:
@@ -252,16 +299,34 @@ class _Handler:
     def _reply_error(self, code: str, text: str) -> bool:
         self.server.metrics.request_done(ok=False)
         try:
-            self.connection.send(ErrorReply(code, text))
+            self.connection.send(ErrorReply(code, text[:1000]))  # the text may quote a peer's 64 KiB header
         except ConnectionClosed:
             return False
-        return code not in (ErrorCode.VERSION_MISMATCH,)
+        return code not in (ErrorCode.VERSION_MISMATCH, ErrorCode.AUTH_FAILED, ErrorCode.BUSY)
 
-    def _dispatch(self, request: Message) -> bool:
+    def _dispatch(self, frame: Frame) -> bool:
+        request = frame.message
         if isinstance(request, protocol.Hello):
             return self._greet(request)
         if not self.greeted:
             raise RequestFailed(ErrorCode.HELLO_REQUIRED, "send hello first")
+        if isinstance(request, protocol.GetStatus):
+            self._send_status()
+        elif isinstance(request, protocol.Authenticate):
+            self._authenticate(request)
+        elif type(request) in self.server.peer_handlers:
+            if not self.authenticated:
+                raise RequestFailed(ErrorCode.AUTH_FAILED, f"{request.TYPE} needs an authenticated peer")
+            self.server.peer_handlers[type(request)](self, frame)
+        elif isinstance(request, self.CLIENT_REQUESTS):
+            if self.server.node:
+                self.server.node.check_serving()
+            self._serve_client_request(request)
+        else:
+            raise RequestFailed(ErrorCode.UNKNOWN_REQUEST, f"{request.TYPE} is not a request this server answers")
+        return True
+
+    def _serve_client_request(self, request: Message) -> None:
         source = self.server.source
         if isinstance(request, protocol.GetChunk):
             self._send_chunk(request)
@@ -277,11 +342,6 @@ class _Handler:
             source.record_download(request.name, request.sha256)
             self.server.metrics.download_finished(request.name)
             self.connection.send(protocol.Ok())
-        elif isinstance(request, protocol.GetStatus):
-            self._send_status()
-        else:
-            raise RequestFailed(ErrorCode.UNKNOWN_REQUEST, f"{request.TYPE} is not a request this server answers")
-        return True
 
     def _greet(self, hello: protocol.Hello) -> bool:
         if hello.version != protocol.PROTOCOL_VERSION:
@@ -289,10 +349,38 @@ class _Handler:
                 ErrorCode.VERSION_MISMATCH,
                 f"protocol version {hello.version} is not supported (this server speaks {protocol.PROTOCOL_VERSION})",
             )
+        if hello.role == "main":
+            return self._greet_peer(hello)
+        if not self.is_client:
+            if not self.server.admit_client():
+                raise RequestFailed(ErrorCode.BUSY, f"server busy: {self.server.max_connections} clients "
+                                                    "connected, retry later")
+            self.is_client = True
+        if self.server.node:
+            self.server.node.observe_epoch(hello.epoch, f"client {self.connection.peer}")
         self.greeted = True
-        server = self.server
-        self.connection.send(protocol.Welcome(protocol.PROTOCOL_VERSION, server.role, server.epoch, server.server_id))
+        self.connection.send(self.server.welcome())
         return True
+
+    def _greet_peer(self, hello: protocol.Hello) -> bool:
+        if not self.server.secret:
+            log.warning("refused peer %s: server.secret is not set here", self.connection.peer)
+            raise RequestFailed(ErrorCode.AUTH_FAILED, "peer connections need server.secret set on both servers")
+        self.greeted = True
+        self.peer_nonce = cluster.new_nonce()
+        proof = cluster.prove(self.server.secret, cluster.SERVER_PURPOSE, hello.nonce)
+        self.connection.send(self.server.welcome(self.peer_nonce, proof))
+        return True
+
+    def _authenticate(self, request: protocol.Authenticate) -> None:
+        if not self.peer_nonce or not cluster.proof_ok(self.server.secret, cluster.PEER_PURPOSE,
+                                                        self.peer_nonce, request.proof):
+            log.warning("peer %s failed authentication: wrong server.secret?", self.connection.peer)
+            raise RequestFailed(ErrorCode.AUTH_FAILED, "authentication failed: wrong server.secret")
+        self.peer_nonce = ""
+        self.authenticated = True
+        log.info("peer %s authenticated", self.connection.peer)
+        self.connection.send(protocol.Ok())
 
     def _send_listing(self, request: protocol.ListFiles) -> None:
         matches = self.server.source.list_files(request.search)
@@ -301,15 +389,24 @@ class _Handler:
 
     def _send_chunk(self, request: protocol.GetChunk) -> None:
         where = self.server.source.locate_chunk(request.name, request.sha256, request.index)
+        reply = protocol.ChunkData(name=request.name, index=request.index)
+        self.send_stored_bytes(reply, where, request.name)
+
+    def send_stored_bytes(self, reply: Message, where: ChunkLocation, label: str) -> None:
+        """Send ``reply`` with the bytes at ``where`` as payload, by ``sendfile``."""
         file = self._file(where.path)
         if _file_size(file) < where.offset + where.length:
-            raise RequestFailed(ErrorCode.STORAGE_ERROR, f"the server's copy of {request.name} is truncated")
-        reply = protocol.ChunkData(name=request.name, index=request.index)
+            raise RequestFailed(ErrorCode.STORAGE_ERROR, f"the server's copy of {label} is truncated")
         self.connection.send_file_payload(reply, file, where.offset, where.length)
 
     def _send_status(self) -> None:
-        snapshot = self.server.metrics.snapshot()
-        snapshot.update(role=self.server.role, epoch=self.server.epoch, server_id=self.server.server_id)
+        server = self.server
+        snapshot = server.metrics.snapshot()
+        welcome = server.welcome()
+        snapshot.update(server=server.name, role=welcome.role, epoch=welcome.epoch, server_id=server.server_id,
+                        primary=welcome.primary)
+        if server.status_extra:
+            snapshot.update(server.status_extra())
         self.connection.send(protocol.StatusInfo(metrics=snapshot))
 
     def _file(self, path: str) -> BinaryIO:

@@ -1,6 +1,6 @@
 """Benchmark: download one big file with the real programs, against a raw-socket baseline.
 
-    python bench/transfer.py [--size 1G] [--repeat N]
+    python bench/transfer.py [--size 1G] [--repeat N] [--no-warmup]
 
 What runs, all on 127.0.0.1, all in one temporary folder that is removed at
 the end (also on Ctrl-C or an error):
@@ -16,9 +16,15 @@ the end (also on Ctrl-C or an error):
   receiver having closed its file. Receiver and sender are separate processes
   so they do not share a GIL.
 
-The two are alternated run by run and the medians compared, so a noisy,
-shared machine slows both alike. The figures are ratios against that
-baseline, never absolute speeds: those depend on the machine.
+* Integrity floor (information only): the same receiver also doing what
+  MiniTorrent's integrity rules demand of any receiver, in one thread: a
+  SHA-256 per 1 MiB chunk, a whole-file SHA-256, an fsync at the end.
+
+The kinds are alternated run by run and the medians compared, so a noisy,
+shared machine slows all alike. The figures are ratios against that
+baseline, never absolute speeds: those depend on the machine. A first,
+uncounted warm-up round absorbs one-off costs (on a VM, the first touch of
+never-used memory is several times slower than later ones).
 
 Targets: MiniTorrent / baseline >= 0.8, client peak RSS <= 100 MiB.
 A benchmark, not a test: it prints PASS or MISS per target and exits 0. It
@@ -41,7 +47,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,26 +61,47 @@ LISTENING = re.compile(r"listening on ([\d.]+):(\d+)")
 CLIENT_SPEED = re.compile(r"100\.0%.*?([\d.]+ [KMGT]?i?B)/s")
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
-# The baseline receiver, run as ``python -c``: prints its port, receives one
-# connection into a reused buffer, writes it to argv[1], prints "done BYTES".
+# The baseline receiver, run as ``python -c RECEIVER OUT MODE``: prints its
+# port, receives one connection into a reused 1 MiB buffer, writes it to OUT,
+# prints "done BYTES". MODE "plain" is the baseline. MODE "integrity" also
+# does, in this one thread, what MiniTorrent's rules demand of any receiver:
+# a SHA-256 of every 1 MiB chunk, a SHA-256 of the whole file, an fsync before
+# the file counts as saved. It shows what those rules cost on their own.
 RECEIVER = r"""
-import socket, sys
+import hashlib, os, signal, socket, sys
+signal.signal(signal.SIGINT, signal.SIG_IGN)  # on Ctrl-C the benchmark ends this process itself
 BLOCK = 1024 * 1024
+integrity = sys.argv[2] == "integrity"
 with socket.create_server(("127.0.0.1", 0)) as listener:
+    listener.settimeout(60)  # never outlive a benchmark that died
     print(listener.getsockname()[1], flush=True)
     conn, _ = listener.accept()
+    conn.settimeout(60)
     buffer = bytearray(BLOCK)
     view = memoryview(buffer)
+    whole = hashlib.sha256()
     total = 0
     with conn, open(sys.argv[1], "wb", buffering=0) as out:
         while True:
-            n = conn.recv_into(buffer)
-            if not n:
+            got = 0
+            while got < BLOCK:
+                n = conn.recv_into(view[got:])
+                if not n:
+                    break
+                got += n
+                if not integrity:
+                    break
+            if not got:
                 break
-            got = view[:n]
-            while got:
-                got = got[out.write(got):]
-            total += n
+            piece = view[:got]
+            if integrity:
+                hashlib.sha256(piece).digest()
+                whole.update(piece)
+            while piece:
+                piece = piece[out.write(piece):]
+            total += got
+        if integrity:
+            os.fsync(out.fileno())
 print("done", total, flush=True)
 """
 
@@ -237,9 +264,10 @@ def _kill(process: subprocess.Popen) -> None:
         pass
 
 
-def run_baseline(source: Path, target: Path, size: int) -> float:
+def run_baseline(source: Path, target: Path, size: int, mode: str = "plain") -> float:
     """Send ``source`` over 127.0.0.1 with sendfile to a recv_into receiver process; seconds taken."""
-    receiver = subprocess.Popen([sys.executable, "-c", RECEIVER, str(target)], stdout=subprocess.PIPE, text=True)
+    receiver = subprocess.Popen([sys.executable, "-c", RECEIVER, str(target), mode], stdout=subprocess.PIPE,
+                                text=True)
     try:
         line = receiver.stdout.readline()
         if not line.strip().isdigit():
@@ -273,7 +301,7 @@ def verdict(ok: bool) -> str:
     return "PASS" if ok else "MISS"
 
 
-def bench(folder: Path, size: int, repeat: int) -> None:
+def bench(folder: Path, size: int, repeat: int, warmup: bool) -> None:
     source_dir = folder / "source"
     source_dir.mkdir()
     source = source_dir / FILE_NAME
@@ -284,64 +312,92 @@ def bench(folder: Path, size: int, repeat: int) -> None:
     server = Server(write_config(folder, "server.yaml"), source, size)
     print(f"server listening on {server.address[0]}:{server.address[1]} "
           f"(start-up with --add: {time.perf_counter() - started:.1f} s)", flush=True)
-    config = write_config(folder, "client.yaml", server.address[1])
-    baseline_s: list[float] = []
-    client_runs: list[ClientRun] = []
+    results = Results(size)
+    runner = Runner(folder, source, source_sha, size, write_config(folder, "client.yaml", server.address[1]))
     try:
+        if warmup:
+            runner.round("warm-up", ("baseline", "minitorrent"), Results(size))
         for run in range(repeat):
-            order = ("baseline", "minitorrent") if run % 2 == 0 else ("minitorrent", "baseline")
-            for which in order:
-                if which == "baseline":
-                    baseline_s.append(baseline_once(source, folder / "baseline.out", size))
-                    print(f"  run {run + 1}: baseline     {baseline_s[-1]:7.2f} s  "
-                          f"{mb_per_s(size, baseline_s[-1]):8.1f} MB/s", flush=True)
-                else:
-                    client_runs.append(minitorrent_once(config, folder, source_sha, size))
-                    last = client_runs[-1]
-                    print(f"  run {run + 1}: minitorrent  {last.seconds:7.2f} s  {mb_per_s(size, last.seconds):8.1f} MB/s"
-                          f"  peak RSS {last.peak_rss_mib:.1f} MiB  (client says {last.reported_speed})", flush=True)
+            order = KINDS if run % 2 == 0 else KINDS[::-1]  # alternate, so drift hits all alike
+            runner.round(f"run {run + 1}", order, results)
         server_rss = server.peak_rss_mib()
     finally:
         server.stop()
-    report(size, repeat, baseline_s, client_runs, server_rss)
+    results.report(repeat, server_rss)
 
 
-def baseline_once(source: Path, target: Path, size: int) -> float:
-    try:
-        return run_baseline(source, target, size)
-    finally:
-        target.unlink(missing_ok=True)
+KINDS = ("baseline", "integrity", "minitorrent")
 
 
-def minitorrent_once(config: Path, folder: Path, source_sha: str, size: int) -> ClientRun:
-    output = folder / "downloads"
-    try:
-        result = run_client(config, output, size, folder)
-        got = sha256_of(output / FILE_NAME)
-        if got != source_sha:
-            raise BenchError(f"DOWNLOAD CORRUPT: sha256 {got} != source {source_sha}")
-        return result
-    finally:
-        # A fresh client every run: no finished file, no resumable state.
-        shutil.rmtree(output, ignore_errors=True)
-        shutil.rmtree(folder / "client-state", ignore_errors=True)
+@dataclass
+class Results:
+    size: int
+    baseline_s: list[float] = field(default_factory=list)
+    integrity_s: list[float] = field(default_factory=list)
+    client_runs: list[ClientRun] = field(default_factory=list)
+
+    def report(self, repeat: int, server_rss: float | None) -> None:
+        size = self.size
+        base = statistics.median(self.baseline_s)
+        floor = statistics.median(self.integrity_s)
+        mini = statistics.median(run.seconds for run in self.client_runs)
+        ratio = base / mini  # throughput ratio: minitorrent MB/s / baseline MB/s
+        rss = max(run.peak_rss_mib for run in self.client_runs)
+        print()
+        print(f"file size {size} bytes ({size / (1 << 20):.0f} MiB); medians of {repeat} run(s); MB/s = 1e6 bytes/s")
+        line("baseline: sendfile -> recv_into + write", f"{mb_per_s(size, base):7.1f} MB/s  {base:6.2f} s")
+        line("integrity floor (info): + 2x SHA-256, fsync", f"{mb_per_s(size, floor):7.1f} MB/s  {floor:6.2f} s")
+        line("minitorrent: client process, wall clock", f"{mb_per_s(size, mini):7.1f} MB/s  {mini:6.2f} s")
+        line("minitorrent / integrity floor (info)", f"{floor / mini:7.2f}")
+        if server_rss is not None:
+            line("server peak RSS (info)", f"{server_rss:7.1f} MiB")
+        line(f"TARGET ratio minitorrent/baseline >= {RATIO_TARGET}", f"{ratio:7.2f}       {verdict(ratio >= RATIO_TARGET)}")
+        line(f"TARGET client peak RSS <= {RSS_TARGET_MIB:.0f} MiB", f"{rss:7.1f} MiB   {verdict(rss <= RSS_TARGET_MIB)}")
 
 
-def report(size: int, repeat: int, baseline_s: list[float], client_runs: list[ClientRun],
-           server_rss: float | None) -> None:
-    base = statistics.median(baseline_s)
-    mini = statistics.median(run.seconds for run in client_runs)
-    ratio = base / mini  # throughput ratio: minitorrent MB/s / baseline MB/s
-    rss = max(run.peak_rss_mib for run in client_runs)
-    print()
-    print(f"file size                 {size} bytes ({size / (1 << 20):.0f} MiB), median of {repeat} run(s)")
-    print(f"baseline (sendfile -> recv_into)  {mb_per_s(size, base):8.1f} MB/s  ({base:.2f} s)")
-    print(f"minitorrent (client process)      {mb_per_s(size, mini):8.1f} MB/s  ({mini:.2f} s, start-up included)")
-    if server_rss is not None:
-        print(f"server peak RSS (info)            {server_rss:8.1f} MiB")
-    print(f"ratio minitorrent/baseline        {ratio:8.2f}   target >= {RATIO_TARGET}      {verdict(ratio >= RATIO_TARGET)}")
-    print(f"client peak RSS                   {rss:8.1f} MiB target <= {RSS_TARGET_MIB:.0f} MiB  "
-          f"{verdict(rss <= RSS_TARGET_MIB)}")
+def line(label: str, value: str) -> None:
+    print(f"  {label:46} {value}")
+
+
+@dataclass
+class Runner:
+    folder: Path
+    source: Path
+    source_sha: str
+    size: int
+    client_config: Path
+
+    def round(self, label: str, order: tuple[str, ...], results: Results) -> None:
+        for kind in order:
+            if kind == "minitorrent":
+                run = self.minitorrent()
+                results.client_runs.append(run)
+                print(f"  {label:8} minitorrent {run.seconds:7.2f} s {mb_per_s(self.size, run.seconds):8.1f} MB/s"
+                      f"  peak RSS {run.peak_rss_mib:.1f} MiB  (client says {run.reported_speed})", flush=True)
+                continue
+            seconds = self.baseline(kind)
+            (results.baseline_s if kind == "baseline" else results.integrity_s).append(seconds)
+            print(f"  {label:8} {kind:11} {seconds:7.2f} s {mb_per_s(self.size, seconds):8.1f} MB/s", flush=True)
+
+    def baseline(self, mode: str) -> float:
+        target = self.folder / "baseline.out"
+        try:
+            return run_baseline(self.source, target, self.size, "plain" if mode == "baseline" else mode)
+        finally:
+            target.unlink(missing_ok=True)
+
+    def minitorrent(self) -> ClientRun:
+        output = self.folder / "downloads"
+        try:
+            result = run_client(self.client_config, output, self.size, self.folder)
+            got = sha256_of(output / FILE_NAME)
+            if got != self.source_sha:
+                raise BenchError(f"DOWNLOAD CORRUPT: sha256 {got} != source {self.source_sha}")
+            return result
+        finally:
+            # A fresh client every run: no finished file, no resumable state.
+            shutil.rmtree(output, ignore_errors=True)
+            shutil.rmtree(self.folder / "client-state", ignore_errors=True)
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -352,6 +408,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", type=parse_size, default=1 << 30, help="file size: bytes, or 256M, 1G ... (default 1G)")
     parser.add_argument("--repeat", type=int, default=1, help="runs of each, alternated; medians reported (default 1)")
+    parser.add_argument("--no-warmup", dest="warmup", action="store_false",
+                        help="skip the uncounted first round (see docs/performance.md)")
     args = parser.parse_args(argv)
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
@@ -359,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     folder = Path(tempfile.mkdtemp(prefix="minitorrent-bench-"))
     try:
-        bench(folder, args.size, args.repeat)
+        bench(folder, args.size, args.repeat, args.warmup)
     except BenchError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

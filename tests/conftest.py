@@ -47,7 +47,7 @@ def deep_merge(base: dict, extra: dict) -> dict:
 def write_config(folder: Path, overrides: dict | None = None, name: str = "config.yaml") -> Path:
     """Write a config for tests (port 0, no log file, short timeouts) and return its path."""
     base = {
-        "server": {"main": {"port": 0, "data_dir": "server"}},
+        "server": {"main": {"port": 0, "data_dir": "server"}, "backup": {"port": 0}},  # backup port 0: none
         "client": {"download_dir": "downloads", "data_dir": "client", "retry_deadline": 5.0},
         "transfer": {"idle_timeout": 10.0, "io_timeout": 5.0},
         "logging": {"log_to_file": False, "level": "INFO"},

@@ -10,7 +10,8 @@ import pytest
 from catalog import AddResult, Catalog, numbered_name
 from error_handler import CatalogError
 from protocol import ErrorCode
-from serving import ChunkLocation, RequestFailed
+from protocol import RequestFailed
+from serving import ChunkLocation
 
 CHUNK_SIZE = 4  # bytes; small so a few bytes of content span several chunks
 LONG_TIMEOUT = 30.0  # seconds; thread joins that should take milliseconds

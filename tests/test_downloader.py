@@ -114,7 +114,7 @@ class TestManyClients:
         waiter = engine_for(tmp_path / "waiter", server)
         outcome: list = []
         try:
-            with holder.server.pool.session():
+            with holder.server.active_pool().session():
                 thread = threading.Thread(target=lambda: outcome.append(waiter.list_files()))
                 thread.start()
                 thread.join(0.5)  # it must still be waiting while the only slot is taken
