@@ -1,26 +1,187 @@
-"""MiniTorrent backup server (not built yet).
+"""MiniTorrent backup server: a full replica that takes over when the main goes silent.
 
     python backup_server.py [--config PATH] [--headless]
 
-Replication, heartbeats and failover arrive with the backup-server issue; see
-docs/protocol.md for the protocol it will speak. Until then this program only
-says so, so that scripts calling it fail clearly instead of hanging.
+It listens on ``server.backup.port`` for both the main's authenticated peer
+links (heartbeats and replication) and for clients. On standby it refuses
+client requests with a STANDBY error naming the primary. When no heartbeat
+has arrived for ``heartbeat_timeout`` seconds it promotes itself (a new,
+persisted epoch) and serves clients from its replica. When the main returns
+it catches up and asks for the role back; with ``failback: manual`` the
+backup waits for its operator: SIGUSR1 to the headless process (or, later,
+the window's button). See docs/failover.md.
 """
 from __future__ import annotations
 
 import argparse
+import logging
+import signal
 import sys
+import threading
+import time
 from typing import Sequence
+
+import protocol
+from catalog import Catalog
+from cluster import NodeState, Role
+from config_loader import Config, load_config
+from daemon import serve_until_signalled
+from error_handler import ConfigError, MiniTorrentError
+from logger_config import setup_logging
+from metrics import Metrics
+from protocol import Frame
+from replication import ReplicaReceiver
+from serving import RequestServer
+from storage import FolderLock
+
+log = logging.getLogger(__name__)
+
+MONITOR_INTERVAL_S = 0.1  # how often the backup checks the time since the last heartbeat
+
+
+class BackupServer:
+    """The backup's engine: replica catalog, role, heartbeat monitor and request server.
+
+    ``start``/``stop`` from one controlling thread; ``promote_now`` and
+    ``approve_handback`` from any thread (a window's buttons, a signal).
+    """
+
+    def __init__(self, config: Config) -> None:
+        if not config.server.secret:
+            raise ConfigError("server.secret: must be set for the backup (the main proves it before replicating)")
+        self.config = config
+        settings = config.server.backup
+        self.heartbeat_timeout_s = settings.heartbeat_timeout
+        self.catalog = Catalog(settings.data_dir, config.transfer.chunk_size)
+        self.node = NodeState(self.catalog.db, "backup", Role.STANDBY)
+        self.metrics = Metrics()
+        self.metrics.set_downloads(self.catalog.download_counts())
+        self.lock = FolderLock(settings.data_dir)
+        self.stop_event = threading.Event()
+        self._lock = threading.Lock()
+        self._last_heartbeat = time.monotonic()  # counting starts at start-up: the main gets a full timeout
+        self._main_address = f"{config.server.main.host}:{config.server.main.port}"
+        self.receiver = ReplicaReceiver(self.catalog, self.node, settings.failback, lambda: self._main_address)
+        self.receiver.on_change = lambda: self.metrics.set_downloads(self.catalog.download_counts())
+        handlers = self.receiver.handlers()
+        handlers[protocol.Heartbeat] = self._on_heartbeat
+        handlers[protocol.HandOver] = self._on_hand_over
+        self.server = RequestServer(
+            self.catalog,
+            host=settings.host,
+            port=settings.port,
+            name="backup",
+            max_connections=config.transfer.max_connections,
+            idle_timeout_s=config.transfer.idle_timeout,
+            io_timeout_s=config.transfer.io_timeout,
+            metrics=self.metrics,
+            node=self.node,
+            secret=config.server.secret,
+            peer_handlers=handlers,
+            status_extra=self._status_extra,
+        )
+        self._monitor = threading.Thread(target=self._watch_heartbeats, name="heartbeat-monitor", daemon=True)
+
+    def start(self) -> tuple[str, int]:
+        """Listen and start watching heartbeats; returns the bound (host, port)."""
+        if not self.lock.acquire():
+            raise MiniTorrentError(f"another backup server is running on {self.catalog.data_dir}")
+        address = self.server.start()
+        with self._lock:
+            self._last_heartbeat = time.monotonic()
+        self._monitor.start()
+        return address
+
+    def stop(self) -> None:
+        """Stop serving and watching, and close the replica."""
+        self.stop_event.set()
+        self.server.stop()
+        if self._monitor.is_alive():
+            self._monitor.join()
+        self.receiver.close()
+        self.catalog.close()
+        self.lock.release()
+
+    def seconds_since_heartbeat(self) -> float:
+        """Time since the last heartbeat from a current main (or since start-up)."""
+        with self._lock:
+            return time.monotonic() - self._last_heartbeat
+
+    def promote_now(self) -> int:
+        """Manual failover: become active at once; returns the new epoch."""
+        return self.node.promote("promoted by the operator")
+
+    def approve_handback(self) -> None:
+        """With ``failback: manual``: let the main take the active role back."""
+        log.info("the operator approved handing the active role back to the main")
+        self.receiver.handback_approved.set()
+
+    def _watch_heartbeats(self) -> None:
+        while not self.stop_event.wait(MONITOR_INTERVAL_S):
+            silent_s = self.seconds_since_heartbeat()
+            if self.node.role is Role.STANDBY and silent_s > self.heartbeat_timeout_s:
+                self.node.promote(f"no heartbeat from the main for {silent_s:.1f} s")
+
+    def _main_is_alive(self, address: str = "") -> None:
+        with self._lock:
+            self._last_heartbeat = time.monotonic()
+            if address:
+                self._main_address = address
+
+    def _on_heartbeat(self, handler, frame: Frame) -> None:
+        beat: protocol.Heartbeat = frame.message
+        self.node.observe_epoch(beat.epoch, "the main's heartbeat", primary=beat.address)
+        if beat.epoch >= self.node.epoch:  # a current main; a stale one is answered but not trusted
+            self._main_is_alive(beat.address)
+            if self.node.role is Role.STANDBY:
+                self.node.step_down("the main is active", beat.address)
+        handler.connection.send(protocol.HeartbeatAck(self.node.role.value, self.node.epoch))
+
+    def _on_hand_over(self, handler, frame: Frame) -> None:
+        self.receiver.hand_over(handler, frame)
+        self._main_is_alive()  # it is about to take a higher epoch: do not count its silence until then
+
+    def _status_extra(self) -> dict:
+        return {"main": {"address": self._main_address,
+                         "seconds_since_heartbeat": round(self.seconds_since_heartbeat(), 3),
+                         "heartbeat_timeout_s": self.heartbeat_timeout_s,
+                         "failback": self.receiver.failback}}
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="MiniTorrent backup server: a replica that takes over.")
+    parser.add_argument("--config", help="path to config.yaml (default: the one beside this program)")
+    parser.add_argument("--headless", action="store_true", help="run without a window")
+    return parser.parse_args(argv)
+
+
+def start_banner(engine: BackupServer) -> str:
+    """Start the engine; the line that says where it listens and in which role."""
+    host, port = engine.start()
+    count, _ = engine.catalog.count_files()
+    return (f"backup server listening on {host}:{port} ({engine.node.role.value}, epoch {engine.node.epoch}, "
+            f"{count} files)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="MiniTorrent backup server (not built yet).")
-    parser.add_argument("--config", help="path to config.yaml")
-    parser.add_argument("--headless", action="store_true", help="run without a window")
-    parser.parse_args(argv)
-    print("error: the backup server is not built yet; the main server and the client work today",
-          file=sys.stderr)
-    return 1
+    args = parse_args(argv)
+    try:
+        config = load_config(args.config)
+        setup_logging(config.logging, "backup_server")
+        engine = BackupServer(config)
+    except MiniTorrentError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if not args.headless:
+        log.warning("the backup server window is not built yet; running headless")
+    try:
+        serve_until_signalled(lambda: start_banner(engine), engine.stop, "backup server",
+                              {signal.SIGUSR1: engine.approve_handback})
+    except MiniTorrentError as error:
+        print(f"error: {error}", file=sys.stderr)
+        engine.catalog.close()
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

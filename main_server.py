@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
 import threading
 import time
@@ -26,6 +25,7 @@ import protocol
 from catalog import AddResult, Catalog
 from cluster import NodeState, Role
 from config_loader import Config, load_config
+from daemon import serve_until_signalled
 from database import ClientStore
 from error_handler import MiniTorrentError
 from logger_config import setup_logging
@@ -237,17 +237,11 @@ def add_files(engine: MainServer, paths: Sequence[str]) -> bool:
     return ok
 
 
-def serve_until_signalled(engine: MainServer) -> None:
-    """Serve until SIGINT or SIGTERM, then stop cleanly."""
-    stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
+def start_banner(engine: MainServer) -> str:
+    """Start the engine; the line that says where it listens."""
     host, port = engine.start()
     count, total = engine.catalog.count_files()
-    print(f"main server listening on {host}:{port} with {count} files ({total} bytes)", flush=True)
-    stop.wait()
-    engine.stop()
-    print("main server stopped", flush=True)
+    return f"main server listening on {host}:{port} with {count} files ({total} bytes)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -266,7 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         engine.catalog.close()
         return 0 if added_ok else 1
     try:
-        serve_until_signalled(engine)
+        serve_until_signalled(lambda: start_banner(engine), engine.stop, "main server")
     except MiniTorrentError as error:
         print(f"error: {error}", file=sys.stderr)
         engine.catalog.close()
