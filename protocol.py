@@ -25,6 +25,7 @@ is what makes pipelining chunk requests safe without request ids.
 """
 from __future__ import annotations
 
+import functools
 import json
 import struct
 import typing
@@ -151,9 +152,8 @@ class Message:
             _REGISTRY[cls.TYPE] = cls
 
     def __post_init__(self) -> None:
-        hints = typing.get_type_hints(type(self))
-        for field in fields(self):
-            _check_type(field.name, getattr(self, field.name), hints[field.name])
+        for name, expected in _field_types(type(self)):
+            _check_type(name, getattr(self, name), expected)
         self.validate()
 
     def validate(self) -> None:
@@ -164,6 +164,13 @@ class Message:
         header = {"type": self.TYPE}
         header.update({f.name: getattr(self, f.name) for f in fields(self)})
         return header
+
+
+@functools.cache
+def _field_types(kind: type) -> tuple[tuple[str, Any], ...]:
+    """(name, type) of each field: cached, as resolving annotations is slow and every chunk builds messages."""
+    hints = typing.get_type_hints(kind)
+    return tuple((field.name, hints[field.name]) for field in fields(kind))
 
 
 def _check_type(name: str, value: Any, expected: Any) -> None:
