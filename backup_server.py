@@ -133,8 +133,7 @@ class BackupServer:
         self.node.observe_epoch(beat.epoch, "the main's heartbeat", primary=beat.address)
         if beat.epoch >= self.node.epoch:  # a current main; a stale one is answered but not trusted
             self._main_is_alive(beat.address)
-            if self.node.role is Role.STANDBY:
-                self.node.step_down("the main is active", beat.address)
+            self.node.follow(beat.epoch, beat.address)
         handler.connection.send(protocol.HeartbeatAck(self.node.role.value, self.node.epoch))
 
     def _on_hand_over(self, handler, frame: Frame) -> None:

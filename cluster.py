@@ -128,9 +128,9 @@ class NodeState:
         self._tell(RoleChanged(Role.ACTIVE, epoch, reason))
 
     def become_active(self, reason: str) -> None:
-        """Activate with the current epoch, or promote if a higher one was seen meanwhile."""
+        """Activate with the current epoch, or promote if a higher one was seen (or none was ever taken)."""
         with self._lock:
-            must_promote = self._highest_seen > self._epoch
+            must_promote = self._highest_seen > self._epoch or self._epoch == 0
         if must_promote:
             self.promote(reason)
         else:
@@ -147,6 +147,22 @@ class NodeState:
         if was_active:
             log.warning("%s server steps down to STANDBY: %s", self.server, reason)
             self._tell(RoleChanged(Role.STANDBY, epoch, reason))
+
+    def follow(self, epoch: int, primary: str) -> None:
+        """On standby: adopt the active server's epoch (persisted) and remember who it is.
+
+        A standby that keeps the primary's epoch lets a primary that comes
+        back with less (its data folder lost, say) see at once that it must
+        catch up rather than impose its empty catalog.
+        """
+        with self._lock:
+            if self._role is not Role.STANDBY:
+                return
+            if epoch > self._epoch:
+                self._store.set_meta("epoch", str(epoch))
+                self._epoch = epoch
+            self._highest_seen = max(self._highest_seen, epoch)
+            self._primary = primary
 
     def observe_epoch(self, epoch: int, source: str, primary: str = "") -> bool:
         """Note an epoch heard from ``source``; step down if it beats ours. True if it did."""

@@ -144,8 +144,8 @@ class MainServer:
             return
         self._last_ack = (time.monotonic(), ack)
         backup = f"{self.backup_address[0]}:{self.backup_address[1]}"
-        if ack.role == Role.ACTIVE.value and ack.epoch > self.node.epoch:
-            self.node.observe_epoch(ack.epoch, "the backup", primary=backup)
+        if ack.epoch > self.node.epoch:  # it took over while we were away, or we lost our state
+            self.node.observe_epoch(ack.epoch, "the backup", primary=backup if ack.role == Role.ACTIVE.value else "")
             self._start_catch_up()
         elif self.node.role is Role.STANDBY and not self._catching_up():
             self.node.observe_epoch(ack.epoch, "the backup")
@@ -187,8 +187,8 @@ class MainServer:
             store.close()
 
     def _try_take_over(self, link: PeerLink, fetch_from: ServerClient, store: ClientStore) -> bool:
-        log.info("the backup is active with epoch %d: catching up before taking the role back",
-                 self.node.highest_seen_epoch)
+        log.info("the backup knows epoch %d (ours is %d): catching up from it before serving",
+                 self.node.highest_seen_epoch, self.node.epoch)
         try:
             handed_over = catch_up_and_take_over(self.catalog, link, fetch_from,
                                                  self.catalog.data_dir / "failback", store)

@@ -85,6 +85,7 @@ def _authenticate(connection: Connection, secret: str, epoch: int, where: str) -
     connection.send(protocol.Hello(protocol.PROTOCOL_VERSION, "main", AGENT, epoch, nonce))
     welcome = expect_reply(connection.recv(), protocol.Welcome)
     if not cluster.proof_ok(secret, cluster.SERVER_PURPOSE, nonce, welcome.proof):
+        _tell_refused(connection)
         raise AuthenticationFailed(f"{where} could not prove it knows server.secret; not replicating to it")
     connection.send(protocol.Authenticate(cluster.prove(secret, cluster.PEER_PURPOSE, welcome.nonce)))
     try:
@@ -94,6 +95,18 @@ def _authenticate(connection: Connection, secret: str, epoch: int, where: str) -
             raise AuthenticationFailed(f"{where} refused our proof: {error.message}") from error
         raise
     return welcome
+
+
+def _tell_refused(connection: Connection) -> None:
+    """Let a server whose proof failed log the refusal too: an empty proof fails its check and reveals nothing.
+
+    (Our real proof is never sent to a server that could not prove itself:
+    it could use it to pass as us elsewhere.)
+    """
+    try:
+        connection.send(protocol.Authenticate(""))
+    except ConnectionFailed:
+        pass
 
 
 def expect_reply(frame: Frame, reply_type: type[Message]) -> Message:

@@ -120,7 +120,7 @@ class Heartbeater:
         self.on_ack = on_ack
         self.stop = stop
         self.thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
-        self._failing = False
+        self._failing_with: type[BaseException] | None = None  # the kind of failure last logged
 
     def start(self) -> None:
         """Start beating in a background thread."""
@@ -139,13 +139,15 @@ class Heartbeater:
             ack = self.link.get().call(beat, protocol.HeartbeatAck).message
         except PEER_ERRORS as error:
             self.link.drop()
-            if not self._failing:
+            # Once per streak of one kind of failure: a backup that was down and
+            # now refuses our secret must still be reported.
+            if type(error) is not self._failing_with:
                 log.warning("no heartbeat contact with the backup at %s:%d: %s", *self.link.address, error)
-            self._failing = True
+            self._failing_with = type(error)
             return None
-        if self._failing:
+        if self._failing_with is not None:
             log.info("heartbeat contact with the backup restored")
-        self._failing = False
+        self._failing_with = None
         return ack
 
 
@@ -426,7 +428,19 @@ class ReplicaReceiver:
         document = {"files": files, "counters": self.catalog.db.download_counters()}
         handler.connection.send(protocol.Inventory(), encode_document(document))
 
+    def _refuse_while_active(self) -> None:
+        """An active backup is the authority for its catalog: a main must catch up and take over first.
+
+        Without this fence a main that was frozen (split brain) replicates its
+        catalog into the active backup in the moment before its next heartbeat
+        reply tells it to step down, overwriting files only the backup holds.
+        """
+        if self.node.is_active():
+            raise RequestFailed(ErrorCode.STANDBY, f"the backup is active with epoch {self.node.epoch}: it takes no "
+                                                   "replication until the main has caught up and taken the role back")
+
     def replicate_file(self, handler, frame: Frame) -> None:
+        self._refuse_while_active()
         offer: protocol.ReplicateFile = frame.message
         try:
             manifest = Manifest.from_header(offer.to_header(), bytes(frame.payload))
@@ -442,6 +456,7 @@ class ReplicaReceiver:
         handler.connection.send(protocol.ReplicaState(manifest.sha256, False), bitmap)
 
     def replicate_chunk(self, handler, frame: Frame) -> None:
+        self._refuse_while_active()
         request: protocol.ReplicateChunk = frame.message
         with self._lock:
             partial = self._open.get(request.sha256)
@@ -460,6 +475,7 @@ class ReplicaReceiver:
         handler.connection.send(protocol.ChunkStored(request.sha256, request.index, complete))
 
     def remove_file(self, handler, frame: Frame) -> None:
+        self._refuse_while_active()
         self.catalog.remove_file(frame.message.name)
         self.on_change()
         handler.connection.send(protocol.Ok())
