@@ -195,9 +195,10 @@ class Catalog:
 
     # FileSource: what RequestServer calls -------------------------------------------------
 
-    def list_files(self, search: str = "") -> list[dict]:
-        """Entries whose names contain ``search``, as JSON-safe dicts, by name."""
-        return [_entry(record) for record in self.db.list_files(search or None)]
+    def list_files(self, search: str = "", offset: int = 0, limit: int | None = None) -> tuple[list[dict], int]:
+        """A page of the entries whose names contain ``search``, as JSON-safe dicts by name, and the match count."""
+        records = self.db.list_files(search or None, offset, limit)
+        return [_entry(record) for record in records], self.db.count_matching(search or None)
 
     def count_files(self) -> tuple[int, int]:
         """(number of files, total bytes)."""

@@ -184,6 +184,10 @@ class SQLiteStore:
                 connection.execute(f"PRAGMA user_version = {version + 1}")
 
 
+def _search_clause(search: str | None) -> tuple[str, tuple]:
+    return (" WHERE instr(name_folded, ?) > 0", (_fold(search),)) if search else ("", ())
+
+
 def _bump_catalog_version(connection: sqlite3.Connection) -> None:
     connection.execute(
         "INSERT INTO meta (key, value) VALUES ('catalog_version', '1')"
@@ -316,23 +320,24 @@ class ServerStore(SQLiteStore):
         )
         return [name for (name,) in rows]
 
-    def list_files(self, search: str | None = None) -> list[FileRecord]:
+    def list_files(self, search: str | None = None, offset: int = 0, limit: int | None = None) -> list[FileRecord]:
         """Records ordered by name; with ``search``, only names containing it.
 
         The match is a case- and accent-form-insensitive substring test in
         which every character, ``%`` and ``_`` included, is literal.
+        ``offset`` and ``limit`` page through the result in SQL.
         """
-        if search:
-            rows = self._connection().execute(
-                f"SELECT {_FILE_COLUMNS} FROM files WHERE instr(name_folded, ?) > 0"
-                " ORDER BY name",
-                (_fold(search),),
-            )
-        else:
-            rows = self._connection().execute(
-                f"SELECT {_FILE_COLUMNS} FROM files ORDER BY name"
-            )
+        where, arguments = _search_clause(search)
+        rows = self._connection().execute(
+            f"SELECT {_FILE_COLUMNS} FROM files{where} ORDER BY name LIMIT ? OFFSET ?",
+            (*arguments, -1 if limit is None else limit, offset),
+        )
         return [_file_record(row) for row in rows]
+
+    def count_matching(self, search: str | None = None) -> int:
+        """How many names ``list_files(search)`` would return."""
+        where, arguments = _search_clause(search)
+        return self._connection().execute(f"SELECT COUNT(*) FROM files{where}", arguments).fetchone()[0]
 
     def remove_file(self, name: str) -> bool:
         """Remove ``name`` (and its download counters); True if it was there."""

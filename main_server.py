@@ -174,7 +174,7 @@ class MainServer:
         link = PeerLink(self.backup_address, config.server.secret, config.transfer.io_timeout, self.node)
         fetch_from = ServerClient([self.backup_address], io_timeout_s=config.transfer.io_timeout,
                                   pool_size=2, retry_deadline_s=config.server.backup.heartbeat_timeout,
-                                  stop=self.stop_event)
+                                  stop=self.stop_event, secret=config.server.secret)
         store = ClientStore(self.catalog.data_dir / "failback.db")
         try:
             while not self.stop_event.is_set() and self.node.role is Role.STANDBY:

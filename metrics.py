@@ -109,8 +109,13 @@ class Metrics:
         with self._lock:
             return self._active_connections
 
-    def snapshot(self) -> dict[str, Any]:
-        """All counters as a JSON-safe dict (the body of a status reply)."""
+    def snapshot(self, top_files: int | None = None) -> dict[str, Any]:
+        """All counters as a JSON-safe dict (the body of a status reply).
+
+        ``top_files`` keeps only that many of the most downloaded files in
+        ``downloads_per_file`` (a status reply must stay small whatever the
+        catalog's size); files never downloaded are then left out.
+        """
         with self._lock:
             uptime = self._clock() - self._started
             averaging_s = max(uptime, 1.0)  # no absurd averages in the first instant
@@ -128,5 +133,11 @@ class Metrics:
                 "average_download_bps": round(self._bytes_received / averaging_s, 1),
                 "upload_bps": round(self._upload.rate(), 1),
                 "download_bps": round(self._download.rate(), 1),
-                "downloads_per_file": dict(sorted(self._downloads.items())),
+                "downloads_per_file": _top(self._downloads, top_files),
             }
+
+
+def _top(counts: Counter[str], limit: int | None) -> dict[str, int]:
+    if limit is None:
+        return dict(sorted(counts.items()))
+    return {name: count for name, count in counts.most_common(limit) if count}

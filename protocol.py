@@ -44,7 +44,9 @@ MAX_CHUNK_BYTES = 16 * 1024 * 1024  # the largest transfer.chunk_size the config
 MAX_MANIFEST_CHUNKS = 4 * 1024 * 1024  # 4 TiB at 1 MiB chunks
 MAX_PAYLOAD_BYTES = max(MAX_CHUNK_BYTES, 32 * MAX_MANIFEST_CHUNKS)  # 128 MiB
 MAX_NAME_BYTES = 255  # what ext4 and most file systems allow for one name
-MAX_LIST_ENTRIES = 200  # names per listing page, keeps a page under MAX_HEADER_BYTES
+MAX_LIST_ENTRIES = 200  # entries per listing page at most; fit_list_page also keeps it under the header limit
+MAX_LIST_PAGE_BYTES = MAX_HEADER_BYTES - 4096  # room for the rest of the header
+MAX_STATUS_FILES = 100  # per-file download counts in a status reply (the most downloaded)
 
 
 class ErrorCode:
@@ -155,6 +157,10 @@ class Message:
         for name, expected in _field_types(type(self)):
             _check_type(name, getattr(self, name), expected)
         self.validate()
+        for name, expected in _field_types(type(self)):
+            value = getattr(self, name)
+            if expected is str and not _is_utf8(value):  # after validate(): a bad name stays BAD_NAME
+                raise RemoteProtocolError(f"field {name!r} is not valid Unicode text", ErrorCode.BAD_REQUEST, True)
 
     def validate(self) -> None:
         """Check invariants beyond field types; raise ``RemoteProtocolError``."""
@@ -187,6 +193,14 @@ def _check_type(name: str, value: Any, expected: Any) -> None:
             ErrorCode.BAD_REQUEST,
             recoverable=True,
         )
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")  # JSON may carry lone surrogates ("\ud800"), which no file system or database takes
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _require(condition: bool, text: str, code: str = ErrorCode.BAD_REQUEST) -> None:
@@ -490,6 +504,16 @@ class HandedOver(Message):
     TYPE = "handed_over"
     MAX_PAYLOAD = MAX_DOCUMENT_BYTES
     epoch: int
+
+
+def fit_list_page(entries: list[dict]) -> list[dict]:
+    """The longest prefix of ``entries`` (at least one) whose JSON fits a listing header."""
+    size = 0
+    for count, entry in enumerate(entries):
+        size += len(json.dumps(entry, ensure_ascii=False, separators=(",", ":")).encode()) + 1
+        if size > MAX_LIST_PAGE_BYTES and count > 0:
+            return entries[:count]
+    return entries
 
 
 # --------------------------------------------------------------------------

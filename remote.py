@@ -6,7 +6,8 @@ keeps a few idle sessions per server so that a listing, a manifest and the
 chunk streams of several downloads reuse connections instead of paying a TCP
 and hello round trip each.
 
-``ServerClient`` knows every configured server (the main and the backup). It
+``ServerClient`` (given the main server's ``secret``, it speaks as the main's
+peer, which may also read a standby's replica) knows every configured server (the main and the backup). It
 asks each for its role and epoch, talks to the *active* one with the highest
 epoch, and when that one fails (refused, reset, timed out, or now on standby)
 it forgets it and asks again, with backoff, until ``retry_deadline_s``. The
@@ -132,9 +133,10 @@ class ConnectionPool:
     """Up to ``max_idle`` idle sessions to one server, reused across calls. Thread-safe."""
 
     def __init__(self, host: str, port: int, *, io_timeout_s: float, max_idle: int,
-                 epoch: Callable[[], int] = lambda: 0) -> None:
+                 epoch: Callable[[], int] = lambda: 0, secret: str | None = None) -> None:
         self.host = host
         self.port = port
+        self.secret = secret
         self.io_timeout_s = io_timeout_s
         self.max_idle = max_idle
         self._epoch = epoch
@@ -148,7 +150,8 @@ class ConnectionPool:
 
     def open_session(self) -> ServerSession:
         """A new greeted session (not from the pool)."""
-        return ServerSession.open(self.host, self.port, io_timeout_s=self.io_timeout_s, epoch=self._epoch())
+        return ServerSession.open(self.host, self.port, io_timeout_s=self.io_timeout_s, epoch=self._epoch(),
+                                  secret=self.secret)
 
     @contextlib.contextmanager
     def session(self) -> Iterator[ServerSession]:
@@ -192,11 +195,13 @@ class ServerClient:
         pool_size: int,
         retry_deadline_s: float,
         stop: threading.Event | None = None,
+        secret: str | None = None,
     ) -> None:
         if not addresses:
             raise ValueError("at least one server address is needed")
         self.pools = [ConnectionPool(host, port, io_timeout_s=io_timeout_s, max_idle=pool_size,
-                                     epoch=lambda: self.known_epoch) for host, port in addresses]
+                                     epoch=lambda: self.known_epoch, secret=secret) for host, port in addresses]
+        self.as_peer = secret is not None  # the main fetching from the backup may read a standby's replica
         self.retry_deadline_s = retry_deadline_s
         self.stop = stop or threading.Event()
         self.known_epoch = 0
@@ -237,7 +242,7 @@ class ServerClient:
                 continue
             welcome = session.welcome
             self.known_epoch = max(self.known_epoch, welcome.epoch)
-            if welcome.role != "active":
+            if welcome.role != "active" and not self.as_peer:
                 reasons.append(f"{pool.address}: {welcome.server or 'server'} on standby")
                 session.close()
             elif best is None or welcome.epoch > best[0]:

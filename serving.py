@@ -46,8 +46,8 @@ class ChunkLocation:
 class FileSource(Protocol):
     """What a server serves from. Called from handler threads concurrently."""
 
-    def list_files(self, search: str) -> list[dict]:
-        """Catalog entries whose names contain ``search`` (case-insensitive)."""
+    def list_files(self, search: str, offset: int = 0, limit: int | None = None) -> tuple[list[dict], int]:
+        """A page of the entries whose names contain ``search`` (any case), by name, and how many match."""
 
     def count_files(self) -> tuple[int, int]:
         """(number of files, total bytes)."""
@@ -254,7 +254,8 @@ class _Handler:
         """Answer requests until the peer leaves, idles out, or breaks framing."""
         while True:
             try:
-                frame = self.connection.recv()
+                # Only an authenticated peer sends payloads; nobody else gets to make us hold one.
+                frame = self.connection.recv(max_payload=None if self.authenticated else 0)
             except ConnectionClosed as closed:
                 log.debug("%s", closed)
                 return
@@ -319,7 +320,7 @@ class _Handler:
                 raise RequestFailed(ErrorCode.AUTH_FAILED, f"{request.TYPE} needs an authenticated peer")
             self.server.peer_handlers[type(request)](self, frame)
         elif isinstance(request, self.CLIENT_REQUESTS):
-            if self.server.node:
+            if self.server.node and not self.authenticated:  # a peer may read a standby's replica
                 self.server.node.check_serving()
             self._serve_client_request(request)
         else:
@@ -383,9 +384,9 @@ class _Handler:
         self.connection.send(protocol.Ok())
 
     def _send_listing(self, request: protocol.ListFiles) -> None:
-        matches = self.server.source.list_files(request.search)
-        page = matches[request.offset : request.offset + protocol.MAX_LIST_ENTRIES]
-        self.connection.send(protocol.FileList(files=page, total=len(matches), offset=request.offset))
+        entries, total = self.server.source.list_files(request.search, request.offset, protocol.MAX_LIST_ENTRIES)
+        page = protocol.fit_list_page(entries)
+        self.connection.send(protocol.FileList(files=page, total=total, offset=request.offset))
 
     def _send_chunk(self, request: protocol.GetChunk) -> None:
         where = self.server.source.locate_chunk(request.name, request.sha256, request.index)
@@ -401,7 +402,7 @@ class _Handler:
 
     def _send_status(self) -> None:
         server = self.server
-        snapshot = server.metrics.snapshot()
+        snapshot = server.metrics.snapshot(top_files=protocol.MAX_STATUS_FILES)
         welcome = server.welcome()
         snapshot.update(server=server.name, role=welcome.role, epoch=welcome.epoch, server_id=server.server_id,
                         primary=welcome.primary)

@@ -19,7 +19,7 @@ from typing import BinaryIO
 
 import protocol
 from error_handler import ConnectionFailed
-from protocol import Frame, Message, ProtocolError
+from protocol import Frame, Message, ProtocolError, RemoteProtocolError
 
 _MSG_MORE = getattr(socket, "MSG_MORE", 0)  # Linux: hold the header until the payload follows
 _DRAIN_BYTES = 256 * 1024
@@ -106,17 +106,22 @@ class Connection:
 
     # Receiving ----------------------------------------------------------------
 
-    def recv(self, payload_buffer: bytearray | None = None) -> Frame:
+    def recv(self, payload_buffer: bytearray | None = None, max_payload: int | None = None) -> Frame:
         """Receive one frame.
 
         With ``payload_buffer`` the payload is read into it and returned as a
         memoryview over it, valid until the buffer is reused; otherwise the
-        payload is returned as ``bytes``. Raises ``ConnectionClosed`` on EOF,
-        reset or timeout, and ``ProtocolError`` for a bad frame. A recoverable
-        ``ProtocolError`` leaves the connection in step (its payload skipped).
+        payload is returned as ``bytes``. ``max_payload`` lowers the payload
+        limit for this frame (a server accepts none from an unauthenticated
+        peer), checked before anything is read. Raises ``ConnectionClosed`` on
+        EOF, reset or timeout, and ``ProtocolError`` for a bad frame. A
+        recoverable ``ProtocolError`` leaves the connection in step (its
+        payload skipped).
         """
         self._read_exactly(memoryview(self._prefix), first_byte_timeout_s=self.idle_timeout_s)
         header_len, payload_len = protocol.parse_prefix(self._prefix)
+        if max_payload is not None and payload_len > max_payload:
+            raise RemoteProtocolError(f"a {payload_len}-byte payload is not accepted here (limit {max_payload})")
         header = bytearray(header_len)
         self._read_exactly(memoryview(header))
         try:

@@ -51,7 +51,7 @@ def store_files(catalog: Catalog) -> list[str]:
 
 
 def names(catalog: Catalog) -> list[str]:
-    return [entry["name"] for entry in catalog.list_files()]
+    return [entry["name"] for entry in catalog.list_files()[0]]
 
 
 def run_in_threads(count: int, target) -> list:
@@ -155,7 +155,7 @@ class TestAddFile:
         one, two = b"version one", b"version two"
         catalog.add_file(source("report.pdf", one, "v1"))
         catalog.add_file(source("report.pdf", two, "v2"))
-        entries = {entry["name"]: entry["sha256"] for entry in catalog.list_files()}
+        entries = {entry["name"]: entry["sha256"] for entry in catalog.list_files()[0]}
         assert {"report.pdf": sha256_of(one), "report (2).pdf": sha256_of(two)} == entries
         assert one == (catalog.store_dir / sha256_of(one)).read_bytes()
         assert two == (catalog.store_dir / sha256_of(two)).read_bytes()
@@ -362,7 +362,7 @@ class TestServing:
     def test_list_files_entries(self, catalog, source):
         """Entries are JSON-safe dicts with name, size, chunks, sha256, downloads and added_at."""
         catalog.add_file(source("a.txt", b"abc"))
-        [entry] = catalog.list_files()
+        [entry], _ = catalog.list_files()
         assert {"name", "size", "chunks", "sha256", "downloads", "added_at"} == set(entry)
         assert ("a.txt", 3, 1, sha256_of(b"abc"), 0) == (
             entry["name"], entry["size"], entry["chunks"], entry["sha256"], entry["downloads"])
@@ -372,9 +372,9 @@ class TestServing:
         catalog.add_file(source("Holiday PHOTO.jpg", b"1"))
         catalog.add_file(source("notes.txt", b"2"))
         catalog.add_file(source("photos.zip", b"3"))
-        assert ["Holiday PHOTO.jpg", "photos.zip"] == [e["name"] for e in catalog.list_files("Photo")]
-        assert ["Holiday PHOTO.jpg", "notes.txt", "photos.zip"] == [e["name"] for e in catalog.list_files("")]
-        assert [] == catalog.list_files("nothing")
+        assert ["Holiday PHOTO.jpg", "photos.zip"] == [e["name"] for e in catalog.list_files("Photo")[0]]
+        assert ["Holiday PHOTO.jpg", "notes.txt", "photos.zip"] == [e["name"] for e in catalog.list_files("")[0]]
+        assert ([], 0) == catalog.list_files("nothing")
 
     def test_count_files(self, catalog, source):
         """count_files gives the number of names and their total size."""

@@ -79,7 +79,7 @@ class TestGet:
         assert 1 == entries["alpha report.txt"]["downloads"]
         status = json.loads(run_client(config, "status", "--json").stdout)
         assert {"alpha report.txt": 1} == status["downloads_per_file"]
-        assert ("main", "active", 0) == (status["server"], status["role"], status["epoch"])
+        assert ("main", "active", 1) == (status["server"], status["role"], status["epoch"])  # first activation takes epoch 1
 
 
 class TestStatus:

@@ -24,10 +24,13 @@ class TestDemo:
         assert [] == list(tmp_path.glob("minitorrent-demo-*"))  # the throwaway folder is gone
 
 
-class TestBackupPlaceholder:
-    def test_backup_server_says_it_is_not_built(self):
-        """backup_server.py exits 1 with a one-line message instead of pretending to run."""
-        result = subprocess.run([sys.executable, str(ROOT / "backup_server.py"), "--headless"],
+class TestBackupWithoutSecret:
+    def test_backup_server_refuses_to_start_without_a_secret(self, tmp_path):
+        """backup_server.py with an empty server.secret exits 2 with one line naming the key."""
+        config = tmp_path / "config.yaml"
+        config.write_text("logging: {log_to_file: false}\n")
+        result = subprocess.run([sys.executable, str(ROOT / "backup_server.py"), "--config", str(config), "--headless"],
                                 capture_output=True, text=True, timeout=LONG_TIMEOUT)
-        assert 1 == result.returncode
-        assert "not built yet" in result.stderr
+        assert 2 == result.returncode
+        assert ["error: server.secret: must be set for the backup (the main proves it before replicating)"] == \
+            result.stderr.strip().splitlines()

@@ -358,11 +358,19 @@ class TestLyingPayloadLength:
         assert elapsed <= IO_TIMEOUT_S + TIMING_SLACK_S, f"closed after {elapsed:.2f} s"
         still_serves(served)
 
-    def test_unknown_type_payload_is_skipped_and_connection_stays_usable(self, served):
-        """An unknown request with a payload is answered UNKNOWN_REQUEST; its payload is skipped, the next request answered."""
+    def test_unknown_type_with_payload_is_refused_unread(self, served):
+        """A client's frame declaring a payload (only authenticated peers send any) gets BAD_FRAME and is closed."""
         with RawPeer(served.address) as peer:
             peer.greet()
             peer.send(header_frame({"type": "teleport"}, os.urandom(300_000)) + encode_frame(CountFiles()))
+            assert [ErrorCode.BAD_FRAME] == error_codes(peer.read_until_closed())
+        still_serves(served)
+
+    def test_unknown_type_without_payload_keeps_connection_usable(self, served):
+        """An unknown request is answered UNKNOWN_REQUEST and the next request on the connection is answered."""
+        with RawPeer(served.address) as peer:
+            peer.greet()
+            peer.send(header_frame({"type": "teleport"}) + encode_frame(CountFiles()))
             assert ErrorCode.UNKNOWN_REQUEST == peer.expect_error()
             assert FileCount(1, FILE_SIZE) == peer.expect(FileCount)
 
