@@ -1,34 +1,47 @@
-"""A local demo of MiniTorrent on throwaway sample files.
+"""A local demo of MiniTorrent on throwaway sample files, failover included.
 
     python demo.py [--keep]
 
-Until the windows exist the demo runs headless: it makes a few sample files
-(of different sizes, with spaces and accents in their names) in a temporary
-folder, starts a real main server process sharing them on a free port of
-127.0.0.1, lists and downloads them with the real client, checks every
-SHA-256, shows the server's status, and stops the server. ``--keep`` leaves
-the folder (config, logs, downloads) for a look afterwards.
+Until the windows exist the demo runs headless, with the real programs as
+real processes on free ports of 127.0.0.1:
+
+1. a backup server (standby) and a main server sharing a few sample files
+   (of different sizes, with spaces and accents in their names);
+2. the client lists and downloads them, and every SHA-256 is checked;
+3. the main server is killed with SIGKILL; the backup notices the missing
+   heartbeats, takes over with a higher epoch, and the client downloads again
+   without being told anything;
+4. the main server is started again: it catches up from the backup and takes
+   the active role back.
+
+``--keep`` leaves the folder (configs, logs, downloads) for a look afterwards.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import random
+import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from integrity import sha256_file
-from launcher import ROOT, ServerProcess, write_config
+from launcher import ROOT, ServerProcess, free_port, write_config
 
 SAMPLES = {  # name -> size in bytes
     "welcome.txt": 2_000,
     "holiday photos été.bin": 3 * 1024 * 1024 + 17,
     "lecture video.bin": 24 * 1024 * 1024,
 }
+HEARTBEAT_INTERVAL_S = 0.5
+HEARTBEAT_TIMEOUT_S = 2.0
+ROLE_CHANGE_TIMEOUT_S = 30.0
 
 
 def make_samples(folder: Path) -> list[Path]:
@@ -45,43 +58,55 @@ def make_samples(folder: Path) -> list[Path]:
     return paths
 
 
-def run_client(config: Path, *args: str) -> subprocess.CompletedProcess:
+def write_configs(workdir: Path) -> dict[str, Path]:
+    """One config per program, all naming the same two servers and sharing a fresh secret."""
+    settings = {
+        "server": {
+            "main": {"host": "127.0.0.1", "port": free_port(), "data_dir": "data"},
+            "backup": {"host": "127.0.0.1", "port": free_port(), "data_dir": "data",
+                       "heartbeat_interval": HEARTBEAT_INTERVAL_S, "heartbeat_timeout": HEARTBEAT_TIMEOUT_S},
+            "secret": secrets.token_hex(16),
+        },
+        "client": {"download_dir": "downloads", "data_dir": "data", "retry_deadline": 30},
+        "logging": {"log_dir": "logs"},
+    }
+    return {program: write_config(workdir / program / "config.yaml", settings)
+            for program in ("main", "backup", "client")}
+
+
+def run_client(config: Path, *args: str, quiet: bool = False) -> subprocess.CompletedProcess:
     """Run the real client, echoing what it prints."""
     print(f"\n$ python client.py {' '.join(args)}", flush=True)
     result = subprocess.run([sys.executable, str(ROOT / "client.py"), "--config", str(config), *args],
                             capture_output=True, text=True, encoding="utf-8")
-    sys.stdout.write(result.stdout)
+    if not quiet:
+        sys.stdout.write(result.stdout)
     sys.stderr.write(result.stderr)
     return result
 
 
-def run_demo(workdir: Path) -> bool:
-    """Serve, list, download and verify the samples under ``workdir``; True if all matched."""
-    samples = make_samples(workdir / "samples")
-    server_config = write_config(workdir / "server" / "config.yaml", {
-        "server": {"main": {"host": "127.0.0.1", "port": 0, "data_dir": "data"}},
-        "logging": {"log_dir": "logs"},
-    })
-    print(f"Demo folder: {workdir}\nStarting the main server with {len(samples)} sample files...", flush=True)
-    server = ServerProcess(server_config, add=samples)
-    try:
-        host, port = server.address
-        print("\n".join(server.stdout_lines))
-        client_config = write_config(workdir / "client" / "config.yaml", {
-            "server": {"main": {"host": host, "port": port}},
-            "client": {"download_dir": "downloads", "data_dir": "data"},
-            "logging": {"log_dir": "logs"},
-        })
-        run_client(client_config, "list")
-        run_client(client_config, "get", *SAMPLES)
-        all_match = report_checksums(samples, workdir / "client" / "downloads")
-        status = json.loads(run_client(client_config, "status", "--json").stdout or "{}")
-        print(f"\nThe server sent {status.get('bytes_sent', 0):,} bytes and counted "
-              f"{sum(status.get('downloads_per_file', {}).values())} downloads.")
-    finally:
-        server.stop()
-    print("Main server stopped.")
-    return all_match
+def server_status(config: Path) -> dict:
+    """The active server's status as the client sees it ({} if none answers)."""
+    result = subprocess.run([sys.executable, str(ROOT / "client.py"), "--config", str(config), "status", "--json"],
+                            capture_output=True, text=True, encoding="utf-8")
+    return json.loads(result.stdout) if result.returncode == 0 else {}
+
+
+def wait_for(config: Path, condition: Callable[[dict], bool], what: str) -> dict:
+    """Poll the active server's status until ``condition`` holds; that status."""
+    deadline = time.monotonic() + ROLE_CHANGE_TIMEOUT_S
+    while time.monotonic() < deadline:
+        status = server_status(config)
+        if status and condition(status):
+            return status
+        time.sleep(0.2)
+    raise RuntimeError(f"waited {ROLE_CHANGE_TIMEOUT_S:g} s for {what}")
+
+
+def wait_for_active(config: Path, server: str) -> dict:
+    """Poll until ``server`` ("main" or "backup") is the active one; its status."""
+    return wait_for(config, lambda s: s.get("server") == server and s.get("role") == "active",
+                    f"the {server} server to be active")
 
 
 def report_checksums(samples: list[Path], downloads: Path) -> bool:
@@ -96,8 +121,49 @@ def report_checksums(samples: list[Path], downloads: Path) -> bool:
     return all_match
 
 
+def say(text: str) -> None:
+    print(f"\n== {text}", flush=True)
+
+
+def run_demo(workdir: Path) -> bool:
+    """The whole story under ``workdir``; True if every download matched its original."""
+    samples = make_samples(workdir / "samples")
+    configs = write_configs(workdir)
+    client = configs["client"]
+    say(f"Demo folder: {workdir}. Starting a backup server and a main server sharing {len(samples)} files")
+    backup = ServerProcess(configs["backup"], script="backup_server.py")
+    main = ServerProcess(configs["main"], add=samples)
+    try:
+        print("\n".join(backup.stdout_lines + main.stdout_lines))
+        status = wait_for(client, lambda s: s.get("server") == "main" and s["backup"].get("in_sync"),
+                          "the backup to hold a full replica")
+        print(f"The main server is active (epoch {status['epoch']}); the backup holds a full replica.")
+        run_client(client, "list")
+        run_client(client, "get", *SAMPLES)
+        ok = report_checksums(samples, workdir / "client" / "downloads")
+
+        say("Crashing the main server with SIGKILL")
+        main.stop(signal.SIGKILL)
+        status = wait_for_active(client, "backup")
+        print(f"The backup took over: active with epoch {status['epoch']}.")
+        again = workdir / "client" / "from-backup"
+        run_client(client, "get", "lecture video.bin", "--output", str(again), quiet=True)
+        ok &= report_checksums(samples[-1:], again)
+
+        say("Starting the main server again")
+        main = ServerProcess(configs["main"])
+        status = wait_for_active(client, "main")
+        print(f"The main caught up and took the role back: active with epoch {status['epoch']}; "
+              f"it counts {sum(status.get('downloads_per_file', {}).values())} downloads, "
+              "including the one served by the backup.")
+    finally:
+        main.kill()
+        backup.stop()
+    return ok
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Run a local MiniTorrent demo on sample files.")
+    parser = argparse.ArgumentParser(description="Run a local MiniTorrent demo on sample files, with a failover.")
     parser.add_argument("--keep", action="store_true", help="keep the demo folder afterwards")
     args = parser.parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="minitorrent-demo-"))

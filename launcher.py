@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -20,6 +21,13 @@ ROOT = Path(__file__).resolve().parent
 START_TIMEOUT_S = 60.0  # a cold Python start on a loaded CI machine
 STOP_TIMEOUT_S = 10.0
 _LISTENING = re.compile(r"listening on ([\w.:-]+):(\d+)")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for configs that must name each other's ports)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def write_config(path: Path, settings: dict) -> Path:

@@ -181,6 +181,7 @@ class Replicator:
         self._bytes_in_flight_acked = 0
         self._last_ack: float | None = None
         self._connected = False
+        self._in_sync = False  # the last look found nothing to send
 
     def start(self) -> None:
         """Start replicating in a background thread."""
@@ -201,6 +202,7 @@ class Replicator:
                 "bytes_pending": max(0, lag.bytes - self._bytes_in_flight_acked),
                 "oldest_pending_s": round(now - lag.oldest_since, 3) if lag.oldest_since else 0.0,
                 "last_ack_age_s": round(now - self._last_ack, 3) if self._last_ack else None,
+                "in_sync": self._connected and self._in_sync,
             }
 
     def _run(self) -> None:
@@ -212,7 +214,8 @@ class Replicator:
                 continue
             try:
                 seen_version = self.catalog.db.catalog_version()
-                if not self._sync_once():
+                self._in_sync = not self._sync_once()
+                if self._in_sync:
                     if self.catalog.db.catalog_version() == seen_version:
                         self._wait_for_change()
                 delays = backoff_delays(cap_s=MAX_RETRY_DELAY_S)
