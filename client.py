@@ -120,12 +120,25 @@ def run_status(engine: ClientEngine, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(snapshot, ensure_ascii=False, indent=2))
         return 0
+    print(f"{snapshot.get('server', 'server')} server at {snapshot.get('address')}: "
+          f"{snapshot.get('role')}, epoch {snapshot.get('epoch')}")
     per_file = snapshot.pop("downloads_per_file", {})
-    for key, value in snapshot.items():
-        print(f"{key:22} {value}")
+    for key, value in flatten(snapshot):
+        print(f"{key:32} {value}")
     for name, count in per_file.items():
         print(f"  downloads of {name}: {count}")
     return 0
+
+
+def flatten(mapping: dict, prefix: str = "") -> list[tuple[str, object]]:
+    """Nested dicts as (dotted key, value) pairs, for printing one per line."""
+    pairs: list[tuple[str, object]] = []
+    for key, value in mapping.items():
+        if isinstance(value, dict):
+            pairs.extend(flatten(value, f"{prefix}{key}."))
+        else:
+            pairs.append((f"{prefix}{key}", value))
+    return pairs
 
 
 COMMANDS = {"list": run_list, "get": run_get, "status": run_status}

@@ -88,8 +88,11 @@ class TestStatus:
         _, config, _ = shared
         result = run_client(config, "status")
         assert 0 == result.returncode
-        keys = {line.split()[0] for line in result.stdout.splitlines() if line and not line.startswith(" ")}
-        assert {"uptime_s", "bytes_sent", "active_connections", "success_rate", "role", "epoch"} <= keys
+        headline, *lines = result.stdout.splitlines()
+        assert headline.startswith("main server at 127.0.0.1:") and headline.endswith(": active, epoch 1")
+        keys = {line.split()[0] for line in lines if line and not line.startswith(" ")}
+        assert {"uptime_s", "bytes_sent", "active_connections", "success_rate", "role", "epoch",
+                "backup.replicating"} <= keys
 
 
 class TestFailures:
