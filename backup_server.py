@@ -24,10 +24,9 @@ from typing import Sequence
 import protocol
 from catalog import Catalog
 from cluster import NodeState, Role
-from config_loader import Config, load_config
-from daemon import serve_until_signalled
+from config_loader import Config
+from daemon import build_engine, serve_until_signalled
 from error_handler import ConfigError, MiniTorrentError
-from logger_config import setup_logging
 from metrics import Metrics
 from protocol import Frame
 from replication import ReplicaReceiver
@@ -164,15 +163,9 @@ def start_banner(engine: BackupServer) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        config = load_config(args.config)
-        setup_logging(config.logging, "backup_server")
-        engine = BackupServer(config)
-    except MiniTorrentError as error:
-        print(f"error: {error}", file=sys.stderr)
+    engine = build_engine(args.config, "backup_server", BackupServer, args.headless)
+    if engine is None:
         return 2
-    if not args.headless:
-        log.warning("the backup server window is not built yet; running headless")
     try:
         serve_until_signalled(lambda: start_banner(engine), engine.stop, "backup server",
                               {signal.SIGUSR1: engine.approve_handback})

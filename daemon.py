@@ -1,9 +1,17 @@
 """Running a headless server until it is told to stop, shared by both servers' command lines."""
 from __future__ import annotations
 
+import logging
 import signal
+import sys
 import threading
-from typing import Callable
+from typing import Callable, TypeVar
+
+from config_loader import Config, load_config
+from error_handler import MiniTorrentError
+from logger_config import setup_logging
+
+T = TypeVar("T")
 
 
 def serve_until_signalled(start: Callable[[], str], stop: Callable[[], None], name: str,
@@ -23,3 +31,22 @@ def serve_until_signalled(start: Callable[[], str], stop: Callable[[], None], na
     stopping.wait()
     stop()
     print(f"{name} stopped", flush=True)
+
+
+def build_engine(config_path: str | None, program: str, factory: Callable[[Config], T], headless: bool) -> T | None:
+    """Load the config, set up logging and build a server's engine.
+
+    On an expected failure (bad config, unusable data folder) prints the
+    one-line reason and returns None: the caller exits with status 2.
+    """
+    try:
+        config = load_config(config_path)
+        setup_logging(config.logging, program)
+        engine = factory(config)
+    except MiniTorrentError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return None
+    if not headless:
+        logging.getLogger(program).warning("the %s window is not built yet; running headless",
+                                           program.replace("_", " "))
+    return engine

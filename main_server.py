@@ -24,11 +24,10 @@ from typing import Callable, Sequence
 import protocol
 from catalog import AddResult, Catalog
 from cluster import NodeState, Role
-from config_loader import Config, load_config
-from daemon import serve_until_signalled
+from config_loader import Config
+from daemon import build_engine, serve_until_signalled
 from database import ClientStore
 from error_handler import MiniTorrentError
-from logger_config import setup_logging
 from metrics import Metrics
 from remote import ServerClient
 from replication import PEER_ERRORS, Heartbeater, PeerLink, Replicator, catch_up_and_take_over
@@ -246,15 +245,9 @@ def start_banner(engine: MainServer) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        config = load_config(args.config)
-        setup_logging(config.logging, "main_server")
-        engine = MainServer(config)
-    except MiniTorrentError as error:
-        print(f"error: {error}", file=sys.stderr)
+    engine = build_engine(args.config, "main_server", MainServer, args.headless)
+    if engine is None:
         return 2
-    if not args.headless:
-        log.warning("the main server window is not built yet; running headless")
     added_ok = add_files(engine, args.add)
     if not added_ok or (args.add and _already_running(engine)):
         engine.catalog.close()
