@@ -373,6 +373,44 @@ class ErrorReply(Message):
     message: str
 
 
+# Seeding: clients announce what they hold; the active server tracks them ------------
+
+MAX_CLIENT_PAYLOAD = 1024 * 1024  # an announcement of thousands of files; all a stranger may make us hold
+
+
+@dataclass(frozen=True)
+class Announce(Message):
+    """A seeding client's holdings; payload: JSON ``{"files": [{"sha256", "have"}]}``.
+
+    ``have`` is a base64 bitmap of the chunks held, or null for the whole
+    file. ``port`` is where the client seeds; its host is the connection's.
+    """
+
+    TYPE = "announce"
+    MAX_PAYLOAD = MAX_CLIENT_PAYLOAD
+    port: int
+
+    def validate(self) -> None:
+        _require(0 < self.port < 65536, f"port {self.port} is not a TCP port", ErrorCode.OUT_OF_RANGE)
+
+
+@dataclass(frozen=True)
+class GetPeers(Message):
+    """Ask for peers holding (part of) a file; ``port`` is the asker's own seed port, left out."""
+
+    TYPE = "peers"
+    sha256: str
+    port: int = 0
+
+
+@dataclass(frozen=True)
+class PeerList(Message):
+    """Peers for a file: ``[{"host", "port", "have"}]``, shuffled, at most 30."""
+
+    TYPE = "peer_list"
+    peers: list
+
+
 # Peer messages: main server to backup, after authentication -------------------
 
 MAX_DOCUMENT_BYTES = 64 * 1024 * 1024  # an inventory of ~300k files as JSON

@@ -254,8 +254,8 @@ class _Handler:
         """Answer requests until the peer leaves, idles out, or breaks framing."""
         while True:
             try:
-                # Only an authenticated peer sends payloads; nobody else gets to make us hold one.
-                frame = self.connection.recv(max_payload=None if self.authenticated else 0)
+                # Only an authenticated peer may make us hold a large payload.
+                frame = self.connection.recv(max_payload=None if self.authenticated else protocol.MAX_CLIENT_PAYLOAD)
             except ConnectionClosed as closed:
                 log.debug("%s", closed)
                 return

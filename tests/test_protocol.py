@@ -87,6 +87,9 @@ EXAMPLES: list[tuple[Message, bytes]] = [
     (protocol.MergeCounters(), b'{"a": {"main": 1}}'),
     (protocol.HandOver(5), b""),
     (protocol.HandedOver(5), b"{}"),
+    (protocol.Announce(6881), b"{\"files\":[]}"),
+    (protocol.GetPeers("ab" * 32, 6881), b""),
+    (protocol.PeerList([{"host": "127.0.0.1", "port": 6881, "have": None}]), b""),
 ]
 
 

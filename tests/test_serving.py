@@ -22,6 +22,7 @@ from integrity import Manifest
 from main_server import MainServer
 from protocol import (
     MAGIC,
+    MAX_CLIENT_PAYLOAD,
     MAX_HEADER_BYTES,
     PREFIX,
     PREFIX_BYTES,
@@ -359,10 +360,10 @@ class TestLyingPayloadLength:
         still_serves(served)
 
     def test_unknown_type_with_payload_is_refused_unread(self, served):
-        """A client's frame declaring a payload (only authenticated peers send any) gets BAD_FRAME and is closed."""
+        """A client's frame declaring a payload over the client limit gets BAD_FRAME and is closed, unread."""
         with RawPeer(served.address) as peer:
             peer.greet()
-            peer.send(header_frame({"type": "teleport"}, os.urandom(300_000)) + encode_frame(CountFiles()))
+            peer.send(header_frame({"type": "teleport"}, os.urandom(MAX_CLIENT_PAYLOAD + 1)) + encode_frame(CountFiles()))
             assert [ErrorCode.BAD_FRAME] == error_codes(peer.read_until_closed())
         still_serves(served)
 
