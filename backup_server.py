@@ -32,6 +32,8 @@ from protocol import Frame
 from replication import ReplicaReceiver
 from serving import RequestServer
 from storage import FolderLock
+from throttle import TokenBucket
+from tracker import PEER_TTL_INTERVALS, Tracker
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +80,8 @@ class BackupServer:
             secret=config.server.secret,
             peer_handlers=handlers,
             status_extra=self._status_extra,
+            tracker=Tracker(ttl_s=PEER_TTL_INTERVALS * config.transfer.announce_interval),
+            upload_limit=TokenBucket(config.transfer.upload_limit),
         )
         self._monitor = threading.Thread(target=self._watch_heartbeats, name="heartbeat-monitor", daemon=True)
 

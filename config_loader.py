@@ -138,6 +138,9 @@ class TransferConfig:
     io_timeout: float = _setting(10.0, **_POSITIVE_SECONDS)
     pipeline_depth: int = _setting(8, **_int_range(1, MAX_PIPELINE_DEPTH))
     pool_size: int = _setting(4, **_int_range(1))
+    upload_limit: int = _setting(0, **_int_range(0))
+    download_limit: int = _setting(0, **_int_range(0))
+    announce_interval: float = _setting(10.0, **_POSITIVE_SECONDS)
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,8 @@ from remote import ServerClient
 from replication import PEER_ERRORS, Heartbeater, PeerLink, Replicator, catch_up_and_take_over
 from serving import RequestServer
 from storage import FolderLock
+from throttle import TokenBucket
+from tracker import PEER_TTL_INTERVALS, Tracker
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +69,8 @@ class MainServer:
             metrics=self.metrics,
             node=self.node,
             status_extra=self._status_extra,
+            tracker=Tracker(ttl_s=PEER_TTL_INTERVALS * config.transfer.announce_interval),
+            upload_limit=TokenBucket(config.transfer.upload_limit),
         )
         self.replicator: Replicator | None = None
         self._last_ack: tuple[float, protocol.HeartbeatAck] | None = None

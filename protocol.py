@@ -25,6 +25,7 @@ is what makes pipelining chunk requests safe without request ids.
 """
 from __future__ import annotations
 
+import base64
 import functools
 import json
 import struct
@@ -409,6 +410,40 @@ class PeerList(Message):
 
     TYPE = "peer_list"
     peers: list
+
+
+def encode_holdings(files: dict[str, bytes | None]) -> bytes:
+    """The payload of an ``Announce``: per SHA-256, a chunk bitmap or None (whole file)."""
+    entries = [{"sha256": sha256, "have": encode_bitmap(have)} for sha256, have in files.items()]
+    return json.dumps({"files": entries}, separators=(",", ":")).encode()
+
+
+def decode_holdings(payload: bytes | memoryview) -> dict[str, bytes | None]:
+    """Parse an ``Announce`` payload; ``RemoteProtocolError`` (BAD_REQUEST) if malformed."""
+    try:
+        document = json.loads(bytes(payload).decode())
+        return {_sha256_field(entry["sha256"]): _bitmap_field(entry["have"]) for entry in document["files"]}
+    except (ValueError, KeyError, TypeError, RecursionError) as error:
+        raise RemoteProtocolError(f"bad announcement: {error}", ErrorCode.BAD_REQUEST, True) from error
+
+
+def encode_bitmap(have: bytes | None) -> str | None:
+    """A chunk bitmap for a JSON header (base64), None for a whole file."""
+    return None if have is None else base64.b64encode(have).decode()
+
+
+def _sha256_field(value: object) -> str:
+    if not isinstance(value, str) or len(value) != 64:
+        raise ValueError("sha256 must be 64 hex characters")
+    return value
+
+
+def _bitmap_field(value: object) -> bytes | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValueError("have must be base64 text or null")
+    return base64.b64decode(value, validate=True)
 
 
 # Peer messages: main server to backup, after authentication -------------------

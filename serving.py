@@ -27,6 +27,8 @@ from cluster import NodeState
 from error_handler import MiniTorrentError
 from metrics import Metrics
 from protocol import ErrorCode, ErrorReply, Frame, Message, ProtocolError, RequestFailed
+from throttle import TokenBucket
+from tracker import Tracker
 from transport import Connection, ConnectionClosed
 
 log = logging.getLogger(__name__)
@@ -73,7 +75,9 @@ class RequestServer:
     STANDBY, and carries the epoch; without one the server is always active
     at epoch 0. ``peer_handlers`` answer the peer (replication) requests of
     an authenticated main server; ``secret`` is what it must prove to know.
-    ``status_extra()`` adds entries to status replies.
+    ``status_extra()`` adds entries to status replies. With a ``tracker``
+    it answers seeding clients' announcements and peer requests;
+    ``upload_limit`` paces every chunk it sends.
     """
 
     def __init__(
@@ -91,8 +95,12 @@ class RequestServer:
         secret: str = "",
         peer_handlers: dict[type[Message], PeerHandler] | None = None,
         status_extra: Callable[[], dict] | None = None,
+        tracker: Tracker | None = None,
+        upload_limit: TokenBucket | None = None,
     ) -> None:
         self.source = source
+        self.tracker = tracker
+        self.upload_limit = upload_limit or TokenBucket(0)
         self.name = name
         self.node = node
         self.secret = secret
@@ -237,7 +245,7 @@ class _Handler:
     """
 
     CLIENT_REQUESTS = (protocol.GetChunk, protocol.ListFiles, protocol.GetManifest, protocol.CountFiles,
-                       protocol.ReportDownloaded)
+                       protocol.ReportDownloaded, protocol.Announce, protocol.GetPeers)
 
     def __init__(self, server: RequestServer, connection: Connection) -> None:
         self.server = server
@@ -322,13 +330,13 @@ class _Handler:
         elif isinstance(request, self.CLIENT_REQUESTS):
             if self.server.node and not self.authenticated:  # a peer may read a standby's replica
                 self.server.node.check_serving()
-            self._serve_client_request(request)
+            self._serve_client_request(frame)
         else:
             raise RequestFailed(ErrorCode.UNKNOWN_REQUEST, f"{request.TYPE} is not a request this server answers")
         return True
 
-    def _serve_client_request(self, request: Message) -> None:
-        source = self.server.source
+    def _serve_client_request(self, frame: Frame) -> None:
+        request, source = frame.message, self.server.source
         if isinstance(request, protocol.GetChunk):
             self._send_chunk(request)
         elif isinstance(request, protocol.ListFiles):
@@ -343,6 +351,21 @@ class _Handler:
             source.record_download(request.name, request.sha256)
             self.server.metrics.download_finished(request.name)
             self.connection.send(protocol.Ok())
+        else:
+            self._serve_tracker_request(frame)
+
+    def _serve_tracker_request(self, frame: Frame) -> None:
+        tracker, request = self.server.tracker, frame.message
+        if tracker is None:
+            raise RequestFailed(ErrorCode.UNKNOWN_REQUEST, f"this {self.server.name} keeps no tracker")
+        host = self.connection.sock.getpeername()[0]  # never an address the peer claims
+        if isinstance(request, protocol.Announce):
+            tracker.announce(host, request.port, protocol.decode_holdings(frame.payload))
+            self.connection.send(protocol.Ok())
+        else:
+            peers = tracker.peers_for(request.sha256, (host, request.port))
+            listed = [{"host": h, "port": p, "have": protocol.encode_bitmap(have)} for h, p, have in peers]
+            self.connection.send(protocol.PeerList(listed))
 
     def _greet(self, hello: protocol.Hello) -> bool:
         if hello.version != protocol.PROTOCOL_VERSION:
@@ -398,6 +421,7 @@ class _Handler:
         file = self._file(where.path)
         if _file_size(file) < where.offset + where.length:
             raise RequestFailed(ErrorCode.STORAGE_ERROR, f"the server's copy of {label} is truncated")
+        self.server.upload_limit.consume(where.length)
         self.connection.send_file_payload(reply, file, where.offset, where.length)
 
     def _send_status(self) -> None:

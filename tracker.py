@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 MAX_PEERS_PER_REPLY = 30  # enough sources for any download; keeps the reply small
+PEER_TTL_INTERVALS = 3  # a peer is forgotten after missing this many announcements
 
 
 @dataclass

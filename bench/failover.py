@@ -1,0 +1,643 @@
+"""Benchmark: what a downloading client sees when the main server dies mid-download.
+
+    python bench/failover.py [--size 256M] [--runs 5] [--interval 1] [--timeout 3] [--throttle RATE]
+
+Each run, all on 127.0.0.1, in a fresh temporary folder that is removed at the
+end of the run (also on Ctrl-C, SIGTERM or an error):
+
+1. Writes one random file of ``--size`` (1 MiB chunks).
+2. Starts the real ``main_server.py --headless --add FILE`` and then the real
+   ``backup_server.py --headless``, on fixed free ports, sharing a fresh
+   ``server.secret``, with ``heartbeat_interval``/``heartbeat_timeout`` from
+   the flags and ``transfer.io_timeout: 2``. The main starts first: its
+   ``--add`` of a big file can take longer than ``heartbeat_timeout``, and a
+   backup started first would promote itself meanwhile.
+3. Waits until the main is active and its status says the backup is in sync.
+4. Downloads the file with an in-process ``client.ClientEngine`` (in a thread),
+   recording a ``time.monotonic`` timestamp for every verified chunk from the
+   ``Progress`` events. When ``chunks_done`` reaches a random k in [10 %, 80 %]
+   of the chunks, the callback sets an Event; a separate thread then sends
+   SIGKILL to the main (so the callback never blocks). Another thread keeps
+   asking the backup for its status over one session, to time its promotion.
+5. Checks the download: SHA-256 against the source, ``duplicate_chunks``,
+   ``fetched_bytes`` and ``resumed_chunks``.
+
+Figures per run:
+
+* **outage**: the client-visible gap, from the last chunk verified before the
+  main died to the first chunk verified after it. Chunks that the main had
+  already sent (they sit in the client's socket buffers) can still be verified
+  just after the SIGKILL; they are counted ("drained") and the outage is then
+  measured from the last of them. So the outage is the largest gap between
+  consecutive verified chunks from the kill on.
+* **kill -> promoted**: SIGKILL to the first status reply in which the backup
+  says it is active (polled every 20 ms, so up to ~20 ms late).
+* **hb age**: how old the backup's last heartbeat was at the kill. The backup
+  promotes itself ``heartbeat_timeout - hb age`` (+ up to 0.1 s) after the
+  kill; the client then needs one reconnect (backoff capped at 0.5 s).
+
+Targets: worst outage <= heartbeat_timeout + 1 s; no verified chunk fetched
+twice (``duplicate_chunks`` 0 and ``fetched_bytes`` == size); every file
+byte-exact. A benchmark, not a test: it prints PASS or MISS per target and
+exits 0. It exits 1 if something is broken: a download fails or does not match
+its source, a process does not start, the kill cannot be placed mid-download.
+
+``--throttle RATE`` (bytes/s, e.g. 100M) puts a pacing proxy process in front
+of the main, for machines where the whole download is too fast to be killed
+mid-way. The output says when it is used. Off by default.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import math
+import os
+import random
+import re
+import secrets
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+ROOT = Path(__file__).resolve().parent.parent
+# Run as "python bench/failover.py", this folder would come first on the path and
+# "import catalog" (done by the servers' modules) would import bench/catalog.py.
+sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import protocol  # noqa: E402
+from client import ClientEngine  # noqa: E402
+from config_loader import load_config  # noqa: E402
+from downloader import DownloadResult, Progress  # noqa: E402
+from error_handler import MiniTorrentError  # noqa: E402
+from launcher import ServerProcess, free_port, write_config  # noqa: E402
+from remote import ServerSession  # noqa: E402
+
+CHUNK_BYTES = 1024 * 1024
+FILE_NAME = "failover payload.bin"  # a space, as real names have
+IO_TIMEOUT_S = 2.0  # transfer.io_timeout of every program: a silent peer is given up on after this
+CLIENT_RETRY_DEADLINE_S = 30.0  # far above heartbeat_timeout: a failover must never make the client give up
+OUTAGE_SLACK_S = 1.0  # target: outage <= heartbeat_timeout + this
+KILL_RANGE = (0.10, 0.80)  # the kill lands when this fraction of the chunks is verified
+STATUS_POLL_S = 0.02
+SYNC_TIMEOUT_S = 60.0  # start-up and the first replication, on a loaded machine (plus size / SYNC_RATE_BPS)
+SYNC_RATE_BPS = 20e6
+MIN_RATE_BPS = 5e6  # a download slower than this (outage aside) is considered hung
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+# The pacing proxy, run as ``python -c PROXY TARGET_PORT RATE_BPS``: prints its
+# port, forwards every connection to 127.0.0.1:TARGET_PORT, paces the
+# server-to-client direction of all connections together at RATE_BPS. When the
+# target is gone it closes new connections at once (like a refused connection)
+# and cuts the open ones. It exits when its stdin closes (the benchmark died).
+PROXY = r"""
+import os, signal, socket, sys, threading, time
+signal.signal(signal.SIGINT, signal.SIG_IGN)  # on Ctrl-C the benchmark ends this process itself
+target = ("127.0.0.1", int(sys.argv[1]))
+rate = float(sys.argv[2])
+BLOCK = 64 * 1024
+lock = threading.Lock()
+next_free = [time.monotonic()]
+
+def pace(n):
+    with lock:
+        now = time.monotonic()
+        start = max(now, next_free[0])
+        next_free[0] = start + n / rate
+    if start > now:
+        time.sleep(start - now)
+
+def pump(source, sink, paced):
+    try:
+        while True:
+            data = source.recv(BLOCK)
+            if not data:
+                break
+            if paced:
+                pace(len(data))
+            sink.sendall(data)
+    except OSError:
+        pass
+    finally:
+        for sock in (source, sink):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+
+def watch_parent():
+    sys.stdin.read()
+    os._exit(0)
+
+threading.Thread(target=watch_parent, daemon=True).start()
+listener = socket.create_server(("127.0.0.1", 0))
+print(listener.getsockname()[1], flush=True)
+while True:
+    client, _ = listener.accept()
+    try:
+        upstream = socket.create_connection(target, timeout=5)
+        upstream.settimeout(None)
+    except OSError:
+        client.close()
+        continue
+    threading.Thread(target=pump, args=(client, upstream, False), daemon=True).start()
+    threading.Thread(target=pump, args=(upstream, client, True), daemon=True).start()
+"""
+
+
+class BenchError(Exception):
+    """Something the benchmark relies on broke; the message says what."""
+
+
+def parse_size(text: str) -> int:
+    """``"256M"`` -> 268435456; ``"1G"``, ``"64KiB"``, ``"1000"`` (bytes) also work (binary units)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 256M, 1G or a number of bytes)")
+    size = int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+    if size <= 0:
+        raise argparse.ArgumentTypeError("size must be positive")
+    return size
+
+
+def write_random_file(path: Path, size: int, seed: int) -> str:
+    """Write ``size`` random bytes in 1 MiB blocks; return their SHA-256."""
+    rng = random.Random(seed)
+    digest = hashlib.sha256()
+    with open(path, "wb") as out:
+        remaining = size
+        while remaining:
+            block = rng.randbytes(min(remaining, CHUNK_BYTES))
+            digest.update(block)
+            out.write(block)
+            remaining -= len(block)
+        out.flush()
+        os.fsync(out.fileno())  # else its writeback would compete with the run
+    return digest.hexdigest()
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    buffer = bytearray(CHUNK_BYTES)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as source:
+        while n := source.readinto(buffer):
+            digest.update(view[:n])
+    return digest.hexdigest()
+
+
+# Watching the client and the backup ------------------------------------------------------------
+
+
+class ChunkClock:
+    """The ``on_progress`` callback: a timestamp per verified chunk, and the kill trigger at chunk k.
+
+    Called from the download's stream threads; it only takes a lock, appends
+    and sets an Event, so it never holds up a stream.
+    """
+
+    def __init__(self, kill_at: int) -> None:
+        self.kill_at = kill_at
+        self.reached = threading.Event()
+        self.times: list[float] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, progress: Progress) -> None:
+        now = time.monotonic()
+        with self._lock:
+            new = progress.chunks_done - len(self.times)
+            if new > 0:
+                self.times.extend([now] * new)
+            if len(self.times) >= self.kill_at:
+                self.reached.set()
+
+    def snapshot(self) -> list[float]:
+        with self._lock:
+            return list(self.times)
+
+
+class Killer(threading.Thread):
+    """Waits for ``trigger``, then SIGKILLs ``process`` and notes when (and how far the download was)."""
+
+    def __init__(self, process: subprocess.Popen, trigger: threading.Event, clock: ChunkClock,
+                 cancel: threading.Event) -> None:
+        super().__init__(name="killer", daemon=True)
+        self.process, self.trigger, self.clock, self.cancel = process, trigger, clock, cancel
+        self.killed_at: float | None = None
+        self.chunks_at_kill = 0
+
+    def run(self) -> None:
+        while not self.trigger.wait(0.05):
+            if self.cancel.is_set():
+                return
+        self.chunks_at_kill = len(self.clock.snapshot())
+        self.killed_at = time.monotonic()
+        self.process.send_signal(signal.SIGKILL)
+
+
+@dataclass
+class StatusSample:
+    at: float
+    role: str
+    since_heartbeat_s: float
+
+
+class BackupWatcher(threading.Thread):
+    """Asks the backup for its status every ``STATUS_POLL_S`` over one session (reopened if it drops)."""
+
+    def __init__(self, address: tuple[str, int], stop: threading.Event) -> None:
+        super().__init__(name="backup-watch", daemon=True)
+        self.address, self.stop = address, stop
+        self.samples: list[StatusSample] = []
+
+    def run(self) -> None:
+        session: ServerSession | None = None
+        while not self.stop.wait(STATUS_POLL_S):
+            try:
+                if session is None:
+                    session = ServerSession.open(*self.address, io_timeout_s=IO_TIMEOUT_S)
+                status = session.call(protocol.GetStatus(), protocol.StatusInfo).message.metrics
+            except MiniTorrentError:
+                if session is not None:
+                    session.close()
+                session = None
+                continue
+            since = status.get("main", {}).get("seconds_since_heartbeat", float("nan"))
+            self.samples.append(StatusSample(time.monotonic(), status.get("role", "?"), since))
+        if session is not None:
+            session.close()
+
+    def promoted_at(self) -> float | None:
+        return next((s.at for s in self.samples if s.role == "active"), None)
+
+    def heartbeat_age_at(self, killed: float) -> float | None:
+        """How long before the kill the backup last heard a heartbeat.
+
+        From the first sample after the kill in which the backup is still on
+        standby: no heartbeat arrives after the kill, so its age then, minus
+        the time since the kill, is its age at the kill. (A sample from before
+        the kill would miss a heartbeat that came between it and the kill.)
+        """
+        after = [s for s in self.samples if s.at > killed and s.role == "standby"]
+        if not after:
+            return None
+        return after[0].since_heartbeat_s - (after[0].at - killed)
+
+
+def status_of(address: tuple[str, int]) -> dict | None:
+    """One server's own status, asked directly; None if it does not answer."""
+    try:
+        session = ServerSession.open(*address, io_timeout_s=IO_TIMEOUT_S)
+    except MiniTorrentError:
+        return None
+    try:
+        return session.call(protocol.GetStatus(), protocol.StatusInfo).message.metrics
+    except MiniTorrentError:
+        return None
+    finally:
+        session.close()
+
+
+# One run --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunResult:
+    size: int
+    chunks: int
+    kill_at: int  # the chosen k
+    chunks_at_kill: int  # verified when the SIGKILL was sent
+    heartbeat_age_s: float | None
+    kill_to_promoted_s: float | None
+    last_before_to_kill_s: float
+    kill_to_resume_s: float  # SIGKILL to the first chunk after the gap (from the backup)
+    outage_s: float
+    drained: int  # chunks verified after the kill, before the gap (already in the client's buffers)
+    duplicate_chunks: int
+    fetched_bytes: int
+    resumed_chunks: int
+    byte_exact: bool
+    seconds: float
+
+    @property
+    def refetched(self) -> int:
+        """Verified chunks fetched more than once, as far as the client can tell."""
+        return self.duplicate_chunks + (self.fetched_bytes != self.size)
+
+
+@dataclass
+class Cluster:
+    """The processes of one run; ``close`` ends all of them (SIGKILL if they do not stop)."""
+
+    processes: list = field(default_factory=list)
+    proxy: subprocess.Popen | None = None
+
+    def close(self) -> None:
+        for process in reversed(self.processes):
+            try:
+                process.stop(signal.SIGTERM)
+            except (subprocess.TimeoutExpired, OSError):
+                pass
+            process.kill()
+        if self.proxy is not None:
+            if self.proxy.poll() is None:
+                self.proxy.kill()
+            self.proxy.wait()
+            for stream in (self.proxy.stdin, self.proxy.stdout):
+                stream.close()
+
+
+def settings(folder: Path, main_port: int, backup_port: int, secret: str, interval: float, timeout: float) -> dict:
+    return {
+        "server": {
+            "main": {"host": "127.0.0.1", "port": main_port, "data_dir": str(folder / "main-data")},
+            "backup": {"host": "127.0.0.1", "port": backup_port, "data_dir": str(folder / "backup-data"),
+                       "heartbeat_interval": interval, "heartbeat_timeout": timeout},
+            "secret": secret,
+        },
+        "client": {"download_dir": str(folder / "downloads"), "data_dir": str(folder / "client-state"),
+                   "retry_deadline": CLIENT_RETRY_DEADLINE_S},
+        "transfer": {"chunk_size": CHUNK_BYTES, "io_timeout": IO_TIMEOUT_S},
+        "logging": {"level": "INFO", "log_to_file": False, "log_dir": str(folder / "logs")},
+    }
+
+
+def start_proxy(target_port: int, rate_bps: float) -> subprocess.Popen:
+    proxy = subprocess.Popen([sys.executable, "-c", PROXY, str(target_port), str(rate_bps)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    line = proxy.stdout.readline()
+    if not line.strip().isdigit():
+        proxy.kill()
+        proxy.wait()
+        raise BenchError(f"throttling proxy did not start (said {line!r})")
+    proxy.port = int(line)
+    return proxy
+
+
+def wait_in_sync(main: ServerProcess, backup: ServerProcess, deadline_s: float) -> None:
+    """Until the main is active and says the backup holds everything."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        status = status_of(main.address)
+        if status and status.get("role") == "active" and status.get("backup", {}).get("in_sync") is True:
+            return
+        for name, process in (("main", main), ("backup", backup)):
+            if process.process.poll() is not None:
+                raise BenchError(f"the {name} server exited ({process.process.returncode}):\n"
+                                 + process.stderr_path.read_text(errors="replace")[-2000:])
+        if time.monotonic() > deadline:
+            raise BenchError(f"the backup was not in sync after {deadline_s:.0f} s; main status: {status}")
+        time.sleep(0.1)
+
+
+def one_run(folder: Path, size: int, interval: float, timeout: float, throttle: float | None,
+            rng: random.Random) -> RunResult:
+    source = folder / "source" / FILE_NAME
+    source.parent.mkdir()
+    source_sha = write_random_file(source, size, rng.getrandbits(64))
+    chunks = math.ceil(size / CHUNK_BYTES)
+    main_port, backup_port = free_port(), free_port()
+    shared = settings(folder, main_port, backup_port, secrets.token_hex(16), interval, timeout)
+    cluster = Cluster()
+    stop = threading.Event()
+    engine: ClientEngine | None = None
+    try:
+        with starting():
+            main = ServerProcess(write_config(folder / "main" / "config.yaml", shared), add=[source])
+            cluster.processes.append(main)
+        with starting():
+            backup = ServerProcess(write_config(folder / "backup" / "config.yaml", shared), script="backup_server.py")
+            cluster.processes.append(backup)
+        wait_in_sync(main, backup, SYNC_TIMEOUT_S + size / SYNC_RATE_BPS)
+
+        client_settings = shared
+        if throttle:
+            with starting():
+                cluster.proxy = start_proxy(main_port, throttle)
+            client_settings = {**shared, "server": {**shared["server"],
+                                                   "main": {**shared["server"]["main"], "port": cluster.proxy.port}}}
+        client_config = load_config(write_config(folder / "client" / "config.yaml", client_settings))
+
+        low, high = math.ceil(KILL_RANGE[0] * chunks), math.floor(KILL_RANGE[1] * chunks)
+        kill_at = rng.randint(max(1, low), max(1, low, high))
+        clock = ChunkClock(kill_at)
+        engine = ClientEngine(client_config, on_progress=clock)
+        killer = Killer(main.process, clock.reached, clock, stop)
+        watcher = BackupWatcher(backup.address, stop)
+        killer.start()
+        watcher.start()
+
+        outcome: dict = {}
+
+        def download() -> None:
+            try:
+                outcome["result"] = engine.download(FILE_NAME)
+            except BaseException as error:  # handed to the benchmark's thread
+                outcome["error"] = error
+
+        started = time.monotonic()
+        thread = threading.Thread(target=download, name="client", daemon=True)
+        thread.start()
+        thread.join(SYNC_TIMEOUT_S + timeout + size / MIN_RATE_BPS)
+        seconds = time.monotonic() - started
+        stop.set()
+        killer.join(5)
+        watcher.join(5)
+        if thread.is_alive():
+            raise BenchError(f"the download did not finish within {seconds:.0f} s")
+        if "error" in outcome:
+            raise BenchError(f"the download failed: {outcome['error']}")
+        result: DownloadResult = outcome["result"]
+        if killer.killed_at is None:
+            raise BenchError("the kill was never triggered")
+        if killer.chunks_at_kill >= chunks:
+            raise BenchError("the download finished before the kill landed: it is too fast to kill mid-way "
+                             "on this machine; try --throttle 200M")
+        byte_exact = sha256_of(result.path) == source_sha
+        return measure(clock.snapshot(), killer, watcher, result, chunks, kill_at, byte_exact, seconds, size)
+    finally:
+        stop.set()
+        if engine is not None:
+            engine.close()
+        cluster.close()
+
+
+def measure(times: list[float], killer: Killer, watcher: BackupWatcher, result: DownloadResult, chunks: int,
+            kill_at: int, byte_exact: bool, seconds: float, size: int) -> RunResult:
+    killed = killer.killed_at
+    times = sorted(times)
+    before = [t for t in times if t <= killed]
+    after = [t for t in times if t > killed]
+    if not before or not after:
+        raise BenchError(f"no verified chunk on one side of the kill ({len(before)} before, {len(after)} after)")
+    # The outage is the largest gap from the last chunk before the kill on; chunks in front of it were
+    # already in the client's socket buffers when the main died ("drained").
+    series = [before[-1]] + after
+    gaps = [(series[i + 1] - series[i], i) for i in range(len(series) - 1)]
+    outage, at = max(gaps)
+    promoted = watcher.promoted_at()
+    return RunResult(
+        size=size, chunks=chunks, kill_at=kill_at, chunks_at_kill=killer.chunks_at_kill,
+        heartbeat_age_s=watcher.heartbeat_age_at(killed),
+        kill_to_promoted_s=None if promoted is None else promoted - killed,
+        last_before_to_kill_s=killed - before[-1], kill_to_resume_s=series[at + 1] - killed,
+        outage_s=outage, drained=at, duplicate_chunks=result.duplicate_chunks,
+        fetched_bytes=result.fetched_bytes, resumed_chunks=result.resumed_chunks, byte_exact=byte_exact,
+        seconds=seconds,
+    )
+
+
+# Reporting ------------------------------------------------------------------------------------------
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "MISS"
+
+
+def fmt_s(value: float | None) -> str:
+    return "   n/a" if value is None else f"{value:6.3f}"
+
+
+HEADER = (f"  {'run':>3}  {'killed at':>9}  {'hb age':>6}  {'last->kill':>10}  {'kill->promoted':>14}  "
+          f"{'kill->resume':>12}  {'outage':>6}  {'drained':>7}  {'refetched':>9}  {'sha256':>6}  {'total':>6}")
+LEGEND = """\
+seconds. killed at: verified chunks when the SIGKILL was sent. hb age: age of the backup's last
+heartbeat at the kill. last->kill: last chunk verified before the kill to the kill. kill->promoted:
+to the backup's first 'active' status. kill->resume: to the first chunk after the outage. outage:
+the client-visible gap. drained: chunks verified after the kill from the dead main's socket
+buffers (before the gap). refetched: duplicate_chunks + (fetched_bytes != size). total: download."""
+
+
+def row(number: int, run: RunResult) -> str:
+    killed = f"{run.chunks_at_kill}/{run.chunks}"
+    return (f"  {number:>3}  {killed:>9}  {fmt_s(run.heartbeat_age_s)}  {fmt_s(run.last_before_to_kill_s):>10}  "
+            f"{fmt_s(run.kill_to_promoted_s):>14}  {fmt_s(run.kill_to_resume_s):>12}  {run.outage_s:6.3f}  "
+            f"{run.drained:>7}  {run.refetched:>9}  {'ok' if run.byte_exact else 'BAD':>6}  {run.seconds:6.2f}")
+
+
+def report(runs: list[RunResult], timeout: float) -> bool:
+    """Print the summary under the table; True if every file is byte-exact."""
+    outages = [run.outage_s for run in runs]
+    promoted = [run.kill_to_promoted_s for run in runs if run.kill_to_promoted_s is not None]
+    resume = [run.kill_to_resume_s - run.kill_to_promoted_s for run in runs if run.kill_to_promoted_s is not None]
+    refetched = sum(run.refetched for run in runs)
+    exact = sum(run.byte_exact for run in runs)
+    worst = max(outages)
+    print()
+    line(f"outage: median / worst of {len(runs)}", f"{statistics.median(outages):.3f} s / {worst:.3f} s "
+                                                 f"(heartbeat_timeout {timeout:g} s)")
+    if promoted:
+        line("kill -> backup promoted: median / worst (info)",
+             f"{statistics.median(promoted):.3f} s / {max(promoted):.3f} s")
+        line("promoted -> client resumed: median / worst (info)",
+             f"{statistics.median(resume):.3f} s / {max(resume):.3f} s")
+    line("load average at the end (info)", " ".join(f"{v:.2f}" for v in os.getloadavg()))
+    line(f"TARGET worst outage <= heartbeat_timeout + {OUTAGE_SLACK_S:g} s",
+         f"{worst:.3f} s (<= {timeout + OUTAGE_SLACK_S:g} s)  {verdict(worst <= timeout + OUTAGE_SLACK_S)}")
+    line("TARGET no verified chunk fetched twice", f"{refetched} refetched  {verdict(refetched == 0)}")
+    line("TARGET every file byte-exact", f"{exact}/{len(runs)}  {verdict(exact == len(runs))}")
+    return exact == len(runs)
+
+
+def line(label: str, value: str) -> None:
+    print(f"  {label:50} {value}")
+
+
+class Interrupts:
+    """SIGINT and SIGTERM raise ``KeyboardInterrupt``, except while a process is being started.
+
+    ``launcher.ServerProcess`` waits for its process to listen inside its
+    constructor; interrupted there, the process would be left running with
+    nobody holding it. So an interrupt in ``deferred()`` is raised at its end.
+    """
+
+    def __init__(self) -> None:
+        self._deferring = False
+        self._pending = False
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self._deferring:
+            self._pending = True
+            return
+        raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        self._deferring = True
+        try:
+            yield
+        finally:
+            self._deferring = False
+        if self._pending:
+            raise KeyboardInterrupt
+
+
+INTERRUPTS: Interrupts | None = None
+
+
+def starting() -> contextlib.AbstractContextManager:
+    """Defer Ctrl-C and SIGTERM while a process starts (when run as a program)."""
+    return INTERRUPTS.deferred() if INTERRUPTS else contextlib.nullcontext()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", type=parse_size, default=256 << 20, help="file size: bytes, or 256M, 1G ... "
+                        "(default 256M)")
+    parser.add_argument("--runs", type=int, default=5, help="failovers to measure (default 5)")
+    parser.add_argument("--interval", type=float, default=1.0, help="heartbeat_interval in seconds (default 1)")
+    parser.add_argument("--timeout", type=float, default=3.0, help="heartbeat_timeout in seconds (default 3)")
+    parser.add_argument("--throttle", type=parse_size, default=None, metavar="RATE",
+                        help="pace the main's link at RATE bytes/s through a proxy (e.g. 100M); default off")
+    parser.add_argument("--seed", type=int, default=None, help="seed for the kill points and file contents")
+    args = parser.parse_args(argv)
+    if args.runs < 1:
+        parser.error("--runs must be at least 1")
+    if not 0 < args.interval < args.timeout:
+        parser.error("need 0 < --interval < --timeout")
+    if args.size < 10 * CHUNK_BYTES:
+        parser.error("--size must be at least 10 MiB (10 chunks), to kill the main mid-download")
+    # SIGTERM unwinds like Ctrl-C, so the finally blocks stop processes and remove the folders.
+    global INTERRUPTS
+    INTERRUPTS = Interrupts()
+    seed = args.seed if args.seed is not None else secrets.randbits(32)
+    rng = random.Random(seed)
+    link = (f"THROTTLED: the main's link is paced at {args.throttle / (1 << 20):.0f} MiB/s by a proxy" if args.throttle
+            else "plain loopback, no throttling")
+    print(f"{args.runs} run(s), file of {args.size} bytes ({math.ceil(args.size / CHUNK_BYTES)} chunks of 1 MiB), "
+          f"heartbeat_interval {args.interval:g} s, heartbeat_timeout {args.timeout:g} s, {link}; seed {seed}")
+    print(LEGEND, flush=True)
+    print(f"load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())}", flush=True)
+    runs: list[RunResult] = []
+    try:
+        print(HEADER, flush=True)
+        for number in range(1, args.runs + 1):
+            folder = Path(tempfile.mkdtemp(prefix="minitorrent-failover-"))
+            try:
+                run = one_run(folder, args.size, args.interval, args.timeout, args.throttle, rng)
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
+            runs.append(run)
+            print(row(number, run), flush=True)
+    except BenchError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    return 0 if report(runs, args.timeout) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
