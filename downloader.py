@@ -24,29 +24,38 @@ The life of a download of ``NAME`` into ``DIR``:
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import logging
 import os
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import protocol
+from chunkboard import ChunkBoard, Source
 from database import ClientStore, DownloadState
 from error_handler import ConnectionFailed, DownloadError, MiniTorrentError, RemoteError, backoff_delays
 from integrity import Manifest, sha256_file
 from protocol import ErrorCode, ProtocolError, check_file_name
-from remote import MAX_RECONNECT_DELAY_S, ServerClient, ServerSession
+from remote import MAX_RECONNECT_DELAY_S, ConnectionPool, ServerClient, ServerSession
 from storage import fsync_dir, read_exactly_at
+from throttle import TokenBucket
+
+if TYPE_CHECKING:
+    from seeding import Seeder
 
 log = logging.getLogger(__name__)
 
 STREAMS_PER_DOWNLOAD = 2  # two cores: one stream hashes while the other receives
 MAX_CHUNK_ATTEMPTS = 3  # a chunk failing verification this often means the source is damaged
-MARK_BATCH = 16  # verified chunks recorded per database transaction
+MARK_BATCH = 16  # verified chunks recorded (and offered to peers) per database transaction
+MAX_PEERS_PER_DOWNLOAD = 8  # peer streams of one download, beside the server's
+PEER_REFRESH_S = 1.0  # how often a download asks the tracker for (new) peers
+IDLE_WAIT_S = 0.2  # a stream with nothing to request looks again at least this often
 SYNC_EVERY_BYTES = 64 * 1024 * 1024  # the hasher flushes the .part file this often
 
 
@@ -60,6 +69,7 @@ class Progress:
     fetched_bytes: int  # received in this run (resumed bytes excluded)
     chunks_done: int
     chunks_total: int
+    sources: dict[str, int] = field(default_factory=dict)  # bytes received per source ("server", "peer h:p")
 
 
 @dataclass(frozen=True)
@@ -74,7 +84,8 @@ class DownloadResult:
     resumed_chunks: int
     seconds: float
     manifest: Manifest
-    duplicate_chunks: int = 0  # chunks verified twice in this run: always 0, tests check it
+    duplicate_chunks: int = 0  # requests for chunks already verified: always 0, tests check it
+    sources: dict[str, int] = field(default_factory=dict)  # bytes received per source
 
 
 class Downloader:
@@ -88,12 +99,22 @@ class Downloader:
         pipeline_depth: int,
         on_progress: Callable[[Progress], None] | None = None,
         report_downloads: bool = True,
+        use_peers: bool = True,
+        seeder: Seeder | None = None,
+        download_limit: TokenBucket | None = None,
     ) -> None:
         self.server = server
         self.store = store
         self.pipeline_depth = pipeline_depth
         self.on_progress = on_progress
         self.report_downloads = report_downloads  # False for server-to-server copies, which are no downloads
+        self.use_peers = use_peers
+        self.seeder = seeder  # offers what is verified to other clients while downloading
+        self.download_limit = download_limit or TokenBucket(0)
+
+    def seed_port(self) -> int:
+        """This client's seed port (0 if not seeding): the tracker leaves us out of our own peers."""
+        return self.seeder.server.address[1] if self.seeder else 0
 
     def download(self, name: str, output_dir: Path) -> DownloadResult:
         """Download ``name`` into ``output_dir``; raise ``DownloadError`` with a one-line reason.
@@ -116,7 +137,7 @@ class Downloader:
         if self.report_downloads:
             self._report(name, manifest)
         return DownloadResult(name, final, "downloaded", manifest.size, fetched, resumed, time.monotonic() - started,
-                              manifest, job.duplicate_chunks)
+                              manifest, job.duplicate_chunks, job.sources())
 
     def _fetch_manifest(self, name: str) -> Manifest:
         try:
@@ -149,7 +170,13 @@ def _checked_name(name: str) -> str:
 
 
 class _Job:
-    """The state of one running download, shared by its stream threads."""
+    """The state of one running download, shared by its stream threads.
+
+    The servers (two streams, failing over between main and backup) and each
+    peer the tracker names (one stream each) pull work from one
+    ``ChunkBoard``; every chunk is verified before it is written, whoever
+    sent it.
+    """
 
     def __init__(self, owner: Downloader, name: str, final: Path, manifest: Manifest) -> None:
         self.owner = owner
@@ -160,7 +187,6 @@ class _Job:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._failure: BaseException | None = None
-        self._queue: deque[int] = deque()
         self._attempts: dict[int, int] = {}
         self._unmarked: list[int] = []
         self._done_bytes = 0
@@ -169,7 +195,11 @@ class _Job:
         self._last_progress = time.monotonic()
         self._hasher: _WholeFileHasher | None = None
         self._verified: set[int] = set()
-        self.duplicate_chunks = 0
+        self.duplicate_chunks = 0  # requests for chunks already verified: the board must make this 0
+        self.board = ChunkBoard(manifest.chunk_count)
+        self.server_source = Source("server", is_server=True)
+        self._peers: dict[tuple[str, int], Source] = {}
+        self._threads: list[threading.Thread] = []
 
     # The whole run ---------------------------------------------------------------
 
@@ -194,6 +224,11 @@ class _Job:
         self._install(state)
         return self._fetched_bytes, len(resumed)
 
+    def sources(self) -> dict[str, int]:
+        """Bytes received in this run from each source that sent any."""
+        everyone = [self.server_source, *self._peers.values()]
+        return {source.label: source.bytes for source in everyone if source.bytes}
+
     def _recheck_resumed(self, fd: int, state: DownloadState) -> set[int]:
         if not state.verified:
             return set()
@@ -209,9 +244,11 @@ class _Job:
         if not resumed:
             os.ftruncate(fd, 0)  # a leftover .part with no record is not trusted
         os.ftruncate(fd, self.manifest.size)
-        self._queue.extend(i for i in range(self.manifest.chunk_count) if i not in resumed)
+        self.board.done.update(resumed)
+        self._verified = set(resumed)
         self._chunks_done = len(resumed)
         self._done_bytes = sum(self.manifest.chunk_span(i)[1] for i in resumed)
+        self._share_partial()
         self._notify()
 
     def _check_whole_file(self, state: DownloadState) -> None:
@@ -222,6 +259,8 @@ class _Job:
         if self._hasher.hexdigest() != self.manifest.sha256:
             self.owner.store.abandon_download(str(self.final))
             self.part.unlink(missing_ok=True)
+            if self.owner.seeder:
+                self.owner.seeder.source.drop(self.manifest.sha256)
             raise DownloadError(f"{self.name}: whole-file SHA-256 does not match the manifest; download discarded")
 
     def _install(self, state: DownloadState) -> None:
@@ -230,6 +269,9 @@ class _Job:
         except FileExistsError as error:
             raise DownloadError(f"{self.final} appeared during the download; kept {self.part.name}") from error
         fsync_dir(self.final.parent)
+        if self.owner.seeder:  # seed from the final name before the .part goes
+            self.owner.seeder.source.add_complete(self.final, self.name, self.manifest)
+            self.owner.seeder.changed()
         self.part.unlink()
         self.owner.store.finish_download(state.id)
         log.info("%s: downloaded and verified (%d bytes)", self.name, self.manifest.size)
@@ -237,29 +279,56 @@ class _Job:
     # Streams --------------------------------------------------------------------
 
     def _fetch_all(self, fd: int, state: DownloadState) -> None:
-        if not self._queue:
+        if self.board.finished:
             return
-        streams = [
-            threading.Thread(target=self._stream, args=(fd, state), name=f"get-{self.name[:20]}-{n}", daemon=True)
-            for n in range(min(STREAMS_PER_DOWNLOAD, len(self._queue)))
-        ]
-        for thread in streams:
-            thread.start()
-        for thread in streams:
-            thread.join()
+        for n in range(STREAMS_PER_DOWNLOAD):
+            self._spawn(self._server_stream, (fd, state), f"get-{self.name[:16]}-server{n}")
+        next_refresh = time.monotonic()
+        try:
+            while not self._stop.is_set() and not self.board.finished:
+                if self.owner.use_peers and time.monotonic() >= next_refresh:
+                    self._find_peers(fd, state)
+                    next_refresh = time.monotonic() + PEER_REFRESH_S
+                self.board.wait_until_finished(max(0.0, next_refresh - time.monotonic()))
+        finally:
+            self.board.close()
+            for thread in self._threads:
+                thread.join()
 
-    def _stream(self, fd: int, state: DownloadState) -> None:
-        """One stream: keep a connection busy with chunk requests until none are left."""
+    def _spawn(self, target: Callable, args: tuple, name: str) -> None:
+        thread = threading.Thread(target=target, args=args, name=name, daemon=True)
+        self._threads.append(thread)
+        thread.start()
+
+    def _find_peers(self, fd: int, state: DownloadState) -> None:
+        """Ask the tracker who holds this file; start a stream for each new peer."""
+        request = protocol.GetPeers(self.manifest.sha256, self.owner.seed_port())
+        reply = self.owner.server.try_call(lambda s: s.call(request, protocol.PeerList))
+        for entry in reply.message.peers if reply else []:
+            try:
+                address, have = (str(entry["host"]), int(entry["port"])), _peer_have(entry, self.manifest)
+            except (KeyError, TypeError, ValueError):
+                continue  # a malformed entry names nobody we could reach
+            source = self._peers.get(address)
+            if source is None and len(self._peers) < MAX_PEERS_PER_DOWNLOAD:
+                source = self._peers[address] = Source(f"peer {address[0]}:{address[1]}", have=have)
+                self.board.add_peer(source)
+                self._spawn(self._peer_stream, (source, address, fd, state), f"get-{self.name[:16]}-{source.label}")
+            elif source is not None and not source.dropped:
+                self.board.update_have(source, have)
+
+    def _server_stream(self, fd: int, state: DownloadState) -> None:
+        """Keep a connection to the active server busy until the board is done; fail over as needed."""
         buffer = bytearray(self.manifest.chunk_size)
         delays = backoff_delays(cap_s=MAX_RECONNECT_DELAY_S)
         server = self.owner.server
         try:
-            while not self._stop.is_set() and self._has_work():
+            while not self._stop.is_set() and not self.board.closed:
                 try:
                     pool = server.active_pool()
                     try:
                         with pool.session() as session:
-                            self._pump(session, fd, state, buffer)
+                            self._pump(session, self.server_source, fd, state, buffer)
                     except ConnectionFailed:
                         server.forget(pool)  # the next attempt asks every server who is active
                         raise
@@ -269,44 +338,77 @@ class _Job:
         except BaseException as error:  # hand the failure to the thread running the job
             self._fail(error)
 
-    def _pump(self, session: ServerSession, fd: int, state: DownloadState, buffer: bytearray) -> None:
+    def _peer_stream(self, source: Source, address: tuple[str, int], fd: int, state: DownloadState) -> None:
+        """Pull chunks from one peer; any failure drops it (the others and the server carry on)."""
+        buffer = bytearray(self.manifest.chunk_size)
+        pool = ConnectionPool(*address, io_timeout_s=self.owner.server.pools[0].io_timeout_s, max_idle=1)
+        try:
+            with pool.session() as session:
+                self._pump(session, source, fd, state, buffer)
+        except (ConnectionFailed, RemoteError, ProtocolError) as error:
+            self.board.drop(source, str(error))
+            log.info("%s: stopped using %s: %s", self.name, source.label, error)
+        except BaseException as error:
+            self._fail(error)
+        finally:
+            pool.close()
+
+    def _pump(self, session: ServerSession, source: Source, fd: int, state: DownloadState,
+              buffer: bytearray) -> None:
+        """Keep ``pipeline_depth`` requests in flight on ``session`` and take in the replies."""
         in_flight: deque[int] = deque()
         try:
-            while not self._stop.is_set():
-                self._send_requests(session, in_flight)
+            while not self._stop.is_set() and not source.dropped:
+                self._send_requests(session, source, in_flight)
                 if not in_flight:
-                    return
+                    if self.board.closed:
+                        return
+                    self.board.wait_for_change(IDLE_WAIT_S)
+                    continue
                 index = in_flight.popleft()
                 try:
                     frame = session.receive(protocol.ChunkData, buffer)
+                except RemoteError as error:
+                    self.board.release([index], source)
+                    self._refused(source, index, error)
+                    continue
                 except BaseException:
                     in_flight.appendleft(index)
                     raise
-                self._accept_chunk(fd, state, index, frame)
+                self._accept_chunk(fd, state, source, index, frame)
         finally:
-            self._requeue(in_flight)
+            self.board.release(list(in_flight), source)
 
-    def _send_requests(self, session: ServerSession, in_flight: deque[int]) -> None:
-        wanted = []
-        with self._lock:
-            while self._queue and len(in_flight) + len(wanted) < self.owner.pipeline_depth:
-                wanted.append(self._queue.popleft())
+    def _send_requests(self, session: ServerSession, source: Source, in_flight: deque[int]) -> None:
+        wanted = self.board.take(source, self.owner.pipeline_depth - len(in_flight))
         if not wanted:
             return
+        with self._lock:
+            self.duplicate_chunks += sum(1 for i in wanted if i in self._verified)
         in_flight.extend(wanted)
         session.connection.send_many([protocol.GetChunk(self.name, self.manifest.sha256, i) for i in wanted])
 
-    def _accept_chunk(self, fd: int, state: DownloadState, index: int, frame: protocol.Frame) -> None:
-        reply = frame.message
-        if reply.index != index or not self.manifest.verify_chunk(index, frame.payload):
-            self._strike(index)
-            return
+    def _refused(self, source: Source, index: int, error: RemoteError) -> None:
+        """A source answered a chunk request with an error."""
+        if source.is_server:
+            raise error  # the server does not have what its manifest promised: fatal
+        if error.code == ErrorCode.NOT_FOUND and source.have is not None:
+            self.board.update_have(source, source.have - {index})  # its announcement was ahead of it
+        else:
+            raise error
+
+    def _accept_chunk(self, fd: int, state: DownloadState, source: Source, index: int,
+                      frame: protocol.Frame) -> None:
         offset, length = self.manifest.chunk_span(index)
+        if frame.message.index != index or not self.manifest.verify_chunk(index, frame.payload):
+            self.board.release([index], source)
+            self._strike(source, index)
+            return
+        self.owner.download_limit.consume(length)
+        if not self.board.arrived(index, source, length):
+            return  # an endgame duplicate: the other copy won
         os.pwrite(fd, frame.payload, offset)
         with self._lock:
-            if index in self._verified:
-                self.duplicate_chunks += 1
-                return
             self._verified.add(index)
             self._chunks_done += 1
             self._done_bytes += length
@@ -319,12 +421,14 @@ class _Job:
             self._flush_marks(state)
         self._notify()
 
-    def _strike(self, index: int) -> None:
+    def _strike(self, source: Source, index: int) -> None:
+        if not source.is_server:
+            dropped = self.board.strike(source, f"chunk {index}")
+            log.warning("%s: chunk %d from %s failed SHA-256 verification (strike %d%s)", self.name, index,
+                        source.label, source.strikes, "; dropped" if dropped else "")
+            return
         with self._lock:
-            attempts = self._attempts.get(index, 0) + 1
-            self._attempts[index] = attempts
-            if attempts < MAX_CHUNK_ATTEMPTS:
-                self._queue.append(index)
+            attempts = self._attempts[index] = self._attempts.get(index, 0) + 1
         log.warning("%s: chunk %d failed SHA-256 verification (attempt %d)", self.name, index, attempts)
         if attempts >= MAX_CHUNK_ATTEMPTS:
             raise DownloadError(
@@ -343,15 +447,6 @@ class _Job:
 
     # Shared bookkeeping -----------------------------------------------------------
 
-    def _has_work(self) -> bool:
-        with self._lock:
-            return bool(self._queue)
-
-    def _requeue(self, indexes: deque[int]) -> None:
-        with self._lock:
-            self._queue.extendleft(reversed(indexes))
-        indexes.clear()
-
     def _fail(self, error: BaseException) -> None:
         if isinstance(error, RemoteError):
             error = DownloadError(f"{self.name}: {_explain(error)}")
@@ -361,20 +456,40 @@ class _Job:
             if self._failure is None:
                 self._failure = error
         self._stop.set()
+        self.board.close()
 
     def _flush_marks(self, state: DownloadState) -> None:
         with self._lock:
             batch, self._unmarked = self._unmarked, []
         if batch:
             self.owner.store.mark_verified(state.id, batch)
+            self._share_partial()
+
+    def _share_partial(self) -> None:
+        """Offer the verified chunks to peers (when seeding) and tell the tracker."""
+        seeder = self.owner.seeder
+        if seeder is None:
+            return
+        with self._lock:
+            verified = set(self._verified)
+        seeder.source.update_partial(self.part, self.name, self.manifest, verified)
+        seeder.changed()
 
     def _notify(self) -> None:
         if self.owner.on_progress is None:
             return
         with self._lock:
             progress = Progress(self.name, self.manifest.size, self._done_bytes, self._fetched_bytes,
-                                self._chunks_done, self.manifest.chunk_count)
+                                self._chunks_done, self.manifest.chunk_count, self.sources())
         self.owner.on_progress(progress)
+
+
+def _peer_have(entry: dict, manifest: Manifest) -> set[int] | None:
+    """The chunks a tracker entry says a peer holds (None: all of them)."""
+    have = entry.get("have")
+    if have is None:
+        return None
+    return protocol.bitmap_to_chunks(base64.b64decode(have, validate=True), manifest.chunk_count)
 
 
 def _explain(error: RemoteError) -> str:

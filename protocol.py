@@ -412,6 +412,20 @@ class PeerList(Message):
     peers: list
 
 
+def chunks_to_bitmap(indexes: set[int], count: int) -> bytes:
+    """One bit per chunk, set for those in ``indexes``."""
+    bitmap = bytearray((count + 7) // 8)
+    for index in indexes:
+        bitmap[index // 8] |= 1 << (index % 8)
+    return bytes(bitmap)
+
+
+def bitmap_to_chunks(bitmap: bytes | memoryview, count: int) -> set[int]:
+    """The chunk indexes whose bit is set."""
+    bitmap = bytes(bitmap)
+    return {i for i in range(min(count, 8 * len(bitmap))) if bitmap[i // 8] >> (i % 8) & 1}
+
+
 def encode_holdings(files: dict[str, bytes | None]) -> bytes:
     """The payload of an ``Announce``: per SHA-256, a chunk bitmap or None (whole file)."""
     entries = [{"sha256": sha256, "have": encode_bitmap(have)} for sha256, have in files.items()]

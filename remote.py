@@ -278,6 +278,20 @@ class ServerClient:
         return retry(attempt, deadline_s=self.retry_deadline_s, retry_on=(ConnectionFailed,),
                      max_delay_s=MAX_RECONNECT_DELAY_S, stop=self.stop, on_retry=note)
 
+    def try_call(self, operation: Callable[[ServerSession], T]) -> T | None:
+        """One attempt at ``operation`` on the active server; None if no server answers now."""
+        try:
+            pool = self.active_pool()
+            try:
+                with pool.session() as session:
+                    return operation(session)
+            except ConnectionFailed:
+                self.forget(pool)
+                raise
+        except ConnectionFailed as error:
+            log.debug("no answer now: %s", error)
+            return None
+
     def list_files(self, search: str = "") -> list[dict]:
         """Every catalog entry matching ``search``, fetched page by page."""
         entries: list[dict] = []

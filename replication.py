@@ -66,20 +66,6 @@ def decode_document(payload: bytes | memoryview) -> dict:
     return document
 
 
-def chunks_to_bitmap(indexes: set[int], count: int) -> bytes:
-    """One bit per chunk, set for those in ``indexes``."""
-    bitmap = bytearray((count + 7) // 8)
-    for index in indexes:
-        bitmap[index // 8] |= 1 << (index % 8)
-    return bytes(bitmap)
-
-
-def bitmap_to_chunks(bitmap: bytes | memoryview, count: int) -> set[int]:
-    """The chunk indexes whose bit is set."""
-    bitmap = bytes(bitmap)
-    return {i for i in range(min(count, 8 * len(bitmap))) if bitmap[i // 8] >> (i % 8) & 1}
-
-
 class PeerLink:
     """An authenticated session from the main to the backup, reopened on demand."""
 
@@ -292,7 +278,7 @@ class Replicator:
                                        manifest.chunk_count, record.added_at)
         frame = session.call(offer, protocol.ReplicaState, manifest.chunk_digests)
         if not frame.message.complete:
-            held = bitmap_to_chunks(frame.payload, manifest.chunk_count)
+            held = protocol.bitmap_to_chunks(frame.payload, manifest.chunk_count)
             self._acked(sum(manifest.chunk_span(i)[1] for i in held))
             missing = [i for i in range(manifest.chunk_count) if i not in held]
             self._send_chunks(session, record.name, manifest, missing)
@@ -455,7 +441,7 @@ class ReplicaReceiver:
             handler.connection.send(protocol.ReplicaState(manifest.sha256, True))
             return
         state = self._open_partial(offer.name, manifest, offer.added_at).state
-        bitmap = chunks_to_bitmap(state.verified, manifest.chunk_count)
+        bitmap = protocol.chunks_to_bitmap(state.verified, manifest.chunk_count)
         handler.connection.send(protocol.ReplicaState(manifest.sha256, False), bitmap)
 
     def replicate_chunk(self, handler, frame: Frame) -> None:

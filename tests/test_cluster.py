@@ -17,7 +17,8 @@ from cluster import (PEER_PURPOSE, SERVER_PURPOSE, NodeState, Role, RoleChanged,
 from database import ServerStore
 from integrity import build_manifest
 from protocol import ErrorCode, RequestFailed
-from replication import bitmap_to_chunks, chunks_to_bitmap, decode_document, encode_document
+from protocol import bitmap_to_chunks, chunks_to_bitmap
+from replication import decode_document, encode_document
 
 
 @pytest.fixture

@@ -11,6 +11,9 @@ process included) in teardown.
 """
 from __future__ import annotations
 
+import ctypes
+import os
+import platform
 import re
 import signal
 import socket
@@ -136,8 +139,8 @@ class ThrottledProxy:
 
     BLOCK = 16 * 1024
 
-    def __init__(self, target: tuple[str, int], rate_bps: int) -> None:
-        self.target = target
+    def __init__(self, target: Callable[[], tuple[str, int]], rate_bps: int) -> None:
+        self.target = target  # asked at each connection: the target may move to new ports
         self.rate_bps = rate_bps
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.address = self.listener.getsockname()[:2]
@@ -152,7 +155,7 @@ class ThrottledProxy:
             except OSError:
                 return
             try:
-                upstream = socket.create_connection(self.target, timeout=SHORT_TIMEOUT)
+                upstream = socket.create_connection(self.target(), timeout=SHORT_TIMEOUT)
                 upstream.settimeout(None)
             except OSError:
                 client.close()
@@ -196,15 +199,22 @@ class ThrottledProxy:
                 pass
 
 
+class PortTaken(Exception):
+    """A server could not bind its configured port: something else took it after ``free_port``."""
+
+
 class Cluster:
     """A main and a backup process on fixed free ports, their configs, data folders and logs.
 
     Each server instance gets its own config folder (so its ``server.stderr``
     is its own log) while restarts of one server share its data folder.
+    A port found free can be taken by another program before the server binds
+    it (other test runs bind port 0 too): ``start_pair`` then moves both
+    servers to new ports, and a restart waits for its port to be free again.
     """
 
     def __init__(self, root: Path, *, chunk_size: int, heartbeat_interval: float, heartbeat_timeout: float,
-                 failback: str = "auto", backup_secret: str = SECRET, main_sees_backup_at: int | None = None):
+                 failback: str = "auto", backup_secret: str = SECRET):
         self.root = root
         self.main_port, self.backup_port = free_port(), free_port()
         self.main_dir, self.backup_dir = root / "main-data", root / "backup-data"
@@ -212,9 +222,13 @@ class Cluster:
         self.heartbeat = {"heartbeat_interval": heartbeat_interval, "heartbeat_timeout": heartbeat_timeout,
                           "failback": failback}
         self.backup_secret = backup_secret
-        self.main_sees_backup_at = main_sees_backup_at or self.backup_port
+        self.proxy_to_backup: ThrottledProxy | None = None  # set: the main replicates through it
         self.processes: list[ServerProcess] = []
         self.closers: list[Callable[[], None]] = []
+
+    @property
+    def main_sees_backup_at(self) -> int:
+        return self.proxy_to_backup.address[1] if self.proxy_to_backup else self.backup_port
 
     @property
     def main_address(self) -> tuple[str, int]:
@@ -242,14 +256,47 @@ class Cluster:
     def backup_config(self, instance: str = "backup") -> Path:
         return write_config(self.root / instance, self._settings(self.backup_secret, self.backup_port))
 
-    def start_main(self, add: list[Path] = (), instance: str = "main") -> ServerProcess:
-        """Start a main process; it has added ``add`` before it says it listens."""
-        return self._started(ServerProcess(self.main_config(instance), add))
+    def start_pair(self, add: list[Path] = ()) -> tuple[ServerProcess, ServerProcess]:
+        """Start the main (sharing ``add``), then the backup; (main, backup)."""
+        for _ in range(3):
+            try:
+                main = self._start(lambda: ServerProcess(self.main_config(), add))
+            except PortTaken:
+                self.main_port = free_port()
+                continue
+            try:
+                return main, self._start(lambda: ServerProcess(self.backup_config(), script="backup_server.py"))
+            except PortTaken:
+                sigkill(main)  # it knows the old backup port: both start again on new ones
+                self.main_port, self.backup_port = free_port(), free_port()
+        raise AssertionError("three pairs of free ports were taken before the servers could bind them")
 
-    def start_backup(self, instance: str = "backup") -> ServerProcess:
-        return self._started(ServerProcess(self.backup_config(instance), script="backup_server.py"))
+    def start_backup_alone(self) -> ServerProcess:
+        """Start only the backup (no main will ever beat: it promotes itself after heartbeat_timeout)."""
+        return self._start(lambda: ServerProcess(self.backup_config(), script="backup_server.py"))
 
-    def _started(self, process: ServerProcess) -> ServerProcess:
+    def restart_main(self, instance: str) -> ServerProcess:
+        """Start the main again on its data folder and port, logging to ``instance``/server.stderr."""
+        return self._restart(lambda: ServerProcess(self.main_config(instance)))
+
+    def restart_backup(self, instance: str) -> ServerProcess:
+        return self._restart(lambda: ServerProcess(self.backup_config(instance), script="backup_server.py"))
+
+    def _restart(self, start: Callable[[], ServerProcess]) -> ServerProcess:
+        def started():
+            try:
+                return self._start(start)
+            except PortTaken:
+                return None
+        return wait_until(started, SHORT_TIMEOUT, "the server's port to be free for its restart")
+
+    def _start(self, start: Callable[[], ServerProcess]) -> ServerProcess:
+        try:
+            process = start()
+        except RuntimeError as error:
+            if "Address already in use" in str(error):
+                raise PortTaken(str(error)) from error
+            raise
         self.processes.append(process)
         return process
 
@@ -330,6 +377,30 @@ def sigkill(process: ServerProcess) -> None:
     process.process.wait(SHORT_TIMEOUT)
 
 
+TGKILL_SYSCALL = {"x86_64": 234, "aarch64": 131}
+
+
+def signal_thread(pid: int, tid: int, signum: int) -> None:
+    """Send ``signum`` to thread ``tid`` of process ``pid`` (Linux tgkill), as the kernel may choose to."""
+    number = TGKILL_SYSCALL.get(platform.machine())
+    assert number is not None, f"no tgkill syscall number known for {platform.machine()}"
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert 0 == libc.syscall(number, pid, tid, signum), os.strerror(ctypes.get_errno())
+
+
+def asleep_for_good(pid: int) -> Callable[[], bool]:
+    """A condition: the process's main thread has been seen waiting in a futex at every poll for 0.3 s."""
+    since: list[float] = []
+
+    def check() -> bool:
+        if not Path(f"/proc/{pid}/task/{pid}/wchan").read_text().startswith("futex"):
+            since.clear()
+            return False
+        since[:] = since or [time.monotonic()]
+        return time.monotonic() - since[0] >= 0.3
+    return check
+
+
 # 1. The main dies mid-download ------------------------------------------------------------------------------
 
 
@@ -340,8 +411,7 @@ class TestMainKilledMidDownload:
         size = 64 * MiB
         source = make_file(tmp_path / "src" / "big.bin", size, seed=11)
         c = cluster(chunk_size=MiB, heartbeat_interval=1, heartbeat_timeout=3)
-        main = c.start_main(add=[source])
-        c.start_backup()
+        main, _ = c.start_pair(add=[source])
         c.wait_replicated({"big.bin": source})
         main_epoch = c.status("main")["epoch"]
         proxy = SlowProxy(c.main_address, 8_000_000)  # about 8 s for the whole file: still running at the kill
@@ -376,11 +446,10 @@ class TestBackupKilledDuringInitialSync:
         total = size // chunk
         source = make_file(tmp_path / "src" / "huge.bin", size, seed=12)
         c = cluster(chunk_size=chunk, heartbeat_interval=1, heartbeat_timeout=3)
-        proxy = ThrottledProxy(c.backup_address, 24_000_000)  # about 4 s for the whole sync
+        proxy = ThrottledProxy(lambda: c.backup_address, 24_000_000)  # about 4 s for the whole sync
         c.closers.append(proxy.close)
-        c.main_sees_backup_at = proxy.address[1]  # the main replicates through the proxy; clients go direct
-        main = c.start_main(add=[source])
-        backup = c.start_backup()
+        c.proxy_to_backup = proxy  # the main replicates through the proxy; clients would go direct
+        main, backup = c.start_pair(add=[source])
 
         def quarter_acknowledged():
             status = c.status("main")
@@ -390,12 +459,14 @@ class TestBackupKilledDuringInitialSync:
         sigkill(backup)
         assert not holds(c.backup_dir, "huge.bin", source), "the sync ended before the kill: the test proved nothing"
 
-        restarted = c.start_backup(instance="backup-2")
+        restarted = c.restart_backup(instance="backup-2")
         c.wait_replicated({"huge.bin": source})
 
         resumed = re.findall(r"resuming replication of huge\.bin: (\d+) of (\d+) chunks already verified",
                              log_of(restarted))
-        sent = [int(n) for n in re.findall(r"sent (\d+) chunks of huge\.bin to the backup", log_of(main))]
+        sent = wait_until(lambda: [int(n) for n in re.findall(r"sent (\d+) chunks of huge\.bin to the backup",
+                                                              log_of(main))],
+                          SHORT_TIMEOUT, "the main to log the chunks it sent")  # it logs after the last ack
         assert 1 == len(resumed), log_of(restarted)
         already, of = map(int, resumed[0])
         assert (total, True) == (of, already >= total // 4), resumed
@@ -416,8 +487,7 @@ class TestFailback:
         files = {"alpha.bin": make_file(tmp_path / "src" / "alpha.bin", 3 * MiB + 5, seed=21),
                  "beta.bin": make_file(tmp_path / "src" / "beta.bin", 2 * MiB, seed=22)}
         c = cluster(chunk_size=256 * 1024, heartbeat_interval=0.5, heartbeat_timeout=2)
-        main = c.start_main(add=list(files.values()))
-        c.start_backup()
+        main, _ = c.start_pair(add=list(files.values()))
         c.wait_replicated(files)
         engine = c.client()
 
@@ -433,7 +503,7 @@ class TestFailback:
         assert sha256_file(files["beta.bin"]) == sha256_file(tmp_path / "dl2" / "beta.bin")
         assert "backup" == engine.status()["server"]
 
-        restarted = c.start_main(instance="main-2")
+        restarted = c.restart_main(instance="main-2")
         c.wait_main_took_back(backup_epoch)
         assert "catching up" in log_of(restarted)
 
@@ -471,8 +541,7 @@ class TestSplitBrain:
         main_clash = make_file(src / "main-side" / "clash.txt", 300_000, seed=34)
         backup_clash = make_file(src / "backup-side" / "clash.txt", 200_000, seed=35)
         c = cluster(chunk_size=256 * 1024, heartbeat_interval=0.5, heartbeat_timeout=2)
-        main = c.start_main(add=list(files.values()))
-        c.start_backup()
+        main, _ = c.start_pair(add=list(files.values()))
         c.wait_replicated(files)
         main_epoch = c.status("main")["epoch"]
 
@@ -528,8 +597,7 @@ class TestWrongSecret:
         source = make_file(tmp_path / "src" / "doc.bin", 300_000, seed=41)
         c = cluster(chunk_size=64 * 1024, heartbeat_interval=0.5, heartbeat_timeout=2,
                     backup_secret="not the main's secret")
-        main = c.start_main(add=[source])
-        backup = c.start_backup()
+        main, backup = c.start_pair(add=[source])
 
         wait_until(lambda: "failed authentication: wrong server.secret" in log_of(backup), SHORT_TIMEOUT,
                    "the backup to log the peer's failed authentication")
@@ -553,14 +621,13 @@ class TestManualFailback:
         """failback: manual: the restarted main stays standby until the backup gets SIGUSR1."""
         source = make_file(tmp_path / "src" / "doc.bin", MiB, seed=51)
         c = cluster(chunk_size=256 * 1024, heartbeat_interval=0.5, heartbeat_timeout=2, failback="manual")
-        main = c.start_main(add=[source])
-        backup = c.start_backup()
+        main, backup = c.start_pair(add=[source])
         c.wait_replicated({"doc.bin": source})
         main_epoch = c.status("main")["epoch"]
         sigkill(main)
         backup_epoch = c.wait_backup_active(above_epoch=main_epoch)
 
-        restarted = c.start_main(instance="main-2")
+        restarted = c.restart_main(instance="main-2")
         wait_until(lambda: log_of(restarted).count("waits for its operator") >= 3, FAILOVER_TIMEOUT,
                    "the main to ask for the role three times")
         main_role, backup_role = c.roles()
@@ -570,9 +637,36 @@ class TestManualFailback:
         assert "backup" == engine.status()["server"]
 
         backup.process.send_signal(signal.SIGUSR1)
+        wait_until(lambda: "the operator approved" in log_of(backup), SHORT_TIMEOUT,
+                   "the backup to act on SIGUSR1 (lost? see test_sigusr1_to_any_thread_is_acted_on)")
         c.wait_main_took_back(backup_epoch)
         assert ["doc.bin"] == [e["name"] for e in engine.list_files()]
         assert "main" == engine.status()["server"]
+
+
+class TestSignals:
+    @pytest.mark.timeout(30)
+    def test_sigusr1_to_any_thread_is_acted_on(self, cluster):
+        """SIGUSR1 approves the hand-back whichever of the backup's threads the kernel delivers it to.
+
+        POSIX lets the kernel hand a process-directed signal to any thread that
+        does not block it (about 1 signal in 200 went to a worker thread here,
+        under load). Python runs signal handlers only in the main thread, and
+        only when it runs Python code: a main thread asleep in ``Event.wait()``
+        with no timeout (``daemon.serve_until_signalled``) never does, so the
+        operator's approval (or a SIGTERM) is lost. The test sends the signal
+        to a worker thread directly (tgkill) to make that choice certain.
+        """
+        c = cluster(chunk_size=64 * 1024, heartbeat_interval=0.5, heartbeat_timeout=60, failback="manual")
+        backup = c.start_backup_alone()
+        pid = backup.process.pid
+        wait_until(asleep_for_good(pid), SHORT_TIMEOUT, "the backup's main thread to wait for signals")
+        worker = min(int(tid) for tid in os.listdir(f"/proc/{pid}/task") if int(tid) != pid)
+
+        signal_thread(pid, worker, signal.SIGUSR1)
+        wait_until(lambda: "the operator approved" in log_of(backup), SHORT_TIMEOUT,
+                   "the backup to act on a SIGUSR1 delivered to a worker thread; it was lost: the main thread "
+                   "sleeps in Event.wait() without a timeout, so Python never runs the handler")
 
 
 # 7. Fencing by a client's hello -----------------------------------------------------------------------------------
