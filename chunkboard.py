@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 MAX_STRIKES = 3  # bad chunks a peer may send before it is dropped for the rest of the download
 ENDGAME_CHUNKS = 4  # duplicate requests are allowed once this few chunks remain
+SERVER_DEPTH_WITH_PEERS = 4  # chunks in flight from the server, all its streams together, while peers help
 
 
 @dataclass(eq=False)
@@ -86,9 +87,17 @@ class ChunkBoard:
             self._cond.notify_all()
 
     def take(self, source: Source, limit: int) -> list[int]:
-        """Up to ``limit`` chunks for ``source`` to request now (may be empty)."""
+        """Up to ``limit`` chunks for ``source`` to request now (may be empty).
+
+        The server gets a shorter pipeline while peers are around, so that it
+        does not tie up chunks the peers could bring faster.
+        """
         with self._cond:
             if source.dropped or self.closed:
+                return []
+            if source.is_server and self._peers:
+                limit = min(limit, SERVER_DEPTH_WITH_PEERS - self._server_in_flight())
+            if limit <= 0:
                 return []
             wanted = self._fresh_chunks(source, limit)
             if not wanted and self.count - len(self.done) <= ENDGAME_CHUNKS:
@@ -161,7 +170,9 @@ class ChunkBoard:
         if source.is_server:
             while self._server_order and self._server_order[0] in self.done:
                 self._server_order.popleft()  # keeps the scan short: only in-flight chunks stay ahead
-            candidates = (i for i in self._server_order if self._is_open(i))
+            # What no peer holds comes from the server first; what peers hold is left to them.
+            open_chunks = [i for i in self._server_order if self._is_open(i)]
+            candidates = iter(sorted(open_chunks, key=lambda i: self._availability.get(i, 0) > 0))
         else:
             held = range(self.count) if source.have is None else source.have
             candidates = iter(sorted((i for i in held if self._is_open(i)),
@@ -176,6 +187,9 @@ class ChunkBoard:
     def _endgame_chunks(self, source: Source, limit: int) -> list[int]:
         return [i for i, holders in self._in_flight.items()
                 if source not in holders and source.holds(i) and i not in self.done][:limit]
+
+    def _server_in_flight(self) -> int:
+        return sum(1 for holders in self._in_flight.values() if any(h.is_server for h in holders))
 
     def _is_open(self, index: int) -> bool:
         return index not in self.done and index not in self._in_flight

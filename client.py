@@ -3,6 +3,7 @@
     python client.py [--config PATH] list [--json] [--search TEXT]
     python client.py [--config PATH] get NAME [NAME ...] [--output DIR]
     python client.py [--config PATH] status [--json]
+    python client.py [--config PATH] seed
 
 Exit status: 0 on success, 1 when a command failed (the reason is one line on
 stderr), 2 for a bad command line or configuration, 130 when interrupted.
@@ -18,12 +19,15 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from config_loader import Config, load_config
+from daemon import serve_until_signalled
 from database import ClientStore
 from downloader import Downloader, DownloadResult, Progress
 from error_handler import MiniTorrentError
 from logger_config import setup_logging
 from progress import TerminalProgress, human_size
 from remote import ServerClient
+from seeding import Seeder
+from throttle import TokenBucket
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +48,30 @@ class ClientEngine:
             retry_deadline_s=config.client.retry_deadline,
         )
         self.store = ClientStore(config.client.data_dir / "client.db")
+        self.download_limit = TokenBucket(transfer.download_limit)
+        self.seeder = Seeder(config, self.server, self.store) if config.client.seeding else None
+        self._seeding = False
         self.downloader = Downloader(self.server, self.store, pipeline_depth=transfer.pipeline_depth,
-                                     on_progress=on_progress)
+                                     on_progress=on_progress, seeder=self.seeder,
+                                     download_limit=self.download_limit)
+
+    def start_seeding(self) -> tuple[str, int] | None:
+        """Serve what this client holds to peers (if ``client.seeding``); the seed address."""
+        if self.seeder is None or self._seeding:
+            return self.seeder.server.address if self._seeding else None
+        self._seeding = True
+        return self.seeder.start()
+
+    def set_limits(self, upload_bps: int, download_bps: int) -> None:
+        """Change the seeder's upload and the downloads' rate limits (bytes/s, 0: unlimited) now."""
+        self.download_limit.set_rate(download_bps)
+        if self.seeder:
+            self.seeder.upload_limit.set_rate(upload_bps)
 
     def close(self) -> None:
-        """Close connections and the state database."""
+        """Stop seeding, close connections and the state database."""
+        if self._seeding:
+            self.seeder.stop()
         self.server.close()
         self.store.close()
 
@@ -83,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     get.add_argument("--output", type=Path, metavar="DIR", help="folder to save into (default: client.download_dir)")
     status = commands.add_parser("status", help="show the server's status and metrics")
     status.add_argument("--json", action="store_true", help="print JSON")
+    commands.add_parser("seed", help="seed the files this client downloaded to other clients, until stopped")
     return parser
 
 
@@ -101,7 +125,17 @@ def run_list(engine: ClientEngine, args: argparse.Namespace) -> int:
     return 0
 
 
+def describe_sources(sources: dict[str, int]) -> str:
+    """", 62% from peers (3)" when peers sent part of a download; empty otherwise."""
+    total = sum(sources.values())
+    from_peers = {label: n for label, n in sources.items() if label.startswith("peer ")}
+    if not total or not from_peers:
+        return ""
+    return f", {100 * sum(from_peers.values()) // total}% from peers ({len(from_peers)})"
+
+
 def run_get(engine: ClientEngine, args: argparse.Namespace) -> int:
+    engine.start_seeding()  # while downloading, already verified chunks help the crowd
     failed = 0
     for name in args.names:
         try:
@@ -111,7 +145,8 @@ def run_get(engine: ClientEngine, args: argparse.Namespace) -> int:
             failed += 1
             continue
         resumed = f", {result.resumed_chunks} chunks resumed" if result.resumed_chunks else ""
-        print(f"{result.outcome}: {result.path} ({human_size(result.size)}, sha256 verified{resumed})", flush=True)
+        print(f"{result.outcome}: {result.path} ({human_size(result.size)}, sha256 verified{resumed}"
+              f"{describe_sources(result.sources)})", flush=True)
     return 1 if failed else 0
 
 
@@ -141,7 +176,21 @@ def flatten(mapping: dict, prefix: str = "") -> list[tuple[str, object]]:
     return pairs
 
 
-COMMANDS = {"list": run_list, "get": run_get, "status": run_status}
+def run_seed(engine: ClientEngine, args: argparse.Namespace) -> int:
+    if engine.seeder is None:
+        print("error: client.seeding is false in the config; nothing to do", file=sys.stderr)
+        return 2
+
+    def start() -> str:
+        host, port = engine.start_seeding()
+        count, total = engine.seeder.source.count_files()
+        return f"seeding {count} files ({human_size(total)}) on {host}:{port}"
+
+    serve_until_signalled(start, lambda: None, "seeder")  # close() in main() stops it
+    return 0
+
+
+COMMANDS = {"list": run_list, "get": run_get, "status": run_status, "seed": run_seed}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 
 STREAMS_PER_DOWNLOAD = 2  # two cores: one stream hashes while the other receives
 MAX_CHUNK_ATTEMPTS = 3  # a chunk failing verification this often means the source is damaged
-MARK_BATCH = 16  # verified chunks recorded (and offered to peers) per database transaction
+MARK_BATCH = 8  # verified chunks recorded (and offered to peers) per database transaction
 MAX_PEERS_PER_DOWNLOAD = 8  # peer streams of one download, beside the server's
 PEER_REFRESH_S = 1.0  # how often a download asks the tracker for (new) peers
 IDLE_WAIT_S = 0.2  # a stream with nothing to request looks again at least this often
@@ -114,7 +114,7 @@ class Downloader:
 
     def seed_port(self) -> int:
         """This client's seed port (0 if not seeding): the tracker leaves us out of our own peers."""
-        return self.seeder.server.address[1] if self.seeder else 0
+        return self.seeder.port if self.seeder else 0
 
     def download(self, name: str, output_dir: Path) -> DownloadResult:
         """Download ``name`` into ``output_dir``; raise ``DownloadError`` with a one-line reason.

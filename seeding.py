@@ -204,6 +204,11 @@ class Seeder:
             self.announcer.thread.join()
         self.server.stop()
 
+    @property
+    def port(self) -> int:
+        """The port peers reach this seeder on; 0 until it is started."""
+        return self.announcer.port if self.announcer else 0
+
     def changed(self) -> None:
         """Holdings changed: tell the tracker soon."""
         if self.announcer:
