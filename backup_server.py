@@ -95,6 +95,10 @@ class BackupServer:
         self._monitor.start()
         return address
 
+    def set_upload_limit(self, rate_bps: int) -> None:
+        """Change the upload limit for clients' chunks now (bytes/s, 0: unlimited)."""
+        self.server.upload_limit.set_rate(rate_bps)
+
     def stop(self) -> None:
         """Stop serving and watching, and close the replica."""
         self.stop_event.set()

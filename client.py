@@ -186,7 +186,11 @@ def run_seed(engine: ClientEngine, args: argparse.Namespace) -> int:
         count, total = engine.seeder.source.count_files()
         return f"seeding {count} files ({human_size(total)}) on {host}:{port}"
 
-    serve_until_signalled(start, lambda: None, "seeder")  # close() in main() stops it
+    def report() -> None:
+        uploaded = engine.seeder.metrics.snapshot()
+        print(f"uploaded {human_size(uploaded['bytes_sent'])} over {uploaded['connections_total']} connections")
+
+    serve_until_signalled(start, report, "seeder")  # close() in main() stops the seeder itself
     return 0
 
 

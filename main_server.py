@@ -113,6 +113,10 @@ class MainServer:
             self.node.become_active(f"{reason}; serving alone")
         return address
 
+    def set_upload_limit(self, rate_bps: int) -> None:
+        """Change the upload limit for clients' chunks now (bytes/s, 0: unlimited)."""
+        self.server.upload_limit.set_rate(rate_bps)
+
     def stop(self) -> None:
         """Stop serving and replicating, and close the catalog."""
         self.stop_event.set()
@@ -147,8 +151,13 @@ class MainServer:
             return
         self._last_ack = (time.monotonic(), ack)
         backup = f"{self.backup_address[0]}:{self.backup_address[1]}"
-        if ack.epoch > self.node.epoch:  # it took over while we were away, or we lost our state
-            self.node.observe_epoch(ack.epoch, "the backup", primary=backup if ack.role == Role.ACTIVE.value else "")
+        backup_active = ack.role == Role.ACTIVE.value
+        # It took over while we were away, or we lost our state; or it promoted itself to our own epoch
+        # without ever hearing it (no heartbeat reached it before we went silent): a tie nothing else breaks.
+        if ack.epoch > self.node.epoch or (backup_active and ack.epoch == self.node.epoch):
+            self.node.observe_epoch(ack.epoch, "the backup", primary=backup if backup_active else "")
+            if backup_active:
+                self.node.step_down(f"the backup is also active, with epoch {ack.epoch}", backup)
             self._start_catch_up()
         elif self.node.role is Role.STANDBY and not self._catching_up():
             self.node.observe_epoch(ack.epoch, "the backup")
