@@ -1,6 +1,6 @@
 """Benchmark: what a downloading client sees when the main server dies mid-download.
 
-    python bench/failover.py [--size 256M] [--runs 5] [--interval 1] [--timeout 3] [--throttle RATE]
+    python bench/failover.py [--size 256M] [--runs 5] [--interval 1] [--timeout 3] [--throttle RATE] [--seed N]
 
 Each run, all on 127.0.0.1, in a fresh temporary folder that is removed at the
 end of the run (also on Ctrl-C, SIGTERM or an error):
@@ -86,6 +86,7 @@ FILE_NAME = "failover payload.bin"  # a space, as real names have
 IO_TIMEOUT_S = 2.0  # transfer.io_timeout of every program: a silent peer is given up on after this
 CLIENT_RETRY_DEADLINE_S = 30.0  # far above heartbeat_timeout: a failover must never make the client give up
 OUTAGE_SLACK_S = 1.0  # target: outage <= heartbeat_timeout + this
+MIN_SIZE = 64 * CHUNK_BYTES
 KILL_RANGE = (0.10, 0.80)  # the kill lands when this fraction of the chunks is verified
 STATUS_POLL_S = 0.02
 SYNC_TIMEOUT_S = 60.0  # start-up and the first replication, on a loaded machine (plus size / SYNC_RATE_BPS)
@@ -485,6 +486,9 @@ def measure(times: list[float], killer: Killer, watcher: BackupWatcher, result: 
     gaps = [(series[i + 1] - series[i], i) for i in range(len(series) - 1)]
     outage, at = max(gaps)
     promoted = watcher.promoted_at()
+    if promoted is not None and series[at + 1] < promoted - 0.1:  # 0.1 s: the status polling lags a little
+        raise BenchError("the download finished from chunks the main had sent before it died; the file is too "
+                         "small to see a failover: use a larger --size or --throttle")
     return RunResult(
         size=size, chunks=chunks, kill_at=kill_at, chunks_at_kill=killer.chunks_at_kill,
         heartbeat_age_s=watcher.heartbeat_age_at(killed),
@@ -606,8 +610,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--runs must be at least 1")
     if not 0 < args.interval < args.timeout:
         parser.error("need 0 < --interval < --timeout")
-    if args.size < 10 * CHUNK_BYTES:
-        parser.error("--size must be at least 10 MiB (10 chunks), to kill the main mid-download")
+    if args.size < MIN_SIZE:
+        # Two streams with 8 requests in flight each: the last 16 chunks may all be on their way when the
+        # main dies, and then the download ends without the backup.
+        parser.error(f"--size must be at least {MIN_SIZE >> 20} MiB, to kill the main mid-download")
     # SIGTERM unwinds like Ctrl-C, so the finally blocks stop processes and remove the folders.
     global INTERRUPTS
     INTERRUPTS = Interrupts()
