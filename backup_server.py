@@ -22,25 +22,20 @@ import time
 from typing import Sequence
 
 import protocol
-from catalog import Catalog
-from cluster import NodeState, Role
+from cluster import Role
 from config_loader import Config
 from daemon import build_engine, serve_until_signalled
 from error_handler import ConfigError, MiniTorrentError
-from metrics import Metrics
 from protocol import Frame
 from replication import ReplicaReceiver
-from serving import RequestServer
-from storage import FolderLock
-from throttle import TokenBucket
-from tracker import PEER_TTL_INTERVALS, Tracker
+from server_engine import ServerEngine
 
 log = logging.getLogger(__name__)
 
 MONITOR_INTERVAL_S = 0.1  # how often the backup checks the time since the last heartbeat
 
 
-class BackupServer:
+class BackupServer(ServerEngine):
     """The backup's engine: replica catalog, role, heartbeat monitor and request server.
 
     ``start``/``stop`` from one controlling thread; ``promote_now`` and
@@ -50,64 +45,31 @@ class BackupServer:
     def __init__(self, config: Config) -> None:
         if not config.server.secret:
             raise ConfigError("server.secret: must be set for the backup (the main proves it before replicating)")
-        self.config = config
         settings = config.server.backup
         self.heartbeat_timeout_s = settings.heartbeat_timeout
-        self.catalog = Catalog(settings.data_dir, config.transfer.chunk_size)
-        self.node = NodeState(self.catalog.db, "backup", Role.STANDBY)
-        self.metrics = Metrics()
-        self.metrics.set_downloads(self.catalog.download_counts())
-        self.lock = FolderLock(settings.data_dir)
-        self.stop_event = threading.Event()
         self._lock = threading.Lock()
         self._last_heartbeat = time.monotonic()  # counting starts at start-up: the main gets a full timeout
         self._main_address = f"{config.server.main.host}:{config.server.main.port}"
+        super().__init__(config, "backup", settings, secret=config.server.secret)
         self.receiver = ReplicaReceiver(self.catalog, self.node, settings.failback, lambda: self._main_address)
         self.receiver.on_change = lambda: self.metrics.set_downloads(self.catalog.download_counts())
-        handlers = self.receiver.handlers()
-        handlers[protocol.Heartbeat] = self._on_heartbeat
-        handlers[protocol.HandOver] = self._on_hand_over
-        self.server = RequestServer(
-            self.catalog,
-            host=settings.host,
-            port=settings.port,
-            name="backup",
-            max_connections=config.transfer.max_connections,
-            idle_timeout_s=config.transfer.idle_timeout,
-            io_timeout_s=config.transfer.io_timeout,
-            metrics=self.metrics,
-            node=self.node,
-            secret=config.server.secret,
-            peer_handlers=handlers,
-            status_extra=self._status_extra,
-            tracker=Tracker(ttl_s=PEER_TTL_INTERVALS * config.transfer.announce_interval),
-            upload_limit=TokenBucket(config.transfer.upload_limit),
-        )
+        self.server.peer_handlers.update(self.receiver.handlers())  # the receiver needs our catalog: added now
+        self.server.peer_handlers.update({protocol.Heartbeat: self._on_heartbeat,
+                                          protocol.HandOver: self._on_hand_over})
         self._monitor = threading.Thread(target=self._watch_heartbeats, name="heartbeat-monitor", daemon=True)
 
     def start(self) -> tuple[str, int]:
         """Listen and start watching heartbeats; returns the bound (host, port)."""
-        if not self.lock.acquire():
-            raise MiniTorrentError(f"another backup server is running on {self.catalog.data_dir}")
-        address = self.server.start()
+        address = self._listen()
         with self._lock:
             self._last_heartbeat = time.monotonic()
         self._monitor.start()
         return address
 
-    def set_upload_limit(self, rate_bps: int) -> None:
-        """Change the upload limit for clients' chunks now (bytes/s, 0: unlimited)."""
-        self.server.upload_limit.set_rate(rate_bps)
-
-    def stop(self) -> None:
-        """Stop serving and watching, and close the replica."""
-        self.stop_event.set()
-        self.server.stop()
+    def _stop_workers(self) -> None:
         if self._monitor.is_alive():
             self._monitor.join()
         self.receiver.close()
-        self.catalog.close()
-        self.lock.release()
 
     def seconds_since_heartbeat(self) -> float:
         """Time since the last heartbeat from a current main (or since start-up)."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 import logging
 import signal
 import sys
-import threading
 from typing import Callable, TypeVar
 
 from config_loader import Config, load_config
@@ -18,18 +17,24 @@ def serve_until_signalled(start: Callable[[], str], stop: Callable[[], None], na
                           extra: dict[int, Callable[[], None]] | None = None) -> None:
     """Call ``start`` (which returns a banner to print), wait for SIGINT or SIGTERM, then ``stop``.
 
-    ``extra`` maps other signals to actions run in the main thread (for
-    example SIGUSR1: approve a hand-back). The banner goes to stdout, flushed,
-    so that scripts and tests can wait for it.
+    ``extra`` maps other signals to actions (for example SIGUSR1: approve a
+    hand-back). The signals are blocked *before* ``start`` creates any thread,
+    so every thread inherits the block and the kernel can only hand them to
+    the main thread's ``sigwait``; a handler instead would run only when the
+    main thread executes Python code, and a signal delivered to a worker
+    thread while the main one sleeps would be lost. The banner goes to
+    stdout, flushed, so that scripts and tests can wait for it.
     """
-    stopping = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stopping.set())
-    for signum, action in (extra or {}).items():
-        signal.signal(signum, lambda *_, act=action: act())
-    print(start(), flush=True)
-    stopping.wait()
-    stop()
+    actions = dict(extra or {})
+    watched = {signal.SIGINT, signal.SIGTERM, *actions}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, watched)
+    try:
+        print(start(), flush=True)
+        while (received := signal.sigwait(watched)) in actions:
+            actions[received]()
+        stop()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
     print(f"{name} stopped", flush=True)
 
 

@@ -22,24 +22,20 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import protocol
-from catalog import AddResult, Catalog
-from cluster import NodeState, Role
+from catalog import AddResult
+from cluster import Role
 from config_loader import Config
 from daemon import build_engine, serve_until_signalled
 from database import ClientStore
 from error_handler import MiniTorrentError
-from metrics import Metrics
 from remote import ServerClient
 from replication import PEER_ERRORS, Heartbeater, PeerLink, Replicator, catch_up_and_take_over
-from serving import RequestServer
-from storage import FolderLock
-from throttle import TokenBucket
-from tracker import PEER_TTL_INTERVALS, Tracker
+from server_engine import ServerEngine
 
 log = logging.getLogger(__name__)
 
 
-class MainServer:
+class MainServer(ServerEngine):
     """The main server's engine: catalog, role, replication and the request server.
 
     ``start``/``stop`` are called from one controlling thread; ``add_file``
@@ -47,31 +43,10 @@ class MainServer:
     """
 
     def __init__(self, config: Config) -> None:
-        self.config = config
-        settings = config.server.main
-        self.catalog = Catalog(settings.data_dir, config.transfer.chunk_size)
-        self.node = NodeState(self.catalog.db, "main", Role.STANDBY)
-        self.metrics = Metrics()
-        self.metrics.set_downloads(self.catalog.download_counts())
-        self.lock = FolderLock(settings.data_dir)
-        self.stop_event = threading.Event()
+        super().__init__(config, "main", config.server.main)
         backup = config.server.backup
         self.backup_address = (backup.host, backup.port)
         self.replicating = bool(config.server.secret) and backup.port != 0
-        self.server = RequestServer(
-            self.catalog,
-            host=settings.host,
-            port=settings.port,
-            name="main",
-            max_connections=config.transfer.max_connections,
-            idle_timeout_s=config.transfer.idle_timeout,
-            io_timeout_s=config.transfer.io_timeout,
-            metrics=self.metrics,
-            node=self.node,
-            status_extra=self._status_extra,
-            tracker=Tracker(ttl_s=PEER_TTL_INTERVALS * config.transfer.announce_interval),
-            upload_limit=TokenBucket(config.transfer.upload_limit),
-        )
         self.replicator: Replicator | None = None
         self._last_ack: tuple[float, protocol.HeartbeatAck] | None = None
         self._catch_up_thread: threading.Thread | None = None
@@ -102,9 +77,7 @@ class MainServer:
         Raises ``MiniTorrentError`` if another main server runs on this data
         folder or the address cannot be bound.
         """
-        if not self.lock.acquire():
-            raise MiniTorrentError(f"another main server is running on {self.catalog.data_dir}")
-        address = self.server.start()
+        address = self._listen()
         if self.replicating:
             self._start_replication(f"{address[0]}:{address[1]}")
         else:
@@ -113,18 +86,9 @@ class MainServer:
             self.node.become_active(f"{reason}; serving alone")
         return address
 
-    def set_upload_limit(self, rate_bps: int) -> None:
-        """Change the upload limit for clients' chunks now (bytes/s, 0: unlimited)."""
-        self.server.upload_limit.set_rate(rate_bps)
-
-    def stop(self) -> None:
-        """Stop serving and replicating, and close the catalog."""
-        self.stop_event.set()
-        self.server.stop()
+    def _stop_workers(self) -> None:
         for thread in self._threads():
             thread.join(self.config.transfer.io_timeout + 1)
-        self.catalog.close()
-        self.lock.release()
 
     def _threads(self) -> list[threading.Thread]:
         threads = [self._catch_up_thread] + ([self.replicator.thread, self._heartbeater.thread]

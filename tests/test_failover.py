@@ -11,9 +11,7 @@ process included) in teardown.
 """
 from __future__ import annotations
 
-import ctypes
 import os
-import platform
 import re
 import signal
 import socket
@@ -271,6 +269,10 @@ class Cluster:
                 self.main_port, self.backup_port = free_port(), free_port()
         raise AssertionError("three pairs of free ports were taken before the servers could bind them")
 
+    def start_main_alone(self, add: list[Path] = ()) -> ServerProcess:
+        """Start only the main (sharing ``add``); the backup may be started later with ``restart_backup``."""
+        return self._restart(lambda: ServerProcess(self.main_config(), add))
+
     def start_backup_alone(self) -> ServerProcess:
         """Start only the backup (no main will ever beat: it promotes itself after heartbeat_timeout)."""
         return self._start(lambda: ServerProcess(self.backup_config(), script="backup_server.py"))
@@ -327,6 +329,18 @@ class Cluster:
         wait_until(lambda: all(holds(self.backup_dir, name, source) for name, source in files.items()),
                    timeout, f"the backup to replicate {sorted(files)}")
 
+    def wait_paired(self) -> int:
+        """Wait until the main is active and has a heartbeat answered by the standby backup; the main's epoch.
+
+        From then on the backup knows the main's epoch, so a promotion takes a higher one.
+        """
+        def paired():
+            status = self.status("main")
+            backup = (status or {}).get("backup", {})
+            return (status and status["role"] == "active" and backup.get("role") == "standby"
+                    and backup.get("last_heartbeat_ack_age_s") is not None and status["epoch"])
+        return wait_until(paired, LONG_TIMEOUT, "the main's heartbeats to reach the standby backup")
+
     def wait_backup_active(self, above_epoch: int) -> int:
         """Wait until the backup serves as active with an epoch above ``above_epoch``; return it."""
         def promoted():
@@ -377,23 +391,12 @@ def sigkill(process: ServerProcess) -> None:
     process.process.wait(SHORT_TIMEOUT)
 
 
-TGKILL_SYSCALL = {"x86_64": 234, "aarch64": 131}
-
-
-def signal_thread(pid: int, tid: int, signum: int) -> None:
-    """Send ``signum`` to thread ``tid`` of process ``pid`` (Linux tgkill), as the kernel may choose to."""
-    number = TGKILL_SYSCALL.get(platform.machine())
-    assert number is not None, f"no tgkill syscall number known for {platform.machine()}"
-    libc = ctypes.CDLL(None, use_errno=True)
-    assert 0 == libc.syscall(number, pid, tid, signum), os.strerror(ctypes.get_errno())
-
-
 def asleep_for_good(pid: int) -> Callable[[], bool]:
-    """A condition: the process's main thread has been seen waiting in a futex at every poll for 0.3 s."""
+    """A condition: the process's main thread has been seen asleep in the kernel at every poll for 0.3 s."""
     since: list[float] = []
 
     def check() -> bool:
-        if not Path(f"/proc/{pid}/task/{pid}/wchan").read_text().startswith("futex"):
+        if Path(f"/proc/{pid}/task/{pid}/wchan").read_text().strip() in ("", "0"):
             since.clear()
             return False
         since[:] = since or [time.monotonic()]
@@ -413,7 +416,7 @@ class TestMainKilledMidDownload:
         c = cluster(chunk_size=MiB, heartbeat_interval=1, heartbeat_timeout=3)
         main, _ = c.start_pair(add=[source])
         c.wait_replicated({"big.bin": source})
-        main_epoch = c.status("main")["epoch"]
+        main_epoch = c.wait_paired()
         proxy = SlowProxy(c.main_address, 8_000_000)  # about 8 s for the whole file: still running at the kill
         c.closers.append(proxy.close)
         events: list[Progress] = []
@@ -494,7 +497,7 @@ class TestFailback:
         assert {"alpha.bin", "beta.bin"} == {e["name"] for e in engine.list_files()}
         engine.download("alpha.bin", tmp_path / "dl1")
         assert ("main", 1) == (engine.status()["server"], downloads_of(c.main_dir)["alpha.bin"])
-        main_epoch = c.status("main")["epoch"]
+        main_epoch = c.wait_paired()
 
         sigkill(main)
         backup_epoch = c.wait_backup_active(above_epoch=main_epoch)
@@ -543,7 +546,7 @@ class TestSplitBrain:
         c = cluster(chunk_size=256 * 1024, heartbeat_interval=0.5, heartbeat_timeout=2)
         main, _ = c.start_pair(add=list(files.values()))
         c.wait_replicated(files)
-        main_epoch = c.status("main")["epoch"]
+        main_epoch = c.wait_paired()
 
         main.process.send_signal(signal.SIGSTOP)
         c.closers.insert(0, lambda: main.process.poll() is None and main.process.send_signal(signal.SIGCONT))
@@ -586,6 +589,43 @@ class TestSplitBrain:
         assert "main" == engine.status()["server"]
         assert 1 == listing["alpha.bin"], listing
 
+    @pytest.mark.timeout(60)
+    def test_backup_that_never_heard_the_main_does_not_stay_active_beside_it(self, cluster, tmp_path):
+        """A main frozen before its first heartbeat reached the backup: after SIGCONT exactly one is active.
+
+        The main, finding no backup at start, serves alone and takes epoch 1;
+        the backup, which never heard that epoch, promotes itself to epoch 1
+        too. A server steps down only for a strictly higher epoch, so without
+        a rule for the tie both would serve as active at epoch 1 for ever. The
+        rule: an active backup at the main's own epoch makes the main step
+        down, catch up and take the role back with a higher epoch.
+        """
+        source = make_file(tmp_path / "src" / "doc.bin", 600_000, seed=36)
+        c = cluster(chunk_size=256 * 1024, heartbeat_interval=0.5, heartbeat_timeout=2)
+        main = c.start_main_alone(add=[source])
+        def serving_alone():
+            status = c.status("main")
+            return status and status["role"] == "active" and status["epoch"]
+        main_epoch = wait_until(serving_alone, SHORT_TIMEOUT, "the main to serve alone")
+        main.process.send_signal(signal.SIGSTOP)
+        c.closers.insert(0, lambda: main.process.poll() is None and main.process.send_signal(signal.SIGCONT))
+        c.restart_backup(instance="backup")
+        backup_epoch = c.wait_backup_active(above_epoch=0)
+        assert main_epoch == backup_epoch, "not the tie this test is about"
+
+        main.process.send_signal(signal.SIGCONT)
+
+        def one_active():
+            main_role, backup_role = c.roles()
+            one = main_role and backup_role and {main_role[0], backup_role[0]} == {"active", "standby"}
+            return one and holds(c.backup_dir, "doc.bin", source) and (main_role, backup_role)
+        try:
+            main_role, backup_role = wait_until(one_active, FAILOVER_TIMEOUT, "exactly one active server")
+        except AssertionError as timed_out:
+            raise AssertionError(f"{timed_out}: (main, backup) = {c.roles()}") from None
+        assert ("active", "standby") == (main_role[0], backup_role[0])
+        assert main_role[1] > backup_epoch and main_role[1] >= backup_role[1], (main_role, backup_role)
+
 
 # 5. Authentication ---------------------------------------------------------------------------------------------------
 
@@ -623,7 +663,7 @@ class TestManualFailback:
         c = cluster(chunk_size=256 * 1024, heartbeat_interval=0.5, heartbeat_timeout=2, failback="manual")
         main, backup = c.start_pair(add=[source])
         c.wait_replicated({"doc.bin": source})
-        main_epoch = c.status("main")["epoch"]
+        main_epoch = c.wait_paired()
         sigkill(main)
         backup_epoch = c.wait_backup_active(above_epoch=main_epoch)
 
@@ -646,27 +686,37 @@ class TestManualFailback:
 
 class TestSignals:
     @pytest.mark.timeout(30)
-    def test_sigusr1_to_any_thread_is_acted_on(self, cluster):
-        """SIGUSR1 approves the hand-back whichever of the backup's threads the kernel delivers it to.
+    def test_sigusr1_reaches_the_main_thread_whatever_the_kernel_picks(self, cluster):
+        """SIGUSR1 approves the hand-back: every thread blocks it, so the kernel queues it for the main thread's sigwait.
 
         POSIX lets the kernel hand a process-directed signal to any thread that
-        does not block it (about 1 signal in 200 went to a worker thread here,
-        under load). Python runs signal handlers only in the main thread, and
-        only when it runs Python code: a main thread asleep in ``Event.wait()``
-        with no timeout (``daemon.serve_until_signalled``) never does, so the
-        operator's approval (or a SIGTERM) is lost. The test sends the signal
-        to a worker thread directly (tgkill) to make that choice certain.
+        does not block it, and Python runs handlers only in the main thread
+        when it runs Python code: a signal handed to a worker while the main
+        thread sleeps would be lost. ``daemon.serve_until_signalled`` blocks
+        the signals before any thread starts (threads inherit the mask) and
+        waits for them with ``sigwait``. Checked here on the real process:
+        every worker thread's blocked mask holds SIGUSR1, and a plain kill is acted on.
         """
         c = cluster(chunk_size=64 * 1024, heartbeat_interval=0.5, heartbeat_timeout=60, failback="manual")
         backup = c.start_backup_alone()
         pid = backup.process.pid
         wait_until(asleep_for_good(pid), SHORT_TIMEOUT, "the backup's main thread to wait for signals")
-        worker = min(int(tid) for tid in os.listdir(f"/proc/{pid}/task") if int(tid) != pid)
+        bit = 1 << (signal.SIGUSR1 - 1)
+        workers = [tid for tid in os.listdir(f"/proc/{pid}/task") if int(tid) != pid]
+        assert workers
+        # (The main thread's own mask reads empty while it sits in sigwait: the kernel opens it for the wait.)
+        assert all(int(_status_field(pid, tid, "SigBlk"), 16) & bit for tid in workers)
 
-        signal_thread(pid, worker, signal.SIGUSR1)
+        os.kill(pid, signal.SIGUSR1)
         wait_until(lambda: "the operator approved" in log_of(backup), SHORT_TIMEOUT,
-                   "the backup to act on a SIGUSR1 delivered to a worker thread; it was lost: the main thread "
-                   "sleeps in Event.wait() without a timeout, so Python never runs the handler")
+                   "the backup to act on SIGUSR1")
+
+
+def _status_field(pid: int, tid: str, field: str) -> str:
+    for line in Path(f"/proc/{pid}/task/{tid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return line.split()[1]
+    raise AssertionError(f"{field} missing from /proc/{pid}/task/{tid}/status")
 
 
 # 7. Fencing by a client's hello -----------------------------------------------------------------------------------
