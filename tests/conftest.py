@@ -146,7 +146,11 @@ class SlowProxy:
                 client, _ = self.listener.accept()
             except OSError:
                 return
-            upstream = socket.create_connection(self.target)
+            try:
+                upstream = socket.create_connection(self.target)
+            except OSError:  # the target is down: this client is refused, later ones may not be
+                client.close()
+                continue
             self._sockets += [client, upstream]
             threading.Thread(target=self._pump, args=(client, upstream, None), daemon=True).start()
             threading.Thread(target=self._pump, args=(upstream, client, self.rate_bps), daemon=True).start()
