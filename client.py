@@ -15,6 +15,7 @@ import argparse
 import json
 import logging
 import sys
+import threading
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -83,9 +84,16 @@ class ClientEngine:
         """The active server's status snapshot, with its address, role and epoch."""
         return self.server.status()
 
-    def download(self, name: str, output_dir: Path | None = None) -> DownloadResult:
-        """Download one file (see ``Downloader.download``)."""
-        return self.downloader.download(name, output_dir or self.config.client.download_dir)
+    def download(self, name: str, output_dir: Path | None = None,
+                 cancel: threading.Event | None = None) -> DownloadResult:
+        """Download one file (see ``Downloader.download``); several threads may each run one."""
+        return self.downloader.download(name, output_dir or self.config.client.download_dir, cancel)
+
+    def discard_partial(self, name: str, output_dir: Path | None = None) -> None:
+        """Forget a stopped download: its ``.part`` file and its verified chunks (a cancel, not a pause)."""
+        final = Path(output_dir or self.config.client.download_dir) / name
+        self.store.abandon_download(str(final))
+        final.with_name(name + ".part").unlink(missing_ok=True)
 
 
 def server_addresses(config: Config) -> list[tuple[str, int]]:

@@ -70,6 +70,10 @@ class DownloadError(MiniTorrentError):
     """A download could not finish; nothing was left under the final name."""
 
 
+class DownloadCancelled(DownloadError):
+    """The user paused or cancelled the download; its verified chunks are kept unless cancelled."""
+
+
 class RetryGaveUp(ConnectionFailed):
     """``retry`` reached its deadline; ``__cause__`` is the last failure."""
 

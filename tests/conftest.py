@@ -189,3 +189,85 @@ class SlowProxy:
                 sock.close()
             except OSError:
                 pass
+
+
+# Windows under a virtual screen ---------------------------------------------------------------------------
+
+def _start_xvfb() -> subprocess.Popen | None:
+    """Start Xvfb on a free display number and point DISPLAY at it; None if Xvfb is not installed."""
+    import shutil
+
+    if shutil.which("Xvfb") is None:
+        return None
+    for number in range(90, 120):
+        if os.path.exists(f"/tmp/.X11-unix/X{number}") or os.path.exists(f"/tmp/.X{number}-lock"):
+            continue
+        process = subprocess.Popen(["Xvfb", f":{number}", "-screen", "0", "1600x1000x24", "-nolisten", "tcp"],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_until(lambda: os.path.exists(f"/tmp/.X11-unix/X{number}") or process.poll() is not None,
+                       SHORT_TIMEOUT, "Xvfb to start")
+        except AssertionError:
+            process.kill()
+            continue
+        if process.poll() is None:
+            os.environ["DISPLAY"] = f":{number}"
+            return process
+    return None
+
+
+@pytest.fixture(scope="session")
+def display() -> Iterator[str]:
+    """A display for real Tk windows: the existing one, or an Xvfb started here.
+
+    Skips (with the reason) when neither exists, unless REQUIRE_GUI=1, as CI
+    sets after installing Xvfb: then it fails.
+    """
+    xvfb = None if os.environ.get("DISPLAY") else _start_xvfb()
+    if not os.environ.get("DISPLAY"):
+        reason = "no display and no Xvfb: install xvfb to run the window tests"
+        if os.environ.get("REQUIRE_GUI") == "1":
+            pytest.fail(reason + " (REQUIRE_GUI=1)")
+        pytest.skip(reason)
+    yield os.environ["DISPLAY"]
+    if xvfb is not None:
+        xvfb.kill()
+        xvfb.wait()
+
+
+class TkThreadGuard:
+    """Wraps a root's Tcl interpreter so any call from a thread other than the Tk thread is recorded.
+
+    Widgets created after ``install`` talk to Tcl through the wrapper; a test
+    asserts ``guard.violations == []`` at the end.
+    """
+
+    def __init__(self, root) -> None:
+        import threading
+
+        self.tk_thread = threading.get_ident()
+        self.violations: list[str] = []
+        self._real = root.tk
+        guard = self
+
+        class _Checked:
+            def __getattr__(self, name):
+                attribute = getattr(guard._real, name)
+                if callable(attribute) and threading.get_ident() != guard.tk_thread:
+                    guard.violations.append(f"{name} from {threading.current_thread().name}")
+                return attribute
+
+        root.tk = _Checked()
+
+
+def pump_until(root, condition: Callable[[], Any], timeout: float = LONG_TIMEOUT, what: str = "condition") -> Any:
+    """Run the Tk event loop until ``condition()`` is truthy; fail the test at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        root.update()
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(POLL_INTERVAL)

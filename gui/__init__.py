@@ -1,0 +1,1 @@
+"""The three windows (Tkinter, themed with sv-ttk). Each holds an engine and never blocks the Tk thread."""
