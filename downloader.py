@@ -28,6 +28,7 @@ import base64
 import hashlib
 import logging
 import os
+import socket
 import threading
 import time
 from collections import deque
@@ -38,7 +39,7 @@ from typing import TYPE_CHECKING, Callable
 import protocol
 from chunkboard import ChunkBoard, Source
 from database import ClientStore, DownloadState
-from error_handler import ConnectionFailed, DownloadError, MiniTorrentError, RemoteError, backoff_delays
+from error_handler import ConnectionFailed, DownloadCancelled, DownloadError, MiniTorrentError, RemoteError, backoff_delays
 from integrity import Manifest, sha256_file
 from protocol import ErrorCode, ProtocolError, check_file_name
 from remote import MAX_RECONNECT_DELAY_S, ConnectionPool, ServerClient, ServerSession
@@ -55,6 +56,7 @@ MAX_CHUNK_ATTEMPTS = 3  # a chunk failing verification this often means the sour
 MARK_BATCH = 8  # verified chunks recorded (and offered to peers) per database transaction
 MAX_PEERS_PER_DOWNLOAD = 8  # peer streams of one download, beside the server's
 PEER_REFRESH_S = 1.0  # how often a download asks the tracker for (new) peers
+CANCEL_CHECK_S = 0.1  # how soon a pause or cancel takes effect
 IDLE_WAIT_S = 0.2  # a stream with nothing to request looks again at least this often
 SYNC_EVERY_BYTES = 64 * 1024 * 1024  # the hasher flushes the .part file this often
 
@@ -116,11 +118,13 @@ class Downloader:
         """This client's seed port (0 if not seeding): the tracker leaves us out of our own peers."""
         return self.seeder.port if self.seeder else 0
 
-    def download(self, name: str, output_dir: Path) -> DownloadResult:
+    def download(self, name: str, output_dir: Path, cancel: threading.Event | None = None) -> DownloadResult:
         """Download ``name`` into ``output_dir``; raise ``DownloadError`` with a one-line reason.
 
         On failure no file exists under the final name; verified chunks stay
-        in ``NAME.part`` so that running it again resumes.
+        in ``NAME.part`` so that running it again resumes. Setting ``cancel``
+        (from any thread) stops the download within a fraction of a second
+        with ``DownloadCancelled``: a pause, resumable the same way.
         """
         started = time.monotonic()
         name = _checked_name(name)
@@ -130,7 +134,7 @@ class Downloader:
             final.parent.mkdir(parents=True, exist_ok=True)
             if final.exists():
                 return self._already_present(name, final, manifest, started)
-            job = _Job(self, name, final, manifest)
+            job = _Job(self, name, final, manifest, cancel or threading.Event())
             fetched, resumed = job.run()
         except OSError as error:
             raise DownloadError(f"{name}: cannot write {error.filename or final}: {error.strerror or error}") from error
@@ -178,8 +182,10 @@ class _Job:
     sent it.
     """
 
-    def __init__(self, owner: Downloader, name: str, final: Path, manifest: Manifest) -> None:
+    def __init__(self, owner: Downloader, name: str, final: Path, manifest: Manifest,
+                 cancel: threading.Event) -> None:
         self.owner = owner
+        self.cancel = cancel
         self.name = name
         self.final = final
         self.part = final.with_name(name + ".part")
@@ -199,6 +205,7 @@ class _Job:
         self.board = ChunkBoard(manifest.chunk_count)
         self.server_source = Source("server", is_server=True)
         self._peers: dict[tuple[str, int], Source] = {}
+        self._peer_connections: set = set()  # open peer sessions' connections, cut when the download ends
         self._threads: list[threading.Thread] = []
 
     # The whole run ---------------------------------------------------------------
@@ -286,14 +293,28 @@ class _Job:
         next_refresh = time.monotonic()
         try:
             while not self._stop.is_set() and not self.board.finished:
+                if self.cancel.is_set():
+                    self._fail(DownloadCancelled(f"{self.name}: stopped; verified chunks are kept"))
+                    break
                 if self.owner.use_peers and time.monotonic() >= next_refresh:
                     self._find_peers(fd, state)
                     next_refresh = time.monotonic() + PEER_REFRESH_S
-                self.board.wait_until_finished(max(0.0, next_refresh - time.monotonic()))
+                self.board.wait_until_finished(min(CANCEL_CHECK_S, max(0.0, next_refresh - time.monotonic())))
         finally:
             self.board.close()
+            self._cut_peer_connections()
             for thread in self._threads:
                 thread.join()
+
+    def _cut_peer_connections(self) -> None:
+        """The download ended: wake peer streams still waiting for replies nobody needs now."""
+        with self._lock:
+            connections = list(self._peer_connections)
+        for connection in connections:
+            try:
+                connection.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def _spawn(self, target: Callable, args: tuple, name: str) -> None:
         thread = threading.Thread(target=target, args=args, name=name, daemon=True)
@@ -304,13 +325,15 @@ class _Job:
         """Ask the tracker who holds this file; start a stream for each new peer."""
         request = protocol.GetPeers(self.manifest.sha256, self.owner.seed_port())
         reply = self.owner.server.try_call(lambda s: s.call(request, protocol.PeerList))
+        live = sum(1 for source in self._peers.values() if not source.dropped)  # a dropped peer frees its slot
         for entry in reply.message.peers if reply else []:
             try:
                 address, have = (str(entry["host"]), int(entry["port"])), _peer_have(entry, self.manifest)
             except (KeyError, TypeError, ValueError):
                 continue  # a malformed entry names nobody we could reach
             source = self._peers.get(address)
-            if source is None and len(self._peers) < MAX_PEERS_PER_DOWNLOAD:
+            if source is None and live < MAX_PEERS_PER_DOWNLOAD:
+                live += 1
                 source = self._peers[address] = Source(f"peer {address[0]}:{address[1]}", have=have)
                 self.board.add_peer(source)
                 self._spawn(self._peer_stream, (source, address, fd, state), f"get-{self.name[:16]}-{source.label}")
@@ -343,27 +366,51 @@ class _Job:
         buffer = bytearray(self.manifest.chunk_size)
         pool = ConnectionPool(*address, io_timeout_s=self.owner.server.pools[0].io_timeout_s, max_idle=1)
         try:
-            with pool.session() as session:
-                self._pump(session, source, fd, state, buffer)
+            while not self.board.closed:
+                try:
+                    with pool.session() as session:
+                        self._pump_peer(session, source, fd, state, buffer)
+                    return
+                except _IdleConnectionClosed as closed:  # its idle_timeout, not a failure: dial again
+                    log.debug("%s: %s; reconnecting", self.name, closed)
         except (ConnectionFailed, RemoteError, ProtocolError) as error:
-            self.board.drop(source, str(error))
-            log.info("%s: stopped using %s: %s", self.name, source.label, error)
+            if not self.board.closed:  # after the end, a connection we cut is no failure of the peer
+                self.board.drop(source, str(error))
+                log.info("%s: stopped using %s: %s", self.name, source.label, error)
         except BaseException as error:
             self._fail(error)
         finally:
             pool.close()
 
+    def _pump_peer(self, session: ServerSession, source: Source, fd: int, state: DownloadState,
+                   buffer: bytearray) -> None:
+        """``_pump`` on a peer session, which ``_cut_peer_connections`` may cut when the download ends."""
+        with self._lock:
+            self._peer_connections.add(session.connection)
+        try:
+            self._pump(session, source, fd, state, buffer)
+        finally:
+            with self._lock:
+                self._peer_connections.discard(session.connection)
+
     def _pump(self, session: ServerSession, source: Source, fd: int, state: DownloadState,
               buffer: bytearray) -> None:
         """Keep ``pipeline_depth`` requests in flight on ``session`` and take in the replies."""
         in_flight: deque[int] = deque()
+        idle = False  # the connection sat unused: the other side may have closed it meanwhile
         try:
             while not self._stop.is_set() and not source.dropped:
-                self._send_requests(session, source, in_flight)
+                if self.board.closed and not source.is_server:
+                    return  # the download ended: what this peer still owes us is not needed
+                try:
+                    self._send_requests(session, source, in_flight)
+                except ConnectionFailed as error:
+                    raise _IdleConnectionClosed(str(error)) if idle else error
                 if not in_flight:
                     if self.board.closed:
                         return
                     self.board.wait_for_change(IDLE_WAIT_S)
+                    idle = True
                     continue
                 index = in_flight.popleft()
                 try:
@@ -372,9 +419,13 @@ class _Job:
                     self.board.release([index], source)
                     self._refused(source, index, error)
                     continue
+                except ConnectionFailed as error:
+                    in_flight.appendleft(index)
+                    raise _IdleConnectionClosed(str(error)) if idle else error
                 except BaseException:
                     in_flight.appendleft(index)
                     raise
+                idle = False
                 self._accept_chunk(fd, state, source, index, frame)
         finally:
             self.board.release(list(in_flight), source)
@@ -482,6 +533,10 @@ class _Job:
             progress = Progress(self.name, self.manifest.size, self._done_bytes, self._fetched_bytes,
                                 self._chunks_done, self.manifest.chunk_count, self.sources())
         self.owner.on_progress(progress)
+
+
+class _IdleConnectionClosed(ConnectionFailed):
+    """A connection failed on its first use after sitting idle: most likely the other side's idle_timeout."""
 
 
 def _peer_have(entry: dict, manifest: Manifest) -> set[int] | None:
