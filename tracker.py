@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 MAX_PEERS_PER_REPLY = 30  # enough sources for any download; keeps the reply small
+MAX_PEERS_PER_HOST = 64  # seeding clients on one machine (tests run dozens on 127.0.0.1)
 PEER_TTL_INTERVALS = 3  # a peer is forgotten after missing this many announcements
 
 
@@ -39,8 +40,15 @@ class Tracker:
         self._peers: dict[tuple[str, int], _Peer] = {}
 
     def announce(self, host: str, port: int, files: dict[str, bytes | None]) -> None:
-        """Record what the peer at ``host:port`` holds now (replacing what it said before)."""
+        """Record what the peer at ``host:port`` holds now (replacing what it said before).
+
+        One host keeps at most ``MAX_PEERS_PER_HOST`` entries (the oldest
+        goes), so a client announcing from many ports cannot fill our memory.
+        """
         with self._lock:
+            same_host = [a for a in self._peers if a[0] == host and a != (host, port)]
+            if len(same_host) >= MAX_PEERS_PER_HOST:
+                del self._peers[min(same_host, key=lambda a: self._peers[a].last_seen)]
             self._peers[(host, port)] = _Peer(self._clock(), dict(files))
 
     def forget(self, host: str, port: int) -> None:

@@ -269,3 +269,17 @@ class TestSeederServes:
             assert {} == source.holdings()
         finally:
             session.close()
+
+
+class TestPerHostCap:
+    def test_one_host_cannot_fill_the_tracker(self):
+        """A host announcing from more than MAX_PEERS_PER_HOST ports keeps only its newest entries."""
+        import tracker as tracker_module
+
+        now = [0.0]
+        tracker = tracker_module.Tracker(ttl_s=1000, clock=lambda: now[0])
+        for port in range(1, tracker_module.MAX_PEERS_PER_HOST + 11):
+            now[0] += 1
+            tracker.announce("10.9.9.9", port, {"a" * 64: None})
+        ports = sorted(port for _, port, _ in tracker.peers_for("a" * 64, None, limit=1000))
+        assert list(range(11, tracker_module.MAX_PEERS_PER_HOST + 11)) == ports
