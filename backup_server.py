@@ -8,8 +8,9 @@ client requests with a STANDBY error naming the primary. When no heartbeat
 has arrived for ``heartbeat_timeout`` seconds it promotes itself (a new,
 persisted epoch) and serves clients from its replica. When the main returns
 it catches up and asks for the role back; with ``failback: manual`` the
-backup waits for its operator: SIGUSR1 to the headless process (or, later,
-the window's button). See docs/failover.md.
+backup waits for its operator: SIGUSR1 to the headless process, or the
+window's Hand back to main button. Without ``--headless`` the program opens
+the backup's window (gui/backup_window.py). See docs/failover.md.
 """
 from __future__ import annotations
 
@@ -47,6 +48,8 @@ class BackupServer(ServerEngine):
             raise ConfigError("server.secret: must be set for the backup (the main proves it before replicating)")
         settings = config.server.backup
         self.heartbeat_timeout_s = settings.heartbeat_timeout
+        self.heartbeat_interval_s = settings.heartbeat_interval
+        self._handback_asked_at: float | None = None
         self._lock = threading.Lock()
         self._last_heartbeat = time.monotonic()  # counting starts at start-up: the main gets a full timeout
         self._main_address = f"{config.server.main.host}:{config.server.main.port}"
@@ -75,6 +78,19 @@ class BackupServer(ServerEngine):
         """Time since the last heartbeat from a current main (or since start-up)."""
         with self._lock:
             return time.monotonic() - self._last_heartbeat
+
+    def seconds_since_handback_request(self) -> float | None:
+        """Time since the main last asked for the active role back (None: never); any thread."""
+        with self._lock:
+            return None if self._handback_asked_at is None else time.monotonic() - self._handback_asked_at
+
+    def replication_in_progress(self) -> list[dict]:
+        """Files being received from the main now: name, size, chunks, chunks_done (any thread)."""
+        receiver = self.receiver
+        with receiver._lock:  # the receiver's own table of open partial files (read-only here)
+            states = [partial.state for partial in receiver._open.values()]
+        return [{"name": state.name, "size": state.manifest.size, "chunks": state.manifest.chunk_count,
+                 "chunks_done": len(state.verified)} for state in states]
 
     def promote_now(self) -> int:
         """Manual failover: become active at once; returns the new epoch."""
@@ -106,8 +122,14 @@ class BackupServer(ServerEngine):
         handler.connection.send(protocol.HeartbeatAck(self.node.role.value, self.node.epoch))
 
     def _on_hand_over(self, handler, frame: Frame) -> None:
+        with self._lock:
+            self._handback_asked_at = time.monotonic()
         self.receiver.hand_over(handler, frame)
         self._main_is_alive()  # it is about to take a higher epoch: do not count its silence until then
+
+    def main_link(self) -> dict:
+        """What this backup knows of the main, as status replies show it (any thread)."""
+        return self._status_extra()["main"]
 
     def _status_extra(self) -> dict:
         return {"main": {"address": self._main_address,
@@ -133,9 +155,11 @@ def start_banner(engine: BackupServer) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    engine = build_engine(args.config, "backup_server", BackupServer, args.headless)
+    engine = build_engine(args.config, "backup_server", BackupServer)
     if engine is None:
         return 2
+    if not args.headless:
+        return run_window(engine)
     try:
         serve_until_signalled(lambda: start_banner(engine), engine.stop, "backup server",
                               {signal.SIGUSR1: engine.approve_handback})
@@ -144,6 +168,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         engine.catalog.close()
         return 1
     return 0
+
+
+def run_window(engine: BackupServer) -> int:
+    """Open the backup's window (which starts the engine); 2 if there is no display."""
+    from gui.base import NoDisplay, no_display_hint, open_root  # tkinter only when a window is wanted
+    from gui.backup_window import DEFAULT_GEOMETRY, run
+
+    settings_file = engine.catalog.data_dir / "window.json"
+    try:
+        root = open_root("MiniTorrent backup server", DEFAULT_GEOMETRY, settings_file)
+    except NoDisplay:
+        engine.stop()
+        return no_display_hint("backup_server.py")
+    return run(engine, root, settings_file)
 
 
 if __name__ == "__main__":

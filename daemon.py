@@ -1,7 +1,6 @@
 """Running a headless server until it is told to stop, shared by both servers' command lines."""
 from __future__ import annotations
 
-import logging
 import signal
 import sys
 from typing import Callable, TypeVar
@@ -38,7 +37,7 @@ def serve_until_signalled(start: Callable[[], str], stop: Callable[[], None], na
     print(f"{name} stopped", flush=True)
 
 
-def build_engine(config_path: str | None, program: str, factory: Callable[[Config], T], headless: bool) -> T | None:
+def build_engine(config_path: str | None, program: str, factory: Callable[[Config], T]) -> T | None:
     """Load the config, set up logging and build a server's engine.
 
     On an expected failure (bad config, unusable data folder) prints the
@@ -47,11 +46,7 @@ def build_engine(config_path: str | None, program: str, factory: Callable[[Confi
     try:
         config = load_config(config_path)
         setup_logging(config.logging, program)
-        engine = factory(config)
+        return factory(config)
     except MiniTorrentError as error:
         print(f"error: {error}", file=sys.stderr)
         return None
-    if not headless:
-        logging.getLogger(program).warning("the %s window is not built yet; running headless",
-                                           program.replace("_", " "))
-    return engine

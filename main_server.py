@@ -3,7 +3,9 @@
     python main_server.py [--config PATH] [--headless] [--add FILE ...]
 
 ``--add`` imports files into the server's data folder (see catalog.py for the
-naming rules), then the server serves until SIGINT or SIGTERM. If a main
+naming rules), then the server serves until SIGINT or SIGTERM. Without
+``--headless`` it opens the main server's window (gui/main_window.py), which
+starts serving and imports the ``--add`` files with a progress bar. If a main
 server already runs on that data folder, ``--add`` adds the files to its
 catalog (it notices within a second and replicates them) and exits.
 
@@ -178,6 +180,23 @@ class MainServer(ServerEngine):
             self._changed()
         return handed_over
 
+    def backup_link(self) -> dict:
+        """The backup link as status replies show it: replicating, address, role, epoch, lag (any thread)."""
+        return self._status_extra()["backup"]
+
+    def backup_holds(self) -> dict[str, str] | None:
+        """name -> sha256 of what the backup holds, as the replicator last learnt; None if it does not know.
+
+        Any thread. None while the replication link is down (the replicator
+        asks for a fresh inventory on reconnection) or replication is off.
+        """
+        replicator = self.replicator
+        if replicator is None:
+            return None
+        with replicator._lock:  # the replicator's own record of the backup's inventory (read-only here)
+            known = replicator._known
+            return dict(known) if known is not None else None
+
     def _status_extra(self) -> dict:
         if not self.replicating:
             return {"backup": {"replicating": False}}
@@ -222,9 +241,11 @@ def start_banner(engine: MainServer) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    engine = build_engine(args.config, "main_server", MainServer, args.headless)
+    engine = build_engine(args.config, "main_server", MainServer)
     if engine is None:
         return 2
+    if not args.headless and not (args.add and _folder_taken(engine)):
+        return run_window(engine, args.add)  # with --add and a main already running: add to it, as headless
     added_ok = add_files(engine, args.add)
     if not added_ok or (args.add and _already_running(engine)):
         engine.catalog.close()
@@ -238,10 +259,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _already_running(engine: MainServer) -> bool:
-    """True (and says so) if another main server holds this data folder: it will share the files."""
+def run_window(engine: MainServer, add: Sequence[str]) -> int:
+    """Open the main server's window (which starts serving and imports ``add``); 2 if there is no display."""
+    from gui.base import NoDisplay, no_display_hint, open_root  # tkinter only when a window is wanted
+    from gui.main_window import DEFAULT_GEOMETRY, run
+
+    settings_file = engine.catalog.data_dir / "window.json"
+    try:
+        root = open_root("MiniTorrent main server", DEFAULT_GEOMETRY, settings_file)
+    except NoDisplay:
+        engine.catalog.close()
+        return no_display_hint("main_server.py")
+    return run(engine, root, settings_file, add)
+
+
+def _folder_taken(engine: MainServer) -> bool:
+    """True if another main server holds this data folder."""
     if engine.lock.acquire():
         engine.lock.release()
+        return False
+    return True
+
+
+def _already_running(engine: MainServer) -> bool:
+    """True (and says so) if another main server holds this data folder: it will share the files."""
+    if not _folder_taken(engine):
         return False
     print("the main server already running on this data folder now shares them", flush=True)
     return True

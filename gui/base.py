@@ -44,9 +44,12 @@ def open_root(title: str, geometry: str, settings_file: Path | None = None) -> t
     return root
 
 
-def no_display_hint(program: str) -> int:
-    """Print the one-line hint for a machine without a screen; the exit status."""
-    print(f"error: cannot open a window (no display); run `python {program} --headless` instead",
+def no_display_hint(program: str, instead: str = "--headless") -> int:
+    """Print the one-line hint for a machine without a screen; the exit status.
+
+    ``instead`` is what to run without a screen (the client has commands, not ``--headless``).
+    """
+    print(f"error: cannot open a window (no display); run `python {program} {instead}` instead",
           file=sys.stderr)
     return 2
 
@@ -142,6 +145,10 @@ class Poller:
         """Take the next snapshot at once (after a user action)."""
         self._now.set()
 
+    def set_interval(self, interval_s: float) -> None:
+        """Wait ``interval_s`` before each following snapshot (any thread; e.g. back off while a server is down)."""
+        self._interval_s = interval_s
+
     def stop(self) -> None:
         """Stop polling and wait for the thread."""
         self._stop.set()
@@ -200,10 +207,13 @@ class LogPane(ttk.Frame):
         for level, colour in LEVEL_COLOURS.items():
             if colour:
                 self.text.tag_configure(level, foreground=colour)
+        self._following = True
+        # A pane that shrinks (a strip appearing above it) keeps its top line and would cut the newest one off.
+        self.text.bind("<Configure>", lambda _event: self._following and self.text.see("end"), add="+")
 
     def append(self, line: LogLine) -> None:
         """Add a line; keep the view at the bottom if it was there."""
-        following = self.text.yview()[1] >= 0.999
+        following = self._following = self.text.yview()[1] >= 0.999
         self.text.configure(state="normal")
         self.text.insert("end", line.text + "\n", line.level)
         surplus = int(self.text.index("end-1c").split(".")[0]) - MAX_LOG_LINES

@@ -194,26 +194,23 @@ class SlowProxy:
 # Windows under a virtual screen ---------------------------------------------------------------------------
 
 def _start_xvfb() -> subprocess.Popen | None:
-    """Start Xvfb on a free display number and point DISPLAY at it; None if Xvfb is not installed."""
+    """Start Xvfb on a display number it picks itself and point DISPLAY at it; None if not installed."""
     import shutil
 
     if shutil.which("Xvfb") is None:
         return None
-    for number in range(90, 120):
-        if os.path.exists(f"/tmp/.X11-unix/X{number}") or os.path.exists(f"/tmp/.X{number}-lock"):
-            continue
-        process = subprocess.Popen(["Xvfb", f":{number}", "-screen", "0", "1600x1000x24", "-nolisten", "tcp"],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            wait_until(lambda: os.path.exists(f"/tmp/.X11-unix/X{number}") or process.poll() is not None,
-                       SHORT_TIMEOUT, "Xvfb to start")
-        except AssertionError:
-            process.kill()
-            continue
-        if process.poll() is None:
-            os.environ["DISPLAY"] = f":{number}"
-            return process
-    return None
+    read_end, write_end = os.pipe()
+    process = subprocess.Popen(["Xvfb", "-displayfd", str(write_end), "-screen", "0", "1600x1000x24",
+                                "-nolisten", "tcp"], pass_fds=(write_end,),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.close(write_end)
+    with os.fdopen(read_end) as announced:  # Xvfb writes the number once it accepts clients
+        number = announced.readline().strip()
+    if not number or process.poll() is not None:
+        process.kill()
+        return None
+    os.environ["DISPLAY"] = f":{number}"
+    return process
 
 
 @pytest.fixture(scope="session")
@@ -231,8 +228,8 @@ def display() -> Iterator[str]:
         pytest.skip(reason)
     yield os.environ["DISPLAY"]
     if xvfb is not None:
-        xvfb.kill()
-        xvfb.wait()
+        xvfb.terminate()  # a clean exit removes its lock files; SIGKILL would leave them behind
+        xvfb.wait(SHORT_TIMEOUT)
 
 
 class TkThreadGuard:
