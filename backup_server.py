@@ -142,6 +142,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="MiniTorrent backup server: a replica that takes over.")
     parser.add_argument("--config", help="path to config.yaml (default: the one beside this program)")
     parser.add_argument("--headless", action="store_true", help="run without a window")
+    parser.add_argument("--geometry", metavar="WxH+X+Y", help="the window's size and place on screen")
     return parser.parse_args(argv)
 
 
@@ -159,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if engine is None:
         return 2
     if not args.headless:
-        return run_window(engine)
+        return run_window(engine, args.geometry)
     try:
         serve_until_signalled(lambda: start_banner(engine), engine.stop, "backup server",
                               {signal.SIGUSR1: engine.approve_handback})
@@ -170,14 +171,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def run_window(engine: BackupServer) -> int:
+def run_window(engine: BackupServer, geometry: str | None = None) -> int:
     """Open the backup's window (which starts the engine); 2 if there is no display."""
     from gui.base import NoDisplay, no_display_hint, open_root  # tkinter only when a window is wanted
     from gui.backup_window import DEFAULT_GEOMETRY, run
 
     settings_file = engine.catalog.data_dir / "window.json"
     try:
-        root = open_root("MiniTorrent backup server", DEFAULT_GEOMETRY, settings_file)
+        root = open_root("MiniTorrent backup server", geometry or DEFAULT_GEOMETRY, settings_file)
     except NoDisplay:
         engine.stop()
         return no_display_hint("backup_server.py")

@@ -1,9 +1,15 @@
 """A local demo of MiniTorrent on throwaway sample files, failover included.
 
-    python demo.py [--keep]
+    python demo.py [--headless] [--keep]
 
-Until the windows exist the demo runs headless, with the real programs as
-real processes on free ports of 127.0.0.1:
+With a screen, the demo opens the three windows side by side on 127.0.0.1
+with free ports, a throwaway data folder and the sample files already
+shared: select files in the client, click Download Selected, then close (or
+kill) the main server's window and watch the backup take over. It ends when
+every window is closed, or on Ctrl+C.
+
+Without a screen (or with ``--headless``) it tells the same story with the
+real programs as headless processes:
 
 1. a backup server (standby) and a main server sharing a few sample files
    (of different sizes, with spaces and accents in their names);
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import secrets
 import shutil
@@ -42,6 +49,7 @@ SAMPLES = {  # name -> size in bytes
 HEARTBEAT_INTERVAL_S = 0.5
 HEARTBEAT_TIMEOUT_S = 2.0
 ROLE_CHANGE_TIMEOUT_S = 30.0
+MIN_WINDOW = (900, 560)  # the windows' minimum size (gui/base.open_root)
 
 
 def make_samples(folder: Path) -> list[Path]:
@@ -162,12 +170,67 @@ def run_demo(workdir: Path) -> bool:
     return ok
 
 
+def screen_size() -> tuple[int, int] | None:
+    """The screen's (width, height), or None when no window can be opened."""
+    if not os.environ.get("DISPLAY"):
+        return None
+    try:
+        import tkinter
+
+        probe = tkinter.Tk()
+    except Exception:  # tkinter missing or no usable display: the headless demo it is
+        return None
+    size = probe.winfo_screenwidth(), probe.winfo_screenheight()
+    probe.destroy()
+    return size
+
+
+def window_geometries(width: int, height: int) -> dict[str, str]:
+    """Places for the three windows: the servers side by side on top, the client below, overlapping if small."""
+    half_w = max(MIN_WINDOW[0], width // 2)
+    top_h = max(MIN_WINDOW[1], height // 2)
+    client_w, client_h = max(MIN_WINDOW[0], min(width, 1200)), max(MIN_WINDOW[1], height - top_h)
+    return {
+        "main": f"{half_w}x{top_h}+0+0",
+        "backup": f"{half_w}x{top_h}+{max(0, width - half_w)}+0",
+        "client": f"{client_w}x{client_h}+{max(0, (width - client_w) // 2)}+{max(0, height - client_h)}",
+    }
+
+
+def run_windows(workdir: Path, size: tuple[int, int]) -> bool:
+    """Open the three windows on the samples; wait until all are closed. True if none failed."""
+    samples = make_samples(workdir / "samples")
+    configs = write_configs(workdir)
+    places = window_geometries(*size)
+    say(f"Demo folder: {workdir}. Opening the main server, backup and client windows")
+    # The main first: a backup that hears no heartbeat for heartbeat_timeout would take over before it starts.
+    programs = [("main", "main_server.py", ["--add", *map(str, samples)]), ("backup", "backup_server.py", []),
+                ("client", "client.py", [])]
+    processes = [subprocess.Popen([sys.executable, str(ROOT / script), "--config", str(configs[name]),
+                                   "--geometry", places[name], *extra])
+                 for name, script, extra in programs]
+    print("Select files in the client window and click Download Selected. Then close the main server's\n"
+          "window (or kill it) and watch the backup take over; start `python main_server.py --config "
+          f"{configs['main']}` again to see it take the role back. Close every window (or press Ctrl+C) to end.")
+    try:
+        codes = [process.wait() for process in processes]
+    except KeyboardInterrupt:
+        for process in processes:
+            process.terminate()
+        codes = [process.wait() for process in processes]
+    return all(code in (0, -signal.SIGTERM) for code in codes)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run a local MiniTorrent demo on sample files, with a failover.")
+    parser.add_argument("--headless", action="store_true", help="tell the story in the terminal, no windows")
     parser.add_argument("--keep", action="store_true", help="keep the demo folder afterwards")
     args = parser.parse_args(argv)
+    size = None if args.headless else screen_size()
     workdir = Path(tempfile.mkdtemp(prefix="minitorrent-demo-"))
     try:
+        if size:
+            return 0 if run_windows(workdir, size) else 1
         ok = run_demo(workdir)
     finally:
         if args.keep:

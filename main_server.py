@@ -213,6 +213,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="MiniTorrent main server: share files on the LAN.")
     parser.add_argument("--config", help="path to config.yaml (default: the one beside this program)")
     parser.add_argument("--headless", action="store_true", help="run without a window")
+    parser.add_argument("--geometry", metavar="WxH+X+Y", help="the window's size and place on screen")
     parser.add_argument("--add", nargs="+", metavar="FILE", default=[], help="files to share")
     return parser.parse_args(argv)
 
@@ -245,7 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if engine is None:
         return 2
     if not args.headless and not (args.add and _folder_taken(engine)):
-        return run_window(engine, args.add)  # with --add and a main already running: add to it, as headless
+        return run_window(engine, args.add, args.geometry)  # with --add and a main already running: add to it, as headless
     added_ok = add_files(engine, args.add)
     if not added_ok or (args.add and _already_running(engine)):
         engine.catalog.close()
@@ -259,14 +260,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def run_window(engine: MainServer, add: Sequence[str]) -> int:
+def run_window(engine: MainServer, add: Sequence[str], geometry: str | None = None) -> int:
     """Open the main server's window (which starts serving and imports ``add``); 2 if there is no display."""
     from gui.base import NoDisplay, no_display_hint, open_root  # tkinter only when a window is wanted
     from gui.main_window import DEFAULT_GEOMETRY, run
 
     settings_file = engine.catalog.data_dir / "window.json"
     try:
-        root = open_root("MiniTorrent main server", DEFAULT_GEOMETRY, settings_file)
+        root = open_root("MiniTorrent main server", geometry or DEFAULT_GEOMETRY, settings_file)
     except NoDisplay:
         engine.catalog.close()
         return no_display_hint("main_server.py")
