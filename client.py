@@ -1,29 +1,34 @@
 """MiniTorrent client: browse the catalog and download verified files.
 
+    python client.py [--config PATH] [--geometry WxH+X+Y]   # the window (gui/client_window.py)
     python client.py [--config PATH] list [--json] [--search TEXT]
     python client.py [--config PATH] get NAME [NAME ...] [--output DIR]
     python client.py [--config PATH] status [--json]
     python client.py [--config PATH] seed
 
 Exit status: 0 on success, 1 when a command failed (the reason is one line on
-stderr), 2 for a bad command line or configuration, 130 when interrupted.
-``ClientEngine`` is the part a window will hold; it imports no tkinter.
+stderr), 2 for a bad command line or configuration (or no display for the
+window), 130 when interrupted.
+``ClientEngine`` is what the window holds; it imports no tkinter.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import re
+import signal
 import sys
 import threading
 from pathlib import Path
 from typing import Callable, Sequence
 
+import protocol
 from config_loader import Config, load_config
 from daemon import serve_until_signalled
 from database import ClientStore
 from downloader import Downloader, DownloadResult, Progress
-from error_handler import MiniTorrentError
+from error_handler import ConnectionFailed, MiniTorrentError
 from logger_config import setup_logging
 from progress import TerminalProgress, human_size
 from remote import ServerClient
@@ -42,32 +47,39 @@ class ClientEngine:
     def __init__(self, config: Config, on_progress: Callable[[Progress], None] | None = None) -> None:
         self.config = config
         transfer = config.transfer
-        self.server = ServerClient(
-            server_addresses(config),
-            io_timeout_s=transfer.io_timeout,
-            pool_size=transfer.pool_size,
-            retry_deadline_s=config.client.retry_deadline,
-        )
+        self.server = ServerClient(server_addresses(config), io_timeout_s=transfer.io_timeout,
+                                   pool_size=transfer.pool_size, retry_deadline_s=config.client.retry_deadline)
         self.store = ClientStore(config.client.data_dir / "client.db")
         self.download_limit = TokenBucket(transfer.download_limit)
         self.seeder = Seeder(config, self.server, self.store) if config.client.seeding else None
         self._seeding = False
+        self.seed_address: tuple[str, int] | None = None  # where peers reach our seeder, once started
+        self.on_progress = on_progress  # may be replaced before downloads start (a window sets its own)
         self.downloader = Downloader(self.server, self.store, pipeline_depth=transfer.pipeline_depth,
-                                     on_progress=on_progress, seeder=self.seeder,
+                                     on_progress=self._progress, seeder=self.seeder,
                                      download_limit=self.download_limit)
+
+    def _progress(self, progress: Progress) -> None:
+        if self.on_progress:
+            self.on_progress(progress)
 
     def start_seeding(self) -> tuple[str, int] | None:
         """Serve what this client holds to peers (if ``client.seeding``); the seed address."""
         if self.seeder is None or self._seeding:
             return self.seeder.server.address if self._seeding else None
         self._seeding = True
-        return self.seeder.start()
+        self.seed_address = self.seeder.start()
+        return self.seed_address
 
     def set_limits(self, upload_bps: int, download_bps: int) -> None:
         """Change the seeder's upload and the downloads' rate limits (bytes/s, 0: unlimited) now."""
         self.download_limit.set_rate(download_bps)
         if self.seeder:
             self.seeder.upload_limit.set_rate(upload_bps)
+
+    def interrupt(self) -> None:
+        """Make every call that waits on a server give up now (before ``close``, so download threads end)."""
+        self.server.stop.set()
 
     def close(self) -> None:
         """Stop seeding, close connections and the state database."""
@@ -83,6 +95,55 @@ class ClientEngine:
     def status(self) -> dict:
         """The active server's status snapshot, with its address, role and epoch."""
         return self.server.status()
+
+    def probe_status(self) -> dict:
+        """One try, no retries: the active server's status with its address (a window's indicator).
+
+        Raises ``ConnectionFailed`` when no server answers now (``NotActive``
+        when they answer but none is active), ``MiniTorrentError`` otherwise.
+        """
+        pool = self.server.active_pool()
+        try:
+            with pool.session() as session:
+                snapshot = session.call(protocol.GetStatus(), protocol.StatusInfo).message.metrics
+        except ConnectionFailed:
+            self.server.forget(pool)
+            raise
+        snapshot["address"] = pool.address
+        return snapshot
+
+    def seeding_status(self) -> dict | None:
+        """What the seeder does now (any thread); None when ``client.seeding`` is off.
+
+        Keys: running, address, files (whole files held, as catalog entries),
+        partial (files held in part), bytes_sent, connections_total,
+        active_connections, upload_bps, upload_limit_bps, download_limit_bps.
+        """
+        if self.seeder is None:
+            return None
+        files, _ = self.seeder.source.list_files()
+        holdings = self.seeder.source.holdings()
+        metrics = self.seeder.metrics.snapshot(top_files=0)
+        return {
+            "running": self.seed_address is not None,
+            "address": "{}:{}".format(*self.seed_address) if self.seed_address else "",
+            "files": files,
+            "partial": sum(1 for bitmap in holdings.values() if bitmap is not None),
+            "bytes_sent": metrics["bytes_sent"],
+            "connections_total": metrics["connections_total"],
+            "active_connections": metrics["active_connections"],
+            "upload_bps": metrics["upload_bps"],
+            "upload_limit_bps": self.seeder.upload_limit.rate_bps,
+            "download_limit_bps": self.download_limit.rate_bps,
+        }
+
+    def unfinished_downloads(self) -> list[tuple[str, Path, int, int]]:
+        """Downloads an earlier run left unfinished: (name, folder, size, verified bytes), oldest first."""
+        unfinished = []
+        for state in self.store.in_progress():
+            verified = sum(state.manifest.chunk_span(index)[1] for index in state.verified)
+            unfinished.append((state.name, Path(state.dest_path).parent, state.manifest.size, verified))
+        return unfinished
 
     def download(self, name: str, output_dir: Path | None = None,
                  cancel: threading.Event | None = None) -> DownloadResult:
@@ -102,9 +163,18 @@ def server_addresses(config: Config) -> list[tuple[str, int]]:
     return [(server.host, server.port) for server in servers if server.port != 0]
 
 
+def window_geometry(text: str) -> str:
+    """``--geometry``: a Tk geometry, ``WxH``, ``WxH+X+Y`` or ``+X+Y``; argparse's error otherwise."""
+    if not re.fullmatch(r"(\d+x\d+)?([+-]\d+[+-]\d+)?", text) or not text:
+        raise argparse.ArgumentTypeError(f"expected WxH+X+Y (for example 1280x820+0+0), got {text!r}")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="MiniTorrent client: browse and download shared files.")
     parser.add_argument("--config", help="path to config.yaml (default: the one beside this program)")
+    parser.add_argument("--geometry", metavar="WxH+X+Y", type=window_geometry,
+                        help="the window's size and place on screen (no COMMAND)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     listing = commands.add_parser("list", help="list the shared files")
     listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -205,13 +275,45 @@ def run_seed(engine: ClientEngine, args: argparse.Namespace) -> int:
 COMMANDS = {"list": run_list, "get": run_get, "status": run_status, "seed": run_seed}
 
 
+def run_window(args: argparse.Namespace) -> int:
+    """Open the client window (no command given); exit 2 with a one-line hint without a display."""
+    try:
+        config = load_config(args.config)
+    except MiniTorrentError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    from gui.base import NoDisplay, no_display_hint, open_root  # tkinter only for the window
+    from gui.client_window import GEOMETRY, TITLE, ClientWindow
+
+    settings_file = config.client.data_dir / "window.json"
+    try:
+        root = open_root(TITLE, args.geometry or GEOMETRY, settings_file)
+    except NoDisplay:
+        return no_display_hint("client.py", "list")
+    try:
+        setup_logging(config.logging, "client", console_level="WARNING")
+        engine = ClientEngine(config)
+    except MiniTorrentError as error:
+        root.destroy()
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    window = ClientWindow(root, engine, settings_file)
+    for signum in (signal.SIGINT, signal.SIGTERM):  # a stop from the terminal closes the window cleanly
+        signal.signal(signum, lambda *_: root.after(0, window.close))
+    try:
+        root.mainloop()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        window.close()
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
-        print("the client window is not built yet; use a command: list, get or status (see --help)",
-              file=sys.stderr)
-        return 2
+        return run_window(args)
     try:
         config = load_config(args.config)
         setup_logging(config.logging, "client", console_level="WARNING")

@@ -428,6 +428,8 @@ class _Job:
                 idle = False
                 self._accept_chunk(fd, state, source, index, frame)
         finally:
+            if in_flight:
+                session.reusable = False  # their replies would reach the pool's next user
             self.board.release(list(in_flight), source)
 
     def _send_requests(self, session: ServerSession, source: Source, in_flight: deque[int]) -> None:

@@ -42,6 +42,7 @@ class ServerSession:
     def __init__(self, connection: Connection, welcome: protocol.Welcome) -> None:
         self.connection = connection
         self.welcome = welcome
+        self.reusable = True  # False once replies may still be on their way (requests left in flight)
 
     @classmethod
     def open(cls, host: str, port: int, *, io_timeout_s: float, epoch: int = 0,
@@ -165,9 +166,9 @@ class ConnectionPool:
         self.give_back(session)
 
     def give_back(self, session: ServerSession) -> None:
-        """Keep ``session`` for reuse, or close it if the pool is full."""
+        """Keep ``session`` for reuse, or close it if the pool is full or its stream is not clean."""
         with self._lock:
-            if len(self._idle) < self.max_idle:
+            if session.reusable and len(self._idle) < self.max_idle:
                 self._idle.append(session)
                 return
         session.close()

@@ -280,3 +280,27 @@ class TestLocalDiskProblems:
                 engine.download("a.bin", blocker / "sub")
         finally:
             engine.close()
+
+
+class TestStopping:
+    @pytest.mark.timeout(LONG_TIMEOUT)
+    def test_paused_download_leaves_no_stale_replies_in_the_pool(self, tmp_path, server_factory, small_chunks):
+        """After a download is stopped with requests in flight, the next request on the engine gets its own reply."""
+        from error_handler import DownloadCancelled
+
+        big = make_file(tmp_path / "src" / "big.bin", 200 * SMALL_CHUNK, seed=3)
+        small = make_file(tmp_path / "src" / "small.bin", 1000, seed=4)
+        server = server_factory(small_chunks)
+        server.add_file(big)
+        server.add_file(small)
+        server.set_upload_limit(2_000_000)  # slow enough to be stopped midway
+        cancel = threading.Event()
+        engine = engine_for(tmp_path, server, on_progress=lambda p: p.chunks_done >= 5 and cancel.set())
+        try:
+            with pytest.raises(DownloadCancelled):
+                engine.download("big.bin", tmp_path / "out", cancel)
+            server.set_upload_limit(0)
+            assert sha256_file(small) == sha256_file(engine.download("small.bin", tmp_path / "out").path)
+            assert sha256_file(big) == sha256_file(engine.download("big.bin", tmp_path / "out").path)  # resumed
+        finally:
+            engine.close()
