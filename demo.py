@@ -49,7 +49,7 @@ SAMPLES = {  # name -> size in bytes
 HEARTBEAT_INTERVAL_S = 0.5
 HEARTBEAT_TIMEOUT_S = 2.0
 ROLE_CHANGE_TIMEOUT_S = 30.0
-MIN_WINDOW = (900, 560)  # the windows' minimum size (gui/base.open_root)
+MIN_WINDOW = (900, 520)  # the windows' minimum size (gui/base.MIN_WINDOW_SIZE)
 
 
 def make_samples(folder: Path) -> list[Path]:

@@ -25,6 +25,7 @@ PUMP_INTERVAL_MS = 50  # 20 ticks a second: smooth progress bars, idle CPU near 
 PUMP_BATCH = 200  # events drawn per tick at most, so a flood cannot freeze the window
 POLL_INTERVAL_S = 0.5
 THEMES = ("light", "dark")
+MIN_WINDOW_SIZE = (900, 520)  # below this the tables and status strips start to cut text
 
 
 class NoDisplay(Exception):
@@ -39,7 +40,7 @@ def open_root(title: str, geometry: str, settings_file: Path | None = None) -> t
         raise NoDisplay(str(error)) from error
     root.title(title)
     root.geometry(geometry)
-    root.minsize(900, 560)
+    root.minsize(*MIN_WINDOW_SIZE)
     apply_theme(root, load_settings(settings_file).get("theme", "light"))
     return root
 

@@ -149,10 +149,12 @@ class TestEngineHolder:
 
 class TestBackupFormatting:
     def test_badge_states(self):
-        """ACTIVE when active; standby is NO CONTACT after 1.5 heartbeat intervals of silence."""
+        """ACTIVE when active; standby is NO CONTACT after an interval plus a grace (an interval, >= 1 s) of silence."""
         assert bw.BadgeState.ACTIVE == bw.badge_state(True, "active", 99.0, 2.0)
-        assert bw.BadgeState.STANDBY == bw.badge_state(True, "standby", 2.9, 2.0)
-        assert bw.BadgeState.NO_CONTACT == bw.badge_state(True, "standby", 3.1, 2.0)
+        assert bw.BadgeState.STANDBY == bw.badge_state(True, "standby", 3.9, 2.0)
+        assert bw.BadgeState.NO_CONTACT == bw.badge_state(True, "standby", 4.1, 2.0)
+        assert bw.BadgeState.STANDBY == bw.badge_state(True, "standby", 1.4, 0.5)  # the grace is at least 1 s
+        assert bw.BadgeState.NO_CONTACT == bw.badge_state(True, "standby", 1.6, 0.5)
         assert bw.BadgeState.STARTING == bw.badge_state(False, "standby", 0.0, 2.0, started=False)
         assert bw.BadgeState.NOT_RUNNING == bw.badge_state(False, "standby", 0.0, 2.0, started=True)
 
