@@ -35,3 +35,37 @@ class TestBackupWithoutSecret:
         assert 2 == result.returncode
         assert ["error: server.secret: must be set for the backup (the main proves it before replicating)"] == \
             result.stderr.strip().splitlines()
+
+
+class TestDemoWindows:
+    @pytest.mark.timeout(LONG_TIMEOUT * 2)
+    def test_demo_opens_the_three_windows_and_ends_on_ctrl_c(self, tmp_path, display):
+        """With a screen, demo.py opens the main, backup and client windows; Ctrl+C closes them all cleanly."""
+        import os
+        import shutil
+        import signal
+
+        from conftest import wait_until
+
+        if shutil.which("xdotool") is None:
+            pytest.skip("xdotool is needed to list the windows")
+        demo = subprocess.Popen([sys.executable, str(ROOT / "demo.py")], cwd=tmp_path, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                env={**os.environ, "TMPDIR": str(tmp_path)})
+
+        def titles() -> set[str]:
+            found = subprocess.run(["xdotool", "search", "--name", "MiniTorrent"], capture_output=True, text=True)
+            names = set()
+            for window in found.stdout.split():
+                name = subprocess.run(["xdotool", "getwindowname", window], capture_output=True, text=True)
+                names.add(name.stdout.strip())
+            return names
+
+        try:
+            wanted = {"MiniTorrent main server", "MiniTorrent backup server", "MiniTorrent — Client"}
+            wait_until(lambda: wanted <= titles(), LONG_TIMEOUT, "the three demo windows")
+        finally:
+            demo.send_signal(signal.SIGINT)
+            output, _ = demo.communicate(timeout=LONG_TIMEOUT)
+        assert 0 == demo.returncode, output
+        assert [] == list(tmp_path.glob("minitorrent-demo-*"))  # the throwaway folder is gone
