@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 from error_handler import MiniTorrentError
 from gui.main_window import age_text, format_added, short_sha
-from gui.widgets import Badge, ServerWindow, TileStrip, close_on_signal
+from gui.widgets import Badge, ProgressStrip, ServerWindow, TileStrip, close_on_signal
 from progress import human_duration, human_size
 
 log = logging.getLogger(__name__)
@@ -342,14 +342,8 @@ class BackupWindow(ServerWindow):
         self.tiles.grid(row=4, column=0, sticky="ew", pady=2)
         ttk.Separator(self).grid(row=5, column=0, sticky="ew", pady=(0, 8))
         self.build_banner(row=6)
-        self.receiving = ttk.Frame(self)
-        self.receiving_label = ttk.Label(self.receiving, text="", anchor="w")
-        self.receiving_bar = ttk.Progressbar(self.receiving, mode="determinate", maximum=1.0)
-        self.receiving_label.grid(row=0, column=0, sticky="ew")
-        self.receiving_bar.grid(row=1, column=0, sticky="ew", pady=(4, 0))
-        self.receiving.columnconfigure(0, weight=1)
-        self.receiving.grid(row=7, column=0, sticky="ew", pady=(0, 8))
-        self.receiving.grid_remove()
+        self.receiving = ProgressStrip(self)
+        self.receiving.place_at(row=7)
         self.build_panes(8, "Replicated files", COLUMNS,
                          "No files replicated yet: they arrive as the main shares them.")
 
@@ -422,11 +416,9 @@ class BackupWindow(ServerWindow):
                            snapshot.heartbeat_interval_s, self._started) is BadgeState.STANDBY
         text, fraction = receiving_line(snapshot.receiving, live)
         if text:
-            self.receiving_label.configure(text=text)
-            self.receiving_bar.configure(value=fraction)
-            self.receiving.grid()
+            self.receiving.show(text, fraction)
         else:
-            self.receiving.grid_remove()
+            self.receiving.hide()
         shown = len(snapshot.rows)
         files = f"{snapshot.file_count} file{'s' if snapshot.file_count != 1 else ''}"
         more = f" (the first {shown} shown)" if shown < snapshot.file_count else ""

@@ -32,7 +32,7 @@ from tkinter import filedialog, messagebox, ttk
 from typing import Any, Callable, Iterator, Sequence
 
 from error_handler import MiniTorrentError
-from gui.widgets import ServerWindow, TileStrip, close_on_signal
+from gui.widgets import ProgressStrip, ServerWindow, TileStrip, close_on_signal
 from progress import human_duration, human_size, percent
 
 log = logging.getLogger(__name__)
@@ -555,14 +555,8 @@ class MainWindow(ServerWindow):
         self.tiles.grid(row=2, column=0, sticky="ew", pady=2)
         ttk.Separator(self).grid(row=3, column=0, sticky="ew", pady=(0, 8))
         self.build_banner(row=4)
-        self.import_strip = ttk.Frame(self)
-        self.import_label = ttk.Label(self.import_strip, text="", anchor="w")
-        self.import_bar = ttk.Progressbar(self.import_strip, mode="determinate", maximum=1.0)
-        self.import_label.grid(row=0, column=0, sticky="ew")
-        self.import_bar.grid(row=1, column=0, sticky="ew", pady=(4, 0))
-        self.import_strip.columnconfigure(0, weight=1)
-        self.import_strip.grid(row=5, column=0, sticky="ew", pady=(0, 8))
-        self.import_strip.grid_remove()
+        self.import_strip = ProgressStrip(self)
+        self.import_strip.place_at(row=5)
         self.build_panes(6, "Shared files", COLUMNS, "No files shared yet. Click Add Files… to share some.")
         self.table.tree.bind("<<TreeviewSelect>>", lambda _event: self._update_buttons())
 
@@ -632,18 +626,16 @@ class MainWindow(ServerWindow):
 
     def _show_import(self, event: Any) -> None:
         if isinstance(event, ImportStarted):
-            self.import_label.configure(text=import_text(event.path, 0, event.size, event.queued))
-            self.import_bar.configure(value=0.0)
-            self.import_strip.grid()
+            self.import_strip.show(import_text(event.path, 0, event.size, event.queued), 0.0)
         elif isinstance(event, ImportProgressed):
-            self.import_label.configure(text=import_text(event.path, event.done, event.total,
-                                                         max(0, self.controller.importing - 1)))
-            self.import_bar.configure(value=event.done / event.total if event.total else 1.0)
+            self.import_strip.show(import_text(event.path, event.done, event.total,
+                                               max(0, self.controller.importing - 1)),
+                                   event.done / event.total if event.total else 1.0)
         else:
             if event.error:
                 self.show_error(import_error_text(event.path, event.error))
             if not event.queued:
-                self.import_strip.grid_remove()
+                self.import_strip.hide()
 
     def _update_buttons(self) -> None:
         state = self.controller.state

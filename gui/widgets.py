@@ -163,6 +163,34 @@ class TileStrip(ttk.Frame):
                 self.tiles[key].show(value, detail, tone)
 
 
+class ProgressStrip(ttk.Frame):
+    """A line of text over a progress bar, shown only while there is something to report."""
+
+    def __init__(self, master: tk.Misc) -> None:
+        super().__init__(master)
+        self.label = ttk.Label(self, text="", anchor="w")
+        self.bar = ttk.Progressbar(self, mode="determinate", maximum=1.0)
+        self.label.grid(row=0, column=0, sticky="ew")
+        self.bar.grid(row=1, column=0, sticky="ew", pady=(4, 0))
+        self.columnconfigure(0, weight=1)
+
+    def place_at(self, row: int) -> None:
+        """Grid the strip in its window's column at ``row``, hidden until ``show``."""
+        self.grid(row=row, column=0, sticky="ew", pady=(0, 8))
+        self.grid_remove()
+
+    def show(self, text: str, fraction: float | None = None) -> None:
+        """Show ``text`` and, if given, the bar at ``fraction`` (0..1)."""
+        self.label.configure(text=text)
+        if fraction is not None:
+            self.bar.configure(value=fraction)
+        self.grid()
+
+    def hide(self) -> None:
+        """Take the strip off the window (its grid place is kept)."""
+        self.grid_remove()
+
+
 class Badge(tk.Label):
     """A large coloured label stating a role: white text on the tone's colour."""
 
