@@ -124,8 +124,8 @@ class BackupServer(ServerEngine):
     def _on_hand_over(self, handler, frame: Frame) -> None:
         with self._lock:
             self._handback_asked_at = time.monotonic()
+        self._main_is_alive()  # first: once we stand down, the monitor must not count the main's silence
         self.receiver.hand_over(handler, frame)
-        self._main_is_alive()  # it is about to take a higher epoch: do not count its silence until then
 
     def main_link(self) -> dict:
         """What this backup knows of the main, as status replies show it (any thread)."""

@@ -82,7 +82,8 @@ class ClientEngine:
         self.server.stop.set()
 
     def close(self) -> None:
-        """Stop seeding, close connections and the state database."""
+        """Stop seeding, close connections and the state database (waits on no unreachable server)."""
+        self.interrupt()
         if self._seeding:
             self.seeder.stop()
         self.server.close()
@@ -213,7 +214,10 @@ def describe_sources(sources: dict[str, int]) -> str:
 
 
 def run_get(engine: ClientEngine, args: argparse.Namespace) -> int:
-    engine.start_seeding()  # while downloading, already verified chunks help the crowd
+    try:
+        engine.start_seeding()  # while downloading, already verified chunks help the crowd
+    except MiniTorrentError as error:  # seeding is a bonus here, not a reason to fail the download
+        print(f"warning: not seeding: {error}", file=sys.stderr)
     failed = 0
     for name in args.names:
         try:

@@ -22,6 +22,7 @@ from typing import BinaryIO, Callable, Iterator, Mapping
 from error_handler import IntegrityError
 
 DIGEST_BYTES = 32  # length of a raw SHA-256 digest
+MAX_CHUNK_SIZE_BYTES = 16 * 1024 * 1024  # as transfer.chunk_size allows; a manifest from the wire may not exceed it
 
 # Large enough that hashlib drops the GIL and the syscall cost is amortised,
 # small enough that hashing a 64 GiB file still needs only this one buffer.
@@ -313,6 +314,8 @@ class Manifest:
         if missing:
             raise ValueError(f"manifest header lacks {', '.join(missing)}")
         manifest = cls(header["size"], header["chunk_size"], header["sha256"], chunk_digests)
+        if manifest.chunk_size > MAX_CHUNK_SIZE_BYTES:  # a receiver allocates one chunk: a sender must not choose
+            raise ValueError(f"chunk_size {manifest.chunk_size} is over {MAX_CHUNK_SIZE_BYTES}")
         chunks = _require_int("chunks", header["chunks"], 0)
         if chunks != manifest.chunk_count:
             raise ValueError(

@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 
 import protocol
 from catalog import AddResult
-from cluster import Role
+from cluster import Role, RoleChanged
 from config_loader import Config
 from daemon import build_engine, serve_until_signalled
 from database import ClientStore
@@ -52,6 +52,7 @@ class MainServer(ServerEngine):
         self.replicator: Replicator | None = None
         self._last_ack: tuple[float, protocol.HeartbeatAck] | None = None
         self._catch_up_thread: threading.Thread | None = None
+        self._started_at = time.monotonic()
 
     # Files --------------------------------------------------------------------------
 
@@ -80,17 +81,26 @@ class MainServer(ServerEngine):
         folder or the address cannot be bound.
         """
         address = self._listen()
+        self._started_at = time.monotonic()
         if self.replicating:
+            log.info("asking the backup who is active before serving (up to %g s)",
+                     self.config.server.backup.heartbeat_timeout)
             self._start_replication(f"{address[0]}:{address[1]}")
         else:
             reason = "server.secret is empty" if not self.config.server.secret else "no backup configured"
             log.info("replication off: %s", reason)
+            self.node.listeners.append(self._stay_active_alone)
             self.node.become_active(f"{reason}; serving alone")
         return address
 
     def _stop_workers(self) -> None:
         for thread in self._threads():
             thread.join(self.config.transfer.io_timeout + 1)
+
+    def _stay_active_alone(self, event: RoleChanged) -> None:
+        """With no backup there is no one to hand over to: a higher epoch from a client is taken and passed."""
+        if event.role is Role.STANDBY and not self.stop_event.is_set():
+            self.node.become_active("no backup to hand over to: taking an epoch above the one a client reported")
 
     def _threads(self) -> list[threading.Thread]:
         threads = [self._catch_up_thread] + ([self.replicator.thread, self._heartbeater.thread]
@@ -132,9 +142,11 @@ class MainServer(ServerEngine):
     def _backup_unreachable(self) -> None:
         if self.node.role is Role.ACTIVE or self._catching_up():
             return
-        last_contact = self._last_ack[0] if self._last_ack else None
+        # Silence counts from our own start, as the backup's does: a backup that took over while we
+        # were away and is briefly unreachable now must not find us serving a stale catalog beside it.
+        last_contact = self._last_ack[0] if self._last_ack else self._started_at
         timeout = self.config.server.backup.heartbeat_timeout
-        if last_contact is None or time.monotonic() - last_contact > timeout:
+        if time.monotonic() - last_contact > timeout:
             self.node.become_active("the backup is unreachable")
 
     def _catching_up(self) -> bool:
@@ -169,7 +181,7 @@ class MainServer(ServerEngine):
                  self.node.highest_seen_epoch, self.node.epoch)
         try:
             handed_over = catch_up_and_take_over(self.catalog, link, fetch_from,
-                                                 self.catalog.data_dir / "failback", store)
+                                                 self.catalog.data_dir / "failback", store, self.stop_event)
         except (*PEER_ERRORS, MiniTorrentError) as error:
             link.drop()
             log.warning("failback not done yet: %s", error)

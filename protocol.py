@@ -196,6 +196,13 @@ def _check_type(name: str, value: Any, expected: Any) -> None:
         )
 
 
+MAX_EPOCH = 2**63 - 1  # an epoch is stored as text in SQLite and must stay an ordinary integer
+
+
+def _check_epoch(epoch: int) -> None:
+    _require(0 <= epoch <= MAX_EPOCH, f"epoch {epoch} is outside 0..2**63-1", ErrorCode.OUT_OF_RANGE)
+
+
 def _is_utf8(text: str) -> bool:
     try:
         text.encode("utf-8")  # JSON may carry lone surrogates ("\ud800"), which no file system or database takes
@@ -222,6 +229,9 @@ class Hello(Message):
     agent: str = ""
     epoch: int = 0  # the highest epoch the caller has seen: a stale active server steps down
     nonce: str = ""  # a peer's challenge to the server (see cluster.py)
+
+    def validate(self) -> None:
+        _check_epoch(self.epoch)
 
 
 @dataclass(frozen=True)
@@ -482,6 +492,9 @@ class Heartbeat(Message):
     catalog_version: int
     address: str
 
+    def validate(self) -> None:
+        _check_epoch(self.epoch)
+
 
 @dataclass(frozen=True)
 class HeartbeatAck(Message):
@@ -582,6 +595,9 @@ class HandOver(Message):
 
     TYPE = "handover"
     epoch: int
+
+    def validate(self) -> None:
+        _check_epoch(self.epoch)
 
 
 @dataclass(frozen=True)

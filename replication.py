@@ -30,7 +30,7 @@ import shutil
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -42,6 +42,7 @@ from error_handler import AuthenticationFailed, ConnectionFailed, RemoteError, b
 from integrity import Manifest, sha256_file
 from protocol import ErrorCode, Frame, RequestFailed
 from remote import ServerClient, ServerSession
+from transport import ConnectionClosed
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,10 @@ class Heartbeater:
 
     def _run(self) -> None:
         while not self.stop.is_set():
-            self.on_ack(self._beat_once())
+            try:
+                self.on_ack(self._beat_once())
+            except Exception:  # a local fault (disk, database) must not silence the heartbeat for good
+                log.exception("heartbeat round failed; trying again next interval")
             self.stop.wait(self.interval_s)
         self.link.drop()
 
@@ -208,6 +212,10 @@ class Replicator:
             except PEER_ERRORS as error:
                 self._disconnected(error)
                 self.stop.wait(next(delays))
+            except Exception as error:  # a local fault must not end replication for good: retry from scratch
+                log.exception("replication round failed")
+                self._disconnected(error)
+                self.stop.wait(next(delays))
         self.link.drop()
 
     def _wait_for_change(self) -> None:
@@ -293,8 +301,14 @@ class Replicator:
         blob = str(self.catalog.blob_path(manifest.sha256))
         in_flight: deque[int] = deque()
         queue = deque(missing)
-        with open(blob, "rb") as file:
+        try:
+            file = open(blob, "rb")
+        except FileNotFoundError:  # removed since it was offered: the next round sends the removal
+            raise ConnectionClosed(f"{name} was removed while being replicated") from None
+        with file:
             while queue or in_flight:
+                if self.stop.is_set():
+                    raise ConnectionClosed("stopping")  # the caller drops the link: replies in flight go with it
                 while queue and len(in_flight) < self.pipeline_depth:
                     index = queue.popleft()
                     offset, length = manifest.chunk_span(index)
@@ -319,7 +333,7 @@ class Replicator:
 
 
 def catch_up_and_take_over(catalog: Catalog, link: PeerLink, downloads: ServerClient, staging: Path,
-                           store: ClientStore) -> bool:
+                           store: ClientStore, cancel: threading.Event | None = None) -> bool:
     """Fetch what the active backup gained, merge counters, ask for the role back.
 
     Returns True when the backup handed over (the caller then promotes), False
@@ -333,7 +347,7 @@ def catch_up_and_take_over(catalog: Catalog, link: PeerLink, downloads: ServerCl
     document = decode_document(session.call(protocol.GetInventory(), protocol.Inventory).payload)
     fetcher = Downloader(downloads, store, pipeline_depth=8, report_downloads=False)
     for entry in document.get("files", []):
-        _fetch_if_missing(catalog, fetcher, entry, staging)
+        _fetch_if_missing(catalog, fetcher, entry, staging, cancel)
     catalog.db.merge_download_counters(document.get("counters", {}))
     try:
         frame = session.call(protocol.HandOver(link.node.highest_seen_epoch), protocol.HandedOver)
@@ -348,12 +362,13 @@ def catch_up_and_take_over(catalog: Catalog, link: PeerLink, downloads: ServerCl
     return True
 
 
-def _fetch_if_missing(catalog: Catalog, fetcher, entry: dict, staging: Path) -> None:
+def _fetch_if_missing(catalog: Catalog, fetcher, entry: dict, staging: Path,
+                      cancel: threading.Event | None) -> None:
     name, sha256 = entry["name"], entry["sha256"]
     record = catalog.db.get_file(name)
     if record is not None and record.sha256 == sha256:
         return
-    result = fetcher.download(name, staging)
+    result = fetcher.download(name, staging, cancel)
     added = catalog.add_verified(result.path, result.manifest, name)
     if added.outcome == "renamed":  # the main's own file keeps the name: see docs/failover.md
         log.warning("failback: the backup's %s differs from ours; kept it as %s", name, added.record.name)
@@ -368,6 +383,8 @@ class _Partial:
     state: DownloadState
     fd: int
     added_at: float
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    closed: bool = False
 
 
 # Backup side ---------------------------------------------------------------------------------------------
@@ -407,7 +424,9 @@ class ReplicaReceiver:
         """Close open partial files and the partials database."""
         with self._lock:
             for partial in self._open.values():
-                os.close(partial.fd)
+                with partial.lock:
+                    partial.closed = True
+                    os.close(partial.fd)
             self._open.clear()
         self.partials.close()
 
@@ -457,10 +476,13 @@ class ReplicaReceiver:
         if not manifest.verify_chunk(request.index, frame.payload):
             log.warning("replicated chunk %d of %s failed verification; refused", request.index, state.name)
             raise RequestFailed(ErrorCode.INTEGRITY, f"chunk {request.index} of {state.name} failed SHA-256")
-        os.pwrite(partial.fd, frame.payload, manifest.chunk_span(request.index)[0])
-        self.partials.mark_verified(state.id, [request.index])
-        state.verified.add(request.index)
-        complete = len(state.verified) == manifest.chunk_count and self._finish(partial)
+        with partial.lock:  # another connection may be finishing (and closing) this very file
+            if partial.closed:
+                raise RequestFailed(ErrorCode.NOT_FOUND, f"replication of {state.name} already ended")
+            os.pwrite(partial.fd, frame.payload, manifest.chunk_span(request.index)[0])
+            self.partials.mark_verified(state.id, [request.index])
+            state.verified.add(request.index)
+            complete = len(state.verified) == manifest.chunk_count and self._finish(partial)
         handler.connection.send(protocol.ChunkStored(request.sha256, request.index, complete))
 
     def remove_file(self, handler, frame: Frame) -> None:
@@ -505,12 +527,13 @@ class ReplicaReceiver:
         return partial
 
     def _finish(self, partial: _Partial) -> bool:
-        """All chunks are in: check the whole file, move it into the store, catalog it."""
+        """All chunks are in: check the whole file, move it into the store, catalog it. Caller holds partial.lock."""
         state, manifest = partial.state, partial.state.manifest
         path = self._part_path(manifest.sha256)
         os.fsync(partial.fd)
         with self._lock:
             self._open.pop(manifest.sha256, None)
+        partial.closed = True
         os.close(partial.fd)
         if sha256_file(path) != manifest.sha256:
             self.partials.abandon_download(str(path))

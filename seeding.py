@@ -32,6 +32,7 @@ from throttle import TokenBucket
 
 log = logging.getLogger(__name__)
 
+ANNOUNCER_STOP_TIMEOUT_S = 2.0  # an announcement stuck on a dead server is not waited for
 
 @dataclass(frozen=True)
 class Holding:
@@ -201,7 +202,7 @@ class Seeder:
         self.stop_event.set()
         if self.announcer:
             self.announcer.announce_soon()
-            self.announcer.thread.join()
+            self.announcer.thread.join(ANNOUNCER_STOP_TIMEOUT_S)
         self.server.stop()
 
     @property

@@ -34,6 +34,7 @@ from transport import Connection, ConnectionClosed
 log = logging.getLogger(__name__)
 
 BUSY_REPLY_TIMEOUT_S = 1.0  # a turned-away client gets this long to read "busy"
+ACCEPT_RETRY_S = 0.1  # pause after a failed accept()
 
 
 @dataclass(frozen=True)
@@ -176,9 +177,17 @@ class RequestServer:
     def _accept_one(self) -> None:
         try:
             sock, _ = self._listener.accept()
-        except OSError as error:
+        except OSError as error:  # out of file descriptors, say: pause rather than spin on select()
             log.warning("accept failed: %s", error)
+            self._stopping.wait(ACCEPT_RETRY_S)
             return
+        try:
+            self._hand_to_thread(sock)
+        except Exception:  # a connection we cannot serve must not end the accepting
+            log.exception("cannot serve a new connection")
+            sock.close()
+
+    def _hand_to_thread(self, sock: socket.socket) -> None:
         connection = Connection(sock, io_timeout_s=self.io_timeout_s, idle_timeout_s=self.idle_timeout_s)
         with self._lock:
             full = len(self._handlers) >= self.max_connections + PEER_SLOTS
@@ -188,8 +197,13 @@ class RequestServer:
                 self._handlers[thread] = connection
         if full:
             self.turn_away(connection)
-        else:
+            return
+        try:
             thread.start()
+        except RuntimeError:  # no more threads: forget the slot and let the caller close the socket
+            with self._lock:
+                self._handlers.pop(thread, None)
+            raise
 
     def turn_away(self, connection: Connection) -> None:
         """Tell a connection the server is busy, and close it."""

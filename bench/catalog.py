@@ -25,26 +25,23 @@ from __future__ import annotations
 import argparse
 import math
 import random
-import shutil
-import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
 
-ROOT = Path(__file__).resolve().parent.parent
-# Run as "python bench/catalog.py", this folder would come first on the path and
-# "import catalog" would import this file; the project's modules must win.
-sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+# common first: importing it puts the project root first on sys.path and takes bench/ off it,
+# so "import catalog" imports the project's catalog.py, not this file.
+from common import BenchError, exit_status, install_interrupts, temp_folder
 
-import protocol  # noqa: E402
-from catalog import Catalog  # noqa: E402
-from config_loader import load_config  # noqa: E402
-from database import ServerStore  # noqa: E402
-from integrity import DIGEST_BYTES, Manifest, chunk_count  # noqa: E402
-from main_server import MainServer  # noqa: E402
-from remote import ServerClient  # noqa: E402
+import protocol
+from catalog import Catalog
+from config_loader import load_config
+from database import ServerStore
+from integrity import DIGEST_BYTES, Manifest, chunk_count
+from launcher import write_config
+from main_server import MainServer
+from remote import ServerClient
 
 TARGET_S = 0.2  # a catalog view must feel instant
 BEST_OF = 5
@@ -56,10 +53,6 @@ WORDS = ("holiday", "Café", "naïve", "Résumé", "Ñandú", "Smörgåsbord", "
          "photo", "backup", "draft", "final", "año", "crème brûlée", "🎵 mix", "a|b", "x:y", "notes",
          "Ελληνικά", "video", "project", "report", "São Paulo")
 EXTENSIONS = ("pdf", "jpg", "mkv", "tar.gz", "docx", "flac", "iso", "txt")
-
-
-class BenchError(Exception):
-    """A result was wrong; the message says which."""
 
 
 def synthetic_name(index: int, rng: random.Random) -> str:
@@ -134,14 +127,11 @@ def bench_local(data_dir: Path, files: int, report: Report) -> None:
 
 
 def write_server_config(folder: Path) -> Path:
-    path = folder / "config.yaml"
-    path.write_text(
-        "server:\n"
-        "  main: {host: 127.0.0.1, port: 0, data_dir: server}\n"
-        "logging: {level: WARNING, log_to_file: false}\n",
-        encoding="utf-8",
-    )
-    return path
+    """The in-process server's config: any free port, the catalog ``build_catalog`` wrote."""
+    return write_config(folder / "config.yaml", {
+        "server": {"main": {"host": "127.0.0.1", "port": 0, "data_dir": "server"}},
+        "logging": {"level": "WARNING", "log_to_file": False},
+    })
 
 
 def bench_wire(folder: Path, files: int, report: Report) -> None:
@@ -188,28 +178,15 @@ def bench(folder: Path, files: int) -> int:
     return 0
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--files", type=int, default=10_000, help="catalog size (default 10000)")
     args = parser.parse_args(argv)
     if args.files < 1:
         parser.error("--files must be at least 1")
-    signal.signal(signal.SIGTERM, _interrupt)  # unwind like Ctrl-C: stop the server, remove the folder
-    folder = Path(tempfile.mkdtemp(prefix="minitorrent-bench-catalog-"))
-    try:
-        return bench(folder, args.files)
-    except BenchError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+    install_interrupts()  # SIGTERM unwinds like Ctrl-C: stop the server, remove the folder
+    with temp_folder("minitorrent-bench-catalog-") as folder:
+        return exit_status(lambda: bench(folder, args.files))
 
 
 if __name__ == "__main__":

@@ -49,37 +49,32 @@ mid-way. The output says when it is used. Off by default.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import hashlib
 import math
 import os
 import random
-import re
 import secrets
-import shutil
 import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Iterator
 
-ROOT = Path(__file__).resolve().parent.parent
-# Run as "python bench/failover.py", this folder would come first on the path and
-# "import catalog" (done by the servers' modules) would import bench/catalog.py.
-sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+# common first: importing it puts the project root first on sys.path and takes bench/ off it,
+# so "import catalog" (done by the servers' modules) imports the project's catalog.py.
+from common import (BenchError, exit_status, install_interrupts, parse_size, report_line, sha256_of, starting,
+                    stop_process, temp_folder, verdict, write_random_file)
 
-import protocol  # noqa: E402
-from client import ClientEngine  # noqa: E402
-from config_loader import load_config  # noqa: E402
-from downloader import DownloadResult, Progress  # noqa: E402
-from error_handler import MiniTorrentError  # noqa: E402
-from launcher import ServerProcess, free_port, write_config  # noqa: E402
-from remote import ServerSession  # noqa: E402
+import protocol
+from client import ClientEngine
+from config_loader import load_config
+from downloader import DownloadResult, Progress
+from error_handler import MiniTorrentError
+from launcher import ServerProcess, free_port, write_config
+from remote import ServerSession
 
 CHUNK_BYTES = 1024 * 1024
 FILE_NAME = "failover payload.bin"  # a space, as real names have
@@ -92,7 +87,6 @@ STATUS_POLL_S = 0.02
 SYNC_TIMEOUT_S = 60.0  # start-up and the first replication, on a loaded machine (plus size / SYNC_RATE_BPS)
 SYNC_RATE_BPS = 20e6
 MIN_RATE_BPS = 5e6  # a download slower than this (outage aside) is considered hung
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 # The pacing proxy, run as ``python -c PROXY TARGET_PORT RATE_BPS``: prints its
 # port, forwards every connection to 127.0.0.1:TARGET_PORT, paces the
@@ -153,47 +147,6 @@ while True:
     threading.Thread(target=pump, args=(client, upstream, False), daemon=True).start()
     threading.Thread(target=pump, args=(upstream, client, True), daemon=True).start()
 """
-
-
-class BenchError(Exception):
-    """Something the benchmark relies on broke; the message says what."""
-
-
-def parse_size(text: str) -> int:
-    """``"256M"`` -> 268435456; ``"1G"``, ``"64KiB"``, ``"1000"`` (bytes) also work (binary units)."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
-    if not match:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 256M, 1G or a number of bytes)")
-    size = int(float(match.group(1)) * _UNITS[match.group(2).upper()])
-    if size <= 0:
-        raise argparse.ArgumentTypeError("size must be positive")
-    return size
-
-
-def write_random_file(path: Path, size: int, seed: int) -> str:
-    """Write ``size`` random bytes in 1 MiB blocks; return their SHA-256."""
-    rng = random.Random(seed)
-    digest = hashlib.sha256()
-    with open(path, "wb") as out:
-        remaining = size
-        while remaining:
-            block = rng.randbytes(min(remaining, CHUNK_BYTES))
-            digest.update(block)
-            out.write(block)
-            remaining -= len(block)
-        out.flush()
-        os.fsync(out.fileno())  # else its writeback would compete with the run
-    return digest.hexdigest()
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    buffer = bytearray(CHUNK_BYTES)
-    view = memoryview(buffer)
-    with open(path, "rb", buffering=0) as source:
-        while n := source.readinto(buffer):
-            digest.update(view[:n])
-    return digest.hexdigest()
 
 
 # Watching the client and the backup ------------------------------------------------------------
@@ -344,11 +297,7 @@ class Cluster:
 
     def close(self) -> None:
         for process in reversed(self.processes):
-            try:
-                process.stop(signal.SIGTERM)
-            except (subprocess.TimeoutExpired, OSError):
-                pass
-            process.kill()
+            stop_process(process.process)
         if self.proxy is not None:
             if self.proxy.poll() is None:
                 self.proxy.kill()
@@ -403,7 +352,6 @@ def wait_in_sync(main: ServerProcess, backup: ServerProcess, deadline_s: float) 
 def one_run(folder: Path, size: int, interval: float, timeout: float, throttle: float | None,
             rng: random.Random) -> RunResult:
     source = folder / "source" / FILE_NAME
-    source.parent.mkdir()
     source_sha = write_random_file(source, size, rng.getrandbits(64))
     chunks = math.ceil(size / CHUNK_BYTES)
     main_port, backup_port = free_port(), free_port()
@@ -503,10 +451,6 @@ def measure(times: list[float], killer: Killer, watcher: BackupWatcher, result: 
 # Reporting ------------------------------------------------------------------------------------------
 
 
-def verdict(ok: bool) -> str:
-    return "PASS" if ok else "MISS"
-
-
 def fmt_s(value: float | None) -> str:
     return "   n/a" if value is None else f"{value:6.3f}"
 
@@ -552,47 +496,20 @@ def report(runs: list[RunResult], timeout: float) -> bool:
     return exact == len(runs)
 
 
-def line(label: str, value: str) -> None:
-    print(f"  {label:50} {value}")
+line = partial(report_line, width=50)
 
 
-class Interrupts:
-    """SIGINT and SIGTERM raise ``KeyboardInterrupt``, except while a process is being started.
-
-    ``launcher.ServerProcess`` waits for its process to listen inside its
-    constructor; interrupted there, the process would be left running with
-    nobody holding it. So an interrupt in ``deferred()`` is raised at its end.
-    """
-
-    def __init__(self) -> None:
-        self._deferring = False
-        self._pending = False
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, self._handle)
-
-    def _handle(self, signum: int, frame: object) -> None:
-        if self._deferring:
-            self._pending = True
-            return
-        raise KeyboardInterrupt
-
-    @contextlib.contextmanager
-    def deferred(self) -> Iterator[None]:
-        self._deferring = True
-        try:
-            yield
-        finally:
-            self._deferring = False
-        if self._pending:
-            raise KeyboardInterrupt
-
-
-INTERRUPTS: Interrupts | None = None
-
-
-def starting() -> contextlib.AbstractContextManager:
-    """Defer Ctrl-C and SIGTERM while a process starts (when run as a program)."""
-    return INTERRUPTS.deferred() if INTERRUPTS else contextlib.nullcontext()
+def measure_runs(count: int, size: int, interval: float, timeout: float, throttle: float | None,
+                 rng: random.Random) -> list[RunResult]:
+    """``count`` failovers, each in a fresh folder removed after it; a row of the table per run."""
+    runs: list[RunResult] = []
+    print(HEADER, flush=True)
+    for number in range(1, count + 1):
+        with temp_folder("minitorrent-failover-") as folder:
+            run = one_run(folder, size, interval, timeout, throttle, rng)
+        runs.append(run)
+        print(row(number, run), flush=True)
+    return runs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -614,9 +531,7 @@ def main(argv: list[str] | None = None) -> int:
         # Two streams with 8 requests in flight each: the last 16 chunks may all be on their way when the
         # main dies, and then the download ends without the backup.
         parser.error(f"--size must be at least {MIN_SIZE >> 20} MiB, to kill the main mid-download")
-    # SIGTERM unwinds like Ctrl-C, so the finally blocks stop processes and remove the folders.
-    global INTERRUPTS
-    INTERRUPTS = Interrupts()
+    install_interrupts()  # SIGTERM unwinds like Ctrl-C: processes stopped, folders removed
     seed = args.seed if args.seed is not None else secrets.randbits(32)
     rng = random.Random(seed)
     link = (f"THROTTLED: the main's link is paced at {args.throttle / (1 << 20):.0f} MiB/s by a proxy" if args.throttle
@@ -625,24 +540,8 @@ def main(argv: list[str] | None = None) -> int:
           f"heartbeat_interval {args.interval:g} s, heartbeat_timeout {args.timeout:g} s, {link}; seed {seed}")
     print(LEGEND, flush=True)
     print(f"load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())}", flush=True)
-    runs: list[RunResult] = []
-    try:
-        print(HEADER, flush=True)
-        for number in range(1, args.runs + 1):
-            folder = Path(tempfile.mkdtemp(prefix="minitorrent-failover-"))
-            try:
-                run = one_run(folder, args.size, args.interval, args.timeout, args.throttle, rng)
-            finally:
-                shutil.rmtree(folder, ignore_errors=True)
-            runs.append(run)
-            print(row(number, run), flush=True)
-    except BenchError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
-    return 0 if report(runs, args.timeout) else 1
+    return exit_status(lambda: 0 if report(measure_runs(args.runs, args.size, args.interval, args.timeout,
+                                                        args.throttle, rng), args.timeout) else 1)
 
 
 if __name__ == "__main__":

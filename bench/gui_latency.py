@@ -44,28 +44,25 @@ from __future__ import annotations
 
 import argparse
 import gc
-import hashlib
 import logging
 import math
 import os
-import random
-import re
 import shutil
 import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 from unittest import mock
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+# common first: importing it puts the project root on sys.path.
+from common import (BenchError, exit_status, parse_size, report_line, sha256_of, stop_process, temp_folder, verdict,
+                    write_random_file)
 
-BLOCK_BYTES = 1024 * 1024  # write and hash in 1 MiB blocks: never a whole file in memory
 IMPORT_NAME = "added in the window.bin"  # spaces, as real names have
 DOWNLOAD_NAME = "downloaded in the window.bin"
 PROBE_INTERVAL_MS = 10  # a sample every 10 ms
@@ -78,52 +75,9 @@ SETTLE_S = 1.0  # after the windows show their first data, before measuring
 SCREEN = "1600x1000x24"
 MAIN_PLACE = "+0+0"
 CLIENT_PLACE = "+300+160"
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
-
-class BenchError(Exception):
-    """Something the benchmark relies on broke; the message says what."""
-
-
-def parse_size(text: str) -> int:
-    """``"512M"`` -> 536870912; ``"1G"``, ``"64KiB"``, ``"1000"`` (bytes) also work (binary units)."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
-    if not match:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 512M, 1G or a number of bytes)")
-    size = int(float(match.group(1)) * _UNITS[match.group(2).upper()])
-    if size <= 0:
-        raise argparse.ArgumentTypeError("size must be positive")
-    return size
 
 
 # Preparing --------------------------------------------------------------------------
-
-
-def write_random_file(path: Path, size: int, seed: int) -> str:
-    """Write ``size`` random bytes in 1 MiB blocks; return their SHA-256."""
-    rng = random.Random(seed)
-    digest = hashlib.sha256()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as out:
-        remaining = size
-        while remaining:
-            block = rng.randbytes(min(remaining, BLOCK_BYTES))
-            digest.update(block)
-            out.write(block)
-            remaining -= len(block)
-        out.flush()
-        os.fsync(out.fileno())  # else its writeback would land in the middle of the measurement
-    return digest.hexdigest()
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    buffer = bytearray(BLOCK_BYTES)
-    view = memoryview(buffer)
-    with open(path, "rb", buffering=0) as source:
-        while n := source.readinto(buffer):
-            digest.update(view[:n])
-    return digest.hexdigest()
 
 
 def write_configs(folder: Path) -> tuple[Path, Callable[[int], Path]]:
@@ -165,16 +119,6 @@ def start_xvfb() -> subprocess.Popen:
         raise BenchError("Xvfb did not start")
     os.environ["DISPLAY"] = f":{number}"
     return process
-
-
-def stop_process(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.terminate()  # a clean exit removes Xvfb's lock files; SIGKILL would leave them behind
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 # The probe and the loop -------------------------------------------------------------
@@ -426,12 +370,7 @@ class Jobs:
 # The run ----------------------------------------------------------------------------
 
 
-def verdict(ok: bool) -> str:
-    return "PASS" if ok else "MISS"
-
-
-def line(label: str, value: str) -> None:
-    print(f"  {label:37} {value}")
+line = partial(report_line, width=37)
 
 
 def bench(folder: Path, size: int, idle_s: float) -> None:
@@ -510,24 +449,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.idle <= 0:
         parser.error("--idle must be positive")
     INTERRUPT.install()
-    folder = Path(tempfile.mkdtemp(prefix="minitorrent-bench-gui-"))
+    with temp_folder("minitorrent-bench-gui-") as folder:
+        return exit_status(lambda: bench_on_a_display(folder, args.size, args.idle))
+
+
+def bench_on_a_display(folder: Path, size: int, idle_s: float) -> None:
+    """``bench`` on ``DISPLAY``, or on an Xvfb started for it (and stopped after) when that is unset."""
     xvfb = None
     try:
         if not os.environ.get("DISPLAY"):
             xvfb = start_xvfb()
             print(f"started Xvfb on {os.environ['DISPLAY']}", flush=True)
-        bench(folder, args.size, args.idle)
-    except BenchError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
+        bench(folder, size, idle_s)
     finally:
         if xvfb is not None:
             stop_process(xvfb)
-        shutil.rmtree(folder, ignore_errors=True)
-    return 0
 
 
 if __name__ == "__main__":

@@ -37,48 +37,31 @@ with seeding <= 50 %. A benchmark, not a test: PASS or MISS per target, exit 0.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import os
-import random
 import re
 import shutil
 import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-BLOCK_BYTES = 1024 * 1024  # write and hash in 1 MiB blocks: never a whole file in memory
+# common first: importing it puts the project root on sys.path (the workers' imports need it too).
+from common import (ROOT, BenchError, exit_status, install_interrupts, parse_size, report_line, sha256_of,
+                    start_server, stop_process, temp_folder, verdict, write_random_file)
+from launcher import ServerProcess, write_config
+
 FILE_NAME = "swarm payload.bin"
 TIME_RATIO_TARGET = 0.6  # the crowd with seeding finishes in at most 60 % of the time without
 SERVER_SHARE_TARGET = 0.5  # with seeding, at most half the bytes leave the server
 START_TIMEOUT_S = 60.0  # a process start on a loaded machine
 MIN_RATE_BPS = 1e6  # a run moving less than this per client is considered hung
 ANNOUNCE_INTERVAL_S = 1.0  # how often seeders tell the tracker what they hold
-LISTENING = re.compile(r"listening on ([\d.]+):(\d+)")
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _RATE_UNITS = {"": 1, "K": 10 ** 3, "M": 10 ** 6, "G": 10 ** 9}
-
-
-class BenchError(Exception):
-    """Something the benchmark relies on broke; the message says what."""
-
-
-def parse_size(text: str) -> int:
-    """``"256M"`` -> 268435456 (binary units), or a number of bytes."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
-    if not match:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 256M, 1G or a number of bytes)")
-    size = int(float(match.group(1)) * _UNITS[match.group(2).upper()])
-    if size <= 0:
-        raise argparse.ArgumentTypeError("size must be positive")
-    return size
 
 
 def parse_rate(text: str) -> int:
@@ -97,7 +80,6 @@ def parse_rate(text: str) -> int:
 
 def worker(config_path: str, name: str, output: str) -> int:
     """Run one client: ready, wait for go, download, report, seed until stop. One JSON line per event."""
-    sys.path.insert(0, str(ROOT))
     from client import ClientEngine
     from config_loader import load_config
     from error_handler import MiniTorrentError
@@ -131,109 +113,36 @@ def say(**event: object) -> None:
 # Preparing --------------------------------------------------------------------------------
 
 
-def write_random_file(path: Path, size: int) -> str:
-    """Write ``size`` random bytes in 1 MiB blocks; return their SHA-256."""
-    rng = random.Random(20261125)
-    digest = hashlib.sha256()
-    with open(path, "wb") as out:
-        remaining = size
-        while remaining:
-            block = rng.randbytes(min(remaining, BLOCK_BYTES))
-            digest.update(block)
-            out.write(block)
-            remaining -= len(block)
-        out.flush()
-        os.fsync(out.fileno())
-    return digest.hexdigest()
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    buffer = bytearray(BLOCK_BYTES)
-    view = memoryview(buffer)
-    with open(path, "rb", buffering=0) as source:
-        while n := source.readinto(buffer):
-            digest.update(view[:n])
-    return digest.hexdigest()
-
-
 def server_config(folder: Path, clients: int, limit_bps: int) -> Path:
-    path = folder / "server.yaml"
-    path.write_text(
-        "server:\n"
-        "  main: {host: 127.0.0.1, port: 0, data_dir: server}\n"
-        "  backup: {port: 0}\n"
-        f"transfer: {{upload_limit: {limit_bps}, max_connections: {max(64, clients * 4)},"
-        f" announce_interval: {ANNOUNCE_INTERVAL_S}}}\n"
-        "logging: {level: WARNING, log_to_file: false}\n",
-        encoding="utf-8",
-    )
-    return path
+    """The main server's: any free port, no backup, the upload limit, room for the crowd's connections."""
+    return write_config(folder / "server.yaml", {
+        "server": {"main": {"host": "127.0.0.1", "port": 0, "data_dir": "server"}, "backup": {"port": 0}},
+        "transfer": {"upload_limit": limit_bps, "max_connections": max(64, clients * 4),
+                     "announce_interval": ANNOUNCE_INTERVAL_S},
+        "logging": {"level": "WARNING", "log_to_file": False},
+    })
 
 
 def client_config(folder: Path, port: int, seeding: bool, clients: int) -> Path:
-    folder.mkdir(parents=True)
-    path = folder / "client.yaml"
-    path.write_text(
-        "server:\n"
-        f"  main: {{host: 127.0.0.1, port: {port}}}\n"
-        "  backup: {port: 0}\n"
-        f"client: {{download_dir: downloads, data_dir: state, seeding: {str(seeding).lower()},"
-        " retry_deadline: 30.0}\n"
-        f"transfer: {{announce_interval: {ANNOUNCE_INTERVAL_S}, max_connections: {max(16, clients * 2)}}}\n"
-        "logging: {level: WARNING, log_to_file: false}\n",
-        encoding="utf-8",
-    )
-    return path
+    """One worker's, in its own folder: its downloads and state apart from every other's."""
+    return write_config(folder / "client.yaml", {
+        "server": {"main": {"host": "127.0.0.1", "port": port}, "backup": {"port": 0}},
+        "client": {"download_dir": "downloads", "data_dir": "state", "seeding": seeding, "retry_deadline": 30.0},
+        "transfer": {"announce_interval": ANNOUNCE_INTERVAL_S, "max_connections": max(16, clients * 2)},
+        "logging": {"level": "WARNING", "log_to_file": False},
+    })
 
 
 # Processes --------------------------------------------------------------------------------
 
 
-class Server:
-    """The real main server as a subprocess; its output drained to files so no pipe fills."""
-
-    def __init__(self, config: Path, source: Path, size: int) -> None:
-        folder = config.parent
-        self.stderr_path = folder / "server.stderr"
-        self._found = threading.Event()
-        self.address: tuple[str, int] | None = None
-        self.config = config
-        command = [sys.executable, str(ROOT / "main_server.py"), "--config", str(config), "--headless",
-                   "--add", str(source)]
-        with open(self.stderr_path, "wb") as stderr:
-            self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, cwd=folder)
-        threading.Thread(target=self._drain_stdout, daemon=True).start()
-        deadline = time.monotonic() + START_TIMEOUT_S + size / 20e6  # --add copies and hashes first
-        while not self._found.wait(0.05):
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise BenchError(f"main server did not start (exit {self.process.poll()}):\n"
-                                 + self.stderr_path.read_text(errors="replace")[-2000:])
-
-    def _drain_stdout(self) -> None:
-        for line in self.process.stdout:
-            match = LISTENING.search(line.decode("utf-8", "replace"))
-            if match and not self._found.is_set():
-                self.address = match.group(1), int(match.group(2))
-                self._found.set()
-
-    def bytes_sent(self, client_yaml: Path) -> int:
-        """The server's ``bytes_sent`` counter, asked the way a user would: ``client.py status --json``."""
-        done = subprocess.run([sys.executable, str(ROOT / "client.py"), "--config", str(client_yaml), "status",
-                               "--json"], capture_output=True, text=True, timeout=START_TIMEOUT_S)
-        if done.returncode != 0:
-            raise BenchError(f"client.py status failed: {done.stderr.strip()}")
-        return int(json.loads(done.stdout)["bytes_sent"])
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+def server_bytes_sent(client_yaml: Path) -> int:
+    """The server's ``bytes_sent`` counter, asked the way a user would: ``client.py status --json``."""
+    done = subprocess.run([sys.executable, str(ROOT / "client.py"), "--config", str(client_yaml), "status",
+                           "--json"], capture_output=True, text=True, timeout=START_TIMEOUT_S)
+    if done.returncode != 0:
+        raise BenchError(f"client.py status failed: {done.stderr.strip()}")
+    return int(json.loads(done.stdout)["bytes_sent"])
 
 
 class Worker:
@@ -304,12 +213,12 @@ class RunResult:
     sources: list[dict[str, int]] = field(default_factory=list)
 
 
-def run_crowd(folder: Path, server: Server, size: int, clients: int, seeding: bool, source_sha: str) -> RunResult:
+def run_crowd(folder: Path, server: ServerProcess, size: int, clients: int, seeding: bool, source_sha: str) -> RunResult:
     """Start the crowd, time it from go to the last done, stop it, check every file."""
     run_dir = folder / ("seeding" if seeding else "no-seeding")
     configs = [client_config(run_dir / f"client{n}", server.address[1], seeding, clients) for n in range(clients)]
     outputs = [config.parent / "downloads" for config in configs]
-    before = server.bytes_sent(configs[0])
+    before = server_bytes_sent(configs[0])
     workers = [Worker(config, output) for config, output in zip(configs, outputs)]
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -327,7 +236,7 @@ def run_crowd(folder: Path, server: Server, size: int, clients: int, seeding: bo
     finally:
         for worker_process in workers:
             worker_process.kill()
-    after = server.bytes_sent(configs[0])
+    after = server_bytes_sent(configs[0])
     for output in outputs:
         got = sha256_of(output / FILE_NAME)
         if got != source_sha:
@@ -342,12 +251,7 @@ def run_crowd(folder: Path, server: Server, size: int, clients: int, seeding: bo
 # The benchmark --------------------------------------------------------------------------------
 
 
-def verdict(ok: bool) -> str:
-    return "PASS" if ok else "MISS"
-
-
-def line(label: str, value: str) -> None:
-    print(f"  {label:52} {value}", flush=True)
+line = partial(report_line, width=52)
 
 
 def report_run(run: RunResult, size: int, clients: int) -> None:
@@ -362,13 +266,11 @@ def report_run(run: RunResult, size: int, clients: int) -> None:
 
 
 def bench(folder: Path, size: int, clients: int, limit_bps: int) -> None:
-    source_dir = folder / "source"
-    source_dir.mkdir()
-    source = source_dir / FILE_NAME
+    source = folder / "source" / FILE_NAME
     print(f"writing {size} random bytes ({size / (1 << 20):.0f} MiB) ...", flush=True)
     source_sha = write_random_file(source, size)
     print("starting the main server (importing the file) ...", flush=True)
-    server = Server(server_config(folder, clients, limit_bps), source, size)
+    server = start_server(server_config(folder, clients, limit_bps), add=[source])
     print(f"server on {server.address[0]}:{server.address[1]}, upload limited to {limit_bps / 1e6:.1f} MB/s; "
           f"{clients} clients; without peers that is at least {clients * size / limit_bps:.1f} s", flush=True)
     try:
@@ -376,7 +278,7 @@ def bench(folder: Path, size: int, clients: int, limit_bps: int) -> None:
         for run in runs:
             report_run(run, size, clients)
     finally:
-        server.stop()
+        stop_process(server.process)
     with_seeding, without = runs
     ratio = with_seeding.seconds / without.seconds
     share = with_seeding.server_bytes / (clients * size)
@@ -392,10 +294,6 @@ def bench(folder: Path, size: int, clients: int, limit_bps: int) -> None:
          f"{share:7.1%}    {verdict(share <= SERVER_SHARE_TARGET)}")
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--worker"]:
@@ -408,19 +306,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.clients < 2:
         parser.error("--clients must be at least 2: a crowd of one has nobody to trade with")
-    signal.signal(signal.SIGTERM, _interrupt)  # unwinds like Ctrl-C: processes stopped, folder removed
-    folder = Path(tempfile.mkdtemp(prefix="minitorrent-swarm-"))
-    try:
-        bench(folder, args.size, args.clients, args.server_limit)
-    except BenchError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-    return 0
+    install_interrupts()  # SIGTERM unwinds like Ctrl-C: processes stopped, folder removed
+    with temp_folder("minitorrent-swarm-") as folder:
+        return exit_status(lambda: bench(folder, args.size, args.clients, args.server_limit))
 
 
 if __name__ == "__main__":

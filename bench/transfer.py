@@ -34,32 +34,30 @@ differs from the source's).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
-import random
 import re
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-BLOCK_BYTES = 1024 * 1024  # write, read and receive in 1 MiB blocks: never a whole file in memory
+# common first: importing it puts the project root on sys.path.
+from common import (ROOT, BenchError, exit_status, install_interrupts, parse_size, report_line, sha256_of,
+                    start_server, stop_process, temp_folder, verdict, write_random_file)
+from launcher import ServerProcess, write_config
+
 FILE_NAME = "bench payload.bin"  # a space, as real names have
 RATIO_TARGET = 0.8  # MiniTorrent must reach 80 % of the raw socket's throughput
 RSS_TARGET_MIB = 100.0  # the client's memory must not grow with the file
 START_TIMEOUT_S = 60.0  # a process start on a loaded machine
 MIN_RATE_BPS = 5e6  # any slower than this and a run is considered hung
-LISTENING = re.compile(r"listening on ([\d.]+):(\d+)")
 CLIENT_SPEED = re.compile(r"100\.0%.*?([\d.]+ [KMGT]?i?B)/s")
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 # The baseline receiver, run as ``python -c RECEIVER OUT MODE``: prints its
 # port, receives one connection into a reused 1 MiB buffer, writes it to OUT,
@@ -106,10 +104,6 @@ print("done", total, flush=True)
 """
 
 
-class BenchError(Exception):
-    """Something the benchmark relies on broke; the message says what."""
-
-
 @dataclass
 class ClientRun:
     seconds: float
@@ -117,118 +111,29 @@ class ClientRun:
     reported_speed: str
 
 
-def parse_size(text: str) -> int:
-    """``"1G"`` -> 1073741824; ``"256M"``, ``"64KiB"``, ``"1000"`` (bytes) also work (binary units)."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
-    if not match:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 1G, 256M or a number of bytes)")
-    size = int(float(match.group(1)) * _UNITS[match.group(2).upper()])
-    if size <= 0:
-        raise argparse.ArgumentTypeError("size must be positive")
-    return size
-
-
 # Preparing --------------------------------------------------------------------------
 
 
-def write_random_file(path: Path, size: int) -> str:
-    """Write ``size`` random bytes in 1 MiB blocks; return their SHA-256."""
-    rng = random.Random(20261125)
-    digest = hashlib.sha256()
-    with open(path, "wb") as out:
-        remaining = size
-        while remaining:
-            block = rng.randbytes(min(remaining, BLOCK_BYTES))
-            digest.update(block)
-            out.write(block)
-            remaining -= len(block)
-        out.flush()
-        os.fsync(out.fileno())  # else its writeback would slow whichever run comes first
-    return digest.hexdigest()
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    buffer = bytearray(BLOCK_BYTES)
-    view = memoryview(buffer)
-    with open(path, "rb", buffering=0) as source:
-        while n := source.readinto(buffer):
-            digest.update(view[:n])
-    return digest.hexdigest()
-
-
-def write_config(folder: Path, name: str, port: int = 0) -> Path:
+def config_settings(port: int = 0) -> dict:
     """The server's config (port 0: any free port) or the client's (the server's real port)."""
-    path = folder / name
-    path.write_text(
-        "server:\n"
-        f"  main: {{host: 127.0.0.1, port: {port}, data_dir: server}}\n"
-        "client: {download_dir: downloads, data_dir: client-state, retry_deadline: 10.0}\n"
-        "logging: {level: WARNING, log_to_file: false, log_dir: logs}\n",
-        encoding="utf-8",
-    )
-    return path
+    return {
+        "server": {"main": {"host": "127.0.0.1", "port": port, "data_dir": "server"}},
+        "client": {"download_dir": "downloads", "data_dir": "client-state", "retry_deadline": 10.0},
+        "logging": {"level": "WARNING", "log_to_file": False, "log_dir": "logs"},
+    }
 
 
 # Processes --------------------------------------------------------------------------
 
 
-class Server:
-    """The real main server as a subprocess; its output drained to files so no pipe fills."""
-
-    def __init__(self, config: Path, source: Path, size: int) -> None:
-        folder = config.parent
-        self.stdout_path = folder / "server.stdout"
-        self.stderr_path = folder / "server.stderr"
-        self._found = threading.Event()
-        self.address: tuple[str, int] | None = None
-        command = [sys.executable, str(ROOT / "main_server.py"), "--config", str(config), "--headless",
-                   "--add", str(source)]
-        with open(self.stderr_path, "wb") as stderr:
-            self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, cwd=folder)
-        self._drain = threading.Thread(target=self._drain_stdout, daemon=True)
-        self._drain.start()
-        try:
-            # --add copies, hashes and fsyncs the file before the server listens.
-            self._wait_listening(START_TIMEOUT_S + size / 20e6)
-        except BaseException:
-            self.stop()
-            raise
-
-    def _drain_stdout(self) -> None:
-        with open(self.stdout_path, "wb") as out:
-            for line in self.process.stdout:
-                out.write(line)
-                out.flush()
-                match = LISTENING.search(line.decode("utf-8", "replace"))
-                if match and not self._found.is_set():
-                    self.address = match.group(1), int(match.group(2))
-                    self._found.set()
-
-    def _wait_listening(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while not self._found.wait(0.05):
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise BenchError(f"main server did not start (exit {self.process.poll()}):\n"
-                                 + self.stderr_path.read_text(errors="replace")[-2000:])
-
-    def peak_rss_mib(self) -> float | None:
-        try:
-            status = Path(f"/proc/{self.process.pid}/status").read_text()
-        except OSError:
-            return None
-        match = re.search(r"VmHWM:\s+(\d+) kB", status)
-        return int(match.group(1)) / 1024 if match else None
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._drain.join(5)
+def peak_rss_mib(server: ServerProcess) -> float | None:
+    """The server process's peak RSS so far (``VmHWM``), or None where /proc does not say."""
+    try:
+        status = Path(f"/proc/{server.process.pid}/status").read_text()
+    except OSError:
+        return None
+    match = re.search(r"VmHWM:\s+(\d+) kB", status)
+    return int(match.group(1)) / 1024 if match else None
 
 
 def run_client(config: Path, output: Path, size: int, log_folder: Path) -> ClientRun:
@@ -297,32 +202,26 @@ def mb_per_s(size: int, seconds: float) -> float:
     return size / seconds / 1e6
 
 
-def verdict(ok: bool) -> str:
-    return "PASS" if ok else "MISS"
-
-
 def bench(folder: Path, size: int, repeat: int, warmup: bool) -> None:
-    source_dir = folder / "source"
-    source_dir.mkdir()
-    source = source_dir / FILE_NAME
+    source = folder / "source" / FILE_NAME
     print(f"writing {size} random bytes to {source} ...", flush=True)
     source_sha = write_random_file(source, size)
     print("starting the main server (importing the file) ...", flush=True)
     started = time.perf_counter()
-    server = Server(write_config(folder, "server.yaml"), source, size)
+    server = start_server(write_config(folder / "server.yaml", config_settings()), add=[source])
     print(f"server listening on {server.address[0]}:{server.address[1]} "
           f"(start-up with --add: {time.perf_counter() - started:.1f} s)", flush=True)
     results = Results(size)
-    runner = Runner(folder, source, source_sha, size, write_config(folder, "client.yaml", server.address[1]))
+    runner = Runner(folder, source, source_sha, size, write_config(folder / "client.yaml", config_settings(server.address[1])))
     try:
         if warmup:
             runner.round("warm-up", ("baseline", "minitorrent"), Results(size))
         for run in range(repeat):
             order = KINDS if run % 2 == 0 else KINDS[::-1]  # alternate, so drift hits all alike
             runner.round(f"run {run + 1}", order, results)
-        server_rss = server.peak_rss_mib()
+        server_rss = peak_rss_mib(server)
     finally:
-        server.stop()
+        stop_process(server.process)
     results.report(repeat, server_rss)
 
 
@@ -355,8 +254,7 @@ class Results:
         line(f"TARGET client peak RSS <= {RSS_TARGET_MIB:.0f} MiB", f"{rss:7.1f} MiB   {verdict(rss <= RSS_TARGET_MIB)}")
 
 
-def line(label: str, value: str) -> None:
-    print(f"  {label:46} {value}")
+line = partial(report_line, width=46)
 
 
 @dataclass
@@ -400,10 +298,6 @@ class Runner:
             shutil.rmtree(self.folder / "client-state", ignore_errors=True)
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", type=parse_size, default=1 << 30, help="file size: bytes, or 256M, 1G ... (default 1G)")
@@ -413,20 +307,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
-    # SIGTERM unwinds like Ctrl-C, so the finally blocks stop processes and remove the folder.
-    signal.signal(signal.SIGTERM, _interrupt)
-    folder = Path(tempfile.mkdtemp(prefix="minitorrent-bench-"))
-    try:
-        bench(folder, args.size, args.repeat, args.warmup)
-    except BenchError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-    return 0
+    install_interrupts()
+    with temp_folder("minitorrent-bench-") as folder:
+        return exit_status(lambda: bench(folder, args.size, args.repeat, args.warmup))
 
 
 if __name__ == "__main__":

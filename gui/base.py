@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 PUMP_INTERVAL_MS = 50  # 20 ticks a second: smooth progress bars, idle CPU near zero
 PUMP_BATCH = 200  # events drawn per tick at most, so a flood cannot freeze the window
 POLL_INTERVAL_S = 0.5
+POLLER_STOP_TIMEOUT_S = 1.0
 THEMES = ("light", "dark")
 MIN_WINDOW_SIZE = (900, 520)  # below this the tables and status strips start to cut text
 
@@ -154,7 +155,7 @@ class Poller:
         """Stop polling and wait for the thread."""
         self._stop.set()
         self._now.set()
-        self.thread.join()
+        self.thread.join(POLLER_STOP_TIMEOUT_S)  # a snapshot stuck on a dead server must not freeze the window
 
     def _run(self) -> None:
         while not self._stop.is_set():

@@ -411,3 +411,29 @@ class TestDownloadCounters:
             merged = forward.download_counters().get("a.txt", {})
             assert expected == merged == backward.download_counters().get("a.txt", {})
             assert sum(expected.values()) == forward.get_file("a.txt").downloads
+
+
+class TestReviewFixes:
+    def test_absurd_epoch_in_a_hello_is_refused(self):
+        """A hello claiming an epoch beyond 2**63-1 is a bad request, not a way to break promotion."""
+        import protocol
+        from protocol import RemoteProtocolError
+
+        with pytest.raises(RemoteProtocolError):
+            protocol.Hello(protocol.PROTOCOL_VERSION, "client", "x", 10**4000)
+
+    def test_manifest_with_a_huge_chunk_size_is_refused(self):
+        """A manifest from the wire may not make a receiver allocate more than the largest chunk size."""
+        from integrity import Manifest
+
+        with pytest.raises(ValueError, match="chunk_size"):
+            Manifest.from_header({"size": 1, "chunk_size": 2**40, "sha256": "0" * 64, "chunks": 1}, b"\0" * 32)
+
+    def test_main_without_backup_stays_active_after_a_client_claims_a_higher_epoch(self, server_factory):
+        """A main serving alone takes an epoch above a client's claim instead of standing by for good."""
+        from remote import ServerSession
+
+        server = server_factory()
+        host, port = server.server.address
+        ServerSession.open(host, port, io_timeout_s=5, epoch=99).close()
+        assert ("active", 100) == (server.node.role.value, server.node.epoch)
