@@ -37,10 +37,6 @@ class CatalogError(MiniTorrentError):
     """A file could not be added to, or found in, the catalog."""
 
 
-class InvalidNameError(CatalogError):
-    """A file name is unsafe (separator, '..', NUL, absolute, too long)."""
-
-
 class ConnectionFailed(MiniTorrentError):
     """A server could not be reached or the connection broke; worth retrying."""
 

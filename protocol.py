@@ -63,7 +63,6 @@ class ErrorCode:
     OUT_OF_RANGE = "OUT_OF_RANGE"
     STALE_VERSION = "STALE_VERSION"  # the file changed: the client's sha256 is not the served one
     BUSY = "BUSY"  # max_connections reached: retry later
-    TIMEOUT = "TIMEOUT"
     STORAGE_ERROR = "STORAGE_ERROR"  # the server's own copy is unreadable or damaged
     STANDBY = "STANDBY"  # this server is not the active one; the message names the primary
     AUTH_FAILED = "AUTH_FAILED"  # a peer did not prove it knows server.secret

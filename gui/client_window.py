@@ -1015,11 +1015,3 @@ class ClientWindow:
             log.warning("downloads still stopping at exit: %s", ", ".join(still_running))
         self.engine.close()
         self.root.destroy()
-
-
-def open_client_window(engine: ClientEngine, settings_file: Path) -> tuple[tk.Tk, ClientWindow]:
-    """Create the root (``gui.base.NoDisplay`` without a screen) and the window in it."""
-    from gui.base import open_root
-
-    root = open_root(TITLE, GEOMETRY, settings_file)
-    return root, ClientWindow(root, engine, settings_file)

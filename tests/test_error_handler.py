@@ -10,7 +10,7 @@ import pytest
 
 import error_handler
 from error_handler import (
-    CatalogError, ConfigError, ConnectionFailed, DownloadError, IntegrityError, InvalidNameError,
+    CatalogError, ConfigError, ConnectionFailed, DownloadError, IntegrityError,
     MiniTorrentError, RemoteError, RetryGaveUp, ServerBusy, backoff_delays, retry,
 )
 
@@ -56,7 +56,7 @@ def fixed_delays(*delays: float):
 
 class TestExceptions:
     @pytest.mark.parametrize("error_type", [
-        ConfigError, IntegrityError, CatalogError, InvalidNameError, ConnectionFailed,
+        ConfigError, IntegrityError, CatalogError, ConnectionFailed,
         ServerBusy, RemoteError, DownloadError, RetryGaveUp,
     ])
     def test_all_are_minitorrent_errors(self, error_type):
@@ -70,10 +70,6 @@ class TestExceptions:
     def test_retry_gave_up_is_connection_failed(self):
         """RetryGaveUp is a ConnectionFailed, so callers catch both in one place."""
         assert True is issubclass(RetryGaveUp, ConnectionFailed)
-
-    def test_invalid_name_is_catalog_error(self):
-        """InvalidNameError is a CatalogError."""
-        assert True is issubclass(InvalidNameError, CatalogError)
 
     def test_remote_error_is_not_retryable(self):
         """RemoteError is not a ConnectionFailed: the server answered, retrying will not help."""
