@@ -120,22 +120,33 @@ def run_client(config_path: Path, *args: str, timeout: float = LONG_TIMEOUT) -> 
 
 
 class SlowProxy:
-    """A TCP proxy that forwards server-to-client bytes at ``rate_bps``: a slow link on loopback.
+    """A TCP proxy that paces one direction at ``rate_bps``: a slow link on loopback.
 
-    It lets a test catch a download in the middle (to kill the client) without
-    slowing the code under test. Pacing uses short sleeps; it waits on nothing.
+    ``pace="to_client"`` slows what the server sends (a download);
+    ``"to_server"`` slows what the client sends (the main pushing replication
+    to the backup). It lets a test catch a transfer in the middle without
+    slowing the code under test. ``target`` may be a callable, asked at each
+    connection, for a target that moves to new ports when restarted; when it
+    does not answer, the accepted connection is closed at once (like a refused
+    one) and the proxy keeps accepting. Pacing uses short sleeps; it waits on
+    nothing.
     """
 
-    def __init__(self, target: tuple[str, int], rate_bps: int) -> None:
+    BLOCK = 16 * 1024
+
+    def __init__(self, target: tuple[str, int] | Callable[[], tuple[str, int]], rate_bps: int,
+                 pace: str = "to_client") -> None:
         import socket
         import threading
 
-        self.target = target
+        self.target = target if callable(target) else (lambda: target)
         self.rate_bps = rate_bps
+        self.pace = pace
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.address = self.listener.getsockname()[:2]
         self._sockets: list = []
-        threading.Thread(target=self._accept_loop, daemon=True).start()
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept_loop, name="proxy-accept", daemon=True).start()
 
     def _accept_loop(self) -> None:
         import socket
@@ -147,20 +158,21 @@ class SlowProxy:
             except OSError:
                 return
             try:
-                upstream = socket.create_connection(self.target)
+                upstream = socket.create_connection(self.target(), timeout=SHORT_TIMEOUT)
+                upstream.settimeout(None)
             except OSError:  # the target is down: this client is refused, later ones may not be
                 client.close()
                 continue
-            self._sockets += [client, upstream]
-            threading.Thread(target=self._pump, args=(client, upstream, None), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client, self.rate_bps), daemon=True).start()
+            with self._lock:
+                self._sockets += [client, upstream]
+            to_server, to_client = (self.rate_bps, None) if self.pace == "to_server" else (None, self.rate_bps)
+            threading.Thread(target=self._pump, args=(client, upstream, to_server), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, to_client), daemon=True).start()
 
-    @staticmethod
-    def _pump(source, sink, rate_bps: int | None) -> None:
-        block = 16 * 1024
+    def _pump(self, source, sink, rate_bps: int | None) -> None:
         try:
             while True:
-                data = source.recv(block)
+                data = source.recv(self.BLOCK)
                 if not data:
                     break
                 sink.sendall(data)
@@ -184,7 +196,9 @@ class SlowProxy:
         except OSError:
             pass
         self.listener.close()
-        for sock in self._sockets:
+        with self._lock:
+            sockets, self._sockets = self._sockets, []
+        for sock in sockets:
             try:
                 sock.close()
             except OSError:

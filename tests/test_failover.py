@@ -125,78 +125,6 @@ def joined(thread: threading.Thread, outcome: dict, timeout: float = LONG_TIMEOU
     return outcome["result"]
 
 
-class ThrottledProxy:
-    """A TCP proxy that paces the client-to-server direction at ``rate_bps`` (the other is free).
-
-    ``conftest.SlowProxy`` paces server-to-client bytes; replication flows the
-    other way (the main dials the backup and sends it chunks), so slowing an
-    initial sync needs this one. When the target does not answer, the accepted
-    connection is closed at once (like a refused connection) and the proxy keeps
-    accepting, so a restarted target is reached again.
-    """
-
-    BLOCK = 16 * 1024
-
-    def __init__(self, target: Callable[[], tuple[str, int]], rate_bps: int) -> None:
-        self.target = target  # asked at each connection: the target may move to new ports
-        self.rate_bps = rate_bps
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.address = self.listener.getsockname()[:2]
-        self._sockets: list[socket.socket] = []
-        self._lock = threading.Lock()
-        threading.Thread(target=self._accept_loop, name="proxy-accept", daemon=True).start()
-
-    def _accept_loop(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            try:
-                upstream = socket.create_connection(self.target(), timeout=SHORT_TIMEOUT)
-                upstream.settimeout(None)
-            except OSError:
-                client.close()
-                continue
-            with self._lock:
-                self._sockets += [client, upstream]
-            threading.Thread(target=self._pump, args=(client, upstream, self.rate_bps), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client, None), daemon=True).start()
-
-    def _pump(self, source: socket.socket, sink: socket.socket, rate_bps: int | None) -> None:
-        try:
-            while True:
-                data = source.recv(self.BLOCK)
-                if not data:
-                    break
-                sink.sendall(data)
-                if rate_bps:
-                    time.sleep(len(data) / rate_bps)
-        except OSError:
-            pass
-        finally:
-            for sock in (source, sink):
-                try:
-                    sock.close()
-                except OSError:
-                    pass
-
-    def close(self) -> None:
-        """Stop accepting and cut every forwarded connection."""
-        try:
-            self.listener.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.listener.close()
-        with self._lock:
-            sockets, self._sockets = self._sockets, []
-        for sock in sockets:
-            try:
-                sock.close()
-            except OSError:
-                pass
-
-
 class PortTaken(Exception):
     """A server could not bind its configured port: something else took it after ``free_port``."""
 
@@ -220,7 +148,7 @@ class Cluster:
         self.heartbeat = {"heartbeat_interval": heartbeat_interval, "heartbeat_timeout": heartbeat_timeout,
                           "failback": failback}
         self.backup_secret = backup_secret
-        self.proxy_to_backup: ThrottledProxy | None = None  # set: the main replicates through it
+        self.proxy_to_backup: SlowProxy | None = None  # set: the main replicates through it
         self.processes: list[ServerProcess] = []
         self.closers: list[Callable[[], None]] = []
 
@@ -449,7 +377,7 @@ class TestBackupKilledDuringInitialSync:
         total = size // chunk
         source = make_file(tmp_path / "src" / "huge.bin", size, seed=12)
         c = cluster(chunk_size=chunk, heartbeat_interval=1, heartbeat_timeout=3)
-        proxy = ThrottledProxy(lambda: c.backup_address, 24_000_000)  # about 4 s for the whole sync
+        proxy = SlowProxy(lambda: c.backup_address, 24_000_000, pace="to_server")  # about 4 s for the whole sync
         c.closers.append(proxy.close)
         c.proxy_to_backup = proxy  # the main replicates through the proxy; clients would go direct
         main, backup = c.start_pair(add=[source])
