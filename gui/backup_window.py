@@ -24,7 +24,8 @@ from tkinter import messagebox, ttk
 from typing import Any, Callable
 
 from error_handler import MiniTorrentError
-from gui.main_window import age_text, format_added, short_sha
+from gui.base import entry_row
+from gui.main_window import age_text
 from gui.widgets import Badge, ProgressStrip, ServerWindow, TileStrip, close_on_signal
 from progress import human_duration, human_size
 
@@ -44,6 +45,7 @@ COLUMNS = [  # key, heading, width, anchor
     ("downloads", "Downloads", 90, "e"),
     ("added", "Added", 140, "w"),
 ]
+COLUMN_KEYS = [key for key, *_ in COLUMNS]
 TILES = {"files": "Replica", "connections": "Connections", "uptime": "Uptime", "sent": "Sent",
          "speed": "Upload speed", "received": "Received"}
 
@@ -172,14 +174,7 @@ def handback_enabled(snapshot: BackupSnapshot | None) -> bool:
 
 def replica_rows(entries: list[dict]) -> list[tuple[str, tuple, dict]]:
     """The replicated files table: (iid, shown values, raw sort keys)."""
-    rows = []
-    for entry in entries:
-        values = (entry["name"], human_size(entry["size"]), entry["chunks"], short_sha(entry["sha256"]),
-                  entry["downloads"], format_added(entry["added_at"]))
-        keys = {"name": entry["name"], "size": entry["size"], "chunks": entry["chunks"], "sha256": entry["sha256"],
-                "downloads": entry["downloads"], "added": entry["added_at"]}
-        rows.append((entry["name"], values, keys))
-    return rows
+    return [(entry["name"], *entry_row(entry, COLUMN_KEYS)) for entry in entries]
 
 
 def receiving_line(receiving: list[dict], live: bool = True) -> tuple[str, float]:

@@ -14,10 +14,13 @@ import logging
 import queue
 import sys
 import threading
+import time
 import tkinter as tk
 from pathlib import Path
 from tkinter import ttk
 from typing import Any, Callable
+
+from progress import human_size
 
 log = logging.getLogger(__name__)
 
@@ -287,6 +290,50 @@ class SortableTable(ttk.Frame):
             heading = self.tree.heading(column, "text").rstrip(" ▲▼")
             arrow = (" ▼" if descending else " ▲") if column == key else ""
             self.tree.heading(column, text=heading + arrow)
+
+
+SHORT_SHA_LENGTH = 12
+
+
+def short_sha(sha256: str) -> str:
+    """The first hex digits of a SHA-256, enough to tell files apart at a glance."""
+    return sha256[:SHORT_SHA_LENGTH]
+
+
+def format_added(timestamp: float) -> str:
+    """A catalog date as local ``YYYY-MM-DD HH:MM``."""
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(timestamp))
+
+
+# How each catalog field is shown in a table, and what it sorts by.
+_CATALOG_CELLS: dict[str, tuple[Callable[[dict], Any], Callable[[dict], Any]]] = {
+    "name": (lambda e: e["name"], lambda e: e["name"]),
+    "size": (lambda e: human_size(e["size"]), lambda e: e["size"]),
+    "chunks": (lambda e: e["chunks"], lambda e: e["chunks"]),
+    "downloads": (lambda e: e["downloads"], lambda e: e["downloads"]),
+    "sha256": (lambda e: short_sha(e["sha256"]), lambda e: e["sha256"]),
+    "added": (lambda e: format_added(e["added_at"]), lambda e: e["added_at"]),
+}
+
+
+def entry_row(entry: dict, keys: list[str], extra: dict[str, tuple[Any, Any]] | None = None) -> tuple[tuple, dict]:
+    """A catalog entry as the cells of the columns ``keys``: (shown values, raw sort keys).
+
+    Every window's file table goes through here, so a size or a date looks
+    the same everywhere. ``extra`` supplies cells that are not catalog fields:
+    key -> (shown, sort key).
+    """
+    extra = extra or {}
+    values, sort_keys = [], {}
+    for key in keys:
+        if key in extra:
+            shown, raw = extra[key]
+        else:
+            show, sort_by = _CATALOG_CELLS[key]
+            shown, raw = show(entry), sort_by(entry)
+        values.append(shown)
+        sort_keys[key] = raw
+    return tuple(values), sort_keys
 
 
 def _sortable(value: Any) -> tuple:

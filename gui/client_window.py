@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from error_handler import ConnectionFailed, MiniTorrentError
 from gui.base import (EventPump, LogLine, LogPane, Poller, QueueLogHandler, SortableTable, apply_theme,
-                      load_settings, save_settings)
+                      entry_row, load_settings, save_settings)
 from gui.transfers import (Action, DownloadProgressed, Transfer, TransferEvent, TransferFailed, TransferFinished,
                            TransferManager, TransferState, TransferStopped, TransferView, allowed_actions,
                            transfer_view)
@@ -75,18 +75,9 @@ def filter_entries(entries: list[dict], search: str) -> list[dict]:
     return [entry for entry in entries if wanted in fold(entry["name"])] if wanted else list(entries)
 
 
-def short_sha(sha256: str, length: int = 12) -> str:
-    """The first ``length`` hex digits of a SHA-256: enough to tell files apart by eye."""
-    return sha256[:length]
-
-
 def catalog_row(entry: dict) -> tuple[tuple, dict]:
     """A catalog entry as table values (human units) and sort keys (raw numbers)."""
-    values = (entry["name"], human_size(entry["size"]), entry["chunks"], entry["downloads"],
-              short_sha(entry["sha256"]))
-    keys = {"name": entry["name"], "size": entry["size"], "chunks": entry["chunks"],
-            "downloads": entry["downloads"], "sha256": entry["sha256"]}
-    return values, keys
+    return entry_row(entry, CATALOG_KEYS)
 
 
 def count_text(shown: int, total: int) -> str:
@@ -286,6 +277,8 @@ class ConnectionBar(ttk.Frame):
 
 CATALOG_COLUMNS = [("name", "Name", 360, "w"), ("size", "Size", 100, "e"), ("chunks", "Chunks", 80, "e"),
                    ("downloads", "Downloads", 100, "e"), ("sha256", "SHA-256", 140, "w")]
+CATALOG_KEYS = [key for key, *_ in CATALOG_COLUMNS]
+SEEDED_COLUMNS = [("name", "Seeded file", 300, "w"), ("size", "Size", 100, "e"), ("sha256", "SHA-256", 140, "w")]
 
 
 class CatalogPanel(ttk.Frame):
@@ -508,8 +501,7 @@ class SeedingPanel(ttk.Frame):
         self.strip = TileStrip(self, {"status": "Seeding", "files": "Files seeded", "uploaded": "Uploaded",
                                       "peers": "Peers served"})
         self.strip.grid(row=0, column=0, columnspan=2, sticky="ew", pady=(0, 8))
-        self.files = SortableTable(self, [("name", "Seeded file", 300, "w"), ("size", "Size", 100, "e"),
-                                          ("sha256", "SHA-256", 140, "w")], height=4)
+        self.files = SortableTable(self, SEEDED_COLUMNS, height=4)
         self.files.grid(row=1, column=0, sticky="nsew", padx=(0, 14))
         limits = ttk.LabelFrame(self, text="Speed limits", padding=(12, 8))
         limits.grid(row=1, column=1, sticky="nsew")
@@ -542,9 +534,8 @@ class SeedingPanel(ttk.Frame):
         """Display the seeder's figures and files (``error``: why it could not start)."""
         self.strip.show(seeding_tiles(seeding, enabled, error))
         files = seeding["files"] if seeding else []
-        self.files.set_rows([(f"s{index}", (entry["name"], human_size(entry["size"]), short_sha(entry["sha256"])),
-                              {"name": entry["name"], "size": entry["size"], "sha256": entry["sha256"]})
-                             for index, entry in enumerate(files)])
+        keys = [key for key, *_ in SEEDED_COLUMNS]
+        self.files.set_rows([(f"s{index}", *entry_row(entry, keys)) for index, entry in enumerate(files)])
 
     def say(self, text: str, tone: str) -> None:
         """A message under the limits (``tone`` ok or error)."""

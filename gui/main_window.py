@@ -32,6 +32,7 @@ from tkinter import filedialog, messagebox, ttk
 from typing import Any, Callable, Iterator, Sequence
 
 from error_handler import MiniTorrentError
+from gui.base import entry_row
 from gui.widgets import ProgressStrip, ServerWindow, TileStrip, close_on_signal
 from progress import human_duration, human_size, percent
 
@@ -41,7 +42,6 @@ DEFAULT_GEOMETRY = "1120x720"
 MAX_TABLE_ROWS = 20_000  # a catalog beyond this is shown in part (the status line says so)
 IMPORT_PROGRESS_INTERVAL_S = 0.05  # progress events per import: at most 20 a second
 WORKER_JOIN_TIMEOUT_S = 30.0  # a stop waits for replication threads (io_timeout + 1 each)
-SHORT_SHA_LENGTH = 12
 
 COLUMNS = [  # key, heading, width, anchor
     ("name", "Name", 260, "w"),
@@ -52,6 +52,7 @@ COLUMNS = [  # key, heading, width, anchor
     ("backup", "On backup", 90, "center"),
     ("added", "Added", 140, "w"),
 ]
+COLUMN_KEYS = [key for key, *_ in COLUMNS]
 TILES = {"role": "Role", "backup": "Backup link", "clients": "Clients", "uptime": "Uptime", "sent": "Sent",
          "speed": "Upload speed"}
 
@@ -138,16 +139,6 @@ class MainSnapshot:
 # Pure functions: what is shown ---------------------------------------------------------------------------------
 
 
-def short_sha(sha256: str) -> str:
-    """The first hex digits of a SHA-256, enough to tell files apart at a glance."""
-    return sha256[:SHORT_SHA_LENGTH]
-
-
-def format_added(timestamp: float) -> str:
-    """A catalog date as local ``YYYY-MM-DD HH:MM``."""
-    return time.strftime("%Y-%m-%d %H:%M", time.localtime(timestamp))
-
-
 def replica_state(name: str, sha256: str, holds: dict[str, str], backup: dict) -> str:
     """Whether the backup holds this file: ``yes``, ``pending`` (on its way) or ``no``."""
     if holds.get(name) == sha256:
@@ -165,10 +156,7 @@ def file_rows(entries: list[dict], holds: dict[str, str], backup: dict) -> list[
     rows = []
     for entry in entries:
         replica = replica_state(entry["name"], entry["sha256"], holds, backup)
-        values = (entry["name"], human_size(entry["size"]), entry["chunks"], short_sha(entry["sha256"]),
-                  entry["downloads"], replica, format_added(entry["added_at"]))
-        keys = {"name": entry["name"], "size": entry["size"], "chunks": entry["chunks"], "sha256": entry["sha256"],
-                "downloads": entry["downloads"], "backup": REPLICA_ORDER[replica], "added": entry["added_at"]}
+        values, keys = entry_row(entry, COLUMN_KEYS, {"backup": (replica, REPLICA_ORDER[replica])})
         rows.append((entry["name"], values, keys))
     return rows
 

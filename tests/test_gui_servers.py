@@ -17,6 +17,7 @@ from backup_server import BackupServer
 from conftest import (LONG_TIMEOUT, ROOT, SHORT_TIMEOUT, TkThreadGuard, make_config, make_file, pump_until,
                       wait_until)
 from gui import backup_window as bw
+from gui import base as gui_base
 from gui import main_window as mw
 from gui.main_window import ServerState
 from main_server import MainServer
@@ -32,12 +33,12 @@ MIB = 1024 * 1024
 class TestMainFormatting:
     def test_short_sha_keeps_twelve_hex_digits(self):
         """A SHA-256 is shown by its first 12 hex digits."""
-        assert "0123456789ab" == mw.short_sha("0123456789abcdef" * 4)
+        assert "0123456789ab" == gui_base.short_sha("0123456789abcdef" * 4)
 
     def test_added_date_is_local_minutes(self):
         """Catalog dates show as local YYYY-MM-DD HH:MM."""
         stamp = time.mktime((2026, 3, 4, 5, 6, 7, 0, 0, -1))
-        assert "2026-03-04 05:06" == mw.format_added(stamp)
+        assert "2026-03-04 05:06" == gui_base.format_added(stamp)
 
     def test_replica_state_yes_pending_no(self):
         """yes when the backup holds that content, pending while the link is up, no otherwise."""
@@ -55,7 +56,7 @@ class TestMainFormatting:
                  "added_at": 1_700_000_000.0}
         [(iid, values, keys)] = mw.file_rows([entry], {}, {"replicating": False})
         assert "été | x.bin" == iid
-        assert ("été | x.bin", "1.5 MiB", 2, "f" * 12, 7, "no", mw.format_added(1_700_000_000.0)) == values
+        assert ("été | x.bin", "1.5 MiB", 2, "f" * 12, 7, "no", gui_base.format_added(1_700_000_000.0)) == values
         assert (3 * MIB // 2, 1_700_000_000.0, mw.REPLICA_ORDER["no"]) == (keys["size"], keys["added"], keys["backup"])
 
     def test_backup_tile_for_each_link_state(self):
@@ -197,7 +198,7 @@ class TestBackupFormatting:
         """The backup's table: name, human size, chunks, short hash, downloads, date."""
         entry = {"name": "a", "size": 2048, "chunks": 1, "sha256": "ab" * 32, "downloads": 0, "added_at": 0.0}
         [(iid, values, keys)] = bw.replica_rows([entry])
-        assert ("a", ("a", "2.0 KiB", 1, "ab" * 6, 0, mw.format_added(0.0)), 2048) == (iid, values, keys["size"])
+        assert ("a", ("a", "2.0 KiB", 1, "ab" * 6, 0, gui_base.format_added(0.0)), 2048) == (iid, values, keys["size"])
 
 
 # Real windows --------------------------------------------------------------------------------------------------------
