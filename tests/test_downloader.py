@@ -11,7 +11,7 @@ from client import ClientEngine
 from conftest import LONG_TIMEOUT, make_config, make_file
 from downloader import Progress
 from error_handler import DownloadError
-from integrity import sha256_file
+from integrity import manifest_of_file, sha256_file
 
 SMALL_CHUNK = 64 * 1024
 
@@ -201,6 +201,15 @@ class TestSafety:
         assert not (tmp_path / "escape.txt").exists()
 
 
+def leave_earlier_run(engine: ClientEngine, out: Path, name: str, manifest, part_bytes: bytes,
+                      verified) -> None:
+    """What a run killed mid-download leaves: ``NAME.part`` holding ``part_bytes``, ``verified`` recorded."""
+    out.mkdir(exist_ok=True)
+    state = engine.store.begin_download(str(out / name), name, manifest)
+    (out / f"{name}.part").write_bytes(part_bytes)
+    engine.store.mark_verified(state.id, verified)
+
+
 class TestResume:
     def test_recorded_chunks_are_not_fetched_again(self, tmp_path, server_factory, small_chunks):
         """Chunks recorded as verified in an earlier run are kept; only the others are fetched."""
@@ -208,14 +217,9 @@ class TestResume:
         server = server_factory(small_chunks)
         server.add_file(source)
         engine = engine_for(tmp_path, server)
-        manifest = engine.server.manifest("r.bin")
         out = tmp_path / "out"
-        out.mkdir()
-        # An earlier run that verified chunks 0-3 and was killed: its .part and its records.
-        state = engine.store.begin_download(str(out / "r.bin"), "r.bin", manifest)
-        with open(out / "r.bin.part", "wb") as part:
-            part.write(source.read_bytes()[: 4 * SMALL_CHUNK])
-        engine.store.mark_verified(state.id, range(4))
+        leave_earlier_run(engine, out, "r.bin", engine.server.manifest("r.bin"),
+                          source.read_bytes()[: 4 * SMALL_CHUNK], range(4))
         try:
             result = engine.download("r.bin", out)
         finally:
@@ -229,14 +233,10 @@ class TestResume:
         server = server_factory(small_chunks)
         server.add_file(source)
         engine = engine_for(tmp_path, server)
-        manifest = engine.server.manifest("r.bin")
         out = tmp_path / "out"
-        out.mkdir()
-        state = engine.store.begin_download(str(out / "r.bin"), "r.bin", manifest)
         data = bytearray(source.read_bytes()[: 2 * SMALL_CHUNK])
         data[5] ^= 0xFF
-        (out / "r.bin.part").write_bytes(bytes(data))
-        engine.store.mark_verified(state.id, [0, 1])
+        leave_earlier_run(engine, out, "r.bin", engine.server.manifest("r.bin"), bytes(data), [0, 1])
         try:
             result = engine.download("r.bin", out)
         finally:
@@ -251,13 +251,8 @@ class TestResume:
         server = server_factory(small_chunks)
         server.add_file(new)
         engine = engine_for(tmp_path, server)
-        from integrity import manifest_of_file
-
         out = tmp_path / "out"
-        out.mkdir()
-        state = engine.store.begin_download(str(out / "v.bin"), "v.bin", manifest_of_file(old, SMALL_CHUNK))
-        (out / "v.bin.part").write_bytes(old.read_bytes())
-        engine.store.mark_verified(state.id, range(4))
+        leave_earlier_run(engine, out, "v.bin", manifest_of_file(old, SMALL_CHUNK), old.read_bytes(), range(4))
         try:
             result = engine.download("v.bin", out)
         finally:
