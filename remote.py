@@ -23,8 +23,8 @@ from typing import Callable, Iterator, TypeVar
 
 import cluster
 import protocol
-from error_handler import (AuthenticationFailed, ConnectionFailed, NotActive, RemoteError, ServerBusy,
-                           retry)
+from error_handler import (AuthenticationFailed, ConnectionFailed, MiniTorrentError, NotActive, RemoteError,
+                           ServerBusy, retry)
 from integrity import Manifest
 from protocol import ErrorCode, ErrorReply, Frame, Message
 from transport import Connection
@@ -79,6 +79,24 @@ class ServerSession:
     def close(self) -> None:
         """Close the connection."""
         self.connection.close()
+
+
+def status_of(address: tuple[str, int], io_timeout_s: float) -> dict | None:
+    """One server's own status (role, epoch, ...), asked directly, once; None if it does not answer.
+
+    Unlike ``ServerClient.status`` this asks *that* server, active or not:
+    what a test or a benchmark watching a failover needs.
+    """
+    try:
+        session = ServerSession.open(*address, io_timeout_s=io_timeout_s)
+    except MiniTorrentError:
+        return None
+    try:
+        return session.call(protocol.GetStatus(), protocol.StatusInfo).message.metrics
+    except MiniTorrentError:
+        return None
+    finally:
+        session.close()
 
 
 def _authenticate(connection: Connection, secret: str, epoch: int, where: str) -> protocol.Welcome:

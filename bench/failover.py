@@ -74,6 +74,7 @@ from config_loader import load_config
 from downloader import DownloadResult, Progress
 from error_handler import MiniTorrentError
 from launcher import ServerProcess, free_port, write_config
+import remote
 from remote import ServerSession
 
 CHUNK_BYTES = 1024 * 1024
@@ -249,16 +250,7 @@ class BackupWatcher(threading.Thread):
 
 def status_of(address: tuple[str, int]) -> dict | None:
     """One server's own status, asked directly; None if it does not answer."""
-    try:
-        session = ServerSession.open(*address, io_timeout_s=IO_TIMEOUT_S)
-    except MiniTorrentError:
-        return None
-    try:
-        return session.call(protocol.GetStatus(), protocol.StatusInfo).message.metrics
-    except MiniTorrentError:
-        return None
-    finally:
-        session.close()
+    return remote.status_of(address, IO_TIMEOUT_S)
 
 
 # One run --------------------------------------------------------------------------------------------

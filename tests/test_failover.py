@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -33,10 +32,11 @@ from conftest import (LONG_TIMEOUT, ROOT, SHORT_TIMEOUT, SlowProxy, make_config,
                       write_config)
 from database import ServerStore
 from downloader import DownloadResult, Progress
-from error_handler import MiniTorrentError, NotActive
+from error_handler import NotActive
 from integrity import sha256_file
-from launcher import ServerProcess
+from launcher import ServerProcess, free_port
 from main_server import MainServer
+import remote
 from remote import ServerSession
 
 MiB = 1024 * 1024
@@ -50,25 +50,9 @@ FAILOVER_TIMEOUT = 30.0  # heartbeat_timeout, a process start and a catch-up, on
 # Helpers --------------------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    """A port that was free a moment ago (bind port 0 on a throwaway socket, read it, close it)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def status_of(address: tuple[str, int]) -> dict | None:
-    """One server's own status (role, epoch, ...), asked directly; None if it does not answer."""
-    try:
-        session = ServerSession.open(*address, io_timeout_s=STATUS_TIMEOUT_S)
-    except MiniTorrentError:
-        return None
-    try:
-        return session.call(protocol.GetStatus(), protocol.StatusInfo).message.metrics
-    except MiniTorrentError:
-        return None
-    finally:
-        session.close()
+    """One server's own status, asked directly; None if it does not answer."""
+    return remote.status_of(address, STATUS_TIMEOUT_S)
 
 
 def catalog_of(data_dir: Path) -> dict[str, str]:
