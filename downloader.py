@@ -197,7 +197,6 @@ class _Job:
         self._unmarked: list[int] = []
         self._done_bytes = 0
         self._fetched_bytes = 0
-        self._chunks_done = 0
         self._last_progress = time.monotonic()
         self._hasher: _WholeFileHasher | None = None
         self._verified: set[int] = set()
@@ -222,7 +221,7 @@ class _Job:
             try:
                 self._fetch_all(fd, state)
             finally:
-                self._hasher.finish_or_cancel(self._failure is None and self._chunks_done == self.manifest.chunk_count)
+                self._hasher.finish_or_cancel(self._failure is None and self._all_verified())
                 self._flush_marks(state)
             self._check_whole_file(state)
             os.fsync(fd)
@@ -230,6 +229,10 @@ class _Job:
             os.close(fd)
         self._install(state)
         return self._fetched_bytes, len(resumed)
+
+    def _all_verified(self) -> bool:
+        with self._lock:
+            return len(self._verified) == self.manifest.chunk_count
 
     def sources(self) -> dict[str, int]:
         """Bytes received in this run from each source that sent any."""
@@ -253,7 +256,6 @@ class _Job:
         os.ftruncate(fd, self.manifest.size)
         self.board.done.update(resumed)
         self._verified = set(resumed)
-        self._chunks_done = len(resumed)
         self._done_bytes = sum(self.manifest.chunk_span(i)[1] for i in resumed)
         self._share_partial()
         self._notify()
@@ -261,7 +263,7 @@ class _Job:
     def _check_whole_file(self, state: DownloadState) -> None:
         if self._failure is not None:
             raise self._failure
-        if self._chunks_done != self.manifest.chunk_count:
+        if not self._all_verified():
             raise DownloadError(f"{self.name}: download stopped before all chunks arrived")
         if self._hasher.hexdigest() != self.manifest.sha256:
             self.owner.store.abandon_download(str(self.final))
@@ -463,7 +465,6 @@ class _Job:
         os.pwrite(fd, frame.payload, offset)
         with self._lock:
             self._verified.add(index)
-            self._chunks_done += 1
             self._done_bytes += length
             self._fetched_bytes += length
             self._last_progress = time.monotonic()
@@ -533,7 +534,7 @@ class _Job:
             return
         with self._lock:
             progress = Progress(self.name, self.manifest.size, self._done_bytes, self._fetched_bytes,
-                                self._chunks_done, self.manifest.chunk_count, self.sources())
+                                len(self._verified), self.manifest.chunk_count, self.sources())
         self.owner.on_progress(progress)
 
 

@@ -48,7 +48,10 @@ class TestDemoWindows:
         from conftest import wait_until
 
         if shutil.which("xdotool") is None:
-            pytest.skip("xdotool is needed to list the windows")
+            reason = "xdotool is needed to list the windows"
+            if os.environ.get("REQUIRE_GUI") == "1":
+                pytest.fail(reason + " (REQUIRE_GUI=1)")
+            pytest.skip(reason)
         demo = subprocess.Popen([sys.executable, str(ROOT / "demo.py")], cwd=tmp_path, text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 env={**os.environ, "TMPDIR": str(tmp_path)})
