@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from integrity import sha256_file
-from launcher import ROOT, ServerProcess, free_port, write_config
+from minitorrent.common.launcher import ROOT, ServerProcess, free_port, write_config
 
 SAMPLES = {  # name -> size in bytes
     "welcome.txt": 2_000,

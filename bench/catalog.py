@@ -34,14 +34,14 @@ from typing import Callable
 # so "import catalog" imports the project's catalog.py, not this file.
 from common import BenchError, exit_status, install_interrupts, temp_folder
 
-import protocol
-from catalog import Catalog
 from config_loader import load_config
 from database import ServerStore
 from integrity import DIGEST_BYTES, Manifest, chunk_count
-from launcher import write_config
-from main_server import MainServer
-from remote import ServerClient
+from minitorrent.common.launcher import write_config
+from minitorrent.net.remote import ServerClient
+from minitorrent.server.catalog import Catalog
+from minitorrent.server.main import MainServer
+from minitorrent.wire import protocol
 
 TARGET_S = 0.2  # a catalog view must feel instant
 BEST_OF = 5

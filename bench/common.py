@@ -42,7 +42,7 @@ def _project_first() -> None:
 
 _project_first()
 
-from launcher import ServerProcess  # noqa: E402  (needs the project root on the path)
+from minitorrent.common.launcher import ServerProcess  # noqa: E402  (needs the project root on the path)
 
 BLOCK_BYTES = 1024 * 1024  # write and hash in 1 MiB blocks: never a whole file in memory
 DEFAULT_SEED = 20261125  # the same bytes every run, unless a benchmark asks for others

@@ -65,17 +65,29 @@ from pathlib import Path
 
 # common first: importing it puts the project root first on sys.path and takes bench/ off it,
 # so "import catalog" (done by the servers' modules) imports the project's catalog.py.
-from common import (BenchError, exit_status, install_interrupts, parse_size, report_line, sha256_of, starting,
-                    stop_process, temp_folder, verdict, write_random_file)
+from common import (
+    BenchError,
+    exit_status,
+    install_interrupts,
+    parse_size,
+    report_line,
+    sha256_of,
+    starting,
+    stop_process,
+    temp_folder,
+    verdict,
+    write_random_file,
+)
 
-import protocol
-from client import ClientEngine
 from config_loader import load_config
-from downloader import DownloadResult, Progress
 from error_handler import MiniTorrentError
-from launcher import ServerProcess, free_port, write_config
-import remote
-from remote import ServerSession
+from minitorrent.client.downloader import DownloadResult
+from minitorrent.client.engine import ClientEngine
+from minitorrent.client.progress import Progress
+from minitorrent.common.launcher import ServerProcess, free_port, write_config
+from minitorrent.net import remote
+from minitorrent.net.remote import ServerSession
+from minitorrent.wire import protocol
 
 CHUNK_BYTES = 1024 * 1024
 FILE_NAME = "failover payload.bin"  # a space, as real names have

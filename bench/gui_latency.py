@@ -60,8 +60,17 @@ from typing import Any, Callable
 from unittest import mock
 
 # common first: importing it puts the project root on sys.path.
-from common import (BenchError, exit_status, parse_size, report_line, sha256_of, stop_process, temp_folder, verdict,
-                    write_random_file)
+from common import (
+    BenchError,
+    exit_status,
+    parse_size,
+    report_line,
+    sha256_of,
+    stop_process,
+    temp_folder,
+    verdict,
+    write_random_file,
+)
 
 IMPORT_NAME = "added in the window.bin"  # spaces, as real names have
 DOWNLOAD_NAME = "downloaded in the window.bin"
@@ -82,7 +91,7 @@ CLIENT_PLACE = "+300+160"
 
 def write_configs(folder: Path) -> tuple[Path, Callable[[int], Path]]:
     """The server's config (port 0, no backup) and a writer of the client's (given the server's port)."""
-    import launcher
+    from minitorrent.common import launcher
 
     logging_settings = {"level": "INFO", "log_to_file": False, "log_dir": "logs"}  # INFO: the log panes fill
     server = launcher.write_config(folder / "server.yaml", {
@@ -254,7 +263,7 @@ class Windows:
 
     def __init__(self, folder: Path, download_source: Path) -> None:
         from config_loader import load_config
-        from main_server import MainServer
+        from minitorrent.server.main import MainServer
 
         self.folder = folder
         self.main_window = self.client_window = None
@@ -268,9 +277,10 @@ class Windows:
         print(f"  shared in {time.perf_counter() - started:.1f} s", flush=True)
 
     def open(self) -> None:
-        from gui import client_window as cw
-        from gui import main_window as mw
-        from gui.base import NoDisplay, open_root
+        from minitorrent.gui import client_window as cw
+        from minitorrent.gui import main_window as mw
+
+        from minitorrent.gui.base import NoDisplay, open_root
 
         width_height = mw.DEFAULT_GEOMETRY
         try:
@@ -282,8 +292,8 @@ class Windows:
         self._engine_owned = False
         self.address = run_loop(self.main_root, self._server_address, START_TIMEOUT_S, "the server to listen")
 
-        from client import ClientEngine
         from config_loader import load_config
+        from minitorrent.client.engine import ClientEngine
 
         client_config = load_config(self._client_yaml(self.address[1]))
         settings = self.folder / "client-window.json"
@@ -295,7 +305,7 @@ class Windows:
                  START_TIMEOUT_S, "the client to connect and list the catalog")
 
     def _server_address(self) -> tuple[str, int] | None:
-        from gui.main_window import ServerState
+        from minitorrent.gui.main_window import ServerState
 
         controller = self.main_window.controller
         if self.main_window.errors:
@@ -334,8 +344,8 @@ class Jobs:
     download_done_at: float | None = None
 
     def start(self) -> None:
-        from gui import client_window as cw
-        from gui import main_window as mw
+        from minitorrent.gui import client_window as cw
+        from minitorrent.gui import main_window as mw
 
         main, client = self.windows.main_window, self.windows.client_window
         self.started = time.monotonic()
@@ -351,7 +361,7 @@ class Jobs:
 
     def done(self) -> bool:
         """True when both jobs are over; ``BenchError`` if one failed (Tk thread: reads the widgets)."""
-        from gui.transfers import TransferState
+        from minitorrent.gui.transfers import TransferState
 
         main, client = self.windows.main_window, self.windows.client_window
         now = time.monotonic()

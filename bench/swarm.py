@@ -51,9 +51,22 @@ from functools import partial
 from pathlib import Path
 
 # common first: importing it puts the project root on sys.path (the workers' imports need it too).
-from common import (ROOT, BenchError, exit_status, install_interrupts, parse_size, report_line, sha256_of,
-                    start_server, stop_process, temp_folder, verdict, write_random_file)
-from launcher import ServerProcess, write_config
+from common import (
+    ROOT,
+    BenchError,
+    exit_status,
+    install_interrupts,
+    parse_size,
+    report_line,
+    sha256_of,
+    start_server,
+    stop_process,
+    temp_folder,
+    verdict,
+    write_random_file,
+)
+
+from minitorrent.common.launcher import ServerProcess, write_config
 
 FILE_NAME = "swarm payload.bin"
 TIME_RATIO_TARGET = 0.6  # the crowd with seeding finishes in at most 60 % of the time without
@@ -80,9 +93,9 @@ def parse_rate(text: str) -> int:
 
 def worker(config_path: str, name: str, output: str) -> int:
     """Run one client: ready, wait for go, download, report, seed until stop. One JSON line per event."""
-    from client import ClientEngine
     from config_loader import load_config
     from error_handler import MiniTorrentError
+    from minitorrent.client.engine import ClientEngine
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the benchmark stops its workers itself
     engine = ClientEngine(load_config(config_path))

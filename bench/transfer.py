@@ -48,9 +48,22 @@ from functools import partial
 from pathlib import Path
 
 # common first: importing it puts the project root on sys.path.
-from common import (ROOT, BenchError, exit_status, install_interrupts, parse_size, report_line, sha256_of,
-                    start_server, stop_process, temp_folder, verdict, write_random_file)
-from launcher import ServerProcess, write_config
+from common import (
+    ROOT,
+    BenchError,
+    exit_status,
+    install_interrupts,
+    parse_size,
+    report_line,
+    sha256_of,
+    start_server,
+    stop_process,
+    temp_folder,
+    verdict,
+    write_random_file,
+)
+
+from minitorrent.common.launcher import ServerProcess, write_config
 
 FILE_NAME = "bench payload.bin"  # a space, as real names have
 RATIO_TARGET = 0.8  # MiniTorrent must reach 80 % of the raw socket's throughput

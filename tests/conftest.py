@@ -14,9 +14,9 @@ from typing import Any, Callable, Iterator
 import pytest
 
 from config_loader import Config, load_config
-import launcher
-from launcher import ServerProcess
-from main_server import MainServer
+from minitorrent.common import launcher
+from minitorrent.common.launcher import ServerProcess
+from minitorrent.server.main import MainServer
 
 ROOT = Path(__file__).resolve().parent.parent
 SHORT_TIMEOUT = 10.0  # something that should happen at once

@@ -7,9 +7,18 @@ import subprocess
 import sys
 
 import pytest
+from conftest import (
+    LONG_TIMEOUT,
+    ROOT,
+    SHORT_TIMEOUT,
+    SlowProxy,
+    client_config_for,
+    make_file,
+    run_client,
+    wait_until,
+    write_config,
+)
 
-from conftest import LONG_TIMEOUT, ROOT, SHORT_TIMEOUT, SlowProxy, client_config_for, make_file, run_client, \
-    wait_until, write_config
 from database import ClientStore
 from integrity import sha256_file
 

@@ -10,8 +10,17 @@ import pytest
 
 import error_handler
 from error_handler import (
-    CatalogError, ConfigError, ConnectionFailed, DownloadError, IntegrityError,
-    MiniTorrentError, RemoteError, RetryGaveUp, ServerBusy, backoff_delays, retry,
+    CatalogError,
+    ConfigError,
+    ConnectionFailed,
+    DownloadError,
+    IntegrityError,
+    MiniTorrentError,
+    RemoteError,
+    RetryGaveUp,
+    ServerBusy,
+    backoff_delays,
+    retry,
 )
 
 SHORT_TIMEOUT = 10.0  # seconds; an upper bound for something that should be immediate (slow CI)

@@ -1,0 +1,145 @@
+"""The client's engine: catalog, downloads, seeding and limits. It imports no tkinter; the window and the command line hold one."""
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import Callable
+
+from config_loader import Config
+from database import ClientStore
+from error_handler import ConnectionFailed
+from minitorrent.client.downloader import Downloader, DownloadResult
+from minitorrent.client.progress import Progress
+from minitorrent.client.seeding import Seeder
+from minitorrent.net.remote import ServerClient
+from minitorrent.net.throttle import TokenBucket
+from minitorrent.wire import protocol
+
+log = logging.getLogger(__name__)
+
+
+class ClientEngine:
+    """The client's engine: one server connection pool, the state database, downloads.
+
+    Methods may be called from any thread; downloads run in the caller's thread.
+    """
+
+    def __init__(self, config: Config, on_progress: Callable[[Progress], None] | None = None) -> None:
+        self.config = config
+        transfer = config.transfer
+        self.server = ServerClient(server_addresses(config), io_timeout_s=transfer.io_timeout,
+                                   pool_size=transfer.pool_size, retry_deadline_s=config.client.retry_deadline)
+        self.store = ClientStore(config.client.data_dir / "client.db")
+        self.download_limit = TokenBucket(transfer.download_limit)
+        self.seeder = Seeder(config, self.server, self.store) if config.client.seeding else None
+        self._seeding = False
+        self.seed_address: tuple[str, int] | None = None  # where peers reach our seeder, once started
+        self.on_progress = on_progress  # may be replaced before downloads start (a window sets its own)
+        self.downloader = Downloader(self.server, self.store, pipeline_depth=transfer.pipeline_depth,
+                                     on_progress=self._progress, seeder=self.seeder,
+                                     download_limit=self.download_limit)
+
+    def _progress(self, progress: Progress) -> None:
+        if self.on_progress:
+            self.on_progress(progress)
+
+    def start_seeding(self) -> tuple[str, int] | None:
+        """Serve what this client holds to peers (if ``client.seeding``); the seed address."""
+        if self.seeder is None or self._seeding:
+            return self.seeder.server.address if self._seeding else None
+        self._seeding = True
+        self.seed_address = self.seeder.start()
+        return self.seed_address
+
+    def set_limits(self, upload_bps: int, download_bps: int) -> None:
+        """Change the seeder's upload and the downloads' rate limits (bytes/s, 0: unlimited) now."""
+        self.download_limit.set_rate(download_bps)
+        if self.seeder:
+            self.seeder.upload_limit.set_rate(upload_bps)
+
+    def interrupt(self) -> None:
+        """Make every call that waits on a server give up now (before ``close``, so download threads end)."""
+        self.server.stop.set()
+
+    def close(self) -> None:
+        """Stop seeding, close connections and the state database (waits on no unreachable server)."""
+        self.interrupt()
+        if self._seeding:
+            self.seeder.stop()
+        self.server.close()
+        self.store.close()
+
+    def list_files(self, search: str = "") -> list[dict]:
+        """Catalog entries matching ``search``."""
+        return self.server.list_files(search)
+
+    def status(self) -> dict:
+        """The active server's status snapshot, with its address, role and epoch."""
+        return self.server.status()
+
+    def probe_status(self) -> dict:
+        """One try, no retries: the active server's status with its address (a window's indicator).
+
+        Raises ``ConnectionFailed`` when no server answers now (``NotActive``
+        when they answer but none is active), ``MiniTorrentError`` otherwise.
+        """
+        pool = self.server.active_pool()
+        try:
+            with pool.session() as session:
+                snapshot = session.call(protocol.GetStatus(), protocol.StatusInfo).message.metrics
+        except ConnectionFailed:
+            self.server.forget(pool)
+            raise
+        snapshot["address"] = pool.address
+        return snapshot
+
+    def seeding_status(self) -> dict | None:
+        """What the seeder does now (any thread); None when ``client.seeding`` is off.
+
+        Keys: running, address, files (whole files held, as catalog entries),
+        partial (files held in part), bytes_sent, connections_total,
+        active_connections, upload_bps, upload_limit_bps, download_limit_bps.
+        """
+        if self.seeder is None:
+            return None
+        files, _ = self.seeder.source.list_files()
+        holdings = self.seeder.source.holdings()
+        metrics = self.seeder.metrics.snapshot(top_files=0)
+        return {
+            "running": self.seed_address is not None,
+            "address": "{}:{}".format(*self.seed_address) if self.seed_address else "",
+            "files": files,
+            "partial": sum(1 for bitmap in holdings.values() if bitmap is not None),
+            "bytes_sent": metrics["bytes_sent"],
+            "connections_total": metrics["connections_total"],
+            "active_connections": metrics["active_connections"],
+            "upload_bps": metrics["upload_bps"],
+            "upload_limit_bps": self.seeder.upload_limit.rate_bps,
+            "download_limit_bps": self.download_limit.rate_bps,
+        }
+
+    def unfinished_downloads(self) -> list[tuple[str, Path, int, int]]:
+        """Downloads an earlier run left unfinished: (name, folder, size, verified bytes), oldest first."""
+        unfinished = []
+        for state in self.store.in_progress():
+            verified = sum(state.manifest.chunk_span(index)[1] for index in state.verified)
+            unfinished.append((state.name, Path(state.dest_path).parent, state.manifest.size, verified))
+        return unfinished
+
+    def download(self, name: str, output_dir: Path | None = None,
+                 cancel: threading.Event | None = None) -> DownloadResult:
+        """Download one file (see ``Downloader.download``); several threads may each run one."""
+        return self.downloader.download(name, output_dir or self.config.client.download_dir, cancel)
+
+    def discard_partial(self, name: str, output_dir: Path | None = None) -> None:
+        """Forget a stopped download: its ``.part`` file and its verified chunks (a cancel, not a pause)."""
+        final = Path(output_dir or self.config.client.download_dir) / name
+        self.store.abandon_download(str(final))
+        final.with_name(name + ".part").unlink(missing_ok=True)
+
+
+def server_addresses(config: Config) -> list[tuple[str, int]]:
+    """The servers a client may talk to: the main, then the backup (port 0: not configured)."""
+    servers = (config.server.main, config.server.backup)
+    return [(server.host, server.port) for server in servers if server.port != 0]

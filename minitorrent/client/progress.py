@@ -1,0 +1,86 @@
+"""A download's progress: the value the downloader reports, and a terminal display of it."""
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TextIO
+
+from minitorrent.common.units import human_duration, human_size, percent
+
+BAR_WIDTH = 24
+REDRAW_INTERVAL_S = 0.1  # a terminal redrawn more often only flickers
+PLAIN_STEP_PERCENT = 10  # without a terminal, one line per this much progress
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A download's progress, as told to ``on_progress`` (from worker threads)."""
+
+    name: str
+    total_bytes: int
+    done_bytes: int
+    fetched_bytes: int  # received in this run (resumed bytes excluded)
+    chunks_done: int
+    chunks_total: int
+    sources: dict[str, int] = field(default_factory=dict)  # bytes received per source ("server", "peer h:p")
+
+
+class TerminalProgress:
+    """An ``on_progress`` callback that draws a bar on a terminal, or prints plain lines.
+
+    Thread-safe: download streams call it from their own threads.
+    """
+
+    def __init__(self, out: TextIO = sys.stdout, interactive: bool | None = None) -> None:
+        self.out = out
+        self.interactive = out.isatty() if interactive is None else interactive
+        self._lock = threading.Lock()
+        self._started: dict[str, tuple[float, int]] = {}
+        self._last_draw = 0.0
+        self._last_step: dict[str, int] = {}
+
+    def __call__(self, progress: Progress) -> None:
+        with self._lock:
+            now = time.monotonic()
+            started_at, fetched_at_start = self._started.setdefault(progress.name, (now, progress.fetched_bytes))
+            speed = (progress.fetched_bytes - fetched_at_start) / max(now - started_at, 1e-6)
+            if self.interactive:
+                self._draw(progress, speed, now)
+            else:
+                self._print_step(progress, speed)
+
+    def _draw(self, progress: Progress, speed: float, now: float) -> None:
+        finished = progress.done_bytes >= progress.total_bytes
+        if not finished and now - self._last_draw < REDRAW_INTERVAL_S:
+            return
+        self._last_draw = now
+        self.out.write("\r\x1b[K" + format_line(progress, speed, bar=True))
+        if finished:
+            self.out.write("\n")
+        self.out.flush()
+
+    def _print_step(self, progress: Progress, speed: float) -> None:
+        step = int(percent(progress.done_bytes, progress.total_bytes) // PLAIN_STEP_PERCENT)
+        if self._last_step.get(progress.name) == step:
+            return
+        self._last_step[progress.name] = step
+        self.out.write(format_line(progress, speed, bar=False) + "\n")
+        self.out.flush()
+
+
+def format_line(progress: Progress, speed_bps: float, *, bar: bool) -> str:
+    """One status line: name, optional bar, percent, sizes, speed and ETA."""
+    done_percent = percent(progress.done_bytes, progress.total_bytes)
+    remaining = progress.total_bytes - progress.done_bytes
+    eta = remaining / speed_bps if speed_bps > 0 else (0.0 if remaining == 0 else None)
+    parts = [progress.name]
+    if bar:
+        filled = int(BAR_WIDTH * done_percent / 100)
+        parts.append("[" + "#" * filled + "-" * (BAR_WIDTH - filled) + "]")
+    parts.append(f"{done_percent:5.1f}%")
+    parts.append(f"{human_size(progress.done_bytes)}/{human_size(progress.total_bytes)}")
+    parts.append(f"{human_size(speed_bps)}/s")
+    parts.append(f"ETA {human_duration(eta)}")
+    return "  ".join(parts)

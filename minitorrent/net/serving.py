@@ -1,0 +1,508 @@
+"""The request-serving core shared by every program that serves chunks.
+
+The main server and the backup serve their catalogs through it, and a
+seeding client will serve its files through the same code, each by handing
+it a different ``FileSource``. The server owns the listening socket, caps the
+number of connections, and runs one handler thread per connection. A handler
+reads a request, answers it, and loops until the peer leaves, goes idle past
+``idle_timeout_s``, or breaks the framing.
+
+Shared state lives on the server (the source, metrics, the set of open
+connections); a handler only keeps what belongs to its connection.
+"""
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import selectors
+import socket
+import threading
+import uuid
+from typing import BinaryIO, Callable, Protocol
+
+from error_handler import MiniTorrentError
+from metrics import Metrics
+from minitorrent.common.fs import ChunkLocation
+from minitorrent.net.throttle import TokenBucket
+from minitorrent.net.tracker import Tracker
+from minitorrent.wire import auth, protocol
+from minitorrent.wire.protocol import (
+    ErrorCode,
+    ErrorReply,
+    Frame,
+    Message,
+    ProtocolError,
+    RequestFailed,
+)
+from minitorrent.wire.transport import Connection, ConnectionClosed
+
+log = logging.getLogger(__name__)
+
+BUSY_REPLY_TIMEOUT_S = 1.0  # a turned-away client gets this long to read "busy"
+ACCEPT_RETRY_S = 0.1  # pause after a failed accept()
+
+
+class ServingRole(Protocol):
+    """The server's role as the serving core sees it (the server floor's ``NodeState`` is one).
+
+    The serving core only asks whether to serve and reports the epochs it hears;
+    the rules that decide roles live on the server floor.
+    """
+
+    server_id: str
+
+    @property
+    def role(self) -> enum.Enum:
+        """The current role (its ``value`` goes into replies)."""
+
+    @property
+    def epoch(self) -> int:
+        """The current epoch."""
+
+    @property
+    def primary(self) -> str:
+        """The address of the server believed active, as "host:port" ("" if unknown)."""
+
+    def check_serving(self) -> None:
+        """Raise ``RequestFailed`` (NOT_ACTIVE) unless this server serves clients now."""
+
+    def observe_epoch(self, epoch: int, source: str, primary: str = "") -> bool:
+        """Learn of ``epoch`` from ``source``; True if it made this server step down."""
+
+
+class FileSource(Protocol):
+    """What a server serves from. Called from handler threads concurrently."""
+
+    def list_files(self, search: str, offset: int = 0, limit: int | None = None) -> tuple[list[dict], int]:
+        """A page of the entries whose names contain ``search`` (any case), by name, and how many match."""
+
+    def count_files(self) -> tuple[int, int]:
+        """(number of files, total bytes)."""
+
+    def manifest(self, name: str) -> tuple[dict, bytes]:
+        """(manifest header, raw chunk digests); ``RequestFailed`` if unknown."""
+
+    def locate_chunk(self, name: str, sha256: str, index: int) -> ChunkLocation:
+        """Where chunk ``index`` of that version of ``name`` is; ``RequestFailed`` if not served."""
+
+    def record_download(self, name: str, sha256: str) -> None:
+        """A client finished and verified a download of ``name``."""
+
+
+PeerHandler = Callable[["_Handler", Frame], None]
+PEER_SLOTS = 4  # connections kept beyond max_connections so a full server still hears its peer
+
+
+class RequestServer:
+    """Serve a ``FileSource`` on a TCP port to up to ``max_connections`` clients.
+
+    ``node`` says whether client requests are served (active) or refused with
+    STANDBY, and carries the epoch; without one the server is always active
+    at epoch 0. ``peer_handlers`` answer the peer (replication) requests of
+    an authenticated main server; ``secret`` is what it must prove to know.
+    ``status_extra()`` adds entries to status replies. With a ``tracker``
+    it answers seeding clients' announcements and peer requests;
+    ``upload_limit`` paces every chunk it sends.
+    """
+
+    def __init__(
+        self,
+        source: FileSource,
+        *,
+        host: str,
+        port: int,
+        name: str,
+        max_connections: int,
+        idle_timeout_s: float,
+        io_timeout_s: float,
+        metrics: Metrics | None = None,
+        node: ServingRole | None = None,
+        secret: str = "",
+        peer_handlers: dict[type[Message], PeerHandler] | None = None,
+        status_extra: Callable[[], dict] | None = None,
+        tracker: Tracker | None = None,
+        upload_limit: TokenBucket | None = None,
+    ) -> None:
+        self.source = source
+        self.tracker = tracker
+        self.upload_limit = upload_limit or TokenBucket(0)
+        self.name = name
+        self.node = node
+        self.secret = secret
+        self.peer_handlers = peer_handlers or {}
+        self.status_extra = status_extra
+        self.server_id = node.server_id if node else uuid.uuid4().hex[:12]
+        self.metrics = metrics or Metrics()
+        self._clients = 0
+        self.max_connections = max_connections
+        self.idle_timeout_s = idle_timeout_s
+        self.io_timeout_s = io_timeout_s
+        self._requested_address = (host, port)
+        self._listener: socket.socket | None = None
+        self._wakeup_r, self._wakeup_w = socket.socketpair()
+        self._lock = threading.Lock()
+        self._handlers: dict[threading.Thread, Connection] = {}
+        self._accept_thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The (host, port) actually bound; the port is real even if 0 was asked."""
+        if self._listener is None:
+            raise RuntimeError("server not started")
+        return self._listener.getsockname()[:2]
+
+    def start(self) -> tuple[str, int]:
+        """Bind, listen and start accepting in a background thread.
+
+        Raises ``MiniTorrentError`` if the address cannot be bound.
+        """
+        host, port = self._requested_address
+        try:
+            self._listener = socket.create_server((host, port), backlog=128, reuse_port=False)
+        except OSError as error:
+            raise MiniTorrentError(f"cannot listen on {host}:{port}: {error.strerror or error}") from error
+        self._accept_thread = threading.Thread(target=self._accept_loop, name=f"{self.name}-accept", daemon=True)
+        self._accept_thread.start()
+        log.info("%s listening on %s:%d (max %d clients)", self.name, *self.address, self.max_connections)
+        return self.address
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Stop accepting, close every connection and wait for the handlers."""
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        self._wakeup_w.send(b"x")
+        if self._accept_thread:
+            self._accept_thread.join(timeout_s)
+        with self._lock:
+            handlers = dict(self._handlers)
+        for connection in handlers.values():
+            _shutdown(connection.sock)
+        for thread in handlers:
+            thread.join(timeout_s)
+        if self._listener:
+            self._listener.close()
+        self._wakeup_r.close()
+        self._wakeup_w.close()
+        log.info("%s stopped", self.name)
+
+    # Accepting -----------------------------------------------------------------
+
+    def _accept_loop(self) -> None:
+        with selectors.DefaultSelector() as selector:
+            selector.register(self._listener, selectors.EVENT_READ)
+            selector.register(self._wakeup_r, selectors.EVENT_READ)
+            while not self._stopping.is_set():
+                for key, _ in selector.select():
+                    if key.fileobj is self._listener:
+                        self._accept_one()
+
+    def _accept_one(self) -> None:
+        try:
+            sock, _ = self._listener.accept()
+        except OSError as error:  # out of file descriptors, say: pause rather than spin on select()
+            log.warning("accept failed: %s", error)
+            self._stopping.wait(ACCEPT_RETRY_S)
+            return
+        try:
+            self._hand_to_thread(sock)
+        except Exception:  # a connection we cannot serve must not end the accepting
+            log.exception("cannot serve a new connection")
+            sock.close()
+
+    def _hand_to_thread(self, sock: socket.socket) -> None:
+        connection = Connection(sock, io_timeout_s=self.io_timeout_s, idle_timeout_s=self.idle_timeout_s)
+        with self._lock:
+            full = len(self._handlers) >= self.max_connections + PEER_SLOTS
+            if not full:
+                thread = threading.Thread(target=self._serve, args=(connection,), daemon=True,
+                                          name=f"{self.name}-conn-{connection.peer}")
+                self._handlers[thread] = connection
+        if full:
+            self.turn_away(connection)
+            return
+        try:
+            thread.start()
+        except RuntimeError:  # no more threads: forget the slot and let the caller close the socket
+            with self._lock:
+                self._handlers.pop(thread, None)
+            raise
+
+    def turn_away(self, connection: Connection) -> None:
+        """Tell a connection the server is busy, and close it."""
+        log.info("busy: turned away %s (%d clients connected)", connection.peer, self.max_connections)
+        connection.io_timeout_s = BUSY_REPLY_TIMEOUT_S
+        try:
+            connection.send(ErrorReply(ErrorCode.BUSY, f"server busy: {self.max_connections} clients connected, retry later"))
+        except ConnectionClosed:
+            pass
+        self.metrics.request_done(ok=False)
+        connection.close()
+
+    def admit_client(self) -> bool:
+        """Take one of the ``max_connections`` client slots; False if none is free."""
+        with self._lock:
+            if self._clients >= self.max_connections:
+                return False
+            self._clients += 1
+            return True
+
+    def release_client(self) -> None:
+        """Give a client slot back."""
+        with self._lock:
+            self._clients -= 1
+
+    def welcome(self, nonce: str = "", proof: str = "") -> protocol.Welcome:
+        """The welcome this server gives now: its role, epoch and who is primary."""
+        node = self.node
+        role, epoch, primary = (node.role.value, node.epoch, node.primary) if node else ("active", 0, "")
+        return protocol.Welcome(protocol.PROTOCOL_VERSION, role, epoch, self.server_id, self.name, primary,
+                                nonce, proof)
+
+    # Serving one connection ----------------------------------------------------------
+
+    def _serve(self, connection: Connection) -> None:
+        self.metrics.connection_opened()
+        handler = _Handler(self, connection)
+        try:
+            handler.handle()
+        finally:
+            handler.finish()
+            self.metrics.connection_closed()
+            with self._lock:
+                self._handlers.pop(threading.current_thread(), None)
+
+
+class _Handler:
+    """Serves the requests of one connection, in order.
+
+    A connection says hello first. A client is then served while the node is
+    active. A peer (the main server) must also prove it knows the shared
+    secret before its replication requests are answered.
+    """
+
+    CLIENT_REQUESTS = (protocol.GetChunk, protocol.ListFiles, protocol.GetManifest, protocol.CountFiles,
+                       protocol.ReportDownloaded, protocol.Announce, protocol.GetPeers)
+
+    def __init__(self, server: RequestServer, connection: Connection) -> None:
+        self.server = server
+        self.connection = connection
+        self.greeted = False
+        self.is_client = False
+        self.peer_nonce = ""  # our challenge to a peer, until it answers
+        self.authenticated = False
+        self._open_file: tuple[str, BinaryIO] | None = None
+        self._counted_sent = 0
+        self._counted_received = 0
+
+    def handle(self) -> None:
+        """Answer requests until the peer leaves, idles out, or breaks framing."""
+        while True:
+            try:
+                # Only an authenticated peer may make us hold a large payload.
+                frame = self.connection.recv(max_payload=None if self.authenticated else protocol.MAX_CLIENT_PAYLOAD)
+            except ConnectionClosed as closed:
+                log.debug("%s", closed)
+                return
+            except ProtocolError as error:
+                self._reply_error(error.code, str(error))
+                if not error.recoverable:
+                    log.warning("closing %s: %s", self.connection.peer, error)
+                    return
+                continue
+            if not self._answer(frame):
+                return
+
+    def finish(self) -> None:
+        """Release the connection's resources and settle its byte counters."""
+        self._count_bytes()
+        if self.is_client:
+            self.server.release_client()
+        if self._open_file:
+            self._open_file[1].close()
+        self.connection.close()
+
+    def _answer(self, frame: Frame) -> bool:
+        """Answer one request; False means close the connection."""
+        request = frame.message
+        try:
+            keep_open = self._dispatch(frame)
+            self.server.metrics.request_done(ok=True)
+            return keep_open
+        except RequestFailed as failure:
+            return self._reply_error(failure.code, str(failure))
+        except ProtocolError as error:
+            return self._reply_error(error.code, str(error))
+        except ConnectionClosed as closed:
+            log.info("%s: %s", self.connection.peer, closed)
+            return False
+        except Exception:  # one bad request must never take the server down
+            log.exception("internal error answering %s", type(request).__name__)
+            return self._reply_error(ErrorCode.INTERNAL, "internal server error")
+        finally:
+            self._count_bytes()
+
+    def _reply_error(self, code: str, text: str) -> bool:
+        self.server.metrics.request_done(ok=False)
+        try:
+            self.connection.send(ErrorReply(code, text[:1000]))  # the text may quote a peer's 64 KiB header
+        except ConnectionClosed:
+            return False
+        return code not in (ErrorCode.VERSION_MISMATCH, ErrorCode.AUTH_FAILED, ErrorCode.BUSY)
+
+    def _dispatch(self, frame: Frame) -> bool:
+        request = frame.message
+        if isinstance(request, protocol.Hello):
+            return self._greet(request)
+        if not self.greeted:
+            raise RequestFailed(ErrorCode.HELLO_REQUIRED, "send hello first")
+        if isinstance(request, protocol.GetStatus):
+            self._send_status()
+        elif isinstance(request, protocol.Authenticate):
+            self._authenticate(request)
+        elif type(request) in self.server.peer_handlers:
+            if not self.authenticated:
+                raise RequestFailed(ErrorCode.AUTH_FAILED, f"{request.TYPE} needs an authenticated peer")
+            self.server.peer_handlers[type(request)](self, frame)
+        elif isinstance(request, self.CLIENT_REQUESTS):
+            if self.server.node and not self.authenticated:  # a peer may read a standby's replica
+                self.server.node.check_serving()
+            self._serve_client_request(frame)
+        else:
+            raise RequestFailed(ErrorCode.UNKNOWN_REQUEST, f"{request.TYPE} is not a request this server answers")
+        return True
+
+    def _serve_client_request(self, frame: Frame) -> None:
+        request, source = frame.message, self.server.source
+        if isinstance(request, protocol.GetChunk):
+            self._send_chunk(request)
+        elif isinstance(request, protocol.ListFiles):
+            self._send_listing(request)
+        elif isinstance(request, protocol.GetManifest):
+            header, digests = source.manifest(request.name)
+            self.connection.send(protocol.ManifestInfo(name=request.name, **header), digests)
+        elif isinstance(request, protocol.CountFiles):
+            files, total = source.count_files()
+            self.connection.send(protocol.FileCount(files=files, bytes=total))
+        elif isinstance(request, protocol.ReportDownloaded):
+            source.record_download(request.name, request.sha256)
+            self.server.metrics.download_finished(request.name)
+            self.connection.send(protocol.Ok())
+        else:
+            self._serve_tracker_request(frame)
+
+    def _serve_tracker_request(self, frame: Frame) -> None:
+        tracker, request = self.server.tracker, frame.message
+        if tracker is None:
+            raise RequestFailed(ErrorCode.UNKNOWN_REQUEST, f"this {self.server.name} keeps no tracker")
+        host = self.connection.sock.getpeername()[0]  # never an address the peer claims
+        if isinstance(request, protocol.Announce):
+            tracker.announce(host, request.port, protocol.decode_holdings(frame.payload))
+            self.connection.send(protocol.Ok())
+        else:
+            peers = tracker.peers_for(request.sha256, (host, request.port))
+            listed = [{"host": h, "port": p, "have": protocol.encode_bitmap(have)} for h, p, have in peers]
+            self.connection.send(protocol.PeerList(listed))
+
+    def _greet(self, hello: protocol.Hello) -> bool:
+        if hello.version != protocol.PROTOCOL_VERSION:
+            raise RequestFailed(
+                ErrorCode.VERSION_MISMATCH,
+                f"protocol version {hello.version} is not supported (this server speaks {protocol.PROTOCOL_VERSION})",
+            )
+        if hello.role == "main":
+            return self._greet_peer(hello)
+        if not self.is_client:
+            if not self.server.admit_client():
+                raise RequestFailed(ErrorCode.BUSY, f"server busy: {self.server.max_connections} clients "
+                                                    "connected, retry later")
+            self.is_client = True
+        if self.server.node:
+            self.server.node.observe_epoch(hello.epoch, f"client {self.connection.peer}")
+        self.greeted = True
+        self.connection.send(self.server.welcome())
+        return True
+
+    def _greet_peer(self, hello: protocol.Hello) -> bool:
+        if not self.server.secret:
+            log.warning("refused peer %s: server.secret is not set here", self.connection.peer)
+            raise RequestFailed(ErrorCode.AUTH_FAILED, "peer connections need server.secret set on both servers")
+        self.greeted = True
+        self.peer_nonce = auth.new_nonce()
+        proof = auth.prove(self.server.secret, auth.SERVER_PURPOSE, hello.nonce)
+        self.connection.send(self.server.welcome(self.peer_nonce, proof))
+        return True
+
+    def _authenticate(self, request: protocol.Authenticate) -> None:
+        if not self.peer_nonce or not auth.proof_ok(self.server.secret, auth.PEER_PURPOSE,
+                                                        self.peer_nonce, request.proof):
+            log.warning("peer %s failed authentication: wrong server.secret?", self.connection.peer)
+            raise RequestFailed(ErrorCode.AUTH_FAILED, "authentication failed: wrong server.secret")
+        self.peer_nonce = ""
+        self.authenticated = True
+        log.info("peer %s authenticated", self.connection.peer)
+        self.connection.send(protocol.Ok())
+
+    def _send_listing(self, request: protocol.ListFiles) -> None:
+        entries, total = self.server.source.list_files(request.search, request.offset, protocol.MAX_LIST_ENTRIES)
+        page = protocol.fit_list_page(entries)
+        self.connection.send(protocol.FileList(files=page, total=total, offset=request.offset))
+
+    def _send_chunk(self, request: protocol.GetChunk) -> None:
+        where = self.server.source.locate_chunk(request.name, request.sha256, request.index)
+        reply = protocol.ChunkData(name=request.name, index=request.index)
+        self.send_stored_bytes(reply, where, request.name)
+
+    def send_stored_bytes(self, reply: Message, where: ChunkLocation, label: str) -> None:
+        """Send ``reply`` with the bytes at ``where`` as payload, by ``sendfile``."""
+        file = self._file(where.path)
+        if _file_size(file) < where.offset + where.length:
+            raise RequestFailed(ErrorCode.STORAGE_ERROR, f"the server's copy of {label} is truncated")
+        self.server.upload_limit.consume(where.length)
+        self.connection.send_file_payload(reply, file, where.offset, where.length)
+
+    def _send_status(self) -> None:
+        server = self.server
+        snapshot = server.metrics.snapshot(top_files=protocol.MAX_STATUS_FILES)
+        welcome = server.welcome()
+        snapshot.update(server=server.name, role=welcome.role, epoch=welcome.epoch, server_id=server.server_id,
+                        primary=welcome.primary)
+        if server.status_extra:
+            snapshot.update(server.status_extra())
+        self.connection.send(protocol.StatusInfo(metrics=snapshot))
+
+    def _file(self, path: str) -> BinaryIO:
+        """The open file for ``path``; one stays open per connection across chunk requests."""
+        if self._open_file and self._open_file[0] == path:
+            return self._open_file[1]
+        if self._open_file:
+            self._open_file[1].close()
+        try:
+            file = open(path, "rb")
+        except OSError as error:
+            raise RequestFailed(ErrorCode.STORAGE_ERROR, f"cannot read the server's copy: {error.strerror}") from error
+        self._open_file = (path, file)
+        return file
+
+    def _count_bytes(self) -> None:
+        sent = self.connection.bytes_sent - self._counted_sent
+        received = self.connection.bytes_received - self._counted_received
+        if sent:
+            self.server.metrics.add_sent(sent)
+        if received:
+            self.server.metrics.add_received(received)
+        self._counted_sent += sent
+        self._counted_received += received
+
+
+def _file_size(file: BinaryIO) -> int:
+    return os.fstat(file.fileno()).st_size
+
+
+def _shutdown(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass

@@ -1,0 +1,82 @@
+"""What the main server's and the backup's engines share.
+
+Each owns a catalog in a data folder that only it may write (a folder lock),
+a role and epoch (``NodeState``), its metrics, a tracker for seeding clients,
+an upload limit, and the request server that puts them on the network. The
+subclasses add what differs: the main replicates and sends heartbeats, the
+backup receives replication and watches the heartbeats.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from config_loader import BackupServerConfig, Config, MainServerConfig
+from error_handler import MiniTorrentError
+from metrics import Metrics
+from minitorrent.common.fs import FolderLock
+from minitorrent.net.serving import RequestServer
+from minitorrent.net.throttle import TokenBucket
+from minitorrent.net.tracker import PEER_TTL_INTERVALS, Tracker
+from minitorrent.server.catalog import Catalog
+from minitorrent.server.roles import NodeState, Role
+
+
+class ServerEngine:
+    """A server's catalog, role, metrics and request server. See the subclasses."""
+
+    def __init__(self, config: Config, name: str, settings: MainServerConfig | BackupServerConfig,
+                 **server_options: Any) -> None:
+        self.config = config
+        self.name = name
+        self.catalog = Catalog(settings.data_dir, config.transfer.chunk_size)
+        self.node = NodeState(self.catalog.db, name, Role.STANDBY)
+        self.metrics = Metrics()
+        self.metrics.set_downloads(self.catalog.download_counts())
+        self.lock = FolderLock(settings.data_dir)
+        self.stop_event = threading.Event()
+        transfer = config.transfer
+        self.server = RequestServer(
+            self.catalog,
+            host=settings.host,
+            port=settings.port,
+            name=name,
+            max_connections=transfer.max_connections,
+            idle_timeout_s=transfer.idle_timeout,
+            io_timeout_s=transfer.io_timeout,
+            metrics=self.metrics,
+            node=self.node,
+            status_extra=self._status_extra,
+            tracker=Tracker(ttl_s=PEER_TTL_INTERVALS * transfer.announce_interval),
+            upload_limit=TokenBucket(transfer.upload_limit),
+            **server_options,
+        )
+
+    def set_upload_limit(self, rate_bps: int) -> None:
+        """Change the upload limit for clients' chunks now (bytes/s, 0: unlimited)."""
+        self.server.upload_limit.set_rate(rate_bps)
+
+    def _listen(self) -> tuple[str, int]:
+        """Take the data folder and start serving; ``MiniTorrentError`` if either is taken."""
+        if not self.lock.acquire():
+            raise MiniTorrentError(f"another {self.name} server is running on {self.catalog.data_dir}")
+        try:
+            return self.server.start()
+        except MiniTorrentError:
+            self.lock.release()
+            raise
+
+    def stop(self) -> None:
+        """Stop serving and the background work, close the catalog, let go of the folder."""
+        self.stop_event.set()
+        self.server.stop()
+        self._stop_workers()
+        self.catalog.close()
+        self.lock.release()
+
+    def _stop_workers(self) -> None:
+        """Wait for a subclass's own threads (after ``stop_event`` is set)."""
+
+    def _status_extra(self) -> dict:
+        """Entries a subclass adds to status replies."""
+        return {}

@@ -1,0 +1,174 @@
+"""Who is active: roles, epochs, and how the two servers prove who they are.
+
+An **epoch** is a number that grows with every change of active server. It is
+written to the server's SQLite ``meta`` table *before* it is used, so a
+server that crashes and restarts never reuses one. Every heartbeat, welcome
+and status carries it. The rule that keeps two servers from accepting writes
+at once (DESIGN principle 4):
+
+* a server that learns of an epoch higher than its own (from a heartbeat
+  reply, its peer, or a client's hello) stops serving as active at once;
+* a server becomes active only by taking an epoch higher than every epoch it
+  has seen (``promote``).
+
+How the two servers prove who they are lives on the wire floor
+(``minitorrent.wire.auth``).
+"""
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+from database import ServerStore
+from minitorrent.wire.protocol import ErrorCode, RequestFailed
+
+log = logging.getLogger(__name__)
+
+
+class Role(str, enum.Enum):
+    """Whether a server serves clients (ACTIVE) or stands by (STANDBY)."""
+
+    ACTIVE = "active"
+    STANDBY = "standby"
+
+
+@dataclass(frozen=True)
+class RoleChanged:
+    """Event: a server's role or epoch changed, and why."""
+
+    role: Role
+    epoch: int
+    reason: str
+
+
+class NodeState:
+    """The role and epoch of one server, the epoch durable. Thread-safe.
+
+    ``listeners`` are called (outside the lock, from whichever thread made
+    the change) with a ``RoleChanged`` event.
+    """
+
+    def __init__(self, store: ServerStore, server: str, role: Role) -> None:
+        self._store = store
+        self.server = server
+        self._lock = threading.Lock()
+        self.server_id = store.server_id()
+        self._epoch = int(store.get_meta("epoch", "0"))
+        self._highest_seen = self._epoch
+        self._role = role
+        self._primary = ""
+        self.listeners: list[Callable[[RoleChanged], None]] = []
+
+    @property
+    def role(self) -> Role:
+        with self._lock:
+            return self._role
+
+    @property
+    def epoch(self) -> int:
+        with self._lock:
+            return self._epoch
+
+    @property
+    def highest_seen_epoch(self) -> int:
+        """The highest epoch this server has heard of, its own included."""
+        with self._lock:
+            return self._highest_seen
+
+    @property
+    def primary(self) -> str:
+        """host:port of the server believed active, when this one is not."""
+        with self._lock:
+            return self._primary
+
+    def is_active(self) -> bool:
+        """True while this server may serve clients and accept writes."""
+        return self.role is Role.ACTIVE
+
+    def check_serving(self) -> None:
+        """Raise ``RequestFailed(STANDBY)`` naming the primary unless active."""
+        with self._lock:
+            if self._role is Role.ACTIVE:
+                return
+            where = f"the active server is {self._primary}" if self._primary else "no active server is known"
+        raise RequestFailed(ErrorCode.STANDBY, f"this {self.server} server is on standby; {where}")
+
+    def promote(self, reason: str) -> int:
+        """Become active with an epoch above every one seen; persisted first. Returns it."""
+        with self._lock:
+            epoch = max(self._epoch, self._highest_seen) + 1
+            self._store.set_meta("epoch", str(epoch))
+            self._epoch = self._highest_seen = epoch
+            self._role = Role.ACTIVE
+            self._primary = ""
+        log.warning("%s server is now ACTIVE with epoch %d: %s", self.server, epoch, reason)
+        self._tell(RoleChanged(Role.ACTIVE, epoch, reason))
+        return epoch
+
+    def activate(self, reason: str) -> None:
+        """Become active keeping the current epoch (no higher one has been seen)."""
+        with self._lock:
+            if self._highest_seen > self._epoch:
+                raise RuntimeError("a higher epoch was seen: promote() instead")
+            if self._role is Role.ACTIVE:
+                return
+            self._role = Role.ACTIVE
+            self._primary = ""
+            epoch = self._epoch
+        log.info("%s server is ACTIVE with epoch %d: %s", self.server, epoch, reason)
+        self._tell(RoleChanged(Role.ACTIVE, epoch, reason))
+
+    def become_active(self, reason: str) -> None:
+        """Activate with the current epoch, or promote if a higher one was seen (or none was ever taken)."""
+        with self._lock:
+            must_promote = self._highest_seen > self._epoch or self._epoch == 0
+        if must_promote:
+            self.promote(reason)
+        else:
+            self.activate(reason)
+
+    def step_down(self, reason: str, primary: str = "") -> None:
+        """Stop serving as active (if active); ``primary`` names who is."""
+        with self._lock:
+            was_active = self._role is Role.ACTIVE
+            self._role = Role.STANDBY
+            if primary:
+                self._primary = primary
+            epoch = self._epoch
+        if was_active:
+            log.warning("%s server steps down to STANDBY: %s", self.server, reason)
+            self._tell(RoleChanged(Role.STANDBY, epoch, reason))
+
+    def follow(self, epoch: int, primary: str) -> None:
+        """On standby: adopt the active server's epoch (persisted) and remember who it is.
+
+        A standby that keeps the primary's epoch lets a primary that comes
+        back with less (its data folder lost, say) see at once that it must
+        catch up rather than impose its empty catalog.
+        """
+        with self._lock:
+            if self._role is not Role.STANDBY:
+                return
+            if epoch > self._epoch:
+                self._store.set_meta("epoch", str(epoch))
+                self._epoch = epoch
+            self._highest_seen = max(self._highest_seen, epoch)
+            self._primary = primary
+
+    def observe_epoch(self, epoch: int, source: str, primary: str = "") -> bool:
+        """Note an epoch heard from ``source``; step down if it beats ours. True if it did."""
+        with self._lock:
+            self._highest_seen = max(self._highest_seen, epoch)
+            newer = epoch > self._epoch
+            if newer and primary:
+                self._primary = primary
+        if newer:
+            self.step_down(f"{source} reported epoch {epoch}, higher than ours", primary)
+        return newer
+
+    def _tell(self, event: RoleChanged) -> None:
+        for listener in list(self.listeners):
+            listener(event)

@@ -1,0 +1,830 @@
+"""The client window: its plain logic without Tk, then real windows under Xvfb against real servers.
+
+The window tests drive the real widgets (type in the search box, invoke the
+buttons) with the folder dialog patched, against in-process servers on port
+0. A ``TkThreadGuard`` is installed on every root right after it is created,
+and every test ends by asserting that no widget was touched from another
+thread.
+"""
+from __future__ import annotations
+
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import pytest
+from conftest import (
+    LONG_TIMEOUT,
+    ROOT,
+    SHORT_TIMEOUT,
+    TkThreadGuard,
+    make_config,
+    make_file,
+    pump_until,
+    wait_until,
+    write_config,
+)
+
+import minitorrent.gui.client_window as cw
+from error_handler import DownloadCancelled, DownloadError
+from integrity import sha256_file
+from minitorrent.client.downloader import DownloadResult
+from minitorrent.client.engine import ClientEngine
+from minitorrent.client.progress import Progress
+from minitorrent.gui.base import load_settings, open_root
+from minitorrent.gui.transfers import (
+    Action,
+    DownloadProgressed,
+    SpeedMeter,
+    Transfer,
+    TransferManager,
+    TransferState,
+    allowed_actions,
+    describe_sources,
+    eta_seconds,
+    transfer_view,
+    without_name,
+)
+from minitorrent.server.backup import BackupServer
+from minitorrent.server.main import MainServer
+
+MiB = 1024 * 1024
+CHUNK = 256 * 1024
+SECRET = "a shared secret for the pair"
+
+
+# Plain functions: no Tk ----------------------------------------------------------------------------------------------
+
+
+def entry(name: str, size: int = 10, downloads: int = 0, sha: str = "ab" * 32) -> dict:
+    return {"name": name, "size": size, "chunks": 1, "sha256": sha, "downloads": downloads, "added_at": 0.0}
+
+
+class TestCatalogLogic:
+    def test_filter_is_caseless_and_accent_form_proof(self):
+        """The search matches any part of the name in any case, whatever the accent's Unicode form."""
+        entries = [entry("Beta Café.bin"), entry("alpha.txt"), entry("CAFE-noaccent")]
+        assert ["Beta Café.bin"] == [e["name"] for e in cw.filter_entries(entries, "cafe\u0301")]
+        assert ["Beta Café.bin"] == [e["name"] for e in cw.filter_entries(entries, "CAFÉ")]
+        assert 3 == len(cw.filter_entries(entries, "  "))
+
+    def test_catalog_row_shows_human_units_and_sorts_by_raw_numbers(self):
+        """Sizes show in human units but sort by bytes; the SHA-256 is shortened."""
+        values, keys = cw.catalog_row(entry("a.bin", size=1536, downloads=4, sha="0123456789abcdef" * 4))
+        assert ("a.bin", "1.5 KiB", 1, 4, "0123456789ab") == values
+        assert (1536, "0123456789abcdef" * 4) == (keys["size"], keys["sha256"])
+
+    def test_count_text(self):
+        """All files, or how many of them the search shows."""
+        assert ("12 files", "3 of 12 files", "1 file") == (cw.count_text(12, 12), cw.count_text(3, 12),
+                                                           cw.count_text(1, 1))
+
+    def test_elide_keeps_both_ends(self):
+        """A long name is cut in the middle, keeping its start and its extension."""
+        assert "abcdef…yz.bin" == cw.elide("abcdefghijklmnopqrstuvwxyz.bin", 13)
+        assert "short" == cw.elide("short", 13)
+
+
+class TestLimits:
+    @pytest.mark.parametrize("text, expected", [("", 0), ("0", 0), ("512", 512 * 1024), (" 1.5 ", 1536),
+                                                ("0,5", 512)])
+    def test_valid_limits(self, text, expected):
+        """KiB/s as typed (empty or 0: unlimited; a decimal comma is accepted) becomes bytes/s."""
+        assert expected == cw.parse_limit_kib(text, "Upload limit")
+
+    @pytest.mark.parametrize("text", ["abc", "-1", "1e12", "nan", "inf", "12 KB"])
+    def test_invalid_limits_say_what_is_wanted(self, text):
+        """Anything else is refused with a message naming the field and the accepted range."""
+        with pytest.raises(ValueError) as raised:
+            cw.parse_limit_kib(text, "Upload limit")
+        assert str(raised.value).startswith("Upload limit: enter a number of KiB/s from 0 to ")
+
+    def test_format_limit_round_trips(self):
+        """A rate shows as the KiB/s text that parses back to it."""
+        for rate in (0, 512 * 1024, 1536):
+            assert rate == cw.parse_limit_kib(cw.format_limit_kib(rate), "x")
+        assert ("512 KiB/s", "unlimited") == (cw.describe_limit(512 * 1024), cw.describe_limit(0))
+
+
+class TestConnectionLogic:
+    def test_main_server(self):
+        """The main: its address, role and epoch, in the 'ok' tone."""
+        view = cw.connection_view({"server": "main", "role": "active", "epoch": 3, "address": "h:1"})
+        assert ("Main server", "h:1 · role active · epoch 3", "ok", True) == (view.title, view.detail, view.tone,
+                                                                              view.connected)
+
+    def test_backup_after_failover(self):
+        """The backup is named as such, in the warning tone."""
+        view = cw.connection_view({"server": "backup", "role": "active", "epoch": 4, "address": "h:2"})
+        assert ("Backup server (failover)", "warn") == (view.title, view.tone)
+        assert "epoch 4" in view.detail
+
+    def test_no_server_counts_down(self):
+        """With no server: reconnecting, the reason, and the seconds to the next try."""
+        view = cw.connection_view(None, "connection refused", 2.6)
+        assert ("Reconnecting…", "connection refused · next try in 3 s", False) == (view.title, view.detail,
+                                                                                    view.connected)
+        assert cw.connection_view(None, "", 0.0).detail == "trying now…"
+
+    def test_server_changed(self):
+        """A change is a first answer, another server, or another epoch; losing the server is not one."""
+        main, backup = {"server": "main", "epoch": 1}, {"server": "backup", "epoch": 2}
+        assert [True, False, True, True, False] == [
+            cw.server_changed(None, main), cw.server_changed(main, dict(main)), cw.server_changed(main, backup),
+            cw.server_changed(main, {"server": "main", "epoch": 3}), cw.server_changed(main, None)]
+
+    def test_seeding_tiles(self):
+        """Seeding on: address, files, uploads and peers; off or failed: says so."""
+        seeding = {"running": True, "address": "10.0.0.2:7000", "files": [entry("a")], "partial": 2,
+                   "bytes_sent": 3 * MiB, "connections_total": 5, "active_connections": 1, "upload_bps": 0.0,
+                   "upload_limit_bps": 512 * 1024, "download_limit_bps": 0}
+        tiles = cw.seeding_tiles(seeding, True)
+        assert ("on", "peers reach us at 10.0.0.2:7000", "ok") == tiles["status"]
+        assert (("1", "+ 2 in part", ""), ("5", "1 connected now", "")) == (tiles["files"], tiles["peers"])
+        assert ("3.0 MiB", "0 B/s now · limit 512 KiB/s", "") == tiles["uploaded"]
+        assert "off" == cw.seeding_tiles(None, False)["status"][0]
+        failed = cw.seeding_tiles({**seeding, "running": False}, True, "port 7000 is taken")
+        assert ("failed", "port 7000 is taken", "error") == failed["status"]
+
+    def test_reconnect_backs_off_to_a_cap(self):
+        """1, 2, 3, 5, 5... seconds between tries while no server answers."""
+        assert [1, 2, 3, 5, 5, 5] == [cw.reconnect_delay(n) for n in range(1, 7)]
+
+
+class TestSpeedAndEta:
+    def test_speed_over_the_window(self):
+        """The speed is the bytes received over the last window, per second."""
+        meter = SpeedMeter(window_s=2.0)
+        meter.reset(0.0)
+        for second in range(1, 6):
+            meter.add(float(second), second * 1000)
+        assert 1000.0 == meter.rate(5.0)
+
+    def test_speed_decays_when_nothing_arrives(self):
+        """A stalled download slows down on screen and reads 0 after a whole window of silence."""
+        meter = SpeedMeter(window_s=2.0)
+        meter.reset(0.0)
+        meter.add(1.0, 1000)
+        meter.add(2.0, 2000)
+        assert meter.rate(2.5) < meter.rate(2.0)
+        assert 0.0 == meter.rate(4.5)
+
+    def test_eta(self):
+        """Remaining bytes over speed; 0 when done; unknown without speed."""
+        assert (5.0, 0.0, None) == (eta_seconds(500, 100.0), eta_seconds(0, 0.0), eta_seconds(10, 0.0))
+
+    def test_sources(self):
+        """Who sent the bytes: the named server alone, or its share beside the peers'."""
+        assert "" == describe_sources({})
+        assert "from backup server" == describe_sources({"server": 10}, "backup")
+        assert "from server 75% · 2 peers 25%" == describe_sources({"server": 75, "peer a:1": 20, "peer b:2": 5})
+        assert "from 1 peer 100%" == describe_sources({"peer a:1": 5})
+
+    def test_reason_without_the_repeated_name(self):
+        """An engine message starting with the file's name loses that prefix: the row names the file."""
+        assert "no such file" == without_name("a.bin: a.bin: no such file", "a.bin")
+
+
+class TestTransferRows:
+    def test_downloading_row(self):
+        """Sizes, speed, ETA and sources; the percent is rounded down."""
+        transfer = Transfer(1, "a.bin", Path("/x"), total_bytes=4 * MiB, done_bytes=MiB - 1,
+                            state=TransferState.DOWNLOADING, sources={"server": MiB})
+        view = transfer_view(transfer, 1.5 * MiB, "main")
+        assert ("24.9%", "downloading", "active") == (view.percent_text, view.state_text, view.tone)
+        assert "1024.0 KiB of 4.0 MiB · 1.5 MiB/s · ETA 0:02 · from main server" == view.detail
+
+    def test_failed_row_names_the_reason(self):
+        """A failed transfer says why and that Resume continues."""
+        view = transfer_view(Transfer(1, "a", Path("/x"), 10, 5, TransferState.FAILED, reason="disk full"), 0.0)
+        assert ("failed", "error") == (view.state_text, view.tone)
+        assert view.detail.startswith("failed: disk full · Resume")
+
+    def test_actions_per_state(self):
+        """Only the actions that make sense are offered."""
+        assert {Action.PAUSE, Action.CANCEL} == allowed_actions(TransferState.DOWNLOADING)
+        assert {Action.RESUME, Action.CANCEL} == allowed_actions(TransferState.PAUSED)
+        assert set() == allowed_actions(TransferState.DONE)
+
+    def test_summary(self):
+        """The transfers' header counts them by state."""
+        counts = {TransferState.DOWNLOADING: 2, TransferState.DONE: 1}
+        assert "2 downloading · 1 done" == cw.transfers_summary(counts)
+        assert "no transfers" == cw.transfers_summary({})
+
+
+class FakeEngine:
+    """Downloads that wait for their gate (or a cancel), so a test controls when each ends."""
+
+    def __init__(self) -> None:
+        self.gates: dict[str, threading.Event] = {}
+        self.failures: dict[str, str] = {}
+        self.running: set[str] = set()
+        self.discarded: list[str] = []
+        self._lock = threading.Lock()
+
+    def gate(self, name: str) -> threading.Event:
+        with self._lock:
+            return self.gates.setdefault(name, threading.Event())
+
+    def download(self, name: str, folder: Path, cancel: threading.Event) -> DownloadResult:
+        with self._lock:
+            self.running.add(name)
+        try:
+            while not self.gate(name).wait(0.01):
+                if cancel.is_set():
+                    raise DownloadCancelled(f"{name}: stopped")
+            if name in self.failures:
+                raise DownloadError(f"{name}: {self.failures[name]}")
+            return DownloadResult(name, folder / name, "downloaded", 10, 10, 0, 0.5, None)
+        finally:
+            with self._lock:
+                self.running.discard(name)
+
+    def discard(self, name: str, folder: Path) -> None:
+        self.discarded.append(name)
+
+
+class Driven:
+    """A TransferManager over a FakeEngine, its events handled on the test's thread."""
+
+    def __init__(self, max_active: int = 2) -> None:
+        self.engine = FakeEngine()
+        self.events: queue.Queue = queue.Queue()
+        self.manager = TransferManager(self.engine.download, self.engine.discard, self.events.put, max_active)
+
+    def until(self, condition: Callable[[], bool], what: str) -> None:
+        deadline = time.monotonic() + SHORT_TIMEOUT
+        while not condition():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}")
+            try:
+                self.manager.handle(self.events.get(timeout=0.05))
+            except queue.Empty:
+                pass
+
+    def states(self) -> list[str]:
+        return [t.state.value for t in self.manager.transfers.values()]
+
+
+class TestTransferManager:
+    def test_at_most_max_active_run_the_rest_queue(self):
+        """Three files with two slots: two download, one waits, and starts when a slot frees."""
+        driven = Driven(max_active=2)
+        for name in ("a", "b", "c"):
+            driven.manager.add(name, Path("/dl"), 10)
+        assert ["downloading", "downloading", "queued"] == driven.states()
+        wait_until(lambda: driven.engine.running == {"a", "b"}, SHORT_TIMEOUT, "two downloads")
+        driven.engine.gate("a").set()
+        driven.until(lambda: driven.states() == ["done", "downloading", "downloading"], "c to start")
+        driven.engine.gate("b").set()
+        driven.engine.gate("c").set()
+        driven.until(lambda: driven.states() == ["done"] * 3, "all done")
+        assert 3 == len(driven.manager.clear_finished()) and not driven.manager.transfers
+
+    def test_pause_keeps_then_resume_runs_again(self):
+        """Pause stops the thread (nothing discarded); Resume queues it and it completes."""
+        driven = Driven()
+        tid = driven.manager.add("a", Path("/dl"), 10).tid
+        assert driven.manager.pause(tid)
+        assert "pausing…" == driven.manager.transfers[tid].state.value
+        driven.until(lambda: driven.states() == ["paused"], "the pause")
+        assert driven.manager.resume(tid)
+        driven.engine.gate("a").set()
+        driven.until(lambda: driven.states() == ["done"], "the resumed download")
+        assert [] == driven.engine.discarded
+
+    def test_cancel_discards_running_and_paused(self):
+        """Cancel drops the partial data, whether the transfer was running or paused."""
+        driven = Driven()
+        running = driven.manager.add("a", Path("/dl"), 10).tid
+        paused = driven.manager.add("b", Path("/dl"), 10).tid
+        driven.manager.pause(paused)
+        driven.until(lambda: driven.manager.transfers[paused].state is TransferState.PAUSED, "the pause")
+        driven.manager.cancel(running)
+        driven.manager.cancel(paused)
+        driven.until(lambda: driven.states() == ["cancelled", "cancelled"], "both cancelled")
+        assert ["a", "b"] == sorted(driven.engine.discarded)
+
+    def test_failure_keeps_the_reason_and_may_resume(self):
+        """A failed download shows its reason (without the name) and Resume tries again."""
+        driven = Driven()
+        driven.engine.failures["a"] = "disk full"
+        tid = driven.manager.add("a", Path("/dl"), 10).tid
+        driven.engine.gate("a").set()
+        driven.until(lambda: driven.states() == ["failed"], "the failure")
+        assert "disk full" == driven.manager.transfers[tid].reason
+        del driven.engine.failures["a"]
+        driven.manager.resume(tid)
+        driven.until(lambda: driven.states() == ["done"], "the retry")
+
+    def test_one_unfinished_transfer_per_name(self):
+        """The same file cannot be queued twice while the first is unfinished."""
+        driven = Driven()
+        assert driven.manager.add("a", Path("/dl")) is not None
+        assert driven.manager.add("a", Path("/other")) is None
+        driven.manager.stop_all()
+
+    def test_progress_updates_the_running_transfer(self):
+        """Progress events move the running transfer of that name."""
+        driven = Driven()
+        transfer = driven.manager.add("a", Path("/dl"))
+        driven.manager.handle(DownloadProgressed(time.monotonic(), Progress("a", 100, 40, 40, 2, 5,
+                                                                           {"server": 40})))
+        assert (100, 40, 40.0) == (transfer.total_bytes, transfer.done_bytes, transfer.percent)
+        assert [] == driven.manager.stop_all()
+
+
+# Real windows --------------------------------------------------------------------------------------------------------
+
+
+class Harness:
+    """One open client window with its guard; ``close`` is idempotent."""
+
+    def __init__(self, config_path: Path) -> None:
+        from config_loader import load_config
+
+        self.config = load_config(config_path)
+        self.settings_file = self.config.client.data_dir / "window.json"
+        self.root = open_root(cw.TITLE, cw.GEOMETRY, self.settings_file)
+        self.guard = TkThreadGuard(self.root)  # before any widget exists
+        self.engine = ClientEngine(self.config)
+        self.window = cw.ClientWindow(self.root, self.engine, self.settings_file)
+
+    def pump(self, condition: Callable[[], object], what: str, timeout: float = LONG_TIMEOUT):
+        """``pump_until``; on a timeout the message also tells where every transfer stands."""
+        try:
+            return pump_until(self.root, condition, timeout, what)
+        except AssertionError as error:
+            where = [(t.name, t.state.value, t.done_bytes, t.reason) for t in self.window.manager.transfers.values()]
+            raise AssertionError(f"{error}; transfers: {where}") from None
+
+    def connected(self) -> None:
+        self.pump(lambda: self.window.catalog.entries and self.window.status is not None,
+                  "the window to connect and list the catalog", SHORT_TIMEOUT * 2)
+
+    def close(self) -> None:
+        self.window.close()
+
+    def transfer(self, name: str) -> Transfer:
+        return next(t for t in self.window.manager.transfers.values() if t.name == name)
+
+    def row(self, name: str) -> cw.TransferRow:
+        return self.window.transfers.rows[self.transfer(name).tid]
+
+    def download(self, names: list[str], folder: Path, monkeypatch) -> None:
+        """Select ``names`` in the catalog and click Download Selected, the folder dialog answering ``folder``."""
+        asked = {}
+
+        def askdirectory(**options):
+            asked.update(options)
+            return str(folder)
+
+        monkeypatch.setattr(cw.filedialog, "askdirectory", askdirectory)
+        tree = self.window.catalog.table.tree
+        tree.selection_set([self.window.catalog.iid_of(name) for name in names])
+        self.window.catalog.download_button.invoke()
+        assert str(self.config.client.download_dir) == asked["initialdir"]
+
+
+@pytest.fixture
+def harness(display):
+    """Open client windows (``open(config_path)``); each is closed after the test."""
+    opened: list[Harness] = []
+
+    def open_window(config_path: Path) -> Harness:
+        harness = Harness(config_path)
+        opened.append(harness)
+        return harness
+
+    yield open_window
+    for harness in opened:
+        harness.close()
+
+
+@pytest.fixture
+def shared(server_factory, tmp_path):
+    """A main server sharing a few files (256 KiB chunks); returns (engine, client config path, files)."""
+    engine = server_factory({"transfer": {"chunk_size": CHUNK}})
+    files = {path.name: path for path in (
+        make_file(tmp_path / "src" / "alpha report.txt", 3000, seed=1),
+        make_file(tmp_path / "src" / "Beta Café.bin", 5 * CHUNK + 1, seed=2),
+        make_file(tmp_path / "src" / "gamma.iso", 3 * MiB + 5, seed=3),
+        make_file(tmp_path / "src" / "big.bin", 32 * MiB, seed=4),
+    )}
+    for path in files.values():
+        engine.add_file(path)
+    return engine, client_config(tmp_path / "cli", engine.server.address), files
+
+
+def client_config(folder: Path, main: tuple[str, int], backup: tuple[str, int] | None = None,
+                  overrides: dict | None = None) -> Path:
+    from conftest import deep_merge
+
+    servers = {"main": {"host": main[0], "port": main[1]}}
+    if backup:
+        servers["backup"] = {"host": backup[0], "port": backup[1]}
+    return write_config(folder, deep_merge({"server": servers, "transfer": {"io_timeout": 2.0}}, overrides or {}))
+
+
+def shown_names(window: cw.ClientWindow) -> list[str]:
+    return sorted(window.catalog.visible_names())
+
+
+class TestCatalogWindow:
+    @pytest.mark.timeout(60)
+    def test_typing_filters_the_rows(self, harness, shared):
+        """Typing in the search box filters the rows as you type; clearing it shows all again."""
+        _, config, files = shared
+        h = harness(config)
+        h.connected()
+        assert sorted(files) == shown_names(h.window)
+        search = h.window.catalog.search
+        search.insert("end", "ca")
+        h.pump(lambda: shown_names(h.window) == ["Beta Café.bin"], "the filter on 'ca'")
+        assert "1 of 4 files" == h.window.catalog.count.cget("text")
+        search.insert("end", "fÉ")
+        assert ["Beta Café.bin"] == shown_names(h.window)
+        search.delete(0, "end")
+        h.pump(lambda: shown_names(h.window) == sorted(files), "every row back")
+        assert [] == h.guard.violations
+
+    @pytest.mark.timeout(60)
+    def test_enter_and_refresh_fetch_new_files(self, harness, shared, tmp_path):
+        """A file added on the server appears after Enter in the search box (or Refresh)."""
+        engine, config, _ = shared
+        h = harness(config)
+        h.connected()
+        engine.add_file(make_file(tmp_path / "src" / "delta.txt", 10, seed=9))
+        h.window.catalog.search.event_generate("<Return>")
+        h.pump(lambda: "delta.txt" in shown_names(h.window), "the new file after Enter")
+        assert [] == h.guard.violations
+
+    @pytest.mark.timeout(60)
+    def test_sorting_and_ctrl_a(self, harness, shared):
+        """A column heading sorts by raw values; Ctrl+A in the table selects every row."""
+        _, config, _ = shared
+        h = harness(config)
+        h.connected()
+        catalog = h.window.catalog
+        catalog.table.sort_by("size")
+        assert ["alpha report.txt", "Beta Café.bin", "gamma.iso", "big.bin"] == catalog.visible_names()
+        catalog.table.sort_by("size")
+        assert "big.bin" == catalog.visible_names()[0]
+        catalog.table.tree.focus_set()
+        catalog.table.tree.event_generate("<Control-a>")
+        assert 4 == len(catalog.selected_entries())
+        assert "Download Selected (4)" == catalog.download_button.cget("text")
+        assert [] == h.guard.violations
+
+    @pytest.mark.timeout(30)
+    def test_download_without_selection_explains(self, harness, shared):
+        """Download Selected with nothing selected says what to do, and asks for no folder."""
+        _, config, _ = shared
+        h = harness(config)
+        h.connected()
+        h.window.catalog.download_button.invoke()
+        assert "Select one or more files" in h.window.status_line.cget("text")
+        assert {} == h.window.manager.transfers
+
+
+class TestDownloads:
+    @pytest.mark.timeout(90)
+    def test_download_selected_reaches_100_percent_byte_exact(self, harness, shared, tmp_path, monkeypatch):
+        """Selected files download into the chosen folder; rows reach 100% done; SHA-256 match."""
+        _, config, files = shared
+        h = harness(config)
+        h.connected()
+        names = ["alpha report.txt", "Beta Café.bin", "gamma.iso"]
+        out = tmp_path / "chosen"
+        h.download(names, out, monkeypatch)
+        assert sorted(names) == sorted(t.name for t in h.window.manager.transfers.values())
+        h.pump(lambda: all(h.row(n).percent_label.cget("text") == "100.0%"
+                           and h.row(n).state_label.cget("text") == "done" for n in names), "three rows at 100%")
+        for name in names:
+            assert sha256_file(files[name]) == sha256_file(out / name)
+            assert not (out / (name + ".part")).exists()
+            assert str(h.row(name).bar.cget("value")) in ("100", "100.0")
+        assert "3 done" == h.window.transfers.summary.cget("text")
+        h.pump(lambda: all(e["downloads"] == 1 for e in h.window.catalog.entries if e["name"] in names),
+               "the catalog's download counts to follow")
+        assert [] == h.guard.violations
+
+    @pytest.mark.timeout(120)
+    def test_pause_then_resume_completes_byte_exact(self, harness, shared, tmp_path, monkeypatch):
+        """Pause stops a slow download keeping its verified chunks; Resume finishes it byte-exact."""
+        engine, config, files = shared
+        engine.set_upload_limit(4 * MiB)  # 32 MiB: about 8 s, plenty of time to pause it midway
+        h = harness(config)
+        h.connected()
+        out = tmp_path / "dl"
+        h.download(["big.bin"], out, monkeypatch)
+        h.pump(lambda: h.transfer("big.bin").done_bytes >= 2 * CHUNK, "some progress")
+        h.row("big.bin").pause_button.invoke()
+        h.pump(lambda: h.transfer("big.bin").state is TransferState.PAUSED, "the pause")
+        paused_at = h.transfer("big.bin").done_bytes
+        assert 0 < paused_at < 32 * MiB
+        assert (out / "big.bin.part").exists() and not (out / "big.bin").exists()
+        assert "paused" == h.row("big.bin").state_label.cget("text")
+        assert not h.row("big.bin").pause_button.winfo_ismapped()
+        engine.set_upload_limit(0)
+        h.row("big.bin").resume_button.invoke()
+        h.pump(lambda: h.transfer("big.bin").state is TransferState.DONE, "the resumed download")
+        assert sha256_file(files["big.bin"]) == sha256_file(out / "big.bin")
+        assert 0 < h.transfer("big.bin").result.resumed_chunks
+        assert [] == h.guard.violations
+
+    @pytest.mark.timeout(90)
+    def test_cancel_removes_the_part_file(self, harness, shared, tmp_path, monkeypatch):
+        """Cancel stops the download and deletes its .part file; the row says cancelled."""
+        engine, config, _ = shared
+        engine.set_upload_limit(2 * MiB)
+        h = harness(config)
+        h.connected()
+        out = tmp_path / "dl"
+        h.download(["big.bin"], out, monkeypatch)
+        h.pump(lambda: (out / "big.bin.part").exists() and h.transfer("big.bin").done_bytes > 0, "a .part file")
+        h.row("big.bin").cancel_button.invoke()
+        h.pump(lambda: h.transfer("big.bin").state is TransferState.CANCELLED, "the cancel")
+        assert not (out / "big.bin.part").exists() and not (out / "big.bin").exists()
+        assert "cancelled" == h.row("big.bin").state_label.cget("text")
+        assert [] == h.engine.unfinished_downloads()
+        assert [] == h.guard.violations
+
+    @pytest.mark.timeout(90)
+    def test_more_files_than_slots_queue(self, harness, shared, tmp_path, monkeypatch):
+        """With more files than download slots, the extra ones wait queued, then all complete."""
+        engine, config, files = shared
+        engine.set_upload_limit(8 * MiB)
+        h = harness(config)
+        h.window.manager.max_active = 2
+        h.connected()
+        out = tmp_path / "dl"
+        h.download(sorted(files), out, monkeypatch)
+        assert 2 == h.window.manager.running_count()
+        assert "queued" in [h.row(n).state_label.cget("text") for n in files]
+        engine.set_upload_limit(0)
+        h.pump(lambda: all(h.transfer(n).state is TransferState.DONE for n in files), "all four done")
+        assert all(sha256_file(files[n]) == sha256_file(out / n) for n in files)
+        assert [] == h.guard.violations
+
+    @pytest.mark.timeout(60)
+    def test_a_failure_is_a_readable_message(self, harness, shared, tmp_path, monkeypatch):
+        """A download that cannot finish says why in its row and in the window, no traceback."""
+        _, config, _ = shared
+        out = tmp_path / "dl"
+        make_file(out / "alpha report.txt", 5, seed=7)  # a different file is in the way: never overwritten
+        h = harness(config)
+        h.connected()
+        h.download(["alpha report.txt"], out, monkeypatch)
+        h.pump(lambda: h.transfer("alpha report.txt").state is TransferState.FAILED, "the failure")
+        row = h.row("alpha report.txt")
+        assert "failed" == row.state_label.cget("text")
+        assert "already exists with different content" in row.detail_label.cget("text")
+        assert "already exists with different content" in h.window.banner.text
+        assert row.resume_button.winfo_ismapped()
+        assert [] == h.guard.violations
+
+    @pytest.mark.timeout(60)
+    def test_unfinished_downloads_come_back_paused(self, harness, shared, tmp_path, monkeypatch):
+        """A download paused when the window closed is listed paused next time, and Resume finishes it."""
+        engine, config, files = shared
+        engine.set_upload_limit(4 * MiB)
+        first = harness(config)
+        first.connected()
+        out = tmp_path / "dl"
+        first.download(["big.bin"], out, monkeypatch)
+        first.pump(lambda: first.transfer("big.bin").done_bytes >= 2 * CHUNK, "some progress")
+        first.close()
+        engine.set_upload_limit(0)
+        second = harness(config)
+        second.pump(lambda: second.window.manager.transfers, "the unfinished download listed")
+        assert TransferState.PAUSED is second.transfer("big.bin").state
+        assert 0 < second.transfer("big.bin").done_bytes
+        second.row("big.bin").resume_button.invoke()
+        second.pump(lambda: second.transfer("big.bin").state is TransferState.DONE, "the resumed download")
+        assert sha256_file(files["big.bin"]) == sha256_file(out / "big.bin")
+        assert [] == first.guard.violations + second.guard.violations
+
+    @pytest.mark.timeout(60)
+    def test_open_folder_failure_is_shown(self, harness, shared, tmp_path, monkeypatch):
+        """Open folder runs the opener in a subprocess; if it cannot run, the window says so."""
+        _, config, _ = shared
+        h = harness(config)
+        h.connected()
+        out = tmp_path / "dl"
+        h.download(["alpha report.txt"], out, monkeypatch)
+        h.pump(lambda: h.transfer("alpha report.txt").state is TransferState.DONE, "the download")
+        monkeypatch.setattr(cw, "OPEN_FOLDER_COMMAND", ["no-such-file-manager-here"])
+        h.row("alpha report.txt").open_button.invoke()
+        h.pump(lambda: "no-such-file-manager-here could not run" in h.window.status_line.cget("text"),
+               "the error message")
+        monkeypatch.setattr(cw, "OPEN_FOLDER_COMMAND", [sys.executable, "-c", "import sys; sys.exit(3)"])
+        h.row("alpha report.txt").open_button.invoke()
+        h.pump(lambda: "exited with status 3" in h.window.status_line.cget("text"), "the exit status shown")
+        assert [] == h.guard.violations
+
+
+class TestResponsiveness:
+    @pytest.mark.timeout(120)
+    def test_tk_answers_within_a_second_while_64_mib_download(self, harness, server_factory, tmp_path,
+                                                               monkeypatch):
+        """While a 64 MiB file downloads, an after(0) call is always answered within 1 s."""
+        engine = server_factory()
+        source = make_file(tmp_path / "src" / "huge.bin", 64 * MiB, seed=5)
+        engine.add_file(source)
+        h = harness(client_config(tmp_path / "cli", engine.server.address))
+        h.connected()
+        h.download(["huge.bin"], tmp_path / "dl", monkeypatch)
+        latencies = []
+        while h.transfer("huge.bin").state is not TransferState.DONE:
+            answered = []
+            asked_at = time.monotonic()
+            h.root.after(0, lambda: answered.append(time.monotonic()))
+            h.pump(lambda: answered, "the after(0) answer", LONG_TIMEOUT)
+            latencies.append(answered[0] - asked_at)
+            assert h.transfer("huge.bin").state is not TransferState.FAILED, h.transfer("huge.bin").reason
+        assert max(latencies) < 1.0, f"worst {max(latencies):.3f} s over {len(latencies)} samples"
+        assert sha256_file(source) == sha256_file(tmp_path / "dl" / "huge.bin")
+        assert [] == h.guard.violations
+
+
+class TestConnection:
+    @pytest.mark.timeout(60)
+    def test_server_gone_shows_reconnecting_with_a_countdown(self, harness, shared):
+        """When the server stops, the indicator says reconnecting, counts down, and offers Retry now."""
+        engine, config, _ = shared
+        h = harness(config)
+        h.connected()
+        assert "Main server" == h.window.connection.title.cget("text")
+        assert "epoch 1" in h.window.connection.detail.cget("text")
+        engine.stop()
+        h.pump(lambda: h.window.connection.title.cget("text") == "Reconnecting…", "the reconnecting indicator")
+        h.pump(lambda: "next try in" in h.window.connection.detail.cget("text"), "the countdown")
+        assert h.window.connection.retry_button.winfo_ismapped()
+        h.window.connection.retry_button.invoke()
+        assert [] == h.guard.violations
+
+    @pytest.mark.timeout(90)
+    def test_indicator_switches_to_the_backup_after_failover(self, harness, tmp_path):
+        """Main and backup share a secret; the main's engine stops; the indicator switches to the backup."""
+        heartbeat = {"heartbeat_interval": 0.3, "heartbeat_timeout": 1.5}
+        backup = BackupServer(make_config(tmp_path / "backup", {"server": {
+            "secret": SECRET, "backup": {"data_dir": "data", **heartbeat}}}))
+        backup_address = backup.start()
+        main = MainServer(make_config(tmp_path / "main", {"server": {
+            "secret": SECRET, "backup": {"port": backup_address[1], **heartbeat}}}))
+        try:
+            main_address = main.start()
+            main.add_file(make_file(tmp_path / "src" / "shared.bin", 100_000, seed=1))
+            wait_until(lambda: backup.catalog.list_files()[1] == 1, LONG_TIMEOUT, "replication to the backup")
+            h = harness(client_config(tmp_path / "cli", main_address, backup_address))
+            h.connected()
+            assert "Main server" == h.window.connection.title.cget("text")
+            main.stop()
+            h.pump(lambda: h.window.connection.title.cget("text") == "Backup server (failover)",
+                   "the indicator to switch to the backup")
+            assert "role active" in h.window.connection.detail.cget("text")
+            assert "shared.bin" in h.window.catalog.visible_names()
+            assert [] == h.guard.violations
+        finally:
+            if not main.stop_event.is_set():
+                main.stop()
+            backup.stop()
+
+
+class TestThemeAndLimits:
+    @pytest.mark.timeout(60)
+    def test_theme_toggle_persists_and_a_new_window_opens_in_it(self, harness, shared):
+        """The toggle switches to dark, writes window.json, and the next window opens dark."""
+        from minitorrent.gui.widgets import current_theme
+
+        _, config, _ = shared
+        first = harness(config)
+        assert "light" == current_theme(first.root)
+        first.window.connection.theme_button.invoke()
+        assert "dark" == current_theme(first.root)
+        wait_until(lambda: load_settings(first.settings_file).get("theme") == "dark", SHORT_TIMEOUT,
+                   "window.json to say dark")
+        first.close()
+        second = harness(config)
+        assert "dark" == current_theme(second.root)
+        second.window.connection.theme_button.invoke()
+        assert "light" == current_theme(second.root)
+        wait_until(lambda: load_settings(second.settings_file).get("theme") == "light", SHORT_TIMEOUT,
+                   "window.json to say light")
+        assert [] == first.guard.violations + second.guard.violations
+
+    @pytest.mark.timeout(60)
+    def test_limits_validate_then_apply(self, harness, shared):
+        """Bad input shows a message and changes nothing; good input is applied to the engine."""
+        _, config, _ = shared
+        h = harness(config)
+        panel = h.window.seeding_panel
+        panel.upload_var.set("256")
+        panel.download_var.set("fast please")
+        panel.apply_button.invoke()
+        assert panel.message.cget("text").startswith("Download limit: enter a number of KiB/s")
+        assert (0, 0) == (h.engine.seeder.upload_limit.rate_bps, h.engine.download_limit.rate_bps)
+        panel.download_var.set("1024")
+        panel.apply_button.invoke()
+        assert (256 * 1024, MiB) == (h.engine.seeder.upload_limit.rate_bps, h.engine.download_limit.rate_bps)
+        assert "upload 256 KiB/s, download 1024 KiB/s" in panel.message.cget("text")
+        assert [] == h.guard.violations
+
+    @pytest.mark.timeout(60)
+    def test_seeding_view_counts_what_is_seeded(self, harness, shared, tmp_path, monkeypatch):
+        """Seeding starts with the window; a finished download is listed among the seeded files."""
+        _, config, _ = shared
+        h = harness(config)
+        h.connected()
+        h.download(["gamma.iso"], tmp_path / "dl", monkeypatch)
+        tiles = h.window.seeding_panel.strip.tiles
+        h.pump(lambda: tiles["files"].value.cget("text") == "1" and tiles["status"].value.cget("text") == "on",
+               "the seeding view to count the file")
+        assert "peers reach us at" in tiles["status"].detail.cget("text")
+        assert ["gamma.iso"] == [v[0] for v in (h.window.seeding_panel.files.tree.item(i, "values")
+                                                for i in h.window.seeding_panel.files.tree.get_children())]
+        assert [] == h.guard.violations
+
+
+    @pytest.mark.timeout(60)
+    def test_seeder_that_cannot_start_says_why(self, harness, shared, tmp_path):
+        """A seed port already taken: the window says seeding failed and why; browsing still works."""
+        import socket
+
+        engine = shared[0]
+        with socket.create_server(("127.0.0.1", 0)) as taken:
+            config = client_config(tmp_path / "cli-taken", engine.server.address,
+                                   overrides={"client": {"seed_port": taken.getsockname()[1]}})
+            h = harness(config)
+            h.connected()
+            status = h.window.seeding_panel.strip.tiles["status"]
+            h.pump(lambda: status.value.cget("text") == "failed", "the seeding tile to say failed")
+            assert "seeding could not start" in h.window.banner.text
+            assert [] == h.guard.violations
+
+
+class TestClosing:
+    @pytest.mark.timeout(60)
+    def test_close_stops_every_thread_and_the_engine(self, harness, shared, tmp_path, monkeypatch):
+        """Closing mid-download stops the downloads, the poller and the workers, and closes the engine."""
+        engine, config, _ = shared
+        engine.set_upload_limit(2 * MiB)
+        h = harness(config)
+        h.connected()
+        h.download(["big.bin"], tmp_path / "dl", monkeypatch)
+        h.pump(lambda: h.transfer("big.bin").done_bytes > 0, "some progress")
+        h.close()
+        names = {t.name for t in threading.enumerate() if t.is_alive()}
+        assert not [n for n in names if n.startswith(("get-", "client-", "window-poller", "announce"))], names
+        assert h.engine.server.stop.is_set()
+        assert [] == h.guard.violations
+
+
+class TestProgram:
+    @pytest.mark.timeout(60)
+    def test_no_display_gives_a_one_line_hint(self, tmp_path):
+        """`python client.py` without a display exits 2 with one line pointing at the commands."""
+        config = write_config(tmp_path, {})
+        env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
+        result = subprocess.run([sys.executable, str(ROOT / "client.py"), "--config", str(config)],
+                                capture_output=True, text=True, timeout=SHORT_TIMEOUT * 3, env=env)
+        assert 2 == result.returncode
+        assert ["error: cannot open a window (no display); run `python client.py list` instead"] == \
+            result.stderr.splitlines()
+
+    @pytest.mark.timeout(30)
+    def test_bad_geometry_is_a_usage_error(self, tmp_path):
+        """A malformed --geometry is refused by the command line, before any window."""
+        result = subprocess.run([sys.executable, str(ROOT / "client.py"), "--config", str(write_config(tmp_path)),
+                                 "--geometry", "big"], capture_output=True, text=True, timeout=SHORT_TIMEOUT * 2)
+        assert 2 == result.returncode
+        assert "expected WxH+X+Y" in result.stderr and "Traceback" not in result.stderr
+
+    @pytest.mark.timeout(60)
+    def test_the_window_opens_and_sigterm_closes_it_cleanly(self, display, shared):
+        """`python client.py` opens the window; SIGTERM closes it and the program exits 0."""
+        import signal
+
+        _, config, _ = shared
+        process = subprocess.Popen([sys.executable, str(ROOT / "client.py"), "--config", str(config),
+                                    "--geometry", "1024x640+10+10"],  # as demo.py places it
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_until(lambda: subprocess.run(["xdotool", "search", "--name", "MiniTorrent"],
+                                              capture_output=True, text=True).stdout.strip()
+                       or process.poll() is not None, SHORT_TIMEOUT * 2, "the window to appear")
+            assert process.poll() is None, process.stderr.read()
+            process.send_signal(signal.SIGTERM)
+            _, stderr = process.communicate(timeout=SHORT_TIMEOUT * 2)
+        finally:
+            if process.poll() is None:
+                process.kill()
+        assert 0 == process.returncode, stderr
+        assert "Traceback" not in stderr

@@ -1,0 +1,534 @@
+"""Tests for protocol.py: messages, framing and the incremental decoder (no sockets)."""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from minitorrent.wire import protocol
+from minitorrent.wire.protocol import (
+    MAGIC,
+    MAX_CHUNK_BYTES,
+    MAX_HEADER_BYTES,
+    MAX_NAME_BYTES,
+    MAX_PAYLOAD_BYTES,
+    PREFIX,
+    PREFIX_BYTES,
+    PROTOCOL_VERSION,
+    ChunkData,
+    CountFiles,
+    ErrorCode,
+    ErrorReply,
+    FileCount,
+    FileList,
+    Frame,
+    FrameDecoder,
+    GetChunk,
+    GetManifest,
+    GetStatus,
+    Hello,
+    ListFiles,
+    LocalProtocolError,
+    ManifestInfo,
+    Message,
+    Ok,
+    ProtocolError,
+    RemoteProtocolError,
+    ReportDownloaded,
+    StatusInfo,
+    Welcome,
+    check_file_name,
+    encode_frame,
+    encode_head,
+)
+
+SHA = hashlib.sha256(b"minitorrent").hexdigest()
+ODD_NAME = "Résumé | draft: v2 🎉.pdf"
+
+# One example of every message type, with its payload when it carries one.
+EXAMPLES: list[tuple[Message, bytes]] = [
+    (Hello(PROTOCOL_VERSION, "client", "minitorrent-tests/1"), b""),
+    (Hello(PROTOCOL_VERSION, "peer"), b""),
+    (ListFiles(), b""),
+    (ListFiles("été | 2024: 🎉", 400), b""),
+    (GetManifest(ODD_NAME), b""),
+    (CountFiles(), b""),
+    (GetChunk(ODD_NAME, SHA, 0), b""),
+    (GetChunk("a b", SHA, 2**40), b""),
+    (ReportDownloaded(ODD_NAME, SHA), b""),
+    (GetStatus(), b""),
+    (Welcome(PROTOCOL_VERSION, "main", 3, "abc123"), b""),
+    (FileList([{"name": ODD_NAME, "size": 10, "sha256": SHA}], 1, 0), b""),
+    (FileList([], 0, 200), b""),
+    (ManifestInfo(ODD_NAME, 3000, 1024, SHA, 3), bytes(range(96))),
+    (ManifestInfo("empty", 0, 1024, hashlib.sha256(b"").hexdigest(), 0), b""),
+    (FileCount(2, 12345), b""),
+    (ChunkData(ODD_NAME, 7), bytes(range(256)) * 4),
+    (ChunkData("empty", 0), b""),
+    (StatusInfo({"role": "main", "bytes_sent": 1, "nested": {"list": [1, 2.5, None, True]}}), b""),
+    (Ok(), b""),
+    (ErrorReply(ErrorCode.NOT_FOUND, "no file named 'x' ⚠"), b""),
+    # Peer messages (main server <-> backup).
+    (Hello(PROTOCOL_VERSION, "main", "main-server/1", 4, "n0nce"), b""),
+    (Welcome(PROTOCOL_VERSION, "standby", 4, "def456", "backup", "127.0.0.1:5001", "n", "p"), b""),
+    (protocol.Authenticate("proof"), b""),
+    (protocol.Heartbeat(4, 17, "127.0.0.1:5001"), b""),
+    (protocol.HeartbeatAck("standby", 4), b""),
+    (protocol.GetInventory(), b""),
+    (protocol.Inventory(), b'{"files": [], "counters": {}}'),
+    (protocol.ReplicateFile(ODD_NAME, 3000, 1024, SHA, 3, 1732500000.5), bytes(96)),
+    (protocol.ReplicaState(SHA, False), b"\x05"),
+    (protocol.ReplicateChunk(SHA, 2), b"chunk bytes"),
+    (protocol.ChunkStored(SHA, 2, True), b""),
+    (protocol.RemoveFile(ODD_NAME), b""),
+    (protocol.MergeCounters(), b'{"a": {"main": 1}}'),
+    (protocol.HandOver(5), b""),
+    (protocol.HandedOver(5), b"{}"),
+    (protocol.Announce(6881), b"{\"files\":[]}"),
+    (protocol.GetPeers("ab" * 32, 6881), b""),
+    (protocol.PeerList([{"host": "127.0.0.1", "port": 6881, "have": None}]), b""),
+]
+
+
+def raw_frame(header: bytes, payload: bytes = b"", *, magic: bytes = MAGIC,
+              header_len: int | None = None, payload_len: int | None = None) -> bytes:
+    """A frame built by hand, so its lengths and magic may lie."""
+    header_len = len(header) if header_len is None else header_len
+    payload_len = len(payload) if payload_len is None else payload_len
+    return PREFIX.pack(magic, header_len, payload_len) + header + payload
+
+
+def json_frame(header: object, payload: bytes = b"") -> bytes:
+    """A well-framed frame whose header is ``header`` as JSON (not necessarily a valid message)."""
+    return raw_frame(json.dumps(header).encode(), payload)
+
+
+def decode_all(decoder: FrameDecoder) -> list[Frame]:
+    """Every whole frame the decoder holds now."""
+    frames = []
+    while (frame := decoder.next_frame()) is not None:
+        frames.append(frame)
+    return frames
+
+
+def decode_one(data: bytes) -> Frame:
+    """Decode exactly one frame from ``data``; fails if there is anything else."""
+    decoder = FrameDecoder()
+    decoder.feed(data)
+    frames = decode_all(decoder)
+    assert 1 == len(frames)
+    return frames[0]
+
+
+def error_from(data: bytes) -> ProtocolError:
+    """The error a fresh decoder raises when fed ``data``."""
+    decoder = FrameDecoder()
+    decoder.feed(data)
+    with pytest.raises(ProtocolError) as caught:
+        decode_all(decoder)
+    return caught.value
+
+
+VALID_NEXT = encode_frame(CountFiles())
+
+
+def all_message_types() -> set[type[Message]]:
+    found, todo = set(), [Message]
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            if sub.TYPE:
+                found.add(sub)
+            todo.append(sub)
+    return found
+
+
+class TestRoundTrip:
+    @pytest.mark.parametrize("message, payload", EXAMPLES, ids=lambda v: type(v).__name__)
+    def test_message_survives_encode_and_decode(self, message, payload):
+        """Every message type comes back equal, with its payload, after encode_frame -> FrameDecoder."""
+        frame = decode_one(encode_frame(message, payload))
+        assert message == frame.message
+        assert payload == bytes(frame.payload)
+
+    def test_examples_cover_every_message_type(self):
+        """The round-trip examples include every registered message type."""
+        assert all_message_types() == {type(message) for message, _ in EXAMPLES}
+
+    def test_encode_head_then_payload_equals_encode_frame(self):
+        """encode_head plus the payload bytes is exactly encode_frame (the sendfile path)."""
+        message, payload = ChunkData("x", 1), b"\x00\xff" * 100
+        assert encode_frame(message, payload) == encode_head(message, len(payload)) + payload
+
+    def test_frame_layout_is_magic_lengths_json(self):
+        """A frame is "MT", u32 header length, u64 payload length, a JSON header, then the payload."""
+        data = encode_frame(ChunkData("a|b", 3), b"xyz")
+        magic, header_len, payload_len = PREFIX.unpack(data[:PREFIX_BYTES])
+        header = json.loads(data[PREFIX_BYTES : PREFIX_BYTES + header_len])
+        assert (MAGIC, 3) == (magic, payload_len)
+        assert {"type": "chunk", "name": "a|b", "index": 3} == header
+        assert b"xyz" == data[PREFIX_BYTES + header_len :]
+
+    def test_unknown_header_keys_are_ignored(self):
+        """Keys a newer peer adds are ignored, so the message still decodes."""
+        data = json_frame({"type": "get", "name": "a", "sha256": SHA, "index": 1, "priority": 9})
+        assert GetChunk("a", SHA, 1) == decode_one(data).message
+
+    def test_optional_fields_take_their_defaults(self):
+        """Fields with defaults may be left out of the header."""
+        assert ListFiles("", 0) == decode_one(json_frame({"type": "list"})).message
+
+
+class TestSplitStreams:
+    STREAM_MESSAGES = [
+        (Hello(PROTOCOL_VERSION, "client"), b""),
+        (ChunkData("ü|:", 0), bytes(range(40))),
+        (GetChunk("x y", SHA, 3), b""),
+        (ManifestInfo("m", 2048, 1024, SHA, 2), bytes(64)),
+        (Ok(), b""),
+    ]
+
+    def stream(self) -> bytes:
+        return b"".join(encode_frame(m, p) for m, p in self.STREAM_MESSAGES)
+
+    def expected(self) -> list[tuple[Message, bytes]]:
+        return [(m, p) for m, p in self.STREAM_MESSAGES]
+
+    @staticmethod
+    def as_pairs(frames: list[Frame]) -> list[tuple[Message, bytes]]:
+        return [(f.message, bytes(f.payload)) for f in frames]
+
+    def test_split_at_every_offset(self):
+        """The stream cut in two at any byte offset decodes to the same frames."""
+        data = self.stream()
+        for cut in range(len(data) + 1):
+            decoder = FrameDecoder()
+            decoder.feed(data[:cut])
+            frames = decode_all(decoder)
+            decoder.feed(data[cut:])
+            frames += decode_all(decoder)
+            assert self.expected() == self.as_pairs(frames), f"cut at {cut}"
+
+    def test_one_byte_at_a_time(self):
+        """Feeding the stream one byte at a time decodes to the same frames."""
+        data = self.stream()
+        decoder = FrameDecoder()
+        frames: list[Frame] = []
+        for offset in range(len(data)):
+            decoder.feed(data[offset : offset + 1])
+            frames += decode_all(decoder)
+        assert self.expected() == self.as_pairs(frames)
+
+    def test_every_proper_prefix_of_a_frame_needs_more_data(self):
+        """A truncated frame yields None (need more data), never a partial message."""
+        data = encode_frame(ChunkData("name", 1), b"0123456789")
+        for cut in range(len(data)):
+            decoder = FrameDecoder()
+            decoder.feed(data[:cut])
+            assert decoder.next_frame() is None, f"cut at {cut}"
+
+    def test_payload_is_not_shared_with_the_buffer(self):
+        """A returned payload stays intact after the decoder is fed and used again."""
+        decoder = FrameDecoder()
+        decoder.feed(encode_frame(ChunkData("a", 0), b"first"))
+        first = decoder.next_frame()
+        decoder.feed(encode_frame(ChunkData("a", 1), b"other"))
+        decoder.next_frame()
+        assert b"first" == bytes(first.payload)
+
+
+class TestBrokenFraming:
+    BROKEN = {
+        "header over the limit": raw_frame(b"", header_len=MAX_HEADER_BYTES + 1),
+        "zero-length header": raw_frame(b""),
+        "bad magic": raw_frame(b'{"type":"ok"}', magic=b"HT"),
+        "http request": b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+        "payload over the absolute limit": raw_frame(b'{"type":"chunk","name":"a","index":0}',
+                                                     payload_len=MAX_PAYLOAD_BYTES + 1),
+        "payload length 2**64-1": raw_frame(b'{"type":"ok"}', payload_len=2**64 - 1),
+    }
+
+    @pytest.mark.parametrize("data", BROKEN.values(), ids=BROKEN.keys())
+    def test_broken_prefix_is_fatal(self, data):
+        """A bad prefix raises a non-recoverable RemoteProtocolError with code BAD_FRAME."""
+        error = error_from(data)
+        assert (RemoteProtocolError, ErrorCode.BAD_FRAME, False) == (type(error), error.code, error.recoverable)
+
+    @pytest.mark.parametrize("data", BROKEN.values(), ids=BROKEN.keys())
+    def test_decoder_stays_broken(self, data):
+        """After a fatal error the decoder keeps raising, even when fed a valid frame."""
+        decoder = FrameDecoder()
+        decoder.feed(data)
+        with pytest.raises(RemoteProtocolError) as first:
+            decode_all(decoder)
+        decoder.feed(VALID_NEXT)
+        with pytest.raises(RemoteProtocolError) as again:
+            decoder.next_frame()
+        assert first.value is again.value
+
+    def test_oversized_header_refused_from_the_prefix_alone(self):
+        """An oversized header length is refused as soon as the 14-byte prefix arrives."""
+        decoder = FrameDecoder()
+        decoder.feed(PREFIX.pack(MAGIC, MAX_HEADER_BYTES + 1, 0))
+        with pytest.raises(RemoteProtocolError):
+            decoder.next_frame()
+
+    def test_largest_header_is_accepted(self):
+        """A header of exactly MAX_HEADER_BYTES is within the limit."""
+        filler = MAX_HEADER_BYTES - len(json.dumps({"type": "ok", "pad": ""}))
+        header = json.dumps({"type": "ok", "pad": "x" * filler}).encode()
+        assert MAX_HEADER_BYTES == len(header)
+        assert Ok() == decode_one(raw_frame(header)).message
+
+    def test_payload_on_a_type_that_takes_none_is_fatal(self):
+        """A Hello carrying 10 payload bytes breaks the stream: not recoverable, BAD_FRAME."""
+        error = error_from(raw_frame(encode_head(Hello(1, "client"))[PREFIX_BYTES:], b"0123456789"))
+        assert (ErrorCode.BAD_FRAME, False) == (error.code, error.recoverable)
+
+    def test_payload_over_the_type_limit_is_refused_before_it_arrives(self):
+        """A chunk header declaring more than MAX_CHUNK_BYTES is refused once the header is in."""
+        header = encode_head(ChunkData("a", 0))[PREFIX_BYTES:]
+        decoder = FrameDecoder()
+        decoder.feed(raw_frame(header, payload_len=MAX_CHUNK_BYTES + 1))  # no payload bytes at all
+        with pytest.raises(RemoteProtocolError) as caught:
+            decoder.next_frame()
+        assert (ErrorCode.BAD_FRAME, False) == (caught.value.code, caught.value.recoverable)
+
+
+class TestRecoverableErrors:
+    BAD = {
+        "malformed json": (raw_frame(b'{"type": "list",'), ErrorCode.BAD_REQUEST),
+        "not utf-8": (raw_frame(b'{"type": "\xff\xfe"}'), ErrorCode.BAD_REQUEST),
+        "json array": (json_frame(["list"]), ErrorCode.BAD_REQUEST),
+        "json string": (json_frame("list"), ErrorCode.BAD_REQUEST),
+        "missing type": (json_frame({"search": "x"}), ErrorCode.BAD_REQUEST),
+        "type not a string": (json_frame({"type": 5}), ErrorCode.BAD_REQUEST),
+        "unknown type": (json_frame({"type": "teleport"}), ErrorCode.UNKNOWN_REQUEST),
+        "unknown type with payload": (json_frame({"type": "teleport"}, b"12345"), ErrorCode.UNKNOWN_REQUEST),
+        "missing required field": (json_frame({"type": "get", "name": "a", "sha256": SHA}), ErrorCode.BAD_REQUEST),
+        "int as string": (json_frame({"type": "get", "name": "a", "sha256": SHA, "index": "3"}),
+                          ErrorCode.BAD_REQUEST),
+        "bool where int": (json_frame({"type": "hello", "version": True, "role": "client"}), ErrorCode.BAD_REQUEST),
+        "float where int": (json_frame({"type": "list", "offset": 1.5}), ErrorCode.BAD_REQUEST),
+        "null where str": (json_frame({"type": "manifest", "name": None}), ErrorCode.BAD_REQUEST),
+        "list where dict": (json_frame({"type": "status_info", "metrics": []}), ErrorCode.BAD_REQUEST),
+        "file entry not an object": (json_frame({"type": "files", "files": [1], "total": 1}), ErrorCode.BAD_REQUEST),
+        "negative chunk index": (json_frame({"type": "get", "name": "a", "sha256": SHA, "index": -1}),
+                                 ErrorCode.OUT_OF_RANGE),
+        "negative list offset": (json_frame({"type": "list", "offset": -5}), ErrorCode.OUT_OF_RANGE),
+        "unsafe name": (json_frame({"type": "manifest", "name": "../etc/passwd"}), ErrorCode.BAD_NAME),
+        "lone surrogate in name": (raw_frame(b'{"type":"manifest","name":"\\ud800"}'), ErrorCode.BAD_NAME),
+        "deeply nested json": (raw_frame(b'{"type":"list","search":' + b"[" * 30_000 + b"]" * 30_000 + b"}"),
+                               ErrorCode.BAD_REQUEST),
+        "integer with 5000 digits": (raw_frame(b'{"type":"list","offset":' + b"9" * 5000 + b"}"),
+                                     ErrorCode.BAD_REQUEST),
+    }
+
+    @pytest.mark.parametrize("data, code", BAD.values(), ids=BAD.keys())
+    def test_bad_header_is_recoverable_and_next_frame_decodes(self, data, code):
+        """A well-framed bad header raises a recoverable error with its code, and the next frame still decodes."""
+        decoder = FrameDecoder()
+        decoder.feed(data + VALID_NEXT)
+        with pytest.raises(RemoteProtocolError) as caught:
+            decoder.next_frame()
+        assert (code, True) == (caught.value.code, caught.value.recoverable)
+        assert [CountFiles()] == [f.message for f in decode_all(decoder)]
+
+    def test_bad_header_waits_for_its_payload_before_raising(self):
+        """A recoverable error is raised only once the frame's payload is whole, so the stream stays in step."""
+        data = json_frame({"type": "teleport"}, b"payload!")
+        decoder = FrameDecoder()
+        decoder.feed(data[:-1])
+        assert decoder.next_frame() is None
+        decoder.feed(data[-1:] + VALID_NEXT)
+        with pytest.raises(RemoteProtocolError):
+            decoder.next_frame()
+        assert CountFiles() == decoder.next_frame().message
+
+    def test_negative_chunk_index_refused_when_built(self):
+        """GetChunk with a negative index raises OUT_OF_RANGE when constructed."""
+        with pytest.raises(RemoteProtocolError) as caught:
+            GetChunk("a", SHA, -1)
+        assert ErrorCode.OUT_OF_RANGE == caught.value.code
+
+    def test_wrong_field_type_refused_when_built(self):
+        """A message checks its field types when constructed (bool is not an int)."""
+        with pytest.raises(ProtocolError) as caught:
+            Hello(True, "client")
+        assert ErrorCode.BAD_REQUEST == caught.value.code
+
+
+class TestFileNames:
+    REFUSED = {
+        "parent": "../x",
+        "slash": "a/b",
+        "backslash": "a\\b",
+        "nul": "a\x00b",
+        "absolute": "/etc/passwd",
+        "windows absolute": "C:\\Windows",
+        "empty": "",
+        "dot": ".",
+        "dotdot": "..",
+        "256 bytes": "a" * 256,
+        "256 bytes of accents": "é" * 128,
+        "newline": "a\nb",
+        "tab": "a\tb",
+        "escape": "a\x1bb",
+        "unit separator": "a\x1fb",
+        "delete": "a\x7fb",
+        "lone surrogate": "a\ud800b",
+    }
+    ACCEPTED = {
+        "spaces": "my holiday photos.zip",
+        "accents": "résumé naïve.txt",
+        "emoji": "🎉🚀 party.mp4",
+        "pipe": "a|b",
+        "colon": "a:b",
+        "all together": ODD_NAME,
+        "dot file": ".bashrc",
+        "three dots": "...",
+        "255 bytes": "a" * MAX_NAME_BYTES,
+        "cjk": "文件.txt",
+    }
+
+    @pytest.mark.parametrize("name", REFUSED.values(), ids=REFUSED.keys())
+    def test_unsafe_name_refused(self, name):
+        """check_file_name refuses anything that is not one safe path component, with BAD_NAME."""
+        with pytest.raises(RemoteProtocolError) as caught:
+            check_file_name(name)
+        assert (ErrorCode.BAD_NAME, True) == (caught.value.code, caught.value.recoverable)
+
+    @pytest.mark.parametrize("name", ACCEPTED.values(), ids=ACCEPTED.keys())
+    def test_ordinary_name_accepted(self, name):
+        """check_file_name returns ordinary names unchanged, whatever characters they use."""
+        assert name == check_file_name(name)
+
+    @pytest.mark.parametrize("value", [None, 5, b"name", ["a"]])
+    def test_non_string_refused(self, value):
+        """A name that is not a string is refused with BAD_NAME."""
+        with pytest.raises(RemoteProtocolError) as caught:
+            check_file_name(value)
+        assert ErrorCode.BAD_NAME == caught.value.code
+
+    @pytest.mark.parametrize("name", REFUSED.values(), ids=REFUSED.keys())
+    def test_unsafe_name_refused_in_get_chunk(self, name):
+        """GetChunk, GetManifest and ReportDownloaded refuse unsafe names when built."""
+        for build in (lambda: GetChunk(name, SHA, 0), lambda: GetManifest(name), lambda: ReportDownloaded(name, SHA)):
+            with pytest.raises(RemoteProtocolError) as caught:
+                build()
+            assert ErrorCode.BAD_NAME == caught.value.code
+
+
+class TestEncodeLimits:
+    def test_oversized_header_is_a_local_error(self):
+        """encode_head refuses a header over MAX_HEADER_BYTES with LocalProtocolError."""
+        with pytest.raises(LocalProtocolError):
+            encode_head(ErrorReply(ErrorCode.INTERNAL, "x" * MAX_HEADER_BYTES))
+
+    def test_payload_on_a_type_that_takes_none_is_a_local_error(self):
+        """encode_frame refuses a payload on a Hello with LocalProtocolError."""
+        with pytest.raises(LocalProtocolError):
+            encode_frame(Hello(PROTOCOL_VERSION, "client"), b"0123456789")
+
+    def test_payload_over_type_limit_is_a_local_error(self):
+        """encode_head refuses a chunk payload length over MAX_CHUNK_BYTES."""
+        with pytest.raises(LocalProtocolError):
+            encode_head(ChunkData("a", 0), MAX_CHUNK_BYTES + 1)
+
+    def test_negative_payload_length_is_a_local_error(self):
+        """encode_head refuses a negative payload length."""
+        with pytest.raises(LocalProtocolError):
+            encode_head(ChunkData("a", 0), -1)
+
+    def test_local_error_is_not_a_remote_error(self):
+        """LocalProtocolError and RemoteProtocolError share ProtocolError but are distinct."""
+        assert issubclass(LocalProtocolError, ProtocolError)
+        assert not issubclass(LocalProtocolError, RemoteProtocolError)
+
+
+# --------------------------------------------------------------------------- hypothesis
+
+KNOWN_TYPES = sorted(cls.TYPE for cls in all_message_types())
+FIELD_NAMES = sorted({name for cls in all_message_types() for name in cls.__dataclass_fields__})
+
+json_leaves = st.one_of(
+    st.none(), st.booleans(), st.integers(), st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=40),
+    st.sampled_from(["", ".", "..", "../x", "a/b", SHA, ODD_NAME, "a\x00b", "\ud800"]),
+)
+json_values = st.recursive(
+    json_leaves,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=6,
+)
+headers = st.builds(
+    lambda kind, fields: {**fields, "type": kind},
+    st.one_of(st.sampled_from(KNOWN_TYPES), st.text(max_size=12), json_values),
+    st.dictionaries(st.one_of(st.sampled_from(FIELD_NAMES), st.text(max_size=6)), json_values, max_size=6),
+)
+
+
+@st.composite
+def looking_valid_frames(draw) -> bytes:
+    header = draw(headers)
+    if draw(st.booleans()):
+        header = draw(json_values)  # sometimes not an object at all
+    body = json.dumps(header, ensure_ascii=draw(st.booleans())).encode("utf-8", "surrogatepass")
+    payload = draw(st.binary(max_size=64))
+    payload_len = draw(st.sampled_from([len(payload)] * 4 + [0, 2**20, MAX_CHUNK_BYTES + 1, 32 * 2**22]))
+    header_len = draw(st.sampled_from([len(body)] * 6 + [0, max(len(body) - 1, 0), len(body) + 1]))
+    return PREFIX.pack(MAGIC, header_len, payload_len) + body + payload
+
+
+def feed_in_pieces(data: bytes, cuts: list[int]) -> list[Frame]:
+    """Feed ``data`` cut at ``cuts``, draining after each piece; only Frames or ProtocolError may come out."""
+    decoder = FrameDecoder()
+    frames: list[Frame] = []
+    bounds = [0, *sorted(c % (len(data) + 1) for c in cuts), len(data)]
+    for start, end in zip(bounds, bounds[1:]):
+        decoder.feed(data[start:end])
+        while True:
+            try:
+                frame = decoder.next_frame()
+            except ProtocolError as error:
+                assert isinstance(error, RemoteProtocolError)
+                assert isinstance(error.code, str) and error.code
+                if not error.recoverable:
+                    return frames
+                continue
+            if frame is None:
+                break
+            assert isinstance(frame, Frame)
+            assert isinstance(frame.message, Message)
+            assert len(frame.payload) <= type(frame.message).MAX_PAYLOAD
+            frames.append(frame)
+    return frames
+
+
+class TestFuzzedDecoding:
+    @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(
+        data=st.one_of(st.binary(max_size=200), st.binary(max_size=200).map(lambda b: MAGIC + b)),
+        cuts=st.lists(st.integers(min_value=0), max_size=8),
+    )
+    def test_arbitrary_bytes_give_frames_or_protocol_errors(self, data, cuts):
+        """Arbitrary bytes in arbitrary pieces only ever give Frames or ProtocolErrors."""
+        feed_in_pieces(data, cuts)
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(frames=st.lists(looking_valid_frames(), min_size=1, max_size=4),
+           cuts=st.lists(st.integers(min_value=0), max_size=6))
+    def test_valid_looking_frames_give_frames_or_protocol_errors(self, frames, cuts):
+        """Well-framed random JSON headers of known and unknown types give Frames or ProtocolErrors only."""
+        feed_in_pieces(b"".join(frames), cuts)
+
+    @settings(max_examples=200, deadline=None)
+    @given(message_and_payload=st.sampled_from(EXAMPLES), cuts=st.lists(st.integers(min_value=0), max_size=6))
+    def test_valid_frames_in_random_pieces_round_trip(self, message_and_payload, cuts):
+        """A valid frame cut at random offsets decodes to the original message and payload."""
+        message, payload = message_and_payload
+        data = encode_frame(message, payload) + VALID_NEXT
+        frames = feed_in_pieces(data, cuts)
+        assert [(message, payload), (CountFiles(), b"")] == [(f.message, bytes(f.payload)) for f in frames]
