@@ -5,6 +5,7 @@
     python client.py [--config PATH] get NAME [NAME ...] [--output DIR]
     python client.py [--config PATH] status [--json]
     python client.py [--config PATH] seed
+    python client.py [--config PATH] servers [--json] [--seconds S]
 
 Exit status: 0 on success, 1 when a command failed (the reason is one line on
 stderr), 2 for a bad command line or configuration (or no display for the
@@ -29,8 +30,12 @@ from minitorrent.client.engine import ClientEngine
 from minitorrent.client.progress import TerminalProgress
 from minitorrent.common.daemon import serve_until_signalled
 from minitorrent.common.units import human_size
+from minitorrent.net.discovery import browse
 
 log = logging.getLogger(__name__)
+
+DISCOVERY_LISTEN_S = 3.0  # mDNS answers arrive within about a second on a quiet LAN
+MAX_DISCOVERY_LISTEN_S = 60.0
 
 
 def window_geometry(text: str) -> str:
@@ -55,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="show the server's status and metrics")
     status.add_argument("--json", action="store_true", help="print JSON")
     commands.add_parser("seed", help="seed the files this client downloaded to other clients, until stopped")
+    servers = commands.add_parser("servers", help="list the servers announced on the LAN (mDNS)")
+    servers.add_argument("--json", action="store_true", help="print JSON")
+    servers.add_argument("--seconds", type=float, default=DISCOVERY_LISTEN_S, metavar="S",
+                         help=f"how long to listen (default {DISCOVERY_LISTEN_S:g})")
     return parser
 
 
@@ -145,6 +154,25 @@ def run_seed(engine: ClientEngine, args: argparse.Namespace) -> int:
     return 0
 
 
+def run_servers(args: argparse.Namespace) -> int:
+    """Listen for servers' mDNS announcements and print what was heard (unverified hints)."""
+    if not 0 < args.seconds <= MAX_DISCOVERY_LISTEN_S:
+        print(f"error: --seconds must be more than 0 and at most {MAX_DISCOVERY_LISTEN_S:g}", file=sys.stderr)
+        return 2
+    print(f"listening {args.seconds:g} s for servers on the LAN...", file=sys.stderr, flush=True)
+    found = browse(args.seconds)
+    if args.json:
+        print(json.dumps([vars(server) for server in found], indent=2))
+        return 0
+    if not found:
+        print("no servers heard (servers announce themselves only with 'discovery: true' in their config)")
+        return 0
+    print(f"{'ADDRESS':22}  {'ROLE':8}  {'EPOCH':>5}  IDENTITY")
+    for server in found:
+        print(f"{server.address:22}  {server.role:8}  {server.epoch:>5}  {server.identity}")
+    return 0
+
+
 COMMANDS = {"list": run_list, "get": run_get, "status": run_status, "seed": run_seed}
 
 
@@ -191,6 +219,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command is None:
         return run_window(args)
+    if args.command == "servers":  # needs no configured server: that is what it is for
+        return run_servers(args)
     try:
         config = load_config(args.config)
         setup_logging(config.logging, "client", console_level="WARNING")

@@ -162,6 +162,9 @@ class Config:
     client: ClientConfig = field(default_factory=ClientConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    # Announce servers on the LAN by mDNS (off by default: an announcement tells the
+    # whole network a server is here; configured addresses work without it).
+    discovery: bool = _setting(False)
     source: Path | None = field(default=None, metadata={"internal": True})
 
 

@@ -371,3 +371,20 @@ class TestPortProperty:
         """Any integer port in 0..65535 is accepted as given."""
         config = config_from_mapping({"client": {"seed_port": port}}, Path("/"))
         assert port == config.client.seed_port
+
+
+class TestDiscoveryKey:
+    def test_discovery_is_off_unless_asked(self, tmp_path):
+        """An empty file leaves discovery off; `discovery: true` turns it on."""
+        off = tmp_path / "off.yaml"
+        off.write_text("", encoding="utf-8")
+        on = tmp_path / "on.yaml"
+        on.write_text("discovery: true\n", encoding="utf-8")
+        assert (False, True) == (load_config(off).discovery, load_config(on).discovery)
+
+    def test_a_non_boolean_discovery_is_a_clear_error(self, tmp_path):
+        """`discovery: yes please` names the key and the rule."""
+        path = tmp_path / "bad.yaml"
+        path.write_text("discovery: yes please\n", encoding="utf-8")
+        with pytest.raises(ConfigError, match=r"discovery: must be true or false"):
+            load_config(path)

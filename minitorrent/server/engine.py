@@ -8,6 +8,7 @@ backup receives replication and watches the heartbeats.
 """
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Any
 
@@ -15,11 +16,14 @@ from config_loader import BackupServerConfig, Config, MainServerConfig
 from error_handler import MiniTorrentError
 from metrics import Metrics
 from minitorrent.common.fs import FolderLock
+from minitorrent.net.discovery import Announcer
 from minitorrent.net.serving import RequestServer
 from minitorrent.net.throttle import TokenBucket
 from minitorrent.net.tracker import PEER_TTL_INTERVALS, Tracker
 from minitorrent.server.catalog import Catalog
-from minitorrent.server.roles import NodeState, Role
+from minitorrent.server.roles import NodeState, Role, RoleChanged
+
+log = logging.getLogger(__name__)
 
 
 class ServerEngine:
@@ -51,6 +55,7 @@ class ServerEngine:
             upload_limit=TokenBucket(transfer.upload_limit),
             **server_options,
         )
+        self.announcer: Announcer | None = None
 
     def set_upload_limit(self, rate_bps: int) -> None:
         """Change the upload limit for clients' chunks now (bytes/s, 0: unlimited)."""
@@ -61,14 +66,36 @@ class ServerEngine:
         if not self.lock.acquire():
             raise MiniTorrentError(f"another {self.name} server is running on {self.catalog.data_dir}")
         try:
-            return self.server.start()
+            address = self.server.start()
         except MiniTorrentError:
             self.lock.release()
             raise
+        if self.config.discovery:
+            self._announce(*address)
+        return address
+
+    def _announce(self, host: str, port: int) -> None:
+        """Announce this server on the LAN, and again whenever its role or epoch changes."""
+        self.announcer = Announcer(f"{self.name}-{self.node.server_id}", host, port, self.node.server_id)
+        announcer = self.announcer
+
+        def start() -> None:  # the mDNS probe takes about 1.5 s: not on the caller's thread
+            try:
+                announcer.start(self.node.role.value, self.node.epoch)
+            except OSError as error:
+                log.warning("cannot announce on the LAN (discovery: true): %s", error)
+
+        def changed(event: RoleChanged) -> None:
+            announcer.update(event.role.value, event.epoch)
+
+        self.node.listeners.append(changed)
+        threading.Thread(target=start, name=f"{self.name}-announce", daemon=True).start()
 
     def stop(self) -> None:
         """Stop serving and the background work, close the catalog, let go of the folder."""
         self.stop_event.set()
+        if self.announcer is not None:
+            self.announcer.close()
         self.server.stop()
         self._stop_workers()
         self.catalog.close()
