@@ -12,6 +12,7 @@ from error_handler import DownloadError
 from integrity import manifest_of_file, sha256_file
 from minitorrent.client.engine import ClientEngine
 from minitorrent.client.progress import Progress
+from minitorrent.common.partfile import PartFile
 
 SMALL_CHUNK = 64 * 1024
 
@@ -203,11 +204,15 @@ class TestSafety:
 
 def leave_earlier_run(engine: ClientEngine, out: Path, name: str, manifest, part_bytes: bytes,
                       verified) -> None:
-    """What a run killed mid-download leaves: ``NAME.part`` holding ``part_bytes``, ``verified`` recorded."""
+    """What a run killed mid-download leaves: its own ``NAME.part`` holding ``part_bytes``, ``verified`` recorded."""
     out.mkdir(exist_ok=True)
-    state = engine.store.begin_download(str(out / name), name, manifest)
-    (out / f"{name}.part").write_bytes(part_bytes)
-    engine.store.mark_verified(state.id, verified)
+    part = PartFile.open(engine.store, out / name, name, manifest, out / f"{name}.part")
+    try:
+        for index in verified:
+            offset, length = manifest.chunk_span(index)
+            part.write_verified(index, part_bytes[offset:offset + length])  # as recorded, damaged or not
+    finally:
+        part.close()
 
 
 class TestResume:
