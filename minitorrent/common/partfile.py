@@ -12,7 +12,9 @@ these steps, which live here and nowhere else:
    ``movie.bin.2.part``, ``movie.bin.3.part``...) and that file is left
    exactly as it was.
 2. **Resume.** A recorded part file is reopened only while it is still the
-   file we created (same identity; a symlink is never followed), and every
+   file we created (same device and inode, and the size we gave it, since
+   a deleted file's inode number may be reused at once; a symlink is never
+   followed), and every
    chunk recorded as verified is hashed again from disk before it is
    trusted; those that fail are forgotten and fetched again. A record made
    for another version of the file (another manifest) is discarded with its
@@ -110,7 +112,6 @@ class PartFile:
             fd, state = _create(store, final, name, manifest, part)
         try:
             resumed = _recheck(store, fd, state)
-            os.ftruncate(fd, manifest.size)  # ours: sized once, so every chunk's place exists
         except BaseException:
             os.close(fd)
             raise
@@ -239,6 +240,7 @@ def _create(store: PartialStore, final: Path, name: str, manifest: Manifest, par
             log.warning("%s: %s exists and is not a partial file of ours: left untouched; receiving into %s",
                         name, part, candidate.name)
         try:
+            os.ftruncate(fd, manifest.size)  # sized before it is recorded: the size is part of how we know it
             return fd, store.begin_partial(str(final), name, manifest, str(candidate), _identity(fd))
         except BaseException:
             os.close(fd)
@@ -253,14 +255,25 @@ def _reopen_ours(store: PartialStore, state: PartialState) -> int | None:
         fd = os.open(state.part_path, os.O_RDWR | os.O_NOFOLLOW)
     except OSError:  # gone, or a symlink put in its place: start afresh
         return None
-    identity = _identity(fd)
-    if not state.part_identity:  # recorded by a version that kept no identity; it always made the file itself
-        store.set_part_identity(state.id, identity)
-    elif identity != state.part_identity:
+    if not _is_ours(fd, state):
         os.close(fd)
         log.warning("%s: %s is no longer the file we created: left untouched", state.name, state.part_path)
         return None
+    if not state.part_identity:  # recorded by a version that kept no identity; it always made the file itself
+        store.set_part_identity(state.id, _identity(fd))
     return fd
+
+
+def _is_ours(fd: int, state: PartialState) -> bool:
+    """True if ``fd`` is the part file ``state`` records: same inode, and the size we gave it.
+
+    The size matters because a deleted file's inode number is often handed
+    to the very next file created in the folder. A version 1 record kept no
+    identity; that version always sized its own part file, so the size decides.
+    """
+    stat = os.fstat(fd)
+    same_inode = not state.part_identity or f"{stat.st_dev}:{stat.st_ino}" == state.part_identity
+    return same_inode and stat.st_size == state.manifest.size
 
 
 def _recheck(store: PartialStore, fd: int, state: PartialState) -> set[int]:
@@ -286,7 +299,7 @@ def _discard(store: PartialStore, state: PartialState) -> None:
     except OSError:
         fd = None
     if fd is not None:
-        ours = _identity(fd) == state.part_identity or not state.part_identity
+        ours = _is_ours(fd, state)
         os.close(fd)
         if ours:
             Path(state.part_path).unlink(missing_ok=True)
