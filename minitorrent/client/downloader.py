@@ -121,9 +121,10 @@ class Downloader:
 
         On failure no file exists under the final name; verified chunks stay
         in the part file (``NAME.part``, or ``NAME.2.part`` if another
-        program's ``NAME.part`` is there) so that running it again resumes. Setting ``cancel``
-        (from any thread) stops the download within a fraction of a second
-        with ``DownloadCancelled``: a pause, resumable the same way.
+        program's ``NAME.part`` is there) so that running it again resumes.
+        Setting ``cancel`` (from any thread) stops the download within a
+        fraction of a second with ``DownloadCancelled``: a pause, resumable
+        the same way.
         """
         started = time.monotonic()
         name = _checked_name(name)
