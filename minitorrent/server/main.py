@@ -18,7 +18,12 @@ from error_handler import MiniTorrentError
 from minitorrent.server.catalog import AddResult
 from minitorrent.server.engine import ServerEngine
 from minitorrent.server.failback import catch_up_and_take_over
-from minitorrent.server.replication import PEER_ERRORS, Heartbeater, PeerLink, Replicator
+from minitorrent.server.replication import (
+    PEER_ERRORS,
+    Heartbeater,
+    PeerLink,
+    Replicator,
+)
 from minitorrent.server.roles import Role, RoleChanged
 from minitorrent.wire import protocol
 
