@@ -1,4 +1,4 @@
-"""Durable state in SQLite: the server's catalog and the client's downloads.
+"""Durable state in SQLite: the server's catalog, partial files being received, the client's downloads.
 
 DESIGN principle 5: WAL mode, one connection per thread, schema versioned with
 ``PRAGMA user_version``. Every write is one short ``BEGIN IMMEDIATE``
@@ -436,12 +436,18 @@ class ServerStore(SQLiteStore):
         ).fetchone()[0]
 
 
-# --------------------------------------------------------------- client side
+# ------------------------------------------------------------- partial files
 
 
 @dataclass
-class DownloadState:
-    """An unfinished download: where it goes, what it must be, what is done."""
+class PartialState:
+    """A file being received into a part file: where it lands, what it must be, what is done.
+
+    ``part_path`` is the part file this program created for it, and
+    ``part_identity`` that file's "device:inode" when it was created ("" for
+    a record written by a version that did not keep it), so a file put at
+    that path by someone else is never taken for ours.
+    """
 
     id: int
     dest_path: str
@@ -449,6 +455,8 @@ class DownloadState:
     manifest: Manifest
     verified: set[int]
     started_at: float
+    part_path: str
+    part_identity: str
 
 
 @dataclass(frozen=True)
@@ -463,125 +471,175 @@ class CompletedFile:
     completed_at: float
 
 
-_DOWNLOAD_COLUMNS = "id, dest_path, name, size, chunk_size, sha256, chunk_digests, started_at"
+_PARTIAL_COLUMNS = ("id, dest_path, name, size, chunk_size, sha256, chunk_digests, started_at,"
+                    " part_path, part_identity")
 
 
-def _download_state(row: tuple, verified: set[int]) -> DownloadState:
-    id_, dest_path, name, size, chunk_size, sha256, digests, started_at = row
+def _partial_state(row: tuple, verified: set[int]) -> PartialState:
+    id_, dest_path, name, size, chunk_size, sha256, digests, started_at, part_path, identity = row
     manifest = Manifest(size, chunk_size, sha256, digests)
-    return DownloadState(id_, dest_path, name, manifest, verified, started_at)
+    return PartialState(id_, dest_path, name, manifest, verified, started_at, part_path, identity)
 
 
-class ClientStore(SQLiteStore):
-    """The client's downloads in progress, their verified chunks, and the
-    files it has finished (which it may seed)."""
+_PARTIALS_V1 = """
+    CREATE TABLE downloads (
+        -- AUTOINCREMENT: an id is never reused, so a worker still holding
+        -- the id of a replaced partial file cannot mark chunks of its successor.
+        id            INTEGER PRIMARY KEY AUTOINCREMENT,
+        dest_path     TEXT NOT NULL UNIQUE,
+        name          TEXT NOT NULL,
+        size          INTEGER NOT NULL,
+        chunk_size    INTEGER NOT NULL,
+        sha256        TEXT NOT NULL,
+        started_at    REAL NOT NULL,
+        chunk_digests BLOB NOT NULL  -- last: see the files table
+    );
+    CREATE TABLE verified_chunks (
+        download_id INTEGER NOT NULL REFERENCES downloads (id) ON DELETE CASCADE,
+        chunk_index INTEGER NOT NULL,
+        PRIMARY KEY (download_id, chunk_index)
+    ) WITHOUT ROWID;
+"""
 
-    MIGRATIONS = (
-        """
-        CREATE TABLE downloads (
-            -- AUTOINCREMENT: an id is never reused, so a worker still holding
-            -- the id of a replaced download cannot mark chunks of its successor.
-            id            INTEGER PRIMARY KEY AUTOINCREMENT,
-            dest_path     TEXT NOT NULL UNIQUE,
-            name          TEXT NOT NULL,
-            size          INTEGER NOT NULL,
-            chunk_size    INTEGER NOT NULL,
-            sha256        TEXT NOT NULL,
-            started_at    REAL NOT NULL,
-            chunk_digests BLOB NOT NULL  -- last: see the files table
-        );
-        CREATE TABLE verified_chunks (
-            download_id INTEGER NOT NULL REFERENCES downloads (id) ON DELETE CASCADE,
-            chunk_index INTEGER NOT NULL,
-            PRIMARY KEY (download_id, chunk_index)
-        ) WITHOUT ROWID;
-        CREATE TABLE completed (
-            path          TEXT PRIMARY KEY,
-            name          TEXT NOT NULL,
-            size          INTEGER NOT NULL,
-            sha256        TEXT NOT NULL,
-            chunk_size    INTEGER NOT NULL,
-            completed_at  REAL NOT NULL,
-            chunk_digests BLOB NOT NULL  -- last: see the files table
-        );
-        """,
-    )
+# Version 2 names the table after what it holds (a backup's replicas use it
+# too) and records which part file is ours. Rows written by version 1 always
+# used "<dest_path>.part", a file that version created or truncated itself.
+_PARTIALS_V2 = """
+    ALTER TABLE downloads RENAME TO partials;
+    ALTER TABLE partials ADD COLUMN part_path TEXT NOT NULL DEFAULT '';
+    ALTER TABLE partials ADD COLUMN part_identity TEXT NOT NULL DEFAULT '';
+    ALTER TABLE verified_chunks RENAME COLUMN download_id TO partial_id;
+    UPDATE partials SET part_path = dest_path || '.part';
+"""
 
-    def begin_download(
-        self, dest_path: str, name: str, manifest: Manifest, started_at: float | None = None
-    ) -> DownloadState:
-        """Start, or resume, the download that lands at ``dest_path``.
+_COMPLETED_V1 = """
+    CREATE TABLE completed (
+        path          TEXT PRIMARY KEY,
+        name          TEXT NOT NULL,
+        size          INTEGER NOT NULL,
+        sha256        TEXT NOT NULL,
+        chunk_size    INTEGER NOT NULL,
+        completed_at  REAL NOT NULL,
+        chunk_digests BLOB NOT NULL  -- last: see the files table
+    );
+"""
 
-        If a download to ``dest_path`` exists with an equal manifest it is
-        returned with its verified chunks (resume). If it exists with another
-        manifest (the file changed) it and its verified chunks are dropped and
-        a fresh one starts: chunks of two versions are never mixed.
-        """
-        with self._transaction() as connection:
+
+class PartialStore(SQLiteStore):
+    """Files being received into part files, and their verified chunks.
+
+    The record half of the part-file lifecycle (``minitorrent.common.partfile``),
+    which is what callers use; this class only stores. A replica's partial
+    files and a client's downloads live in one of these each.
+    """
+
+    MIGRATIONS = (_PARTIALS_V1, _PARTIALS_V2)
+
+    def partial_for(self, dest_path: str) -> PartialState | None:
+        """The partial file that lands at ``dest_path``, with its verified chunks, or None."""
+        with self._transaction("DEFERRED") as connection:
             row = connection.execute(
-                f"SELECT {_DOWNLOAD_COLUMNS} FROM downloads WHERE dest_path = ?",
-                (dest_path,),
+                f"SELECT {_PARTIAL_COLUMNS} FROM partials WHERE dest_path = ?", (dest_path,)
             ).fetchone()
-            if row is not None:
-                state = _download_state(row, self._verified(connection, row[0]))
-                if state.manifest == manifest:
-                    return state
-                connection.execute("DELETE FROM downloads WHERE id = ?", (state.id,))
-            started_at = time.time() if started_at is None else started_at
+            return None if row is None else _partial_state(row, self._verified(connection, row[0]))
+
+    def begin_partial(self, dest_path: str, name: str, manifest: Manifest, part_path: str,
+                      part_identity: str, started_at: float | None = None) -> PartialState:
+        """Record a new part file for ``dest_path``, nothing verified; any earlier record for it goes."""
+        started_at = time.time() if started_at is None else started_at
+        with self._transaction() as connection:
+            connection.execute("DELETE FROM partials WHERE dest_path = ?", (dest_path,))
             cursor = connection.execute(
-                "INSERT INTO downloads (dest_path, name, size, chunk_size, sha256,"
-                " chunk_digests, started_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO partials (dest_path, name, size, chunk_size, sha256, chunk_digests,"
+                " started_at, part_path, part_identity) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (dest_path, name, manifest.size, manifest.chunk_size, manifest.sha256,
-                 manifest.chunk_digests, started_at),
+                 manifest.chunk_digests, started_at, part_path, part_identity),
             )
-        return DownloadState(cursor.lastrowid, dest_path, name, manifest, set(), started_at)
+        return PartialState(cursor.lastrowid, dest_path, name, manifest, set(), started_at, part_path,
+                            part_identity)
+
+    def set_part_identity(self, partial_id: int, part_identity: str) -> None:
+        """Remember the identity of a part file recorded without one (a version 1 record)."""
+        with self._transaction() as connection:
+            connection.execute("UPDATE partials SET part_identity = ? WHERE id = ?", (part_identity, partial_id))
 
     @staticmethod
-    def _verified(connection: sqlite3.Connection, download_id: int) -> set[int]:
+    def _verified(connection: sqlite3.Connection, partial_id: int) -> set[int]:
         rows = connection.execute(
-            "SELECT chunk_index FROM verified_chunks WHERE download_id = ?", (download_id,)
+            "SELECT chunk_index FROM verified_chunks WHERE partial_id = ?", (partial_id,)
         )
         return {index for (index,) in rows}
 
-    def mark_verified(self, download_id: int, indexes: Iterable[int]) -> None:
+    def mark_verified(self, partial_id: int, indexes: Iterable[int]) -> None:
         """Record that these chunks are written and verified; idempotent.
 
         One transaction for the whole batch. Raises ``CatalogError`` if there
-        is no such download, ``ValueError`` if an index is out of range.
+        is no such partial file, ``ValueError`` if an index is out of range.
         """
         with self._transaction() as connection:
-            count = self._chunk_count(connection, download_id)
-            rows = [(download_id, self._checked_index(index, count)) for index in indexes]
+            count = self._chunk_count(connection, partial_id)
+            rows = [(partial_id, self._checked_index(index, count)) for index in indexes]
             connection.executemany(
-                "INSERT OR IGNORE INTO verified_chunks (download_id, chunk_index)"
-                " VALUES (?, ?)",
-                rows,
+                "INSERT OR IGNORE INTO verified_chunks (partial_id, chunk_index) VALUES (?, ?)", rows,
             )
 
-    def forget_verified(self, download_id: int, indexes: Iterable[int]) -> None:
+    def forget_verified(self, partial_id: int, indexes: Iterable[int]) -> None:
         """Unmark chunks (say, found corrupt on disk); unknown ones are ignored."""
         with self._transaction() as connection:
             connection.executemany(
-                "DELETE FROM verified_chunks WHERE download_id = ? AND chunk_index = ?",
-                [(download_id, index) for index in indexes],
+                "DELETE FROM verified_chunks WHERE partial_id = ? AND chunk_index = ?",
+                [(partial_id, index) for index in indexes],
             )
 
     @staticmethod
-    def _chunk_count(connection: sqlite3.Connection, download_id: int) -> int:
-        row = connection.execute(
-            "SELECT size, chunk_size FROM downloads WHERE id = ?", (download_id,)
-        ).fetchone()
+    def _chunk_count(connection: sqlite3.Connection, partial_id: int) -> int:
+        row = connection.execute("SELECT size, chunk_size FROM partials WHERE id = ?", (partial_id,)).fetchone()
         if row is None:
-            raise CatalogError(f"no download in progress with id {download_id}")
+            raise CatalogError(f"no partial file in progress with id {partial_id}")
         return chunk_count(*row)
 
     @staticmethod
     def _checked_index(index: int, count: int) -> int:
         if not 0 <= index < count:
-            raise ValueError(f"chunk index {index} out of range (download has {count} chunks)")
+            raise ValueError(f"chunk index {index} out of range (the file has {count} chunks)")
         return index
 
-    def finish_download(self, download_id: int, completed_at: float | None = None) -> None:
+    def finish_partial(self, partial_id: int) -> None:
+        """The file is installed under its final name: forget its record.
+
+        Raises ``CatalogError`` if there is no such partial file.
+        """
+        with self._transaction() as connection:
+            if connection.execute("DELETE FROM partials WHERE id = ?", (partial_id,)).rowcount == 0:
+                raise CatalogError(f"no partial file in progress with id {partial_id}")
+
+    def abandon_partial(self, dest_path: str) -> None:
+        """Forget the partial file for ``dest_path`` and its verified chunks, if any."""
+        with self._transaction() as connection:
+            connection.execute("DELETE FROM partials WHERE dest_path = ?", (dest_path,))
+
+    def in_progress(self) -> list[PartialState]:
+        """Every unfinished partial file, oldest first, with its verified chunks."""
+        with self._transaction("DEFERRED") as connection:
+            rows = connection.execute(
+                f"SELECT {_PARTIAL_COLUMNS} FROM partials ORDER BY started_at, id"
+            ).fetchall()
+            verified: dict[int, set[int]] = {row[0]: set() for row in rows}
+            for partial_id, index in connection.execute("SELECT partial_id, chunk_index FROM verified_chunks"):
+                verified[partial_id].add(index)
+        return [_partial_state(row, verified[row[0]]) for row in rows]
+
+
+# --------------------------------------------------------------- client side
+
+
+class ClientStore(PartialStore):
+    """The client's downloads in progress (its partial files) and the files
+    it has finished (which it may seed)."""
+
+    MIGRATIONS = (_PARTIALS_V1 + _COMPLETED_V1, *PartialStore.MIGRATIONS[1:])
+
+    def finish_partial(self, partial_id: int, completed_at: float | None = None) -> None:
         """Move a download into the completed files, in one transaction.
 
         A completed entry already at the same path is replaced. Raises
@@ -592,30 +650,12 @@ class ClientStore(SQLiteStore):
             cursor = connection.execute(
                 "INSERT OR REPLACE INTO completed (path, name, size, sha256, chunk_size,"
                 " chunk_digests, completed_at) SELECT dest_path, name, size, sha256,"
-                " chunk_size, chunk_digests, ? FROM downloads WHERE id = ?",
-                (completed_at, download_id),
+                " chunk_size, chunk_digests, ? FROM partials WHERE id = ?",
+                (completed_at, partial_id),
             )
             if cursor.rowcount == 0:
-                raise CatalogError(f"no download in progress with id {download_id}")
-            connection.execute("DELETE FROM downloads WHERE id = ?", (download_id,))
-
-    def abandon_download(self, dest_path: str) -> None:
-        """Forget the download to ``dest_path`` and its verified chunks, if any."""
-        with self._transaction() as connection:
-            connection.execute("DELETE FROM downloads WHERE dest_path = ?", (dest_path,))
-
-    def in_progress(self) -> list[DownloadState]:
-        """Every unfinished download, oldest first, with its verified chunks."""
-        with self._transaction("DEFERRED") as connection:
-            rows = connection.execute(
-                f"SELECT {_DOWNLOAD_COLUMNS} FROM downloads ORDER BY started_at, id"
-            ).fetchall()
-            verified: dict[int, set[int]] = {row[0]: set() for row in rows}
-            for download_id, index in connection.execute(
-                "SELECT download_id, chunk_index FROM verified_chunks"
-            ):
-                verified[download_id].add(index)
-        return [_download_state(row, verified[row[0]]) for row in rows]
+                raise CatalogError(f"no download in progress with id {partial_id}")
+            connection.execute("DELETE FROM partials WHERE id = ?", (partial_id,))
 
     def completed_files(self) -> list[CompletedFile]:
         """Every completed download, ordered by path."""

@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import (
@@ -21,6 +24,7 @@ from conftest import (
 
 from database import ClientStore
 from integrity import sha256_file
+from minitorrent.client.downloader import STREAMS_PER_DOWNLOAD
 
 CHUNK = 64 * 1024
 
@@ -190,3 +194,52 @@ class TestResumeAfterKill:
         assert missing_bytes <= payload_sent < missing_bytes + CHUNK  # headers only, not one chunk more
         assert sha256_file(source) == sha256_file(out / "movie.bin")
         assert not (out / "movie.bin.part").exists()
+
+    @pytest.mark.timeout(LONG_TIMEOUT * 2)
+    def test_sigkill_loses_at_most_the_chunks_in_flight(self, tmp_path, server_process):
+        """Every chunk a client reported verified before SIGKILL is resumed; at most the ones being written are lost."""
+        source = make_file(tmp_path / "src" / "movie.bin", 64 * CHUNK, seed=8)
+        server = server_process(write_config(tmp_path / "srv", {"transfer": {"chunk_size": CHUNK}}), add=[source])
+        proxy = SlowProxy(server.address, rate_bps=750_000)  # ~6 s for the whole file
+        out = tmp_path / "dl"
+        first = subprocess.Popen([sys.executable, str(ROOT / "client.py"), "--config",
+                                  str(client_config_for(tmp_path / "cli", proxy.address)), "get", "movie.bin",
+                                  "--output", str(out)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                 text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        try:
+            # A line per 10 %, read as it is printed: 40 % is 26 chunks, far from a multiple of 8 (the old batches).
+            reported = chunks_reported_at(first, percent_at_least=40.0)
+            first.send_signal(signal.SIGKILL)
+            first.wait(SHORT_TIMEOUT)
+        finally:
+            first.kill()
+            proxy.close()
+        store = ClientStore(tmp_path / "cli" / "client" / "client.db")
+        try:
+            [state] = store.in_progress()
+        finally:
+            store.close()
+        written_not_recorded = chunks_sound_on_disk(out / "movie.bin.part", state.manifest) - state.verified
+        result = run_client(client_config_for(tmp_path / "cli", server.address), "get", "movie.bin",
+                            "--output", str(out))
+        assert 0 == result.returncode, result.stderr
+        resumed = int(re.search(r"(\d+) chunks resumed", result.stdout).group(1))
+        assert (True, True) == (reported < 64, resumed >= reported), (reported, resumed)
+        assert len(written_not_recorded) <= STREAMS_PER_DOWNLOAD, sorted(written_not_recorded)
+        assert sha256_file(source) == sha256_file(out / "movie.bin")
+
+
+def chunks_reported_at(process: subprocess.Popen, percent_at_least: float) -> int:
+    """Read a ``get``'s progress lines until one reaches ``percent_at_least``; the chunks done it reports."""
+    for line in process.stdout:
+        match = re.search(r"movie\.bin\s+([\d.]+)%", line)
+        if match and float(match.group(1)) >= percent_at_least:
+            return round(float(match.group(1)) * 64 / 100)
+    raise AssertionError("the client ended without reporting progress")
+
+
+def chunks_sound_on_disk(part: Path, manifest) -> set[int]:
+    """The chunks whose bytes in ``part`` match the manifest."""
+    data = part.read_bytes()
+    return {i for i in range(manifest.chunk_count)
+            if manifest.verify_chunk(i, data[manifest.chunk_span(i)[0]:sum(manifest.chunk_span(i))])}

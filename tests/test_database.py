@@ -8,7 +8,7 @@ import unicodedata
 
 import pytest
 
-from database import ClientStore, ServerStore, SQLiteStore
+from database import ClientStore, PartialStore, ServerStore, SQLiteStore
 from error_handler import CatalogError
 from integrity import Manifest, build_manifest
 
@@ -272,26 +272,32 @@ def manifest_a() -> Manifest:
     return manifest_of(b"version one of the file", chunk_size=5)
 
 
-class TestClientDownloads:
+def begin(store: PartialStore, manifest: Manifest, dest: str = "/dl/f.txt"):
+    return store.begin_partial(dest, dest.rsplit("/", 1)[-1], manifest, dest + ".part", "1:2")
+
+
+class TestPartialRecords:
     def test_begin_fresh(self, client, manifest_a):
-        """A new download starts with nothing verified and is listed in progress."""
-        state = client.begin_download("/dl/f.txt", "f.txt", manifest_a)
-        assert (set(), manifest_a) == (state.verified, state.manifest)
+        """A new partial file starts with nothing verified, its part file recorded, and is listed in progress."""
+        state = begin(client, manifest_a)
+        assert (set(), manifest_a, "/dl/f.txt.part", "1:2") == (state.verified, state.manifest, state.part_path,
+                                                                 state.part_identity)
         assert [state] == client.in_progress()
 
-    def test_resume_same_manifest_keeps_verified(self, client, manifest_a):
-        """Beginning again with the same manifest resumes with its verified chunks."""
-        state = client.begin_download("/dl/f.txt", "f.txt", manifest_a)
+    def test_partial_for_returns_the_verified_chunks(self, client, manifest_a):
+        """The record for a destination comes back with the chunks marked so far (marking is idempotent)."""
+        state = begin(client, manifest_a)
         client.mark_verified(state.id, [0, 2, 2])
-        again = client.begin_download("/dl/f.txt", "f.txt", manifest_a)
+        again = client.partial_for("/dl/f.txt")
         assert (state.id, {0, 2}) == (again.id, again.verified)
+        assert None is client.partial_for("/dl/other.txt")
 
-    def test_different_manifest_resets(self, client, manifest_a):
-        """A changed file drops the old download and its verified chunks."""
-        state = client.begin_download("/dl/f.txt", "f.txt", manifest_a)
+    def test_beginning_again_replaces_the_record(self, client, manifest_a):
+        """A new part file for the same destination drops the old record and its verified chunks."""
+        state = begin(client, manifest_a)
         client.mark_verified(state.id, [0, 1])
         manifest_b = manifest_of(b"version two of the file!", chunk_size=5)
-        fresh = client.begin_download("/dl/f.txt", "f.txt", manifest_b)
+        fresh = begin(client, manifest_b)
         assert (set(), manifest_b) == (fresh.verified, fresh.manifest)
         assert [fresh] == client.in_progress()
         with pytest.raises(CatalogError):
@@ -299,39 +305,46 @@ class TestClientDownloads:
 
     def test_mark_out_of_range_refused(self, client, manifest_a):
         """Marking a chunk the file does not have is a ValueError and marks nothing."""
-        state = client.begin_download("/dl/f.txt", "f.txt", manifest_a)
+        state = begin(client, manifest_a)
         with pytest.raises(ValueError, match="out of range"):
             client.mark_verified(state.id, [1, manifest_a.chunk_count])
         assert set() == client.in_progress()[0].verified
 
     def test_forget_verified(self, client, manifest_a):
         """Forgotten chunks leave the verified set; unknown ones are ignored."""
-        state = client.begin_download("/dl/f.txt", "f.txt", manifest_a)
+        state = begin(client, manifest_a)
         client.mark_verified(state.id, range(4))
         client.forget_verified(state.id, [1, 3, 4])
         assert {0, 2} == client.in_progress()[0].verified
 
-    def test_finish_moves_to_completed(self, client, manifest_a):
-        """finish_download moves the row to completed and out of in-progress."""
-        state = client.begin_download("/dl/f.txt", "f.txt", manifest_a)
+    def test_client_finish_moves_to_completed(self, client, manifest_a):
+        """A client's finished partial file moves to completed and out of in-progress."""
+        state = begin(client, manifest_a)
         client.mark_verified(state.id, range(manifest_a.chunk_count))
-        client.finish_download(state.id, completed_at=42.0)
+        client.finish_partial(state.id, completed_at=42.0)
         assert [] == client.in_progress()
         [done] = client.completed_files()
         assert ("/dl/f.txt", "f.txt", manifest_a.size, manifest_a.sha256, manifest_a, 42.0) == (
             done.path, done.name, done.size, done.sha256, done.manifest, done.completed_at,
         )
 
+    def test_plain_store_finish_forgets_the_record(self, tmp_path, manifest_a):
+        """A replica's finished partial file leaves no record behind (there is no completed list)."""
+        with PartialStore(tmp_path / "replica.db") as store:
+            state = begin(store, manifest_a)
+            store.finish_partial(state.id)
+            assert [] == store.in_progress()
+
     def test_finish_unknown_refused(self, client):
-        """Finishing a download that does not exist is a CatalogError."""
+        """Finishing a partial file that does not exist is a CatalogError."""
         with pytest.raises(CatalogError, match="no download"):
-            client.finish_download(12345)
+            client.finish_partial(12345)
 
     def test_abandon_cascades(self, client, manifest_a):
-        """Abandoning a download deletes its verified chunks with it."""
-        state = client.begin_download("/dl/f.txt", "f.txt", manifest_a)
+        """Abandoning a partial file deletes its verified chunks with it."""
+        state = begin(client, manifest_a)
         client.mark_verified(state.id, [0, 1, 2])
-        client.abandon_download("/dl/f.txt")
+        client.abandon_partial("/dl/f.txt")
         connection = client._connection()
         assert ([], 0) == (
             client.in_progress(),
@@ -342,15 +355,35 @@ class TestClientDownloads:
         """Verified chunks are still there after the store is reopened."""
         path = tmp_path / "c.db"
         with ClientStore(path) as store:
-            state = store.begin_download("/dl/f.txt", "f.txt", manifest_a)
+            state = begin(store, manifest_a)
             store.mark_verified(state.id, [1, 3])
         with ClientStore(path) as store:
             assert [{1, 3}] == [s.verified for s in store.in_progress()]
 
+    def test_version_1_database_keeps_its_downloads(self, tmp_path, manifest_a):
+        """A client database of schema 1 is migrated: its downloads, chunks and completed files stay."""
+        path = tmp_path / "old.db"
+
+        class Version1(SQLiteStore):
+            MIGRATIONS = ClientStore.MIGRATIONS[:1]
+
+        with Version1(path) as old:
+            connection = old._connection()
+            connection.execute(
+                "INSERT INTO downloads (dest_path, name, size, chunk_size, sha256, started_at, chunk_digests)"
+                " VALUES ('/dl/f.txt', 'f.txt', ?, ?, ?, 1.0, ?)",
+                (manifest_a.size, manifest_a.chunk_size, manifest_a.sha256, manifest_a.chunk_digests))
+            connection.execute("INSERT INTO verified_chunks VALUES (1, 0), (1, 3)")
+        with ClientStore(path) as store:
+            [state] = store.in_progress()
+            assert ("/dl/f.txt.part", "", {0, 3}) == (state.part_path, state.part_identity, state.verified)
+            store.finish_partial(state.id, completed_at=2.0)
+            assert ["/dl/f.txt"] == [done.path for done in store.completed_files()]
+
     def test_concurrent_marks(self, client):
         """Threads marking different chunks of one download all land."""
         manifest = manifest_of(bytes(800), chunk_size=1)
-        state = client.begin_download("/dl/z", "z", manifest)
+        state = begin(client, manifest, "/dl/z")
         run_in_threads(8, lambda i: [client.mark_verified(state.id, [i * 100 + k])
                                      for k in range(100)])
         assert set(range(800)) == client.in_progress()[0].verified

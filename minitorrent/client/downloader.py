@@ -5,29 +5,29 @@ The life of a download of ``NAME`` into ``DIR``:
 1. Fetch the manifest. If ``DIR/NAME`` already exists it must hold exactly
    that content (then there is nothing to do), otherwise the download is
    refused: an existing different file is never overwritten.
-2. Open ``DIR/NAME.part`` and the client database's record of which chunks of
-   it are verified. A record for another version of the file is discarded
-   (chunks of two versions are never mixed); recorded chunks are hashed again
-   from disk before they are trusted, which costs a local read, not a fetch.
+2. Open the part file through the part-file lifecycle
+   (``minitorrent.common.partfile``): ``DIR/NAME.part`` if it is the one this
+   client created and recorded (its recorded chunks are hashed again before
+   they are trusted, a local read, not a fetch), otherwise a new one. A
+   ``NAME.part`` this client did not create is never touched: the download
+   goes to ``NAME.2.part`` (or the next free number) instead.
 3. Fetch the missing chunks over a few pooled connections, keeping
    ``pipeline_depth`` requests in flight on each. Every chunk is checked
    against the manifest *before* it is written. A connection that fails is
    replaced, with backoff, until ``retry_deadline_s`` passes without progress;
    if the server itself is gone the replacement comes from whichever server
    is active now (the backup after a failover). Every request names the
-   file's SHA-256, so chunks of two versions are never mixed.
-4. Meanwhile a hasher thread follows the verified prefix of the file and
-   computes the whole-file SHA-256, so the final check costs no extra pass.
-5. Only if that matches the manifest is the ``.part`` file linked to its final
-   name (``os.link``, which refuses to replace anything) and the record moved
-   to the completed files.
+   file's SHA-256, so chunks of two versions are never mixed. Each verified
+   chunk is recorded as it is written, so a killed client loses at most the
+   chunks it was receiving.
+4. Only if the whole-file SHA-256 (hashed as chunks arrive) matches the
+   manifest is the part file linked to its final name (``os.link``, which
+   refuses to replace anything) and the record moved to the completed files.
 """
 from __future__ import annotations
 
 import base64
-import hashlib
 import logging
-import os
 import socket
 import threading
 import time
@@ -36,11 +36,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from database import ClientStore, DownloadState
+from database import ClientStore
 from error_handler import (
     ConnectionFailed,
     DownloadCancelled,
     DownloadError,
+    IntegrityError,
     MiniTorrentError,
     RemoteError,
     backoff_delays,
@@ -48,7 +49,7 @@ from error_handler import (
 from integrity import Manifest, sha256_file
 from minitorrent.client.chunkboard import ChunkBoard, Source
 from minitorrent.client.progress import Progress
-from minitorrent.common.fs import fsync_dir, read_exactly_at
+from minitorrent.common.partfile import FinalNameTaken, NoFreePartName, PartFile
 from minitorrent.net.remote import (
     MAX_RECONNECT_DELAY_S,
     ConnectionPool,
@@ -66,12 +67,11 @@ log = logging.getLogger(__name__)
 
 STREAMS_PER_DOWNLOAD = 2  # two cores: one stream hashes while the other receives
 MAX_CHUNK_ATTEMPTS = 3  # a chunk failing verification this often means the source is damaged
-MARK_BATCH = 8  # verified chunks recorded (and offered to peers) per database transaction
+SHARE_BATCH = 8  # verified chunks offered to peers at a time (each is recorded at once)
 MAX_PEERS_PER_DOWNLOAD = 8  # peer streams of one download, beside the server's
 PEER_REFRESH_S = 1.0  # how often a download asks the tracker for (new) peers
 CANCEL_CHECK_S = 0.1  # how soon a pause or cancel takes effect
 IDLE_WAIT_S = 0.2  # a stream with nothing to request looks again at least this often
-SYNC_EVERY_BYTES = 64 * 1024 * 1024  # the hasher flushes the .part file this often
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,6 @@ class Downloader:
         *,
         pipeline_depth: int,
         on_progress: Callable[[Progress], None] | None = None,
-        report_downloads: bool = True,
         use_peers: bool = True,
         seeder: Seeder | None = None,
         download_limit: TokenBucket | None = None,
@@ -109,7 +108,6 @@ class Downloader:
         self.store = store
         self.pipeline_depth = pipeline_depth
         self.on_progress = on_progress
-        self.report_downloads = report_downloads  # False for server-to-server copies, which are no downloads
         self.use_peers = use_peers
         self.seeder = seeder  # offers what is verified to other clients while downloading
         self.download_limit = download_limit or TokenBucket(0)
@@ -122,9 +120,11 @@ class Downloader:
         """Download ``name`` into ``output_dir``; raise ``DownloadError`` with a one-line reason.
 
         On failure no file exists under the final name; verified chunks stay
-        in ``NAME.part`` so that running it again resumes. Setting ``cancel``
-        (from any thread) stops the download within a fraction of a second
-        with ``DownloadCancelled``: a pause, resumable the same way.
+        in the part file (``NAME.part``, or ``NAME.2.part`` if another
+        program's ``NAME.part`` is there) so that running it again resumes.
+        Setting ``cancel`` (from any thread) stops the download within a
+        fraction of a second with ``DownloadCancelled``: a pause, resumable
+        the same way.
         """
         started = time.monotonic()
         name = _checked_name(name)
@@ -138,8 +138,9 @@ class Downloader:
             fetched, resumed = job.run()
         except OSError as error:
             raise DownloadError(f"{name}: cannot write {error.filename or final}: {error.strerror or error}") from error
-        if self.report_downloads:
-            self._report(name, manifest)
+        except NoFreePartName as error:
+            raise DownloadError(str(error)) from error
+        self._report(name, manifest)
         return DownloadResult(name, final, "downloaded", manifest.size, fetched, resumed, time.monotonic() - started,
                               manifest, job.duplicate_chunks, job.sources())
 
@@ -188,18 +189,16 @@ class _Job:
         self.cancel = cancel
         self.name = name
         self.final = final
-        self.part = final.with_name(name + ".part")
         self.manifest = manifest
+        self.part: PartFile | None = None  # once run() has opened it
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._failure: BaseException | None = None
         self._attempts: dict[int, int] = {}
-        self._unmarked: list[int] = []
+        self._unshared = 0  # verified chunks not yet offered to peers
         self._done_bytes = 0
         self._fetched_bytes = 0
         self._last_progress = time.monotonic()
-        self._hasher: _WholeFileHasher | None = None
-        self._verified: set[int] = set()
         self.duplicate_chunks = 0  # requests for chunks already verified: the board must make this 0
         self.board = ChunkBoard(manifest.chunk_count)
         self.server_source = Source("server", is_server=True)
@@ -211,87 +210,63 @@ class _Job:
 
     def run(self) -> tuple[int, int]:
         """Fetch, verify and install the file; returns (bytes fetched, chunks resumed)."""
-        state = self.owner.store.begin_download(str(self.final), self.name, self.manifest)
-        fd = os.open(self.part, os.O_RDWR | os.O_CREAT, 0o644)
+        part = PartFile.open(self.owner.store, self.final, self.name, self.manifest,
+                             self.final.with_name(self.name + ".part"))
+        self.part = part
         try:
-            resumed = self._recheck_resumed(fd, state)
-            self._prepare(fd, state, resumed)
-            self._hasher = _WholeFileHasher(fd, self.manifest, resumed)
-            self._hasher.start()
+            if part.resumed:
+                log.info("%s: resuming with %d of %d chunks verified", self.name, len(part.resumed),
+                         self.manifest.chunk_count)
+            self._prepare(part)
             try:
-                self._fetch_all(fd, state)
+                self._fetch_all(part)
             finally:
-                self._hasher.finish_or_cancel(self._failure is None and self._all_verified())
-                self._flush_marks(state)
-            self._check_whole_file(state)
-            os.fsync(fd)
+                self._share_partial()
+            self._install(part)
         finally:
-            os.close(fd)
-        self._install(state)
-        return self._fetched_bytes, len(resumed)
-
-    def _all_verified(self) -> bool:
-        with self._lock:
-            return len(self._verified) == self.manifest.chunk_count
+            part.close()
+        return self._fetched_bytes, len(part.resumed)
 
     def sources(self) -> dict[str, int]:
         """Bytes received in this run from each source that sent any."""
         everyone = [self.server_source, *self._peers.values()]
         return {source.label: source.bytes for source in everyone if source.bytes}
 
-    def _recheck_resumed(self, fd: int, state: DownloadState) -> set[int]:
-        if not state.verified:
-            return set()
-        good = {i for i in state.verified if _chunk_on_disk_ok(fd, self.manifest, i)}
-        if good != state.verified:
-            log.warning("%s: %d recorded chunks failed a recheck and will be fetched again",
-                        self.name, len(state.verified - good))
-            self.owner.store.forget_verified(state.id, state.verified - good)
-        log.info("%s: resuming with %d of %d chunks verified", self.name, len(good), self.manifest.chunk_count)
-        return good
-
-    def _prepare(self, fd: int, state: DownloadState, resumed: set[int]) -> None:
-        if not resumed:
-            os.ftruncate(fd, 0)  # a leftover .part with no record is not trusted
-        os.ftruncate(fd, self.manifest.size)
-        self.board.done.update(resumed)
-        self._verified = set(resumed)
-        self._done_bytes = sum(self.manifest.chunk_span(i)[1] for i in resumed)
+    def _prepare(self, part: PartFile) -> None:
+        self.board.done.update(part.resumed)
+        self._done_bytes = sum(self.manifest.chunk_span(i)[1] for i in part.resumed)
         self._share_partial()
         self._notify()
 
-    def _check_whole_file(self, state: DownloadState) -> None:
+    def _install(self, part: PartFile) -> None:
         if self._failure is not None:
             raise self._failure
-        if not self._all_verified():
+        if not part.complete:
             raise DownloadError(f"{self.name}: download stopped before all chunks arrived")
-        if self._hasher.hexdigest() != self.manifest.sha256:
-            self.owner.store.abandon_download(str(self.final))
-            self.part.unlink(missing_ok=True)
+        try:
+            part.install(on_installed=self._seed_whole)
+        except IntegrityError as error:
             if self.owner.seeder:
                 self.owner.seeder.source.drop(self.manifest.sha256)
-            raise DownloadError(f"{self.name}: whole-file SHA-256 does not match the manifest; download discarded")
-
-    def _install(self, state: DownloadState) -> None:
-        try:
-            os.link(self.part, self.final)  # unlike rename, never replaces a file that appeared meanwhile
-        except FileExistsError as error:
-            raise DownloadError(f"{self.final} appeared during the download; kept {self.part.name}") from error
-        fsync_dir(self.final.parent)
-        if self.owner.seeder:  # seed from the final name before the .part goes
-            self.owner.seeder.source.add_complete(self.final, self.name, self.manifest)
-            self.owner.seeder.changed()
-        self.part.unlink()
-        self.owner.store.finish_download(state.id)
+            raise DownloadError(f"{self.name}: whole-file SHA-256 does not match the manifest; "
+                                "download discarded") from error
+        except FinalNameTaken as error:
+            raise DownloadError(f"{self.final} appeared during the download; kept {part.path.name}") from error
         log.info("%s: downloaded and verified (%d bytes)", self.name, self.manifest.size)
+
+    def _seed_whole(self, final: Path) -> None:
+        """Seed from the final name before the part file's name goes."""
+        if self.owner.seeder:
+            self.owner.seeder.source.add_complete(final, self.name, self.manifest)
+            self.owner.seeder.changed()
 
     # Streams --------------------------------------------------------------------
 
-    def _fetch_all(self, fd: int, state: DownloadState) -> None:
+    def _fetch_all(self, part: PartFile) -> None:
         if self.board.finished:
             return
         for n in range(STREAMS_PER_DOWNLOAD):
-            self._spawn(self._server_stream, (fd, state), f"get-{self.name[:16]}-server{n}")
+            self._spawn(self._server_stream, (part,), f"get-{self.name[:16]}-server{n}")
         next_refresh = time.monotonic()
         try:
             while not self._stop.is_set() and not self.board.finished:
@@ -299,7 +274,7 @@ class _Job:
                     self._fail(DownloadCancelled(f"{self.name}: stopped; verified chunks are kept"))
                     break
                 if self.owner.use_peers and time.monotonic() >= next_refresh:
-                    self._find_peers(fd, state)
+                    self._find_peers(part,)
                     next_refresh = time.monotonic() + PEER_REFRESH_S
                 self.board.wait_until_finished(min(CANCEL_CHECK_S, max(0.0, next_refresh - time.monotonic())))
         finally:
@@ -323,7 +298,7 @@ class _Job:
         self._threads.append(thread)
         thread.start()
 
-    def _find_peers(self, fd: int, state: DownloadState) -> None:
+    def _find_peers(self, part: PartFile) -> None:
         """Ask the tracker who holds this file; start a stream for each new peer."""
         request = protocol.GetPeers(self.manifest.sha256, self.owner.seed_port())
         reply = self.owner.server.try_call(lambda s: s.call(request, protocol.PeerList))
@@ -338,11 +313,11 @@ class _Job:
                 live += 1
                 source = self._peers[address] = Source(f"peer {address[0]}:{address[1]}", have=have)
                 self.board.add_peer(source)
-                self._spawn(self._peer_stream, (source, address, fd, state), f"get-{self.name[:16]}-{source.label}")
+                self._spawn(self._peer_stream, (source, address, part), f"get-{self.name[:16]}-{source.label}")
             elif source is not None and not source.dropped:
                 self.board.update_have(source, have)
 
-    def _server_stream(self, fd: int, state: DownloadState) -> None:
+    def _server_stream(self, part: PartFile) -> None:
         """Keep a connection to the active server busy until the board is done; fail over as needed."""
         buffer = bytearray(self.manifest.chunk_size)
         delays = backoff_delays(cap_s=MAX_RECONNECT_DELAY_S)
@@ -353,7 +328,7 @@ class _Job:
                     pool = server.active_pool()
                     try:
                         with pool.session() as session:
-                            self._pump(session, self.server_source, fd, state, buffer)
+                            self._pump(session, self.server_source, part, buffer)
                     except ConnectionFailed:
                         server.forget(pool)  # the next attempt asks every server who is active
                         raise
@@ -363,7 +338,7 @@ class _Job:
         except BaseException as error:  # hand the failure to the thread running the job
             self._fail(error)
 
-    def _peer_stream(self, source: Source, address: tuple[str, int], fd: int, state: DownloadState) -> None:
+    def _peer_stream(self, source: Source, address: tuple[str, int], part: PartFile) -> None:
         """Pull chunks from one peer; any failure drops it (the others and the server carry on)."""
         buffer = bytearray(self.manifest.chunk_size)
         pool = ConnectionPool(*address, io_timeout_s=self.owner.server.pools[0].io_timeout_s, max_idle=1)
@@ -371,7 +346,7 @@ class _Job:
             while not self.board.closed:
                 try:
                     with pool.session() as session:
-                        self._pump_peer(session, source, fd, state, buffer)
+                        self._pump_peer(session, source, part, buffer)
                     return
                 except _IdleConnectionClosed as closed:  # its idle_timeout, not a failure: dial again
                     log.debug("%s: %s; reconnecting", self.name, closed)
@@ -384,18 +359,18 @@ class _Job:
         finally:
             pool.close()
 
-    def _pump_peer(self, session: ServerSession, source: Source, fd: int, state: DownloadState,
+    def _pump_peer(self, session: ServerSession, source: Source, part: PartFile,
                    buffer: bytearray) -> None:
         """``_pump`` on a peer session, which ``_cut_peer_connections`` may cut when the download ends."""
         with self._lock:
             self._peer_connections.add(session.connection)
         try:
-            self._pump(session, source, fd, state, buffer)
+            self._pump(session, source, part, buffer)
         finally:
             with self._lock:
                 self._peer_connections.discard(session.connection)
 
-    def _pump(self, session: ServerSession, source: Source, fd: int, state: DownloadState,
+    def _pump(self, session: ServerSession, source: Source, part: PartFile,
               buffer: bytearray) -> None:
         """Keep ``pipeline_depth`` requests in flight on ``session`` and take in the replies."""
         in_flight: deque[int] = deque()
@@ -405,7 +380,7 @@ class _Job:
                 if self.board.closed and not source.is_server:
                     return  # the download ended: what this peer still owes us is not needed
                 try:
-                    self._send_requests(session, source, in_flight)
+                    self._send_requests(session, source, in_flight, part)
                 except ConnectionFailed as error:
                     raise _IdleConnectionClosed(str(error)) if idle else error
                 if not in_flight:
@@ -428,18 +403,19 @@ class _Job:
                     in_flight.appendleft(index)
                     raise
                 idle = False
-                self._accept_chunk(fd, state, source, index, frame)
+                self._accept_chunk(part, source, index, frame)
         finally:
             if in_flight:
                 session.reusable = False  # their replies would reach the pool's next user
             self.board.release(list(in_flight), source)
 
-    def _send_requests(self, session: ServerSession, source: Source, in_flight: deque[int]) -> None:
+    def _send_requests(self, session: ServerSession, source: Source, in_flight: deque[int], part: PartFile) -> None:
         wanted = self.board.take(source, self.owner.pipeline_depth - len(in_flight))
         if not wanted:
             return
+        duplicates = sum(1 for i in wanted if part.has(i))
         with self._lock:
-            self.duplicate_chunks += sum(1 for i in wanted if i in self._verified)
+            self.duplicate_chunks += duplicates
         in_flight.extend(wanted)
         session.connection.send_many([protocol.GetChunk(self.name, self.manifest.sha256, i) for i in wanted])
 
@@ -452,9 +428,9 @@ class _Job:
         else:
             raise error
 
-    def _accept_chunk(self, fd: int, state: DownloadState, source: Source, index: int,
+    def _accept_chunk(self, part: PartFile, source: Source, index: int,
                       frame: protocol.Frame) -> None:
-        offset, length = self.manifest.chunk_span(index)
+        length = self.manifest.chunk_span(index)[1]
         if frame.message.index != index or not self.manifest.verify_chunk(index, frame.payload):
             self.board.release([index], source)
             self._strike(source, index)
@@ -462,17 +438,15 @@ class _Job:
         self.owner.download_limit.consume(length)
         if not self.board.arrived(index, source, length):
             return  # an endgame duplicate: the other copy won
-        os.pwrite(fd, frame.payload, offset)
+        part.write_verified(index, frame.payload)  # recorded before it counts: a kill cannot lose it
         with self._lock:
-            self._verified.add(index)
             self._done_bytes += length
             self._fetched_bytes += length
             self._last_progress = time.monotonic()
-            self._unmarked.append(index)
-            flush = len(self._unmarked) >= MARK_BATCH
-        self._hasher.chunk_ready(index)
-        if flush:
-            self._flush_marks(state)
+            self._unshared += 1
+            share = self._unshared >= SHARE_BATCH
+        if share:
+            self._share_partial()
         self._notify()
 
     def _strike(self, source: Source, index: int) -> None:
@@ -512,29 +486,23 @@ class _Job:
         self._stop.set()
         self.board.close()
 
-    def _flush_marks(self, state: DownloadState) -> None:
-        with self._lock:
-            batch, self._unmarked = self._unmarked, []
-        if batch:
-            self.owner.store.mark_verified(state.id, batch)
-            self._share_partial()
-
     def _share_partial(self) -> None:
         """Offer the verified chunks to peers (when seeding) and tell the tracker."""
+        with self._lock:
+            self._unshared = 0
         seeder = self.owner.seeder
         if seeder is None:
             return
-        with self._lock:
-            verified = set(self._verified)
-        seeder.source.update_partial(self.part, self.name, self.manifest, verified)
+        seeder.source.update_partial(self.part.path, self.name, self.manifest, set(self.part.verified))
         seeder.changed()
 
     def _notify(self) -> None:
         if self.owner.on_progress is None:
             return
+        chunks_done = self.part.verified_count
         with self._lock:
             progress = Progress(self.name, self.manifest.size, self._done_bytes, self._fetched_bytes,
-                                len(self._verified), self.manifest.chunk_count, self.sources())
+                                chunks_done, self.manifest.chunk_count, self.sources())
         self.owner.on_progress(progress)
 
 
@@ -556,68 +524,3 @@ def _explain(error: RemoteError) -> str:
     if error.code == ErrorCode.NOT_FOUND:
         return "the file was removed from the server during the download"
     return str(error)
-
-
-class _WholeFileHasher:
-    """Hashes the file in order as its chunks become verified, in its own thread.
-
-    Reading back from the page cache is cheap; doing it alongside the download
-    means the whole-file SHA-256 is ready the moment the last chunk lands.
-    """
-
-    def __init__(self, fd: int, manifest: Manifest, ready: set[int]) -> None:
-        self._fd = fd
-        self._manifest = manifest
-        self._ready = set(ready)
-        self._cond = threading.Condition()
-        self._cancelled = False
-        self._hash = hashlib.sha256()
-        self._thread = threading.Thread(target=self._run, name="whole-file-hash", daemon=True)
-
-    def start(self) -> None:
-        """Start hashing in the background."""
-        self._thread.start()
-
-    def chunk_ready(self, index: int) -> None:
-        """Chunk ``index`` is verified and written; any thread."""
-        with self._cond:
-            self._ready.add(index)
-            self._cond.notify()
-
-    def finish_or_cancel(self, finish: bool) -> None:
-        """Wait for the hash to complete, or stop it if the download failed."""
-        if not finish:
-            with self._cond:
-                self._cancelled = True
-                self._cond.notify()
-        self._thread.join()
-
-    def hexdigest(self) -> str:
-        """The whole-file SHA-256 (after ``finish_or_cancel(True)``)."""
-        return self._hash.hexdigest()
-
-    def _run(self) -> None:
-        buffer = bytearray(self._manifest.chunk_size)
-        unsynced = 0
-        for index in range(self._manifest.chunk_count):
-            with self._cond:
-                while index not in self._ready and not self._cancelled:
-                    self._cond.wait()
-                if self._cancelled:
-                    return
-                self._ready.discard(index)
-            offset, length = self._manifest.chunk_span(index)
-            view = memoryview(buffer)[:length]
-            if not read_exactly_at(self._fd, view, offset):
-                return  # cannot happen after ftruncate; the digest then simply will not match
-            self._hash.update(view)
-            unsynced += length
-            if unsynced >= SYNC_EVERY_BYTES:
-                os.fdatasync(self._fd)  # write back during the transfer, not all in the final fsync
-                unsynced = 0
-
-
-def _chunk_on_disk_ok(fd: int, manifest: Manifest, index: int) -> bool:
-    offset, length = manifest.chunk_span(index)
-    view = memoryview(bytearray(length))
-    return read_exactly_at(fd, view, offset) and manifest.verify_chunk(index, view)

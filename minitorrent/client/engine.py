@@ -12,6 +12,7 @@ from error_handler import ConnectionFailed
 from minitorrent.client.downloader import Downloader, DownloadResult
 from minitorrent.client.progress import Progress
 from minitorrent.client.seeding import Seeder
+from minitorrent.common.partfile import discard_recorded
 from minitorrent.net.remote import ServerClient
 from minitorrent.net.throttle import TokenBucket
 from minitorrent.wire import protocol
@@ -133,10 +134,8 @@ class ClientEngine:
         return self.downloader.download(name, output_dir or self.config.client.download_dir, cancel)
 
     def discard_partial(self, name: str, output_dir: Path | None = None) -> None:
-        """Forget a stopped download: its ``.part`` file and its verified chunks (a cancel, not a pause)."""
-        final = Path(output_dir or self.config.client.download_dir) / name
-        self.store.abandon_download(str(final))
-        final.with_name(name + ".part").unlink(missing_ok=True)
+        """Forget a stopped download: its part file (if ours) and its verified chunks (a cancel, not a pause)."""
+        discard_recorded(self.store, Path(output_dir or self.config.client.download_dir) / name)
 
 
 def server_addresses(config: Config) -> list[tuple[str, int]]:

@@ -90,7 +90,18 @@ class FileSource(Protocol):
         """A client finished and verified a download of ``name``."""
 
 
-PeerHandler = Callable[["_Handler", Frame], None]
+class PeerConnection(Protocol):
+    """What a peer handler gets of the authenticated peer's connection: a way to answer it."""
+
+    @property
+    def peer(self) -> str:
+        """The peer's address, "host:port", for logs."""
+
+    def send(self, message: Message, payload: bytes | memoryview = b"") -> None:
+        """Send one reply (raises ``ConnectionClosed``)."""
+
+
+PeerHandler = Callable[[PeerConnection, Frame], None]
 PEER_SLOTS = 4  # connections kept beyond max_connections so a full server still hears its peer
 
 
@@ -365,7 +376,7 @@ class _Handler:
         elif type(request) in self.server.peer_handlers:
             if not self.authenticated:
                 raise RequestFailed(ErrorCode.AUTH_FAILED, f"{request.TYPE} needs an authenticated peer")
-            self.server.peer_handlers[type(request)](self, frame)
+            self.server.peer_handlers[type(request)](self.connection, frame)
         elif isinstance(request, self.CLIENT_REQUESTS):
             if self.server.node and not self.authenticated:  # a peer may read a standby's replica
                 self.server.node.check_serving()

@@ -8,6 +8,7 @@ import time
 
 from config_loader import Config
 from error_handler import ConfigError
+from minitorrent.net.serving import PeerConnection
 from minitorrent.server.engine import ServerEngine
 from minitorrent.server.replication import ReplicaReceiver
 from minitorrent.server.roles import Role
@@ -69,11 +70,7 @@ class BackupServer(ServerEngine):
 
     def replication_in_progress(self) -> list[dict]:
         """Files being received from the main now: name, size, chunks, chunks_done (any thread)."""
-        receiver = self.receiver
-        with receiver._lock:  # the receiver's own table of open partial files (read-only here)
-            states = [partial.state for partial in receiver._open.values()]
-        return [{"name": state.name, "size": state.manifest.size, "chunks": state.manifest.chunk_count,
-                 "chunks_done": len(state.verified)} for state in states]
+        return self.receiver.in_progress()
 
     def promote_now(self) -> int:
         """Manual failover: become active at once; returns the new epoch."""
@@ -96,19 +93,19 @@ class BackupServer(ServerEngine):
             if address:
                 self._main_address = address
 
-    def _on_heartbeat(self, handler, frame: Frame) -> None:
+    def _on_heartbeat(self, peer: PeerConnection, frame: Frame) -> None:
         beat: protocol.Heartbeat = frame.message
         self.node.observe_epoch(beat.epoch, "the main's heartbeat", primary=beat.address)
         if beat.epoch >= self.node.epoch:  # a current main; a stale one is answered but not trusted
             self._main_is_alive(beat.address)
             self.node.follow(beat.epoch, beat.address)
-        handler.connection.send(protocol.HeartbeatAck(self.node.role.value, self.node.epoch))
+        peer.send(protocol.HeartbeatAck(self.node.role.value, self.node.epoch))
 
-    def _on_hand_over(self, handler, frame: Frame) -> None:
+    def _on_hand_over(self, peer: PeerConnection, frame: Frame) -> None:
         with self._lock:
             self._handback_asked_at = time.monotonic()
         self._main_is_alive()  # first: once we stand down, the monitor must not count the main's silence
-        self.receiver.hand_over(handler, frame)
+        self.receiver.hand_over(peer, frame)
 
     def main_link(self) -> dict:
         """What this backup knows of the main, as status replies show it (any thread)."""

@@ -90,14 +90,12 @@ class Catalog:
             self._place_blob(source, temp, manifest)
             return self._catalog(name, manifest)
 
-    def add_verified(self, path: Path, manifest: Manifest, name: str) -> AddResult:
-        """Catalog a file already verified against ``manifest``, moving (not copying) it into the store.
+    def add_stored(self, name: str, manifest: Manifest) -> AddResult:
+        """Catalog ``name`` for content whose verified blob is already in the store (fetched into it).
 
-        Follows the same naming rule as ``add_file``. ``path`` must be on the
-        data folder's file system.
+        Follows the same naming rule as ``add_file``.
         """
         with self._lock:
-            self._place_blob(path, path, manifest)
             return self._catalog(_catalog_name(Path(name)), manifest)
 
     def put_replica(self, name: str, manifest: Manifest, added_at: float) -> None:
@@ -119,11 +117,6 @@ class Catalog:
         """True if the bytes of that content are stored complete."""
         blob = self._blob(sha256)
         return blob.exists() and blob.stat().st_size == size
-
-    def install_blob(self, path: Path, manifest: Manifest) -> None:
-        """Move a verified file into the store as the blob of ``manifest``."""
-        with self._lock:
-            self._place_blob(path, path, manifest)
 
     def blob_path(self, sha256: str) -> Path:
         """Where the bytes of that content live in the store."""

@@ -13,17 +13,16 @@ from pathlib import Path
 from typing import Callable
 
 from config_loader import Config
-from database import ClientStore
+from database import PartialStore
 from error_handler import MiniTorrentError
-from minitorrent.net.remote import ServerClient
 from minitorrent.server.catalog import AddResult
 from minitorrent.server.engine import ServerEngine
+from minitorrent.server.failback import catch_up_and_take_over
 from minitorrent.server.replication import (
     PEER_ERRORS,
     Heartbeater,
     PeerLink,
     Replicator,
-    catch_up_and_take_over,
 )
 from minitorrent.server.roles import Role, RoleChanged
 from minitorrent.wire import protocol
@@ -156,26 +155,21 @@ class MainServer(ServerEngine):
         """Fetch what the backup gained and take the role back; retry until done or stopped."""
         config = self.config
         link = PeerLink(self.backup_address, config.server.secret, config.transfer.io_timeout, self.node)
-        fetch_from = ServerClient([self.backup_address], io_timeout_s=config.transfer.io_timeout,
-                                  pool_size=2, retry_deadline_s=config.server.backup.heartbeat_timeout,
-                                  stop=self.stop_event, secret=config.server.secret)
-        store = ClientStore(self.catalog.data_dir / "failback.db")
+        partials = PartialStore(self.catalog.data_dir / "failback.db")
         try:
             while not self.stop_event.is_set() and self.node.role is Role.STANDBY:
-                if self._try_take_over(link, fetch_from, store):
+                if self._try_take_over(link, partials):
                     return
                 self.stop_event.wait(config.server.backup.heartbeat_interval)
         finally:
             link.drop()
-            fetch_from.close()
-            store.close()
+            partials.close()
 
-    def _try_take_over(self, link: PeerLink, fetch_from: ServerClient, store: ClientStore) -> bool:
+    def _try_take_over(self, link: PeerLink, partials: PartialStore) -> bool:
         log.info("the backup knows epoch %d (ours is %d): catching up from it before serving",
                  self.node.highest_seen_epoch, self.node.epoch)
         try:
-            handed_over = catch_up_and_take_over(self.catalog, link, fetch_from,
-                                                 self.catalog.data_dir / "failback", store, self.stop_event)
+            handed_over = catch_up_and_take_over(self.catalog, link, partials, self.stop_event)
         except (*PEER_ERRORS, MiniTorrentError) as error:
             link.drop()
             log.warning("failback not done yet: %s", error)
@@ -196,12 +190,7 @@ class MainServer(ServerEngine):
         Any thread. None while the replication link is down (the replicator
         asks for a fresh inventory on reconnection) or replication is off.
         """
-        replicator = self.replicator
-        if replicator is None:
-            return None
-        with replicator._lock:  # the replicator's own record of the backup's inventory (read-only here)
-            known = replicator._known
-            return dict(known) if known is not None else None
+        return self.replicator.backup_holds() if self.replicator else None
 
     def _status_extra(self) -> dict:
         if not self.replicating:

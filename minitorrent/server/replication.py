@@ -14,35 +14,37 @@ The main dials the backup's port and opens two authenticated peer links:
   Every item is acknowledged, so the main knows how far behind the backup is.
 
 The backup's side is ``ReplicaReceiver``: it verifies every replicated chunk
-against the manifest before writing it, like any download, and a file joins
-its catalog only once its whole-file SHA-256 matches.
+against the manifest before writing it, and keeps a file being received in a
+part file with the same lifecycle as a client's download
+(``minitorrent.common.partfile``): recorded chunks are hashed again when a
+transfer resumes, and a file joins its catalog only once its whole-file
+SHA-256 matches.
 
-When the main comes back and finds the backup active with a higher epoch,
-``catch_up_and_take_over`` fetches what the backup gained meanwhile, merges
-the download counters, and asks the backup to hand the role back.
+The way back, when the main returns and finds the backup active, is in
+``failback.py``.
 """
 from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Callable
 
-from database import ClientStore, DownloadState, FileRecord
+from database import FileRecord, PartialStore
 from error_handler import (
     AuthenticationFailed,
     ConnectionFailed,
+    IntegrityError,
     RemoteError,
     backoff_delays,
 )
-from integrity import Manifest, sha256_file
-from minitorrent.net.remote import ServerClient, ServerSession
+from integrity import Manifest
+from minitorrent.common.partfile import FinalNameTaken, PartFile, PartFileClosed
+from minitorrent.net.remote import ServerSession
+from minitorrent.net.serving import PeerConnection
 from minitorrent.server.catalog import Catalog
 from minitorrent.server.roles import NodeState
 from minitorrent.wire import protocol
@@ -185,6 +187,15 @@ class Replicator:
     def notify_changed(self) -> None:
         """Something changed in the catalog: replicate it now."""
         self.changed.set()
+
+    def backup_holds(self) -> dict[str, str] | None:
+        """name -> sha256 of what the backup holds, as last learnt; None while that is unknown (any thread).
+
+        Unknown while the link is down: the replicator asks for a fresh
+        inventory on reconnection.
+        """
+        with self._lock:
+            return dict(self._known) if self._known is not None else None
 
     def status(self) -> dict:
         """How far behind the backup is, for status replies and windows."""
@@ -334,75 +345,24 @@ class Replicator:
         self._acked()
 
 
-# Main side: failback -----------------------------------------------------------------------------------
-
-
-def catch_up_and_take_over(catalog: Catalog, link: PeerLink, downloads: ServerClient, staging: Path,
-                           store: ClientStore, cancel: threading.Event | None = None) -> bool:
-    """Fetch what the active backup gained, merge counters, ask for the role back.
-
-    Returns True when the backup handed over (the caller then promotes), False
-    if it is waiting for its operator (``failback: manual``). Raises
-    ``PEER_ERRORS`` or ``MiniTorrentError`` if the backup cannot be reached or
-    a file cannot be fetched; the caller retries later.
-    """
-    from minitorrent.client.downloader import (
-        Downloader,  # the downloader is a client-side module; only failback needs it here
-    )
-
-    session = link.get()
-    document = decode_document(session.call(protocol.GetInventory(), protocol.Inventory).payload)
-    fetcher = Downloader(downloads, store, pipeline_depth=8, report_downloads=False)
-    for entry in document.get("files", []):
-        _fetch_if_missing(catalog, fetcher, entry, staging, cancel)
-    catalog.db.merge_download_counters(document.get("counters", {}))
-    try:
-        frame = session.call(protocol.HandOver(link.node.highest_seen_epoch), protocol.HandedOver)
-    except RemoteError as error:
-        if error.code == ErrorCode.FAILBACK_MANUAL:
-            log.info("the backup waits for its operator before handing the role back")
-            return False
-        raise
-    catalog.db.merge_download_counters(decode_document(frame.payload))
-    link.node.observe_epoch(frame.message.epoch, "backup hand-over")
-    shutil.rmtree(staging, ignore_errors=True)
-    return True
-
-
-def _fetch_if_missing(catalog: Catalog, fetcher, entry: dict, staging: Path,
-                      cancel: threading.Event | None) -> None:
-    name, sha256 = entry["name"], entry["sha256"]
-    record = catalog.db.get_file(name)
-    if record is not None and record.sha256 == sha256:
-        return
-    result = fetcher.download(name, staging, cancel)
-    added = catalog.add_verified(result.path, result.manifest, name)
-    if added.outcome == "renamed":  # the main's own file keeps the name: see docs/failover.md
-        log.warning("failback: the backup's %s differs from ours; kept it as %s", name, added.record.name)
-    else:
-        log.info("failback: fetched %s from the backup", name)
+# Backup side ---------------------------------------------------------------------------------------------
 
 
 @dataclass
-class _Partial:
-    """A file being received: its recorded state, its open .replica file, its catalog date."""
+class _Incoming:
+    """A file being received: its part file and the date the main's catalog gives it."""
 
-    state: DownloadState
-    fd: int
+    part: PartFile
     added_at: float
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    closed: bool = False
-
-
-# Backup side ---------------------------------------------------------------------------------------------
 
 
 class ReplicaReceiver:
     """The backup's answers to the main's replication requests.
 
-    Partially received files live in the store as ``.replica-<sha256>`` with
-    their verified chunks recorded in ``replica.db``, so a transfer cut off by
-    a crash on either side resumes where it stopped.
+    A file being received lives in the store as the part file
+    ``.replica-<sha256>``, with its verified chunks recorded in
+    ``replica.db``, so a transfer cut off by a crash on either side resumes
+    where it stopped (after the recorded chunks are hashed again).
     """
 
     def __init__(self, catalog: Catalog, node: NodeState, failback: str, main_address: Callable[[], str]) -> None:
@@ -411,9 +371,9 @@ class ReplicaReceiver:
         self.failback = failback
         self.main_address = main_address
         self.handback_approved = threading.Event()
-        self.partials = ClientStore(catalog.data_dir / "replica.db")
+        self.partials = PartialStore(catalog.data_dir / "replica.db")
         self._lock = threading.Lock()
-        self._open: dict[str, _Partial] = {}  # by sha256
+        self._open: dict[str, _Incoming] = {}  # by sha256
         self.on_change: Callable[[], None] = lambda: None
 
     def handlers(self) -> dict:
@@ -427,21 +387,26 @@ class ReplicaReceiver:
             protocol.HandOver: self.hand_over,
         }
 
-    def close(self) -> None:
-        """Close open partial files and the partials database."""
+    def in_progress(self) -> list[dict]:
+        """Files being received now: name, size, chunks, chunks_done (any thread)."""
         with self._lock:
-            for partial in self._open.values():
-                with partial.lock:
-                    partial.closed = True
-                    os.close(partial.fd)
-            self._open.clear()
+            parts = [incoming.part for incoming in self._open.values()]
+        return [{"name": part.name, "size": part.manifest.size, "chunks": part.manifest.chunk_count,
+                 "chunks_done": part.verified_count} for part in parts]
+
+    def close(self) -> None:
+        """Close the part files being received (they resume on the next start) and the partials database."""
+        with self._lock:
+            incoming, self._open = list(self._open.values()), {}
+        for each in incoming:
+            each.part.close()
         self.partials.close()
 
-    def inventory(self, handler, frame: Frame) -> None:
+    def inventory(self, peer: PeerConnection, frame: Frame) -> None:
         files = [{"name": r.name, "sha256": r.sha256, "size": r.size, "added_at": r.added_at}
                  for r in self.catalog.db.list_files(None)]
         document = {"files": files, "counters": self.catalog.db.download_counters()}
-        handler.connection.send(protocol.Inventory(), encode_document(document))
+        peer.send(protocol.Inventory(), encode_document(document))
 
     def _refuse_while_active(self) -> None:
         """An active backup is the authority for its catalog: a main must catch up and take over first.
@@ -454,7 +419,7 @@ class ReplicaReceiver:
             raise RequestFailed(ErrorCode.STANDBY, f"the backup is active with epoch {self.node.epoch}: it takes no "
                                                    "replication until the main has caught up and taken the role back")
 
-    def replicate_file(self, handler, frame: Frame) -> None:
+    def replicate_file(self, peer: PeerConnection, frame: Frame) -> None:
         self._refuse_while_active()
         offer: protocol.ReplicateFile = frame.message
         try:
@@ -464,91 +429,79 @@ class ReplicaReceiver:
         if self.catalog.has_blob(manifest.sha256, manifest.size):
             self.catalog.put_replica(offer.name, manifest, offer.added_at)
             self.on_change()
-            handler.connection.send(protocol.ReplicaState(manifest.sha256, True))
+            peer.send(protocol.ReplicaState(manifest.sha256, True))
             return
-        state = self._open_partial(offer.name, manifest, offer.added_at).state
-        bitmap = protocol.chunks_to_bitmap(state.verified, manifest.chunk_count)
-        handler.connection.send(protocol.ReplicaState(manifest.sha256, False), bitmap)
+        part = self._open_partial(offer.name, manifest, offer.added_at).part
+        bitmap = protocol.chunks_to_bitmap(set(part.verified), manifest.chunk_count)
+        peer.send(protocol.ReplicaState(manifest.sha256, False), bitmap)
 
-    def replicate_chunk(self, handler, frame: Frame) -> None:
+    def replicate_chunk(self, peer: PeerConnection, frame: Frame) -> None:
         self._refuse_while_active()
         request: protocol.ReplicateChunk = frame.message
         with self._lock:
-            partial = self._open.get(request.sha256)
-        if partial is None:
+            incoming = self._open.get(request.sha256)
+        if incoming is None:
             raise RequestFailed(ErrorCode.NOT_FOUND, f"no replication of {request.sha256[:12]} in progress")
-        state, manifest = partial.state, partial.state.manifest
-        if not 0 <= request.index < manifest.chunk_count:
+        part = incoming.part
+        if not 0 <= request.index < part.manifest.chunk_count:
             raise RequestFailed(ErrorCode.OUT_OF_RANGE, f"chunk {request.index} is out of range")
-        if not manifest.verify_chunk(request.index, frame.payload):
-            log.warning("replicated chunk %d of %s failed verification; refused", request.index, state.name)
-            raise RequestFailed(ErrorCode.INTEGRITY, f"chunk {request.index} of {state.name} failed SHA-256")
-        with partial.lock:  # another connection may be finishing (and closing) this very file
-            if partial.closed:
-                raise RequestFailed(ErrorCode.NOT_FOUND, f"replication of {state.name} already ended")
-            os.pwrite(partial.fd, frame.payload, manifest.chunk_span(request.index)[0])
-            self.partials.mark_verified(state.id, [request.index])
-            state.verified.add(request.index)
-            complete = len(state.verified) == manifest.chunk_count and self._finish(partial)
-        handler.connection.send(protocol.ChunkStored(request.sha256, request.index, complete))
+        if not part.manifest.verify_chunk(request.index, frame.payload):
+            log.warning("replicated chunk %d of %s failed verification; refused", request.index, part.name)
+            raise RequestFailed(ErrorCode.INTEGRITY, f"chunk {request.index} of {part.name} failed SHA-256")
+        try:
+            # Another connection may be finishing (and closing) this very file.
+            complete = part.write_verified(request.index, frame.payload) and self._finish(incoming)
+        except PartFileClosed:
+            raise RequestFailed(ErrorCode.NOT_FOUND, f"replication of {part.name} already ended") from None
+        peer.send(protocol.ChunkStored(request.sha256, request.index, complete))
 
-    def remove_file(self, handler, frame: Frame) -> None:
+    def remove_file(self, peer: PeerConnection, frame: Frame) -> None:
         self._refuse_while_active()
         self.catalog.remove_file(frame.message.name)
         self.on_change()
-        handler.connection.send(protocol.Ok())
+        peer.send(protocol.Ok())
 
-    def merge_counters(self, handler, frame: Frame) -> None:
+    def merge_counters(self, peer: PeerConnection, frame: Frame) -> None:
         self.catalog.db.merge_download_counters(decode_document(frame.payload))
         self.on_change()
-        handler.connection.send(protocol.Ok())
+        peer.send(protocol.Ok())
 
-    def hand_over(self, handler, frame: Frame) -> None:
+    def hand_over(self, peer: PeerConnection, frame: Frame) -> None:
         if self.node.is_active():
             if self.failback == "manual" and not self.handback_approved.is_set():
                 raise RequestFailed(ErrorCode.FAILBACK_MANUAL, "failback is manual: waiting for the backup's operator")
             self.node.step_down("handing the active role back to the main", self.main_address())
             self.handback_approved.clear()
         counters = self.catalog.db.download_counters()
-        handler.connection.send(protocol.HandedOver(self.node.epoch), encode_document(counters))
+        peer.send(protocol.HandedOver(self.node.epoch), encode_document(counters))
 
-    # Partial files --------------------------------------------------------------------------------------
+    # Part files ------------------------------------------------------------------------------------------
 
-    def _part_path(self, sha256: str) -> Path:
-        return self.catalog.store_dir / f".replica-{sha256}"
-
-    def _open_partial(self, name: str, manifest: Manifest, added_at: float) -> _Partial:
-        path = self._part_path(manifest.sha256)
+    def _open_partial(self, name: str, manifest: Manifest, added_at: float) -> _Incoming:
         with self._lock:
             if manifest.sha256 in self._open:
                 return self._open[manifest.sha256]
-            state = self.partials.begin_download(str(path), name, manifest)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-            if not state.verified:
-                os.ftruncate(fd, 0)
-            os.ftruncate(fd, manifest.size)
-            partial = self._open[manifest.sha256] = _Partial(state, fd, added_at)
-        if state.verified:
+            part = PartFile.open(self.partials, self.catalog.blob_path(manifest.sha256), name, manifest,
+                                 self.catalog.store_dir / f".replica-{manifest.sha256}")
+            incoming = self._open[manifest.sha256] = _Incoming(part, added_at)
+        if part.resumed:
             log.info("resuming replication of %s: %d of %d chunks already verified",
-                     name, len(state.verified), manifest.chunk_count)
-        return partial
+                     name, len(part.resumed), manifest.chunk_count)
+        return incoming
 
-    def _finish(self, partial: _Partial) -> bool:
-        """All chunks are in: check the whole file, move it into the store, catalog it. Caller holds partial.lock."""
-        state, manifest = partial.state, partial.state.manifest
-        path = self._part_path(manifest.sha256)
-        os.fsync(partial.fd)
+    def _finish(self, incoming: _Incoming) -> bool:
+        """All chunks are in: prove the whole file, install it as the content's blob, catalog it."""
+        part = incoming.part
         with self._lock:
-            self._open.pop(manifest.sha256, None)
-        partial.closed = True
-        os.close(partial.fd)
-        if sha256_file(path) != manifest.sha256:
-            self.partials.abandon_download(str(path))
-            path.unlink(missing_ok=True)
-            raise RequestFailed(ErrorCode.INTEGRITY, f"{state.name}: whole-file SHA-256 mismatch; replica discarded")
-        self.catalog.install_blob(path, manifest)
-        self.catalog.put_replica(state.name, manifest, partial.added_at)
-        self.partials.abandon_download(str(path))
+            self._open.pop(part.manifest.sha256, None)
+        try:
+            part.install()
+        except IntegrityError as error:
+            raise RequestFailed(ErrorCode.INTEGRITY, f"{error}; replica discarded") from error
+        except FinalNameTaken:  # the blob is content-addressed: the same bytes are stored already
+            if not self.catalog.has_blob(part.manifest.sha256, part.manifest.size):
+                raise
+            part.discard()
+        self.catalog.put_replica(part.name, part.manifest, incoming.added_at)
         self.on_change()
         return True
-

@@ -12,6 +12,7 @@ from error_handler import DownloadError
 from integrity import manifest_of_file, sha256_file
 from minitorrent.client.engine import ClientEngine
 from minitorrent.client.progress import Progress
+from minitorrent.common.partfile import PartFile
 
 SMALL_CHUNK = 64 * 1024
 
@@ -144,6 +145,24 @@ class TestSafety:
             engine.close()
         assert b"my own notes" == existing.read_bytes()
 
+    def test_unrelated_part_file_is_left_untouched(self, tmp_path, server_factory, small_chunks):
+        """An unrelated NAME.part already in the folder is neither truncated nor deleted; the download succeeds beside it."""
+        source = make_file(tmp_path / "src" / "movie.bin", 3 * SMALL_CHUNK + 5)
+        server = server_factory(small_chunks)
+        server.add_file(source)
+        foreign = tmp_path / "out" / "movie.bin.part"
+        foreign.parent.mkdir()
+        foreign.write_bytes(b"someone else's half-finished movie")
+        engine = engine_for(tmp_path, server)
+        try:
+            result = engine.download("movie.bin", tmp_path / "out")
+            engine.discard_partial("movie.bin", tmp_path / "out")  # forgetting a download is no licence either
+        finally:
+            engine.close()
+        assert b"someone else's half-finished movie" == foreign.read_bytes()
+        assert sha256_file(source) == sha256_file(result.path)
+        assert ["movie.bin", "movie.bin.part"] == sorted(p.name for p in foreign.parent.iterdir())
+
     def test_identical_existing_file_is_a_no_op(self, tmp_path, server_factory):
         """The same content already at the destination counts as done, without fetching."""
         source = make_file(tmp_path / "src" / "doc.txt", 5000)
@@ -203,11 +222,15 @@ class TestSafety:
 
 def leave_earlier_run(engine: ClientEngine, out: Path, name: str, manifest, part_bytes: bytes,
                       verified) -> None:
-    """What a run killed mid-download leaves: ``NAME.part`` holding ``part_bytes``, ``verified`` recorded."""
+    """What a run killed mid-download leaves: its own ``NAME.part`` holding ``part_bytes``, ``verified`` recorded."""
     out.mkdir(exist_ok=True)
-    state = engine.store.begin_download(str(out / name), name, manifest)
-    (out / f"{name}.part").write_bytes(part_bytes)
-    engine.store.mark_verified(state.id, verified)
+    part = PartFile.open(engine.store, out / name, name, manifest, out / f"{name}.part")
+    try:
+        for index in verified:
+            offset, length = manifest.chunk_span(index)
+            part.write_verified(index, part_bytes[offset:offset + length])  # as recorded, damaged or not
+    finally:
+        part.close()
 
 
 class TestResume:

@@ -1,12 +1,9 @@
-"""Unit tests for cluster.py (roles, epochs, peer authentication) and the pure helpers of replication.
+"""Unit tests for roles.py (roles, epochs) and peer authentication; replication has tests/server/test_replication.py.
 
 In-process and fast: a real SQLite ``ServerStore`` under ``tmp_path``, no sockets.
-The download-counter tests cover ``ServerStore``'s G-counter, which is what
-makes split-brain counts merge to the right total.
 """
 from __future__ import annotations
 
-import io
 import sqlite3
 
 import pytest
@@ -14,8 +11,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from database import ServerStore
-from integrity import build_manifest
-from minitorrent.server.replication import decode_document, encode_document
 from minitorrent.server.roles import NodeState, Role, RoleChanged
 from minitorrent.wire.auth import (
     PEER_PURPOSE,
@@ -27,8 +22,6 @@ from minitorrent.wire.auth import (
 from minitorrent.wire.protocol import (
     ErrorCode,
     RequestFailed,
-    bitmap_to_chunks,
-    chunks_to_bitmap,
 )
 
 
@@ -297,131 +290,6 @@ class TestProofs:
         """For any secrets and nonce: the same secret proves, a different one does not."""
         assert proof_ok(secret, SERVER_PURPOSE, nonce, prove(secret, SERVER_PURPOSE, nonce))
         assert proof_ok(secret, SERVER_PURPOSE, nonce, prove(other, SERVER_PURPOSE, nonce)) is (secret == other)
-
-
-# Replication helpers -------------------------------------------------------------------------------------------
-
-
-class TestChunkBitmap:
-    @given(data=st.data(), count=st.integers(min_value=0, max_value=3000))
-    @settings(max_examples=100, deadline=None)
-    def test_round_trip(self, data, count):
-        """Any set of chunk indexes survives bitmap and back; the bitmap has one bit per chunk."""
-        indexes = data.draw(st.sets(st.integers(min_value=0, max_value=count - 1))) if count else set()
-        bitmap = chunks_to_bitmap(indexes, count)
-        assert (count + 7) // 8 == len(bitmap)
-        assert indexes == bitmap_to_chunks(bitmap, count)
-
-    def test_bit_order(self):
-        """Chunk i is bit i % 8 of byte i // 8 (least significant first)."""
-        assert b"\x01\x80\x02" == chunks_to_bitmap({0, 15, 17}, 18)
-
-    def test_bits_past_the_count_are_ignored(self):
-        """Padding bits in the last byte mean nothing."""
-        assert {0, 1, 2} == bitmap_to_chunks(b"\xff", 3)
-
-    def test_short_bitmap_means_the_rest_are_missing(self):
-        """A bitmap shorter than the chunk count (from a peer) marks only what it covers."""
-        assert {8} == bitmap_to_chunks(b"\x00\x01", 100)
-        assert set() == bitmap_to_chunks(b"", 10)
-
-    def test_empty_file(self):
-        """A file of no chunks has an empty bitmap."""
-        assert (b"", set()) == (chunks_to_bitmap(set(), 0), bitmap_to_chunks(b"", 0))
-
-
-class TestDocuments:
-    def test_round_trip_keeps_any_name(self):
-        """Inventories carry names with any Unicode intact."""
-        document = {"files": [{"name": "Café | ☃ : x.txt", "sha256": "ab"}], "counters": {"a": {"o": 1}}}
-        assert document == decode_document(memoryview(encode_document(document)))
-
-    @pytest.mark.parametrize("payload", [b"[1, 2]", b"not json", b"\xff\xfe"])
-    def test_anything_but_a_json_object_is_a_protocol_error(self, payload):
-        """A peer's malformed document is refused with BAD_REQUEST, not a crash."""
-        from minitorrent.wire.protocol import RemoteProtocolError
-
-        with pytest.raises(RemoteProtocolError) as refused:
-            decode_document(payload)
-        assert ErrorCode.BAD_REQUEST == refused.value.code
-
-
-# Download counters: a G-counter per origin ----------------------------------------------------------------------
-
-
-def add_files(store: ServerStore, *names: str) -> None:
-    for i, name in enumerate(names):
-        store.add_file(name, build_manifest(io.BytesIO(name.encode() * (i + 1)), 4))
-
-
-class TestDownloadCounters:
-    def test_each_origin_counts_its_own_row(self, store):
-        """record_download increments the origin's counter; the file's total is the sum over origins."""
-        add_files(store, "a.txt")
-        store.record_download("a.txt", "main")
-        store.record_download("a.txt", "main")
-        assert 3 == store.record_download("a.txt", "backup")
-        assert {"a.txt": {"backup": 1, "main": 2}} == store.download_counters()
-        assert 3 == store.get_file("a.txt").downloads
-
-    def test_merge_keeps_the_larger_count_per_origin(self, store):
-        """Merging never lowers a counter and takes any higher one; it returns how many changed."""
-        add_files(store, "a.txt")
-        for _ in range(3):
-            store.record_download("a.txt", "main")
-        changed = store.merge_download_counters({"a.txt": {"main": 1, "backup": 4}})
-        assert (1, {"a.txt": {"backup": 4, "main": 3}}) == (changed, store.download_counters())
-        assert 7 == store.get_file("a.txt").downloads
-
-    def test_merge_is_idempotent(self, store):
-        """Merging the same counters again changes nothing (a resent update is harmless)."""
-        add_files(store, "a.txt")
-        counters = {"a.txt": {"backup": 2}}
-        store.merge_download_counters(counters)
-        assert 0 == store.merge_download_counters(counters)
-        assert 2 == store.get_file("a.txt").downloads
-
-    def test_counters_for_unknown_names_are_ignored(self, store):
-        """A counter for a name not in the catalog is dropped, and nothing is created for it."""
-        add_files(store, "a.txt")
-        assert 0 == store.merge_download_counters({"ghost.bin": {"backup": 9}})
-        assert ({}, None) == (store.download_counters(), store.get_file("ghost.bin"))
-
-    def test_split_brain_counts_merge_to_the_sum(self, tmp_path):
-        """Two replicas that both counted while cut off end with the same, complete totals."""
-        with ServerStore(tmp_path / "main.db") as main, ServerStore(tmp_path / "backup.db") as backup:
-            for replica in (main, backup):
-                add_files(replica, "a.txt", "b.txt")
-            main.record_download("a.txt", "main")
-            for _ in range(2):
-                backup.record_download("a.txt", "backup")
-            backup.record_download("b.txt", "backup")
-            main.merge_download_counters(backup.download_counters())
-            backup.merge_download_counters(main.download_counters())
-            assert main.download_counters() == backup.download_counters()
-            totals = {r.name: r.downloads for r in main.list_files()}
-            assert {"a.txt": 3, "b.txt": 1} == totals == {r.name: r.downloads for r in backup.list_files()}
-
-    @given(updates=st.lists(st.dictionaries(st.sampled_from(["o1", "o2", "o3"]), st.integers(0, 50)),
-                            min_size=1, max_size=6))
-    @settings(max_examples=30, deadline=None)
-    def test_merge_order_does_not_matter(self, tmp_path_factory, updates):
-        """Merging any updates in any order gives, per origin, the maximum: a G-counter."""
-        folder = tmp_path_factory.mktemp("g")
-        with ServerStore(folder / "fwd.db") as forward, ServerStore(folder / "rev.db") as backward:
-            for replica in (forward, backward):
-                add_files(replica, "a.txt")
-            for update in updates:
-                forward.merge_download_counters({"a.txt": update})
-            for update in reversed(updates):
-                backward.merge_download_counters({"a.txt": update})
-            expected: dict[str, int] = {}
-            for update in updates:
-                for origin, count in update.items():
-                    expected[origin] = max(expected.get(origin, 0), count)
-            merged = forward.download_counters().get("a.txt", {})
-            assert expected == merged == backward.download_counters().get("a.txt", {})
-            assert sum(expected.values()) == forward.get_file("a.txt").downloads
 
 
 class TestOutlandishClaims:

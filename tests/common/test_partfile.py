@@ -1,0 +1,240 @@
+"""The part-file lifecycle: create ours with O_EXCL, resume by re-verifying, record, install, discard."""
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import pytest
+
+from database import ClientStore, PartialStore
+from error_handler import IntegrityError
+from integrity import Manifest, build_manifest
+from minitorrent.common.partfile import (
+    PART_NAME_ATTEMPTS,
+    FinalNameTaken,
+    NoFreePartName,
+    PartFile,
+    PartFileClosed,
+    discard_recorded,
+    part_names,
+)
+
+CHUNK = 16
+DATA = bytes(range(256)) * 2 + b"tail"  # 33 chunks, the last one short
+FOREIGN = b"someone else's half-finished file"
+
+
+@pytest.fixture
+def store(tmp_path):
+    with PartialStore(tmp_path / "partials.db") as partials:
+        yield partials
+
+
+@pytest.fixture
+def manifest() -> Manifest:
+    return build_manifest(io.BytesIO(DATA), CHUNK)
+
+
+def open_part(store: PartialStore, folder: Path, manifest: Manifest, name: str = "movie.bin") -> PartFile:
+    return PartFile.open(store, folder / name, name, manifest, folder / f"{name}.part")
+
+
+def write_chunks(part: PartFile, indexes, data: bytes = DATA) -> None:
+    for index in indexes:
+        offset, length = part.manifest.chunk_span(index)
+        part.write_verified(index, data[offset:offset + length])
+
+
+def write_all(part: PartFile) -> None:
+    write_chunks(part, range(part.manifest.chunk_count))
+
+
+class TestCreate:
+    def test_a_new_part_file_is_created_sized_and_recorded(self, store, tmp_path, manifest):
+        """A first open creates NAME.part at the file's size and records it, with its identity, as ours."""
+        part = open_part(store, tmp_path, manifest)
+        part.close()
+        stat = (tmp_path / "movie.bin.part").stat()
+        state = store.partial_for(str(tmp_path / "movie.bin"))
+        assert (len(DATA), str(tmp_path / "movie.bin.part"), f"{stat.st_dev}:{stat.st_ino}") == (
+            stat.st_size, state.part_path, state.part_identity)
+
+    def test_a_part_name_we_did_not_create_is_left_untouched(self, store, tmp_path, manifest):
+        """An unrelated NAME.part is never opened for writing: the file goes through NAME.2.part and lands whole."""
+        foreign = tmp_path / "movie.bin.part"
+        foreign.write_bytes(FOREIGN)
+        part = open_part(store, tmp_path, manifest)
+        write_all(part)
+        part.install()
+        assert (tmp_path / "movie.bin.2.part", FOREIGN, DATA) == (part.path, foreign.read_bytes(),
+                                                                  (tmp_path / "movie.bin").read_bytes())
+        assert not part.path.exists()
+
+    def test_a_symlink_at_the_part_name_is_not_followed(self, store, tmp_path, manifest):
+        """A symlink planted at NAME.part (even dangling) is skipped; what it points to is never written."""
+        target = tmp_path / "precious.txt"
+        target.write_bytes(FOREIGN)
+        (tmp_path / "movie.bin.part").symlink_to(target)
+        part = open_part(store, tmp_path, manifest)
+        write_all(part)
+        part.install()
+        assert (tmp_path / "movie.bin.2.part", FOREIGN) == (part.path, target.read_bytes())
+
+    def test_every_name_taken_is_a_clear_error(self, store, tmp_path, manifest):
+        """When every candidate name holds someone else's file, opening fails with NoFreePartName and writes nothing."""
+        names = list(part_names(tmp_path / "movie.bin.part"))
+        for name in names:
+            name.write_bytes(FOREIGN)
+        with pytest.raises(NoFreePartName, match="taken by other files"):
+            open_part(store, tmp_path, manifest)
+        assert (PART_NAME_ATTEMPTS, [FOREIGN], []) == (len(names), sorted({n.read_bytes() for n in names}),
+                                                       store.in_progress())
+
+    def test_numbered_names_keep_the_suffix_last(self, tmp_path):
+        """Candidates are NAME.part, NAME.2.part, NAME.3.part...; a suffix-less name gets the number last."""
+        assert ["a.bin.part", "a.bin.2.part", "a.bin.3.part"] == [p.name for p in
+                                                                  list(part_names(tmp_path / "a.bin.part"))[:3]]
+        assert [".replica-ab", ".replica-ab.2"] == [p.name for p in list(part_names(tmp_path / ".replica-ab"))[:2]]
+
+
+class TestResume:
+    def test_recorded_chunks_are_verified_again(self, store, tmp_path, manifest):
+        """On reopening, a recorded chunk whose bytes were damaged on disk is forgotten; the sound ones are kept."""
+        part = open_part(store, tmp_path, manifest)
+        write_chunks(part, [0, 1, 5])
+        part.close()
+        with open(tmp_path / "movie.bin.part", "r+b") as damaged:
+            damaged.seek(CHUNK + 3)
+            damaged.write(b"\xff")
+        resumed = open_part(store, tmp_path, manifest)
+        resumed.close()
+        assert (frozenset({0, 5}), {0, 5}) == (resumed.resumed, store.partial_for(str(tmp_path / "movie.bin")).verified)
+
+    def test_a_file_put_in_place_of_ours_is_not_resumed_into(self, store, tmp_path, manifest):
+        """If our NAME.part was replaced by another file, that file is left alone and nothing is resumed."""
+        part = open_part(store, tmp_path, manifest)
+        write_chunks(part, [0, 1])
+        part.close()
+        (tmp_path / "movie.bin.part").unlink()
+        (tmp_path / "movie.bin.part").write_bytes(FOREIGN)
+        again = open_part(store, tmp_path, manifest)
+        again.close()
+        assert (frozenset(), tmp_path / "movie.bin.2.part", FOREIGN) == (
+            again.resumed, again.path, (tmp_path / "movie.bin.part").read_bytes())
+
+    def test_a_record_of_another_version_is_discarded_with_its_part_file(self, store, tmp_path, manifest):
+        """Progress on another version is dropped (our old part file goes): versions never mix."""
+        old = build_manifest(io.BytesIO(DATA[::-1]), CHUNK)
+        part = open_part(store, tmp_path, old)
+        write_chunks(part, [0, 1], DATA[::-1])
+        part.close()
+        again = open_part(store, tmp_path, manifest)
+        again.close()
+        assert (frozenset(), manifest) == (again.resumed, store.partial_for(str(tmp_path / "movie.bin")).manifest)
+
+    def test_a_missing_part_file_starts_afresh(self, store, tmp_path, manifest):
+        """A record whose part file was deleted starts again from nothing."""
+        part = open_part(store, tmp_path, manifest)
+        write_chunks(part, [0, 1])
+        part.close()
+        (tmp_path / "movie.bin.part").unlink()
+        again = open_part(store, tmp_path, manifest)
+        again.close()
+        assert (frozenset(), set()) == (again.resumed, store.partial_for(str(tmp_path / "movie.bin")).verified)
+
+
+class TestRecord:
+    def test_each_chunk_is_recorded_as_it_is_written(self, store, tmp_path, manifest):
+        """Another connection sees a chunk recorded as soon as write_verified returns: a kill cannot lose it."""
+        part = open_part(store, tmp_path, manifest)
+        write_chunks(part, [3])
+        with PartialStore(store.path) as other:
+            seen = other.partial_for(str(tmp_path / "movie.bin")).verified
+        part.close()
+        assert {3} == seen
+
+    def test_only_the_completing_write_says_so(self, store, tmp_path, manifest):
+        """write_verified returns True exactly once: for the chunk that completed the file, not for a repeat."""
+        part = open_part(store, tmp_path, manifest)
+        write_chunks(part, range(1, manifest.chunk_count))
+        last = part.write_verified(0, DATA[:CHUNK])
+        again = part.write_verified(0, DATA[:CHUNK])
+        part.close()
+        assert (True, False, True) == (last, again, part.complete)
+
+    def test_no_write_after_close(self, store, tmp_path, manifest):
+        """A chunk for a closed part file is refused with PartFileClosed."""
+        part = open_part(store, tmp_path, manifest)
+        part.close()
+        with pytest.raises(PartFileClosed):
+            part.write_verified(0, DATA[:CHUNK])
+
+
+class TestInstall:
+    def test_installs_under_the_final_name_and_forgets_the_record(self, store, tmp_path, manifest):
+        """A complete, proven file gets its final name; the part name and the record go."""
+        part = open_part(store, tmp_path, manifest)
+        write_all(part)
+        part.install()
+        assert (DATA, False, []) == ((tmp_path / "movie.bin").read_bytes(), part.path.exists(), store.in_progress())
+
+    def test_a_client_store_keeps_it_as_completed(self, tmp_path, manifest):
+        """With the client's store the installed file is listed among the completed downloads."""
+        with ClientStore(tmp_path / "client.db") as client:
+            part = open_part(client, tmp_path, manifest)
+            write_all(part)
+            part.install()
+            assert [str(tmp_path / "movie.bin")] == [done.path for done in client.completed_files()]
+
+    def test_on_installed_sees_the_final_file_while_the_part_name_exists(self, store, tmp_path, manifest):
+        """The callback runs with the final name in place and before the part name is removed."""
+        part = open_part(store, tmp_path, manifest)
+        write_all(part)
+        seen = []
+        part.install(on_installed=lambda final: seen.append((final.read_bytes() == DATA, part.path.exists())))
+        assert [(True, True)] == seen
+
+    def test_a_whole_file_mismatch_discards_everything(self, store, tmp_path, manifest):
+        """Chunks that pass one by one but not as a whole file: IntegrityError, no final file, no part, no record."""
+        part = open_part(store, tmp_path, manifest)
+        write_chunks(part, range(1, manifest.chunk_count))
+        part.write_verified(0, b"\0" * CHUNK)  # the caller's check is bypassed here on purpose
+        with pytest.raises(IntegrityError, match="whole-file SHA-256"):
+            part.install()
+        assert (False, False, []) == ((tmp_path / "movie.bin").exists(), part.path.exists(), store.in_progress())
+
+    def test_a_final_name_taken_meanwhile_is_never_replaced(self, store, tmp_path, manifest):
+        """A file that appeared under the final name stays; the part file and record stay to install later."""
+        part = open_part(store, tmp_path, manifest)
+        write_all(part)
+        (tmp_path / "movie.bin").write_bytes(FOREIGN)
+        with pytest.raises(FinalNameTaken):
+            part.install()
+        resumed = open_part(store, tmp_path, manifest)
+        resumed.close()
+        assert (FOREIGN, manifest.chunk_count) == ((tmp_path / "movie.bin").read_bytes(), len(resumed.resumed))
+
+    def test_an_empty_file_installs(self, store, tmp_path):
+        """A file of no chunks is complete at once and installs empty."""
+        part = open_part(store, tmp_path, build_manifest(io.BytesIO(b""), CHUNK))
+        part.install()
+        assert b"" == (tmp_path / "movie.bin").read_bytes()
+
+
+class TestDiscard:
+    def test_discard_removes_our_part_file_and_record(self, store, tmp_path, manifest):
+        """Discarding deletes the part file we created and its record."""
+        part = open_part(store, tmp_path, manifest)
+        write_chunks(part, [0])
+        part.discard()
+        assert (False, []) == (part.path.exists(), store.in_progress())
+
+    def test_discard_recorded_spares_a_file_that_is_not_ours(self, store, tmp_path, manifest):
+        """Forgetting a stopped download deletes only the file we created; a file put in its place stays."""
+        part = open_part(store, tmp_path, manifest)
+        part.close()
+        os.unlink(part.path)
+        part.path.write_bytes(FOREIGN)
+        discard_recorded(store, tmp_path / "movie.bin")
+        assert (FOREIGN, []) == (part.path.read_bytes(), store.in_progress())
