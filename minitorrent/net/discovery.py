@@ -95,6 +95,17 @@ def _interfaces_for(host: str) -> list[str] | None:
     return None if host in ("0.0.0.0", "", "::") else [host]
 
 
+def local_ipv4_addresses() -> list[str]:
+    """This machine's IPv4 addresses for a server bound to every interface: the LAN ones,
+    or loopback alone when there is no other (a machine with no network)."""
+    import ifaddr  # zeroconf's own dependency
+
+    found = [ip.ip for adapter in ifaddr.get_adapters() for ip in adapter.ips
+             if isinstance(ip.ip, str) and _is_ipv4(ip.ip)]
+    lan = [address for address in found if not ipaddress.ip_address(address).is_loopback]
+    return lan or [address for address in found if ipaddress.ip_address(address).is_loopback]
+
+
 def _open_zeroconf(interfaces: list[str] | None) -> Zeroconf:
     from zeroconf import InterfaceChoice, IPVersion, Zeroconf
 
@@ -115,10 +126,17 @@ class Announcer:
         self._lock = threading.Lock()
         self._zeroconf: Zeroconf | None = None
         self._info = None
+        self._closed = False
 
     def start(self, role: str, epoch: int) -> None:
-        """Announce the service (blocks for the probe, about 1.5 s: call from a worker thread)."""
+        """Announce the service (blocks for the probe, about 1.5 s: call from a worker thread).
+
+        Does nothing if ``close`` came first, so a server stopped while its
+        announcement was starting is never announced.
+        """
         with self._lock:
+            if self._closed:
+                return
             self._zeroconf = _open_zeroconf(_interfaces_for(self._host))
             self._info = self._service_info(role, epoch)
             self._zeroconf.register_service(self._info, allow_name_change=True)
@@ -135,6 +153,7 @@ class Announcer:
     def close(self) -> None:
         """Withdraw the announcement and close the mDNS sockets (idempotent)."""
         with self._lock:
+            self._closed = True
             zeroconf, self._zeroconf = self._zeroconf, None
         if zeroconf is not None:
             zeroconf.unregister_all_services()
@@ -143,7 +162,8 @@ class Announcer:
     def _service_info(self, role: str, epoch: int, name: str | None = None):
         from zeroconf import ServiceInfo
 
-        addresses = [] if self._host in ("0.0.0.0", "") else [socket.inet_aton(self._host)]
+        hosts = local_ipv4_addresses() if _interfaces_for(self._host) is None else [self._host]
+        addresses = [socket.inet_aton(host) for host in hosts]
         return ServiceInfo(SERVICE_TYPE, name or f"{self._instance}.{SERVICE_TYPE}", port=self._port,
                            addresses=addresses, properties=txt_record(self._identity, role, epoch),
                            server=f"{socket.gethostname()}.local.")

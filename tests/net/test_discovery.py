@@ -63,7 +63,15 @@ NETNS_SCRIPT = textwrap.dedent("""
     second = browse(3.0, ["127.0.0.1"])
     honest.close()
     liar.close()
-    print(json.dumps([[vars(s) for s in first], [vars(s) for s in second]]))
+    everywhere = Announcer("all-interfaces", "0.0.0.0", 5703, "OPQRSTU-VWXYZAB")
+    everywhere.start("active", 1)
+    third = browse(3.0)
+    everywhere.close()
+    closed_first = Announcer("never", "127.0.0.1", 5704, "NEVERAN-NOUNCED")
+    closed_first.close()
+    closed_first.start("active", 9)
+    fourth = browse(3.0)
+    print(json.dumps([[vars(s) for s in found] for found in (first, second, third, fourth)]))
 """)
 
 
@@ -86,16 +94,18 @@ def private_network_available() -> str | None:
 class TestDiscoveryOnAPrivateLan:
     def test_a_server_is_found_and_a_liar_is_not(self):
         """Browsing finds the honest server with its identity, role and epoch, drops the malformed one,
-        and sees a role change after an update."""
+        sees a role change, finds a server bound to every interface, and never one closed before it began."""
         reason = private_network_available()
         if reason:
             pytest.skip(reason)
         result = run_in_private_network(NETNS_SCRIPT)
         assert 0 == result.returncode, result.stderr
-        first, second = json.loads(result.stdout.strip().splitlines()[-1])
+        first, second, third, fourth = json.loads(result.stdout.strip().splitlines()[-1])
         assert [("127.0.0.1", 5701, "ABCDEFG-HIJKLMN", "active", 4)] == [
             (s["host"], s["port"], s["identity"], s["role"], s["epoch"]) for s in first]
         assert [("standby", 5)] == [(s["role"], s["epoch"]) for s in second]
+        assert [("127.0.0.1", 5703)] == [(s["host"], s["port"]) for s in third], "a server on 0.0.0.0"
+        assert [] == fourth, "an announcer closed before it started announced nothing"
 
 
 # A real main server announcing itself, and the client's `servers` command hearing it.
