@@ -202,8 +202,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_error(error, head)
         except MiniTorrentError as error:  # RequestFailed and kin carry a wire code
             self._send_error(HttpError(getattr(error, "code", ErrorCode.INTERNAL), str(error)), head)
-        except OSError:
-            self.close_connection = True  # the client went away mid-answer
+        except (ConnectionError, TimeoutError):
+            self.close_connection = True  # the client went away (or stalled) mid-answer
         self.face.count_request(kind)
         self.face.metrics.request_done(ok=kind != "error")
 
@@ -232,7 +232,9 @@ class _Handler(BaseHTTPRequestHandler):
             limit = min(_int_arg(query, "chunk_limit", views.MAX_MANIFEST_CHUNKS), views.MAX_MANIFEST_CHUNKS)
             return views.one_file(engine, unquote(what[len("files/"):]), _int_arg(query, "chunk_offset", 0), limit)
         if what == "status":
-            return views.status(engine)
+            http = self.face.metrics.snapshot(top_files=0)
+            return {**views.status(engine), "http": {key: http[key] for key in (
+                "upload_bps", "bytes_sent", "active_connections", "requests_total")}}
         if what == "peers":
             return views.peers(engine)
         if what == "log":
