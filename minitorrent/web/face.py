@@ -21,14 +21,15 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from typing import Callable
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from config_loader import HTTP_OFF, Config
 from error_handler import MiniTorrentError
 from metrics import Metrics
 from minitorrent.server.engine import ServerEngine
-from minitorrent.web import downloads, prometheus, views
+from minitorrent.web import announce, downloads, prometheus, torrents, views
 from minitorrent.web.errors import HttpError
+from minitorrent.web.indexer import TorrentIndexer
 from minitorrent.web.logtail import RecentLines
 from minitorrent.wire.protocol import ErrorCode
 
@@ -68,8 +69,10 @@ class WebFace:
         self._requested = (host, port)
         self._httpd: _HttpServer | None = None
         self._thread: threading.Thread | None = None
+        self.bittorrent = announce.bittorrent_tracker()  # BitTorrent peers: a swarm apart from MiniTorrent's
+        self.indexer = TorrentIndexer(engine.catalog)
         self.collector = prometheus.EngineCollector(engine, self.metrics.snapshot, self.requests_by_kind,
-                                                    lambda: 0)
+                                                    self.bittorrent.peer_count)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -92,6 +95,7 @@ class WebFace:
             host, port = self._requested
             raise MiniTorrentError(f"cannot serve the web face on {host}:{port}: {error.strerror or error}") from error
         logging.getLogger().addHandler(self.recent)
+        self.indexer.start()
         self._thread = threading.Thread(target=self._httpd.serve_forever, name=f"{self.engine.name}-http",
                                         daemon=True)
         self._thread.start()
@@ -104,6 +108,7 @@ class WebFace:
             return
         self._httpd.shutdown()
         self._httpd.server_close()
+        self.indexer.stop()
         logging.getLogger().removeHandler(self.recent)
         if self._thread:
             self._thread.join()
@@ -204,6 +209,10 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_error(HttpError(getattr(error, "code", ErrorCode.INTERNAL), str(error)), head)
         except (ConnectionError, TimeoutError):
             self.close_connection = True  # the client went away (or stalled) mid-answer
+        except Exception:  # a bug: say so in the log and to the client, keep serving others
+            log.exception("web face: %s %s failed", self.command, url.path)
+            self.close_connection = True
+            self._send_error(HttpError(ErrorCode.INTERNAL, "internal error; see the server's log"), head)
         self.face.count_request(kind)
         self.face.metrics.request_done(ok=kind != "error")
 
@@ -218,9 +227,14 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/metrics":
             self._send_bytes(200, prometheus.render(self.face.collector), prometheus.CONTENT_TYPE, head)
             return "metrics"
+        if path == "/announce":
+            body = announce.announce(self.face.engine.catalog, self.face.bittorrent, urlsplit(self.path).query,
+                                     self.client_address[0])
+            self._send_bytes(200, body, "text/plain", head)
+            return "announce"
         match = _FILE_PATH.fullmatch(path)
         if match:
-            return self._send_file(match.group(1), unquote(match.group(2)), head)
+            return self._send_file_or_torrent(match.group(1), unquote(match.group(2)), head)
         raise HttpError(ErrorCode.NOT_FOUND, f"nothing at {path}")
 
     def _api(self, what: str, query: dict) -> dict:
@@ -243,18 +257,38 @@ class _Handler(BaseHTTPRequestHandler):
 
     # Files ------------------------------------------------------------------------
 
-    def _send_file(self, sha256: str, name: str, head: bool) -> str:
+    def _send_file_or_torrent(self, sha256: str, name: str, head: bool) -> str:
+        """``name`` itself if a file of that name holds ``sha256``, else the torrent of ``name`` less ``.torrent``."""
         engine = self.face.engine
         if not engine.node.is_active():
             self._redirect_or_refuse()
-        record = downloads.find_file(engine, sha256, name)
+        if name.endswith(".torrent") and name not in engine.catalog.db.names_with_sha256(sha256):
+            self._send_torrent(downloads.find_file(engine, sha256, name.removesuffix(".torrent")), head)
+            return "torrent"
+        self._send_file(downloads.find_file(engine, sha256, name), head)
+        return "file"
+
+    def _send_torrent(self, record, head: bool) -> None:
+        pieces = self.face.engine.catalog.db.torrent_pieces(record.sha256)
+        if record.size == 0:
+            raise HttpError(ErrorCode.NOT_FOUND, f"{record.name} is empty: BitTorrent cannot share an empty file")
+        if pieces is None:
+            raise HttpError(ErrorCode.BUSY, f"the torrent of {record.name} is being prepared; retry shortly",
+                            headers={"Retry-After": "2"})
+        base = f"http://{self.headers.get('Host') or '%s:%d' % self.face.address}"
+        body = torrents.metainfo(record.name, record.size, pieces, base + views.file_url(record.sha256, record.name),
+                                 base + "/announce")
+        self._send_bytes(200, body, "application/x-bittorrent", head, {
+            "Content-Disposition": f"attachment; filename*=UTF-8''{quote(record.name + '.torrent', safe='')}"})
+
+    def _send_file(self, record, head: bool) -> None:
+        engine = self.face.engine
         reply = downloads.plan_reply(engine, record, self.headers.get("Range"), self.headers.get("If-Range"))
         file = downloads.open_blob(reply)
         with file:
             self._send_head(reply.status, reply.headers)
             if not head and reply.part is not None:
                 self._send_blob_part(file, reply)
-        return "file"
 
     def _send_blob_part(self, file, reply: downloads.Reply) -> None:
         engine, metrics = self.face.engine, self.face.metrics
