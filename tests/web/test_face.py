@@ -12,6 +12,7 @@ import pytest
 from conftest import ROOT, SHORT_TIMEOUT, make_file, wait_until, write_config
 from webfixtures import face_factory, fetch, standby_backup  # noqa: F401 - fixtures used by name
 
+from config_loader import load_config
 from integrity import sha256_file
 from minitorrent.common.launcher import ServerProcess
 from minitorrent.web.face import WebFace
@@ -223,6 +224,11 @@ class TestMetrics:
 
 
 class TestPrograms:
+    def test_written_configs_have_no_web_face_unless_asked(self, tmp_path):
+        """launcher.write_config turns the web face off (-1) where a config names no http_port."""
+        config = load_config(write_config(tmp_path, {"server": {"backup": {"http_port": 0}}}))
+        assert (-1, 0) == (config.server.main.http_port, config.server.backup.http_port)
+
     def test_headless_main_prints_the_page_address(self, tmp_path):
         """main_server.py --headless with http_port 0 prints the page's address, and the page answers there."""
         config = write_config(tmp_path, {"server": {"main": {"port": 0, "http_port": 0, "data_dir": "srv"}}})
