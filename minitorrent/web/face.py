@@ -193,6 +193,13 @@ class _Handler(BaseHTTPRequestHandler):
     def do_HEAD(self) -> None:
         self._answer(head=True)
 
+    def _refuse_method(self) -> None:
+        self.close_connection = True  # a body we will not read may follow
+        self._send_error(HttpError(ErrorCode.UNKNOWN_REQUEST, f"{self.command} is not served here; use GET"), False)
+        self.face.count_request("error")
+
+    do_POST = do_PUT = do_DELETE = do_PATCH = _refuse_method
+
     def _answer(self, head: bool) -> None:
         # http.server decodes the request line as Latin-1; a client sending raw UTF-8 meant UTF-8.
         url = urlsplit(self.path.encode("latin-1").decode("utf-8", "replace"))

@@ -93,6 +93,12 @@ class TestErrors:
         assert (status, "application/json", code) == (answer.status, answer.headers["Content-Type"],
                                                        answer.json()["error"]["code"])
 
+    def test_other_methods_get_405(self, shared):
+        """A POST gets 405 UNKNOWN_REQUEST as JSON."""
+        _, face, _, _ = shared
+        answer = fetch(face.address, "/api/v1/status", method="POST")
+        assert (405, "UNKNOWN_REQUEST") == (answer.status, answer.json()["error"]["code"])
+
     def test_replaced_content_is_gone(self, shared, tmp_path):
         """After the name is removed and re-added with other bytes, the old address answers 410 STALE_VERSION."""
         engine, face, _, path = shared
