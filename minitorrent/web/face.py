@@ -328,8 +328,7 @@ class _Handler(BaseHTTPRequestHandler):
                     headers: dict[str, str] | None = None) -> None:
         self._send_head(status, {"Content-Type": content_type, "Content-Length": str(len(body)), **(headers or {})})
         if not head:
-            self.wfile.write(body)
-            self.face.metrics.add_sent(len(body))
+            self.wfile.write(body)  # not counted in the sent bytes: those are files (a page polling itself is no upload)
 
     def _send_json(self, body: dict, head: bool) -> None:
         self._send_bytes(200, json.dumps(body).encode(), "application/json", head, {"Cache-Control": "no-store"})

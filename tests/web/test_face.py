@@ -15,7 +15,8 @@ from webfixtures import face_factory, fetch, standby_backup  # noqa: F401 - fixt
 from config_loader import load_config
 from integrity import sha256_file
 from minitorrent.common.launcher import ServerProcess
-from minitorrent.web.face import WebFace
+from minitorrent.web.errors import HttpError
+from minitorrent.wire.protocol import ErrorCode
 
 SIZE = 3 * 1024 * 1024 + 17  # three whole chunks and a short last one
 NAME = "holiday photos été.bin"
@@ -92,6 +93,16 @@ class TestErrors:
         answer = fetch(face.address, path)
         assert (status, "application/json", code) == (answer.status, answer.headers["Content-Type"],
                                                        answer.json()["error"]["code"])
+
+    def test_authorize_seam_can_refuse(self, server_factory, face_factory):
+        """An ``authorize`` that raises refuses the request with its code (where paired access will plug in)."""
+        def paired_only(path: str, headers: dict) -> None:
+            if "Authorization" not in headers:
+                raise HttpError(ErrorCode.AUTH_FAILED, "pair this device first")
+
+        face = face_factory(server_factory(), authorize=paired_only)
+        answer = fetch(face.address, "/api/v1/status")
+        assert (401, "AUTH_FAILED") == (answer.status, answer.json()["error"]["code"])
 
     def test_other_methods_get_405(self, shared):
         """A POST gets 405 UNKNOWN_REQUEST as JSON."""

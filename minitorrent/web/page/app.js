@@ -149,6 +149,7 @@ function renderLink(status) {
 
 function renderStatus(status) {
   $("server-name").textContent = status.server + " server";
+  $("server-name").title = "server id " + status.server_id;
   const role = $("role");
   role.textContent = status.role;
   role.className = "badge" + (status.role === "active" ? " active" : "");
