@@ -194,6 +194,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._answer(head=True)
 
     def _refuse_method(self) -> None:
+        self._head_sent = False
         self.close_connection = True  # a body we will not read may follow
         self._send_error(HttpError(ErrorCode.UNKNOWN_REQUEST, f"{self.command} is not served here; use GET"), False)
         self.face.count_request("error")
@@ -204,6 +205,7 @@ class _Handler(BaseHTTPRequestHandler):
         # http.server decodes the request line as Latin-1; a client sending raw UTF-8 meant UTF-8.
         url = urlsplit(self.path.encode("latin-1").decode("utf-8", "replace"))
         kind = "error"
+        self._head_sent = False
         try:
             if len(url.query) > MAX_QUERY_BYTES:
                 raise HttpError(ErrorCode.BAD_REQUEST, f"query longer than {MAX_QUERY_BYTES} bytes")
@@ -319,6 +321,7 @@ class _Handler(BaseHTTPRequestHandler):
     # Sending ----------------------------------------------------------------------------
 
     def _send_head(self, status: int, headers: dict[str, str]) -> None:
+        self._head_sent = True
         self.send_response(status)
         for key, value in headers.items():
             self.send_header(key, value)
@@ -338,6 +341,9 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_bytes(200, body, content_type, head, {"Cache-Control": "no-cache"})
 
     def _send_error(self, error: HttpError, head: bool) -> None:
+        if self._head_sent:  # too late for an error reply: cut the body short instead
+            self.close_connection = True
+            return
         self._send_bytes(error.status, error.body(), "application/json", head, error.headers)
 
 
