@@ -216,8 +216,14 @@ class TestMetrics:
         """After a whole download, /metrics counts it for that file and the HTTP bytes include it."""
         _, face, _, path = shared
         fetch(face.address, path)
-        text = fetch(face.address, "/metrics").body.decode()
-        assert True == (f'minitorrent_file_downloads_total{{file="{NAME}"}} 1.0' in text)
+        counted = f'minitorrent_file_downloads_total{{file="{NAME}"}} 1.0'
+
+        def metrics_once_counted() -> str | None:
+            text = fetch(face.address, "/metrics").body.decode()
+            return text if counted in text else None
+
+        # The server counts once sendfile returns, which may be just after the client has every byte.
+        text = wait_until(metrics_once_counted, SHORT_TIMEOUT, "the download to be counted")
         sent = next(line for line in text.splitlines() if line.startswith('minitorrent_sent_bytes_total{channel="http"}'))
         assert True == (float(sent.split()[-1]) >= SIZE)
 
