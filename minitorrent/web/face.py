@@ -85,7 +85,7 @@ class WebFace:
     def url(self) -> str:
         """The page's address, ``http://host:port/``."""
         host, port = self.address
-        return f"http://{host}:{port}/"
+        return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
 
     def start(self) -> tuple[str, int]:
         """Bind and serve in a background thread; ``MiniTorrentError`` if the port is taken."""
@@ -137,6 +137,8 @@ class _HttpServer(ThreadingHTTPServer):
 
     def __init__(self, address: tuple[str, int], face: WebFace) -> None:
         self.face = face
+        if ":" in address[0]:  # an IPv6 host such as "::1"
+            self.address_family = socket.AF_INET6
         super().__init__(address, _Handler)
 
     def process_request(self, request: socket.socket, client_address) -> None:

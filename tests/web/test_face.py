@@ -16,6 +16,7 @@ from config_loader import load_config
 from integrity import sha256_file
 from minitorrent.common.launcher import ServerProcess
 from minitorrent.web.errors import HttpError
+from minitorrent.web.face import WebFace
 from minitorrent.wire.protocol import ErrorCode
 
 SIZE = 3 * 1024 * 1024 + 17  # three whole chunks and a short last one
@@ -76,6 +77,28 @@ class TestApi:
         engine.add_file(make_file(tmp_path / "more" / "logged.txt", 10))
         lines = fetch(face.address, "/api/v1/log").json()["lines"]
         assert True == any("added logged.txt" in line["message"] for line in lines)
+
+
+def ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+class TestIpv6:
+    @pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback here")
+    def test_face_on_an_ipv6_host(self, server_factory):
+        """A face on ::1 binds, gives a bracketed URL, and answers."""
+        face = WebFace(server_factory(), "::1", 0, io_timeout_s=SHORT_TIMEOUT)
+        face.start()
+        try:
+            answer = fetch(face.address, "/api/v1/status")
+        finally:
+            face.stop()
+        assert (True, 200) == (face.url.startswith("http://[::1]:"), answer.status)
 
 
 class TestErrors:
