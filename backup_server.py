@@ -23,6 +23,7 @@ from typing import Sequence
 from error_handler import MiniTorrentError
 from minitorrent.common.daemon import build_engine, serve_until_signalled
 from minitorrent.server.backup import BackupServer
+from minitorrent.web.face import start_with_face, stop_with_face, web_face_for
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +53,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if not args.headless:
         return run_window(engine, args.geometry)
+    face = web_face_for(engine, engine.config)
     try:
-        serve_until_signalled(lambda: start_banner(engine), engine.stop, "backup server",
+        serve_until_signalled(lambda: start_with_face(lambda: start_banner(engine), face),
+                              lambda: stop_with_face(engine.stop, face), "backup server",
                               {signal.SIGUSR1: engine.approve_handback})
     except MiniTorrentError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -77,7 +80,18 @@ def run_window(engine: BackupServer, geometry: str | None = None) -> int:
     except NoDisplay:
         engine.stop()
         return no_display_hint("backup_server.py")
-    return run(engine, root, settings_file)
+    face = web_face_for(engine, engine.config)
+    try:
+        start_with_face(str, face)
+    except MiniTorrentError as error:
+        print(f"error: {error}", file=sys.stderr)
+        root.destroy()
+        engine.stop()
+        return 1
+    try:
+        return run(engine, root, settings_file)
+    finally:
+        stop_with_face(lambda: None, face)
 
 
 if __name__ == "__main__":

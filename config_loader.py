@@ -60,6 +60,9 @@ def _int_range(low: int, high: int | None = None) -> dict[str, Any]:
 
 
 _PORT = _int_range(0, MAX_PORT)  # 0 asks the OS for any free port (tests rely on it)
+HTTP_OFF = -1  # an http_port of -1 turns a server's web face (page, API, metrics, HTTP downloads) off
+_HTTP_PORT = {"must": f"an integer from 0 to {MAX_PORT}, or {HTTP_OFF} (off)",
+              "ok": lambda v: v == HTTP_OFF or 0 <= v <= MAX_PORT}
 _POSITIVE_SECONDS = {"must": "a number of seconds > 0", "ok": lambda v: v > 0}
 _HOST = {"must": "a non-empty string", "ok": lambda v: v.strip() != ""}
 
@@ -80,6 +83,7 @@ class MainServerConfig:
     host: str = _setting("127.0.0.1", **_HOST)
     port: int = _setting(5001, **_PORT)
     data_dir: Path = _setting(Path("data/main"))
+    http_port: int = _setting(5080, **_HTTP_PORT)
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,7 @@ class BackupServerConfig:
     host: str = _setting("127.0.0.1", **_HOST)
     port: int = _setting(5002, **_PORT)
     data_dir: Path = _setting(Path("data/backup"))
+    http_port: int = _setting(5081, **_HTTP_PORT)
     heartbeat_interval: float = _setting(2.0, **_POSITIVE_SECONDS)
     heartbeat_timeout: float = _setting(6.0, **_POSITIVE_SECONDS)
     failback: str = _setting(

@@ -220,6 +220,16 @@ class FileRecord:
     chunks: int
 
 
+@dataclass(frozen=True, slots=True)
+class TorrentPieces:
+    """The hashes a BitTorrent client checks for one content (see minitorrent/web/torrents.py)."""
+
+    piece_length: int
+    pieces_root: bytes
+    v1_pieces: bytes
+    piece_layer: bytes
+
+
 # A file's downloads are the sum of its per-origin counters (see ServerStore).
 _FILE_COLUMNS = (
     "name, size, chunk_size, sha256, added_at,"
@@ -275,6 +285,26 @@ class ServerStore(SQLiteStore):
             key   TEXT PRIMARY KEY,
             value TEXT NOT NULL
         ) WITHOUT ROWID;
+        """,
+        # 1 -> 2: what BitTorrent clients check (minitorrent/web/torrents.py), computed once per
+        # content by the web face's indexer; a catalog from before simply has none yet: the
+        # indexer fills them in. Rows of a content or name no longer shared are pruned by it.
+        """
+        CREATE TABLE torrent_pieces (
+            sha256       TEXT PRIMARY KEY,
+            piece_length INTEGER NOT NULL CHECK (piece_length > 0),
+            pieces_root  BLOB NOT NULL,    -- BEP 52 merkle root of the file (empty for an empty file)
+            v1_pieces    BLOB NOT NULL,    -- SHA-1 of every piece, 20 bytes each
+            piece_layer  BLOB NOT NULL     -- BEP 52 root of every piece, 32 bytes each (empty: one piece)
+        );
+        CREATE TABLE torrent_names (
+            name         TEXT PRIMARY KEY,  -- a name of files; its info hashes depend on the name
+            sha256       TEXT NOT NULL,
+            info_hash_v1 BLOB NOT NULL,     -- SHA-1 of the info dictionary
+            info_hash_v2 BLOB NOT NULL      -- first 20 bytes of its SHA-256, as trackers see it
+        );
+        CREATE INDEX torrent_names_v1 ON torrent_names (info_hash_v1);
+        CREATE INDEX torrent_names_v2 ON torrent_names (info_hash_v2);
         """,
     )
 
@@ -434,6 +464,64 @@ class ServerStore(SQLiteStore):
         return self._connection().execute(
             "SELECT COALESCE(SUM(size), 0) FROM files"
         ).fetchone()[0]
+
+    # BitTorrent hashes (schema 2) ------------------------------------------------
+
+    def torrent_pieces(self, sha256: str) -> TorrentPieces | None:
+        """The stored BitTorrent hashes of that content, or None if not computed yet."""
+        row = self._connection().execute(
+            "SELECT piece_length, pieces_root, v1_pieces, piece_layer FROM torrent_pieces WHERE sha256 = ?",
+            (sha256,),
+        ).fetchone()
+        return None if row is None else TorrentPieces(*row)
+
+    def put_torrent_pieces(self, sha256: str, pieces: TorrentPieces) -> None:
+        """Store the BitTorrent hashes of a content (replacing any)."""
+        with self._transaction() as connection:
+            connection.execute(
+                "INSERT OR REPLACE INTO torrent_pieces (sha256, piece_length, pieces_root, v1_pieces, piece_layer)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (sha256, pieces.piece_length, pieces.pieces_root, pieces.v1_pieces, pieces.piece_layer),
+            )
+
+    def names_without_torrent(self, limit: int) -> list[FileRecord]:
+        """Up to ``limit`` records whose name has no info hashes for its current content."""
+        rows = self._connection().execute(
+            f"SELECT {_FILE_COLUMNS} FROM files WHERE NOT EXISTS (SELECT 1 FROM torrent_names t"
+            " WHERE t.name = files.name AND t.sha256 = files.sha256) ORDER BY name LIMIT ?",
+            (limit,),
+        )
+        return [_file_record(row) for row in rows]
+
+    def put_torrent_name(self, name: str, sha256: str, info_hash_v1: bytes, info_hash_v2: bytes) -> None:
+        """Record the info hashes of ``name`` holding ``sha256`` (replacing those of an older content)."""
+        with self._transaction() as connection:
+            connection.execute(
+                "INSERT OR REPLACE INTO torrent_names (name, sha256, info_hash_v1, info_hash_v2) VALUES (?, ?, ?, ?)",
+                (name, sha256, info_hash_v1, info_hash_v2),
+            )
+
+    def file_for_info_hash(self, info_hash: bytes) -> FileRecord | None:
+        """The shared file whose torrent has this v1 hash or (first 20 bytes of) v2 hash, or None."""
+        row = self._connection().execute(
+            "SELECT name, sha256 FROM torrent_names WHERE info_hash_v1 = ?"
+            " UNION ALL SELECT name, sha256 FROM torrent_names WHERE info_hash_v2 = ? LIMIT 1",
+            (info_hash, info_hash),
+        ).fetchone()
+        record = None if row is None else self.get_file(row[0])
+        return record if record is not None and record.sha256 == row[1] else None
+
+    def prune_torrents(self) -> int:
+        """Drop the torrent rows of names and contents no longer shared; how many went."""
+        with self._transaction() as connection:
+            names = connection.execute(
+                "DELETE FROM torrent_names WHERE NOT EXISTS (SELECT 1 FROM files f"
+                " WHERE f.name = torrent_names.name AND f.sha256 = torrent_names.sha256)"
+            ).rowcount
+            contents = connection.execute(
+                "DELETE FROM torrent_pieces WHERE NOT EXISTS (SELECT 1 FROM files f WHERE f.sha256 = torrent_pieces.sha256)"
+            ).rowcount
+        return names + contents
 
 
 # ------------------------------------------------------------- partial files

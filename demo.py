@@ -1,6 +1,6 @@
 """A local demo of MiniTorrent on throwaway sample files, failover included.
 
-    python demo.py [--headless] [--keep]
+    python demo.py [--headless] [--keep] [--no-browser]
 
 With a screen, the demo opens the three windows side by side on 127.0.0.1
 with free ports, a throwaway data folder and the sample files already
@@ -20,6 +20,10 @@ real programs as headless processes:
 4. the main server is started again: it catches up from the backup and takes
    the active role back.
 
+Each server also has its web face (docs/http.md): the demo prints the main
+server's page address, and with a screen opens it in a browser if there is
+one (``--no-browser``: don't).
+
 ``--keep`` leaves the folder (configs, logs, downloads) for a look afterwards.
 """
 from __future__ import annotations
@@ -35,8 +39,12 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
+import webbrowser
 from pathlib import Path
 from typing import Callable, Sequence
+
+import yaml
 
 from integrity import sha256_file
 from minitorrent.common.launcher import ROOT, ServerProcess, free_port, write_config
@@ -70,8 +78,8 @@ def write_configs(workdir: Path) -> dict[str, Path]:
     """One config per program, all naming the same two servers and sharing a fresh secret."""
     settings = {
         "server": {
-            "main": {"host": "127.0.0.1", "port": free_port(), "data_dir": "data"},
-            "backup": {"host": "127.0.0.1", "port": free_port(), "data_dir": "data",
+            "main": {"host": "127.0.0.1", "port": free_port(), "http_port": free_port(), "data_dir": "data"},
+            "backup": {"host": "127.0.0.1", "port": free_port(), "http_port": free_port(), "data_dir": "data",
                        "heartbeat_interval": HEARTBEAT_INTERVAL_S, "heartbeat_timeout": HEARTBEAT_TIMEOUT_S},
             "secret": secrets.token_hex(16),
         },
@@ -129,6 +137,12 @@ def report_checksums(samples: list[Path], downloads: Path) -> bool:
     return all_match
 
 
+def page_address(config: Path) -> str:
+    """The web page of the server that ``config`` configures (the demo gives every server a known http_port)."""
+    settings = yaml.safe_load(config.read_text(encoding="utf-8"))["server"]["main"]
+    return f"http://{settings['host']}:{settings['http_port']}/"
+
+
 def say(text: str) -> None:
     print(f"\n== {text}", flush=True)
 
@@ -146,6 +160,7 @@ def run_demo(workdir: Path) -> bool:
         status = wait_for(client, lambda s: s.get("server") == "main" and s["backup"].get("in_sync"),
                           "the backup to hold a full replica")
         print(f"The main server is active (epoch {status['epoch']}); the backup holds a full replica.")
+        print(f"Its web page (catalog, status, downloads, .torrent files): {page_address(configs['main'])}")
         run_client(client, "list")
         run_client(client, "get", *SAMPLES)
         ok = report_checksums(samples, workdir / "client" / "downloads")
@@ -197,7 +212,19 @@ def window_geometries(width: int, height: int) -> dict[str, str]:
     }
 
 
-def run_windows(workdir: Path, size: tuple[int, int]) -> bool:
+def page_answers(url: str) -> bool:
+    """Wait (up to the time a server takes to start) until ``url`` answers; False if it never does."""
+    deadline = time.monotonic() + ROLE_CHANGE_TIMEOUT_S
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return True
+        except OSError:
+            time.sleep(0.2)
+    return False
+
+
+def run_windows(workdir: Path, size: tuple[int, int], open_browser: bool = True) -> bool:
     """Open the three windows on the samples; wait until all are closed. True if none failed."""
     samples = make_samples(workdir / "samples")
     configs = write_configs(workdir)
@@ -209,6 +236,9 @@ def run_windows(workdir: Path, size: tuple[int, int]) -> bool:
     processes = [subprocess.Popen([sys.executable, str(ROOT / script), "--config", str(configs[name]),
                                    "--geometry", places[name], *extra])
                  for name, script, extra in programs]
+    page = page_address(configs["main"])
+    opened = open_browser and page_answers(page) and webbrowser.open(page)  # False when no browser is there
+    print(f"The main server's web page is at {page}{' (opened in your browser)' if opened else ''}.")
     print("Select files in the client window and click Download Selected. Then close the main server's\n"
           "window (or kill it) and watch the backup take over; start `python main_server.py --config "
           f"{configs['main']}` again to see it take the role back. Close every window (or press Ctrl+C) to end.")
@@ -225,12 +255,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run a local MiniTorrent demo on sample files, with a failover.")
     parser.add_argument("--headless", action="store_true", help="tell the story in the terminal, no windows")
     parser.add_argument("--keep", action="store_true", help="keep the demo folder afterwards")
+    parser.add_argument("--no-browser", action="store_true", help="do not open the web page in a browser")
     args = parser.parse_args(argv)
     size = None if args.headless else screen_size()
     workdir = Path(tempfile.mkdtemp(prefix="minitorrent-demo-"))
     try:
         if size:
-            return 0 if run_windows(workdir, size) else 1
+            return 0 if run_windows(workdir, size, open_browser=not args.no_browser) else 1
         ok = run_demo(workdir)
     finally:
         if args.keep:

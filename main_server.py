@@ -23,6 +23,7 @@ from typing import Sequence
 from error_handler import MiniTorrentError
 from minitorrent.common.daemon import build_engine, serve_until_signalled
 from minitorrent.server.main import MainServer
+from minitorrent.web.face import start_with_face, stop_with_face, web_face_for
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +70,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not added_ok or (args.add and _already_running(engine)):
         engine.catalog.close()
         return 0 if added_ok else 1
+    face = web_face_for(engine, engine.config)
     try:
-        serve_until_signalled(lambda: start_banner(engine), engine.stop, "main server")
+        serve_until_signalled(lambda: start_with_face(lambda: start_banner(engine), face),
+                              lambda: stop_with_face(engine.stop, face), "main server")
     except MiniTorrentError as error:
         print(f"error: {error}", file=sys.stderr)
         engine.catalog.close()
@@ -93,7 +96,18 @@ def run_window(engine: MainServer, add: Sequence[str], geometry: str | None = No
     except NoDisplay:
         engine.catalog.close()
         return no_display_hint("main_server.py")
-    return run(engine, root, settings_file, add)
+    face = web_face_for(engine, engine.config)
+    try:
+        start_with_face(str, face)
+    except MiniTorrentError as error:
+        print(f"error: {error}", file=sys.stderr)
+        root.destroy()
+        engine.catalog.close()
+        return 1
+    try:
+        return run(engine, root, settings_file, add)
+    finally:
+        stop_with_face(lambda: None, face)
 
 
 def _folder_taken(engine: MainServer) -> bool:

@@ -158,6 +158,19 @@ class TestDefaults:
         assert SHIPPED_CONFIG == config_loader.default_config_path()
 
 
+class TestHttpPort:
+    @pytest.mark.parametrize("value", [-1, 0, 8080])
+    def test_off_any_or_a_port(self, tmp_path, value):
+        """http_port takes -1 (off), 0 (any free port) or a port."""
+        config = load_text(tmp_path, f"server: {{main: {{http_port: {value}}}, backup: {{http_port: {value}}}}}")
+        assert (value, value) == (config.server.main.http_port, config.server.backup.http_port)
+
+    def test_defaults(self, tmp_path):
+        """The web faces default to 5080 (main) and 5081 (backup)."""
+        config = load_text(tmp_path, "")
+        assert (5080, 5081) == (config.server.main.http_port, config.server.backup.http_port)
+
+
 class TestShippedConfig:
     def test_shipped_file_equals_defaults(self):
         """The shipped config.yaml sets every key to its default."""
@@ -321,6 +334,10 @@ class TestValueErrors:
             ("server: {main: {port: 70000}}", "server.main.port: must be an integer from 0 to 65535, got 70000"),
             ("server: {backup: {port: -1}}", "server.backup.port: must be an integer from 0 to 65535, got -1"),
             ("client: {seed_port: 65536}", "client.seed_port: must be an integer from 0 to 65535, got 65536"),
+            ("server: {main: {http_port: -2}}",
+             "server.main.http_port: must be an integer from 0 to 65535, or -1 (off), got -2"),
+            ("server: {backup: {http_port: 65536}}",
+             "server.backup.http_port: must be an integer from 0 to 65535, or -1 (off), got 65536"),
             ("transfer: {chunk_size: 1023}", "transfer.chunk_size: must be an integer from 1024 to 16777216, got 1023"),
             ("transfer: {chunk_size: 16777217}", "transfer.chunk_size: must be an integer from 1024 to 16777216, got 16777217"),
             ("transfer: {max_connections: 0}", "transfer.max_connections: must be an integer >= 1, got 0"),

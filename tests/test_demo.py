@@ -21,6 +21,7 @@ class TestDemo:
         assert "every file arrived intact" in result.stdout
         assert 4 == result.stdout.count("  OK   ")  # three samples, then one again from the backup
         assert "The backup took over" in result.stdout and "took the role back" in result.stdout
+        assert "Its web page (catalog, status, downloads, .torrent files): http://127.0.0.1:" in result.stdout
         assert [] == list(tmp_path.glob("minitorrent-demo-*"))  # the throwaway folder is gone
 
 
@@ -51,7 +52,7 @@ class TestDemoWindows:
             if os.environ.get("REQUIRE_GUI") == "1":
                 pytest.fail(reason + " (REQUIRE_GUI=1)")
             pytest.skip(reason)
-        demo = subprocess.Popen([sys.executable, str(ROOT / "demo.py")], cwd=tmp_path, text=True,
+        demo = subprocess.Popen([sys.executable, str(ROOT / "demo.py"), "--no-browser"], cwd=tmp_path, text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 env={**os.environ, "TMPDIR": str(tmp_path)})
 

@@ -6,6 +6,7 @@ and still learn the real port.
 """
 from __future__ import annotations
 
+import copy
 import re
 import signal
 import socket
@@ -31,7 +32,15 @@ def free_port() -> int:
 
 
 def write_config(path: Path, settings: dict) -> Path:
-    """Write ``settings`` as a YAML config file at ``path`` (folders created)."""
+    """Write ``settings`` as a YAML config file at ``path`` (folders created).
+
+    A server given no ``http_port`` gets -1 (no web face): a test, a bench or
+    the demo never binds the default 5080/5081 by accident.
+    """
+    settings = copy.deepcopy(settings)
+    servers = settings.setdefault("server", {})
+    for role in ("main", "backup"):
+        servers.setdefault(role, {}).setdefault("http_port", -1)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(settings, allow_unicode=True, sort_keys=False), encoding="utf-8")
     return path

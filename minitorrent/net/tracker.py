@@ -75,6 +75,14 @@ class Tracker:
             self._expire()
             return len(self._peers)
 
+    def peers(self) -> list[tuple[str, int, int, float]]:
+        """Every known peer as ``(host, port, files announced, seconds since its last announcement)``."""
+        with self._lock:
+            self._expire()
+            now = self._clock()
+            return sorted((host, port, len(peer.files), now - peer.last_seen)
+                          for (host, port), peer in self._peers.items())
+
     def _expire(self) -> None:
         deadline = self._clock() - self.ttl_s
         for address in [a for a, peer in self._peers.items() if peer.last_seen < deadline]:

@@ -283,3 +283,14 @@ class TestPerHostCap:
             tracker.announce("10.9.9.9", port, {"a" * 64: None})
         ports = sorted(port for _, port, _ in tracker.peers_for("a" * 64, None, limit=1000))
         assert list(range(11, tracker_module.MAX_PEERS_PER_HOST + 11)) == ports
+
+
+class TestListing:
+    def test_peers_lists_each_with_files_and_age(self):
+        """peers() gives every live peer, sorted, with how many files it announced and how long ago."""
+        tracker, clock = tracker_with_clock(ttl_s=3.0)
+        tracker.announce("10.0.0.2", 7000, {"a" * 64: None, "b" * 64: b"\x01"})
+        clock.now += 1.0
+        tracker.announce("10.0.0.1", 7000, {"a" * 64: None})
+        clock.now += 2.5  # the first is now past its ttl
+        assert [("10.0.0.1", 7000, 1, 2.5)] == tracker.peers()
