@@ -27,13 +27,9 @@ from error_handler import MiniTorrentError
 from minitorrent.common.units import human_duration, human_size
 from minitorrent.gui.base import entry_row
 from minitorrent.gui.main_window import age_text
-from minitorrent.gui.widgets import (
-    Badge,
-    ProgressStrip,
-    ServerWindow,
-    TileStrip,
-    close_on_signal,
-)
+from minitorrent.gui.server_window import ServerWindow
+from minitorrent.gui.shell import run_window
+from minitorrent.gui.widgets import Badge, ProgressStrip, TileStrip
 
 log = logging.getLogger(__name__)
 
@@ -318,24 +314,21 @@ class BackupWindow(ServerWindow):
     """The backup server's window. Build it on the Tk thread with an unstarted ``BackupServer``."""
 
     def __init__(self, root: tk.Tk, engine: Any, settings_file: Path | None = None, start: bool = True) -> None:
-        super().__init__(root, settings_file)
+        super().__init__(root, "backup", settings_file)
         self.controller = BackupController(engine, self.pump.post)
         self.snapshot: BackupSnapshot | None = None
         self.badge_state = BadgeState.STARTING
         self._started = False
-        self._countdown_after: str | None = None
         self._build()
         self.open(self.controller.snapshot)
         self.controller.on_change = self.poller.poll_now
-        self._countdown_frame()
+        self.every(COUNTDOWN_FRAME_MS, self._countdown_frame)
         if start:
             self.controller.start()
 
     def _build(self) -> None:
-        self.promote_button = ttk.Button(self, text="Promote now", command=self.promote_now, state="disabled")
-        self.handback_button = ttk.Button(self, text="Hand back to main", command=self.hand_back, state="disabled")
-        header = self.build_header("MiniTorrent backup server", [self.promote_button, self.handback_button])
-        header.grid(row=0, column=0, sticky="ew")
+        self.promote_button = self.header.add_button("Promote now", self.promote_now, state="disabled")
+        self.handback_button = self.header.add_button("Hand back to main", self.hand_back, state="disabled")
         ttk.Separator(self).grid(row=1, column=0, sticky="ew", pady=(10, 10))
         self._build_role_panel().grid(row=2, column=0, sticky="ew")
         ttk.Separator(self).grid(row=3, column=0, sticky="ew", pady=(10, 0))
@@ -433,7 +426,6 @@ class BackupWindow(ServerWindow):
         """Advance the heartbeat age and the failover bar between snapshots (time arithmetic only)."""
         if self.snapshot is not None:
             self._show_role()
-        self._countdown_after = self.after(COUNTDOWN_FRAME_MS, self._countdown_frame)
 
     def _show_role(self) -> None:
         snapshot = self.snapshot
@@ -459,19 +451,7 @@ class BackupWindow(ServerWindow):
         if label.cget("text") != text:
             label.configure(text=text)
 
-    def close(self) -> None:
-        if self._countdown_after is not None and not self.closed:
-            self.after_cancel(self._countdown_after)
-            self._countdown_after = None
-        super().close()
-
 
 def run(engine: Any, root: tk.Tk, settings_file: Path | None) -> int:
     """Show the backup server's window until it is closed; the exit status."""
-    window = BackupWindow(root, engine, settings_file)
-    close_on_signal(root, window.close)
-    try:
-        root.mainloop()
-    finally:
-        window.close()
-    return 0
+    return run_window(BackupWindow(root, engine, settings_file))

@@ -164,7 +164,8 @@ class Poller:
         while not self._stop.is_set():
             try:
                 self._post(self._snapshot())
-            except Exception as error:  # shown in the window by whoever handles it
+            except Exception as error:  # shown in the window; the traceback goes to the log
+                log.exception("the window's snapshot failed")
                 self._post(error)
             self._now.wait(self._interval_s)
             self._now.clear()

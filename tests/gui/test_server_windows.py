@@ -358,8 +358,8 @@ class TestMainWindow:
         pump_until(window.root, lambda: serving(window), SHORT_TIMEOUT, "the server to start")
         host, port = window.controller.holder._engine.server.address
         socket.create_connection((host, port), timeout=SHORT_TIMEOUT).close()
-        pump_until(window.root, lambda: window.headline.cget("text") == f"Serving on {host}:{port}" and
-                   window.dot._pulsing, SHORT_TIMEOUT, "the serving headline")
+        pump_until(window.root, lambda: window.header.headline.cget("text") == f"Serving on {host}:{port}" and
+                   window.header.dot._pulsing, SHORT_TIMEOUT, "the serving headline")
         assert "Stop Server" == window.serve_button.cget("text")
         window.serve_button.invoke()
         pump_until(window.root, lambda: window.controller.state is ServerState.STOPPED and
@@ -367,7 +367,7 @@ class TestMainWindow:
         with pytest.raises(OSError):
             socket.create_connection((host, port), timeout=SHORT_TIMEOUT).close()
         window.controller.add_files([make_file(tmp_path / "while-stopped.bin", 5000)])  # still possible
-        pump_until(window.root, lambda: "while-stopped.bin" in rows(window) and not window.dot._pulsing,
+        pump_until(window.root, lambda: "while-stopped.bin" in rows(window) and not window.header.dot._pulsing,
                    SHORT_TIMEOUT, "the file added while stopped")
         window.serve_button.invoke()
         pump_until(window.root, lambda: serving(window), SHORT_TIMEOUT, "the server to start again")
