@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import re
-import signal
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -190,11 +189,12 @@ def run_window(args: argparse.Namespace) -> int:
         no_display_hint,
         open_root,
     )
-    from minitorrent.gui.client_window import GEOMETRY, TITLE, ClientWindow
+    from minitorrent.gui.client_window import GEOMETRY, run
+    from minitorrent.gui.shell import TITLES
 
     settings_file = config.client.data_dir / "window.json"
     try:
-        root = open_root(TITLE, args.geometry or GEOMETRY, settings_file)
+        root = open_root(TITLES["client"], args.geometry or GEOMETRY, settings_file)
     except NoDisplay:
         return no_display_hint("client.py", "list")
     try:
@@ -204,16 +204,7 @@ def run_window(args: argparse.Namespace) -> int:
         root.destroy()
         print(f"error: {error}", file=sys.stderr)
         return 2
-    window = ClientWindow(root, engine, settings_file)
-    for signum in (signal.SIGINT, signal.SIGTERM):  # a stop from the terminal closes the window cleanly
-        signal.signal(signum, lambda *_: root.after(0, window.close))
-    try:
-        root.mainloop()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        window.close()
-    return 0
+    return run(engine, root, settings_file)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

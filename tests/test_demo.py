@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import LONG_TIMEOUT, ROOT, SHORT_TIMEOUT, wait_until
+from conftest import LONG_TIMEOUT, ROOT, wait_until
 
 import demo
 

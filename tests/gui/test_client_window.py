@@ -30,6 +30,7 @@ from conftest import (
     write_config,
 )
 
+import minitorrent.gui.client_logic as logic
 import minitorrent.gui.client_window as cw
 from error_handler import DownloadCancelled, DownloadError
 from integrity import sha256_file
@@ -37,6 +38,8 @@ from minitorrent.client.downloader import DownloadResult
 from minitorrent.client.engine import ClientEngine
 from minitorrent.client.progress import Progress
 from minitorrent.gui.base import load_settings, open_root
+from minitorrent.gui.client_panels import TransferRow
+from minitorrent.gui.shell import TITLES
 from minitorrent.gui.transfers import (
     Action,
     DownloadProgressed,
@@ -69,25 +72,25 @@ class TestCatalogLogic:
     def test_filter_is_caseless_and_accent_form_proof(self):
         """The search matches any part of the name in any case, whatever the accent's Unicode form."""
         entries = [entry("Beta Café.bin"), entry("alpha.txt"), entry("CAFE-noaccent")]
-        assert ["Beta Café.bin"] == [e["name"] for e in cw.filter_entries(entries, "cafe\u0301")]
-        assert ["Beta Café.bin"] == [e["name"] for e in cw.filter_entries(entries, "CAFÉ")]
-        assert 3 == len(cw.filter_entries(entries, "  "))
+        assert ["Beta Café.bin"] == [e["name"] for e in logic.filter_entries(entries, "cafe\u0301")]
+        assert ["Beta Café.bin"] == [e["name"] for e in logic.filter_entries(entries, "CAFÉ")]
+        assert 3 == len(logic.filter_entries(entries, "  "))
 
     def test_catalog_row_shows_human_units_and_sorts_by_raw_numbers(self):
         """Sizes show in human units but sort by bytes; the SHA-256 is shortened."""
-        values, keys = cw.catalog_row(entry("a.bin", size=1536, downloads=4, sha="0123456789abcdef" * 4))
+        values, keys = logic.catalog_row(entry("a.bin", size=1536, downloads=4, sha="0123456789abcdef" * 4))
         assert ("a.bin", "1.5 KiB", 1, 4, "0123456789ab") == values
         assert (1536, "0123456789abcdef" * 4) == (keys["size"], keys["sha256"])
 
     def test_count_text(self):
         """All files, or how many of them the search shows."""
-        assert ("12 files", "3 of 12 files", "1 file") == (cw.count_text(12, 12), cw.count_text(3, 12),
-                                                           cw.count_text(1, 1))
+        assert ("12 files", "3 of 12 files", "1 file") == (logic.count_text(12, 12), logic.count_text(3, 12),
+                                                           logic.count_text(1, 1))
 
     def test_elide_keeps_both_ends(self):
         """A long name is cut in the middle, keeping its start and its extension."""
-        assert "abcdef…yz.bin" == cw.elide("abcdefghijklmnopqrstuvwxyz.bin", 13)
-        assert "short" == cw.elide("short", 13)
+        assert "abcdef…yz.bin" == logic.elide("abcdefghijklmnopqrstuvwxyz.bin", 13)
+        assert "short" == logic.elide("short", 13)
 
 
 class TestLimits:
@@ -95,65 +98,64 @@ class TestLimits:
                                                 ("0,5", 512)])
     def test_valid_limits(self, text, expected):
         """KiB/s as typed (empty or 0: unlimited; a decimal comma is accepted) becomes bytes/s."""
-        assert expected == cw.parse_limit_kib(text, "Upload limit")
+        assert expected == logic.parse_limit_kib(text, "Upload limit")
 
     @pytest.mark.parametrize("text", ["abc", "-1", "1e12", "nan", "inf", "12 KB"])
     def test_invalid_limits_say_what_is_wanted(self, text):
         """Anything else is refused with a message naming the field and the accepted range."""
         with pytest.raises(ValueError) as raised:
-            cw.parse_limit_kib(text, "Upload limit")
+            logic.parse_limit_kib(text, "Upload limit")
         assert str(raised.value).startswith("Upload limit: enter a number of KiB/s from 0 to ")
 
     def test_format_limit_round_trips(self):
         """A rate shows as the KiB/s text that parses back to it."""
         for rate in (0, 512 * 1024, 1536):
-            assert rate == cw.parse_limit_kib(cw.format_limit_kib(rate), "x")
-        assert ("512 KiB/s", "unlimited") == (cw.describe_limit(512 * 1024), cw.describe_limit(0))
+            assert rate == logic.parse_limit_kib(logic.format_limit_kib(rate), "x")
+        assert ("512 KiB/s", "unlimited") == (logic.describe_limit(512 * 1024), logic.describe_limit(0))
 
 
 class TestConnectionLogic:
     def test_main_server(self):
         """The main: its address, role and epoch, in the 'ok' tone."""
-        view = cw.connection_view({"server": "main", "role": "active", "epoch": 3, "address": "h:1"})
-        assert ("Main server", "h:1 · role active · epoch 3", "ok", True) == (view.title, view.detail, view.tone,
-                                                                              view.connected)
+        view = logic.connection_view({"server": "main", "role": "active", "epoch": 3, "address": "h:1"})
+        assert ("Main server · h:1 · role active · epoch 3", "ok", True) == (view.headline, view.tone, view.connected)
 
     def test_backup_after_failover(self):
         """The backup is named as such, in the warning tone."""
-        view = cw.connection_view({"server": "backup", "role": "active", "epoch": 4, "address": "h:2"})
-        assert ("Backup server (failover)", "warn") == (view.title, view.tone)
+        view = logic.connection_view({"server": "backup", "role": "active", "epoch": 4, "address": "h:2"})
+        assert ("Backup server (failover)", "warn") == (view.server, view.tone)
         assert "epoch 4" in view.detail
 
     def test_no_server_counts_down(self):
         """With no server: reconnecting, the reason, and the seconds to the next try."""
-        view = cw.connection_view(None, "connection refused", 2.6)
-        assert ("Reconnecting…", "connection refused · next try in 3 s", False) == (view.title, view.detail,
-                                                                                    view.connected)
-        assert cw.connection_view(None, "", 0.0).detail == "trying now…"
+        view = logic.connection_view(None, "connection refused", 2.6)
+        assert ("Reconnecting…", "connection refused · next try in 3 s", False) == (view.server, view.detail,
+                                                                                     view.connected)
+        assert logic.connection_view(None, "", 0.0).detail == "trying now…"
 
     def test_server_changed(self):
         """A change is a first answer, another server, or another epoch; losing the server is not one."""
         main, backup = {"server": "main", "epoch": 1}, {"server": "backup", "epoch": 2}
         assert [True, False, True, True, False] == [
-            cw.server_changed(None, main), cw.server_changed(main, dict(main)), cw.server_changed(main, backup),
-            cw.server_changed(main, {"server": "main", "epoch": 3}), cw.server_changed(main, None)]
+            logic.server_changed(None, main), logic.server_changed(main, dict(main)), logic.server_changed(main, backup),
+            logic.server_changed(main, {"server": "main", "epoch": 3}), logic.server_changed(main, None)]
 
     def test_seeding_tiles(self):
         """Seeding on: address, files, uploads and peers; off or failed: says so."""
         seeding = {"running": True, "address": "10.0.0.2:7000", "files": [entry("a")], "partial": 2,
                    "bytes_sent": 3 * MiB, "connections_total": 5, "active_connections": 1, "upload_bps": 0.0,
                    "upload_limit_bps": 512 * 1024, "download_limit_bps": 0}
-        tiles = cw.seeding_tiles(seeding, True)
+        tiles = logic.seeding_tiles(seeding, True)
         assert ("on", "peers reach us at 10.0.0.2:7000", "ok") == tiles["status"]
         assert (("1", "+ 2 in part", ""), ("5", "1 connected now", "")) == (tiles["files"], tiles["peers"])
         assert ("3.0 MiB", "0 B/s now · limit 512 KiB/s", "") == tiles["uploaded"]
-        assert "off" == cw.seeding_tiles(None, False)["status"][0]
-        failed = cw.seeding_tiles({**seeding, "running": False}, True, "port 7000 is taken")
+        assert "off" == logic.seeding_tiles(None, False)["status"][0]
+        failed = logic.seeding_tiles({**seeding, "running": False}, True, "port 7000 is taken")
         assert ("failed", "port 7000 is taken", "error") == failed["status"]
 
     def test_reconnect_backs_off_to_a_cap(self):
         """1, 2, 3, 5, 5... seconds between tries while no server answers."""
-        assert [1, 2, 3, 5, 5, 5] == [cw.reconnect_delay(n) for n in range(1, 7)]
+        assert [1, 2, 3, 5, 5, 5] == [logic.reconnect_delay(n) for n in range(1, 7)]
 
 
 class TestSpeedAndEta:
@@ -214,8 +216,8 @@ class TestTransferRows:
     def test_summary(self):
         """The transfers' header counts them by state."""
         counts = {TransferState.DOWNLOADING: 2, TransferState.DONE: 1}
-        assert "2 downloading · 1 done" == cw.transfers_summary(counts)
-        assert "no transfers" == cw.transfers_summary({})
+        assert "2 downloading · 1 done" == logic.transfers_summary(counts)
+        assert "no transfers" == logic.transfers_summary({})
 
 
 class FakeEngine:
@@ -351,7 +353,7 @@ class Harness:
 
         self.config = load_config(config_path)
         self.settings_file = self.config.client.data_dir / "window.json"
-        self.root = open_root(cw.TITLE, cw.GEOMETRY, self.settings_file)
+        self.root = open_root(TITLES["client"], cw.GEOMETRY, self.settings_file)
         self.guard = TkThreadGuard(self.root)  # before any widget exists
         self.engine = ClientEngine(self.config)
         self.window = cw.ClientWindow(self.root, self.engine, self.settings_file)
@@ -374,7 +376,7 @@ class Harness:
     def transfer(self, name: str) -> Transfer:
         return next(t for t in self.window.manager.transfers.values() if t.name == name)
 
-    def row(self, name: str) -> cw.TransferRow:
+    def row(self, name: str) -> TransferRow:
         return self.window.transfers.rows[self.transfer(name).tid]
 
     def download(self, names: list[str], folder: Path, monkeypatch) -> None:
@@ -661,13 +663,13 @@ class TestConnection:
         engine, config, _ = shared
         h = harness(config)
         h.connected()
-        assert "Main server" == h.window.connection.title.cget("text")
-        assert "epoch 1" in h.window.connection.detail.cget("text")
+        headline = h.window.header.headline
+        assert headline.cget("text").startswith("Main server · ") and "epoch 1" in headline.cget("text")
         engine.stop()
-        h.pump(lambda: h.window.connection.title.cget("text") == "Reconnecting…", "the reconnecting indicator")
-        h.pump(lambda: "next try in" in h.window.connection.detail.cget("text"), "the countdown")
-        assert h.window.connection.retry_button.winfo_ismapped()
-        h.window.connection.retry_button.invoke()
+        h.pump(lambda: headline.cget("text").startswith("Reconnecting…"), "the reconnecting indicator")
+        h.pump(lambda: "next try in" in headline.cget("text"), "the countdown")
+        assert h.window.retry_button.winfo_ismapped()
+        h.window.retry_button.invoke()
         assert [] == h.guard.violations
 
     @pytest.mark.timeout(90)
@@ -685,11 +687,12 @@ class TestConnection:
             wait_until(lambda: backup.catalog.list_files()[1] == 1, LONG_TIMEOUT, "replication to the backup")
             h = harness(client_config(tmp_path / "cli", main_address, backup_address))
             h.connected()
-            assert "Main server" == h.window.connection.title.cget("text")
+            headline = h.window.header.headline
+            assert headline.cget("text").startswith("Main server · ")
             main.stop()
-            h.pump(lambda: h.window.connection.title.cget("text") == "Backup server (failover)",
+            h.pump(lambda: headline.cget("text").startswith("Backup server (failover) · "),
                    "the indicator to switch to the backup")
-            assert "role active" in h.window.connection.detail.cget("text")
+            assert "role active" in headline.cget("text")
             assert "shared.bin" in h.window.catalog.visible_names()
             assert [] == h.guard.violations
         finally:
@@ -707,14 +710,14 @@ class TestThemeAndLimits:
         _, config, _ = shared
         first = harness(config)
         assert "light" == current_theme(first.root)
-        first.window.connection.theme_button.invoke()
+        first.window.header.theme_button.invoke()
         assert "dark" == current_theme(first.root)
         wait_until(lambda: load_settings(first.settings_file).get("theme") == "dark", SHORT_TIMEOUT,
                    "window.json to say dark")
         first.close()
         second = harness(config)
         assert "dark" == current_theme(second.root)
-        second.window.connection.theme_button.invoke()
+        second.window.header.theme_button.invoke()
         assert "light" == current_theme(second.root)
         wait_until(lambda: load_settings(second.settings_file).get("theme") == "light", SHORT_TIMEOUT,
                    "window.json to say light")
