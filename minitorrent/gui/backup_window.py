@@ -153,14 +153,21 @@ def explanation(snapshot: BackupSnapshot, state: BadgeState, since: float) -> st
     return "The backup is not running: see the message above."
 
 
-def heartbeat_line(snapshot: BackupSnapshot, state: BadgeState, since: float) -> tuple[str, str]:
-    """(last heartbeat, failover countdown) as shown beside the badge."""
+def heartbeat_line(snapshot: BackupSnapshot, state: BadgeState, since: float) -> tuple[str, str, str]:
+    """(last heartbeat, failover, failover's tone) as shown beside the badge.
+
+    While heartbeats come the failover is only armed: it says after how much
+    silence it would happen, and stays still. It counts down, in the warning
+    tone, only once the main has gone quiet (NO CONTACT).
+    """
     if state is BadgeState.ACTIVE:
-        return age_text(since), "taken over"
+        return age_text(since), "taken over", ""
     if state in (BadgeState.STARTING, BadgeState.NOT_RUNNING):
-        return "—", "—"
+        return "—", "—", ""
+    if state is BadgeState.STANDBY:
+        return age_text(since), f"after {snapshot.heartbeat_timeout_s:g} s of silence", ""
     left, _ = countdown(since, snapshot.heartbeat_timeout_s)
-    return age_text(since), f"in {left:.1f} s" if left > 0 else "now"
+    return age_text(since), f"in {left:.1f} s" if left > 0 else "now", "warn"
 
 
 def promote_enabled(snapshot: BackupSnapshot | None) -> bool:
@@ -357,6 +364,7 @@ class BackupWindow(ServerWindow):
             figures.columnconfigure(column, weight=1, uniform="figure")
         self.countdown_bar = ttk.Progressbar(panel, mode="determinate", maximum=1.0, value=1.0)
         self.countdown_bar.grid(row=1, column=1, sticky="ew", pady=(6, 4))
+        panel.rowconfigure(1, minsize=self.countdown_bar.winfo_reqheight() + 10)  # no jump when it shows
         self.explanation = ttk.Label(panel, text="", anchor="w", justify="left")
         self.explanation.grid(row=2, column=1, sticky="ew")
         self.explanation.bind("<Configure>", lambda e: self.explanation.configure(wraplength=max(200, e.width - 4)))
@@ -437,12 +445,17 @@ class BackupWindow(ServerWindow):
         state = badge_state(snapshot.running, snapshot.role, since, snapshot.heartbeat_interval_s, self._started)
         self.badge_state = state
         self.badge.show(state.value, BADGE_TONES[state])
-        heartbeat, failover = heartbeat_line(snapshot, state, since)
+        heartbeat, failover, tone = heartbeat_line(snapshot, state, since)
         self._set(self.figures["heartbeat"], heartbeat)
         self._set(self.figures["failover"], failover)
+        self.figures["failover"].configure(style=f"{tone}.Value.TLabel" if tone else "Value.TLabel")
         self._set(self.figures["epoch"], str(snapshot.epoch))
         _, left = countdown(since, snapshot.heartbeat_timeout_s)
-        self.countdown_bar.configure(value=left if state in (BadgeState.STANDBY, BadgeState.NO_CONTACT) else 0.0)
+        if state is BadgeState.NO_CONTACT:  # the bar runs down only when a failover is really coming
+            self.countdown_bar.configure(value=left)
+            self.countdown_bar.grid()
+        else:
+            self.countdown_bar.grid_remove()
         self._set(self.explanation, explanation(snapshot, state, since))
         self.show_headline(*headline(snapshot, state))
 

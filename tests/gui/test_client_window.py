@@ -37,7 +37,7 @@ from integrity import sha256_file
 from minitorrent.client.downloader import DownloadResult
 from minitorrent.client.engine import ClientEngine
 from minitorrent.client.progress import Progress
-from minitorrent.gui.base import load_settings, open_root
+from minitorrent.gui.base import LogLine, fit_text, load_settings, open_root
 from minitorrent.gui.client_panels import TransferRow
 from minitorrent.gui.shell import TITLES
 from minitorrent.gui.transfers import (
@@ -153,9 +153,66 @@ class TestConnectionLogic:
         failed = logic.seeding_tiles({**seeding, "running": False}, True, "port 7000 is taken")
         assert ("failed", "port 7000 is taken", "error") == failed["status"]
 
+    def test_why_no_server_names_each_server_once_in_words(self):
+        """The engine's doubled, raw socket wording becomes one short phrase per server."""
+        reason = ("no active server: 127.0.0.1:5001: cannot connect to 127.0.0.1:5001: Connection refused; "
+                  "127.0.0.1:5002: cannot connect to 127.0.0.1:5002: timed out")
+        assert "127.0.0.1:5001 refuses connections; 127.0.0.1:5002 does not answer (timed out)" == \
+            logic.why_no_server(reason)
+
+    def test_status_line_news_agrees_with_the_header(self):
+        """No server at the start is news (not "Ready."); so are a new server and a lost one; a steady one is not."""
+        main = {"server": "main", "epoch": 1, "address": "h:1"}
+        refused = "no active server: h:1: cannot connect to h:1: Connection refused"
+        assert [("no server answers yet (h:1 refuses connections); the window keeps trying", "warn"),
+                ("connected to the main server at h:1 (epoch 1)", "ok"),
+                ("lost the server; downloads wait and resume when a server answers", "warn"),
+                None, None] == [logic.connection_news(None, None, True, refused),
+                                logic.connection_news(None, main, False, ""),
+                                logic.connection_news(main, None, False, refused),
+                                logic.connection_news(main, dict(main), False, ""),
+                                logic.connection_news(None, None, False, refused)]
+
+    def test_catalog_is_due_every_few_seconds_while_connected(self):
+        """A connected window fetches the catalog again after CATALOG_REFRESH_S; never while disconnected."""
+        every = logic.CATALOG_REFRESH_S
+        assert [True, False, True, False] == [logic.catalog_due(None, 10.0, True),
+                                              logic.catalog_due(10.0, 10.0 + every / 2, True),
+                                              logic.catalog_due(10.0, 10.0 + every, True),
+                                              logic.catalog_due(None, 10.0, False)]
+
+    def test_folder_picker_opens_somewhere_that_exists(self, tmp_path):
+        """The picker opens in the last folder used, else the download folder, else home: never a missing one."""
+        last, default, home = tmp_path / "last", tmp_path / "downloads", tmp_path / "home"
+        assert home == logic.download_folder(str(last), default, home)
+        default.mkdir()
+        assert default == logic.download_folder(str(last), default, home)
+        assert default == logic.download_folder(None, default, home)
+        last.mkdir()
+        assert last == logic.download_folder(str(last), default, home)
+
     def test_reconnect_backs_off_to_a_cap(self):
         """1, 2, 3, 5, 5... seconds between tries while no server answers."""
         assert [1, 2, 3, 5, 5, 5] == [logic.reconnect_delay(n) for n in range(1, 7)]
+
+
+class TestFitText:
+    def test_fits_by_cutting_the_middle(self):
+        """A name too wide loses its middle to an ellipsis, keeping its start and its extension."""
+        shown = fit_text("holiday photos from the summer.bin", 15, len)
+        assert (15, "holiday", ".bin") == (len(shown), shown[:7], shown[-4:])
+        assert "…" in shown
+
+    def test_a_name_that_fits_is_untouched(self):
+        """Nothing is cut when the whole name fits."""
+        assert "short.txt" == fit_text("short.txt", 9, len)
+
+
+class TestTitles:
+    def test_every_window_is_titled_in_one_form(self):
+        """The three windows' titles read "MiniTorrent — <what it is>"."""
+        assert {"main": "MiniTorrent — Main server", "backup": "MiniTorrent — Backup server",
+                "client": "MiniTorrent — Client"} == TITLES
 
 
 class TestSpeedAndEta:
@@ -379,8 +436,11 @@ class Harness:
     def row(self, name: str) -> TransferRow:
         return self.window.transfers.rows[self.transfer(name).tid]
 
-    def download(self, names: list[str], folder: Path, monkeypatch) -> None:
-        """Select ``names`` in the catalog and click Download Selected, the folder dialog answering ``folder``."""
+    def download(self, names: list[str], folder: Path, monkeypatch) -> dict:
+        """Select ``names`` in the catalog and click Download Selected, the folder dialog answering ``folder``.
+
+        Returns what the window asked the dialog (title, initialdir...).
+        """
         asked = {}
 
         def askdirectory(**options):
@@ -391,7 +451,8 @@ class Harness:
         tree = self.window.catalog.table.tree
         tree.selection_set([self.window.catalog.iid_of(name) for name in names])
         self.window.catalog.download_button.invoke()
-        assert str(self.config.client.download_dir) == asked["initialdir"]
+        assert "Download the selected files into…" == asked["title"]
+        return asked
 
 
 @pytest.fixture
@@ -465,6 +526,71 @@ class TestCatalogWindow:
         engine.add_file(make_file(tmp_path / "src" / "delta.txt", 10, seed=9))
         h.window.catalog.search.event_generate("<Return>")
         h.pump(lambda: "delta.txt" in shown_names(h.window), "the new file after Enter")
+        assert [] == h.guard.violations
+
+    @pytest.mark.timeout(60)
+    def test_refresh_says_when_it_is_done(self, harness, shared):
+        """F5 says "Refreshing the catalog…", then the status line says it is refreshed (it used to stick)."""
+        _, config, _ = shared
+        h = harness(config)
+        h.connected()
+        h.root.event_generate("<F5>")
+        assert h.window.status_line.cget("text").endswith("Refreshing the catalog…")
+        h.pump(lambda: h.window.status_line.cget("text").endswith("catalog refreshed: 4 files"), "the refresh's end")
+        assert [] == h.guard.violations
+
+    @pytest.mark.timeout(60)
+    def test_new_files_show_by_themselves_in_order(self, harness, shared, tmp_path):
+        """Files added on the server appear with no click, in name order, not appended at the bottom."""
+        engine, config, files = shared
+        h = harness(config)
+        h.connected()
+        for name in ("aardvark.txt", "delta.txt"):
+            engine.add_file(make_file(tmp_path / "src" / name, 10, seed=9))
+        wanted = sorted([*files, "aardvark.txt", "delta.txt"], key=str.casefold)
+        h.pump(lambda: h.window.catalog.visible_names() == wanted, "the new files in order", SHORT_TIMEOUT)
+        assert [] == h.guard.violations
+
+    @pytest.mark.timeout(60)
+    def test_heading_names_the_client_as_the_title_does(self, harness, shared):
+        """The window's title and big heading both say it is the client; the server in use is on the line under."""
+        _, config, _ = shared
+        h = harness(config)
+        h.connected()
+        assert (TITLES["client"], TITLES["client"]) == (h.root.title(), h.window.header.title.cget("text"))
+        assert h.window.header.headline.cget("text").startswith("Main server · ")
+        assert [] == h.guard.violations
+
+    @pytest.mark.timeout(60)
+    def test_long_names_are_elided_not_clipped(self, harness, shared, tmp_path, monkeypatch):
+        """A name wider than its column or row is shown with an ellipsis in the middle, its end kept."""
+        engine, config, _ = shared
+        long_name = "a very long name " * 12 + "end.bin"
+        engine.add_file(make_file(tmp_path / "src" / long_name, 10, seed=5))
+        h = harness(config)
+        h.pump(lambda: long_name in h.window.catalog.entries.__repr__(), "the long name listed")
+        table = h.window.catalog.table
+        iid = h.window.catalog.iid_of(long_name)
+        h.pump(lambda: "…" in table.tree.set(iid, "name"), "the name elided in the table")
+        assert (long_name, True) == (table.full_name(iid), table.tree.set(iid, "name").endswith("end.bin"))
+        h.download([long_name], tmp_path / "dl", monkeypatch)
+        label = h.row(long_name).name_label
+        h.pump(lambda: "…" in label.cget("text"), "the name elided in its transfer row")
+        assert label.cget("text").endswith("end.bin")
+        assert [] == h.guard.violations
+
+    @pytest.mark.timeout(60)
+    def test_no_server_at_start_is_said_in_the_status_line_too(self, harness, tmp_path):
+        """With no server, the header reconnects and the status line says so (not "Ready."), in words."""
+        import socket
+
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        h = harness(client_config(tmp_path / "cli", ("127.0.0.1", port)))
+        h.pump(lambda: "no server answers yet" in h.window.status_line.cget("text"), "the status line")
+        headline = h.window.header.headline.cget("text")
+        assert headline.startswith(f"Reconnecting… · 127.0.0.1:{port} refuses connections · "), headline
         assert [] == h.guard.violations
 
     @pytest.mark.timeout(60)
@@ -614,6 +740,20 @@ class TestDownloads:
         assert [] == first.guard.violations + second.guard.violations
 
     @pytest.mark.timeout(60)
+    def test_folder_picker_opens_where_the_last_download_went(self, harness, shared, tmp_path, monkeypatch):
+        """The first picker opens in client.download_dir; the next one in the folder chosen the first time."""
+        _, config, _ = shared
+        h = harness(config)
+        h.connected()
+        first = h.download(["alpha report.txt"], tmp_path / "chosen", monkeypatch)
+        wait_until(lambda: load_settings(h.settings_file).get("download_folder"), SHORT_TIMEOUT, "the folder kept")
+        h.pump(lambda: h.transfer("alpha report.txt").state is TransferState.DONE, "the download")
+        second = h.download(["gamma.iso"], tmp_path / "other", monkeypatch)
+        assert (str(h.config.client.download_dir), str(tmp_path / "chosen")) == (first["initialdir"],
+                                                                                  second["initialdir"])
+        assert [] == h.guard.violations
+
+    @pytest.mark.timeout(60)
     def test_open_folder_failure_is_shown(self, harness, shared, tmp_path, monkeypatch):
         """Open folder runs the opener in a subprocess; if it cannot run, the window says so."""
         _, config, _ = shared
@@ -699,6 +839,27 @@ class TestConnection:
             if not main.stop_event.is_set():
                 main.stop()
             backup.stop()
+
+
+class TestLogPane:
+    @pytest.mark.timeout(60)
+    def test_follows_new_lines_even_from_a_hidden_tab_until_scrolled_up(self, harness, shared):
+        """Lines logged while the Log tab is hidden are in view when it opens; scrolling up stops following."""
+        _, config, _ = shared
+        h = harness(config)
+        pane = h.window.log_pane
+        for number in range(300):
+            pane.append(LogLine("INFO", f"line {number}"))
+        h.window.tabs.select(pane)
+        h.pump(lambda: pane.winfo_ismapped(), "the Log tab")
+        assert pane.last_line_visible()
+        pane.scroll_view("moveto", 0.0)  # the user reads older lines: they stay put
+        pane.append(LogLine("INFO", "one more"))
+        assert (False, "1.0") == (pane.last_line_visible(), pane.text.index("@0,0").split(".")[0] + ".0")
+        pane.scroll_view("moveto", 1.0)  # back at the end: following again
+        pane.append(LogLine("INFO", "and another"))
+        assert pane.last_line_visible()
+        assert [] == h.guard.violations
 
 
 class TestThemeAndLimits:

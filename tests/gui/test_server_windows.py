@@ -175,11 +175,17 @@ class TestBackupFormatting:
     def test_heartbeat_line_and_explanation(self):
         """Beside the badge: the heartbeat's age and the countdown; under it, what happens next."""
         snapshot = bw.BackupSnapshot(0.0, True, main_address="m:1", heartbeat_timeout_s=6.0, epoch=3)
-        assert ("0.5 s ago", "in 5.5 s") == bw.heartbeat_line(snapshot, bw.BadgeState.STANDBY, 0.5)
+        assert ("2.5 s ago", "in 3.5 s", "warn") == bw.heartbeat_line(snapshot, bw.BadgeState.NO_CONTACT, 2.5)
         assert "now" == bw.heartbeat_line(snapshot, bw.BadgeState.NO_CONTACT, 6.5)[1]
         text = bw.explanation(snapshot, bw.BadgeState.NO_CONTACT, 4.0)
         assert "No heartbeat from the main at m:1 for 4.0 s" in text and "takes over in 2.0 s" in text
         assert "failback: auto" in bw.explanation(snapshot, bw.BadgeState.ACTIVE, 9.0)
+
+    def test_failover_is_armed_not_counting_while_heartbeats_come(self):
+        """A healthy standby shows the failover as armed (after N s of silence), the same at every beat, no alarm."""
+        snapshot = bw.BackupSnapshot(0.0, True, main_address="m:1", heartbeat_timeout_s=6.0)
+        lines = {bw.heartbeat_line(snapshot, bw.BadgeState.STANDBY, since)[1:] for since in (0.1, 0.8, 1.9)}
+        assert {("after 6 s of silence", "")} == lines
 
     def test_manual_failback_asks_the_operator(self):
         """With manual failback an active backup offers Hand back, and says when the main asks."""
@@ -430,6 +436,8 @@ class TestBackupWindow:
         pump_until(window.root, lambda: window.badge_state is bw.BadgeState.STANDBY and "shared.bin" in rows(window),
                    LONG_TIMEOUT, "standby with the replica")
         assert "STANDBY" == window.badge.cget("text")
+        failover = (window.figures["failover"].cget("text"), window.countdown_bar.winfo_ismapped())
+        assert (f"after {HEARTBEAT['heartbeat_timeout']:g} s of silence", False) == failover  # armed, not counting
         epoch_on_standby = int(window.figures["epoch"].cget("text"))
         main.stop()
         pump_until(window.root, lambda: window.badge.cget("text") == "ACTIVE", LONG_TIMEOUT, "the badge to turn ACTIVE")
