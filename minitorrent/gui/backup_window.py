@@ -29,7 +29,7 @@ from minitorrent.gui.base import entry_row
 from minitorrent.gui.main_window import age_text
 from minitorrent.gui.server_window import ServerWindow
 from minitorrent.gui.shell import run_window
-from minitorrent.gui.widgets import Badge, ProgressStrip, TileStrip
+from minitorrent.gui.widgets import Badge, FittedLabel, ProgressStrip, TileStrip
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,8 @@ def explanation(snapshot: BackupSnapshot, state: BadgeState, since: float) -> st
     """The sentence under the badge: what the backup is doing and what comes next."""
     main = snapshot.main_address or "the main"
     if state is BadgeState.STANDBY:
-        return f"Receiving heartbeats from the main at {main}. Clients are sent to it; the replica follows it."
+        return (f"Receiving heartbeats from the main at {main}. Clients are sent to it; the replica follows it. "
+                f"If the heartbeats stop for {snapshot.heartbeat_timeout_s:g} s, the backup takes over.")
     if state is BadgeState.NO_CONTACT:
         left, _ = countdown(since, snapshot.heartbeat_timeout_s)
         return (f"No heartbeat from the main at {main} for {since:.1f} s. "
@@ -156,8 +157,8 @@ def explanation(snapshot: BackupSnapshot, state: BadgeState, since: float) -> st
 def heartbeat_line(snapshot: BackupSnapshot, state: BadgeState, since: float) -> tuple[str, str, str]:
     """(last heartbeat, failover, failover's tone) as shown beside the badge.
 
-    While heartbeats come the failover is only armed: it says after how much
-    silence it would happen, and stays still. It counts down, in the warning
+    While heartbeats come the failover is only armed (the explanation says
+    after how much silence it would happen) and the figure stays still. It counts down, in the warning
     tone, only once the main has gone quiet (NO CONTACT).
     """
     if state is BadgeState.ACTIVE:
@@ -165,7 +166,7 @@ def heartbeat_line(snapshot: BackupSnapshot, state: BadgeState, since: float) ->
     if state in (BadgeState.STARTING, BadgeState.NOT_RUNNING):
         return "—", "—", ""
     if state is BadgeState.STANDBY:
-        return age_text(since), f"after {snapshot.heartbeat_timeout_s:g} s of silence", ""
+        return age_text(since), "armed", ""
     left, _ = countdown(since, snapshot.heartbeat_timeout_s)
     return age_text(since), f"in {left:.1f} s" if left > 0 else "now", "warn"
 
@@ -359,8 +360,8 @@ class BackupWindow(ServerWindow):
         for column, (key, caption) in enumerate((("heartbeat", "Last heartbeat"), ("failover", "Failover"),
                                                  ("epoch", "Epoch"))):
             ttk.Label(figures, text=caption.upper(), style="Caption.TLabel").grid(row=0, column=column, sticky="w")
-            self.figures[key] = ttk.Label(figures, text="—", style="Value.TLabel")
-            self.figures[key].grid(row=1, column=column, sticky="w", padx=(0, 12))
+            self.figures[key] = FittedLabel(figures, "—", style="Value.TLabel")
+            self.figures[key].grid(row=1, column=column, sticky="ew", padx=(0, 12))
             figures.columnconfigure(column, weight=1, uniform="figure")
         self.countdown_bar = ttk.Progressbar(panel, mode="determinate", maximum=1.0, value=1.0)
         self.countdown_bar.grid(row=1, column=1, sticky="ew", pady=(6, 4))
@@ -446,10 +447,10 @@ class BackupWindow(ServerWindow):
         self.badge_state = state
         self.badge.show(state.value, BADGE_TONES[state])
         heartbeat, failover, tone = heartbeat_line(snapshot, state, since)
-        self._set(self.figures["heartbeat"], heartbeat)
-        self._set(self.figures["failover"], failover)
-        self.figures["failover"].configure(style=f"{tone}.Value.TLabel" if tone else "Value.TLabel")
-        self._set(self.figures["epoch"], str(snapshot.epoch))
+        for key, text in (("heartbeat", heartbeat), ("failover", failover), ("epoch", str(snapshot.epoch))):
+            style = f"{tone}.Value.TLabel" if key == "failover" and tone else "Value.TLabel"
+            if (self.figures[key].full_text, str(self.figures[key].cget("style"))) != (text, style):
+                self.figures[key].show(text, style=style)
         _, left = countdown(since, snapshot.heartbeat_timeout_s)
         if state is BadgeState.NO_CONTACT:  # the bar runs down only when a failover is really coming
             self.countdown_bar.configure(value=left)

@@ -23,7 +23,7 @@ NAME_CHARS = 90  # a longer file name is shown shortened in the middle
 CATALOG_COLUMNS = [("name", "Name", 360, "w"), ("size", "Size", 100, "e"), ("chunks", "Chunks", 80, "e"),
                    ("downloads", "Downloads", 100, "e"), ("sha256", "SHA-256", 140, "w")]
 CATALOG_KEYS = [key for key, *_ in CATALOG_COLUMNS]
-SEEDED_COLUMNS = [("name", "Seeded file", 300, "w"), ("size", "Size", 100, "e"), ("sha256", "SHA-256", 140, "w")]
+SEEDED_COLUMNS = [("name", "Seeded file", 200, "w"), ("size", "Size", 80, "e"), ("sha256", "SHA-256", 120, "w")]
 
 
 # The catalog ---------------------------------------------------------------------------------------------------

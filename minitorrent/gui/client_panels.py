@@ -12,7 +12,7 @@ from tkinter import font as tkfont
 from tkinter import ttk
 from typing import Any, Callable
 
-from minitorrent.gui.base import SortableTable, entry_row, fit_text
+from minitorrent.gui.base import SortableTable, entry_row
 from minitorrent.gui.client_logic import (
     CATALOG_COLUMNS,
     MAX_LIMIT_KIB,
@@ -26,7 +26,7 @@ from minitorrent.gui.client_logic import (
     transfers_summary,
 )
 from minitorrent.gui.transfers import Action, Transfer, TransferManager, TransferView, allowed_actions, transfer_view
-from minitorrent.gui.widgets import TONES, TileStrip, background
+from minitorrent.gui.widgets import TONES, FittedLabel, TileStrip, background
 
 TONE_STYLES = {"active": "info.State.TLabel", "ok": "ok.State.TLabel", "error": "error.State.TLabel",
                "muted": "idle.State.TLabel"}
@@ -48,21 +48,6 @@ def configure_client_styles(root: tk.Misc, theme: str) -> None:
         colour = lifted.get(tone, colour)
         style.configure(f"{tone}.State.TLabel", font="MTStrong", foreground=caption if tone == "idle" else colour)
         style.configure(f"{tone}.Message.TLabel", font="MTCaption", foreground=colour)
-
-
-class FittedLabel(ttk.Label):
-    """A label that shortens its text in the middle with an ellipsis when it is narrower than the text."""
-
-    def __init__(self, master: tk.Misc, text: str, **options: Any) -> None:
-        super().__init__(master, text=text, width=1, **options)
-        self.full_text = text
-        self.bind("<Configure>", lambda _event: self._fit(), add="+")
-
-    def _fit(self) -> None:
-        font = tkfont.nametofont(str(ttk.Style(self).lookup(str(self.cget("style")), "font") or "TkDefaultFont"))
-        shown = fit_text(self.full_text, self.winfo_width() - 4, font.measure)
-        if self.cget("text") != shown:
-            self.configure(text=shown)
 
 
 class StatusLine(ttk.Label):
@@ -257,15 +242,32 @@ class TransferList(ttk.Frame):
             row.view = None
 
     def add(self, transfer: Transfer) -> TransferRow:
-        """A row for a new transfer, at the bottom; scrolled into view."""
+        """A row for a new transfer, at the bottom."""
         self.empty.grid_remove()
         row = self.rows[transfer.tid] = TransferRow(self.inner, transfer.tid, transfer.name, self._on_action)
         separator = self._separators[transfer.tid] = ttk.Separator(self.inner, orient="horizontal")
         index = 2 * transfer.tid
         separator.grid(row=index, column=0, sticky="ew", padx=12)
         row.grid(row=index + 1, column=0, sticky="ew")
-        self.canvas.after_idle(lambda: self.canvas.yview_moveto(1.0))
         return row
+
+    def scroll_to(self, tid: int) -> None:
+        """Scroll so that transfer ``tid``'s row is the top one, whole (the first of a batch just added)."""
+        def scroll() -> None:
+            self.inner.update_idletasks()
+            height = self.inner.winfo_reqheight()
+            if tid in self.rows and height > 0:
+                self.canvas.configure(scrollregion=(0, 0, self.inner.winfo_reqwidth(), height))
+                self.canvas.yview_moveto(self._separators[tid].winfo_y() / height)
+
+        self.canvas.after_idle(scroll)
+
+    def top_row(self) -> int | None:
+        """The id of the transfer whose row starts at the top of the view, if any (for tests)."""
+        top = self.canvas.canvasy(0)
+        starts = {tid: row.winfo_y() for tid, row in self.rows.items()}
+        whole = [tid for tid, y in starts.items() if y >= top - 2]
+        return min(whole, key=starts.__getitem__) if whole else None
 
     def remove(self, tid: int) -> None:
         """Drop a transfer's row."""

@@ -419,6 +419,8 @@ class ClientWindow(WindowShell):
         added = [self.manager.add(entry["name"], Path(folder), entry["size"]) for entry in entries]
         for transfer in filter(None, added):
             self.transfers.add(transfer)
+        if any(added):
+            self.transfers.scroll_to(next(filter(None, added)).tid)  # the batch from its first row, not cut
         skipped = [entry["name"] for entry, transfer in zip(entries, added) if transfer is None]
         self._redraw_all()
         self.tabs.select(self.transfers)

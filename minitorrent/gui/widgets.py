@@ -11,6 +11,9 @@ import time
 import tkinter as tk
 from tkinter import font as tkfont
 from tkinter import ttk
+from typing import Any
+
+from minitorrent.gui.base import fit_text
 
 # Tones: one colour per meaning, readable with white text and on both the light and the dark theme.
 TONES = {
@@ -21,6 +24,8 @@ TONES = {
     "idle": "#767676",  # stopped, unknown
 }
 CAPTION_FOREGROUND = {"light": "#5f5f5f", "dark": "#a8a8a8"}
+# Selected table rows, (background, text): sv-ttk's dark selection (#292929 on #1c1c1c) is nearly invisible.
+SELECTION = {"light": ("#cce4f7", "#000000"), "dark": ("#1f5a8c", "#ffffff")}
 PULSE_PERIOD_S = 1.6  # one gentle breath of the "serving" dot
 PULSE_FRAME_MS = 60  # about 16 frames a second: smooth enough, nearly free
 
@@ -48,6 +53,8 @@ def install_fonts_and_styles(root: tk.Misc) -> None:
     for tone, colour in TONES.items():
         style.configure(f"{tone}.Value.TLabel", font="MTValue", foreground=colour if tone != "idle" else caption)
     style.configure("Tile.TFrame", padding=(12, 6))
+    selected, selected_text = SELECTION[current_theme(root)]
+    style.map("Treeview", background=[("selected", selected)], foreground=[("selected", selected_text)])
 
 
 def background(widget: tk.Misc) -> str:
@@ -114,25 +121,58 @@ class PulseDot(tk.Canvas):
         self.itemconfigure(self._halo, fill=mix(back, colour, 0.25 * breath) if self._pulsing else "")
 
 
+class FittedLabel(ttk.Label):
+    """A label that shortens its text in the middle with an ellipsis when it is narrower than the text.
+
+    It asks for no width of its own: grid it ``sticky="ew"`` in a column that gets its width elsewhere.
+    """
+
+    def __init__(self, master: tk.Misc, text: str = "", **options: Any) -> None:
+        super().__init__(master, text=text, width=1, **options)
+        self.full_text = text
+        for sequence in ("<Configure>", "<Map>"):
+            self.bind(sequence, lambda _event: self._fit(), add="+")
+
+    def show(self, text: str, **options: Any) -> None:
+        """Display ``text`` (shortened if it must be); ``options`` configure the label (style...)."""
+        if options:
+            self.configure(**options)
+        self.full_text = text
+        self._fit()
+
+    def _fit(self) -> None:
+        width = self.winfo_width()
+        unknown = width <= 1 or not self.winfo_ismapped()  # not laid out (a hidden tab): fitted once shown
+        shown = self.full_text if unknown else fit_text(self.full_text, width - 4, self._font().measure)
+        if self.cget("text") != shown:
+            self.configure(text=shown)
+
+    def _font(self) -> tkfont.Font:
+        style = ttk.Style(self)
+        name = str(style.lookup(str(self.cget("style") or "TLabel"), "font") or style.lookup("TLabel", "font") or "")
+        return tkfont.nametofont(name if name in tkfont.names(self) else "TkDefaultFont")
+
+
 class StatTile(ttk.Frame):
-    """One figure of a status strip: a small caption, a bold value, a detail line under it."""
+    """One figure of a status strip: a small caption, a bold value, a detail line under it (shortened to fit)."""
 
     def __init__(self, master: tk.Misc, caption: str) -> None:
         super().__init__(master, style="Tile.TFrame")
         self.caption = ttk.Label(self, text=caption.upper(), style="Caption.TLabel")
-        self.value = ttk.Label(self, text="—", style="Value.TLabel")
-        self.detail = ttk.Label(self, text="", style="Caption.TLabel")
+        self.value = FittedLabel(self, "—", style="Value.TLabel")
+        self.detail = FittedLabel(self, "", style="Caption.TLabel")
         self.caption.grid(row=0, column=0, sticky="w")
-        self.value.grid(row=1, column=0, sticky="w", pady=(2, 0))
-        self.detail.grid(row=2, column=0, sticky="w")
+        self.value.grid(row=1, column=0, sticky="ew", pady=(2, 0))
+        self.detail.grid(row=2, column=0, sticky="ew")
+        self.columnconfigure(0, weight=1)
 
     def show(self, value: str, detail: str = "", tone: str = "") -> None:
         """Display ``value`` (coloured by ``tone`` if given) and ``detail``."""
         style = f"{tone}.Value.TLabel" if tone in TONES else "Value.TLabel"
-        if self.value.cget("text") != value or str(self.value.cget("style")) != style:
-            self.value.configure(text=value, style=style)
-        if self.detail.cget("text") != detail:
-            self.detail.configure(text=detail)
+        if self.value.full_text != value or str(self.value.cget("style")) != style:
+            self.value.show(value, style=style)
+        if self.detail.full_text != detail:
+            self.detail.show(detail)
 
 
 class TileStrip(ttk.Frame):
