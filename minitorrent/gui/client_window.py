@@ -264,7 +264,7 @@ class ClientWindow(WindowShell):
         self.catalog = CatalogPanel(panes, self.refresh_catalog, self.download_selected)
         self.tabs = ttk.Notebook(panes, padding=(10, 0, 10, 0))
         panes.add(self.catalog, weight=1)
-        panes.add(self.tabs, weight=1)
+        panes.add(self.tabs, weight=2)  # a taller window shows more transfers, not more empty catalog
         self.transfers = TransferList(self.tabs, self.transfer_action, self.bulk_action)
         self.seeding_panel = SeedingPanel(self.tabs, self.seeding_enabled, self.apply_limits)
         self.log_pane = LogPane(self.tabs, height=6)
@@ -324,7 +324,7 @@ class ClientWindow(WindowShell):
         self._next_poll_at = time.monotonic() + snapshot.next_poll_s
         self._show_connection()
         news = connection_news(previous, current, first, snapshot.reason)
-        if news and not (first and current is not None):  # the header says a first connection; no news there
+        if news:  # the status line and the header never disagree
             self.notify(*news)
         if current is not None and (previous is None or news):
             self.refresh_catalog(announce=False)

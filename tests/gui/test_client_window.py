@@ -559,6 +559,8 @@ class TestCatalogWindow:
         h.connected()
         assert (TITLES["client"], TITLES["client"]) == (h.root.title(), h.window.header.title.cget("text"))
         assert h.window.header.headline.cget("text").startswith("Main server · ")
+        h.pump(lambda: "connected to the main server at" in h.window.status_line.cget("text"),
+               "the status line to agree with the header")
         assert [] == h.guard.violations
 
     @pytest.mark.timeout(60)
