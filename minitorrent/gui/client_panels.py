@@ -26,14 +26,13 @@ from minitorrent.gui.client_logic import (
     transfers_summary,
 )
 from minitorrent.gui.transfers import Action, Transfer, TransferManager, TransferView, allowed_actions, transfer_view
-from minitorrent.gui.widgets import TONES, FittedLabel, TileStrip, background
+from minitorrent.gui.widgets import TONES, FittedLabel, TileStrip, background, restyle_tree, set_style, text_tones
 
 TONE_STYLES = {"active": "info.State.TLabel", "ok": "ok.State.TLabel", "error": "error.State.TLabel",
                "muted": "idle.State.TLabel"}
-DARK_TONES = {"ok": "#6ccb5f", "info": "#60b4ff", "warn": "#fcb04a", "error": "#ff99a4"}  # readable on #1c1c1c
 
 
-def configure_client_styles(root: tk.Misc, theme: str) -> None:
+def configure_client_styles(root: tk.Misc) -> None:
     """The client's own styles (ttk styles belong to a theme: set again after a theme change)."""
     kept = root.__dict__.setdefault("_minitorrent_fonts", {})  # a Font deletes its named font when collected
     if "MTStrong" not in kept:
@@ -43,9 +42,7 @@ def configure_client_styles(root: tk.Misc, theme: str) -> None:
     style = ttk.Style(root)
     style.configure("Strong.TLabel", font="MTStrong")
     caption = style.lookup("Caption.TLabel", "foreground")
-    lifted = DARK_TONES if theme == "dark" else {}
-    for tone, colour in TONES.items():
-        colour = lifted.get(tone, colour)
+    for tone, colour in text_tones(root).items():
         style.configure(f"{tone}.State.TLabel", font="MTStrong", foreground=caption if tone == "idle" else colour)
         style.configure(f"{tone}.Message.TLabel", font="MTCaption", foreground=colour)
 
@@ -58,8 +55,8 @@ class StatusLine(ttk.Label):
 
     def say(self, text: str, tone: str = "info") -> None:
         """Show ``text`` (``tone``: ok, info, warn, error)."""
-        style = f"{tone}.Message.TLabel" if tone in TONES else "Caption.TLabel"
-        self.configure(text=f"{time.strftime('%H:%M:%S')}  {text}", style=style)
+        set_style(self, f"{tone}.Message.TLabel" if tone in TONES else "Caption.TLabel")
+        self.configure(text=f"{time.strftime('%H:%M:%S')}  {text}")
 
 
 class CatalogPanel(ttk.Frame):
@@ -185,7 +182,8 @@ class TransferRow(ttk.Frame):
         if view == self.view:
             return
         self.view = view
-        self.state_label.configure(text=view.state_text, style=TONE_STYLES[view.tone])
+        set_style(self.state_label, TONE_STYLES[view.tone])
+        self.state_label.configure(text=view.state_text)
         self.percent_label.configure(text=view.percent_text)
         self.bar.configure(value=view.percent)
         self.detail_label.configure(text=view.detail)
@@ -249,6 +247,7 @@ class TransferList(ttk.Frame):
         index = 2 * transfer.tid
         separator.grid(row=index, column=0, sticky="ew", padx=12)
         row.grid(row=index + 1, column=0, sticky="ew")
+        restyle_tree(row)
         return row
 
     def scroll_to(self, tid: int) -> None:
@@ -356,4 +355,5 @@ class SeedingPanel(ttk.Frame):
 
     def say(self, text: str, tone: str) -> None:
         """A message under the limits (``tone`` ok or error)."""
-        self.message.configure(text=text, style=f"{tone}.Message.TLabel")
+        set_style(self.message, f"{tone}.Message.TLabel")
+        self.message.configure(text=text)

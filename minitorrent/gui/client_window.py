@@ -248,7 +248,7 @@ class ClientWindow(WindowShell):
         self.controller.start(self.seeding_enabled)
 
     def _build(self) -> None:
-        configure_client_styles(self.root, self.theme)
+        configure_client_styles(self.root)
         self.header.configure(padding=(14, 10, 14, 6))
         self.header.grid(row=0, column=0, sticky="ew")
         self.retry_button = self.header.add_button("Retry now", self.retry_now)
@@ -389,7 +389,7 @@ class ClientWindow(WindowShell):
         self.transfers.redraw(self.manager, set(self.manager.transfers), (self.status or {}).get("server", ""))
 
     def theme_changed(self, theme: str) -> None:
-        configure_client_styles(self.root, theme)
+        configure_client_styles(self.root)
         self.transfers.refresh_theme()
         self._redraw_all()
 

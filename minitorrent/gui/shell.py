@@ -42,6 +42,7 @@ from minitorrent.gui.widgets import (
     PulseDot,
     current_theme,
     install_fonts_and_styles,
+    restyle_tree,
     theme_button_text,
 )
 
@@ -130,6 +131,7 @@ class WindowShell(ttk.Frame):
         self.root.rowconfigure(0, weight=1)
         self.root.protocol("WM_DELETE_WINDOW", self.request_close)
         self.root.report_callback_exception = self._report_callback_exception
+        restyle_tree(self)
         self.log_handler = QueueLogHandler(self.pump.post)
         logging.getLogger().addHandler(self.log_handler)
         self.poller = Poller(snapshot, self.pump.post, interval_s)
@@ -178,6 +180,7 @@ class WindowShell(ttk.Frame):
         install_fonts_and_styles(self.root)
         self.header.refresh_theme(self.theme)
         self.theme_changed(self.theme)
+        restyle_tree(self)
         if self.settings_file is not None:
             threading.Thread(target=remember_theme, args=(self.settings_file, self.theme), name="window-settings",
                              daemon=True).start()

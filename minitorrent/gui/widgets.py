@@ -11,7 +11,6 @@ import time
 import tkinter as tk
 from tkinter import font as tkfont
 from tkinter import ttk
-from typing import Any
 
 from minitorrent.gui.base import fit_text
 
@@ -23,6 +22,7 @@ TONES = {
     "error": "#c42b1c",  # failed, stopped unexpectedly
     "idle": "#767676",  # stopped, unknown
 }
+DARK_TONES = {"ok": "#6ccb5f", "info": "#60b4ff", "warn": "#fcb04a", "error": "#ff99a4"}  # as text on #1c1c1c
 CAPTION_FOREGROUND = {"light": "#5f5f5f", "dark": "#a8a8a8"}
 # Selected table rows, (background, text): sv-ttk's dark selection (#292929 on #1c1c1c) is nearly invisible.
 SELECTION = {"light": ("#cce4f7", "#000000"), "dark": ("#1f5a8c", "#ffffff")}
@@ -50,11 +50,36 @@ def install_fonts_and_styles(root: tk.Misc) -> None:
     style.configure("Value.TLabel", font="MTValue")
     style.configure("Caption.TLabel", font="MTCaption", foreground=caption)
     style.configure("Subtitle.TLabel", font="MTBody", foreground=caption)
-    for tone, colour in TONES.items():
+    for tone, colour in text_tones(root).items():
         style.configure(f"{tone}.Value.TLabel", font="MTValue", foreground=colour if tone != "idle" else caption)
     style.configure("Tile.TFrame", padding=(12, 6))
     selected, selected_text = SELECTION[current_theme(root)]
     style.map("Treeview", background=[("selected", selected)], foreground=[("selected", selected_text)])
+
+
+def text_tones(widget: tk.Misc) -> dict[str, str]:
+    """The tones as text colours for the theme in use (lighter on the dark theme, to stay readable)."""
+    return {**TONES, **DARK_TONES} if current_theme(widget) == "dark" else dict(TONES)
+
+
+def set_style(label: ttk.Label, style: str) -> None:
+    """Give ``label`` the ``style`` and that style's text colour.
+
+    sv-ttk's palette (``tk_setPalette``) gives every label an explicit
+    foreground, which would hide the colour of a style (tones, captions):
+    the label is given the style's colour explicitly too.
+    """
+    styles = ttk.Style(label)
+    colour = styles.lookup(style, "foreground") or styles.lookup("TLabel", "foreground")
+    label.configure(style=style, foreground=colour)
+
+
+def restyle_tree(widget: tk.Misc) -> None:
+    """Every ttk label under ``widget`` takes its style's colour (after building, and after a theme change)."""
+    for child in widget.winfo_children():
+        if isinstance(child, ttk.Label):
+            set_style(child, str(child.cget("style")) or "TLabel")
+        restyle_tree(child)
 
 
 def background(widget: tk.Misc) -> str:
@@ -127,16 +152,17 @@ class FittedLabel(ttk.Label):
     It asks for no width of its own: grid it ``sticky="ew"`` in a column that gets its width elsewhere.
     """
 
-    def __init__(self, master: tk.Misc, text: str = "", **options: Any) -> None:
-        super().__init__(master, text=text, width=1, **options)
+    def __init__(self, master: tk.Misc, text: str = "", style: str = "TLabel") -> None:
+        super().__init__(master, text=text, width=1)
+        set_style(self, style)
         self.full_text = text
         for sequence in ("<Configure>", "<Map>"):
             self.bind(sequence, lambda _event: self._fit(), add="+")
 
-    def show(self, text: str, **options: Any) -> None:
-        """Display ``text`` (shortened if it must be); ``options`` configure the label (style...)."""
-        if options:
-            self.configure(**options)
+    def show(self, text: str, style: str | None = None) -> None:
+        """Display ``text`` (shortened if it must be), in ``style`` if given."""
+        if style is not None:
+            set_style(self, style)
         self.full_text = text
         self._fit()
 

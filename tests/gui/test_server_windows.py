@@ -413,6 +413,20 @@ class TestMainWindow:
         assert [] == guard.violations
 
     @pytest.mark.timeout(GUI_TEST_TIMEOUT)
+    def test_tones_reach_the_screen_in_both_themes(self, windows):
+        """The role tile is drawn in its tone's colour, lighter on the dark theme (the palette used to hide it)."""
+        from minitorrent.gui.widgets import DARK_TONES, TONES
+
+        window, guard = windows.main()
+        role = window.tiles.tiles["role"].value
+        pump_until(window.root, lambda: role.cget("text") == "Active", SHORT_TIMEOUT, "the role tile")
+        light = str(role.cget("foreground"))
+        window.header.theme_button.invoke()
+        pump_until(window.root, lambda: str(role.cget("foreground")) != light, SHORT_TIMEOUT, "the dark colour")
+        assert (TONES["ok"], DARK_TONES["ok"]) == (light, str(role.cget("foreground")))
+        assert [] == guard.violations
+
+    @pytest.mark.timeout(GUI_TEST_TIMEOUT)
     def test_closing_the_window_stops_the_engine(self, windows):
         """Closing stops polling, removes the log handler and stops serving (the port is closed)."""
         import logging
