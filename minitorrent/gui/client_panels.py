@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 import tkinter as tk
+from pathlib import Path
 from tkinter import font as tkfont
 from tkinter import ttk
 from typing import Any, Callable
@@ -25,8 +26,24 @@ from minitorrent.gui.client_logic import (
     seeding_tiles,
     transfers_summary,
 )
-from minitorrent.gui.transfers import Action, Transfer, TransferManager, TransferView, allowed_actions, transfer_view
-from minitorrent.gui.widgets import TONES, FittedLabel, TileStrip, background, restyle_tree, set_style, text_tones
+from minitorrent.gui.transfers import (
+    Action,
+    Transfer,
+    TransferManager,
+    TransferState,
+    TransferView,
+    allowed_actions,
+    transfer_view,
+)
+from minitorrent.gui.widgets import (
+    TONES,
+    FittedLabel,
+    TileStrip,
+    background,
+    restyle_tree,
+    set_style,
+    text_tones,
+)
 
 TONE_STYLES = {"active": "info.State.TLabel", "ok": "ok.State.TLabel", "error": "error.State.TLabel",
                "muted": "idle.State.TLabel"}
@@ -195,21 +212,34 @@ class TransferRow(ttk.Frame):
                 button.grid_remove()
 
 
-class TransferList(ttk.Frame):
-    """The transfers, newest last, in a scrolling list; Pause all, Resume all, Clear finished."""
+REDRAW_MS = 100  # progress rows are redrawn at most this often, however many chunks arrive
 
-    def __init__(self, master: tk.Misc, on_action: Callable[[int, str], None],
-                 on_bulk: Callable[[str], None]) -> None:
+
+class TransferList(ttk.Frame):
+    """The transfers of a ``TransferManager``, newest last, in a scrolling list, with their buttons.
+
+    Its buttons act on the manager (Pause, Resume, Cancel, Pause all, Resume
+    all, Clear finished); ``open_folder`` opens a finished one's folder,
+    ``notify`` says what could not be done, ``server`` names the server
+    sending now. Tk thread only.
+    """
+
+    def __init__(self, master: tk.Misc, manager: TransferManager, open_folder: Callable[[Path], None],
+                 notify: Callable[[str, str], None], server: Callable[[], str]) -> None:
         super().__init__(master, padding=(0, 6, 0, 0))
+        self.manager = manager
+        self._open_folder, self._notify, self._server = open_folder, notify, server
+        self._dirty: set[int] = set()
+        self._redraw_id: str | None = None
         bar = ttk.Frame(self, padding=(12, 0, 12, 6))
         bar.grid(row=0, column=0, columnspan=2, sticky="ew")
         self.summary = ttk.Label(bar, text="no transfers", style="Subtitle.TLabel")
         self.summary.pack(side="left")
-        self.clear_button = ttk.Button(bar, text="Clear finished", command=lambda: on_bulk("clear"))
+        self.clear_button = ttk.Button(bar, text="Clear finished", command=lambda: self.bulk_action("clear"))
         self.clear_button.pack(side="right")
-        self.resume_all_button = ttk.Button(bar, text="Resume all", command=lambda: on_bulk("resume"))
+        self.resume_all_button = ttk.Button(bar, text="Resume all", command=lambda: self.bulk_action("resume"))
         self.resume_all_button.pack(side="right", padx=6)
-        self.pause_all_button = ttk.Button(bar, text="Pause all", command=lambda: on_bulk("pause"))
+        self.pause_all_button = ttk.Button(bar, text="Pause all", command=lambda: self.bulk_action("pause"))
         self.pause_all_button.pack(side="right")
         self.canvas = tk.Canvas(self, highlightthickness=0, borderwidth=0, height=90)
         self.scroll = ttk.Scrollbar(self, orient="vertical", command=self.canvas.yview)
@@ -226,7 +256,6 @@ class TransferList(ttk.Frame):
         self.empty.grid(row=0, column=0, sticky="w")
         self.rows: dict[int, TransferRow] = {}
         self._separators: dict[int, ttk.Separator] = {}
-        self._on_action = on_action
         self.inner.bind("<Configure>", lambda _e: self.canvas.configure(scrollregion=self.canvas.bbox("all")))
         self.canvas.bind("<Configure>", lambda e: self.canvas.itemconfigure(self._window, width=e.width))
         self.canvas.bind("<Enter>", lambda _e: self._wheel(True))
@@ -239,10 +268,17 @@ class TransferList(ttk.Frame):
         for row in self.rows.values():
             row.view = None
 
-    def add(self, transfer: Transfer) -> TransferRow:
-        """A row for a new transfer, at the bottom."""
+    def add(self, transfers: list[Transfer], scroll: bool = True) -> None:
+        """Rows for new transfers, at the bottom, drawn; ``scroll``: show the first of them, whole, at the top."""
+        for transfer in transfers:
+            self._add_row(transfer)
+        if transfers and scroll:
+            self.scroll_to(transfers[0].tid)
+        self.redraw_all()
+
+    def _add_row(self, transfer: Transfer) -> TransferRow:
         self.empty.grid_remove()
-        row = self.rows[transfer.tid] = TransferRow(self.inner, transfer.tid, transfer.name, self._on_action)
+        row = self.rows[transfer.tid] = TransferRow(self.inner, transfer.tid, transfer.name, self.row_action)
         separator = self._separators[transfer.tid] = ttk.Separator(self.inner, orient="horizontal")
         index = 2 * transfer.tid
         separator.grid(row=index, column=0, sticky="ew", padx=12)
@@ -268,8 +304,7 @@ class TransferList(ttk.Frame):
         whole = [tid for tid, y in starts.items() if y >= top - 2]
         return min(whole, key=starts.__getitem__) if whole else None
 
-    def remove(self, tid: int) -> None:
-        """Drop a transfer's row."""
+    def _remove(self, tid: int) -> None:
         row = self.rows.pop(tid, None)
         if row is not None:
             row.destroy()
@@ -277,8 +312,26 @@ class TransferList(ttk.Frame):
         if not self.rows:
             self.empty.grid()
 
-    def redraw(self, manager: TransferManager, tids: set[int], server: str) -> None:
-        """Show the transfers ``tids`` as they stand in ``manager`` (``server``: the one sending now), and the summary."""
+    def progressed(self, tid: int) -> None:
+        """Transfer ``tid`` moved on: its row is redrawn soon (at most every ``REDRAW_MS``)."""
+        self._dirty.add(tid)
+        if self._redraw_id is None:
+            self._redraw_id = self.after(REDRAW_MS, self.redraw_dirty)
+
+    def redraw_dirty(self) -> None:
+        """Redraw the rows that moved on, and every downloading one (its speed and ETA change with time)."""
+        self._redraw_id = None
+        manager = self.manager
+        self._dirty.update(t.tid for t in manager.transfers.values() if t.state is TransferState.DOWNLOADING)
+        self._redraw(self._dirty)
+        self._dirty.clear()
+
+    def redraw_all(self) -> None:
+        """Redraw every row and the summary."""
+        self._redraw(set(self.manager.transfers))
+
+    def _redraw(self, tids: set[int]) -> None:
+        manager, server = self.manager, self._server()
         for tid in tids:
             transfer = manager.transfers.get(tid)
             row = self.rows.get(tid)
@@ -286,6 +339,38 @@ class TransferList(ttk.Frame):
                 view = transfer_view(transfer, manager.speed(transfer), server, manager.max_active)
                 row.show(view, allowed_actions(transfer.state))
         self.summary.configure(text=transfers_summary(manager.counts()))
+
+    def row_action(self, tid: int, action: str) -> None:
+        """A row's button: pause, resume, cancel, open (the folder)."""
+        transfer = self.manager.transfers.get(tid)
+        if transfer is None:
+            return
+        if action == "open":
+            self._open_folder(transfer.folder)
+            return
+        act = {"pause": self.manager.pause, "resume": self.manager.resume, "cancel": self.manager.cancel}[action]
+        if not act(tid):
+            self._notify(f"{transfer.name}: cannot {action} a transfer that is {transfer.state.value}", "warn")
+        self.redraw_all()
+
+    def bulk_action(self, action: str) -> None:
+        """Pause all, Resume all, Clear finished."""
+        if action == "clear":
+            for tid in self.manager.clear_finished():
+                self._remove(tid)
+        else:
+            act = self.manager.pause if action == "pause" else self.manager.resume
+            wanted = Action.PAUSE if action == "pause" else Action.RESUME
+            for tid, transfer in list(self.manager.transfers.items()):
+                if wanted in allowed_actions(transfer.state):
+                    act(tid)
+        self.redraw_all()
+
+    def stop(self) -> None:
+        """Draw no more (the window closes)."""
+        if self._redraw_id is not None:
+            self.after_cancel(self._redraw_id)
+            self._redraw_id = None
 
     def _wheel(self, bound: bool) -> None:
         for event in ("<MouseWheel>", "<Button-4>", "<Button-5>"):

@@ -53,15 +53,12 @@ from minitorrent.gui.client_panels import (
 )
 from minitorrent.gui.shell import WindowShell, run_window
 from minitorrent.gui.transfers import (
-    Action,
     DownloadProgressed,
     TransferEvent,
     TransferFailed,
     TransferFinished,
     TransferManager,
-    TransferState,
     TransferStopped,
-    allowed_actions,
 )
 from minitorrent.gui.widgets import ErrorBanner
 
@@ -72,7 +69,6 @@ log = logging.getLogger(__name__)
 
 GEOMETRY = "1280x820"
 TICK_MS = 250  # countdown and speed refresh
-REDRAW_MS = 100  # progress rows are redrawn at most this often, however many chunks arrive
 WORKER_JOIN_S = 5.0  # closing waits this long for short workers
 OPEN_FOLDER_COMMAND = {"darwin": ["open"], "win32": ["explorer"]}.get(sys.platform, ["xdg-open"])
 OPEN_FOLDER_WAIT_S = 5.0  # a file manager that fails says so quickly; one that works may keep running
@@ -239,8 +235,6 @@ class ClientWindow(WindowShell):
         self._last_snapshot: ClientSnapshot | None = None
         self._next_poll_at: float | None = None
         self._catalog_fetched_at: float | None = None
-        self._dirty: set[int] = set()
-        self._redraw_id: str | None = None
         self._build()
         self.open(self.controller.snapshot, CONNECTED_POLL_S)
         self.controller.set_poll_interval = self.poller.set_interval
@@ -265,7 +259,8 @@ class ClientWindow(WindowShell):
         self.tabs = ttk.Notebook(panes, padding=(10, 0, 10, 0))
         panes.add(self.catalog, weight=1)
         panes.add(self.tabs, weight=2)  # a taller window shows more transfers, not more empty catalog
-        self.transfers = TransferList(self.tabs, self.transfer_action, self.bulk_action)
+        self.transfers = TransferList(self.tabs, self.manager, self.controller.open_folder, self.notify,
+                                      lambda: (self.status or {}).get("server", ""))
         self.seeding_panel = SeedingPanel(self.tabs, self.seeding_enabled, self.apply_limits)
         self.log_pane = LogPane(self.tabs, height=6)
         self.tabs.add(self.transfers, text="Transfers")
@@ -302,11 +297,9 @@ class ClientWindow(WindowShell):
         if transfer is None:
             return
         if isinstance(event, DownloadProgressed):
-            self._dirty.add(transfer.tid)
-            if self._redraw_id is None:
-                self._redraw_id = self.root.after(REDRAW_MS, self._redraw_dirty)
+            self.transfers.progressed(transfer.tid)
             return
-        self._redraw_all()
+        self.transfers.redraw_all()
         if isinstance(event, TransferFinished):
             self.notify(f"{transfer.name}: downloaded and verified ({human_size(event.result.size)}) "
                         f"into {transfer.folder}", "ok")
@@ -329,7 +322,7 @@ class ClientWindow(WindowShell):
         if current is not None and (previous is None or news):
             self.refresh_catalog(announce=False)
             if self.manager.resume_after_outage():
-                self._redraw_all()
+                self.transfers.redraw_all()
         elif catalog_due(self._catalog_fetched_at, time.monotonic(), current is not None):
             self.refresh_catalog(announce=False)  # new files show by themselves
         self.seeding_panel.show(snapshot.seeding, self.seeding_error)
@@ -347,12 +340,10 @@ class ClientWindow(WindowShell):
 
     def _on_unfinished(self, event: UnfinishedFound) -> None:
         added = [self.manager.add_paused(name, folder, size, done) for name, folder, size, done in event.downloads]
-        for transfer in filter(None, added):
-            self.transfers.add(transfer)
-        count = sum(1 for transfer in added if transfer is not None)
-        if count:
-            self._redraw_all()
-            self.notify(f"{plural(count, 'unfinished download')} from last time: paused, press Resume to continue")
+        found = [transfer for transfer in added if transfer is not None]
+        if found:
+            self.transfers.add(found, scroll=False)
+            self.notify(f"{plural(len(found), 'unfinished download')} from last time: paused, press Resume to continue")
 
     def notify(self, text: str, tone: str = "info") -> None:
         """Show ``text`` in the status line; an error also in the banner at the top."""
@@ -365,8 +356,7 @@ class ClientWindow(WindowShell):
     def _tick(self) -> None:
         if self.status is None:
             self._show_connection()  # the countdown to the next try
-        self._dirty.update(t.tid for t in self.manager.transfers.values() if t.state is TransferState.DOWNLOADING)
-        self._redraw_dirty()
+        self.transfers.redraw_dirty()
 
     def _show_connection(self) -> None:
         snapshot = self._last_snapshot
@@ -380,18 +370,10 @@ class ClientWindow(WindowShell):
         else:
             self.retry_button.grid()
 
-    def _redraw_dirty(self) -> None:
-        self._redraw_id = None
-        self.transfers.redraw(self.manager, self._dirty, (self.status or {}).get("server", ""))
-        self._dirty.clear()
-
-    def _redraw_all(self) -> None:
-        self.transfers.redraw(self.manager, set(self.manager.transfers), (self.status or {}).get("server", ""))
-
     def theme_changed(self, theme: str) -> None:
         configure_client_styles(self.root)
         self.transfers.refresh_theme()
-        self._redraw_all()
+        self.transfers.redraw_all()
 
     # User actions -----------------------------------------------------------------------------------------
 
@@ -417,43 +399,13 @@ class ClientWindow(WindowShell):
             return
         self.controller.remember(self.settings_file, "download_folder", folder)
         added = [self.manager.add(entry["name"], Path(folder), entry["size"]) for entry in entries]
-        for transfer in filter(None, added):
-            self.transfers.add(transfer)
-        if any(added):
-            self.transfers.scroll_to(next(filter(None, added)).tid)  # the batch from its first row, not cut
+        self.transfers.add([transfer for transfer in added if transfer is not None])
         skipped = [entry["name"] for entry, transfer in zip(entries, added) if transfer is None]
-        self._redraw_all()
         self.tabs.select(self.transfers)
         message = f"downloading {plural(len(entries) - len(skipped), 'file')} into {folder}"
         if skipped:
             message += f"; already in the list: {', '.join(elide(n, 40) for n in skipped)}"
         self.notify(message, "warn" if skipped else "info")
-
-    def transfer_action(self, tid: int, action: str) -> None:
-        """A row's button: pause, resume, cancel, open (the folder)."""
-        transfer = self.manager.transfers.get(tid)
-        if transfer is None:
-            return
-        if action == "open":
-            self.controller.open_folder(transfer.folder)
-            return
-        done = {"pause": self.manager.pause, "resume": self.manager.resume, "cancel": self.manager.cancel}[action](tid)
-        if not done:
-            self.notify(f"{transfer.name}: cannot {action} a transfer that is {transfer.state.value}", "warn")
-        self._redraw_all()
-
-    def bulk_action(self, action: str) -> None:
-        """Pause all, Resume all, Clear finished."""
-        if action == "clear":
-            for tid in self.manager.clear_finished():
-                self.transfers.remove(tid)
-        else:
-            act = self.manager.pause if action == "pause" else self.manager.resume
-            wanted = Action.PAUSE if action == "pause" else Action.RESUME
-            for tid, transfer in list(self.manager.transfers.items()):
-                if wanted in allowed_actions(transfer.state):
-                    act(tid)
-        self._redraw_all()
 
     def apply_limits(self) -> None:
         """Validate both limit fields, then apply them; a bad value changes nothing."""
@@ -478,8 +430,7 @@ class ClientWindow(WindowShell):
 
     def stop_engine(self) -> None:
         """Pause the downloads (kept for next time), then stop the workers and the engine."""
-        if self._redraw_id is not None:
-            self.root.after_cancel(self._redraw_id)
+        self.transfers.stop()
         self.engine.interrupt()
         still_running = self.manager.stop_all()
         if still_running:

@@ -5,8 +5,8 @@ its parts with the ``build_*`` helpers, then calls ``open(snapshot)``.
 """
 from __future__ import annotations
 
-from pathlib import Path
 import tkinter as tk
+from pathlib import Path
 from tkinter import ttk
 from typing import Any, Callable
 

@@ -22,10 +22,10 @@ from conftest import (
     pump_until,
     wait_until,
 )
+
 from minitorrent.gui import backup_window as bw
 from minitorrent.gui import base as gui_base
 from minitorrent.gui import main_window as mw
-
 from minitorrent.gui.main_window import ServerState
 from minitorrent.server.backup import BackupServer
 from minitorrent.server.main import MainServer
