@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from error_handler import ConnectionFailed, MiniTorrentError
 from minitorrent.common.units import human_size
-from minitorrent.gui.base import LogPane, load_settings, save_settings
+from minitorrent.gui.base import LogPane, load_settings
 from minitorrent.gui.client_logic import (
     CONNECTED_POLL_S,
     CatalogFetched,
@@ -51,7 +51,7 @@ from minitorrent.gui.client_panels import (
     TransferList,
     configure_client_styles,
 )
-from minitorrent.gui.shell import WindowShell, run_window
+from minitorrent.gui.shell import WindowShell, remember_setting, run_window
 from minitorrent.gui.transfers import (
     DownloadProgressed,
     TransferEvent,
@@ -170,13 +170,7 @@ class ClientController:
 
     def remember(self, settings_file: Path, key: str, value: Any) -> None:
         """Save one window setting (in a worker: it writes a file)."""
-        def save() -> None:
-            try:
-                save_settings(settings_file, {**load_settings(settings_file), key: value})
-            except OSError as error:
-                log.warning("could not remember %s in %s: %s", key, settings_file, error)
-
-        self.in_background(save, "settings")
+        self.in_background(lambda: remember_setting(settings_file, key, value), "settings")
 
     def open_folder(self, folder: Path) -> None:
         """Open ``folder`` in the file manager (in a worker; a failure is posted)."""

@@ -51,16 +51,16 @@ log = logging.getLogger(__name__)
 # One form for every window: the title bar and the heading inside say the same.
 TITLES = {"main": "MiniTorrent — Main server", "backup": "MiniTorrent — Backup server", "client": "MiniTorrent — Client"}
 
-_settings_lock = threading.Lock()  # two quick theme toggles: the last one wins, the file is never mixed
+_settings_lock = threading.Lock()  # two quick saves (theme, folder): each keeps the other's key, the last wins
 
 
-def remember_theme(settings_file: Path, theme: str) -> None:
-    """Save the theme choice beside the other window settings (a worker thread's job: it writes a file)."""
+def remember_setting(settings_file: Path, key: str, value: Any) -> None:
+    """Save one window setting beside the others (a worker thread's job: it writes a file); a failure is logged."""
     try:
         with _settings_lock:
-            save_settings(settings_file, {**load_settings(settings_file), "theme": theme})
+            save_settings(settings_file, {**load_settings(settings_file), key: value})
     except OSError as error:
-        log.warning("could not remember the theme in %s: %s", settings_file, error)
+        log.warning("could not remember the %s in %s: %s", key, settings_file, error)
 
 
 class Header(ttk.Frame):
@@ -182,8 +182,8 @@ class WindowShell(ttk.Frame):
         self.theme_changed(self.theme)
         restyle_tree(self)
         if self.settings_file is not None:
-            threading.Thread(target=remember_theme, args=(self.settings_file, self.theme), name="window-settings",
-                             daemon=True).start()
+            threading.Thread(target=remember_setting, args=(self.settings_file, "theme", self.theme),
+                             name="window-settings", daemon=True).start()
 
     def theme_changed(self, theme: str) -> None:
         """Restyle what the subclass drew itself (plain Tk widgets, its own ttk styles)."""

@@ -405,12 +405,12 @@ class TestTransferManager:
 class Harness:
     """One open client window with its guard; ``close`` is idempotent."""
 
-    def __init__(self, config_path: Path) -> None:
+    def __init__(self, config_path: Path, geometry: str = cw.GEOMETRY) -> None:
         from config_loader import load_config
 
         self.config = load_config(config_path)
         self.settings_file = self.config.client.data_dir / "window.json"
-        self.root = open_root(TITLES["client"], cw.GEOMETRY, self.settings_file)
+        self.root = open_root(TITLES["client"], geometry, self.settings_file)
         self.guard = TkThreadGuard(self.root)  # before any widget exists
         self.engine = ClientEngine(self.config)
         self.window = cw.ClientWindow(self.root, self.engine, self.settings_file)
@@ -460,8 +460,8 @@ def harness(display):
     """Open client windows (``open(config_path)``); each is closed after the test."""
     opened: list[Harness] = []
 
-    def open_window(config_path: Path) -> Harness:
-        harness = Harness(config_path)
+    def open_window(config_path: Path, geometry: str = cw.GEOMETRY) -> Harness:
+        harness = Harness(config_path, geometry)
         opened.append(harness)
         return harness
 
@@ -841,6 +841,27 @@ class TestConnection:
             if not main.stop_event.is_set():
                 main.stop()
             backup.stop()
+
+
+class TestSmallWindow:
+    @pytest.mark.timeout(90)
+    @pytest.mark.parametrize("geometry", ["1200x520+0+0", "900x520+0+0"])  # the demo's size, the minimum size
+    def test_first_transfer_row_and_apply_button_are_whole(self, harness, shared, tmp_path, monkeypatch, geometry):
+        """At the demo's and the minimum size a batch of downloads shows from its first row, and Apply is on screen."""
+        engine, config, files = shared
+        engine.set_upload_limit(2 * MiB)  # still downloading when the rows are looked at
+        h = harness(config, geometry)
+        h.connected()
+        names = sorted(files, key=str.casefold)
+        h.download(names, tmp_path / "dl", monkeypatch)
+        first = h.transfer(names[0]).tid
+        h.pump(lambda: h.window.transfers.top_row() == first, "the first row at the top", SHORT_TIMEOUT)
+        h.window.tabs.select(h.window.seeding_panel)
+        apply = h.window.seeding_panel.apply_button
+        h.pump(apply.winfo_ismapped, "the Seeding tab", SHORT_TIMEOUT)
+        bottom = apply.winfo_rooty() + apply.winfo_height()
+        assert bottom <= h.window.status_line.winfo_rooty(), (bottom, h.window.status_line.winfo_rooty())
+        assert [] == h.guard.violations
 
 
 class TestLogPane:

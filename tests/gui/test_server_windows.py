@@ -427,6 +427,19 @@ class TestMainWindow:
         assert [] == guard.violations
 
     @pytest.mark.timeout(GUI_TEST_TIMEOUT)
+    def test_theme_is_remembered_as_in_every_window(self, windows, tmp_path):
+        """The toggle writes the theme into window.json beside the other settings, as the client's does."""
+        from minitorrent.gui.base import load_settings, save_settings
+
+        settings = tmp_path / "main" / "window.json"
+        save_settings(settings, {"download_folder": "/somewhere"})
+        window, guard = windows.main()
+        window.header.theme_button.invoke()
+        wait_until(lambda: load_settings(settings).get("theme") == "dark", SHORT_TIMEOUT, "window.json to say dark")
+        assert {"download_folder": "/somewhere", "theme": "dark"} == load_settings(settings)
+        assert [] == guard.violations
+
+    @pytest.mark.timeout(GUI_TEST_TIMEOUT)
     def test_closing_the_window_stops_the_engine(self, windows):
         """Closing stops polling, removes the log handler and stops serving (the port is closed)."""
         import logging
