@@ -109,7 +109,7 @@ class WindowShell(ttk.Frame):
     banner: ErrorBanner
 
     def __init__(self, root: tk.Tk, kind: str, settings_file: Path | None,
-                 padding: tuple[int, ...] = (16, 12, 16, 8)) -> None:
+                 padding: int | tuple[int, ...] = (16, 12, 16, 8)) -> None:
         super().__init__(root, padding=padding)
         self.root = root
         self.settings_file = settings_file
