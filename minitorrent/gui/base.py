@@ -194,7 +194,10 @@ class LogLine:
         self.text = text
 
 
-LEVEL_COLOURS = {"DEBUG": "#8a8a8a", "INFO": "", "WARNING": "#c77800", "ERROR": "#d13438", "CRITICAL": "#d13438"}
+LEVEL_COLOURS = {  # per theme: the light theme's orange and red are too dark to read on the dark background
+    "light": {"DEBUG": "#767676", "WARNING": "#a35200", "ERROR": "#c42b1c", "CRITICAL": "#c42b1c"},
+    "dark": {"DEBUG": "#a8a8a8", "WARNING": "#fcb04a", "ERROR": "#ff99a4", "CRITICAL": "#ff99a4"},
+}
 MAX_LOG_LINES = 2000
 
 
@@ -208,17 +211,19 @@ class LogPane(ttk.Frame):
 
     def __init__(self, master: tk.Misc, height: int = 8) -> None:
         super().__init__(master)
-        self.text = tk.Text(self, height=height, wrap="none", state="disabled", borderwidth=0,
-                            font=("TkFixedFont", 9))
+        # ("TkFixedFont", 9) would name a family that does not exist: a proportional font. Copy the named one.
+        self.font = tkfont.nametofont("TkFixedFont", self).copy()
+        self.font.configure(size=9)
+        self.text = tk.Text(self, height=height, wrap="word", state="disabled", borderwidth=0, font=self.font)
+        # A long line wraps under its message, not under its time: "HH:MM:SS LEVEL   " is 17 characters.
+        self.text.tag_configure("line", lmargin2=self.font.measure("0" * 17))
         scroll = ttk.Scrollbar(self, orient="vertical", command=self.scroll_view)
         self.text.configure(yscrollcommand=scroll.set)
         self.text.grid(row=0, column=0, sticky="nsew")
         scroll.grid(row=0, column=1, sticky="ns")
         self.columnconfigure(0, weight=1)
         self.rowconfigure(0, weight=1)
-        for level, colour in LEVEL_COLOURS.items():
-            if colour:
-                self.text.tag_configure(level, foreground=colour)
+        self.set_theme("light")
         self.following = True
         for sequence in ("<MouseWheel>", "<Button-4>", "<Button-5>", "<Prior>", "<Next>", "<Up>", "<Down>",
                          "<Home>", "<End>", "<Control-Home>", "<Control-End>"):
@@ -227,10 +232,15 @@ class LogPane(ttk.Frame):
         self.text.bind("<Configure>", lambda _event: self.following and self.text.see("end"), add="+")
         self.text.bind("<Map>", lambda _event: self.following and self.text.see("end"), add="+")
 
+    def set_theme(self, theme: str) -> None:
+        """Colour the levels for ``theme`` ("light" or "dark")."""
+        for level, colour in LEVEL_COLOURS[theme].items():
+            self.text.tag_configure(level, foreground=colour)
+
     def append(self, line: LogLine) -> None:
         """Add a line; bring it into view unless the user scrolled away from the end."""
         self.text.configure(state="normal")
-        self.text.insert("end", line.text + "\n", line.level)
+        self.text.insert("end", line.text + "\n", (line.level, "line"))
         surplus = int(self.text.index("end-1c").split(".")[0]) - MAX_LOG_LINES
         if surplus > 0:
             self.text.delete("1.0", f"{surplus + 1}.0")

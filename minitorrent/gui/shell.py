@@ -132,6 +132,7 @@ class WindowShell(ttk.Frame):
         self.root.protocol("WM_DELETE_WINDOW", self.request_close)
         self.root.report_callback_exception = self._report_callback_exception
         restyle_tree(self)
+        self.log_pane.set_theme(self.theme)
         self.log_handler = QueueLogHandler(self.pump.post)
         logging.getLogger().addHandler(self.log_handler)
         self.poller = Poller(snapshot, self.pump.post, interval_s)
@@ -181,6 +182,7 @@ class WindowShell(ttk.Frame):
         self.header.refresh_theme(self.theme)
         self.theme_changed(self.theme)
         restyle_tree(self)
+        self.log_pane.set_theme(self.theme)
         if self.settings_file is not None:
             threading.Thread(target=remember_setting, args=(self.settings_file, "theme", self.theme),
                              name="window-settings", daemon=True).start()
