@@ -424,6 +424,8 @@ class TestMainWindow:
         window.header.theme_button.invoke()
         pump_until(window.root, lambda: str(role.cget("foreground")) != light, SHORT_TIMEOUT, "the dark colour")
         assert (TONES["ok"], DARK_TONES["ok"]) == (light, str(role.cget("foreground")))
+        warning = str(window.log_pane.text.tag_cget("WARNING", "foreground"))
+        assert gui_base.LEVEL_COLOURS["dark"]["WARNING"] == warning  # the log's levels follow the theme too
         assert [] == guard.violations
 
     @pytest.mark.timeout(GUI_TEST_TIMEOUT)
