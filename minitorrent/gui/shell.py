@@ -153,9 +153,8 @@ class WindowShell(ttk.Frame):
         """Draw one event of the subclass's own kinds."""
 
     def show_error(self, text: str) -> None:
-        """Show ``text`` in the error banner (the same error twice in a row is shown once)."""
-        if not self.banner.errors or self.banner.errors[-1] != text:
-            self.banner.add(text)
+        """Show ``text`` in the error banner."""
+        self.banner.add(text)
 
     def _dispatch(self, event: Any) -> None:
         if isinstance(event, LogLine):

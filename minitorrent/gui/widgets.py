@@ -312,8 +312,9 @@ class ErrorBanner(Banner):
         self.close.bind("<Button-1>", lambda _event: self.errors.clear(), add="+")
 
     def add(self, text: str) -> None:
-        """Show ``text`` as the latest error."""
-        self.errors.append(text)
+        """Show ``text`` as the latest error (the same error twice in a row counts once: a poll may repeat it)."""
+        if not self.errors or self.errors[-1] != text:
+            self.errors.append(text)
         self.show(errors_text(self.errors), "error")
 
 
