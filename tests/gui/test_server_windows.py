@@ -131,6 +131,22 @@ class TestMainFormatting:
         assert "b  (and 1 more: see the log)" == errors_text(["a", "b"])
 
 
+class TestErrorBanner:
+    def test_a_repeated_error_counts_once(self, display):
+        """A poll that fails the same way twice adds one error, not two, to the banner's count."""
+        from minitorrent.gui.widgets import ErrorBanner
+
+        root = gui_base.open_root("MiniTorrent test", "400x200")
+        try:
+            banner = ErrorBanner(root)
+            banner.grid()
+            for text in ("a", "a", "b"):
+                banner.add(text)
+            assert "b  (and 1 more: see the log)" == banner.text
+        finally:
+            root.destroy()
+
+
 class TestEngineHolder:
     def test_replace_waits_for_users_and_try_use_does_not_block(self):
         """A swap waits until the engine is unused; meanwhile try_use yields None instead of waiting."""
