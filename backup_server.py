@@ -73,10 +73,11 @@ def run_window(engine: BackupServer, geometry: str | None = None) -> int:
         no_display_hint,
         open_root,
     )
+    from minitorrent.gui.shell import TITLES
 
     settings_file = engine.catalog.data_dir / "window.json"
     try:
-        root = open_root("MiniTorrent backup server", geometry or DEFAULT_GEOMETRY, settings_file)
+        root = open_root(TITLES["backup"], geometry or DEFAULT_GEOMETRY, settings_file)
     except NoDisplay:
         engine.stop()
         return no_display_hint("backup_server.py")

@@ -9,7 +9,9 @@
 
 Exit status: 0 on success, 1 when a command failed (the reason is one line on
 stderr), 2 for a bad command line or configuration (or no display for the
-window), 130 when interrupted.
+window), 130 when interrupted. When no server answers at once, a command says
+on stderr what it waits for and for how long before it waits. A reader that
+stops early (``client.py status | head -1``) ends the command quietly, status 0.
 ``ClientEngine`` is what the window holds; it imports no tkinter.
 """
 from __future__ import annotations
@@ -17,16 +19,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
-import signal
 import sys
 from pathlib import Path
 from typing import Sequence
 
 from config_loader import load_config
-from error_handler import MiniTorrentError
+from error_handler import ConnectionFailed, MiniTorrentError
 from logger_config import setup_logging
-from minitorrent.client.engine import ClientEngine
+from minitorrent.client.engine import ClientEngine, server_addresses
 from minitorrent.client.progress import TerminalProgress
 from minitorrent.common.daemon import serve_until_signalled
 from minitorrent.common.units import human_size
@@ -174,6 +176,33 @@ def run_servers(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"list": run_list, "get": run_get, "status": run_status, "seed": run_seed}
+NEEDS_SERVER = {"list", "get", "status"}  # the seeder serves what it holds, with or without a server
+
+
+def announce_wait(engine: ClientEngine) -> None:
+    """If no server answers now, say on stderr what the command waits for and how long (it looks hung otherwise).
+
+    Finding the active server is the command's own first step: when a server
+    answers, the session it opened is reused, so this costs nothing.
+    """
+    try:
+        engine.server.active_pool()
+    except ConnectionFailed:  # the reason comes with the error if the wait ends in vain
+        servers = " or ".join(f"{host}:{port}" for host, port in server_addresses(engine.config))
+        print(f"waiting up to {engine.config.client.retry_deadline:g} s for a server at {servers} "
+              "(none answers yet); Ctrl+C to stop", file=sys.stderr, flush=True)
+
+
+def quiet_broken_pipe() -> int:
+    """The reader of our output has gone (``| head -1``): drop what is left to print; status 0.
+
+    Python would otherwise print a BrokenPipeError traceback when it flushes
+    stdout at exit; pointing stdout at /dev/null makes that flush succeed.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 0
 
 
 def run_window(args: argparse.Namespace) -> int:
@@ -188,11 +217,12 @@ def run_window(args: argparse.Namespace) -> int:
         no_display_hint,
         open_root,
     )
-    from minitorrent.gui.client_window import GEOMETRY, TITLE, ClientWindow
+    from minitorrent.gui.client_window import GEOMETRY, run
+    from minitorrent.gui.shell import TITLES
 
     settings_file = config.client.data_dir / "window.json"
     try:
-        root = open_root(TITLE, args.geometry or GEOMETRY, settings_file)
+        root = open_root(TITLES["client"], args.geometry or GEOMETRY, settings_file)
     except NoDisplay:
         return no_display_hint("client.py", "list")
     try:
@@ -202,16 +232,7 @@ def run_window(args: argparse.Namespace) -> int:
         root.destroy()
         print(f"error: {error}", file=sys.stderr)
         return 2
-    window = ClientWindow(root, engine, settings_file)
-    for signum in (signal.SIGINT, signal.SIGTERM):  # a stop from the terminal closes the window cleanly
-        signal.signal(signum, lambda *_: root.after(0, window.close))
-    try:
-        root.mainloop()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        window.close()
-    return 0
+    return run(engine, root, settings_file)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -229,7 +250,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     try:
-        return COMMANDS[args.command](engine, args)
+        if args.command in NEEDS_SERVER:
+            announce_wait(engine)
+        status = COMMANDS[args.command](engine, args)
+        sys.stdout.flush()  # here, not at exit, so a reader gone early is seen below
+        return status
+    except BrokenPipeError:
+        return quiet_broken_pipe()
     except MiniTorrentError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -6,7 +6,8 @@ With a screen, the demo opens the three windows side by side on 127.0.0.1
 with free ports, a throwaway data folder and the sample files already
 shared: select files in the client, click Download Selected, then close (or
 kill) the main server's window and watch the backup take over. It ends when
-every window is closed, or on Ctrl+C.
+every window is closed, or on Ctrl+C or SIGTERM (which close the windows and
+remove the folder too).
 
 Without a screen (or with ``--headless``) it tells the same story with the
 real programs as headless processes:
@@ -25,6 +26,7 @@ server's page address, and with a screen opens it in a browser if there is
 one (``--no-browser``: don't).
 
 ``--keep`` leaves the folder (configs, logs, downloads) for a look afterwards.
+The commands it echoes are quoted for the shell: they can be copied and run.
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ import json
 import os
 import random
 import secrets
+import shlex
 import shutil
 import signal
 import subprocess
@@ -92,13 +95,18 @@ def write_configs(workdir: Path) -> dict[str, Path]:
 
 def run_client(config: Path, *args: str, quiet: bool = False) -> subprocess.CompletedProcess:
     """Run the real client, echoing what it prints."""
-    print(f"\n$ python client.py {' '.join(args)}", flush=True)
+    print(f"\n$ {shell_command('client.py', '--config', str(config), *args)}", flush=True)
     result = subprocess.run([sys.executable, str(ROOT / "client.py"), "--config", str(config), *args],
                             capture_output=True, text=True, encoding="utf-8")
     if not quiet:
         sys.stdout.write(result.stdout)
     sys.stderr.write(result.stderr)
     return result
+
+
+def shell_command(program: str, *args: str) -> str:
+    """``python PROGRAM ARGS`` quoted for a POSIX shell (names here have spaces and accents)."""
+    return " ".join(shlex.quote(part) for part in ("python", program, *args))
 
 
 def server_status(config: Path) -> dict:
@@ -153,9 +161,12 @@ def run_demo(workdir: Path) -> bool:
     configs = write_configs(workdir)
     client = configs["client"]
     say(f"Demo folder: {workdir}. Starting a backup server and a main server sharing {len(samples)} files")
-    backup = ServerProcess(configs["backup"], script="backup_server.py")
-    main = ServerProcess(configs["main"], add=samples)
+    servers: list[ServerProcess] = []  # stopped on the way out, however the story ends
     try:
+        backup = ServerProcess(configs["backup"], script="backup_server.py")
+        servers.append(backup)
+        main = ServerProcess(configs["main"], add=samples)
+        servers.append(main)
         print("\n".join(backup.stdout_lines + main.stdout_lines))
         status = wait_for(client, lambda s: s.get("server") == "main" and s["backup"].get("in_sync"),
                           "the backup to hold a full replica")
@@ -175,13 +186,14 @@ def run_demo(workdir: Path) -> bool:
 
         say("Starting the main server again")
         main = ServerProcess(configs["main"])
+        servers.append(main)
         status = wait_for_active(client, "main")
         print(f"The main caught up and took the role back: active with epoch {status['epoch']}; "
               f"it counts {sum(status.get('downloads_per_file', {}).values())} downloads, "
               "including the one served by the backup.")
     finally:
-        main.kill()
-        backup.stop()
+        for server in servers:
+            server.kill()
     return ok
 
 
@@ -240,8 +252,9 @@ def run_windows(workdir: Path, size: tuple[int, int], open_browser: bool = True)
     opened = open_browser and page_answers(page) and webbrowser.open(page)  # False when no browser is there
     print(f"The main server's web page is at {page}{' (opened in your browser)' if opened else ''}.")
     print("Select files in the client window and click Download Selected. Then close the main server's\n"
-          "window (or kill it) and watch the backup take over; start `python main_server.py --config "
-          f"{configs['main']}` again to see it take the role back. Close every window (or press Ctrl+C) to end.")
+          "window (or kill it) and watch the backup take over; start "
+          f"`{shell_command('main_server.py', '--config', str(configs['main']))}` again to see it take the role "
+          "back. Close every window (or press Ctrl+C) to end.")
     try:
         codes = [process.wait() for process in processes]
     except KeyboardInterrupt:
@@ -251,6 +264,15 @@ def run_windows(workdir: Path, size: tuple[int, int], open_browser: bool = True)
     return all(code in (0, -signal.SIGTERM) for code in codes)
 
 
+def interrupt_on_sigterm() -> None:
+    """SIGTERM ends the demo as Ctrl+C does: the windows or servers are stopped and the folder removed."""
+
+    def interrupt(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run a local MiniTorrent demo on sample files, with a failover.")
     parser.add_argument("--headless", action="store_true", help="tell the story in the terminal, no windows")
@@ -258,11 +280,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-browser", action="store_true", help="do not open the web page in a browser")
     args = parser.parse_args(argv)
     size = None if args.headless else screen_size()
+    interrupt_on_sigterm()
     workdir = Path(tempfile.mkdtemp(prefix="minitorrent-demo-"))
     try:
         if size:
             return 0 if run_windows(workdir, size, open_browser=not args.no_browser) else 1
         ok = run_demo(workdir)
+    except KeyboardInterrupt:  # the servers were stopped on the way out (run_demo's finally)
+        print("\nDemo interrupted.", file=sys.stderr)
+        return 130
     finally:
         if args.keep:
             print(f"Kept {workdir}")

@@ -88,11 +88,12 @@ def run_window(engine: MainServer, add: Sequence[str], geometry: str | None = No
         no_display_hint,
         open_root,
     )
+    from minitorrent.gui.shell import TITLES
     from minitorrent.gui.main_window import DEFAULT_GEOMETRY, run
 
     settings_file = engine.catalog.data_dir / "window.json"
     try:
-        root = open_root("MiniTorrent main server", geometry or DEFAULT_GEOMETRY, settings_file)
+        root = open_root(TITLES["main"], geometry or DEFAULT_GEOMETRY, settings_file)
     except NoDisplay:
         engine.catalog.close()
         return no_display_hint("main_server.py")

@@ -118,8 +118,24 @@ class TestFailures:
         config = client_config_for(tmp_path, ("127.0.0.1", port), {"client": {"retry_deadline": 0.5}})
         result = run_client(config, "list")
         assert 1 == result.returncode
-        lines = result.stderr.strip().splitlines()
-        assert 1 == len(lines) and f"127.0.0.1:{port}" in lines[0], result.stderr
+        waiting, reason = result.stderr.strip().splitlines()  # what it waited for, then why it gave up
+        assert f"waiting up to 0.5 s for a server at 127.0.0.1:{port} (none answers yet); Ctrl+C to stop" == waiting
+        assert reason.startswith("error: ") and f"127.0.0.1:{port}" in reason, result.stderr
+
+    def test_waiting_for_a_server_is_said_at_once(self, tmp_path):
+        """With no server answering, the command says on stderr what it waits for and how long, before waiting."""
+        config = client_config_for(tmp_path, ("127.0.0.1", _free_port()), {"client": {"retry_deadline": 60}})
+        process = subprocess.Popen([sys.executable, str(ROOT / "client.py"), "--config", str(config), "status"],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            first_line = process.stderr.readline()  # blocks until it says something: the test times out if never
+            still_waiting = process.poll() is None
+        finally:
+            process.kill()
+            process.wait(SHORT_TIMEOUT)
+            process.stderr.close()
+        assert (True, "waiting up to 60 s for a server at 127.0.0.1:") == \
+            (still_waiting, first_line[:len("waiting up to 60 s for a server at 127.0.0.1:")])
 
     def test_bad_config_is_one_line(self, tmp_path):
         """A config with a bad value exits 2 with one line naming the key."""
@@ -138,6 +154,27 @@ class TestFailures:
         assert 1 == result.returncode
         assert "nope.txt: no such file" in result.stderr
         assert "Traceback" not in result.stderr
+
+
+def _free_port() -> int:
+    """A port that was free a moment ago: nothing listens there."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class TestReaderGoneEarly:
+    @pytest.mark.parametrize("command", [["status"], ["list", "--json"], ["list"]])
+    def test_a_closed_pipe_ends_quietly(self, shared, command):
+        """When whoever reads the output has gone (`| head -1`), the command exits 0 with nothing on stderr."""
+        _, config, _ = shared
+        process = subprocess.Popen([sys.executable, str(ROOT / "client.py"), "--config", str(config), *command],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        process.stdout.close()  # the reader is gone before anything is printed: every write meets EPIPE
+        _, stderr = process.communicate(timeout=LONG_TIMEOUT)
+        assert (0, "") == (process.returncode, stderr)
 
 
 class TestServerLifecycle:

@@ -65,7 +65,12 @@ class ServerProcess:
             self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True,
                                             encoding="utf-8")
         threading.Thread(target=self._read_stdout, daemon=True).start()
-        if not self._address_known.wait(START_TIMEOUT_S) or self.address is None:
+        try:
+            started = self._address_known.wait(START_TIMEOUT_S) and self.address is not None
+        except BaseException:  # interrupted while it starts (Ctrl+C, a demo's SIGTERM): no orphan left running
+            self.kill()
+            raise
+        if not started:
             self.kill()
             raise RuntimeError(f"server did not start: {self.stderr_path.read_text(encoding='utf-8').strip()}")
 

@@ -27,13 +27,9 @@ from error_handler import MiniTorrentError
 from minitorrent.common.units import human_duration, human_size
 from minitorrent.gui.base import entry_row
 from minitorrent.gui.main_window import age_text
-from minitorrent.gui.widgets import (
-    Badge,
-    ProgressStrip,
-    ServerWindow,
-    TileStrip,
-    close_on_signal,
-)
+from minitorrent.gui.server_window import ServerWindow
+from minitorrent.gui.shell import run_window
+from minitorrent.gui.widgets import Badge, FittedLabel, ProgressStrip, TileStrip
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +133,8 @@ def explanation(snapshot: BackupSnapshot, state: BadgeState, since: float) -> st
     """The sentence under the badge: what the backup is doing and what comes next."""
     main = snapshot.main_address or "the main"
     if state is BadgeState.STANDBY:
-        return f"Receiving heartbeats from the main at {main}. Clients are sent to it; the replica follows it."
+        return (f"Receiving heartbeats from the main at {main}. Clients are sent to it; the replica follows it. "
+                f"If the heartbeats stop for {snapshot.heartbeat_timeout_s:g} s, the backup takes over.")
     if state is BadgeState.NO_CONTACT:
         left, _ = countdown(since, snapshot.heartbeat_timeout_s)
         return (f"No heartbeat from the main at {main} for {since:.1f} s. "
@@ -157,14 +154,21 @@ def explanation(snapshot: BackupSnapshot, state: BadgeState, since: float) -> st
     return "The backup is not running: see the message above."
 
 
-def heartbeat_line(snapshot: BackupSnapshot, state: BadgeState, since: float) -> tuple[str, str]:
-    """(last heartbeat, failover countdown) as shown beside the badge."""
+def heartbeat_line(snapshot: BackupSnapshot, state: BadgeState, since: float) -> tuple[str, str, str]:
+    """(last heartbeat, failover, failover's tone) as shown beside the badge.
+
+    While heartbeats come the failover is only armed (the explanation says
+    after how much silence it would happen) and the figure stays still. It counts down, in the warning
+    tone, only once the main has gone quiet (NO CONTACT).
+    """
     if state is BadgeState.ACTIVE:
-        return age_text(since), "taken over"
+        return age_text(since), "taken over", ""
     if state in (BadgeState.STARTING, BadgeState.NOT_RUNNING):
-        return "—", "—"
+        return "—", "—", ""
+    if state is BadgeState.STANDBY:
+        return age_text(since), "armed", ""
     left, _ = countdown(since, snapshot.heartbeat_timeout_s)
-    return age_text(since), f"in {left:.1f} s" if left > 0 else "now"
+    return age_text(since), f"in {left:.1f} s" if left > 0 else "now", "warn"
 
 
 def promote_enabled(snapshot: BackupSnapshot | None) -> bool:
@@ -318,24 +322,21 @@ class BackupWindow(ServerWindow):
     """The backup server's window. Build it on the Tk thread with an unstarted ``BackupServer``."""
 
     def __init__(self, root: tk.Tk, engine: Any, settings_file: Path | None = None, start: bool = True) -> None:
-        super().__init__(root, settings_file)
+        super().__init__(root, "backup", settings_file)
         self.controller = BackupController(engine, self.pump.post)
         self.snapshot: BackupSnapshot | None = None
         self.badge_state = BadgeState.STARTING
         self._started = False
-        self._countdown_after: str | None = None
         self._build()
         self.open(self.controller.snapshot)
         self.controller.on_change = self.poller.poll_now
-        self._countdown_frame()
+        self.every(COUNTDOWN_FRAME_MS, self._countdown_frame)
         if start:
             self.controller.start()
 
     def _build(self) -> None:
-        self.promote_button = ttk.Button(self, text="Promote now", command=self.promote_now, state="disabled")
-        self.handback_button = ttk.Button(self, text="Hand back to main", command=self.hand_back, state="disabled")
-        header = self.build_header("MiniTorrent backup server", [self.promote_button, self.handback_button])
-        header.grid(row=0, column=0, sticky="ew")
+        self.promote_button = self.header.add_button("Promote now", self.promote_now, state="disabled")
+        self.handback_button = self.header.add_button("Hand back to main", self.hand_back, state="disabled")
         ttk.Separator(self).grid(row=1, column=0, sticky="ew", pady=(10, 10))
         self._build_role_panel().grid(row=2, column=0, sticky="ew")
         ttk.Separator(self).grid(row=3, column=0, sticky="ew", pady=(10, 0))
@@ -359,11 +360,12 @@ class BackupWindow(ServerWindow):
         for column, (key, caption) in enumerate((("heartbeat", "Last heartbeat"), ("failover", "Failover"),
                                                  ("epoch", "Epoch"))):
             ttk.Label(figures, text=caption.upper(), style="Caption.TLabel").grid(row=0, column=column, sticky="w")
-            self.figures[key] = ttk.Label(figures, text="—", style="Value.TLabel")
-            self.figures[key].grid(row=1, column=column, sticky="w", padx=(0, 12))
+            self.figures[key] = FittedLabel(figures, "—", style="Value.TLabel")
+            self.figures[key].grid(row=1, column=column, sticky="ew", padx=(0, 12))
             figures.columnconfigure(column, weight=1, uniform="figure")
         self.countdown_bar = ttk.Progressbar(panel, mode="determinate", maximum=1.0, value=1.0)
         self.countdown_bar.grid(row=1, column=1, sticky="ew", pady=(6, 4))
+        panel.rowconfigure(1, minsize=self.countdown_bar.winfo_reqheight() + 10)  # no jump when it shows
         self.explanation = ttk.Label(panel, text="", anchor="w", justify="left")
         self.explanation.grid(row=2, column=1, sticky="ew")
         self.explanation.bind("<Configure>", lambda e: self.explanation.configure(wraplength=max(200, e.width - 4)))
@@ -433,7 +435,6 @@ class BackupWindow(ServerWindow):
         """Advance the heartbeat age and the failover bar between snapshots (time arithmetic only)."""
         if self.snapshot is not None:
             self._show_role()
-        self._countdown_after = self.after(COUNTDOWN_FRAME_MS, self._countdown_frame)
 
     def _show_role(self) -> None:
         snapshot = self.snapshot
@@ -445,12 +446,17 @@ class BackupWindow(ServerWindow):
         state = badge_state(snapshot.running, snapshot.role, since, snapshot.heartbeat_interval_s, self._started)
         self.badge_state = state
         self.badge.show(state.value, BADGE_TONES[state])
-        heartbeat, failover = heartbeat_line(snapshot, state, since)
-        self._set(self.figures["heartbeat"], heartbeat)
-        self._set(self.figures["failover"], failover)
-        self._set(self.figures["epoch"], str(snapshot.epoch))
+        heartbeat, failover, tone = heartbeat_line(snapshot, state, since)
+        for key, text in (("heartbeat", heartbeat), ("failover", failover), ("epoch", str(snapshot.epoch))):
+            style = f"{tone}.Value.TLabel" if key == "failover" and tone else "Value.TLabel"
+            if (self.figures[key].full_text, str(self.figures[key].cget("style"))) != (text, style):
+                self.figures[key].show(text, style=style)
         _, left = countdown(since, snapshot.heartbeat_timeout_s)
-        self.countdown_bar.configure(value=left if state in (BadgeState.STANDBY, BadgeState.NO_CONTACT) else 0.0)
+        if state is BadgeState.NO_CONTACT:  # the bar runs down only when a failover is really coming
+            self.countdown_bar.configure(value=left)
+            self.countdown_bar.grid()
+        else:
+            self.countdown_bar.grid_remove()
         self._set(self.explanation, explanation(snapshot, state, since))
         self.show_headline(*headline(snapshot, state))
 
@@ -459,19 +465,7 @@ class BackupWindow(ServerWindow):
         if label.cget("text") != text:
             label.configure(text=text)
 
-    def close(self) -> None:
-        if self._countdown_after is not None and not self.closed:
-            self.after_cancel(self._countdown_after)
-            self._countdown_after = None
-        super().close()
-
 
 def run(engine: Any, root: tk.Tk, settings_file: Path | None) -> int:
     """Show the backup server's window until it is closed; the exit status."""
-    window = BackupWindow(root, engine, settings_file)
-    close_on_signal(root, window.close)
-    try:
-        root.mainloop()
-    finally:
-        window.close()
-    return 0
+    return run_window(BackupWindow(root, engine, settings_file))

@@ -17,6 +17,7 @@ import threading
 import time
 import tkinter as tk
 from pathlib import Path
+from tkinter import font as tkfont
 from tkinter import ttk
 from typing import Any, Callable
 
@@ -164,7 +165,8 @@ class Poller:
         while not self._stop.is_set():
             try:
                 self._post(self._snapshot())
-            except Exception as error:  # shown in the window by whoever handles it
+            except Exception as error:  # shown in the window; the traceback goes to the log
+                log.exception("the window's snapshot failed")
                 self._post(error)
             self._now.wait(self._interval_s)
             self._now.clear()
@@ -192,41 +194,98 @@ class LogLine:
         self.text = text
 
 
-LEVEL_COLOURS = {"DEBUG": "#8a8a8a", "INFO": "", "WARNING": "#c77800", "ERROR": "#d13438", "CRITICAL": "#d13438"}
+LEVEL_COLOURS = {  # per theme: the light theme's orange and red are too dark to read on the dark background
+    "light": {"DEBUG": "#767676", "WARNING": "#a35200", "ERROR": "#c42b1c", "CRITICAL": "#c42b1c"},
+    "dark": {"DEBUG": "#a8a8a8", "WARNING": "#fcb04a", "ERROR": "#ff99a4", "CRITICAL": "#ff99a4"},
+}
 MAX_LOG_LINES = 2000
 
 
 class LogPane(ttk.Frame):
-    """A read-only log view with coloured levels that follows new lines (unless scrolled up)."""
+    """A read-only log view with coloured levels that follows new lines until the user scrolls up.
+
+    Whether it follows is decided only when the user scrolls (scrollbar,
+    wheel, keys): the view's position while lines pour in, or while the pane
+    sits in a hidden tab, says nothing about what the user wants.
+    """
 
     def __init__(self, master: tk.Misc, height: int = 8) -> None:
         super().__init__(master)
-        self.text = tk.Text(self, height=height, wrap="none", state="disabled", borderwidth=0,
-                            font=("TkFixedFont", 9))
-        scroll = ttk.Scrollbar(self, orient="vertical", command=self.text.yview)
+        # ("TkFixedFont", 9) would name a family that does not exist: a proportional font. Copy the named one.
+        self.font = tkfont.nametofont("TkFixedFont", self).copy()
+        self.font.configure(size=9)
+        self.text = tk.Text(self, height=height, wrap="word", state="disabled", borderwidth=0, font=self.font)
+        # A long line wraps under its message, not under its time: "HH:MM:SS LEVEL   " is 17 characters.
+        self.text.tag_configure("line", lmargin2=self.font.measure("0" * 17))
+        scroll = ttk.Scrollbar(self, orient="vertical", command=self.scroll_view)
         self.text.configure(yscrollcommand=scroll.set)
         self.text.grid(row=0, column=0, sticky="nsew")
         scroll.grid(row=0, column=1, sticky="ns")
         self.columnconfigure(0, weight=1)
         self.rowconfigure(0, weight=1)
-        for level, colour in LEVEL_COLOURS.items():
-            if colour:
-                self.text.tag_configure(level, foreground=colour)
-        self._following = True
-        # A pane that shrinks (a strip appearing above it) keeps its top line and would cut the newest one off.
-        self.text.bind("<Configure>", lambda _event: self._following and self.text.see("end"), add="+")
+        self.set_theme("light")
+        self.following = True
+        for sequence in ("<MouseWheel>", "<Button-4>", "<Button-5>", "<Prior>", "<Next>", "<Up>", "<Down>",
+                         "<Home>", "<End>", "<Control-Home>", "<Control-End>"):
+            self.text.bind(sequence, lambda _event: self.after_idle(self._user_scrolled), add="+")
+        # Shown again, or shrunk (a strip appearing above it): the newest line would be cut off.
+        self.text.bind("<Configure>", lambda _event: self.following and self.text.see("end"), add="+")
+        self.text.bind("<Map>", lambda _event: self.following and self.text.see("end"), add="+")
+
+    def set_theme(self, theme: str) -> None:
+        """Colour the levels for ``theme`` ("light" or "dark")."""
+        for level, colour in LEVEL_COLOURS[theme].items():
+            self.text.tag_configure(level, foreground=colour)
 
     def append(self, line: LogLine) -> None:
-        """Add a line; keep the view at the bottom if it was there."""
-        following = self._following = self.text.yview()[1] >= 0.999
+        """Add a line; bring it into view unless the user scrolled away from the end."""
         self.text.configure(state="normal")
-        self.text.insert("end", line.text + "\n", line.level)
+        self.text.insert("end", line.text + "\n", (line.level, "line"))
         surplus = int(self.text.index("end-1c").split(".")[0]) - MAX_LOG_LINES
         if surplus > 0:
             self.text.delete("1.0", f"{surplus + 1}.0")
         self.text.configure(state="disabled")
-        if following:
+        if self.following:
             self.text.see("end")
+
+    def scroll_view(self, *args: Any) -> None:
+        """Scroll as the user asked (the scrollbar's command): following resumes at the end, stops above it."""
+        self.text.yview(*args)
+        self._user_scrolled()
+
+    def last_line_visible(self) -> bool:
+        """True if the newest line is on screen."""
+        self.text.update_idletasks()
+        return self.text.bbox("end-2c") is not None
+
+    def _user_scrolled(self) -> None:
+        self.following = self.last_line_visible()
+
+
+def fit_text(text: str, width_px: int, measure: Callable[[str], int]) -> str:
+    """``text``, or its longest middle-elided form (``"start…end.bin"``) that ``measure`` says fits ``width_px``.
+
+    The end is kept because it holds the extension; a middle cut keeps two
+    names that differ only at the end apart.
+    """
+    if measure(text) <= width_px:
+        return text
+    low, high = 0, len(text) - 1  # how many characters to keep around the ellipsis
+    while low < high:
+        keep = (low + high + 1) // 2
+        if measure(_cut(text, keep)) <= width_px:
+            low = keep
+        else:
+            high = keep - 1
+    return _cut(text, low)
+
+
+def _cut(text: str, keep: int) -> str:
+    head = (keep + 1) // 2
+    return text[:head] + "…" + (text[len(text) - (keep - head):] if keep - head else "")
+
+
+CELL_PADDING_PX = 12  # a Treeview cell's text starts a few pixels in and must end before the next column
 
 
 class SortableTable(ttk.Frame):
@@ -234,7 +293,9 @@ class SortableTable(ttk.Frame):
 
     ``columns`` is a list of (key, heading, width, anchor). Rows are given as
     (iid, values, sort_keys): ``sort_keys`` holds the raw values (bytes, not
-    "1.5 MiB") so sizes and dates sort as numbers.
+    "1.5 MiB") so sizes and dates sort as numbers. Until a column is chosen
+    the rows keep the order they are given in. The first column (the name)
+    is shortened in the middle with an ellipsis when it does not fit.
     """
 
     def __init__(self, master: tk.Misc, columns: list[tuple[str, str, int, str]], height: int = 10) -> None:
@@ -251,14 +312,21 @@ class SortableTable(ttk.Frame):
         self.columnconfigure(0, weight=1)
         self.rowconfigure(0, weight=1)
         self._sort_values: dict[str, dict[str, Any]] = {}
+        self._names: dict[str, str] = {}  # iid -> the first column's whole text
         self._sorted_by: tuple[str, bool] | None = None
+        self._widths: dict[str, int] = {}  # text -> pixels, measured once
+        self._name_width = 0
+        self.tree.bind("<Configure>", lambda _event: self.after_idle(self._fit_names), add="+")
 
     def set_rows(self, rows: list[tuple[str, tuple, dict[str, Any]]]) -> None:
-        """Show exactly ``rows``, keeping the selection and the chosen sort order."""
+        """Show exactly ``rows``, keeping the selection and the chosen sort order (else the given order)."""
         wanted = {iid for iid, _, _ in rows}
         for iid in set(self.tree.get_children()) - wanted:
             self.tree.delete(iid)
+            self._names.pop(iid, None)
         for iid, values, sort_keys in rows:
+            self._names[iid] = str(values[0])
+            values = (self._fitted(str(values[0])), *values[1:])
             if self.tree.exists(iid):
                 self.tree.item(iid, values=values)
             else:
@@ -266,6 +334,13 @@ class SortableTable(ttk.Frame):
             self._sort_values[iid] = sort_keys
         if self._sorted_by:
             self._apply_sort(*self._sorted_by)
+        else:  # a row that arrives later goes where it was given, not at the bottom
+            for position, (iid, _, _) in enumerate(rows):
+                self.tree.move(iid, "", position)
+
+    def full_name(self, iid: str) -> str:
+        """The first column's whole text for row ``iid`` (the cell may show it shortened)."""
+        return self._names[iid]
 
     def selected(self) -> list[str]:
         """The iids of the selected rows."""
@@ -290,6 +365,31 @@ class SortableTable(ttk.Frame):
             heading = self.tree.heading(column, "text").rstrip(" ▲▼")
             arrow = (" ▼" if descending else " ▲") if column == key else ""
             self.tree.heading(column, text=heading + arrow)
+
+    def _fitted(self, text: str) -> str:
+        return fit_text(text, self._name_width, self._measure) if self._name_width > 0 else text
+
+    def _measure(self, text: str) -> int:
+        if text not in self._widths:
+            if len(self._widths) > 50_000:  # names come and go: the cache must not grow for ever
+                self._widths.clear()
+            self._widths[text] = tkfont.nametofont(_table_font(self.tree)).measure(text)
+        return self._widths[text]
+
+    def _fit_names(self) -> None:
+        """The name column changed width: shorten (or restore) the names shown in it."""
+        width = int(self.tree.column(self.keys[0], "width")) - CELL_PADDING_PX
+        if width == self._name_width or not self.winfo_exists():
+            return
+        self._name_width = width
+        for iid, name in self._names.items():
+            self.tree.set(iid, self.keys[0], self._fitted(name))
+
+
+def _table_font(tree: ttk.Treeview) -> str:
+    """The named font a Treeview draws its rows in."""
+    font = str(ttk.Style(tree).lookup("Treeview", "font") or "")
+    return font if font in tkfont.names(tree) else "TkDefaultFont"
 
 
 SHORT_SHA_LENGTH = 12

@@ -34,12 +34,9 @@ from typing import Any, Callable, Iterator, Sequence
 from error_handler import MiniTorrentError
 from minitorrent.common.units import human_duration, human_size, percent
 from minitorrent.gui.base import entry_row
-from minitorrent.gui.widgets import (
-    ProgressStrip,
-    ServerWindow,
-    TileStrip,
-    close_on_signal,
-)
+from minitorrent.gui.server_window import ServerWindow
+from minitorrent.gui.shell import run_window
+from minitorrent.gui.widgets import ProgressStrip, TileStrip
 
 log = logging.getLogger(__name__)
 
@@ -524,7 +521,7 @@ class MainWindow(ServerWindow):
 
     def __init__(self, root: tk.Tk, engine: Any, settings_file: Path | None = None,
                  add_paths: Sequence[str] = (), start: bool = True) -> None:
-        super().__init__(root, settings_file)
+        super().__init__(root, "main", settings_file)
         self.controller = MainController(engine, self.pump.post)
         self._state_error = ""
         self._role = ""
@@ -538,11 +535,9 @@ class MainWindow(ServerWindow):
             self.controller.add_files(add_paths)
 
     def _build(self) -> None:
-        self.add_button = ttk.Button(self, text="Add Files…", style="Accent.TButton", command=self.add_files)
-        self.remove_button = ttk.Button(self, text="Remove", command=self.remove_selected, state="disabled")
-        self.serve_button = ttk.Button(self, text="Start Server", width=12, command=self.toggle_server)
-        header = self.build_header("MiniTorrent main server", [self.add_button, self.remove_button, self.serve_button])
-        header.grid(row=0, column=0, sticky="ew")
+        self.add_button = self.header.add_button("Add Files…", self.add_files, style="Accent.TButton")
+        self.remove_button = self.header.add_button("Remove", self.remove_selected, state="disabled")
+        self.serve_button = self.header.add_button("Start Server", self.toggle_server, width=12)
         ttk.Separator(self).grid(row=1, column=0, sticky="ew", pady=(10, 0))
         self.tiles = TileStrip(self, TILES)
         self.tiles.grid(row=2, column=0, sticky="ew", pady=2)
@@ -643,10 +638,4 @@ class MainWindow(ServerWindow):
 
 def run(engine: Any, root: tk.Tk, settings_file: Path | None, add_paths: Sequence[str] = ()) -> int:
     """Show the main server's window until it is closed; the exit status."""
-    window = MainWindow(root, engine, settings_file, add_paths)
-    close_on_signal(root, window.close)
-    try:
-        root.mainloop()
-    finally:
-        window.close()
-    return 0
+    return run_window(MainWindow(root, engine, settings_file, add_paths))

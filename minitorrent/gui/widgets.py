@@ -1,4 +1,4 @@
-"""Small widgets the server windows share: fonts, tones, a pulsing dot, stat tiles, a badge, a banner.
+"""Small widgets the windows share: fonts, tones, a pulsing dot, stat tiles, a badge, a banner.
 
 Every class here is drawn on the Tk thread only; none of them reads an
 engine. A window hands them plain values (already formatted by the pure
@@ -6,28 +6,13 @@ functions of its module) and they show them.
 """
 from __future__ import annotations
 
-import logging
 import math
-import signal
-import threading
 import time
 import tkinter as tk
-from pathlib import Path
 from tkinter import font as tkfont
 from tkinter import ttk
-from typing import Any, Callable
 
-from minitorrent.gui.base import (
-    EventPump,
-    LogLine,
-    LogPane,
-    Poller,
-    QueueLogHandler,
-    SortableTable,
-    apply_theme,
-    load_settings,
-    save_settings,
-)
+from minitorrent.gui.base import fit_text
 
 # Tones: one colour per meaning, readable with white text and on both the light and the dark theme.
 TONES = {
@@ -37,7 +22,10 @@ TONES = {
     "error": "#c42b1c",  # failed, stopped unexpectedly
     "idle": "#767676",  # stopped, unknown
 }
+DARK_TONES = {"ok": "#6ccb5f", "info": "#60b4ff", "warn": "#fcb04a", "error": "#ff99a4"}  # as text on #1c1c1c
 CAPTION_FOREGROUND = {"light": "#5f5f5f", "dark": "#a8a8a8"}
+# Selected table rows, (background, text): sv-ttk's dark selection (#292929 on #1c1c1c) is nearly invisible.
+SELECTION = {"light": ("#cce4f7", "#000000"), "dark": ("#1f5a8c", "#ffffff")}
 PULSE_PERIOD_S = 1.6  # one gentle breath of the "serving" dot
 PULSE_FRAME_MS = 60  # about 16 frames a second: smooth enough, nearly free
 
@@ -62,9 +50,36 @@ def install_fonts_and_styles(root: tk.Misc) -> None:
     style.configure("Value.TLabel", font="MTValue")
     style.configure("Caption.TLabel", font="MTCaption", foreground=caption)
     style.configure("Subtitle.TLabel", font="MTBody", foreground=caption)
-    for tone, colour in TONES.items():
+    for tone, colour in text_tones(root).items():
         style.configure(f"{tone}.Value.TLabel", font="MTValue", foreground=colour if tone != "idle" else caption)
     style.configure("Tile.TFrame", padding=(12, 6))
+    selected, selected_text = SELECTION[current_theme(root)]
+    style.map("Treeview", background=[("selected", selected)], foreground=[("selected", selected_text)])
+
+
+def text_tones(widget: tk.Misc) -> dict[str, str]:
+    """The tones as text colours for the theme in use (lighter on the dark theme, to stay readable)."""
+    return {**TONES, **DARK_TONES} if current_theme(widget) == "dark" else dict(TONES)
+
+
+def set_style(label: ttk.Label, style: str) -> None:
+    """Give ``label`` the ``style`` and that style's text colour.
+
+    sv-ttk's palette (``tk_setPalette``) gives every label an explicit
+    foreground, which would hide the colour of a style (tones, captions):
+    the label is given the style's colour explicitly too.
+    """
+    styles = ttk.Style(label)
+    colour = styles.lookup(style, "foreground") or styles.lookup("TLabel", "foreground")
+    label.configure(style=style, foreground=colour)
+
+
+def restyle_tree(widget: tk.Misc) -> None:
+    """Every ttk label under ``widget`` takes its style's colour (after building, and after a theme change)."""
+    for child in widget.winfo_children():
+        if isinstance(child, ttk.Label):
+            set_style(child, str(child.cget("style")) or "TLabel")
+        restyle_tree(child)
 
 
 def background(widget: tk.Misc) -> str:
@@ -131,25 +146,59 @@ class PulseDot(tk.Canvas):
         self.itemconfigure(self._halo, fill=mix(back, colour, 0.25 * breath) if self._pulsing else "")
 
 
+class FittedLabel(ttk.Label):
+    """A label that shortens its text in the middle with an ellipsis when it is narrower than the text.
+
+    It asks for no width of its own: grid it ``sticky="ew"`` in a column that gets its width elsewhere.
+    """
+
+    def __init__(self, master: tk.Misc, text: str = "", style: str = "TLabel") -> None:
+        super().__init__(master, text=text, width=1)
+        set_style(self, style)
+        self.full_text = text
+        for sequence in ("<Configure>", "<Map>"):
+            self.bind(sequence, lambda _event: self._fit(), add="+")
+
+    def show(self, text: str, style: str | None = None) -> None:
+        """Display ``text`` (shortened if it must be), in ``style`` if given."""
+        if style is not None:
+            set_style(self, style)
+        self.full_text = text
+        self._fit()
+
+    def _fit(self) -> None:
+        width = self.winfo_width()
+        unknown = width <= 1 or not self.winfo_ismapped()  # not laid out (a hidden tab): fitted once shown
+        shown = self.full_text if unknown else fit_text(self.full_text, width - 4, self._font().measure)
+        if self.cget("text") != shown:
+            self.configure(text=shown)
+
+    def _font(self) -> tkfont.Font:
+        style = ttk.Style(self)
+        name = str(style.lookup(str(self.cget("style") or "TLabel"), "font") or style.lookup("TLabel", "font") or "")
+        return tkfont.nametofont(name if name in tkfont.names(self) else "TkDefaultFont")
+
+
 class StatTile(ttk.Frame):
-    """One figure of a status strip: a small caption, a bold value, a detail line under it."""
+    """One figure of a status strip: a small caption, a bold value, a detail line under it (shortened to fit)."""
 
     def __init__(self, master: tk.Misc, caption: str) -> None:
         super().__init__(master, style="Tile.TFrame")
         self.caption = ttk.Label(self, text=caption.upper(), style="Caption.TLabel")
-        self.value = ttk.Label(self, text="—", style="Value.TLabel")
-        self.detail = ttk.Label(self, text="", style="Caption.TLabel")
+        self.value = FittedLabel(self, "—", style="Value.TLabel")
+        self.detail = FittedLabel(self, "", style="Caption.TLabel")
         self.caption.grid(row=0, column=0, sticky="w")
-        self.value.grid(row=1, column=0, sticky="w", pady=(2, 0))
-        self.detail.grid(row=2, column=0, sticky="w")
+        self.value.grid(row=1, column=0, sticky="ew", pady=(2, 0))
+        self.detail.grid(row=2, column=0, sticky="ew")
+        self.columnconfigure(0, weight=1)
 
     def show(self, value: str, detail: str = "", tone: str = "") -> None:
         """Display ``value`` (coloured by ``tone`` if given) and ``detail``."""
         style = f"{tone}.Value.TLabel" if tone in TONES else "Value.TLabel"
-        if self.value.cget("text") != value or str(self.value.cget("style")) != style:
-            self.value.configure(text=value, style=style)
-        if self.detail.cget("text") != detail:
-            self.detail.configure(text=detail)
+        if self.value.full_text != value or str(self.value.cget("style")) != style:
+            self.value.show(value, style=style)
+        if self.detail.full_text != detail:
+            self.detail.show(detail)
 
 
 class TileStrip(ttk.Frame):
@@ -254,6 +303,21 @@ class Banner(tk.Frame):
             self._shown = False
 
 
+class ErrorBanner(Banner):
+    """The banner of a window's errors: the latest is shown with how many more; dismissing forgets them."""
+
+    def __init__(self, master: tk.Misc) -> None:
+        super().__init__(master)
+        self.errors: list[str] = []
+        self.close.bind("<Button-1>", lambda _event: self.errors.clear(), add="+")
+
+    def add(self, text: str) -> None:
+        """Show ``text`` as the latest error (the same error twice in a row counts once: a poll may repeat it)."""
+        if not self.errors or self.errors[-1] != text:
+            self.errors.append(text)
+        self.show(errors_text(self.errors), "error")
+
+
 def errors_text(errors: list[str]) -> str:
     """The banner for the errors not yet dismissed: the latest, and how many more."""
     if not errors:
@@ -265,181 +329,3 @@ def errors_text(errors: list[str]) -> str:
 def theme_button_text(theme: str) -> str:
     """The label of the theme toggle: what a click switches to."""
     return "☀  Light" if theme == "dark" else "☾  Dark"
-
-
-def close_on_signal(root: tk.Tk, close: Callable[[], None]) -> None:
-    """SIGTERM (and SIGINT) close the window as its close button would: the engine stops cleanly.
-
-    The handler runs on the main thread, which is the Tk thread; it only
-    schedules ``close`` for the event loop.
-    """
-    for number in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(number, lambda *_: root.after(0, close))
-
-
-class ServerWindow(ttk.Frame):
-    """What both server windows share: header, status strip, banner, table and log panes, theme, closing.
-
-    A subclass builds its controller (which posts to ``self.pump``), lays out
-    its parts with the ``build_*`` helpers, then calls ``open(snapshot)``:
-    from then on the poller posts ``snapshot()`` (taken off the Tk thread)
-    and ``handle`` draws every event other than log lines. ``close`` stops
-    drawing and polling, destroys the window, then calls ``stop_engine``.
-    """
-
-    def __init__(self, root: tk.Tk, settings_file: Path | None) -> None:
-        super().__init__(root, padding=(16, 12, 16, 8))
-        self.root = root
-        self.settings_file = settings_file
-        self.closed = False
-        self.errors: list[str] = []
-        install_fonts_and_styles(root)
-        self.pump = EventPump(root, self._dispatch)
-        self.poller: Poller | None = None
-        self.columnconfigure(0, weight=1)
-
-    # Building ---------------------------------------------------------------------------------------------
-
-    def build_header(self, title: str, buttons: list[ttk.Button]) -> ttk.Frame:
-        """The title row: a pulsing dot, the title and a headline under it, ``buttons`` and the theme toggle."""
-        header = ttk.Frame(self)
-        self.dot = PulseDot(header)
-        self.dot.grid(row=0, column=0, rowspan=2, padx=(0, 10))
-        ttk.Label(header, text=title, style="Title.TLabel").grid(row=0, column=1, sticky="w")
-        self.headline = ttk.Label(header, text="Starting…", style="Subtitle.TLabel")
-        self.headline.grid(row=1, column=1, sticky="w")
-        header.columnconfigure(1, weight=1)
-        bar = ttk.Frame(header)
-        bar.grid(row=0, column=2, rowspan=2, sticky="e", padx=(12, 0))
-        for column, button in enumerate(buttons):
-            button.grid(in_=bar, row=0, column=column, padx=(0, 6))
-            button.lift(bar)  # made before the bar, they would be drawn under it
-        ttk.Separator(bar, orient="vertical").grid(row=0, column=len(buttons), sticky="ns", padx=(4, 10))
-        self.theme_button = ttk.Button(header, text=theme_button_text(current_theme(self.root)), width=8,
-                                       command=self.toggle_theme)
-        self.theme_button.grid(in_=bar, row=0, column=len(buttons) + 1)
-        return header
-
-    def build_banner(self, row: int) -> None:
-        """The error banner at ``row``, hidden until an error comes."""
-        self.banner = Banner(self)
-        self.banner.grid(row=row, column=0, sticky="ew", pady=(0, 8))
-        self.banner.hide()
-        self.banner.close.bind("<Button-1>", lambda _event: self.errors.clear(), add="+")
-
-    def build_panes(self, row: int, caption: str, columns: list[tuple[str, str, int, str]], empty_text: str) -> None:
-        """The files table above the log, split by a draggable sash; the status line under them."""
-        panes = ttk.PanedWindow(self, orient="vertical")
-        panes.grid(row=row, column=0, sticky="nsew")
-        self.rowconfigure(row, weight=1)
-        table_frame = ttk.Frame(panes)
-        ttk.Label(table_frame, text=caption.upper(), style="Caption.TLabel").grid(row=0, column=0, sticky="w",
-                                                                                  pady=(0, 4))
-        self.table = SortableTable(table_frame, columns, height=6)
-        self.table.grid(row=1, column=0, sticky="nsew")
-        self.empty_hint = ttk.Label(table_frame, text=empty_text, style="Subtitle.TLabel")
-        table_frame.columnconfigure(0, weight=1)
-        table_frame.rowconfigure(1, weight=1)
-        log_frame = ttk.Frame(panes)
-        ttk.Label(log_frame, text="LOG", style="Caption.TLabel").grid(row=0, column=0, sticky="w", pady=(8, 4))
-        self.log_pane = LogPane(log_frame, height=5)
-        self.log_pane.grid(row=1, column=0, sticky="nsew")
-        log_frame.columnconfigure(0, weight=1)
-        log_frame.rowconfigure(1, weight=1)
-        panes.add(table_frame, weight=3)
-        panes.add(log_frame, weight=1)
-        self.status = ttk.Label(self, text="", style="Caption.TLabel", anchor="w")
-        self.status.grid(row=row + 1, column=0, sticky="ew", pady=(6, 0))
-        self._rows: list | None = None
-        self.show_rows([])
-
-    def open(self, snapshot: Callable[[], Any]) -> None:
-        """Show the window and start drawing, polling ``snapshot`` and showing the log."""
-        self.grid(row=0, column=0, sticky="nsew")
-        self.root.columnconfigure(0, weight=1)
-        self.root.rowconfigure(0, weight=1)
-        self.root.protocol("WM_DELETE_WINDOW", self.request_close)
-        for sequence in ("<Control-a>", "<Control-A>"):
-            self.root.bind(sequence, self._select_all)
-        self.log_handler = QueueLogHandler(self.pump.post)
-        logging.getLogger().addHandler(self.log_handler)
-        self.poller = Poller(snapshot, self.pump.post)
-        self.pump.start()
-        self.poller.start()
-
-    # Drawing (Tk thread) ------------------------------------------------------------------------------------
-
-    def handle(self, event: Any) -> None:
-        """Draw one event of the subclass's own kinds."""
-
-    def show_rows(self, rows: list) -> None:
-        """Show the table's rows (only when they changed: a large table is not redrawn for nothing)."""
-        if rows == self._rows:
-            return
-        self.table.set_rows(rows)
-        self._rows = rows
-        if rows:
-            self.empty_hint.place_forget()
-        else:
-            self.empty_hint.place(in_=self.table, relx=0.5, rely=0.5, anchor="center")
-
-    def show_headline(self, text: str, tone: str, pulsing: bool) -> None:
-        """The line under the title and the dot beside it."""
-        if self.headline.cget("text") != text:
-            self.headline.configure(text=text)
-        self.dot.show(tone, pulsing)
-
-    def show_error(self, text: str) -> None:
-        """Add an error to the banner (the latest is shown, with how many more)."""
-        self.errors.append(text)
-        self.banner.show(errors_text(self.errors), "error")
-
-    def _dispatch(self, event: Any) -> None:
-        if isinstance(event, LogLine):
-            self.log_pane.append(event)
-        elif isinstance(event, Exception):  # the poller could not take a snapshot
-            self.status.configure(text=f"Status unavailable: {event}")
-        else:
-            self.handle(event)
-
-    def _select_all(self, _event: tk.Event) -> str:
-        self.table.select_all()
-        return "break"
-
-    # Theme and closing ----------------------------------------------------------------------------------------
-
-    def toggle_theme(self) -> None:
-        """Switch between the light and the dark theme, and remember the choice."""
-        theme = apply_theme(self.root, "light" if current_theme(self.root) == "dark" else "dark")
-        install_fonts_and_styles(self.root)
-        self.dot.refresh_theme()
-        self.theme_button.configure(text=theme_button_text(theme))
-        if self.settings_file is not None:
-            threading.Thread(target=remember_theme, args=(self.settings_file, theme), daemon=True).start()
-
-    def request_close(self) -> None:
-        """The window's close button (a subclass may ask first)."""
-        self.close()
-
-    def close(self) -> None:
-        """Stop drawing, polling and logging here, close the window, then stop the engine (blocks)."""
-        if self.closed:
-            return
-        self.closed = True
-        self.pump.stop()
-        if self.poller is not None:
-            self.poller.stop()
-            logging.getLogger().removeHandler(self.log_handler)
-        self.root.destroy()
-        self.stop_engine()
-
-    def stop_engine(self) -> None:
-        """Stop the subclass's engine and workers (the window is gone by then)."""
-
-
-def remember_theme(settings_file: Path, theme: str) -> None:
-    """Save the theme choice beside the other window settings (from a worker thread: it writes a file)."""
-    try:
-        save_settings(settings_file, {**load_settings(settings_file), "theme": theme})
-    except OSError as error:
-        logging.getLogger(__name__).warning("could not remember the theme in %s: %s", settings_file, error)

@@ -30,13 +30,16 @@ from conftest import (
     write_config,
 )
 
+import minitorrent.gui.client_logic as logic
 import minitorrent.gui.client_window as cw
 from error_handler import DownloadCancelled, DownloadError
 from integrity import sha256_file
 from minitorrent.client.downloader import DownloadResult
 from minitorrent.client.engine import ClientEngine
 from minitorrent.client.progress import Progress
-from minitorrent.gui.base import load_settings, open_root
+from minitorrent.gui.base import LogLine, fit_text, load_settings, open_root
+from minitorrent.gui.client_panels import TransferRow
+from minitorrent.gui.shell import TITLES
 from minitorrent.gui.transfers import (
     Action,
     DownloadProgressed,
@@ -69,25 +72,25 @@ class TestCatalogLogic:
     def test_filter_is_caseless_and_accent_form_proof(self):
         """The search matches any part of the name in any case, whatever the accent's Unicode form."""
         entries = [entry("Beta Café.bin"), entry("alpha.txt"), entry("CAFE-noaccent")]
-        assert ["Beta Café.bin"] == [e["name"] for e in cw.filter_entries(entries, "cafe\u0301")]
-        assert ["Beta Café.bin"] == [e["name"] for e in cw.filter_entries(entries, "CAFÉ")]
-        assert 3 == len(cw.filter_entries(entries, "  "))
+        assert ["Beta Café.bin"] == [e["name"] for e in logic.filter_entries(entries, "cafe\u0301")]
+        assert ["Beta Café.bin"] == [e["name"] for e in logic.filter_entries(entries, "CAFÉ")]
+        assert 3 == len(logic.filter_entries(entries, "  "))
 
     def test_catalog_row_shows_human_units_and_sorts_by_raw_numbers(self):
         """Sizes show in human units but sort by bytes; the SHA-256 is shortened."""
-        values, keys = cw.catalog_row(entry("a.bin", size=1536, downloads=4, sha="0123456789abcdef" * 4))
+        values, keys = logic.catalog_row(entry("a.bin", size=1536, downloads=4, sha="0123456789abcdef" * 4))
         assert ("a.bin", "1.5 KiB", 1, 4, "0123456789ab") == values
         assert (1536, "0123456789abcdef" * 4) == (keys["size"], keys["sha256"])
 
     def test_count_text(self):
         """All files, or how many of them the search shows."""
-        assert ("12 files", "3 of 12 files", "1 file") == (cw.count_text(12, 12), cw.count_text(3, 12),
-                                                           cw.count_text(1, 1))
+        assert ("12 files", "3 of 12 files", "1 file") == (logic.count_text(12, 12), logic.count_text(3, 12),
+                                                           logic.count_text(1, 1))
 
     def test_elide_keeps_both_ends(self):
         """A long name is cut in the middle, keeping its start and its extension."""
-        assert "abcdef…yz.bin" == cw.elide("abcdefghijklmnopqrstuvwxyz.bin", 13)
-        assert "short" == cw.elide("short", 13)
+        assert "abcdef…yz.bin" == logic.elide("abcdefghijklmnopqrstuvwxyz.bin", 13)
+        assert "short" == logic.elide("short", 13)
 
 
 class TestLimits:
@@ -95,65 +98,121 @@ class TestLimits:
                                                 ("0,5", 512)])
     def test_valid_limits(self, text, expected):
         """KiB/s as typed (empty or 0: unlimited; a decimal comma is accepted) becomes bytes/s."""
-        assert expected == cw.parse_limit_kib(text, "Upload limit")
+        assert expected == logic.parse_limit_kib(text, "Upload limit")
 
     @pytest.mark.parametrize("text", ["abc", "-1", "1e12", "nan", "inf", "12 KB"])
     def test_invalid_limits_say_what_is_wanted(self, text):
         """Anything else is refused with a message naming the field and the accepted range."""
         with pytest.raises(ValueError) as raised:
-            cw.parse_limit_kib(text, "Upload limit")
+            logic.parse_limit_kib(text, "Upload limit")
         assert str(raised.value).startswith("Upload limit: enter a number of KiB/s from 0 to ")
 
     def test_format_limit_round_trips(self):
         """A rate shows as the KiB/s text that parses back to it."""
         for rate in (0, 512 * 1024, 1536):
-            assert rate == cw.parse_limit_kib(cw.format_limit_kib(rate), "x")
-        assert ("512 KiB/s", "unlimited") == (cw.describe_limit(512 * 1024), cw.describe_limit(0))
+            assert rate == logic.parse_limit_kib(logic.format_limit_kib(rate), "x")
+        assert ("512 KiB/s", "unlimited") == (logic.describe_limit(512 * 1024), logic.describe_limit(0))
 
 
 class TestConnectionLogic:
     def test_main_server(self):
         """The main: its address, role and epoch, in the 'ok' tone."""
-        view = cw.connection_view({"server": "main", "role": "active", "epoch": 3, "address": "h:1"})
-        assert ("Main server", "h:1 · role active · epoch 3", "ok", True) == (view.title, view.detail, view.tone,
-                                                                              view.connected)
+        view = logic.connection_view({"server": "main", "role": "active", "epoch": 3, "address": "h:1"})
+        assert ("Main server · h:1 · role active · epoch 3", "ok", True) == (view.headline, view.tone, view.connected)
 
     def test_backup_after_failover(self):
         """The backup is named as such, in the warning tone."""
-        view = cw.connection_view({"server": "backup", "role": "active", "epoch": 4, "address": "h:2"})
-        assert ("Backup server (failover)", "warn") == (view.title, view.tone)
+        view = logic.connection_view({"server": "backup", "role": "active", "epoch": 4, "address": "h:2"})
+        assert ("Backup server (failover)", "warn") == (view.server, view.tone)
         assert "epoch 4" in view.detail
 
     def test_no_server_counts_down(self):
         """With no server: reconnecting, the reason, and the seconds to the next try."""
-        view = cw.connection_view(None, "connection refused", 2.6)
-        assert ("Reconnecting…", "connection refused · next try in 3 s", False) == (view.title, view.detail,
-                                                                                    view.connected)
-        assert cw.connection_view(None, "", 0.0).detail == "trying now…"
+        view = logic.connection_view(None, "connection refused", 2.6)
+        assert ("Reconnecting…", "connection refused · next try in 3 s", False) == (view.server, view.detail,
+                                                                                     view.connected)
+        assert logic.connection_view(None, "", 0.0).detail == "trying now…"
 
     def test_server_changed(self):
         """A change is a first answer, another server, or another epoch; losing the server is not one."""
         main, backup = {"server": "main", "epoch": 1}, {"server": "backup", "epoch": 2}
         assert [True, False, True, True, False] == [
-            cw.server_changed(None, main), cw.server_changed(main, dict(main)), cw.server_changed(main, backup),
-            cw.server_changed(main, {"server": "main", "epoch": 3}), cw.server_changed(main, None)]
+            logic.server_changed(None, main), logic.server_changed(main, dict(main)), logic.server_changed(main, backup),
+            logic.server_changed(main, {"server": "main", "epoch": 3}), logic.server_changed(main, None)]
 
     def test_seeding_tiles(self):
         """Seeding on: address, files, uploads and peers; off or failed: says so."""
         seeding = {"running": True, "address": "10.0.0.2:7000", "files": [entry("a")], "partial": 2,
                    "bytes_sent": 3 * MiB, "connections_total": 5, "active_connections": 1, "upload_bps": 0.0,
                    "upload_limit_bps": 512 * 1024, "download_limit_bps": 0}
-        tiles = cw.seeding_tiles(seeding, True)
+        tiles = logic.seeding_tiles(seeding, True)
         assert ("on", "peers reach us at 10.0.0.2:7000", "ok") == tiles["status"]
         assert (("1", "+ 2 in part", ""), ("5", "1 connected now", "")) == (tiles["files"], tiles["peers"])
         assert ("3.0 MiB", "0 B/s now · limit 512 KiB/s", "") == tiles["uploaded"]
-        assert "off" == cw.seeding_tiles(None, False)["status"][0]
-        failed = cw.seeding_tiles({**seeding, "running": False}, True, "port 7000 is taken")
+        assert "off" == logic.seeding_tiles(None, False)["status"][0]
+        failed = logic.seeding_tiles({**seeding, "running": False}, True, "port 7000 is taken")
         assert ("failed", "port 7000 is taken", "error") == failed["status"]
+
+    def test_why_no_server_names_each_server_once_in_words(self):
+        """The engine's doubled, raw socket wording becomes one short phrase per server."""
+        reason = ("no active server: 127.0.0.1:5001: cannot connect to 127.0.0.1:5001: Connection refused; "
+                  "127.0.0.1:5002: cannot connect to 127.0.0.1:5002: timed out")
+        assert "127.0.0.1:5001 refuses connections; 127.0.0.1:5002 does not answer (timed out)" == \
+            logic.why_no_server(reason)
+
+    def test_status_line_news_agrees_with_the_header(self):
+        """No server at the start is news (not "Ready."); so are a new server and a lost one; a steady one is not."""
+        main = {"server": "main", "epoch": 1, "address": "h:1"}
+        refused = "no active server: h:1: cannot connect to h:1: Connection refused"
+        assert [("no server answers yet (h:1 refuses connections); the window keeps trying", "warn"),
+                ("connected to the main server at h:1 (epoch 1)", "ok"),
+                ("lost the server; downloads wait and resume when a server answers", "warn"),
+                None, None] == [logic.connection_news(None, None, True, refused),
+                                logic.connection_news(None, main, False, ""),
+                                logic.connection_news(main, None, False, refused),
+                                logic.connection_news(main, dict(main), False, ""),
+                                logic.connection_news(None, None, False, refused)]
+
+    def test_catalog_is_due_every_few_seconds_while_connected(self):
+        """A connected window fetches the catalog again after CATALOG_REFRESH_S; never while disconnected."""
+        every = logic.CATALOG_REFRESH_S
+        assert [True, False, True, False] == [logic.catalog_due(None, 10.0, True),
+                                              logic.catalog_due(10.0, 10.0 + every / 2, True),
+                                              logic.catalog_due(10.0, 10.0 + every, True),
+                                              logic.catalog_due(None, 10.0, False)]
+
+    def test_folder_picker_opens_somewhere_that_exists(self, tmp_path):
+        """The picker opens in the last folder used, else the download folder, else home: never a missing one."""
+        last, default, home = tmp_path / "last", tmp_path / "downloads", tmp_path / "home"
+        assert home == logic.download_folder(str(last), default, home)
+        default.mkdir()
+        assert default == logic.download_folder(str(last), default, home)
+        assert default == logic.download_folder(None, default, home)
+        last.mkdir()
+        assert last == logic.download_folder(str(last), default, home)
 
     def test_reconnect_backs_off_to_a_cap(self):
         """1, 2, 3, 5, 5... seconds between tries while no server answers."""
-        assert [1, 2, 3, 5, 5, 5] == [cw.reconnect_delay(n) for n in range(1, 7)]
+        assert [1, 2, 3, 5, 5, 5] == [logic.reconnect_delay(n) for n in range(1, 7)]
+
+
+class TestFitText:
+    def test_fits_by_cutting_the_middle(self):
+        """A name too wide loses its middle to an ellipsis, keeping its start and its extension."""
+        shown = fit_text("holiday photos from the summer.bin", 15, len)
+        assert (15, "holiday", ".bin") == (len(shown), shown[:7], shown[-4:])
+        assert "…" in shown
+
+    def test_a_name_that_fits_is_untouched(self):
+        """Nothing is cut when the whole name fits."""
+        assert "short.txt" == fit_text("short.txt", 9, len)
+
+
+class TestTitles:
+    def test_every_window_is_titled_in_one_form(self):
+        """The three windows' titles read "MiniTorrent — <what it is>"."""
+        assert {"main": "MiniTorrent — Main server", "backup": "MiniTorrent — Backup server",
+                "client": "MiniTorrent — Client"} == TITLES
 
 
 class TestSpeedAndEta:
@@ -214,8 +273,8 @@ class TestTransferRows:
     def test_summary(self):
         """The transfers' header counts them by state."""
         counts = {TransferState.DOWNLOADING: 2, TransferState.DONE: 1}
-        assert "2 downloading · 1 done" == cw.transfers_summary(counts)
-        assert "no transfers" == cw.transfers_summary({})
+        assert "2 downloading · 1 done" == logic.transfers_summary(counts)
+        assert "no transfers" == logic.transfers_summary({})
 
 
 class FakeEngine:
@@ -346,12 +405,12 @@ class TestTransferManager:
 class Harness:
     """One open client window with its guard; ``close`` is idempotent."""
 
-    def __init__(self, config_path: Path) -> None:
+    def __init__(self, config_path: Path, geometry: str = cw.GEOMETRY) -> None:
         from config_loader import load_config
 
         self.config = load_config(config_path)
         self.settings_file = self.config.client.data_dir / "window.json"
-        self.root = open_root(cw.TITLE, cw.GEOMETRY, self.settings_file)
+        self.root = open_root(TITLES["client"], geometry, self.settings_file)
         self.guard = TkThreadGuard(self.root)  # before any widget exists
         self.engine = ClientEngine(self.config)
         self.window = cw.ClientWindow(self.root, self.engine, self.settings_file)
@@ -374,11 +433,14 @@ class Harness:
     def transfer(self, name: str) -> Transfer:
         return next(t for t in self.window.manager.transfers.values() if t.name == name)
 
-    def row(self, name: str) -> cw.TransferRow:
+    def row(self, name: str) -> TransferRow:
         return self.window.transfers.rows[self.transfer(name).tid]
 
-    def download(self, names: list[str], folder: Path, monkeypatch) -> None:
-        """Select ``names`` in the catalog and click Download Selected, the folder dialog answering ``folder``."""
+    def download(self, names: list[str], folder: Path, monkeypatch) -> dict:
+        """Select ``names`` in the catalog and click Download Selected, the folder dialog answering ``folder``.
+
+        Returns what the window asked the dialog (title, initialdir...).
+        """
         asked = {}
 
         def askdirectory(**options):
@@ -389,7 +451,8 @@ class Harness:
         tree = self.window.catalog.table.tree
         tree.selection_set([self.window.catalog.iid_of(name) for name in names])
         self.window.catalog.download_button.invoke()
-        assert str(self.config.client.download_dir) == asked["initialdir"]
+        assert "Download the selected files into…" == asked["title"]
+        return asked
 
 
 @pytest.fixture
@@ -397,8 +460,8 @@ def harness(display):
     """Open client windows (``open(config_path)``); each is closed after the test."""
     opened: list[Harness] = []
 
-    def open_window(config_path: Path) -> Harness:
-        harness = Harness(config_path)
+    def open_window(config_path: Path, geometry: str = cw.GEOMETRY) -> Harness:
+        harness = Harness(config_path, geometry)
         opened.append(harness)
         return harness
 
@@ -463,6 +526,73 @@ class TestCatalogWindow:
         engine.add_file(make_file(tmp_path / "src" / "delta.txt", 10, seed=9))
         h.window.catalog.search.event_generate("<Return>")
         h.pump(lambda: "delta.txt" in shown_names(h.window), "the new file after Enter")
+        assert [] == h.guard.violations
+
+    @pytest.mark.timeout(60)
+    def test_refresh_says_when_it_is_done(self, harness, shared):
+        """F5 says "Refreshing the catalog…", then the status line says it is refreshed (it used to stick)."""
+        _, config, _ = shared
+        h = harness(config)
+        h.connected()
+        h.root.event_generate("<F5>")
+        assert h.window.status_line.cget("text").endswith("Refreshing the catalog…")
+        h.pump(lambda: h.window.status_line.cget("text").endswith("catalog refreshed: 4 files"), "the refresh's end")
+        assert [] == h.guard.violations
+
+    @pytest.mark.timeout(60)
+    def test_new_files_show_by_themselves_in_order(self, harness, shared, tmp_path):
+        """Files added on the server appear with no click, in name order, not appended at the bottom."""
+        engine, config, files = shared
+        h = harness(config)
+        h.connected()
+        for name in ("aardvark.txt", "delta.txt"):
+            engine.add_file(make_file(tmp_path / "src" / name, 10, seed=9))
+        wanted = sorted([*files, "aardvark.txt", "delta.txt"], key=str.casefold)
+        h.pump(lambda: h.window.catalog.visible_names() == wanted, "the new files in order", SHORT_TIMEOUT)
+        assert [] == h.guard.violations
+
+    @pytest.mark.timeout(60)
+    def test_heading_names_the_client_as_the_title_does(self, harness, shared):
+        """The window's title and big heading both say it is the client; the server in use is on the line under."""
+        _, config, _ = shared
+        h = harness(config)
+        h.connected()
+        assert (TITLES["client"], TITLES["client"]) == (h.root.title(), h.window.header.title.cget("text"))
+        assert h.window.header.headline.cget("text").startswith("Main server · ")
+        h.pump(lambda: "connected to the main server at" in h.window.status_line.cget("text"),
+               "the status line to agree with the header")
+        assert [] == h.guard.violations
+
+    @pytest.mark.timeout(60)
+    def test_long_names_are_elided_not_clipped(self, harness, shared, tmp_path, monkeypatch):
+        """A name wider than its column or row is shown with an ellipsis in the middle, its end kept."""
+        engine, config, _ = shared
+        long_name = "a very long name " * 12 + "end.bin"
+        engine.add_file(make_file(tmp_path / "src" / long_name, 10, seed=5))
+        h = harness(config)
+        h.pump(lambda: long_name in h.window.catalog.entries.__repr__(), "the long name listed")
+        table = h.window.catalog.table
+        iid = h.window.catalog.iid_of(long_name)
+        h.pump(lambda: "…" in table.tree.set(iid, "name"), "the name elided in the table")
+        assert (long_name, True) == (table.full_name(iid), table.tree.set(iid, "name").endswith("end.bin"))
+        h.download([long_name], tmp_path / "dl", monkeypatch)
+        label = h.row(long_name).name_label
+        h.pump(lambda: "…" in label.cget("text"), "the name elided in its transfer row")
+        assert label.cget("text").endswith("end.bin")
+        assert [] == h.guard.violations
+
+    @pytest.mark.timeout(60)
+    def test_no_server_at_start_is_said_in_the_status_line_too(self, harness, tmp_path):
+        """With no server, the header reconnects and the status line says so (not "Ready."), in words."""
+        import socket
+
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        h = harness(client_config(tmp_path / "cli", ("127.0.0.1", port)))
+        h.pump(lambda: "no server answers yet" in h.window.status_line.cget("text"), "the status line")
+        headline = h.window.header.headline.cget("text")
+        assert headline.startswith(f"Reconnecting… · 127.0.0.1:{port} refuses connections · "), headline
         assert [] == h.guard.violations
 
     @pytest.mark.timeout(60)
@@ -612,6 +742,20 @@ class TestDownloads:
         assert [] == first.guard.violations + second.guard.violations
 
     @pytest.mark.timeout(60)
+    def test_folder_picker_opens_where_the_last_download_went(self, harness, shared, tmp_path, monkeypatch):
+        """The first picker opens in client.download_dir; the next one in the folder chosen the first time."""
+        _, config, _ = shared
+        h = harness(config)
+        h.connected()
+        first = h.download(["alpha report.txt"], tmp_path / "chosen", monkeypatch)
+        wait_until(lambda: load_settings(h.settings_file).get("download_folder"), SHORT_TIMEOUT, "the folder kept")
+        h.pump(lambda: h.transfer("alpha report.txt").state is TransferState.DONE, "the download")
+        second = h.download(["gamma.iso"], tmp_path / "other", monkeypatch)
+        assert (str(h.config.client.download_dir), str(tmp_path / "chosen")) == (first["initialdir"],
+                                                                                  second["initialdir"])
+        assert [] == h.guard.violations
+
+    @pytest.mark.timeout(60)
     def test_open_folder_failure_is_shown(self, harness, shared, tmp_path, monkeypatch):
         """Open folder runs the opener in a subprocess; if it cannot run, the window says so."""
         _, config, _ = shared
@@ -661,13 +805,13 @@ class TestConnection:
         engine, config, _ = shared
         h = harness(config)
         h.connected()
-        assert "Main server" == h.window.connection.title.cget("text")
-        assert "epoch 1" in h.window.connection.detail.cget("text")
+        headline = h.window.header.headline
+        assert headline.cget("text").startswith("Main server · ") and "epoch 1" in headline.cget("text")
         engine.stop()
-        h.pump(lambda: h.window.connection.title.cget("text") == "Reconnecting…", "the reconnecting indicator")
-        h.pump(lambda: "next try in" in h.window.connection.detail.cget("text"), "the countdown")
-        assert h.window.connection.retry_button.winfo_ismapped()
-        h.window.connection.retry_button.invoke()
+        h.pump(lambda: headline.cget("text").startswith("Reconnecting…"), "the reconnecting indicator")
+        h.pump(lambda: "next try in" in headline.cget("text"), "the countdown")
+        assert h.window.retry_button.winfo_ismapped()
+        h.window.retry_button.invoke()
         assert [] == h.guard.violations
 
     @pytest.mark.timeout(90)
@@ -685,17 +829,60 @@ class TestConnection:
             wait_until(lambda: backup.catalog.list_files()[1] == 1, LONG_TIMEOUT, "replication to the backup")
             h = harness(client_config(tmp_path / "cli", main_address, backup_address))
             h.connected()
-            assert "Main server" == h.window.connection.title.cget("text")
+            headline = h.window.header.headline
+            assert headline.cget("text").startswith("Main server · ")
             main.stop()
-            h.pump(lambda: h.window.connection.title.cget("text") == "Backup server (failover)",
+            h.pump(lambda: headline.cget("text").startswith("Backup server (failover) · "),
                    "the indicator to switch to the backup")
-            assert "role active" in h.window.connection.detail.cget("text")
+            assert "role active" in headline.cget("text")
             assert "shared.bin" in h.window.catalog.visible_names()
             assert [] == h.guard.violations
         finally:
             if not main.stop_event.is_set():
                 main.stop()
             backup.stop()
+
+
+class TestSmallWindow:
+    @pytest.mark.timeout(90)
+    @pytest.mark.parametrize("geometry", ["1200x520+0+0", "900x520+0+0"])  # the demo's size, the minimum size
+    def test_first_transfer_row_and_apply_button_are_whole(self, harness, shared, tmp_path, monkeypatch, geometry):
+        """At the demo's and the minimum size a batch of downloads shows from its first row, and Apply is on screen."""
+        engine, config, files = shared
+        engine.set_upload_limit(2 * MiB)  # still downloading when the rows are looked at
+        h = harness(config, geometry)
+        h.connected()
+        names = sorted(files, key=str.casefold)
+        h.download(names, tmp_path / "dl", monkeypatch)
+        first = h.transfer(names[0]).tid
+        h.pump(lambda: h.window.transfers.top_row() == first, "the first row at the top", SHORT_TIMEOUT)
+        h.window.tabs.select(h.window.seeding_panel)
+        apply = h.window.seeding_panel.apply_button
+        h.pump(apply.winfo_ismapped, "the Seeding tab", SHORT_TIMEOUT)
+        bottom = apply.winfo_rooty() + apply.winfo_height()
+        assert bottom <= h.window.status_line.winfo_rooty(), (bottom, h.window.status_line.winfo_rooty())
+        assert [] == h.guard.violations
+
+
+class TestLogPane:
+    @pytest.mark.timeout(60)
+    def test_follows_new_lines_even_from_a_hidden_tab_until_scrolled_up(self, harness, shared):
+        """Lines logged while the Log tab is hidden are in view when it opens; scrolling up stops following."""
+        _, config, _ = shared
+        h = harness(config)
+        pane = h.window.log_pane
+        for number in range(300):
+            pane.append(LogLine("INFO", f"line {number}"))
+        h.window.tabs.select(pane)
+        h.pump(lambda: pane.winfo_ismapped(), "the Log tab")
+        assert pane.last_line_visible()
+        pane.scroll_view("moveto", 0.0)  # the user reads older lines: they stay put
+        pane.append(LogLine("INFO", "one more"))
+        assert (False, "1.0") == (pane.last_line_visible(), pane.text.index("@0,0").split(".")[0] + ".0")
+        pane.scroll_view("moveto", 1.0)  # back at the end: following again
+        pane.append(LogLine("INFO", "and another"))
+        assert pane.last_line_visible()
+        assert [] == h.guard.violations
 
 
 class TestThemeAndLimits:
@@ -707,14 +894,14 @@ class TestThemeAndLimits:
         _, config, _ = shared
         first = harness(config)
         assert "light" == current_theme(first.root)
-        first.window.connection.theme_button.invoke()
+        first.window.header.theme_button.invoke()
         assert "dark" == current_theme(first.root)
         wait_until(lambda: load_settings(first.settings_file).get("theme") == "dark", SHORT_TIMEOUT,
                    "window.json to say dark")
         first.close()
         second = harness(config)
         assert "dark" == current_theme(second.root)
-        second.window.connection.theme_button.invoke()
+        second.window.header.theme_button.invoke()
         assert "light" == current_theme(second.root)
         wait_until(lambda: load_settings(second.settings_file).get("theme") == "light", SHORT_TIMEOUT,
                    "window.json to say light")

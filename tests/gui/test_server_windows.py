@@ -22,10 +22,10 @@ from conftest import (
     pump_until,
     wait_until,
 )
+
 from minitorrent.gui import backup_window as bw
 from minitorrent.gui import base as gui_base
 from minitorrent.gui import main_window as mw
-
 from minitorrent.gui.main_window import ServerState
 from minitorrent.server.backup import BackupServer
 from minitorrent.server.main import MainServer
@@ -131,6 +131,22 @@ class TestMainFormatting:
         assert "b  (and 1 more: see the log)" == errors_text(["a", "b"])
 
 
+class TestErrorBanner:
+    def test_a_repeated_error_counts_once(self, display):
+        """A poll that fails the same way twice adds one error, not two, to the banner's count."""
+        from minitorrent.gui.widgets import ErrorBanner
+
+        root = gui_base.open_root("MiniTorrent test", "400x200")
+        try:
+            banner = ErrorBanner(root)
+            banner.grid()
+            for text in ("a", "a", "b"):
+                banner.add(text)
+            assert "b  (and 1 more: see the log)" == banner.text
+        finally:
+            root.destroy()
+
+
 class TestEngineHolder:
     def test_replace_waits_for_users_and_try_use_does_not_block(self):
         """A swap waits until the engine is unused; meanwhile try_use yields None instead of waiting."""
@@ -175,11 +191,19 @@ class TestBackupFormatting:
     def test_heartbeat_line_and_explanation(self):
         """Beside the badge: the heartbeat's age and the countdown; under it, what happens next."""
         snapshot = bw.BackupSnapshot(0.0, True, main_address="m:1", heartbeat_timeout_s=6.0, epoch=3)
-        assert ("0.5 s ago", "in 5.5 s") == bw.heartbeat_line(snapshot, bw.BadgeState.STANDBY, 0.5)
+        assert ("2.5 s ago", "in 3.5 s", "warn") == bw.heartbeat_line(snapshot, bw.BadgeState.NO_CONTACT, 2.5)
         assert "now" == bw.heartbeat_line(snapshot, bw.BadgeState.NO_CONTACT, 6.5)[1]
         text = bw.explanation(snapshot, bw.BadgeState.NO_CONTACT, 4.0)
         assert "No heartbeat from the main at m:1 for 4.0 s" in text and "takes over in 2.0 s" in text
         assert "failback: auto" in bw.explanation(snapshot, bw.BadgeState.ACTIVE, 9.0)
+
+    def test_failover_is_armed_not_counting_while_heartbeats_come(self):
+        """A healthy standby shows the failover as armed, the same at every beat, and says after how long."""
+        snapshot = bw.BackupSnapshot(0.0, True, main_address="m:1", heartbeat_timeout_s=6.0)
+        lines = {bw.heartbeat_line(snapshot, bw.BadgeState.STANDBY, since)[1:] for since in (0.1, 0.8, 1.9)}
+        assert {("armed", "")} == lines
+        assert "If the heartbeats stop for 6 s, the backup takes over." in bw.explanation(
+            snapshot, bw.BadgeState.STANDBY, 0.5)
 
     def test_manual_failback_asks_the_operator(self):
         """With manual failback an active backup offers Hand back, and says when the main asks."""
@@ -358,8 +382,8 @@ class TestMainWindow:
         pump_until(window.root, lambda: serving(window), SHORT_TIMEOUT, "the server to start")
         host, port = window.controller.holder._engine.server.address
         socket.create_connection((host, port), timeout=SHORT_TIMEOUT).close()
-        pump_until(window.root, lambda: window.headline.cget("text") == f"Serving on {host}:{port}" and
-                   window.dot._pulsing, SHORT_TIMEOUT, "the serving headline")
+        pump_until(window.root, lambda: window.header.headline.cget("text") == f"Serving on {host}:{port}" and
+                   window.header.dot._pulsing, SHORT_TIMEOUT, "the serving headline")
         assert "Stop Server" == window.serve_button.cget("text")
         window.serve_button.invoke()
         pump_until(window.root, lambda: window.controller.state is ServerState.STOPPED and
@@ -367,7 +391,7 @@ class TestMainWindow:
         with pytest.raises(OSError):
             socket.create_connection((host, port), timeout=SHORT_TIMEOUT).close()
         window.controller.add_files([make_file(tmp_path / "while-stopped.bin", 5000)])  # still possible
-        pump_until(window.root, lambda: "while-stopped.bin" in rows(window) and not window.dot._pulsing,
+        pump_until(window.root, lambda: "while-stopped.bin" in rows(window) and not window.header.dot._pulsing,
                    SHORT_TIMEOUT, "the file added while stopped")
         window.serve_button.invoke()
         pump_until(window.root, lambda: serving(window), SHORT_TIMEOUT, "the server to start again")
@@ -405,6 +429,35 @@ class TestMainWindow:
         assert [] == guard.violations
 
     @pytest.mark.timeout(GUI_TEST_TIMEOUT)
+    def test_tones_reach_the_screen_in_both_themes(self, windows):
+        """The role tile is drawn in its tone's colour, lighter on the dark theme (the palette used to hide it)."""
+        from minitorrent.gui.widgets import DARK_TONES, TONES
+
+        window, guard = windows.main()
+        role = window.tiles.tiles["role"].value
+        pump_until(window.root, lambda: role.cget("text") == "Active", SHORT_TIMEOUT, "the role tile")
+        light = str(role.cget("foreground"))
+        window.header.theme_button.invoke()
+        pump_until(window.root, lambda: str(role.cget("foreground")) != light, SHORT_TIMEOUT, "the dark colour")
+        assert (TONES["ok"], DARK_TONES["ok"]) == (light, str(role.cget("foreground")))
+        warning = str(window.log_pane.text.tag_cget("WARNING", "foreground"))
+        assert gui_base.LEVEL_COLOURS["dark"]["WARNING"] == warning  # the log's levels follow the theme too
+        assert [] == guard.violations
+
+    @pytest.mark.timeout(GUI_TEST_TIMEOUT)
+    def test_theme_is_remembered_as_in_every_window(self, windows, tmp_path):
+        """The toggle writes the theme into window.json beside the other settings, as the client's does."""
+        from minitorrent.gui.base import load_settings, save_settings
+
+        settings = tmp_path / "main" / "window.json"
+        save_settings(settings, {"download_folder": "/somewhere"})
+        window, guard = windows.main()
+        window.header.theme_button.invoke()
+        wait_until(lambda: load_settings(settings).get("theme") == "dark", SHORT_TIMEOUT, "window.json to say dark")
+        assert {"download_folder": "/somewhere", "theme": "dark"} == load_settings(settings)
+        assert [] == guard.violations
+
+    @pytest.mark.timeout(GUI_TEST_TIMEOUT)
     def test_closing_the_window_stops_the_engine(self, windows):
         """Closing stops polling, removes the log handler and stops serving (the port is closed)."""
         import logging
@@ -430,6 +483,8 @@ class TestBackupWindow:
         pump_until(window.root, lambda: window.badge_state is bw.BadgeState.STANDBY and "shared.bin" in rows(window),
                    LONG_TIMEOUT, "standby with the replica")
         assert "STANDBY" == window.badge.cget("text")
+        failover = (window.figures["failover"].cget("text"), window.countdown_bar.winfo_ismapped())
+        assert ("armed", False) == failover  # not counting down while the main beats
         epoch_on_standby = int(window.figures["epoch"].cget("text"))
         main.stop()
         pump_until(window.root, lambda: window.badge.cget("text") == "ACTIVE", LONG_TIMEOUT, "the badge to turn ACTIVE")
