@@ -620,14 +620,14 @@ class PartialStore(SQLiteStore):
             if connection.execute("DELETE FROM partials WHERE id = ?", (partial_id,)).rowcount == 0:
                 raise CatalogError(f"no partial file in progress with id {partial_id}")
 
-    def abandon_partial(self, partial_id: int) -> None:
-        """Forget that partial file and its verified chunks, if it is still recorded.
+    def abandon_partial(self, partial_id: int) -> bool:
+        """Forget that partial file and its verified chunks; False if it was no longer recorded.
 
         By id, not by destination: a record another process has made since for
         the same destination is not ours to drop.
         """
         with self._transaction() as connection:
-            connection.execute("DELETE FROM partials WHERE id = ?", (partial_id,))
+            return connection.execute("DELETE FROM partials WHERE id = ?", (partial_id,)).rowcount > 0
 
     def partials_named(self, name: str) -> list[PartialState]:
         """The partial files recorded under ``name`` (the name given when each began), with their chunks."""

@@ -406,6 +406,8 @@ def _link_durably(fd: int, final: Path, part: Path) -> None:
             os.link(f"/proc/self/fd/{fd}", final.name, dst_dir_fd=folder)
         except FileExistsError as error:
             raise FinalNameTaken(f"{final} appeared meanwhile; kept {part.name}") from error
+        except FileNotFoundError as error:  # the file has no name left: linkat will not give it one
+            raise OSError(errno.ENOENT, f"{part} was deleted or replaced before it got its final name") from error
         os.fsync(folder)
     finally:
         os.close(folder)
@@ -425,12 +427,13 @@ def _unlink_if(path: Path, identity: str) -> bool:
 
 
 def _remove(store: PartialStore, state: PartialState, identity: str) -> None:
-    _unlink_if(Path(state.part_path), identity)
-    store.abandon_partial(state.id)
+    """Drop the record, then (only if this call dropped it) the part file if it still has ``identity``."""
+    if store.abandon_partial(state.id):  # else another holder discarded it, and may have begun anew at that name
+        _unlink_if(Path(state.part_path), identity)
 
 
 def _discard(store: PartialStore, state: PartialState) -> None:
-    """Delete the recorded part file if it is still ours, then the record (by its id)."""
+    """Delete the recorded part file if it is still ours, and the record (by its id)."""
     fd = _open_existing(state.part_path, os.O_RDONLY)
     if fd is None:
         store.abandon_partial(state.id)

@@ -86,8 +86,8 @@ def _inventory_files(document: dict) -> list[tuple[str, str]]:
         try:
             name, sha256 = check_file_name(entry["name"]), entry["sha256"]
             if not isinstance(sha256, str):  # only compared with ours: the manifest fetched by name is checked
-                raise ValueError(f"bad sha256 {sha256!r}")
-        except (TypeError, KeyError, ValueError, ProtocolError) as error:
+                raise TypeError(f"bad sha256 {sha256!r}")
+        except (TypeError, KeyError, ProtocolError) as error:
             log.warning("failback: skipped a malformed inventory entry %.200r: %s", entry, error)
             continue
         wanted.append((name, sha256))

@@ -17,7 +17,10 @@ from database import PartialStore
 from error_handler import MiniTorrentError
 from minitorrent.server.catalog import AddResult
 from minitorrent.server.engine import ServerEngine
-from minitorrent.server.failback import catch_up_and_take_over, remove_old_failback_staging
+from minitorrent.server.failback import (
+    catch_up_and_take_over,
+    remove_old_failback_staging,
+)
 from minitorrent.server.replication import (
     PEER_ERRORS,
     Heartbeater,
