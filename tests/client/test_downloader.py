@@ -146,22 +146,27 @@ class TestSafety:
         assert b"my own notes" == existing.read_bytes()
 
     def test_unrelated_part_file_is_left_untouched(self, tmp_path, server_factory, small_chunks):
-        """An unrelated NAME.part already in the folder is neither truncated nor deleted; the download succeeds beside it."""
+        """An unrelated NAME.part is neither truncated nor deleted: not by a download beside it, not by discarding one."""
         source = make_file(tmp_path / "src" / "movie.bin", 3 * SMALL_CHUNK + 5)
         server = server_factory(small_chunks)
         server.add_file(source)
-        foreign = tmp_path / "out" / "movie.bin.part"
+        out = tmp_path / "out"
+        foreign = out / "movie.bin.part"
         foreign.parent.mkdir()
         foreign.write_bytes(b"someone else's half-finished movie")
         engine = engine_for(tmp_path, server)
         try:
-            result = engine.download("movie.bin", tmp_path / "out")
-            engine.discard_partial("movie.bin", tmp_path / "out")  # forgetting a download is no licence either
+            leave_earlier_run(engine, out, "movie.bin", engine.server.manifest("movie.bin"), source.read_bytes(), [0])
+            left = sorted(p.name for p in out.iterdir())
+            engine.discard_partial("movie.bin", out)  # forgetting a download is no licence either
+            discarded = (sorted(p.name for p in out.iterdir()), engine.store.in_progress())
+            result = engine.download("movie.bin", out)
         finally:
             engine.close()
+        assert (["movie.bin.2.part", "movie.bin.part"], (["movie.bin.part"], [])) == (left, discarded)
         assert b"someone else's half-finished movie" == foreign.read_bytes()
         assert sha256_file(source) == sha256_file(result.path)
-        assert ["movie.bin", "movie.bin.part"] == sorted(p.name for p in foreign.parent.iterdir())
+        assert ["movie.bin", "movie.bin.part"] == sorted(p.name for p in out.iterdir())
 
     def test_identical_existing_file_is_a_no_op(self, tmp_path, server_factory):
         """The same content already at the destination counts as done, without fetching."""
