@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 from pathlib import Path
 
@@ -287,6 +288,27 @@ class TestResume:
             engine.close()
         assert 0 == result.resumed_chunks
         assert sha256_file(new) == sha256_file(result.path)
+
+
+    def test_a_download_killed_while_installing_is_not_listed_unfinished(self, tmp_path, server_factory,
+                                                                       small_chunks):
+        """Killed after the final name was linked: the next start records it as completed, not unfinished."""
+        source = make_file(tmp_path / "src" / "k.bin", 2 * SMALL_CHUNK)
+        server = server_factory(small_chunks)
+        server.add_file(source)
+        out = tmp_path / "out"
+        engine = engine_for(tmp_path, server)
+        try:
+            leave_earlier_run(engine, out, "k.bin", engine.server.manifest("k.bin"), source.read_bytes(), range(2))
+        finally:
+            engine.close()
+        os.link(out / "k.bin.part", out / "k.bin")  # how far install() had got
+        engine = engine_for(tmp_path, server)
+        try:
+            seen = (engine.unfinished_downloads(), [Path(done.path).name for done in engine.store.completed_files()])
+        finally:
+            engine.close()
+        assert (([], ["k.bin"]), ["k.bin"]) == (seen, sorted(p.name for p in out.iterdir()))
 
 
 class TestLocalDiskProblems:
