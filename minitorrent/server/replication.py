@@ -588,12 +588,13 @@ class ReplicaReceiver:
         except FinalNameTaken as error:  # the blob is content-addressed: the same bytes may be stored already
             if not self.catalog.has_blob(part.manifest.sha256, part.manifest.size):
                 self.catalog.remove_damaged_blob(part.manifest.sha256, part.manifest.size)
-                raise RequestFailed(ErrorCode.STORAGE_ERROR, f"{incoming.name}: a damaged copy was in the store; "
-                                                             "removed, the next offer installs the replica") from error
+                raise RequestFailed(ErrorCode.STORAGE_ERROR, f"{incoming.name}: a damaged copy was in the "
+                                                             "store; removed, the next offer installs") from error
             part.discard()
         except OSError as error:
-            raise RequestFailed(ErrorCode.STORAGE_ERROR, f"{incoming.name}: cannot install: "
-                                                         f"{error.strerror or error}; kept for the next offer") from error
+            reason = error.strerror or error
+            raise RequestFailed(ErrorCode.STORAGE_ERROR,
+                                f"{incoming.name}: cannot install: {reason}; kept for the next offer") from error
         self.catalog.put_replica(incoming.name, part.manifest, incoming.added_at)
         self.on_change()
         return True

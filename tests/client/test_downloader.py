@@ -147,7 +147,7 @@ class TestSafety:
         assert b"my own notes" == existing.read_bytes()
 
     def test_unrelated_part_file_is_left_untouched(self, tmp_path, server_factory, small_chunks):
-        """An unrelated NAME.part is neither truncated nor deleted: not by a download beside it, not by discarding one."""
+        """An unrelated NAME.part is neither truncated nor deleted: by a download beside it, or by discarding one."""
         source = make_file(tmp_path / "src" / "movie.bin", 3 * SMALL_CHUNK + 5)
         server = server_factory(small_chunks)
         server.add_file(source)
@@ -157,7 +157,8 @@ class TestSafety:
         foreign.write_bytes(b"someone else's half-finished movie")
         engine = engine_for(tmp_path, server)
         try:
-            leave_earlier_run(engine, out, "movie.bin", engine.server.manifest("movie.bin"), source.read_bytes(), [0])
+            manifest = engine.server.manifest("movie.bin")
+            leave_earlier_run(engine, out, "movie.bin", manifest, source.read_bytes(), [0])
             left = sorted(p.name for p in out.iterdir())
             engine.discard_partial("movie.bin", out)  # forgetting a download is no licence either
             discarded = (sorted(p.name for p in out.iterdir()), engine.store.in_progress())

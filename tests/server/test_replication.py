@@ -229,7 +229,7 @@ class TestReplicaResume:
 
 class TestReplicaInstall:
     def test_every_chunk_recorded_but_not_installed_is_installed_on_the_next_offer(self, backup_factory, tmp_path):
-        """A backup killed between its last recorded chunk and the install answers the next offer complete, installed."""
+        """A backup killed between its last recorded chunk and the install installs on the next offer: complete."""
         source = make_file(tmp_path / "src" / "a.bin", 3 * CHUNK + 1)
         manifest, data = manifest_of_file(source, CHUNK), source.read_bytes()
         first = backup_factory()
@@ -248,7 +248,7 @@ class TestReplicaInstall:
 
     def test_an_install_that_failed_on_a_local_error_is_done_by_the_next_offer(self, backup_factory, tmp_path,
                                                                                 monkeypatch):
-        """An I/O error installing the last chunk's file is reported; the part is kept and the next offer installs it."""
+        """An I/O error installing the file is reported; the part is kept and the next offer installs it."""
         source = make_file(tmp_path / "src" / "a.bin", 3 * CHUNK)
         manifest, data = manifest_of_file(source, CHUNK), source.read_bytes()
         backup = backup_factory()
@@ -270,10 +270,11 @@ class TestReplicaInstall:
         finally:
             session.close()
         assert (ErrorCode.STORAGE_ERROR, (True, set())) == (failed.value.code, held)
-        assert (manifest.sha256, []) == (backup.catalog.db.get_file("a.bin").sha256, part_files(backup.catalog.data_dir))
+        catalogued = backup.catalog.db.get_file("a.bin").sha256
+        assert (manifest.sha256, []) == (catalogued, part_files(backup.catalog.data_dir))
 
     def test_a_damaged_blob_in_the_way_is_replaced_on_the_next_offer(self, backup_factory, tmp_path):
-        """A wrong-size file at the content's blob path fails the install once; it is removed and the next offer installs."""
+        """A wrong-size file at the blob path fails the install once; it is removed and the next offer installs."""
         source = make_file(tmp_path / "src" / "a.bin", 3 * CHUNK)
         manifest, data = manifest_of_file(source, CHUNK), source.read_bytes()
         backup = backup_factory()
@@ -326,7 +327,7 @@ class TestReplicaVersions:
             [r["size"] for r in backup.replication_in_progress()])
 
     def test_a_version_replaced_across_a_restart_is_dropped(self, backup_factory, tmp_path):
-        """The partial replica of a name's old content, recorded before a restart, goes when the new content is offered."""
+        """A name's old content, partly received before a restart, goes when the new content is offered."""
         old = make_file(tmp_path / "old" / "a.bin", 3 * CHUNK, seed=1)
         new = make_file(tmp_path / "new" / "a.bin", 2 * CHUNK, seed=2)
         old_manifest, new_manifest = manifest_of_file(old, CHUNK), manifest_of_file(new, CHUNK)
@@ -354,10 +355,7 @@ class TestReplicaVersions:
 
 class TestOldVersionProgress:
     def test_an_old_versions_replica_progress_is_tidied(self, backup_factory, tmp_path):
-        """Up to fb1c0ba a replica was received into .replica-<sha> itself: that file and its record go, then all is fetched.
-
-        A .replica- file of another size is not that version's: it stays.
-        """
+        """An fb1c0ba-era .replica-<sha> (received into itself) and its record go; one of another size stays."""
         source = make_file(tmp_path / "src" / "a.bin", 3 * CHUNK)
         manifest, data = manifest_of_file(source, CHUNK), source.read_bytes()
         other = manifest_of_file(make_file(tmp_path / "src" / "b.bin", 2 * CHUNK, seed=3), CHUNK)
@@ -383,7 +381,7 @@ class TestOldVersionProgress:
         assert manifest.sha256 == restarted.catalog.db.get_file("a.bin").sha256
 
     def test_an_old_versions_failback_progress_is_tidied(self, server_factory, tmp_path):
-        """Up to fb1c0ba failback fetched into data_dir/failback: its part file and record go, and the folder at start."""
+        """fb1c0ba-era failback progress in data_dir/failback: part file and record go; the folder too, at start."""
         source = make_file(tmp_path / "src" / "f.bin", 3 * CHUNK)
         manifest = manifest_of_file(source, CHUNK)
         data_dir = tmp_path / "main-data"
@@ -499,7 +497,7 @@ class TestFailbackNames:
         assert (manifest.sha256, []) == (sha256_file(catalog.blob_path(manifest.sha256)), partials.in_progress())
 
     def test_malformed_inventory_entries_are_skipped(self, backup_factory, fetcher, tmp_path, monkeypatch):
-        """Entries without a name or SHA-256, or with an unsafe name, are logged and skipped; the good one is fetched."""
+        """Entries without a name or SHA-256, or with an unsafe name, are skipped; the good one is fetched."""
         catalog, partials = fetcher
         source = make_file(tmp_path / "src" / "good.bin", 2 * CHUNK)
         manifest = manifest_of_file(source, CHUNK)
