@@ -133,7 +133,9 @@ class PartFile:
         (``complete``; ``install`` only calls its callback). Raises
         ``OSError`` when the folder cannot be written, ``NoFreePartName``
         when every candidate name is taken by a file that is not ours,
-        ``NotEnoughSpace`` when the folder cannot hold the file.
+        ``NotEnoughSpace`` when the folder cannot hold the file,
+        ``CatalogError`` when another process recorded a part file for
+        ``final`` at the same moment (its record and file are left alone).
         """
         state = store.partial_for(str(final))
         if state is not None and state.manifest != manifest:
