@@ -168,6 +168,11 @@ class _Lag:
     oldest_since: float | None = None
 
 
+def _names(value: object) -> set[str]:
+    """The strings of a JSON list (anything else in it, or a non-list, counts for nothing)."""
+    return {name for name in value if isinstance(name, str)} if isinstance(value, list) else set()
+
+
 class Replicator:
     """Keeps the backup's replica equal to the main's catalog. One background thread."""
 
@@ -181,6 +186,7 @@ class Replicator:
         self._lock = threading.Lock()
         self._known: dict[str, str] | None = None  # name -> sha256 the backup holds (None: ask it)
         self._known_counters: dict = {}
+        self._receiving: set[str] = set()  # names the backup has partial replicas of (its inventory says)
         self._pending_since: dict[str, float] = {}
         self._lag = _Lag()
         self._bytes_in_flight_acked = 0
@@ -261,7 +267,9 @@ class Replicator:
             self._load_inventory(session)
         records = {record.name: record for record in self.catalog.db.list_files(None)}
         missing = [r for name, r in records.items() if self._known.get(name) != r.sha256]
-        extra = [name for name in self._known if name not in records]
+        # A name the main no longer has goes from the backup, held whole or only partly received.
+        extra = sorted({name for name in self._known if name not in records}
+                       | {name for name in self._receiving if name not in records})
         self._update_lag(missing)
         for record in missing:
             if self.stop.is_set() or not self.link.node.is_active():
@@ -282,8 +290,10 @@ class Replicator:
         frame = session.call(protocol.GetInventory(), protocol.Inventory)
         document = decode_document(frame.payload)
         known = {entry["name"]: entry["sha256"] for entry in document.get("files", [])}
+        receiving = _names(document.get("receiving", []))  # absent from an older backup's inventory
         with self._lock:
             self._known = known
+            self._receiving = receiving
             self._known_counters = document.get("counters", {})
             if not self._connected:
                 log.info("replication link to the backup up: it holds %d files", len(known))
@@ -350,6 +360,7 @@ class Replicator:
         session.call(protocol.RemoveFile(name), protocol.Ok)
         with self._lock:
             self._known.pop(name, None)
+            self._receiving.discard(name)
         self._acked()
 
 
@@ -458,7 +469,9 @@ class ReplicaReceiver:
     def inventory(self, peer: PeerConnection, frame: Frame) -> None:
         files = [{"name": r.name, "sha256": r.sha256, "size": r.size, "added_at": r.added_at}
                  for r in self.catalog.db.list_files(None)]
-        document = {"files": files, "counters": self.catalog.db.download_counters()}
+        # Partial replicas too, by name: one the main no longer has is then removed, not kept for good.
+        receiving = {each["name"] for each in self.in_progress()} | {s.name for s in self.partials.in_progress()}
+        document = {"files": files, "counters": self.catalog.db.download_counters(), "receiving": sorted(receiving)}
         peer.send(protocol.Inventory(), encode_document(document))
 
     def _refuse_while_active(self) -> None:

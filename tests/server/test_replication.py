@@ -353,6 +353,19 @@ class TestReplicaVersions:
                                 backup.replication_in_progress())
 
 
+    def test_a_partial_replica_of_a_name_the_main_no_longer_has_is_dropped(self, backup_factory, server_factory,
+                                                                          tmp_path):
+        """A backup left part-way through a file the main has since removed drops it once the main connects."""
+        source = make_file(tmp_path / "src" / "gone.bin", 3 * CHUNK)
+        manifest = manifest_of_file(source, CHUNK)
+        backup = backup_factory()
+        offered(backup, "gone.bin", manifest, source.read_bytes(), [0])
+        server_factory({"server": {"secret": SECRET, "backup": {"port": backup.server.address[1],
+                                                               "heartbeat_interval": 0.2}}})
+        wait_until(lambda: not part_files(backup.catalog.data_dir), SHORT_TIMEOUT, "the partial replica dropped")
+        assert ([], []) == (backup.receiver.partials.in_progress(), backup.replication_in_progress())
+
+
 class TestOldVersionProgress:
     def test_an_old_versions_replica_progress_is_tidied(self, backup_factory, tmp_path):
         """An fb1c0ba-era .replica-<sha> (received into itself) and its record go; one of another size stays."""
