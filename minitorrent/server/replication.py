@@ -405,11 +405,10 @@ class ReplicaReceiver:
     a crash on either side resumes where it stopped.
     """
 
-    def __init__(self, catalog: Catalog, node: NodeState, failback: str, main_address: Callable[[], str]) -> None:
+    def __init__(self, catalog: Catalog, node: NodeState, failback: str) -> None:
         self.catalog = catalog
         self.node = node
         self.failback = failback
-        self.main_address = main_address
         self.handback_approved = threading.Event()
         self.partials = ClientStore(catalog.data_dir / "replica.db")
         self._lock = threading.Lock()
@@ -424,7 +423,6 @@ class ReplicaReceiver:
             protocol.ReplicateChunk: self.replicate_chunk,
             protocol.RemoveFile: self.remove_file,
             protocol.MergeCounters: self.merge_counters,
-            protocol.HandOver: self.hand_over,
         }
 
     def close(self) -> None:
@@ -502,15 +500,6 @@ class ReplicaReceiver:
         self.catalog.db.merge_download_counters(decode_document(frame.payload))
         self.on_change()
         handler.connection.send(protocol.Ok())
-
-    def hand_over(self, handler, frame: Frame) -> None:
-        if self.node.is_active():
-            if self.failback == "manual" and not self.handback_approved.is_set():
-                raise RequestFailed(ErrorCode.FAILBACK_MANUAL, "failback is manual: waiting for the backup's operator")
-            self.node.step_down("handing the active role back to the main", self.main_address())
-            self.handback_approved.clear()
-        counters = self.catalog.db.download_counters()
-        handler.connection.send(protocol.HandedOver(self.node.epoch), encode_document(counters))
 
     # Partial files --------------------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ import io
 import sqlite3
 
 import pytest
+from conftest import wait_until
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -449,4 +450,5 @@ class TestOutlandishClaims:
         server = server_factory()
         host, port = server.server.address
         ServerSession.open(host, port, io_timeout_s=5, epoch=99).close()
+        wait_until(lambda: server.node.is_active(), what="the main to take an epoch again")  # its loop's next tick
         assert ("active", 100) == (server.node.role.value, server.node.epoch)
