@@ -140,6 +140,8 @@ class ClientEngine:
 
 
 def server_addresses(config: Config) -> list[tuple[str, int]]:
-    """The servers a client may talk to: the main, then the backup (port 0: not configured)."""
+    """The servers a client may talk to: the main, then the backup (port 0: not configured); in etcd mode, every member."""
+    if config.cluster.mode == "etcd":
+        return [(member.host, member.port) for member in config.cluster.servers]
     servers = (config.server.main, config.server.backup)
     return [(server.host, server.port) for server in servers if server.port != 0]

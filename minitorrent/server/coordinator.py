@@ -98,6 +98,11 @@ class LeaderElection:
         self._lease = 0
         self._lease_expires_at = 0.0  # monotonic; counted from when the grant or renewal was *sent*
 
+    @property
+    def lease_id(self) -> int:
+        """Our current lease (0: none)."""
+        return self._lease
+
     def lease_valid(self) -> bool:
         """True while our lease is certainly alive (its TTL counted from the last renewal we sent)."""
         return self._lease != 0 and time.monotonic() < self._lease_expires_at
@@ -159,3 +164,42 @@ class LeaderElection:
         except (ValueError, KeyError, TypeError) as error:
             log.warning("the leader key holds something unreadable (%s): treated as held by nobody", error)
             return None
+
+
+def _prefix_end(key: str) -> str:
+    """The end of the key range holding every key that starts with ``key`` (etcd's range_end)."""
+    raw = key.encode()
+    return base64.b64encode(raw[:-1] + bytes([raw[-1] + 1])).decode()
+
+
+class Acknowledgements:
+    """The files acknowledged under ``cluster.ack: quorum``: ``<prefix>/acked/<sha256>`` -> name.
+
+    A member that lacks one of them does not campaign, so the leader after a
+    crash always holds every acknowledged file. The leader forgets a file's
+    key when it stops sharing it (only while its own leader key still stands).
+    """
+
+    def __init__(self, gateway: EtcdGateway, prefix: str) -> None:
+        self.gateway = gateway
+        self.prefix = prefix.rstrip("/") + "/acked/"
+        self.leader_key = prefix.rstrip("/") + "/leader"
+
+    def add(self, sha256: str, name: str) -> None:
+        """Record ``sha256`` as acknowledged. ``EtcdUnavailable`` if etcd cannot be reached."""
+        self.gateway.call("/v3/kv/put", {"key": _b64(self.prefix + sha256), "value": _b64(name)})
+
+    def all(self) -> dict[str, str]:
+        """sha256 -> name of every acknowledged file. ``EtcdUnavailable`` if etcd cannot be reached."""
+        answer = self.gateway.call("/v3/kv/range", {"key": _b64(self.prefix), "range_end": _prefix_end(self.prefix)})
+        found = {}
+        for entry in answer.get("kvs", []):
+            key = base64.b64decode(entry["key"]).decode()
+            found[key[len(self.prefix):]] = base64.b64decode(entry.get("value", "")).decode()
+        return found
+
+    def forget(self, sha256: str, leader_epoch: int) -> None:
+        """Drop ``sha256``'s key if the leader key still has ``leader_epoch`` as its revision (a stale leader cannot)."""
+        self.gateway.call("/v3/kv/txn", {
+            "compare": [{"key": _b64(self.leader_key), "target": "CREATE", "create_revision": str(leader_epoch)}],
+            "success": [{"request_delete_range": {"key": _b64(self.prefix + sha256)}}]})

@@ -226,9 +226,12 @@ def _decide_member(obs: Observation) -> Decision:
     if not obs.coordinator_ok:
         return Decision(Action.STAY, "etcd is unreachable: waiting for it")
     if obs.leader == obs.name and obs.lease_ok:
-        if obs.leader_epoch < max(obs.epoch, obs.highest_seen):
-            return Decision(Action.STAY, f"the key's revision {obs.leader_epoch} is below an epoch already seen")
-        return Decision(Action.PROMOTE, f"won the leader key at revision {obs.leader_epoch}", obs.leader_epoch)
+        if obs.leader_epoch > max(obs.epoch, obs.highest_seen):
+            return Decision(Action.PROMOTE, f"won the leader key at revision {obs.leader_epoch}", obs.leader_epoch)
+        if obs.leader_epoch == obs.epoch >= obs.highest_seen:  # etcd came back and our lease outlived the outage
+            return Decision(Action.RESUME, f"etcd answers again and this member still holds the leader key "
+                                           f"(epoch {obs.epoch})")
+        return Decision(Action.STAY, f"the key's revision {obs.leader_epoch} is below an epoch already seen")
     if not obs.leader:
         if not obs.caught_up:
             return Decision(Action.STAY, "no leader, but this member is behind: not campaigning")

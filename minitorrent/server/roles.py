@@ -108,6 +108,22 @@ class NodeState:
         self._tell(RoleChanged(Role.ACTIVE, epoch, reason))
         return epoch
 
+    def promote_to(self, epoch: int, reason: str) -> None:
+        """Become active at ``epoch`` handed out by a coordinator (etcd's revision); persisted first.
+
+        ``ValueError`` if ``epoch`` is not above every epoch held or seen:
+        a fencing token that goes back would let two leaders write.
+        """
+        with self._lock:
+            if epoch <= max(self._epoch, self._highest_seen):
+                raise ValueError(f"epoch {epoch} is not above {max(self._epoch, self._highest_seen)}")
+            self._store.set_meta("epoch", str(epoch))
+            self._epoch = self._highest_seen = epoch
+            self._role = Role.ACTIVE
+            self._primary = ""
+        log.warning("%s server is now ACTIVE with epoch %d: %s", self.server, epoch, reason)
+        self._tell(RoleChanged(Role.ACTIVE, epoch, reason))
+
     def activate(self, reason: str) -> None:
         """Become active keeping the current epoch (no higher one has been seen)."""
         with self._lock:

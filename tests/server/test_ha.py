@@ -110,6 +110,7 @@ ROWS = [
     ("member won the key", member(leader="b", leader_epoch=12, lease_ok=True), PROMOTE),
     ("member won the key at a revision below an epoch seen", member(leader="b", leader_epoch=9, lease_ok=True,
                                                                      highest_seen=11), STAY),
+    ("member still holds the key when etcd comes back", member(leader="b", leader_epoch=10, lease_ok=True), RESUME),
     ("member cannot reach etcd", member(coordinator_ok=False, leader=""), STAY),
     ("leader leads", member(A, leader="b", lease_ok=True), STAY),
     ("leader's lease renewal failed", member(A, leader="b", lease_ok=False), STEP_DOWN),
@@ -223,7 +224,8 @@ class TestInvariants:
 
     def test_member_leads_only_while_holding_the_key(self):
         """A member is promoted, or stays leader, only with etcd reachable, its lease renewed and the key its own."""
-        wrong = [o for o in member_grid() if (decide(o).action is PROMOTE or (o.role is A and decide(o).action is STAY))
+        wrong = [o for o in member_grid() if (decide(o).action in (PROMOTE, RESUME)
+                                              or (o.role is A and decide(o).action is STAY))
                  and not (o.coordinator_ok and o.lease_ok and o.leader == o.name)]
         assert [] == wrong
 
