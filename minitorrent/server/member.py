@@ -130,11 +130,19 @@ class ClusterMember(ServerEngine):
 
     def add_file(self, path: str | Path, on_progress: Callable[[int], None] | None = None) -> AddResult:
         """Import one file into the catalog (replicated to the followers while we lead)."""
-        return self.catalog.add_file(path, on_progress)
+        result = self.catalog.add_file(path, on_progress)
+        self._changed()
+        return result
 
     def remove_file(self, name: str) -> bool:
         """Stop sharing ``name``; True if it was shared."""
-        return self.catalog.remove_file(name)
+        removed = self.catalog.remove_file(name)
+        self._changed()
+        return removed
+
+    def _changed(self) -> None:
+        for replicator in list(self._replicators.values()):
+            replicator.notify_changed()
 
     # Running ------------------------------------------------------------------------------------------------------
 

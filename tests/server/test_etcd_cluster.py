@@ -3,8 +3,8 @@
 Every member is a real ``main_server.py --headless`` process with
 ``cluster.mode: etcd``; etcd runs on free ports with its data in tmp_path
 (the ``etcd`` fixture: skipped without etcd, a failure with REQUIRE_ETCD=1).
-The leader lease lasts ``TTL_S``; a failover must finish within TTL + 1 s of
-the lease's end (measured here from the kill, plus the renewal period).
+The leader lease lasts ``TTL_S``; after a SIGKILL another member must lead
+within TTL + 1 s of the kill.
 """
 from __future__ import annotations
 
@@ -169,7 +169,7 @@ class TestLeaderKilledMidDownload:
         thread.join(LONG_TIMEOUT)
 
         assert (True, True) == (new_leader != leader, new_epoch > epoch)
-        assert outage_s <= TTL_S + 1 + INTERVAL_S, f"no leader for {outage_s:.2f} s"
+        assert outage_s <= TTL_S + 1, f"no leader for {outage_s:.2f} s"
         result = outcome["result"]
         assert (sha256_file(source), size, 0) == (sha256_file(tmp_path / "dl" / "big.bin"), result.fetched_bytes,
                                                   result.duplicate_chunks)
