@@ -107,6 +107,10 @@ class LeaderElection:
         """True while our lease is certainly alive (its TTL counted from the last renewal we sent)."""
         return self._lease != 0 and time.monotonic() < self._lease_expires_at
 
+    def renewal_due(self, interval_s: float) -> bool:
+        """True once ``interval_s`` has passed since the lease was granted or last renewed."""
+        return time.monotonic() >= self._lease_expires_at - self.ttl_s + interval_s
+
     def leader(self) -> Leader | None:
         """Who holds the key now (None: nobody); ``EtcdUnavailable`` if etcd cannot say."""
         answer = self.gateway.call("/v3/kv/range", {"key": _b64(self.key)})

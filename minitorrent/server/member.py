@@ -49,6 +49,7 @@ from minitorrent.wire.protocol import ErrorCode, Frame, RequestFailed
 log = logging.getLogger(__name__)
 
 QUORUM_POLL_S = 0.2  # how often --add asks the members whether they hold the file yet
+ETCD_POLL_MAX_S = 0.2  # every member asks etcd who leads at least this often: a lease's end is seen this fast
 
 # Replication requests that change a follower's catalog: refused from a leader that proved a stale epoch.
 WRITES = (protocol.ReplicateFile, protocol.ReplicateChunk, protocol.RemoveFile, protocol.MergeCounters)
@@ -106,6 +107,7 @@ class ClusterMember(ServerEngine):
         self.followers = [m for m in cluster.servers if m.name != name]
         timing = config.server.backup
         self.interval_s = timing.heartbeat_interval
+        self.poll_s = min(self.interval_s, ETCD_POLL_MAX_S)
         super().__init__(config, name, self.member, secret=config.server.secret)
         self.address = f"{self.member.host}:{self.member.port}"
         gateway = EtcdGateway(cluster.etcd.endpoints, timeout_s=min(config.transfer.io_timeout, self.interval_s))
@@ -119,6 +121,7 @@ class ClusterMember(ServerEngine):
         self.server.peer_handlers[protocol.Heartbeat] = self._on_peer_heartbeat
         self._lock = threading.Lock()
         self._view = EtcdView()
+        self._held: tuple[int, frozenset[str]] = (-1, frozenset())  # (catalog version, sha256s held then); etcd thread
         self._campaign = threading.Event()  # the loop wants the etcd thread to bid for the key
         self._term_stop: threading.Event | None = None
         self._replicators: dict[str, Replicator] = {}
@@ -169,7 +172,7 @@ class ClusterMember(ServerEngine):
     def _watch_etcd(self) -> None:
         while not self.stop_event.is_set():
             self._record(self._look())
-            self._campaign.wait(self.interval_s)
+            self._campaign.wait(self.poll_s)
         if self.node.is_active():
             self.node.step_down("stopping")
 
@@ -181,8 +184,9 @@ class ClusterMember(ServerEngine):
             else:
                 leader = self.election.leader()
             ours = leader is not None and leader.lease == self.election.lease_id
-            renewed = self.election.renew() if ours else False
-            return EtcdView(True, leader, ours and renewed, "", self._missing_acknowledged())
+            if ours and self.election.renewal_due(self.interval_s):
+                ours = self.election.renew()
+            return EtcdView(True, leader, ours, "", self._missing_acknowledged())
         except EtcdUnavailable as error:
             with self._lock:
                 known = self._view.leader
@@ -193,8 +197,10 @@ class ClusterMember(ServerEngine):
         acknowledged = self.acknowledgements.all()
         if not acknowledged:
             return ()
-        held = {record.sha256 for record in self.catalog.db.list_files(None)}
-        missing = {sha: name for sha, name in acknowledged.items() if sha not in held}
+        version = self.catalog.db.catalog_version()
+        if self._held[0] != version:  # the catalog is read again only when it changed
+            self._held = (version, frozenset(record.sha256 for record in self.catalog.db.list_files(None)))
+        missing = {sha: name for sha, name in acknowledged.items() if sha not in self._held[1]}
         if self.node.is_active():
             for sha256 in missing:
                 self.acknowledgements.forget(sha256, self.node.epoch)
