@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
 
+MAX_ANSWER_BYTES = 4 << 20  # the largest answer read: the acknowledged-files range of ~40,000 files
 MIN_TTL_S = 2  # etcd refuses (silently raises) shorter leases than about 1.5 s with its default timings
 
 
@@ -67,10 +68,10 @@ class EtcdGateway:
     def _post(self, url: str, body: dict) -> dict:
         request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
                                          headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=self.timeout_s) as response:  # noqa: S310 - http(s) from config
-            answer = json.loads(response.read(1 << 20))
+        with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+            answer = json.loads(response.read(MAX_ANSWER_BYTES))
         if not isinstance(answer, dict):
-            raise ValueError("etcd answered something other than a JSON object")
+            raise ValueError("etcd answered something other than a JSON object")  # caught as an unusable answer
         if "error" in answer and "header" not in answer:
             raise ValueError(f"etcd refused the request: {answer.get('error')}")
         return answer
@@ -126,10 +127,14 @@ class LeaderElection:
             granted = self.gateway.call("/v3/lease/grant", {"TTL": self.ttl_s})
             self._lease, self._lease_expires_at = int(granted["ID"]), sent_at + int(granted.get("TTL", 0))
         value = _b64(json.dumps({"name": self.name, "address": self.address}))
-        answer = self.gateway.call("/v3/kv/txn", {
-            "compare": [{"key": _b64(self.key), "target": "CREATE", "create_revision": "0"}],
-            "success": [{"request_put": {"key": _b64(self.key), "value": value, "lease": str(self._lease)}}],
-            "failure": [{"request_range": {"key": _b64(self.key)}}]})
+        try:
+            answer = self.gateway.call("/v3/kv/txn", {
+                "compare": [{"key": _b64(self.key), "target": "CREATE", "create_revision": "0"}],
+                "success": [{"request_put": {"key": _b64(self.key), "value": value, "lease": str(self._lease)}}],
+                "failure": [{"request_range": {"key": _b64(self.key)}}]})
+        except EtcdUnavailable:
+            self._lease = 0  # perhaps etcd no longer knows it ("lease not found"): the next bid takes a new one
+            raise
         if answer.get("succeeded"):
             return Leader(self.name, self.address, int(answer["header"]["revision"]), self._lease)
         ranges = answer.get("responses", [{}])[0].get("response_range", {})

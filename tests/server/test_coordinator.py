@@ -7,7 +7,12 @@ import pytest
 from conftest import LONG_TIMEOUT, wait_until
 
 from minitorrent.common.launcher import free_port
-from minitorrent.server.coordinator import EtcdGateway, EtcdUnavailable, Leader, LeaderElection
+from minitorrent.server.coordinator import (
+    EtcdGateway,
+    EtcdUnavailable,
+    Leader,
+    LeaderElection,
+)
 
 TTL_S = 2
 
@@ -33,7 +38,7 @@ class TestCampaign:
         while time.monotonic() < end:  # renew every half second for two TTLs
             renewals.append(a.renew())
             due = time.monotonic() + 0.5
-            wait_until(lambda: time.monotonic() >= due, what="the next renewal")
+            wait_until(lambda due=due: time.monotonic() >= due, what="the next renewal")
         assert (won, {True}) == (a.leader(), set(renewals))
 
     def test_expired_lease_lets_another_win_with_a_higher_epoch(self, etcd):
