@@ -32,6 +32,8 @@ class BackupServer(ServerEngine):
     """
 
     def __init__(self, config: Config) -> None:
+        if config.cluster.mode == "etcd":
+            raise ConfigError("cluster.mode: etcd has no backup server: run main_server.py for every member")
         if not config.server.secret:
             raise ConfigError("server.secret: must be set for the backup (the main proves it before replicating)")
         settings = config.server.backup
