@@ -113,13 +113,8 @@ class ClusterMember(ServerEngine):
         gateway = EtcdGateway(cluster.etcd.endpoints, timeout_s=min(config.transfer.io_timeout, self.interval_s))
         self.election = LeaderElection(gateway, cluster.etcd.prefix, name, self.address, timing.heartbeat_timeout)
         self.acknowledgements = Acknowledgements(gateway, cluster.etcd.prefix)
-        self.receiver = ReplicaReceiver(self.catalog, self.node, "auto")
-        self.receiver.on_change = lambda: self.metrics.set_downloads(self.catalog.download_counts())
-        self._proven: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # handler -> epoch its peer proved
-        self.server.peer_handlers.update(self.receiver.handlers())
-        self.server.peer_handlers.update({kind: self._fenced(self.receiver.handlers()[kind]) for kind in WRITES})
-        self.server.peer_handlers[protocol.Heartbeat] = self._on_peer_heartbeat
         self._lock = threading.Lock()
+        self._take_replication()
         self._view = EtcdView()
         self._held: tuple[int, frozenset[str]] = (-1, frozenset())  # (catalog version, sha256s held then); etcd thread
         self._campaign = threading.Event()  # the loop wants the etcd thread to bid for the key
@@ -272,19 +267,37 @@ class ClusterMember(ServerEngine):
 
     # Followers' side: fenced replication -----------------------------------------------------------------------------
 
+    def _take_replication(self) -> None:
+        """Answer a leader's replication like the backup does, its writes fenced by the epoch its link proved."""
+        self.receiver = ReplicaReceiver(self.catalog, self.node, "auto")
+        self.receiver.on_change = lambda: self.metrics.set_downloads(self.catalog.download_counts())
+        self._proven: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # handler -> epoch its link proved
+        self._highest_proven = 0  # the highest epoch any authenticated peer proved
+        handlers = self.receiver.handlers()
+        self.server.peer_handlers.update(handlers)
+        self.server.peer_handlers.update({kind: self._fenced(handlers[kind]) for kind in WRITES})
+        self.server.peer_handlers[protocol.Heartbeat] = self._on_peer_heartbeat
+
     def _on_peer_heartbeat(self, handler, frame: Frame) -> None:
         beat: protocol.Heartbeat = frame.message
         self.node.observe_epoch(beat.epoch, f"the leader at {beat.address}", primary=beat.address)
-        self._proven[handler] = beat.epoch
+        with self._lock:
+            self._proven[handler] = beat.epoch
+            self._highest_proven = max(self._highest_proven, beat.epoch)
         handler.connection.send(protocol.HeartbeatAck(self.node.role.value, self.node.epoch))
 
     def _fenced(self, handle: Callable[[object, Frame], None]) -> Callable[[object, Frame], None]:
-        """``handle``, refused on a link whose leader did not prove an epoch at least the highest we know."""
+        """``handle``, refused on a link whose leader proved an epoch below one we know from etcd or a peer.
+
+        Only verified epochs count (etcd's, through FOLLOW, and those proven
+        on authenticated peer links): a client's claim cannot fence a leader.
+        """
         def fenced(handler, frame: Frame) -> None:
-            proven = self._proven.get(handler, -1)
-            if proven < self.node.highest_seen_epoch:
+            with self._lock:
+                proven, fence = self._proven.get(handler, -1), max(self._highest_proven, self.node.epoch)
+            if proven < fence:
                 raise RequestFailed(ErrorCode.STANDBY, f"replication refused: this link's leader proved epoch "
-                                                       f"{proven}, the cluster is at {self.node.highest_seen_epoch}")
+                                                       f"{proven}, the cluster is at {fence}")
             handle(handler, frame)
         return fenced
 

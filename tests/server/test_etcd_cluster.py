@@ -211,6 +211,23 @@ class TestStaleWritesRefused:
         assert (True, True) == ("replication refused" in str(refused.value), cluster.holds(follower, first))
 
 
+    @pytest.mark.timeout(120)
+    def test_a_clients_claimed_epoch_does_not_fence_the_leader(self, etcd_cluster, tmp_path):
+        """A client hello claiming a huge epoch at a follower does not stop the leader's replication to it."""
+        first = make_file(tmp_path / "src" / "first.bin", 300_000, seed=6)
+        later = make_file(tmp_path / "src" / "later.bin", 200_000, seed=7)
+        cluster = etcd_cluster()
+        leader, epoch = started_with(cluster, [first])
+        follower = next(name for name in NAMES if name != leader)
+        ServerSession.open("127.0.0.1", cluster.ports[follower], io_timeout_s=SHORT_TIMEOUT, epoch=epoch + 100).close()
+        run = subprocess.run([sys.executable, str(ROOT / "main_server.py"), "--config",
+                              str(cluster.config_path(leader)), "--headless", "--add", str(later)],
+                             capture_output=True, text=True, timeout=LONG_TIMEOUT, check=False)
+        assert 0 == run.returncode, run.stderr
+        wait_until(lambda: cluster.holds(follower, later), LONG_TIMEOUT, "the follower to replicate later.bin")
+        assert (leader, epoch) == cluster.leader()
+
+
 class TestEtcdOutage:
     @pytest.mark.timeout(120)
     def test_leader_demotes_when_etcd_stops_and_service_resumes_when_it_returns(self, etcd_cluster, tmp_path, etcd):
