@@ -217,12 +217,13 @@ class ClusterMember(ServerEngine):
         node = self.node
         with self._lock:
             view = self._view
+            verified = max(node.epoch, self._highest_proven)  # etcd's and authenticated peers' epochs only
         leader = view.leader
         holder = "" if leader is None else leader.name
         if leader is not None and leader.name == self.name and not view.ours:
             holder = f"{self.name} (an earlier run, until its lease expires)"
         return Observation(
-            Kind.MEMBER, node.role, node.epoch, highest_seen=node.highest_seen_epoch, name=self.name,
+            Kind.MEMBER, node.role, node.epoch, highest_seen=verified, name=self.name,
             coordinator_ok=view.ok, lease_ok=view.ours and self.election.lease_valid(), leader=holder,
             leader_epoch=leader.epoch if leader else 0, peer_address=leader.address if leader else "",
             primary=node.primary, caught_up=not view.missing)

@@ -212,20 +212,25 @@ class TestStaleWritesRefused:
 
 
     @pytest.mark.timeout(120)
-    def test_a_clients_claimed_epoch_does_not_fence_the_leader(self, etcd_cluster, tmp_path):
-        """A client hello claiming a huge epoch at a follower does not stop the leader's replication to it."""
+    def test_a_clients_claimed_epoch_neither_fences_the_leader_nor_blocks_a_successor(self, etcd_cluster, tmp_path):
+        """Client hellos claiming a huge epoch at the followers: replication goes on, and one of them still takes over."""
         first = make_file(tmp_path / "src" / "first.bin", 300_000, seed=6)
         later = make_file(tmp_path / "src" / "later.bin", 200_000, seed=7)
         cluster = etcd_cluster()
         leader, epoch = started_with(cluster, [first])
-        follower = next(name for name in NAMES if name != leader)
-        ServerSession.open("127.0.0.1", cluster.ports[follower], io_timeout_s=SHORT_TIMEOUT, epoch=epoch + 100).close()
+        followers = [name for name in NAMES if name != leader]
+        for follower in followers:
+            ServerSession.open("127.0.0.1", cluster.ports[follower], io_timeout_s=SHORT_TIMEOUT,
+                               epoch=epoch + 100).close()
         run = subprocess.run([sys.executable, str(ROOT / "main_server.py"), "--config",
                               str(cluster.config_path(leader)), "--headless", "--add", str(later)],
                              capture_output=True, text=True, timeout=LONG_TIMEOUT, check=False)
         assert 0 == run.returncode, run.stderr
-        wait_until(lambda: cluster.holds(follower, later), LONG_TIMEOUT, "the follower to replicate later.bin")
-        assert (leader, epoch) == cluster.leader()
+        wait_until(lambda: all(cluster.holds(f, later) for f in followers), LONG_TIMEOUT,
+                   "the followers to replicate later.bin")
+        sigkill(cluster.processes[leader])
+        new_leader, new_epoch = cluster.wait_leader(excluding=leader, above=epoch)
+        assert (True, True) == (new_leader in followers, new_epoch < epoch + 100)
 
 
 class TestEtcdOutage:
