@@ -79,6 +79,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     etcd_mode = engine.config.cluster.mode == "etcd"
     if not args.headless and not etcd_mode and not (args.add and _folder_taken(engine)):
         return run_window(engine, args.add, args.geometry)  # with --add and a main already running: add to it, as headless
+    if etcd_mode and not args.headless:
+        print("note: a cluster member (cluster.mode: etcd) has no window: running headless", file=sys.stderr)
     if args.add and etcd_mode and _folder_taken(engine):
         return add_to_running_member(engine, args.add)
     added_ok = add_files(engine, args.add)
