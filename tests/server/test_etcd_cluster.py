@@ -267,3 +267,28 @@ class TestQuorumAcknowledgement:
         cluster.wait_leader(excluding=leader, above=epoch)
         got = cluster.client().download("added.bin", tmp_path / "dl")
         assert sha256_file(added) == sha256_file(got.path)
+
+
+class TestAddingFiles:
+    @pytest.mark.timeout(120)
+    def test_add_beside_a_follower_is_refused_naming_the_leader(self, etcd_cluster, tmp_path):
+        """--add beside a running follower exits 1 saying who leads; the file is shared by nobody."""
+        first = make_file(tmp_path / "src" / "first.bin", 300_000, seed=8)
+        extra = make_file(tmp_path / "src" / "extra.bin", 100_000, seed=9)
+        cluster = etcd_cluster()
+        leader, _ = started_with(cluster, [first])
+        follower = next(name for name in NAMES if name != leader)
+        run = subprocess.run([sys.executable, str(ROOT / "main_server.py"), "--config",
+                              str(cluster.config_path(follower)), "--headless", "--add", str(extra)],
+                             capture_output=True, text=True, timeout=LONG_TIMEOUT, check=False)
+        assert (1, f"error: {follower} is not the leader ({leader} leads): add files on the leader\n") == (
+            run.returncode, run.stderr)
+        assert [] == [name for name in NAMES if cluster.holds(name, extra)]
+
+    def test_member_without_a_name_is_a_config_error(self, etcd_cluster, tmp_path):
+        """A server in etcd mode with no cluster.name exits 2 with one line naming the key."""
+        cluster = etcd_cluster()
+        run = subprocess.run([sys.executable, str(ROOT / "main_server.py"), "--config", str(cluster.config_path("")),
+                              "--headless"], capture_output=True, text=True, timeout=LONG_TIMEOUT, check=False)
+        assert (2, "error: cluster.name: must name this server (one of cluster.servers) in etcd mode\n") == (
+            run.returncode, run.stderr)
