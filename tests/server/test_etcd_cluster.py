@@ -292,3 +292,21 @@ class TestAddingFiles:
                               "--headless"], capture_output=True, text=True, timeout=LONG_TIMEOUT, check=False)
         assert (2, "error: cluster.name: must name this server (one of cluster.servers) in etcd mode\n") == (
             run.returncode, run.stderr)
+
+
+class TestClientDiscovery:
+    @pytest.mark.timeout(120)
+    def test_client_knowing_one_follower_finds_the_leader(self, etcd_cluster, tmp_path):
+        """A client whose config lists one follower (and a dead address) learns the members from it and is served."""
+        first = make_file(tmp_path / "src" / "first.bin", 300_000, seed=10)
+        cluster = etcd_cluster()
+        leader, _ = started_with(cluster, [first])
+        follower = next(name for name in NAMES if name != leader)
+        settings = cluster.settings()
+        settings["cluster"]["servers"] = [
+            {"name": follower, "host": "127.0.0.1", "port": cluster.ports[follower]},
+            {"name": "gone", "host": "127.0.0.1", "port": free_port()}]
+        settings["client"] = {"retry_deadline": 10.0}
+        client = ClientEngine(load_config(write_config(tmp_path / "one-member-client", settings)))
+        cluster.closers.append(client.close)
+        assert ["first.bin"] == [entry["name"] for entry in client.list_files()]
