@@ -171,6 +171,7 @@ class BackupServer(ServerEngine):
             with self._lock:
                 self._operator_term = operator is not None
             if operator:
+                self.receiver.handback_approved.clear()  # an approval given before this promotion does not count
                 operator.answer(epoch)
         elif action is Action.STEP_DOWN:
             self.node.step_down(reason, self._main_address)
