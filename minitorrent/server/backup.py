@@ -52,6 +52,8 @@ class BackupServer(ServerEngine):
         self.receiver = ReplicaReceiver(self.catalog, self.node, settings.failback)
         self.receiver.on_change = lambda: self.metrics.set_downloads(self.catalog.download_counts())
         self.server.peer_handlers.update(self.receiver.handlers())  # the receiver needs our catalog: added now
+        self.server.peer_handlers[protocol.GetInventory] = self._on_inventory
+        self._inventory_version = -1  # our catalog version when the main last read our inventory
         self.server.peer_handlers.update({protocol.Heartbeat: self._on_heartbeat,
                                           protocol.HandOver: self._on_hand_over})
         self.loop = DecisionLoop("backup", self._observe, self._apply, self.stop_event)
@@ -128,6 +130,12 @@ class BackupServer(ServerEngine):
             self._main_is_alive(beat.address, beat.epoch)
         handler.connection.send(protocol.HeartbeatAck(self.node.role.value, self.node.epoch))
 
+    def _on_inventory(self, handler, frame: Frame) -> None:
+        version = self.catalog.db.catalog_version()  # read first: an add during the answer makes it stale
+        self.receiver.inventory(handler, frame)
+        with self._lock:
+            self._inventory_version = version
+
     def _main_is_alive(self, address: str = "", epoch: int | None = None) -> None:
         with self._lock:
             self._last_heartbeat = time.monotonic()
@@ -161,7 +169,8 @@ class BackupServer(ServerEngine):
                 primary=node.primary, failback=self.receiver.failback,
                 handback_requested=self._handback_request is not None,
                 handback_approved=self.receiver.handback_approved.is_set(),
-                operator_promote=self._promote_request is not None, operator_term=self._operator_term)
+                operator_promote=self._promote_request is not None, operator_term=self._operator_term,
+                added_since_inventory=self.catalog.db.catalog_version() != self._inventory_version)
 
     def _apply(self, decision: Decision) -> None:
         action, reason = decision.action, decision.reason

@@ -442,6 +442,37 @@ class TestFailback:
                    "the main to replicate the merged counts back to the backup")
 
 
+    @pytest.mark.timeout(90)
+    def test_file_added_on_the_active_backup_reaches_the_main(self, cluster, tmp_path):
+        """backup_server.py --add on the active backup: served at once, and the main holds it after taking the role back."""
+        first = make_file(tmp_path / "src" / "first.bin", MiB, seed=23)
+        added = make_file(tmp_path / "src" / "added.bin", MiB + 7, seed=24)
+        c = cluster(chunk_size=256 * 1024, heartbeat_interval=0.5, heartbeat_timeout=2)
+        main, _ = c.start_pair(add=[first])
+        c.wait_replicated({"first.bin": first})
+        main_epoch = c.wait_paired()
+        refused = run_backup_add(c, added)
+        assert (1, "error: the backup is not active (standby): add files on the main\n") == (
+            refused.returncode, refused.stderr)
+
+        sigkill(main)
+        backup_epoch = c.wait_backup_active(above_epoch=main_epoch)
+        run = run_backup_add(c, added)
+        assert (0, "added: added.bin") == (run.returncode, run.stdout.split(" (")[0]), run.stderr
+        engine = c.client()
+        assert sha256_file(added) == sha256_file(engine.download("added.bin", tmp_path / "dl").path)
+
+        c.restart_main(instance="main-2")
+        c.wait_main_took_back(backup_epoch)
+        assert True is holds(c.main_dir, "added.bin", added)
+
+
+def run_backup_add(c: Cluster, path: Path) -> subprocess.CompletedProcess:
+    """``backup_server.py --add PATH`` beside the cluster's running backup."""
+    return subprocess.run([sys.executable, str(ROOT / "backup_server.py"), "--config", str(c.backup_config()),
+                           "--add", str(path)], capture_output=True, text=True, timeout=LONG_TIMEOUT, check=False)
+
+
 # 4. Split brain ----------------------------------------------------------------------------------------------------
 
 
