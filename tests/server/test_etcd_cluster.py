@@ -294,6 +294,25 @@ class TestAddingFiles:
             run.returncode, run.stderr)
 
 
+class TestFollowerCatchUp:
+    @pytest.mark.timeout(120)
+    def test_follower_killed_and_restarted_catches_up_by_inventory(self, etcd_cluster, tmp_path):
+        """A follower SIGKILLed while the leader gains a file gets it after its restart, without a change of leader."""
+        first = make_file(tmp_path / "src" / "first.bin", 300_000, seed=11)
+        later = make_file(tmp_path / "src" / "later.bin", 2 * MiB + 1, seed=12)
+        cluster = etcd_cluster()
+        leader, epoch = started_with(cluster, [first])
+        follower = next(name for name in NAMES if name != leader)
+        sigkill(cluster.processes[follower])
+        run = subprocess.run([sys.executable, str(ROOT / "main_server.py"), "--config",
+                              str(cluster.config_path(leader)), "--headless", "--add", str(later)],
+                             capture_output=True, text=True, timeout=LONG_TIMEOUT, check=False)
+        assert 0 == run.returncode, run.stderr
+        cluster.start(follower)
+        wait_until(lambda: cluster.holds(follower, later), LONG_TIMEOUT, "the restarted follower to catch up")
+        assert ((leader, epoch), "standby") == (cluster.leader(), cluster.status(follower)["role"])
+
+
 class TestClientDiscovery:
     @pytest.mark.timeout(120)
     def test_client_knowing_one_follower_finds_the_leader(self, etcd_cluster, tmp_path):
