@@ -158,8 +158,6 @@ class ClusterMember(ServerEngine):
         for thread in [self._watcher, self.loop.thread, *[r.thread for r in self._replicators.values()]]:
             if thread.is_alive():
                 thread.join(self.config.transfer.io_timeout + 1)
-        if self.node.is_active():
-            self.election.resign()  # a clean stop hands the key on at once instead of after the TTL
         self.receiver.close()
 
     # The etcd thread: it records, the loop decides ------------------------------------------------------------------
@@ -169,7 +167,8 @@ class ClusterMember(ServerEngine):
             self._record(self._look())
             self._campaign.wait(self.poll_s)
         if self.node.is_active():
-            self.node.step_down("stopping")
+            self.node.step_down("stopping")  # first stop serving, then free the key
+        self.election.resign()  # a clean stop hands the key on at once instead of after the TTL
 
     def _look(self) -> EtcdView:
         try:

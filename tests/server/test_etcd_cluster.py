@@ -34,6 +34,7 @@ from minitorrent.client.progress import Progress
 from minitorrent.common.launcher import ServerProcess, free_port
 from minitorrent.net import remote
 from minitorrent.net.remote import ServerSession
+from minitorrent.server.member import leader_name
 from minitorrent.wire import protocol
 
 MiB = 1024 * 1024
@@ -173,6 +174,20 @@ class TestLeaderKilledMidDownload:
         result = outcome["result"]
         assert (sha256_file(source), size, 0) == (sha256_file(tmp_path / "dl" / "big.bin"), result.fetched_bytes,
                                                   result.duplicate_chunks)
+
+
+class TestCleanStop:
+    @pytest.mark.timeout(120)
+    def test_stopped_leader_hands_the_key_on_before_its_ttl(self, etcd_cluster, tmp_path):
+        """SIGTERM to the leader: by the time it has exited (within the TTL) it no longer holds the key; another leads."""
+        first = make_file(tmp_path / "src" / "first.bin", 300_000, seed=13)
+        cluster = etcd_cluster()
+        leader, epoch = started_with(cluster, [first])
+        stopping_at = time.monotonic()
+        assert 0 == cluster.processes[leader].stop(signal.SIGTERM)
+        holder = leader_name(load_config(cluster.config_path(leader)))
+        assert (True, True) == (holder != leader, time.monotonic() - stopping_at < TTL_S), holder
+        cluster.wait_leader(excluding=leader, above=epoch)
 
 
 class TestFrozenLeader:
