@@ -400,12 +400,11 @@ def start_etcd(folder: Path, cluster: Cluster) -> str:
     if binary is None:
         raise BenchError("etcd is not installed: apt-get install etcd-server (--mode etcd needs it)")
     client, peer = f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"
-    log = open(folder / "etcd.log", "w", encoding="utf-8")  # closed with the process, in Cluster.close
-    cluster.etcd = subprocess.Popen([binary, "--name", "bench", "--data-dir", str(folder / "etcd-data"),
-                                     "--listen-client-urls", client, "--advertise-client-urls", client,
-                                     "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-                                     "--initial-cluster", f"bench={peer}"], stdout=log, stderr=log)
-    log.close()
+    with open(folder / "etcd.log", "w", encoding="utf-8") as log:  # etcd keeps its own copy of the descriptor
+        cluster.etcd = subprocess.Popen([binary, "--name", "bench", "--data-dir", str(folder / "etcd-data"),
+                                         "--listen-client-urls", client, "--advertise-client-urls", client,
+                                         "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+                                         "--initial-cluster", f"bench={peer}"], stdout=log, stderr=log)
     deadline = time.monotonic() + SYNC_TIMEOUT_S
     while not etcd_answers(client):
         if time.monotonic() > deadline or cluster.etcd.poll() is not None:
