@@ -8,7 +8,21 @@ reads a request, answers it, and loops until the peer leaves, goes idle past
 ``idle_timeout_s``, or breaks the framing.
 
 Shared state lives on the server (the source, metrics, the set of open
-connections); a handler only keeps what belongs to its connection.
+connections); a handler only keeps what belongs to its connection, its
+``ConnectionState`` first.
+
+Slots: ``max_connections`` connections share the client slots, whoever they
+are; the peer server's connections move to the ``PEER_SLOTS`` kept for it
+once they authenticate (never before: anyone can claim to be the peer). When
+every client slot is taken, a newcomer is not simply turned away: the server
+sheds a connection that is doing nothing (no hello yet, or idle between
+requests for ``SHED_IDLE_AFTER_S``), taken from the source address holding
+the most slots, so idle connections (a client's own pooled ones, or a
+stranger's dozen) never lock out connections with work to do. Only when
+every slot is busy with a request is a newcomer told BUSY.
+
+A connection must say hello within ``handshake_timeout_s`` of connecting,
+however it trickles bytes or whatever else it sends meanwhile.
 """
 from __future__ import annotations
 
@@ -18,6 +32,7 @@ import os
 import selectors
 import socket
 import threading
+import time
 import uuid
 from typing import BinaryIO, Callable, Protocol
 
@@ -41,6 +56,16 @@ log = logging.getLogger(__name__)
 
 BUSY_REPLY_TIMEOUT_S = 1.0  # a turned-away client gets this long to read "busy"
 ACCEPT_RETRY_S = 0.1  # pause after a failed accept()
+SHED_IDLE_AFTER_S = 1.0  # a connection idle this long may give its slot to a newcomer (a stream never is)
+
+
+class ConnectionState(enum.Enum):
+    """Where one connection is in its life; only ever moves forward."""
+
+    NEW = "new"  # connected, no hello yet: must say it within the handshake deadline
+    GREETED = "greeted"  # said hello: a client, or a peer server that has not proved itself yet
+    AUTHENTICATED = "authenticated"  # the peer server, proven: it sits in a peer slot
+    CLOSING = "closing"  # on its way out (shed, refused or done): holds no slot
 
 
 class ServingRole(Protocol):
@@ -134,15 +159,15 @@ class RequestServer:
         self.status_extra = status_extra
         self.server_id = node.server_id if node else uuid.uuid4().hex[:12]
         self.metrics = metrics or Metrics()
-        self._clients = 0
         self.max_connections = max_connections
         self.idle_timeout_s = idle_timeout_s
         self.io_timeout_s = io_timeout_s
+        self.handshake_timeout_s = min(io_timeout_s, idle_timeout_s)
         self._requested_address = (host, port)
         self._listener: socket.socket | None = None
         self._wakeup_r, self._wakeup_w = socket.socketpair()
         self._lock = threading.Lock()
-        self._handlers: dict[threading.Thread, Connection] = {}
+        self._handlers: dict[threading.Thread, _Handler] = {}
         self._accept_thread: threading.Thread | None = None
         self._stopping = threading.Event()
 
@@ -178,8 +203,8 @@ class RequestServer:
             self._accept_thread.join(timeout_s)
         with self._lock:
             handlers = dict(self._handlers)
-        for connection in handlers.values():
-            _shutdown(connection.sock)
+        for handler in handlers.values():
+            _shutdown(handler.connection.sock)
         for thread in handlers:
             thread.join(timeout_s)
         if self._listener:
@@ -213,14 +238,15 @@ class RequestServer:
             sock.close()
 
     def _hand_to_thread(self, sock: socket.socket) -> None:
-        connection = Connection(sock, io_timeout_s=self.io_timeout_s, idle_timeout_s=self.idle_timeout_s)
+        connection = Connection(sock, io_timeout_s=self.io_timeout_s, idle_timeout_s=self.handshake_timeout_s)
+        handler = _Handler(self, connection)
+        thread = threading.Thread(target=self._serve, args=(handler,), daemon=True,
+                                  name=f"{self.name}-conn-{connection.peer}")
         with self._lock:
-            full = len(self._handlers) >= self.max_connections + PEER_SLOTS
-            if not full:
-                thread = threading.Thread(target=self._serve, args=(connection,), daemon=True,
-                                          name=f"{self.name}-conn-{connection.peer}")
-                self._handlers[thread] = connection
-        if full:
+            admitted = self._take_client_slot(handler.source)
+            if admitted:
+                self._handlers[thread] = handler
+        if not admitted:
             self.turn_away(connection)
             return
         try:
@@ -229,6 +255,19 @@ class RequestServer:
             with self._lock:
                 self._handlers.pop(thread, None)
             raise
+
+    def _take_client_slot(self, source: str) -> bool:
+        """True if a client slot is free, or was freed by shedding an idle connection. Under ``_lock``."""
+        holders = [h for h in self._handlers.values() if h.holds_client_slot]
+        if len(holders) < self.max_connections:
+            return True
+        victim = choose_idle_victim(holders, source, time.monotonic())
+        if victim is None:
+            return False
+        log.info("full: shedding idle connection %s (%s) for a newcomer from %s",
+                 victim.connection.peer, victim.state.value, source)
+        victim.shed()
+        return True
 
     def turn_away(self, connection: Connection) -> None:
         """Tell a connection the server is busy, and close it."""
@@ -239,20 +278,16 @@ class RequestServer:
         except ConnectionClosed:
             pass
         self.metrics.request_done(ok=False)
-        connection.close()
+        connection.close_lingering()
 
-    def admit_client(self) -> bool:
-        """Take one of the ``max_connections`` client slots; False if none is free."""
+    def take_peer_slot(self, handler: _Handler) -> bool:
+        """Move an authenticated peer connection to a peer slot; False if they are all taken."""
         with self._lock:
-            if self._clients >= self.max_connections:
+            peers = sum(1 for h in self._handlers.values() if h.state is ConnectionState.AUTHENTICATED)
+            if peers >= PEER_SLOTS:
                 return False
-            self._clients += 1
+            handler.state = ConnectionState.AUTHENTICATED
             return True
-
-    def release_client(self) -> None:
-        """Give a client slot back."""
-        with self._lock:
-            self._clients -= 1
 
     def welcome(self, nonce: str = "", proof: str = "") -> protocol.Welcome:
         """The welcome this server gives now: its role, epoch and who is primary."""
@@ -263,9 +298,8 @@ class RequestServer:
 
     # Serving one connection ----------------------------------------------------------
 
-    def _serve(self, connection: Connection) -> None:
+    def _serve(self, handler: _Handler) -> None:
         self.metrics.connection_opened()
-        handler = _Handler(self, connection)
         try:
             handler.handle()
         finally:
@@ -273,6 +307,23 @@ class RequestServer:
             self.metrics.connection_closed()
             with self._lock:
                 self._handlers.pop(threading.current_thread(), None)
+
+
+def choose_idle_victim(holders: list[_Handler], newcomer: str, now: float) -> _Handler | None:
+    """The connection to shed for a newcomer from ``newcomer``, or None if every one is busy.
+
+    Only a connection idle for ``SHED_IDLE_AFTER_S`` qualifies. The source
+    address holding the most slots loses first (the newcomer counted in), so
+    slots are shared fairly per address; within it a connection that never
+    said hello goes before a greeted one, then the longest idle.
+    """
+    held: dict[str, int] = {newcomer: 1}
+    for handler in holders:
+        held[handler.source] = held.get(handler.source, 0) + 1
+    idle = [h for h in holders if h.idle_for(now) >= SHED_IDLE_AFTER_S]
+    if not idle:
+        return None
+    return max(idle, key=lambda h: (held[h.source], h.state is ConnectionState.NEW, h.idle_for(now)))
 
 
 class _Handler:
@@ -289,20 +340,41 @@ class _Handler:
     def __init__(self, server: RequestServer, connection: Connection) -> None:
         self.server = server
         self.connection = connection
-        self.greeted = False
-        self.is_client = False
+        self.source = _source_host(connection)  # the address slots are shared by
+        self.state = ConnectionState.NEW
         self.peer_nonce = ""  # our challenge to a peer, until it answers
-        self.authenticated = False
+        self._handshake_deadline = time.monotonic() + server.handshake_timeout_s
+        self._idle_since: float | None = time.monotonic()  # None while a request is being answered
         self._open_file: tuple[str, BinaryIO] | None = None
         self._counted_sent = 0
         self._counted_received = 0
 
+    @property
+    def holds_client_slot(self) -> bool:
+        """True unless the connection is closing or sits in a peer slot."""
+        return self.state in (ConnectionState.NEW, ConnectionState.GREETED)
+
+    def idle_for(self, now: float) -> float:
+        """Seconds since the connection last finished a request (0 while it answers one).
+
+        Read by the accepting thread without a lock: at worst a connection that
+        just started a request is shed, and its client retries.
+        """
+        idle_since = self._idle_since
+        return 0.0 if idle_since is None else now - idle_since
+
+    def shed(self) -> None:
+        """Give up the slot now (the server is full) and make the handler thread end. Under the server lock."""
+        self.state = ConnectionState.CLOSING
+        _shutdown(self.connection.sock)
+
     def handle(self) -> None:
         """Answer requests until the peer leaves, idles out, or breaks framing."""
-        while True:
+        while self.state is not ConnectionState.CLOSING and self._within_handshake_deadline():
             try:
                 # Only an authenticated peer may make us hold a large payload.
-                frame = self.connection.recv(max_payload=None if self.authenticated else protocol.MAX_CLIENT_PAYLOAD)
+                authenticated = self.state is ConnectionState.AUTHENTICATED
+                frame = self.connection.recv(max_payload=None if authenticated else protocol.MAX_CLIENT_PAYLOAD)
             except ConnectionClosed as closed:
                 log.debug("%s", closed)
                 return
@@ -312,17 +384,30 @@ class _Handler:
                     log.warning("closing %s: %s", self.connection.peer, error)
                     return
                 continue
-            if not self._answer(frame):
+            self._idle_since = None
+            keep_open = self._answer(frame)
+            self._idle_since = time.monotonic()
+            if not keep_open:
                 return
+
+    def _within_handshake_deadline(self) -> bool:
+        """Before hello, each wait is cut to what is left of the handshake deadline; False once it passed."""
+        if self.state is not ConnectionState.NEW:
+            return True
+        left = self._handshake_deadline - time.monotonic()
+        if left <= 0:
+            log.info("closing %s: no hello within %g s", self.connection.peer, self.server.handshake_timeout_s)
+            return False
+        self.connection.idle_timeout_s = left
+        return True
 
     def finish(self) -> None:
         """Release the connection's resources and settle its byte counters."""
+        self.state = ConnectionState.CLOSING
         self._count_bytes()
-        if self.is_client:
-            self.server.release_client()
         if self._open_file:
             self._open_file[1].close()
-        self.connection.close()
+        self.connection.close_lingering()
 
     def _answer(self, frame: Frame) -> bool:
         """Answer one request; False means close the connection."""
@@ -356,18 +441,18 @@ class _Handler:
         request = frame.message
         if isinstance(request, protocol.Hello):
             return self._greet(request)
-        if not self.greeted:
+        if self.state is ConnectionState.NEW:
             raise RequestFailed(ErrorCode.HELLO_REQUIRED, "send hello first")
         if isinstance(request, protocol.GetStatus):
             self._send_status()
         elif isinstance(request, protocol.Authenticate):
             self._authenticate(request)
         elif type(request) in self.server.peer_handlers:
-            if not self.authenticated:
+            if self.state is not ConnectionState.AUTHENTICATED:
                 raise RequestFailed(ErrorCode.AUTH_FAILED, f"{request.TYPE} needs an authenticated peer")
             self.server.peer_handlers[type(request)](self, frame)
         elif isinstance(request, self.CLIENT_REQUESTS):
-            if self.server.node and not self.authenticated:  # a peer may read a standby's replica
+            if self.server.node and self.state is not ConnectionState.AUTHENTICATED:  # a peer may read a replica
                 self.server.node.check_serving()
             self._serve_client_request(frame)
         else:
@@ -414,22 +499,23 @@ class _Handler:
             )
         if hello.role == "main":
             return self._greet_peer(hello)
-        if not self.is_client:
-            if not self.server.admit_client():
-                raise RequestFailed(ErrorCode.BUSY, f"server busy: {self.server.max_connections} clients "
-                                                    "connected, retry later")
-            self.is_client = True
         if self.server.node:
             self.server.node.observe_epoch(hello.epoch, f"client {self.connection.peer}")
-        self.greeted = True
+        self._greeted()
         self.connection.send(self.server.welcome())
         return True
+
+    def _greeted(self) -> None:
+        """Hello said: from now on the connection waits between requests as long as ``idle_timeout_s``."""
+        if self.state is ConnectionState.NEW:
+            self.state = ConnectionState.GREETED
+            self.connection.idle_timeout_s = self.server.idle_timeout_s
 
     def _greet_peer(self, hello: protocol.Hello) -> bool:
         if not self.server.secret:
             log.warning("refused peer %s: server.secret is not set here", self.connection.peer)
             raise RequestFailed(ErrorCode.AUTH_FAILED, "peer connections need server.secret set on both servers")
-        self.greeted = True
+        self._greeted()
         self.peer_nonce = auth.new_nonce()
         proof = auth.prove(self.server.secret, auth.SERVER_PURPOSE, hello.nonce)
         self.connection.send(self.server.welcome(self.peer_nonce, proof))
@@ -441,7 +527,8 @@ class _Handler:
             log.warning("peer %s failed authentication: wrong server.secret?", self.connection.peer)
             raise RequestFailed(ErrorCode.AUTH_FAILED, "authentication failed: wrong server.secret")
         self.peer_nonce = ""
-        self.authenticated = True
+        if not self.server.take_peer_slot(self):
+            raise RequestFailed(ErrorCode.BUSY, f"all {PEER_SLOTS} peer slots are taken")
         log.info("peer %s authenticated", self.connection.peer)
         self.connection.send(protocol.Ok())
 
@@ -499,6 +586,14 @@ class _Handler:
 
 def _file_size(file: BinaryIO) -> int:
     return os.fstat(file.fileno()).st_size
+
+
+def _source_host(connection: Connection) -> str:
+    """The address a connection comes from (its host, without the port)."""
+    try:
+        return connection.sock.getpeername()[0]
+    except OSError:
+        return "(disconnected)"
 
 
 def _shutdown(sock: socket.socket) -> None:
