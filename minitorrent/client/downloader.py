@@ -349,14 +349,8 @@ class _Job:
         server = self.owner.server
         try:
             while not self._stop.is_set() and not self.board.closed:
-                try:
-                    pool = server.active_pool()
-                    try:
-                        with pool.session() as session:
-                            self._pump(session, self.server_source, fd, state, buffer)
-                    except ConnectionFailed:
-                        server.forget(pool)  # the next attempt asks every server who is active
-                        raise
+                try:  # a failed server is forgotten: the next attempt asks every server who is active
+                    server.attempt(lambda session: self._pump(session, self.server_source, fd, state, buffer))
                     delays = backoff_delays(cap_s=MAX_RECONNECT_DELAY_S)
                 except ConnectionFailed as error:
                     self._wait_before_reconnect(error, next(delays))
@@ -366,7 +360,7 @@ class _Job:
     def _peer_stream(self, source: Source, address: tuple[str, int], fd: int, state: DownloadState) -> None:
         """Pull chunks from one peer; any failure drops it (the others and the server carry on)."""
         buffer = bytearray(self.manifest.chunk_size)
-        pool = ConnectionPool(*address, io_timeout_s=self.owner.server.pools[0].io_timeout_s, max_idle=1)
+        pool = ConnectionPool(*address, io_timeout_s=self.owner.server.io_timeout_s, max_idle=1)
         try:
             while not self.board.closed:
                 try:

@@ -48,6 +48,7 @@ MAX_NAME_BYTES = 255  # what ext4 and most file systems allow for one name
 MAX_LIST_ENTRIES = 200  # entries per listing page at most; fit_list_page also keeps it under the header limit
 MAX_LIST_PAGE_BYTES = MAX_HEADER_BYTES - 4096  # room for the rest of the header
 MAX_STATUS_FILES = 100  # per-file download counts in a status reply (the most downloaded)
+MAX_CATALOG_FILES = 100_000_000  # a list offset or total beyond this is no catalog anyone keeps
 
 
 class ErrorCode:
@@ -226,8 +227,10 @@ class Hello(Message):
     version: int
     role: str  # "client", or "main" for the main server's peer connections
     agent: str = ""
-    epoch: int = 0  # the highest epoch the caller has seen: a stale active server steps down
-    nonce: str = ""  # a peer's challenge to the server (see cluster.py)
+    epoch: int = 0  # the highest proven epoch the caller has seen (a client relays it with its proof)
+    nonce: str = ""  # a peer's challenge to the server (see auth.py)
+    epoch_server: str = ""  # a client: the server_id that issued ``epoch``
+    epoch_proof: str = ""  # a client: that server's proof of ``epoch`` (Welcome.epoch_proof), relayed
 
     def validate(self) -> None:
         _check_epoch(self.epoch)
@@ -242,7 +245,8 @@ class ListFiles(Message):
     offset: int = 0  # paging: a reply holds at most MAX_LIST_ENTRIES entries
 
     def validate(self) -> None:
-        _require(self.offset >= 0, "offset must not be negative", ErrorCode.OUT_OF_RANGE)
+        _require(0 <= self.offset <= MAX_CATALOG_FILES, f"offset must be within 0..{MAX_CATALOG_FILES}",
+                 ErrorCode.OUT_OF_RANGE)
 
 
 @dataclass(frozen=True)
@@ -312,6 +316,10 @@ class Welcome(Message):
     primary: str = ""  # host:port of the server believed active, when this one is not
     nonce: str = ""  # to a peer: the server's challenge
     proof: str = ""  # to a peer: the server's answer to the peer's challenge
+    epoch_proof: str = ""  # HMAC over (epoch, server_id) with the cluster secret: clients relay it
+
+    def validate(self) -> None:
+        _check_epoch(self.epoch)
 
 
 @dataclass(frozen=True)
@@ -325,6 +333,8 @@ class FileList(Message):
 
     def validate(self) -> None:
         _require(all(isinstance(entry, dict) for entry in self.files), "files must be objects")
+        _require(0 <= self.total <= MAX_CATALOG_FILES and 0 <= self.offset <= MAX_CATALOG_FILES,
+                 f"total and offset must be within 0..{MAX_CATALOG_FILES}", ErrorCode.OUT_OF_RANGE)
 
 
 @dataclass(frozen=True)
