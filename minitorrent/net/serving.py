@@ -11,18 +11,20 @@ Shared state lives on the server (the source, metrics, the set of open
 connections); a handler only keeps what belongs to its connection, its
 ``ConnectionState`` first.
 
-Slots: ``max_connections`` connections share the client slots, whoever they
-are; the peer server's connections move to the ``PEER_SLOTS`` kept for it
-once they authenticate (never before: anyone can claim to be the peer). When
-every client slot is taken, a newcomer is not simply turned away: the server
-sheds a connection that is doing nothing (no hello yet, or idle between
-requests for ``SHED_IDLE_AFTER_S``), taken from the source address holding
-the most slots, so idle connections (a client's own pooled ones, or a
-stranger's dozen) never lock out connections with work to do. Only when
-every slot is busy with a request is a newcomer told BUSY.
-
-A connection must say hello within ``handshake_timeout_s`` of connecting,
-however it trickles bytes or whatever else it sends meanwhile.
+Slots. A greeted client takes one of ``max_connections`` client slots; the
+peer server's connections take one of ``PEER_SLOTS`` once they
+authenticate (never before: anyone can claim to be the peer). Connections
+still in their handshake get ``HANDSHAKE_ROOM`` places beyond the client
+slots, and must finish it (a client's hello, or a peer's proof) within
+``handshake_timeout_s`` of connecting, however they trickle bytes or
+whatever else they send meanwhile. When the places are full, a newcomer is
+not simply turned away: the server sheds a connection that is waiting for a
+request, idle for ``SHED_IDLE_AFTER_S``, or from an address holding more
+slots than the newcomer's (see ``choose_idle_victim``), so idle connections
+(a client's own pooled ones, or a stranger's dozen) never lock out
+connections with work to do, and one machine cannot keep another out. Only
+when every slot is busy answering a request (or fairly held) is a newcomer
+told BUSY.
 """
 from __future__ import annotations
 
@@ -63,9 +65,15 @@ class ConnectionState(enum.Enum):
     """Where one connection is in its life; only ever moves forward."""
 
     NEW = "new"  # connected, no hello yet: must say it within the handshake deadline
-    GREETED = "greeted"  # said hello: a client, or a peer server that has not proved itself yet
-    AUTHENTICATED = "authenticated"  # the peer server, proven: it sits in a peer slot
+    GREETED = "greeted"  # a client that said hello: it holds a client slot
+    CHALLENGED = "challenged"  # claims to be the peer server: must prove it within the handshake deadline
+    AUTHENTICATED = "authenticated"  # the peer server, proven: it holds a peer slot
     CLOSING = "closing"  # on its way out (shed, refused or done): holds no slot
+
+    @property
+    def in_handshake(self) -> bool:
+        """True while the connection must still finish its handshake (under the deadline)."""
+        return self in (ConnectionState.NEW, ConnectionState.CHALLENGED)
 
 
 class ServingRole(Protocol):
@@ -116,7 +124,8 @@ class FileSource(Protocol):
 
 
 PeerHandler = Callable[["_Handler", Frame], None]
-PEER_SLOTS = 4  # connections kept beyond max_connections so a full server still hears its peer
+PEER_SLOTS = 4  # authenticated peer connections, beyond max_connections: a full server still hears its peer
+HANDSHAKE_ROOM = PEER_SLOTS  # connections in their handshake beyond the clients' (the peer must get in to prove itself)
 
 
 class RequestServer:
@@ -163,6 +172,7 @@ class RequestServer:
         self.idle_timeout_s = idle_timeout_s
         self.io_timeout_s = io_timeout_s
         self.handshake_timeout_s = min(io_timeout_s, idle_timeout_s)
+        self.shed_idle_after_s = SHED_IDLE_AFTER_S
         self._requested_address = (host, port)
         self._listener: socket.socket | None = None
         self._wakeup_r, self._wakeup_w = socket.socketpair()
@@ -243,7 +253,7 @@ class RequestServer:
         thread = threading.Thread(target=self._serve, args=(handler,), daemon=True,
                                   name=f"{self.name}-conn-{connection.peer}")
         with self._lock:
-            admitted = self._take_client_slot(handler.source)
+            admitted = self._take_place(handler.source, ConnectionState.NEW)
             if admitted:
                 self._handlers[thread] = handler
         if not admitted:
@@ -256,18 +266,36 @@ class RequestServer:
                 self._handlers.pop(thread, None)
             raise
 
-    def _take_client_slot(self, source: str) -> bool:
-        """True if a client slot is free, or was freed by shedding an idle connection. Under ``_lock``."""
-        holders = [h for h in self._handlers.values() if h.holds_client_slot]
-        if len(holders) < self.max_connections:
+    def _take_place(self, source: str, becoming: ConnectionState) -> bool:
+        """True if there is room for a connection from ``source`` becoming ``becoming``, shedding one if need be.
+
+        ``NEW`` (a connection just accepted) competes with everything but the
+        authenticated peer for ``max_connections + HANDSHAKE_ROOM`` places;
+        ``GREETED`` (a client's hello) with the other clients for the
+        ``max_connections`` slots. Called under ``_lock``.
+        """
+        if becoming is ConnectionState.GREETED:
+            holders, room = [h for h in self._handlers.values() if h.state is ConnectionState.GREETED], 0
+        else:
+            holders = [h for h in self._handlers.values() if h.state.in_handshake or h.state is ConnectionState.GREETED]
+            room = HANDSHAKE_ROOM
+        if len(holders) < self.max_connections + room:
             return True
-        victim = choose_idle_victim(holders, source, time.monotonic())
+        victim = choose_idle_victim(holders, source, time.monotonic(), self.shed_idle_after_s)
         if victim is None:
             return False
         log.info("full: shedding idle connection %s (%s) for a newcomer from %s",
                  victim.connection.peer, victim.state.value, source)
         victim.shed()
         return True
+
+    def take_client_slot(self, handler: _Handler) -> bool:
+        """Make a client's connection GREETED if a client slot is (or can be made) free."""
+        with self._lock:
+            if handler.state is not ConnectionState.NEW or not self._take_place(handler.source, ConnectionState.GREETED):
+                return handler.state is ConnectionState.GREETED
+            handler.state = ConnectionState.GREETED
+            return True
 
     def turn_away(self, connection: Connection) -> None:
         """Tell a connection the server is busy, and close it."""
@@ -280,11 +308,16 @@ class RequestServer:
         self.metrics.request_done(ok=False)
         connection.close_lingering()
 
+    def connection_states(self) -> list[ConnectionState]:
+        """The state of every open connection (for status and tests); any thread."""
+        with self._lock:
+            return [handler.state for handler in self._handlers.values()]
+
     def take_peer_slot(self, handler: _Handler) -> bool:
-        """Move an authenticated peer connection to a peer slot; False if they are all taken."""
+        """Move a proven peer's connection to a peer slot (AUTHENTICATED); False if they are all taken."""
         with self._lock:
             peers = sum(1 for h in self._handlers.values() if h.state is ConnectionState.AUTHENTICATED)
-            if peers >= PEER_SLOTS:
+            if peers >= PEER_SLOTS or handler.state is not ConnectionState.CHALLENGED:
                 return False
             handler.state = ConnectionState.AUTHENTICATED
             return True
@@ -309,21 +342,26 @@ class RequestServer:
                 self._handlers.pop(threading.current_thread(), None)
 
 
-def choose_idle_victim(holders: list[_Handler], newcomer: str, now: float) -> _Handler | None:
-    """The connection to shed for a newcomer from ``newcomer``, or None if every one is busy.
+def choose_idle_victim(holders: list[_Handler], newcomer: str, now: float,
+                       idle_after_s: float = SHED_IDLE_AFTER_S) -> _Handler | None:
+    """The connection to shed for a newcomer from address ``newcomer``, or None if none may go.
 
-    Only a connection idle for ``SHED_IDLE_AFTER_S`` qualifies. The source
-    address holding the most slots loses first (the newcomer counted in), so
-    slots are shared fairly per address; within it a connection that never
-    said hello goes before a greeted one, then the longest idle.
+    A connection answering a request is never shed. One waiting for its
+    next frame may be, if it has been idle ``idle_after_s`` (a download
+    stream never is) or if its address holds more slots than the newcomer's
+    would (slots are shared fairly per address, so a dozen connections from
+    one machine, however busy, cannot keep another machine out). The address
+    holding the most slots loses first; within it a connection still in its
+    handshake, then the longest idle.
     """
     held: dict[str, int] = {newcomer: 1}
     for handler in holders:
         held[handler.source] = held.get(handler.source, 0) + 1
-    idle = [h for h in holders if h.idle_for(now) >= SHED_IDLE_AFTER_S]
-    if not idle:
+    candidates = [h for h in holders if h.idle_for(now) > 0
+                  and (h.idle_for(now) >= idle_after_s or held[h.source] > held[newcomer])]
+    if not candidates:
         return None
-    return max(idle, key=lambda h: (held[h.source], h.state is ConnectionState.NEW, h.idle_for(now)))
+    return max(candidates, key=lambda h: (held[h.source], h.state.in_handshake, h.idle_for(now)))
 
 
 class _Handler:
@@ -348,11 +386,6 @@ class _Handler:
         self._open_file: tuple[str, BinaryIO] | None = None
         self._counted_sent = 0
         self._counted_received = 0
-
-    @property
-    def holds_client_slot(self) -> bool:
-        """True unless the connection is closing or sits in a peer slot."""
-        return self.state in (ConnectionState.NEW, ConnectionState.GREETED)
 
     def idle_for(self, now: float) -> float:
         """Seconds since the connection last finished a request (0 while it answers one).
@@ -391,12 +424,13 @@ class _Handler:
                 return
 
     def _within_handshake_deadline(self) -> bool:
-        """Before hello, each wait is cut to what is left of the handshake deadline; False once it passed."""
-        if self.state is not ConnectionState.NEW:
+        """In the handshake, each wait is cut to what is left of its deadline; False once it passed."""
+        if not self.state.in_handshake:
             return True
         left = self._handshake_deadline - time.monotonic()
         if left <= 0:
-            log.info("closing %s: no hello within %g s", self.connection.peer, self.server.handshake_timeout_s)
+            log.info("closing %s: handshake not done within %g s", self.connection.peer,
+                     self.server.handshake_timeout_s)
             return False
         self.connection.idle_timeout_s = left
         return True
@@ -443,6 +477,8 @@ class _Handler:
             return self._greet(request)
         if self.state is ConnectionState.NEW:
             raise RequestFailed(ErrorCode.HELLO_REQUIRED, "send hello first")
+        if self.state is ConnectionState.CHALLENGED and not isinstance(request, protocol.Authenticate):
+            raise RequestFailed(ErrorCode.AUTH_FAILED, f"{request.TYPE} needs an authenticated peer")
         if isinstance(request, protocol.GetStatus):
             self._send_status()
         elif isinstance(request, protocol.Authenticate):
@@ -499,23 +535,21 @@ class _Handler:
             )
         if hello.role == "main":
             return self._greet_peer(hello)
+        if not self.server.take_client_slot(self):
+            raise RequestFailed(ErrorCode.BUSY, f"server busy: {self.server.max_connections} clients connected, "
+                                                "retry later")
+        self.connection.idle_timeout_s = self.server.idle_timeout_s  # handshake done: it may idle now
         if self.server.node:
             self.server.node.observe_epoch(hello.epoch, f"client {self.connection.peer}")
-        self._greeted()
         self.connection.send(self.server.welcome())
         return True
-
-    def _greeted(self) -> None:
-        """Hello said: from now on the connection waits between requests as long as ``idle_timeout_s``."""
-        if self.state is ConnectionState.NEW:
-            self.state = ConnectionState.GREETED
-            self.connection.idle_timeout_s = self.server.idle_timeout_s
 
     def _greet_peer(self, hello: protocol.Hello) -> bool:
         if not self.server.secret:
             log.warning("refused peer %s: server.secret is not set here", self.connection.peer)
             raise RequestFailed(ErrorCode.AUTH_FAILED, "peer connections need server.secret set on both servers")
-        self._greeted()
+        if self.state is ConnectionState.NEW:
+            self.state = ConnectionState.CHALLENGED  # the handshake deadline still runs: it must prove itself
         self.peer_nonce = auth.new_nonce()
         proof = auth.prove(self.server.secret, auth.SERVER_PURPOSE, hello.nonce)
         self.connection.send(self.server.welcome(self.peer_nonce, proof))
@@ -529,6 +563,7 @@ class _Handler:
         self.peer_nonce = ""
         if not self.server.take_peer_slot(self):
             raise RequestFailed(ErrorCode.BUSY, f"all {PEER_SLOTS} peer slots are taken")
+        self.connection.idle_timeout_s = self.server.idle_timeout_s
         log.info("peer %s authenticated", self.connection.peer)
         self.connection.send(protocol.Ok())
 
