@@ -135,6 +135,9 @@ class RequestServer:
     STANDBY, and carries the epoch; without one the server is always active
     at epoch 0. ``peer_handlers`` answer the peer (replication) requests of
     an authenticated main server; ``secret`` is what it must prove to know.
+    With ``epoch_secret`` (the cluster secret) the welcome carries a proof of
+    this server's epoch, and an epoch a client relays is believed only with
+    such a proof.
     ``status_extra()`` adds entries to status replies. With a ``tracker``
     it answers seeding clients' announcements and peer requests;
     ``upload_limit`` paces every chunk it sends.
@@ -157,8 +160,11 @@ class RequestServer:
         status_extra: Callable[[], dict] | None = None,
         tracker: Tracker | None = None,
         upload_limit: TokenBucket | None = None,
+        epoch_secret: str = "",
     ) -> None:
         self.source = source
+        self.epoch_secret = epoch_secret
+        self._unproven_epoch_logged = False
         self.tracker = tracker
         self.upload_limit = upload_limit or TokenBucket(0)
         self.name = name
@@ -323,11 +329,29 @@ class RequestServer:
             return True
 
     def welcome(self, nonce: str = "", proof: str = "") -> protocol.Welcome:
-        """The welcome this server gives now: its role, epoch and who is primary."""
+        """The welcome this server gives now: its role, epoch (proven while active) and who is primary."""
         node = self.node
         role, epoch, primary = (node.role.value, node.epoch, node.primary) if node else ("active", 0, "")
+        epoch_proof = auth.prove_epoch(self.epoch_secret, epoch, self.server_id) if node and role == "active" else ""
         return protocol.Welcome(protocol.PROTOCOL_VERSION, role, epoch, self.server_id, self.name, primary,
-                                nonce, proof)
+                                nonce, proof, epoch_proof)
+
+    def observe_relayed_epoch(self, hello: protocol.Hello, peer: str) -> None:
+        """Learn the epoch a client relays, if a server holding the cluster secret proved it; else ignore it.
+
+        An epoch is authority: a stranger's hello must not make this server
+        step down (or, later, promote past it). The first unproven claim is
+        logged as a warning, later ones only at debug level.
+        """
+        if self.node is None or hello.epoch <= self.node.epoch:
+            return
+        if auth.epoch_proof_ok(self.epoch_secret, hello.epoch, hello.epoch_server, hello.epoch_proof):
+            self.node.observe_epoch(hello.epoch, f"a proof from server {hello.epoch_server} relayed by {peer}")
+            return
+        level = logging.DEBUG if self._unproven_epoch_logged else logging.WARNING
+        self._unproven_epoch_logged = True
+        log.log(level, "ignored epoch %d from %s: no proof from a server of this cluster (logged once)",
+                hello.epoch, peer)
 
     # Serving one connection ----------------------------------------------------------
 
@@ -539,8 +563,7 @@ class _Handler:
             raise RequestFailed(ErrorCode.BUSY, f"server busy: {self.server.max_connections} clients connected, "
                                                 "retry later")
         self.connection.idle_timeout_s = self.server.idle_timeout_s  # handshake done: it may idle now
-        if self.server.node:
-            self.server.node.observe_epoch(hello.epoch, f"client {self.connection.peer}")
+        self.server.observe_relayed_epoch(hello, self.connection.peer)
         self.connection.send(self.server.welcome())
         return True
 

@@ -513,6 +513,9 @@ class HeartbeatAck(Message):
     role: str
     epoch: int
 
+    def validate(self) -> None:
+        _check_epoch(self.epoch)
+
 
 @dataclass(frozen=True)
 class GetInventory(Message):
@@ -616,6 +619,9 @@ class HandedOver(Message):
     TYPE = "handed_over"
     MAX_PAYLOAD = MAX_DOCUMENT_BYTES
     epoch: int
+
+    def validate(self) -> None:
+        _check_epoch(self.epoch)
 
 
 def fit_list_page(entries: list[dict]) -> list[dict]:

@@ -892,6 +892,97 @@ class TestConnectionStates:
             engine.stop()
 
 
+def hello_claiming(epoch: int, **proof: str) -> bytes:
+    """A client hello claiming ``epoch`` (with whatever proof fields are given), built by hand."""
+    return header_frame({"type": "hello", "version": PROTOCOL_VERSION, "role": "client", "epoch": epoch, **proof})
+
+
+CLUSTER_SECRET = "a cluster secret for the epoch tests"
+
+
+@pytest.fixture
+def pair_in_process(tmp_path) -> Iterator[tuple[MainServer, "BackupServer"]]:
+    """A main and a backup in this process, replicating, the main active."""
+    from minitorrent.common.launcher import free_port
+    from minitorrent.server.backup import BackupServer
+
+    backup_port = free_port()
+    settings = {"server": {"secret": CLUSTER_SECRET, "backup": {"port": backup_port, "heartbeat_interval": 0.2,
+                                                                 "heartbeat_timeout": 3}},
+                "transfer": PATIENT["transfer"]}
+    backup = BackupServer(make_config(tmp_path / "b", settings))
+    backup.start()
+    main = MainServer(make_config(tmp_path / "m", settings))
+    main.start()
+    try:
+        wait_until(lambda: main.node.is_active() and 0 < backup.node.epoch == main.node.epoch,
+                   what="the main to be active and the backup to follow it")
+        yield main, backup
+    finally:
+        main.stop()
+        backup.stop()
+
+
+class TestEpochClaims:
+    def test_one_hello_with_the_last_epoch_changes_nothing(self, served):
+        """A stranger's hello claiming epoch 2**63-1 leaves a main serving alone active at its own epoch."""
+        node = served.engine.node
+        before = (node.role.value, node.epoch, node.highest_seen_epoch)
+        with RawPeer(served.address) as peer:
+            peer.send(hello_claiming(protocol.MAX_EPOCH))
+            assert "active" == peer.expect(Welcome).role
+        assert before == (node.role.value, node.epoch, node.highest_seen_epoch)
+        still_serves(served)
+
+    def test_a_stream_of_higher_epochs_leaves_the_main_active(self, pair_in_process):
+        """Hellos claiming epoch+1 over and over (with forged proofs) never take the main off active duty."""
+        main, backup = pair_in_process
+        events: list = []
+        main.node.listeners.insert(0, events.append)
+        epoch = main.node.epoch
+        for claimed in range(epoch + 1, epoch + 21):
+            with RawPeer(main.server.address) as peer:
+                peer.send(hello_claiming(claimed, epoch_server=backup.node.server_id, epoch_proof="ab" * 32))
+                assert ("active", epoch) == (peer.expect(Welcome).role, main.node.epoch)
+                peer.send(encode_frame(CountFiles()))
+                assert FileCount(0, 0) == peer.expect(FileCount)
+        assert ([], "active", "standby") == (events, main.node.role.value, backup.node.role.value)
+
+    def test_a_replayed_proof_does_not_prove_another_epoch(self, pair_in_process):
+        """The main's real proof for its epoch, relayed with epoch+1, proves nothing."""
+        main, _ = pair_in_process
+        welcome = ServerSession.open(*main.server.address, io_timeout_s=SHORT_TIMEOUT)
+        welcome.close()
+        real = welcome.welcome
+        with RawPeer(main.server.address) as peer:
+            peer.send(hello_claiming(real.epoch + 1, epoch_server=real.server_id, epoch_proof=real.epoch_proof))
+            assert "active" == peer.expect(Welcome).role
+        assert ("active", real.epoch) == (main.node.role.value, main.node.epoch)
+
+    def test_a_standby_is_not_poisoned(self, pair_in_process):
+        """A standby backup told epoch 2**63-1 by a stranger still promotes to its own next epoch."""
+        main, backup = pair_in_process
+        epoch = backup.node.epoch
+        with RawPeer(backup.server.address) as peer:
+            peer.send(hello_claiming(protocol.MAX_EPOCH))
+            assert "standby" == peer.expect(Welcome).role
+        main.stop()  # the backup must be able to take over as usual
+        assert epoch + 1 == backup.promote_now()
+
+    def test_a_proven_epoch_is_followed(self, pair_in_process):
+        """A proof made with the cluster secret (as the backup would after a failover) makes the main step down."""
+        from minitorrent.net.remote import EpochClaim
+        from minitorrent.wire import auth
+
+        main, backup = pair_in_process
+        events: list = []
+        main.node.listeners.insert(0, events.append)
+        newer = main.node.epoch + 1
+        claim = EpochClaim(newer, backup.node.server_id, auth.prove_epoch(CLUSTER_SECRET, newer, backup.node.server_id))
+        ServerSession.open(*main.server.address, io_timeout_s=SHORT_TIMEOUT, claim=claim).close()
+        assert "standby" == events[0].role.value  # what it does next (catch up from the backup) is failover's business
+
+
 class TestStatus:
     def test_status_reports_role_and_moving_counters(self, served):
         """A status request names the "main" server and its "active" role, and its byte and request counters moved."""

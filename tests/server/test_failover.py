@@ -640,38 +640,43 @@ def _status_field(pid: int, tid: str, field: str) -> str:
     raise AssertionError(f"{field} missing from /proc/{pid}/task/{tid}/status")
 
 
-# 7. Fencing by a client's hello -----------------------------------------------------------------------------------
+# 7. Fencing by a client's hello: only a proven epoch counts ---------------------------------------------------
+
+
+def proven(epoch: int, server_id: str = "the-other-server") -> remote.EpochClaim:
+    """What a client relays after a server holding SECRET welcomed it with ``epoch``."""
+    from minitorrent.wire import auth
+
+    return remote.EpochClaim(epoch, server_id, auth.prove_epoch(SECRET, epoch, server_id))
 
 
 class TestClientHelloFencing:
     @pytest.mark.timeout(30)
-    def test_main_alone_steps_down_then_takes_a_higher_epoch(self, server_factory):
-        """A main serving alone that hears a higher epoch steps down at once, then, with no backup to defer to, takes a higher one."""
+    def test_main_alone_ignores_an_unproven_higher_epoch(self, server_factory):
+        """A main serving alone keeps its role and epoch when a client claims a higher epoch without a proof."""
         engine: MainServer = server_factory()  # no backup: active alone
         host, port = engine.server.address
         epoch = status_of((host, port))["epoch"]
         events = []
         engine.node.listeners.insert(0, events.append)
 
-        session = ServerSession.open(host, port, io_timeout_s=SHORT_TIMEOUT, epoch=epoch + 5)
-        session.close()
-        assert ["standby", "active"] == [event.role.value for event in events]
-        assert ("active", epoch + 6) == (engine.node.role.value, engine.node.epoch)
-        assert "active" == status_of((host, port))["role"]
+        claim = remote.EpochClaim(epoch + 5, "someone", "0" * 64)
+        ServerSession.open(host, port, io_timeout_s=SHORT_TIMEOUT, claim=claim).close()
+        assert ([], "active", epoch) == (events, engine.node.role.value, engine.node.epoch)
 
     @pytest.mark.timeout(30)
-    def test_promoted_backup_steps_down_on_a_higher_epoch(self, tmp_path):
-        """An active backup greeted by a client that saw a newer epoch refuses its next request."""
+    def test_promoted_backup_steps_down_on_a_proven_higher_epoch(self, tmp_path):
+        """An active backup greeted by a client relaying a proven newer epoch refuses its next request."""
         config = make_config(tmp_path / "backup", {"server": {"secret": SECRET, "backup": {
             "heartbeat_interval": 1, "heartbeat_timeout": 60}}})
         engine = BackupServer(config)
         host, port = engine.start()
         try:
             epoch = engine.promote_now()
-            client = ServerSession.open(host, port, io_timeout_s=SHORT_TIMEOUT, epoch=epoch)
-            assert "active" == client.welcome.role
+            client = ServerSession.open(host, port, io_timeout_s=SHORT_TIMEOUT)
+            assert ("active", True) == (client.welcome.role, bool(client.welcome.epoch_proof))
             client.call(protocol.ListFiles("", 0), protocol.FileList)  # served while current
-            newer = ServerSession.open(host, port, io_timeout_s=SHORT_TIMEOUT, epoch=epoch + 1)
+            newer = ServerSession.open(host, port, io_timeout_s=SHORT_TIMEOUT, claim=proven(epoch + 1))
             newer.close()
             with pytest.raises(NotActive):
                 client.call(protocol.ListFiles("", 0), protocol.FileList)  # the same connection, now refused
