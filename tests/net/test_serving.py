@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from error_handler import ConnectionFailed
 from integrity import Manifest
 from minitorrent.net.remote import ServerSession
+from minitorrent.server.backup import BackupServer
 from minitorrent.server.main import MainServer
 from minitorrent.wire import protocol
 from minitorrent.wire.protocol import (
@@ -799,7 +800,6 @@ class TestFairSlots:
         """Strangers claiming to be the peer cannot keep a full backup from its real peer: they must prove it in time."""
         from minitorrent.net.remote import ServerSession as Session
         from minitorrent.net.serving import HANDSHAKE_ROOM
-        from minitorrent.server.backup import BackupServer
 
         config = make_config(tmp_path / "backup", {"server": {"secret": "s" * 32, "backup": {
             "heartbeat_interval": 1, "heartbeat_timeout": 60}},
@@ -868,7 +868,6 @@ class TestConnectionStates:
         """A peer connection goes NEW -> GREETED -> AUTHENTICATED as it says hello and proves the secret."""
         from minitorrent.net.remote import ServerSession as Session
         from minitorrent.net.serving import ConnectionState
-        from minitorrent.server.backup import BackupServer
 
         config = make_config(tmp_path / "backup", {"server": {"secret": "s" * 32, "backup": {
             "heartbeat_interval": 1, "heartbeat_timeout": 60}}, "transfer": PATIENT["transfer"]})
@@ -901,10 +900,9 @@ CLUSTER_SECRET = "a cluster secret for the epoch tests"
 
 
 @pytest.fixture
-def pair_in_process(tmp_path) -> Iterator[tuple[MainServer, "BackupServer"]]:
+def pair_in_process(tmp_path) -> Iterator[tuple[MainServer, BackupServer]]:
     """A main and a backup in this process, replicating, the main active."""
     from minitorrent.common.launcher import free_port
-    from minitorrent.server.backup import BackupServer
 
     backup_port = free_port()
     settings = {"server": {"secret": CLUSTER_SECRET, "backup": {"port": backup_port, "heartbeat_interval": 0.2,
