@@ -439,17 +439,23 @@ class ServerClient:
     def list_files(self, search: str = "") -> list[dict]:
         """Every catalog entry matching ``search``, fetched page by page.
 
-        The first page's ``total`` bounds the listing (and ``MAX_LISTED_FILES``
-        bounds that): a server cannot keep a client fetching for ever.
+        A server's numbers do not drive the loop: each page must start where
+        asked, the first ``total`` only ever shrinks, and ``MAX_LISTED_FILES``
+        bounds it all; an empty page ends the listing. Raises
+        ``RemoteProtocolError`` for a page out of place.
         """
         entries: list[dict] = []
         total = MAX_LISTED_FILES
-        while True:
-            page = self.call(lambda s: s.call(protocol.ListFiles(search, len(entries)), protocol.FileList)).message
+        while len(entries) < total:
+            offset = len(entries)
+            page = self.call(lambda s: s.call(protocol.ListFiles(search, offset), protocol.FileList)).message
+            if page.offset != offset:
+                raise protocol.RemoteProtocolError(f"asked for entries from {offset}, got a page from {page.offset}")
             total = min(total, page.total)
-            entries.extend(page.files[: max(0, total - len(entries))])
-            if not page.files or len(entries) >= total:
-                return entries
+            if not page.files:
+                break
+            entries.extend(page.files[: total - offset])
+        return entries
 
     def manifest(self, name: str) -> Manifest:
         """The manifest of ``name``. Raises ``RemoteError`` (NOT_FOUND) if unknown."""

@@ -48,7 +48,7 @@ MAX_NAME_BYTES = 255  # what ext4 and most file systems allow for one name
 MAX_LIST_ENTRIES = 200  # entries per listing page at most; fit_list_page also keeps it under the header limit
 MAX_LIST_PAGE_BYTES = MAX_HEADER_BYTES - 4096  # room for the rest of the header
 MAX_STATUS_FILES = 100  # per-file download counts in a status reply (the most downloaded)
-MAX_CATALOG_FILES = 100_000_000  # a list offset or total beyond this is no catalog anyone keeps
+MAX_CATALOG_FILES = 10_000_000  # a list offset or total beyond this is no catalog we serve (goal: 1,000,000)
 
 
 class ErrorCode:
