@@ -27,6 +27,7 @@ from conftest import (
     ROOT,
     SHORT_TIMEOUT,
     SlowProxy,
+    run_client,
     make_config,
     make_file,
     wait_until,
@@ -549,6 +550,36 @@ class TestSplitBrain:
 
 
 # 5. Authentication ---------------------------------------------------------------------------------------------------
+
+
+class TestFrozenMainCostsLittle:
+    @pytest.mark.timeout(120)
+    def test_a_new_list_waits_at_most_heartbeat_timeout_and_a_second(self, cluster, tmp_path):
+        """With the main SIGSTOPped, a new `client.py list` (io_timeout 10 s) ends within heartbeat_timeout + 1 s
+        of the freeze, beyond what a list costs anyway (process start included, measured just before)."""
+        source = make_file(tmp_path / "src" / "alpha.bin", 300_000, seed=61)
+        heartbeat_timeout = 3.0
+        c = cluster(chunk_size=256 * 1024, heartbeat_interval=0.5, heartbeat_timeout=heartbeat_timeout)
+        main, _ = c.start_pair(add=[source])
+        c.wait_replicated({"alpha.bin": source})
+        c.wait_paired()
+        config = write_config(tmp_path / "cli", {
+            "server": {"main": {"host": "127.0.0.1", "port": c.main_port},
+                       "backup": {"host": "127.0.0.1", "port": c.backup_port}},
+            "client": {"retry_deadline": CLIENT_RETRY_DEADLINE_S, "seeding": False},
+            "transfer": {"io_timeout": 10.0}})
+        started = time.monotonic()
+        assert "alpha.bin" in run_client(config, "list").stdout
+        baseline = time.monotonic() - started
+
+        main.process.send_signal(signal.SIGSTOP)
+        c.closers.insert(0, lambda: main.process.poll() is None and main.process.send_signal(signal.SIGCONT))
+        frozen_at = time.monotonic()
+        listed = run_client(config, "list")
+        elapsed = time.monotonic() - frozen_at
+        assert (0, True) == (listed.returncode, "alpha.bin" in listed.stdout), listed.stderr
+        assert elapsed <= heartbeat_timeout + 1.0 + baseline, (
+            f"list took {elapsed:.2f} s with the main frozen (a list costs {baseline:.2f} s)")
 
 
 class TestWrongSecret:
