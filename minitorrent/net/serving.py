@@ -59,6 +59,7 @@ log = logging.getLogger(__name__)
 BUSY_REPLY_TIMEOUT_S = 1.0  # a turned-away client gets this long to read "busy"
 ACCEPT_RETRY_S = 0.1  # pause after a failed accept()
 SHED_IDLE_AFTER_S = 1.0  # a connection idle this long may give its slot to a newcomer (a stream never is)
+MAX_LINGERING_TURNED_AWAY = 32  # turned-away connections closed gently at once (beyond: closed at once)
 
 
 class ConnectionState(enum.Enum):
@@ -186,6 +187,7 @@ class RequestServer:
         self._handlers: dict[threading.Thread, _Handler] = {}
         self._accept_thread: threading.Thread | None = None
         self._stopping = threading.Event()
+        self._lingering = threading.BoundedSemaphore(MAX_LINGERING_TURNED_AWAY)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -312,7 +314,30 @@ class RequestServer:
         except ConnectionClosed:
             pass
         self.metrics.request_done(ok=False)
-        connection.close_lingering()
+        self._close_gently(connection)
+
+    def _close_gently(self, connection: Connection) -> None:
+        """Lingering close off the accepting thread (a peer that never closes must not stall accepts).
+
+        At most ``MAX_LINGERING_TURNED_AWAY`` at a time; past that the
+        connection is closed at once (its BUSY may then be lost to a reset,
+        which the client treats as busy too).
+        """
+        if not self._lingering.acquire(blocking=False):
+            connection.close()
+            return
+
+        def linger() -> None:
+            try:
+                connection.close_lingering()
+            finally:
+                self._lingering.release()
+
+        try:
+            threading.Thread(target=linger, name=f"{self.name}-turned-away", daemon=True).start()
+        except RuntimeError:  # no more threads
+            self._lingering.release()
+            connection.close()
 
     def connection_states(self) -> list[ConnectionState]:
         """The state of every open connection (for status and tests); any thread."""
