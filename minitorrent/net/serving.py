@@ -59,6 +59,7 @@ log = logging.getLogger(__name__)
 BUSY_REPLY_TIMEOUT_S = 1.0  # a turned-away client gets this long to read "busy"
 ACCEPT_RETRY_S = 0.1  # pause after a failed accept()
 SHED_IDLE_AFTER_S = 1.0  # a connection idle this long may give its slot to a newcomer (a stream never is)
+HELLO_WAIT_S = 2.0  # a hello finding every client slot busy waits this long for one before BUSY
 MAX_LINGERING_TURNED_AWAY = 32  # turned-away connections closed gently at once (beyond: closed at once)
 
 
@@ -180,10 +181,12 @@ class RequestServer:
         self.io_timeout_s = io_timeout_s
         self.handshake_timeout_s = min(io_timeout_s, idle_timeout_s)
         self.shed_idle_after_s = SHED_IDLE_AFTER_S
+        self.hello_wait_s = HELLO_WAIT_S
         self._requested_address = (host, port)
         self._listener: socket.socket | None = None
         self._wakeup_r, self._wakeup_w = socket.socketpair()
         self._lock = threading.Lock()
+        self._slot_freed = threading.Condition(self._lock)  # a client slot was given back
         self._handlers: dict[threading.Thread, _Handler] = {}
         self._accept_thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -298,12 +301,29 @@ class RequestServer:
         return True
 
     def take_client_slot(self, handler: _Handler) -> bool:
-        """Make a client's connection GREETED if a client slot is (or can be made) free."""
-        with self._lock:
-            if handler.state is not ConnectionState.NEW or not self._take_place(handler.source, ConnectionState.GREETED):
-                return handler.state is ConnectionState.GREETED
-            handler.state = ConnectionState.GREETED
-            return True
+        """Make a client's connection GREETED once a client slot is (or can be made) free.
+
+        A hello finding every slot busy waits up to ``hello_wait_s`` for one to
+        be given back, so that in a crowd the next free slot goes to a
+        connection already waiting, and BUSY (and a client's retry at random)
+        stays the exception. False if none came free in time.
+        """
+        deadline = time.monotonic() + self.hello_wait_s
+        with self._slot_freed:
+            while handler.state is ConnectionState.NEW:
+                if self._take_place(handler.source, ConnectionState.GREETED):
+                    handler.state = ConnectionState.GREETED
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0 or self._stopping.is_set():
+                    break
+                self._slot_freed.wait(left)
+            return handler.state is ConnectionState.GREETED
+
+    def slot_freed(self) -> None:
+        """Wake the hellos waiting for a client slot (a connection is closing). Not under ``_lock``."""
+        with self._slot_freed:
+            self._slot_freed.notify_all()
 
     def turn_away(self, connection: Connection) -> None:
         """Tell a connection the server is busy, and close it."""
@@ -487,6 +507,7 @@ class _Handler:
     def finish(self) -> None:
         """Release the connection's resources and settle its byte counters."""
         self.state = ConnectionState.CLOSING
+        self.server.slot_freed()
         self._count_bytes()
         if self._open_file:
             self._open_file[1].close()

@@ -666,6 +666,7 @@ class TestTimeoutsAndLimits:
         """With max_connections 2, a third connection gets BUSY and is closed; once one leaves, a new one is served."""
         served = start_served({"transfer": {**PATIENT["transfer"], "max_connections": 2}})
         served.engine.server.shed_idle_after_s = SHORT_TIMEOUT  # the held sessions count as busy here
+        served.engine.server.hello_wait_s = 0.1  # a hello waits for a slot only briefly
         wait_until(lambda: no_connections(served), what="the fixture's session to be released")
         first = ServerSession.open(*served.address, io_timeout_s=SHORT_TIMEOUT)
         second = ServerSession.open(*served.address, io_timeout_s=SHORT_TIMEOUT)
@@ -695,6 +696,7 @@ class TestTimeoutsAndLimits:
         """A turned-away connection does not take a slot: the held sessions keep their places."""
         served = start_served({"transfer": {**PATIENT["transfer"], "max_connections": 1}})
         served.engine.server.shed_idle_after_s = SHORT_TIMEOUT  # the held session counts as busy here
+        served.engine.server.hello_wait_s = 0.1  # a hello waits for a slot only briefly
         wait_until(lambda: no_connections(served), what="the fixture's session to be released")
         held = ServerSession.open(*served.address, io_timeout_s=SHORT_TIMEOUT)
         try:
@@ -772,6 +774,17 @@ class TestFairSlots:
             assert elapsed <= served.engine.server.shed_idle_after_s + TIMING_SLACK_S, f"served after {elapsed:.2f} s"
         finally:
             hogs.close()
+
+    def test_a_hello_waits_briefly_for_a_slot_given_back(self, start_served):
+        """A hello finding the only slot taken gets it, not BUSY, when its holder leaves within hello_wait_s."""
+        served = start_served({"transfer": {**PATIENT["transfer"], "max_connections": 1}})
+        served.engine.server.shed_idle_after_s = SHORT_TIMEOUT  # the holder is not shed: it must leave
+        wait_until(lambda: no_connections(served), what="the fixture's session to be released")
+        holder = ServerSession.open(*served.address, io_timeout_s=SHORT_TIMEOUT)
+        threading.Timer(0.3, holder.close).start()
+        with RawPeer(served.address) as waiting:
+            waiting.send(HELLO)
+            assert "active" == waiting.expect(Welcome).role
 
     def test_connections_answering_a_request_are_never_shed(self):
         """choose_idle_victim passes over connections in a request, and prefers the biggest holder's oldest idle one."""
