@@ -368,12 +368,6 @@ class ServerClient:
         self._active: ConnectionPool | None = None
         self._lock = threading.Lock()
 
-    @property
-    def known_epoch(self) -> int:
-        """The highest epoch seen in a welcome (proven or not)."""
-        with self._lock:
-            return max(self.claim.epoch, self.current.epoch if self.current else 0)
-
     def close(self) -> None:
         """Close pooled connections."""
         for pool in self.pools:

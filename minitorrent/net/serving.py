@@ -14,7 +14,7 @@ connections); a handler only keeps what belongs to its connection, its
 Slots. A greeted client takes one of ``max_connections`` client slots; the
 peer server's connections take one of ``PEER_SLOTS`` once they
 authenticate (never before: anyone can claim to be the peer). Connections
-still in their handshake get ``HANDSHAKE_ROOM`` places beyond the client
+still in their handshake get ``handshake_room`` places beyond the client
 slots, and must finish it (a client's hello, or a peer's proof) within
 ``handshake_timeout_s`` of connecting, however they trickle bytes or
 whatever else they send meanwhile. When the places are full, a newcomer is
@@ -59,7 +59,8 @@ log = logging.getLogger(__name__)
 BUSY_REPLY_TIMEOUT_S = 1.0  # a turned-away client gets this long to read "busy"
 ACCEPT_RETRY_S = 0.1  # pause after a failed accept()
 SHED_IDLE_AFTER_S = 1.0  # a connection idle this long may give its slot to a newcomer (a stream never is)
-HELLO_WAIT_S = 2.0  # a hello finding every client slot busy waits this long for one before BUSY
+HELLO_WAIT_S = 5.0  # a hello finding every client slot busy waits up to this (and half the handshake deadline)
+SLOT_RECHECK_S = 0.25  # a waiting hello looks again this often for a connection idle long enough to shed
 MAX_LINGERING_TURNED_AWAY = 32  # turned-away connections closed gently at once (beyond: closed at once)
 
 
@@ -127,7 +128,6 @@ class FileSource(Protocol):
 
 PeerHandler = Callable[["_Handler", Frame], None]
 PEER_SLOTS = 4  # authenticated peer connections, beyond max_connections: a full server still hears its peer
-HANDSHAKE_ROOM = PEER_SLOTS  # connections in their handshake beyond the clients' (the peer must get in to prove itself)
 
 
 class RequestServer:
@@ -181,7 +181,10 @@ class RequestServer:
         self.io_timeout_s = io_timeout_s
         self.handshake_timeout_s = min(io_timeout_s, idle_timeout_s)
         self.shed_idle_after_s = SHED_IDLE_AFTER_S
-        self.hello_wait_s = HELLO_WAIT_S
+        self.hello_wait_s = min(HELLO_WAIT_S, self.handshake_timeout_s / 2)  # the client's hello waits io_timeout
+        # Connections in their handshake beyond the clients': the peer must get in to prove itself, and in a
+        # crowd as many hellos may wait for a slot as there are slots.
+        self.handshake_room = max(PEER_SLOTS, max_connections)
         self._requested_address = (host, port)
         self._listener: socket.socket | None = None
         self._wakeup_r, self._wakeup_w = socket.socketpair()
@@ -281,7 +284,7 @@ class RequestServer:
         """True if there is room for a connection from ``source`` becoming ``becoming``, shedding one if need be.
 
         ``NEW`` (a connection just accepted) competes with everything but the
-        authenticated peer for ``max_connections + HANDSHAKE_ROOM`` places;
+        authenticated peer for ``max_connections + handshake_room`` places;
         ``GREETED`` (a client's hello) with the other clients for the
         ``max_connections`` slots. Called under ``_lock``.
         """
@@ -289,7 +292,7 @@ class RequestServer:
             holders, room = [h for h in self._handlers.values() if h.state is ConnectionState.GREETED], 0
         else:
             holders = [h for h in self._handlers.values() if h.state.in_handshake or h.state is ConnectionState.GREETED]
-            room = HANDSHAKE_ROOM
+            room = self.handshake_room
         if len(holders) < self.max_connections + room:
             return True
         victim = choose_idle_victim(holders, source, time.monotonic(), self.shed_idle_after_s)
@@ -317,7 +320,7 @@ class RequestServer:
                 left = deadline - time.monotonic()
                 if left <= 0 or self._stopping.is_set():
                     break
-                self._slot_freed.wait(left)
+                self._slot_freed.wait(min(left, SLOT_RECHECK_S))  # meanwhile a holder may have idled long enough
             return handler.state is ConnectionState.GREETED
 
     def slot_freed(self) -> None:

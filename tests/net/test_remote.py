@@ -215,7 +215,7 @@ class TestEpochRelay:
         client = client_for(unproven)
         try:
             client.status()
-            assert (remote.NO_CLAIM, 7) == (client.claim, client.known_epoch)
+            assert (remote.NO_CLAIM, 7) == (client.claim, client.current.epoch)
         finally:
             client.close()
 

@@ -812,7 +812,6 @@ class TestFairSlots:
     def test_peer_slots_are_given_only_after_authentication(self, tmp_path):
         """Strangers claiming to be the peer cannot keep a full backup from its real peer: they must prove it in time."""
         from minitorrent.net.remote import ServerSession as Session
-        from minitorrent.net.serving import HANDSHAKE_ROOM
 
         config = make_config(tmp_path / "backup", {"server": {"secret": "s" * 32, "backup": {
             "heartbeat_interval": 1, "heartbeat_timeout": 60}},
@@ -821,7 +820,7 @@ class TestFairSlots:
         address = engine.start()
         engine.server.shed_idle_after_s = SHORT_TIMEOUT  # nothing is shed for being idle here
         holders = [ServerSession.open(*address, io_timeout_s=SHORT_TIMEOUT) for _ in range(2)]
-        claims = [RawPeer(address) for _ in range(HANDSHAKE_ROOM)]
+        claims = [RawPeer(address) for _ in range(engine.server.handshake_room)]
         try:
             for claim in claims:
                 claim.send(encode_frame(Hello(PROTOCOL_VERSION, "main", "x", 0, "n" * 32)))
@@ -839,7 +838,7 @@ class TestFairSlots:
             assert elapsed <= IO_TIMEOUT_S + TIMING_SLACK_S, f"the peer got in after {elapsed:.2f} s"
             for claim in claims:
                 claim.read_until_closed()
-            assert [True] * HANDSHAKE_ROOM == [claim.closed_by_server for claim in claims]
+            assert [True] * len(claims) == [claim.closed_by_server for claim in claims]
             assert "inventory_info" == peer.call(protocol.GetInventory(), protocol.Inventory).message.TYPE
             assert ["backup"] * 2 == [h.call(GetStatus(), StatusInfo).message.metrics["server"] for h in holders]
             peer.close()
