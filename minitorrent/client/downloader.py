@@ -290,7 +290,8 @@ class _Job:
     def _fetch_all(self, fd: int, state: DownloadState) -> None:
         if self.board.finished:
             return
-        for n in range(STREAMS_PER_DOWNLOAD):
+        # A second stream for a single missing chunk would only hold a server slot another client needs.
+        for n in range(min(STREAMS_PER_DOWNLOAD, self.board.remaining())):
             self._spawn(self._server_stream, (fd, state), f"get-{self.name[:16]}-server{n}")
         next_refresh = time.monotonic()
         try:
