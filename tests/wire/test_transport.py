@@ -236,3 +236,25 @@ class TestLingeringClose:
             theirs.close()
             closer.join()
             assert encode_frame(Ok()) == received
+
+    def test_lingering_is_bounded_when_the_peer_never_closes(self, pair):
+        """A peer that neither closes nor stops sending cannot hold close_lingering past LINGER_S."""
+        connection, peer = pair
+        stop = threading.Event()
+
+        def flood() -> None:
+            while not stop.is_set():
+                try:
+                    peer.sendall(b"y" * 65536)
+                except OSError:
+                    return
+
+        flooder = threading.Thread(target=flood, daemon=True)
+        flooder.start()
+        started = time.monotonic()
+        connection.close_lingering()
+        elapsed = time.monotonic() - started
+        stop.set()
+        peer.close()
+        flooder.join()
+        assert elapsed <= transport.LINGER_S + TIMING_SLACK_S, f"lingered {elapsed:.2f} s"
