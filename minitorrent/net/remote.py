@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import operator
 import threading
 from typing import Callable, Iterator, TypeVar
 
@@ -318,13 +319,10 @@ class ServerClient:
             return None
 
     def list_files(self, search: str = "") -> list[dict]:
-        """Every catalog entry matching ``search``, fetched page by page."""
-        entries: list[dict] = []
-        while True:
-            page = self.call(lambda s: s.call(protocol.ListFiles(search, len(entries)), protocol.FileList)).message
-            entries.extend(page.files)
-            if not page.files or len(entries) >= page.total:
-                return entries
+        """Every catalog entry matching ``search``, by name, fetched in cursor pages (see ``Listing``)."""
+        listing = Listing(search)
+        self.call(listing.fetch)
+        return listing.entries
 
     def manifest(self, name: str) -> Manifest:
         """The manifest of ``name``. Raises ``RemoteError`` (NOT_FOUND) if unknown."""
@@ -350,3 +348,68 @@ class ServerClient:
     def report_downloaded(self, name: str, sha256: str) -> None:
         """Tell the server a download finished (it counts downloads per file)."""
         self.call(lambda s: s.call(protocol.ReportDownloaded(name, sha256), protocol.Ok))
+
+
+class Listing:
+    """A listing fetched in cursor pages; after a failure, ``fetch`` goes on from the last page taken.
+
+    Nothing the server sends can make it loop or grow without end: every
+    page must go on, in strictly increasing name order, from the entries
+    before it, and a listing holds at most ``protocol.MAX_LIST_TOTAL`` entries.
+    """
+
+    def __init__(self, search: str) -> None:
+        self.search = search
+        self.entries: list[dict] = []
+        self.cursor = ""  # where the next page starts: the last page's ``next``
+
+    def fetch(self, session: ServerSession) -> None:
+        """Fetch the remaining pages over ``session`` (one thread at a time).
+
+        Each page is asked for as soon as the one before it arrives, before
+        that one is decoded, so the server reads a page while we decode the last.
+        """
+        session.connection.send(self._request(self.cursor))
+        while True:
+            frame = session.receive(protocol.FileList)
+            page = frame.message
+            if not frame.payload:  # a server that pages by offset (protocol 1's paging)
+                self._fetch_offset_pages(session, page)
+                return
+            session.reusable = not page.next  # not while the next page's reply is on its way
+            if page.next:
+                session.connection.send(self._request(page.next))
+            self._take(protocol.decode_list_page(frame.payload), page.next)
+            if not page.next:
+                return
+
+    def _request(self, cursor: str) -> protocol.ListFiles:
+        return protocol.ListFiles(self.search, cursor=cursor, limit=protocol.MAX_LIST_PAGE_ENTRIES)
+
+    def _take(self, entries: list[dict], following: str) -> None:
+        """Add a page's entries, checked to go on in order; then move the cursor on."""
+        names = list(map(operator.itemgetter("name"), entries))  # C loops: a page is 5,000 entries
+        before = [self.entries[-1]["name"] if self.entries else ""] + names
+        if not all(map(operator.lt, before, names)):
+            raise protocol.RemoteProtocolError("listing page repeats or goes back: names must only increase")
+        if following and not entries:
+            raise protocol.RemoteProtocolError("listing page is empty but says more follow")
+        self._check_size(len(self.entries) + len(entries))
+        self.entries += entries
+        self.cursor = following
+
+    def _fetch_offset_pages(self, session: ServerSession, page: protocol.FileList) -> None:
+        """The whole listing from an older server, by offset; taken all at once, so a retry starts over."""
+        entries: list[dict] = []
+        while True:
+            entries += page.files
+            self._check_size(len(entries))
+            if not page.files or len(entries) >= page.total:
+                self.entries = entries
+                return
+            page = session.call(protocol.ListFiles(self.search, len(entries)), protocol.FileList).message
+
+    @staticmethod
+    def _check_size(count: int) -> None:
+        if count > protocol.MAX_LIST_TOTAL:
+            raise protocol.RemoteProtocolError(f"listing has over {protocol.MAX_LIST_TOTAL} entries")
