@@ -9,6 +9,7 @@ import unicodedata
 
 import pytest
 
+import database
 from database import LISTING_KEYS, ClientStore, ServerStore, SQLiteStore, _fold
 from error_handler import CatalogError
 from integrity import Manifest, build_manifest
@@ -361,6 +362,13 @@ class TestListJson:
                      "downloads": r.downloads, "added_at": r.added_at} for r in server.list_after(None, "B", 10)]
         assert (expected, 4, 'q"uote\\.txt') == (json.loads(entries), count, last)
         assert ([0, 0, 1, 0], list(LISTING_KEYS)) == ([e["downloads"] for e in expected], list(json.loads(entries)[0]))
+
+    @pytest.mark.parametrize("text", ["file", "FILE 01", "0.b", "e"])
+    def test_both_ways_to_read_a_search_page_agree(self, server, text):
+        """A search page read through the trigram index and one read by walking the names are the same."""
+        add_names(server, [f"file {i:03d}.bin" for i in range(60)] + ["other.txt"])
+        assert server.list_json(text, "file 010.bin", 7) == server.list_json(
+            text, "file 010.bin", 7, matches=database.LOOKUP_MAX_MATCHES + 1)
 
     def test_empty_page(self, server):
         """A page past the end is an empty array with no last name."""

@@ -100,7 +100,7 @@ class SeedSource:
                     "sha256": h.manifest.sha256, "downloads": 0, "added_at": 0.0} for h in matches[offset:end]]
         return entries, len(matches)
 
-    def list_page(self, search: str, after: str, limit: int) -> ListingPage:
+    def list_page(self, search: str, after: str, limit: int, matches: int) -> ListingPage:
         """The whole files held whose names sort after ``after``: at most ``limit``, for a cursor page."""
         entries, _ = self.list_files(search)
         page = [entry for entry in entries if entry["name"] > after][:limit]

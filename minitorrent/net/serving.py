@@ -87,8 +87,11 @@ class FileSource(Protocol):
     def list_files(self, search: str, offset: int = 0, limit: int | None = None) -> tuple[list[dict], int]:
         """A page of the entries whose names contain ``search`` (any case), by name, and how many match."""
 
-    def list_page(self, search: str, after: str, limit: int) -> ListingPage:
-        """Up to ``limit`` entries whose names contain ``search`` and sort after ``after``, by name."""
+    def list_page(self, search: str, after: str, limit: int, matches: int) -> ListingPage:
+        """Up to ``limit`` entries whose names contain ``search`` and sort after ``after``, by name.
+
+        ``matches`` is how many names matched when the listing began (a hint).
+        """
 
     def count_matching(self, search: str) -> int:
         """How many names contain ``search`` (any case); all of them for ""."""
@@ -530,16 +533,14 @@ def _shutdown(sock: socket.socket) -> None:
 def cursor_page(source: FileSource, request: protocol.ListFiles) -> tuple[protocol.FileList, bytes]:
     """The reply to a ``list`` with a ``limit``: a cursor page, and its entries as payload.
 
-    Matches are counted once per listing, on its first page, and only when
-    that page is full (else they are the page); later pages take the total
-    from their cursor. Keyset paging: a page starts after the cursor's name,
-    so its cost does not grow with the pages before it.
+    Matches are counted once per listing, on its first page; later pages
+    take the total from their cursor. Keyset paging: a page starts after the
+    cursor's name, so its cost does not grow with the pages before it.
     """
     total, after = protocol.parse_cursor(request.cursor)
-    limit = min(request.limit, protocol.MAX_LIST_PAGE_ENTRIES)
-    page = source.list_page(request.search, after, limit)
     if not after:
-        counted = page.count if page.count < limit else source.count_matching(request.search)
-        total = min(counted, protocol.MAX_LIST_TOTAL)
+        total = min(source.count_matching(request.search), protocol.MAX_LIST_TOTAL)
+    limit = min(request.limit, protocol.MAX_LIST_PAGE_ENTRIES)
+    page = source.list_page(request.search, after, limit, total)
     following = protocol.make_cursor(total, page.last_name) if page.count == limit else ""
     return protocol.FileList(files=[], total=total, next=following), page.entries_json.encode()

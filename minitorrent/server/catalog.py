@@ -278,9 +278,9 @@ class Catalog:
         records = self.db.list_files(search or None, offset, limit)
         return [_entry(record) for record in records], self.db.count_matching(search or None)
 
-    def list_page(self, search: str, after: str, limit: int) -> ListingPage:
+    def list_page(self, search: str, after: str, limit: int, matches: int) -> ListingPage:
         """Up to ``limit`` entries whose names contain ``search`` and sort after ``after``, encoded by SQLite."""
-        return ListingPage(*self.db.list_json(search or None, after, limit))
+        return ListingPage(*self.db.list_json(search or None, after, limit, matches))
 
     def count_matching(self, search: str) -> int:
         """How many names contain ``search`` (any case); every name for ""."""

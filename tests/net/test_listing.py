@@ -44,8 +44,8 @@ class CountingSource:
         self.between_pages = between_pages
         self.counts = 0
 
-    def list_page(self, search: str, after: str, limit: int) -> ListingPage:
-        page = self.catalog.list_page(search, after, limit)
+    def list_page(self, search: str, after: str, limit: int, matches: int) -> ListingPage:
+        page = self.catalog.list_page(search, after, limit, matches)
         if page.count == limit:  # another page follows: change the catalog before it is asked for
             self.between_pages([entry["name"] for entry in json.loads(page.entries_json)])
         return page
@@ -164,9 +164,9 @@ class TestFailover:
         calls = 0
 
         class Recording(CountingSource):
-            def list_page(self, search: str, after: str, limit: int) -> ListingPage:
+            def list_page(self, search: str, after: str, limit: int, matches: int) -> ListingPage:
                 asked_of_backup.append(after)
-                return super().list_page(search, after, limit)
+                return super().list_page(search, after, limit, matches)
 
         def cut_on_third_page(page: list[str]) -> None:
             nonlocal calls
@@ -195,12 +195,12 @@ class TestCounting:
         pages = raw_pages(serve(source), "", limit=3)
         assert (7, 1, [20] * 7, "") == (len(pages), source.counts, [page.total for page in pages], pages[-1].next)
 
-    def test_one_page_listing_needs_no_count(self, catalog, serve):
-        """A listing that fits in its first page takes its total from the page: no count at all."""
+    def test_one_page_listing_counts_once(self, catalog, serve):
+        """A search that fits in its first page is counted once too, and its total is the page's size."""
         add_names(catalog, NAMES)
         source = CountingSource(catalog)
         pages = raw_pages(serve(source), "0.bin", limit=100)
-        assert ([4], 0) == ([page.total for page in pages], source.counts)
+        assert ([4], 1) == ([page.total for page in pages], source.counts)
 
     def test_offset_paging_still_served(self, catalog, serve):
         """A request without a limit (protocol 1's paging) still gets entries in the header, by offset."""
@@ -233,7 +233,7 @@ class LyingSource:
     def __init__(self, names_of: Callable[[str], list[str]]) -> None:
         self.names_of = names_of
 
-    def list_page(self, search: str, after: str, limit: int) -> ListingPage:
+    def list_page(self, search: str, after: str, limit: int, matches: int) -> ListingPage:
         names = self.names_of(after)
         entries = [{"name": name, "size": 1, "chunks": 1, "sha256": SHA, "downloads": 0, "added_at": 0} for name in names]
         return ListingPage(json.dumps(entries), limit, "x" if not names else names[-1])
