@@ -16,7 +16,9 @@ Adding follows one rule that loses nothing:
 
 An import copies the file into the store while hashing it (one read), fsyncs
 it, and renames it into place before the catalog row is written: a crash at
-any moment leaves either nothing or a complete file behind.
+any moment leaves either nothing or a complete file behind. Many files go in
+batches (``add_files``): copies, one round of fsyncs, renames, one folder
+fsync, one transaction.
 """
 from __future__ import annotations
 
@@ -62,7 +64,7 @@ class Catalog:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         self.db = ServerStore(self.data_dir / "catalog.db")
         self.origin = self.db.server_id()  # whose download counter this catalog increments
-        self._lock = threading.Lock()  # see add_file
+        self._lock = threading.Lock()  # see _commit_imports
         self._remove_leftover_temp_files()
 
     def close(self) -> None:
