@@ -225,11 +225,11 @@ def bench_size(folder: Path, files: int, args: argparse.Namespace, before_tree: 
     finally:
         for _, server in servers.values():
             stop_process(server.process)
-    report_size(files, servers, results)
+    report_size(files, servers, results, args.rounds)
 
 
-def report_size(files: int, servers: dict, results: Results) -> None:
-    print(f"medians of {len(results.loads)} listings each; loads seen: {', '.join(sorted(set(results.loads)))}")
+def report_size(files: int, servers: dict, results: Results, rounds: int) -> None:
+    print(f"medians of {rounds} listings each; loads seen: {', '.join(sorted(set(results.loads)))}")
     for label in SEARCHES:
         cells = []
         for code in ("before", "after"):

@@ -257,7 +257,7 @@ class ListFiles(Message):
     limit: int = 0
 
     def validate(self) -> None:
-        _require(self.offset >= 0, "offset must not be negative", ErrorCode.OUT_OF_RANGE)
+        _require(0 <= self.offset <= MAX_LIST_TOTAL, f"offset must be in 0..{MAX_LIST_TOTAL}", ErrorCode.OUT_OF_RANGE)
         _require(self.limit >= 0, "limit must not be negative", ErrorCode.OUT_OF_RANGE)
         parse_cursor(self.cursor)
 

@@ -476,9 +476,10 @@ class TestListingCursor:
         error = error_from(json_frame({"type": "list", "cursor": cursor, "limit": 10}))
         assert (code, True) == (error.code, error.recoverable)
 
-    def test_negative_limit_refused(self):
-        """A negative page limit is OUT_OF_RANGE."""
-        error = error_from(json_frame({"type": "list", "limit": -1}))
+    @pytest.mark.parametrize("fields", [{"limit": -1}, {"offset": protocol.MAX_LIST_TOTAL + 1}, {"offset": 2**64}])
+    def test_page_numbers_out_of_range_refused(self, fields):
+        """A negative limit, or an offset past MAX_LIST_TOTAL (SQLite takes no integer over 2**63), is OUT_OF_RANGE."""
+        error = error_from(json_frame({"type": "list", **fields}))
         assert (ErrorCode.OUT_OF_RANGE, True) == (error.code, error.recoverable)
 
     @pytest.mark.parametrize("fields, code", [
