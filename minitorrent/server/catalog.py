@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import threading
 import time
 import uuid
@@ -138,8 +139,10 @@ class Catalog:
 
     def has_blob(self, sha256: str, size: int) -> bool:
         """True if the bytes of that content are stored complete."""
-        blob = self._blob(sha256)
-        return blob.exists() and blob.stat().st_size == size
+        try:
+            return os.stat(self._blob(sha256)).st_size == size  # one stat: --add calls this per file
+        except FileNotFoundError:
+            return False
 
     def install_blob(self, path: Path, manifest: Manifest) -> None:
         """Move a verified file into the store as the blob of ``manifest``."""
@@ -175,10 +178,7 @@ class Catalog:
         source = Path(path)
         try:
             name = _catalog_name(source)
-            if not source.exists():
-                raise CatalogError(f"{source}: no such file")
-            if not source.is_file():
-                raise CatalogError(f"{source}: not a regular file")
+            _check_regular_file(source)
             manifest, temp = self._copy_to_temp(source, on_progress)
         except CatalogError as error:
             return _Import(path, error=error)
@@ -361,6 +361,18 @@ def numbered_name(name: str, number: int) -> str:
     if not stem:  # no dot, or a dot-file such as ".bashrc"
         return f"{name} ({number})"
     return f"{stem} ({number}){dot}{suffix}"
+
+
+def _check_regular_file(source: Path) -> None:
+    """Raise ``CatalogError`` unless ``source`` is a regular file (one stat: --add calls this per file)."""
+    try:
+        mode = os.stat(source).st_mode
+    except FileNotFoundError:
+        raise CatalogError(f"{source}: no such file") from None
+    except OSError as error:
+        raise CatalogError(f"{source}: cannot import: {error.strerror or error}") from error
+    if not stat.S_ISREG(mode):
+        raise CatalogError(f"{source}: not a regular file")
 
 
 def _catalog_name(source: Path) -> str:
