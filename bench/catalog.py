@@ -81,9 +81,9 @@ client = ServerClient([(host, port)], io_timeout_s=600, pool_size=2, retry_deadl
 client.count()  # open the pooled connection first: the timings are of listing, not of connecting
 result = {}
 for search in searches:
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     count = len(client.list_files(search))
-    result[search] = [time.perf_counter() - started, count]
+    result[search] = [time.perf_counter() - started, count, time.process_time() - cpu]
 client.close()
 print(json.dumps(result))
 """
@@ -166,13 +166,26 @@ def server_config(folder: Path) -> Path:
     })
 
 
-def time_listings(tree: Path, address: tuple[str, int]) -> dict[str, tuple[float, int]]:
-    """One round: seconds and entries per search, listed by ``tree``'s client."""
-    run = subprocess.run([sys.executable, "-c", LISTER, str(tree), address[0], str(address[1]),
-                          json.dumps(list(SEARCHES.values()))], capture_output=True, text=True)
-    if run.returncode:
-        raise BenchError(f"lister failed: {run.stderr.strip()[-500:]}")
-    return json.loads(run.stdout)
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a running process has used (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def time_listings(tree: Path, server) -> dict[str, list]:
+    """One round: per search, [seconds, entries, client CPU-s, server CPU-s], by ``tree``'s client.
+
+    One client process per search, so the server's CPU time can be read around each.
+    """
+    result = {}
+    for text in SEARCHES.values():
+        before = cpu_seconds(server.process.pid)
+        run = subprocess.run([sys.executable, "-c", LISTER, str(tree), *map(str, server.address),
+                              json.dumps([text])], capture_output=True, text=True)
+        if run.returncode:
+            raise BenchError(f"lister failed: {run.stderr.strip()[-500:]}")
+        result[text] = json.loads(run.stdout)[text] + [cpu_seconds(server.process.pid) - before]
+    return result
 
 
 class Results:
@@ -180,20 +193,29 @@ class Results:
 
     def __init__(self) -> None:
         self.times: dict[tuple[str, str], list[float]] = {}
+        self.cpu: dict[tuple[str, str], list[tuple[float, float]]] = {}  # (client, server) CPU-s
         self.loads: list[str] = []
         self.misses = 0
 
     def record(self, code: str, timings: dict, expected: dict[str, int]) -> None:
         for label, text in SEARCHES.items():
-            seconds, count = timings[text]
+            seconds, count, client_cpu, server_cpu = timings[text]
             if count != expected[text]:
                 raise BenchError(f"{code}: {label} search gave {count} entries, expected {expected[text]}")
             self.times.setdefault((code, label), []).append(seconds)
+            self.cpu.setdefault((code, label), []).append((client_cpu, server_cpu))
         self.loads.append(load())
 
     def median(self, code: str, label: str) -> float | None:
         times = self.times.get((code, label))
         return statistics.median(times) if times else None
+
+    def median_cpu(self, code: str, label: str) -> str:
+        """Median client and server CPU time: what load on a shared machine changes least."""
+        cpu = self.cpu.get((code, label))
+        if not cpu:
+            return ""
+        return "cpu %.0f+%.0f ms" % tuple(statistics.median(c[i] for c in cpu) * 1000 for i in (0, 1))
 
     def judge(self, seconds: float, target: float | None) -> str:
         if target is None:
@@ -221,7 +243,7 @@ def bench_size(folder: Path, files: int, args: argparse.Namespace, before_tree: 
             order = sorted(servers, reverse=bool(round_ % 2))  # alternate which code goes first
             for code in order:
                 tree, server = servers[code]
-                results.record(code, time_listings(tree, server.address), expected)
+                results.record(code, time_listings(tree, server), expected)
     finally:
         for _, server in servers.values():
             stop_process(server.process)
@@ -234,13 +256,15 @@ def report_size(files: int, servers: dict, results: Results, rounds: int) -> Non
         cells = []
         for code in ("before", "after"):
             seconds = results.median(code, label) if code in servers else None
-            cells.append(f"{code} {seconds * 1000:9.1f} ms" if seconds is not None else f"{code} {'-':>12}")
+            cells.append(f"{code} {seconds * 1000:9.1f} ms ({results.median_cpu(code, label):>19})"
+                         if seconds is not None else f"{code} {'-':>34}")
         after = results.median("after", label)
         target = LIST_TARGETS_S.get(files) if label == "all" else (SEARCH_TARGET_S if files >= 1_000_000
                                                                    and label in ("~1%", "none") else None)
         print(f"  {label:5} {'  '.join(cells)}  {results.judge(after, target)}", flush=True)
     results.loads.clear()
     results.times.clear()
+    results.cpu.clear()
 
 
 # Adding ---------------------------------------------------------------------------------------
@@ -263,32 +287,32 @@ def time_add(tree: Path, folder: Path, sources: Path, names: list[str]) -> tuple
     adding = subprocess.Popen([sys.executable, str(tree / "main_server.py"), "--config", str(config),
                                "--headless", "--add", *names], cwd=sources, stdout=subprocess.PIPE,
                               stderr=subprocess.DEVNULL, text=True, encoding="utf-8")
-    added, seconds = 0, None
+    added, seconds, cpu = 0, None, 0.0
     try:
         for line in adding.stdout:
             added += line.startswith("added: ")
             if "listening on" in line:
-                seconds = time.perf_counter() - started
+                seconds, cpu = time.perf_counter() - started, cpu_seconds(adding.pid)
                 adding.send_signal(signal.SIGTERM)
     finally:
         stop_process(adding)
     if seconds is None:
         raise BenchError(f"{tree}/main_server.py --add stopped before it listened")
-    return seconds, added
+    return seconds, added, cpu
 
 
 def bench_add(folder: Path, count: int, before_tree: Path | None, results: Results) -> None:
     print(f"\n== main_server.py --add of {count:,} small files ==", flush=True)
     names = write_small_files(folder / "src", count)
-    for code, tree in (("after", ROOT), ("before", before_tree)):
+    for code, tree in (("before", before_tree), ("after", ROOT)):
         if tree is None:
             continue
-        seconds, added = time_add(tree, folder / code, folder / "src", names)
+        seconds, added, cpu = time_add(tree, folder / code, folder / "src", names)
         if added != count:
             raise BenchError(f"{code}: {added} files added, expected {count}")
         target = ADD_TARGET_S if count >= 100_000 and code == "after" else None
-        print(f"  {code:6} {seconds:7.1f} s ({seconds / count * 1e6:.0f} us a file)  {load()}  "
-              f"{results.judge(seconds, target)}", flush=True)
+        print(f"  {code:6} {seconds:7.1f} s ({seconds / count * 1e6:.0f} us a file; CPU {cpu:.1f} s, "
+              f"{cpu / count * 1e6:.0f} us a file)  {load()}  {results.judge(seconds, target)}", flush=True)
         shutil.rmtree(folder / code)
 
 
