@@ -184,8 +184,41 @@ class SQLiteStore:
                 connection.execute(f"PRAGMA user_version = {version + 1}")
 
 
-def _search_clause(search: str | None) -> tuple[str, tuple]:
-    return (" WHERE instr(name_folded, ?) > 0", (_fold(search),)) if search else ("", ())
+# The trigram index answers searches of at least 3 characters; a shorter one
+# matches so many names that scanning the (covering) listing index is as fast.
+MIN_INDEXED_SEARCH = 3
+# A page of a search is read by looking up every match the trigram index
+# finds (about 3 us each), or by walking the listing index from the cursor and
+# testing each name (about 0.25 us each, limit * files / matches of them). At
+# 1,000,000 files and pages of 5,000 the two cost the same near 20,000 matches.
+LOOKUP_MAX_MATCHES = 20_000
+
+
+def _search_condition(search: str | None, matches: int | None = None) -> tuple[str, tuple]:
+    """A WHERE condition (and its arguments) for names containing ``search``; ("1", ()) for all.
+
+    Both forms test the same thing, a substring of ``_fold(name)``: the
+    trigram index (FTS5, ``files_search``) when the search is long enough
+    and known to match at most ``LOOKUP_MAX_MATCHES`` names, else ``instr``.
+    """
+    if not search:
+        return "1", ()
+    phrase = _indexed_phrase(search)
+    if phrase is None or (matches or 0) > LOOKUP_MAX_MATCHES:
+        return "instr(name_folded, ?) > 0", (_fold(search),)
+    return "rowid IN (SELECT rowid FROM files_search WHERE files_search MATCH ?)", (phrase,)
+
+
+def _indexed_phrase(search: str) -> str | None:
+    """The FTS5 phrase that finds ``search`` in the trigram index; None if the index cannot.
+
+    In an FTS5 phrase every character is literal once double quotes are
+    doubled, so ``%``, ``_``, ``*`` and ``"`` stay plain.
+    """
+    folded = _fold(search)
+    if len(folded) < MIN_INDEXED_SEARCH or "\x00" in folded:  # FTS5 query text ends at a NUL
+        return None
+    return '"' + folded.replace('"', '""') + '"'
 
 
 def _bump_catalog_version(connection: sqlite3.Connection) -> None:
@@ -231,10 +264,12 @@ class TorrentPieces:
 
 
 # A file's downloads are the sum of its per-origin counters (see ServerStore).
-_FILE_COLUMNS = (
-    "name, size, chunk_size, sha256, added_at,"
-    " (SELECT COALESCE(SUM(count), 0) FROM download_counts d WHERE d.name = files.name)"
-)
+_DOWNLOADS_OF = "(SELECT COALESCE(SUM(count), 0) FROM download_counts d WHERE d.name = {}.name)"
+_FILE_COLUMNS = "name, size, chunk_size, sha256, added_at, " + _DOWNLOADS_OF.format("files")
+_DOWNLOADS_OF_PAGE = _DOWNLOADS_OF.format("page")
+
+# The keys of an entry of ``ServerStore.list_json``: a ``FileRecord`` without its chunk size.
+LISTING_KEYS = ("name", "size", "chunks", "sha256", "downloads", "added_at")
 
 
 def _file_record(row: tuple) -> FileRecord:
@@ -306,6 +341,32 @@ class ServerStore(SQLiteStore):
         CREATE INDEX torrent_names_v1 ON torrent_names (info_hash_v1);
         CREATE INDEX torrent_names_v2 ON torrent_names (info_hash_v2);
         """,
+        # Version 3: listing and search that stay fast at millions of files.
+        # Only new objects, so another migration may add columns to files.
+        """
+        -- A page of the listing, in name order from a name on (keyset paging),
+        -- is read from this index alone: the rows, with their digests, stay untouched.
+        CREATE INDEX files_listing ON files (name, name_folded, size, chunk_size, sha256, added_at);
+        -- Substring search: trigrams of the folded names (case_sensitive 1:
+        -- name_folded is folded already, by _fold). Its rows are the files
+        -- rows' rowids, kept in step by the triggers. (A VACUUM may renumber
+        -- those rowids: after one, run INSERT INTO files_search
+        -- (files_search) VALUES ('rebuild').)
+        CREATE VIRTUAL TABLE files_search USING fts5(
+            name_folded, content='files', content_rowid='rowid', tokenize='trigram case_sensitive 1'
+        );
+        CREATE TRIGGER files_search_insert AFTER INSERT ON files BEGIN
+            INSERT INTO files_search (rowid, name_folded) VALUES (new.rowid, new.name_folded);
+        END;
+        CREATE TRIGGER files_search_delete AFTER DELETE ON files BEGIN
+            INSERT INTO files_search (files_search, rowid, name_folded) VALUES ('delete', old.rowid, old.name_folded);
+        END;
+        CREATE TRIGGER files_search_update AFTER UPDATE OF name_folded ON files BEGIN
+            INSERT INTO files_search (files_search, rowid, name_folded) VALUES ('delete', old.rowid, old.name_folded);
+            INSERT INTO files_search (rowid, name_folded) VALUES (new.rowid, new.name_folded);
+        END;
+        INSERT INTO files_search (files_search) VALUES ('rebuild');
+        """,
     )
 
     def add_file(self, name: str, manifest: Manifest, added_at: float | None = None) -> FileRecord:
@@ -314,19 +375,29 @@ class ServerStore(SQLiteStore):
         ``added_at`` defaults to now (unix time). Raises ``CatalogError`` if a
         file of that exact name is already in the catalog.
         """
-        added_at = time.time() if added_at is None else added_at
+        self.add_files([(name, manifest, time.time() if added_at is None else added_at)])
+        return self.get_file(name)
+
+    def add_files(self, entries: Sequence[tuple[str, Manifest, float]]) -> None:
+        """Add every ``(name, manifest, added_at)`` in one transaction: all or none.
+
+        One commit for a batch is what makes adding 100,000 files fast.
+        Raises ``CatalogError`` if a name is already in the catalog (or twice
+        in ``entries``); then nothing is added.
+        """
+        rows = [(name, _fold(name), manifest.size, manifest.chunk_size, manifest.sha256,
+                 manifest.chunk_digests, added_at) for name, manifest, added_at in entries]
         try:
             with self._transaction() as connection:
-                connection.execute(
+                connection.executemany(
                     "INSERT INTO files (name, name_folded, size, chunk_size, sha256,"
                     " chunk_digests, added_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (name, _fold(name), manifest.size, manifest.chunk_size,
-                     manifest.sha256, manifest.chunk_digests, added_at),
+                    rows,
                 )
                 _bump_catalog_version(connection)
         except sqlite3.IntegrityError as error:
-            raise CatalogError(f"{name!r} is already in the catalog") from error
-        return self.get_file(name)
+            what = repr(rows[0][0]) if len(rows) == 1 else f"one of {len(rows)} names"
+            raise CatalogError(f"{what} is already in the catalog") from error
 
     def get_file(self, name: str) -> FileRecord | None:
         """The record for ``name`` (exact match), or None."""
@@ -355,19 +426,68 @@ class ServerStore(SQLiteStore):
 
         The match is a case- and accent-form-insensitive substring test in
         which every character, ``%`` and ``_`` included, is literal.
-        ``offset`` and ``limit`` page through the result in SQL.
+        ``offset`` and ``limit`` page through the result in SQL; a large
+        ``offset`` costs a walk past that many names: page with ``list_after``.
         """
-        where, arguments = _search_clause(search)
+        condition, arguments = _search_condition(search)
         rows = self._connection().execute(
-            f"SELECT {_FILE_COLUMNS} FROM files{where} ORDER BY name LIMIT ? OFFSET ?",
+            f"SELECT {_FILE_COLUMNS} FROM files WHERE {condition} ORDER BY name LIMIT ? OFFSET ?",
             (*arguments, -1 if limit is None else limit, offset),
         )
         return [_file_record(row) for row in rows]
 
+    def list_after(self, search: str | None, after: str, limit: int) -> list[FileRecord]:
+        """Up to ``limit`` records whose names sort after ``after`` ("": from the first), by name.
+
+        Keyset paging: the cost of a page does not depend on how many came
+        before it, and a file added or removed between two pages neither
+        shifts the later ones nor makes a name appear twice. Names match
+        ``search`` as in ``list_files``.
+        """
+        condition, arguments = _search_condition(search)
+        rows = self._connection().execute(
+            f"SELECT {_FILE_COLUMNS} FROM files WHERE name > ? AND {condition} ORDER BY name LIMIT ?",
+            (after, *arguments, limit),
+        )
+        return [_file_record(row) for row in rows]
+
+    def list_json(self, search: str | None, after: str, limit: int,
+                  matches: int | None = None) -> tuple[str, int, str]:
+        """The page ``list_after`` would give, encoded by SQLite: ``(entries, count, last name)``.
+
+        ``entries`` is a JSON array of objects with the keys of
+        ``LISTING_KEYS``, in name order; ``last name`` is "" for an empty
+        page. The JSON is built inside one SQLite call, in C and without the
+        GIL: serving a million entries makes no Python object per entry.
+        ``added_at`` has 15 significant digits (10 us for today's times).
+        ``matches``, how many names match ``search`` if known, picks the
+        cheaper way to read a search's page (see ``LOOKUP_MAX_MATCHES``).
+        """
+        condition, arguments = _search_condition(search, matches)
+        entries, count, last = self._connection().execute(
+            "SELECT json_group_array(json_object('name', name, 'size', size,"
+            " 'chunks', (size + chunk_size - 1) / chunk_size, 'sha256', sha256,"
+            f" 'downloads', {_DOWNLOADS_OF_PAGE}, 'added_at', added_at)), COUNT(*), MAX(name)"
+            " FROM (SELECT name, size, chunk_size, sha256, added_at FROM files"
+            f" WHERE name > ? AND {condition} ORDER BY name LIMIT ?) AS page",
+            (after, *arguments, limit),
+        ).fetchone()
+        return entries, count, last or ""
+
     def count_matching(self, search: str | None = None) -> int:
-        """How many names ``list_files(search)`` would return."""
-        where, arguments = _search_clause(search)
-        return self._connection().execute(f"SELECT COUNT(*) FROM files{where}", arguments).fetchone()[0]
+        """How many names ``list_files(search)`` would return.
+
+        From the trigram index alone when it can answer: a quarter of the
+        cost of looking each match up (14 ms against 52 ms for 10,000 of
+        1,000,000 names).
+        """
+        phrase = _indexed_phrase(search) if search else None
+        if phrase is not None:
+            query, arguments = "SELECT COUNT(*) FROM files_search WHERE files_search MATCH ?", (phrase,)
+        else:
+            condition, arguments = _search_condition(search)
+            query = f"SELECT COUNT(*) FROM files WHERE {condition}"
+        return self._connection().execute(query, arguments).fetchone()[0]
 
     def remove_file(self, name: str) -> bool:
         """Remove ``name`` (and its download counters); True if it was there."""

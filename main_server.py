@@ -48,19 +48,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def add_files(engine: MainServer, paths: Sequence[str], added: list | None = None) -> bool:
-    """Import each file, printing one line per file; False if any failed. Results are appended to ``added``."""
+    """Import the files, printing one line per file once it is durable; False if any failed. Results are appended to ``added``."""
     ok = True
-    for path in paths:
-        try:
-            result = engine.add_file(path)
-        except MiniTorrentError as error:
-            print(f"error: {error}", file=sys.stderr)
+    for _path, outcome in engine.add_files(paths):
+        if isinstance(outcome, MiniTorrentError):
+            print(f"error: {outcome}", file=sys.stderr, flush=True)
             ok = False
             continue
-        record = result.record
+        record = outcome.record
         if added is not None:
-            added.append(result)
-        print(f"{result.outcome}: {record.name} ({record.size} bytes, sha256 {record.sha256[:12]})", flush=True)
+            added.append(outcome)
+        print(f"{outcome.outcome}: {record.name} ({record.size} bytes, sha256 {record.sha256[:12]})", flush=True)
     return ok
 
 

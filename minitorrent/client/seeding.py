@@ -13,6 +13,7 @@ when it starts, when it gains a file or a batch of chunks, and every
 """
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import threading
@@ -26,7 +27,7 @@ from integrity import Manifest
 from metrics import Metrics
 from minitorrent.common.fs import ChunkLocation
 from minitorrent.net.remote import ServerClient
-from minitorrent.net.serving import RequestServer
+from minitorrent.net.serving import ListingPage, RequestServer
 from minitorrent.net.throttle import TokenBucket
 from minitorrent.wire import protocol
 from minitorrent.wire.protocol import ErrorCode, RequestFailed
@@ -98,6 +99,16 @@ class SeedSource:
         entries = [{"name": h.name, "size": h.manifest.size, "chunks": h.manifest.chunk_count,
                     "sha256": h.manifest.sha256, "downloads": 0, "added_at": 0.0} for h in matches[offset:end]]
         return entries, len(matches)
+
+    def list_page(self, search: str, after: str, limit: int, matches: int) -> ListingPage:
+        """The whole files held whose names sort after ``after``: at most ``limit``, for a cursor page."""
+        entries, _ = self.list_files(search)
+        page = [entry for entry in entries if entry["name"] > after][:limit]
+        return ListingPage(json.dumps(page, ensure_ascii=False), len(page), page[-1]["name"] if page else "")
+
+    def count_matching(self, search: str) -> int:
+        """How many whole files held have names containing ``search``."""
+        return self.list_files(search)[1]
 
     def count_files(self) -> tuple[int, int]:
         """(whole files held, their bytes)."""
