@@ -237,7 +237,8 @@ class _Job:
     def sources(self) -> dict[str, int]:
         """Bytes received in this run from each source that sent any."""
         everyone = [self.server_source, *self._peers.values()]
-        return {source.label: source.bytes for source in everyone if source.bytes}
+        received = {source.label: self.board.status(source).bytes for source in everyone}
+        return {label: nbytes for label, nbytes in received.items() if nbytes}
 
     def _recheck_resumed(self, fd: int, state: DownloadState) -> set[int]:
         if not state.verified:
@@ -254,7 +255,7 @@ class _Job:
         if not resumed:
             os.ftruncate(fd, 0)  # a leftover .part with no record is not trusted
         os.ftruncate(fd, self.manifest.size)
-        self.board.done.update(resumed)
+        self.board.mark_done(resumed)
         self._verified = set(resumed)
         self._done_bytes = sum(self.manifest.chunk_span(i)[1] for i in resumed)
         self._share_partial()
@@ -327,7 +328,7 @@ class _Job:
         """Ask the tracker who holds this file; start a stream for each new peer."""
         request = protocol.GetPeers(self.manifest.sha256, self.owner.seed_port())
         reply = self.owner.server.try_call(lambda s: s.call(request, protocol.PeerList))
-        live = sum(1 for source in self._peers.values() if not source.dropped)  # a dropped peer frees its slot
+        live = sum(1 for source in self._peers.values() if not self.board.is_dropped(source))  # a dropped one frees its slot
         for entry in reply.message.peers if reply else []:
             try:
                 address, have = (str(entry["host"]), int(entry["port"])), _peer_have(entry, self.manifest)
@@ -339,7 +340,7 @@ class _Job:
                 source = self._peers[address] = Source(f"peer {address[0]}:{address[1]}", have=have)
                 self.board.add_peer(source)
                 self._spawn(self._peer_stream, (source, address, fd, state), f"get-{self.name[:16]}-{source.label}")
-            elif source is not None and not source.dropped:
+            elif source is not None and not self.board.is_dropped(source):
                 self.board.update_have(source, have)
 
     def _server_stream(self, fd: int, state: DownloadState) -> None:
@@ -401,7 +402,7 @@ class _Job:
         in_flight: deque[int] = deque()
         idle = False  # the connection sat unused: the other side may have closed it meanwhile
         try:
-            while not self._stop.is_set() and not source.dropped:
+            while not self._stop.is_set() and not self.board.is_dropped(source):
                 if self.board.closed and not source.is_server:
                     return  # the download ended: what this peer still owes us is not needed
                 try:
@@ -447,10 +448,9 @@ class _Job:
         """A source answered a chunk request with an error."""
         if source.is_server:
             raise error  # the server does not have what its manifest promised: fatal
-        if error.code == ErrorCode.NOT_FOUND and source.have is not None:
-            self.board.update_have(source, source.have - {index})  # its announcement was ahead of it
-        else:
-            raise error
+        if error.code == ErrorCode.NOT_FOUND and self.board.lacks(source, index):
+            return  # a peer's announcement was ahead of what it holds: someone else brings the chunk
+        raise error
 
     def _accept_chunk(self, fd: int, state: DownloadState, source: Source, index: int,
                       frame: protocol.Frame) -> None:
@@ -479,7 +479,7 @@ class _Job:
         if not source.is_server:
             dropped = self.board.strike(source, f"chunk {index}")
             log.warning("%s: chunk %d from %s failed SHA-256 verification (strike %d%s)", self.name, index,
-                        source.label, source.strikes, "; dropped" if dropped else "")
+                        source.label, self.board.status(source).strikes, "; dropped" if dropped else "")
             return
         with self._lock:
             attempts = self._attempts[index] = self._attempts.get(index, 0) + 1
