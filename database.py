@@ -185,7 +185,7 @@ class SQLiteStore:
 
 
 def _search_clause(search: str | None) -> tuple[str, tuple]:
-    return (" WHERE instr(name_folded, ?) > 0", (_fold(search),)) if search else ("", ())
+    return (" WHERE instr(name_folded, ?) > 0", (fold(search),)) if search else ("", ())
 
 
 def _bump_catalog_version(connection: sqlite3.Connection) -> None:
@@ -195,8 +195,8 @@ def _bump_catalog_version(connection: sqlite3.Connection) -> None:
     )
 
 
-def _fold(text: str) -> str:
-    """Caseless, normalisation-proof form of ``text`` for substring search.
+def fold(text: str) -> str:
+    """Caseless, normalisation-proof form of ``text`` for substring search (the catalog's and the windows').
 
     Plain ``casefold`` would miss "café" typed with a combining accent (as
     macOS file names are) when the catalog holds the precomposed one.
@@ -255,7 +255,7 @@ class ServerStore(SQLiteStore):
         """
         CREATE TABLE files (
             name          TEXT PRIMARY KEY,
-            name_folded   TEXT NOT NULL,   -- _fold(name), for search
+            name_folded   TEXT NOT NULL,   -- fold(name), for search
             size          INTEGER NOT NULL CHECK (size >= 0),
             chunk_size    INTEGER NOT NULL CHECK (chunk_size > 0),
             sha256        TEXT NOT NULL,
@@ -290,7 +290,7 @@ class ServerStore(SQLiteStore):
                 connection.execute(
                     "INSERT INTO files (name, name_folded, size, chunk_size, sha256,"
                     " chunk_digests, added_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (name, _fold(name), manifest.size, manifest.chunk_size,
+                    (name, fold(name), manifest.size, manifest.chunk_size,
                      manifest.sha256, manifest.chunk_digests, added_at),
                 )
                 _bump_catalog_version(connection)

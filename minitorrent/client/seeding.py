@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from config_loader import Config
-from database import ClientStore
+from database import ClientStore, fold
 from error_handler import MiniTorrentError
 from integrity import Manifest
 from metrics import Metrics
@@ -93,7 +93,7 @@ class SeedSource:
         """The whole files held, by name."""
         with self._lock:
             whole = sorted((h for h in self._by_sha.values() if h.verified is None), key=lambda h: h.name)
-        matches = [h for h in whole if search.casefold() in h.name.casefold()]
+        matches = [h for h in whole if fold(search) in fold(h.name)]
         end = None if limit is None else offset + limit
         entries = [{"name": h.name, "size": h.manifest.size, "chunks": h.manifest.chunk_count,
                     "sha256": h.manifest.sha256, "downloads": 0, "added_at": 0.0} for h in matches[offset:end]]

@@ -24,13 +24,13 @@ import sys
 import threading
 import time
 import tkinter as tk
-import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from tkinter import filedialog, ttk
 from tkinter import font as tkfont
 from typing import TYPE_CHECKING, Any, Callable
 
+from database import fold  # the server's search rule, so both filter alike
 from error_handler import ConnectionFailed, MiniTorrentError
 from minitorrent.common.units import human_size
 from minitorrent.gui.base import (
@@ -91,11 +91,6 @@ OPEN_FOLDER_WAIT_S = 5.0  # a file manager that fails says so quickly; one that 
 
 
 # Plain functions (no widget) ------------------------------------------------------------------------------
-
-
-def fold(text: str) -> str:
-    """Caseless, normalisation-proof form of ``text``: the server's search rule, so both filter alike."""
-    return unicodedata.normalize("NFC", unicodedata.normalize("NFD", text).casefold())
 
 
 def filter_entries(entries: list[dict], search: str) -> list[dict]:
