@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 from error_handler import CatalogError
-from integrity import Manifest, chunk_count
+from integrity import Manifest, chunk_count, hash_list_root
 
 # How long a writer waits for another connection's write lock before giving
 # up with "database is locked". Writes are short; 5 s means something is stuck.
@@ -132,6 +132,8 @@ class SQLiteStore:
 
     @staticmethod
     def _configure(connection: sqlite3.Connection) -> None:
+        # For migrations that derive a column from the chunk digests (see ServerStore).
+        connection.create_function("hash_list_root", 3, hash_list_root, deterministic=True)
         connection.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         connection.execute("PRAGMA journal_mode = WAL")
         # In WAL mode NORMAL loses nothing when a process is killed, only
@@ -218,19 +220,20 @@ class FileRecord:
     added_at: float
     downloads: int
     chunks: int
+    root: str  # the hash list root of the chunk digests (integrity.hash_list_root)
 
 
 # A file's downloads are the sum of its per-origin counters (see ServerStore).
 _FILE_COLUMNS = (
     "name, size, chunk_size, sha256, added_at,"
-    " (SELECT COALESCE(SUM(count), 0) FROM download_counts d WHERE d.name = files.name)"
+    " (SELECT COALESCE(SUM(count), 0) FROM download_counts d WHERE d.name = files.name), root"
 )
 
 
 def _file_record(row: tuple) -> FileRecord:
-    name, size, chunk_size, sha256, added_at, downloads = row
+    name, size, chunk_size, sha256, added_at, downloads, root = row
     return FileRecord(
-        name, size, chunk_size, sha256, added_at, downloads, chunk_count(size, chunk_size)
+        name, size, chunk_size, sha256, added_at, downloads, chunk_count(size, chunk_size), root
     )
 
 
@@ -276,6 +279,12 @@ class ServerStore(SQLiteStore):
             value TEXT NOT NULL
         ) WITHOUT ROWID;
         """,
+        """
+        -- The chunk digests' root, computed once when a file is added and read
+        -- back with the digests: a damaged digest blob no longer matches it.
+        ALTER TABLE files ADD COLUMN root TEXT NOT NULL DEFAULT '';
+        UPDATE files SET root = hash_list_root(size, chunk_size, chunk_digests);
+        """,
     )
 
     def add_file(self, name: str, manifest: Manifest, added_at: float | None = None) -> FileRecord:
@@ -289,9 +298,9 @@ class ServerStore(SQLiteStore):
             with self._transaction() as connection:
                 connection.execute(
                     "INSERT INTO files (name, name_folded, size, chunk_size, sha256,"
-                    " chunk_digests, added_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    " chunk_digests, added_at, root) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (name, fold(name), manifest.size, manifest.chunk_size,
-                     manifest.sha256, manifest.chunk_digests, added_at),
+                     manifest.sha256, manifest.chunk_digests, added_at, manifest.root),
                 )
                 _bump_catalog_version(connection)
         except sqlite3.IntegrityError as error:
@@ -306,12 +315,21 @@ class ServerStore(SQLiteStore):
         return None if row is None else _file_record(row)
 
     def get_manifest(self, name: str) -> Manifest | None:
-        """The manifest of ``name`` (exact match), or None."""
+        """The manifest of ``name`` (exact match), or None.
+
+        Raises ``CatalogError`` when the stored digests no longer give the
+        stored root (the database was damaged): such a manifest is never served.
+        """
         row = self._connection().execute(
-            "SELECT size, chunk_size, sha256, chunk_digests FROM files WHERE name = ?",
+            "SELECT size, chunk_size, sha256, chunk_digests, root FROM files WHERE name = ?",
             (name,),
         ).fetchone()
-        return None if row is None else Manifest(*row)
+        if row is None:
+            return None
+        try:
+            return Manifest(*row)
+        except ValueError as error:
+            raise CatalogError(f"{name!r}: stored manifest is damaged: {error}") from error
 
     def names_with_sha256(self, sha256: str) -> list[str]:
         """Names whose content has this whole-file SHA-256, sorted."""

@@ -18,13 +18,14 @@ Cost (as libtorrent's piece picker): availability is kept incrementally, a
 count per chunk with chunks bucketed by count, updated when a peer says what
 it has or leaves; a pick walks a cursor or a bucket and stops when it has
 enough, so it costs the same for a file of ten chunks or of four million.
-Memory per chunk is a byte (``ChunkSet``) plus, once partial peers appear,
+Memory per chunk is a bit (``ChunkSet``) plus, once partial peers appear,
 a counter; nothing per chunk is a Python object.
 """
 from __future__ import annotations
 
 import math
 import random
+import re
 import threading
 from array import array
 from collections import deque
@@ -37,27 +38,31 @@ SERVER_DEPTH_WITH_PEERS = 4  # chunks in flight from the server, all its streams
 
 
 class ChunkSet:
-    """A set of chunk indexes ``0 <= i < count`` kept as one byte per chunk.
+    """A set of chunk indexes ``0 <= i < count`` kept as one bit per chunk.
 
-    Four million chunks take 4 MiB, against hundreds for a ``set`` of ints.
+    The bits are laid out as the protocol's chunk bitmaps (bit ``i % 8`` of
+    byte ``i // 8``), so ``bitmap()`` is a copy, not a loop. Four million
+    chunks take 512 KiB, against hundreds of MiB for a ``set`` of ints.
     Reading (``in``, ``len``, iterating) from another thread while one thread
     adds is safe: a byte is written whole, under the GIL.
     """
 
-    __slots__ = ("_flags", "_size")
+    __slots__ = ("count", "_bits", "_size")
 
     def __init__(self, count: int, indexes: Iterable[int] = ()) -> None:
-        self._flags = bytearray(count)
+        self.count = count
+        self._bits = bytearray((count + 7) // 8)
         self._size = 0
         self.update(indexes)
 
     def add(self, index: int) -> bool:
         """Add ``index``; True if it was not there. ``IndexError`` if out of range."""
-        if index < 0 or self._flags[index]:
-            if index < 0:
-                raise IndexError(f"chunk index {index} is negative")
+        if not 0 <= index < self.count:
+            raise IndexError(f"chunk index {index} out of range (0..{self.count - 1})")
+        byte, bit = index >> 3, 1 << (index & 7)
+        if self._bits[byte] & bit:
             return False
-        self._flags[index] = 1
+        self._bits[byte] |= bit
         self._size += 1
         return True
 
@@ -66,21 +71,31 @@ class ChunkSet:
         for index in indexes:
             self.add(index)
 
+    def bitmap(self) -> bytes:
+        """The protocol's chunk bitmap of this set (a copy)."""
+        return bytes(self._bits)
+
     def __contains__(self, index: object) -> bool:
-        return isinstance(index, int) and 0 <= index < len(self._flags) and self._flags[index] == 1
+        return (isinstance(index, int) and 0 <= index < self.count
+                and bool(self._bits[index >> 3] >> (index & 7) & 1))
 
     def __len__(self) -> int:
         return self._size
 
     def __iter__(self) -> Iterator[int]:
-        """The indexes in ascending order (a C-speed scan for each)."""
-        flags, index = self._flags, self._flags.find(1)
-        while index >= 0:
-            yield index
-            index = flags.find(1, index + 1)
+        """The indexes in ascending order; runs of empty bytes are skipped at C speed."""
+        for match in _NONZERO_BYTE.finditer(self._bits):
+            byte = match.start()
+            value = self._bits[byte]
+            for bit in range(8):
+                if value >> bit & 1:
+                    yield byte * 8 + bit
 
     def __repr__(self) -> str:
-        return f"ChunkSet({len(self)} of {len(self._flags)})"
+        return f"ChunkSet({len(self)} of {self.count})"
+
+
+_NONZERO_BYTE = re.compile(rb"[^\x00]")
 
 
 @dataclass(eq=False)

@@ -11,21 +11,23 @@ The life of a download of ``NAME`` into ``DIR``:
    from disk before they are trusted, which costs a local read, not a fetch.
 3. Fetch the missing chunks over a few pooled connections, keeping
    ``pipeline_depth`` requests in flight on each. Every chunk is checked
-   against the manifest *before* it is written. A connection that fails is
+   against the manifest's digest list *before* it is written; that list is
+   bound to the file by the manifest's root (``Manifest.from_header`` refuses
+   one that does not match), so once every chunk has passed, the file is
+   proven: each byte is hashed once, and no second whole-file pass follows. A connection that fails is
    replaced, with backoff, until ``retry_deadline_s`` passes without progress;
    if the server itself is gone the replacement comes from whichever server
    is active now (the backup after a failover). Every request names the
    file's SHA-256, so chunks of two versions are never mixed.
-4. Meanwhile a hasher thread follows the verified prefix of the file and
-   computes the whole-file SHA-256, so the final check costs no extra pass.
-5. Only if that matches the manifest is the ``.part`` file linked to its final
-   name (``os.link``, which refuses to replace anything) and the record moved
-   to the completed files.
+4. Meanwhile a write-back thread flushes the ``.part`` file every
+   ``SYNC_EVERY_BYTES`` written, so the final ``fsync`` has little left to do.
+5. Only once every chunk is verified is the ``.part`` file synced and linked
+   to its final name (``os.link``, which refuses to replace anything) and the
+   record moved to the completed files.
 """
 from __future__ import annotations
 
 import base64
-import hashlib
 import logging
 import os
 import socket
@@ -46,7 +48,7 @@ from error_handler import (
     backoff_delays,
 )
 from integrity import Manifest, sha256_file
-from minitorrent.client.chunkboard import ChunkBoard, Source
+from minitorrent.client.chunkboard import ChunkBoard, ChunkSet, Source
 from minitorrent.client.progress import Progress
 from minitorrent.common.fs import fsync_dir, read_exactly_at
 from minitorrent.net.remote import (
@@ -71,7 +73,7 @@ MAX_PEERS_PER_DOWNLOAD = 8  # peer streams of one download, beside the server's
 PEER_REFRESH_S = 1.0  # how often a download asks the tracker for (new) peers
 CANCEL_CHECK_S = 0.1  # how soon a pause or cancel takes effect
 IDLE_WAIT_S = 0.2  # a stream with nothing to request looks again at least this often
-SYNC_EVERY_BYTES = 64 * 1024 * 1024  # the hasher flushes the .part file this often
+SYNC_EVERY_BYTES = 64 * 1024 * 1024  # the write-back thread flushes the .part file this often
 
 
 @dataclass(frozen=True)
@@ -198,8 +200,8 @@ class _Job:
         self._done_bytes = 0
         self._fetched_bytes = 0
         self._last_progress = time.monotonic()
-        self._hasher: _WholeFileHasher | None = None
-        self._verified: set[int] = set()
+        self._write_back: _WriteBack | None = None
+        self._verified = ChunkSet(manifest.chunk_count)
         self.duplicate_chunks = 0  # requests for chunks already verified: the board must make this 0
         self.board = ChunkBoard(manifest.chunk_count)
         self.server_source = Source("server", is_server=True)
@@ -216,14 +218,13 @@ class _Job:
         try:
             resumed = self._recheck_resumed(fd, state)
             self._prepare(fd, state, resumed)
-            self._hasher = _WholeFileHasher(fd, self.manifest, resumed)
-            self._hasher.start()
+            self._write_back = _WriteBack(fd)
             try:
                 self._fetch_all(fd, state)
             finally:
-                self._hasher.finish_or_cancel(self._failure is None and self._all_verified())
+                self._write_back.stop()
                 self._flush_marks(state)
-            self._check_whole_file(state)
+            self._check_complete()
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -256,22 +257,17 @@ class _Job:
             os.ftruncate(fd, 0)  # a leftover .part with no record is not trusted
         os.ftruncate(fd, self.manifest.size)
         self.board.mark_done(resumed)
-        self._verified = set(resumed)
+        self._verified.update(resumed)
         self._done_bytes = sum(self.manifest.chunk_span(i)[1] for i in resumed)
         self._share_partial()
         self._notify()
 
-    def _check_whole_file(self, state: DownloadState) -> None:
+    def _check_complete(self) -> None:
+        """Every chunk proven against the bound digest list, or the download fails (the .part stays)."""
         if self._failure is not None:
             raise self._failure
         if not self._all_verified():
             raise DownloadError(f"{self.name}: download stopped before all chunks arrived")
-        if self._hasher.hexdigest() != self.manifest.sha256:
-            self.owner.store.abandon_download(str(self.final))
-            self.part.unlink(missing_ok=True)
-            if self.owner.seeder:
-                self.owner.seeder.source.drop(self.manifest.sha256)
-            raise DownloadError(f"{self.name}: whole-file SHA-256 does not match the manifest; download discarded")
 
     def _install(self, state: DownloadState) -> None:
         try:
@@ -470,7 +466,7 @@ class _Job:
             self._last_progress = time.monotonic()
             self._unmarked.append(index)
             flush = len(self._unmarked) >= MARK_BATCH
-        self._hasher.chunk_ready(index)
+        self._write_back.wrote(length)
         if flush:
             self._flush_marks(state)
         self._notify()
@@ -524,9 +520,7 @@ class _Job:
         seeder = self.owner.seeder
         if seeder is None:
             return
-        with self._lock:
-            verified = set(self._verified)
-        seeder.source.update_partial(self.part, self.name, self.manifest, verified)
+        seeder.source.update_partial(self.part, self.name, self.manifest, self._verified)  # a live view: no copy
         seeder.changed()
 
     def _notify(self) -> None:
@@ -558,63 +552,45 @@ def _explain(error: RemoteError) -> str:
     return str(error)
 
 
-class _WholeFileHasher:
-    """Hashes the file in order as its chunks become verified, in its own thread.
+class _WriteBack:
+    """Flushes the ``.part`` file in the background every ``SYNC_EVERY_BYTES`` written.
 
-    Reading back from the page cache is cheap; doing it alongside the download
-    means the whole-file SHA-256 is ready the moment the last chunk lands.
+    The streams only count bytes (no wake-up per chunk); the final ``fsync``
+    then writes back only the tail, instead of the whole file at the end.
     """
 
-    def __init__(self, fd: int, manifest: Manifest, ready: set[int]) -> None:
+    def __init__(self, fd: int) -> None:
         self._fd = fd
-        self._manifest = manifest
-        self._ready = set(ready)
-        self._cond = threading.Condition()
-        self._cancelled = False
-        self._hash = hashlib.sha256()
-        self._thread = threading.Thread(target=self._run, name="whole-file-hash", daemon=True)
-
-    def start(self) -> None:
-        """Start hashing in the background."""
+        self._lock = threading.Lock()
+        self._unsynced = 0
+        self._due = threading.Event()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="write-back", daemon=True)
         self._thread.start()
 
-    def chunk_ready(self, index: int) -> None:
-        """Chunk ``index`` is verified and written; any thread."""
-        with self._cond:
-            self._ready.add(index)
-            self._cond.notify()
+    def wrote(self, nbytes: int) -> None:
+        """``nbytes`` more were written; any thread."""
+        with self._lock:
+            self._unsynced += nbytes
+            due = self._unsynced >= SYNC_EVERY_BYTES
+            if due:
+                self._unsynced = 0
+        if due:
+            self._due.set()
 
-    def finish_or_cancel(self, finish: bool) -> None:
-        """Wait for the hash to complete, or stop it if the download failed."""
-        if not finish:
-            with self._cond:
-                self._cancelled = True
-                self._cond.notify()
+    def stop(self) -> None:
+        """End the thread (after a flush it is doing); the caller's final fsync covers the rest."""
+        self._stopped = True
+        self._due.set()
         self._thread.join()
 
-    def hexdigest(self) -> str:
-        """The whole-file SHA-256 (after ``finish_or_cancel(True)``)."""
-        return self._hash.hexdigest()
-
     def _run(self) -> None:
-        buffer = bytearray(self._manifest.chunk_size)
-        unsynced = 0
-        for index in range(self._manifest.chunk_count):
-            with self._cond:
-                while index not in self._ready and not self._cancelled:
-                    self._cond.wait()
-                if self._cancelled:
-                    return
-                self._ready.discard(index)
-            offset, length = self._manifest.chunk_span(index)
-            view = memoryview(buffer)[:length]
-            if not read_exactly_at(self._fd, view, offset):
-                return  # cannot happen after ftruncate; the digest then simply will not match
-            self._hash.update(view)
-            unsynced += length
-            if unsynced >= SYNC_EVERY_BYTES:
-                os.fdatasync(self._fd)  # write back during the transfer, not all in the final fsync
-                unsynced = 0
+        while True:
+            self._due.wait()
+            self._due.clear()
+            if self._stopped:
+                return
+            os.fdatasync(self._fd)  # write back during the transfer, not all in the final fsync
 
 
 def _chunk_on_disk_ok(fd: int, manifest: Manifest, index: int) -> bool:

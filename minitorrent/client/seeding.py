@@ -18,12 +18,14 @@ import socket
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 from config_loader import Config
 from database import ClientStore, fold
 from error_handler import MiniTorrentError
 from integrity import Manifest
 from metrics import Metrics
+from minitorrent.client.chunkboard import ChunkSet
 from minitorrent.common.fs import ChunkLocation
 from minitorrent.net.remote import ServerClient
 from minitorrent.net.serving import RequestServer
@@ -42,7 +44,7 @@ class Holding:
     name: str
     path: Path
     manifest: Manifest
-    verified: frozenset[int] | None  # None: the whole file
+    verified: ChunkSet | None  # None: the whole file; else a live view the download keeps adding to
 
 
 class SeedSource:
@@ -67,12 +69,18 @@ class SeedSource:
         with self._lock:
             self._by_sha[manifest.sha256] = Holding(name, Path(path), manifest, None)
 
-    def update_partial(self, part: Path, name: str, manifest: Manifest, verified: set[int]) -> None:
-        """Hold the ``verified`` chunks of a download in progress (unless the whole file is held)."""
+    def update_partial(self, part: Path, name: str, manifest: Manifest, verified: Iterable[int]) -> None:
+        """Hold the ``verified`` chunks of a download in progress (unless the whole file is held).
+
+        A ``ChunkSet`` is held as it is, a live view (the download only ever
+        adds verified chunks to it): no copy per call, whatever the file's size.
+        """
+        if not isinstance(verified, ChunkSet):
+            verified = ChunkSet(manifest.chunk_count, verified)
         with self._lock:
             held = self._by_sha.get(manifest.sha256)
             if held is None or held.verified is not None:
-                self._by_sha[manifest.sha256] = Holding(name, Path(part), manifest, frozenset(verified))
+                self._by_sha[manifest.sha256] = Holding(name, Path(part), manifest, verified)
 
     def drop(self, sha256: str) -> None:
         """Stop holding a content (its download failed or was discarded)."""
@@ -83,9 +91,7 @@ class SeedSource:
         """Per SHA-256: a bitmap of the chunks held, or None for a whole file (for announcements)."""
         with self._lock:
             held = list(self._by_sha.values())
-        return {h.manifest.sha256: None if h.verified is None else protocol.chunks_to_bitmap(set(h.verified),
-                                                                                    h.manifest.chunk_count)
-                for h in held}
+        return {h.manifest.sha256: None if h.verified is None else h.verified.bitmap() for h in held}
 
     # FileSource ------------------------------------------------------------------
 

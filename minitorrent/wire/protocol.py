@@ -329,7 +329,11 @@ class FileList(Message):
 
 @dataclass(frozen=True)
 class ManifestInfo(Message):
-    """A manifest; the payload is the raw 32-byte chunk digests, in order."""
+    """A manifest; the payload is the raw 32-byte chunk digests, in order.
+
+    ``root`` binds the digests to the file (``integrity.hash_list_root``);
+    a receiver refuses a manifest whose digests do not give it.
+    """
 
     TYPE = "manifest_info"
     MAX_PAYLOAD = 32 * MAX_MANIFEST_CHUNKS
@@ -338,6 +342,7 @@ class ManifestInfo(Message):
     chunk_size: int
     sha256: str
     chunks: int
+    root: str = ""
 
 
 @dataclass(frozen=True)
@@ -531,6 +536,7 @@ class ReplicateFile(Message):
     sha256: str
     chunks: int
     added_at: float
+    root: str = ""  # as in ManifestInfo
 
     def validate(self) -> None:
         check_file_name(self.name)
