@@ -135,16 +135,20 @@ class _Availability:
 
     Peers holding the whole file are counted apart (``seeds``): they add the
     same to every chunk, so they change no order and cost nothing per chunk.
-    Done chunks keep their count but leave their bucket, so a bucket holds
-    only chunks still wanted. The per-chunk array is made when the first
-    partial peer appears.
+    A bucket is a queue with lazy deletion: a chunk is appended when its
+    count changes (or it is given back) and an entry is only valid while the
+    chunk's count is still the bucket's and the chunk is open. Whoever scans
+    a bucket pops the stale entries it meets, so every entry is paid for
+    once; a Python set would not do, as iterating one from the start walks
+    over every slot its removed entries left. The per-chunk array is made
+    when the first partial peer appears.
     """
 
     def __init__(self, count: int) -> None:
         self.count = count
         self.seeds = 0
         self._counts: array | None = None
-        self.buckets: list[set[int]] = [set()]  # buckets[c]: open-or-in-flight chunks held by c partial peers
+        self.buckets: list[deque[int]] = [deque()]  # buckets[c]: chunks held by c partial peers (maybe stale)
 
     def of(self, index: int) -> int:
         """Partial peers holding ``index`` (seeds not counted)."""
@@ -156,7 +160,8 @@ class _Availability:
             return
         counts = self._array()
         for index in have:
-            self._move(index, counts[index], counts[index] + 1, done)
+            counts[index] += 1
+            self.requeue(index, done)
 
     def remove(self, have: set[int] | None, done: ChunkSet) -> list[int]:
         """Uncount ``have``; returns the chunks still wanted that no partial peer holds any more."""
@@ -165,27 +170,20 @@ class _Availability:
             return []
         counts, orphaned = self._array(), []
         for index in have:
-            self._move(index, counts[index], counts[index] - 1, done)
-            if counts[index] == 0 and index not in done:
+            counts[index] -= 1
+            if counts[index]:
+                self.requeue(index, done)
+            elif index not in done:
                 orphaned.append(index)
         return orphaned
 
-    def finished(self, index: int) -> None:
-        """Chunk ``index`` is done: no bucket offers it any more."""
-        c = self.of(index)
-        if c:
-            self.buckets[c].discard(index)
-
-    def _move(self, index: int, old: int, new: int, done: ChunkSet) -> None:
-        self._counts[index] = new
-        if index in done:
-            return
-        if old:
-            self.buckets[old].discard(index)
-        if new:
-            while len(self.buckets) <= new:
-                self.buckets.append(set())
-            self.buckets[new].add(index)
+    def requeue(self, index: int, done: ChunkSet) -> None:
+        """Offer ``index`` again in the bucket of its count (its count changed, or it was given back)."""
+        count = self.of(index)
+        if count and index not in done:
+            while len(self.buckets) <= count:
+                self.buckets.append(deque())
+            self.buckets[count].append(index)
 
     def _array(self) -> array:
         if self._counts is None:
@@ -259,9 +257,7 @@ class ChunkBoard:
     def mark_done(self, indexes: Iterable[int]) -> None:
         """Chunks verified before the download started (resumed): never handed out."""
         with self._cond:
-            for index in indexes:
-                if self.done.add(index):
-                    self._availability.finished(index)
+            self.done.update(indexes)
             self._check_ended()
 
     def add_peer(self, source: Source) -> None:
@@ -328,7 +324,6 @@ class ChunkBoard:
                     break
             if not self.done.add(index):
                 return False
-            self._availability.finished(index)
             source.bytes += nbytes
             if self._idle_waiters:
                 self._cond.notify_all()
@@ -412,6 +407,7 @@ class ChunkBoard:
             del self._in_flight[index]
             if index not in self.done:
                 self._returned.add(index)
+                self._availability.requeue(index, self.done)  # its bucket entry was popped when it was taken
 
     def _drop(self, source: Source, reason: str) -> None:
         if source.dropped:
@@ -495,37 +491,38 @@ class ChunkBoard:
                 wanted.append(cursor)
             cursor += 1
         self._seed_cursors[source] = cursor
-        for bucket in self._availability.buckets[1:]:
+        for count in range(1, len(self._availability.buckets)):
             if len(wanted) >= limit:
                 break
-            wanted.extend(self._open_in(bucket, None, limit - len(wanted), wanted))
+            self._take_from_bucket(count, source, limit, wanted)
         return wanted
 
     def _partial_peer_chunks(self, source: Source, limit: int) -> list[int]:
         """A peer that named its chunks: those it holds, rarest bucket first."""
         wanted: list[int] = []  # what it holds sits in a bucket (given back or not)
-        have = source.have
-        for count, bucket in enumerate(self._availability.buckets):
+        for count in range(1, len(self._availability.buckets)):
             if len(wanted) >= limit:
                 break
-            if count == 0:
-                continue
-            if len(bucket) <= len(have):
-                wanted.extend(self._open_in(bucket, have, limit - len(wanted), wanted))
-            else:
-                held_here = (i for i in have if self._availability.of(i) == count)
-                wanted.extend(self._open_in(held_here, None, limit - len(wanted), wanted))
+            self._take_from_bucket(count, source, limit, wanted)
         return wanted
 
-    def _open_in(self, candidates: Iterable[int], within: set[int] | None, limit: int,
-                 already: list[int]) -> list[int]:
-        found: list[int] = []
-        for index in candidates:
-            if (within is None or index in within) and self._is_open(index) and index not in already:
-                found.append(index)
-                if len(found) == limit:
-                    break
-        return found
+    def _take_from_bucket(self, count: int, source: Source, limit: int, wanted: list[int]) -> None:
+        """Take open chunks ``source`` holds from bucket ``count``, popping stale entries on the way.
+
+        Entries taken or stale (count changed, done, in flight: a release
+        queues it again) leave for good; entries of chunks ``source`` lacks go
+        back to the front, for the peers that hold them.
+        """
+        bucket, others = self._availability.buckets[count], []
+        while bucket and len(wanted) < limit:
+            index = bucket.popleft()
+            if self._availability.of(index) != count or not self._is_open(index) or index in wanted:
+                continue
+            if source.holds(index):
+                wanted.append(index)
+            else:
+                others.append(index)
+        bucket.extendleft(reversed(others))
 
     def _endgame_chunks(self, source: Source, limit: int) -> list[int]:
         return [i for i, holders in self._in_flight.items()

@@ -432,7 +432,10 @@ class _Job:
             self.board.release(list(in_flight), source)
 
     def _send_requests(self, session: ServerSession, source: Source, in_flight: deque[int]) -> None:
-        wanted = self.board.take(source, self.owner.pipeline_depth - len(in_flight))
+        depth = self.owner.pipeline_depth
+        if len(in_flight) > depth // 2:
+            return  # refill by halves: one send (one GIL hand-off, one board pick) per half pipeline, not per chunk
+        wanted = self.board.take(source, depth - len(in_flight))
         if not wanted:
             return
         with self._lock:

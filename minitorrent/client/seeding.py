@@ -36,6 +36,7 @@ from minitorrent.wire.protocol import ErrorCode, RequestFailed
 log = logging.getLogger(__name__)
 
 ANNOUNCER_STOP_TIMEOUT_S = 2.0  # an announcement stuck on a dead server is not waited for
+ANNOUNCE_MIN_GAP_S = 0.25  # between announcements: fresh enough for peers, not one round trip per verified batch
 
 @dataclass(frozen=True)
 class Holding:
@@ -161,6 +162,7 @@ class Announcer:
             self._announce_once()
             self._wanted.wait(self.interval_s)
             self._wanted.clear()
+            self.stop.wait(ANNOUNCE_MIN_GAP_S)  # a download changes holdings every few chunks: one announce covers them
 
     def _announce_once(self) -> None:
         payload = protocol.encode_holdings(self.source.holdings())
