@@ -482,6 +482,35 @@ class CompletedFile:
 
 
 _DOWNLOAD_COLUMNS = "id, dest_path, name, size, chunk_size, sha256, chunk_digests, started_at"
+_BLOB_PIECE_BYTES = 1 << 20  # a digest list is written in pieces of this size, never bound whole
+
+
+def _blob_equals(connection: sqlite3.Connection, table: str, column: str, row: int, data: bytes | memoryview) -> bool:
+    """Whether a blob column holds exactly ``data``, compared piece by piece (never read whole)."""
+    view = memoryview(data)
+    with connection.blobopen(table, column, row, readonly=True) as blob:
+        if len(blob) != len(view):
+            return False
+        for start in range(0, len(view), _BLOB_PIECE_BYTES):
+            if blob.read(_BLOB_PIECE_BYTES) != view[start:start + _BLOB_PIECE_BYTES]:
+                return False
+    return True
+
+
+def _copy_blob(connection: sqlite3.Connection, source: tuple[str, int], target: tuple[str, int], column: str) -> None:
+    """Copy a blob column between rows piece by piece, into a ``zeroblob`` of its length."""
+    with connection.blobopen(source[0], column, source[1], readonly=True) as reader, \
+            connection.blobopen(target[0], column, target[1]) as writer:
+        while piece := reader.read(_BLOB_PIECE_BYTES):
+            writer.write(piece)
+
+
+def _write_blob(connection: sqlite3.Connection, table: str, column: str, row: int, data: bytes | memoryview) -> None:
+    """Fill a ``zeroblob`` column piece by piece: binding 32 MiB of digests whole costs SQLite two 32 MiB copies."""
+    view = memoryview(data)
+    with connection.blobopen(table, column, row) as blob:
+        for start in range(0, len(view), _BLOB_PIECE_BYTES):
+            blob.write(view[start:start + _BLOB_PIECE_BYTES])
 
 
 def _download_state(row: tuple, verified: set[int]) -> DownloadState:
@@ -537,21 +566,24 @@ class ClientStore(SQLiteStore):
         """
         with self._transaction() as connection:
             row = connection.execute(
-                f"SELECT {_DOWNLOAD_COLUMNS} FROM downloads WHERE dest_path = ?",
+                "SELECT id, name, size, chunk_size, sha256, started_at FROM downloads WHERE dest_path = ?",
                 (dest_path,),
             ).fetchone()
             if row is not None:
-                state = _download_state(row, self._verified(connection, row[0]))
-                if state.manifest == manifest:
-                    return state
-                connection.execute("DELETE FROM downloads WHERE id = ?", (state.id,))
+                id_, old_name, size, chunk_size, sha256, old_started_at = row
+                same = (size, chunk_size, sha256) == (manifest.size, manifest.chunk_size, manifest.sha256)
+                if same and _blob_equals(connection, "downloads", "chunk_digests", id_, manifest.chunk_digests):
+                    return DownloadState(id_, dest_path, old_name, manifest, self._verified(connection, id_),
+                                         old_started_at)
+                connection.execute("DELETE FROM downloads WHERE id = ?", (id_,))
             started_at = time.time() if started_at is None else started_at
             cursor = connection.execute(
                 "INSERT INTO downloads (dest_path, name, size, chunk_size, sha256,"
-                " chunk_digests, started_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                " chunk_digests, started_at) VALUES (?, ?, ?, ?, ?, zeroblob(?), ?)",
                 (dest_path, name, manifest.size, manifest.chunk_size, manifest.sha256,
-                 manifest.chunk_digests, started_at),
+                 len(manifest.chunk_digests), started_at),
             )
+            _write_blob(connection, "downloads", "chunk_digests", cursor.lastrowid, manifest.chunk_digests)
         return DownloadState(cursor.lastrowid, dest_path, name, manifest, set(), started_at)
 
     @staticmethod
@@ -610,11 +642,12 @@ class ClientStore(SQLiteStore):
             cursor = connection.execute(
                 "INSERT OR REPLACE INTO completed (path, name, size, sha256, chunk_size,"
                 " chunk_digests, completed_at) SELECT dest_path, name, size, sha256,"
-                " chunk_size, chunk_digests, ? FROM downloads WHERE id = ?",
+                " chunk_size, zeroblob(length(chunk_digests)), ? FROM downloads WHERE id = ?",
                 (completed_at, download_id),
             )
             if cursor.rowcount == 0:
                 raise CatalogError(f"no download in progress with id {download_id}")
+            _copy_blob(connection, ("downloads", download_id), ("completed", cursor.lastrowid), "chunk_digests")
             connection.execute("DELETE FROM downloads WHERE id = ?", (download_id,))
 
     def abandon_download(self, dest_path: str) -> None:

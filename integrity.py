@@ -241,7 +241,7 @@ class Manifest:
     size: int
     chunk_size: int
     sha256: str
-    chunk_digests: bytes = field(repr=False)
+    chunk_digests: bytes | memoryview = field(repr=False)  # bytes, or a read-only view nobody else changes
     root: str = ""
 
     def __post_init__(self) -> None:
@@ -251,8 +251,11 @@ class Manifest:
             raise ValueError("manifest sha256 must be 64 lowercase hex characters")
         if not isinstance(self.chunk_digests, (bytes, bytearray, memoryview)):
             raise ValueError("manifest chunk_digests must be bytes")
-        # Store immutable bytes even when handed a (reused) receive buffer.
-        object.__setattr__(self, "chunk_digests", bytes(self.chunk_digests))
+        # Store immutable bytes even when handed a (reused) receive buffer. A read-only view is taken as
+        # owned (the transport hands out one over a buffer nobody else holds) and kept: no second copy of
+        # a digest list that may be 128 MiB.
+        if not (isinstance(self.chunk_digests, memoryview) and self.chunk_digests.readonly):
+            object.__setattr__(self, "chunk_digests", bytes(self.chunk_digests))
         expected = DIGEST_BYTES * self.chunk_count
         if len(self.chunk_digests) != expected:
             raise ValueError(
@@ -277,7 +280,7 @@ class Manifest:
         """Raw 32-byte digest of chunk ``index``; ``ValueError`` if out of range."""
         self.chunk_span(index)
         start = index * DIGEST_BYTES
-        return self.chunk_digests[start : start + DIGEST_BYTES]
+        return bytes(self.chunk_digests[start : start + DIGEST_BYTES])
 
     def verify_chunk(self, index: int, data: bytes | bytearray | memoryview) -> bool:
         """True when ``data`` has chunk ``index``'s exact length and digest.
@@ -308,6 +311,9 @@ class Manifest:
         if hashlib.sha256(data).digest() != self.chunk_digest(index):
             return "failed SHA-256 verification"
         return None
+
+    def __hash__(self) -> int:
+        return hash((self.size, self.chunk_size, self.sha256, self.root))  # the root stands for the digests
 
     def to_header(self) -> dict:
         """JSON-safe fields for a protocol header; the digests travel apart as

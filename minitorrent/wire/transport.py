@@ -111,7 +111,8 @@ class Connection:
 
         With ``payload_buffer`` the payload is read into it and returned as a
         memoryview over it, valid until the buffer is reused; otherwise the
-        payload is returned as ``bytes``. ``max_payload`` lowers the payload
+        payload is returned as a read-only memoryview over a buffer of its
+        own (as good as ``bytes``, without the copy). ``max_payload`` lowers the payload
         limit for this frame (a server accepts none from an unauthenticated
         peer), checked before anything is read. Raises ``ConnectionClosed`` on
         EOF, reset or timeout, and ``ProtocolError`` for a bad frame. A
@@ -139,7 +140,7 @@ class Connection:
             buffer = bytearray(length)
             view = memoryview(buffer)
             self._read_exactly(view)
-            return bytes(buffer)
+            return view.toreadonly()  # nobody else holds this buffer: no copy (a manifest may be 128 MiB)
         view = memoryview(buffer)[:length]
         self._read_exactly(view)
         return view
