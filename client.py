@@ -87,7 +87,7 @@ def run_get(engine: ClientEngine, args: argparse.Namespace) -> int:
             failed += 1
             continue
         resumed = f", {result.resumed_chunks} chunks resumed" if result.resumed_chunks else ""
-        print(f"{result.outcome}: {result.path} ({human_size(result.size)}, sha256 verified{resumed}"
+        print(f"{result.outcome}: {result.path} ({human_size(result.size)}, every chunk verified{resumed}"
               f", {describe_sources(result.sources) or 'nothing fetched'})", flush=True)
     return 1 if failed else 0
 
