@@ -593,7 +593,11 @@ class _WriteBack:
             self._due.clear()
             if self._stopped:
                 return
-            os.fdatasync(self._fd)  # write back during the transfer, not all in the final fsync
+            try:
+                os.fdatasync(self._fd)  # write back during the transfer, not all in the final fsync
+            except OSError as error:  # the final fsync meets it again and fails the download
+                log.warning("write-back of a .part file failed: %s", error)
+                return
 
 
 def _chunk_on_disk_ok(fd: int, manifest: Manifest, index: int) -> bool:
