@@ -250,7 +250,8 @@ def bench(folder: Path, size: int, repeat: int, warmup: bool, chunk_size: int) -
                               add=[source])
         print(f"server listening on {server.address[0]}:{server.address[1]}, backup port {backup_port} silent "
               f"(start-up with --add: {time.perf_counter() - started:.1f} s)", flush=True)
-        client_config = write_config(folder / "client.yaml", config_settings(backup_port, chunk_size, server.address[1]))
+        client_settings = config_settings(backup_port, chunk_size, server.address[1])
+        client_config = write_config(folder / "client.yaml", client_settings)
         run_rounds(Runner(folder, source, source_sha, size, client_config), server, size, repeat, warmup)
 
 

@@ -14,8 +14,8 @@ The life of a download of ``NAME`` into ``DIR``:
    against the manifest's digest list *before* it is written; that list is
    bound to the file by the manifest's root (``Manifest.from_header`` refuses
    one that does not match), so once every chunk has passed, the file is
-   proven: each byte is hashed once, and no second whole-file pass follows. A connection that fails is
-   replaced, with backoff, until ``retry_deadline_s`` passes without progress;
+   proven: each byte is hashed once, and no second whole-file pass follows.
+   A connection that fails is replaced, with backoff, until ``retry_deadline_s`` passes without progress;
    if the server itself is gone the replacement comes from whichever server
    is active now (the backup after a failover). Every request names the
    file's SHA-256, so chunks of two versions are never mixed.
@@ -324,7 +324,8 @@ class _Job:
         """Ask the tracker who holds this file; start a stream for each new peer."""
         request = protocol.GetPeers(self.manifest.sha256, self.owner.seed_port())
         reply = self.owner.server.try_call(lambda s: s.call(request, protocol.PeerList))
-        live = sum(1 for source in self._peers.values() if not self.board.is_dropped(source))  # a dropped one frees its slot
+        # A dropped peer frees its slot.
+        live = sum(1 for source in self._peers.values() if not self.board.is_dropped(source))
         for entry in reply.message.peers if reply else []:
             try:
                 address, have = (str(entry["host"]), int(entry["port"])), _peer_have(entry, self.manifest)
