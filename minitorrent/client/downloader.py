@@ -206,6 +206,7 @@ class _Job:
         self.board = ChunkBoard(manifest.chunk_count)
         self.server_source = Source("server", is_server=True)
         self._peers: dict[tuple[str, int], Source] = {}
+        self._announced: dict[tuple[str, int], str | None] = {}  # each peer's last bitmap from the tracker, as sent
         self._peer_connections: set = set()  # open peer sessions' connections, cut when the download ends
         self._threads: list[threading.Thread] = []
 
@@ -328,9 +329,13 @@ class _Job:
         live = sum(1 for source in self._peers.values() if not self.board.is_dropped(source))
         for entry in reply.message.peers if reply else []:
             try:
-                address, have = (str(entry["host"]), int(entry["port"])), _peer_have(entry, self.manifest)
+                address = (str(entry["host"]), int(entry["port"]))
+                if address in self._peers and self._announced.get(address) == entry.get("have"):
+                    continue  # the same holdings as a second ago: nothing to decode or recount
+                have = _peer_have(entry, self.manifest)
             except (KeyError, TypeError, ValueError):
                 continue  # a malformed entry names nobody we could reach
+            self._announced[address] = entry.get("have")
             source = self._peers.get(address)
             if source is None and live < MAX_PEERS_PER_DOWNLOAD:
                 live += 1
