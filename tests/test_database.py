@@ -1,6 +1,7 @@
 """Tests for database.py: the SQLite base, the server catalog, the client state."""
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import sqlite3
@@ -15,7 +16,7 @@ from database import ClientStore, PartialStore, ServerStore, SQLiteStore
 import database
 from database import LISTING_KEYS, ClientStore, ServerStore, SQLiteStore, _fold
 from error_handler import CatalogError
-from integrity import Manifest, build_manifest
+from integrity import Manifest, build_manifest, hash_list_root
 
 LONG_TIMEOUT = 30  # seconds; thread joins that should take milliseconds
 
@@ -121,6 +122,22 @@ class TestSQLiteStore:
             rows = store._connection().execute("SELECT x FROM t").fetchall()
             assert 2 == store.schema_version
         assert [(1,), ("a;b",)] == rows
+
+    def test_catalog_of_the_first_schema_gets_its_roots(self, tmp_path):
+        """A catalog written before roots were stored gets each file's root from its digests on opening."""
+
+        class FirstSchema(SQLiteStore):
+            MIGRATIONS = ServerStore.MIGRATIONS[:1]
+
+        path = tmp_path / "old.db"
+        digests = hashlib.sha256(b"x").digest() * 3
+        with FirstSchema(path) as old:
+            old._connection().execute(
+                "INSERT INTO files (name, name_folded, size, chunk_size, sha256, added_at, chunk_digests)"
+                " VALUES ('a', 'a', 2500, 1000, ?, 1.0, ?)", ("0" * 64, digests))
+        with ServerStore(path) as store:
+            assert (hash_list_root(2500, 1000, digests), hash_list_root(2500, 1000, digests)) == (
+                store.get_file("a").root, store.get_manifest("a").root)
 
     def test_failed_migration_rolls_back(self, tmp_path):
         """A migration that fails leaves the schema and version untouched."""

@@ -449,7 +449,7 @@ class ServerClient:
         frame = self.call(lambda s: s.call(protocol.GetManifest(name), protocol.ManifestInfo))
         info = frame.message
         try:
-            return Manifest.from_header(info.to_header(), bytes(frame.payload))
+            return Manifest.from_header(info.to_header(), frame.payload)  # a read-only view: kept, not copied
         except ValueError as error:
             raise protocol.RemoteProtocolError(f"server sent a bad manifest for {name}: {error}") from error
 

@@ -298,7 +298,10 @@ class Catalog:
 
     def manifest(self, name: str) -> tuple[dict, bytes]:
         """(manifest header, chunk digests) of ``name``; ``RequestFailed`` if unknown."""
-        manifest = self.db.get_manifest(name)
+        try:
+            manifest = self.db.get_manifest(name)
+        except CatalogError as error:  # a damaged digest list is never handed out
+            raise RequestFailed(ErrorCode.STORAGE_ERROR, str(error)) from error
         if manifest is None:
             raise RequestFailed(ErrorCode.NOT_FOUND, f"no file named {name!r}")
         return manifest.to_header(), manifest.chunk_digests
@@ -392,6 +395,7 @@ def _entry(record: FileRecord) -> dict:
         "size": record.size,
         "chunks": record.chunks,
         "sha256": record.sha256,
+        "root": record.root,
         "downloads": record.downloads,
         "added_at": record.added_at,
     }

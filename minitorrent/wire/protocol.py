@@ -29,6 +29,7 @@ import base64
 import functools
 import json
 import operator
+import re
 import struct
 import typing
 from dataclasses import dataclass, fields
@@ -409,7 +410,11 @@ def decode_list_page(payload: bytes | memoryview) -> list[dict]:
 
 @dataclass(frozen=True)
 class ManifestInfo(Message):
-    """A manifest; the payload is the raw 32-byte chunk digests, in order."""
+    """A manifest; the payload is the raw 32-byte chunk digests, in order.
+
+    ``root`` binds the digests to the file (``integrity.hash_list_root``);
+    a receiver refuses a manifest whose digests do not give it.
+    """
 
     TYPE = "manifest_info"
     MAX_PAYLOAD = 32 * MAX_MANIFEST_CHUNKS
@@ -418,6 +423,7 @@ class ManifestInfo(Message):
     chunk_size: int
     sha256: str
     chunks: int
+    root: str = ""
 
 
 @dataclass(frozen=True)
@@ -510,9 +516,23 @@ def chunks_to_bitmap(indexes: set[int], count: int) -> bytes:
 
 
 def bitmap_to_chunks(bitmap: bytes | memoryview, count: int) -> set[int]:
-    """The chunk indexes whose bit is set."""
+    """The chunk indexes whose bit is set (below ``count``).
+
+    Empty bytes are skipped at C speed and a set byte costs one table
+    lookup, so a sparse bitmap of a million chunks costs what it holds.
+    """
     bitmap = bytes(bitmap)
-    return {i for i in range(min(count, 8 * len(bitmap))) if bitmap[i // 8] >> (i % 8) & 1}
+    indexes: list[int] = []
+    for match in _NONZERO_BYTE.finditer(bitmap):
+        base = match.start() * 8
+        indexes.extend([base + bit for bit in _BITS_OF_BYTE[bitmap[match.start()]]])
+    if 8 * len(bitmap) > count:
+        return {index for index in indexes if index < count}
+    return set(indexes)
+
+
+_NONZERO_BYTE = re.compile(rb"[^\x00]")
+_BITS_OF_BYTE = [tuple(bit for bit in range(8) if value >> bit & 1) for value in range(256)]
 
 
 def encode_holdings(files: dict[str, bytes | None]) -> bytes:
@@ -614,6 +634,7 @@ class ReplicateFile(Message):
     sha256: str
     chunks: int
     added_at: float
+    root: str = ""  # as in ManifestInfo
 
     def validate(self) -> None:
         check_file_name(self.name)

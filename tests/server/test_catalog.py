@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import sqlite3
 import threading
 from pathlib import Path
 
@@ -411,12 +412,21 @@ class TestServing:
         assert ErrorCode.NOT_FOUND == raised.value.code
 
     def test_list_files_entries(self, catalog, source):
-        """Entries are JSON-safe dicts with name, size, chunks, sha256, downloads and added_at."""
+        """Entries are JSON-safe dicts with name, size, chunks, sha256, root, downloads and added_at."""
         catalog.add_file(source("a.txt", b"abc"))
         [entry], _ = catalog.list_files()
-        assert {"name", "size", "chunks", "sha256", "downloads", "added_at"} == set(entry)
-        assert ("a.txt", 3, 1, sha256_of(b"abc"), 0) == (
-            entry["name"], entry["size"], entry["chunks"], entry["sha256"], entry["downloads"])
+        assert {"name", "size", "chunks", "sha256", "root", "downloads", "added_at"} == set(entry)
+        assert ("a.txt", 3, 1, sha256_of(b"abc"), 0, catalog.db.get_manifest("a.txt").root) == (
+            entry["name"], entry["size"], entry["chunks"], entry["sha256"], entry["downloads"], entry["root"])
+
+    def test_damaged_digest_list_is_never_served(self, catalog, source):
+        """Digests changed in the catalog no longer give the root stored beside them: the manifest is refused."""
+        catalog.add_file(source("a.txt", b"abc" * 1000))
+        with sqlite3.connect(catalog.db.path) as connection:  # as a damaged disk or another program would
+            connection.execute("UPDATE files SET chunk_digests = zeroblob(length(chunk_digests)) WHERE name = 'a.txt'")
+        with pytest.raises(RequestFailed) as refused:
+            catalog.manifest("a.txt")
+        assert (ErrorCode.STORAGE_ERROR, True) == (refused.value.code, "root does not match" in str(refused.value))
 
     def test_list_files_search_is_case_insensitive(self, catalog, source):
         """A search matches names containing it, whatever the case."""
