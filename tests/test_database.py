@@ -14,7 +14,7 @@ from database import ClientStore, PartialStore, ServerStore, SQLiteStore
 
 
 import database
-from database import LISTING_KEYS, ClientStore, ServerStore, SQLiteStore, _fold
+from database import LISTING_KEYS, ClientStore, ServerStore, SQLiteStore, fold
 from error_handler import CatalogError
 from integrity import Manifest, build_manifest, hash_list_root
 
@@ -291,7 +291,7 @@ class TestServerSearch:
 
 def brute_force_search(names: list[str], text: str) -> list[str]:
     """What a search must find: names whose folded form contains the folded text, by name."""
-    return sorted(name for name in names if _fold(text) in _fold(name))
+    return sorted(name for name in names if fold(text) in fold(name))
 
 
 class TestSearchIndex:
@@ -411,7 +411,7 @@ class TestCatalogMigration:
                 connection.execute(
                     "INSERT INTO files (name, name_folded, size, chunk_size, sha256, chunk_digests, added_at)"
                     " VALUES (?, ?, ?, ?, ?, ?, 1000.5)",
-                    (name, _fold(name), manifest.size, manifest.chunk_size, manifest.sha256, manifest.chunk_digests))
+                    (name, fold(name), manifest.size, manifest.chunk_size, manifest.sha256, manifest.chunk_digests))
         with ServerStore(path) as store:
             add_names(store, ["CAFÉ 2.txt"])
             assert (len(ServerStore.MIGRATIONS), ["CAFÉ 2.txt", "Café.txt", "notes.md", "report 2024.pdf"]) == (

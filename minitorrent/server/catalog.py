@@ -261,7 +261,7 @@ class Catalog:
             existing = chosen.get(candidate) or self.db.get_file(candidate)
             if existing is None:
                 record = FileRecord(candidate, manifest.size, manifest.chunk_size, manifest.sha256,
-                                    added_at, 0, manifest.chunk_count)
+                                    added_at, 0, manifest.chunk_count, manifest.root)
                 chosen[candidate] = record
                 return AddResult(record, "added" if candidate == name else "renamed")
             if existing.sha256 == manifest.sha256:

@@ -355,11 +355,11 @@ class TestStopping:
 class TestOneHashPass:
     def test_a_fresh_download_never_reads_its_file_back(self, tmp_path, server_factory, small_chunks, monkeypatch):
         """Every byte is hashed once, as its chunk arrives: nothing of the .part file is read back to hash it again."""
-        from minitorrent.client import downloader
+        from minitorrent.common import partfile
 
         reads: list[int] = []
-        read_exactly_at = downloader.read_exactly_at
-        monkeypatch.setattr(downloader, "read_exactly_at",
+        read_exactly_at = partfile.read_exactly_at
+        monkeypatch.setattr(partfile, "read_exactly_at",
                             lambda fd, view, offset: reads.append(offset) or read_exactly_at(fd, view, offset))
         source = make_file(tmp_path / "src" / "once.bin", 40 * SMALL_CHUNK + 5, seed=11)
         server = server_factory(small_chunks)
