@@ -103,11 +103,13 @@ def run_get(engine: ClientEngine, args: argparse.Namespace) -> int:
 
 def run_status(engine: ClientEngine, args: argparse.Namespace) -> int:
     snapshot = engine.status()
+    snapshot["client_identity"] = engine.identity.id
     if args.json:
         print(json.dumps(snapshot, ensure_ascii=False, indent=2))
         return 0
+    print(f"this client's identity: {engine.identity.id}")
     print(f"{snapshot.get('server', 'server')} server at {snapshot.get('address')}: "
-          f"{snapshot.get('role')}, epoch {snapshot.get('epoch')}")
+          f"{snapshot.get('role')}, epoch {snapshot.get('epoch')}, identity {snapshot.get('identity') or '(no TLS)'}")
     per_file = snapshot.pop("downloads_per_file", {})
     for key, value in flatten(snapshot):
         print(f"{key:32} {value}")
@@ -135,7 +137,7 @@ def run_seed(engine: ClientEngine, args: argparse.Namespace) -> int:
     def start() -> str:
         host, port = engine.start_seeding()
         count, total = engine.seeder.source.count_files()
-        return f"seeding {count} files ({human_size(total)}) on {host}:{port}"
+        return f"seeding {count} files ({human_size(total)}) on {host}:{port}, identity {engine.identity.id}"
 
     def report() -> None:
         uploaded = engine.seeder.metrics.snapshot()

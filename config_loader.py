@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -62,6 +63,10 @@ def _int_range(low: int, high: int | None = None) -> dict[str, Any]:
 _PORT = _int_range(0, MAX_PORT)  # 0 asks the OS for any free port (tests rely on it)
 _POSITIVE_SECONDS = {"must": "a number of seconds > 0", "ok": lambda v: v > 0}
 _HOST = {"must": "a non-empty string", "ok": lambda v: v.strip() != ""}
+# An identity as `client.py status` shows it (its check characters are checked where it is used).
+_IDENTITY = {"must": "empty or an identity (8 groups of 7 letters A-Z and digits 2-7, joined by dashes)",
+             "ok": lambda v: v == "" or re.fullmatch(r"[A-Z2-7]{7}(-[A-Z2-7]{7}){7}", v) is not None,
+             "normalize": lambda v: v.strip().upper()}
 
 
 class _RelationError(ValueError):
@@ -80,6 +85,7 @@ class MainServerConfig:
     host: str = _setting("127.0.0.1", **_HOST)
     port: int = _setting(5001, **_PORT)
     data_dir: Path = _setting(Path("data/main"))
+    id: str = _setting("", **_IDENTITY)
 
 
 @dataclass(frozen=True)
@@ -93,6 +99,7 @@ class BackupServerConfig:
     host: str = _setting("127.0.0.1", **_HOST)
     port: int = _setting(5002, **_PORT)
     data_dir: Path = _setting(Path("data/backup"))
+    id: str = _setting("", **_IDENTITY)
     heartbeat_interval: float = _setting(2.0, **_POSITIVE_SECONDS)
     heartbeat_timeout: float = _setting(6.0, **_POSITIVE_SECONDS)
     failback: str = _setting(
@@ -115,6 +122,7 @@ class ServerConfig:
     main: MainServerConfig = field(default_factory=MainServerConfig)
     backup: BackupServerConfig = field(default_factory=BackupServerConfig)
     secret: str = _setting("")
+    cluster_key_file: Path = _setting(Path("cluster.key"))
 
 
 @dataclass(frozen=True)
@@ -141,6 +149,7 @@ class TransferConfig:
     upload_limit: int = _setting(0, **_int_range(0))
     download_limit: int = _setting(0, **_int_range(0))
     announce_interval: float = _setting(10.0, **_POSITIVE_SECONDS)
+    encrypt: bool = _setting(True)
 
 
 @dataclass(frozen=True)

@@ -55,7 +55,8 @@ def start_banner(engine: MainServer) -> str:
     """Start the engine; the line that says where it listens."""
     host, port = engine.start()
     count, total = engine.catalog.count_files()
-    return f"main server listening on {host}:{port} with {count} files ({total} bytes)"
+    return (f"main server listening on {host}:{port} with {count} files ({total} bytes), "
+            f"identity {engine.identity.id}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -17,11 +17,14 @@ from config_loader import Config, load_config
 from minitorrent.common import launcher
 from minitorrent.common.launcher import ServerProcess
 from minitorrent.server.main import MainServer
+from minitorrent.wire.tls import ClientTls
 
 ROOT = Path(__file__).resolve().parent.parent
 SHORT_TIMEOUT = 10.0  # something that should happen at once
 LONG_TIMEOUT = 60.0  # a large transfer or a process start on a loaded machine
 POLL_INTERVAL = 0.02
+# TLS as a test client speaks it to a server it does not need to pin (pinning has its own tests).
+TLS = ClientTls()
 
 
 def wait_until(condition: Callable[[], Any], timeout: float = SHORT_TIMEOUT, what: str = "condition") -> Any:

@@ -24,18 +24,6 @@ class TestDemo:
         assert [] == list(tmp_path.glob("minitorrent-demo-*"))  # the throwaway folder is gone
 
 
-class TestBackupWithoutSecret:
-    def test_backup_server_refuses_to_start_without_a_secret(self, tmp_path):
-        """backup_server.py with an empty server.secret exits 2 with one line naming the key."""
-        config = tmp_path / "config.yaml"
-        config.write_text("logging: {log_to_file: false}\n")
-        result = subprocess.run([sys.executable, str(ROOT / "backup_server.py"), "--config", str(config), "--headless"],
-                                capture_output=True, text=True, timeout=LONG_TIMEOUT)
-        assert 2 == result.returncode
-        assert ["error: server.secret: must be set for the backup (the main proves it before replicating)"] == \
-            result.stderr.strip().splitlines()
-
-
 class TestDemoWindows:
     @pytest.mark.timeout(LONG_TIMEOUT * 2)
     def test_demo_opens_the_three_windows_and_ends_on_ctrl_c(self, tmp_path, display):

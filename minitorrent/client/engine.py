@@ -15,6 +15,8 @@ from minitorrent.client.seeding import Seeder
 from minitorrent.net.remote import ServerClient
 from minitorrent.net.throttle import TokenBucket
 from minitorrent.wire import protocol
+from minitorrent.wire.identity import load_or_create
+from minitorrent.wire.tls import client_tls
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +30,10 @@ class ClientEngine:
     def __init__(self, config: Config, on_progress: Callable[[Progress], None] | None = None) -> None:
         self.config = config
         transfer = config.transfer
+        self.identity = load_or_create(config.client.data_dir)  # what the seeder presents, what `status` shows
         self.server = ServerClient(server_addresses(config), io_timeout_s=transfer.io_timeout,
-                                   pool_size=transfer.pool_size, retry_deadline_s=config.client.retry_deadline)
+                                   pool_size=transfer.pool_size, retry_deadline_s=config.client.retry_deadline,
+                                   secure=client_tls(config))
         self.store = ClientStore(config.client.data_dir / "client.db")
         self.download_limit = TokenBucket(transfer.download_limit)
         self.seeder = Seeder(config, self.server, self.store) if config.client.seeding else None

@@ -29,7 +29,9 @@ from minitorrent.net.remote import ServerClient
 from minitorrent.net.serving import RequestServer
 from minitorrent.net.throttle import TokenBucket
 from minitorrent.wire import protocol
+from minitorrent.wire.identity import load_or_create
 from minitorrent.wire.protocol import ErrorCode, RequestFailed
+from minitorrent.wire.tls import ServerTls
 
 log = logging.getLogger(__name__)
 
@@ -133,10 +135,11 @@ class Announcer:
     """Tells the tracker what the seeder holds: on demand and every ``interval_s``."""
 
     def __init__(self, server: ServerClient, source: SeedSource, port: int, interval_s: float,
-                 stop: threading.Event) -> None:
+                 stop: threading.Event, identity: str = "") -> None:
         self.server = server
         self.source = source
         self.port = port
+        self.identity = identity  # our seeder's TLS identity, which downloaders will pin
         self.interval_s = interval_s
         self.stop = stop
         self._wanted = threading.Event()
@@ -159,7 +162,7 @@ class Announcer:
     def _announce_once(self) -> None:
         payload = protocol.encode_holdings(self.source.holdings())
         try:
-            self.server.call(lambda s: s.call(protocol.Announce(self.port), protocol.Ok, payload))
+            self.server.call(lambda s: s.call(protocol.Announce(self.port, self.identity), protocol.Ok, payload))
         except MiniTorrentError as error:  # the tracker is best effort: try again next time
             log.info("could not announce to the tracker: %s", error)
 
@@ -176,6 +179,7 @@ class Seeder:
         self._server = server
         self._store = store
         self.announcer: Announcer | None = None
+        tls = ServerTls(load_or_create(config.client.data_dir)) if config.transfer.encrypt else None
         self.server = RequestServer(
             self.source,
             host=local_address_towards(config.server.main.host, config.server.main.port),
@@ -186,6 +190,7 @@ class Seeder:
             io_timeout_s=config.transfer.io_timeout,
             metrics=self.metrics,
             upload_limit=self.upload_limit,
+            tls=tls,
         )
 
     def start(self) -> tuple[str, int]:
@@ -193,7 +198,7 @@ class Seeder:
         held = self.source.load_completed(self._store)
         host, port = self.server.start()
         self.announcer = Announcer(self._server, self.source, port, self._config.transfer.announce_interval,
-                                   self.stop_event)
+                                   self.stop_event, self.server.tls.id if self.server.tls else "")
         self.announcer.start()
         log.info("seeding %d files on %s:%d", held, host, port)
         return host, port

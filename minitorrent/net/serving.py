@@ -21,7 +21,7 @@ import threading
 import uuid
 from typing import BinaryIO, Callable, Protocol
 
-from error_handler import MiniTorrentError
+from error_handler import ConnectionFailed, MiniTorrentError
 from metrics import Metrics
 from minitorrent.common.fs import ChunkLocation
 from minitorrent.net.throttle import TokenBucket
@@ -35,6 +35,7 @@ from minitorrent.wire.protocol import (
     ProtocolError,
     RequestFailed,
 )
+from minitorrent.wire.tls import ServerTls, server_identity
 from minitorrent.wire.transport import Connection, ConnectionClosed
 
 log = logging.getLogger(__name__)
@@ -103,7 +104,8 @@ class RequestServer:
     an authenticated main server; ``secret`` is what it must prove to know.
     ``status_extra()`` adds entries to status replies. With a ``tracker``
     it answers seeding clients' announcements and peer requests;
-    ``upload_limit`` paces every chunk it sends.
+    ``upload_limit`` paces every chunk it sends. With ``tls`` every
+    connection runs over TLS 1.3 with that identity.
     """
 
     def __init__(
@@ -119,17 +121,21 @@ class RequestServer:
         metrics: Metrics | None = None,
         node: ServingRole | None = None,
         secret: str = "",
+        secret_hint: str = "the servers do not share the same server.secret",
         peer_handlers: dict[type[Message], PeerHandler] | None = None,
         status_extra: Callable[[], dict] | None = None,
         tracker: Tracker | None = None,
         upload_limit: TokenBucket | None = None,
+        tls: ServerTls | None = None,
     ) -> None:
         self.source = source
+        self.tls = tls  # None: plain TCP (tests of the framing, and benchmarks that ask for it)
         self.tracker = tracker
         self.upload_limit = upload_limit or TokenBucket(0)
         self.name = name
         self.node = node
         self.secret = secret
+        self.secret_hint = secret_hint
         self.peer_handlers = peer_handlers or {}
         self.status_extra = status_extra
         self.server_id = node.server_id if node else uuid.uuid4().hex[:12]
@@ -213,6 +219,8 @@ class RequestServer:
             sock.close()
 
     def _hand_to_thread(self, sock: socket.socket) -> None:
+        if self.tls:
+            sock = self.tls.wrap(sock)  # the handshake itself runs in the connection's thread
         connection = Connection(sock, io_timeout_s=self.io_timeout_s, idle_timeout_s=self.idle_timeout_s)
         with self._lock:
             full = len(self._handlers) >= self.max_connections + PEER_SLOTS
@@ -267,7 +275,11 @@ class RequestServer:
         self.metrics.connection_opened()
         handler = _Handler(self, connection)
         try:
+            if self.tls:
+                self.tls.handshake(connection.sock, self.io_timeout_s)
             handler.handle()
+        except ConnectionFailed as failed:
+            log.debug("%s: %s", connection.peer, failed)
         finally:
             handler.finish()
             self.metrics.connection_closed()
@@ -296,6 +308,7 @@ class _Handler:
         self._open_file: tuple[str, BinaryIO] | None = None
         self._counted_sent = 0
         self._counted_received = 0
+        self._bound = server_identity(connection.sock)  # our identity, which the peer's proofs must cover
 
     def handle(self) -> None:
         """Answer requests until the peer leaves, idles out, or breaks framing."""
@@ -399,11 +412,12 @@ class _Handler:
             raise RequestFailed(ErrorCode.UNKNOWN_REQUEST, f"this {self.server.name} keeps no tracker")
         host = self.connection.sock.getpeername()[0]  # never an address the peer claims
         if isinstance(request, protocol.Announce):
-            tracker.announce(host, request.port, protocol.decode_holdings(frame.payload))
+            tracker.announce(host, request.port, protocol.decode_holdings(frame.payload), request.identity)
             self.connection.send(protocol.Ok())
         else:
             peers = tracker.peers_for(request.sha256, (host, request.port))
-            listed = [{"host": h, "port": p, "have": protocol.encode_bitmap(have)} for h, p, have in peers]
+            listed = [{"host": h, "port": p, "have": protocol.encode_bitmap(have), "id": tracker.identity_of(h, p)}
+                      for h, p, have in peers]
             self.connection.send(protocol.PeerList(listed))
 
     def _greet(self, hello: protocol.Hello) -> bool:
@@ -431,15 +445,16 @@ class _Handler:
             raise RequestFailed(ErrorCode.AUTH_FAILED, "peer connections need server.secret set on both servers")
         self.greeted = True
         self.peer_nonce = auth.new_nonce()
-        proof = auth.prove(self.server.secret, auth.SERVER_PURPOSE, hello.nonce)
+        # Bound to our TLS identity: a machine in the middle with its own certificate cannot relay it.
+        proof = auth.prove(self.server.secret, auth.SERVER_PURPOSE, f"{hello.nonce}{self._bound}")
         self.connection.send(self.server.welcome(self.peer_nonce, proof))
         return True
 
     def _authenticate(self, request: protocol.Authenticate) -> None:
         if not self.peer_nonce or not auth.proof_ok(self.server.secret, auth.PEER_PURPOSE,
-                                                        self.peer_nonce, request.proof):
-            log.warning("peer %s failed authentication: wrong server.secret?", self.connection.peer)
-            raise RequestFailed(ErrorCode.AUTH_FAILED, "authentication failed: wrong server.secret")
+                                                        f"{self.peer_nonce}{self._bound}", request.proof):
+            log.warning("peer %s failed authentication: %s", self.connection.peer, self.server.secret_hint)
+            raise RequestFailed(ErrorCode.AUTH_FAILED, f"authentication failed: {self.server.secret_hint}")
         self.peer_nonce = ""
         self.authenticated = True
         log.info("peer %s authenticated", self.connection.peer)
@@ -468,7 +483,7 @@ class _Handler:
         snapshot = server.metrics.snapshot(top_files=protocol.MAX_STATUS_FILES)
         welcome = server.welcome()
         snapshot.update(server=server.name, role=welcome.role, epoch=welcome.epoch, server_id=server.server_id,
-                        primary=welcome.primary)
+                        primary=welcome.primary, identity=server.tls.id if server.tls else "")
         if server.status_extra:
             snapshot.update(server.status_extra())
         self.connection.send(protocol.StatusInfo(metrics=snapshot))

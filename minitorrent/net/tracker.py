@@ -26,6 +26,7 @@ PEER_TTL_INTERVALS = 3  # a peer is forgotten after missing this many announceme
 class _Peer:
     last_seen: float
     files: dict[str, bytes | None] = field(default_factory=dict)  # sha256 -> chunk bitmap, None = complete
+    identity: str = ""  # the TLS identity it announced, which downloaders pin
 
 
 class Tracker:
@@ -39,7 +40,7 @@ class Tracker:
         self._lock = threading.Lock()
         self._peers: dict[tuple[str, int], _Peer] = {}
 
-    def announce(self, host: str, port: int, files: dict[str, bytes | None]) -> None:
+    def announce(self, host: str, port: int, files: dict[str, bytes | None], identity: str = "") -> None:
         """Record what the peer at ``host:port`` holds now (replacing what it said before).
 
         One host keeps at most ``MAX_PEERS_PER_HOST`` entries (the oldest
@@ -49,7 +50,13 @@ class Tracker:
             same_host = [a for a in self._peers if a[0] == host and a != (host, port)]
             if len(same_host) >= MAX_PEERS_PER_HOST:
                 del self._peers[min(same_host, key=lambda a: self._peers[a].last_seen)]
-            self._peers[(host, port)] = _Peer(self._clock(), dict(files))
+            self._peers[(host, port)] = _Peer(self._clock(), dict(files), identity)
+
+    def identity_of(self, host: str, port: int) -> str:
+        """The identity the peer at ``host:port`` announced ("" if none or unknown)."""
+        with self._lock:
+            peer = self._peers.get((host, port))
+            return peer.identity if peer else ""
 
     def forget(self, host: str, port: int) -> None:
         """Drop a peer (it said goodbye)."""

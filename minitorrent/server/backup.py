@@ -7,7 +7,6 @@ import threading
 import time
 
 from config_loader import Config
-from error_handler import ConfigError
 from minitorrent.server.engine import ServerEngine
 from minitorrent.server.replication import ReplicaReceiver
 from minitorrent.server.roles import Role
@@ -27,8 +26,6 @@ class BackupServer(ServerEngine):
     """
 
     def __init__(self, config: Config) -> None:
-        if not config.server.secret:
-            raise ConfigError("server.secret: must be set for the backup (the main proves it before replicating)")
         settings = config.server.backup
         self.heartbeat_timeout_s = settings.heartbeat_timeout
         self.heartbeat_interval_s = settings.heartbeat_interval
@@ -36,7 +33,8 @@ class BackupServer(ServerEngine):
         self._lock = threading.Lock()
         self._last_heartbeat = time.monotonic()  # counting starts at start-up: the main gets a full timeout
         self._main_address = f"{config.server.main.host}:{config.server.main.port}"
-        super().__init__(config, "backup", settings, secret=config.server.secret)
+        super().__init__(config, "backup", settings)
+        self.server.secret = self.secret  # what the main must prove (the cluster key file if server.secret is empty)
         self.receiver = ReplicaReceiver(self.catalog, self.node, settings.failback, lambda: self._main_address)
         self.receiver.on_change = lambda: self.metrics.set_downloads(self.catalog.download_counts())
         self.server.peer_handlers.update(self.receiver.handlers())  # the receiver needs our catalog: added now

@@ -20,6 +20,8 @@ from minitorrent.net.throttle import TokenBucket
 from minitorrent.net.tracker import PEER_TTL_INTERVALS, Tracker
 from minitorrent.server.catalog import Catalog
 from minitorrent.server.roles import NodeState, Role
+from minitorrent.wire.identity import cluster_key, load_or_create
+from minitorrent.wire.tls import ClientTls, ServerTls
 
 
 class ServerEngine:
@@ -35,6 +37,8 @@ class ServerEngine:
         self.metrics.set_downloads(self.catalog.download_counts())
         self.lock = FolderLock(settings.data_dir)
         self.stop_event = threading.Event()
+        self.identity = load_or_create(settings.data_dir)
+        self.secret, self.secret_hint = cluster_secret(config)
         transfer = config.transfer
         self.server = RequestServer(
             self.catalog,
@@ -49,6 +53,8 @@ class ServerEngine:
             status_extra=self._status_extra,
             tracker=Tracker(ttl_s=PEER_TTL_INTERVALS * transfer.announce_interval),
             upload_limit=TokenBucket(transfer.upload_limit),
+            tls=ServerTls(self.identity) if transfer.encrypt else None,
+            secret_hint=self.secret_hint,
             **server_options,
         )
 
@@ -80,3 +86,23 @@ class ServerEngine:
     def _status_extra(self) -> dict:
         """Entries a subclass adds to status replies."""
         return {}
+
+
+def cluster_secret(config: Config) -> tuple[str, str]:
+    """The secret the main and the backup prove to each other, and what to do when theirs differ.
+
+    ``server.secret`` when set; otherwise the cluster key file beside the
+    config (``server.cluster_key_file``), made by whichever server starts
+    first, so a pair on one machine needs no setup. Raises ``ConfigError``.
+    """
+    if config.server.secret:
+        return config.server.secret, "the main and the backup must set the same server.secret"
+    path = config.server.cluster_key_file
+    return cluster_key(path), (f"the main and the backup hold different cluster keys: copy {path} from the "
+                               f"main's machine to the same place on the backup's (or set server.secret to "
+                               f"the same value on both)")
+
+
+def peer_tls(config: Config) -> ClientTls | None:
+    """How the main dials the backup: TLS; the backup is recognised by its proof of the cluster key."""
+    return ClientTls() if config.transfer.encrypt else None

@@ -17,7 +17,7 @@ from database import ClientStore
 from error_handler import MiniTorrentError
 from minitorrent.net.remote import ServerClient
 from minitorrent.server.catalog import AddResult
-from minitorrent.server.engine import ServerEngine
+from minitorrent.server.engine import ServerEngine, peer_tls
 from minitorrent.server.replication import (
     PEER_ERRORS,
     Heartbeater,
@@ -42,7 +42,7 @@ class MainServer(ServerEngine):
         super().__init__(config, "main", config.server.main)
         backup = config.server.backup
         self.backup_address = (backup.host, backup.port)
-        self.replicating = bool(config.server.secret) and backup.port != 0
+        self.replicating = backup.port != 0  # the cluster key file stands in for an empty server.secret
         self.replicator: Replicator | None = None
         self._last_ack: tuple[float, protocol.HeartbeatAck] | None = None
         self._catch_up_thread: threading.Thread | None = None
@@ -81,7 +81,7 @@ class MainServer(ServerEngine):
                      self.config.server.backup.heartbeat_timeout)
             self._start_replication(f"{address[0]}:{address[1]}")
         else:
-            reason = "server.secret is empty" if not self.config.server.secret else "no backup configured"
+            reason = "no backup configured"
             log.info("replication off: %s", reason)
             self.node.listeners.append(self._stay_active_alone)
             self.node.become_active(f"{reason}; serving alone")
@@ -102,15 +102,19 @@ class MainServer(ServerEngine):
         return [t for t in threads if t is not None and t.is_alive()]
 
     def _start_replication(self, my_address: str) -> None:
-        secret, io_timeout = self.config.server.secret, self.config.transfer.io_timeout
-        heartbeat_link = PeerLink(self.backup_address, secret, io_timeout, self.node)
-        self.replicator = Replicator(self.catalog, PeerLink(self.backup_address, secret, io_timeout, self.node),
+        heartbeat_link = self._peer_link()
+        self.replicator = Replicator(self.catalog, self._peer_link(),
                                      self.config.transfer.pipeline_depth, self.stop_event)
         self._heartbeater = Heartbeater(heartbeat_link, self.config.server.backup.heartbeat_interval,
                                         self.catalog.db.catalog_version, my_address, self._on_heartbeat_ack,
                                         self.stop_event)
         self.replicator.start()
         self._heartbeater.start()
+
+    def _peer_link(self) -> PeerLink:
+        """A new link to the backup: TLS, and both sides prove the cluster key over it."""
+        return PeerLink(self.backup_address, self.secret, self.config.transfer.io_timeout, self.node,
+                        peer_tls(self.config), self.secret_hint)
 
     # Roles -------------------------------------------------------------------------------
 
@@ -155,10 +159,10 @@ class MainServer(ServerEngine):
     def _catch_up_loop(self) -> None:
         """Fetch what the backup gained and take the role back; retry until done or stopped."""
         config = self.config
-        link = PeerLink(self.backup_address, config.server.secret, config.transfer.io_timeout, self.node)
+        link = self._peer_link()
         fetch_from = ServerClient([self.backup_address], io_timeout_s=config.transfer.io_timeout,
                                   pool_size=2, retry_deadline_s=config.server.backup.heartbeat_timeout,
-                                  stop=self.stop_event, secret=config.server.secret)
+                                  stop=self.stop_event, secret=self.secret, secure=peer_tls(config))
         store = ClientStore(self.catalog.data_dir / "failback.db")
         try:
             while not self.stop_event.is_set() and self.node.role is Role.STANDBY:

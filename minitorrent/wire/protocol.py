@@ -394,11 +394,14 @@ class Announce(Message):
 
     ``have`` is a base64 bitmap of the chunks held, or null for the whole
     file. ``port`` is where the client seeds; its host is the connection's.
+    ``identity`` is the seeder's TLS identity, which downloaders pin (a false
+    one only makes their TLS check refuse that address).
     """
 
     TYPE = "announce"
     MAX_PAYLOAD = MAX_CLIENT_PAYLOAD
     port: int
+    identity: str = ""
 
     def validate(self) -> None:
         _require(0 < self.port < 65536, f"port {self.port} is not a TCP port", ErrorCode.OUT_OF_RANGE)
@@ -415,7 +418,7 @@ class GetPeers(Message):
 
 @dataclass(frozen=True)
 class PeerList(Message):
-    """Peers for a file: ``[{"host", "port", "have"}]``, shuffled, at most 30."""
+    """Peers for a file: ``[{"host", "port", "have", "id"}]``, shuffled, at most 30 (``id``: the identity to pin)."""
 
     TYPE = "peer_list"
     peers: list

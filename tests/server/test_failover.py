@@ -26,6 +26,7 @@ from conftest import (
     LONG_TIMEOUT,
     ROOT,
     SHORT_TIMEOUT,
+    TLS,
     SlowProxy,
     make_config,
     make_file,
@@ -61,7 +62,7 @@ FAILOVER_TIMEOUT = 30.0  # heartbeat_timeout, a process start and a catch-up, on
 
 def status_of(address: tuple[str, int]) -> dict | None:
     """One server's own status, asked directly; None if it does not answer."""
-    return remote.status_of(address, STATUS_TIMEOUT_S)
+    return remote.status_of(address, STATUS_TIMEOUT_S, TLS)
 
 
 def catalog_of(data_dir: Path) -> dict[str, str]:
@@ -560,9 +561,9 @@ class TestWrongSecret:
                     backup_secret="not the main's secret")
         main, backup = c.start_pair(add=[source])
 
-        wait_until(lambda: "failed authentication: wrong server.secret" in log_of(backup), SHORT_TIMEOUT,
+        wait_until(lambda: "failed authentication: the main and the backup must set the same server.secret" in log_of(backup), SHORT_TIMEOUT,
                    "the backup to log the peer's failed authentication")
-        wait_until(lambda: "could not prove it knows server.secret" in log_of(main), SHORT_TIMEOUT,
+        wait_until(lambda: "could not prove it knows the cluster key" in log_of(main), SHORT_TIMEOUT,
                    "the main to log that the backup could not prove the secret")
         epoch = c.wait_backup_active(above_epoch=0)
 
@@ -653,7 +654,7 @@ class TestClientHelloFencing:
         events = []
         engine.node.listeners.insert(0, events.append)
 
-        session = ServerSession.open(host, port, io_timeout_s=SHORT_TIMEOUT, epoch=epoch + 5)
+        session = ServerSession.open(host, port, io_timeout_s=SHORT_TIMEOUT, secure=TLS, epoch=epoch + 5)
         session.close()
         assert ["standby", "active"] == [event.role.value for event in events]
         assert ("active", epoch + 6) == (engine.node.role.value, engine.node.epoch)
@@ -668,10 +669,10 @@ class TestClientHelloFencing:
         host, port = engine.start()
         try:
             epoch = engine.promote_now()
-            client = ServerSession.open(host, port, io_timeout_s=SHORT_TIMEOUT, epoch=epoch)
+            client = ServerSession.open(host, port, io_timeout_s=SHORT_TIMEOUT, secure=TLS, epoch=epoch)
             assert "active" == client.welcome.role
             client.call(protocol.ListFiles("", 0), protocol.FileList)  # served while current
-            newer = ServerSession.open(host, port, io_timeout_s=SHORT_TIMEOUT, epoch=epoch + 1)
+            newer = ServerSession.open(host, port, io_timeout_s=SHORT_TIMEOUT, secure=TLS, epoch=epoch + 1)
             newer.close()
             with pytest.raises(NotActive):
                 client.call(protocol.ListFiles("", 0), protocol.FileList)  # the same connection, now refused

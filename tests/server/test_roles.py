@@ -444,9 +444,10 @@ class TestOutlandishClaims:
 
     def test_main_without_backup_stays_active_after_a_client_claims_a_higher_epoch(self, server_factory):
         """A main serving alone takes an epoch above a client's claim instead of standing by for good."""
+        from conftest import TLS
         from minitorrent.net.remote import ServerSession
 
         server = server_factory()
         host, port = server.server.address
-        ServerSession.open(host, port, io_timeout_s=5, epoch=99).close()
+        ServerSession.open(host, port, io_timeout_s=5, secure=TLS, epoch=99).close()
         assert ("active", 100) == (server.node.role.value, server.node.epoch)
