@@ -38,7 +38,9 @@ class ServerEngine:
         self.lock = FolderLock(settings.data_dir)
         self.stop_event = threading.Event()
         self.identity = load_or_create(settings.data_dir)
-        self.secret, self.secret_hint = cluster_secret(config)
+        # A main with no backup configured has no peer link, so no cluster key file to make.
+        has_peer = name == "backup" or config.server.backup.port != 0
+        self.secret, self.secret_hint = cluster_secret(config) if has_peer else ("", "")
         transfer = config.transfer
         self.server = RequestServer(
             self.catalog,
