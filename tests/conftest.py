@@ -4,9 +4,12 @@ Timeouts are named here, once, and generous: CI machines are shared and slow.
 """
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -17,14 +20,18 @@ from config_loader import Config, load_config
 from minitorrent.common import launcher
 from minitorrent.common.launcher import ServerProcess
 from minitorrent.server.main import MainServer
+from minitorrent.wire.identity import load_or_create
 from minitorrent.wire.tls import ClientTls
 
 ROOT = Path(__file__).resolve().parent.parent
 SHORT_TIMEOUT = 10.0  # something that should happen at once
 LONG_TIMEOUT = 60.0  # a large transfer or a process start on a loaded machine
 POLL_INTERVAL = 0.02
-# TLS as a test client speaks it to a server it does not need to pin (pinning has its own tests).
-TLS = ClientTls()
+# TLS as a test client speaks it to a server it does not need to pin (pinning has its own tests),
+# proving one identity made for this run.
+_IDENTITY_DIR = Path(tempfile.mkdtemp(prefix="minitorrent-test-identity-"))
+atexit.register(shutil.rmtree, _IDENTITY_DIR, True)
+TLS = ClientTls(identity=load_or_create(_IDENTITY_DIR))
 
 
 def wait_until(condition: Callable[[], Any], timeout: float = SHORT_TIMEOUT, what: str = "condition") -> Any:

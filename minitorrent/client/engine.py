@@ -33,7 +33,7 @@ class ClientEngine:
         self.identity = load_or_create(config.client.data_dir)  # what the seeder presents, what `status` shows
         self.server = ServerClient(server_addresses(config), io_timeout_s=transfer.io_timeout,
                                    pool_size=transfer.pool_size, retry_deadline_s=config.client.retry_deadline,
-                                   secure=client_tls(config))
+                                   secure=client_tls(config, self.identity))
         self.store = ClientStore(config.client.data_dir / "client.db")
         self.download_limit = TokenBucket(transfer.download_limit)
         self.seeder = Seeder(config, self.server, self.store) if config.client.seeding else None

@@ -135,11 +135,10 @@ class Announcer:
     """Tells the tracker what the seeder holds: on demand and every ``interval_s``."""
 
     def __init__(self, server: ServerClient, source: SeedSource, port: int, interval_s: float,
-                 stop: threading.Event, identity: str = "") -> None:
+                 stop: threading.Event) -> None:
         self.server = server
         self.source = source
         self.port = port
-        self.identity = identity  # our seeder's TLS identity, which downloaders will pin
         self.interval_s = interval_s
         self.stop = stop
         self._wanted = threading.Event()
@@ -162,7 +161,7 @@ class Announcer:
     def _announce_once(self) -> None:
         payload = protocol.encode_holdings(self.source.holdings())
         try:
-            self.server.call(lambda s: s.call(protocol.Announce(self.port, self.identity), protocol.Ok, payload))
+            self.server.call(lambda s: s.call(protocol.Announce(self.port), protocol.Ok, payload))
         except MiniTorrentError as error:  # the tracker is best effort: try again next time
             log.info("could not announce to the tracker: %s", error)
 
@@ -198,7 +197,7 @@ class Seeder:
         held = self.source.load_completed(self._store)
         host, port = self.server.start()
         self.announcer = Announcer(self._server, self.source, port, self._config.transfer.announce_interval,
-                                   self.stop_event, self.server.tls.id if self.server.tls else "")
+                                   self.stop_event)
         self.announcer.start()
         log.info("seeding %d files on %s:%d", held, host, port)
         return host, port

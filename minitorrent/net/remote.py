@@ -33,6 +33,7 @@ from error_handler import (
 from integrity import Manifest
 from minitorrent.wire import auth, protocol
 from minitorrent.wire.protocol import ErrorCode, ErrorReply, Frame, Message
+from minitorrent.wire.identity import Identity
 from minitorrent.wire.tls import Secure, server_identity
 from minitorrent.wire.transport import Connection
 
@@ -64,6 +65,7 @@ class ServerSession:
             if secret is None:
                 connection.send(protocol.Hello(protocol.PROTOCOL_VERSION, "client", AGENT, epoch))
                 welcome = expect_reply(connection.recv(), protocol.Welcome)
+                _identify(connection, getattr(secure, "identity", None), welcome)
             else:
                 welcome = _authenticate(connection, secret, epoch, f"{host}:{port}")
         except BaseException:
@@ -127,6 +129,15 @@ def _authenticate(connection: Connection, secret: str, epoch: int, where: str) -
             raise AuthenticationFailed(f"{where} refused our proof: {error.message}") from error
         raise
     return welcome
+
+
+def _identify(connection: Connection, identity: Identity | None, welcome: protocol.Welcome) -> None:
+    """Prove our identity to a server that asked (its nonce, over TLS): what pairing and counts rest on."""
+    if identity is None or not welcome.nonce:
+        return
+    certificate, signature = identity.identify(server_identity(connection.sock), welcome.nonce)
+    connection.send(protocol.Identify(certificate, signature))
+    expect_reply(connection.recv(), protocol.Ok)
 
 
 def _tell_refused(connection: Connection) -> None:

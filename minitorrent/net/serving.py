@@ -35,6 +35,7 @@ from minitorrent.wire.protocol import (
     ProtocolError,
     RequestFailed,
 )
+from minitorrent.wire.identity import verify_identify
 from minitorrent.wire.tls import ServerTls, server_identity
 from minitorrent.wire.transport import Connection, ConnectionClosed
 
@@ -91,6 +92,16 @@ class FileSource(Protocol):
         """A client finished and verified a download of ``name``."""
 
 
+class ClientAccess(Protocol):
+    """Who may download, and whose reports count (the server floor's access policy is one)."""
+
+    def allows(self, identity: str) -> bool:
+        """May the client with this proven identity ("" if none) list and download? Any thread."""
+
+    def first_report(self, identity: str, sha256: str) -> bool:
+        """True the first time this identified client reports a download of ``sha256``."""
+
+
 PeerHandler = Callable[["_Handler", Frame], None]
 PEER_SLOTS = 4  # connections kept beyond max_connections so a full server still hears its peer
 
@@ -105,7 +116,9 @@ class RequestServer:
     ``status_extra()`` adds entries to status replies. With a ``tracker``
     it answers seeding clients' announcements and peer requests;
     ``upload_limit`` paces every chunk it sends. With ``tls`` every
-    connection runs over TLS 1.3 with that identity.
+    connection runs over TLS 1.3 with that identity, clients prove theirs
+    (``Identify``), and ``access`` says which may download and whose
+    reports count; ``client_handlers`` answer further client requests.
     """
 
     def __init__(
@@ -127,9 +140,13 @@ class RequestServer:
         tracker: Tracker | None = None,
         upload_limit: TokenBucket | None = None,
         tls: ServerTls | None = None,
+        access: ClientAccess | None = None,
+        client_handlers: dict[type[Message], PeerHandler] | None = None,
     ) -> None:
         self.source = source
         self.tls = tls  # None: plain TCP (tests of the framing, and benchmarks that ask for it)
+        self.access = access  # None: every client may download, every report counts
+        self.client_handlers = client_handlers or {}  # extra requests of greeted clients (pairing)
         self.tracker = tracker
         self.upload_limit = upload_limit or TokenBucket(0)
         self.name = name
@@ -309,6 +326,9 @@ class _Handler:
         self._counted_sent = 0
         self._counted_received = 0
         self._bound = server_identity(connection.sock)  # our identity, which the peer's proofs must cover
+        self.client_nonce = ""  # our challenge to a client, until it proves its identity
+        self.client_identity = ""  # the identity the client proved ("" if none)
+        self.state: dict[str, object] = {}  # what a client handler keeps between requests (a pairing)
 
     def handle(self) -> None:
         """Answer requests until the peer leaves, idles out, or breaks framing."""
@@ -375,6 +395,10 @@ class _Handler:
             self._send_status()
         elif isinstance(request, protocol.Authenticate):
             self._authenticate(request)
+        elif isinstance(request, protocol.Identify):
+            self._identify(request)
+        elif type(request) in self.server.client_handlers:
+            self.server.client_handlers[type(request)](self, frame)
         elif type(request) in self.server.peer_handlers:
             if not self.authenticated:
                 raise RequestFailed(ErrorCode.AUTH_FAILED, f"{request.TYPE} needs an authenticated peer")
@@ -382,6 +406,9 @@ class _Handler:
         elif isinstance(request, self.CLIENT_REQUESTS):
             if self.server.node and not self.authenticated:  # a peer may read a standby's replica
                 self.server.node.check_serving()
+            if self.server.access and not self.authenticated and not self.server.access.allows(self.client_identity):
+                raise RequestFailed(ErrorCode.NOT_PAIRED, "not paired: ask the server's operator for a code, "
+                                                          "then run: python client.py pair CODE")
             self._serve_client_request(frame)
         else:
             raise RequestFailed(ErrorCode.UNKNOWN_REQUEST, f"{request.TYPE} is not a request this server answers")
@@ -400,8 +427,10 @@ class _Handler:
             files, total = source.count_files()
             self.connection.send(protocol.FileCount(files=files, bytes=total))
         elif isinstance(request, protocol.ReportDownloaded):
-            source.record_download(request.name, request.sha256)
-            self.server.metrics.download_finished(request.name)
+            access = self.server.access
+            if access is None or access.first_report(self.client_identity, request.sha256):  # once per client
+                source.record_download(request.name, request.sha256)
+                self.server.metrics.download_finished(request.name)
             self.connection.send(protocol.Ok())
         else:
             self._serve_tracker_request(frame)
@@ -412,7 +441,9 @@ class _Handler:
             raise RequestFailed(ErrorCode.UNKNOWN_REQUEST, f"this {self.server.name} keeps no tracker")
         host = self.connection.sock.getpeername()[0]  # never an address the peer claims
         if isinstance(request, protocol.Announce):
-            tracker.announce(host, request.port, protocol.decode_holdings(frame.payload), request.identity)
+            if self.server.tls and not self.client_identity:
+                raise RequestFailed(ErrorCode.BAD_REQUEST, "announce needs a client that proved its identity")
+            tracker.announce(host, request.port, protocol.decode_holdings(frame.payload), self.client_identity)
             self.connection.send(protocol.Ok())
         else:
             peers = tracker.peers_for(request.sha256, (host, request.port))
@@ -436,8 +467,21 @@ class _Handler:
         if self.server.node:
             self.server.node.observe_epoch(hello.epoch, f"client {self.connection.peer}")
         self.greeted = True
-        self.connection.send(self.server.welcome())
+        self.client_nonce = auth.new_nonce() if self.server.tls else ""  # over TLS a client may prove who it is
+        self.connection.send(self.server.welcome(self.client_nonce))
         return True
+
+    def _identify(self, request: protocol.Identify) -> None:
+        if not self.client_nonce:
+            raise RequestFailed(ErrorCode.BAD_REQUEST, "identify once, after hello, over TLS")
+        try:
+            self.client_identity = verify_identify(request.certificate, request.signature, self._bound,
+                                                   self.client_nonce)
+        except ValueError as error:
+            raise RequestFailed(ErrorCode.AUTH_FAILED, str(error)) from None
+        finally:
+            self.client_nonce = ""
+        self.connection.send(protocol.Ok())
 
     def _greet_peer(self, hello: protocol.Hello) -> bool:
         if not self.server.secret:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import base64
 import datetime
+import functools
 import hashlib
 import os
 import secrets
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
@@ -62,6 +64,37 @@ class Identity:
     def short_id(self) -> str:
         """The identity's first group, for narrow places (a window's title)."""
         return self.id[:SHORT_ID_LENGTH]
+
+    @functools.cached_property
+    def _key(self) -> ec.EllipticCurvePrivateKey:
+        return serialization.load_pem_private_key(self.path.read_bytes(), password=None)
+
+    def identify(self, server_id: str, nonce: str) -> tuple[str, str]:
+        """(certificate, signature), base64: proof for the server ``server_id`` that we hold our key.
+
+        The signature covers the server's identity and its fresh ``nonce``, so
+        it is worth nothing to any other server, nor to this one later.
+        """
+        signature = self._key.sign(_identify_text(server_id, nonce), ec.ECDSA(hashes.SHA256()))
+        return base64.b64encode(self.certificate_der).decode(), base64.b64encode(signature).decode()
+
+
+def verify_identify(certificate: str, signature: str, server_id: str, nonce: str) -> str:
+    """The identity a client proved with ``Identity.identify``; ``ValueError`` if the proof is bad."""
+    try:
+        der = base64.b64decode(certificate, validate=True)
+        public_key = x509.load_der_x509_certificate(der).public_key()
+        if not isinstance(public_key, ec.EllipticCurvePublicKey):
+            raise ValueError("not an elliptic-curve certificate")
+        public_key.verify(base64.b64decode(signature, validate=True), _identify_text(server_id, nonce),
+                          ec.ECDSA(hashes.SHA256()))
+    except (ValueError, TypeError, InvalidSignature) as error:
+        raise ValueError(f"identity proof refused: {error or type(error).__name__}") from None
+    return id_of_certificate(der)
+
+
+def _identify_text(server_id: str, nonce: str) -> bytes:
+    return f"minitorrent-identify\0{server_id}\0{nonce}".encode()
 
 
 def load_or_create(data_dir: Path) -> Identity:

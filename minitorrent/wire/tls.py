@@ -142,11 +142,13 @@ class ClientTls:
 
     ``pins`` decides for servers (None: any identity, recorded nowhere: only
     for a caller that checks another way, as the peer link's proofs do).
+    ``identity`` is ours, which sessions prove to servers that ask (remote.py).
     """
 
-    def __init__(self, pins: PinStore | None = None) -> None:
+    def __init__(self, pins: PinStore | None = None, identity: Identity | None = None) -> None:
         self.context = client_context()
         self.pins = pins
+        self.identity = identity
 
     def __call__(self, sock: socket.socket, host: str, port: int) -> TlsSocket:
         """Secure a connected socket to a server; see ``handshake``."""
@@ -244,7 +246,7 @@ class PinStore:
         os.replace(aside, self.path)
 
 
-def client_tls(config: Config) -> ClientTls | None:
+def client_tls(config: Config, identity: Identity) -> ClientTls | None:
     """How a client secures its connections: servers pinned as the config and its data folder say.
 
     None when ``transfer.encrypt`` is false (plain TCP, for measuring what
@@ -259,7 +261,7 @@ def client_tls(config: Config) -> ClientTls | None:
                 fixed[f"{server.host}:{server.port}"] = (parse_id(server.id), key)
             except ValueError as error:
                 raise ConfigError(f"{config.source or 'config'}: {key}: {error}") from None
-    return ClientTls(PinStore(config.client.data_dir / PIN_FILE, fixed, config.source))
+    return ClientTls(PinStore(config.client.data_dir / PIN_FILE, fixed, config.source), identity)
 
 
 def _reason(error: BaseException) -> str:

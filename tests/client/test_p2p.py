@@ -45,7 +45,7 @@ from minitorrent.net.throttle import TokenBucket
 from minitorrent.wire import protocol
 from minitorrent.wire.protocol import ErrorCode
 from minitorrent.wire.identity import load_or_create
-from minitorrent.wire.tls import ServerTls
+from minitorrent.wire.tls import ClientTls, ServerTls
 from minitorrent.wire.transport import Connection
 
 MIB = 1024 * 1024
@@ -88,9 +88,10 @@ def peer_tls() -> ServerTls:
 
 def announce_fake_peer(server, port: int, files: dict[str, bytes | None]) -> None:
     """Tell ``server``'s tracker that 127.0.0.1:``port`` holds ``files`` (with ``peer_tls``'s identity)."""
-    session = ServerSession.open(*server.server.address, io_timeout_s=SHORT_TIMEOUT, secure=TLS)
+    as_peer = ClientTls(identity=peer_tls().identity)
+    session = ServerSession.open(*server.server.address, io_timeout_s=SHORT_TIMEOUT, secure=as_peer)
     try:
-        session.call(protocol.Announce(port, peer_tls().id), protocol.Ok, protocol.encode_holdings(files))
+        session.call(protocol.Announce(port), protocol.Ok, protocol.encode_holdings(files))
     finally:
         session.close()
 

@@ -492,10 +492,11 @@ class TestHandshake:
             assert FileCount(1, FILE_SIZE) == peer.expect(FileCount)
 
     def test_welcome_reports_version_role_epoch_and_server_id(self, served):
-        """A client's Welcome names the protocol version, the "main" server, its "active" role, epoch and id."""
+        """A client's Welcome names the version, the "main" server, its "active" role, epoch, id and a challenge."""
         with RawPeer(served.address) as peer:
             welcome = peer.greet()
-        assert served.engine.server.welcome() == welcome
+        assert served.engine.server.welcome(welcome.nonce) == welcome  # the nonce: its challenge to identify
+        assert 32 == len(welcome.nonce)
         assert (PROTOCOL_VERSION, "main", "active") == (welcome.version, welcome.server, welcome.role)
 
     @pytest.mark.parametrize("version", [0, PROTOCOL_VERSION + 1, -1, 2**40])

@@ -148,8 +148,8 @@ class TestTrackerOnTheServer:
             announce(first, 7001, {SHA_A: None})
             announce(second, 7002, {SHA_A: protocol.chunks_to_bitmap({0, 3}, 8)})
             chunks_0_and_3 = protocol.encode_bitmap(b"\x09")
-            assert [{"host": "127.0.0.1", "port": 7002, "have": chunks_0_and_3, "id": ""}] == peers(first, SHA_A, 7001)
-            assert [{"host": "127.0.0.1", "port": 7001, "have": None, "id": ""}] == peers(second, SHA_A, 7002)
+            assert [{"host": "127.0.0.1", "port": 7002, "have": chunks_0_and_3, "id": TLS.identity.id}] == peers(first, SHA_A, 7001)
+            assert [{"host": "127.0.0.1", "port": 7001, "have": None, "id": TLS.identity.id}] == peers(second, SHA_A, 7002)
             assert 2 == len(peers(first, SHA_A))  # a non-seeding asker (port 0) sees both
         finally:
             first.close()
