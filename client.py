@@ -5,6 +5,7 @@
     python client.py [--config PATH] get NAME [NAME ...] [--output DIR]
     python client.py [--config PATH] status [--json]
     python client.py [--config PATH] seed
+    python client.py [--config PATH] pair CODE
 
 Exit status: 0 on success, 1 when a command failed (the reason is one line on
 stderr), 2 for a bad command line or configuration (or no display for the
@@ -55,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="show the server's status and metrics")
     status.add_argument("--json", action="store_true", help="print JSON")
     commands.add_parser("seed", help="seed the files this client downloaded to other clients, until stopped")
+    pair = commands.add_parser("pair", help="pair with the server using the one-time code its operator gave you")
+    pair.add_argument("code", metavar="CODE")
     return parser
 
 
@@ -147,7 +150,13 @@ def run_seed(engine: ClientEngine, args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"list": run_list, "get": run_get, "status": run_status, "seed": run_seed}
+def run_pair(engine: ClientEngine, args: argparse.Namespace) -> int:
+    server_identity = engine.pair(args.code)
+    print(f"paired: this client {engine.identity.id} with the server {server_identity}")
+    return 0
+
+
+COMMANDS = {"list": run_list, "get": run_get, "status": run_status, "seed": run_seed, "pair": run_pair}
 
 
 def run_window(args: argparse.Namespace) -> int:

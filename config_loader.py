@@ -123,6 +123,7 @@ class ServerConfig:
     backup: BackupServerConfig = field(default_factory=BackupServerConfig)
     secret: str = _setting("")
     cluster_key_file: Path = _setting(Path("cluster.key"))
+    access: str = _setting("open", must="open or paired", ok=lambda v: v in ("open", "paired"), normalize=str.lower)
 
 
 @dataclass(frozen=True)

@@ -8,15 +8,16 @@ from typing import Callable
 
 from config_loader import Config
 from database import ClientStore
-from error_handler import ConnectionFailed
+from error_handler import ConnectionFailed, MiniTorrentError
 from minitorrent.client.downloader import Downloader, DownloadResult
 from minitorrent.client.progress import Progress
 from minitorrent.client.seeding import Seeder
-from minitorrent.net.remote import ServerClient
+from minitorrent.net.remote import ServerClient, ServerSession
 from minitorrent.net.throttle import TokenBucket
 from minitorrent.wire import protocol
 from minitorrent.wire.identity import load_or_create
-from minitorrent.wire.tls import client_tls
+from minitorrent.wire.pairing import ClientPairing, PairingFailed, normalize_code
+from minitorrent.wire.tls import client_tls, server_identity
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,18 @@ class ClientEngine:
             self.seeder.stop()
         self.server.close()
         self.store.close()
+
+    def pair(self, code: str) -> str:
+        """Pair with the active server using the operator's one-time code; the server's identity.
+
+        Raises ``MiniTorrentError`` with a one-line reason (a wrong or spent
+        code, no TLS, no server).
+        """
+        try:
+            code = normalize_code(code)
+        except ValueError as error:
+            raise MiniTorrentError(str(error)) from None
+        return self.server.call(lambda session: _pair_on(session, code, self.identity.id))
 
     def list_files(self, search: str = "") -> list[dict]:
         """Catalog entries matching ``search``."""
@@ -141,6 +154,22 @@ class ClientEngine:
         final = Path(output_dir or self.config.client.download_dir) / name
         self.store.abandon_download(str(final))
         final.with_name(name + ".part").unlink(missing_ok=True)
+
+
+def _pair_on(session: ServerSession, code: str, client_id: str) -> str:
+    """The client's side of pairing (wire/pairing.py) on one session; the server's identity."""
+    server_id = server_identity(session.connection.sock)
+    if not server_id:
+        raise MiniTorrentError("pairing needs TLS: set transfer.encrypt: true")
+    side = ClientPairing(code, server_id, client_id)
+    reply = session.call(protocol.PairStart(side.start()), protocol.PairReply).message
+    try:
+        confirmation = side.finish(reply.message, reply.confirm)
+    except PairingFailed as error:
+        session.reusable = False  # the server still waits for our confirmation
+        raise MiniTorrentError(f"pairing failed: {error}; ask the server's operator for a new code") from None
+    session.call(protocol.PairConfirm(confirmation), protocol.Ok)
+    return server_id
 
 
 def server_addresses(config: Config) -> list[tuple[str, int]]:

@@ -7,6 +7,7 @@ import threading
 import time
 
 from config_loader import Config
+from minitorrent.server.access import receive_paired_list
 from minitorrent.server.engine import ServerEngine
 from minitorrent.server.replication import ReplicaReceiver
 from minitorrent.server.roles import Role
@@ -39,7 +40,8 @@ class BackupServer(ServerEngine):
         self.receiver.on_change = lambda: self.metrics.set_downloads(self.catalog.download_counts())
         self.server.peer_handlers.update(self.receiver.handlers())  # the receiver needs our catalog: added now
         self.server.peer_handlers.update({protocol.Heartbeat: self._on_heartbeat,
-                                          protocol.HandOver: self._on_hand_over})
+                                          protocol.HandOver: self._on_hand_over,
+                                          protocol.PairedClients: receive_paired_list(self.access)})
         self._monitor = threading.Thread(target=self._watch_heartbeats, name="heartbeat-monitor", daemon=True)
 
     def start(self) -> tuple[str, int]:

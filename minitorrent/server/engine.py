@@ -12,12 +12,13 @@ import threading
 from typing import Any
 
 from config_loader import BackupServerConfig, Config, MainServerConfig
-from error_handler import MiniTorrentError
+from error_handler import ConfigError, MiniTorrentError
 from metrics import Metrics
 from minitorrent.common.fs import FolderLock
 from minitorrent.net.serving import RequestServer
 from minitorrent.net.throttle import TokenBucket
 from minitorrent.net.tracker import PEER_TTL_INTERVALS, Tracker
+from minitorrent.server.access import AccessList, AccessPolicy
 from minitorrent.server.catalog import Catalog
 from minitorrent.server.roles import NodeState, Role
 from minitorrent.wire.identity import cluster_key, load_or_create
@@ -42,6 +43,9 @@ class ServerEngine:
         has_peer = name == "backup" or config.server.backup.port != 0
         self.secret, self.secret_hint = cluster_secret(config) if has_peer else ("", "")
         transfer = config.transfer
+        if config.server.access == "paired" and not transfer.encrypt:
+            raise ConfigError("server.access: paired needs transfer.encrypt: true (clients prove who they are over TLS)")
+        self.access = AccessList(settings.data_dir)
         self.server = RequestServer(
             self.catalog,
             host=settings.host,
@@ -56,6 +60,7 @@ class ServerEngine:
             tracker=Tracker(ttl_s=PEER_TTL_INTERVALS * transfer.announce_interval),
             upload_limit=TokenBucket(transfer.upload_limit),
             tls=ServerTls(self.identity) if transfer.encrypt else None,
+            access=AccessPolicy(self.access, config.server.access) if transfer.encrypt else None,
             secret_hint=self.secret_hint,
             **server_options,
         )
@@ -80,6 +85,7 @@ class ServerEngine:
         self.server.stop()
         self._stop_workers()
         self.catalog.close()
+        self.access.close()
         self.lock.release()
 
     def _stop_workers(self) -> None:

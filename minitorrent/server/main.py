@@ -16,6 +16,7 @@ from config_loader import Config
 from database import ClientStore
 from error_handler import MiniTorrentError
 from minitorrent.net.remote import ServerClient
+from minitorrent.server.access import AccessSync, Pairing
 from minitorrent.server.catalog import AddResult
 from minitorrent.server.engine import ServerEngine, peer_tls
 from minitorrent.server.replication import (
@@ -44,6 +45,8 @@ class MainServer(ServerEngine):
         self.backup_address = (backup.host, backup.port)
         self.replicating = backup.port != 0  # the cluster key file stands in for an empty server.secret
         self.replicator: Replicator | None = None
+        self.server.client_handlers.update(Pairing(self.access).handlers())
+        self._access_sync: AccessSync | None = None
         self._last_ack: tuple[float, protocol.HeartbeatAck] | None = None
         self._catch_up_thread: threading.Thread | None = None
         self._started_at = time.monotonic()
@@ -97,8 +100,8 @@ class MainServer(ServerEngine):
             self.node.become_active("no backup to hand over to: taking an epoch above the one a client reported")
 
     def _threads(self) -> list[threading.Thread]:
-        threads = [self._catch_up_thread] + ([self.replicator.thread, self._heartbeater.thread]
-                                             if self.replicator else [])
+        threads = [self._catch_up_thread] + ([self.replicator.thread, self._heartbeater.thread,
+                                              self._access_sync.thread] if self.replicator else [])
         return [t for t in threads if t is not None and t.is_alive()]
 
     def _start_replication(self, my_address: str) -> None:
@@ -108,8 +111,10 @@ class MainServer(ServerEngine):
         self._heartbeater = Heartbeater(heartbeat_link, self.config.server.backup.heartbeat_interval,
                                         self.catalog.db.catalog_version, my_address, self._on_heartbeat_ack,
                                         self.stop_event)
+        self._access_sync = AccessSync(self.access, self._peer_link(), self.stop_event)
         self.replicator.start()
         self._heartbeater.start()
+        self._access_sync.start()
 
     def _peer_link(self) -> PeerLink:
         """A new link to the backup: TLS, and both sides prove the cluster key over it."""
