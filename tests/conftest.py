@@ -7,9 +7,11 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -21,7 +23,7 @@ from minitorrent.common import launcher
 from minitorrent.common.launcher import ServerProcess
 from minitorrent.server.main import MainServer
 from minitorrent.wire.identity import load_or_create
-from minitorrent.wire.tls import ClientTls
+from minitorrent.wire.tls import ClientTls, ServerTls
 
 ROOT = Path(__file__).resolve().parent.parent
 SHORT_TIMEOUT = 10.0  # something that should happen at once
@@ -127,6 +129,51 @@ def run_client(config_path: Path, *args: str, timeout: float = LONG_TIMEOUT) -> 
     return subprocess.run([sys.executable, str(ROOT / "client.py"), "--config", str(config_path), *args],
                           capture_output=True, text=True, encoding="utf-8", timeout=timeout,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+class TlsRelay:
+    """A machine in the middle: terminates TLS with its own certificate and relays to ``target`` over TLS."""
+
+    def __init__(self, tls: ServerTls, target: tuple[str, int]) -> None:
+        self.tls = tls
+        self.target = target
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.connections = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                raw, _ = self.listener.accept()
+                sock = self.tls.wrap(raw)
+                self.tls.handshake(sock, SHORT_TIMEOUT)
+                upstream = ClientTls().handshake(socket.create_connection(self.target, timeout=SHORT_TIMEOUT),
+                                                 *self.target)
+            except OSError:
+                return
+            except Exception:  # a client that gave up mid-handshake: keep accepting
+                continue
+            self.connections += 1
+            for a, b in ((sock, upstream), (upstream, sock)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(source, sink) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, sink):
+                try:
+                    sock.close()
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.listener.close()
 
 
 class SlowProxy:

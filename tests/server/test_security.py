@@ -5,14 +5,22 @@ import json
 import logging
 import os
 import shutil
-import socket
 import stat
 import subprocess
 import sys
-import threading
 
 import pytest
-from conftest import LONG_TIMEOUT, ROOT, SHORT_TIMEOUT, make_config, make_file, run_client, wait_until, write_config
+from conftest import (
+    LONG_TIMEOUT,
+    ROOT,
+    SHORT_TIMEOUT,
+    TlsRelay,
+    make_config,
+    make_file,
+    run_client,
+    wait_until,
+    write_config,
+)
 
 from config_loader import load_config
 from integrity import sha256_file
@@ -20,7 +28,7 @@ from minitorrent.common.launcher import ServerProcess, free_port
 from minitorrent.server.backup import BackupServer
 from minitorrent.server.main import MainServer
 from minitorrent.wire.identity import IDENTITY_FILE, load_or_create
-from minitorrent.wire.tls import ClientTls, ServerTls
+from minitorrent.wire.tls import ServerTls
 
 HEARTBEAT = {"heartbeat_interval": 0.2, "heartbeat_timeout": 1.5}
 
@@ -107,51 +115,6 @@ class TestClientPinsServers:
         lines = refused.stderr.strip().splitlines()
         assert (1, 1) == (refused.returncode, len(lines))
         assert [True, True, True] == [old in lines[0], new in lines[0], "known_servers.json" in lines[0]]
-
-
-class TlsRelay:
-    """A machine in the middle: terminates TLS with its own certificate and relays to ``target`` over TLS."""
-
-    def __init__(self, tls: ServerTls, target: tuple[str, int]) -> None:
-        self.tls = tls
-        self.target = target
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.connections = 0
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                raw, _ = self.listener.accept()
-                sock = self.tls.wrap(raw)
-                self.tls.handshake(sock, SHORT_TIMEOUT)
-                upstream = ClientTls().handshake(socket.create_connection(self.target, timeout=SHORT_TIMEOUT),
-                                                 *self.target)
-            except OSError:
-                return
-            except Exception:  # a client that gave up mid-handshake: keep accepting
-                continue
-            self.connections += 1
-            for a, b in ((sock, upstream), (upstream, sock)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pump(source, sink) -> None:
-        try:
-            while data := source.recv(65536):
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for sock in (source, sink):
-                try:
-                    sock.close()
-                except OSError:
-                    pass
-
-    def close(self) -> None:
-        self.listener.close()
 
 
 class TestPeerLink:
