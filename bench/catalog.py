@@ -42,6 +42,7 @@ from minitorrent.net.remote import ServerClient
 from minitorrent.server.catalog import Catalog
 from minitorrent.server.main import MainServer
 from minitorrent.wire import protocol
+from minitorrent.wire.tls import ClientTls
 
 TARGET_S = 0.2  # a catalog view must feel instant
 BEST_OF = 5
@@ -129,7 +130,7 @@ def bench_local(data_dir: Path, files: int, report: Report) -> None:
 def write_server_config(folder: Path) -> Path:
     """The in-process server's config: any free port, the catalog ``build_catalog`` wrote."""
     return write_config(folder / "config.yaml", {
-        "server": {"main": {"host": "127.0.0.1", "port": 0, "data_dir": "server"}},
+        "server": {"main": {"host": "127.0.0.1", "port": 0, "data_dir": "server"}, "backup": {"port": 0}},
         "logging": {"level": "WARNING", "log_to_file": False},
     })
 
@@ -142,7 +143,7 @@ def bench_wire(folder: Path, files: int, report: Report) -> None:
     try:
         host, port = server.start()
         client = ServerClient([(host, port)], io_timeout_s=config.transfer.io_timeout,
-                              pool_size=config.transfer.pool_size, retry_deadline_s=10.0)
+                              pool_size=config.transfer.pool_size, retry_deadline_s=10.0, secure=ClientTls())
         client.count()  # open the pooled connection first: the timings are of listing, not of connecting
         pages = -(-files // protocol.MAX_LIST_ENTRIES)
         print(f"over the wire (in-process MainServer on {host}:{port}, {protocol.MAX_LIST_ENTRIES} per page):")

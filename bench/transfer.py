@@ -127,11 +127,17 @@ class ClientRun:
 # Preparing --------------------------------------------------------------------------
 
 
-def config_settings(port: int = 0) -> dict:
-    """The server's config (port 0: any free port) or the client's (the server's real port)."""
+def config_settings(port: int = 0, encrypt: bool = True) -> dict:
+    """The server's config (port 0: any free port) or the client's (the server's real port).
+
+    ``encrypt`` False is the plaintext row: the same programs over plain TCP,
+    to show what TLS costs.
+    """
     return {
-        "server": {"main": {"host": "127.0.0.1", "port": port, "data_dir": "server"}},
+        "server": {"main": {"host": "127.0.0.1", "port": port, "data_dir": "server" if encrypt else "server-plain"},
+                   "backup": {"port": 0}},  # no backup: nothing else is dialled (5002 may be another program's)
         "client": {"download_dir": "downloads", "data_dir": "client-state", "retry_deadline": 10.0},
+        "transfer": {"encrypt": encrypt},
         "logging": {"level": "WARNING", "log_to_file": False, "log_dir": "logs"},
     }
 
@@ -219,26 +225,30 @@ def bench(folder: Path, size: int, repeat: int, warmup: bool) -> None:
     source = folder / "source" / FILE_NAME
     print(f"writing {size} random bytes to {source} ...", flush=True)
     source_sha = write_random_file(source, size)
-    print("starting the main server (importing the file) ...", flush=True)
+    print("starting the main servers, TLS and plaintext (importing the file) ...", flush=True)
     started = time.perf_counter()
     server = start_server(write_config(folder / "server.yaml", config_settings()), add=[source])
-    print(f"server listening on {server.address[0]}:{server.address[1]} "
-          f"(start-up with --add: {time.perf_counter() - started:.1f} s)", flush=True)
+    plain = start_server(write_config(folder / "server-plain.yaml", config_settings(encrypt=False)), add=[source])
+    print(f"servers listening on {server.address[0]}:{server.address[1]} (TLS) and port {plain.address[1]} "
+          f"(plain) (start-up with --add: {time.perf_counter() - started:.1f} s)", flush=True)
     results = Results(size)
-    runner = Runner(folder, source, source_sha, size, write_config(folder / "client.yaml", config_settings(server.address[1])))
+    configs = {"minitorrent": write_config(folder / "client.yaml", config_settings(server.address[1])),
+               "plaintext": write_config(folder / "client-plain.yaml", config_settings(plain.address[1], False))}
+    runner = Runner(folder, source, source_sha, size, configs)
     try:
         if warmup:
-            runner.round("warm-up", ("baseline", "minitorrent"), Results(size))
+            runner.round("warm-up", ("baseline", "minitorrent", "plaintext"), Results(size))
         for run in range(repeat):
             order = KINDS if run % 2 == 0 else KINDS[::-1]  # alternate, so drift hits all alike
             runner.round(f"run {run + 1}", order, results)
         server_rss = peak_rss_mib(server)
     finally:
         stop_process(server.process)
+        stop_process(plain.process)
     results.report(repeat, server_rss)
 
 
-KINDS = ("baseline", "integrity", "minitorrent")
+KINDS = ("baseline", "integrity", "minitorrent", "plaintext")
 
 
 @dataclass
@@ -247,6 +257,7 @@ class Results:
     baseline_s: list[float] = field(default_factory=list)
     integrity_s: list[float] = field(default_factory=list)
     client_runs: list[ClientRun] = field(default_factory=list)
+    plain_runs: list[ClientRun] = field(default_factory=list)  # the same programs over plain TCP
 
     def report(self, repeat: int, server_rss: float | None) -> None:
         size = self.size
@@ -261,6 +272,10 @@ class Results:
         line("integrity floor (info): + 2x SHA-256, fsync", f"{mb_per_s(size, floor):7.1f} MB/s  {floor:6.2f} s")
         line("minitorrent: client process, wall clock", f"{mb_per_s(size, mini):7.1f} MB/s  {mini:6.2f} s")
         line("minitorrent / integrity floor (info)", f"{floor / mini:7.2f}")
+        plain = statistics.median(run.seconds for run in self.plain_runs)
+        line("plaintext: same, transfer.encrypt false", f"{mb_per_s(size, plain):7.1f} MB/s  {plain:6.2f} s")
+        line("TLS cost: minitorrent / plaintext (info)", f"{plain / mini:7.2f}")
+        line("load average (1, 5, 15 min)", " ".join(f"{v:.2f}" for v in os.getloadavg()))
         if server_rss is not None:
             line("server peak RSS (info)", f"{server_rss:7.1f} MiB")
         line(f"TARGET ratio minitorrent/baseline >= {RATIO_TARGET}", f"{ratio:7.2f}       {verdict(ratio >= RATIO_TARGET)}")
@@ -276,14 +291,14 @@ class Runner:
     source: Path
     source_sha: str
     size: int
-    client_config: Path
+    client_configs: dict[str, Path]  # per kind: the client's config (TLS, plaintext)
 
     def round(self, label: str, order: tuple[str, ...], results: Results) -> None:
         for kind in order:
-            if kind == "minitorrent":
-                run = self.minitorrent()
-                results.client_runs.append(run)
-                print(f"  {label:8} minitorrent {run.seconds:7.2f} s {mb_per_s(self.size, run.seconds):8.1f} MB/s"
+            if kind in self.client_configs:
+                run = self.minitorrent(kind)
+                (results.client_runs if kind == "minitorrent" else results.plain_runs).append(run)
+                print(f"  {label:8} {kind:11} {run.seconds:7.2f} s {mb_per_s(self.size, run.seconds):8.1f} MB/s"
                       f"  peak RSS {run.peak_rss_mib:.1f} MiB  (client says {run.reported_speed})", flush=True)
                 continue
             seconds = self.baseline(kind)
@@ -297,10 +312,10 @@ class Runner:
         finally:
             target.unlink(missing_ok=True)
 
-    def minitorrent(self) -> ClientRun:
+    def minitorrent(self, kind: str) -> ClientRun:
         output = self.folder / "downloads"
         try:
-            result = run_client(self.client_config, output, self.size, self.folder)
+            result = run_client(self.client_configs[kind], output, self.size, self.folder)
             got = sha256_of(output / FILE_NAME)
             if got != self.source_sha:
                 raise BenchError(f"DOWNLOAD CORRUPT: sha256 {got} != source {self.source_sha}")
