@@ -41,7 +41,7 @@ class ServerEngine:
         self.identity = load_or_create(settings.data_dir)
         # A main with no backup configured has no peer link, so no cluster key file to make.
         has_peer = name == "backup" or config.server.backup.port != 0
-        self.secret, self.secret_hint = cluster_secret(config) if has_peer else ("", "")
+        self.secret, self.secret_hint = cluster_secret(config, name) if has_peer else ("", "")
         transfer = config.transfer
         if config.server.access == "paired" and not transfer.encrypt:
             raise ConfigError("server.access: paired needs transfer.encrypt: true (clients prove who they are over TLS)")
@@ -96,19 +96,22 @@ class ServerEngine:
         return {}
 
 
-def cluster_secret(config: Config) -> tuple[str, str]:
+def cluster_secret(config: Config, name: str) -> tuple[str, str]:
     """The secret the main and the backup prove to each other, and what to do when theirs differ.
 
     ``server.secret`` when set; otherwise the cluster key file beside the
     config (``server.cluster_key_file``), made by whichever server starts
-    first, so a pair on one machine needs no setup. Raises ``ConfigError``.
+    first, so a pair on one machine needs no setup. The hint says, from
+    server ``name``'s side, which file to copy where. Raises ``ConfigError``.
     """
     if config.server.secret:
         return config.server.secret, "the main and the backup must set the same server.secret"
     path = config.server.cluster_key_file
-    return cluster_key(path), (f"the main and the backup hold different cluster keys: copy {path} from the "
-                               f"main's machine to the same place on the backup's (or set server.secret to "
-                               f"the same value on both)")
+    where = (f"copy {path} from this machine over the backup's cluster key file (its server.cluster_key_file, "
+             f"by default cluster.key beside its config)" if name == "main"
+             else f"copy the main's cluster key file over {path} on this machine")
+    return cluster_key(path), (f"the main and the backup hold different cluster keys: {where}, or set "
+                               f"server.secret to the same value on both")
 
 
 def peer_tls(config: Config) -> ClientTls | None:

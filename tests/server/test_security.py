@@ -152,7 +152,7 @@ class TestPeerLink:
         try:
             with caplog.at_level(logging.WARNING):
                 main.start()
-                wanted = f"copy {key} from the main's machine to the same place on the backup's"
+                wanted = f"copy {key} from this machine over the backup's cluster key file"
                 found = wait_until(lambda: [r.getMessage() for r in caplog.records if wanted in r.getMessage()],
                                    SHORT_TIMEOUT, "the main to say which file to copy")
         finally:
