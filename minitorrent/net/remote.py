@@ -32,8 +32,8 @@ from error_handler import (
 )
 from integrity import Manifest
 from minitorrent.wire import auth, protocol
-from minitorrent.wire.protocol import ErrorCode, ErrorReply, Frame, Message
 from minitorrent.wire.identity import Identity
+from minitorrent.wire.protocol import ErrorCode, ErrorReply, Frame, Message
 from minitorrent.wire.tls import Secure, server_identity
 from minitorrent.wire.transport import Connection
 

@@ -27,6 +27,7 @@ from minitorrent.common.fs import ChunkLocation
 from minitorrent.net.throttle import TokenBucket
 from minitorrent.net.tracker import Tracker
 from minitorrent.wire import auth, protocol
+from minitorrent.wire.identity import verify_identify
 from minitorrent.wire.protocol import (
     ErrorCode,
     ErrorReply,
@@ -35,7 +36,6 @@ from minitorrent.wire.protocol import (
     ProtocolError,
     RequestFailed,
 )
-from minitorrent.wire.identity import verify_identify
 from minitorrent.wire.tls import ServerTls, server_identity
 from minitorrent.wire.transport import Connection, ConnectionClosed
 

@@ -22,7 +22,12 @@ import time
 from pathlib import Path
 
 from minitorrent.net.serving import PeerHandler
-from minitorrent.server.replication import PEER_ERRORS, PeerLink, decode_document, encode_document
+from minitorrent.server.replication import (
+    PEER_ERRORS,
+    PeerLink,
+    decode_document,
+    encode_document,
+)
 from minitorrent.wire import protocol
 from minitorrent.wire.pairing import PairingFailed, ServerPairing, new_code
 from minitorrent.wire.protocol import ErrorCode, Frame, RequestFailed

@@ -43,8 +43,8 @@ from minitorrent.net.remote import ServerSession
 from minitorrent.net.serving import RequestServer
 from minitorrent.net.throttle import TokenBucket
 from minitorrent.wire import protocol
-from minitorrent.wire.protocol import ErrorCode
 from minitorrent.wire.identity import load_or_create
+from minitorrent.wire.protocol import ErrorCode
 from minitorrent.wire.tls import ClientTls, ServerTls
 from minitorrent.wire.transport import Connection
 

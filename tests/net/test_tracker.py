@@ -7,9 +7,6 @@ from pathlib import Path
 import pytest
 from conftest import SHORT_TIMEOUT, TLS, make_file, wait_until
 
-from minitorrent.wire.identity import load_or_create
-from minitorrent.wire.tls import ServerTls
-
 from error_handler import RemoteError
 from integrity import manifest_of_file
 from minitorrent.client.seeding import SeedSource
@@ -17,7 +14,9 @@ from minitorrent.net.remote import ServerSession
 from minitorrent.net.serving import RequestServer
 from minitorrent.net.tracker import MAX_PEERS_PER_REPLY, Tracker
 from minitorrent.wire import protocol
+from minitorrent.wire.identity import load_or_create
 from minitorrent.wire.protocol import ErrorCode
+from minitorrent.wire.tls import ServerTls
 
 SHA_A = "a" * 64
 SHA_B = "b" * 64

@@ -445,6 +445,7 @@ class TestOutlandishClaims:
     def test_main_without_backup_stays_active_after_a_client_claims_a_higher_epoch(self, server_factory):
         """A main serving alone takes an epoch above a client's claim instead of standing by for good."""
         from conftest import TLS
+
         from minitorrent.net.remote import ServerSession
 
         server = server_factory()
