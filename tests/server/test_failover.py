@@ -408,7 +408,7 @@ class TestBackupKilledDuringInitialSync:
 class TestFailback:
     @pytest.mark.timeout(90)
     def test_restarted_main_catches_up_and_takes_back_the_role(self, cluster, tmp_path):
-        """Main killed, backup serves (and counts), main restarts, catches up, takes over; one client throughout."""
+        """Main killed, backup serves (and counts), main restarts, catches up, takes over; counts once per client."""
         files = {"alpha.bin": make_file(tmp_path / "src" / "alpha.bin", 3 * MiB + 5, seed=21),
                  "beta.bin": make_file(tmp_path / "src" / "beta.bin", 2 * MiB, seed=22)}
         c = cluster(chunk_size=256 * 1024, heartbeat_interval=0.5, heartbeat_timeout=2)
@@ -435,7 +435,9 @@ class TestFailback:
         listing = {e["name"]: e for e in engine.list_files()}
         assert "main" == engine.status()["server"]
         assert {"alpha.bin": 1, "beta.bin": 1} == {name: e["downloads"] for name, e in listing.items()}
-        engine.download("alpha.bin", tmp_path / "dl3")
+        engine.download("alpha.bin", tmp_path / "dl1-again")  # the same client again: counted once per file
+        other = c.client(instance="client-2")  # another client's download counts
+        other.download("alpha.bin", tmp_path / "dl3")
         assert sha256_file(files["alpha.bin"]) == sha256_file(tmp_path / "dl3" / "alpha.bin")
         wait_until(lambda: downloads_of(c.backup_dir) == {"alpha.bin": 2, "beta.bin": 1}, SHORT_TIMEOUT,
                    "the main to replicate the merged counts back to the backup")
