@@ -69,6 +69,20 @@ class MainServer(ServerEngine):
         if self.replicator:
             self.replicator.notify_changed()
 
+    # Access (server.access: paired) ----------------------------------------------------
+
+    def offer_pairing_code(self) -> str:
+        """A new one-time code for one client to pair with (replaces any earlier one); any thread."""
+        return self.access.offer_code()
+
+    def paired_clients(self) -> list[tuple[str, float]]:
+        """(identity, paired at) of every paired client; any thread."""
+        return self.access.paired()
+
+    def revoke_client(self, identity: str) -> bool:
+        """Stop accepting ``identity`` (the backup follows); True if it was paired. Any thread."""
+        return self.access.revoke(identity)
+
     # Running --------------------------------------------------------------------------
 
     def start(self) -> tuple[str, int]:
