@@ -115,12 +115,12 @@ class TestPairing:
         server = server_factory(PAIRED)
         client = client_of(tmp_path, server.server.address)
         try:
-            code = server.access.offer_code()
+            code = server.offer_pairing_code()
             assert server.identity.id == client.pair(code.lower())
             assert [] == client.list_files()
         finally:
             client.close()
-        assert [client.identity.id] == [identity for identity, _ in server.access.paired()]
+        assert [client.identity.id] == [identity for identity, _ in server.paired_clients()]
         assert ("paired", client.identity.id) == server.access.code_state(code)
 
     def test_a_wrong_code_is_refused_and_spends_the_code(self, tmp_path, server_factory):
@@ -174,7 +174,7 @@ class TestRevocation:
         try:
             client.pair(server.access.offer_code())
             assert [] == client.list_files()
-            assert server.access.revoke(client.identity.id)
+            assert server.revoke_client(client.identity.id)
             with pytest.raises(RemoteError) as refused:
                 client.list_files()
         finally:
