@@ -21,8 +21,8 @@ from minitorrent.net.tracker import PEER_TTL_INTERVALS, Tracker
 from minitorrent.server.access import AccessList, AccessPolicy
 from minitorrent.server.catalog import Catalog
 from minitorrent.server.roles import NodeState, Role
-from minitorrent.wire.identity import cluster_key, load_or_create
-from minitorrent.wire.tls import ClientTls, ServerTls
+from minitorrent.wire.identity import cluster_key, load_or_create, parse_id
+from minitorrent.wire.tls import ClientTls, Secure, ServerTls
 
 
 class ServerEngine:
@@ -114,6 +114,14 @@ def cluster_secret(config: Config, name: str) -> tuple[str, str]:
                                f"server.secret to the same value on both")
 
 
-def peer_tls(config: Config) -> ClientTls | None:
-    """How the main dials the backup: TLS; the backup is recognised by its proof of the cluster key."""
-    return ClientTls() if config.transfer.encrypt else None
+def peer_tls(config: Config) -> Secure | None:
+    """How the main dials the backup: TLS; the backup is recognised by its proof of the cluster key
+    over it, and also by its identity when ``server.backup.id`` is set. Raises ``ConfigError``."""
+    if not config.transfer.encrypt:
+        return None
+    if not config.server.backup.id:
+        return ClientTls()
+    try:
+        return ClientTls().expecting(parse_id(config.server.backup.id))
+    except ValueError as error:
+        raise ConfigError(f"{config.source or 'config'}: server.backup.id: {error}") from None

@@ -44,6 +44,7 @@ class MainServer(ServerEngine):
         backup = config.server.backup
         self.backup_address = (backup.host, backup.port)
         self.replicating = backup.port != 0  # the cluster key file stands in for an empty server.secret
+        self._peer_secure = peer_tls(config)  # how links to the backup are secured (TLS, pinned if configured)
         self.replicator: Replicator | None = None
         self.server.client_handlers.update(Pairing(self.access).handlers())
         self._access_sync: AccessSync | None = None
@@ -133,7 +134,7 @@ class MainServer(ServerEngine):
     def _peer_link(self) -> PeerLink:
         """A new link to the backup: TLS, and both sides prove the cluster key over it."""
         return PeerLink(self.backup_address, self.secret, self.config.transfer.io_timeout, self.node,
-                        peer_tls(self.config), self.secret_hint)
+                        self._peer_secure, self.secret_hint)
 
     # Roles -------------------------------------------------------------------------------
 
@@ -181,7 +182,7 @@ class MainServer(ServerEngine):
         link = self._peer_link()
         fetch_from = ServerClient([self.backup_address], io_timeout_s=config.transfer.io_timeout,
                                   pool_size=2, retry_deadline_s=config.server.backup.heartbeat_timeout,
-                                  stop=self.stop_event, secret=self.secret, secure=peer_tls(config))
+                                  stop=self.stop_event, secret=self.secret, secure=self._peer_secure)
         store = ClientStore(self.catalog.data_dir / "failback.db")
         try:
             while not self.stop_event.is_set() and self.node.role is Role.STANDBY:

@@ -156,7 +156,7 @@ class ClientTls:
         return self.handshake(sock, host, port)
 
     def expecting(self, identity: str) -> Secure:
-        """A ``Secure`` that accepts only a server whose identity is ``identity`` (a seeding peer)."""
+        """A ``Secure`` that accepts only a server whose identity is ``identity`` (a seeder, a configured backup)."""
         return lambda sock, host, port: self.handshake(sock, host, port, identity)
 
     def handshake(self, sock: socket.socket, host: str, port: int, expected: str = "") -> TlsSocket:
@@ -183,8 +183,8 @@ class ClientTls:
     def _check(self, address: str, seen: str, expected: str) -> None:
         if expected:
             if seen != expected:
-                raise IdentityRefused(f"{address} presented identity {seen}, not {expected} that the tracker "
-                                      "gave for it: refused (another machine in its place?)")
+                raise IdentityRefused(f"{address} presented identity {seen}, not the expected {expected}: "
+                                      "refused (another machine in its place?)")
         elif self.pins is not None:
             self.pins.check(address, seen)
 

@@ -159,3 +159,27 @@ class TestPeerLink:
             main.stop()
             backup.stop()
         assert "\n" not in found[0]
+
+
+class TestBackupIdentity:
+    @pytest.mark.timeout(LONG_TIMEOUT)
+    def test_a_configured_backup_identity_is_required_of_the_backup(self, tmp_path, caplog):
+        """With server.backup.id set to another identity, the main refuses the real backup (nothing replicated)."""
+        shared = {"cluster_key_file": str(tmp_path / "cluster.key")}
+        backup = BackupServer(make_config(tmp_path / "backup", {"server": {"backup": {"port": 0, **HEARTBEAT},
+                                                                           **shared}}))
+        backup.start()
+        expected = load_or_create(tmp_path / "the backup we expect").id
+        main = MainServer(make_config(tmp_path / "main", {"server": {
+            "main": {"port": 0}, "backup": {"port": backup.server.address[1], "id": expected, **HEARTBEAT},
+            **shared}}))
+        try:
+            with caplog.at_level(logging.WARNING):
+                main.start()
+                main.add_file(make_file(tmp_path / "src" / "a.bin", 1000))
+                wait_until(lambda: any(f"not the expected {expected}" in r.getMessage() for r in caplog.records),
+                           SHORT_TIMEOUT, "the main to refuse the backup's identity")
+            assert (0, 0) == backup.catalog.count_files()
+        finally:
+            main.stop()
+            backup.stop()
