@@ -166,7 +166,7 @@ class TestPinning:
         server = TlsServer(server_tls)
         other = load_or_create(tmp_path / "other").id
         try:
-            with pytest.raises(IdentityRefused, match="not " + other):
+            with pytest.raises(IdentityRefused, match="not the expected " + other):
                 dial(ClientTls(), server.address, expected=other)
             dial(ClientTls(), server.address, expected=server_tls.id).close()
         finally:
