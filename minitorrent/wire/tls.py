@@ -131,10 +131,12 @@ class ServerTls:
 
     def handshake(self, sock: TlsSocket, timeout_s: float) -> None:
         """Finish the handshake within ``timeout_s``; ``ConnectionFailed`` if it does not."""
-        sock.settimeout(timeout_s)
         try:
+            sock.settimeout(timeout_s)
             sock.do_handshake()
-        except (OSError, ValueError) as error:  # ssl.SSLError is an OSError
+        # ssl.SSLError is an OSError; AttributeError: the server stopping shut the socket down first
+        # (SSLSocket.shutdown drops its TLS state, which do_handshake then finds missing).
+        except (OSError, ValueError, AttributeError) as error:
             raise ConnectionFailed(f"TLS handshake failed: {_reason(error)}") from error
 
 

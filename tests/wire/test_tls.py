@@ -80,6 +80,18 @@ class TestHandshake:
         finally:
             listener.close()
 
+    def test_a_socket_shut_down_before_its_handshake_is_a_connection_failure(self, server_tls):
+        """A stopping server shuts a connection down before its handshake: ConnectionFailed, not a crash."""
+        ours, theirs = socket.socketpair()
+        sock = server_tls.wrap(ours)
+        sock.shutdown(socket.SHUT_RDWR)  # what RequestServer.stop does to every open connection
+        try:
+            with pytest.raises(ConnectionFailed, match="TLS handshake failed"):
+                server_tls.handshake(sock, SHORT_TIMEOUT)
+        finally:
+            sock.close()
+            theirs.close()
+
     def test_tls_12_is_refused(self, server_tls):
         """A client offering at most TLS 1.2 cannot connect."""
         server = TlsServer(server_tls)
