@@ -71,6 +71,14 @@ class TlsSocket(ssl.SSLSocket):
         held, self._held = self._held, b""
         super().sendall(held + bytes(data) if held else data)
 
+    def shutdown(self, how: int) -> None:
+        """Shut the TCP connection down but keep the TLS state (``SSLSocket.shutdown`` drops it).
+
+        Another thread may still be reading or about to shake hands: without
+        its TLS state it would fail oddly, or a later write would leave in clear.
+        """
+        socket.socket.shutdown(self, how)
+
     def sendfile(self, file, offset: int = 0, count: int | None = None) -> int:
         if self._buffer is None:
             self._buffer = bytearray(SEND_BUFFER_BYTES)
@@ -131,12 +139,10 @@ class ServerTls:
 
     def handshake(self, sock: TlsSocket, timeout_s: float) -> None:
         """Finish the handshake within ``timeout_s``; ``ConnectionFailed`` if it does not."""
+        sock.settimeout(timeout_s)
         try:
-            sock.settimeout(timeout_s)
             sock.do_handshake()
-        # ssl.SSLError is an OSError; AttributeError: the server stopping shut the socket down first
-        # (SSLSocket.shutdown drops its TLS state, which do_handshake then finds missing).
-        except (OSError, ValueError, AttributeError) as error:
+        except (OSError, ValueError) as error:  # ssl.SSLError is an OSError
             raise ConnectionFailed(f"TLS handshake failed: {_reason(error)}") from error
 
 
