@@ -30,6 +30,8 @@ class ServerEngine:
 
     def __init__(self, config: Config, name: str, settings: MainServerConfig | BackupServerConfig,
                  **server_options: Any) -> None:
+        if config.server.access == "paired" and not config.transfer.encrypt:
+            raise ConfigError("server.access: paired needs transfer.encrypt: true (clients prove who they are over TLS)")
         self.config = config
         self.name = name
         self.catalog = Catalog(settings.data_dir, config.transfer.chunk_size)
@@ -43,8 +45,6 @@ class ServerEngine:
         has_peer = name == "backup" or config.server.backup.port != 0
         self.secret, self.secret_hint = cluster_secret(config, name) if has_peer else ("", "")
         transfer = config.transfer
-        if config.server.access == "paired" and not transfer.encrypt:
-            raise ConfigError("server.access: paired needs transfer.encrypt: true (clients prove who they are over TLS)")
         self.access = AccessList(settings.data_dir)
         self.server = RequestServer(
             self.catalog,

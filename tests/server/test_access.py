@@ -21,7 +21,7 @@ from conftest import (
 )
 
 from config_loader import load_config
-from error_handler import ConnectionFailed, MiniTorrentError, RemoteError
+from error_handler import ConfigError, ConnectionFailed, MiniTorrentError, RemoteError
 from minitorrent.client.engine import ClientEngine
 from minitorrent.common.launcher import free_port
 from minitorrent.net.remote import ServerSession
@@ -97,6 +97,12 @@ class TestPairedMode:
             client.close()
         assert ErrorCode.NOT_PAIRED == refused.value.code
         assert refused.value.message.startswith("not paired: ask the server's operator for a code")
+
+    def test_paired_mode_refuses_to_run_without_tls(self, tmp_path):
+        """server.access: paired with transfer.encrypt false stops with one line naming both keys."""
+        config = make_config(tmp_path, {"server": {"access": "paired"}, "transfer": {"encrypt": False}})
+        with pytest.raises(ConfigError, match="server.access: paired needs transfer.encrypt: true"):
+            MainServer(config)
 
     def test_open_mode_serves_anyone(self, tmp_path, server_factory):
         """In open mode (the default) a client nobody paired lists the catalog."""
