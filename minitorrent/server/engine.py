@@ -34,16 +34,16 @@ class ServerEngine:
             raise ConfigError("server.access: paired needs transfer.encrypt: true (clients prove who they are over TLS)")
         self.config = config
         self.name = name
+        self.identity = load_or_create(settings.data_dir)  # first: a bad key file stops us before anything opens
+        # A main with no backup configured has no peer link, so no cluster key file to make.
+        has_peer = name == "backup" or config.server.backup.port != 0
+        self.secret, self.secret_hint = cluster_secret(config, name) if has_peer else ("", "")
         self.catalog = Catalog(settings.data_dir, config.transfer.chunk_size)
         self.node = NodeState(self.catalog.db, name, Role.STANDBY)
         self.metrics = Metrics()
         self.metrics.set_downloads(self.catalog.download_counts())
         self.lock = FolderLock(settings.data_dir)
         self.stop_event = threading.Event()
-        self.identity = load_or_create(settings.data_dir)
-        # A main with no backup configured has no peer link, so no cluster key file to make.
-        has_peer = name == "backup" or config.server.backup.port != 0
-        self.secret, self.secret_hint = cluster_secret(config, name) if has_peer else ("", "")
         transfer = config.transfer
         self.access = AccessList(settings.data_dir)
         self.server = RequestServer(
