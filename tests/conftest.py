@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import atexit
 import os
+import select
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -19,6 +21,7 @@ from typing import Any, Callable, Iterator
 import pytest
 
 from config_loader import Config, load_config
+from error_handler import ConnectionFailed
 from minitorrent.common import launcher
 from minitorrent.common.launcher import ServerProcess
 from minitorrent.server.main import MainServer
@@ -146,31 +149,51 @@ class TlsRelay:
         while True:
             try:
                 raw, _ = self.listener.accept()
-                sock = self.tls.wrap(raw)
-                self.tls.handshake(sock, SHORT_TIMEOUT)
-                upstream = ClientTls().handshake(socket.create_connection(self.target, timeout=SHORT_TIMEOUT),
-                                                 *self.target)
             except OSError:
                 return
-            except Exception:  # a client that gave up mid-handshake: keep accepting
-                continue
-            self.connections += 1
-            for a, b in ((sock, upstream), (upstream, sock)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+            threading.Thread(target=self._serve, args=(raw,), daemon=True).start()
+
+    def _serve(self, raw: socket.socket) -> None:
+        sock = self.tls.wrap(raw)
+        try:
+            self.tls.handshake(sock, SHORT_TIMEOUT)
+            upstream = ClientTls().handshake(socket.create_connection(self.target, timeout=SHORT_TIMEOUT),
+                                             *self.target)
+        except (OSError, ConnectionFailed):
+            sock.close()
+            return
+        self.connections += 1
+        self._relay(sock, upstream)
 
     @staticmethod
-    def _pump(source, sink) -> None:
+    def _relay(a, b) -> None:
+        """Copy both ways in this one thread: a TLS socket must not be read and written by two at once."""
+        for sock in (a, b):
+            sock.settimeout(0)
         try:
-            while data := source.recv(65536):
-                sink.sendall(data)
+            while True:
+                readable, _, _ = select.select([a, b], [], [], LONG_TIMEOUT)
+                if not readable or not all(TlsRelay._move(s, b if s is a else a) for s in readable):
+                    return
         except OSError:
             pass
         finally:
-            for sock in (source, sink):
-                try:
-                    sock.close()
-                except OSError:
-                    pass
+            a.close()
+            b.close()
+
+    @staticmethod
+    def _move(source, sink) -> bool:
+        """Pass on everything ``source`` can decrypt now; False once it has closed."""
+        while True:
+            try:
+                data = source.recv(65536)
+            except ssl.SSLWantReadError:  # half a record, or one with no data (a session ticket)
+                return True
+            if not data:
+                return False
+            sink.settimeout(SHORT_TIMEOUT)
+            sink.sendall(data)
+            sink.settimeout(0)
 
     def close(self) -> None:
         self.listener.close()
