@@ -49,7 +49,7 @@ def start_banner(engine: BackupServer) -> str:
     host, port = engine.start()
     count, _ = engine.catalog.count_files()
     return (f"backup server listening on {host}:{port} ({engine.node.role.value}, epoch {engine.node.epoch}, "
-            f"{count} files)")
+            f"{count} files), identity {engine.identity.id}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -6,6 +6,7 @@
     python client.py [--config PATH] status [--json]
     python client.py [--config PATH] seed
     python client.py [--config PATH] servers [--json] [--seconds S]
+    python client.py [--config PATH] pair CODE
 
 Exit status: 0 on success, 1 when a command failed (the reason is one line on
 stderr), 2 for a bad command line or configuration (or no display for the
@@ -66,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     servers.add_argument("--json", action="store_true", help="print JSON")
     servers.add_argument("--seconds", type=float, default=DISCOVERY_LISTEN_S, metavar="S",
                          help=f"how long to listen (default {DISCOVERY_LISTEN_S:g})")
+    pair = commands.add_parser("pair", help="pair with the server using the one-time code its operator gave you")
+    pair.add_argument("code", metavar="CODE")
     return parser
 
 
@@ -105,11 +108,13 @@ def run_get(engine: ClientEngine, args: argparse.Namespace) -> int:
 
 def run_status(engine: ClientEngine, args: argparse.Namespace) -> int:
     snapshot = engine.status()
+    snapshot["client_identity"] = engine.identity.id
     if args.json:
         print(json.dumps(snapshot, ensure_ascii=False, indent=2))
         return 0
+    print(f"this client's identity: {engine.identity.id}")
     print(f"{snapshot.get('server', 'server')} server at {snapshot.get('address')}: "
-          f"{snapshot.get('role')}, epoch {snapshot.get('epoch')}")
+          f"{snapshot.get('role')}, epoch {snapshot.get('epoch')}, identity {snapshot.get('identity') or '(no TLS)'}")
     per_file = snapshot.pop("downloads_per_file", {})
     for key, value in flatten(snapshot):
         print(f"{key:32} {value}")
@@ -137,13 +142,19 @@ def run_seed(engine: ClientEngine, args: argparse.Namespace) -> int:
     def start() -> str:
         host, port = engine.start_seeding()
         count, total = engine.seeder.source.count_files()
-        return f"seeding {count} files ({human_size(total)}) on {host}:{port}"
+        return f"seeding {count} files ({human_size(total)}) on {host}:{port}, identity {engine.identity.id}"
 
     def report() -> None:
         uploaded = engine.seeder.metrics.snapshot()
         print(f"uploaded {human_size(uploaded['bytes_sent'])} over {uploaded['connections_total']} connections")
 
     serve_until_signalled(start, report, "seeder")  # close() in main() stops the seeder itself
+    return 0
+
+
+def run_pair(engine: ClientEngine, args: argparse.Namespace) -> int:
+    server_identity = engine.pair(args.code)
+    print(f"paired: this client {engine.identity.id} with the server {server_identity}")
     return 0
 
 
@@ -166,7 +177,7 @@ def run_servers(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"list": run_list, "get": run_get, "status": run_status, "seed": run_seed}
+COMMANDS = {"list": run_list, "get": run_get, "status": run_status, "seed": run_seed, "pair": run_pair}
 NEEDS_SERVER = {"list", "get", "status"}  # the seeder serves what it holds, with or without a server
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -65,6 +66,10 @@ _HTTP_PORT = {"must": f"an integer from 0 to {MAX_PORT}, or {HTTP_OFF} (off)",
               "ok": lambda v: v == HTTP_OFF or 0 <= v <= MAX_PORT}
 _POSITIVE_SECONDS = {"must": "a number of seconds > 0", "ok": lambda v: v > 0}
 _HOST = {"must": "a non-empty string", "ok": lambda v: v.strip() != ""}
+# An identity as `client.py status` shows it (its check characters are checked where it is used).
+_IDENTITY = {"must": "empty or an identity (8 groups of 7 letters A-Z and digits 2-7, joined by dashes)",
+             "ok": lambda v: v == "" or re.fullmatch(r"[A-Z2-7]{7}(-[A-Z2-7]{7}){7}", v) is not None,
+             "normalize": lambda v: v.strip().upper()}
 
 
 class _RelationError(ValueError):
@@ -84,6 +89,7 @@ class MainServerConfig:
     port: int = _setting(5001, **_PORT)
     data_dir: Path = _setting(Path("data/main"))
     http_port: int = _setting(5080, **_HTTP_PORT)
+    id: str = _setting("", **_IDENTITY)
 
 
 @dataclass(frozen=True)
@@ -98,6 +104,7 @@ class BackupServerConfig:
     port: int = _setting(5002, **_PORT)
     data_dir: Path = _setting(Path("data/backup"))
     http_port: int = _setting(5081, **_HTTP_PORT)
+    id: str = _setting("", **_IDENTITY)
     heartbeat_interval: float = _setting(2.0, **_POSITIVE_SECONDS)
     heartbeat_timeout: float = _setting(6.0, **_POSITIVE_SECONDS)
     failback: str = _setting(
@@ -120,6 +127,8 @@ class ServerConfig:
     main: MainServerConfig = field(default_factory=MainServerConfig)
     backup: BackupServerConfig = field(default_factory=BackupServerConfig)
     secret: str = _setting("")
+    cluster_key_file: Path = _setting(Path("cluster.key"))
+    access: str = _setting("open", must="open or paired", ok=lambda v: v in ("open", "paired"), normalize=str.lower)
 
 
 @dataclass(frozen=True)
@@ -146,6 +155,7 @@ class TransferConfig:
     upload_limit: int = _setting(0, **_int_range(0))
     download_limit: int = _setting(0, **_int_range(0))
     announce_interval: float = _setting(10.0, **_POSITIVE_SECONDS)
+    encrypt: bool = _setting(True)
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """MiniTorrent main server: shares a catalog of files in verified chunks.
 
     python main_server.py [--config PATH] [--headless] [--add FILE ...]
+    python main_server.py [--config PATH] pair | paired | revoke ID
 
 ``--add`` imports files into the server's data folder (see catalog.py for the
 naming rules), then the server serves until SIGINT or SIGTERM. Without
@@ -10,8 +11,10 @@ server already runs on that data folder, ``--add`` adds the files to its
 catalog (it notices within a second and replicates them) and exits.
 
 The engine, ``MainServer``, imports no tkinter: a window (or a test) holds one
-and calls its methods. With ``server.secret`` set it replicates to the backup
-and sends it heartbeats; see docs/failover.md for the roles and epochs.
+and calls its methods. With a backup configured it replicates to it and sends
+it heartbeats (see docs/failover.md). ``pair`` shows a one-time code that
+lets one client pair (``server.access: paired``), ``paired`` lists the paired
+clients and ``revoke`` removes one; see docs/security.md.
 
 With ``cluster.mode: etcd`` the program runs member ``cluster.name`` of an
 etcd cluster instead (headless; ``ClusterMember``). ``--add`` beside a
@@ -23,8 +26,11 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import threading
+import time
 from typing import Sequence
 
+from config_loader import load_config
 from error_handler import MiniTorrentError
 from minitorrent.common.daemon import build_engine, serve_until_signalled
 from minitorrent.server.coordinator import EtcdUnavailable
@@ -32,6 +38,8 @@ from minitorrent.server.engine import ServerEngine
 from minitorrent.server.main import MainServer
 from minitorrent.web.face import start_with_face, stop_with_face, web_face_for
 from minitorrent.server.member import acknowledge_by_quorum, build_server, leader_name
+from minitorrent.server.access import CODE_TTL_S, AccessList, wait_for_pairing
+from minitorrent.wire.identity import parse_id
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +52,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--headless", action="store_true", help="run without a window")
     parser.add_argument("--geometry", metavar="WxH+X+Y", help="the window's size and place on screen")
     parser.add_argument("--add", nargs="+", metavar="FILE", default=[], help="files to share")
-    return parser.parse_args(argv)
+    parser.add_argument("command", nargs="?", choices=ACCESS_COMMANDS,
+                        help="pair: show a one-time code for a client (server.access: paired); "
+                             "paired: list the paired clients; revoke ID: stop accepting a client")
+    parser.add_argument("identity", nargs="?", help="the client identity to revoke")
+    args = parser.parse_args(argv)
+    if (args.command == "revoke") != (args.identity is not None):
+        parser.error("revoke takes one client identity; the other commands none")
+    return args
 
 
 def add_files(engine: MainServer, paths: Sequence[str], added: list | None = None) -> bool:
@@ -67,11 +82,67 @@ def start_banner(engine: ServerEngine) -> str:
     host, port = engine.start()
     count, total = engine.catalog.count_files()
     who = "main server" if engine.name == "main" else f"cluster member {engine.name}"
-    return f"{who} listening on {host}:{port} with {count} files ({total} bytes)"
+    return f"{who} listening on {host}:{port} with {count} files ({total} bytes), identity {engine.identity.id}"
+
+
+def run_access_command(args: argparse.Namespace) -> int:
+    """``pair``, ``paired`` or ``revoke ID`` on the main's data folder (the running server sees the change)."""
+    try:
+        config = load_config(args.config)
+        access = AccessList(config.server.main.data_dir)
+    except MiniTorrentError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    try:
+        return ACCESS_COMMANDS[args.command](access, args)
+    finally:
+        access.close()
+
+
+def run_pair(access: AccessList, args: argparse.Namespace) -> int:
+    code = access.offer_code()
+    print(f"pairing code: {code}  (one attempt, {CODE_TTL_S / 60:g} minutes); on the client run: "
+          f"python client.py pair {code}", flush=True)
+    try:
+        identity = wait_for_pairing(access, code, threading.Event())
+    except LookupError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    print(f"paired client {identity}", flush=True)
+    return 0
+
+
+def run_paired(access: AccessList, args: argparse.Namespace) -> int:
+    clients = access.paired()
+    for identity, added_at in clients:
+        print(f"{identity}  paired {time.strftime('%Y-%m-%d %H:%M', time.localtime(added_at))}")
+    if not clients:
+        print("no paired clients")
+    return 0
+
+
+def run_revoke(access: AccessList, args: argparse.Namespace) -> int:
+    try:
+        identity = parse_id(args.identity)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if not access.revoke(identity):
+        print(f"error: {identity} is not a paired client", file=sys.stderr)
+        return 1
+    print(f"revoked {identity}", flush=True)
+    return 0
+
+
+ACCESS_COMMANDS = {"pair": run_pair, "paired": run_paired, "revoke": run_revoke}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.command:
+        return run_access_command(args)
     engine = build_engine(args.config, "main_server", build_server)
     if engine is None:
         return 2

@@ -77,7 +77,12 @@ import json, sys, time
 tree, host, port, searches = sys.argv[1], sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4])
 sys.path.insert(0, tree)
 from minitorrent.net.remote import ServerClient
-client = ServerClient([(host, port)], io_timeout_s=600, pool_size=2, retry_deadline_s=10)
+try:  # a tree with TLS on every connection (the code before it had none)
+    from minitorrent.wire.tls import ClientTls
+    secure = {"secure": ClientTls()}
+except ImportError:
+    secure = {}
+client = ServerClient([(host, port)], io_timeout_s=600, pool_size=2, retry_deadline_s=10, **secure)
 client.status()  # open the pooled connection first (cheaply): the timings are of listing, not connecting
 result = {}
 for search in searches:
@@ -158,10 +163,10 @@ def checkout(commit: str, folder: Path) -> Path:
 
 
 def server_config(folder: Path) -> Path:
-    """A main server on a free port; the backup's port set too, to a free one nobody listens on."""
+    """A main server on a free port and no backup (port 0): nothing else is dialled (5002 may be another program's)."""
     return write_config(folder / "config.yaml", {
         "server": {"main": {"host": "127.0.0.1", "port": free_port(), "data_dir": "server"},
-                   "backup": {"host": "127.0.0.1", "port": free_port()}},
+                   "backup": {"port": 0}},
         "logging": {"level": "WARNING", "log_to_file": False},
     })
 

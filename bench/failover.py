@@ -90,10 +90,12 @@ from minitorrent.common.launcher import ServerProcess, free_port, write_config
 from minitorrent.net import remote
 from minitorrent.net.remote import ServerSession
 from minitorrent.wire import protocol
+from minitorrent.wire.tls import ClientTls
 
 CHUNK_BYTES = 1024 * 1024
 FILE_NAME = "failover payload.bin"  # a space, as real names have
 IO_TIMEOUT_S = 2.0  # transfer.io_timeout of every program: a silent peer is given up on after this
+TLS = ClientTls()  # the watcher asks each server directly; pinning is not what this bench measures
 CLIENT_RETRY_DEADLINE_S = 30.0  # far above heartbeat_timeout: a failover must never make the client give up
 OUTAGE_SLACK_S = 1.0  # target: outage <= heartbeat_timeout + this
 MIN_SIZE = 64 * CHUNK_BYTES
@@ -233,7 +235,7 @@ class BackupWatcher(threading.Thread):
         while not self.stop.wait(STATUS_POLL_S):
             try:
                 if session is None:
-                    session = ServerSession.open(*self.address, io_timeout_s=IO_TIMEOUT_S)
+                    session = ServerSession.open(*self.address, io_timeout_s=IO_TIMEOUT_S, secure=TLS)
                 status = session.call(protocol.GetStatus(), protocol.StatusInfo).message.metrics
             except MiniTorrentError:
                 if session is not None:
@@ -264,7 +266,7 @@ class BackupWatcher(threading.Thread):
 
 def status_of(address: tuple[str, int]) -> dict | None:
     """One server's own status, asked directly; None if it does not answer."""
-    return remote.status_of(address, IO_TIMEOUT_S)
+    return remote.status_of(address, IO_TIMEOUT_S, TLS)
 
 
 # One run --------------------------------------------------------------------------------------------

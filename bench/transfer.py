@@ -135,27 +135,19 @@ class ClientRun:
 # Preparing --------------------------------------------------------------------------
 
 
-def config_settings(backup_port: int, chunk_size: int, port: int = 0) -> dict:
+def config_settings(chunk_size: int, port: int = 0, encrypt: bool = True) -> dict:
     """The server's config (port 0: any free port) or the client's (the server's real port).
 
-    ``backup_port`` is a port nobody listens on (see ``silent_port``): left
-    at its default, the client would also greet whatever answers on 5002.
+    ``encrypt`` False is the plaintext row: the same programs over plain TCP,
+    to show what TLS costs.
     """
     return {
-        "server": {"main": {"host": "127.0.0.1", "port": port, "data_dir": "server"},
-                   "backup": {"host": "127.0.0.1", "port": backup_port, "data_dir": "backup"}},
+        "server": {"main": {"host": "127.0.0.1", "port": port, "data_dir": "server" if encrypt else "server-plain"},
+                   "backup": {"port": 0}},  # no backup: nothing else is dialled (5002 may be another program's)
         "client": {"download_dir": "downloads", "data_dir": "client-state", "retry_deadline": 10.0},
-        "transfer": {"chunk_size": chunk_size},
+        "transfer": {"encrypt": encrypt, "chunk_size": chunk_size},
         "logging": {"level": "WARNING", "log_to_file": False, "log_dir": "logs"},
     }
-
-
-def silent_port() -> socket.socket:
-    """A socket bound to a free 127.0.0.1 port and never listening: connecting there is refused, and no
-    other program can take the port while the benchmark holds it."""
-    holder = socket.socket()
-    holder.bind(("127.0.0.1", 0))
-    return holder
 
 
 # Processes --------------------------------------------------------------------------
@@ -242,34 +234,33 @@ def bench(folder: Path, size: int, repeat: int, warmup: bool, chunk_size: int) -
     source = folder / "source" / FILE_NAME
     print(f"writing {size} random bytes to {source} ...", flush=True)
     source_sha = write_random_file(source, size)
-    print(f"starting the main server (importing the file in chunks of {chunk_size} bytes) ...", flush=True)
-    with silent_port() as backup:
-        backup_port = backup.getsockname()[1]
-        started = time.perf_counter()
-        server = start_server(write_config(folder / "server.yaml", config_settings(backup_port, chunk_size)),
-                              add=[source])
-        print(f"server listening on {server.address[0]}:{server.address[1]}, backup port {backup_port} silent "
-              f"(start-up with --add: {time.perf_counter() - started:.1f} s)", flush=True)
-        client_settings = config_settings(backup_port, chunk_size, server.address[1])
-        client_config = write_config(folder / "client.yaml", client_settings)
-        run_rounds(Runner(folder, source, source_sha, size, client_config), server, size, repeat, warmup)
-
-
-def run_rounds(runner: "Runner", server: ServerProcess, size: int, repeat: int, warmup: bool) -> None:
+    print(f"starting the main servers, TLS and plaintext (importing the file in chunks of {chunk_size} bytes) ...",
+          flush=True)
+    started = time.perf_counter()
+    server = start_server(write_config(folder / "server.yaml", config_settings(chunk_size)), add=[source])
+    plain = start_server(write_config(folder / "server-plain.yaml", config_settings(chunk_size, encrypt=False)),
+                         add=[source])
+    print(f"servers listening on {server.address[0]}:{server.address[1]} (TLS) and port {plain.address[1]} "
+          f"(plain) (start-up with --add: {time.perf_counter() - started:.1f} s)", flush=True)
     results = Results(size)
+    configs = {"minitorrent": write_config(folder / "client.yaml", config_settings(chunk_size, server.address[1])),
+               "plaintext": write_config(folder / "client-plain.yaml",
+                                         config_settings(chunk_size, plain.address[1], False))}
+    runner = Runner(folder, source, source_sha, size, configs)
     try:
         if warmup:
-            runner.round("warm-up", ("baseline", "minitorrent"), Results(size))
+            runner.round("warm-up", ("baseline", "minitorrent", "plaintext"), Results(size))
         for run in range(repeat):
             order = KINDS if run % 2 == 0 else KINDS[::-1]  # alternate, so drift hits all alike
             runner.round(f"run {run + 1}", order, results)
         server_rss = peak_rss_mib(server)
     finally:
         stop_process(server.process)
+        stop_process(plain.process)
     results.report(repeat, server_rss)
 
 
-KINDS = ("baseline", "integrity", "minitorrent")
+KINDS = ("baseline", "integrity", "minitorrent", "plaintext")
 
 
 @dataclass
@@ -278,6 +269,7 @@ class Results:
     baseline_s: list[float] = field(default_factory=list)
     integrity_s: list[float] = field(default_factory=list)
     client_runs: list[ClientRun] = field(default_factory=list)
+    plain_runs: list[ClientRun] = field(default_factory=list)  # the same programs over plain TCP
 
     def report(self, repeat: int, server_rss: float | None) -> None:
         size = self.size
@@ -294,6 +286,10 @@ class Results:
         line("minitorrent / integrity floor (info)", f"{floor / mini:7.2f}")
         cpu = statistics.median(run.cpu_s for run in self.client_runs)
         line("client CPU, user + system (info)", f"{cpu / (size / (1 << 30)):7.2f} s/GiB")
+        plain = statistics.median(run.seconds for run in self.plain_runs)
+        line("plaintext: same, transfer.encrypt false", f"{mb_per_s(size, plain):7.1f} MB/s  {plain:6.2f} s")
+        line("TLS cost: minitorrent / plaintext (info)", f"{plain / mini:7.2f}")
+        line("load average (1, 5, 15 min)", " ".join(f"{v:.2f}" for v in os.getloadavg()))
         if server_rss is not None:
             line("server peak RSS (info)", f"{server_rss:7.1f} MiB")
         line(f"TARGET ratio minitorrent/baseline >= {RATIO_TARGET}", f"{ratio:7.2f}       {verdict(ratio >= RATIO_TARGET)}")
@@ -309,14 +305,14 @@ class Runner:
     source: Path
     source_sha: str
     size: int
-    client_config: Path
+    client_configs: dict[str, Path]  # per kind: the client's config (TLS, plaintext)
 
     def round(self, label: str, order: tuple[str, ...], results: Results) -> None:
         for kind in order:
-            if kind == "minitorrent":
-                run = self.minitorrent()
-                results.client_runs.append(run)
-                print(f"  {label:8} minitorrent {run.seconds:7.2f} s {mb_per_s(self.size, run.seconds):8.1f} MB/s"
+            if kind in self.client_configs:
+                run = self.minitorrent(kind)
+                (results.client_runs if kind == "minitorrent" else results.plain_runs).append(run)
+                print(f"  {label:8} {kind:11} {run.seconds:7.2f} s {mb_per_s(self.size, run.seconds):8.1f} MB/s"
                       f"  peak RSS {run.peak_rss_mib:.1f} MiB  CPU {run.cpu_s:.2f} s"
                       f"  (client says {run.reported_speed}; load {os.getloadavg()[0]:.2f})", flush=True)
                 continue
@@ -331,10 +327,10 @@ class Runner:
         finally:
             target.unlink(missing_ok=True)
 
-    def minitorrent(self) -> ClientRun:
+    def minitorrent(self, kind: str) -> ClientRun:
         output = self.folder / "downloads"
         try:
-            result = run_client(self.client_config, output, self.size, self.folder)
+            result = run_client(self.client_configs[kind], output, self.size, self.folder)
             got = sha256_of(output / FILE_NAME)
             if got != self.source_sha:
                 raise BenchError(f"DOWNLOAD CORRUPT: sha256 {got} != source {self.source_sha}")

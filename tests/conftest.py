@@ -4,9 +4,16 @@ Timeouts are named here, once, and generous: CI machines are shared and slow.
 """
 from __future__ import annotations
 
+import atexit
 import os
+import select
+import shutil
+import socket
+import ssl
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -14,14 +21,22 @@ from typing import Any, Callable, Iterator
 import pytest
 
 from config_loader import Config, load_config
+from error_handler import ConnectionFailed
 from minitorrent.common import launcher
 from minitorrent.common.launcher import ServerProcess
 from minitorrent.server.main import MainServer
+from minitorrent.wire.identity import load_or_create
+from minitorrent.wire.tls import ClientTls, ServerTls
 
 ROOT = Path(__file__).resolve().parent.parent
 SHORT_TIMEOUT = 10.0  # something that should happen at once
 LONG_TIMEOUT = 60.0  # a large transfer or a process start on a loaded machine
 POLL_INTERVAL = 0.02
+# TLS as a test client speaks it to a server it does not need to pin (pinning has its own tests),
+# proving one identity made for this run.
+_IDENTITY_DIR = Path(tempfile.mkdtemp(prefix="minitorrent-test-identity-"))
+atexit.register(shutil.rmtree, _IDENTITY_DIR, True)
+TLS = ClientTls(identity=load_or_create(_IDENTITY_DIR))
 
 
 def wait_until(condition: Callable[[], Any], timeout: float = SHORT_TIMEOUT, what: str = "condition") -> Any:
@@ -117,6 +132,71 @@ def run_client(config_path: Path, *args: str, timeout: float = LONG_TIMEOUT) -> 
     return subprocess.run([sys.executable, str(ROOT / "client.py"), "--config", str(config_path), *args],
                           capture_output=True, text=True, encoding="utf-8", timeout=timeout,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+class TlsRelay:
+    """A machine in the middle: terminates TLS with its own certificate and relays to ``target`` over TLS."""
+
+    def __init__(self, tls: ServerTls, target: tuple[str, int]) -> None:
+        self.tls = tls
+        self.target = target
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.connections = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                raw, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(raw,), daemon=True).start()
+
+    def _serve(self, raw: socket.socket) -> None:
+        sock = self.tls.wrap(raw)
+        try:
+            self.tls.handshake(sock, SHORT_TIMEOUT)
+            upstream = ClientTls().handshake(socket.create_connection(self.target, timeout=SHORT_TIMEOUT),
+                                             *self.target)
+        except (OSError, ConnectionFailed):
+            sock.close()
+            return
+        self.connections += 1
+        self._relay(sock, upstream)
+
+    @staticmethod
+    def _relay(a, b) -> None:
+        """Copy both ways in this one thread: a TLS socket must not be read and written by two at once."""
+        for sock in (a, b):
+            sock.settimeout(0)
+        try:
+            while True:
+                readable, _, _ = select.select([a, b], [], [], LONG_TIMEOUT)
+                if not readable or not all(TlsRelay._move(s, b if s is a else a) for s in readable):
+                    return
+        except OSError:
+            pass
+        finally:
+            a.close()
+            b.close()
+
+    @staticmethod
+    def _move(source, sink) -> bool:
+        """Pass on everything ``source`` can decrypt now; False once it has closed."""
+        while True:
+            try:
+                data = source.recv(65536)
+            except ssl.SSLWantReadError:  # half a record, or one with no data (a session ticket)
+                return True
+            if not data:
+                return False
+            sink.settimeout(SHORT_TIMEOUT)
+            sink.sendall(data)
+            sink.settimeout(0)
+
+    def close(self) -> None:
+        self.listener.close()
 
 
 class SlowProxy:

@@ -22,9 +22,11 @@ from conftest import (
     write_config,
 )
 
+from config_loader import load_config
 from database import ClientStore, ServerStore
 from integrity import sha256_file
 from minitorrent.client.downloader import STREAMS_PER_DOWNLOAD
+from minitorrent.wire.identity import load_or_create
 
 CHUNK = 64 * 1024
 
@@ -96,12 +98,15 @@ class TestGet:
 
 class TestStatus:
     def test_status_prints_metrics(self, shared):
-        """status prints the server's counters, one per line."""
+        """status prints both identities, then the server's counters, one per line."""
         _, config, _ = shared
         result = run_client(config, "status")
         assert 0 == result.returncode
-        headline, *lines = result.stdout.splitlines()
-        assert headline.startswith("main server at 127.0.0.1:") and headline.endswith(": active, epoch 1")
+        mine, headline, *lines = result.stdout.splitlines()
+        assert f"this client's identity: {load_or_create(load_config(config).client.data_dir).id}" == mine
+        server_id = next(line.split()[1] for line in lines if line.startswith("identity "))
+        assert headline.startswith("main server at 127.0.0.1:")
+        assert headline.endswith(f": active, epoch 1, identity {server_id}")
         keys = {line.split()[0] for line in lines if line and not line.startswith(" ")}
         assert {"uptime_s", "bytes_sent", "active_connections", "success_rate", "role", "epoch",
                 "backup.replicating"} <= keys

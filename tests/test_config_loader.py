@@ -52,6 +52,7 @@ def defaults_in(folder: Path) -> Config:
         server=ServerConfig(
             main=MainServerConfig(data_dir=folder / "data/main"),
             backup=BackupServerConfig(data_dir=folder / "data/backup"),
+            cluster_key_file=folder / "cluster.key",
         ),
         client=ClientConfig(download_dir=folder / "downloads", data_dir=folder / "data/client"),
         transfer=TransferConfig(),

@@ -10,11 +10,8 @@ import unicodedata
 
 import pytest
 
-from database import ClientStore, PartialStore, ServerStore, SQLiteStore
-
-
 import database
-from database import LISTING_KEYS, ClientStore, ServerStore, SQLiteStore, fold
+from database import LISTING_KEYS, ClientStore, PartialStore, ServerStore, SQLiteStore, fold
 from error_handler import CatalogError
 from integrity import Manifest, build_manifest, hash_list_root
 

@@ -73,18 +73,6 @@ class TestShellCommand:
         assert ["python", "client.py", *args] == shlex.split(demo.shell_command("client.py", *args))
 
 
-class TestBackupWithoutSecret:
-    def test_backup_server_refuses_to_start_without_a_secret(self, tmp_path):
-        """backup_server.py with an empty server.secret exits 2 with one line naming the key."""
-        config = tmp_path / "config.yaml"
-        config.write_text("logging: {log_to_file: false}\n")
-        result = subprocess.run([sys.executable, str(ROOT / "backup_server.py"), "--config", str(config), "--headless"],
-                                capture_output=True, text=True, timeout=LONG_TIMEOUT)
-        assert 2 == result.returncode
-        assert ["error: server.secret: must be set for the backup (the main proves it before replicating)"] == \
-            result.stderr.strip().splitlines()
-
-
 class TestDemoWindows:
     @pytest.mark.timeout(LONG_TIMEOUT * 2)
     @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])

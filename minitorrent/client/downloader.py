@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Callable
 
 from database import ClientStore
 from error_handler import (
+    AuthenticationFailed,
     ConnectionFailed,
     DownloadCancelled,
     DownloadError,
@@ -61,7 +62,9 @@ from minitorrent.net.remote import (
 )
 from minitorrent.net.throttle import TokenBucket
 from minitorrent.wire import protocol
+from minitorrent.wire.identity import parse_id
 from minitorrent.wire.protocol import ErrorCode, ProtocolError, check_file_name
+from minitorrent.wire.tls import Secure
 
 if TYPE_CHECKING:
     from minitorrent.client.seeding import Seeder
@@ -208,6 +211,7 @@ class _Job:
         self.server_source = Source("server", is_server=True)
         self._peers: dict[tuple[str, int], Source] = {}
         self._announced: dict[tuple[str, int], str | None] = {}  # each peer's last bitmap from the tracker, as sent
+        self._peer_secure: dict[tuple[str, int], Secure | None] = {}  # how each peer's connections are secured
         self._peer_connections: set = set()  # open peer sessions' connections, cut when the download ends
         self._threads: list[threading.Thread] = []
 
@@ -313,9 +317,11 @@ class _Job:
                 if address in self._peers and self._announced.get(address) == entry.get("have"):
                     continue  # the same holdings as a second ago: nothing to decode or recount
                 have = _peer_have(entry, self.manifest)
+                secure = self._secure_for(entry)
             except (KeyError, TypeError, ValueError):
-                continue  # a malformed entry names nobody we could reach
+                continue  # a malformed entry names nobody we could reach (or no identity we could pin)
             self._announced[address] = entry.get("have")
+            self._peer_secure.setdefault(address, secure)
             source = self._peers.get(address)
             if source is None and live < MAX_PEERS_PER_DOWNLOAD:
                 live += 1
@@ -324,6 +330,13 @@ class _Job:
                 self._spawn(self._peer_stream, (source, address, part), f"get-{self.name[:16]}-{source.label}")
             elif source is not None and not self.board.is_dropped(source):
                 self.board.update_have(source, have)
+
+    def _secure_for(self, entry: dict) -> Secure | None:
+        """TLS that accepts only the identity the tracker gave for this peer; ``ValueError`` if it gave none."""
+        client_tls = self.owner.server.secure
+        if client_tls is None:
+            return None  # transfer.encrypt is false: plain TCP everywhere
+        return client_tls.expecting(parse_id(str(entry.get("id") or "")))
 
     def _server_stream(self, part: PartFile) -> None:
         """Keep a connection to the active server busy until the board is done; fail over as needed."""
@@ -343,7 +356,8 @@ class _Job:
     def _peer_stream(self, source: Source, address: tuple[str, int], part: PartFile) -> None:
         """Pull chunks from one peer; any failure drops it (the others and the server carry on)."""
         buffer = bytearray(self.manifest.chunk_size)
-        pool = ConnectionPool(*address, io_timeout_s=self.owner.server.io_timeout_s, max_idle=1)
+        pool = ConnectionPool(*address, io_timeout_s=self.owner.server.io_timeout_s, max_idle=1,
+                              secure=self._peer_secure.get(address))
         try:
             while not self.board.closed:
                 try:
@@ -352,7 +366,7 @@ class _Job:
                     return
                 except _IdleConnectionClosed as closed:  # its idle_timeout, not a failure: dial again
                     log.debug("%s: %s; reconnecting", self.name, closed)
-        except (ConnectionFailed, RemoteError, ProtocolError) as error:
+        except (ConnectionFailed, RemoteError, ProtocolError, AuthenticationFailed) as error:
             if not self.board.closed:  # after the end, a connection we cut is no failure of the peer
                 self.board.drop(source, str(error))
                 log.info("%s: stopped using %s: %s", self.name, source.label, error)

@@ -8,13 +8,18 @@ from typing import Callable
 
 from config_loader import Config
 from database import ClientStore
+from error_handler import MiniTorrentError
 from minitorrent.client.downloader import Downloader, DownloadResult
 from minitorrent.client.progress import Progress
 from minitorrent.client.seeding import Seeder
 from minitorrent.common.partfile import discard_recorded, finish_interrupted_installs
 from minitorrent.net import remote
-from minitorrent.net.remote import ServerClient
+from minitorrent.net.remote import ServerClient, ServerSession
 from minitorrent.net.throttle import TokenBucket
+from minitorrent.wire import protocol
+from minitorrent.wire.identity import load_or_create
+from minitorrent.wire.pairing import ClientPairing, PairingFailed, normalize_code
+from minitorrent.wire.tls import client_tls, server_identity
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +35,10 @@ class ClientEngine:
     def __init__(self, config: Config, on_progress: Callable[[Progress], None] | None = None) -> None:
         self.config = config
         transfer = config.transfer
+        self.identity = load_or_create(config.client.data_dir)  # what the seeder presents, what `status` shows
         self.server = ServerClient(known_servers(config), io_timeout_s=transfer.io_timeout,
-                                   pool_size=transfer.pool_size, retry_deadline_s=config.client.retry_deadline)
+                                   pool_size=transfer.pool_size, retry_deadline_s=config.client.retry_deadline,
+                                   secure=client_tls(config, self.identity))
         self.store = ClientStore(config.client.data_dir / "client.db")
         finish_interrupted_installs(self.store)  # else a download killed while installing is listed unfinished for good
         self.download_limit = TokenBucket(transfer.download_limit)
@@ -72,6 +79,18 @@ class ClientEngine:
             self.seeder.stop()
         self.server.close()
         self.store.close()
+
+    def pair(self, code: str) -> str:
+        """Pair with the active server using the operator's one-time code; the server's identity.
+
+        Raises ``MiniTorrentError`` with a one-line reason (a wrong or spent
+        code, no TLS, no server).
+        """
+        try:
+            code = normalize_code(code)
+        except ValueError as error:
+            raise MiniTorrentError(str(error)) from None
+        return self.server.call(lambda session: _pair_on(session, code, self.identity.id))
 
     def list_files(self, search: str = "") -> list[dict]:
         """Catalog entries matching ``search``."""
@@ -130,6 +149,22 @@ class ClientEngine:
     def discard_partial(self, name: str, output_dir: Path | None = None) -> None:
         """Forget a stopped download: its part file (if ours) and its verified chunks (a cancel, not a pause)."""
         discard_recorded(self.store, Path(output_dir or self.config.client.download_dir) / name)
+
+
+def _pair_on(session: ServerSession, code: str, client_id: str) -> str:
+    """The client's side of pairing (wire/pairing.py) on one session; the server's identity."""
+    server_id = server_identity(session.connection.sock)
+    if not server_id:
+        raise MiniTorrentError("pairing needs TLS: set transfer.encrypt: true")
+    side = ClientPairing(code, server_id, client_id)
+    reply = session.call(protocol.PairStart(side.start()), protocol.PairReply).message
+    try:
+        confirmation = side.finish(reply.message, reply.confirm)
+    except PairingFailed as error:
+        session.reusable = False  # the server still waits for our confirmation
+        raise MiniTorrentError(f"pairing failed: {error}; ask the server's operator for a new code") from None
+    session.call(protocol.PairConfirm(confirmation), protocol.Ok)
+    return server_id
 
 
 def server_addresses(config: Config) -> list[tuple[str, int]]:

@@ -32,7 +32,9 @@ from minitorrent.net.remote import ServerClient
 from minitorrent.net.serving import ListingPage, RequestServer
 from minitorrent.net.throttle import TokenBucket
 from minitorrent.wire import protocol
+from minitorrent.wire.identity import load_or_create
 from minitorrent.wire.protocol import ErrorCode, RequestFailed
+from minitorrent.wire.tls import ServerTls
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +197,7 @@ class Seeder:
         self._server = server
         self._store = store
         self.announcer: Announcer | None = None
+        tls = ServerTls(load_or_create(config.client.data_dir)) if config.transfer.encrypt else None
         self.server = RequestServer(
             self.source,
             host=local_address_towards(config.server.main.host, config.server.main.port),
@@ -205,6 +208,7 @@ class Seeder:
             io_timeout_s=config.transfer.io_timeout,
             metrics=self.metrics,
             upload_limit=self.upload_limit,
+            tls=tls,
         )
 
     def start(self) -> tuple[str, int]:

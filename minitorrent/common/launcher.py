@@ -53,8 +53,9 @@ class ServerProcess:
     file beside the config, ``server.stderr``, for post-mortems.
     """
 
-    def __init__(self, config_path: Path, add: Sequence[Path] = (), script: str = "main_server.py") -> None:
-        command = [sys.executable, str(ROOT / script), "--config", str(config_path), "--headless"]
+    def __init__(self, config_path: Path, add: Sequence[Path] = (), script: str = "main_server.py",
+                 prefix: Sequence[str] = ()) -> None:
+        command = [*prefix, sys.executable, str(ROOT / script), "--config", str(config_path), "--headless"]
         if add:
             command += ["--add", *map(str, add)]
         self.stderr_path = Path(config_path).parent / "server.stderr"

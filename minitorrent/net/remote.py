@@ -42,7 +42,9 @@ from error_handler import (
 )
 from integrity import Manifest
 from minitorrent.wire import auth, protocol
+from minitorrent.wire.identity import Identity
 from minitorrent.wire.protocol import ErrorCode, ErrorReply, Frame, Message
+from minitorrent.wire.tls import Secure, server_identity
 from minitorrent.wire.transport import Connection
 
 log = logging.getLogger(__name__)
@@ -81,20 +83,21 @@ class ServerSession:
 
     @classmethod
     def open(cls, host: str, port: int, *, io_timeout_s: float, epoch: int = 0,
-             secret: str | None = None, claim: EpochClaim = NO_CLAIM) -> ServerSession:
-        """Connect and say hello; with ``secret``, as the main server's authenticated peer link.
+             secret: str | None = None, claim: EpochClaim = NO_CLAIM, secure: Secure | None = None) -> ServerSession:
+        """Connect (over TLS with ``secure``) and say hello; with ``secret``, as the main's authenticated peer link.
 
         A client's hello relays ``claim`` (a proven epoch); a peer's carries
         ``epoch``. Raises ``ConnectionFailed`` (``ServerBusy`` if full),
         ``RemoteError``, or ``AuthenticationFailed`` if the other side cannot
         prove the secret.
         """
-        connection = Connection.dial(host, port, io_timeout_s=io_timeout_s)
+        connection = Connection.dial(host, port, io_timeout_s=io_timeout_s, secure=secure)
         try:
             if secret is None:
                 connection.send(protocol.Hello(protocol.PROTOCOL_VERSION, "client", AGENT, claim.epoch,
                                                epoch_server=claim.server_id, epoch_proof=claim.proof))
                 welcome = expect_reply(connection.recv(), protocol.Welcome)
+                _identify(connection, getattr(secure, "identity", None), welcome)
             else:
                 welcome = _authenticate(connection, secret, epoch, f"{host}:{port}")
         except BaseException:
@@ -119,14 +122,14 @@ class ServerSession:
         self.connection.close()
 
 
-def status_of(address: tuple[str, int], io_timeout_s: float) -> dict | None:
+def status_of(address: tuple[str, int], io_timeout_s: float, secure: Secure | None = None) -> dict | None:
     """One server's own status (role, epoch, ...), asked directly, once; None if it does not answer.
 
     Unlike ``ServerClient.status`` this asks *that* server, active or not:
     what a test or a benchmark watching a failover needs.
     """
     try:
-        session = ServerSession.open(*address, io_timeout_s=io_timeout_s)
+        session = ServerSession.open(*address, io_timeout_s=io_timeout_s, secure=secure)
     except MiniTorrentError:
         return None
     try:
@@ -138,14 +141,19 @@ def status_of(address: tuple[str, int], io_timeout_s: float) -> dict | None:
 
 
 def _authenticate(connection: Connection, secret: str, epoch: int, where: str) -> protocol.Welcome:
-    """The peer handshake: both sides answer the other's fresh challenge."""
+    """The peer handshake: both sides answer the other's fresh challenge.
+
+    Each proof also covers the server's TLS identity as we saw it: a machine in
+    the middle presenting its own certificate gets proofs it cannot pass on.
+    """
     nonce = auth.new_nonce()
+    bound = server_identity(connection.sock)
     connection.send(protocol.Hello(protocol.PROTOCOL_VERSION, "main", AGENT, epoch, nonce))
     welcome = expect_reply(connection.recv(), protocol.Welcome)
-    if not auth.proof_ok(secret, auth.SERVER_PURPOSE, nonce, welcome.proof):
+    if not auth.proof_ok(secret, auth.SERVER_PURPOSE, f"{nonce}{bound}", welcome.proof):
         _tell_refused(connection)
-        raise AuthenticationFailed(f"{where} could not prove it knows server.secret; not replicating to it")
-    connection.send(protocol.Authenticate(auth.prove(secret, auth.PEER_PURPOSE, welcome.nonce)))
+        raise AuthenticationFailed(f"{where} could not prove it knows the cluster key; not replicating to it")
+    connection.send(protocol.Authenticate(auth.prove(secret, auth.PEER_PURPOSE, f"{welcome.nonce}{bound}")))
     try:
         expect_reply(connection.recv(), protocol.Ok)
     except RemoteError as error:
@@ -153,6 +161,15 @@ def _authenticate(connection: Connection, secret: str, epoch: int, where: str) -
             raise AuthenticationFailed(f"{where} refused our proof: {error.message}") from error
         raise
     return welcome
+
+
+def _identify(connection: Connection, identity: Identity | None, welcome: protocol.Welcome) -> None:
+    """Prove our identity to a server that asked (its nonce, over TLS): what pairing and counts rest on."""
+    if identity is None or not welcome.nonce:
+        return
+    certificate, signature = identity.identify(server_identity(connection.sock), welcome.nonce)
+    connection.send(protocol.Identify(certificate, signature))
+    expect_reply(connection.recv(), protocol.Ok)
 
 
 def _tell_refused(connection: Connection) -> None:
@@ -190,10 +207,12 @@ class ConnectionPool:
     """Up to ``max_idle`` idle sessions to one server, reused across calls. Thread-safe."""
 
     def __init__(self, host: str, port: int, *, io_timeout_s: float, max_idle: int,
-                 claim: Callable[[], EpochClaim] = lambda: NO_CLAIM, secret: str | None = None) -> None:
+                 claim: Callable[[], EpochClaim] = lambda: NO_CLAIM, secret: str | None = None,
+                 secure: Secure | None = None) -> None:
         self.host = host
         self.port = port
         self.secret = secret
+        self.secure = secure
         self.io_timeout_s = io_timeout_s
         self.max_idle = max_idle
         self._claim = claim
@@ -209,7 +228,7 @@ class ConnectionPool:
         """A new greeted session (not from the pool)."""
         claim = self._claim()
         return ServerSession.open(self.host, self.port, io_timeout_s=self.io_timeout_s, epoch=claim.epoch,
-                                  secret=self.secret, claim=claim)
+                                  secret=self.secret, claim=claim, secure=self.secure)
 
     @contextlib.contextmanager
     def session(self) -> Iterator[ServerSession]:
@@ -362,11 +381,14 @@ class ServerClient:
         retry_deadline_s: float,
         stop: threading.Event | None = None,
         secret: str | None = None,
+        secure: Secure | None = None,
     ) -> None:
         if not addresses:
             raise ValueError("at least one server address is needed")
         self.pools = [ConnectionPool(host, port, io_timeout_s=io_timeout_s, max_idle=pool_size,
-                                     claim=lambda: self.claim, secret=secret) for host, port in addresses]
+                                     claim=lambda: self.claim, secret=secret, secure=secure)
+                      for host, port in addresses]
+        self.secure = secure  # how every connection is secured (TLS), for callers dialling others (peers)
         self.io_timeout_s = io_timeout_s
         self.as_peer = secret is not None  # the main fetching from the backup may read a standby's replica
         self.retry_deadline_s = retry_deadline_s

@@ -39,12 +39,13 @@ import uuid
 from dataclasses import dataclass
 from typing import BinaryIO, Callable, Protocol
 
-from error_handler import MiniTorrentError
+from error_handler import ConnectionFailed, MiniTorrentError
 from metrics import Metrics
 from minitorrent.common.fs import ChunkLocation
 from minitorrent.net.throttle import TokenBucket
 from minitorrent.net.tracker import Tracker
 from minitorrent.wire import auth, protocol
+from minitorrent.wire.identity import verify_identify
 from minitorrent.wire.protocol import (
     ErrorCode,
     ErrorReply,
@@ -53,6 +54,7 @@ from minitorrent.wire.protocol import (
     ProtocolError,
     RequestFailed,
 )
+from minitorrent.wire.tls import ServerTls, server_identity
 from minitorrent.wire.transport import Connection, ConnectionClosed
 
 log = logging.getLogger(__name__)
@@ -145,6 +147,17 @@ class FileSource(Protocol):
         """A client finished and verified a download of ``name``."""
 
 
+class ClientAccess(Protocol):
+    """Who may download, and whose reports count (the server floor's access policy is one)."""
+
+    def allows(self, identity: str) -> bool:
+        """May the client with this proven identity ("" if none) list and download? Any thread."""
+
+    def first_report(self, identity: str, sha256: str) -> bool:
+        """True the first time this identified client reports a download of ``sha256``."""
+
+
+
 class PeerConnection(Protocol):
     """What a peer handler gets of the authenticated peer's connection: a way to answer it."""
 
@@ -172,7 +185,10 @@ class RequestServer:
     such a proof.
     ``status_extra()`` adds entries to status replies. With a ``tracker``
     it answers seeding clients' announcements and peer requests;
-    ``upload_limit`` paces every chunk it sends.
+    ``upload_limit`` paces every chunk it sends. With ``tls`` every
+    connection runs over TLS 1.3 with that identity, clients prove theirs
+    (``Identify``), and ``access`` says which may download and whose
+    reports count; ``client_handlers`` answer further client requests.
     """
 
     def __init__(
@@ -188,20 +204,28 @@ class RequestServer:
         metrics: Metrics | None = None,
         node: ServingRole | None = None,
         secret: str = "",
+        secret_hint: str = "the servers do not share the same server.secret",
         peer_handlers: dict[type[Message], PeerHandler] | None = None,
         status_extra: Callable[[], dict] | None = None,
         tracker: Tracker | None = None,
         upload_limit: TokenBucket | None = None,
         epoch_secret: str = "",
+        tls: ServerTls | None = None,
+        access: ClientAccess | None = None,
+        client_handlers: dict[type[Message], PeerHandler] | None = None,
     ) -> None:
         self.source = source
         self.epoch_secret = epoch_secret
         self._unproven_epoch_logged = False
+        self.tls = tls  # None: plain TCP (tests of the framing, and benchmarks that ask for it)
+        self.access = access  # None: every client may download, every report counts
+        self.client_handlers = client_handlers or {}  # extra requests of greeted clients (pairing)
         self.tracker = tracker
         self.upload_limit = upload_limit or TokenBucket(0)
         self.name = name
         self.node = node
         self.secret = secret
+        self.secret_hint = secret_hint
         self.peer_handlers = peer_handlers or {}
         self.status_extra = status_extra
         self.server_id = node.server_id if node else uuid.uuid4().hex[:12]
@@ -292,6 +316,8 @@ class RequestServer:
             sock.close()
 
     def _hand_to_thread(self, sock: socket.socket) -> None:
+        if self.tls:
+            sock = self.tls.wrap(sock)  # the handshake itself runs in the connection's thread
         connection = Connection(sock, io_timeout_s=self.io_timeout_s, idle_timeout_s=self.handshake_timeout_s)
         handler = _Handler(self, connection)
         thread = threading.Thread(target=self._serve, args=(handler,), daemon=True,
@@ -436,7 +462,11 @@ class RequestServer:
     def _serve(self, handler: _Handler) -> None:
         self.metrics.connection_opened()
         try:
+            if self.tls:
+                self.tls.handshake(handler.connection.sock, self.handshake_timeout_s)
             handler.handle()
+        except ConnectionFailed as failed:
+            log.debug("%s: %s", handler.connection.peer, failed)
         finally:
             handler.finish()
             self.metrics.connection_closed()
@@ -488,6 +518,10 @@ class _Handler:
         self._open_file: tuple[str, BinaryIO] | None = None
         self._counted_sent = 0
         self._counted_received = 0
+        self._bound = server_identity(connection.sock)  # our identity, which the peer's proofs must cover
+        self.client_nonce = ""  # our challenge to a client, until it proves its identity
+        self.client_identity = ""  # the identity the client proved ("" if none)
+        self.kept: dict[str, object] = {}  # what a client handler keeps between requests (a pairing)
 
     def idle_for(self, now: float) -> float:
         """Seconds since the connection last finished a request (0 while it answers one).
@@ -586,6 +620,10 @@ class _Handler:
             self._send_status()
         elif isinstance(request, protocol.Authenticate):
             self._authenticate(request)
+        elif isinstance(request, protocol.Identify):
+            self._identify(request)
+        elif type(request) in self.server.client_handlers:
+            self.server.client_handlers[type(request)](self, frame)
         elif type(request) in self.server.peer_handlers:
             if self.state is not ConnectionState.AUTHENTICATED:
                 raise RequestFailed(ErrorCode.AUTH_FAILED, f"{request.TYPE} needs an authenticated peer")
@@ -593,6 +631,10 @@ class _Handler:
         elif isinstance(request, self.CLIENT_REQUESTS):
             if self.server.node and self.state is not ConnectionState.AUTHENTICATED:  # a peer may read a replica
                 self.server.node.check_serving()
+            if (self.server.access and self.state is not ConnectionState.AUTHENTICATED
+                    and not self.server.access.allows(self.client_identity)):
+                raise RequestFailed(ErrorCode.NOT_PAIRED, "not paired: ask the server's operator for a code, "
+                                                          "then run: python client.py pair CODE")
             self._serve_client_request(frame)
         else:
             raise RequestFailed(ErrorCode.UNKNOWN_REQUEST, f"{request.TYPE} is not a request this server answers")
@@ -611,8 +653,10 @@ class _Handler:
             files, total = source.count_files()
             self.connection.send(protocol.FileCount(files=files, bytes=total))
         elif isinstance(request, protocol.ReportDownloaded):
-            source.record_download(request.name, request.sha256)
-            self.server.metrics.download_finished(request.name)
+            access = self.server.access
+            if access is None or access.first_report(self.client_identity, request.sha256):  # once per client
+                source.record_download(request.name, request.sha256)
+                self.server.metrics.download_finished(request.name)
             self.connection.send(protocol.Ok())
         else:
             self._serve_tracker_request(frame)
@@ -623,11 +667,14 @@ class _Handler:
             raise RequestFailed(ErrorCode.UNKNOWN_REQUEST, f"this {self.server.name} keeps no tracker")
         host = self.connection.sock.getpeername()[0]  # never an address the peer claims
         if isinstance(request, protocol.Announce):
-            tracker.announce(host, request.port, protocol.decode_holdings(frame.payload))
+            if self.server.tls and not self.client_identity:
+                raise RequestFailed(ErrorCode.BAD_REQUEST, "announce needs a client that proved its identity")
+            tracker.announce(host, request.port, protocol.decode_holdings(frame.payload), self.client_identity)
             self.connection.send(protocol.Ok())
         else:
             peers = tracker.peers_for(request.sha256, (host, request.port))
-            listed = [{"host": h, "port": p, "have": protocol.encode_bitmap(have)} for h, p, have in peers]
+            listed = [{"host": h, "port": p, "have": protocol.encode_bitmap(have), "id": tracker.identity_of(h, p)}
+                      for h, p, have in peers]
             self.connection.send(protocol.PeerList(listed))
 
     def _greet(self, hello: protocol.Hello) -> bool:
@@ -643,8 +690,21 @@ class _Handler:
                                                 "retry later")
         self.connection.idle_timeout_s = self.server.idle_timeout_s  # handshake done: it may idle now
         self.server.observe_relayed_epoch(hello, self.connection.peer)
-        self.connection.send(self.server.welcome())
+        self.client_nonce = auth.new_nonce() if self.server.tls else ""  # over TLS a client may prove who it is
+        self.connection.send(self.server.welcome(self.client_nonce))
         return True
+
+    def _identify(self, request: protocol.Identify) -> None:
+        if not self.client_nonce:
+            raise RequestFailed(ErrorCode.BAD_REQUEST, "identify once, after hello, over TLS")
+        try:
+            self.client_identity = verify_identify(request.certificate, request.signature, self._bound,
+                                                   self.client_nonce)
+        except ValueError as error:
+            raise RequestFailed(ErrorCode.AUTH_FAILED, str(error)) from None
+        finally:
+            self.client_nonce = ""
+        self.connection.send(protocol.Ok())
 
     def _greet_peer(self, hello: protocol.Hello) -> bool:
         if not self.server.secret:
@@ -653,15 +713,16 @@ class _Handler:
         if self.state is ConnectionState.NEW:
             self.state = ConnectionState.CHALLENGED  # the handshake deadline still runs: it must prove itself
         self.peer_nonce = auth.new_nonce()
-        proof = auth.prove(self.server.secret, auth.SERVER_PURPOSE, hello.nonce)
+        # Bound to our TLS identity: a machine in the middle with its own certificate cannot relay it.
+        proof = auth.prove(self.server.secret, auth.SERVER_PURPOSE, f"{hello.nonce}{self._bound}")
         self.connection.send(self.server.welcome(self.peer_nonce, proof))
         return True
 
     def _authenticate(self, request: protocol.Authenticate) -> None:
         if not self.peer_nonce or not auth.proof_ok(self.server.secret, auth.PEER_PURPOSE,
-                                                        self.peer_nonce, request.proof):
-            log.warning("peer %s failed authentication: wrong server.secret?", self.connection.peer)
-            raise RequestFailed(ErrorCode.AUTH_FAILED, "authentication failed: wrong server.secret")
+                                                        f"{self.peer_nonce}{self._bound}", request.proof):
+            log.warning("peer %s failed authentication: %s", self.connection.peer, self.server.secret_hint)
+            raise RequestFailed(ErrorCode.AUTH_FAILED, f"authentication failed: {self.server.secret_hint}")
         self.peer_nonce = ""
         if not self.server.take_peer_slot(self):
             raise RequestFailed(ErrorCode.BUSY, f"all {PEER_SLOTS} peer slots are taken")
@@ -695,7 +756,7 @@ class _Handler:
         snapshot = server.metrics.snapshot(top_files=protocol.MAX_STATUS_FILES)
         welcome = server.welcome()
         snapshot.update(server=server.name, role=welcome.role, epoch=welcome.epoch, server_id=server.server_id,
-                        primary=welcome.primary)
+                        primary=welcome.primary, identity=server.tls.id if server.tls else "")
         if server.status_extra:
             snapshot.update(server.status_extra())
         self.connection.send(protocol.StatusInfo(metrics=snapshot))

@@ -41,6 +41,7 @@ class _Peer:
     last_seen: float
     files: dict[str, bytes | None] = field(default_factory=dict)  # sha256 -> chunk bitmap, None = complete
     cost: int = 0  # entry_cost(files)
+    identity: str = ""  # the TLS identity it announced, which downloaders pin
 
 
 class Tracker:
@@ -62,7 +63,7 @@ class Tracker:
         with self._lock:
             return sum(self._bytes_by_host.values())
 
-    def announce(self, host: str, port: int, files: dict[str, bytes | None]) -> None:
+    def announce(self, host: str, port: int, files: dict[str, bytes | None], identity: str = "") -> None:
         """Record what the peer at ``host:port`` holds now (replacing what it said before).
 
         One host keeps at most ``MAX_PEERS_PER_HOST`` entries (the oldest
@@ -70,7 +71,7 @@ class Tracker:
         all hosts together hold at most ``max_bytes`` (the biggest holder's
         oldest entries go first). An entry alone over ``max_bytes`` is not kept.
         """
-        peer = _Peer(self._clock(), dict(files), entry_cost(files))
+        peer = _Peer(self._clock(), dict(files), entry_cost(files), identity)
         with self._lock:
             self._drop((host, port))
             same_host = [a for a in self._peers if a[0] == host]
@@ -81,6 +82,12 @@ class Tracker:
             self._peers[(host, port)] = peer
             self._bytes_by_host[host] = self._bytes_by_host.get(host, 0) + peer.cost
             self._evict_over_budget()
+
+    def identity_of(self, host: str, port: int) -> str:
+        """The identity the peer at ``host:port`` announced ("" if none or unknown)."""
+        with self._lock:
+            peer = self._peers.get((host, port))
+            return peer.identity if peer else ""
 
     def forget(self, host: str, port: int) -> None:
         """Drop a peer (it said goodbye)."""

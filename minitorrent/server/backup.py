@@ -13,6 +13,7 @@ import time
 from config_loader import Config
 from error_handler import ConfigError
 from minitorrent.net.serving import PeerConnection
+from minitorrent.server.access import receive_paired_list
 from minitorrent.server.engine import ServerEngine
 from minitorrent.server.ha import Action, Decision, Kind, Observation
 from minitorrent.server.haloop import DecisionLoop, Pending
@@ -35,8 +36,6 @@ class BackupServer(ServerEngine):
     def __init__(self, config: Config) -> None:
         if config.cluster.mode == "etcd":
             raise ConfigError("cluster.mode: etcd has no backup server: run main_server.py for every member")
-        if not config.server.secret:
-            raise ConfigError("server.secret: must be set for the backup (the main proves it before replicating)")
         settings = config.server.backup
         self.heartbeat_timeout_s = settings.heartbeat_timeout
         self.heartbeat_interval_s = settings.heartbeat_interval
@@ -49,14 +48,16 @@ class BackupServer(ServerEngine):
         self._promote_request: Pending | None = None
         self._handback_request: Pending | None = None
         self._operator_term = False  # the active term began with the operator's promotion
-        super().__init__(config, "backup", settings, secret=config.server.secret)
+        super().__init__(config, "backup", settings)
+        self.server.secret = self.secret  # what the main must prove (the cluster key file if server.secret is empty)
         self.receiver = ReplicaReceiver(self.catalog, self.node, settings.failback)
         self.receiver.on_change = lambda: self.metrics.set_downloads(self.catalog.download_counts())
         self.server.peer_handlers.update(self.receiver.handlers())  # the receiver needs our catalog: added now
         self.server.peer_handlers[protocol.GetInventory] = self._on_inventory
         self._inventory_version = -1  # our catalog version when the main last read our inventory
         self.server.peer_handlers.update({protocol.Heartbeat: self._on_heartbeat,
-                                          protocol.HandOver: self._on_hand_over})
+                                          protocol.HandOver: self._on_hand_over,
+                                          protocol.PairedClients: receive_paired_list(self.access)})
         self.loop = DecisionLoop("backup", self._observe, self._apply, self.stop_event)
         self.node.listeners.append(self.loop.wake)
 

@@ -13,15 +13,18 @@ import threading
 from typing import Any
 
 from config_loader import BackupServerConfig, Config, MainServerConfig
-from error_handler import MiniTorrentError
+from error_handler import ConfigError, MiniTorrentError
 from metrics import Metrics
 from minitorrent.common.fs import FolderLock
 from minitorrent.net.discovery import Announcer
 from minitorrent.net.serving import RequestServer
 from minitorrent.net.throttle import TokenBucket
 from minitorrent.net.tracker import PEER_TTL_INTERVALS, Tracker
+from minitorrent.server.access import AccessList, AccessPolicy
 from minitorrent.server.catalog import Catalog
 from minitorrent.server.roles import NodeState, Role, RoleChanged
+from minitorrent.wire.identity import cluster_key, load_or_create, parse_id
+from minitorrent.wire.tls import ClientTls, Secure, ServerTls
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +34,14 @@ class ServerEngine:
 
     def __init__(self, config: Config, name: str, settings: MainServerConfig | BackupServerConfig,
                  **server_options: Any) -> None:
+        if config.server.access == "paired" and not config.transfer.encrypt:
+            raise ConfigError("server.access: paired needs transfer.encrypt: true (clients prove who they are over TLS)")
         self.config = config
         self.name = name
+        self.identity = load_or_create(settings.data_dir)  # first: a bad key file stops us before anything opens
+        # A main with no backup configured has no peer link, so no cluster key file to make.
+        has_peer = name == "backup" or config.server.backup.port != 0
+        self.secret, self.secret_hint = cluster_secret(config, name) if has_peer else ("", "")
         self.catalog = Catalog(settings.data_dir, config.transfer.chunk_size)
         self.node = NodeState(self.catalog.db, name, Role.STANDBY)
         self.metrics = Metrics()
@@ -40,6 +49,7 @@ class ServerEngine:
         self.lock = FolderLock(settings.data_dir)
         self.stop_event = threading.Event()
         transfer = config.transfer
+        self.access = AccessList(settings.data_dir)
         self.server = RequestServer(
             self.catalog,
             host=settings.host,
@@ -54,6 +64,9 @@ class ServerEngine:
             tracker=Tracker(ttl_s=PEER_TTL_INTERVALS * transfer.announce_interval),
             upload_limit=TokenBucket(transfer.upload_limit),
             epoch_secret=config.server.secret,
+            tls=ServerTls(self.identity) if transfer.encrypt else None,
+            access=AccessPolicy(self.access, config.server.access) if transfer.encrypt else None,
+            secret_hint=self.secret_hint,
             **server_options,
         )
         self.announcer: Announcer | None = None
@@ -100,6 +113,7 @@ class ServerEngine:
         self.server.stop()
         self._stop_workers()
         self.catalog.close()
+        self.access.close()
         self.lock.release()
 
     def _stop_workers(self) -> None:
@@ -108,3 +122,34 @@ class ServerEngine:
     def _status_extra(self) -> dict:
         """Entries a subclass adds to status replies."""
         return {}
+
+
+def cluster_secret(config: Config, name: str) -> tuple[str, str]:
+    """The secret the main and the backup prove to each other, and what to do when theirs differ.
+
+    ``server.secret`` when set; otherwise the cluster key file beside the
+    config (``server.cluster_key_file``), made by whichever server starts
+    first, so a pair on one machine needs no setup. The hint says, from
+    server ``name``'s side, which file to copy where. Raises ``ConfigError``.
+    """
+    if config.server.secret:
+        return config.server.secret, "the main and the backup must set the same server.secret"
+    path = config.server.cluster_key_file
+    where = (f"copy {path} from this machine over the backup's cluster key file (its server.cluster_key_file, "
+             f"by default cluster.key beside its config)" if name == "main"
+             else f"copy the main's cluster key file over {path} on this machine")
+    return cluster_key(path), (f"the main and the backup hold different cluster keys: {where}, or set "
+                               f"server.secret to the same value on both")
+
+
+def peer_tls(config: Config) -> Secure | None:
+    """How the main dials the backup: TLS; the backup is recognised by its proof of the cluster key
+    over it, and also by its identity when ``server.backup.id`` is set. Raises ``ConfigError``."""
+    if not config.transfer.encrypt:
+        return None
+    if not config.server.backup.id:
+        return ClientTls()
+    try:
+        return ClientTls().expecting(parse_id(config.server.backup.id))
+    except ValueError as error:
+        raise ConfigError(f"{config.source or 'config'}: server.backup.id: {error}") from None

@@ -15,8 +15,9 @@ from typing import Callable, Iterable, Iterator
 from config_loader import Config
 from database import PartialStore
 from error_handler import CatalogError, MiniTorrentError
+from minitorrent.server.access import AccessSync, Pairing
 from minitorrent.server.catalog import AddResult
-from minitorrent.server.engine import ServerEngine
+from minitorrent.server.engine import ServerEngine, peer_tls
 from minitorrent.server.failback import (
     catch_up_and_take_over,
     remove_old_failback_staging,
@@ -47,9 +48,12 @@ class MainServer(ServerEngine):
         super().__init__(config, "main", config.server.main)
         backup = config.server.backup
         self.backup_address = (backup.host, backup.port)
-        self.replicating = bool(config.server.secret) and backup.port != 0
+        self.replicating = backup.port != 0  # the cluster key file stands in for an empty server.secret
+        self._peer_secure = peer_tls(config)  # how links to the backup are secured (TLS, pinned if configured)
         self.replicator: Replicator | None = None
         self._lock = threading.Lock()
+        self.server.client_handlers.update(Pairing(self.access).handlers())
+        self._access_sync: AccessSync | None = None
         self._last_ack: tuple[float, protocol.HeartbeatAck] | None = None
         self._backup_answered = False  # the last heartbeat round got an answer
         self._handed_back = False  # the failback thread got the role handed over: the loop promotes
@@ -82,6 +86,20 @@ class MainServer(ServerEngine):
         if self.replicator:
             self.replicator.notify_changed()
 
+    # Access (server.access: paired) ----------------------------------------------------
+
+    def offer_pairing_code(self) -> str:
+        """A new one-time code for one client to pair with (replaces any earlier one); any thread."""
+        return self.access.offer_code()
+
+    def paired_clients(self) -> list[tuple[str, float]]:
+        """(identity, paired at) of every paired client; any thread."""
+        return self.access.paired()
+
+    def revoke_client(self, identity: str) -> bool:
+        """Stop accepting ``identity`` (the backup follows); True if it was paired. Any thread."""
+        return self.access.revoke(identity)
+
     # Running --------------------------------------------------------------------------
 
     def start(self) -> tuple[str, int]:
@@ -99,7 +117,7 @@ class MainServer(ServerEngine):
                      self.config.server.backup.heartbeat_timeout)
             self._start_replication(f"{address[0]}:{address[1]}")
         else:
-            reason = "server.secret is empty" if not self.config.server.secret else "no backup configured"
+            reason = "no backup configured"
             log.info("replication off: %s", reason)
         self.loop.start()
         return address
@@ -110,19 +128,25 @@ class MainServer(ServerEngine):
 
     def _threads(self) -> list[threading.Thread]:
         threads = [self._catch_up_thread, self.loop.thread] + (
-            [self.replicator.thread, self._heartbeater.thread] if self.replicator else [])
+            [self.replicator.thread, self._heartbeater.thread, self._access_sync.thread] if self.replicator else [])
         return [t for t in threads if t is not None and t.is_alive()]
 
     def _start_replication(self, my_address: str) -> None:
-        secret, io_timeout = self.config.server.secret, self.config.transfer.io_timeout
-        heartbeat_link = PeerLink(self.backup_address, secret, io_timeout, self.node)
-        self.replicator = Replicator(self.catalog, PeerLink(self.backup_address, secret, io_timeout, self.node),
+        heartbeat_link = self._peer_link()
+        self.replicator = Replicator(self.catalog, self._peer_link(),
                                      self.config.transfer.pipeline_depth, self.stop_event)
         self._heartbeater = Heartbeater(heartbeat_link, self.config.server.backup.heartbeat_interval,
                                         self.catalog.db.catalog_version, my_address, self._on_heartbeat_ack,
                                         self.stop_event)
+        self._access_sync = AccessSync(self.access, self._peer_link(), self.stop_event)
         self.replicator.start()
         self._heartbeater.start()
+        self._access_sync.start()
+
+    def _peer_link(self) -> PeerLink:
+        """A new link to the backup: TLS, and both sides prove the cluster key over it."""
+        return PeerLink(self.backup_address, self.secret, self.config.transfer.io_timeout, self.node,
+                        self._peer_secure, self.secret_hint)
 
     # Observations: the heartbeat and failback threads record, the loop decides -------------------------------
 
@@ -190,7 +214,7 @@ class MainServer(ServerEngine):
     def _catch_up_loop(self) -> None:
         """Fetch what the backup gained and ask for the role back; retry until handed over or stopped."""
         config = self.config
-        link = PeerLink(self.backup_address, config.server.secret, config.transfer.io_timeout, self.node)
+        link = self._peer_link()
         partials = open_receiving_store(self.catalog.data_dir / "failback.db", self.catalog)
         try:
             while not self.stop_event.is_set() and self.node.role is Role.STANDBY:

@@ -57,6 +57,7 @@ from minitorrent.server.catalog import Catalog
 from minitorrent.server.roles import NodeState
 from minitorrent.wire import protocol
 from minitorrent.wire.protocol import ErrorCode, Frame, RequestFailed
+from minitorrent.wire.tls import Secure
 from minitorrent.wire.transport import ConnectionClosed
 
 log = logging.getLogger(__name__)
@@ -85,9 +86,12 @@ def decode_document(payload: bytes | memoryview) -> dict:
 class PeerLink:
     """An authenticated session from the main to the backup, reopened on demand."""
 
-    def __init__(self, address: tuple[str, int], secret: str, io_timeout_s: float, node: NodeState) -> None:
+    def __init__(self, address: tuple[str, int], secret: str, io_timeout_s: float, node: NodeState,
+                 secure: Secure | None = None, secret_hint: str = "") -> None:
         self.address = address
         self.secret = secret
+        self.secure = secure  # TLS; the backup is recognised by its proof of the secret over it
+        self.secret_hint = secret_hint  # what to do when the proofs fail (which file to copy, which key to set)
         self.io_timeout_s = io_timeout_s
         self.node = node
         self.session: ServerSession | None = None
@@ -96,8 +100,11 @@ class PeerLink:
         """The open session, opening one if needed (raises ``PEER_ERRORS``)."""
         if self.session is None:
             host, port = self.address
-            self.session = ServerSession.open(host, port, io_timeout_s=self.io_timeout_s,
-                                              epoch=self.node.highest_seen_epoch, secret=self.secret)
+            try:
+                self.session = ServerSession.open(host, port, io_timeout_s=self.io_timeout_s, secure=self.secure,
+                                                  epoch=self.node.highest_seen_epoch, secret=self.secret)
+            except AuthenticationFailed as error:
+                raise AuthenticationFailed(f"{error}: {self.secret_hint}" if self.secret_hint else str(error)) from error
         return self.session
 
     def drop(self) -> None:

@@ -75,6 +75,8 @@ class ErrorCode:
     AUTH_FAILED = "AUTH_FAILED"  # a peer did not prove it knows server.secret
     INTEGRITY = "INTEGRITY"  # replicated bytes did not match their manifest
     FAILBACK_MANUAL = "FAILBACK_MANUAL"  # the operator has not yet approved the hand-back
+    NOT_PAIRED = "NOT_PAIRED"  # server.access is paired and this client's identity is not accepted
+    PAIRING_FAILED = "PAIRING_FAILED"  # no code is waiting, or the code did not match
     INTERNAL = "INTERNAL"
 
 
@@ -479,7 +481,8 @@ class Announce(Message):
     """A seeding client's holdings; payload: JSON ``{"files": [{"sha256", "have"}]}``.
 
     ``have`` is a base64 bitmap of the chunks held, or null for the whole
-    file. ``port`` is where the client seeds; its host is the connection's.
+    file. ``port`` is where the client seeds; its host is the connection's,
+    and its identity (which downloaders pin) the one it proved (``Identify``).
     """
 
     TYPE = "announce"
@@ -501,7 +504,7 @@ class GetPeers(Message):
 
 @dataclass(frozen=True)
 class PeerList(Message):
-    """Peers for a file: ``[{"host", "port", "have"}]``, shuffled, at most 30."""
+    """Peers for a file: ``[{"host", "port", "have", "id"}]``, shuffled, at most 30 (``id``: the identity to pin)."""
 
     TYPE = "peer_list"
     peers: list
@@ -713,6 +716,59 @@ class HandedOver(Message):
 
     def validate(self) -> None:
         _check_epoch(self.epoch)
+
+
+# Identities and pairing (see identity.py, tls.py, pairing.py, docs/security.md) ---------------
+
+MAX_CERTIFICATE_CHARS = 4096  # a P-256 self-signed certificate is ~400 bytes of DER
+
+
+@dataclass(frozen=True)
+class Identify(Message):
+    """A client proves its identity: its certificate (base64 DER) and a signature over the server's
+    identity and ``Welcome.nonce`` (see identity.identify_signature). Answered ``Ok``."""
+
+    TYPE = "identify"
+    certificate: str
+    signature: str
+
+    def validate(self) -> None:
+        _require(len(self.certificate) <= MAX_CERTIFICATE_CHARS and len(self.signature) <= 512,
+                 "identify: certificate or signature too long")
+
+
+@dataclass(frozen=True)
+class PairStart(Message):
+    """The client's first SPAKE2 message (base64) for the one-time code the operator gave it."""
+
+    TYPE = "pair"
+    message: str
+
+
+@dataclass(frozen=True)
+class PairReply(Message):
+    """The server's SPAKE2 message and its confirmation (both base64)."""
+
+    TYPE = "pair_reply"
+    message: str
+    confirm: str
+
+
+@dataclass(frozen=True)
+class PairConfirm(Message):
+    """The client's confirmation (base64); the server answers ``Ok`` once the client is paired."""
+
+    TYPE = "pair_confirm"
+    confirm: str
+
+
+@dataclass(frozen=True)
+class PairedClients(Message):
+    """Peer message: the main's list of paired clients; payload: JSON ``{"clients": [...]}``."""
+
+    TYPE = "paired_clients"
+    MAX_PAYLOAD = MAX_DOCUMENT_BYTES
+    version: int
 
 
 def fit_list_page(entries: list[dict]) -> list[dict]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import socket
 import time
-from typing import BinaryIO
+from typing import BinaryIO, Callable
 
 from error_handler import ConnectionFailed
 from minitorrent.wire import protocol
@@ -51,12 +51,15 @@ class Connection:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     @classmethod
-    def dial(cls, host: str, port: int, *, io_timeout_s: float) -> Connection:
-        """Open a TCP connection; raise ``ConnectionFailed`` if it cannot be made."""
+    def dial(cls, host: str, port: int, *, io_timeout_s: float,
+             secure: Callable[[socket.socket, str, int], socket.socket] | None = None) -> Connection:
+        """Open a TCP connection, secured by ``secure`` (TLS: tls.ClientTls); ``ConnectionFailed`` if it cannot be made."""
         try:
             sock = socket.create_connection((host, port), timeout=io_timeout_s)
         except OSError as error:
             raise ConnectionFailed(f"cannot connect to {host}:{port}: {_reason(error)}") from error
+        if secure is not None:
+            sock = secure(sock, host, port)  # it closes the socket if it raises
         return cls(sock, io_timeout_s=io_timeout_s)
 
     @property

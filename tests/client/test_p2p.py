@@ -5,12 +5,16 @@ matter and a download is still running when a peer misbehaves.
 """
 from __future__ import annotations
 
+import atexit
+import functools
 import logging
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -20,6 +24,7 @@ from conftest import (
     LONG_TIMEOUT,
     ROOT,
     SHORT_TIMEOUT,
+    TLS,
     client_config_for,
     make_config,
     make_file,
@@ -27,7 +32,7 @@ from conftest import (
     wait_until,
 )
 
-from error_handler import RemoteError
+from error_handler import ConnectionFailed, RemoteError
 from integrity import Manifest, sha256_file
 from minitorrent.client.chunkboard import MAX_STRIKES
 from minitorrent.client.downloader import MAX_PEERS_PER_DOWNLOAD
@@ -38,8 +43,10 @@ from minitorrent.net.remote import ServerSession
 from minitorrent.net.serving import RequestServer
 from minitorrent.net.throttle import TokenBucket
 from minitorrent.wire import protocol
+from minitorrent.wire.identity import load_or_create
 from minitorrent.wire.protocol import ErrorCode
-from minitorrent.wire.transport import Connection, ConnectionClosed
+from minitorrent.wire.tls import ClientTls, ServerTls
+from minitorrent.wire.transport import Connection
 
 MIB = 1024 * 1024
 IO_TIMEOUT_S = 1.0  # a silent peer is given up on after this long
@@ -71,9 +78,18 @@ def peer_bytes(sources: dict[str, int]) -> int:
     return sum(n for label, n in sources.items() if label.startswith("peer "))
 
 
+@functools.cache
+def peer_tls() -> ServerTls:
+    """The TLS identity every hand-made peer of these tests presents (made once per run)."""
+    folder = Path(tempfile.mkdtemp(prefix="p2p-peer-"))
+    atexit.register(shutil.rmtree, folder, True)
+    return ServerTls(load_or_create(folder))
+
+
 def announce_fake_peer(server, port: int, files: dict[str, bytes | None]) -> None:
-    """Tell ``server``'s tracker that 127.0.0.1:``port`` holds ``files``."""
-    session = ServerSession.open(*server.server.address, io_timeout_s=SHORT_TIMEOUT)
+    """Tell ``server``'s tracker that 127.0.0.1:``port`` holds ``files`` (with ``peer_tls``'s identity)."""
+    as_peer = ClientTls(identity=peer_tls().identity)
+    session = ServerSession.open(*server.server.address, io_timeout_s=SHORT_TIMEOUT, secure=as_peer)
     try:
         session.call(protocol.Announce(port), protocol.Ok, protocol.encode_holdings(files))
     finally:
@@ -83,7 +99,7 @@ def announce_fake_peer(server, port: int, files: dict[str, bytes | None]) -> Non
 def start_seeder(source, idle_timeout_s: float = SHORT_TIMEOUT, **options) -> tuple[RequestServer, int]:
     """A started seeder-like RequestServer over ``source`` on 127.0.0.1; it and its port."""
     server = RequestServer(source, host="127.0.0.1", port=0, name="seeder", max_connections=4,
-                           idle_timeout_s=idle_timeout_s, io_timeout_s=SHORT_TIMEOUT, **options)
+                           idle_timeout_s=idle_timeout_s, io_timeout_s=SHORT_TIMEOUT, tls=peer_tls(), **options)
     return server, server.start()[1]
 
 
@@ -184,12 +200,15 @@ class SilentPeer:
                 while sock.recv(65536):
                     pass
                 return
+            sock = peer_tls().wrap(sock)
+            peer_tls().handshake(sock, LONG_TIMEOUT)
+            connection = Connection(sock, io_timeout_s=LONG_TIMEOUT, idle_timeout_s=LONG_TIMEOUT)
             connection.recv()  # the hello
             connection.send(protocol.Welcome(protocol.PROTOCOL_VERSION, "active", 0, "silent", "seeder", ""))
             while True:
                 if isinstance(connection.recv().message, protocol.GetChunk):
                     self.chunk_requests += 1
-        except (OSError, ConnectionClosed, protocol.ProtocolError):
+        except (OSError, ConnectionFailed, protocol.ProtocolError):
             pass
 
     def close(self) -> None:
@@ -350,7 +369,7 @@ class TestSwarm:
 
             held = wait_until(partial_entry, what="a partial announcement")
             missing = set(range(manifest.chunk_count)) - held
-            session = ServerSession.open(seed_host, seed_port, io_timeout_s=SHORT_TIMEOUT)
+            session = ServerSession.open(seed_host, seed_port, io_timeout_s=SHORT_TIMEOUT, secure=TLS)
             try:
                 index = min(held)
                 frame = session.call(protocol.GetChunk("movie.bin", manifest.sha256, index), protocol.ChunkData)

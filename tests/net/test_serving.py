@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import ssl
 import threading
 import time
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-from conftest import SHORT_TIMEOUT, make_config, make_file, wait_until
+from conftest import SHORT_TIMEOUT, TLS, make_config, make_file, wait_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -82,7 +83,7 @@ class Served:
 def serve_one_file(engine: MainServer, folder: Path) -> Served:
     source = make_file(folder / "src" / FILE_NAME, FILE_SIZE, seed=7)
     engine.add_file(source)
-    session = ServerSession.open(*engine.server.address, io_timeout_s=SHORT_TIMEOUT)
+    session = ServerSession.open(*engine.server.address, io_timeout_s=SHORT_TIMEOUT, secure=TLS)
     try:
         manifest = fetch_manifest(session, FILE_NAME)
     finally:
@@ -125,7 +126,8 @@ class RawPeer:
 
     def __init__(self, address: tuple[str, int] | None, timeout_s: float = SHORT_TIMEOUT,
                  sock: socket.socket | None = None) -> None:
-        self.sock = sock or socket.create_connection(address, timeout=timeout_s)
+        raw = sock or socket.create_connection(address, timeout=timeout_s)
+        self.sock = TLS.handshake(raw, *raw.getpeername()[:2])
         self.decoder = FrameDecoder()
         self.closed_by_server = False
 
@@ -142,6 +144,15 @@ class RawPeer:
 
     def close(self) -> None:
         self.sock.close()
+
+    def finish_sending(self) -> None:
+        """Say we send nothing more (TLS close_notify, TCP's half-close) and go on reading the replies."""
+        self.sock.setblocking(False)
+        try:
+            self.sock.unwrap()  # sends close_notify; the server's answer is still to be read
+        except (ssl.SSLWantReadError, OSError):
+            pass
+        self.sock.settimeout(SHORT_TIMEOUT)
 
     def send(self, data: bytes, *, may_be_cut_off: bool = False) -> None:
         """Send ``data``; with ``may_be_cut_off`` a server that hangs up mid-send is not an error."""
@@ -220,7 +231,7 @@ def error_codes(frames: list[Frame]) -> list[str]:
 
 def still_serves(served: Served, index: int = 1) -> None:
     """A fresh well-behaved client can list the catalog and fetch a verified chunk."""
-    session = ServerSession.open(*served.address, io_timeout_s=SHORT_TIMEOUT)
+    session = ServerSession.open(*served.address, io_timeout_s=SHORT_TIMEOUT, secure=TLS)
     try:
         listing = session.call(ListFiles(), FileList).message
         assert [FILE_NAME] == [entry["name"] for entry in listing.files]
@@ -384,7 +395,8 @@ class TestLyingPayloadLength:
         """A client's frame declaring a payload over the client limit gets BAD_FRAME and is closed, unread."""
         with RawPeer(served.address) as peer:
             peer.greet()
-            peer.send(header_frame({"type": "teleport"}, os.urandom(MAX_CLIENT_PAYLOAD + 1)) + encode_frame(CountFiles()))
+            peer.send(header_frame({"type": "teleport"}, os.urandom(MAX_CLIENT_PAYLOAD + 1)) + encode_frame(CountFiles()),
+                      may_be_cut_off=True)  # the server hangs up without reading it all
             assert [ErrorCode.BAD_FRAME] == error_codes(peer.read_until_closed())
         still_serves(served)
 
@@ -502,10 +514,11 @@ class TestHandshake:
             assert FileCount(1, FILE_SIZE) == peer.expect(FileCount)
 
     def test_welcome_reports_version_role_epoch_and_server_id(self, served):
-        """A client's Welcome names the protocol version, the "main" server, its "active" role, epoch and id."""
+        """A client's Welcome names the version, the "main" server, its "active" role, epoch, id and a challenge."""
         with RawPeer(served.address) as peer:
             welcome = peer.greet()
-        assert served.engine.server.welcome() == welcome
+        assert served.engine.server.welcome(welcome.nonce) == welcome  # the nonce: its challenge to identify
+        assert 32 == len(welcome.nonce)
         assert (PROTOCOL_VERSION, "main", "active") == (welcome.version, welcome.server, welcome.role)
 
     @pytest.mark.parametrize("version", [0, PROTOCOL_VERSION + 1, -1, 2**40])
@@ -581,7 +594,7 @@ class TestPipelining:
         """20 GetChunk requests sent in one write get 20 replies, in order, each verifying."""
         indexes = [(7 * i) % served.manifest.chunk_count for i in range(20)]
         requests = [GetChunk(FILE_NAME, served.manifest.sha256, i) for i in indexes]
-        session = ServerSession.open(*served.address, io_timeout_s=SHORT_TIMEOUT)
+        session = ServerSession.open(*served.address, io_timeout_s=SHORT_TIMEOUT, secure=TLS)
         try:
             session.connection.send_many(requests)
             frames = [session.receive(ChunkData) for _ in requests]
@@ -668,8 +681,8 @@ class TestTimeoutsAndLimits:
         served.engine.server.shed_idle_after_s = SHORT_TIMEOUT  # the held sessions count as busy here
         served.engine.server.hello_wait_s = 0.1  # a hello waits for a slot only briefly
         wait_until(lambda: no_connections(served), what="the fixture's session to be released")
-        first = ServerSession.open(*served.address, io_timeout_s=SHORT_TIMEOUT)
-        second = ServerSession.open(*served.address, io_timeout_s=SHORT_TIMEOUT)
+        first = ServerSession.open(*served.address, io_timeout_s=SHORT_TIMEOUT, secure=TLS)
+        second = ServerSession.open(*served.address, io_timeout_s=SHORT_TIMEOUT, secure=TLS)
         try:
             with RawPeer(served.address) as third:
                 third.send(HELLO, may_be_cut_off=True)
@@ -679,7 +692,7 @@ class TestTimeoutsAndLimits:
 
             def try_open() -> ServerSession | None:
                 try:
-                    return ServerSession.open(*served.address, io_timeout_s=SHORT_TIMEOUT)
+                    return ServerSession.open(*served.address, io_timeout_s=SHORT_TIMEOUT, secure=TLS)
                 except ConnectionFailed:
                     return None
 
@@ -698,7 +711,7 @@ class TestTimeoutsAndLimits:
         served.engine.server.shed_idle_after_s = SHORT_TIMEOUT  # the held session counts as busy here
         served.engine.server.hello_wait_s = 0.1  # a hello waits for a slot only briefly
         wait_until(lambda: no_connections(served), what="the fixture's session to be released")
-        held = ServerSession.open(*served.address, io_timeout_s=SHORT_TIMEOUT)
+        held = ServerSession.open(*served.address, io_timeout_s=SHORT_TIMEOUT, secure=TLS)
         try:
             for _ in range(5):
                 with RawPeer(served.address) as turned_away:
@@ -996,7 +1009,7 @@ class TestEpochClaims:
 class TestStatus:
     def test_status_reports_role_and_moving_counters(self, served):
         """A status request names the "main" server and its "active" role, and its byte and request counters moved."""
-        session = ServerSession.open(*served.address, io_timeout_s=SHORT_TIMEOUT)
+        session = ServerSession.open(*served.address, io_timeout_s=SHORT_TIMEOUT, secure=TLS)
         try:
             before = session.call(GetStatus(), StatusInfo).message.metrics
             session.call(GetChunk(FILE_NAME, served.manifest.sha256, 0), ChunkData)
@@ -1022,7 +1035,7 @@ class TestStatus:
     def test_status_fits_with_many_files(self, served):
         """The status reply still fits in one header when thousands of files have download counts."""
         served.engine.metrics.set_downloads({f"{i:05d} {'long file name ' * 4}.bin": i for i in range(2000)})
-        session = ServerSession.open(*served.address, io_timeout_s=SHORT_TIMEOUT)
+        session = ServerSession.open(*served.address, io_timeout_s=SHORT_TIMEOUT, secure=TLS)
         try:
             metrics = session.call(GetStatus(), StatusInfo).message.metrics
         finally:
@@ -1037,7 +1050,7 @@ class TestListing:
         names = [f"{i:03d}" + '"' * 247 for i in range(250)]
         for name in names:
             served.engine.add_file(make_file(tmp_path / "many" / name, 1, seed=len(name)))
-        session = ServerSession.open(*served.address, io_timeout_s=SHORT_TIMEOUT)
+        session = ServerSession.open(*served.address, io_timeout_s=SHORT_TIMEOUT, secure=TLS)
         try:
             listed: list[str] = []
             while True:
@@ -1057,7 +1070,7 @@ class TestStop:
         engine.start()
         try:
             served = serve_one_file(engine, tmp_path)
-            greeted = ServerSession.open(*served.address, io_timeout_s=SHORT_TIMEOUT)
+            greeted = ServerSession.open(*served.address, io_timeout_s=SHORT_TIMEOUT, secure=TLS)
             silent = RawPeer(served.address)
             wait_until(lambda: 2 == engine.metrics.active_connections, what="both clients to be served")
             started = time.monotonic()
@@ -1098,7 +1111,7 @@ class BackgroundDownloader:
     def _run(self) -> None:
         manifest = self.served.manifest
         try:
-            session = ServerSession.open(*self.served.address, io_timeout_s=SHORT_TIMEOUT)
+            session = ServerSession.open(*self.served.address, io_timeout_s=SHORT_TIMEOUT, secure=TLS)
             try:
                 while not self._stop.is_set():
                     index = self.chunks % manifest.chunk_count
@@ -1131,10 +1144,7 @@ def send_and_drain(served: Served, data: bytes) -> list[Frame]:
     """Send ``data`` on a fresh connection, half-close, and decode every reply until the server closes."""
     with RawPeer(served.address) as peer:
         peer.send(data, may_be_cut_off=True)  # the server may hang up on a broken frame first
-        try:
-            peer.sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
+        peer.finish_sending()
         try:
             return peer.read_until_closed()
         except ProtocolError as error:

@@ -5,7 +5,7 @@ import random
 from pathlib import Path
 
 import pytest
-from conftest import SHORT_TIMEOUT, make_file, wait_until
+from conftest import SHORT_TIMEOUT, TLS, make_file, wait_until
 
 from error_handler import RemoteError
 from integrity import manifest_of_file
@@ -14,7 +14,9 @@ from minitorrent.net.remote import ServerSession
 from minitorrent.net.serving import RequestServer
 from minitorrent.net.tracker import MAX_PEERS_PER_REPLY, Tracker
 from minitorrent.wire import protocol
+from minitorrent.wire.identity import load_or_create
 from minitorrent.wire.protocol import ErrorCode
+from minitorrent.wire.tls import ServerTls
 
 SHA_A = "a" * 64
 SHA_B = "b" * 64
@@ -125,7 +127,7 @@ class TestPeerLists:
 
 
 def open_session(address: tuple[str, int]) -> ServerSession:
-    return ServerSession.open(*address, io_timeout_s=SHORT_TIMEOUT)
+    return ServerSession.open(*address, io_timeout_s=SHORT_TIMEOUT, secure=TLS)
 
 
 def announce(session: ServerSession, port: int, files: dict[str, bytes | None]) -> None:
@@ -145,8 +147,8 @@ class TestTrackerOnTheServer:
             announce(first, 7001, {SHA_A: None})
             announce(second, 7002, {SHA_A: protocol.chunks_to_bitmap({0, 3}, 8)})
             chunks_0_and_3 = protocol.encode_bitmap(b"\x09")
-            assert [{"host": "127.0.0.1", "port": 7002, "have": chunks_0_and_3}] == peers(first, SHA_A, 7001)
-            assert [{"host": "127.0.0.1", "port": 7001, "have": None}] == peers(second, SHA_A, 7002)
+            assert [{"host": "127.0.0.1", "port": 7002, "have": chunks_0_and_3, "id": TLS.identity.id}] == peers(first, SHA_A, 7001)
+            assert [{"host": "127.0.0.1", "port": 7001, "have": None, "id": TLS.identity.id}] == peers(second, SHA_A, 7002)
             assert 2 == len(peers(first, SHA_A))  # a non-seeding asker (port 0) sees both
         finally:
             first.close()
@@ -187,7 +189,8 @@ def seed_server(tmp_path):
     """A RequestServer over a SeedSource (as a client's seeder runs), and the source."""
     source = SeedSource()
     server = RequestServer(source, host="127.0.0.1", port=0, name="seeder", max_connections=4,
-                           idle_timeout_s=SHORT_TIMEOUT, io_timeout_s=SHORT_TIMEOUT)
+                           idle_timeout_s=SHORT_TIMEOUT, io_timeout_s=SHORT_TIMEOUT,
+                           tls=ServerTls(load_or_create(tmp_path / "seeder")))
     server.start()
     yield server, source
     server.stop()

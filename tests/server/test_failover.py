@@ -26,6 +26,7 @@ from conftest import (
     LONG_TIMEOUT,
     ROOT,
     SHORT_TIMEOUT,
+    TLS,
     SlowProxy,
     run_client,
     make_config,
@@ -62,7 +63,7 @@ FAILOVER_TIMEOUT = 30.0  # heartbeat_timeout, a process start and a catch-up, on
 
 def status_of(address: tuple[str, int]) -> dict | None:
     """One server's own status, asked directly; None if it does not answer."""
-    return remote.status_of(address, STATUS_TIMEOUT_S)
+    return remote.status_of(address, STATUS_TIMEOUT_S, TLS)
 
 
 def catalog_of(data_dir: Path) -> dict[str, str]:
@@ -410,7 +411,7 @@ class TestBackupKilledDuringInitialSync:
 class TestFailback:
     @pytest.mark.timeout(90)
     def test_restarted_main_catches_up_and_takes_back_the_role(self, cluster, tmp_path):
-        """Main killed, backup serves (and counts), main restarts, catches up, takes over; one client throughout."""
+        """Main killed, backup serves (and counts), main restarts, catches up, takes over; counts once per client."""
         files = {"alpha.bin": make_file(tmp_path / "src" / "alpha.bin", 3 * MiB + 5, seed=21),
                  "beta.bin": make_file(tmp_path / "src" / "beta.bin", 2 * MiB, seed=22)}
         c = cluster(chunk_size=256 * 1024, heartbeat_interval=0.5, heartbeat_timeout=2)
@@ -437,7 +438,9 @@ class TestFailback:
         listing = {e["name"]: e for e in engine.list_files()}
         assert "main" == engine.status()["server"]
         assert {"alpha.bin": 1, "beta.bin": 1} == {name: e["downloads"] for name, e in listing.items()}
-        engine.download("alpha.bin", tmp_path / "dl3")
+        engine.download("alpha.bin", tmp_path / "dl1-again")  # the same client again: counted once per file
+        other = c.client(instance="client-2")  # another client's download counts
+        other.download("alpha.bin", tmp_path / "dl3")
         assert sha256_file(files["alpha.bin"]) == sha256_file(tmp_path / "dl3" / "alpha.bin")
         wait_until(lambda: downloads_of(c.backup_dir) == {"alpha.bin": 2, "beta.bin": 1}, SHORT_TIMEOUT,
                    "the main to replicate the merged counts back to the backup")
@@ -624,9 +627,9 @@ class TestWrongSecret:
                     backup_secret="not the main's secret")
         main, backup = c.start_pair(add=[source])
 
-        wait_until(lambda: "failed authentication: wrong server.secret" in log_of(backup), SHORT_TIMEOUT,
+        wait_until(lambda: "failed authentication: the main and the backup must set the same server.secret" in log_of(backup), SHORT_TIMEOUT,
                    "the backup to log the peer's failed authentication")
-        wait_until(lambda: "could not prove it knows server.secret" in log_of(main), SHORT_TIMEOUT,
+        wait_until(lambda: "could not prove it knows the cluster key" in log_of(main), SHORT_TIMEOUT,
                    "the main to log that the backup could not prove the secret")
         epoch = c.wait_backup_active(above_epoch=0)
 
@@ -725,7 +728,7 @@ class TestClientHelloFencing:
         engine.node.listeners.insert(0, events.append)
 
         claim = remote.EpochClaim(epoch + 5, "someone", "0" * 64)
-        ServerSession.open(host, port, io_timeout_s=SHORT_TIMEOUT, claim=claim).close()
+        ServerSession.open(host, port, io_timeout_s=SHORT_TIMEOUT, claim=claim, secure=TLS).close()
         assert ([], "active", epoch) == (events, engine.node.role.value, engine.node.epoch)
 
     @pytest.mark.timeout(30)
@@ -737,10 +740,10 @@ class TestClientHelloFencing:
         host, port = engine.start()
         try:
             epoch = engine.promote_now()
-            client = ServerSession.open(host, port, io_timeout_s=SHORT_TIMEOUT)
+            client = ServerSession.open(host, port, io_timeout_s=SHORT_TIMEOUT, secure=TLS)
             assert ("active", True) == (client.welcome.role, bool(client.welcome.epoch_proof))
             client.call(protocol.ListFiles("", 0), protocol.FileList)  # served while current
-            newer = ServerSession.open(host, port, io_timeout_s=SHORT_TIMEOUT, claim=proven(epoch + 1))
+            newer = ServerSession.open(host, port, io_timeout_s=SHORT_TIMEOUT, claim=proven(epoch + 1), secure=TLS)
             newer.close()
             with pytest.raises(NotActive):
                 client.call(protocol.ListFiles("", 0), protocol.FileList)  # the same connection, now refused

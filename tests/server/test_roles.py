@@ -312,12 +312,14 @@ class TestOutlandishClaims:
 
     def test_main_without_backup_stays_active_after_a_client_claims_a_higher_epoch(self, server_factory):
         """A main serving alone keeps its role and epoch when a client claims a higher one it cannot prove."""
+        from conftest import TLS
+
         from minitorrent.net.remote import EpochClaim, ServerSession
 
         server = server_factory()
         host, port = server.server.address
         epoch = server.node.epoch
-        ServerSession.open(host, port, io_timeout_s=5, claim=EpochClaim(99, "x", "f" * 64)).close()
+        ServerSession.open(host, port, io_timeout_s=5, claim=EpochClaim(99, "x", "f" * 64), secure=TLS).close()
         assert ("active", epoch) == (server.node.role.value, server.node.epoch)
 
     def test_stored_epoch_past_the_wire_limit_is_refused_at_start(self, tmp_path):
