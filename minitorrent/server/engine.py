@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
 
 from config_loader import BackupServerConfig, Config, MainServerConfig
-from error_handler import ConfigError, MiniTorrentError
+from error_handler import CatalogError, ConfigError, MiniTorrentError
 from metrics import Metrics
 from minitorrent.common.fs import FolderLock
 from minitorrent.net.discovery import Announcer
@@ -21,7 +22,7 @@ from minitorrent.net.serving import RequestServer
 from minitorrent.net.throttle import TokenBucket
 from minitorrent.net.tracker import PEER_TTL_INTERVALS, Tracker
 from minitorrent.server.access import AccessList, AccessPolicy
-from minitorrent.server.catalog import Catalog
+from minitorrent.server.catalog import AddResult, Catalog
 from minitorrent.server.roles import NodeState, Role, RoleChanged
 from minitorrent.wire.identity import cluster_key, load_or_create, parse_id
 from minitorrent.wire.tls import ClientTls, Secure, ServerTls
@@ -70,6 +71,27 @@ class ServerEngine:
             **server_options,
         )
         self.announcer: Announcer | None = None
+
+    def add_file(self, path: str | Path, on_progress: Callable[[int], None] | None = None) -> AddResult:
+        """Import one file into the catalog (replicated while this server leads); ``CatalogError`` on bad input."""
+        result = self.catalog.add_file(path, on_progress)
+        self._changed()
+        return result
+
+    def add_files(self, paths: Iterable[str | Path]) -> Iterator[tuple[str | Path, AddResult | CatalogError]]:
+        """Import many files in durable batches (``Catalog.add_files``): ``(path, outcome)`` each, in order."""
+        for path, outcome in self.catalog.add_files(paths):
+            yield path, outcome
+            self._changed()  # cheap: it wakes the replicator, which compares catalog versions
+
+    def remove_file(self, name: str) -> bool:
+        """Stop sharing ``name``; True if it was shared."""
+        removed = self.catalog.remove_file(name)
+        self._changed()
+        return removed
+
+    def _changed(self) -> None:
+        """The catalog changed (a subclass tells its replicas)."""
 
     def set_upload_limit(self, rate_bps: int) -> None:
         """Change the upload limit for clients' chunks now (bytes/s, 0: unlimited)."""
