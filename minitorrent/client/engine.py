@@ -19,7 +19,7 @@ from minitorrent.net.throttle import TokenBucket
 from minitorrent.wire import protocol
 from minitorrent.wire.identity import load_or_create
 from minitorrent.wire.pairing import ClientPairing, PairingFailed, normalize_code
-from minitorrent.wire.tls import client_tls, server_identity
+from minitorrent.wire.tls import Secure, client_tls, server_identity
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +36,10 @@ class ClientEngine:
         self.config = config
         transfer = config.transfer
         self.identity = load_or_create(config.client.data_dir)  # what the seeder presents, what `status` shows
-        self.server = ServerClient(known_servers(config), io_timeout_s=transfer.io_timeout,
+        secure = client_tls(config, self.identity)
+        self.server = ServerClient(known_servers(config, secure), io_timeout_s=transfer.io_timeout,
                                    pool_size=transfer.pool_size, retry_deadline_s=config.client.retry_deadline,
-                                   secure=client_tls(config, self.identity))
+                                   secure=secure)
         self.store = ClientStore(config.client.data_dir / "client.db")
         finish_interrupted_installs(self.store)  # else a download killed while installing is listed unfinished for good
         self.download_limit = TokenBucket(transfer.download_limit)
@@ -175,7 +176,7 @@ def server_addresses(config: Config) -> list[tuple[str, int]]:
     return [(server.host, server.port) for server in servers if server.port != 0]
 
 
-def known_servers(config: Config) -> list[tuple[str, int]]:
+def known_servers(config: Config, secure: Secure | None = None) -> list[tuple[str, int]]:
     """``server_addresses``; in etcd mode also every member that the first answering member lists.
 
     So a client configured with one member still finds the others (and
@@ -185,7 +186,7 @@ def known_servers(config: Config) -> list[tuple[str, int]]:
     if config.cluster.mode != "etcd":
         return configured
     for address in configured:
-        status = remote.status_of(address, DISCOVERY_TIMEOUT_S)
+        status = remote.status_of(address, DISCOVERY_TIMEOUT_S, secure)
         if status and status.get("cluster", {}).get("members"):
             listed = [_address(member["address"]) for member in status["cluster"]["members"]]
             return configured + [a for a in listed if a is not None and a not in configured]

@@ -41,7 +41,7 @@ class ServerEngine:
         self.name = name
         self.identity = load_or_create(settings.data_dir)  # first: a bad key file stops us before anything opens
         # A main with no backup configured has no peer link, so no cluster key file to make.
-        has_peer = name == "backup" or config.server.backup.port != 0
+        has_peer = name == "backup" or config.server.backup.port != 0 or config.cluster.mode == "etcd"
         self.secret, self.secret_hint = cluster_secret(config, name) if has_peer else ("", "")
         self.catalog = Catalog(settings.data_dir, config.transfer.chunk_size)
         self.node = NodeState(self.catalog.db, name, Role.STANDBY)

@@ -37,12 +37,13 @@ from minitorrent.server.coordinator import (
     Leader,
     LeaderElection,
 )
-from minitorrent.server.engine import ServerEngine
+from minitorrent.server.engine import ServerEngine, peer_tls
 from minitorrent.server.ha import Action, Decision, Kind, Observation
 from minitorrent.server.haloop import DecisionLoop
 from minitorrent.server.main import MainServer
 from minitorrent.server.replication import PeerLink, ReplicaReceiver, Replicator
 from minitorrent.wire import protocol
+from minitorrent.wire.tls import Secure
 from minitorrent.wire.protocol import ErrorCode, Frame, RequestFailed
 
 log = logging.getLogger(__name__)
@@ -68,8 +69,9 @@ class EtcdView:
 class FencedPeerLink(PeerLink):
     """A peer link that opens each session with a heartbeat proving our epoch; a follower ahead of us ends it."""
 
-    def __init__(self, address: tuple[str, int], secret: str, io_timeout_s: float, node, my_address: str) -> None:
-        super().__init__(address, secret, io_timeout_s, node)
+    def __init__(self, address: tuple[str, int], secret: str, io_timeout_s: float, node, my_address: str,
+                 secure: Secure | None = None) -> None:
+        super().__init__(address, secret, io_timeout_s, node, secure)
         self.my_address = my_address
 
     def get(self):
@@ -240,9 +242,9 @@ class ClusterMember(ServerEngine):
         """Leading: one replicator per follower, each starting with an inventory (anti-entropy)."""
         self._end_term()
         stop = self._term_stop = threading.Event()
-        secret, io_timeout = self.config.server.secret, self.config.transfer.io_timeout
+        secret, io_timeout, secure = self.secret, self.config.transfer.io_timeout, peer_tls(self.config)
         for follower in self.followers:
-            link = FencedPeerLink((follower.host, follower.port), secret, io_timeout, self.node, self.address)
+            link = FencedPeerLink((follower.host, follower.port), secret, io_timeout, self.node, self.address, secure)
             replicator = Replicator(self.catalog, link, self.config.transfer.pipeline_depth, stop)
             self._replicators[follower.name] = replicator
             replicator.start()
@@ -322,7 +324,8 @@ def holders(config: Config, sha256: str) -> list[str]:
     """Names of the members whose catalog holds content ``sha256`` (verified), asked over peer links."""
     found = []
     for member in config.cluster.servers:
-        link = PeerLink((member.host, member.port), config.server.secret, config.transfer.io_timeout, _NO_NODE)
+        link = PeerLink((member.host, member.port), config.server.secret, config.transfer.io_timeout, _NO_NODE,
+                        peer_tls(config))
         try:
             frame = link.get().call(protocol.GetInventory(), protocol.Inventory)
             files = json.loads(bytes(frame.payload)).get("files", [])

@@ -793,7 +793,7 @@ class TestFairSlots:
         served = start_served({"transfer": {**PATIENT["transfer"], "max_connections": 1}})
         served.engine.server.shed_idle_after_s = SHORT_TIMEOUT  # the holder is not shed: it must leave
         wait_until(lambda: no_connections(served), what="the fixture's session to be released")
-        holder = ServerSession.open(*served.address, io_timeout_s=SHORT_TIMEOUT)
+        holder = ServerSession.open(*served.address, io_timeout_s=SHORT_TIMEOUT, secure=TLS)
         threading.Timer(0.3, holder.close).start()
         with RawPeer(served.address) as waiting:
             waiting.send(HELLO)
@@ -832,7 +832,7 @@ class TestFairSlots:
         engine = BackupServer(config)
         address = engine.start()
         engine.server.shed_idle_after_s = SHORT_TIMEOUT  # nothing is shed for being idle here
-        holders = [ServerSession.open(*address, io_timeout_s=SHORT_TIMEOUT) for _ in range(2)]
+        holders = [ServerSession.open(*address, io_timeout_s=SHORT_TIMEOUT, secure=TLS) for _ in range(2)]
         claims = [RawPeer(address) for _ in range(engine.server.handshake_room)]
         try:
             for claim in claims:
@@ -842,7 +842,7 @@ class TestFairSlots:
 
             def peer_link() -> Session | None:
                 try:
-                    return Session.open(*address, io_timeout_s=SHORT_TIMEOUT, secret="s" * 32)
+                    return Session.open(*address, io_timeout_s=SHORT_TIMEOUT, secret="s" * 32, secure=TLS)
                 except ConnectionFailed:
                     return None
 
@@ -904,11 +904,11 @@ class TestConnectionStates:
                 wait_until(lambda: engine.server.connection_states(), what="the connection to be handled")
                 seen += engine.server.connection_states()
             wait_until(lambda: not engine.server.connection_states(), what="the raw connection to end")
-            client = ServerSession.open(*address, io_timeout_s=SHORT_TIMEOUT)
+            client = ServerSession.open(*address, io_timeout_s=SHORT_TIMEOUT, secure=TLS)
             seen += engine.server.connection_states()
             client.close()
             wait_until(lambda: not engine.server.connection_states(), what="the client to leave")
-            peer = Session.open(*address, io_timeout_s=SHORT_TIMEOUT, secret="s" * 32)
+            peer = Session.open(*address, io_timeout_s=SHORT_TIMEOUT, secret="s" * 32, secure=TLS)
             seen += engine.server.connection_states()
             peer.close()
             assert [ConnectionState.NEW, ConnectionState.GREETED, ConnectionState.AUTHENTICATED] == seen
@@ -974,7 +974,7 @@ class TestEpochClaims:
     def test_a_replayed_proof_does_not_prove_another_epoch(self, pair_in_process):
         """The main's real proof for its epoch, relayed with epoch+1, proves nothing."""
         main, _ = pair_in_process
-        welcome = ServerSession.open(*main.server.address, io_timeout_s=SHORT_TIMEOUT)
+        welcome = ServerSession.open(*main.server.address, io_timeout_s=SHORT_TIMEOUT, secure=TLS)
         welcome.close()
         real = welcome.welcome
         with RawPeer(main.server.address) as peer:
@@ -1002,7 +1002,7 @@ class TestEpochClaims:
         main.node.listeners.insert(0, events.append)
         newer = main.node.epoch + 1
         claim = EpochClaim(newer, backup.node.server_id, auth.prove_epoch(CLUSTER_SECRET, newer, backup.node.server_id))
-        ServerSession.open(*main.server.address, io_timeout_s=SHORT_TIMEOUT, claim=claim).close()
+        ServerSession.open(*main.server.address, io_timeout_s=SHORT_TIMEOUT, secure=TLS, claim=claim).close()
         assert "standby" == events[0].role.value  # what it does next (catch up from the backup) is failover's business
 
 

@@ -21,6 +21,7 @@ from conftest import (
     LONG_TIMEOUT,
     ROOT,
     SHORT_TIMEOUT,
+    TLS,
     make_file,
     wait_until,
     write_config,
@@ -78,7 +79,7 @@ class EtcdCluster:
         return self.processes[name]
 
     def status(self, name: str) -> dict | None:
-        return remote.status_of(("127.0.0.1", self.ports[name]), 1.0)
+        return remote.status_of(("127.0.0.1", self.ports[name]), 1.0, TLS)
 
     def leader(self, *, excluding: str = "") -> tuple[str, int] | None:
         """(name, epoch) of the one member that is active, if exactly one is (among those not ``excluding``)."""
@@ -218,7 +219,7 @@ class TestStaleWritesRefused:
         cluster = etcd_cluster()
         leader, epoch = started_with(cluster, [first])
         follower = next(name for name in NAMES if name != leader)
-        stale = ServerSession.open("127.0.0.1", cluster.ports[follower], io_timeout_s=SHORT_TIMEOUT, secret=SECRET)
+        stale = ServerSession.open("127.0.0.1", cluster.ports[follower], io_timeout_s=SHORT_TIMEOUT, secure=TLS, secret=SECRET)
         cluster.closers.append(stale.close)
         stale.call(protocol.Heartbeat(epoch - 1, 0, "127.0.0.1:1"), protocol.HeartbeatAck)
         with pytest.raises(NotActive) as refused:  # the STANDBY error code
@@ -235,7 +236,7 @@ class TestStaleWritesRefused:
         leader, epoch = started_with(cluster, [first])
         followers = [name for name in NAMES if name != leader]
         for follower in followers:
-            ServerSession.open("127.0.0.1", cluster.ports[follower], io_timeout_s=SHORT_TIMEOUT,
+            ServerSession.open("127.0.0.1", cluster.ports[follower], io_timeout_s=SHORT_TIMEOUT, secure=TLS,
                                epoch=epoch + 100).close()
         run = subprocess.run([sys.executable, str(ROOT / "main_server.py"), "--config",
                               str(cluster.config_path(leader)), "--headless", "--add", str(later)],

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
-from conftest import ROOT, SHORT_TIMEOUT, make_config, make_file, wait_until
+from conftest import ROOT, SHORT_TIMEOUT, TLS, make_config, make_file, wait_until
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -75,7 +75,7 @@ def store(tmp_path) -> Iterator[ServerStore]:
 def peer_session(backup: BackupServer) -> ServerSession:
     """An authenticated peer link to ``backup``, as the main opens it."""
     host, port = backup.server.address
-    return ServerSession.open(host, port, io_timeout_s=SHORT_TIMEOUT, secret=SECRET)
+    return ServerSession.open(host, port, io_timeout_s=SHORT_TIMEOUT, secure=TLS, secret=SECRET)
 
 
 def offer(session: ServerSession, name: str, manifest: Manifest) -> tuple[bool, set[int]]:
@@ -443,7 +443,7 @@ class TestFailbackFetch:
         source = make_file(tmp_path / "src" / "f.bin", 7 * CHUNK + 9)
         server = server_factory({"transfer": {"chunk_size": CHUNK}})
         server.add_file(source)
-        session = ServerSession.open(*server.server.address, io_timeout_s=SHORT_TIMEOUT)
+        session = ServerSession.open(*server.server.address, io_timeout_s=SHORT_TIMEOUT, secure=TLS)
         try:
             manifest = fetch_file(session, "f.bin", catalog, partials, threading.Event())
         finally:
@@ -465,7 +465,7 @@ class TestFailbackFetch:
         damaged[3 * CHUNK + 7] ^= 0xFF
         blob.write_bytes(damaged)
         address = server.server.address
-        session = ServerSession.open(*address, io_timeout_s=SHORT_TIMEOUT)
+        session = ServerSession.open(*address, io_timeout_s=SHORT_TIMEOUT, secure=TLS)
         try:
             with pytest.raises(IntegrityError, match="chunk 3"):
                 fetch_file(session, "f.bin", catalog, partials, threading.Event())
@@ -473,7 +473,7 @@ class TestFailbackFetch:
             session.close()
         [kept] = partials.in_progress()
         blob.write_bytes(original)
-        session = ServerSession.open(*address, io_timeout_s=SHORT_TIMEOUT)
+        session = ServerSession.open(*address, io_timeout_s=SHORT_TIMEOUT, secure=TLS)
         try:
             fetch_file(session, "f.bin", catalog, partials, threading.Event())
         finally:
@@ -502,7 +502,7 @@ class TestFailbackNames:
                              catalog.store_dir / f".failback-{manifest.sha256}")
         part.write_verified(0, data[:CHUNK])
         part.close()
-        session = ServerSession.open(*server.server.address, io_timeout_s=SHORT_TIMEOUT)
+        session = ServerSession.open(*server.server.address, io_timeout_s=SHORT_TIMEOUT, secure=TLS)
         try:
             fetch_file(session, "new.bin", catalog, partials, threading.Event())
         finally:
@@ -523,7 +523,7 @@ class TestFailbackNames:
         monkeypatch.setattr(ReplicaReceiver, "inventory", inventory)
         backup = backup_factory()
         offered(backup, "good.bin", manifest, source.read_bytes(), range(manifest.chunk_count))
-        link = PeerLink(backup.server.address, SECRET, SHORT_TIMEOUT, NodeState(catalog.db, "main", Role.STANDBY))
+        link = PeerLink(backup.server.address, SECRET, SHORT_TIMEOUT, NodeState(catalog.db, "main", Role.STANDBY), TLS)
         try:
             handed_over = catch_up_and_take_over(catalog, link, partials, threading.Event())
         finally:
