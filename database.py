@@ -523,6 +523,32 @@ class ServerStore(SQLiteStore):
             ).rowcount
         return names + contents
 
+    # Folders: a folder is the names that start with "folder/" (no row of its own).
+
+    def names_under(self, folder: str) -> list[str]:
+        """Names that start with ``folder`` (which ends with ``/``), sorted; a range scan of the key."""
+        end = folder[:-1] + chr(ord(folder[-1]) + 1)  # "photos/" .. "photos0": every name with that prefix
+        rows = self._connection().execute(
+            "SELECT name FROM files WHERE name >= ? AND name < ? ORDER BY name", (folder, end))
+        return [name for (name,) in rows]
+
+    def rename_files(self, renames: list[tuple[str, str]]) -> None:
+        """Rename each (old, new) pair in one transaction, download counters included.
+
+        Raises ``CatalogError`` (nothing renamed) if a new name is taken or an old one is gone.
+        """
+        try:
+            with self._transaction() as connection:
+                for old, new in renames:
+                    cursor = connection.execute(
+                        "UPDATE files SET name = ?, name_folded = ? WHERE name = ?", (new, _fold(new), old))
+                    if cursor.rowcount != 1:
+                        raise CatalogError(f"{old!r} is not in the catalog")
+                    connection.execute("UPDATE download_counts SET name = ? WHERE name = ?", (new, old))
+                _bump_catalog_version(connection)
+        except sqlite3.IntegrityError as error:
+            raise CatalogError(f"cannot rename: {error}") from error
+
 
 # ------------------------------------------------------------- partial files
 

@@ -1,9 +1,12 @@
 """MiniTorrent main server: shares a catalog of files in verified chunks.
 
-    python main_server.py [--config PATH] [--headless] [--add FILE ...]
+    python main_server.py [--config PATH] [--headless] [--add FILE_OR_DIR ...]
+                          [--remove PATH ...] [--rename OLD NEW]
 
 ``--add`` imports files into the server's data folder (see catalog.py for the
-naming rules), then the server serves until SIGINT or SIGTERM. Without
+naming rules); a folder is shared whole, each file under its relative path
+(server/folders.py). ``--remove`` stops sharing a file or a folder, ``--rename``
+renames one (the backup follows, clients see it at once). Then the server serves until SIGINT or SIGTERM. Without
 ``--headless`` it opens the main server's window (gui/main_window.py), which
 starts serving and imports the ``--add`` files with a progress bar. If a main
 server already runs on that data folder, ``--add`` adds the files to its
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Sequence
 
@@ -33,22 +37,48 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", help="path to config.yaml (default: the one beside this program)")
     parser.add_argument("--headless", action="store_true", help="run without a window")
     parser.add_argument("--geometry", metavar="WxH+X+Y", help="the window's size and place on screen")
-    parser.add_argument("--add", nargs="+", metavar="FILE", default=[], help="files to share")
+    parser.add_argument("--add", nargs="+", metavar="FILE_OR_DIR", default=[], help="files or folders to share")
+    parser.add_argument("--remove", nargs="+", metavar="PATH", default=[],
+                        help="shared files or folders to stop sharing")
+    parser.add_argument("--rename", nargs=2, metavar=("OLD", "NEW"), help="rename a shared file or folder")
     return parser.parse_args(argv)
 
 
 def add_files(engine: MainServer, paths: Sequence[str]) -> bool:
-    """Import each file, printing one line per file; False if any failed."""
+    """Import each file or folder, printing one line per file; False if any failed."""
     ok = True
     for path in paths:
         try:
-            result = engine.add_file(path)
+            if os.path.isdir(path):
+                results, warnings = engine.add_folder(path)
+                for warning in warnings:
+                    print(f"warning: {warning}", file=sys.stderr)
+            else:
+                results = [engine.add_file(path)]
         except MiniTorrentError as error:
             print(f"error: {error}", file=sys.stderr)
             ok = False
             continue
-        record = result.record
-        print(f"{result.outcome}: {record.name} ({record.size} bytes, sha256 {record.sha256[:12]})", flush=True)
+        for result in results:
+            record = result.record
+            print(f"{result.outcome}: {record.name} ({record.size} bytes, sha256 {record.sha256[:12]})", flush=True)
+    return ok
+
+
+def edit_catalog(engine: MainServer, remove: Sequence[str], rename: Sequence[str] | None) -> bool:
+    """Apply ``--remove`` and ``--rename``, one line each; False if any failed."""
+    ok = True
+    for path in remove:
+        removed = engine.remove_path(path)
+        print(f"removed: {path} ({removed} files)" if removed else f"error: {path}: not shared",
+              file=sys.stdout if removed else sys.stderr, flush=True)
+        ok = ok and bool(removed)
+    if rename:
+        try:
+            print(f"renamed: {rename[0]} -> {rename[1]} ({engine.rename_path(*rename)} files)", flush=True)
+        except MiniTorrentError as error:
+            print(f"error: {error}", file=sys.stderr)
+            ok = False
     return ok
 
 
@@ -64,10 +94,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     engine = build_engine(args.config, "main_server", MainServer)
     if engine is None:
         return 2
-    if not args.headless and not (args.add and _folder_taken(engine)):
-        return run_window(engine, args.add, args.geometry)  # with --add and a main already running: add to it, as headless
-    added_ok = add_files(engine, args.add)
-    if not added_ok or (args.add and _already_running(engine)):
+    edits = bool(args.add or args.remove or args.rename)
+    if not args.headless and not (edits and _folder_taken(engine)):
+        if args.remove or args.rename:
+            edit_catalog(engine, args.remove, args.rename)
+        return run_window(engine, args.add, args.geometry)  # with edits and a main already running: as headless
+    added_ok = add_files(engine, args.add) and edit_catalog(engine, args.remove, args.rename)
+    if not added_ok or (edits and _already_running(engine)):
         engine.catalog.close()
         return 0 if added_ok else 1
     face = web_face_for(engine, engine.config)
@@ -123,7 +156,7 @@ def _already_running(engine: MainServer) -> bool:
     """True (and says so) if another main server holds this data folder: it will share the files."""
     if not _folder_taken(engine):
         return False
-    print("the main server already running on this data folder now shares them", flush=True)
+    print("the main server already running on this data folder now serves these changes", flush=True)
     return True
 
 

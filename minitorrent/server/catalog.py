@@ -33,11 +33,13 @@ from database import FileRecord, ServerStore
 from error_handler import CatalogError
 from integrity import Manifest, build_manifest
 from minitorrent.common.fs import ChunkLocation, fsync_dir
+from minitorrent.server.folders import scan_folder
 from minitorrent.wire.protocol import (
     ErrorCode,
     ProtocolError,
     RequestFailed,
     check_file_name,
+    folder_of,
 )
 
 log = logging.getLogger(__name__)
@@ -70,14 +72,15 @@ class Catalog:
 
     # Adding and removing ----------------------------------------------------------
 
-    def add_file(self, path: str | os.PathLike, on_progress: Callable[[int], None] | None = None) -> AddResult:
-        """Import the file at ``path`` under its base name (see the module rules).
+    def add_file(self, path: str | os.PathLike, on_progress: Callable[[int], None] | None = None,
+                 name: str | None = None) -> AddResult:
+        """Import the file at ``path`` under ``name`` (default: its base name; see the module rules).
 
         Raises ``CatalogError`` if it is not a readable regular file or its
         name is unsafe. ``on_progress(nbytes)`` is called as bytes are copied.
         """
         source = Path(path)
-        name = _catalog_name(source)
+        name = _catalog_name(source.name if name is None else name)
         if not source.exists():
             raise CatalogError(f"{source}: no such file")
         if not source.is_file():
@@ -96,7 +99,7 @@ class Catalog:
         Follows the same naming rule as ``add_file``.
         """
         with self._lock:
-            return self._catalog(_catalog_name(Path(name)), manifest)
+            return self._catalog(_catalog_name(name), manifest)
 
     def put_replica(self, name: str, manifest: Manifest, added_at: float) -> None:
         """Make ``name`` mean ``manifest`` exactly as the main says; its blob must be stored.
@@ -130,6 +133,62 @@ class Catalog:
                 return False
         log.info("removed %s", name)
         return True
+
+    def add_folder(self, path: str | os.PathLike,
+                   on_progress: Callable[[int], None] | None = None) -> tuple[list[AddResult], list[str]]:
+        """Import every file under the folder ``path`` under its relative name (see folders.py).
+
+        Returns the results and one warning per file skipped or refused; a
+        bad file never stops the rest of the tree.
+        """
+        source = Path(path)
+        if not source.is_dir():
+            raise CatalogError(f"{source}: not a folder")
+        scan = scan_folder(source)
+        results, warnings = [], list(scan.skipped)
+        for file, name in scan.files:
+            try:
+                results.append(self.add_file(file, on_progress, name))
+            except CatalogError as error:
+                warnings.append(str(error))
+        for warning in warnings:
+            log.warning("%s", warning)
+        return results, warnings
+
+    def names_at(self, path: str) -> list[str]:
+        """The names ``path`` means: a file's own, or every name in the folder ``path`` (with or without ``/``)."""
+        folder = path if path.endswith("/") else path + "/"
+        exact = [] if path.endswith("/") else [path] if self.db.get_file(path) is not None else []
+        return exact or self.db.names_under(folder)
+
+    def remove_path(self, path: str) -> int:
+        """Stop sharing a file or a whole folder; how many files went."""
+        return sum(1 for name in self.names_at(path) if self.remove_file(name))
+
+    def rename_path(self, old: str, new: str) -> int:
+        """Rename a file, or a folder and everything in it, at once; how many names changed.
+
+        Raises ``CatalogError`` if nothing is at ``old``, a new name is unsafe
+        or taken, or a folder would move inside itself. Clients see the new
+        names at once; the replicator sends them to the backup.
+        """
+        old, new = old.rstrip("/"), new.rstrip("/")
+        _catalog_name(new)
+        if new == old or new.startswith(old + "/"):
+            raise CatalogError(f"cannot rename {old} to {new}: the same place or inside itself")
+        with self._lock:
+            names = self.names_at(old)
+            if not names:
+                raise CatalogError(f"{old}: no such file or folder in the catalog")
+            renames = [(name, new + name[len(old):]) for name in names]
+            for _, renamed in renames:
+                _catalog_name(renamed)
+                if self.db.get_file(renamed) is not None or self.db.names_under(renamed + "/"):
+                    raise CatalogError(f"cannot rename {old} to {new}: {renamed} is already shared")
+                self._refuse_file_as_folder(renamed)
+            self.db.rename_files(renames)
+        log.info("renamed %s to %s (%d files)", old, new, len(renames))
+        return len(renames)
 
     def _forget(self, name: str, sha256: str) -> bool:
         """Drop ``name`` and, unless another name shares them, its bytes. Caller holds _lock."""
@@ -166,9 +225,13 @@ class Catalog:
             raise CatalogError(f"{source}: cannot import: {error.strerror or error}") from error
 
     def _catalog(self, name: str, manifest: Manifest) -> AddResult:
+        self._refuse_file_as_folder(name)
         candidate = name
         for attempt in range(2, 10_000):
             existing = self.db.get_file(candidate)
+            if existing is None and self.db.names_under(candidate + "/"):
+                candidate = numbered_name(name, attempt)  # a folder has that name: the file takes the next
+                continue
             if existing is None:
                 record = self.db.add_file(candidate, manifest, added_at=time.time())
                 outcome = "added" if candidate == name else "renamed"
@@ -181,6 +244,14 @@ class Catalog:
                 return AddResult(existing, "unchanged")
             candidate = numbered_name(name, attempt)
         raise CatalogError(f"{name}: too many different files share this name")
+
+    def _refuse_file_as_folder(self, name: str) -> None:
+        """A file already shared as ``photos`` cannot also be the folder of ``photos/x``: no disk holds both."""
+        parts = name.split("/")
+        for depth in range(1, len(parts)):
+            folder = "/".join(parts[:depth])
+            if self.db.get_file(folder) is not None:
+                raise CatalogError(f"{name}: {folder} is a shared file, so it cannot also be a folder")
 
     def _blob(self, sha256: str) -> Path:
         return self.store_dir / sha256
@@ -235,16 +306,17 @@ class Catalog:
 
 
 def numbered_name(name: str, number: int) -> str:
-    """``"report.pdf", 2`` -> ``"report (2).pdf"``; the suffix stays at the end."""
-    stem, dot, suffix = name.rpartition(".")
+    """``"report.pdf", 2`` -> ``"report (2).pdf"``; the suffix stays at the end (of the last component)."""
+    folder = folder_of(name)
+    stem, dot, suffix = name[len(folder):].rpartition(".")
     if not stem:  # no dot, or a dot-file such as ".bashrc"
         return f"{name} ({number})"
-    return f"{stem} ({number}){dot}{suffix}"
+    return f"{folder}{stem} ({number}){dot}{suffix}"
 
 
-def _catalog_name(source: Path) -> str:
+def _catalog_name(name: str) -> str:
     try:
-        return check_file_name(source.name)
+        return check_file_name(name)
     except ProtocolError as error:
         raise CatalogError(str(error)) from error
 

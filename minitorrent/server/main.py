@@ -55,11 +55,31 @@ class MainServer(ServerEngine):
         self._changed()
         return result
 
+    def add_folder(self, path: str | Path,
+                   on_progress: Callable[[int], None] | None = None) -> tuple[list[AddResult], list[str]]:
+        """Import a whole folder tree (see ``Catalog.add_folder``): (results, warnings)."""
+        try:
+            return self.catalog.add_folder(path, on_progress)
+        finally:
+            self._changed()
+
     def remove_file(self, name: str) -> bool:
         """Stop sharing ``name``; True if it was shared."""
         removed = self.catalog.remove_file(name)
         self._changed()
         return removed
+
+    def remove_path(self, path: str) -> int:
+        """Stop sharing a file or a whole folder; how many files went (replicated to the backup)."""
+        removed = self.catalog.remove_path(path)
+        self._changed()
+        return removed
+
+    def rename_path(self, old: str, new: str) -> int:
+        """Rename a file or a folder; how many names changed (replicated to the backup)."""
+        renamed = self.catalog.rename_path(old, new)
+        self._changed()
+        return renamed
 
     def _changed(self) -> None:
         if self.replicator:

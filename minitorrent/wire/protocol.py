@@ -45,6 +45,8 @@ MAX_CHUNK_BYTES = 16 * 1024 * 1024  # the largest transfer.chunk_size the config
 MAX_MANIFEST_CHUNKS = 4 * 1024 * 1024  # 4 TiB at 1 MiB chunks
 MAX_PAYLOAD_BYTES = max(MAX_CHUNK_BYTES, 32 * MAX_MANIFEST_CHUNKS)  # 128 MiB
 MAX_NAME_BYTES = 255  # what ext4 and most file systems allow for one name
+MAX_PATH_BYTES = 1024  # a relative path: well under Linux's PATH_MAX (4096) once an output folder is prefixed
+MAX_PATH_DEPTH = 64  # folders in one relative path: deep trees, but not a denial of service
 MAX_LIST_ENTRIES = 200  # entries per listing page at most; fit_list_page also keeps it under the header limit
 MAX_LIST_PAGE_BYTES = MAX_HEADER_BYTES - 4096  # room for the rest of the header
 MAX_STATUS_FILES = 100  # per-file download counts in a status reply (the most downloaded)
@@ -102,32 +104,64 @@ class RemoteProtocolError(ProtocolError):
 
 
 def check_file_name(name: object) -> str:
-    """Return ``name`` if it is safe to use as one file name, else raise.
+    """Return ``name`` if it is safe as a shared file's relative path, else raise.
 
-    A name crosses the network and becomes a path on disk, so it must be a
-    single component: no ``/`` or ``\\``, no NUL or other control character,
-    not ``.`` or ``..``, not empty, at most 255 UTF-8 bytes. Spaces, accents,
-    emoji, ``|`` and ``:`` are all fine. Raises ``RemoteProtocolError`` with
-    code ``BAD_NAME`` (a ``MiniTorrentError``).
+    A name crosses the network and becomes a path under the receiver's output
+    folder, so it is one or more components joined by ``/`` (``photos/2024/
+    beach.jpg``), each of which must be safe on its own (``check_component``):
+    no absolute path, no empty component (``a//b``, a trailing ``/``), no
+    ``.`` or ``..``, no ``\\``. At most ``MAX_PATH_DEPTH`` components and
+    ``MAX_PATH_BYTES`` UTF-8 bytes in all. Spaces, accents, emoji, ``|`` and
+    ``:`` are all fine. Raises ``RemoteProtocolError`` with code ``BAD_NAME``
+    (a ``MiniTorrentError``). The one place these rules live: the catalog,
+    the replica and the downloading client all call it.
     """
-    def refuse(why: str) -> typing.NoReturn:
-        raise RemoteProtocolError(f"bad file name {name!r}: {why}", ErrorCode.BAD_NAME, True)
-
     if not isinstance(name, str):
-        refuse("not a string")
-    if name in ("", ".", ".."):
-        refuse("empty or a directory reference")
-    if "/" in name or "\\" in name:
-        refuse("contains a path separator")
-    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in name):
-        refuse("contains a control character")
-    try:
-        encoded = name.encode("utf-8")
-    except UnicodeEncodeError:
-        refuse("not valid Unicode")
-    if len(encoded) > MAX_NAME_BYTES:
-        refuse(f"longer than {MAX_NAME_BYTES} bytes")
+        _refuse_name(name, "not a string")
+    if name.startswith("/"):
+        _refuse_name(name, "an absolute path")
+    components = name.split("/")
+    if len(components) > MAX_PATH_DEPTH:
+        _refuse_name(name, f"deeper than {MAX_PATH_DEPTH} folders")
+    for component in components:
+        check_component(component, name)
+    if len(name.encode("utf-8")) > MAX_PATH_BYTES:
+        _refuse_name(name, f"longer than {MAX_PATH_BYTES} bytes")
     return name
+
+
+def check_component(component: object, whole: object = None) -> str:
+    """Return ``component`` if it is safe as one file or folder name, else raise (``BAD_NAME``).
+
+    No ``/`` or ``\\``, no NUL or other control character, not ``.`` or
+    ``..``, not empty, at most ``MAX_NAME_BYTES`` UTF-8 bytes.
+    """
+    name = component if whole is None else whole
+    if not isinstance(component, str):
+        _refuse_name(name, "not a string")
+    if component in ("", ".", ".."):
+        _refuse_name(name, "an empty name or a directory reference")
+    if "/" in component or "\\" in component:
+        _refuse_name(name, "contains a path separator")
+    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in component):
+        _refuse_name(name, "contains a control character")
+    try:
+        encoded = component.encode("utf-8")
+    except UnicodeEncodeError:
+        _refuse_name(name, "not valid Unicode")
+    if len(encoded) > MAX_NAME_BYTES:
+        _refuse_name(name, f"a component longer than {MAX_NAME_BYTES} bytes")
+    return component
+
+
+def _refuse_name(name: object, why: str) -> typing.NoReturn:
+    raise RemoteProtocolError(f"bad file name {name!r}: {why}", ErrorCode.BAD_NAME, True)
+
+
+def folder_of(name: str) -> str:
+    """``"photos/2024/beach.jpg"`` -> ``"photos/2024/"``; ``""`` for a name at the top."""
+    head, slash, _ = name.rpartition("/")
+    return head + slash
 
 
 # --------------------------------------------------------------------------

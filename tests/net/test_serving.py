@@ -532,7 +532,8 @@ class TestChunkRequests:
     BAD_NAMES = {
         "parent": "../" + FILE_NAME,
         "parent of store": "../catalog.db",
-        "slash": "a/b",
+        "empty component": "a//b",
+        "parent inside a path": "a/../../" + FILE_NAME,
         "backslash": "..\\x",
         "nul": FILE_NAME + "\x00",
         "absolute": "/etc/passwd",

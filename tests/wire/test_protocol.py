@@ -14,6 +14,7 @@ from minitorrent.wire.protocol import (
     MAX_CHUNK_BYTES,
     MAX_HEADER_BYTES,
     MAX_NAME_BYTES,
+    MAX_PATH_DEPTH,
     MAX_PAYLOAD_BYTES,
     PREFIX,
     PREFIX_BYTES,
@@ -363,7 +364,16 @@ class TestRecoverableErrors:
 class TestFileNames:
     REFUSED = {
         "parent": "../x",
-        "slash": "a/b",
+        "empty component": "a//b",
+        "trailing slash": "a/",
+        "parent inside": "a/../b",
+        "dot inside": "a/./b",
+        "parent at end": "a/..",
+        "nul in folder": "a\x00/b",
+        "control in folder": "a\nb/c",
+        "256-byte folder": "a" * 256 + "/b",
+        "too deep": "/".join(["d"] * (MAX_PATH_DEPTH + 1)),
+        "path too long": "/".join(["d" * 200] * 6),
         "backslash": "a\\b",
         "nul": "a\x00b",
         "absolute": "/etc/passwd",
@@ -391,11 +401,15 @@ class TestFileNames:
         "three dots": "...",
         "255 bytes": "a" * MAX_NAME_BYTES,
         "cjk": "文件.txt",
+        "relative path": "a/b",
+        "nested path": "photos/2024/beach.jpg",
+        "dot folder": ".config/x",
+        "deepest allowed": "/".join(["d"] * MAX_PATH_DEPTH),
     }
 
     @pytest.mark.parametrize("name", REFUSED.values(), ids=REFUSED.keys())
     def test_unsafe_name_refused(self, name):
-        """check_file_name refuses anything that is not one safe path component, with BAD_NAME."""
+        """check_file_name refuses anything that is not a safe relative path of safe components, with BAD_NAME."""
         with pytest.raises(RemoteProtocolError) as caught:
             check_file_name(name)
         assert (ErrorCode.BAD_NAME, True) == (caught.value.code, caught.value.recoverable)
