@@ -1,0 +1,165 @@
+"""Folders end to end over real sockets: shared whole, listed, downloaded with structure and checks."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from conftest import make_config, make_file
+
+from error_handler import DownloadError
+from integrity import sha256_file
+from minitorrent.client.engine import ClientEngine
+from minitorrent.client.folders import STAGING, FolderSummary, summarize_folders
+from minitorrent.client.progress import Progress
+
+CHUNK = 64 * 1024
+
+
+def engine_for(tmp_path: Path, server, **kw) -> ClientEngine:
+    host, port = server.server.address
+    return ClientEngine(make_config(tmp_path / "cli", {"server": {"main": {"host": host, "port": port}}}), **kw)
+
+
+def tree(root: Path) -> dict[str, str]:
+    """relative path -> sha256 of every file under ``root`` (staging excluded)."""
+    return {p.relative_to(root).as_posix(): sha256_file(p) for p in root.rglob("*")
+            if p.is_file() and STAGING not in p.parts}
+
+
+@pytest.fixture
+def photos(tmp_path) -> Path:
+    """A small tree: nested folders, a multi-chunk file, an empty file, an empty folder, duplicated content."""
+    root = tmp_path / "src" / "photos"
+    make_file(root / "2024" / "beach.jpg", 3000, seed=1)
+    make_file(root / "2024" / "summer" / "big.raw", 3 * CHUNK + 5, seed=2)
+    make_file(root / "notes.txt", 0)
+    make_file(root / "copy of beach.jpg", 3000, seed=1)
+    make_file(root / "Case.txt", 10, seed=3)
+    make_file(root / "case.txt", 11, seed=4)
+    (root / "empty folder").mkdir()
+    return root
+
+
+class TestFolderDownload:
+    def test_structure_and_content_preserved(self, tmp_path, server_factory, photos):
+        """get photos/ recreates every file at its relative path, byte-exact, with no staging left."""
+        server = server_factory({"transfer": {"chunk_size": CHUNK}})
+        server.add_folder(photos)
+        engine = engine_for(tmp_path, server)
+        try:
+            result = engine.download_folder("photos/", tmp_path / "out")
+        finally:
+            engine.close()
+        assert tree(photos.parent) == tree(tmp_path / "out")
+        assert (6, 6, []) == (result.files, result.downloaded, result.failed)
+        assert not (tmp_path / "out" / STAGING).exists()
+
+    def test_second_run_finds_everything_present(self, tmp_path, server_factory, photos):
+        """Running the same folder download again fetches nothing and counts every file as present."""
+        server = server_factory({"transfer": {"chunk_size": CHUNK}})
+        server.add_folder(photos)
+        engine = engine_for(tmp_path, server)
+        try:
+            engine.download_folder("photos", tmp_path / "out")
+            again = engine.download_folder("photos/", tmp_path / "out")
+        finally:
+            engine.close()
+        assert (0, 6, 0) == (again.downloaded, again.present, again.fetched_bytes)
+
+    def test_staged_file_from_a_crash_is_reused_and_a_damaged_one_refetched(self, tmp_path, server_factory, photos):
+        """A staged file that still hashes to its name is installed without a fetch; a damaged one is fetched again."""
+        server = server_factory({"transfer": {"chunk_size": CHUNK}})
+        server.add_folder(photos)
+        staging = tmp_path / "out" / STAGING
+        staging.mkdir(parents=True)
+        good = sha256_file(photos / "Case.txt")
+        os.link(photos / "Case.txt", staging / good)
+        damaged = sha256_file(photos / "case.txt")
+        (staging / damaged).write_bytes(b"not the content")
+        engine = engine_for(tmp_path, server)
+        try:
+            result = engine.download_folder("photos/", tmp_path / "out")
+        finally:
+            engine.close()
+        assert tree(photos.parent) == tree(tmp_path / "out")
+        assert 3000 + 11 + 3 * CHUNK + 5 == result.fetched_bytes  # Case.txt (10 bytes) came from staging
+
+    def test_existing_different_file_is_not_overwritten(self, tmp_path, server_factory, photos):
+        """A file already at a final name with other content is reported and kept; the rest arrive."""
+        server = server_factory({"transfer": {"chunk_size": CHUNK}})
+        server.add_folder(photos)
+        mine = tmp_path / "out" / "photos" / "notes.txt"
+        mine.parent.mkdir(parents=True)
+        mine.write_bytes(b"my own notes")
+        engine = engine_for(tmp_path, server)
+        try:
+            result = engine.download_folder("photos/", tmp_path / "out")
+        finally:
+            engine.close()
+        assert b"my own notes" == mine.read_bytes()
+        assert (5, 1) == (result.downloaded, len(result.failed))
+
+    def test_one_progress_for_the_folder_reaching_all_files(self, tmp_path, server_factory, photos):
+        """The folder's own progress ends at every file done; the multi-chunk file reports its own too."""
+        server = server_factory({"transfer": {"chunk_size": CHUNK}})
+        server.add_folder(photos)
+        seen: list[Progress] = []
+        engine = engine_for(tmp_path, server, on_progress=seen.append)
+        try:
+            engine.download_folder("photos/", tmp_path / "out")
+        finally:
+            engine.close()
+        folder = [p for p in seen if p.name == "photos/"]
+        assert (6, 6) == (folder[-1].chunks_done, folder[-1].chunks_total)
+        assert {"photos/", "photos/2024/summer/big.raw"} == {p.name for p in seen}
+
+    def test_unknown_folder_fails_with_one_line(self, tmp_path, server_factory, photos):
+        """A folder the server does not share is a DownloadError naming it."""
+        server = server_factory()
+        server.add_folder(photos)
+        engine = engine_for(tmp_path, server)
+        try:
+            with pytest.raises(DownloadError) as caught:
+                engine.download_folder("videos/", tmp_path / "out")
+        finally:
+            engine.close()
+        assert "videos/: no such folder on the server" == str(caught.value)
+
+    def test_deep_tree(self, tmp_path, server_factory):
+        """A file 40 folders deep is shared and downloaded at the same depth."""
+        deep = tmp_path / "src" / "deep"
+        leaf = deep.joinpath(*[f"d{i}" for i in range(40)]) / "leaf.txt"
+        make_file(leaf, 100, seed=9)
+        server = server_factory()
+        server.add_folder(deep)
+        engine = engine_for(tmp_path, server)
+        try:
+            engine.download_folder("deep/", tmp_path / "out")
+        finally:
+            engine.close()
+        assert tree(deep.parent) == tree(tmp_path / "out")
+
+
+class TestDestinationStaysInside:
+    def test_link_inside_the_output_folder_is_not_followed_out(self, tmp_path, server_factory, photos):
+        """If the output folder holds photos -> elsewhere, nothing is written through the link."""
+        server = server_factory()
+        server.add_folder(photos)
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        (tmp_path / "out").mkdir()
+        (tmp_path / "out" / "photos").symlink_to(elsewhere)
+        engine = engine_for(tmp_path, server)
+        try:
+            result = engine.download_folder("photos/", tmp_path / "out")
+        finally:
+            engine.close()
+        assert ([], 6) == (list(elsewhere.iterdir()), len(result.failed))
+
+
+class TestSummarizeFolders:
+    def test_every_depth_counted(self):
+        """Each folder counts the files and bytes under it at any depth."""
+        entries = [{"name": "a/b/c.txt", "size": 5}, {"name": "a/d.txt", "size": 7}, {"name": "top.txt", "size": 1}]
+        assert [FolderSummary("a/", 2, 12), FolderSummary("a/b/", 1, 5)] == summarize_folders(entries)
