@@ -163,3 +163,24 @@ class TestSummarizeFolders:
         """Each folder counts the files and bytes under it at any depth."""
         entries = [{"name": "a/b/c.txt", "size": 5}, {"name": "a/d.txt", "size": 7}, {"name": "top.txt", "size": 1}]
         assert [FolderSummary("a/", 2, 12), FolderSummary("a/b/", 1, 5)] == summarize_folders(entries)
+
+
+class TestLyingServer:
+    HOSTILE = ["photos/../../escape.txt", "photos//x.txt", "photos/a\x00b.txt", "photos/./x.txt",
+               "photos/" + "n" * 300 + ".txt", "photos/a\nb.txt", "photos/..", "photos/sub/../../../escape2.txt"]
+
+    def test_hostile_names_in_a_listing_never_reach_disk(self, tmp_path, server_factory, photos):
+        """Names a server should never send (.., empty, NUL, control, over-long) are refused; good files still arrive."""
+        server = server_factory()
+        server.add_folder(photos)
+        record = server.catalog.db.get_file("photos/Case.txt")
+        manifest = server.catalog.db.get_manifest(record.name)
+        for name in self.HOSTILE:  # the lying server's own database, written behind its catalog's checks
+            server.catalog.db.add_file(name, manifest)
+        engine = engine_for(tmp_path, server)
+        try:
+            result = engine.download_folder("photos/", tmp_path / "out")
+        finally:
+            engine.close()
+        written = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if "escape" in p.name)
+        assert ([], len(self.HOSTILE), 6) == (written, len(result.failed), result.downloaded)
