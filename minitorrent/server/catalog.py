@@ -32,7 +32,7 @@ from typing import Callable
 from database import FileRecord, ServerStore
 from error_handler import CatalogError
 from integrity import Manifest, build_manifest
-from minitorrent.common.fs import ChunkLocation, fsync_dir
+from minitorrent.common.fs import ChunkLocation, fsync_dir, sync_filesystem
 from minitorrent.server.folders import scan_folder
 from minitorrent.wire.protocol import (
     ErrorCode,
@@ -43,6 +43,8 @@ from minitorrent.wire.protocol import (
 )
 
 log = logging.getLogger(__name__)
+
+IMPORT_BATCH = 1000  # files of a folder imported per flush: bounds the temp copies a failure leaves to clean
 
 
 @dataclass(frozen=True)
@@ -145,15 +147,44 @@ class Catalog:
         if not source.is_dir():
             raise CatalogError(f"{source}: not a folder")
         scan = scan_folder(source)
-        results, warnings = [], list(scan.skipped)
-        for file, name in scan.files:
-            try:
-                results.append(self.add_file(file, on_progress, name))
-            except CatalogError as error:
-                warnings.append(str(error))
+        results: list[AddResult] = []
+        warnings = list(scan.skipped)
+        for start in range(0, len(scan.files), IMPORT_BATCH):
+            self._import_batch(scan.files[start:start + IMPORT_BATCH], on_progress, results, warnings)
         for warning in warnings:
             log.warning("%s", warning)
         return results, warnings
+
+    def _import_batch(self, batch: list[tuple[Path, str]], on_progress: Callable[[int], None] | None,
+                      results: list[AddResult], warnings: list[str]) -> None:
+        """``add_file`` for many files, with one flush of the copies and one of the store folder.
+
+        The order that loses nothing is kept: every copy is durable before any
+        is renamed into the store, and every rename before any catalog row.
+        """
+        copied = []
+        for file, name in batch:
+            try:
+                copied.append((file, name, *self._copy_to_temp(file, on_progress, durable=False)))
+            except CatalogError as error:
+                warnings.append(str(error))
+        if not copied:
+            return
+        sync_filesystem(self.store_dir)
+        with self._lock:
+            placed = []
+            for file, name, manifest, temp in copied:
+                try:
+                    self._place_blob(file, temp, manifest, durable=False)
+                    placed.append((name, manifest))
+                except CatalogError as error:
+                    warnings.append(str(error))
+            fsync_dir(self.store_dir)
+            for name, manifest in placed:
+                try:
+                    results.append(self._catalog(name, manifest))
+                except CatalogError as error:
+                    warnings.append(str(error))
 
     def names_at(self, path: str) -> list[str]:
         """The names ``path`` means: a file's own, or every name in the folder ``path`` (with or without ``/``)."""
@@ -198,28 +229,37 @@ class Catalog:
             self._blob(sha256).unlink(missing_ok=True)
         return True
 
-    def _copy_to_temp(self, source: Path, on_progress: Callable[[int], None] | None) -> tuple[Manifest, Path]:
-        """Copy ``source`` to a temp file in the store while hashing it; (manifest, temp path)."""
+    def _copy_to_temp(self, source: Path, on_progress: Callable[[int], None] | None,
+                      durable: bool = True) -> tuple[Manifest, Path]:
+        """Copy ``source`` to a temp file in the store while hashing it; (manifest, temp path).
+
+        ``durable=False`` leaves the flush to the caller (one for a whole batch).
+        """
         temp = self.store_dir / f".incoming-{uuid.uuid4().hex}"
         try:
             with open(source, "rb") as reader, open(temp, "wb") as writer:
                 manifest = build_manifest(reader, self.chunk_size, copy_to=writer, on_progress=on_progress)
                 writer.flush()
-                os.fsync(writer.fileno())
+                if durable:
+                    os.fsync(writer.fileno())
         except OSError as error:
             temp.unlink(missing_ok=True)
             raise CatalogError(f"{source}: cannot import: {error.strerror or error}") from error
         return manifest, temp
 
-    def _place_blob(self, source: Path, temp: Path, manifest: Manifest) -> None:
-        """Rename ``temp`` to its blob, or drop it if those bytes are stored already. Caller holds _lock."""
+    def _place_blob(self, source: Path, temp: Path, manifest: Manifest, durable: bool = True) -> None:
+        """Rename ``temp`` to its blob, or drop it if those bytes are stored already. Caller holds _lock.
+
+        ``durable=False`` leaves the store folder's fsync to the caller.
+        """
         try:
             blob = self._blob(manifest.sha256)
             if self.has_blob(manifest.sha256, manifest.size):
                 temp.unlink()  # the same bytes are already stored under another name
             else:
                 os.replace(temp, blob)
-                fsync_dir(self.store_dir)
+                if durable:
+                    fsync_dir(self.store_dir)
         except OSError as error:
             temp.unlink(missing_ok=True)
             raise CatalogError(f"{source}: cannot import: {error.strerror or error}") from error
