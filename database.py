@@ -659,16 +659,23 @@ class PartialStore(SQLiteStore):
 
     def begin_partial(self, dest_path: str, name: str, manifest: Manifest, part_path: str,
                       part_identity: str, started_at: float | None = None) -> PartialState:
-        """Record a new part file for ``dest_path``, nothing verified; any earlier record for it goes."""
+        """Record a new part file for ``dest_path``, nothing verified.
+
+        Raises ``CatalogError`` if a partial file is already recorded for
+        ``dest_path``: the caller (or another process receiving the same file)
+        must finish or abandon that one by its id first, never clobber it.
+        """
         started_at = time.time() if started_at is None else started_at
-        with self._transaction() as connection:
-            connection.execute("DELETE FROM partials WHERE dest_path = ?", (dest_path,))
-            cursor = connection.execute(
-                "INSERT INTO partials (dest_path, name, size, chunk_size, sha256, chunk_digests,"
-                " started_at, part_path, part_identity) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (dest_path, name, manifest.size, manifest.chunk_size, manifest.sha256,
-                 manifest.chunk_digests, started_at, part_path, part_identity),
-            )
+        try:
+            with self._transaction() as connection:
+                cursor = connection.execute(
+                    "INSERT INTO partials (dest_path, name, size, chunk_size, sha256, chunk_digests,"
+                    " started_at, part_path, part_identity) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (dest_path, name, manifest.size, manifest.chunk_size, manifest.sha256,
+                     manifest.chunk_digests, started_at, part_path, part_identity),
+                )
+        except sqlite3.IntegrityError as error:  # dest_path is UNIQUE
+            raise CatalogError(f"{dest_path}: another partial file is already recorded for it") from error
         return PartialState(cursor.lastrowid, dest_path, name, manifest, set(), started_at, part_path,
                             part_identity)
 
@@ -727,10 +734,22 @@ class PartialStore(SQLiteStore):
             if connection.execute("DELETE FROM partials WHERE id = ?", (partial_id,)).rowcount == 0:
                 raise CatalogError(f"no partial file in progress with id {partial_id}")
 
-    def abandon_partial(self, dest_path: str) -> None:
-        """Forget the partial file for ``dest_path`` and its verified chunks, if any."""
+    def abandon_partial(self, partial_id: int) -> bool:
+        """Forget that partial file and its verified chunks; False if it was no longer recorded.
+
+        By id, not by destination: a record another process has made since for
+        the same destination is not ours to drop.
+        """
         with self._transaction() as connection:
-            connection.execute("DELETE FROM partials WHERE dest_path = ?", (dest_path,))
+            return connection.execute("DELETE FROM partials WHERE id = ?", (partial_id,)).rowcount > 0
+
+    def partials_named(self, name: str) -> list[PartialState]:
+        """The partial files recorded under ``name`` (the name given when each began), with their chunks."""
+        with self._transaction("DEFERRED") as connection:
+            rows = connection.execute(
+                f"SELECT {_PARTIAL_COLUMNS} FROM partials WHERE name = ? ORDER BY id", (name,)
+            ).fetchall()
+            return [_partial_state(row, self._verified(connection, row[0])) for row in rows]
 
     def in_progress(self) -> list[PartialState]:
         """Every unfinished partial file, oldest first, with its verified chunks."""

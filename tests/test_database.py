@@ -292,16 +292,30 @@ class TestPartialRecords:
         assert (state.id, {0, 2}) == (again.id, again.verified)
         assert None is client.partial_for("/dl/other.txt")
 
-    def test_beginning_again_replaces_the_record(self, client, manifest_a):
-        """A new part file for the same destination drops the old record and its verified chunks."""
+    def test_beginning_again_is_refused_and_the_record_kept(self, client, manifest_a):
+        """A second part file for a destination already recorded is refused: the first record and its chunks stay."""
         state = begin(client, manifest_a)
         client.mark_verified(state.id, [0, 1])
         manifest_b = manifest_of(b"version two of the file!", chunk_size=5)
-        fresh = begin(client, manifest_b)
-        assert (set(), manifest_b) == (fresh.verified, fresh.manifest)
-        assert [fresh] == client.in_progress()
-        with pytest.raises(CatalogError):
-            client.mark_verified(state.id, [0])
+        with pytest.raises(CatalogError, match="already recorded"):
+            begin(client, manifest_b)
+        assert [(state.id, manifest_a, {0, 1})] == [(s.id, s.manifest, s.verified) for s in client.in_progress()]
+
+    def test_abandon_is_by_id(self, client, manifest_a):
+        """Abandoning a record that is gone does not touch the newer record for the same destination."""
+        old = begin(client, manifest_a)
+        client.abandon_partial(old.id)
+        fresh = begin(client, manifest_a)
+        client.mark_verified(fresh.id, [2])
+        client.abandon_partial(old.id)
+        assert [(fresh.id, {2})] == [(s.id, s.verified) for s in client.in_progress()]
+
+    def test_partials_named(self, client, manifest_a):
+        """The records begun under a name come back, with their chunks; other names do not."""
+        state = begin(client, manifest_a)
+        client.mark_verified(state.id, [1])
+        begin(client, manifest_a, "/dl/g.txt")
+        assert [("/dl/f.txt", {1})] == [(s.dest_path, s.verified) for s in client.partials_named("f.txt")]
 
     def test_mark_out_of_range_refused(self, client, manifest_a):
         """Marking a chunk the file does not have is a ValueError and marks nothing."""
@@ -344,7 +358,7 @@ class TestPartialRecords:
         """Abandoning a partial file deletes its verified chunks with it."""
         state = begin(client, manifest_a)
         client.mark_verified(state.id, [0, 1, 2])
-        client.abandon_partial("/dl/f.txt")
+        client.abandon_partial(state.id)
         connection = client._connection()
         assert ([], 0) == (
             client.in_progress(),

@@ -50,7 +50,7 @@ from error_handler import (
 from integrity import Manifest, sha256_file
 from minitorrent.client.chunkboard import ChunkBoard, Source
 from minitorrent.client.progress import Progress
-from minitorrent.common.partfile import FinalNameTaken, NoFreePartName, PartFile
+from minitorrent.common.partfile import FinalNameTaken, PartFile, PartFileRefused
 from minitorrent.net.remote import (
     MAX_RECONNECT_DELAY_S,
     ConnectionPool,
@@ -139,7 +139,7 @@ class Downloader:
             fetched, resumed = job.run()
         except OSError as error:
             raise DownloadError(f"{name}: cannot write {error.filename or final}: {error.strerror or error}") from error
-        except NoFreePartName as error:
+        except PartFileRefused as error:  # no free part name, or no room for the file
             raise DownloadError(str(error)) from error
         self._report(name, manifest)
         return DownloadResult(name, final, "downloaded", manifest.size, fetched, resumed, time.monotonic() - started,

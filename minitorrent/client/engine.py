@@ -13,7 +13,7 @@ from minitorrent.client.downloader import Downloader, DownloadResult
 from minitorrent.client.folders import FolderDownload, FolderResult
 from minitorrent.client.progress import Progress
 from minitorrent.client.seeding import Seeder
-from minitorrent.common.partfile import discard_recorded
+from minitorrent.common.partfile import discard_recorded, finish_interrupted_installs
 from minitorrent.net.remote import ServerClient
 from minitorrent.net.throttle import TokenBucket
 from minitorrent.wire import protocol
@@ -33,6 +33,7 @@ class ClientEngine:
         self.server = ServerClient(server_addresses(config), io_timeout_s=transfer.io_timeout,
                                    pool_size=transfer.pool_size, retry_deadline_s=config.client.retry_deadline)
         self.store = ClientStore(config.client.data_dir / "client.db")
+        finish_interrupted_installs(self.store)  # else a download killed while installing is listed unfinished for good
         self.download_limit = TokenBucket(transfer.download_limit)
         self.seeder = Seeder(config, self.server, self.store) if config.client.seeding else None
         self._seeding = False

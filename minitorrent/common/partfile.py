@@ -4,7 +4,9 @@ The client's downloads, the backup's replicas and the main's failback fetch
 all receive a file from the network into a partial file. They all follow
 these steps, which live here and nowhere else:
 
-1. **Create.** The part file is created with ``O_CREAT | O_EXCL`` (so it is
+1. **Create.** Only if the folder has room for the whole file (a size from
+   the network must not fill a disk, nor leave a sparse giant behind), the
+   part file is created with ``O_CREAT | O_EXCL`` (so it is
    ours: we made it) and recorded, with its identity (device and inode), in
    a ``PartialStore`` before a byte goes into it. A name already taken by a
    file we have no record of creating is never opened for writing, truncated
@@ -12,24 +14,30 @@ these steps, which live here and nowhere else:
    ``movie.bin.2.part``, ``movie.bin.3.part``...) and that file is left
    exactly as it was.
 2. **Resume.** A recorded part file is reopened only while it is still the
-   file we created (same device and inode, and the size we gave it, since
-   a deleted file's inode number may be reused at once; a symlink is never
-   followed), and every
+   file we created (a regular file with the same device and inode, and the
+   size we gave it, since a deleted file's inode number may be reused at
+   once; a symlink is never followed, a FIFO never waited on), and every
    chunk recorded as verified is hashed again from disk before it is
    trusted; those that fail are forgotten and fetched again. A record made
    for another version of the file (another manifest) is discarded with its
    part file: chunks of two versions are never mixed.
 3. **Record.** ``write_verified`` writes a chunk the caller has checked
-   against the manifest, then records it, one short SQLite transaction per
-   chunk, so a process killed at any moment loses at most the chunks it was
-   still receiving.
+   against the manifest (all of it: a short write is continued), then
+   records it, one short SQLite transaction per chunk, so a process killed
+   at any moment loses at most the chunks it was still receiving.
 4. **Install.** Once every chunk is in and the whole-file SHA-256 (hashed in
    order by a background thread as chunks arrive, so it costs no extra pass)
-   matches the manifest, the part file is fsynced, linked under the final
-   name (``os.link`` never replaces a file that is there), the folder is
-   fsynced, the record finished, and the part name removed.
+   matches the manifest, the part file is fsynced, the open file itself (not
+   whatever the part name holds by then) linked under the final name
+   (``linkat`` never replaces a file that is there), the folder fsynced, the
+   part name removed (if it still names that file) and the record finished.
+   A run killed between the link and the record is tidied by the next
+   ``open`` (or ``finish_interrupted_installs``): the final name holds the
+   recorded inode. A local read or sync error while hashing is raised as
+   such and keeps the part file: it is not taken for corruption.
 5. **Discard.** A whole-file mismatch, or a caller that cancels for good,
-   removes the part file (if it is still ours) and its record.
+   removes the part file (if it is still ours, checked right before the
+   unlink) and its record (by its id).
 
 Ordering, and why there is no fsync per chunk: a chunk's bytes are written
 (``pwrite``, into the page cache) *before* the transaction that records
@@ -43,9 +51,11 @@ fetch, never a proof; the hashes are the proof.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
+import stat
 import threading
 from pathlib import Path
 from typing import Callable, Iterator
@@ -53,17 +63,33 @@ from typing import Callable, Iterator
 from database import PartialState, PartialStore
 from error_handler import IntegrityError, MiniTorrentError
 from integrity import Manifest
-from minitorrent.common.fs import fsync_dir, read_exactly_at
+from minitorrent.common.fs import read_exactly_at
+from minitorrent.common.units import human_size
 
 log = logging.getLogger(__name__)
 
 PART_NAME_ATTEMPTS = 100  # "<name>.part", then "<name>.2.part" ... "<name>.100.part"
 SYNC_EVERY_BYTES = 64 * 1024 * 1024  # the hasher writes the part file back this often, not all at the end
 PART_FILE_MODE = 0o644
+# Opening a path we did not just create: never follow a symlink, never block on
+# a FIFO, never make a terminal our controlling one.
+_EXISTING = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
+# What opening the recorded path may fail with when nothing of ours is there:
+# gone, a symlink (O_NOFOLLOW), a socket, a folder. Anything else (EMFILE,
+# EACCES, EIO) is a local fault, raised: our own part file must not be orphaned by it.
+_NOT_OUR_FILE = frozenset({errno.ENOENT, errno.ELOOP, errno.ENXIO, errno.EISDIR})
 
 
-class NoFreePartName(MiniTorrentError):
+class PartFileRefused(MiniTorrentError):
+    """No part file can be created for this file (the reason says why)."""
+
+
+class NoFreePartName(PartFileRefused):
     """Every part name for a file is taken by files we did not create."""
+
+
+class NotEnoughSpace(PartFileRefused):
+    """The folder has less free space than the file needs; no part file was created."""
 
 
 class FinalNameTaken(MiniTorrentError):
@@ -82,45 +108,55 @@ class PartFile:
     and ``close`` in every case (after ``install`` it does nothing).
     """
 
-    def __init__(self, store: PartialStore, state: PartialState, final: Path, fd: int, resumed: set[int]) -> None:
+    def __init__(self, store: PartialStore, state: PartialState, final: Path, name: str, fd: int | None,
+                 resumed: set[int]) -> None:
         self._store = store
         self._state = state
         self.final = final
+        self.name = name  # as the opener calls the file now (for messages): the record may hold an older name
         self.path = Path(state.part_path)
         self.manifest = state.manifest
         self.resumed = frozenset(resumed)
         self._fd = fd
         self._lock = threading.Lock()
         self._verified = set(resumed)
-        self._closed = False
-        self._hasher = _InOrderHasher(fd, self.manifest, resumed)
+        self._installed = fd is None  # see open(): a killed run had installed it already
+        self._closed = self._installed
+        self._hasher = _InOrderHasher(fd, self.manifest, resumed) if fd is not None else None
 
     @classmethod
     def open(cls, store: PartialStore, final: Path, name: str, manifest: Manifest, part: Path) -> PartFile:
         """Resume the recorded part file for ``final``, or create one (first free name from ``part``).
 
-        Raises ``OSError`` when the folder cannot be written, ``NoFreePartName``
-        when every candidate name is taken by a file that is not ours.
+        If a run was killed after giving the part file its final name, its
+        bookkeeping is finished now and the result is already installed
+        (``complete``; ``install`` only calls its callback). Raises
+        ``OSError`` when the folder cannot be written, ``NoFreePartName``
+        when every candidate name is taken by a file that is not ours,
+        ``NotEnoughSpace`` when the folder cannot hold the file,
+        ``CatalogError`` when another process recorded a part file for
+        ``final`` at the same moment (its record and file are left alone).
         """
         state = store.partial_for(str(final))
         if state is not None and state.manifest != manifest:
             log.info("%s: the recorded partial file is of another version; discarding it", name)
             _discard(store, state)
             state = None
-        fd = _reopen_ours(store, state) if state is not None else None
+        if state is not None and _finish_interrupted_install(store, state, final):
+            return cls(store, state, final, name, None, set(range(manifest.chunk_count)))
+        fd = _reopen_ours(state) if state is not None else None
         if fd is None:
+            if state is not None:
+                store.abandon_partial(state.id)  # its part file is gone or no longer ours: the chunks went with it
             fd, state = _create(store, final, name, manifest, part)
         try:
+            if not state.part_identity:  # recorded by a version that kept no identity; it always made the file
+                store.set_part_identity(state.id, _identity(os.fstat(fd)))
             resumed = _recheck(store, fd, state)
         except BaseException:
             os.close(fd)
             raise
-        return cls(store, state, final, fd, resumed)
-
-    @property
-    def name(self) -> str:
-        """The file's name (as the sender calls it)."""
-        return self._state.name
+        return cls(store, state, final, name, fd, resumed)
 
     @property
     def verified(self) -> frozenset[int]:
@@ -149,7 +185,8 @@ class PartFile:
 
         Returns True if this very call made the file complete (so exactly one
         caller goes on to ``install``). Raises ``PartFileClosed`` once the
-        file was installed, discarded or closed. Any thread.
+        file was installed, discarded or closed, ``OSError`` if the chunk
+        could not be written whole (it is then not recorded). Any thread.
         """
         offset, _ = self.manifest.chunk_span(index)
         with self._lock:  # also keeps the fd open while we write: close() takes this lock
@@ -157,7 +194,7 @@ class PartFile:
                 raise PartFileClosed(f"{self.name}: no longer receiving")
             if index in self._verified:
                 return False
-            os.pwrite(self._fd, data, offset)  # first the bytes (see the module docstring) ...
+            _write_all_at(self._fd, data, offset)  # first the bytes (see the module docstring) ...
             self._store.mark_verified(self._state.id, [index])  # ... then the record that says so
             self._verified.add(index)
             made_complete = len(self._verified) == self.manifest.chunk_count
@@ -171,29 +208,39 @@ class PartFile:
         the part name is removed (a seeder switches files then). Raises
         ``IntegrityError`` when the whole-file SHA-256 differs (the part file
         is discarded), ``FinalNameTaken`` when a file appeared under the
-        final name (the part file is kept, to be installed later).
+        final name, ``OSError`` when the part file cannot be read back or
+        synced (in both cases the part file and its record are kept, to be
+        installed after the next ``open``).
         """
         with self._lock:
-            if self._closed or len(self._verified) != self.manifest.chunk_count:
+            installed = self._installed
+            if not installed and (self._closed or len(self._verified) != self.manifest.chunk_count):
                 raise PartFileClosed(f"{self.name}: not complete, or no longer receiving")
             self._closed = True  # no write may start now
-        digest = self._hasher.finish()
+        if installed:
+            if on_installed is not None:
+                on_installed(self.final)
+            return
         try:
-            os.fsync(self._fd)
+            self._prove_and_link(on_installed)
         finally:
             os.close(self._fd)
+        self._installed = True
+
+    def _prove_and_link(self, on_installed: Callable[[Path], None] | None) -> None:
+        digest = self._hasher.finish()  # a local read or sync error is raised here: the part file is kept
+        os.fsync(self._fd)
+        ours = _identity(os.fstat(self._fd))
         if digest != self.manifest.sha256:
-            _discard(self._store, self._state)
+            _remove(self._store, self._state, ours)
             raise IntegrityError(f"{self.name}: whole-file SHA-256 does not match the manifest; discarded")
-        try:
-            os.link(self.path, self.final)  # unlike rename, never replaces a file that appeared meanwhile
-        except FileExistsError as error:
-            raise FinalNameTaken(f"{self.final} appeared meanwhile; kept {self.path.name}") from error
-        fsync_dir(self.final.parent)
+        _link_durably(self._fd, self.final, self.path)
         if on_installed is not None:
             on_installed(self.final)
+        # The part name goes before the record: killed in between, open() finds the
+        # final name holding the recorded inode and finishes the bookkeeping.
+        _unlink_if(self.path, ours)
         self._store.finish_partial(self._state.id)
-        self.path.unlink()
 
     def close(self) -> None:
         """Stop receiving and keep what is verified, to resume later. Idempotent."""
@@ -205,9 +252,10 @@ class PartFile:
         os.close(self._fd)
 
     def discard(self) -> None:
-        """Stop receiving, delete the part file (it is ours) and its record."""
+        """Stop receiving, delete the part file (if it is still ours) and its record."""
         self.close()
-        _discard(self._store, self._state)
+        if not self._installed:
+            _discard(self._store, self._state)
 
 
 def discard_recorded(store: PartialStore, final: Path) -> None:
@@ -217,6 +265,15 @@ def discard_recorded(store: PartialStore, final: Path) -> None:
         _discard(store, state)
 
 
+def finish_interrupted_installs(store: PartialStore) -> int:
+    """Finish the bookkeeping of every file a killed run had already installed; how many there were.
+
+    For records whose owner may never open them again (their final file
+    exists, so the owner sees nothing to receive).
+    """
+    return sum(_finish_interrupted_install(store, state, Path(state.dest_path)) for state in store.in_progress())
+
+
 def part_names(part: Path) -> Iterator[Path]:
     """The names a part file may take: ``part`` itself, then numbered ones before its suffix."""
     yield part
@@ -224,13 +281,32 @@ def part_names(part: Path) -> Iterator[Path]:
         yield part.with_name(f"{part.stem}.{number}{part.suffix}")
 
 
-def _identity(fd: int) -> str:
-    stat = os.fstat(fd)
-    return f"{stat.st_dev}:{stat.st_ino}"
+def _identity(status: os.stat_result) -> str:
+    return f"{status.st_dev}:{status.st_ino}"
+
+
+def _write_all_at(fd: int, data: bytes | memoryview, offset: int) -> None:
+    """``pwrite`` until every byte is written (a write may be short); ``OSError`` if none can be."""
+    view = memoryview(data).cast("B")
+    while view:
+        written = os.pwrite(fd, view, offset)
+        if written == 0:
+            raise OSError(errno.EIO, f"no byte written at offset {offset}")
+        view, offset = view[written:], offset + written
+
+
+def _require_space(folder: Path, size: int, name: str) -> None:
+    """Refuse, before anything is created, a file the folder has no room for (a size comes from the network)."""
+    status = os.statvfs(folder)
+    available = status.f_bavail * status.f_frsize
+    if size > available:
+        raise NotEnoughSpace(f"{name}: needs {human_size(size)} ({size} bytes) in {folder}, "
+                             f"which has {human_size(available)} ({available} bytes) free")
 
 
 def _create(store: PartialStore, final: Path, name: str, manifest: Manifest, part: Path) -> tuple[int, PartialState]:
     """Create the first free part name with O_EXCL and record it as ours."""
+    _require_space(part.parent, manifest.size, name)
     for candidate in part_names(part):
         try:
             fd = os.open(candidate, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, PART_FILE_MODE)
@@ -241,7 +317,7 @@ def _create(store: PartialStore, final: Path, name: str, manifest: Manifest, par
                         name, part, candidate.name)
         try:
             os.ftruncate(fd, manifest.size)  # sized before it is recorded: the size is part of how we know it
-            return fd, store.begin_partial(str(final), name, manifest, str(candidate), _identity(fd))
+            return fd, store.begin_partial(str(final), name, manifest, str(candidate), _identity(os.fstat(fd)))
         except BaseException:
             os.close(fd)
             candidate.unlink()  # we created it a moment ago and recorded nothing in it
@@ -249,31 +325,57 @@ def _create(store: PartialStore, final: Path, name: str, manifest: Manifest, par
     raise NoFreePartName(f"{name}: {part} and {PART_NAME_ATTEMPTS - 1} numbered names are taken by other files")
 
 
-def _reopen_ours(store: PartialStore, state: PartialState) -> int | None:
-    """The recorded part file, opened, if it is still the one we created; None otherwise."""
+def _open_existing(path: str, flags: int) -> int | None:
+    """``path`` opened without following, blocking or a terminal; None if nothing of ours can be there."""
     try:
-        fd = os.open(state.part_path, os.O_RDWR | os.O_NOFOLLOW)
-    except OSError:  # gone, or a symlink put in its place: start afresh
-        return None
-    if not _is_ours(fd, state):
+        return os.open(path, flags | _EXISTING)
+    except OSError as error:
+        if error.errno in _NOT_OUR_FILE:
+            return None
+        raise
+
+
+def _reopen_ours(state: PartialState) -> int | None:
+    """The recorded part file, opened, if it is still the one we created; None otherwise."""
+    fd = _open_existing(state.part_path, os.O_RDWR)
+    if fd is not None and not _is_ours(fd, state):
         os.close(fd)
         log.warning("%s: %s is no longer the file we created: left untouched", state.name, state.part_path)
         return None
-    if not state.part_identity:  # recorded by a version that kept no identity; it always made the file itself
-        store.set_part_identity(state.id, _identity(fd))
     return fd
 
 
 def _is_ours(fd: int, state: PartialState) -> bool:
-    """True if ``fd`` is the part file ``state`` records: same inode, and the size we gave it.
+    """True if ``fd`` is the part file ``state`` records: a regular file, same inode, the size we gave it.
 
     The size matters because a deleted file's inode number is often handed
     to the very next file created in the folder. A version 1 record kept no
     identity; that version always sized its own part file, so the size decides.
     """
-    stat = os.fstat(fd)
-    same_inode = not state.part_identity or f"{stat.st_dev}:{stat.st_ino}" == state.part_identity
-    return same_inode and stat.st_size == state.manifest.size
+    status = os.fstat(fd)
+    same_inode = not state.part_identity or _identity(status) == state.part_identity
+    return stat.S_ISREG(status.st_mode) and same_inode and status.st_size == state.manifest.size
+
+
+def _finish_interrupted_install(store: PartialStore, state: PartialState, final: Path) -> bool:
+    """True if the final name already holds the recorded part file's inode (a run killed while installing).
+
+    Its bookkeeping is finished then: the part name removed (if it still
+    names that inode) and the record finished.
+    """
+    if not state.part_identity:
+        return False
+    try:
+        status = os.lstat(final)
+    except FileNotFoundError:
+        return False
+    if not (stat.S_ISREG(status.st_mode) and _identity(status) == state.part_identity
+            and status.st_size == state.manifest.size):
+        return False
+    log.info("%s: installed by an earlier run that stopped before tidying up; tidied now", state.name)
+    _unlink_if(Path(state.part_path), state.part_identity)
+    store.finish_partial(state.id)
+    return True
 
 
 def _recheck(store: PartialStore, fd: int, state: PartialState) -> set[int]:
@@ -292,18 +394,59 @@ def _chunk_on_disk_ok(fd: int, manifest: Manifest, index: int) -> bool:
     return read_exactly_at(fd, view, offset) and manifest.verify_chunk(index, view)
 
 
-def _discard(store: PartialStore, state: PartialState) -> None:
-    """Delete the recorded part file if it is still ours, then the record."""
+def _link_durably(fd: int, final: Path, part: Path) -> None:
+    """Give the open file ``fd`` the name ``final`` (never replacing a file there), durably.
+
+    Linked from the open file, not from the part name: whatever was renamed
+    onto the part name since it was hashed never gets the final name.
+    ``dst_dir_fd`` makes ``os.link`` call linkat with AT_SYMLINK_FOLLOW, which
+    resolves ``/proc/self/fd/N`` to the file itself.
+    """
+    folder = os.open(final.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        fd = os.open(state.part_path, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError:
-        fd = None
-    if fd is not None:
-        ours = _is_ours(fd, state)
+        try:
+            os.link(f"/proc/self/fd/{fd}", final.name, dst_dir_fd=folder)
+        except FileExistsError as error:
+            raise FinalNameTaken(f"{final} appeared meanwhile; kept {part.name}") from error
+        except FileNotFoundError as error:  # the file has no name left: linkat will not give it one
+            raise OSError(errno.ENOENT, f"{part} was deleted or replaced before it got its final name") from error
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+def _unlink_if(path: Path, identity: str) -> bool:
+    """Remove ``path`` if it names the file of that identity, compared right before the unlink."""
+    try:
+        status = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    if _identity(status) != identity:
+        log.warning("%s is no longer the file we created: left untouched", path)
+        return False
+    path.unlink()
+    return True
+
+
+def _remove(store: PartialStore, state: PartialState, identity: str) -> None:
+    """Drop the record, then (only if this call dropped it) the part file if it still has ``identity``."""
+    if store.abandon_partial(state.id):  # else another holder discarded it, and may have begun anew at that name
+        _unlink_if(Path(state.part_path), identity)
+
+
+def _discard(store: PartialStore, state: PartialState) -> None:
+    """Delete the recorded part file if it is still ours, and the record (by its id)."""
+    fd = _open_existing(state.part_path, os.O_RDONLY)
+    if fd is None:
+        store.abandon_partial(state.id)
+        return
+    try:
+        if _is_ours(fd, state):
+            _remove(store, state, _identity(os.fstat(fd)))
+        else:
+            store.abandon_partial(state.id)
+    finally:
         os.close(fd)
-        if ours:
-            Path(state.part_path).unlink(missing_ok=True)
-    store.abandon_partial(state.dest_path)
 
 
 class _InOrderHasher:
@@ -319,6 +462,7 @@ class _InOrderHasher:
         self._ready = set(ready)
         self._cond = threading.Condition()
         self._cancelled = False
+        self._error: Exception | None = None
         self._hash = hashlib.sha256()
         self._thread = threading.Thread(target=self._run, name="whole-file-hash", daemon=True)
         self._thread.start()
@@ -330,8 +474,14 @@ class _InOrderHasher:
             self._cond.notify()
 
     def finish(self) -> str:
-        """Wait for every chunk to be hashed; the whole-file SHA-256 (call once all are ready)."""
+        """Wait for every chunk to be hashed; the whole-file SHA-256 (call once all are ready).
+
+        Raises the ``OSError`` that stopped the hashing (a read or a sync of
+        the part file failed): a local fault, not a sign the bytes are wrong.
+        """
         self._thread.join()
+        if self._error is not None:
+            raise self._error
         return self._hash.hexdigest()
 
     def cancel(self) -> None:
@@ -342,6 +492,12 @@ class _InOrderHasher:
         self._thread.join()
 
     def _run(self) -> None:
+        try:
+            self._hash_in_order()
+        except Exception as error:  # kept for finish(): the thread has no one else to tell
+            self._error = error
+
+    def _hash_in_order(self) -> None:
         buffer = bytearray(self._manifest.chunk_size)
         unsynced = 0
         for index in range(self._manifest.chunk_count):
@@ -354,7 +510,7 @@ class _InOrderHasher:
             offset, length = self._manifest.chunk_span(index)
             view = memoryview(buffer)[:length]
             if not read_exactly_at(self._fd, view, offset):
-                return  # cannot happen after ftruncate; the digest then simply will not match
+                raise OSError(errno.EIO, f"the part file ends before offset {offset + length}")
             self._hash.update(view)
             unsynced += length
             if unsynced >= SYNC_EVERY_BYTES:

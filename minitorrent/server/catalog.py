@@ -123,6 +123,21 @@ class Catalog:
         blob = self._blob(sha256)
         return blob.exists() and blob.stat().st_size == size
 
+    def remove_damaged_blob(self, sha256: str, size: int) -> bool:
+        """Delete the stored bytes of that content if they are not ``size`` bytes long; True if it did.
+
+        A blob of the wrong size can only be damage (blobs are renamed or
+        linked into place whole), and it blocks installing a good copy.
+        """
+        with self._lock:
+            blob = self._blob(sha256)
+            if not blob.is_file() or self.has_blob(sha256, size):
+                return False
+            found = blob.stat().st_size
+            blob.unlink()
+        log.warning("removed the damaged stored copy of %s (%d bytes instead of %d)", sha256[:12], found, size)
+        return True
+
     def blob_path(self, sha256: str) -> Path:
         """Where the bytes of that content live in the store."""
         return self._blob(sha256)

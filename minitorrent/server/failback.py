@@ -16,8 +16,10 @@ resumes on the next attempt and never leaves a wrong blob behind.
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 from collections import deque
+from pathlib import Path
 
 from database import PartialStore
 from error_handler import IntegrityError, MiniTorrentError, RemoteError
@@ -27,11 +29,12 @@ from minitorrent.net.remote import ServerSession
 from minitorrent.server.catalog import Catalog
 from minitorrent.server.replication import PeerLink, decode_document
 from minitorrent.wire import protocol
-from minitorrent.wire.protocol import ErrorCode
+from minitorrent.wire.protocol import ErrorCode, ProtocolError, check_file_name
 
 log = logging.getLogger(__name__)
 
 FETCH_PIPELINE_DEPTH = 8  # chunk requests in flight on the peer link: enough to keep loopback and a LAN busy
+OLD_STAGING_FOLDER = "failback"  # data_dir/failback: where versions up to fb1c0ba fetched; nothing uses it now
 
 
 class FetchStopped(MiniTorrentError):
@@ -49,7 +52,7 @@ def catch_up_and_take_over(catalog: Catalog, link: PeerLink, partials: PartialSt
     """
     session = link.get()
     document = decode_document(session.call(protocol.GetInventory(), protocol.Inventory).payload)
-    for entry in document.get("files", []):
+    for entry in _inventory_files(document):
         _fetch_if_missing(catalog, session, partials, entry, cancel)
     catalog.db.merge_download_counters(document.get("counters", {}))
     try:
@@ -64,9 +67,36 @@ def catch_up_and_take_over(catalog: Catalog, link: PeerLink, partials: PartialSt
     return True
 
 
-def _fetch_if_missing(catalog: Catalog, session: ServerSession, partials: PartialStore, entry: dict,
+def remove_old_failback_staging(data_dir: Path) -> None:
+    """Delete the staging folder versions up to fb1c0ba fetched into (their own files only; nothing reads it now)."""
+    staging = Path(data_dir) / OLD_STAGING_FOLDER
+    if staging.is_dir() and not staging.is_symlink():
+        shutil.rmtree(staging)
+        log.info("removed %s, left by an earlier version's failback", staging)
+
+
+def _inventory_files(document: dict) -> list[tuple[str, str]]:
+    """(name, sha256) of each well-formed entry of the backup's inventory; a malformed one is logged and skipped."""
+    files = document.get("files", [])
+    if not isinstance(files, list):
+        log.warning("failback: the backup's inventory has no list of files; fetching nothing")
+        return []
+    wanted = []
+    for entry in files:
+        try:
+            name, sha256 = check_file_name(entry["name"]), entry["sha256"]
+            if not isinstance(sha256, str):  # only compared with ours: the manifest fetched by name is checked
+                raise TypeError(f"bad sha256 {sha256!r}")
+        except (TypeError, KeyError, ProtocolError) as error:
+            log.warning("failback: skipped a malformed inventory entry %.200r: %s", entry, error)
+            continue
+        wanted.append((name, sha256))
+    return wanted
+
+
+def _fetch_if_missing(catalog: Catalog, session: ServerSession, partials: PartialStore, entry: tuple[str, str],
                       cancel: threading.Event) -> None:
-    name, sha256 = entry["name"], entry["sha256"]
+    name, sha256 = entry
     record = catalog.db.get_file(name)
     if record is not None and record.sha256 == sha256:
         return
@@ -94,10 +124,11 @@ def fetch_file(session: ServerSession, name: str, catalog: Catalog, partials: Pa
     part = PartFile.open(partials, catalog.blob_path(manifest.sha256), name, manifest,
                          catalog.store_dir / f".failback-{manifest.sha256}")
     try:
-        _receive_missing(session, part, cancel)
+        _receive_missing(session, name, part, cancel)
         part.install()
     except FinalNameTaken:  # the blob is content-addressed: the same bytes were stored meanwhile
         if not catalog.has_blob(manifest.sha256, manifest.size):
+            catalog.remove_damaged_blob(manifest.sha256, manifest.size)  # so that the next attempt installs ours
             raise
         part.discard()
     finally:
@@ -113,21 +144,22 @@ def _manifest(session: ServerSession, name: str) -> Manifest:
         raise protocol.RemoteProtocolError(f"the backup sent a bad manifest for {name}: {error}") from error
 
 
-def _receive_missing(session: ServerSession, part: PartFile, cancel: threading.Event) -> None:
-    """Request the chunks ``part`` lacks, ``FETCH_PIPELINE_DEPTH`` in flight, and write each once verified."""
+def _receive_missing(session: ServerSession, name: str, part: PartFile, cancel: threading.Event) -> None:
+    """Request the chunks ``part`` lacks of ``name`` (as the backup calls it now), ``FETCH_PIPELINE_DEPTH``
+    in flight, and write each once verified."""
     manifest = part.manifest
     missing = deque(i for i in range(manifest.chunk_count) if not part.has(i))
     in_flight: deque[int] = deque()
     buffer = bytearray(manifest.chunk_size)
     while missing or in_flight:
         if cancel.is_set():
-            raise FetchStopped(f"{part.name}: stopped; verified chunks are kept")  # the caller drops the link
+            raise FetchStopped(f"{name}: stopped; verified chunks are kept")  # the caller drops the link
         wanted = [missing.popleft() for _ in range(min(len(missing), FETCH_PIPELINE_DEPTH - len(in_flight)))]
         if wanted:
-            session.connection.send_many([protocol.GetChunk(part.name, manifest.sha256, i) for i in wanted])
+            session.connection.send_many([protocol.GetChunk(name, manifest.sha256, i) for i in wanted])
             in_flight.extend(wanted)
         index = in_flight.popleft()
         frame = session.receive(protocol.ChunkData, buffer)
         if frame.message.index != index or not manifest.verify_chunk(index, frame.payload):
-            raise IntegrityError(f"{part.name}: chunk {index} from the backup failed SHA-256 verification")
+            raise IntegrityError(f"{name}: chunk {index} from the backup failed SHA-256 verification")
         part.write_verified(index, frame.payload)

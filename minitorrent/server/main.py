@@ -17,12 +17,16 @@ from database import PartialStore
 from error_handler import MiniTorrentError
 from minitorrent.server.catalog import AddResult
 from minitorrent.server.engine import ServerEngine
-from minitorrent.server.failback import catch_up_and_take_over
+from minitorrent.server.failback import (
+    catch_up_and_take_over,
+    remove_old_failback_staging,
+)
 from minitorrent.server.replication import (
     PEER_ERRORS,
     Heartbeater,
     PeerLink,
     Replicator,
+    open_receiving_store,
 )
 from minitorrent.server.roles import Role, RoleChanged
 from minitorrent.wire import protocol
@@ -95,6 +99,7 @@ class MainServer(ServerEngine):
         """
         address = self._listen()
         self._started_at = time.monotonic()
+        remove_old_failback_staging(self.catalog.data_dir)
         if self.replicating:
             log.info("asking the backup who is active before serving (up to %g s)",
                      self.config.server.backup.heartbeat_timeout)
@@ -175,7 +180,7 @@ class MainServer(ServerEngine):
         """Fetch what the backup gained and take the role back; retry until done or stopped."""
         config = self.config
         link = PeerLink(self.backup_address, config.server.secret, config.transfer.io_timeout, self.node)
-        partials = PartialStore(self.catalog.data_dir / "failback.db")
+        partials = open_receiving_store(self.catalog.data_dir / "failback.db", self.catalog)
         try:
             while not self.stop_event.is_set() and self.node.role is Role.STANDBY:
                 if self._try_take_over(link, partials):
@@ -190,7 +195,7 @@ class MainServer(ServerEngine):
                  self.node.highest_seen_epoch, self.node.epoch)
         try:
             handed_over = catch_up_and_take_over(self.catalog, link, partials, self.stop_event)
-        except (*PEER_ERRORS, MiniTorrentError) as error:
+        except (*PEER_ERRORS, MiniTorrentError, OSError) as error:  # OSError: our disk; the part file is kept
             link.drop()
             log.warning("failback not done yet: %s", error)
             return False

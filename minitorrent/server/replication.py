@@ -27,13 +27,15 @@ from __future__ import annotations
 
 import json
 import logging
+import stat
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
-from database import FileRecord, PartialStore
+from database import FileRecord, PartialState, PartialStore
 from error_handler import (
     AuthenticationFailed,
     ConnectionFailed,
@@ -42,7 +44,13 @@ from error_handler import (
     backoff_delays,
 )
 from integrity import Manifest
-from minitorrent.common.partfile import FinalNameTaken, PartFile, PartFileClosed
+from minitorrent.common.partfile import (
+    FinalNameTaken,
+    PartFile,
+    PartFileClosed,
+    discard_recorded,
+    finish_interrupted_installs,
+)
 from minitorrent.net.remote import ServerSession
 from minitorrent.net.serving import PeerConnection
 from minitorrent.server.catalog import Catalog
@@ -160,6 +168,11 @@ class _Lag:
     oldest_since: float | None = None
 
 
+def _names(value: object) -> set[str]:
+    """The strings of a JSON list (anything else in it, or a non-list, counts for nothing)."""
+    return {name for name in value if isinstance(name, str)} if isinstance(value, list) else set()
+
+
 class Replicator:
     """Keeps the backup's replica equal to the main's catalog. One background thread."""
 
@@ -173,6 +186,7 @@ class Replicator:
         self._lock = threading.Lock()
         self._known: dict[str, str] | None = None  # name -> sha256 the backup holds (None: ask it)
         self._known_counters: dict = {}
+        self._receiving: set[str] = set()  # names the backup has partial replicas of (its inventory says)
         self._pending_since: dict[str, float] = {}
         self._lag = _Lag()
         self._bytes_in_flight_acked = 0
@@ -253,7 +267,9 @@ class Replicator:
             self._load_inventory(session)
         records = {record.name: record for record in self.catalog.db.list_files(None)}
         missing = [r for name, r in records.items() if self._known.get(name) != r.sha256]
-        extra = [name for name in self._known if name not in records]
+        # A name the main no longer has goes from the backup, held whole or only partly received.
+        extra = sorted({name for name in self._known if name not in records}
+                       | {name for name in self._receiving if name not in records})
         self._update_lag(missing)
         for record in missing:
             if self.stop.is_set() or not self.link.node.is_active():
@@ -274,8 +290,10 @@ class Replicator:
         frame = session.call(protocol.GetInventory(), protocol.Inventory)
         document = decode_document(frame.payload)
         known = {entry["name"]: entry["sha256"] for entry in document.get("files", [])}
+        receiving = _names(document.get("receiving", []))  # absent from an older backup's inventory
         with self._lock:
             self._known = known
+            self._receiving = receiving
             self._known_counters = document.get("counters", {})
             if not self._connected:
                 log.info("replication link to the backup up: it holds %d files", len(known))
@@ -342,17 +360,63 @@ class Replicator:
         session.call(protocol.RemoveFile(name), protocol.Ok)
         with self._lock:
             self._known.pop(name, None)
+            self._receiving.discard(name)
         self._acked()
 
 
 # Backup side ---------------------------------------------------------------------------------------------
 
 
+def open_receiving_store(path: Path, catalog: Catalog) -> PartialStore:
+    """A server's record of files being received into its store (``replica.db``, ``failback.db``), tidied.
+
+    Opening it finishes the installs a killed run had done, and discards the
+    records earlier versions left for files received elsewhere than at the
+    content's blob (see ``_discard_old_layout``).
+    """
+    store = PartialStore(path)
+    try:
+        for state in store.in_progress():
+            if state.dest_path != str(catalog.blob_path(state.manifest.sha256)):
+                _discard_old_layout(store, state)
+        finish_interrupted_installs(store)
+    except BaseException:
+        store.close()
+        raise
+    return store
+
+
+def _discard_old_layout(store: PartialStore, state: PartialState) -> None:
+    """Forget progress recorded by a version that received into another place; nothing uses it now.
+
+    Up to fb1c0ba the backup received into ``store/.replica-<sha256>`` itself
+    (the record's destination), and the failback fetch into
+    ``data_dir/failback/NAME.part`` (the record's part file, deleted here if
+    it is ours by size; the folder goes with ``remove_old_failback_staging``).
+    An old ``.replica-`` file goes only if it is a regular file of the size
+    that version gave it: anything else there is not ours.
+    """
+    discard_recorded(store, Path(state.dest_path))
+    old = Path(state.dest_path)
+    if old.name.startswith(".replica-") and _regular_file_of_size(old, state.manifest.size):
+        old.unlink()
+        log.info("removed %s, left by an earlier version's replication", old.name)
+
+
+def _regular_file_of_size(path: Path, size: int) -> bool:
+    try:
+        status = path.lstat()
+    except FileNotFoundError:
+        return False
+    return stat.S_ISREG(status.st_mode) and status.st_size == size
+
+
 @dataclass
 class _Incoming:
-    """A file being received: its part file and the date the main's catalog gives it."""
+    """A file being received: its part file, and its name and date as the main's latest offer gives them."""
 
     part: PartFile
+    name: str
     added_at: float
 
 
@@ -371,7 +435,7 @@ class ReplicaReceiver:
         self.failback = failback
         self.main_address = main_address
         self.handback_approved = threading.Event()
-        self.partials = PartialStore(catalog.data_dir / "replica.db")
+        self.partials = open_receiving_store(catalog.data_dir / "replica.db", catalog)
         self._lock = threading.Lock()
         self._open: dict[str, _Incoming] = {}  # by sha256
         self.on_change: Callable[[], None] = lambda: None
@@ -390,9 +454,9 @@ class ReplicaReceiver:
     def in_progress(self) -> list[dict]:
         """Files being received now: name, size, chunks, chunks_done (any thread)."""
         with self._lock:
-            parts = [incoming.part for incoming in self._open.values()]
-        return [{"name": part.name, "size": part.manifest.size, "chunks": part.manifest.chunk_count,
-                 "chunks_done": part.verified_count} for part in parts]
+            incoming = list(self._open.values())
+        return [{"name": each.name, "size": each.part.manifest.size, "chunks": each.part.manifest.chunk_count,
+                 "chunks_done": each.part.verified_count} for each in incoming]
 
     def close(self) -> None:
         """Close the part files being received (they resume on the next start) and the partials database."""
@@ -405,7 +469,9 @@ class ReplicaReceiver:
     def inventory(self, peer: PeerConnection, frame: Frame) -> None:
         files = [{"name": r.name, "sha256": r.sha256, "size": r.size, "added_at": r.added_at}
                  for r in self.catalog.db.list_files(None)]
-        document = {"files": files, "counters": self.catalog.db.download_counters()}
+        # Partial replicas too, by name: one the main no longer has is then removed, not kept for good.
+        receiving = {each["name"] for each in self.in_progress()} | {s.name for s in self.partials.in_progress()}
+        document = {"files": files, "counters": self.catalog.db.download_counters(), "receiving": sorted(receiving)}
         peer.send(protocol.Inventory(), encode_document(document))
 
     def _refuse_while_active(self) -> None:
@@ -426,13 +492,19 @@ class ReplicaReceiver:
             manifest = Manifest.from_header(offer.to_header(), bytes(frame.payload))
         except ValueError as error:
             raise RequestFailed(ErrorCode.BAD_REQUEST, f"bad manifest for {offer.name}: {error}") from error
+        self._drop_other_versions(offer.name, manifest.sha256)
         if self.catalog.has_blob(manifest.sha256, manifest.size):
             self.catalog.put_replica(offer.name, manifest, offer.added_at)
             self.on_change()
             peer.send(protocol.ReplicaState(manifest.sha256, True))
             return
-        part = self._open_partial(offer.name, manifest, offer.added_at).part
-        bitmap = protocol.chunks_to_bitmap(set(part.verified), manifest.chunk_count)
+        incoming = self._open_partial(offer.name, manifest, offer.added_at)
+        # Every chunk recorded but never installed (a restart, or an install that failed): install it now,
+        # else the main, told we hold every chunk, would send nothing and the file would never arrive.
+        if incoming.part.complete and self._finish(incoming):
+            peer.send(protocol.ReplicaState(manifest.sha256, True))
+            return
+        bitmap = protocol.chunks_to_bitmap(set(incoming.part.verified), manifest.chunk_count)
         peer.send(protocol.ReplicaState(manifest.sha256, False), bitmap)
 
     def replicate_chunk(self, peer: PeerConnection, frame: Frame) -> None:
@@ -458,6 +530,7 @@ class ReplicaReceiver:
     def remove_file(self, peer: PeerConnection, frame: Frame) -> None:
         self._refuse_while_active()
         self.catalog.remove_file(frame.message.name)
+        self._drop_other_versions(frame.message.name, None)
         self.on_change()
         peer.send(protocol.Ok())
 
@@ -479,29 +552,62 @@ class ReplicaReceiver:
 
     def _open_partial(self, name: str, manifest: Manifest, added_at: float) -> _Incoming:
         with self._lock:
-            if manifest.sha256 in self._open:
-                return self._open[manifest.sha256]
+            incoming = self._open.get(manifest.sha256)
+            if incoming is not None:  # the main may have renamed it since: its latest offer says how to catalog it
+                incoming.name, incoming.added_at = name, added_at
+                return incoming
             part = PartFile.open(self.partials, self.catalog.blob_path(manifest.sha256), name, manifest,
                                  self.catalog.store_dir / f".replica-{manifest.sha256}")
-            incoming = self._open[manifest.sha256] = _Incoming(part, added_at)
+            incoming = self._open[manifest.sha256] = _Incoming(part, name, added_at)
         if part.resumed:
             log.info("resuming replication of %s: %d of %d chunks already verified",
                      name, len(part.resumed), manifest.chunk_count)
         return incoming
 
+    def _drop_other_versions(self, name: str, keep_sha256: str | None) -> None:
+        """Discard progress on content ``name`` no longer means (offered with another SHA-256, or removed).
+
+        A version replaced while it was being received would otherwise keep
+        its open part file, hasher thread, sparse file and record for good.
+        """
+        with self._lock:
+            stale = [sha for sha, each in self._open.items() if each.name == name and sha != keep_sha256]
+            dropped = [self._open.pop(sha) for sha in stale]
+            receiving = set(self._open)
+        for incoming in dropped:
+            log.info("%s changed or went on the main: dropped its partial replica", name)
+            incoming.part.discard()
+        for state in self.partials.partials_named(name):  # those not open since the last restart
+            if state.manifest.sha256 not in receiving and state.manifest.sha256 != keep_sha256:
+                discard_recorded(self.partials, Path(state.dest_path))
+
     def _finish(self, incoming: _Incoming) -> bool:
-        """All chunks are in: prove the whole file, install it as the content's blob, catalog it."""
+        """All chunks are in: prove the whole file, install it as the content's blob, catalog it.
+
+        True once catalogued; False if another connection is finishing it.
+        Raises ``RequestFailed`` when it cannot be installed now; the part
+        file and its record are then kept (unless the whole file proved
+        wrong), so the main's next offer installs it.
+        """
         part = incoming.part
         with self._lock:
-            self._open.pop(part.manifest.sha256, None)
+            if self._open.get(part.manifest.sha256) is not incoming:
+                return False
+            del self._open[part.manifest.sha256]  # claimed: the next offer reopens what install() leaves
         try:
             part.install()
         except IntegrityError as error:
             raise RequestFailed(ErrorCode.INTEGRITY, f"{error}; replica discarded") from error
-        except FinalNameTaken:  # the blob is content-addressed: the same bytes are stored already
+        except FinalNameTaken as error:  # the blob is content-addressed: the same bytes may be stored already
             if not self.catalog.has_blob(part.manifest.sha256, part.manifest.size):
-                raise
+                self.catalog.remove_damaged_blob(part.manifest.sha256, part.manifest.size)
+                raise RequestFailed(ErrorCode.STORAGE_ERROR, f"{incoming.name}: a damaged copy was in the "
+                                                             "store; removed, the next offer installs") from error
             part.discard()
-        self.catalog.put_replica(part.name, part.manifest, incoming.added_at)
+        except OSError as error:
+            reason = error.strerror or error
+            raise RequestFailed(ErrorCode.STORAGE_ERROR,
+                                f"{incoming.name}: cannot install: {reason}; kept for the next offer") from error
+        self.catalog.put_replica(incoming.name, part.manifest, incoming.added_at)
         self.on_change()
         return True

@@ -547,7 +547,7 @@ class GetInventory(Message):
 
 @dataclass(frozen=True)
 class Inventory(Message):
-    """Payload: JSON ``{"files": [{name, sha256, size, added_at}], "counters": {...}}``."""
+    """Payload: JSON ``{"files": [{name, sha256, size, added_at}], "counters": {...}, "receiving": [name]}``."""
 
     TYPE = "inventory_info"
     MAX_PAYLOAD = MAX_DOCUMENT_BYTES

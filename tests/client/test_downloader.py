@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 from pathlib import Path
 
@@ -146,22 +147,28 @@ class TestSafety:
         assert b"my own notes" == existing.read_bytes()
 
     def test_unrelated_part_file_is_left_untouched(self, tmp_path, server_factory, small_chunks):
-        """An unrelated NAME.part already in the folder is neither truncated nor deleted; the download succeeds beside it."""
+        """An unrelated NAME.part is neither truncated nor deleted: by a download beside it, or by discarding one."""
         source = make_file(tmp_path / "src" / "movie.bin", 3 * SMALL_CHUNK + 5)
         server = server_factory(small_chunks)
         server.add_file(source)
-        foreign = tmp_path / "out" / "movie.bin.part"
+        out = tmp_path / "out"
+        foreign = out / "movie.bin.part"
         foreign.parent.mkdir()
         foreign.write_bytes(b"someone else's half-finished movie")
         engine = engine_for(tmp_path, server)
         try:
-            result = engine.download("movie.bin", tmp_path / "out")
-            engine.discard_partial("movie.bin", tmp_path / "out")  # forgetting a download is no licence either
+            manifest = engine.server.manifest("movie.bin")
+            leave_earlier_run(engine, out, "movie.bin", manifest, source.read_bytes(), [0])
+            left = sorted(p.name for p in out.iterdir())
+            engine.discard_partial("movie.bin", out)  # forgetting a download is no licence either
+            discarded = (sorted(p.name for p in out.iterdir()), engine.store.in_progress())
+            result = engine.download("movie.bin", out)
         finally:
             engine.close()
+        assert (["movie.bin.2.part", "movie.bin.part"], (["movie.bin.part"], [])) == (left, discarded)
         assert b"someone else's half-finished movie" == foreign.read_bytes()
         assert sha256_file(source) == sha256_file(result.path)
-        assert ["movie.bin", "movie.bin.part"] == sorted(p.name for p in foreign.parent.iterdir())
+        assert ["movie.bin", "movie.bin.part"] == sorted(p.name for p in out.iterdir())
 
     def test_identical_existing_file_is_a_no_op(self, tmp_path, server_factory):
         """The same content already at the destination counts as done, without fetching."""
@@ -282,6 +289,27 @@ class TestResume:
             engine.close()
         assert 0 == result.resumed_chunks
         assert sha256_file(new) == sha256_file(result.path)
+
+
+    def test_a_download_killed_while_installing_is_not_listed_unfinished(self, tmp_path, server_factory,
+                                                                       small_chunks):
+        """Killed after the final name was linked: the next start records it as completed, not unfinished."""
+        source = make_file(tmp_path / "src" / "k.bin", 2 * SMALL_CHUNK)
+        server = server_factory(small_chunks)
+        server.add_file(source)
+        out = tmp_path / "out"
+        engine = engine_for(tmp_path, server)
+        try:
+            leave_earlier_run(engine, out, "k.bin", engine.server.manifest("k.bin"), source.read_bytes(), range(2))
+        finally:
+            engine.close()
+        os.link(out / "k.bin.part", out / "k.bin")  # how far install() had got
+        engine = engine_for(tmp_path, server)
+        try:
+            seen = (engine.unfinished_downloads(), [Path(done.path).name for done in engine.store.completed_files()])
+        finally:
+            engine.close()
+        assert (([], ["k.bin"]), ["k.bin"]) == (seen, sorted(p.name for p in out.iterdir()))
 
 
 class TestLocalDiskProblems:

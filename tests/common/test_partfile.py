@@ -1,22 +1,29 @@
 """The part-file lifecycle: create ours with O_EXCL, resume by re-verifying, record, install, discard."""
 from __future__ import annotations
 
+import errno
 import io
 import os
+import stat
+import threading
 from pathlib import Path
 
 import pytest
+from conftest import SHORT_TIMEOUT
 
 from database import ClientStore, PartialStore
-from error_handler import IntegrityError
+from error_handler import CatalogError, IntegrityError
 from integrity import Manifest, build_manifest
+from minitorrent.common import partfile
 from minitorrent.common.partfile import (
     PART_NAME_ATTEMPTS,
     FinalNameTaken,
     NoFreePartName,
+    NotEnoughSpace,
     PartFile,
     PartFileClosed,
     discard_recorded,
+    finish_interrupted_installs,
     part_names,
 )
 
@@ -238,3 +245,224 @@ class TestDiscard:
         part.path.write_bytes(FOREIGN)
         discard_recorded(store, tmp_path / "movie.bin")
         assert (FOREIGN, []) == (part.path.read_bytes(), store.in_progress())
+
+
+def replace_with_foreign(path: Path, content: bytes) -> None:
+    """Put a file of ours-unrelated ``content`` at ``path`` by rename, as another program would (a new inode)."""
+    temp = path.with_name(path.name + ".incoming")
+    temp.write_bytes(content)
+    os.replace(temp, path)
+
+
+def same_size_foreign(manifest: Manifest) -> bytes:
+    return b"x" * manifest.size
+
+
+def after_first_call(monkeypatch, name: str, action) -> None:
+    """Run ``action`` once, right after the first call of ``os.<name>`` returns: a race made deterministic."""
+    real = getattr(os, name)
+    pending = [action]
+
+    def hooked(*args, **kwargs):
+        result = real(*args, **kwargs)
+        if pending:
+            pending.pop()()
+        return result
+
+    monkeypatch.setattr(os, name, hooked)
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+class TestOwnership:
+    def test_a_same_size_file_put_in_place_of_ours_is_not_ours(self, store, tmp_path, manifest):
+        """A file of exactly our size renamed onto NAME.part (another inode) is neither resumed into nor deleted."""
+        part = open_part(store, tmp_path, manifest)
+        write_chunks(part, [0, 1])
+        part.close()
+        foreign = same_size_foreign(manifest)
+        replace_with_foreign(tmp_path / "movie.bin.part", foreign)
+        again = open_part(store, tmp_path, manifest)
+        again.discard()
+        assert (frozenset(), tmp_path / "movie.bin.2.part", foreign, []) == (
+            again.resumed, again.path, (tmp_path / "movie.bin.part").read_bytes(), store.in_progress())
+
+    def test_a_fifo_at_the_part_path_is_never_waited_on(self, store, tmp_path, manifest):
+        """Discarding a record whose part path now holds a FIFO returns at once: the FIFO stays, the record goes."""
+        part = open_part(store, tmp_path, manifest)
+        part.close()
+        os.unlink(part.path)
+        os.mkfifo(part.path)
+        outcome = []
+        worker = threading.Thread(target=lambda: outcome.append(discard_recorded(store, tmp_path / "movie.bin")),
+                                  daemon=True)
+        worker.start()
+        worker.join(SHORT_TIMEOUT)
+        if worker.is_alive():  # the old code blocks in open(): give it a writer so the thread can end
+            os.close(os.open(part.path, os.O_RDWR))
+            worker.join(SHORT_TIMEOUT)
+            outcome.append("hung")
+        assert ([None], []) == (outcome, store.in_progress())
+        assert stat.S_ISFIFO(os.lstat(part.path).st_mode)
+
+    def test_an_empty_fifo_is_not_taken_for_an_empty_part_file(self, store, tmp_path):
+        """A FIFO at the path of an empty file's version 1 record is not ours: a new part file is made."""
+        empty = build_manifest(io.BytesIO(b""), CHUNK)
+        os.mkfifo(tmp_path / "movie.bin.part")
+        store.begin_partial(str(tmp_path / "movie.bin"), "movie.bin", empty, str(tmp_path / "movie.bin.part"), "")
+        part = open_part(store, tmp_path, empty)
+        part.install()
+        assert (tmp_path / "movie.bin.2.part", True) == (part.path, (tmp_path / "movie.bin").is_file())
+
+    def test_a_local_error_reopening_our_part_file_is_raised_not_taken_for_gone(self, store, tmp_path, manifest,
+                                                                                 monkeypatch):
+        """EMFILE (or EACCES) reopening our part file is raised; the part file and its chunks are not orphaned."""
+        part = open_part(store, tmp_path, manifest)
+        write_chunks(part, [0, 1])
+        part.close()
+        real_open = os.open
+
+        def out_of_descriptors(path, flags, *args, **kwargs):
+            if str(path) == str(part.path) and not flags & os.O_CREAT:
+                raise OSError(errno.EMFILE, "Too many open files", str(path))
+            return real_open(path, flags, *args, **kwargs)
+
+        monkeypatch.setattr(os, "open", out_of_descriptors)
+        with pytest.raises(OSError, match="Too many open files"):
+            open_part(store, tmp_path, manifest)
+        monkeypatch.undo()
+        assert ([part.path.name], {0, 1}) == (sorted(p.name for p in tmp_path.glob("*.part")),
+                                              store.partial_for(str(tmp_path / "movie.bin")).verified)
+
+    def test_a_discard_by_a_stale_holder_spares_the_newer_record(self, store, tmp_path, manifest):
+        """A holder whose record another process dropped and replaced deletes neither the new record nor its file."""
+        stale = open_part(store, tmp_path, manifest)
+        stale.close()
+        with PartialStore(store.path) as other:
+            discard_recorded(other, tmp_path / "movie.bin")
+            newer = open_part(other, tmp_path, manifest)
+            write_chunks(newer, [0])
+            newer.close()
+        stale.discard()
+        assert (True, {0}) == (newer.path.exists(), store.partial_for(str(tmp_path / "movie.bin")).verified)
+
+    def test_the_descriptor_is_closed_when_recording_the_identity_fails(self, store, tmp_path, manifest,
+                                                                         monkeypatch):
+        """Opening a version 1 record whose identity cannot be stored raises and leaves no descriptor open."""
+        part_path = tmp_path / "movie.bin.part"
+        with open(part_path, "wb") as old_part:
+            old_part.truncate(manifest.size)
+        store.begin_partial(str(tmp_path / "movie.bin"), "movie.bin", manifest, str(part_path), "")
+
+        def database_gone(*args):
+            raise CatalogError("database is closed")
+
+        monkeypatch.setattr(store, "set_part_identity", database_gone)
+        before = open_fds()
+        with pytest.raises(CatalogError):
+            open_part(store, tmp_path, manifest)
+        assert before == open_fds()
+
+
+class TestSwappedFiles:
+    def test_a_file_put_at_the_part_name_before_the_link_is_never_installed(self, store, tmp_path, manifest,
+                                                                             monkeypatch):
+        """Ours moved away and another file put at NAME.part after the hash: the hashed file gets the final name."""
+        part = open_part(store, tmp_path, manifest)
+        write_all(part)
+        foreign = same_size_foreign(manifest)
+
+        def swap() -> None:
+            os.rename(part.path, tmp_path / "moved-away")
+            replace_with_foreign(part.path, foreign)
+
+        after_first_call(monkeypatch, "fsync", swap)
+        part.install()
+        assert (DATA, foreign, []) == ((tmp_path / "movie.bin").read_bytes(), part.path.read_bytes(),
+                                       store.in_progress())
+
+    def test_a_file_renamed_over_the_part_before_the_link_is_never_installed(self, store, tmp_path, manifest,
+                                                                             monkeypatch):
+        """A file renamed over NAME.part after the hash (ours then has no name) is refused: no final file at all."""
+        part = open_part(store, tmp_path, manifest)
+        write_all(part)
+        foreign = same_size_foreign(manifest)
+        after_first_call(monkeypatch, "fsync", lambda: replace_with_foreign(part.path, foreign))
+        with pytest.raises(OSError, match="deleted or replaced"):
+            part.install()
+        assert (False, foreign) == ((tmp_path / "movie.bin").exists(), part.path.read_bytes())
+
+    def test_a_file_swapped_in_after_the_ownership_check_is_not_deleted(self, store, tmp_path, manifest,
+                                                                         monkeypatch):
+        """Discard checks the name still holds our inode right before unlinking: a file swapped in stays."""
+        part = open_part(store, tmp_path, manifest)
+        write_chunks(part, [0])
+        part.close()
+        foreign = same_size_foreign(manifest)
+        after_first_call(monkeypatch, "fstat", lambda: replace_with_foreign(part.path, foreign))
+        discard_recorded(store, tmp_path / "movie.bin")
+        assert (foreign, []) == (part.path.read_bytes(), store.in_progress())
+
+
+class TestLocalFaults:
+    def test_a_sync_error_while_hashing_keeps_the_part_file(self, store, tmp_path, manifest, monkeypatch):
+        """EIO from the hasher's fdatasync is raised by install as an OSError; the part and every chunk stay."""
+        monkeypatch.setattr(partfile, "SYNC_EVERY_BYTES", 1)
+
+        def disk_error(fd):
+            raise OSError(errno.EIO, "Input/output error")
+
+        monkeypatch.setattr(os, "fdatasync", disk_error)
+        part = open_part(store, tmp_path, manifest)
+        write_all(part)
+        with pytest.raises(OSError, match="Input/output error"):
+            part.install()
+        monkeypatch.undo()
+        assert (False, DATA) == ((tmp_path / "movie.bin").exists(), part.path.read_bytes())
+        assert manifest.chunk_count == len(store.partial_for(str(tmp_path / "movie.bin")).verified)
+
+    def test_a_short_write_is_completed_before_the_chunk_is_recorded(self, store, tmp_path, manifest, monkeypatch):
+        """A pwrite that writes only part of a chunk is continued: what is recorded is on disk whole."""
+        real_pwrite = os.pwrite
+        monkeypatch.setattr(os, "pwrite", lambda fd, data, offset: real_pwrite(fd, bytes(data)[:5], offset))
+        part = open_part(store, tmp_path, manifest)
+        write_chunks(part, [1])
+        part.close()
+        monkeypatch.undo()
+        assert DATA[CHUNK:2 * CHUNK] == part.path.read_bytes()[CHUNK:2 * CHUNK]
+
+    def test_a_file_larger_than_the_free_space_is_refused_before_anything_is_created(self, store, tmp_path):
+        """A size over the folder's free space is refused, naming both sizes; no part file, no record."""
+        free = os.statvfs(tmp_path).f_bavail * os.statvfs(tmp_path).f_frsize
+        huge = free + 2**40
+        giant = Manifest(huge, huge, "0" * 64, bytes(32))
+        with pytest.raises(NotEnoughSpace, match=f"needs .*{huge} bytes.* free"):
+            open_part(store, tmp_path, giant)
+        assert ([], []) == (list(tmp_path.glob("*.part")), store.in_progress())
+
+
+class TestInterruptedInstall:
+    def test_killed_after_the_link_is_tidied_on_open(self, tmp_path, manifest):
+        """Final name linked, record and part name left: open finishes the bookkeeping and removes the part name."""
+        with ClientStore(tmp_path / "client.db") as client:
+            part = open_part(client, tmp_path, manifest)
+            write_all(part)
+            part.close()
+            os.link(part.path, tmp_path / "movie.bin")  # what install had done when the process was killed
+            again = open_part(client, tmp_path, manifest)
+            again.install()
+            assert (True, False, [], [str(tmp_path / "movie.bin")]) == (
+                again.complete, part.path.exists(), client.in_progress(), [d.path for d in client.completed_files()])
+        assert DATA == (tmp_path / "movie.bin").read_bytes()
+
+    def test_killed_after_the_part_name_went_is_tidied_by_the_sweep(self, store, tmp_path, manifest):
+        """Final name linked and part name gone, record left: finish_interrupted_installs forgets the record."""
+        part = open_part(store, tmp_path, manifest)
+        write_all(part)
+        part.close()
+        os.link(part.path, tmp_path / "movie.bin")
+        part.path.unlink()
+        assert (1, [], DATA) == (finish_interrupted_installs(store), store.in_progress(),
+                                 (tmp_path / "movie.bin").read_bytes())

@@ -5,7 +5,9 @@ the end-to-end runs with real processes and SIGKILL are in test_failover.py.
 """
 from __future__ import annotations
 
+import errno
 import io
+import os
 import subprocess
 import sys
 import threading
@@ -17,14 +19,22 @@ from conftest import ROOT, SHORT_TIMEOUT, make_config, make_file, wait_until
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from database import PartialStore, ServerStore
+from database import ClientStore, PartialStore, ServerStore, SQLiteStore
 from error_handler import IntegrityError, RemoteError
 from integrity import Manifest, build_manifest, manifest_of_file, sha256_file
+from minitorrent.common.partfile import PartFile
 from minitorrent.net.remote import ServerSession
 from minitorrent.server.backup import BackupServer
 from minitorrent.server.catalog import Catalog
-from minitorrent.server.failback import fetch_file
-from minitorrent.server.replication import decode_document, encode_document
+from minitorrent.server.failback import catch_up_and_take_over, fetch_file
+from minitorrent.server.replication import (
+    PeerLink,
+    ReplicaReceiver,
+    decode_document,
+    encode_document,
+    open_receiving_store,
+)
+from minitorrent.server.roles import NodeState, Role
 from minitorrent.wire import protocol
 from minitorrent.wire.protocol import (
     ErrorCode,
@@ -85,6 +95,59 @@ def send_chunk(session: ServerSession, manifest: Manifest, data: bytes, index: i
 
 def part_files(data_dir: Path) -> list[str]:
     return sorted(p.name for p in (data_dir / "store").glob(".*"))
+
+
+def send_all(session: ServerSession, manifest: Manifest, data: bytes, indexes=None) -> list[bool]:
+    return [send_chunk(session, manifest, data, i) for i in (range(manifest.chunk_count) if indexes is None
+                                                              else indexes)]
+
+
+def offered(backup: BackupServer, name: str, manifest: Manifest, data: bytes, indexes) -> None:
+    """Offer ``name`` to ``backup`` and send it the chunks ``indexes``, on a session of its own."""
+    session = peer_session(backup)
+    try:
+        offer(session, name, manifest)
+        send_all(session, manifest, data, indexes)
+    finally:
+        session.close()
+
+
+def receive_as_a_backup_would(data_dir: Path, name: str, manifest: Manifest, data: bytes, indexes) -> None:
+    """What a backup killed while receiving leaves: its part file with ``indexes`` written and recorded."""
+    store_dir = data_dir / "store"
+    with PartialStore(data_dir / "replica.db") as partials:
+        part = PartFile.open(partials, store_dir / manifest.sha256, name, manifest,
+                             store_dir / f".replica-{manifest.sha256}")
+        for index in indexes:
+            offset, length = manifest.chunk_span(index)
+            part.write_verified(index, data[offset:offset + length])
+        part.close()
+
+
+class Version1(SQLiteStore):
+    """The schema replica.db and failback.db had up to fb1c0ba (a client's store)."""
+
+    MIGRATIONS = ClientStore.MIGRATIONS[:1]
+
+
+def record_as_version_1(path: Path, dest_path: Path, manifest: Manifest, verified) -> None:
+    """A record as the code up to fb1c0ba wrote it (``begin_download``, then chunks marked)."""
+    with Version1(path) as old:
+        connection = old._connection()
+        row = connection.execute(
+            "INSERT INTO downloads (dest_path, name, size, chunk_size, sha256, started_at, chunk_digests)"
+            " VALUES (?, ?, ?, ?, ?, 1.0, ?)",
+            (str(dest_path), dest_path.name, manifest.size, manifest.chunk_size, manifest.sha256,
+             manifest.chunk_digests)).lastrowid
+        connection.executemany("INSERT INTO verified_chunks VALUES (?, ?)", [(row, i) for i in verified])
+
+
+def write_sized(path: Path, data: bytes, size: int) -> None:
+    """A file of ``size`` bytes starting with ``data``, as the old code's ftruncate'd part files were."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as out:
+        out.write(data)
+        out.truncate(size)
 
 
 class TestReplicaReceiving:
@@ -164,6 +227,191 @@ class TestReplicaResume:
         assert sha256_file(source) == sha256_file(restarted.catalog.blob_path(manifest.sha256))
 
 
+class TestReplicaInstall:
+    def test_every_chunk_recorded_but_not_installed_is_installed_on_the_next_offer(self, backup_factory, tmp_path):
+        """A backup killed between its last recorded chunk and the install installs on the next offer: complete."""
+        source = make_file(tmp_path / "src" / "a.bin", 3 * CHUNK + 1)
+        manifest, data = manifest_of_file(source, CHUNK), source.read_bytes()
+        first = backup_factory()
+        data_dir = first.catalog.data_dir
+        first.stop()
+        receive_as_a_backup_would(data_dir, "a.bin", manifest, data, range(manifest.chunk_count))
+        restarted = backup_factory()
+        session = peer_session(restarted)
+        try:
+            held = offer(session, "a.bin", manifest)
+        finally:
+            session.close()
+        assert ((True, set()), manifest.sha256, []) == (held, restarted.catalog.db.get_file("a.bin").sha256,
+                                                         part_files(data_dir))
+        assert manifest.sha256 == sha256_file(restarted.catalog.blob_path(manifest.sha256))
+
+    def test_an_install_that_failed_on_a_local_error_is_done_by_the_next_offer(self, backup_factory, tmp_path,
+                                                                                monkeypatch):
+        """An I/O error installing the file is reported; the part is kept and the next offer installs it."""
+        source = make_file(tmp_path / "src" / "a.bin", 3 * CHUNK)
+        manifest, data = manifest_of_file(source, CHUNK), source.read_bytes()
+        backup = backup_factory()
+        real_link, failures = os.link, [OSError(errno.EIO, "Input/output error")]
+
+        def failing_once(*args, **kwargs):
+            if failures:
+                raise failures.pop()
+            return real_link(*args, **kwargs)
+
+        monkeypatch.setattr(os, "link", failing_once)
+        session = peer_session(backup)
+        try:
+            offer(session, "a.bin", manifest)
+            send_all(session, manifest, data, range(2))
+            with pytest.raises(RemoteError) as failed:
+                send_chunk(session, manifest, data, 2)
+            held = offer(session, "a.bin", manifest)
+        finally:
+            session.close()
+        assert (ErrorCode.STORAGE_ERROR, (True, set())) == (failed.value.code, held)
+        catalogued = backup.catalog.db.get_file("a.bin").sha256
+        assert (manifest.sha256, []) == (catalogued, part_files(backup.catalog.data_dir))
+
+    def test_a_damaged_blob_in_the_way_is_replaced_on_the_next_offer(self, backup_factory, tmp_path):
+        """A wrong-size file at the blob path fails the install once; it is removed and the next offer installs."""
+        source = make_file(tmp_path / "src" / "a.bin", 3 * CHUNK)
+        manifest, data = manifest_of_file(source, CHUNK), source.read_bytes()
+        backup = backup_factory()
+        session = peer_session(backup)
+        try:
+            offer(session, "a.bin", manifest)
+            send_all(session, manifest, data, range(2))
+            backup.catalog.blob_path(manifest.sha256).write_bytes(b"half a blob")
+            with pytest.raises(RemoteError) as failed:
+                send_chunk(session, manifest, data, 2)
+            held = offer(session, "a.bin", manifest)
+        finally:
+            session.close()
+        assert (ErrorCode.STORAGE_ERROR, (True, set())) == (failed.value.code, held)
+        assert manifest.sha256 == sha256_file(backup.catalog.blob_path(manifest.sha256))
+
+
+class TestReplicaNames:
+    def test_a_resumed_replica_is_catalogued_under_the_name_offered_now(self, backup_factory, tmp_path):
+        """Renamed on the main while cut off: the resumed replica shows and joins the catalog under the new name."""
+        source = make_file(tmp_path / "src" / "a.bin", 3 * CHUNK)
+        manifest, data = manifest_of_file(source, CHUNK), source.read_bytes()
+        backup = backup_factory()
+        offered(backup, "old.bin", manifest, data, [0])
+        backup.stop()
+        restarted = backup_factory()
+        session = peer_session(restarted)
+        try:
+            offer(session, "new.bin", manifest)
+            receiving = restarted.replication_in_progress()
+            send_all(session, manifest, data, [1, 2])
+        finally:
+            session.close()
+        assert (["new.bin"], None, manifest.sha256) == ([r["name"] for r in receiving],
+                                                        restarted.catalog.db.get_file("old.bin"),
+                                                        restarted.catalog.db.get_file("new.bin").sha256)
+
+
+class TestReplicaVersions:
+    def test_a_version_replaced_while_received_is_dropped(self, backup_factory, tmp_path):
+        """Offered again with other content, a name's partial replica goes: part file, record, receiving entry."""
+        old = make_file(tmp_path / "old" / "a.bin", 3 * CHUNK, seed=1)
+        new = make_file(tmp_path / "new" / "a.bin", 2 * CHUNK, seed=2)
+        old_manifest, new_manifest = manifest_of_file(old, CHUNK), manifest_of_file(new, CHUNK)
+        backup = backup_factory()
+        offered(backup, "a.bin", old_manifest, old.read_bytes(), [0])
+        offered(backup, "a.bin", new_manifest, new.read_bytes(), [0])
+        assert ([f".replica-{new_manifest.sha256}"], [new_manifest.sha256], [2 * CHUNK]) == (
+            part_files(backup.catalog.data_dir), [s.manifest.sha256 for s in backup.receiver.partials.in_progress()],
+            [r["size"] for r in backup.replication_in_progress()])
+
+    def test_a_version_replaced_across_a_restart_is_dropped(self, backup_factory, tmp_path):
+        """A name's old content, partly received before a restart, goes when the new content is offered."""
+        old = make_file(tmp_path / "old" / "a.bin", 3 * CHUNK, seed=1)
+        new = make_file(tmp_path / "new" / "a.bin", 2 * CHUNK, seed=2)
+        old_manifest, new_manifest = manifest_of_file(old, CHUNK), manifest_of_file(new, CHUNK)
+        backup = backup_factory()
+        offered(backup, "a.bin", old_manifest, old.read_bytes(), [0])
+        backup.stop()
+        restarted = backup_factory()
+        offered(restarted, "a.bin", new_manifest, new.read_bytes(), [])
+        assert [f".replica-{new_manifest.sha256}"] == part_files(restarted.catalog.data_dir)
+
+    def test_a_removed_name_drops_its_partial_replica(self, backup_factory, tmp_path):
+        """The main's removal of a name drops the replica being received for it."""
+        source = make_file(tmp_path / "src" / "a.bin", 3 * CHUNK)
+        manifest = manifest_of_file(source, CHUNK)
+        backup = backup_factory()
+        offered(backup, "a.bin", manifest, source.read_bytes(), [0])
+        session = peer_session(backup)
+        try:
+            session.call(protocol.RemoveFile("a.bin"), protocol.Ok)
+        finally:
+            session.close()
+        assert ([], [], []) == (part_files(backup.catalog.data_dir), backup.receiver.partials.in_progress(),
+                                backup.replication_in_progress())
+
+
+    def test_a_partial_replica_of_a_name_the_main_no_longer_has_is_dropped(self, backup_factory, server_factory,
+                                                                          tmp_path):
+        """A backup left part-way through a file the main has since removed drops it once the main connects."""
+        source = make_file(tmp_path / "src" / "gone.bin", 3 * CHUNK)
+        manifest = manifest_of_file(source, CHUNK)
+        backup = backup_factory()
+        offered(backup, "gone.bin", manifest, source.read_bytes(), [0])
+        server_factory({"server": {"secret": SECRET, "backup": {"port": backup.server.address[1],
+                                                               "heartbeat_interval": 0.2}}})
+        wait_until(lambda: not part_files(backup.catalog.data_dir), SHORT_TIMEOUT, "the partial replica dropped")
+        assert ([], []) == (backup.receiver.partials.in_progress(), backup.replication_in_progress())
+
+
+class TestOldVersionProgress:
+    def test_an_old_versions_replica_progress_is_tidied(self, backup_factory, tmp_path):
+        """An fb1c0ba-era .replica-<sha> (received into itself) and its record go; one of another size stays."""
+        source = make_file(tmp_path / "src" / "a.bin", 3 * CHUNK)
+        manifest, data = manifest_of_file(source, CHUNK), source.read_bytes()
+        other = manifest_of_file(make_file(tmp_path / "src" / "b.bin", 2 * CHUNK, seed=3), CHUNK)
+        first = backup_factory()
+        data_dir = first.catalog.data_dir
+        first.stop()
+        for leftover in data_dir.glob("replica.db*"):
+            leftover.unlink()
+        store_dir = data_dir / "store"
+        record_as_version_1(data_dir / "replica.db", store_dir / f".replica-{manifest.sha256}", manifest, [0])
+        write_sized(store_dir / f".replica-{manifest.sha256}", data[:CHUNK], manifest.size)
+        record_as_version_1(data_dir / "replica.db", store_dir / f".replica-{other.sha256}", other, [])
+        (store_dir / f".replica-{other.sha256}").write_bytes(b"not the size that version gave it")
+        restarted = backup_factory()
+        session = peer_session(restarted)
+        try:
+            held = offer(session, "a.bin", manifest)
+            send_all(session, manifest, data)
+        finally:
+            session.close()
+        assert ((False, set()), [f".replica-{other.sha256}"], []) == (
+            held, part_files(data_dir), restarted.receiver.partials.in_progress())
+        assert manifest.sha256 == restarted.catalog.db.get_file("a.bin").sha256
+
+    def test_an_old_versions_failback_progress_is_tidied(self, server_factory, tmp_path):
+        """fb1c0ba-era failback progress in data_dir/failback: part file and record go; the folder too, at start."""
+        source = make_file(tmp_path / "src" / "f.bin", 3 * CHUNK)
+        manifest = manifest_of_file(source, CHUNK)
+        data_dir = tmp_path / "main-data"
+        staging = data_dir / "failback"
+        record_as_version_1(data_dir / "failback.db", staging / "f.bin", manifest, [0])
+        write_sized(staging / "f.bin.part", source.read_bytes()[:CHUNK], manifest.size)
+        catalog = Catalog(data_dir, CHUNK)
+        try:
+            with open_receiving_store(data_dir / "failback.db", catalog) as partials:
+                records = partials.in_progress()
+        finally:
+            catalog.close()
+        part_left = (staging / "f.bin.part").exists()
+        server_factory({"server": {"main": {"data_dir": str(data_dir)}}})
+        assert ([], False, False) == (records, part_left, staging.exists())
+
+
 class TestReplicatorView:
     def test_the_main_knows_what_the_backup_holds(self, backup_factory, server_factory, tmp_path):
         """The main's view of the backup's inventory comes from the replicator's public method, once replicated."""
@@ -232,6 +480,55 @@ class TestFailbackFetch:
             session.close()
         assert ({0, 1, 2}, False) == (kept.verified, catalog.has_blob(sha256, 0))
         assert sha256_file(source) == sha256_file(catalog.blob_path(sha256))
+
+
+class TestFailbackNames:
+    @pytest.fixture
+    def fetcher(self, tmp_path) -> Iterator[tuple[Catalog, PartialStore]]:
+        catalog = Catalog(tmp_path / "fetcher", CHUNK)
+        partials = PartialStore(tmp_path / "fetcher" / "failback.db")
+        yield catalog, partials
+        partials.close()
+        catalog.close()
+
+    def test_a_resumed_fetch_asks_for_the_name_the_backup_uses_now(self, server_factory, fetcher, tmp_path):
+        """A fetch begun as old.bin and resumed as new.bin asks the backup for new.bin (old.bin is gone there)."""
+        catalog, partials = fetcher
+        source = make_file(tmp_path / "src" / "new.bin", 4 * CHUNK)
+        manifest, data = manifest_of_file(source, CHUNK), source.read_bytes()
+        server = server_factory({"transfer": {"chunk_size": CHUNK}})
+        server.add_file(source)
+        part = PartFile.open(partials, catalog.blob_path(manifest.sha256), "old.bin", manifest,
+                             catalog.store_dir / f".failback-{manifest.sha256}")
+        part.write_verified(0, data[:CHUNK])
+        part.close()
+        session = ServerSession.open(*server.server.address, io_timeout_s=SHORT_TIMEOUT)
+        try:
+            fetch_file(session, "new.bin", catalog, partials, threading.Event())
+        finally:
+            session.close()
+        assert (manifest.sha256, []) == (sha256_file(catalog.blob_path(manifest.sha256)), partials.in_progress())
+
+    def test_malformed_inventory_entries_are_skipped(self, backup_factory, fetcher, tmp_path, monkeypatch):
+        """Entries without a name or SHA-256, or with an unsafe name, are skipped; the good one is fetched."""
+        catalog, partials = fetcher
+        source = make_file(tmp_path / "src" / "good.bin", 2 * CHUNK)
+        manifest = manifest_of_file(source, CHUNK)
+        malformed = [{"name": "a.bin"}, 7, {"name": "../x", "sha256": manifest.sha256}, {"sha256": 5},
+                     {"name": "good.bin", "sha256": manifest.sha256}]
+
+        def inventory(receiver, peer, frame) -> None:
+            peer.send(protocol.Inventory(), encode_document({"files": malformed, "counters": {}}))
+
+        monkeypatch.setattr(ReplicaReceiver, "inventory", inventory)
+        backup = backup_factory()
+        offered(backup, "good.bin", manifest, source.read_bytes(), range(manifest.chunk_count))
+        link = PeerLink(backup.server.address, SECRET, SHORT_TIMEOUT, NodeState(catalog.db, "main", Role.STANDBY))
+        try:
+            handed_over = catch_up_and_take_over(catalog, link, partials, threading.Event())
+        finally:
+            link.drop()
+        assert (True, ["good.bin"]) == (handed_over, [r.name for r in catalog.db.list_files(None)])
 
 
 class TestServerFloor:

@@ -2,9 +2,7 @@
 and a real BitTorrent client (libtorrent) downloading from the web seed and swarming through the tracker."""
 from __future__ import annotations
 
-import hashlib
 import sqlite3
-import time
 from pathlib import Path
 from urllib.parse import quote
 
