@@ -5,7 +5,7 @@
 
 ``--add`` imports files into the server's data folder (see catalog.py for the
 naming rules); a folder is shared whole, each file under its relative path
-(server/folders.py). ``--remove`` stops sharing a file or a folder, ``--rename``
+(server/folder_scan.py). ``--remove`` stops sharing a file or a folder, ``--rename``
 renames one (the backup follows, clients see it at once). Then the server serves until SIGINT or SIGTERM. Without
 ``--headless`` it opens the main server's window (gui/main_window.py), which
 starts serving and imports the ``--add`` files with a progress bar. If a main

@@ -1,6 +1,6 @@
 """Downloading a folder: every file under ``photos/``, structure kept, each verified.
 
-A folder is the catalog names that start with ``photos/`` (server/folders.py).
+A folder is the catalog names that start with ``photos/`` (server/folder_scan.py).
 ``client.py get photos/`` lists them (the listing pages are the one request
 that names many files), then:
 

@@ -33,7 +33,7 @@ from database import FileRecord, ServerStore
 from error_handler import CatalogError
 from integrity import Manifest, build_manifest
 from minitorrent.common.fs import ChunkLocation, fsync_dir, sync_filesystem
-from minitorrent.server.folders import scan_folder
+from minitorrent.server.folder_scan import scan_folder
 from minitorrent.wire.protocol import (
     ErrorCode,
     ProtocolError,

@@ -13,7 +13,7 @@ from error_handler import CatalogError
 from integrity import sha256_file
 from minitorrent.server.backup import BackupServer
 from minitorrent.server.catalog import Catalog, numbered_name
-from minitorrent.server.folders import scan_folder
+from minitorrent.server.folder_scan import scan_folder
 
 SECRET = "correct horse battery staple"
 
