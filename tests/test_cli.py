@@ -280,3 +280,33 @@ def chunks_sound_on_disk(part: Path, manifest) -> set[int]:
     data = part.read_bytes()
     return {i for i in range(manifest.chunk_count)
             if manifest.verify_chunk(i, data[manifest.chunk_span(i)[0]:sum(manifest.chunk_span(i))])}
+
+
+class TestFolders:
+    @pytest.fixture
+    def tree(self, tmp_path, server_process):
+        """A real server sharing photos/ (nested, two small files and a multi-chunk one); yields (config, root)."""
+        root = tmp_path / "src" / "photos"
+        make_file(root / "2024" / "beach.jpg", 3000, seed=1)
+        make_file(root / "2024" / "big.raw", 3 * CHUNK + 1, seed=2)
+        make_file(root / "notes.txt", 10, seed=3)
+        proc = server_process(write_config(tmp_path / "srv", {"transfer": {"chunk_size": CHUNK}}), add=[root])
+        return client_config_for(tmp_path / "cli", proc.address), root
+
+    def test_list_shows_folders(self, tree):
+        """client.py list prints each folder with its file count before the files' paths."""
+        config, _ = tree
+        listed = run_client(config, "list")
+        folders = [line.split()[0::3] for line in listed.stdout.splitlines() if line.startswith("photos/") and
+                   line.split()[0].endswith("/")]
+        assert (0, [["photos/", "3"], ["photos/2024/", "2"]]) == (listed.returncode, folders), listed.stdout
+
+    def test_get_folder_keeps_the_structure(self, tree, tmp_path):
+        """client.py get photos/ downloads every file at its relative path, verified; one summary line."""
+        config, root = tree
+        got = run_client(config, "get", "photos/", "--output", str(tmp_path / "out"))
+        assert 0 == got.returncode, got.stderr
+        for source in root.rglob("*"):
+            if source.is_file():
+                assert sha256_file(source) == sha256_file(tmp_path / "out" / source.relative_to(root.parent))
+        assert "photos/: 3 downloaded, 0 already present, 0 failed, of 3 files" in got.stdout
