@@ -69,6 +69,12 @@ class FolderResult:
     fetched_bytes: int = 0
     seconds: float = 0.0
     failed: list[str] = field(default_factory=list)
+    sources: dict[str, int] = field(default_factory=dict)  # as DownloadResult's: windows show both alike
+
+    @property
+    def outcome(self) -> str:
+        """"already present" when every file was there already, else "downloaded" (as DownloadResult's)."""
+        return "already present" if self.files and self.present == self.files else "downloaded"
 
 
 @dataclass(frozen=True)
