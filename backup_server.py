@@ -1,6 +1,7 @@
 """MiniTorrent backup server: a full replica that takes over when the main goes silent.
 
     python backup_server.py [--config PATH] [--headless]
+    python backup_server.py [--config PATH] --add FILE [FILE ...]   # beside a running, active backup
 
 It listens on ``server.backup.port`` for both the main's authenticated peer
 links (heartbeats and replication) and for clients. On standby it refuses
@@ -11,6 +12,10 @@ it catches up and asks for the role back; with ``failback: manual`` the
 backup waits for its operator: SIGUSR1 to the headless process, or the
 window's Hand back to main button. Without ``--headless`` the program opens
 the backup's window (gui/backup_window.py). See docs/failover.md.
+
+``--add`` beside a running backup that is *active* shares more files from
+it (exit 1 on standby: the main is the authority then); the main fetches
+them when it takes the role back.
 """
 from __future__ import annotations
 
@@ -22,12 +27,11 @@ from typing import Sequence
 
 from error_handler import MiniTorrentError
 from minitorrent.common.daemon import build_engine, serve_until_signalled
+from minitorrent.net import remote
 from minitorrent.server.backup import BackupServer
 from minitorrent.web.face import start_with_face, stop_with_face, web_face_for
 
 log = logging.getLogger(__name__)
-
-MONITOR_INTERVAL_S = 0.1  # how often the backup checks the time since the last heartbeat
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -35,6 +39,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", help="path to config.yaml (default: the one beside this program)")
     parser.add_argument("--headless", action="store_true", help="run without a window")
     parser.add_argument("--geometry", metavar="WxH+X+Y", help="the window's size and place on screen")
+    parser.add_argument("--add", nargs="+", metavar="FILE", default=[],
+                        help="files to share from the running backup while it is active")
     return parser.parse_args(argv)
 
 
@@ -51,6 +57,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     engine = build_engine(args.config, "backup_server", BackupServer)
     if engine is None:
         return 2
+    if args.add:
+        return add_to_running_backup(engine, args.add)
     if not args.headless:
         return run_window(engine, args.geometry)
     face = web_face_for(engine, engine.config)
@@ -63,6 +71,42 @@ def main(argv: Sequence[str] | None = None) -> int:
         engine.catalog.close()
         return 1
     return 0
+
+
+def add_to_running_backup(engine: BackupServer, paths: Sequence[str]) -> int:
+    """Add ``paths`` to the catalog of the backup running on this data folder, if it is active; the exit status."""
+    try:
+        if engine.lock.acquire():
+            engine.lock.release()
+            print("error: no backup server runs on this data folder: --add needs a running, active backup",
+                  file=sys.stderr)
+            return 1
+        if not _running_backup_active(engine):
+            return 1
+        ok = True
+        for path in paths:
+            try:
+                record = engine.catalog.add_file(path).record
+            except MiniTorrentError as error:
+                print(f"error: {error}", file=sys.stderr)
+                ok = False
+                continue
+            print(f"added: {record.name} ({record.size} bytes, sha256 {record.sha256[:12]})", flush=True)
+        # Stepped down meanwhile: the main, now the authority, would drop what it never fetched.
+        return 0 if ok and _running_backup_active(engine) else 1
+    finally:
+        engine.catalog.close()
+
+
+def _running_backup_active(engine: BackupServer) -> bool:
+    """True if the backup at ``server.backup``'s address says it is active; else says why on stderr."""
+    settings = engine.config.server.backup
+    status = remote.status_of((settings.host, settings.port), engine.config.transfer.io_timeout) or {}
+    if status.get("role") == "active":
+        return True
+    print(f"error: the backup is not active ({status.get('role', 'no answer')}): add files on the main",
+          file=sys.stderr)
+    return False
 
 
 def run_window(engine: BackupServer, geometry: str | None = None) -> int:

@@ -23,7 +23,7 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -160,6 +160,61 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class MemberConfig:
+    """One server of an etcd cluster: its name, address and data folder."""
+
+    name: str = _setting("", must="a non-empty name", ok=lambda v: v.strip() != "")
+    host: str = _setting("127.0.0.1", **_HOST)
+    port: int = _setting(0, **_int_range(1, MAX_PORT))  # clients must know it: no "any free port" here
+    data_dir: Path = _setting(Path("data/member"))
+
+    def __post_init__(self) -> None:
+        if not self.name.strip():
+            raise _RelationError("name", "must be set (each member of cluster.servers needs a unique name)")
+        if self.port == 0:
+            raise _RelationError("port", "must be set to an integer from 1 to 65535")
+
+
+@dataclass(frozen=True)
+class EtcdConfig:
+    """Where etcd's v3 JSON gateway listens, and the prefix of this cluster's keys."""
+
+    endpoints: tuple[str, ...] = _setting(
+        ("http://127.0.0.1:2379",), must="a non-empty list of http:// URLs",
+        ok=lambda v: bool(v) and all(u.startswith("http://") and len(u) > 7 for u in v))
+    prefix: str = _setting("/minitorrent", must="a key prefix starting with /", ok=lambda v: v.startswith("/"))
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """pair (a main and a backup, the default) or etcd (any number of servers, one leader elected in etcd)."""
+
+    mode: str = _setting("pair", must="pair or etcd", ok=lambda v: v in ("pair", "etcd"), normalize=str.lower)
+    name: str = _setting("")  # which of ``servers`` this program is (etcd mode, servers only)
+    ack: str = _setting("leader", must="leader or quorum", ok=lambda v: v in ("leader", "quorum"),
+                        normalize=str.lower)
+    etcd: EtcdConfig = field(default_factory=EtcdConfig)
+    servers: tuple[MemberConfig, ...] = ()
+
+    def __post_init__(self) -> None:
+        names = [member.name for member in self.servers]
+        duplicate = next((n for n in names if names.count(n) > 1), None)
+        if duplicate:
+            raise _RelationError("servers", f"must have unique names, got {duplicate!r} twice")
+        if self.mode == "etcd" and len(self.servers) < 2:
+            raise _RelationError("servers", f"must list at least 2 members in etcd mode, got {len(self.servers)}")
+        if self.name and self.name not in names:
+            raise _RelationError("name", f"must be one of the names in cluster.servers, got {self.name!r}")
+
+    def member(self, name: str) -> MemberConfig:
+        """The member called ``name``; ``KeyError`` if there is none."""
+        for member in self.servers:
+            if member.name == name:
+                return member
+        raise KeyError(name)
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration; ``source`` is the file it came from (None: defaults)."""
 
@@ -167,6 +222,7 @@ class Config:
     client: ClientConfig = field(default_factory=ClientConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     # Announce servers on the LAN by mDNS (off by default: an announcement tells the
     # whole network a server is here; configured addresses work without it).
     discovery: bool = _setting(False)
@@ -238,6 +294,22 @@ def _value(spec: Any, kind: type, raw: Any, key: str, base_dir: Path) -> Any:
     return _resolve(value, base_dir) if kind is Path else value
 
 
+def _list(spec: Any, kind: type, raw: Any, key: str, base_dir: Path) -> tuple:
+    """Check a YAML list item by item (``key[i]`` in errors), then the whole list against the field's rule."""
+    if not isinstance(raw, list):
+        raise _Problem(key, f"must be a list, got {_describe(raw)}")
+    if is_dataclass(kind):
+        return tuple(_build(kind, item, f"{key}[{i}]", base_dir) for i, item in enumerate(raw))
+    items = tuple(_value(_PLAIN, kind, item, f"{key}[{i}]", base_dir) for i, item in enumerate(raw))
+    ok = spec.metadata.get("ok")
+    if ok and not ok(items):
+        raise _Problem(key, f"must be {spec.metadata.get('must')}, got {_describe(raw)}")
+    return items
+
+
+_PLAIN = field(metadata={})  # an item of a list: only its type is checked here
+
+
 def _build(cls: type, data: Any, where: str, base_dir: Path, **extra: Any) -> Any:
     """Merge ``data`` over the defaults of dataclass ``cls``, recursing into sections."""
     data = {} if data is None else data
@@ -254,6 +326,8 @@ def _build(cls: type, data: Any, where: str, base_dir: Path, **extra: Any) -> An
         key, kind = _join(where, name), hints[name]
         if is_dataclass(kind):
             values[name] = _build(kind, data.get(name), key, base_dir)
+        elif get_origin(kind) is tuple and name in data:
+            values[name] = _list(spec, get_args(kind)[0], data[name], key, base_dir)
         elif name in data:
             values[name] = _value(spec, kind, data[name], key, base_dir)
         elif kind is Path:

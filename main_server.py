@@ -15,6 +15,11 @@ catalog (it notices within a second and replicates them) and exits.
 The engine, ``MainServer``, imports no tkinter: a window (or a test) holds one
 and calls its methods. With ``server.secret`` set it replicates to the backup
 and sends it heartbeats; see docs/failover.md for the roles and epochs.
+
+With ``cluster.mode: etcd`` the program runs member ``cluster.name`` of an
+etcd cluster instead (headless; ``ClusterMember``). ``--add`` beside a
+running member adds only if that member leads, and with ``cluster.ack:
+quorum`` returns once a majority of the members holds each file, verified.
 """
 from __future__ import annotations
 
@@ -26,10 +31,15 @@ from typing import Sequence
 
 from error_handler import MiniTorrentError
 from minitorrent.common.daemon import build_engine, serve_until_signalled
+from minitorrent.server.coordinator import EtcdUnavailable
+from minitorrent.server.engine import ServerEngine
 from minitorrent.server.main import MainServer
 from minitorrent.web.face import start_with_face, stop_with_face, web_face_for
+from minitorrent.server.member import acknowledge_by_quorum, build_server, leader_name
 
 log = logging.getLogger(__name__)
+
+QUORUM_TIMEOUT_S = 120.0  # --add with cluster.ack quorum gives up (exit 1) if a majority does not hold the file by then
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -44,8 +54,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def add_files(engine: MainServer, paths: Sequence[str]) -> bool:
-    """Import each file or folder, printing one line per file; False if any failed."""
+def add_files(engine: ServerEngine, paths: Sequence[str], added: list | None = None) -> bool:
+    """Import each file or folder, printing one line per file; False if any failed. Results are appended to ``added``."""
     ok = True
     for path in paths:
         try:
@@ -61,11 +71,13 @@ def add_files(engine: MainServer, paths: Sequence[str]) -> bool:
             continue
         for result in results:
             record = result.record
+            if added is not None:
+                added.append(result)
             print(f"{result.outcome}: {record.name} ({record.size} bytes, sha256 {record.sha256[:12]})", flush=True)
     return ok
 
 
-def edit_catalog(engine: MainServer, remove: Sequence[str], rename: Sequence[str] | None) -> bool:
+def edit_catalog(engine: ServerEngine, remove: Sequence[str], rename: Sequence[str] | None) -> bool:
     """Apply ``--remove`` and ``--rename``, one line each; False if any failed."""
     ok = True
     for path in remove:
@@ -82,23 +94,29 @@ def edit_catalog(engine: MainServer, remove: Sequence[str], rename: Sequence[str
     return ok
 
 
-def start_banner(engine: MainServer) -> str:
+def start_banner(engine: ServerEngine) -> str:
     """Start the engine; the line that says where it listens."""
     host, port = engine.start()
     count, total = engine.catalog.count_files()
-    return f"main server listening on {host}:{port} with {count} files ({total} bytes)"
+    who = "main server" if engine.name == "main" else f"cluster member {engine.name}"
+    return f"{who} listening on {host}:{port} with {count} files ({total} bytes)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    engine = build_engine(args.config, "main_server", MainServer)
+    engine = build_engine(args.config, "main_server", build_server)
     if engine is None:
         return 2
+    etcd_mode = engine.config.cluster.mode == "etcd"
     edits = bool(args.add or args.remove or args.rename)
-    if not args.headless and not (edits and _folder_taken(engine)):
+    if not args.headless and not etcd_mode and not (edits and _folder_taken(engine)):
         if args.remove or args.rename:
             edit_catalog(engine, args.remove, args.rename)
         return run_window(engine, args.add, args.geometry)  # with edits and a main already running: as headless
+    if etcd_mode and not args.headless:
+        print("note: a cluster member (cluster.mode: etcd) has no window: running headless", file=sys.stderr)
+    if args.add and etcd_mode and _folder_taken(engine):
+        return add_to_running_member(engine, args.add)
     added_ok = add_files(engine, args.add) and edit_catalog(engine, args.remove, args.rename)
     if not added_ok or (edits and _already_running(engine)):
         engine.catalog.close()
@@ -106,12 +124,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     face = web_face_for(engine, engine.config)
     try:
         serve_until_signalled(lambda: start_with_face(lambda: start_banner(engine), face),
-                              lambda: stop_with_face(engine.stop, face), "main server")
+                              lambda: stop_with_face(engine.stop, face), f"{engine.name} server")
     except MiniTorrentError as error:
         print(f"error: {error}", file=sys.stderr)
         engine.catalog.close()
         return 1
     return 0
+
+
+def add_to_running_member(engine: ServerEngine, paths: Sequence[str]) -> int:
+    """etcd mode: add to the running leader's catalog; with ``cluster.ack: quorum``, return once a majority holds each file."""
+    config = engine.config
+    try:
+        leader = leader_name(config)
+        if leader != engine.name:
+            print(f"error: {engine.name} is not the leader ({leader or 'nobody'} leads): add files on the leader",
+                  file=sys.stderr)
+            return 1
+        added: list = []
+        ok = add_files(engine, paths, added)
+        print(f"the {engine.name} server already running on this data folder now shares them", flush=True)
+        if ok and config.cluster.ack == "quorum":
+            failures = acknowledge_by_quorum(config, added, engine.stop_event, QUORUM_TIMEOUT_S)
+            for failure in failures:
+                print(f"error: not acknowledged by a quorum: {failure}", file=sys.stderr)
+            ok = not failures
+            if ok:
+                print(f"acknowledged by a quorum of {len(config.cluster.servers) // 2 + 1}", flush=True)
+        return 0 if ok else 1
+    except EtcdUnavailable as error:
+        print(f"error: etcd is unreachable: {error}", file=sys.stderr)
+        return 1
+    finally:
+        engine.catalog.close()
 
 
 def run_window(engine: MainServer, add: Sequence[str], geometry: str | None = None) -> int:

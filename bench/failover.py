@@ -53,12 +53,14 @@ import math
 import os
 import random
 import secrets
+import shutil
 import signal
 import statistics
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -298,10 +300,13 @@ class Cluster:
 
     processes: list = field(default_factory=list)
     proxy: subprocess.Popen | None = None
+    etcd: subprocess.Popen | None = None
 
     def close(self) -> None:
         for process in reversed(self.processes):
             stop_process(process.process)
+        if self.etcd is not None:
+            stop_process(self.etcd)
         if self.proxy is not None:
             if self.proxy.poll() is None:
                 self.proxy.kill()
@@ -357,12 +362,10 @@ def one_run(folder: Path, size: int, interval: float, timeout: float, throttle: 
             rng: random.Random) -> RunResult:
     source = folder / "source" / FILE_NAME
     source_sha = write_random_file(source, size, rng.getrandbits(64))
-    chunks = math.ceil(size / CHUNK_BYTES)
     main_port, backup_port = free_port(), free_port()
     shared = settings(folder, main_port, backup_port, secrets.token_hex(16), interval, timeout)
     cluster = Cluster()
     stop = threading.Event()
-    engine: ClientEngine | None = None
     try:
         with starting():
             main = ServerProcess(write_config(folder / "main" / "config.yaml", shared), add=[source])
@@ -379,16 +382,119 @@ def one_run(folder: Path, size: int, interval: float, timeout: float, throttle: 
             client_settings = {**shared, "server": {**shared["server"],
                                                    "main": {**shared["server"]["main"], "port": cluster.proxy.port}}}
         client_config = load_config(write_config(folder / "client" / "config.yaml", client_settings))
+        return download_and_kill(client_config, main, [backup.address], size, source_sha, timeout, rng, stop)
+    finally:
+        stop.set()
+        cluster.close()
 
-        low, high = math.ceil(KILL_RANGE[0] * chunks), math.floor(KILL_RANGE[1] * chunks)
-        kill_at = rng.randint(max(1, low), max(1, low, high))
-        clock = ChunkClock(kill_at)
-        engine = ClientEngine(client_config, on_progress=clock)
-        killer = Killer(main.process, clock.reached, clock, stop)
-        watcher = BackupWatcher(backup.address, stop)
+
+# One run in etcd mode ---------------------------------------------------------------------------------
+
+
+MEMBERS = ("a", "b", "c")
+
+
+def start_etcd(folder: Path, cluster: Cluster) -> str:
+    """A real etcd on free 127.0.0.1 ports, its data in ``folder``; returns its client URL."""
+    binary = shutil.which("etcd")
+    if binary is None:
+        raise BenchError("etcd is not installed: apt-get install etcd-server (--mode etcd needs it)")
+    client, peer = f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"
+    with open(folder / "etcd.log", "w", encoding="utf-8") as log:  # etcd keeps its own copy of the descriptor
+        cluster.etcd = subprocess.Popen([binary, "--name", "bench", "--data-dir", str(folder / "etcd-data"),
+                                         "--listen-client-urls", client, "--advertise-client-urls", client,
+                                         "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+                                         "--initial-cluster", f"bench={peer}"], stdout=log, stderr=log)
+    deadline = time.monotonic() + SYNC_TIMEOUT_S
+    while not etcd_answers(client):
+        if time.monotonic() > deadline or cluster.etcd.poll() is not None:
+            raise BenchError(f"etcd did not start: {(folder / 'etcd.log').read_text(errors='replace')[-2000:]}")
+        time.sleep(0.05)
+    return client
+
+
+def etcd_answers(url: str) -> bool:
+    request = urllib.request.Request(url + "/v3/kv/range", data=b'{"key": "AA=="}', method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=1) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def etcd_settings(folder: Path, ports: dict[str, int], endpoint: str, secret: str, interval: float,
+                  timeout: float, name: str = "") -> dict:
+    shared = settings(folder, ports["a"], ports["b"], secret, interval, timeout)
+    servers = [{"name": n, "host": "127.0.0.1", "port": p, "data_dir": str(folder / f"{n}-data")}
+               for n, p in ports.items()]
+    return {**shared, "cluster": {"mode": "etcd", "name": name, "servers": servers,
+                                  "etcd": {"endpoints": [endpoint], "prefix": "/bench"}}}
+
+
+def wait_leader_in_sync(leader: ServerProcess, followers: int, deadline_s: float) -> None:
+    """Until ``leader`` is active and says ``followers`` followers hold everything (0: only active)."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        status = status_of(leader.address) or {}
+        states = status.get("cluster", {}).get("followers", {})
+        if status.get("role") == "active" and sum(bool(state.get("in_sync")) for state in states.values()) >= followers:
+            return
+        if leader.process.poll() is not None:
+            raise BenchError("the first member exited:\n" + leader.stderr_path.read_text(errors="replace")[-2000:])
+        if time.monotonic() > deadline:
+            raise BenchError(f"the followers were not in sync after {deadline_s:.0f} s; leader status: {status}")
+        time.sleep(0.1)
+
+
+def one_etcd_run(folder: Path, size: int, interval: float, timeout: float, throttle: float | None,
+                 rng: random.Random) -> RunResult:
+    """Three members and etcd; "a" starts alone sharing the file (so it leads), then b and c; kill a."""
+    source = folder / "source" / FILE_NAME
+    source_sha = write_random_file(source, size, rng.getrandbits(64))
+    ports = {name: free_port() for name in MEMBERS}
+    cluster = Cluster()
+    stop = threading.Event()
+    try:
+        endpoint = start_etcd(folder, cluster)
+        secret = secrets.token_hex(16)
+        members = {}
+        for name in MEMBERS:
+            config = write_config(folder / name / "config.yaml",
+                                  etcd_settings(folder, ports, endpoint, secret, interval, timeout, name))
+            with starting():
+                members[name] = ServerProcess(config, add=[source] if name == "a" else ())
+                cluster.processes.append(members[name])
+            if name == "a":
+                wait_leader_in_sync(members["a"], 0, SYNC_TIMEOUT_S + size / SYNC_RATE_BPS)
+        wait_leader_in_sync(members["a"], len(MEMBERS) - 1, SYNC_TIMEOUT_S + size / SYNC_RATE_BPS)
+        client_ports = dict(ports)
+        if throttle:
+            with starting():
+                cluster.proxy = start_proxy(ports["a"], throttle)
+            client_ports["a"] = cluster.proxy.port
+        client_settings = etcd_settings(folder, client_ports, endpoint, secret, interval, timeout)
+        client_config = load_config(write_config(folder / "client" / "config.yaml", client_settings))
+        watched = [("127.0.0.1", ports[name]) for name in MEMBERS[1:]]
+        return download_and_kill(client_config, members["a"], watched, size, source_sha, timeout, rng, stop)
+    finally:
+        stop.set()
+        cluster.close()
+
+
+def download_and_kill(client_config, victim: ServerProcess, watched: list[tuple[str, int]], size: int,
+                      source_sha: str, timeout: float, rng: random.Random, stop: threading.Event) -> RunResult:
+    """Download the file, SIGKILL ``victim`` at a random chunk, watch ``watched`` take over; the run's figures."""
+    chunks = math.ceil(size / CHUNK_BYTES)
+    low, high = math.ceil(KILL_RANGE[0] * chunks), math.floor(KILL_RANGE[1] * chunks)
+    kill_at = rng.randint(max(1, low), max(1, low, high))
+    clock = ChunkClock(kill_at)
+    engine = ClientEngine(client_config, on_progress=clock)
+    killer = Killer(victim.process, clock.reached, clock, stop)
+    watchers = [BackupWatcher(address, stop) for address in watched]
+    try:
         killer.start()
-        watcher.start()
-
+        for watcher in watchers:
+            watcher.start()
         outcome: dict = {}
 
         def download() -> None:
@@ -404,7 +510,8 @@ def one_run(folder: Path, size: int, interval: float, timeout: float, throttle: 
         seconds = time.monotonic() - started
         stop.set()
         killer.join(5)
-        watcher.join(5)
+        for watcher in watchers:
+            watcher.join(5)
         if thread.is_alive():
             raise BenchError(f"the download did not finish within {seconds:.0f} s")
         if "error" in outcome:
@@ -416,15 +523,12 @@ def one_run(folder: Path, size: int, interval: float, timeout: float, throttle: 
             raise BenchError("the download finished before the kill landed: it is too fast to kill mid-way "
                              "on this machine; try --throttle 200M")
         byte_exact = sha256_of(result.path) == source_sha
-        return measure(clock.snapshot(), killer, watcher, result, chunks, kill_at, byte_exact, seconds, size)
+        return measure(clock.snapshot(), killer, watchers, result, chunks, kill_at, byte_exact, seconds, size)
     finally:
-        stop.set()
-        if engine is not None:
-            engine.close()
-        cluster.close()
+        engine.close()
 
 
-def measure(times: list[float], killer: Killer, watcher: BackupWatcher, result: DownloadResult, chunks: int,
+def measure(times: list[float], killer: Killer, watchers: list[BackupWatcher], result: DownloadResult, chunks: int,
             kill_at: int, byte_exact: bool, seconds: float, size: int) -> RunResult:
     killed = killer.killed_at
     times = sorted(times)
@@ -437,13 +541,14 @@ def measure(times: list[float], killer: Killer, watcher: BackupWatcher, result: 
     series = [before[-1]] + after
     gaps = [(series[i + 1] - series[i], i) for i in range(len(series) - 1)]
     outage, at = max(gaps)
-    promoted = watcher.promoted_at()
+    promotions = [at for at in (watcher.promoted_at() for watcher in watchers) if at is not None]
+    promoted = min(promotions, default=None)
     if promoted is not None and series[at + 1] < promoted - 0.1:  # 0.1 s: the status polling lags a little
         raise BenchError("the download finished from chunks the main had sent before it died; the file is too "
                          "small to see a failover: use a larger --size or --throttle")
     return RunResult(
         size=size, chunks=chunks, kill_at=kill_at, chunks_at_kill=killer.chunks_at_kill,
-        heartbeat_age_s=watcher.heartbeat_age_at(killed),
+        heartbeat_age_s=watchers[0].heartbeat_age_at(killed) if len(watchers) == 1 else None,
         kill_to_promoted_s=None if promoted is None else promoted - killed,
         last_before_to_kill_s=killed - before[-1], kill_to_resume_s=series[at + 1] - killed,
         outage_s=outage, drained=at, duplicate_chunks=result.duplicate_chunks,
@@ -504,13 +609,14 @@ line = partial(report_line, width=50)
 
 
 def measure_runs(count: int, size: int, interval: float, timeout: float, throttle: float | None,
-                 rng: random.Random) -> list[RunResult]:
+                 rng: random.Random, mode: str = "pair") -> list[RunResult]:
     """``count`` failovers, each in a fresh folder removed after it; a row of the table per run."""
     runs: list[RunResult] = []
     print(HEADER, flush=True)
+    run_once = one_etcd_run if mode == "etcd" else one_run
     for number in range(1, count + 1):
         with temp_folder("minitorrent-failover-") as folder:
-            run = one_run(folder, size, interval, timeout, throttle, rng)
+            run = run_once(folder, size, interval, timeout, throttle, rng)
         runs.append(run)
         print(row(number, run), flush=True)
     return runs
@@ -526,6 +632,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--throttle", type=parse_size, default=None, metavar="RATE",
                         help="pace the main's link at RATE bytes/s through a proxy (e.g. 100M); default off")
     parser.add_argument("--seed", type=int, default=None, help="seed for the kill points and file contents")
+    parser.add_argument("--mode", choices=("pair", "etcd"), default="pair",
+                        help="pair: main + backup (default); etcd: three members and a real etcd, the leader killed")
     args = parser.parse_args(argv)
     if args.runs < 1:
         parser.error("--runs must be at least 1")
@@ -540,12 +648,14 @@ def main(argv: list[str] | None = None) -> int:
     rng = random.Random(seed)
     link = (f"THROTTLED: the main's link is paced at {args.throttle / (1 << 20):.0f} MiB/s by a proxy" if args.throttle
             else "plain loopback, no throttling")
-    print(f"{args.runs} run(s), file of {args.size} bytes ({math.ceil(args.size / CHUNK_BYTES)} chunks of 1 MiB), "
+    if args.mode == "etcd":
+        args.timeout = float(math.ceil(args.timeout))  # etcd leases are whole seconds
+    print(f"{args.mode} mode: {args.runs} run(s), file of {args.size} bytes ({math.ceil(args.size / CHUNK_BYTES)} chunks of 1 MiB), "
           f"heartbeat_interval {args.interval:g} s, heartbeat_timeout {args.timeout:g} s, {link}; seed {seed}")
     print(LEGEND, flush=True)
     print(f"load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())}", flush=True)
     return exit_status(lambda: 0 if report(measure_runs(args.runs, args.size, args.interval, args.timeout,
-                                                        args.throttle, rng), args.timeout) else 1)
+                                                        args.throttle, rng, args.mode), args.timeout) else 1)
 
 
 if __name__ == "__main__":

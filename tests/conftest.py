@@ -282,3 +282,66 @@ def pump_until(root, condition: Callable[[], Any], timeout: float = LONG_TIMEOUT
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(POLL_INTERVAL)
+
+
+# etcd ----------------------------------------------------------------------------------------------------------
+
+
+class EtcdServer:
+    """A real etcd (Debian's ``etcd-server``) on free 127.0.0.1 ports, its data under ``folder``.
+
+    ``stop`` kills it (SIGKILL); ``start`` brings it back on the same ports and data.
+    """
+
+    def __init__(self, binary: str, folder: Path) -> None:
+        self.binary = binary
+        self.folder = folder
+        self.client_port, self.peer_port = launcher.free_port(), launcher.free_port()
+        self.endpoint = f"http://127.0.0.1:{self.client_port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        """Start etcd and wait until it answers a read."""
+        peer = f"http://127.0.0.1:{self.peer_port}"
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with open(self.folder / "etcd.log", "a", encoding="utf-8") as log:
+            self.process = subprocess.Popen(
+                [self.binary, "--name", "t", "--data-dir", str(self.folder / "data"),
+                 "--listen-client-urls", self.endpoint, "--advertise-client-urls", self.endpoint,
+                 "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+                 "--initial-cluster", f"t={peer}"], stdout=log, stderr=log)
+        wait_until(self.answers, LONG_TIMEOUT, f"etcd to answer on {self.endpoint}")
+
+    def answers(self) -> bool:
+        """True if etcd answers a range request now."""
+        import urllib.request
+
+        request = urllib.request.Request(self.endpoint + "/v3/kv/range", data=b'{"key": "AA=="}', method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=1) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        """SIGKILL etcd and reap it."""
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(SHORT_TIMEOUT)
+
+
+@pytest.fixture
+def etcd(tmp_path: Path) -> Iterator[EtcdServer]:
+    """A running etcd for one test. Skips (saying why) when etcd is not installed, fails instead with REQUIRE_ETCD=1."""
+    import shutil
+
+    binary = shutil.which("etcd")
+    if binary is None:
+        reason = "etcd is not installed (Debian package etcd-server): the etcd cluster tests need it"
+        if os.environ.get("REQUIRE_ETCD") == "1":
+            pytest.fail(reason + " (REQUIRE_ETCD=1)")
+        pytest.skip(reason)
+    server = EtcdServer(binary, tmp_path / "etcd")
+    server.start()
+    yield server
+    server.stop()

@@ -390,6 +390,58 @@ class TestPortProperty:
         assert port == config.client.seed_port
 
 
+class TestClusterSettings:
+    ETCD = ("cluster: {mode: etcd, name: b, ack: quorum, etcd: {endpoints: ['http://127.0.0.1:12379'], prefix: /t},"
+            " servers: [{name: a, port: 7101, data_dir: d/a}, {name: b, host: 127.0.0.2, port: 7102}]}")
+
+    def test_default_is_a_pair(self, tmp_path):
+        """No cluster section: pair mode, leader acks, no members, etcd's usual local endpoint."""
+        cluster = load_text(tmp_path, "").cluster
+        assert ("pair", "leader", (), ("http://127.0.0.1:2379",)) == (
+            cluster.mode, cluster.ack, cluster.servers, cluster.etcd.endpoints)
+
+    def test_etcd_members_are_read_with_their_paths_resolved(self, tmp_path):
+        """Each member keeps its name and address; relative data folders resolve against the config's folder."""
+        cluster = load_text(tmp_path, self.ETCD).cluster
+        assert [("a", "127.0.0.1", 7101, tmp_path / "d" / "a"), ("b", "127.0.0.2", 7102, tmp_path / "data" / "member")] \
+            == [(m.name, m.host, m.port, m.data_dir) for m in cluster.servers]
+        assert ("etcd", "b", "quorum", ("http://127.0.0.1:12379",), "/t", 7102) == (
+            cluster.mode, cluster.name, cluster.ack, cluster.etcd.endpoints, cluster.etcd.prefix,
+            cluster.member("b").port)
+
+    @pytest.mark.parametrize(
+        ("text", "expected_tail"),
+        [
+            ("cluster: {mode: raft}", "cluster.mode: must be pair or etcd, got 'raft'"),
+            ("cluster: {ack: all}", "cluster.ack: must be leader or quorum, got 'all'"),
+            ("cluster: {servers: a}", "cluster.servers: must be a list, got 'a'"),
+            ("cluster: {servers: [{name: a}]}", "cluster.servers[0].port: must be set to an integer from 1 to 65535"),
+            ("cluster: {servers: [{port: 1}]}", "cluster.servers[0].name: must be set (each member of cluster.servers "
+                                                 "needs a unique name)"),
+            ("cluster: {servers: [{name: a, port: 1, colour: red}]}",
+             "cluster.servers[0].colour: unknown key (allowed here: name, host, port, data_dir)"),
+            ("cluster: {servers: [{name: a, port: 1}, {name: a, port: 2}]}",
+             "cluster.servers: must have unique names, got 'a' twice"),
+            ("cluster: {mode: etcd, servers: [{name: a, port: 1}]}",
+             "cluster.servers: must list at least 2 members in etcd mode, got 1"),
+            ("cluster: {name: z, servers: [{name: a, port: 1}]}",
+             "cluster.name: must be one of the names in cluster.servers, got 'z'"),
+            ("cluster: {etcd: {endpoints: []}}", "cluster.etcd.endpoints: must be a non-empty list of http:// URLs, "
+                                                  "got a list"),
+            ("cluster: {etcd: {endpoints: ['127.0.0.1:2379']}}",
+             "cluster.etcd.endpoints: must be a non-empty list of http:// URLs, got a list"),
+            ("cluster: {etcd: {endpoints: [2379]}}", "cluster.etcd.endpoints[0]: must be a string, got 2379"),
+            ("cluster: {etcd: {endpoints: http://x}}", "cluster.etcd.endpoints: must be a list, got 'http://x'"),
+        ],
+    )
+    def test_bad_cluster_value_names_the_key(self, tmp_path, text, expected_tail):
+        """Every wrong cluster setting is a one-line error naming the key (list items by index)."""
+        with pytest.raises(ConfigError) as caught:
+            load_text(tmp_path, text)
+        message = str(caught.value)
+        assert (True, 1) == (message.endswith(expected_tail), len(message.splitlines())), message
+
+
 class TestDiscoveryKey:
     def test_discovery_is_off_unless_asked(self, tmp_path):
         """An empty file leaves discovery off; `discovery: true` turns it on."""

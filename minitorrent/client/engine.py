@@ -14,11 +14,14 @@ from minitorrent.client.folders import FolderDownload, FolderResult
 from minitorrent.client.progress import Progress
 from minitorrent.client.seeding import Seeder
 from minitorrent.common.partfile import discard_recorded, finish_interrupted_installs
+from minitorrent.net import remote
 from minitorrent.net.remote import ServerClient
 from minitorrent.net.throttle import TokenBucket
 from minitorrent.wire import protocol
 
 log = logging.getLogger(__name__)
+
+DISCOVERY_TIMEOUT_S = 1.0  # a member that does not answer this fast is not asked for the member list
 
 
 class ClientEngine:
@@ -30,7 +33,7 @@ class ClientEngine:
     def __init__(self, config: Config, on_progress: Callable[[Progress], None] | None = None) -> None:
         self.config = config
         transfer = config.transfer
-        self.server = ServerClient(server_addresses(config), io_timeout_s=transfer.io_timeout,
+        self.server = ServerClient(known_servers(config), io_timeout_s=transfer.io_timeout,
                                    pool_size=transfer.pool_size, retry_deadline_s=config.client.retry_deadline)
         self.store = ClientStore(config.client.data_dir / "client.db")
         finish_interrupted_installs(self.store)  # else a download killed while installing is listed unfinished for good
@@ -148,6 +151,30 @@ class ClientEngine:
 
 
 def server_addresses(config: Config) -> list[tuple[str, int]]:
-    """The servers a client may talk to: the main, then the backup (port 0: not configured)."""
+    """The servers a client may talk to: the main, then the backup (port 0: not configured); in etcd mode, every member."""
+    if config.cluster.mode == "etcd":
+        return [(member.host, member.port) for member in config.cluster.servers]
     servers = (config.server.main, config.server.backup)
     return [(server.host, server.port) for server in servers if server.port != 0]
+
+
+def known_servers(config: Config) -> list[tuple[str, int]]:
+    """``server_addresses``; in etcd mode also every member that the first answering member lists.
+
+    So a client configured with one member still finds the others (and
+    through them the leader) after that member dies.
+    """
+    configured = server_addresses(config)
+    if config.cluster.mode != "etcd":
+        return configured
+    for address in configured:
+        status = remote.status_of(address, DISCOVERY_TIMEOUT_S)
+        if status and status.get("cluster", {}).get("members"):
+            listed = [_address(member["address"]) for member in status["cluster"]["members"]]
+            return configured + [a for a in listed if a is not None and a not in configured]
+    return configured
+
+
+def _address(text: str) -> tuple[str, int] | None:
+    host, _, port = str(text).rpartition(":")
+    return (host, int(port)) if host and port.isdigit() and 0 < int(port) < 65536 else None

@@ -379,8 +379,9 @@ class BackupWindow(ServerWindow):
         if not messagebox.askyesno(
                 "Promote the backup now?",
                 "The backup becomes ACTIVE with a new epoch and serves clients at once.\n\n"
-                "If the main server is still running, it learns of the higher epoch and stops serving, "
-                "then catches up from the backup. Promote now?", parent=self.root):
+                "If the main server is still running, it learns of the higher epoch, stops serving and "
+                "catches up from the backup; this backup then keeps the role until you click Hand back to "
+                "main, even with failback auto. Promote now?", parent=self.root):
             return
         self.promote_button.configure(state="disabled")
         self.controller.promote()

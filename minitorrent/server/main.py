@@ -21,6 +21,8 @@ from minitorrent.server.failback import (
     catch_up_and_take_over,
     remove_old_failback_staging,
 )
+from minitorrent.server.ha import Action, Decision, Kind, Observation
+from minitorrent.server.haloop import DecisionLoop
 from minitorrent.server.replication import (
     PEER_ERRORS,
     Heartbeater,
@@ -28,7 +30,7 @@ from minitorrent.server.replication import (
     Replicator,
     open_receiving_store,
 )
-from minitorrent.server.roles import Role, RoleChanged
+from minitorrent.server.roles import Role
 from minitorrent.wire import protocol
 
 log = logging.getLogger(__name__)
@@ -47,9 +49,14 @@ class MainServer(ServerEngine):
         self.backup_address = (backup.host, backup.port)
         self.replicating = bool(config.server.secret) and backup.port != 0
         self.replicator: Replicator | None = None
+        self._lock = threading.Lock()
         self._last_ack: tuple[float, protocol.HeartbeatAck] | None = None
+        self._backup_answered = False  # the last heartbeat round got an answer
+        self._handed_back = False  # the failback thread got the role handed over: the loop promotes
         self._catch_up_thread: threading.Thread | None = None
         self._started_at = time.monotonic()
+        self.loop = DecisionLoop("main", self._observe, self._apply, self.stop_event)
+        self.node.listeners.append(self.loop.wake)
 
     # Files --------------------------------------------------------------------------
 
@@ -59,31 +66,11 @@ class MainServer(ServerEngine):
         self._changed()
         return result
 
-    def add_folder(self, path: str | Path,
-                   on_progress: Callable[[int], None] | None = None) -> tuple[list[AddResult], list[str]]:
-        """Import a whole folder tree (see ``Catalog.add_folder``): (results, warnings)."""
-        try:
-            return self.catalog.add_folder(path, on_progress)
-        finally:
-            self._changed()
-
     def remove_file(self, name: str) -> bool:
         """Stop sharing ``name``; True if it was shared."""
         removed = self.catalog.remove_file(name)
         self._changed()
         return removed
-
-    def remove_path(self, path: str) -> int:
-        """Stop sharing a file or a whole folder; how many files went (replicated to the backup)."""
-        removed = self.catalog.remove_path(path)
-        self._changed()
-        return removed
-
-    def rename_path(self, old: str, new: str) -> int:
-        """Rename a file or a folder; how many names changed (replicated to the backup)."""
-        renamed = self.catalog.rename_path(old, new)
-        self._changed()
-        return renamed
 
     def _changed(self) -> None:
         if self.replicator:
@@ -98,7 +85,8 @@ class MainServer(ServerEngine):
         folder or the address cannot be bound.
         """
         address = self._listen()
-        self._started_at = time.monotonic()
+        with self._lock:
+            self._started_at = time.monotonic()
         remove_old_failback_staging(self.catalog.data_dir)
         if self.replicating:
             log.info("asking the backup who is active before serving (up to %g s)",
@@ -107,22 +95,16 @@ class MainServer(ServerEngine):
         else:
             reason = "server.secret is empty" if not self.config.server.secret else "no backup configured"
             log.info("replication off: %s", reason)
-            self.node.listeners.append(self._stay_active_alone)
-            self.node.become_active(f"{reason}; serving alone")
+        self.loop.start()
         return address
 
     def _stop_workers(self) -> None:
         for thread in self._threads():
             thread.join(self.config.transfer.io_timeout + 1)
 
-    def _stay_active_alone(self, event: RoleChanged) -> None:
-        """With no backup there is no one to hand over to: a higher epoch from a client is taken and passed."""
-        if event.role is Role.STANDBY and not self.stop_event.is_set():
-            self.node.become_active("no backup to hand over to: taking an epoch above the one a client reported")
-
     def _threads(self) -> list[threading.Thread]:
-        threads = [self._catch_up_thread] + ([self.replicator.thread, self._heartbeater.thread]
-                                             if self.replicator else [])
+        threads = [self._catch_up_thread, self.loop.thread] + (
+            [self.replicator.thread, self._heartbeater.thread] if self.replicator else [])
         return [t for t in threads if t is not None and t.is_alive()]
 
     def _start_replication(self, my_address: str) -> None:
@@ -136,36 +118,59 @@ class MainServer(ServerEngine):
         self.replicator.start()
         self._heartbeater.start()
 
-    # Roles -------------------------------------------------------------------------------
+    # Observations: the heartbeat and failback threads record, the loop decides -------------------------------
 
     def _on_heartbeat_ack(self, ack: protocol.HeartbeatAck | None) -> None:
-        """Decide our role from the backup's answer (heartbeat thread)."""
-        if ack is None:
-            self._backup_unreachable()
-            return
-        self._last_ack = (time.monotonic(), ack)
-        backup = f"{self.backup_address[0]}:{self.backup_address[1]}"
-        backup_active = ack.role == Role.ACTIVE.value
-        # It took over while we were away, or we lost our state; or it promoted itself to our own epoch
-        # without ever hearing it (no heartbeat reached it before we went silent): a tie nothing else breaks.
-        if ack.epoch > self.node.epoch or (backup_active and ack.epoch == self.node.epoch):
-            self.node.observe_epoch(ack.epoch, "the backup", primary=backup if backup_active else "")
-            if backup_active:
-                self.node.step_down(f"the backup is also active, with epoch {ack.epoch}", backup)
-            self._start_catch_up()
-        elif self.node.role is Role.STANDBY and not self._catching_up():
-            self.node.observe_epoch(ack.epoch, "the backup")
-            self.node.become_active("the backup is on standby")
+        """Record the backup's answer, or its silence (heartbeat thread)."""
+        if ack is not None:
+            backup_active = ack.role == Role.ACTIVE.value
+            # Fencing, at once: the backup is our authenticated peer, and its epoch may beat ours.
+            self.node.observe_epoch(ack.epoch, "the backup", primary=self._backup_name() if backup_active else "")
+        with self._lock:
+            self._backup_answered = ack is not None
+            if ack is not None:
+                self._last_ack = (time.monotonic(), ack)
+        self.loop.wake()
 
-    def _backup_unreachable(self) -> None:
-        if self.node.role is Role.ACTIVE or self._catching_up():
-            return
-        # Silence counts from our own start, as the backup's does: a backup that took over while we
-        # were away and is briefly unreachable now must not find us serving a stale catalog beside it.
-        last_contact = self._last_ack[0] if self._last_ack else self._started_at
-        timeout = self.config.server.backup.heartbeat_timeout
-        if time.monotonic() - last_contact > timeout:
-            self.node.become_active("the backup is unreachable")
+    def _backup_name(self) -> str:
+        return f"{self.backup_address[0]}:{self.backup_address[1]}"
+
+    def _observe(self) -> Observation:
+        node = self.node
+        with self._lock:
+            last_contact = self._last_ack[0] if self._last_ack else self._started_at
+            ack = self._last_ack[1] if self._last_ack else None
+            return Observation(
+                Kind.MAIN, node.role, node.epoch, highest_seen=node.highest_seen_epoch,
+                heartbeat_timeout_s=self.config.server.backup.heartbeat_timeout, has_peer=self.replicating,
+                peer_reachable=self._backup_answered, peer_role=Role(ack.role) if ack else None,
+                peer_epoch=ack.epoch if ack else 0, peer_address=self._backup_name(),
+                peer_silent_s=time.monotonic() - last_contact, catching_up=self._catching_up(),
+                handed_back=self._handed_back)
+
+    def _apply(self, decision: Decision) -> None:
+        action, reason = decision.action, decision.reason
+        if action in (Action.PROMOTE, Action.RESUME):
+            self._take_role(action, reason)
+        elif action is Action.STEP_DOWN:
+            backup_active = self._last_ack is not None and self._last_ack[1].role == Role.ACTIVE.value
+            self.node.step_down(reason, self._backup_name() if backup_active else "")
+        elif action is Action.CATCH_UP:
+            log.info("%s", reason)
+            self._start_catch_up()
+
+    def _take_role(self, action: Action, reason: str) -> None:
+        if action is Action.PROMOTE:
+            self.node.promote(reason)
+        else:
+            try:
+                self.node.activate(reason)
+            except RuntimeError:  # a higher epoch arrived since the view was taken: decide again
+                return
+        with self._lock:
+            self._handed_back = False
+        self.metrics.set_downloads(self.catalog.download_counts())  # counters merged from the backup
+        self._changed()
 
     def _catching_up(self) -> bool:
         return self._catch_up_thread is not None and self._catch_up_thread.is_alive()
@@ -177,22 +182,21 @@ class MainServer(ServerEngine):
         self._catch_up_thread.start()
 
     def _catch_up_loop(self) -> None:
-        """Fetch what the backup gained and take the role back; retry until done or stopped."""
+        """Fetch what the backup gained and ask for the role back; retry until handed over or stopped."""
         config = self.config
         link = PeerLink(self.backup_address, config.server.secret, config.transfer.io_timeout, self.node)
         partials = open_receiving_store(self.catalog.data_dir / "failback.db", self.catalog)
         try:
             while not self.stop_event.is_set() and self.node.role is Role.STANDBY:
-                if self._try_take_over(link, partials):
+                if self._try_catch_up(link, partials):
                     return
                 self.stop_event.wait(config.server.backup.heartbeat_interval)
         finally:
             link.drop()
             partials.close()
 
-    def _try_take_over(self, link: PeerLink, partials: PartialStore) -> bool:
-        log.info("the backup knows epoch %d (ours is %d): catching up from it before serving",
-                 self.node.highest_seen_epoch, self.node.epoch)
+    def _try_catch_up(self, link: PeerLink, partials: PartialStore) -> bool:
+        """One round: True once the backup handed the role over (recorded for the loop)."""
         try:
             handed_over = catch_up_and_take_over(self.catalog, link, partials, self.stop_event)
         except (*PEER_ERRORS, MiniTorrentError, OSError) as error:  # OSError: our disk; the part file is kept
@@ -200,9 +204,9 @@ class MainServer(ServerEngine):
             log.warning("failback not done yet: %s", error)
             return False
         if handed_over:
-            self.node.promote("the backup handed the active role back")
-            self.metrics.set_downloads(self.catalog.download_counts())
-            self._changed()
+            with self._lock:
+                self._handed_back = True
+            self.loop.wake()
         return handed_over
 
     def backup_link(self) -> dict:
@@ -219,11 +223,13 @@ class MainServer(ServerEngine):
 
     def _status_extra(self) -> dict:
         if not self.replicating:
-            return {"backup": {"replicating": False}}
-        backup = {"replicating": True, "address": f"{self.backup_address[0]}:{self.backup_address[1]}"}
-        if self._last_ack:
-            seen_at, ack = self._last_ack
+            return {"backup": {"replicating": False}, "decision": self.loop.last()}
+        backup = {"replicating": True, "address": self._backup_name()}
+        with self._lock:
+            last_ack = self._last_ack
+        if last_ack:
+            seen_at, ack = last_ack
             backup.update(role=ack.role, epoch=ack.epoch, last_heartbeat_ack_age_s=round(time.monotonic() - seen_at, 3))
         if self.replicator:
             backup.update(self.replicator.status())
-        return {"backup": backup}
+        return {"backup": backup, "decision": self.loop.last()}

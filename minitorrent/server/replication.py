@@ -429,11 +429,10 @@ class ReplicaReceiver:
     where it stopped (after the recorded chunks are hashed again).
     """
 
-    def __init__(self, catalog: Catalog, node: NodeState, failback: str, main_address: Callable[[], str]) -> None:
+    def __init__(self, catalog: Catalog, node: NodeState, failback: str) -> None:
         self.catalog = catalog
         self.node = node
         self.failback = failback
-        self.main_address = main_address
         self.handback_approved = threading.Event()
         self.partials = open_receiving_store(catalog.data_dir / "replica.db", catalog)
         self._lock = threading.Lock()
@@ -448,7 +447,6 @@ class ReplicaReceiver:
             protocol.ReplicateChunk: self.replicate_chunk,
             protocol.RemoveFile: self.remove_file,
             protocol.MergeCounters: self.merge_counters,
-            protocol.HandOver: self.hand_over,
         }
 
     def in_progress(self) -> list[dict]:
@@ -538,15 +536,6 @@ class ReplicaReceiver:
         self.catalog.db.merge_download_counters(decode_document(frame.payload))
         self.on_change()
         peer.send(protocol.Ok())
-
-    def hand_over(self, peer: PeerConnection, frame: Frame) -> None:
-        if self.node.is_active():
-            if self.failback == "manual" and not self.handback_approved.is_set():
-                raise RequestFailed(ErrorCode.FAILBACK_MANUAL, "failback is manual: waiting for the backup's operator")
-            self.node.step_down("handing the active role back to the main", self.main_address())
-            self.handback_approved.clear()
-        counters = self.catalog.db.download_counters()
-        peer.send(protocol.HandedOver(self.node.epoch), encode_document(counters))
 
     # Part files ------------------------------------------------------------------------------------------
 

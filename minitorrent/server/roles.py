@@ -108,6 +108,25 @@ class NodeState:
         self._tell(RoleChanged(Role.ACTIVE, epoch, reason))
         return epoch
 
+    def promote_to(self, epoch: int, reason: str) -> None:
+        """Become active at ``epoch`` handed out by a coordinator (etcd's revision); persisted first.
+
+        ``ValueError`` if ``epoch`` is not above the epoch we hold: a fencing
+        token that goes back would let two leaders write. Epochs merely heard
+        of are not checked: the coordinator's revision is above every earlier
+        leader's by construction, and an unverified claim must not block it.
+        """
+        with self._lock:
+            if epoch <= self._epoch:
+                raise ValueError(f"epoch {epoch} is not above the epoch held, {self._epoch}")
+            self._store.set_meta("epoch", str(epoch))
+            self._epoch = epoch
+            self._highest_seen = max(self._highest_seen, epoch)
+            self._role = Role.ACTIVE
+            self._primary = ""
+        log.warning("%s server is now ACTIVE with epoch %d: %s", self.server, epoch, reason)
+        self._tell(RoleChanged(Role.ACTIVE, epoch, reason))
+
     def activate(self, reason: str) -> None:
         """Become active keeping the current epoch (no higher one has been seen)."""
         with self._lock:

@@ -253,13 +253,15 @@ class Cluster:
     def wait_paired(self) -> int:
         """Wait until the main is active and has a heartbeat answered by the standby backup; the main's epoch.
 
-        From then on the backup knows the main's epoch, so a promotion takes a higher one.
+        The answer must carry the main's own epoch (the backup follows it): from then on the backup
+        knows the main's epoch, so a promotion takes a higher one. An answer to a heartbeat sent before
+        the main took its epoch does not count.
         """
         def paired():
             status = self.status("main")
             backup = (status or {}).get("backup", {})
             return (status and status["role"] == "active" and backup.get("role") == "standby"
-                    and backup.get("last_heartbeat_ack_age_s") is not None and status["epoch"])
+                    and backup.get("epoch") == status["epoch"] and status["epoch"])
         return wait_until(paired, LONG_TIMEOUT, "the main's heartbeats to reach the standby backup")
 
     def wait_backup_active(self, above_epoch: int) -> int:
@@ -438,6 +440,37 @@ class TestFailback:
         assert sha256_file(files["alpha.bin"]) == sha256_file(tmp_path / "dl3" / "alpha.bin")
         wait_until(lambda: downloads_of(c.backup_dir) == {"alpha.bin": 2, "beta.bin": 1}, SHORT_TIMEOUT,
                    "the main to replicate the merged counts back to the backup")
+
+
+    @pytest.mark.timeout(90)
+    def test_file_added_on_the_active_backup_reaches_the_main(self, cluster, tmp_path):
+        """backup_server.py --add on the active backup: served at once, and the main holds it after taking the role back."""
+        first = make_file(tmp_path / "src" / "first.bin", MiB, seed=23)
+        added = make_file(tmp_path / "src" / "added.bin", MiB + 7, seed=24)
+        c = cluster(chunk_size=256 * 1024, heartbeat_interval=0.5, heartbeat_timeout=2)
+        main, _ = c.start_pair(add=[first])
+        c.wait_replicated({"first.bin": first})
+        main_epoch = c.wait_paired()
+        refused = run_backup_add(c, added)
+        assert (1, "error: the backup is not active (standby): add files on the main\n") == (
+            refused.returncode, refused.stderr)
+
+        sigkill(main)
+        backup_epoch = c.wait_backup_active(above_epoch=main_epoch)
+        run = run_backup_add(c, added)
+        assert (0, "added: added.bin") == (run.returncode, run.stdout.split(" (")[0]), run.stderr
+        engine = c.client()
+        assert sha256_file(added) == sha256_file(engine.download("added.bin", tmp_path / "dl").path)
+
+        c.restart_main(instance="main-2")
+        c.wait_main_took_back(backup_epoch)
+        assert True is holds(c.main_dir, "added.bin", added)
+
+
+def run_backup_add(c: Cluster, path: Path) -> subprocess.CompletedProcess:
+    """``backup_server.py --add PATH`` beside the cluster's running backup."""
+    return subprocess.run([sys.executable, str(ROOT / "backup_server.py"), "--config", str(c.backup_config()),
+                           "--add", str(path)], capture_output=True, text=True, timeout=LONG_TIMEOUT, check=False)
 
 
 # 4. Split brain ----------------------------------------------------------------------------------------------------
@@ -655,6 +688,7 @@ class TestClientHelloFencing:
 
         session = ServerSession.open(host, port, io_timeout_s=SHORT_TIMEOUT, epoch=epoch + 5)
         session.close()
+        wait_until(lambda: len(events) == 2, what="the main to take an epoch again")  # its loop's next tick
         assert ["standby", "active"] == [event.role.value for event in events]
         assert ("active", epoch + 6) == (engine.node.role.value, engine.node.epoch)
         assert "active" == status_of((host, port))["role"]
@@ -679,3 +713,35 @@ class TestClientHelloFencing:
             assert ("standby", epoch) == (engine.node.role.value, engine.node.epoch)
         finally:
             engine.stop()
+
+
+# 8. The operator's promotion while the main lives -----------------------------------------------------------------
+
+
+class TestOperatorPromotion:
+    @pytest.mark.timeout(60)
+    def test_backup_keeps_the_role_it_was_given_until_the_operator_hands_it_back(self, tmp_path):
+        """Promote now beside a live main with failback auto: the backup keeps the role until approved, then hands it back."""
+        ports = {"main": free_port(), "backup": free_port()}
+        settings = {"server": {"secret": SECRET, "main": {"port": ports["main"]}, "backup": {
+            "port": ports["backup"], "heartbeat_interval": 0.3, "heartbeat_timeout": 3, "failback": "auto"}}}
+        backup = BackupServer(make_config(tmp_path / "backup", settings))
+        backup.start()
+        main = MainServer(make_config(tmp_path / "main", settings))
+        try:
+            main.start()
+            wait_until(lambda: main.node.is_active() and backup.node.epoch == main.node.epoch, LONG_TIMEOUT,
+                       "the pair to form")
+            epoch = backup.promote_now()
+            wait_until(lambda: backup.seconds_since_handback_request() is not None, LONG_TIMEOUT,
+                       "the main to ask for the role back")
+            wait_until(lambda: "waiting for the operator" in backup.loop.last().get("reason", ""),
+                       LONG_TIMEOUT, "the backup to answer the main's request")
+            held = (backup.node.role.value, backup.node.epoch, main.node.role.value, backup.main_link()["failback"])
+            assert ("active", epoch, "standby", "manual") == held
+            backup.approve_handback()
+            wait_until(lambda: main.node.is_active() and main.node.epoch > epoch and not backup.node.is_active(),
+                       LONG_TIMEOUT, "the main to take the role back once approved")
+        finally:
+            main.stop()
+            backup.stop()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import sqlite3
 
 import pytest
+from conftest import wait_until
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -317,4 +318,32 @@ class TestOutlandishClaims:
         server = server_factory()
         host, port = server.server.address
         ServerSession.open(host, port, io_timeout_s=5, epoch=99).close()
+        wait_until(lambda: server.node.is_active(), what="the main to take an epoch again")  # its loop's next tick
         assert ("active", 100) == (server.node.role.value, server.node.epoch)
+
+
+class TestPromoteTo:
+    def test_takes_the_coordinators_epoch_persisted(self, store_path):
+        """promote_to takes exactly the epoch given (etcd's revision) and a restarted server reads it back."""
+        with ServerStore(store_path) as first:
+            node = NodeState(first, "a", Role.STANDBY)
+            node.promote_to(42, "won the key")
+            assert (Role.ACTIVE, 42) == (node.role, node.epoch)
+        with ServerStore(store_path) as reopened:
+            assert 42 == NodeState(reopened, "a", Role.STANDBY).epoch
+
+    def test_never_goes_back(self, store):
+        """An epoch not above the one held is refused and changes nothing."""
+        node = NodeState(store, "a", Role.STANDBY)
+        node.promote_to(10, "first")
+        node.step_down("test")
+        with pytest.raises(ValueError):
+            node.promote_to(10, "again")
+        assert (Role.STANDBY, 10) == (node.role, node.epoch)
+
+    def test_an_epoch_merely_heard_of_does_not_block_it(self, store):
+        """A higher epoch heard from an unverified source does not stop the coordinator's promotion."""
+        node = NodeState(store, "a", Role.STANDBY)
+        node.observe_epoch(10**6, "a client")
+        node.promote_to(7, "won the key")
+        assert (Role.ACTIVE, 7) == (node.role, node.epoch)
