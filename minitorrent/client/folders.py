@@ -9,8 +9,9 @@ that names many files), then:
 * A file of at most one chunk (most of a tree of thousands of small files)
   needs no manifest request: with one chunk, the chunk's SHA-256 *is* the
   file's SHA-256, which the listing already carries. So the listing is the
-  batch of manifests, and the small files are fetched on one connection with
-  up to ``SMALL_FILES_IN_FLIGHT`` ``get`` requests in flight across files.
+  batch of manifests, and the small files are fetched on one connection by
+  ``get_files`` requests (up to ``MAX_BATCH_FILES`` files, ``BATCH_BYTES``
+  bytes, in one reply), ``BATCHES_IN_FLIGHT`` of them outstanding.
 
 The small files' life keeps the single-file guarantees without paying an
 ``fsync`` and a database commit per file:
@@ -22,7 +23,8 @@ The small files' life keeps the single-file guarantees without paying an
 2. One ``syncfs`` makes every staged file durable at once.
 3. Each file is linked to its final name (``os.link`` never replaces
    anything) and every folder touched is fsynced once.
-4. The download counts go to the server in one pipelined burst.
+4. The download counts go to the server in ``downloaded_many`` requests,
+   pipelined (one round trip for the lot, not one per file).
 
 A crash at any point resumes: final names are only ever verified content,
 and a staged file is reused on the next run if its bytes still hash to its
@@ -52,7 +54,9 @@ from minitorrent.wire.protocol import ProtocolError, check_file_name
 log = logging.getLogger(__name__)
 
 STAGING = ".minitorrent-incoming"  # inside the output folder: same file system, so a link is atomic
-SMALL_FILES_IN_FLIGHT = 128  # requests of ~100 B each: well inside one socket buffer, so no write can block
+REPORTS_IN_FLIGHT = 8  # downloaded_many frames of up to ~70 KiB: a few at a time, so no write can block on a full buffer
+BATCH_BYTES = 1024 * 1024  # file bytes asked for in one get_files: a reply is at most this (and the receive buffer)
+BATCHES_IN_FLIGHT = 4  # get_files requests outstanding: the server reads the next batch while we write this one
 PROGRESS_EVERY_FILES = 64  # the folder's progress is told every this many small files, not 10,000 times
 
 
@@ -132,9 +136,10 @@ class FolderDownload:
     def _split(self, entries: list[dict]) -> tuple[list[_Small], list[dict]]:
         """Small files (at most one chunk, already present ones counted) and the rest."""
         small, large = [], []
+        inside = _InsideCheck(self.output_dir)
         for entry in entries:
             try:
-                final = destination(self.output_dir, entry["name"])
+                final = inside.destination(entry["name"])
                 size, sha256, chunks = int(entry["size"]), str(entry["sha256"]), int(entry["chunks"])
                 if chunks > 1:
                     large.append(entry)
@@ -178,7 +183,9 @@ class FolderDownload:
         self.staging.mkdir(parents=True, exist_ok=True)
         wanted = {f.sha256: f for f in files}
         missing = deque(f for sha, f in wanted.items() if not self._staged_ok(sha))
-        self._fetch(missing)
+        for empty in [f for f in missing if f.size == 0]:  # nothing to fetch: staged as it is
+            self._stage(empty, b"")
+        self._fetch(deque(f for f in missing if f.size > 0))
         installed = self._install(files)
         self._report(installed)
 
@@ -214,32 +221,44 @@ class FolderDownload:
                 delay = min(delay * 2, MAX_RECONNECT_DELAY_S)
 
     def _pump(self, session: ServerSession, missing: deque[_Small]) -> None:
-        """Keep up to SMALL_FILES_IN_FLIGHT requests in flight; stage each verified reply."""
-        in_flight: deque[_Small] = deque()
-        buffer = bytearray(max((f.size for f in missing), default=0))
+        """Keep ``BATCHES_IN_FLIGHT`` ``get_files`` requests in flight; stage each verified file of each reply."""
+        in_flight: deque[list[_Small]] = deque()
+        buffer = bytearray(max(BATCH_BYTES, max((f.size for f in missing), default=0)))
         try:
             while missing or in_flight:
                 if self.cancel.is_set():
                     raise DownloadCancelled(f"{self.folder}: stopped; what was verified is kept")
-                batch = [missing.popleft() for _ in range(min(len(missing), SMALL_FILES_IN_FLIGHT - len(in_flight)))]
-                if batch:
-                    in_flight.extend(batch)
-                    session.connection.send_many([protocol.GetChunk(f.name, f.sha256, 0) for f in batch])
-                wanted = in_flight[0]
-                try:
-                    frame = session.receive(protocol.ChunkData, buffer) if wanted.size else None
-                except RemoteError as error:
-                    in_flight.popleft()
-                    self.result.failed.append(f"{wanted.name}: {error}")
-                    continue
-                in_flight.popleft()
-                self._stage(wanted, bytes(frame.payload) if frame else b"")
+                requests = []
+                while missing and len(in_flight) < BATCHES_IN_FLIGHT:
+                    batch = _next_batch(missing)
+                    in_flight.append(batch)
+                    requests.append(protocol.GetFiles([f.name for f in batch], [f.sha256 for f in batch]))
+                if requests:
+                    session.connection.send_many(requests)
+                frame = session.receive(protocol.FilesData, buffer)
+                self._take_batch(in_flight.popleft(), frame)
         finally:
             if in_flight:
                 session.reusable = False  # their replies would reach the pool's next user
-                missing.extendleft(reversed(in_flight))
+                for batch in reversed(in_flight):
+                    missing.extendleft(reversed(batch))
 
-    def _stage(self, file: _Small, data: bytes) -> None:
+    def _take_batch(self, batch: list[_Small], frame: protocol.Frame) -> None:
+        """Cut a ``files_data`` payload into its files and stage each one that verifies."""
+        reply, payload = frame.message, memoryview(frame.payload)
+        if len(reply.sizes) != len(batch):
+            raise protocol.RemoteProtocolError(f"files_data answered {len(reply.sizes)} files, {len(batch)} asked")
+        offset = 0
+        for file, size, error in zip(batch, reply.sizes, reply.errors):
+            if size < 0:
+                self.result.failed.append(f"{file.name}: not served ({error})")
+                continue
+            self._stage(file, payload[offset:offset + size])
+            offset += size
+        if offset != len(payload):
+            raise protocol.RemoteProtocolError(f"files_data carried {len(payload)} bytes for sizes adding up to {offset}")
+
+    def _stage(self, file: _Small, data: bytes | memoryview) -> None:
         if len(data) != file.size or hashlib.sha256(data).hexdigest() != file.sha256:
             self.result.failed.append(f"{file.name}: failed SHA-256 verification; not written")
             return
@@ -302,11 +321,46 @@ class FolderDownload:
                                   result.fetched_bytes, done_files, result.files))
 
 
+class _InsideCheck:
+    """``downloader.destination`` for many names: each folder's real path is resolved once, not once per file."""
+
+    def __init__(self, output_dir: Path) -> None:
+        self.output_dir = output_dir
+        self._checked: dict[Path, bool] = {}
+
+    def destination(self, name: str) -> Path:
+        final = self.output_dir / name
+        inside = self._checked.get(final.parent)
+        if inside is None:
+            destination(self.output_dir, name)  # raises DownloadError if the folder leads out
+            self._checked[final.parent] = True
+            return final
+        check_file_name(name)
+        return final
+
+
+def _next_batch(missing: deque[_Small]) -> list[_Small]:
+    """Up to MAX_BATCH_FILES non-empty files off ``missing``, at most BATCH_BYTES of them (at least one)."""
+    batch: list[_Small] = []
+    total = 0
+    while missing and len(batch) < protocol.MAX_BATCH_FILES:
+        file = missing[0]
+        if batch and total + file.size > BATCH_BYTES:
+            break
+        batch.append(missing.popleft())
+        total += file.size
+    return batch
+
+
 def _report_all(session: ServerSession, files: list[_Small]) -> None:
-    for start in range(0, len(files), SMALL_FILES_IN_FLIGHT):
-        batch = files[start:start + SMALL_FILES_IN_FLIGHT]
-        session.connection.send_many([protocol.ReportDownloaded(f.name, f.sha256) for f in batch])
-        for _ in batch:
+    """``downloaded_many`` requests, all sent before the first answer is read (each is one small frame)."""
+    step = protocol.MAX_BATCH_FILES
+    requests = [protocol.ReportDownloadedMany([f.name for f in files[i:i + step]], [f.sha256 for f in files[i:i + step]])
+                for i in range(0, len(files), step)]
+    for start in range(0, len(requests), REPORTS_IN_FLIGHT):
+        window = requests[start:start + REPORTS_IN_FLIGHT]
+        session.connection.send_many(window)
+        for _ in window:
             session.receive(protocol.Ok)
 
 

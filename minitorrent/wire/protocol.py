@@ -311,6 +311,31 @@ class GetChunk(Message):
         _require(self.index >= 0, f"chunk index {self.index} is negative", ErrorCode.OUT_OF_RANGE)
 
 
+MAX_BATCH_FILES = 64  # files in one get_files: 64 paths of up to 1 KiB and their digests stay under the header limit
+
+
+@dataclass(frozen=True)
+class GetFiles(Message):
+    """Ask for several whole files of at most one chunk each, in one reply (``FilesData``).
+
+    Thousands of small files then cost neither a round trip nor a frame each.
+    ``sha256s[i]`` is the version of ``names[i]`` wanted, as in ``GetChunk``.
+    """
+
+    TYPE = "get_files"
+    names: list
+    sha256s: list
+
+    def validate(self) -> None:
+        _require(0 < len(self.names) <= MAX_BATCH_FILES, f"get_files asks for 1 to {MAX_BATCH_FILES} files",
+                 ErrorCode.OUT_OF_RANGE)
+        _require(len(self.sha256s) == len(self.names), "get_files needs one sha256 per name")
+        for name in self.names:
+            check_file_name(name)
+        _require(all(isinstance(sha, str) and len(sha) == 64 for sha in self.sha256s),
+                 "sha256s must be 64 hex characters each")
+
+
 @dataclass(frozen=True)
 class ReportDownloaded(Message):
     """Tell the server a download of ``name`` finished and verified."""
@@ -321,6 +346,18 @@ class ReportDownloaded(Message):
 
     def validate(self) -> None:
         check_file_name(self.name)
+
+
+@dataclass(frozen=True)
+class ReportDownloadedMany(Message):
+    """``ReportDownloaded`` for up to ``MAX_BATCH_FILES`` files at once (a folder's small files); answered ``Ok``."""
+
+    TYPE = "downloaded_many"
+    names: list
+    sha256s: list
+
+    def validate(self) -> None:
+        GetFiles.validate(self)  # the same shape: names and their versions
 
 
 @dataclass(frozen=True)
@@ -391,6 +428,26 @@ class ChunkData(Message):
     MAX_PAYLOAD = MAX_CHUNK_BYTES
     name: str
     index: int
+
+
+@dataclass(frozen=True)
+class FilesData(Message):
+    """Answer to ``GetFiles``: the payload is the files' bytes one after another.
+
+    ``sizes[i]`` bytes belong to ``names[i]``; a file not served has size -1
+    and its error code in ``errors[i]`` (``""`` for a file served). Every
+    file is checked by the receiver against its SHA-256, never trusted.
+    """
+
+    TYPE = "files_data"
+    MAX_PAYLOAD = MAX_CHUNK_BYTES
+    sizes: list
+    errors: list
+
+    def validate(self) -> None:
+        _require(len(self.sizes) == len(self.errors) <= MAX_BATCH_FILES, "files_data: one size and error per file")
+        _require(all(isinstance(n, int) and not isinstance(n, bool) and n >= -1 for n in self.sizes),
+                 "files_data sizes must be integers of at least -1")
 
 
 @dataclass(frozen=True)
