@@ -532,6 +532,25 @@ class ServerStore(SQLiteStore):
             "SELECT name FROM files WHERE name >= ? AND name < ? ORDER BY name", (folder, end))
         return [name for (name,) in rows]
 
+    def record_downloads(self, pairs: list[tuple[str, str]], origin: str = "local") -> int:
+        """Count one download of each (name, sha256) that is shared as that version, in one transaction.
+
+        A folder's thousands of small files: one commit, not one each. Names
+        not shared (or shared as another version) are skipped; returns how
+        many were counted.
+        """
+        counted = 0
+        with self._transaction() as connection:
+            for name, sha256 in pairs:
+                if connection.execute("SELECT 1 FROM files WHERE name = ? AND sha256 = ?",
+                                      (name, sha256)).fetchone() is None:
+                    continue
+                connection.execute(
+                    "INSERT INTO download_counts (name, origin, count) VALUES (?, ?, 1)"
+                    " ON CONFLICT (name, origin) DO UPDATE SET count = count + 1", (name, origin))
+                counted += 1
+        return counted
+
     def rename_files(self, renames: list[tuple[str, str]]) -> None:
         """Rename each (old, new) pair in one transaction, download counters included.
 

@@ -117,6 +117,8 @@ class FolderDownload:
         self.on_progress = on_progress
         self.result = FolderResult(self.folder, self.output_dir / self.folder)
         self._staged = 0  # small files staged in this run
+        self._staging_path = str(self.staging)
+        self._staged_shas: set[str] = set()  # verified and staged (this run or reused from the last)
 
     def run(self) -> FolderResult:
         """Download every file of the folder; failures of single files are listed, not raised."""
@@ -195,6 +197,7 @@ class FolderDownload:
         if not staged.exists():
             return False
         if sha256_file(staged) == sha256:
+            self._staged_shas.add(sha256)
             return True
         staged.unlink()
         return False
@@ -262,8 +265,12 @@ class FolderDownload:
         if len(data) != file.size or hashlib.sha256(data).hexdigest() != file.sha256:
             self.result.failed.append(f"{file.name}: failed SHA-256 verification; not written")
             return
-        with open(self.staging / file.sha256, "wb") as staged:
-            staged.write(data)
+        fd = os.open(os.path.join(self._staging_path, file.sha256), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.write(fd, data)  # at most one chunk; a short write on a regular file would be an error already
+        finally:
+            os.close(fd)
+        self._staged_shas.add(file.sha256)
         self.result.fetched_bytes += len(data)
         self._staged += 1
         if self._staged % PROGRESS_EVERY_FILES == 0:
@@ -275,12 +282,12 @@ class FolderDownload:
         folders: set[Path] = set()
         installed = []
         for file in files:
-            staged = self.staging / file.sha256
-            if not staged.exists():
+            if file.sha256 not in self._staged_shas:
                 continue  # it failed; already listed
             try:
-                file.final.parent.mkdir(parents=True, exist_ok=True)
-                os.link(staged, file.final)
+                if file.final.parent not in folders:
+                    file.final.parent.mkdir(parents=True, exist_ok=True)
+                os.link(os.path.join(self._staging_path, file.sha256), file.final)
             except FileExistsError:
                 self.result.failed.append(f"{file.final} appeared during the download; not overwriting it")
                 continue
@@ -329,13 +336,15 @@ class _InsideCheck:
         self._checked: dict[Path, bool] = {}
 
     def destination(self, name: str) -> Path:
+        """Where ``name`` goes; ``DownloadError`` if the name is unsafe or its folder leads out."""
+        try:
+            check_file_name(name)  # first: a name is never joined to a path before it passed
+        except ProtocolError as error:
+            raise DownloadError(str(error)) from error
         final = self.output_dir / name
-        inside = self._checked.get(final.parent)
-        if inside is None:
-            destination(self.output_dir, name)  # raises DownloadError if the folder leads out
+        if final.parent not in self._checked:
+            destination(self.output_dir, name)  # resolves the folder's real path; DownloadError if it leads out
             self._checked[final.parent] = True
-            return final
-        check_file_name(name)
         return final
 
 

@@ -89,6 +89,9 @@ class FileSource(Protocol):
     def record_download(self, name: str, sha256: str) -> None:
         """A client finished and verified a download of ``name``."""
 
+    def record_downloads(self, pairs: list[tuple[str, str]]) -> None:
+        """``record_download`` for many (name, sha256) pairs at once (one commit where it is stored)."""
+
 
 class PeerConnection(Protocol):
     """What a peer handler gets of the authenticated peer's connection: a way to answer it."""
@@ -405,8 +408,8 @@ class _Handler:
             self.server.metrics.download_finished(request.name)
             self.connection.send(protocol.Ok())
         elif isinstance(request, protocol.ReportDownloadedMany):
-            for name, sha256 in zip(request.names, request.sha256s):
-                source.record_download(name, sha256)
+            source.record_downloads(list(zip(request.names, request.sha256s)))
+            for name in request.names:
                 self.server.metrics.download_finished(name)
             self.connection.send(protocol.Ok())
         else:

@@ -10,6 +10,9 @@ from hypothesis import strategies as st
 
 from minitorrent.wire import protocol
 from minitorrent.wire.protocol import (
+    FilesData,
+    GetFiles,
+    ReportDownloadedMany,
     MAGIC,
     MAX_CHUNK_BYTES,
     MAX_HEADER_BYTES,
@@ -60,6 +63,9 @@ EXAMPLES: list[tuple[Message, bytes]] = [
     (GetChunk(ODD_NAME, SHA, 0), b""),
     (GetChunk("a b", SHA, 2**40), b""),
     (ReportDownloaded(ODD_NAME, SHA), b""),
+    (GetFiles([ODD_NAME, "photos/2024/beach.jpg"], [SHA, SHA]), b""),
+    (FilesData(sizes=[3, -1], errors=["", ErrorCode.NOT_FOUND]), b"abc"),
+    (ReportDownloadedMany(["photos/a.jpg"], [SHA]), b""),
     (GetStatus(), b""),
     (Welcome(PROTOCOL_VERSION, "main", 3, "abc123"), b""),
     (FileList([{"name": ODD_NAME, "size": 10, "sha256": SHA}], 1, 0), b""),
@@ -429,7 +435,8 @@ class TestFileNames:
     @pytest.mark.parametrize("name", REFUSED.values(), ids=REFUSED.keys())
     def test_unsafe_name_refused_in_get_chunk(self, name):
         """GetChunk, GetManifest and ReportDownloaded refuse unsafe names when built."""
-        for build in (lambda: GetChunk(name, SHA, 0), lambda: GetManifest(name), lambda: ReportDownloaded(name, SHA)):
+        for build in (lambda: GetChunk(name, SHA, 0), lambda: GetManifest(name), lambda: ReportDownloaded(name, SHA),
+                      lambda: GetFiles([name], [SHA]), lambda: ReportDownloadedMany(["ok", name], [SHA, SHA])):
             with pytest.raises(RemoteProtocolError) as caught:
                 build()
             assert ErrorCode.BAD_NAME == caught.value.code
