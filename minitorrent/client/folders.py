@@ -183,7 +183,9 @@ class FolderDownload:
 
     def _small_files(self, files: list[_Small]) -> None:
         self.staging.mkdir(parents=True, exist_ok=True)
-        wanted = {f.sha256: f for f in files}
+        wanted: dict[str, _Small] = {}
+        for file in files:
+            wanted.setdefault(file.sha256, file)  # the first name of a content fetches it (as _install assumes)
         missing = deque(f for sha, f in wanted.items() if not self._staged_ok(sha))
         for empty in [f for f in missing if f.size == 0]:  # nothing to fetch: staged as it is
             self._stage(empty, b"")
@@ -281,9 +283,14 @@ class FolderDownload:
         sync_filesystem(self.staging)
         folders: set[Path] = set()
         installed = []
+        fetched_as = {}  # sha256 -> the one file it was fetched for (one content shared by two names: fetched once)
         for file in files:
+            fetched_as.setdefault(file.sha256, file)
             if file.sha256 not in self._staged_shas:
-                continue  # it failed; already listed
+                if fetched_as[file.sha256] is not file:  # its twin's failure is listed; say this one failed too
+                    self.result.failed.append(f"{file.name}: not written (same content as "
+                                              f"{fetched_as[file.sha256].name}, which failed)")
+                continue
             try:
                 if file.final.parent not in folders:
                     file.final.parent.mkdir(parents=True, exist_ok=True)

@@ -184,3 +184,34 @@ class TestLyingServer:
             engine.close()
         written = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if "escape" in p.name)
         assert ([], len(self.HOSTILE), 6) == (written, len(result.failed), result.downloaded)
+
+
+class TestDamagedServerCopy:
+    def test_a_small_file_failing_verification_never_gets_its_final_name(self, tmp_path, server_factory, photos):
+        """A server whose stored copy of one small file is damaged: that file is reported and absent, the rest arrive."""
+        server = server_factory({"transfer": {"chunk_size": CHUNK}})
+        server.add_folder(photos)
+        record = server.catalog.db.get_file("photos/2024/beach.jpg")
+        blob = server.catalog.blob_path(record.sha256)
+        blob.write_bytes(b"X" + blob.read_bytes()[1:])  # same size, other bytes
+        engine = engine_for(tmp_path, server)
+        try:
+            result = engine.download_folder("photos/", tmp_path / "out")
+        finally:
+            engine.close()
+        # "copy of beach.jpg" shares the blob, so both fail; the other four arrive
+        assert (False, 2, 4) == ((tmp_path / "out" / "photos" / "2024" / "beach.jpg").exists(),
+                                 len(result.failed), result.downloaded)
+
+
+class TestGroupedCounts:
+    def test_every_small_file_is_counted_once(self, tmp_path, server_factory, photos):
+        """The downloaded_many burst counts each file of the folder exactly once on the server."""
+        server = server_factory({"transfer": {"chunk_size": CHUNK}})
+        server.add_folder(photos)
+        engine = engine_for(tmp_path, server)
+        try:
+            engine.download_folder("photos/", tmp_path / "out")
+        finally:
+            engine.close()
+        assert {name: 1 for name in server.catalog.names_at("photos/")} == server.catalog.download_counts()
