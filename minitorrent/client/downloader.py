@@ -281,7 +281,8 @@ class _Job:
     def _fetch_all(self, part: PartFile) -> None:
         if self.board.finished:
             return
-        for n in range(STREAMS_PER_DOWNLOAD):
+        # A second stream for a single missing chunk would only hold a server slot another client needs.
+        for n in range(min(STREAMS_PER_DOWNLOAD, self.board.remaining())):
             self._spawn(self._server_stream, (part,), f"get-{self.name[:16]}-server{n}")
         next_refresh = time.monotonic()
         try:
@@ -340,14 +341,8 @@ class _Job:
         server = self.owner.server
         try:
             while not self._stop.is_set() and not self.board.closed:
-                try:
-                    pool = server.active_pool()
-                    try:
-                        with pool.session() as session:
-                            self._pump(session, self.server_source, part, buffer)
-                    except ConnectionFailed:
-                        server.forget(pool)  # the next attempt asks every server who is active
-                        raise
+                try:  # a failed server is forgotten: the next attempt asks every server who is active
+                    server.attempt(lambda session: self._pump(session, self.server_source, part, buffer))
                     delays = backoff_delays(cap_s=MAX_RECONNECT_DELAY_S)
                 except ConnectionFailed as error:
                     self._wait_before_reconnect(error, next(delays))
@@ -357,7 +352,7 @@ class _Job:
     def _peer_stream(self, source: Source, address: tuple[str, int], part: PartFile) -> None:
         """Pull chunks from one peer; any failure drops it (the others and the server carry on)."""
         buffer = bytearray(self.manifest.chunk_size)
-        pool = ConnectionPool(*address, io_timeout_s=self.owner.server.pools[0].io_timeout_s, max_idle=1)
+        pool = ConnectionPool(*address, io_timeout_s=self.owner.server.io_timeout_s, max_idle=1)
         try:
             while not self.board.closed:
                 try:

@@ -8,7 +8,6 @@ from typing import Callable
 
 from config_loader import Config
 from database import ClientStore
-from error_handler import ConnectionFailed
 from minitorrent.client.downloader import Downloader, DownloadResult
 from minitorrent.client.folders import FolderDownload, FolderResult
 from minitorrent.client.progress import Progress
@@ -17,7 +16,6 @@ from minitorrent.common.partfile import discard_recorded, finish_interrupted_ins
 from minitorrent.net import remote
 from minitorrent.net.remote import ServerClient
 from minitorrent.net.throttle import TokenBucket
-from minitorrent.wire import protocol
 
 log = logging.getLogger(__name__)
 
@@ -90,15 +88,7 @@ class ClientEngine:
         Raises ``ConnectionFailed`` when no server answers now (``NotActive``
         when they answer but none is active), ``MiniTorrentError`` otherwise.
         """
-        pool = self.server.active_pool()
-        try:
-            with pool.session() as session:
-                snapshot = session.call(protocol.GetStatus(), protocol.StatusInfo).message.metrics
-        except ConnectionFailed:
-            self.server.forget(pool)
-            raise
-        snapshot["address"] = pool.address
-        return snapshot
+        return self.server.status(once=True)
 
     def seeding_status(self) -> dict | None:
         """What the seeder does now (any thread); None when ``client.seeding`` is off.

@@ -7,18 +7,27 @@ chunk streams of several downloads reuse connections instead of paying a TCP
 and hello round trip each.
 
 ``ServerClient`` (given the main server's ``secret``, it speaks as the main's
-peer, which may also read a standby's replica) knows every configured server (the main and the backup). It
-asks each for its role and epoch, talks to the *active* one with the highest
-epoch, and when that one fails (refused, reset, timed out, or now on standby)
-it forgets it and asks again, with backoff, until ``retry_deadline_s``. The
-highest epoch it has seen goes into every hello, so a server that was active
-before a failover learns at once that it no longer is.
+peer, which may also read a standby's replica) knows every configured server
+(the main and the backup). ``ask_servers`` is the one place that chooses
+among them: it greets them all *in parallel* and takes the active one with
+the highest epoch, so a frozen server (connected, silent) costs a short
+grace, not a full I/O timeout, once another answers active. When the chosen
+server fails (refused, reset, timed out, or now on standby) the client
+forgets it and asks again, with backoff, until ``retry_deadline_s``.
+
+The highest epoch a server *proved* (``Welcome.epoch_proof``, an HMAC only a
+server holding the cluster secret can make) is relayed in every hello, so a
+server that was active before a failover learns at once that it no longer
+is; an epoch without a proof changes nothing on the server.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
+import queue
 import threading
+import time
+from dataclasses import dataclass
 from typing import Callable, Iterator, TypeVar
 
 from error_handler import (
@@ -39,7 +48,27 @@ log = logging.getLogger(__name__)
 
 AGENT = "minitorrent/1"
 MAX_RECONNECT_DELAY_S = 0.5  # failover must be seen within about a second of the backup taking over
+HIGHER_EPOCH_GRACE_S = 0.2  # once one server answers active, how long the others get to beat its epoch
+STANDBY_RECHECK_S = 0.5  # while a server is silent, how often one on standby is asked again (it may promote)
+MAX_LISTED_FILES = protocol.MAX_CATALOG_FILES  # a listing stops here whatever ``total`` a server claims
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class EpochClaim:
+    """An epoch with the proof of the server that took it, as a client relays it in its hellos."""
+
+    epoch: int = 0
+    server_id: str = ""
+    proof: str = ""
+
+    @classmethod
+    def of(cls, welcome: protocol.Welcome) -> EpochClaim:
+        """What ``welcome`` proves (an unproven epoch claims nothing)."""
+        return cls(welcome.epoch, welcome.server_id, welcome.epoch_proof) if welcome.epoch_proof else cls()
+
+
+NO_CLAIM = EpochClaim()
 
 
 class ServerSession:
@@ -52,16 +81,19 @@ class ServerSession:
 
     @classmethod
     def open(cls, host: str, port: int, *, io_timeout_s: float, epoch: int = 0,
-             secret: str | None = None) -> ServerSession:
+             secret: str | None = None, claim: EpochClaim = NO_CLAIM) -> ServerSession:
         """Connect and say hello; with ``secret``, as the main server's authenticated peer link.
 
-        Raises ``ConnectionFailed`` (``ServerBusy`` if full), ``RemoteError``,
-        or ``AuthenticationFailed`` if the other side cannot prove the secret.
+        A client's hello relays ``claim`` (a proven epoch); a peer's carries
+        ``epoch``. Raises ``ConnectionFailed`` (``ServerBusy`` if full),
+        ``RemoteError``, or ``AuthenticationFailed`` if the other side cannot
+        prove the secret.
         """
         connection = Connection.dial(host, port, io_timeout_s=io_timeout_s)
         try:
             if secret is None:
-                connection.send(protocol.Hello(protocol.PROTOCOL_VERSION, "client", AGENT, epoch))
+                connection.send(protocol.Hello(protocol.PROTOCOL_VERSION, "client", AGENT, claim.epoch,
+                                               epoch_server=claim.server_id, epoch_proof=claim.proof))
                 welcome = expect_reply(connection.recv(), protocol.Welcome)
             else:
                 welcome = _authenticate(connection, secret, epoch, f"{host}:{port}")
@@ -158,13 +190,13 @@ class ConnectionPool:
     """Up to ``max_idle`` idle sessions to one server, reused across calls. Thread-safe."""
 
     def __init__(self, host: str, port: int, *, io_timeout_s: float, max_idle: int,
-                 epoch: Callable[[], int] = lambda: 0, secret: str | None = None) -> None:
+                 claim: Callable[[], EpochClaim] = lambda: NO_CLAIM, secret: str | None = None) -> None:
         self.host = host
         self.port = port
         self.secret = secret
         self.io_timeout_s = io_timeout_s
         self.max_idle = max_idle
-        self._epoch = epoch
+        self._claim = claim
         self._idle: list[ServerSession] = []
         self._lock = threading.Lock()
 
@@ -175,8 +207,9 @@ class ConnectionPool:
 
     def open_session(self) -> ServerSession:
         """A new greeted session (not from the pool)."""
-        return ServerSession.open(self.host, self.port, io_timeout_s=self.io_timeout_s, epoch=self._epoch(),
-                                  secret=self.secret)
+        claim = self._claim()
+        return ServerSession.open(self.host, self.port, io_timeout_s=self.io_timeout_s, epoch=claim.epoch,
+                                  secret=self.secret, claim=claim)
 
     @contextlib.contextmanager
     def session(self) -> Iterator[ServerSession]:
@@ -209,6 +242,106 @@ class ConnectionPool:
             return self._idle.pop() if self._idle else None
 
 
+@dataclass
+class _Answer:
+    """What one server said to ``ask_servers``: a greeted session, or why not."""
+
+    pool: ConnectionPool
+    session: ServerSession | None = None
+    error: str = ""
+
+
+def ask_servers(pools: list[ConnectionPool], *, accept_standby: bool = False,
+                stop: threading.Event | None = None) -> tuple[ConnectionPool, ServerSession]:
+    """Greet every server in parallel; the active one with the highest epoch, and a session to it.
+
+    Waits for every answer, except that once one server is active the others
+    get ``HIGHER_EPOCH_GRACE_S`` more, and a server on standby is asked again
+    every ``STANDBY_RECHECK_S`` while another is silent (it may be promoting
+    because that one froze). ``accept_standby`` takes a standby server too
+    (the main fetching a replica). Raises ``NotActive`` if none is active.
+    """
+    answers: queue.Queue[_Answer] = queue.Queue()
+    round_over = threading.Event()
+    for pool in pools:
+        _greet_in_background(pool, answers, round_over)
+    try:
+        best, reasons = _collect_answers(pools, answers, accept_standby, round_over, stop)
+    finally:
+        round_over.set()
+    _close_unclaimed(answers)
+    if best is None:
+        raise NotActive("no active server: " + "; ".join(reasons.values()))
+    return best.pool, best.session
+
+
+def _collect_answers(pools: list[ConnectionPool], answers: queue.Queue[_Answer], accept_standby: bool,
+                     round_over: threading.Event, stop: threading.Event | None) -> tuple[_Answer | None, dict]:
+    best: _Answer | None = None
+    reasons: dict[str, str] = {}
+    waiting = {pool.address for pool in pools}
+    deadline = time.monotonic() + max(pool.io_timeout_s for pool in pools) + 1
+    while waiting and not (stop and stop.is_set()):
+        wait_s = deadline - time.monotonic()
+        if wait_s <= 0:
+            reasons.update({address: f"{address}: no answer in time" for address in waiting})
+            break
+        try:
+            answer = answers.get(timeout=min(wait_s, STANDBY_RECHECK_S))
+        except queue.Empty:
+            continue
+        waiting.discard(answer.pool.address)
+        if answer.session is None:
+            reasons[answer.pool.address] = answer.error
+        elif answer.session.welcome.role == "active" or accept_standby:
+            best = _better(best, answer)
+            deadline = min(deadline, time.monotonic() + HIGHER_EPOCH_GRACE_S)
+        else:
+            reasons[answer.pool.address] = f"{answer.pool.address}: {answer.session.welcome.server or 'server'} on standby"
+            answer.session.close()
+            if waiting and best is None:  # someone is silent: this one may be promoting meanwhile
+                waiting.add(answer.pool.address)
+                _greet_in_background(answer.pool, answers, round_over, delay_s=STANDBY_RECHECK_S)
+    return best, reasons
+
+
+def _better(best: _Answer | None, answer: _Answer) -> _Answer:
+    """The answer with the higher epoch; the other's session is closed."""
+    if best is None or answer.session.welcome.epoch > best.session.welcome.epoch:
+        if best:
+            best.session.close()
+        return answer
+    answer.session.close()
+    return best
+
+
+def _greet_in_background(pool: ConnectionPool, answers: queue.Queue[_Answer], round_over: threading.Event,
+                         delay_s: float = 0.0) -> None:
+    def greet() -> None:
+        if delay_s and round_over.wait(delay_s):
+            return
+        try:
+            answer = _Answer(pool, session=pool.open_session())
+        except (ConnectionFailed, RemoteError) as error:
+            answer = _Answer(pool, error=f"{pool.address}: {error}")
+        answers.put(answer)
+        if round_over.is_set():  # nobody will read it now
+            _close_unclaimed(answers)
+
+    threading.Thread(target=greet, name=f"ask-{pool.address}", daemon=True).start()
+
+
+def _close_unclaimed(answers: queue.Queue[_Answer]) -> None:
+    """Close the sessions of answers that came too late to be chosen."""
+    while True:
+        try:
+            answer = answers.get_nowait()
+        except queue.Empty:
+            return
+        if answer.session is not None:
+            answer.session.close()
+
+
 class ServerClient:
     """Request/reply calls to whichever configured server is active. Thread-safe."""
 
@@ -225,11 +358,12 @@ class ServerClient:
         if not addresses:
             raise ValueError("at least one server address is needed")
         self.pools = [ConnectionPool(host, port, io_timeout_s=io_timeout_s, max_idle=pool_size,
-                                     epoch=lambda: self.known_epoch, secret=secret) for host, port in addresses]
+                                     claim=lambda: self.claim, secret=secret) for host, port in addresses]
+        self.io_timeout_s = io_timeout_s
         self.as_peer = secret is not None  # the main fetching from the backup may read a standby's replica
         self.retry_deadline_s = retry_deadline_s
         self.stop = stop or threading.Event()
-        self.known_epoch = 0
+        self.claim = NO_CLAIM  # the highest proven epoch seen, relayed in every hello
         self.current: protocol.Welcome | None = None
         self._active: ConnectionPool | None = None
         self._lock = threading.Lock()
@@ -247,7 +381,15 @@ class ServerClient:
         with self._lock:
             if self._active is not None:
                 return self._active
-        return self._choose_active()
+        pool, session = ask_servers(self.pools, accept_standby=self.as_peer, stop=self.stop)
+        welcome = session.welcome
+        pool.give_back(session)
+        with self._lock:
+            self._active, self.current = pool, welcome
+            if welcome.epoch_proof and welcome.epoch > self.claim.epoch:
+                self.claim = EpochClaim.of(welcome)
+        log.info("talking to the %s server at %s (epoch %d)", welcome.server, pool.address, welcome.epoch)
+        return pool
 
     def forget(self, pool: ConnectionPool) -> None:
         """``pool``'s server failed us: drop its sessions and choose again next time."""
@@ -256,75 +398,58 @@ class ServerClient:
                 self._active = None
         pool.close()
 
-    def _choose_active(self) -> ConnectionPool:
-        best: tuple[int, ConnectionPool, ServerSession] | None = None
-        reasons = []
-        for pool in self.pools:
-            try:
-                session = pool.open_session()
-            except (ConnectionFailed, RemoteError) as error:
-                reasons.append(f"{pool.address}: {error}")
-                continue
-            welcome = session.welcome
-            self.known_epoch = max(self.known_epoch, welcome.epoch)
-            if welcome.role != "active" and not self.as_peer:
-                reasons.append(f"{pool.address}: {welcome.server or 'server'} on standby")
-                session.close()
-            elif best is None or welcome.epoch > best[0]:
-                if best:
-                    best[2].close()
-                best = (welcome.epoch, pool, session)
-            else:
-                session.close()
-        if best is None:
-            raise NotActive("no active server: " + "; ".join(reasons))
-        epoch, pool, session = best
-        pool.give_back(session)
-        with self._lock:
-            self._active, self.current = pool, session.welcome
-        log.info("talking to the %s server at %s (epoch %d)", session.welcome.server, pool.address, epoch)
-        return pool
+    def attempt(self, operation: Callable[[ServerSession], T]) -> T:
+        """One try of ``operation`` on a session of the active server; on ``ConnectionFailed`` it is forgotten.
+
+        The single place where a failed server is dropped so that the next
+        attempt asks them all again (``call`` retries it; a download stream
+        and a status probe use it directly).
+        """
+        pool = self.active_pool()
+        try:
+            with pool.session() as session:
+                return operation(session)
+        except ConnectionFailed:
+            self.forget(pool)
+            raise
 
     def call(self, operation: Callable[[ServerSession], T]) -> T:
         """Run ``operation`` on a session of the active server, failing over and retrying."""
 
-        def attempt() -> T:
-            pool = self.active_pool()
-            try:
-                with pool.session() as session:
-                    return operation(session)
-            except ConnectionFailed:
-                self.forget(pool)
-                raise
-
         def note(error: BaseException, delay_s: float) -> None:
             log.info("%s; retrying in %.1f s", error, delay_s)
 
-        return retry(attempt, deadline_s=self.retry_deadline_s, retry_on=(ConnectionFailed,),
-                     max_delay_s=MAX_RECONNECT_DELAY_S, stop=self.stop, on_retry=note)
+        return retry(lambda: self.attempt(operation), deadline_s=self.retry_deadline_s,
+                     retry_on=(ConnectionFailed,), max_delay_s=MAX_RECONNECT_DELAY_S, stop=self.stop, on_retry=note)
 
     def try_call(self, operation: Callable[[ServerSession], T]) -> T | None:
         """One attempt at ``operation`` on the active server; None if no server answers now."""
         try:
-            pool = self.active_pool()
-            try:
-                with pool.session() as session:
-                    return operation(session)
-            except ConnectionFailed:
-                self.forget(pool)
-                raise
+            return self.attempt(operation)
         except ConnectionFailed as error:
             log.debug("no answer now: %s", error)
             return None
 
     def list_files(self, search: str = "") -> list[dict]:
-        """Every catalog entry matching ``search``, fetched page by page."""
+        """Every catalog entry matching ``search``, fetched page by page.
+
+        A server's numbers do not drive the loop: each page must start where
+        asked, the first ``total`` only ever shrinks, and ``MAX_LISTED_FILES``
+        bounds it all; an empty page ends the listing. Raises
+        ``RemoteProtocolError`` for a page out of place.
+        """
         entries: list[dict] = []
-        while True:
-            page = self.call(lambda s: s.call(protocol.ListFiles(search, len(entries)), protocol.FileList)).message
-            entries.extend(page.files)
-            if not page.files or len(entries) >= page.total:
-                return entries
+        total = MAX_LISTED_FILES
+        while len(entries) < total:
+            offset = len(entries)
+            page = self.call(lambda s: s.call(protocol.ListFiles(search, offset), protocol.FileList)).message
+            if page.offset != offset:
+                raise protocol.RemoteProtocolError(f"asked for entries from {offset}, got a page from {page.offset}")
+            total = min(total, page.total)
+            if not page.files:
+                break
+            entries.extend(page.files[: total - offset])
+        return entries
 
     def manifest(self, name: str) -> Manifest:
         """The manifest of ``name``. Raises ``RemoteError`` (NOT_FOUND) if unknown."""
@@ -340,9 +465,17 @@ class ServerClient:
         reply = self.call(lambda s: s.call(protocol.CountFiles(), protocol.FileCount)).message
         return reply.files, reply.bytes
 
-    def status(self) -> dict:
-        """The active server's metrics snapshot, with its address, role and epoch."""
-        snapshot = self.call(lambda s: s.call(protocol.GetStatus(), protocol.StatusInfo)).message.metrics
+    def status(self, *, once: bool = False) -> dict:
+        """The active server's metrics snapshot, with its address, role and epoch.
+
+        ``once``: a single try, no retries (a window's indicator); raises
+        ``ConnectionFailed`` when no server answers now (``NotActive`` when
+        they answer but none is active).
+        """
+        def ask(session: ServerSession) -> dict:
+            return session.call(protocol.GetStatus(), protocol.StatusInfo).message.metrics
+
+        snapshot = self.attempt(ask) if once else self.call(ask)
         with self._lock:
             snapshot["address"] = self._active.address if self._active else ""
         return snapshot

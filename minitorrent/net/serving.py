@@ -8,7 +8,23 @@ reads a request, answers it, and loops until the peer leaves, goes idle past
 ``idle_timeout_s``, or breaks the framing.
 
 Shared state lives on the server (the source, metrics, the set of open
-connections); a handler only keeps what belongs to its connection.
+connections); a handler only keeps what belongs to its connection, its
+``ConnectionState`` first.
+
+Slots. A greeted client takes one of ``max_connections`` client slots; the
+peer server's connections take one of ``PEER_SLOTS`` once they
+authenticate (never before: anyone can claim to be the peer). Connections
+still in their handshake get ``handshake_room`` places beyond the client
+slots, and must finish it (a client's hello, or a peer's proof) within
+``handshake_timeout_s`` of connecting, however they trickle bytes or
+whatever else they send meanwhile. When the places are full, a newcomer is
+not simply turned away: the server sheds a connection that is waiting for a
+request, idle for ``SHED_IDLE_AFTER_S``, or from an address holding more
+slots than the newcomer's (see ``choose_idle_victim``), so idle connections
+(a client's own pooled ones, or a stranger's dozen) never lock out
+connections with work to do, and one machine cannot keep another out. Only
+when every slot is busy answering a request (or fairly held) is a newcomer
+told BUSY.
 """
 from __future__ import annotations
 
@@ -18,6 +34,7 @@ import os
 import selectors
 import socket
 import threading
+import time
 import uuid
 from typing import BinaryIO, Callable, Protocol
 
@@ -41,6 +58,25 @@ log = logging.getLogger(__name__)
 
 BUSY_REPLY_TIMEOUT_S = 1.0  # a turned-away client gets this long to read "busy"
 ACCEPT_RETRY_S = 0.1  # pause after a failed accept()
+SHED_IDLE_AFTER_S = 1.0  # a connection idle this long may give its slot to a newcomer (a stream never is)
+HELLO_WAIT_S = 5.0  # a hello finding every client slot busy waits up to this (and half the handshake deadline)
+SLOT_RECHECK_S = 0.25  # a waiting hello looks again this often for a connection idle long enough to shed
+MAX_LINGERING_TURNED_AWAY = 32  # turned-away connections closed gently at once (beyond: closed at once)
+
+
+class ConnectionState(enum.Enum):
+    """Where one connection is in its life; only ever moves forward."""
+
+    NEW = "new"  # connected, no hello yet: must say it within the handshake deadline
+    GREETED = "greeted"  # a client that said hello: it holds a client slot
+    CHALLENGED = "challenged"  # claims to be the peer server: must prove it within the handshake deadline
+    AUTHENTICATED = "authenticated"  # the peer server, proven: it holds a peer slot
+    CLOSING = "closing"  # on its way out (shed, refused or done): holds no slot
+
+    @property
+    def in_handshake(self) -> bool:
+        """True while the connection must still finish its handshake (under the deadline)."""
+        return self in (ConnectionState.NEW, ConnectionState.CHALLENGED)
 
 
 class ServingRole(Protocol):
@@ -105,7 +141,7 @@ class PeerConnection(Protocol):
 
 
 PeerHandler = Callable[[PeerConnection, Frame], None]
-PEER_SLOTS = 4  # connections kept beyond max_connections so a full server still hears its peer
+PEER_SLOTS = 4  # authenticated peer connections, beyond max_connections: a full server still hears its peer
 
 
 class RequestServer:
@@ -115,6 +151,9 @@ class RequestServer:
     STANDBY, and carries the epoch; without one the server is always active
     at epoch 0. ``peer_handlers`` answer the peer (replication) requests of
     an authenticated main server; ``secret`` is what it must prove to know.
+    With ``epoch_secret`` (the cluster secret) the welcome carries a proof of
+    this server's epoch, and an epoch a client relays is believed only with
+    such a proof.
     ``status_extra()`` adds entries to status replies. With a ``tracker``
     it answers seeding clients' announcements and peer requests;
     ``upload_limit`` paces every chunk it sends.
@@ -137,8 +176,11 @@ class RequestServer:
         status_extra: Callable[[], dict] | None = None,
         tracker: Tracker | None = None,
         upload_limit: TokenBucket | None = None,
+        epoch_secret: str = "",
     ) -> None:
         self.source = source
+        self.epoch_secret = epoch_secret
+        self._unproven_epoch_logged = False
         self.tracker = tracker
         self.upload_limit = upload_limit or TokenBucket(0)
         self.name = name
@@ -148,17 +190,24 @@ class RequestServer:
         self.status_extra = status_extra
         self.server_id = node.server_id if node else uuid.uuid4().hex[:12]
         self.metrics = metrics or Metrics()
-        self._clients = 0
         self.max_connections = max_connections
         self.idle_timeout_s = idle_timeout_s
         self.io_timeout_s = io_timeout_s
+        self.handshake_timeout_s = min(io_timeout_s, idle_timeout_s)
+        self.shed_idle_after_s = SHED_IDLE_AFTER_S
+        self.hello_wait_s = min(HELLO_WAIT_S, self.handshake_timeout_s / 2)  # the client's hello waits io_timeout
+        # Connections in their handshake beyond the clients': the peer must get in to prove itself, and in a
+        # crowd as many hellos may wait for a slot as there are slots.
+        self.handshake_room = max(PEER_SLOTS, max_connections)
         self._requested_address = (host, port)
         self._listener: socket.socket | None = None
         self._wakeup_r, self._wakeup_w = socket.socketpair()
         self._lock = threading.Lock()
-        self._handlers: dict[threading.Thread, Connection] = {}
+        self._slot_freed = threading.Condition(self._lock)  # a client slot was given back
+        self._handlers: dict[threading.Thread, _Handler] = {}
         self._accept_thread: threading.Thread | None = None
         self._stopping = threading.Event()
+        self._lingering = threading.BoundedSemaphore(MAX_LINGERING_TURNED_AWAY)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -192,8 +241,8 @@ class RequestServer:
             self._accept_thread.join(timeout_s)
         with self._lock:
             handlers = dict(self._handlers)
-        for connection in handlers.values():
-            _shutdown(connection.sock)
+        for handler in handlers.values():
+            _shutdown(handler.connection.sock)
         for thread in handlers:
             thread.join(timeout_s)
         if self._listener:
@@ -227,14 +276,15 @@ class RequestServer:
             sock.close()
 
     def _hand_to_thread(self, sock: socket.socket) -> None:
-        connection = Connection(sock, io_timeout_s=self.io_timeout_s, idle_timeout_s=self.idle_timeout_s)
+        connection = Connection(sock, io_timeout_s=self.io_timeout_s, idle_timeout_s=self.handshake_timeout_s)
+        handler = _Handler(self, connection)
+        thread = threading.Thread(target=self._serve, args=(handler,), daemon=True,
+                                  name=f"{self.name}-conn-{connection.peer}")
         with self._lock:
-            full = len(self._handlers) >= self.max_connections + PEER_SLOTS
-            if not full:
-                thread = threading.Thread(target=self._serve, args=(connection,), daemon=True,
-                                          name=f"{self.name}-conn-{connection.peer}")
-                self._handlers[thread] = connection
-        if full:
+            admitted = self._take_place(handler.source, ConnectionState.NEW)
+            if admitted:
+                self._handlers[thread] = handler
+        if not admitted:
             self.turn_away(connection)
             return
         try:
@@ -243,6 +293,54 @@ class RequestServer:
             with self._lock:
                 self._handlers.pop(thread, None)
             raise
+
+    def _take_place(self, source: str, becoming: ConnectionState) -> bool:
+        """True if there is room for a connection from ``source`` becoming ``becoming``, shedding one if need be.
+
+        ``NEW`` (a connection just accepted) competes with everything but the
+        authenticated peer for ``max_connections + handshake_room`` places;
+        ``GREETED`` (a client's hello) with the other clients for the
+        ``max_connections`` slots. Called under ``_lock``.
+        """
+        if becoming is ConnectionState.GREETED:
+            holders, room = [h for h in self._handlers.values() if h.state is ConnectionState.GREETED], 0
+        else:
+            holders = [h for h in self._handlers.values() if h.state.in_handshake or h.state is ConnectionState.GREETED]
+            room = self.handshake_room
+        if len(holders) < self.max_connections + room:
+            return True
+        victim = choose_idle_victim(holders, source, time.monotonic(), self.shed_idle_after_s)
+        if victim is None:
+            return False
+        log.info("full: shedding idle connection %s (%s) for a newcomer from %s",
+                 victim.connection.peer, victim.state.value, source)
+        victim.shed()
+        return True
+
+    def take_client_slot(self, handler: _Handler) -> bool:
+        """Make a client's connection GREETED once a client slot is (or can be made) free.
+
+        A hello finding every slot busy waits up to ``hello_wait_s`` for one to
+        be given back, so that in a crowd the next free slot goes to a
+        connection already waiting, and BUSY (and a client's retry at random)
+        stays the exception. False if none came free in time.
+        """
+        deadline = time.monotonic() + self.hello_wait_s
+        with self._slot_freed:
+            while handler.state is ConnectionState.NEW:
+                if self._take_place(handler.source, ConnectionState.GREETED):
+                    handler.state = ConnectionState.GREETED
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0 or self._stopping.is_set():
+                    break
+                self._slot_freed.wait(min(left, SLOT_RECHECK_S))  # meanwhile a holder may have idled long enough
+            return handler.state is ConnectionState.GREETED
+
+    def slot_freed(self) -> None:
+        """Wake the hellos waiting for a client slot (a connection is closing). Not under ``_lock``."""
+        with self._slot_freed:
+            self._slot_freed.notify_all()
 
     def turn_away(self, connection: Connection) -> None:
         """Tell a connection the server is busy, and close it."""
@@ -253,33 +351,74 @@ class RequestServer:
         except ConnectionClosed:
             pass
         self.metrics.request_done(ok=False)
-        connection.close()
+        self._close_gently(connection)
 
-    def admit_client(self) -> bool:
-        """Take one of the ``max_connections`` client slots; False if none is free."""
+    def _close_gently(self, connection: Connection) -> None:
+        """Lingering close off the accepting thread (a peer that never closes must not stall accepts).
+
+        At most ``MAX_LINGERING_TURNED_AWAY`` at a time; past that the
+        connection is closed at once (its BUSY may then be lost to a reset,
+        which the client treats as busy too).
+        """
+        if not self._lingering.acquire(blocking=False):
+            connection.close()
+            return
+
+        def linger() -> None:
+            try:
+                connection.close_lingering()
+            finally:
+                self._lingering.release()
+
+        try:
+            threading.Thread(target=linger, name=f"{self.name}-turned-away", daemon=True).start()
+        except RuntimeError:  # no more threads
+            self._lingering.release()
+            connection.close()
+
+    def connection_states(self) -> list[ConnectionState]:
+        """The state of every open connection (for status and tests); any thread."""
         with self._lock:
-            if self._clients >= self.max_connections:
+            return [handler.state for handler in self._handlers.values()]
+
+    def take_peer_slot(self, handler: _Handler) -> bool:
+        """Move a proven peer's connection to a peer slot (AUTHENTICATED); False if they are all taken."""
+        with self._lock:
+            peers = sum(1 for h in self._handlers.values() if h.state is ConnectionState.AUTHENTICATED)
+            if peers >= PEER_SLOTS or handler.state is not ConnectionState.CHALLENGED:
                 return False
-            self._clients += 1
+            handler.state = ConnectionState.AUTHENTICATED
             return True
 
-    def release_client(self) -> None:
-        """Give a client slot back."""
-        with self._lock:
-            self._clients -= 1
-
     def welcome(self, nonce: str = "", proof: str = "") -> protocol.Welcome:
-        """The welcome this server gives now: its role, epoch and who is primary."""
+        """The welcome this server gives now: its role, epoch (proven while active) and who is primary."""
         node = self.node
         role, epoch, primary = (node.role.value, node.epoch, node.primary) if node else ("active", 0, "")
+        epoch_proof = auth.prove_epoch(self.epoch_secret, epoch, self.server_id) if node and role == "active" else ""
         return protocol.Welcome(protocol.PROTOCOL_VERSION, role, epoch, self.server_id, self.name, primary,
-                                nonce, proof)
+                                nonce, proof, epoch_proof)
+
+    def observe_relayed_epoch(self, hello: protocol.Hello, peer: str) -> None:
+        """Learn the epoch a client relays, if a server holding the cluster secret proved it; else ignore it.
+
+        An epoch is authority: a stranger's hello must not make this server
+        step down (or, later, promote past it). The first unproven claim is
+        logged as a warning, later ones only at debug level.
+        """
+        if self.node is None or hello.epoch <= self.node.epoch:
+            return
+        if auth.epoch_proof_ok(self.epoch_secret, hello.epoch, hello.epoch_server, hello.epoch_proof):
+            self.node.observe_epoch(hello.epoch, f"a proof from server {hello.epoch_server} relayed by {peer}")
+            return
+        level = logging.DEBUG if self._unproven_epoch_logged else logging.WARNING
+        self._unproven_epoch_logged = True
+        log.log(level, "ignored epoch %d from %s: no proof from a server of this cluster (logged once)",
+                hello.epoch, peer)
 
     # Serving one connection ----------------------------------------------------------
 
-    def _serve(self, connection: Connection) -> None:
+    def _serve(self, handler: _Handler) -> None:
         self.metrics.connection_opened()
-        handler = _Handler(self, connection)
         try:
             handler.handle()
         finally:
@@ -287,6 +426,28 @@ class RequestServer:
             self.metrics.connection_closed()
             with self._lock:
                 self._handlers.pop(threading.current_thread(), None)
+
+
+def choose_idle_victim(holders: list[_Handler], newcomer: str, now: float,
+                       idle_after_s: float = SHED_IDLE_AFTER_S) -> _Handler | None:
+    """The connection to shed for a newcomer from address ``newcomer``, or None if none may go.
+
+    A connection answering a request is never shed. One waiting for its
+    next frame may be, if it has been idle ``idle_after_s`` (a download
+    stream never is) or if its address holds more slots than the newcomer's
+    would (slots are shared fairly per address, so a dozen connections from
+    one machine, however busy, cannot keep another machine out). The address
+    holding the most slots loses first; within it a connection still in its
+    handshake, then the longest idle.
+    """
+    held: dict[str, int] = {newcomer: 1}
+    for handler in holders:
+        held[handler.source] = held.get(handler.source, 0) + 1
+    candidates = [h for h in holders if h.idle_for(now) > 0
+                  and (h.idle_for(now) >= idle_after_s or held[h.source] > held[newcomer])]
+    if not candidates:
+        return None
+    return max(candidates, key=lambda h: (held[h.source], h.state.in_handshake, h.idle_for(now)))
 
 
 class _Handler:
@@ -304,20 +465,36 @@ class _Handler:
     def __init__(self, server: RequestServer, connection: Connection) -> None:
         self.server = server
         self.connection = connection
-        self.greeted = False
-        self.is_client = False
+        self.source = _source_host(connection)  # the address slots are shared by
+        self.state = ConnectionState.NEW
         self.peer_nonce = ""  # our challenge to a peer, until it answers
-        self.authenticated = False
+        self._handshake_deadline = time.monotonic() + server.handshake_timeout_s
+        self._idle_since: float | None = time.monotonic()  # None while a request is being answered
         self._open_file: tuple[str, BinaryIO] | None = None
         self._counted_sent = 0
         self._counted_received = 0
 
+    def idle_for(self, now: float) -> float:
+        """Seconds since the connection last finished a request (0 while it answers one).
+
+        Read by the accepting thread without a lock: at worst a connection that
+        just started a request is shed, and its client retries.
+        """
+        idle_since = self._idle_since
+        return 0.0 if idle_since is None else now - idle_since
+
+    def shed(self) -> None:
+        """Give up the slot now (the server is full) and make the handler thread end. Under the server lock."""
+        self.state = ConnectionState.CLOSING
+        _shutdown(self.connection.sock)
+
     def handle(self) -> None:
         """Answer requests until the peer leaves, idles out, or breaks framing."""
-        while True:
+        while self.state is not ConnectionState.CLOSING and self._within_handshake_deadline():
             try:
                 # Only an authenticated peer may make us hold a large payload.
-                frame = self.connection.recv(max_payload=None if self.authenticated else protocol.MAX_CLIENT_PAYLOAD)
+                authenticated = self.state is ConnectionState.AUTHENTICATED
+                frame = self.connection.recv(max_payload=None if authenticated else protocol.MAX_CLIENT_PAYLOAD)
             except ConnectionClosed as closed:
                 log.debug("%s", closed)
                 return
@@ -327,17 +504,32 @@ class _Handler:
                     log.warning("closing %s: %s", self.connection.peer, error)
                     return
                 continue
-            if not self._answer(frame):
+            self._idle_since = None
+            keep_open = self._answer(frame)
+            self._idle_since = time.monotonic()
+            if not keep_open:
                 return
+
+    def _within_handshake_deadline(self) -> bool:
+        """In the handshake, each wait is cut to what is left of its deadline; False once it passed."""
+        if not self.state.in_handshake:
+            return True
+        left = self._handshake_deadline - time.monotonic()
+        if left <= 0:
+            log.info("closing %s: handshake not done within %g s", self.connection.peer,
+                     self.server.handshake_timeout_s)
+            return False
+        self.connection.idle_timeout_s = left
+        return True
 
     def finish(self) -> None:
         """Release the connection's resources and settle its byte counters."""
+        self.state = ConnectionState.CLOSING
+        self.server.slot_freed()
         self._count_bytes()
-        if self.is_client:
-            self.server.release_client()
         if self._open_file:
             self._open_file[1].close()
-        self.connection.close()
+        self.connection.close_lingering()
 
     def _answer(self, frame: Frame) -> bool:
         """Answer one request; False means close the connection."""
@@ -371,18 +563,20 @@ class _Handler:
         request = frame.message
         if isinstance(request, protocol.Hello):
             return self._greet(request)
-        if not self.greeted:
+        if self.state is ConnectionState.NEW:
             raise RequestFailed(ErrorCode.HELLO_REQUIRED, "send hello first")
+        if self.state is ConnectionState.CHALLENGED and not isinstance(request, protocol.Authenticate):
+            raise RequestFailed(ErrorCode.AUTH_FAILED, f"{request.TYPE} needs an authenticated peer")
         if isinstance(request, protocol.GetStatus):
             self._send_status()
         elif isinstance(request, protocol.Authenticate):
             self._authenticate(request)
         elif type(request) in self.server.peer_handlers:
-            if not self.authenticated:
+            if self.state is not ConnectionState.AUTHENTICATED:
                 raise RequestFailed(ErrorCode.AUTH_FAILED, f"{request.TYPE} needs an authenticated peer")
             self.server.peer_handlers[type(request)](self.connection, frame)
         elif isinstance(request, self.CLIENT_REQUESTS):
-            if self.server.node and not self.authenticated:  # a peer may read a standby's replica
+            if self.server.node and self.state is not ConnectionState.AUTHENTICATED:  # a peer may read a replica
                 self.server.node.check_serving()
             self._serve_client_request(frame)
         else:
@@ -436,14 +630,11 @@ class _Handler:
             )
         if hello.role == "main":
             return self._greet_peer(hello)
-        if not self.is_client:
-            if not self.server.admit_client():
-                raise RequestFailed(ErrorCode.BUSY, f"server busy: {self.server.max_connections} clients "
-                                                    "connected, retry later")
-            self.is_client = True
-        if self.server.node:
-            self.server.node.observe_epoch(hello.epoch, f"client {self.connection.peer}")
-        self.greeted = True
+        if not self.server.take_client_slot(self):
+            raise RequestFailed(ErrorCode.BUSY, f"server busy: {self.server.max_connections} clients connected, "
+                                                "retry later")
+        self.connection.idle_timeout_s = self.server.idle_timeout_s  # handshake done: it may idle now
+        self.server.observe_relayed_epoch(hello, self.connection.peer)
         self.connection.send(self.server.welcome())
         return True
 
@@ -451,7 +642,8 @@ class _Handler:
         if not self.server.secret:
             log.warning("refused peer %s: server.secret is not set here", self.connection.peer)
             raise RequestFailed(ErrorCode.AUTH_FAILED, "peer connections need server.secret set on both servers")
-        self.greeted = True
+        if self.state is ConnectionState.NEW:
+            self.state = ConnectionState.CHALLENGED  # the handshake deadline still runs: it must prove itself
         self.peer_nonce = auth.new_nonce()
         proof = auth.prove(self.server.secret, auth.SERVER_PURPOSE, hello.nonce)
         self.connection.send(self.server.welcome(self.peer_nonce, proof))
@@ -463,7 +655,9 @@ class _Handler:
             log.warning("peer %s failed authentication: wrong server.secret?", self.connection.peer)
             raise RequestFailed(ErrorCode.AUTH_FAILED, "authentication failed: wrong server.secret")
         self.peer_nonce = ""
-        self.authenticated = True
+        if not self.server.take_peer_slot(self):
+            raise RequestFailed(ErrorCode.BUSY, f"all {PEER_SLOTS} peer slots are taken")
+        self.connection.idle_timeout_s = self.server.idle_timeout_s
         log.info("peer %s authenticated", self.connection.peer)
         self.connection.send(protocol.Ok())
 
@@ -549,6 +743,14 @@ class _Handler:
 
 def _file_size(file: BinaryIO) -> int:
     return os.fstat(file.fileno()).st_size
+
+
+def _source_host(connection: Connection) -> str:
+    """The address a connection comes from (its host, without the port)."""
+    try:
+        return connection.sock.getpeername()[0]
+    except OSError:
+        return "(disconnected)"
 
 
 def _shutdown(sock: socket.socket) -> None:

@@ -54,6 +54,7 @@ class ServerEngine:
             status_extra=self._status_extra,
             tracker=Tracker(ttl_s=PEER_TTL_INTERVALS * transfer.announce_interval),
             upload_limit=TokenBucket(transfer.upload_limit),
+            epoch_secret=config.server.secret,
             **server_options,
         )
         self.announcer: Announcer | None = None

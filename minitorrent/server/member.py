@@ -30,6 +30,7 @@ from typing import Callable
 
 from config_loader import Config, MemberConfig
 from error_handler import ConfigError, ConnectionFailed, MiniTorrentError
+from minitorrent.net.serving import PeerConnection, PeerHandler
 from minitorrent.server.catalog import AddResult
 from minitorrent.server.coordinator import (
     Acknowledgements,
@@ -271,34 +272,34 @@ class ClusterMember(ServerEngine):
         """Answer a leader's replication like the backup does, its writes fenced by the epoch its link proved."""
         self.receiver = ReplicaReceiver(self.catalog, self.node, "auto")
         self.receiver.on_change = lambda: self.metrics.set_downloads(self.catalog.download_counts())
-        self._proven: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # handler -> epoch its link proved
+        self._proven: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # peer connection -> epoch its link proved
         self._highest_proven = 0  # the highest epoch any authenticated peer proved
         handlers = self.receiver.handlers()
         self.server.peer_handlers.update(handlers)
         self.server.peer_handlers.update({kind: self._fenced(handlers[kind]) for kind in WRITES})
         self.server.peer_handlers[protocol.Heartbeat] = self._on_peer_heartbeat
 
-    def _on_peer_heartbeat(self, handler, frame: Frame) -> None:
+    def _on_peer_heartbeat(self, peer: PeerConnection, frame: Frame) -> None:
         beat: protocol.Heartbeat = frame.message
         self.node.observe_epoch(beat.epoch, f"the leader at {beat.address}", primary=beat.address)
         with self._lock:
-            self._proven[handler] = beat.epoch
+            self._proven[peer] = beat.epoch
             self._highest_proven = max(self._highest_proven, beat.epoch)
-        handler.connection.send(protocol.HeartbeatAck(self.node.role.value, self.node.epoch))
+        peer.send(protocol.HeartbeatAck(self.node.role.value, self.node.epoch))
 
-    def _fenced(self, handle: Callable[[object, Frame], None]) -> Callable[[object, Frame], None]:
+    def _fenced(self, handle: PeerHandler) -> PeerHandler:
         """``handle``, refused on a link whose leader proved an epoch below one we know from etcd or a peer.
 
         Only verified epochs count (etcd's, through FOLLOW, and those proven
         on authenticated peer links): a client's claim cannot fence a leader.
         """
-        def fenced(handler, frame: Frame) -> None:
+        def fenced(peer: PeerConnection, frame: Frame) -> None:
             with self._lock:
-                proven, fence = self._proven.get(handler, -1), max(self._highest_proven, self.node.epoch)
+                proven, fence = self._proven.get(peer, -1), max(self._highest_proven, self.node.epoch)
             if proven < fence:
                 raise RequestFailed(ErrorCode.STANDBY, f"replication refused: this link's leader proved epoch "
                                                        f"{proven}, the cluster is at {fence}")
-            handle(handler, frame)
+            handle(peer, frame)
         return fenced
 
     # Status ------------------------------------------------------------------------------------------------------------

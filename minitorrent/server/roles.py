@@ -6,8 +6,10 @@ server that crashes and restarts never reuses one. Every heartbeat, welcome
 and status carries it. The rule that keeps two servers from accepting writes
 at once (DESIGN principle 4):
 
-* a server that learns of an epoch higher than its own (from a heartbeat
-  reply, its peer, or a client's hello) stops serving as active at once;
+* a server that learns of an epoch higher than its own from a source it can
+  verify (its authenticated peer, or a proof a server issued that a client
+  relays in its hello) stops serving as active at once; an epoch it cannot
+  verify changes nothing;
 * a server becomes active only by taking an epoch higher than every epoch it
   has seen (``promote``).
 
@@ -23,7 +25,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 from database import ServerStore
-from minitorrent.wire.protocol import ErrorCode, RequestFailed
+from error_handler import MiniTorrentError
+from minitorrent.wire.protocol import MAX_EPOCH, ErrorCode, RequestFailed
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +59,7 @@ class NodeState:
         self.server = server
         self._lock = threading.Lock()
         self.server_id = store.server_id()
-        self._epoch = int(store.get_meta("epoch", "0"))
+        self._epoch = _stored_epoch(store)
         self._highest_seen = self._epoch
         self._role = role
         self._primary = ""
@@ -100,6 +103,8 @@ class NodeState:
         """Become active with an epoch above every one seen; persisted first. Returns it."""
         with self._lock:
             epoch = max(self._epoch, self._highest_seen) + 1
+            if epoch > MAX_EPOCH:  # only a verified peer could have taken us here; never past the wire limit
+                raise MiniTorrentError(f"cannot promote: epoch {epoch} would be past the wire limit 2**63-1")
             self._store.set_meta("epoch", str(epoch))
             self._epoch = self._highest_seen = epoch
             self._role = Role.ACTIVE
@@ -117,8 +122,8 @@ class NodeState:
         leader's by construction, and an unverified claim must not block it.
         """
         with self._lock:
-            if epoch <= self._epoch:
-                raise ValueError(f"epoch {epoch} is not above the epoch held, {self._epoch}")
+            if not self._epoch < epoch <= MAX_EPOCH:
+                raise ValueError(f"epoch {epoch} is not above the epoch held, {self._epoch}, within 2**63-1")
             self._store.set_meta("epoch", str(epoch))
             self._epoch = epoch
             self._highest_seen = max(self._highest_seen, epoch)
@@ -191,3 +196,17 @@ class NodeState:
     def _tell(self, event: RoleChanged) -> None:
         for listener in list(self.listeners):
             listener(event)
+
+
+def _stored_epoch(store: ServerStore) -> int:
+    """The durable epoch; ``MiniTorrentError`` naming the way out if it is outside what the wire carries."""
+    text = store.get_meta("epoch", "0")
+    try:
+        epoch = int(text)
+    except ValueError:
+        epoch = -1
+    if not 0 <= epoch <= MAX_EPOCH:
+        raise MiniTorrentError(
+            f"{store.path} holds epoch {text[:40]}, outside 0..2**63-1; to recover, stop both servers and run: "
+            f"sqlite3 {store.path} \"UPDATE meta SET value='0' WHERE key='epoch'\" (the peer's epoch is relearned)")
+    return epoch

@@ -51,6 +51,7 @@ MAX_PATH_DEPTH = 64  # folders in one relative path: deep trees, but not a denia
 MAX_LIST_ENTRIES = 200  # entries per listing page at most; fit_list_page also keeps it under the header limit
 MAX_LIST_PAGE_BYTES = MAX_HEADER_BYTES - 4096  # room for the rest of the header
 MAX_STATUS_FILES = 100  # per-file download counts in a status reply (the most downloaded)
+MAX_CATALOG_FILES = 10_000_000  # a list offset or total beyond this is no catalog we serve (goal: 1,000,000)
 
 
 class ErrorCode:
@@ -264,8 +265,10 @@ class Hello(Message):
     version: int
     role: str  # "client", or "main" for the main server's peer connections
     agent: str = ""
-    epoch: int = 0  # the highest epoch the caller has seen: a stale active server steps down
-    nonce: str = ""  # a peer's challenge to the server (see cluster.py)
+    epoch: int = 0  # the highest proven epoch the caller has seen (a client relays it with its proof)
+    nonce: str = ""  # a peer's challenge to the server (see auth.py)
+    epoch_server: str = ""  # a client: the server_id that issued ``epoch``
+    epoch_proof: str = ""  # a client: that server's proof of ``epoch`` (Welcome.epoch_proof), relayed
 
     def validate(self) -> None:
         _check_epoch(self.epoch)
@@ -280,7 +283,8 @@ class ListFiles(Message):
     offset: int = 0  # paging: a reply holds at most MAX_LIST_ENTRIES entries
 
     def validate(self) -> None:
-        _require(self.offset >= 0, "offset must not be negative", ErrorCode.OUT_OF_RANGE)
+        _require(0 <= self.offset <= MAX_CATALOG_FILES, f"offset must be within 0..{MAX_CATALOG_FILES}",
+                 ErrorCode.OUT_OF_RANGE)
 
 
 @dataclass(frozen=True)
@@ -387,6 +391,10 @@ class Welcome(Message):
     primary: str = ""  # host:port of the server believed active, when this one is not
     nonce: str = ""  # to a peer: the server's challenge
     proof: str = ""  # to a peer: the server's answer to the peer's challenge
+    epoch_proof: str = ""  # HMAC over (epoch, server_id) with the cluster secret: clients relay it
+
+    def validate(self) -> None:
+        _check_epoch(self.epoch)
 
 
 @dataclass(frozen=True)
@@ -400,6 +408,8 @@ class FileList(Message):
 
     def validate(self) -> None:
         _require(all(isinstance(entry, dict) for entry in self.files), "files must be objects")
+        _require(0 <= self.total <= MAX_CATALOG_FILES and 0 <= self.offset <= MAX_CATALOG_FILES,
+                 f"total and offset must be within 0..{MAX_CATALOG_FILES}", ErrorCode.OUT_OF_RANGE)
 
 
 @dataclass(frozen=True)
@@ -598,6 +608,9 @@ class HeartbeatAck(Message):
     role: str
     epoch: int
 
+    def validate(self) -> None:
+        _check_epoch(self.epoch)
+
 
 @dataclass(frozen=True)
 class GetInventory(Message):
@@ -702,6 +715,9 @@ class HandedOver(Message):
     MAX_PAYLOAD = MAX_DOCUMENT_BYTES
     epoch: int
 
+    def validate(self) -> None:
+        _check_epoch(self.epoch)
+
 
 def fit_list_page(entries: list[dict]) -> list[dict]:
     """The longest prefix of ``entries`` (at least one) whose JSON fits a listing header."""
@@ -793,36 +809,86 @@ def _is_required(kind: type[Message], name: str) -> bool:
     return field.default is field.default_factory  # both MISSING: no default
 
 
-class FrameDecoder:
-    """Incremental decoder: ``feed`` it bytes, take whole ``Frame``s out.
+@dataclass(frozen=True)
+class Head:
+    """A decoded frame head: the message, and how many payload bytes follow it."""
 
-    ``next_frame`` returns ``None`` while more bytes are needed. After it
-    raises a non-recoverable error the decoder is unusable (the stream is out
-    of step). After a recoverable one, the offending frame has been consumed
-    and decoding can go on.
+    message: Message
+    payload_len: int
+
+
+class FrameDecoder:
+    """Incremental decoder: ``feed`` it bytes, take heads and payloads out.
+
+    Two ways to use it. ``next_frame`` hands back whole ``Frame``s (the
+    payload copied out of the decoder's buffer): what a test or a small peer
+    wants. A transport that wants payloads to land in its own buffer calls
+    ``next_head`` instead; it then owes the decoder that frame's payload:
+    ``take_payload`` copies whatever part of it was already fed, and the
+    transport reads the rest straight into the same buffer and reports it with
+    ``payload_received`` (the protocol decides, the transport moves bytes).
+
+    After a non-recoverable error the decoder is unusable (the stream is out
+    of step) and keeps raising. A recoverable error is raised as soon as the
+    header is read; the frame's payload is then dropped as it is fed
+    (``discarding`` says some is still to come), so decoding goes on in step
+    without ever holding a refused payload.
     """
 
     def __init__(self) -> None:
         self._buffer = bytearray()
         self._broken: ProtocolError | None = None
+        self._head: Head | None = None  # the frame whose payload is being taken
+        self._payload_left = 0  # of that frame's payload, bytes not yet taken
+        self._discard_left = 0  # of a refused frame's payload, bytes not yet fed
 
-    def feed(self, data: bytes) -> None:
-        """Append received bytes."""
+    @property
+    def buffered(self) -> int:
+        """Bytes fed and not yet decoded (0: between frames, nothing of the next one seen)."""
+        return len(self._buffer)
+
+    @property
+    def discarding(self) -> bool:
+        """True while a refused frame's payload is still to be fed (and dropped)."""
+        return self._discard_left > 0
+
+    @property
+    def payload_left(self) -> int:
+        """Payload bytes of the current head not yet taken or received."""
+        return self._payload_left
+
+    def bytes_needed(self) -> int:
+        """At least how many more bytes must be fed before the next head can be decoded (0: now)."""
+        if self._discard_left or self._payload_left:
+            return self._discard_left + self._payload_left - len(self._buffer)
+        if len(self._buffer) < PREFIX_BYTES:
+            return PREFIX_BYTES - len(self._buffer)
+        _, header_len, _ = PREFIX.unpack(self._buffer[:PREFIX_BYTES])
+        return max(0, PREFIX_BYTES + header_len - len(self._buffer))
+
+    def feed(self, data: bytes | memoryview) -> None:
+        """Append received bytes (those of a refused payload are dropped at once)."""
+        if self._discard_left:
+            dropped = min(len(data), self._discard_left)
+            self._discard_left -= dropped
+            data = data[dropped:]
         self._buffer += data
 
-    def next_frame(self) -> Frame | None:
-        """Return the next whole frame, ``None`` if incomplete; raise on bad input."""
+    def next_head(self, max_payload: int | None = None) -> Head | None:
+        """Decode the next frame's prefix and header; ``None`` until they are whole.
+
+        ``max_payload`` lowers the payload limit for this frame (a server takes
+        none from an unauthenticated peer); it is checked from the prefix,
+        before any of the payload is awaited. Raises ``ProtocolError``.
+        """
         if self._broken:
             raise self._broken
+        if self._payload_left:
+            raise LocalProtocolError("the previous frame's payload was not taken")
         if len(self._buffer) < PREFIX_BYTES:
             return None
-        try:
-            header_len, payload_len = parse_prefix(self._buffer[:PREFIX_BYTES])
-        except ProtocolError as error:
-            self._broken = error
-            raise
+        header_len, payload_len = self._checked_prefix(max_payload)
         end_of_header = PREFIX_BYTES + header_len
-        end = end_of_header + payload_len
         if len(self._buffer) < end_of_header:
             return None
         try:
@@ -831,12 +897,48 @@ class FrameDecoder:
             if not error.recoverable:
                 self._broken = error
                 raise
-            if len(self._buffer) < end:
-                return None  # wait for the rest so the stream stays in step
-            del self._buffer[:end]
+            self._drop_refused(end_of_header, payload_len)
             raise
-        if len(self._buffer) < end:
+        del self._buffer[:end_of_header]
+        self._head, self._payload_left = Head(message, payload_len), payload_len
+        return self._head
+
+    def take_payload(self, view: memoryview) -> int:
+        """Copy the buffered part of the current payload into ``view``; how many bytes it was."""
+        count = min(len(view), self._payload_left, len(self._buffer))
+        view[:count] = self._buffer[:count]
+        del self._buffer[:count]
+        self._payload_left -= count
+        return count
+
+    def payload_received(self, count: int) -> None:
+        """The transport put ``count`` payload bytes straight into its buffer (none were fed here)."""
+        if count > self._payload_left or (count and self._buffer):
+            raise LocalProtocolError("payload bytes received past the buffered ones, or past the frame")
+        self._payload_left -= count
+
+    def next_frame(self) -> Frame | None:
+        """Return the next whole frame, ``None`` if incomplete; raise on bad input."""
+        head = self._head if self._payload_left else self.next_head()
+        if head is None or len(self._buffer) < self._payload_left:
             return None
-        payload = bytes(self._buffer[end_of_header:end])
+        payload = bytes(self._buffer[: self._payload_left])
+        del self._buffer[: self._payload_left]
+        self._payload_left = 0
+        return Frame(head.message, payload)
+
+    def _checked_prefix(self, max_payload: int | None) -> tuple[int, int]:
+        try:
+            header_len, payload_len = parse_prefix(self._buffer[:PREFIX_BYTES])
+            if max_payload is not None and payload_len > max_payload:
+                raise RemoteProtocolError(f"a {payload_len}-byte payload is not accepted here (limit {max_payload})")
+        except ProtocolError as error:
+            self._broken = error
+            raise
+        return header_len, payload_len
+
+    def _drop_refused(self, end_of_header: int, payload_len: int) -> None:
+        """Forget a refused frame: what of its payload is here now, and the rest as it is fed."""
+        end = end_of_header + payload_len
+        self._discard_left = max(0, end - len(self._buffer))
         del self._buffer[:end]
-        return Frame(message, payload)

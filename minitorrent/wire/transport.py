@@ -1,15 +1,20 @@
 """Moving protocol frames over a TCP socket: the only code that does it.
 
-``protocol.py`` decides what the bytes are; this module sends and receives
-them. Receiving reads the fixed prefix, then the header, then lets the payload
-land in a buffer the caller owns (``recv_into``), so a 1 MiB chunk is received
-without a fresh allocation each time. Sending a file payload uses
-``socket.sendfile`` so the bytes go from the page cache to the socket without
-passing through Python.
+``protocol.py`` decides what the bytes are (its ``FrameDecoder`` is fed
+every byte received here); this module only moves them. Receiving reads a
+little ahead into a reused scratch buffer until the decoder has a frame's
+head, then lets the payload land in a buffer the caller owns: the decoder
+hands over the part it already holds and the rest comes straight from the
+socket with ``recv_into``, so a 1 MiB chunk is received without a fresh
+allocation each time. Sending a file payload uses ``socket.sendfile`` so the
+bytes go from the page cache to the socket without passing through Python.
 
-Every read has a deadline: the wait for the *first* byte of a frame may be
-long (an idle connection), the rest of the frame must arrive within the I/O
-timeout, so a peer that sends half a frame and stalls is cut off.
+Every frame has one deadline, whatever trickle of bytes the peer sends: the
+wait for the *first* byte of a frame may be long (an idle connection), but
+from that byte the whole head must arrive within the I/O timeout, and the
+payload within the I/O timeout plus its length at ``MIN_PAYLOAD_RATE_BPS``.
+A peer that sends half a frame and stalls, or one byte every few seconds,
+is cut off.
 """
 from __future__ import annotations
 
@@ -19,10 +24,13 @@ from typing import BinaryIO
 
 from error_handler import ConnectionFailed
 from minitorrent.wire import protocol
-from minitorrent.wire.protocol import Frame, Message, ProtocolError, RemoteProtocolError
+from minitorrent.wire.protocol import Frame, Message, ProtocolError
 
 _MSG_MORE = getattr(socket, "MSG_MORE", 0)  # Linux: hold the header until the payload follows
-_DRAIN_BYTES = 256 * 1024
+READ_AHEAD_BYTES = 4096  # one recv takes in a small frame whole, or a few pipelined ones
+MIN_PAYLOAD_RATE_BPS = 64 * 1024  # slower than this a payload is a stall (a 1 MiB chunk gets 16 s more)
+LINGER_S = 1.0  # how long a closing side drains unread bytes so its last reply is not reset away
+LINGER_BYTES = 4 * 1024 * 1024  # and at most this many
 
 
 class ConnectionClosed(ConnectionFailed):
@@ -38,7 +46,8 @@ class Connection:
         self.idle_timeout_s = idle_timeout_s if idle_timeout_s is not None else io_timeout_s
         self.bytes_sent = 0
         self.bytes_received = 0
-        self._prefix = bytearray(protocol.PREFIX_BYTES)
+        self._decoder = protocol.FrameDecoder()
+        self._scratch = bytearray(protocol.PREFIX_BYTES + protocol.MAX_HEADER_BYTES)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     @classmethod
@@ -65,6 +74,29 @@ class Connection:
             self.sock.close()
         except OSError:
             pass
+
+    def close_lingering(self) -> None:
+        """Close after what we sent has a chance to be read: no reset that would destroy our last reply.
+
+        Closing a socket with unread bytes makes the kernel send a reset, which
+        can discard a reply the peer has not read yet. So shut down our side
+        first (the peer sees the end after our last bytes), then read and drop
+        what the peer still sends until it closes too, for at most
+        ``LINGER_S`` and ``LINGER_BYTES``, then close.
+        """
+        deadline = time.monotonic() + LINGER_S
+        drained = 0
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+            while drained < LINGER_BYTES and (left := deadline - time.monotonic()) > 0:
+                self.sock.settimeout(left)
+                count = self.sock.recv_into(self._scratch)
+                if count == 0:
+                    break
+                drained += count
+        except OSError:
+            pass  # reset, timed out or already gone: nothing more to wait for
+        self.close()
 
     # Sending ------------------------------------------------------------------
 
@@ -118,66 +150,70 @@ class Connection:
         recoverable ``ProtocolError`` leaves the connection in step (its
         payload skipped).
         """
-        self._read_exactly(memoryview(self._prefix), first_byte_timeout_s=self.idle_timeout_s)
-        header_len, payload_len = protocol.parse_prefix(self._prefix)
-        if max_payload is not None and payload_len > max_payload:
-            raise RemoteProtocolError(f"a {payload_len}-byte payload is not accepted here (limit {max_payload})")
-        header = bytearray(header_len)
-        self._read_exactly(memoryview(header))
-        try:
-            message = protocol.decode_header(header, payload_len)
-        except ProtocolError as error:
-            if error.recoverable:
-                self._skip(payload_len)
-            raise
-        return Frame(message, self._read_payload(payload_len, payload_buffer))
+        head, deadline = self._recv_head(max_payload)
+        deadline += head.payload_len / MIN_PAYLOAD_RATE_BPS
+        return Frame(head.message, self._recv_payload(head.payload_len, payload_buffer, deadline))
 
-    def _read_payload(self, length: int, buffer: bytearray | None) -> bytes | memoryview:
+    def _recv_head(self, max_payload: int | None) -> tuple[protocol.Head, float]:
+        """The next frame's head, and the deadline its frame runs against (from its first byte)."""
+        deadline = time.monotonic() + self.io_timeout_s if self._decoder.buffered else None
+        while True:
+            try:
+                head = self._decoder.next_head(max_payload)
+            except ProtocolError as error:
+                if error.recoverable:
+                    self._drain_refused(deadline or time.monotonic() + self.io_timeout_s)
+                raise
+            if head is not None:
+                return head, deadline or time.monotonic() + self.io_timeout_s
+            self._feed_decoder(deadline)
+            deadline = deadline or time.monotonic() + self.io_timeout_s  # the frame's first byte is in
+
+    def _drain_refused(self, deadline: float) -> None:
+        """Read and drop a refused frame's payload (bounded by the frame limits), keeping the stream in step."""
+        while self._decoder.discarding:
+            self._feed_decoder(deadline)
+
+    def _feed_decoder(self, deadline: float | None) -> None:
+        """One read into the scratch buffer, fed to the decoder; ``deadline`` None: waiting between frames."""
+        wanted = max(self._decoder.bytes_needed(), READ_AHEAD_BYTES)
+        view = memoryview(self._scratch)[: min(wanted, len(self._scratch))]
+        count = self._recv_into(view, deadline)
+        self._decoder.feed(view[:count])
+
+    def _recv_payload(self, length: int, buffer: bytearray | None, deadline: float) -> bytes | memoryview:
         if length == 0:
             return b""
-        if buffer is None or len(buffer) < length:
-            buffer = bytearray(length)
-            view = memoryview(buffer)
-            self._read_exactly(view)
-            return bytes(buffer)
-        view = memoryview(buffer)[:length]
-        self._read_exactly(view)
-        return view
+        owned = buffer is None or len(buffer) < length
+        target = bytearray(length) if owned else buffer
+        view = memoryview(target)[:length]
+        got = self._decoder.take_payload(view)
+        while got < length:
+            count = self._recv_into(view[got:], deadline)
+            self._decoder.payload_received(count)
+            got += count
+        return bytes(target) if owned else view
 
-    def _skip(self, length: int) -> None:
-        scratch = bytearray(min(length, _DRAIN_BYTES))
-        while length:
-            view = memoryview(scratch)[: min(length, len(scratch))]
-            self._read_exactly(view)
-            length -= len(view)
-
-    def _read_exactly(self, view: memoryview, first_byte_timeout_s: float | None = None) -> None:
-        """Fill ``view`` from the socket within the deadlines, or raise."""
-        wanted = len(view)
-        got = 0
-        deadline = None
-        while got < wanted:
-            if got == 0 and first_byte_timeout_s is not None:
-                timeout = first_byte_timeout_s
-            else:
-                deadline = deadline or time.monotonic() + self.io_timeout_s
-                timeout = deadline - time.monotonic()
-                if timeout <= 0:
-                    raise ConnectionClosed(f"{self.peer} stalled mid-frame ({got} of {wanted} bytes)")
-            self.sock.settimeout(timeout)
-            try:
-                n = self.sock.recv_into(view[got:])
-            except socket.timeout as error:
-                if got == 0 and first_byte_timeout_s is not None:
-                    raise ConnectionClosed(f"{self.peer} idle for {timeout:g} s") from error
-                raise ConnectionClosed(f"{self.peer} stalled mid-frame ({got} of {wanted} bytes)") from error
-            except OSError as error:
-                raise ConnectionClosed(f"connection to {self.peer} broke: {_reason(error)}") from error
-            if n == 0:
-                where = "between frames" if got == 0 and first_byte_timeout_s is not None else "mid-frame"
-                raise ConnectionClosed(f"{self.peer} closed the connection {where}")
-            got += n
-            self.bytes_received += n
+    def _recv_into(self, view: memoryview, deadline: float | None) -> int:
+        """One ``recv_into`` within the frame's deadline (or the idle timeout between frames); raise on EOF."""
+        between_frames = deadline is None
+        timeout = self.idle_timeout_s if between_frames else deadline - time.monotonic()
+        if timeout <= 0:
+            raise ConnectionClosed(f"{self.peer} did not send a whole frame within its deadline")
+        self.sock.settimeout(timeout)
+        try:
+            count = self.sock.recv_into(view)
+        except socket.timeout as error:
+            if between_frames:
+                raise ConnectionClosed(f"{self.peer} idle for {timeout:g} s") from error
+            raise ConnectionClosed(f"{self.peer} stalled mid-frame") from error
+        except OSError as error:
+            raise ConnectionClosed(f"connection to {self.peer} broke: {_reason(error)}") from error
+        if count == 0:
+            where = "between frames" if between_frames else "mid-frame"
+            raise ConnectionClosed(f"{self.peer} closed the connection {where}")
+        self.bytes_received += count
+        return count
 
 
 def _reason(error: OSError) -> str:

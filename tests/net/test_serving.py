@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from error_handler import ConnectionFailed
 from integrity import Manifest
 from minitorrent.net.remote import ServerSession
+from minitorrent.server.backup import BackupServer
 from minitorrent.server.main import MainServer
 from minitorrent.wire import protocol
 from minitorrent.wire.protocol import (
@@ -122,10 +123,16 @@ def get_chunk_frame(name: object, sha256: object, index: object) -> bytes:
 class RawPeer:
     """A raw TCP peer: sends whatever bytes it is told and decodes what comes back."""
 
-    def __init__(self, address: tuple[str, int], timeout_s: float = SHORT_TIMEOUT) -> None:
-        self.sock = socket.create_connection(address, timeout=timeout_s)
+    def __init__(self, address: tuple[str, int] | None, timeout_s: float = SHORT_TIMEOUT,
+                 sock: socket.socket | None = None) -> None:
+        self.sock = sock or socket.create_connection(address, timeout=timeout_s)
         self.decoder = FrameDecoder()
         self.closed_by_server = False
+
+    @classmethod
+    def from_socket(cls, sock: socket.socket) -> RawPeer:
+        """A raw peer over a socket already connected (from a chosen source address, say)."""
+        return cls(None, sock=sock)
 
     def __enter__(self) -> RawPeer:
         return self
@@ -171,6 +178,20 @@ class RawPeer:
     def expect_error(self) -> str:
         """The code of the next reply, which must be an ErrorReply."""
         return self.expect(ErrorReply).code
+
+    def frames_until(self, kind: type[protocol.Message]) -> list[Frame]:
+        """Frames up to and including one of ``kind``, or up to the server closing (then ``closed_by_server``)."""
+        frames: list[Frame] = []
+        while True:
+            while (frame := self.decoder.next_frame()) is not None:
+                frames.append(frame)
+                if isinstance(frame.message, kind):
+                    return frames
+            data = self._recv()
+            if not data:
+                self.closed_by_server = True
+                return frames
+            self.decoder.feed(data)
 
     def read_until_closed(self) -> list[Frame]:
         """Every frame the server sends until it closes the connection (EOF or reset)."""
@@ -645,6 +666,8 @@ class TestTimeoutsAndLimits:
     def test_max_connections_turns_away_with_busy(self, start_served):
         """With max_connections 2, a third connection gets BUSY and is closed; once one leaves, a new one is served."""
         served = start_served({"transfer": {**PATIENT["transfer"], "max_connections": 2}})
+        served.engine.server.shed_idle_after_s = SHORT_TIMEOUT  # the held sessions count as busy here
+        served.engine.server.hello_wait_s = 0.1  # a hello waits for a slot only briefly
         wait_until(lambda: no_connections(served), what="the fixture's session to be released")
         first = ServerSession.open(*served.address, io_timeout_s=SHORT_TIMEOUT)
         second = ServerSession.open(*served.address, io_timeout_s=SHORT_TIMEOUT)
@@ -673,6 +696,8 @@ class TestTimeoutsAndLimits:
     def test_busy_connections_are_not_counted_as_served(self, start_served):
         """A turned-away connection does not take a slot: the held sessions keep their places."""
         served = start_served({"transfer": {**PATIENT["transfer"], "max_connections": 1}})
+        served.engine.server.shed_idle_after_s = SHORT_TIMEOUT  # the held session counts as busy here
+        served.engine.server.hello_wait_s = 0.1  # a hello waits for a slot only briefly
         wait_until(lambda: no_connections(served), what="the fixture's session to be released")
         held = ServerSession.open(*served.address, io_timeout_s=SHORT_TIMEOUT)
         try:
@@ -684,6 +709,289 @@ class TestTimeoutsAndLimits:
             assert FileCount(1, FILE_SIZE) == held.call(CountFiles(), FileCount).message
         finally:
             held.close()
+
+
+def open_from(address: tuple[str, int], source_host: str) -> socket.socket:
+    """A TCP connection to ``address`` from ``source_host`` (any 127.x.y.z: loopback answers them all)."""
+    return socket.create_connection(address, timeout=SHORT_TIMEOUT, source_address=(source_host, 0))
+
+
+def served_now(served: Served, source_host: str = "127.0.0.1") -> bool:
+    """True if a client from ``source_host`` is greeted and gets a listing now."""
+    try:
+        with RawPeer.from_socket(open_from(served.address, source_host)) as peer:
+            peer.send(HELLO + encode_frame(ListFiles()), may_be_cut_off=True)
+            frames = peer.frames(2)
+    except (AssertionError, OSError):
+        return False
+    return ["welcome", "files"] == error_codes(frames)
+
+
+class Hogs:
+    """``count`` connections from one address that keep sending frames (a stranger holding slots)."""
+
+    def __init__(self, served: Served, count: int, source_host: str, *, greet: bool, every_s: float) -> None:
+        self.peers = [RawPeer.from_socket(open_from(served.address, source_host)) for _ in range(count)]
+        self.frame = encode_frame(CountFiles())
+        self.every_s = every_s
+        self._stop = threading.Event()
+        for peer in self.peers:
+            peer.send(HELLO if greet else self.frame)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            for peer in self.peers:
+                peer.send(self.frame, may_be_cut_off=True)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(SHORT_TIMEOUT)
+        for peer in self.peers:
+            peer.close()
+
+
+class TestFairSlots:
+    @pytest.mark.parametrize("greet", [False, True], ids=["no hello", "greeted"])
+    def test_fourteen_busy_connections_from_one_address_do_not_lock_out_another(self, start_served, greet):
+        """Fourteen connections from 127.0.0.2 sending a frame every 0.3 s leave room for a client from 127.0.0.1."""
+        served = start_served({"transfer": {**PATIENT["transfer"]}})  # default max_connections: 10
+        hogs = Hogs(served, 14, "127.0.0.2", greet=greet, every_s=0.3)
+        try:
+            assert True is served_now(served)
+            assert True is served_now(served)  # and again: the slots do not drift back to the hogs
+        finally:
+            hogs.close()
+
+    def test_fourteen_idle_connections_from_the_same_address_give_way(self, start_served):
+        """Fourteen greeted, idle connections from the client's own address give way once idle for a second."""
+        served = start_served({"transfer": {**PATIENT["transfer"]}})
+        hogs = Hogs(served, 14, "127.0.0.1", greet=True, every_s=SHORT_TIMEOUT * 10)
+        try:
+            started = time.monotonic()
+            wait_until(lambda: served_now(served), what="a slot for the newcomer")
+            elapsed = time.monotonic() - started
+            assert elapsed <= served.engine.server.shed_idle_after_s + TIMING_SLACK_S, f"served after {elapsed:.2f} s"
+        finally:
+            hogs.close()
+
+    def test_a_hello_waits_briefly_for_a_slot_given_back(self, start_served):
+        """A hello finding the only slot taken gets it, not BUSY, when its holder leaves within hello_wait_s."""
+        served = start_served({"transfer": {**PATIENT["transfer"], "max_connections": 1}})
+        served.engine.server.shed_idle_after_s = SHORT_TIMEOUT  # the holder is not shed: it must leave
+        wait_until(lambda: no_connections(served), what="the fixture's session to be released")
+        holder = ServerSession.open(*served.address, io_timeout_s=SHORT_TIMEOUT)
+        threading.Timer(0.3, holder.close).start()
+        with RawPeer(served.address) as waiting:
+            waiting.send(HELLO)
+            assert "active" == waiting.expect(Welcome).role
+
+    def test_connections_answering_a_request_are_never_shed(self):
+        """choose_idle_victim passes over connections in a request, and prefers the biggest holder's oldest idle one."""
+        from minitorrent.net.serving import ConnectionState, choose_idle_victim
+
+        @dataclass
+        class Fake:
+            source: str
+            state: ConnectionState
+            idle_s: float
+
+            def idle_for(self, now: float) -> float:
+                return self.idle_s
+
+        busy = [Fake("10.0.0.1", ConnectionState.GREETED, 0.0) for _ in range(3)]
+        assert None is choose_idle_victim(busy, "10.0.0.2", 0.0)
+        recent = Fake("10.0.0.1", ConnectionState.GREETED, 0.1)
+        assert recent is choose_idle_victim([*busy, recent], "10.0.0.2", 0.0)  # over its fair share
+        assert None is choose_idle_victim([*busy, recent], "10.0.0.1", 0.0)  # same address: only idle ones go
+        old_idle = Fake("10.0.0.1", ConnectionState.GREETED, 5.0)
+        unready = Fake("10.0.0.1", ConnectionState.NEW, 2.0)
+        other = Fake("10.0.0.3", ConnectionState.NEW, 9.0)
+        assert unready is choose_idle_victim([*busy, old_idle, unready, other], "10.0.0.1", 0.0)
+
+    def test_peer_slots_are_given_only_after_authentication(self, tmp_path):
+        """Strangers claiming to be the peer cannot keep a full backup from its real peer: they must prove it in time."""
+        from minitorrent.net.remote import ServerSession as Session
+
+        config = make_config(tmp_path / "backup", {"server": {"secret": "s" * 32, "backup": {
+            "heartbeat_interval": 1, "heartbeat_timeout": 60}},
+            "transfer": {**FAST["transfer"], "idle_timeout": SHORT_TIMEOUT, "max_connections": 2}})
+        engine = BackupServer(config)
+        address = engine.start()
+        engine.server.shed_idle_after_s = SHORT_TIMEOUT  # nothing is shed for being idle here
+        holders = [ServerSession.open(*address, io_timeout_s=SHORT_TIMEOUT) for _ in range(2)]
+        claims = [RawPeer(address) for _ in range(engine.server.handshake_room)]
+        try:
+            for claim in claims:
+                claim.send(encode_frame(Hello(PROTOCOL_VERSION, "main", "x", 0, "n" * 32)))
+                claim.expect(Welcome)
+            started = time.monotonic()
+
+            def peer_link() -> Session | None:
+                try:
+                    return Session.open(*address, io_timeout_s=SHORT_TIMEOUT, secret="s" * 32)
+                except ConnectionFailed:
+                    return None
+
+            peer = wait_until(peer_link, what="the real peer to get in")
+            elapsed = time.monotonic() - started
+            assert elapsed <= IO_TIMEOUT_S + TIMING_SLACK_S, f"the peer got in after {elapsed:.2f} s"
+            for claim in claims:
+                claim.read_until_closed()
+            assert [True] * len(claims) == [claim.closed_by_server for claim in claims]
+            assert "inventory_info" == peer.call(protocol.GetInventory(), protocol.Inventory).message.TYPE
+            assert ["backup"] * 2 == [h.call(GetStatus(), StatusInfo).message.metrics["server"] for h in holders]
+            peer.close()
+        finally:
+            for connection in [*holders, *claims]:
+                connection.close()
+            engine.stop()
+
+
+class TestHandshakeDeadline:
+    def test_silent_connection_is_closed_at_the_handshake_deadline(self, start_served):
+        """A connection that never says hello is closed after io_timeout, not the (long) idle_timeout."""
+        served = start_served({"transfer": {**FAST["transfer"], "idle_timeout": SHORT_TIMEOUT}})
+        with RawPeer(served.address) as silent:
+            close_within(silent, IO_TIMEOUT_S * 0.8, IO_TIMEOUT_S + TIMING_SLACK_S)
+
+    def test_frames_without_hello_do_not_extend_the_handshake_deadline(self, start_served):
+        """A connection sending request after request but never hello is closed at the handshake deadline."""
+        served = start_served({"transfer": {**FAST["transfer"], "idle_timeout": SHORT_TIMEOUT}})
+        with RawPeer(served.address) as peer:
+            started = time.monotonic()
+            while time.monotonic() - started < IO_TIMEOUT_S + TIMING_SLACK_S and not peer.closed_by_server:
+                peer.send(encode_frame(CountFiles()), may_be_cut_off=True)
+                peer.frames_until(ErrorReply)
+            elapsed = time.monotonic() - started
+            assert (True, True) == (peer.closed_by_server, elapsed <= IO_TIMEOUT_S + TIMING_SLACK_S), (
+                f"still open after {elapsed:.2f} s")
+
+    def test_greeted_connection_waits_the_idle_timeout(self, start_served):
+        """Once greeted, a connection may stay quiet for idle_timeout, longer than the handshake deadline."""
+        served = start_served({"transfer": {**FAST["transfer"], "idle_timeout": 3 * IO_TIMEOUT_S}})
+        with RawPeer(served.address) as peer:
+            peer.greet()
+            close_within(peer, 3 * IO_TIMEOUT_S * 0.8, 3 * IO_TIMEOUT_S + TIMING_SLACK_S)
+
+
+class TestConnectionStates:
+    def test_states_move_new_greeted_authenticated(self, tmp_path):
+        """A peer connection goes NEW -> GREETED -> AUTHENTICATED as it says hello and proves the secret."""
+        from minitorrent.net.remote import ServerSession as Session
+        from minitorrent.net.serving import ConnectionState
+
+        config = make_config(tmp_path / "backup", {"server": {"secret": "s" * 32, "backup": {
+            "heartbeat_interval": 1, "heartbeat_timeout": 60}}, "transfer": PATIENT["transfer"]})
+        engine = BackupServer(config)
+        address = engine.start()
+        try:
+            seen: list[ConnectionState] = []
+            with RawPeer(address):
+                wait_until(lambda: engine.server.connection_states(), what="the connection to be handled")
+                seen += engine.server.connection_states()
+            wait_until(lambda: not engine.server.connection_states(), what="the raw connection to end")
+            client = ServerSession.open(*address, io_timeout_s=SHORT_TIMEOUT)
+            seen += engine.server.connection_states()
+            client.close()
+            wait_until(lambda: not engine.server.connection_states(), what="the client to leave")
+            peer = Session.open(*address, io_timeout_s=SHORT_TIMEOUT, secret="s" * 32)
+            seen += engine.server.connection_states()
+            peer.close()
+            assert [ConnectionState.NEW, ConnectionState.GREETED, ConnectionState.AUTHENTICATED] == seen
+        finally:
+            engine.stop()
+
+
+def hello_claiming(epoch: int, **proof: str) -> bytes:
+    """A client hello claiming ``epoch`` (with whatever proof fields are given), built by hand."""
+    return header_frame({"type": "hello", "version": PROTOCOL_VERSION, "role": "client", "epoch": epoch, **proof})
+
+
+CLUSTER_SECRET = "a cluster secret for the epoch tests"
+
+
+@pytest.fixture
+def pair_in_process(tmp_path) -> Iterator[tuple[MainServer, BackupServer]]:
+    """A main and a backup in this process, replicating, the main active."""
+    from minitorrent.common.launcher import free_port
+
+    backup_port = free_port()
+    settings = {"server": {"secret": CLUSTER_SECRET, "backup": {"port": backup_port, "heartbeat_interval": 0.2,
+                                                                 "heartbeat_timeout": 3}},
+                "transfer": PATIENT["transfer"]}
+    backup = BackupServer(make_config(tmp_path / "b", settings))
+    backup.start()
+    main = MainServer(make_config(tmp_path / "m", settings))
+    main.start()
+    try:
+        wait_until(lambda: main.node.is_active() and 0 < backup.node.epoch == main.node.epoch,
+                   what="the main to be active and the backup to follow it")
+        yield main, backup
+    finally:
+        main.stop()
+        backup.stop()
+
+
+class TestEpochClaims:
+    def test_one_hello_with_the_last_epoch_changes_nothing(self, served):
+        """A stranger's hello claiming epoch 2**63-1 leaves a main serving alone active at its own epoch."""
+        node = served.engine.node
+        before = (node.role.value, node.epoch, node.highest_seen_epoch)
+        with RawPeer(served.address) as peer:
+            peer.send(hello_claiming(protocol.MAX_EPOCH))
+            assert "active" == peer.expect(Welcome).role
+        assert before == (node.role.value, node.epoch, node.highest_seen_epoch)
+        still_serves(served)
+
+    def test_a_stream_of_higher_epochs_leaves_the_main_active(self, pair_in_process):
+        """Hellos claiming epoch+1 over and over (with forged proofs) never take the main off active duty."""
+        main, backup = pair_in_process
+        events: list = []
+        main.node.listeners.insert(0, events.append)
+        epoch = main.node.epoch
+        for claimed in range(epoch + 1, epoch + 21):
+            with RawPeer(main.server.address) as peer:
+                peer.send(hello_claiming(claimed, epoch_server=backup.node.server_id, epoch_proof="ab" * 32))
+                assert ("active", epoch) == (peer.expect(Welcome).role, main.node.epoch)
+                peer.send(encode_frame(CountFiles()))
+                assert FileCount(0, 0) == peer.expect(FileCount)
+        assert ([], "active", "standby") == (events, main.node.role.value, backup.node.role.value)
+
+    def test_a_replayed_proof_does_not_prove_another_epoch(self, pair_in_process):
+        """The main's real proof for its epoch, relayed with epoch+1, proves nothing."""
+        main, _ = pair_in_process
+        welcome = ServerSession.open(*main.server.address, io_timeout_s=SHORT_TIMEOUT)
+        welcome.close()
+        real = welcome.welcome
+        with RawPeer(main.server.address) as peer:
+            peer.send(hello_claiming(real.epoch + 1, epoch_server=real.server_id, epoch_proof=real.epoch_proof))
+            assert "active" == peer.expect(Welcome).role
+        assert ("active", real.epoch) == (main.node.role.value, main.node.epoch)
+
+    def test_a_standby_is_not_poisoned(self, pair_in_process):
+        """A standby backup told epoch 2**63-1 by a stranger still promotes to its own next epoch."""
+        main, backup = pair_in_process
+        epoch = backup.node.epoch
+        with RawPeer(backup.server.address) as peer:
+            peer.send(hello_claiming(protocol.MAX_EPOCH))
+            assert "standby" == peer.expect(Welcome).role
+        main.stop()  # the backup must be able to take over as usual
+        assert epoch + 1 == backup.promote_now()
+
+    def test_a_proven_epoch_is_followed(self, pair_in_process):
+        """A proof made with the cluster secret (as the backup would after a failover) makes the main step down."""
+        from minitorrent.net.remote import EpochClaim
+        from minitorrent.wire import auth
+
+        main, backup = pair_in_process
+        events: list = []
+        main.node.listeners.insert(0, events.append)
+        newer = main.node.epoch + 1
+        claim = EpochClaim(newer, backup.node.server_id, auth.prove_epoch(CLUSTER_SECRET, newer, backup.node.server_id))
+        ServerSession.open(*main.server.address, io_timeout_s=SHORT_TIMEOUT, claim=claim).close()
+        assert "standby" == events[0].role.value  # what it does next (catch up from the backup) is failover's business
 
 
 class TestStatus:

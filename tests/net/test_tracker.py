@@ -294,3 +294,39 @@ class TestListing:
         tracker.announce("10.0.0.1", 7000, {"a" * 64: None})
         clock.now += 2.5  # the first is now past its ttl
         assert [("10.0.0.1", 7000, 1, 2.5)] == tracker.peers()
+
+
+class TestTotalMemoryBound:
+    def test_a_few_hosts_cannot_grow_memory_past_the_budget(self):
+        """Hosts announcing huge holdings from many ports keep the tracker within max_bytes, measured."""
+        import tracemalloc
+
+        from minitorrent.net.tracker import entry_cost
+
+        holdings = {f"{i:064x}": bytes(1000) for i in range(200)}  # ~230 KB of entries per announcement
+        budget = 20 * entry_cost(holdings)
+        tracker = Tracker(ttl_s=1000, max_bytes=budget)
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            for host in ("10.0.0.1", "10.0.0.2", "10.0.0.3"):
+                for port in range(1, 41):
+                    tracker.announce(host, port, dict(holdings))
+            held = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+        assert (True, True) == (tracker.held_bytes <= budget, held <= 2 * budget), f"{held} bytes held"
+
+    def test_the_biggest_holder_gives_way_first(self):
+        """Over the budget, the host holding the most loses its oldest entry; a small host keeps its one."""
+        from minitorrent.net.tracker import entry_cost
+
+        now = [0.0]
+        big = {f"{i:064x}": bytes(100) for i in range(10)}
+        tracker = Tracker(ttl_s=1000, clock=lambda: now[0], max_bytes=3 * entry_cost(big) + entry_cost({SHA_A: None}))
+        tracker.announce("10.0.0.9", 1, {SHA_A: None})
+        for port in range(1, 6):
+            now[0] += 1
+            tracker.announce("10.0.0.1", port, dict(big, **{SHA_A: None}))
+        hosts = sorted((host, port) for host, port, _ in tracker.peers_for(SHA_A, None, limit=100))
+        assert [("10.0.0.1", 4), ("10.0.0.1", 5), ("10.0.0.9", 1)] == hosts

@@ -27,6 +27,7 @@ from conftest import (
     ROOT,
     SHORT_TIMEOUT,
     SlowProxy,
+    run_client,
     make_config,
     make_file,
     wait_until,
@@ -584,6 +585,36 @@ class TestSplitBrain:
 # 5. Authentication ---------------------------------------------------------------------------------------------------
 
 
+class TestFrozenMainCostsLittle:
+    @pytest.mark.timeout(120)
+    def test_a_new_list_waits_at_most_heartbeat_timeout_and_a_second(self, cluster, tmp_path):
+        """With the main SIGSTOPped, a new `client.py list` (io_timeout 10 s) ends within heartbeat_timeout + 1 s
+        of the freeze, beyond what a list costs anyway (process start included, measured just before)."""
+        source = make_file(tmp_path / "src" / "alpha.bin", 300_000, seed=61)
+        heartbeat_timeout = 3.0
+        c = cluster(chunk_size=256 * 1024, heartbeat_interval=0.5, heartbeat_timeout=heartbeat_timeout)
+        main, _ = c.start_pair(add=[source])
+        c.wait_replicated({"alpha.bin": source})
+        c.wait_paired()
+        config = write_config(tmp_path / "cli", {
+            "server": {"main": {"host": "127.0.0.1", "port": c.main_port},
+                       "backup": {"host": "127.0.0.1", "port": c.backup_port}},
+            "client": {"retry_deadline": CLIENT_RETRY_DEADLINE_S, "seeding": False},
+            "transfer": {"io_timeout": 10.0}})
+        started = time.monotonic()
+        assert "alpha.bin" in run_client(config, "list").stdout
+        baseline = time.monotonic() - started
+
+        main.process.send_signal(signal.SIGSTOP)
+        c.closers.insert(0, lambda: main.process.poll() is None and main.process.send_signal(signal.SIGCONT))
+        frozen_at = time.monotonic()
+        listed = run_client(config, "list")
+        elapsed = time.monotonic() - frozen_at
+        assert (0, True) == (listed.returncode, "alpha.bin" in listed.stdout), listed.stderr
+        assert elapsed <= heartbeat_timeout + 1.0 + baseline, (
+            f"list took {elapsed:.2f} s with the main frozen (a list costs {baseline:.2f} s)")
+
+
 class TestWrongSecret:
     @pytest.mark.timeout(60)
     def test_refused_on_both_sides_and_nothing_replicated(self, cluster, tmp_path):
@@ -673,39 +704,43 @@ def _status_field(pid: int, tid: str, field: str) -> str:
     raise AssertionError(f"{field} missing from /proc/{pid}/task/{tid}/status")
 
 
-# 7. Fencing by a client's hello -----------------------------------------------------------------------------------
+# 7. Fencing by a client's hello: only a proven epoch counts ---------------------------------------------------
+
+
+def proven(epoch: int, server_id: str = "the-other-server") -> remote.EpochClaim:
+    """What a client relays after a server holding SECRET welcomed it with ``epoch``."""
+    from minitorrent.wire import auth
+
+    return remote.EpochClaim(epoch, server_id, auth.prove_epoch(SECRET, epoch, server_id))
 
 
 class TestClientHelloFencing:
     @pytest.mark.timeout(30)
-    def test_main_alone_steps_down_then_takes_a_higher_epoch(self, server_factory):
-        """A main serving alone that hears a higher epoch steps down at once, then, with no backup to defer to, takes a higher one."""
+    def test_main_alone_ignores_an_unproven_higher_epoch(self, server_factory):
+        """A main serving alone keeps its role and epoch when a client claims a higher epoch without a proof."""
         engine: MainServer = server_factory()  # no backup: active alone
         host, port = engine.server.address
         epoch = status_of((host, port))["epoch"]
         events = []
         engine.node.listeners.insert(0, events.append)
 
-        session = ServerSession.open(host, port, io_timeout_s=SHORT_TIMEOUT, epoch=epoch + 5)
-        session.close()
-        wait_until(lambda: len(events) == 2, what="the main to take an epoch again")  # its loop's next tick
-        assert ["standby", "active"] == [event.role.value for event in events]
-        assert ("active", epoch + 6) == (engine.node.role.value, engine.node.epoch)
-        assert "active" == status_of((host, port))["role"]
+        claim = remote.EpochClaim(epoch + 5, "someone", "0" * 64)
+        ServerSession.open(host, port, io_timeout_s=SHORT_TIMEOUT, claim=claim).close()
+        assert ([], "active", epoch) == (events, engine.node.role.value, engine.node.epoch)
 
     @pytest.mark.timeout(30)
-    def test_promoted_backup_steps_down_on_a_higher_epoch(self, tmp_path):
-        """An active backup greeted by a client that saw a newer epoch refuses its next request."""
+    def test_promoted_backup_steps_down_on_a_proven_higher_epoch(self, tmp_path):
+        """An active backup greeted by a client relaying a proven newer epoch refuses its next request."""
         config = make_config(tmp_path / "backup", {"server": {"secret": SECRET, "backup": {
             "heartbeat_interval": 1, "heartbeat_timeout": 60}}})
         engine = BackupServer(config)
         host, port = engine.start()
         try:
             epoch = engine.promote_now()
-            client = ServerSession.open(host, port, io_timeout_s=SHORT_TIMEOUT, epoch=epoch)
-            assert "active" == client.welcome.role
+            client = ServerSession.open(host, port, io_timeout_s=SHORT_TIMEOUT)
+            assert ("active", True) == (client.welcome.role, bool(client.welcome.epoch_proof))
             client.call(protocol.ListFiles("", 0), protocol.FileList)  # served while current
-            newer = ServerSession.open(host, port, io_timeout_s=SHORT_TIMEOUT, epoch=epoch + 1)
+            newer = ServerSession.open(host, port, io_timeout_s=SHORT_TIMEOUT, claim=proven(epoch + 1))
             newer.close()
             with pytest.raises(NotActive):
                 client.call(protocol.ListFiles("", 0), protocol.FileList)  # the same connection, now refused

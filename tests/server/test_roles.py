@@ -7,7 +7,6 @@ from __future__ import annotations
 import sqlite3
 
 import pytest
-from conftest import wait_until
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -312,14 +311,37 @@ class TestOutlandishClaims:
             Manifest.from_header({"size": 1, "chunk_size": 2**40, "sha256": "0" * 64, "chunks": 1}, b"\0" * 32)
 
     def test_main_without_backup_stays_active_after_a_client_claims_a_higher_epoch(self, server_factory):
-        """A main serving alone takes an epoch above a client's claim instead of standing by for good."""
-        from minitorrent.net.remote import ServerSession
+        """A main serving alone keeps its role and epoch when a client claims a higher one it cannot prove."""
+        from minitorrent.net.remote import EpochClaim, ServerSession
 
         server = server_factory()
         host, port = server.server.address
-        ServerSession.open(host, port, io_timeout_s=5, epoch=99).close()
-        wait_until(lambda: server.node.is_active(), what="the main to take an epoch again")  # its loop's next tick
-        assert ("active", 100) == (server.node.role.value, server.node.epoch)
+        epoch = server.node.epoch
+        ServerSession.open(host, port, io_timeout_s=5, claim=EpochClaim(99, "x", "f" * 64)).close()
+        assert ("active", epoch) == (server.node.role.value, server.node.epoch)
+
+    def test_stored_epoch_past_the_wire_limit_is_refused_at_start(self, tmp_path):
+        """A catalog holding an epoch past 2**63-1 (as an old attack could leave) stops the start with a way out."""
+        from error_handler import MiniTorrentError
+
+        store = ServerStore(tmp_path / "catalog.db")
+        store.set_meta("epoch", str(2**63))
+        with pytest.raises(MiniTorrentError, match="outside 0..2\\*\\*63-1; to recover.*UPDATE meta"):
+            NodeState(store, "main", Role.STANDBY)
+        store.close()
+
+    def test_promotion_never_passes_the_wire_limit(self, tmp_path):
+        """A server at the last epoch the wire carries refuses to promote rather than take 2**63."""
+        from error_handler import MiniTorrentError
+        from minitorrent.wire.protocol import MAX_EPOCH
+
+        store = ServerStore(tmp_path / "catalog.db")
+        node = NodeState(store, "backup", Role.STANDBY)
+        node.observe_epoch(MAX_EPOCH, "the authenticated peer")
+        with pytest.raises(MiniTorrentError, match="wire limit"):
+            node.promote("test")
+        assert (Role.STANDBY, str(0)) == (node.role, store.get_meta("epoch", "0"))
+        store.close()
 
 
 class TestPromoteTo:

@@ -343,16 +343,55 @@ class TestRecoverableErrors:
         assert (code, True) == (caught.value.code, caught.value.recoverable)
         assert [CountFiles()] == [f.message for f in decode_all(decoder)]
 
-    def test_bad_header_waits_for_its_payload_before_raising(self):
-        """A recoverable error is raised only once the frame's payload is whole, so the stream stays in step."""
+    def test_bad_header_is_raised_at_once_and_its_payload_dropped_as_it_arrives(self):
+        """A recoverable error is raised as soon as the header is read; its payload, fed later, is dropped in step."""
         data = json_frame({"type": "teleport"}, b"payload!")
         decoder = FrameDecoder()
-        decoder.feed(data[:-1])
-        assert decoder.next_frame() is None
-        decoder.feed(data[-1:] + VALID_NEXT)
+        decoder.feed(data[:-3])
         with pytest.raises(RemoteProtocolError):
             decoder.next_frame()
-        assert CountFiles() == decoder.next_frame().message
+        assert (True, 0) == (decoder.discarding, decoder.buffered)
+        decoder.feed(data[-3:] + VALID_NEXT)
+        assert (False, CountFiles()) == (decoder.discarding, decoder.next_frame().message)
+
+
+class TestPayloadIntoCallersBuffer:
+    def test_head_then_payload_split_at_every_offset(self):
+        """next_head, take_payload and payload_received give the payload in the caller's buffer, whatever was fed."""
+        data = encode_frame(ChunkData("a", 7), bytes(range(200))) + VALID_NEXT
+        for cut in range(len(data) + 1):
+            decoder = FrameDecoder()
+            decoder.feed(data[:cut])
+            head = decoder.next_head()
+            while head is None:  # the cut fell inside the head: feed what it still needs
+                needed = decoder.bytes_needed()
+                decoder.feed(data[cut:cut + needed])
+                cut += needed
+                head = decoder.next_head()
+            buffer = bytearray(head.payload_len)
+            got = decoder.take_payload(memoryview(buffer))
+            rest = data[cut:cut + head.payload_len - got]
+            buffer[got:] = rest
+            decoder.payload_received(len(rest))
+            decoder.feed(data[cut + len(rest):])
+            assert (ChunkData("a", 7), bytes(range(200)), CountFiles()) == (
+                head.message, bytes(buffer), decoder.next_frame().message), f"cut at {cut}"
+
+    def test_payload_over_a_lowered_limit_is_fatal_from_the_prefix(self):
+        """next_head(max_payload) refuses a larger declared payload before any of it arrives."""
+        decoder = FrameDecoder()
+        decoder.feed(encode_head(ChunkData("a", 0), 1000))
+        with pytest.raises(RemoteProtocolError) as caught:
+            decoder.next_head(max_payload=999)
+        assert (ErrorCode.BAD_FRAME, False) == (caught.value.code, caught.value.recoverable)
+
+    def test_head_before_its_payload_is_taken_is_a_local_error(self):
+        """Asking for the next head while a payload is owed is our bug, not the peer's."""
+        decoder = FrameDecoder()
+        decoder.feed(encode_frame(ChunkData("a", 0), b"xyz") + VALID_NEXT)
+        decoder.next_head()
+        with pytest.raises(LocalProtocolError):
+            decoder.next_head()
 
     def test_negative_chunk_index_refused_when_built(self):
         """GetChunk with a negative index raises OUT_OF_RANGE when constructed."""
