@@ -86,7 +86,7 @@ class _Small:
     name: str
     size: int
     sha256: str
-    final: Path
+    final: str  # a plain path string: 10,000 Path objects cost more than the syscalls they name
 
 
 def folder_entries(server: ServerClient, folder: str) -> list[dict]:
@@ -153,11 +153,11 @@ class FolderDownload:
                 self.result.failed.append(str(error))
         return small, large
 
-    def _present(self, final: Path, sha256: str) -> bool:
+    def _present(self, final: str, sha256: str) -> bool:
         """True (and counted) if ``final`` holds that content; ``DownloadError`` if it holds another."""
         if not os.path.lexists(final):
             return False
-        if not final.is_file() or sha256_file(final) != sha256:
+        if not os.path.isfile(final) or sha256_file(final) != sha256:
             raise DownloadError(f"{final} already exists with different content; not overwriting it")
         self.result.present += 1
         return True
@@ -186,7 +186,8 @@ class FolderDownload:
         wanted: dict[str, _Small] = {}
         for file in files:
             wanted.setdefault(file.sha256, file)  # the first name of a content fetches it (as _install assumes)
-        missing = deque(f for sha, f in wanted.items() if not self._staged_ok(sha))
+        left_over = set(os.listdir(self.staging))  # one listing, not a stat per file: usually empty
+        missing = deque(f for sha, f in wanted.items() if sha not in left_over or not self._staged_ok(sha))
         for empty in [f for f in missing if f.size == 0]:  # nothing to fetch: staged as it is
             self._stage(empty, b"")
         self._fetch(deque(f for f in missing if f.size > 0))
@@ -196,8 +197,6 @@ class FolderDownload:
     def _staged_ok(self, sha256: str) -> bool:
         """A staged file from an earlier run is reused only if it still hashes to its name."""
         staged = self.staging / sha256
-        if not staged.exists():
-            return False
         if sha256_file(staged) == sha256:
             self._staged_shas.add(sha256)
             return True
@@ -281,7 +280,7 @@ class FolderDownload:
     def _install(self, files: list[_Small]) -> list[_Small]:
         """One syncfs, then each verified file linked to its final name, then each folder fsynced once."""
         sync_filesystem(self.staging)
-        folders: set[Path] = set()
+        folders: set[str] = set()
         installed = []
         fetched_as = {}  # sha256 -> the one file it was fetched for (one content shared by two names: fetched once)
         for file in files:
@@ -292,8 +291,9 @@ class FolderDownload:
                                               f"{fetched_as[file.sha256].name}, which failed)")
                 continue
             try:
-                if file.final.parent not in folders:
-                    file.final.parent.mkdir(parents=True, exist_ok=True)
+                folder = os.path.dirname(file.final)
+                if folder not in folders:
+                    os.makedirs(folder, exist_ok=True)
                 os.link(os.path.join(self._staging_path, file.sha256), file.final)
             except FileExistsError:
                 self.result.failed.append(f"{file.final} appeared during the download; not overwriting it")
@@ -301,9 +301,9 @@ class FolderDownload:
             except OSError as error:
                 self.result.failed.append(f"{file.name}: cannot write {file.final}: {error.strerror or error}")
                 continue
-            folders.add(file.final.parent)
+            folders.add(folder)
             installed.append(file)
-        for folder in sorted(folders | _parents(folders, self.output_dir)):
+        for folder in sorted(_with_parents(folders, str(self.output_dir))):
             fsync_dir(folder)
         self._clear_staging({f.sha256 for f in files})
         self.result.downloaded += len(installed)
@@ -340,18 +340,20 @@ class _InsideCheck:
 
     def __init__(self, output_dir: Path) -> None:
         self.output_dir = output_dir
-        self._checked: dict[Path, bool] = {}
+        self._output = str(output_dir)
+        self._checked: set[str] = set()
 
-    def destination(self, name: str) -> Path:
+    def destination(self, name: str) -> str:
         """Where ``name`` goes; ``DownloadError`` if the name is unsafe or its folder leads out."""
         try:
             check_file_name(name)  # first: a name is never joined to a path before it passed
         except ProtocolError as error:
             raise DownloadError(str(error)) from error
-        final = self.output_dir / name
-        if final.parent not in self._checked:
+        final = os.path.join(self._output, name)
+        folder = os.path.dirname(final)
+        if folder not in self._checked:
             destination(self.output_dir, name)  # resolves the folder's real path; DownloadError if it leads out
-            self._checked[final.parent] = True
+            self._checked.add(folder)
         return final
 
 
@@ -380,15 +382,14 @@ def _report_all(session: ServerSession, files: list[_Small]) -> None:
             session.receive(protocol.Ok)
 
 
-def _parents(folders: set[Path], top: Path) -> set[Path]:
-    """Every folder between each of ``folders`` and ``top`` (a new subfolder's entry lives in its parent)."""
-    parents = set()
+def _with_parents(folders: set[str], top: str) -> set[str]:
+    """``folders``, every folder between them and ``top``, and ``top`` (a new subfolder's entry lives in its parent)."""
+    every = {top}
     for folder in folders:
-        for parent in folder.parents:
-            if parent == top or top not in parent.parents:
-                break
-            parents.add(parent)
-    return parents | {top}
+        while folder not in every and folder.startswith(top + os.sep):
+            every.add(folder)
+            folder = os.path.dirname(folder)
+    return every
 
 
 @dataclass(frozen=True)

@@ -120,6 +120,11 @@ def check_file_name(name: object) -> str:
     """
     if not isinstance(name, str):
         _refuse_name(name, "not a string")
+    return _check_path(name)
+
+
+@functools.lru_cache(maxsize=1 << 14)  # pure; a folder's names are checked on listing, request and report
+def _check_path(name: str) -> str:
     if name.startswith("/"):
         _refuse_name(name, "an absolute path")
     components = name.split("/")
