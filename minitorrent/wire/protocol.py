@@ -146,8 +146,10 @@ def check_component(component: object, whole: object = None) -> str:
     name = component if whole is None else whole
     if not isinstance(component, str):
         _refuse_name(name, "not a string")
-    if component in ("", ".", ".."):
-        _refuse_name(name, "an empty name or a directory reference")
+    if component == "":
+        _refuse_name(name, "an empty name or an empty folder name (// or a / at either end)")
+    if component in (".", ".."):
+        _refuse_name(name, "a directory reference (. or ..)")
     if "/" in component or "\\" in component:
         _refuse_name(name, "contains a path separator")
     if _CONTROL_CHARACTER.search(component):
