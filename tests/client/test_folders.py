@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -215,3 +216,38 @@ class TestGroupedCounts:
         finally:
             engine.close()
         assert {name: 1 for name in server.catalog.names_at("photos/")} == server.catalog.download_counts()
+
+
+class TestFailover:
+    def test_a_folder_download_moves_to_the_other_server_when_the_first_goes(self, tmp_path, server_factory):
+        """The main goes away mid-folder: the rest comes from the backup, every file verified, none twice in a row."""
+        from conftest import SHORT_TIMEOUT, SlowProxy, wait_until
+
+        source = tmp_path / "src" / "tree"
+        for i in range(200):
+            make_file(source / f"d{i // 50}" / f"f{i:03d}.bin", 4096, seed=i)
+        first = server_factory(folder=tmp_path / "a")
+        second = server_factory(folder=tmp_path / "b")
+        for server in (first, second):
+            server.add_folder(source)
+        first.node.promote("the test makes the main the clear choice")  # a higher epoch than the other's
+        proxy = SlowProxy(first.server.address, 128 * 1024)  # the folder would take ~6 s through it
+        (host, port), backup = proxy.address, second.server.address
+        config = make_config(tmp_path / "cli", {"server": {"main": {"host": host, "port": port},
+                                                            "backup": {"host": backup[0], "port": backup[1]}}})
+        engine = ClientEngine(config)
+        outcome: list = []
+        worker = threading.Thread(target=lambda: outcome.append(engine.download_folder("tree/", tmp_path / "out")))
+        try:
+            assert f"{host}:{port}" == engine.server.active_pool().address  # both answer; the main is taken
+            worker.start()
+            staging = tmp_path / "out" / STAGING
+            wait_until(lambda: staging.is_dir() and len(os.listdir(staging)) >= 20, SHORT_TIMEOUT, "20 files staged")
+            proxy.close()
+            first.stop()
+            worker.join(SHORT_TIMEOUT * 3)
+        finally:
+            engine.close()
+        assert (False, [], 200) == (worker.is_alive(), outcome[0].failed, outcome[0].downloaded)
+        assert {name: 1 for name in second.catalog.names_at("tree/")} == second.catalog.download_counts()
+        assert tree(source.parent) == tree(tmp_path / "out")
