@@ -28,7 +28,11 @@ The small files' life keeps the single-file guarantees without paying an
 
 A crash at any point resumes: final names are only ever verified content,
 and a staged file is reused on the next run if its bytes still hash to its
-name (a local read of a few KiB, not a fetch), dropped otherwise.
+name (a local read of a few KiB, not a fetch), dropped otherwise. When the
+server in use goes, the small files still missing are asked of whichever
+server is active (as a single download fails over). Small files come from
+the servers only: asking peers for 4 KiB costs more than it saves; the
+multi-chunk files of a folder use peers as any download does.
 """
 from __future__ import annotations
 

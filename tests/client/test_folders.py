@@ -220,26 +220,28 @@ class TestGroupedCounts:
 
 class TestFailover:
     def test_a_folder_download_moves_to_the_other_server_when_the_first_goes(self, tmp_path, server_factory):
-        """The main goes away mid-folder: the rest comes from the backup, every file verified, none twice in a row."""
+        """The server in use goes away mid-folder: the rest comes from the other one, every file verified and counted there."""
         from conftest import SHORT_TIMEOUT, SlowProxy, wait_until
+
+        from minitorrent.common.launcher import free_port
 
         source = tmp_path / "src" / "tree"
         for i in range(200):
             make_file(source / f"d{i // 50}" / f"f{i:03d}.bin", 4096, seed=i)
         first = server_factory(folder=tmp_path / "a")
-        second = server_factory(folder=tmp_path / "b")
-        for server in (first, second):
-            server.add_folder(source)
-        first.node.promote("the test makes the main the clear choice")  # a higher epoch than the other's
+        first.add_folder(source)
         proxy = SlowProxy(first.server.address, 128 * 1024)  # the folder would take ~6 s through it
-        (host, port), backup = proxy.address, second.server.address
+        (host, port), other_port = proxy.address, free_port()
         config = make_config(tmp_path / "cli", {"server": {"main": {"host": host, "port": port},
-                                                            "backup": {"host": backup[0], "port": backup[1]}}})
+                                                            "backup": {"host": "127.0.0.1", "port": other_port}},
+                                                 "transfer": {"io_timeout": 2.0}})  # a silent server is given up sooner
         engine = ClientEngine(config)
         outcome: list = []
         worker = threading.Thread(target=lambda: outcome.append(engine.download_folder("tree/", tmp_path / "out")))
         try:
-            assert f"{host}:{port}" == engine.server.active_pool().address  # both answer; the main is taken
+            assert f"{host}:{port}" == engine.server.active_pool().address  # the only one answering yet
+            second = server_factory({"server": {"main": {"port": other_port}}}, folder=tmp_path / "b")
+            second.add_folder(source)
             worker.start()
             staging = tmp_path / "out" / STAGING
             wait_until(lambda: staging.is_dir() and len(os.listdir(staging)) >= 20, SHORT_TIMEOUT, "20 files staged")
@@ -249,5 +251,5 @@ class TestFailover:
         finally:
             engine.close()
         assert (False, [], 200) == (worker.is_alive(), outcome[0].failed, outcome[0].downloaded)
-        assert {name: 1 for name in second.catalog.names_at("tree/")} == second.catalog.download_counts()
         assert tree(source.parent) == tree(tmp_path / "out")
+        assert {name: 1 for name in second.catalog.names_at("tree/")} == second.catalog.download_counts()
