@@ -30,7 +30,7 @@ from error_handler import ConnectionFailed, MiniTorrentError
 from logger_config import setup_logging
 from minitorrent.client.engine import ClientEngine, server_addresses
 from minitorrent.client.folders import summarize_folders
-from minitorrent.client.progress import TerminalProgress
+from minitorrent.client.progress import TerminalProgress, describe_sources
 from minitorrent.common.daemon import serve_until_signalled
 from minitorrent.common.units import human_size
 from minitorrent.net.discovery import browse
@@ -91,15 +91,6 @@ def run_list(engine: ClientEngine, args: argparse.Namespace) -> int:
     return 0
 
 
-def describe_sources(sources: dict[str, int]) -> str:
-    """", 62% from peers (3)" when peers sent part of a download; empty otherwise."""
-    total = sum(sources.values())
-    from_peers = {label: n for label, n in sources.items() if label.startswith("peer ")}
-    if not total or not from_peers:
-        return ""
-    return f", {100 * sum(from_peers.values()) // total}% from peers ({len(from_peers)})"
-
-
 def run_get(engine: ClientEngine, args: argparse.Namespace) -> int:
     try:
         engine.start_seeding()  # while downloading, already verified chunks help the crowd
@@ -117,8 +108,8 @@ def run_get(engine: ClientEngine, args: argparse.Namespace) -> int:
             failed += 1
             continue
         resumed = f", {result.resumed_chunks} chunks resumed" if result.resumed_chunks else ""
-        print(f"{result.outcome}: {result.path} ({human_size(result.size)}, sha256 verified{resumed}"
-              f"{describe_sources(result.sources)})", flush=True)
+        print(f"{result.outcome}: {result.path} ({human_size(result.size)}, every chunk verified{resumed}"
+              f", {describe_sources(result.sources) or 'nothing fetched'})", flush=True)
     return 1 if failed else 0
 
 

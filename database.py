@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 from error_handler import CatalogError
-from integrity import Manifest, chunk_count
+from integrity import Manifest, chunk_count, hash_list_root
 
 # How long a writer waits for another connection's write lock before giving
 # up with "database is locked". Writes are short; 5 s means something is stuck.
@@ -132,6 +132,8 @@ class SQLiteStore:
 
     @staticmethod
     def _configure(connection: sqlite3.Connection) -> None:
+        # For migrations that derive a column from the chunk digests (see ServerStore).
+        connection.create_function("hash_list_root", 3, hash_list_root, deterministic=True)
         connection.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         connection.execute("PRAGMA journal_mode = WAL")
         # In WAL mode NORMAL loses nothing when a process is killed, only
@@ -184,8 +186,41 @@ class SQLiteStore:
                 connection.execute(f"PRAGMA user_version = {version + 1}")
 
 
-def _search_clause(search: str | None) -> tuple[str, tuple]:
-    return (" WHERE instr(name_folded, ?) > 0", (_fold(search),)) if search else ("", ())
+# The trigram index answers searches of at least 3 characters; a shorter one
+# matches so many names that scanning the (covering) listing index is as fast.
+MIN_INDEXED_SEARCH = 3
+# A page of a search is read by looking up every match the trigram index
+# finds (about 3 us each), or by walking the listing index from the cursor and
+# testing each name (about 0.25 us each, limit * files / matches of them). At
+# 1,000,000 files and pages of 5,000 the two cost the same near 20,000 matches.
+LOOKUP_MAX_MATCHES = 20_000
+
+
+def _search_condition(search: str | None, matches: int | None = None) -> tuple[str, tuple]:
+    """A WHERE condition (and its arguments) for names containing ``search``; ("1", ()) for all.
+
+    Both forms test the same thing, a substring of ``fold(name)``: the
+    trigram index (FTS5, ``files_search``) when the search is long enough
+    and known to match at most ``LOOKUP_MAX_MATCHES`` names, else ``instr``.
+    """
+    if not search:
+        return "1", ()
+    phrase = _indexed_phrase(search)
+    if phrase is None or (matches or 0) > LOOKUP_MAX_MATCHES:
+        return "instr(name_folded, ?) > 0", (fold(search),)
+    return "rowid IN (SELECT rowid FROM files_search WHERE files_search MATCH ?)", (phrase,)
+
+
+def _indexed_phrase(search: str) -> str | None:
+    """The FTS5 phrase that finds ``search`` in the trigram index; None if the index cannot.
+
+    In an FTS5 phrase every character is literal once double quotes are
+    doubled, so ``%``, ``_``, ``*`` and ``"`` stay plain.
+    """
+    folded = fold(search)
+    if len(folded) < MIN_INDEXED_SEARCH or "\x00" in folded:  # FTS5 query text ends at a NUL
+        return None
+    return '"' + folded.replace('"', '""') + '"'
 
 
 def _bump_catalog_version(connection: sqlite3.Connection) -> None:
@@ -195,8 +230,8 @@ def _bump_catalog_version(connection: sqlite3.Connection) -> None:
     )
 
 
-def _fold(text: str) -> str:
-    """Caseless, normalisation-proof form of ``text`` for substring search.
+def fold(text: str) -> str:
+    """Caseless, normalisation-proof form of ``text`` for substring search (the catalog's and the windows').
 
     Plain ``casefold`` would miss "café" typed with a combining accent (as
     macOS file names are) when the catalog holds the precomposed one.
@@ -218,6 +253,7 @@ class FileRecord:
     added_at: float
     downloads: int
     chunks: int
+    root: str  # the hash list root of the chunk digests (integrity.hash_list_root)
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,16 +267,18 @@ class TorrentPieces:
 
 
 # A file's downloads are the sum of its per-origin counters (see ServerStore).
-_FILE_COLUMNS = (
-    "name, size, chunk_size, sha256, added_at,"
-    " (SELECT COALESCE(SUM(count), 0) FROM download_counts d WHERE d.name = files.name)"
-)
+_DOWNLOADS_OF = "(SELECT COALESCE(SUM(count), 0) FROM download_counts d WHERE d.name = {}.name)"
+_FILE_COLUMNS = "name, size, chunk_size, sha256, added_at, " + _DOWNLOADS_OF.format("files") + ", root"
+_DOWNLOADS_OF_PAGE = _DOWNLOADS_OF.format("page")
+
+# The keys of an entry of ``ServerStore.list_json``: a ``FileRecord`` without its chunk size.
+LISTING_KEYS = ("name", "size", "chunks", "sha256", "downloads", "added_at")
 
 
 def _file_record(row: tuple) -> FileRecord:
-    name, size, chunk_size, sha256, added_at, downloads = row
+    name, size, chunk_size, sha256, added_at, downloads, root = row
     return FileRecord(
-        name, size, chunk_size, sha256, added_at, downloads, chunk_count(size, chunk_size)
+        name, size, chunk_size, sha256, added_at, downloads, chunk_count(size, chunk_size), root
     )
 
 
@@ -265,7 +303,7 @@ class ServerStore(SQLiteStore):
         """
         CREATE TABLE files (
             name          TEXT PRIMARY KEY,
-            name_folded   TEXT NOT NULL,   -- _fold(name), for search
+            name_folded   TEXT NOT NULL,   -- fold(name), for search
             size          INTEGER NOT NULL CHECK (size >= 0),
             chunk_size    INTEGER NOT NULL CHECK (chunk_size > 0),
             sha256        TEXT NOT NULL,
@@ -306,6 +344,39 @@ class ServerStore(SQLiteStore):
         CREATE INDEX torrent_names_v1 ON torrent_names (info_hash_v1);
         CREATE INDEX torrent_names_v2 ON torrent_names (info_hash_v2);
         """,
+        # Version 3: listing and search that stay fast at millions of files.
+        # Only new objects, so another migration may add columns to files.
+        """
+        -- A page of the listing, in name order from a name on (keyset paging),
+        -- is read from this index alone: the rows, with their digests, stay untouched.
+        CREATE INDEX files_listing ON files (name, name_folded, size, chunk_size, sha256, added_at);
+        -- Substring search: trigrams of the folded names (case_sensitive 1:
+        -- name_folded is folded already, by fold). Its rows are the files
+        -- rows' rowids, kept in step by the triggers. (A VACUUM may renumber
+        -- those rowids: after one, run INSERT INTO files_search
+        -- (files_search) VALUES ('rebuild').)
+        CREATE VIRTUAL TABLE files_search USING fts5(
+            name_folded, content='files', content_rowid='rowid', tokenize='trigram case_sensitive 1'
+        );
+        CREATE TRIGGER files_search_insert AFTER INSERT ON files BEGIN
+            INSERT INTO files_search (rowid, name_folded) VALUES (new.rowid, new.name_folded);
+        END;
+        CREATE TRIGGER files_search_delete AFTER DELETE ON files BEGIN
+            INSERT INTO files_search (files_search, rowid, name_folded) VALUES ('delete', old.rowid, old.name_folded);
+        END;
+        CREATE TRIGGER files_search_update AFTER UPDATE OF name_folded ON files BEGIN
+            INSERT INTO files_search (files_search, rowid, name_folded) VALUES ('delete', old.rowid, old.name_folded);
+            INSERT INTO files_search (rowid, name_folded) VALUES (new.rowid, new.name_folded);
+        END;
+        INSERT INTO files_search (files_search) VALUES ('rebuild');
+        """,
+        # Version 4: the root of every file's chunk digests (integrity.hash_list_root).
+        """
+        -- The chunk digests' root, computed once when a file is added and read
+        -- back with the digests: a damaged digest blob no longer matches it.
+        ALTER TABLE files ADD COLUMN root TEXT NOT NULL DEFAULT '';
+        UPDATE files SET root = hash_list_root(size, chunk_size, chunk_digests);
+        """,
     )
 
     def add_file(self, name: str, manifest: Manifest, added_at: float | None = None) -> FileRecord:
@@ -314,19 +385,29 @@ class ServerStore(SQLiteStore):
         ``added_at`` defaults to now (unix time). Raises ``CatalogError`` if a
         file of that exact name is already in the catalog.
         """
-        added_at = time.time() if added_at is None else added_at
+        self.add_files([(name, manifest, time.time() if added_at is None else added_at)])
+        return self.get_file(name)
+
+    def add_files(self, entries: Sequence[tuple[str, Manifest, float]]) -> None:
+        """Add every ``(name, manifest, added_at)`` in one transaction: all or none.
+
+        One commit for a batch is what makes adding 100,000 files fast.
+        Raises ``CatalogError`` if a name is already in the catalog (or twice
+        in ``entries``); then nothing is added.
+        """
+        rows = [(name, fold(name), manifest.size, manifest.chunk_size, manifest.sha256,
+                 manifest.chunk_digests, added_at, manifest.root) for name, manifest, added_at in entries]
         try:
             with self._transaction() as connection:
-                connection.execute(
+                connection.executemany(
                     "INSERT INTO files (name, name_folded, size, chunk_size, sha256,"
-                    " chunk_digests, added_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (name, _fold(name), manifest.size, manifest.chunk_size,
-                     manifest.sha256, manifest.chunk_digests, added_at),
+                    " chunk_digests, added_at, root) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    rows,
                 )
                 _bump_catalog_version(connection)
         except sqlite3.IntegrityError as error:
-            raise CatalogError(f"{name!r} is already in the catalog") from error
-        return self.get_file(name)
+            what = repr(rows[0][0]) if len(rows) == 1 else f"one of {len(rows)} names"
+            raise CatalogError(f"{what} is already in the catalog") from error
 
     def get_file(self, name: str) -> FileRecord | None:
         """The record for ``name`` (exact match), or None."""
@@ -336,12 +417,21 @@ class ServerStore(SQLiteStore):
         return None if row is None else _file_record(row)
 
     def get_manifest(self, name: str) -> Manifest | None:
-        """The manifest of ``name`` (exact match), or None."""
+        """The manifest of ``name`` (exact match), or None.
+
+        Raises ``CatalogError`` when the stored digests no longer give the
+        stored root (the database was damaged): such a manifest is never served.
+        """
         row = self._connection().execute(
-            "SELECT size, chunk_size, sha256, chunk_digests FROM files WHERE name = ?",
+            "SELECT size, chunk_size, sha256, chunk_digests, root FROM files WHERE name = ?",
             (name,),
         ).fetchone()
-        return None if row is None else Manifest(*row)
+        if row is None:
+            return None
+        try:
+            return Manifest(*row)
+        except ValueError as error:
+            raise CatalogError(f"{name!r}: stored manifest is damaged: {error}") from error
 
     def names_with_sha256(self, sha256: str) -> list[str]:
         """Names whose content has this whole-file SHA-256, sorted."""
@@ -355,19 +445,68 @@ class ServerStore(SQLiteStore):
 
         The match is a case- and accent-form-insensitive substring test in
         which every character, ``%`` and ``_`` included, is literal.
-        ``offset`` and ``limit`` page through the result in SQL.
+        ``offset`` and ``limit`` page through the result in SQL; a large
+        ``offset`` costs a walk past that many names: page with ``list_after``.
         """
-        where, arguments = _search_clause(search)
+        condition, arguments = _search_condition(search)
         rows = self._connection().execute(
-            f"SELECT {_FILE_COLUMNS} FROM files{where} ORDER BY name LIMIT ? OFFSET ?",
+            f"SELECT {_FILE_COLUMNS} FROM files WHERE {condition} ORDER BY name LIMIT ? OFFSET ?",
             (*arguments, -1 if limit is None else limit, offset),
         )
         return [_file_record(row) for row in rows]
 
+    def list_after(self, search: str | None, after: str, limit: int) -> list[FileRecord]:
+        """Up to ``limit`` records whose names sort after ``after`` ("": from the first), by name.
+
+        Keyset paging: the cost of a page does not depend on how many came
+        before it, and a file added or removed between two pages neither
+        shifts the later ones nor makes a name appear twice. Names match
+        ``search`` as in ``list_files``.
+        """
+        condition, arguments = _search_condition(search)
+        rows = self._connection().execute(
+            f"SELECT {_FILE_COLUMNS} FROM files WHERE name > ? AND {condition} ORDER BY name LIMIT ?",
+            (after, *arguments, limit),
+        )
+        return [_file_record(row) for row in rows]
+
+    def list_json(self, search: str | None, after: str, limit: int,
+                  matches: int | None = None) -> tuple[str, int, str]:
+        """The page ``list_after`` would give, encoded by SQLite: ``(entries, count, last name)``.
+
+        ``entries`` is a JSON array of objects with the keys of
+        ``LISTING_KEYS``, in name order; ``last name`` is "" for an empty
+        page. The JSON is built inside one SQLite call, in C and without the
+        GIL: serving a million entries makes no Python object per entry.
+        ``added_at`` has 15 significant digits (10 us for today's times).
+        ``matches``, how many names match ``search`` if known, picks the
+        cheaper way to read a search's page (see ``LOOKUP_MAX_MATCHES``).
+        """
+        condition, arguments = _search_condition(search, matches)
+        entries, count, last = self._connection().execute(
+            "SELECT json_group_array(json_object('name', name, 'size', size,"
+            " 'chunks', (size + chunk_size - 1) / chunk_size, 'sha256', sha256,"
+            f" 'downloads', {_DOWNLOADS_OF_PAGE}, 'added_at', added_at)), COUNT(*), MAX(name)"
+            " FROM (SELECT name, size, chunk_size, sha256, added_at FROM files"
+            f" WHERE name > ? AND {condition} ORDER BY name LIMIT ?) AS page",
+            (after, *arguments, limit),
+        ).fetchone()
+        return entries, count, last or ""
+
     def count_matching(self, search: str | None = None) -> int:
-        """How many names ``list_files(search)`` would return."""
-        where, arguments = _search_clause(search)
-        return self._connection().execute(f"SELECT COUNT(*) FROM files{where}", arguments).fetchone()[0]
+        """How many names ``list_files(search)`` would return.
+
+        From the trigram index alone when it can answer: a quarter of the
+        cost of looking each match up (14 ms against 52 ms for 10,000 of
+        1,000,000 names).
+        """
+        phrase = _indexed_phrase(search) if search else None
+        if phrase is not None:
+            query, arguments = "SELECT COUNT(*) FROM files_search WHERE files_search MATCH ?", (phrase,)
+        else:
+            condition, arguments = _search_condition(search)
+            query = f"SELECT COUNT(*) FROM files WHERE {condition}"
+        return self._connection().execute(query, arguments).fetchone()[0]
 
     def remove_file(self, name: str) -> bool:
         """Remove ``name`` (and its download counters); True if it was there."""
@@ -607,6 +746,36 @@ class CompletedFile:
 _PARTIAL_COLUMNS = ("id, dest_path, name, size, chunk_size, sha256, chunk_digests, started_at,"
                     " part_path, part_identity")
 
+_BLOB_PIECE_BYTES = 1 << 20  # a digest list is written in pieces of this size, never bound whole
+
+
+def _blob_equals(connection: sqlite3.Connection, table: str, column: str, row: int, data: bytes | memoryview) -> bool:
+    """Whether a blob column holds exactly ``data``, compared piece by piece (never read whole)."""
+    view = memoryview(data)
+    with connection.blobopen(table, column, row, readonly=True) as blob:
+        if len(blob) != len(view):
+            return False
+        for start in range(0, len(view), _BLOB_PIECE_BYTES):
+            if blob.read(_BLOB_PIECE_BYTES) != view[start:start + _BLOB_PIECE_BYTES]:
+                return False
+    return True
+
+
+def _copy_blob(connection: sqlite3.Connection, source: tuple[str, int], target: tuple[str, int], column: str) -> None:
+    """Copy a blob column between rows piece by piece, into a ``zeroblob`` of its length."""
+    with connection.blobopen(source[0], column, source[1], readonly=True) as reader, \
+            connection.blobopen(target[0], column, target[1]) as writer:
+        while piece := reader.read(_BLOB_PIECE_BYTES):
+            writer.write(piece)
+
+
+def _write_blob(connection: sqlite3.Connection, table: str, column: str, row: int, data: bytes | memoryview) -> None:
+    """Fill a ``zeroblob`` column piece by piece: binding 32 MiB of digests whole costs SQLite two 32 MiB copies."""
+    view = memoryview(data)
+    with connection.blobopen(table, column, row) as blob:
+        for start in range(0, len(view), _BLOB_PIECE_BYTES):
+            blob.write(view[start:start + _BLOB_PIECE_BYTES])
+
 
 def _partial_state(row: tuple, verified: set[int]) -> PartialState:
     id_, dest_path, name, size, chunk_size, sha256, digests, started_at, part_path, identity = row
@@ -689,10 +858,11 @@ class PartialStore(SQLiteStore):
             with self._transaction() as connection:
                 cursor = connection.execute(
                     "INSERT INTO partials (dest_path, name, size, chunk_size, sha256, chunk_digests,"
-                    " started_at, part_path, part_identity) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " started_at, part_path, part_identity) VALUES (?, ?, ?, ?, ?, zeroblob(?), ?, ?, ?)",
                     (dest_path, name, manifest.size, manifest.chunk_size, manifest.sha256,
-                     manifest.chunk_digests, started_at, part_path, part_identity),
+                     len(manifest.chunk_digests), started_at, part_path, part_identity),
                 )
+                _write_blob(connection, "partials", "chunk_digests", cursor.lastrowid, manifest.chunk_digests)
         except sqlite3.IntegrityError as error:  # dest_path is UNIQUE
             raise CatalogError(f"{dest_path}: another partial file is already recorded for it") from error
         return PartialState(cursor.lastrowid, dest_path, name, manifest, set(), started_at, part_path,
@@ -802,11 +972,12 @@ class ClientStore(PartialStore):
             cursor = connection.execute(
                 "INSERT OR REPLACE INTO completed (path, name, size, sha256, chunk_size,"
                 " chunk_digests, completed_at) SELECT dest_path, name, size, sha256,"
-                " chunk_size, chunk_digests, ? FROM partials WHERE id = ?",
+                " chunk_size, zeroblob(length(chunk_digests)), ? FROM partials WHERE id = ?",
                 (completed_at, partial_id),
             )
             if cursor.rowcount == 0:
                 raise CatalogError(f"no download in progress with id {partial_id}")
+            _copy_blob(connection, ("partials", partial_id), ("completed", cursor.lastrowid), "chunk_digests")
             connection.execute("DELETE FROM partials WHERE id = ?", (partial_id,))
 
     def completed_files(self) -> list[CompletedFile]:

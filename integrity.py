@@ -2,7 +2,16 @@
 
 A file's ``Manifest`` holds its size, its chunk size, the SHA-256 of every
 chunk and the SHA-256 of the whole file. A receiver checks each chunk against
-its digest before writing it, and the whole file before renaming it into place.
+its digest before writing it; once every chunk has passed, the file is the
+one the digest list describes, and no second pass over it is needed.
+
+The digest list is bound to the file by the manifest's ``root``: the SHA-256
+of a short prefix (the layout: size and chunk size) and the digests, a hash
+list. A manifest from the network must carry the root its digests give
+(``from_header``), so a digest list cannot be swapped or cut without the
+file's identity changing with it. The plain SHA-256 of the whole file stays
+in the manifest for people who compare with ``sha256sum``: the server
+computes it once, when the file is added, in the same read as the digests.
 
 Nothing here reads a whole file into memory (principle 6): files are read in
 blocks of at most ``READ_BLOCK_BYTES`` into one reused buffer with
@@ -34,6 +43,7 @@ READ_BLOCK_BYTES = 1024 * 1024
 PARALLEL_MIN_BYTES = 256 * 1024
 
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+_ROOT_PREFIX = b"MiniTorrent hash list v1\0"  # a root is never the plain SHA-256 of any 32-byte-aligned file
 
 ProgressCallback = Callable[[int], None]
 
@@ -221,14 +231,18 @@ class Manifest:
     """What a file must be: size, chunk size, whole-file and per-chunk SHA-256.
 
     ``chunk_digests`` is the concatenation of one raw 32-byte digest per chunk.
-    Building one checks itself and raises ``ValueError`` when a field has the
-    wrong type or the fields disagree, so a ``Manifest`` in hand is consistent.
+    ``root`` is their hash list root (``hash_list_root``): computed when not
+    given; when given (read back from a catalog, received in a header) it
+    must be the one the digests give. Building one checks itself and raises
+    ``ValueError`` when a field has the wrong type or the fields disagree, so
+    a ``Manifest`` in hand is consistent.
     """
 
     size: int
     chunk_size: int
     sha256: str
-    chunk_digests: bytes = field(repr=False)
+    chunk_digests: bytes | memoryview = field(repr=False)  # bytes, or a read-only view nobody else changes
+    root: str = ""
 
     def __post_init__(self) -> None:
         _require_int("size", self.size, 0)
@@ -237,14 +251,21 @@ class Manifest:
             raise ValueError("manifest sha256 must be 64 lowercase hex characters")
         if not isinstance(self.chunk_digests, (bytes, bytearray, memoryview)):
             raise ValueError("manifest chunk_digests must be bytes")
-        # Store immutable bytes even when handed a (reused) receive buffer.
-        object.__setattr__(self, "chunk_digests", bytes(self.chunk_digests))
+        # Store immutable bytes even when handed a (reused) receive buffer. A read-only view is taken as
+        # owned (the transport hands out one over a buffer nobody else holds) and kept: no second copy of
+        # a digest list that may be 128 MiB.
+        if not (isinstance(self.chunk_digests, memoryview) and self.chunk_digests.readonly):
+            object.__setattr__(self, "chunk_digests", bytes(self.chunk_digests))
         expected = DIGEST_BYTES * self.chunk_count
         if len(self.chunk_digests) != expected:
             raise ValueError(
                 f"manifest has {len(self.chunk_digests)} bytes of chunk digests, "
                 f"expected {expected} for {self.chunk_count} chunks"
             )
+        root = hash_list_root(self.size, self.chunk_size, self.chunk_digests)  # 15 ms per million chunks
+        if self.root and self.root != root:
+            raise ValueError("manifest root does not match its chunk digests")
+        object.__setattr__(self, "root", root)
 
     @property
     def chunk_count(self) -> int:
@@ -259,7 +280,7 @@ class Manifest:
         """Raw 32-byte digest of chunk ``index``; ``ValueError`` if out of range."""
         self.chunk_span(index)
         start = index * DIGEST_BYTES
-        return self.chunk_digests[start : start + DIGEST_BYTES]
+        return bytes(self.chunk_digests[start : start + DIGEST_BYTES])
 
     def verify_chunk(self, index: int, data: bytes | bytearray | memoryview) -> bool:
         """True when ``data`` has chunk ``index``'s exact length and digest.
@@ -291,6 +312,9 @@ class Manifest:
             return "failed SHA-256 verification"
         return None
 
+    def __hash__(self) -> int:
+        return hash((self.size, self.chunk_size, self.sha256, self.root))  # the root stands for the digests
+
     def to_header(self) -> dict:
         """JSON-safe fields for a protocol header; the digests travel apart as
         a binary payload of ``32 * chunks`` bytes."""
@@ -299,6 +323,7 @@ class Manifest:
             "chunk_size": self.chunk_size,
             "sha256": self.sha256,
             "chunks": self.chunk_count,
+            "root": self.root,
         }
 
     @classmethod
@@ -306,7 +331,8 @@ class Manifest:
         """Rebuild a manifest from ``to_header()`` output and its digest payload.
 
         Raises ``ValueError`` with a readable message when a field is missing,
-        has the wrong type, or the chunk count disagrees with the digests.
+        has the wrong type, the chunk count disagrees with the digests, or
+        the header's ``root`` is not the one the digests give.
         """
         if not isinstance(header, Mapping):
             raise ValueError("manifest header must be a mapping")
@@ -322,7 +348,17 @@ class Manifest:
                 f"manifest header says {chunks} chunks, size and chunk_size give "
                 f"{manifest.chunk_count}"
             )
+        if header.get("root") != manifest.root:  # last: a chunk_size over the limit is named as such
+            raise ValueError("manifest root does not match its chunk digests (or is missing)")
         return manifest
+
+
+def hash_list_root(size: int, chunk_size: int, chunk_digests: bytes | memoryview) -> str:
+    """The hex root of a hash list: SHA-256 over a prefix naming the layout, then every chunk digest in order."""
+    digest = hashlib.sha256(_ROOT_PREFIX)
+    digest.update(size.to_bytes(8, "big") + chunk_size.to_bytes(8, "big"))
+    digest.update(chunk_digests)
+    return digest.hexdigest()
 
 
 def build_manifest(

@@ -32,6 +32,7 @@ from typing import Sequence
 from error_handler import MiniTorrentError
 from minitorrent.common.daemon import build_engine, serve_until_signalled
 from minitorrent.server.coordinator import EtcdUnavailable
+from minitorrent.server.catalog import AddResult
 from minitorrent.server.engine import ServerEngine
 from minitorrent.server.main import MainServer
 from minitorrent.web.face import start_with_face, stop_with_face, web_face_for
@@ -55,26 +56,33 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def add_files(engine: ServerEngine, paths: Sequence[str], added: list | None = None) -> bool:
-    """Import each file or folder, printing one line per file; False if any failed. Results are appended to ``added``."""
+    """Import files (in durable batches) and folders (whole trees), one line per file once it is durable.
+
+    False if any failed. Results are appended to ``added``.
+    """
     ok = True
-    for path in paths:
-        try:
-            if os.path.isdir(path):
-                results, warnings = engine.add_folder(path)
-                for warning in warnings:
-                    print(f"warning: {warning}", file=sys.stderr)
-            else:
-                results = [engine.add_file(path)]
-        except MiniTorrentError as error:
-            print(f"error: {error}", file=sys.stderr)
-            ok = False
-            continue
+    files = [path for path in paths if not os.path.isdir(path)]
+    for _path, outcome in engine.add_files(files) if files else ():
+        ok = report_added(outcome, added) and ok
+    for folder in (path for path in paths if os.path.isdir(path)):
+        results, warnings = engine.add_folder(folder)
+        for warning in warnings:
+            print(f"warning: {warning}", file=sys.stderr)
         for result in results:
-            record = result.record
-            if added is not None:
-                added.append(result)
-            print(f"{result.outcome}: {record.name} ({record.size} bytes, sha256 {record.sha256[:12]})", flush=True)
+            report_added(result, added)
     return ok
+
+
+def report_added(outcome: AddResult | MiniTorrentError, added: list | None) -> bool:
+    """Print one import's line (stdout, or the error on stderr); False if it failed."""
+    if isinstance(outcome, MiniTorrentError):
+        print(f"error: {outcome}", file=sys.stderr, flush=True)
+        return False
+    record = outcome.record
+    if added is not None:
+        added.append(outcome)
+    print(f"{outcome.outcome}: {record.name} ({record.size} bytes, sha256 {record.sha256[:12]})", flush=True)
+    return True
 
 
 def edit_catalog(engine: ServerEngine, remove: Sequence[str], rename: Sequence[str] | None) -> bool:

@@ -19,30 +19,54 @@ RATE_WINDOW_S = 5.0
 
 
 class RateMeter:
-    """Bytes per second over a sliding window, from timestamped samples."""
+    """Bytes per second over the last ``window_s`` seconds: the one rate meter (server counters, transfer rows).
+
+    The rate is the bytes recorded within the window divided by the window's
+    length, or by the time since ``reset`` when that is shorter, so a
+    transfer reads its true speed from its first second. When samples stop,
+    the rate falls as they leave the window and reads 0 after a whole window
+    of silence. Bytes come as amounts (``add``) or as a running total
+    (``add_total``). Not thread-safe: the owner serialises calls.
+    """
 
     def __init__(self, window_s: float = RATE_WINDOW_S, clock: Callable[[], float] = time.monotonic):
-        self._window_s = window_s
+        self.window_s = window_s
         self._clock = clock
-        self._samples: deque[tuple[float, int]] = deque()
-        self._total_in_window = 0
+        self._samples: deque[tuple[float, int]] = deque()  # (time, bytes) within the window
+        self._in_window = 0
+        self._total = 0
+        self._started = clock()
 
-    def add(self, nbytes: int) -> None:
-        """Record ``nbytes`` moved now. Caller holds the owner's lock."""
-        now = self._clock()
+    def reset(self, at: float | None = None) -> None:
+        """Start over at ``at`` (default: now) with nothing recorded."""
+        self._samples.clear()
+        self._in_window = self._total = 0
+        self._started = self._clock() if at is None else at
+
+    def add(self, nbytes: int, at: float | None = None) -> None:
+        """Record ``nbytes`` moved at ``at`` (default: now)."""
+        now = self._clock() if at is None else at
+        if self._samples and now < self._samples[-1][0]:
+            now = self._samples[-1][0]  # samples from two threads may arrive a hair out of order
         self._samples.append((now, nbytes))
-        self._total_in_window += nbytes
+        self._in_window += nbytes
+        self._total += nbytes
         self._expire(now)
 
-    def rate(self) -> float:
-        """Bytes per second over the window. Caller holds the owner's lock."""
-        now = self._clock()
+    def add_total(self, total: int, at: float | None = None) -> None:
+        """Record that ``total`` bytes had moved since ``reset`` by ``at`` (default: now)."""
+        self.add(max(0, total - self._total), at)
+
+    def rate(self, now: float | None = None) -> float:
+        """Bytes per second over the window ending at ``now`` (default: now)."""
+        now = self._clock() if now is None else now
         self._expire(now)
-        return self._total_in_window / self._window_s
+        span = min(self.window_s, now - self._started)
+        return self._in_window / span if span > 0 else 0.0
 
     def _expire(self, now: float) -> None:
-        while self._samples and self._samples[0][0] < now - self._window_s:
-            self._total_in_window -= self._samples.popleft()[1]
+        while self._samples and self._samples[0][0] < now - self.window_s:
+            self._in_window -= self._samples.popleft()[1]
 
 
 class Metrics:

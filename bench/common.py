@@ -108,9 +108,10 @@ def sha256_of(path: Path) -> str:
 
 
 @contextlib.contextmanager
-def temp_folder(prefix: str) -> Iterator[Path]:
-    """A fresh temporary folder, removed when the block ends, however it ends (error, Ctrl-C, SIGTERM)."""
-    folder = Path(tempfile.mkdtemp(prefix=prefix))
+def temp_folder(prefix: str, parent: str | os.PathLike | None = None) -> Iterator[Path]:
+    """A fresh temporary folder (in ``parent``, else the system's), removed when the block ends,
+    however it ends (error, Ctrl-C, SIGTERM)."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
     try:
         yield folder
     finally:

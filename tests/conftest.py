@@ -200,9 +200,10 @@ class SlowProxy:
             sockets, self._sockets = self._sockets, []
         for sock in sockets:
             try:
-                sock.close()
+                sock.shutdown(socket.SHUT_RDWR)  # close() alone leaves a pump's blocked recv() holding it open
             except OSError:
                 pass
+            sock.close()
 
 
 # Windows under a virtual screen ---------------------------------------------------------------------------

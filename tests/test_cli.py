@@ -22,7 +22,7 @@ from conftest import (
     write_config,
 )
 
-from database import ClientStore
+from database import ClientStore, ServerStore
 from integrity import sha256_file
 from minitorrent.client.downloader import STREAMS_PER_DOWNLOAD
 
@@ -280,6 +280,36 @@ def chunks_sound_on_disk(part: Path, manifest) -> set[int]:
     data = part.read_bytes()
     return {i for i in range(manifest.chunk_count)
             if manifest.verify_chunk(i, data[manifest.chunk_span(i)[0]:sum(manifest.chunk_span(i))])}
+
+
+
+class TestAddManyFiles:
+    @pytest.mark.timeout(LONG_TIMEOUT * 2)
+    def test_every_file_reported_added_survives_sigkill(self, tmp_path):
+        """main_server --add of 3,000 files, SIGKILLed once 1,200 are reported: each reported file is in the catalog."""
+        sources = [make_file(tmp_path / "src" / f"small {i:04d}.txt", 64, seed=i) for i in range(3000)]
+        config = write_config(tmp_path / "srv")
+        adding = subprocess.Popen([sys.executable, str(ROOT / "main_server.py"), "--config", str(config),
+                                   "--headless", "--add", *map(str, sources)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, encoding="utf-8")
+        reported: list[str] = []
+        try:
+            for line in adding.stdout:
+                if line.startswith("added: "):
+                    reported.append(line[len("added: "):].split(" (", 1)[0])
+                if len(reported) == 1200:
+                    break
+            adding.send_signal(signal.SIGKILL)
+            adding.wait(SHORT_TIMEOUT)
+        finally:
+            adding.kill()
+            adding.stdout.close()
+        with ServerStore(tmp_path / "srv" / "server" / "catalog.db") as catalog:
+            missing = [name for name in reported if catalog.get_file(name) is None]
+            unstored = [name for name in reported if name not in missing
+                        and sha256_file(tmp_path / "srv" / "server" / "store" / catalog.get_file(name).sha256)
+                        != sha256_file(tmp_path / "src" / name)]
+        assert (1200, [], []) == (len(reported), missing, unstored)
 
 
 class TestFolders:

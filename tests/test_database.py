@@ -1,7 +1,9 @@
 """Tests for database.py: the SQLite base, the server catalog, the client state."""
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import sqlite3
 import threading
 import unicodedata
@@ -9,8 +11,12 @@ import unicodedata
 import pytest
 
 from database import ClientStore, PartialStore, ServerStore, SQLiteStore
+
+
+import database
+from database import LISTING_KEYS, ClientStore, ServerStore, SQLiteStore, fold
 from error_handler import CatalogError
-from integrity import Manifest, build_manifest
+from integrity import Manifest, build_manifest, hash_list_root
 
 LONG_TIMEOUT = 30  # seconds; thread joins that should take milliseconds
 
@@ -116,6 +122,22 @@ class TestSQLiteStore:
             rows = store._connection().execute("SELECT x FROM t").fetchall()
             assert 2 == store.schema_version
         assert [(1,), ("a;b",)] == rows
+
+    def test_catalog_of_the_first_schema_gets_its_roots(self, tmp_path):
+        """A catalog written before roots were stored gets each file's root from its digests on opening."""
+
+        class FirstSchema(SQLiteStore):
+            MIGRATIONS = ServerStore.MIGRATIONS[:1]
+
+        path = tmp_path / "old.db"
+        digests = hashlib.sha256(b"x").digest() * 3
+        with FirstSchema(path) as old:
+            old._connection().execute(
+                "INSERT INTO files (name, name_folded, size, chunk_size, sha256, added_at, chunk_digests)"
+                " VALUES ('a', 'a', 2500, 1000, ?, 1.0, ?)", ("0" * 64, digests))
+        with ServerStore(path) as store:
+            assert (hash_list_root(2500, 1000, digests), hash_list_root(2500, 1000, digests)) == (
+                store.get_file("a").root, store.get_manifest("a").root)
 
     def test_failed_migration_rolls_back(self, tmp_path):
         """A migration that fails leaves the schema and version untouched."""
@@ -265,6 +287,150 @@ class TestServerSearch:
         listed = server.list_files()
         assert [f"file{i:05d}.bin" for i in range(10_000)] == [r.name for r in listed]
         assert 100 == len(server.list_files("FILE099"))
+
+
+def brute_force_search(names: list[str], text: str) -> list[str]:
+    """What a search must find: names whose folded form contains the folded text, by name."""
+    return sorted(name for name in names if fold(text) in fold(name))
+
+
+class TestSearchIndex:
+    NAMES = ["café.txt", "Café Résumé.pdf", "STRASSE.md", "große straße.txt", 'quo"te "x".txt', "a*b?c.txt",
+             "Report 100%.pdf", "a_b.txt", "日本語のファイル.txt", "🎵 mix 🎵.flac", "naïve.doc", "NAÏVE-2.doc"]
+    SEARCHES = ["", "a", "ca", "caf", "CAFÉ", "ss", "strasse", "STRAßE", '"', 'o"t', '"x"', "*b?", "100%",
+                "%", "_", "a_b", "日本語", "本語の", "🎵 m", "ve.d", "NAÏVE", "zzz", "a\x00b", "é", "\u0301"]
+
+    @pytest.fixture
+    def names(self, server):
+        for name in self.NAMES:
+            server.add_file(name, manifest_of(name.encode()))
+        return self.NAMES
+
+    @pytest.mark.parametrize("text", SEARCHES)
+    def test_index_finds_what_a_scan_finds(self, server, names, text):
+        """Every search, short or long, quoted or accented, finds exactly the names a folded substring scan finds."""
+        expected = brute_force_search(names, text)
+        assert (expected, len(expected)) == ([r.name for r in server.list_files(text or None)],
+                                            server.count_matching(text or None))
+
+    def test_removed_and_added_names_follow(self, server, names):
+        """The trigram index forgets a removed name and learns a new one at once."""
+        server.remove_file("café.txt")
+        server.add_file("CAFÉ noir.txt", manifest_of(b"noir"))
+        assert ["CAFÉ noir.txt", "Café Résumé.pdf"] == [r.name for r in server.list_files("café")]
+
+
+def add_names(server: ServerStore, names: list[str]) -> None:
+    server.add_files([(name, manifest_of(name.encode()), 1000.5) for name in names])
+
+
+class TestKeysetPages:
+    NAMES = [f"file {i:03d}.bin" for i in range(0, 60, 2)]  # even numbers: room for odd ones between pages
+
+    def all_pages(self, server, search=None, limit=4, between=lambda page: None) -> list[str]:
+        listed: list[str] = []
+        while True:
+            page = [record.name for record in server.list_after(search, listed[-1] if listed else "", limit)]
+            listed += page
+            if len(page) < limit:
+                return listed
+            between(page)
+
+    def test_pages_list_every_name_once_in_order(self, server):
+        """Pages of 4 after the last name seen list every file once, by name."""
+        add_names(server, self.NAMES)
+        assert self.NAMES == self.all_pages(server)
+
+    def test_no_skip_or_repeat_while_files_change(self, server):
+        """Files added and removed on both sides of the cursor between pages: no name twice or out of order,
+        none missed that was there all along or added ahead, none listed that was removed ahead."""
+        add_names(server, self.NAMES)
+        removed: list[str] = []
+        removed_ahead: list[str] = []
+        added_ahead: list[str] = []
+
+        def churn(page: list[str]) -> None:
+            number = int(page[-1][5:8])
+            add_names(server, [f"file {number - 1:03d}.bin", f"file {number + 1:03d}.bin"])
+            added_ahead.append(f"file {number + 1:03d}.bin")
+            for seen in page[:2]:  # two gone behind the cursor, one added: an offset would now skip a name
+                server.remove_file(seen)
+                removed.append(seen)
+            if server.remove_file(f"file {number + 4:03d}.bin"):
+                removed_ahead.append(f"file {number + 4:03d}.bin")
+
+        listed = self.all_pages(server, between=churn)
+        stayed = [name for name in self.NAMES if name not in removed + removed_ahead]
+        assert (sorted(set(listed)), [], [], True) == (
+            listed, [name for name in stayed + added_ahead if name not in listed],
+            [name for name in removed_ahead if name in listed], len(removed_ahead) > 3)
+
+    def test_search_pages(self, server):
+        """Pages of a search hold only matches, each once, by name."""
+        add_names(server, self.NAMES + ["other.txt", "FILE 999.BIN"])
+        expected = brute_force_search(self.NAMES + ["FILE 999.BIN"], "0.bin")
+        assert expected == self.all_pages(server, "0.BIN", limit=2)
+
+
+class TestListJson:
+    def test_entries_match_the_records(self, server):
+        """The SQLite-built JSON page holds what list_after gives, as the catalog's entry objects."""
+        add_names(server, ["b.txt", 'q"uote\\.txt', "Zürich 🎉.txt", "a.txt"])
+        server.record_download("b.txt")
+        entries, count, last = server.list_json(None, "B", 10)  # after "B": "Zürich" sorts before "a"
+        expected = [{"name": r.name, "size": r.size, "chunks": r.chunks, "sha256": r.sha256,
+                     "downloads": r.downloads, "added_at": r.added_at} for r in server.list_after(None, "B", 10)]
+        assert (expected, 4, 'q"uote\\.txt') == (json.loads(entries), count, last)
+        assert ([0, 0, 1, 0], list(LISTING_KEYS)) == ([e["downloads"] for e in expected], list(json.loads(entries)[0]))
+
+    @pytest.mark.parametrize("text", ["file", "FILE 01", "0.b", "e"])
+    def test_both_ways_to_read_a_search_page_agree(self, server, text):
+        """A search page read through the trigram index and one read by walking the names are the same."""
+        add_names(server, [f"file {i:03d}.bin" for i in range(60)] + ["other.txt"])
+        assert server.list_json(text, "file 010.bin", 7) == server.list_json(
+            text, "file 010.bin", 7, matches=database.LOOKUP_MAX_MATCHES + 1)
+
+    def test_empty_page(self, server):
+        """A page past the end is an empty array with no last name."""
+        add_names(server, ["a.txt"])
+        assert ("[]", 0, "") == server.list_json("a", "a.txt", 10)
+
+
+class TestCatalogMigration:
+    def test_version_one_catalog_migrates_and_lists(self, tmp_path):
+        """A catalog written by schema version 1 opens at the current version and lists and searches correctly."""
+        path = tmp_path / "old.sqlite3"
+
+        class VersionOne(SQLiteStore):
+            MIGRATIONS = ServerStore.MIGRATIONS[:1]
+
+        names = ["Café.txt", "report 2024.pdf", "notes.md"]
+        with VersionOne(path) as old, old._transaction() as connection:
+            for name in names:
+                manifest = manifest_of(name.encode())
+                connection.execute(
+                    "INSERT INTO files (name, name_folded, size, chunk_size, sha256, chunk_digests, added_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, 1000.5)",
+                    (name, fold(name), manifest.size, manifest.chunk_size, manifest.sha256, manifest.chunk_digests))
+        with ServerStore(path) as store:
+            add_names(store, ["CAFÉ 2.txt"])
+            assert (len(ServerStore.MIGRATIONS), ["CAFÉ 2.txt", "Café.txt", "notes.md", "report 2024.pdf"]) == (
+                store.schema_version, [r.name for r in store.list_files()])
+            assert (["CAFÉ 2.txt", "Café.txt"], 2, ["report 2024.pdf"]) == (
+                [r.name for r in store.list_files("café")], store.count_matching("café"),
+                [e["name"] for e in json.loads(store.list_json("2024", "", 10)[0])])
+
+
+class TestAddFiles:
+    def test_batch_is_one_transaction(self, server):
+        """A batch with a name already taken adds nothing; a good batch bumps the catalog version once."""
+        add_names(server, ["a.txt"])
+        version = server.catalog_version()
+        with pytest.raises(CatalogError, match="already in the catalog"):
+            add_names(server, ["b.txt", "a.txt"])
+        add_names(server, ["c.txt", "d.txt"])
+        assert (["a.txt", "c.txt", "d.txt"], version + 1) == (
+            [r.name for r in server.list_files()], server.catalog_version())
 
 
 @pytest.fixture

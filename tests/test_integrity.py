@@ -21,6 +21,7 @@ from integrity import (
     build_manifest,
     chunk_count,
     chunk_span,
+    hash_list_root,
     manifest_of_file,
     sha256_file,
     sha256_hex,
@@ -287,8 +288,39 @@ class TestManifestChecks:
         manifest, _data = manifest_and_data
         header = manifest.to_header()
         assert {"size": 10_000, "chunk_size": 1000, "sha256": manifest.sha256,
-                "chunks": 10} == header
+                "chunks": 10, "root": hash_list_root(10_000, 1000, manifest.chunk_digests)} == header
         assert manifest == Manifest.from_header(header, manifest.chunk_digests)
+
+    def test_given_root_must_match(self, manifest_and_data):
+        """A manifest built with a root (read back from a catalog) refuses one its digests do not give."""
+        manifest, _data = manifest_and_data
+        assert manifest == Manifest(manifest.size, manifest.chunk_size, manifest.sha256, manifest.chunk_digests,
+                                    manifest.root)
+        with pytest.raises(ValueError, match="root does not match"):
+            Manifest(manifest.size, manifest.chunk_size, manifest.sha256, manifest.chunk_digests, "0" * 64)
+
+    def test_root_is_a_hash_list_of_layout_and_digests(self, manifest_and_data):
+        """The root is the SHA-256 of a fixed prefix, size and chunk size (8 bytes each), then the digests."""
+        manifest, _data = manifest_and_data
+        expected = hashlib.sha256(b"MiniTorrent hash list v1\0" + (10_000).to_bytes(8, "big")
+                                  + (1000).to_bytes(8, "big") + manifest.chunk_digests).hexdigest()
+        assert expected == manifest.root
+
+    @pytest.mark.parametrize("tamper", ["swapped digests", "other root", "no root", "other size"])
+    def test_from_header_refuses_digests_its_root_does_not_bind(self, manifest_and_data, tamper):
+        """A digest list that is not the one the root names (swapped, or root changed or missing) is refused."""
+        manifest, _data = manifest_and_data
+        header, digests = manifest.to_header(), manifest.chunk_digests
+        if tamper == "swapped digests":
+            digests = digests[32:64] + digests[:32] + digests[64:]
+        elif tamper == "other root":
+            header["root"] = "0" * 64
+        elif tamper == "no root":
+            del header["root"]
+        else:  # same chunk count, another layout: the last chunk's length differs
+            header["size"] = 9_999
+        with pytest.raises(ValueError, match="root does not match"):
+            Manifest.from_header(header, digests)
 
     @pytest.mark.parametrize(
         "key, value, message",

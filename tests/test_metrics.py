@@ -48,6 +48,7 @@ class TestRateMeter:
     def test_rate_is_bytes_in_window_over_window(self, clock):
         """The rate is the bytes recorded within the window divided by its length."""
         meter = RateMeter(window_s=5.0, clock=clock)
+        clock.advance(5.0)  # started a whole window ago
         meter.add(100)
         clock.advance(1.0)
         meter.add(200)
@@ -56,7 +57,7 @@ class TestRateMeter:
     def test_samples_expire_after_window(self, clock):
         """A sample counts until it is older than the window, then drops out."""
         meter = RateMeter(window_s=5.0, clock=clock)
-        meter.add(100)  # t = 0
+        meter.add(100)  # t = 0, the start
         clock.advance(1.0)
         meter.add(200)  # t = 1
         clock.advance(4.0)  # t = 5: the first sample is exactly window_s old
@@ -77,8 +78,33 @@ class TestRateMeter:
     def test_default_window(self, clock):
         """The default window is RATE_WINDOW_S."""
         meter = RateMeter(clock=clock)
+        clock.advance(RATE_WINDOW_S)
         meter.add(int(RATE_WINDOW_S * 100))
         assert 100.0 == meter.rate()
+
+
+    def test_young_meter_divides_by_its_age(self, clock):
+        """Within its first window a meter divides by the time since its start: a new transfer reads its true speed."""
+        meter = RateMeter(window_s=5.0, clock=clock)
+        clock.advance(1.0)
+        meter.add(300)
+        assert 300.0 == meter.rate()
+
+    def test_running_totals(self):
+        """Running totals (a transfer's bytes so far) give the bytes received over the last window, per second."""
+        meter = RateMeter(window_s=2.0)
+        meter.reset(0.0)
+        for second in range(1, 6):
+            meter.add_total(second * 1000, at=second - 0.5)
+        assert 1000.0 == meter.rate(5.0)
+
+    def test_speed_decays_when_nothing_arrives(self):
+        """A stalled transfer slows down as its samples leave the window and reads 0 after a whole window."""
+        meter = RateMeter(window_s=2.0)
+        meter.reset(0.0)
+        meter.add_total(1000, at=1.0)
+        meter.add_total(2000, at=2.0)
+        assert (1000.0, 500.0, 0.0) == (meter.rate(2.0), meter.rate(3.5), meter.rate(4.5))
 
 
 class TestMetricsCounters:

@@ -13,16 +13,20 @@ The life of a download of ``NAME`` into ``DIR``:
    goes to ``NAME.2.part`` (or the next free number) instead.
 3. Fetch the missing chunks over a few pooled connections, keeping
    ``pipeline_depth`` requests in flight on each. Every chunk is checked
-   against the manifest *before* it is written. A connection that fails is
-   replaced, with backoff, until ``retry_deadline_s`` passes without progress;
+   against the manifest's digest list *before* it is written; that list is
+   bound to the file by the manifest's root (``Manifest.from_header`` refuses
+   one that does not match), so once every chunk has passed, the file is
+   proven: each byte is hashed once, and no second whole-file pass follows.
+   A connection that fails is replaced, with backoff, until ``retry_deadline_s`` passes without progress;
    if the server itself is gone the replacement comes from whichever server
    is active now (the backup after a failover). Every request names the
    file's SHA-256, so chunks of two versions are never mixed. Each verified
    chunk is recorded as it is written, so a killed client loses at most the
-   chunks it was receiving.
-4. Only if the whole-file SHA-256 (hashed as chunks arrive) matches the
-   manifest is the part file linked to its final name (``os.link``, which
-   refuses to replace anything) and the record moved to the completed files.
+   chunks it was receiving; a write-back thread flushes the part file every
+   64 MiB, so the final ``fsync`` has little left to do.
+4. Only once every chunk is verified is the part file synced and linked to
+   its final name (``os.link``, which refuses to replace anything) and the
+   record moved to the completed files.
 """
 from __future__ import annotations
 
@@ -42,13 +46,12 @@ from error_handler import (
     ConnectionFailed,
     DownloadCancelled,
     DownloadError,
-    IntegrityError,
     MiniTorrentError,
     RemoteError,
     backoff_delays,
 )
 from integrity import Manifest, sha256_file
-from minitorrent.client.chunkboard import ChunkBoard, Source
+from minitorrent.client.chunkboard import ChunkBoard, ChunkSet, Source
 from minitorrent.client.progress import Progress
 from minitorrent.common.partfile import FinalNameTaken, PartFile, PartFileRefused
 from minitorrent.net.remote import (
@@ -215,10 +218,12 @@ class _Job:
         self._done_bytes = 0
         self._fetched_bytes = 0
         self._last_progress = time.monotonic()
+        self._verified = ChunkSet(manifest.chunk_count)  # a live view the seeder serves from
         self.duplicate_chunks = 0  # requests for chunks already verified: the board must make this 0
         self.board = ChunkBoard(manifest.chunk_count)
         self.server_source = Source("server", is_server=True)
         self._peers: dict[tuple[str, int], Source] = {}
+        self._announced: dict[tuple[str, int], str | None] = {}  # each peer's last bitmap from the tracker, as sent
         self._peer_connections: set = set()  # open peer sessions' connections, cut when the download ends
         self._threads: list[threading.Thread] = []
 
@@ -227,7 +232,7 @@ class _Job:
     def run(self) -> tuple[int, int]:
         """Fetch, verify and install the file; returns (bytes fetched, chunks resumed)."""
         part = PartFile.open(self.owner.store, self.final, self.name, self.manifest,
-                             self.final.with_name(self.final.name + ".part"))
+                             self.final.with_name(self.final.name + ".part"), prove_whole_file=False)
         self.part = part
         try:
             if part.resumed:
@@ -246,10 +251,12 @@ class _Job:
     def sources(self) -> dict[str, int]:
         """Bytes received in this run from each source that sent any."""
         everyone = [self.server_source, *self._peers.values()]
-        return {source.label: source.bytes for source in everyone if source.bytes}
+        received = {source.label: self.board.status(source).bytes for source in everyone}
+        return {label: nbytes for label, nbytes in received.items() if nbytes}
 
     def _prepare(self, part: PartFile) -> None:
-        self.board.done.update(part.resumed)
+        self.board.mark_done(part.resumed)
+        self._verified.update(part.resumed)
         self._done_bytes = sum(self.manifest.chunk_span(i)[1] for i in part.resumed)
         self._share_partial()
         self._notify()
@@ -260,12 +267,7 @@ class _Job:
         if not part.complete:
             raise DownloadError(f"{self.name}: download stopped before all chunks arrived")
         try:
-            part.install(on_installed=self._seed_whole)
-        except IntegrityError as error:
-            if self.owner.seeder:
-                self.owner.seeder.source.drop(self.manifest.sha256)
-            raise DownloadError(f"{self.name}: whole-file SHA-256 does not match the manifest; "
-                                "download discarded") from error
+            part.install(on_installed=self._seed_whole)  # every chunk matched the root-bound digest list
         except FinalNameTaken as error:
             raise DownloadError(f"{self.final} appeared during the download; kept {part.path.name}") from error
         log.info("%s: downloaded and verified (%d bytes)", self.name, self.manifest.size)
@@ -319,19 +321,24 @@ class _Job:
         """Ask the tracker who holds this file; start a stream for each new peer."""
         request = protocol.GetPeers(self.manifest.sha256, self.owner.seed_port())
         reply = self.owner.server.try_call(lambda s: s.call(request, protocol.PeerList))
-        live = sum(1 for source in self._peers.values() if not source.dropped)  # a dropped peer frees its slot
+        # A dropped peer frees its slot.
+        live = sum(1 for source in self._peers.values() if not self.board.is_dropped(source))
         for entry in reply.message.peers if reply else []:
             try:
-                address, have = (str(entry["host"]), int(entry["port"])), _peer_have(entry, self.manifest)
+                address = (str(entry["host"]), int(entry["port"]))
+                if address in self._peers and self._announced.get(address) == entry.get("have"):
+                    continue  # the same holdings as a second ago: nothing to decode or recount
+                have = _peer_have(entry, self.manifest)
             except (KeyError, TypeError, ValueError):
                 continue  # a malformed entry names nobody we could reach
+            self._announced[address] = entry.get("have")
             source = self._peers.get(address)
             if source is None and live < MAX_PEERS_PER_DOWNLOAD:
                 live += 1
                 source = self._peers[address] = Source(f"peer {address[0]}:{address[1]}", have=have)
                 self.board.add_peer(source)
                 self._spawn(self._peer_stream, (source, address, part), f"get-{self.name[:16]}-{source.label}")
-            elif source is not None and not source.dropped:
+            elif source is not None and not self.board.is_dropped(source):
                 self.board.update_have(source, have)
 
     def _server_stream(self, part: PartFile) -> None:
@@ -387,7 +394,7 @@ class _Job:
         in_flight: deque[int] = deque()
         idle = False  # the connection sat unused: the other side may have closed it meanwhile
         try:
-            while not self._stop.is_set() and not source.dropped:
+            while not self._stop.is_set() and not self.board.is_dropped(source):
                 if self.board.closed and not source.is_server:
                     return  # the download ended: what this peer still owes us is not needed
                 try:
@@ -421,7 +428,10 @@ class _Job:
             self.board.release(list(in_flight), source)
 
     def _send_requests(self, session: ServerSession, source: Source, in_flight: deque[int], part: PartFile) -> None:
-        wanted = self.board.take(source, self.owner.pipeline_depth - len(in_flight))
+        depth = self.owner.pipeline_depth
+        if len(in_flight) > depth // 2:
+            return  # refill by halves: one send (one GIL hand-off, one board pick) per half pipeline, not per chunk
+        wanted = self.board.take(source, depth - len(in_flight))
         if not wanted:
             return
         duplicates = sum(1 for i in wanted if part.has(i))
@@ -434,10 +444,9 @@ class _Job:
         """A source answered a chunk request with an error."""
         if source.is_server:
             raise error  # the server does not have what its manifest promised: fatal
-        if error.code == ErrorCode.NOT_FOUND and source.have is not None:
-            self.board.update_have(source, source.have - {index})  # its announcement was ahead of it
-        else:
-            raise error
+        if error.code == ErrorCode.NOT_FOUND and self.board.lacks(source, index):
+            return  # a peer's announcement was ahead of what it holds: someone else brings the chunk
+        raise error
 
     def _accept_chunk(self, part: PartFile, source: Source, index: int,
                       frame: protocol.Frame) -> None:
@@ -450,6 +459,7 @@ class _Job:
         if not self.board.arrived(index, source, length):
             return  # an endgame duplicate: the other copy won
         part.write_verified(index, frame.payload)  # recorded before it counts: a kill cannot lose it
+        self._verified.add(index)
         with self._lock:
             self._done_bytes += length
             self._fetched_bytes += length
@@ -464,7 +474,7 @@ class _Job:
         if not source.is_server:
             dropped = self.board.strike(source, f"chunk {index}")
             log.warning("%s: chunk %d from %s failed SHA-256 verification (strike %d%s)", self.name, index,
-                        source.label, source.strikes, "; dropped" if dropped else "")
+                        source.label, self.board.status(source).strikes, "; dropped" if dropped else "")
             return
         with self._lock:
             attempts = self._attempts[index] = self._attempts.get(index, 0) + 1
@@ -504,7 +514,7 @@ class _Job:
         seeder = self.owner.seeder
         if seeder is None:
             return
-        seeder.source.update_partial(self.part.path, self.name, self.manifest, set(self.part.verified))
+        seeder.source.update_partial(self.part.path, self.name, self.manifest, self._verified)  # live: no copy
         seeder.changed()
 
     def _notify(self) -> None:

@@ -27,6 +27,27 @@ class Progress:
     sources: dict[str, int] = field(default_factory=dict)  # bytes received per source ("server", "peer h:p")
 
 
+def describe_sources(sources: dict[str, int], server_name: str = "") -> str:
+    """Who sent the bytes: ``"main server"``, ``"server 60% · 2 peers 40%"``; empty if no one yet.
+
+    ``sources`` maps a source label (``"server"``, ``"peer host:port"``) to
+    bytes; ``server_name`` ("main" or "backup") names the server in use (the
+    label "server" covers both: after a failover, the backup's bytes add to it).
+    """
+    total = sum(sources.values())
+    if total <= 0:
+        return ""
+    server_label = f"{server_name} server" if server_name else "server"
+    from_server = sum(n for label, n in sources.items() if not label.startswith("peer "))
+    peers = [n for label, n in sources.items() if label.startswith("peer ")]
+    if not peers:
+        return f"from {server_label}"
+    peer_part = f"{len(peers)} peer{'s' if len(peers) != 1 else ''} {round(100 * sum(peers) / total)}%"
+    if not from_server:
+        return f"from {peer_part}"
+    return f"from {server_label} {round(100 * from_server / total)}% · {peer_part}"
+
+
 class TerminalProgress:
     """An ``on_progress`` callback that draws a bar on a terminal, or prints plain lines.
 

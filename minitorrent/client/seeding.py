@@ -13,20 +13,23 @@ when it starts, when it gains a file or a batch of chunks, and every
 """
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 from config_loader import Config
-from database import ClientStore
+from database import ClientStore, fold
 from error_handler import MiniTorrentError
 from integrity import Manifest
 from metrics import Metrics
+from minitorrent.client.chunkboard import ChunkSet
 from minitorrent.common.fs import ChunkLocation
 from minitorrent.net.remote import ServerClient
-from minitorrent.net.serving import RequestServer
+from minitorrent.net.serving import ListingPage, RequestServer
 from minitorrent.net.throttle import TokenBucket
 from minitorrent.wire import protocol
 from minitorrent.wire.protocol import ErrorCode, RequestFailed
@@ -34,6 +37,7 @@ from minitorrent.wire.protocol import ErrorCode, RequestFailed
 log = logging.getLogger(__name__)
 
 ANNOUNCER_STOP_TIMEOUT_S = 2.0  # an announcement stuck on a dead server is not waited for
+ANNOUNCE_MIN_GAP_S = 0.25  # between announcements: fresh enough for peers, not one round trip per verified batch
 
 @dataclass(frozen=True)
 class Holding:
@@ -42,7 +46,7 @@ class Holding:
     name: str
     path: Path
     manifest: Manifest
-    verified: frozenset[int] | None  # None: the whole file
+    verified: ChunkSet | None  # None: the whole file; else a live view the download keeps adding to
 
 
 class SeedSource:
@@ -67,12 +71,18 @@ class SeedSource:
         with self._lock:
             self._by_sha[manifest.sha256] = Holding(name, Path(path), manifest, None)
 
-    def update_partial(self, part: Path, name: str, manifest: Manifest, verified: set[int]) -> None:
-        """Hold the ``verified`` chunks of a download in progress (unless the whole file is held)."""
+    def update_partial(self, part: Path, name: str, manifest: Manifest, verified: Iterable[int]) -> None:
+        """Hold the ``verified`` chunks of a download in progress (unless the whole file is held).
+
+        A ``ChunkSet`` is held as it is, a live view (the download only ever
+        adds verified chunks to it): no copy per call, whatever the file's size.
+        """
+        if not isinstance(verified, ChunkSet):
+            verified = ChunkSet(manifest.chunk_count, verified)
         with self._lock:
             held = self._by_sha.get(manifest.sha256)
             if held is None or held.verified is not None:
-                self._by_sha[manifest.sha256] = Holding(name, Path(part), manifest, frozenset(verified))
+                self._by_sha[manifest.sha256] = Holding(name, Path(part), manifest, verified)
 
     def drop(self, sha256: str) -> None:
         """Stop holding a content (its download failed or was discarded)."""
@@ -83,9 +93,7 @@ class SeedSource:
         """Per SHA-256: a bitmap of the chunks held, or None for a whole file (for announcements)."""
         with self._lock:
             held = list(self._by_sha.values())
-        return {h.manifest.sha256: None if h.verified is None else protocol.chunks_to_bitmap(set(h.verified),
-                                                                                    h.manifest.chunk_count)
-                for h in held}
+        return {h.manifest.sha256: None if h.verified is None else h.verified.bitmap() for h in held}
 
     # FileSource ------------------------------------------------------------------
 
@@ -93,11 +101,21 @@ class SeedSource:
         """The whole files held, by name."""
         with self._lock:
             whole = sorted((h for h in self._by_sha.values() if h.verified is None), key=lambda h: h.name)
-        matches = [h for h in whole if search.casefold() in h.name.casefold()]
+        matches = [h for h in whole if fold(search) in fold(h.name)]
         end = None if limit is None else offset + limit
         entries = [{"name": h.name, "size": h.manifest.size, "chunks": h.manifest.chunk_count,
                     "sha256": h.manifest.sha256, "downloads": 0, "added_at": 0.0} for h in matches[offset:end]]
         return entries, len(matches)
+
+    def list_page(self, search: str, after: str, limit: int, matches: int) -> ListingPage:
+        """The whole files held whose names sort after ``after``: at most ``limit``, for a cursor page."""
+        entries, _ = self.list_files(search)
+        page = [entry for entry in entries if entry["name"] > after][:limit]
+        return ListingPage(json.dumps(page, ensure_ascii=False), len(page), page[-1]["name"] if page else "")
+
+    def count_matching(self, search: str) -> int:
+        """How many whole files held have names containing ``search``."""
+        return self.list_files(search)[1]
 
     def count_files(self) -> tuple[int, int]:
         """(whole files held, their bytes)."""
@@ -158,6 +176,7 @@ class Announcer:
             self._announce_once()
             self._wanted.wait(self.interval_s)
             self._wanted.clear()
+            self.stop.wait(ANNOUNCE_MIN_GAP_S)  # a download changes holdings every few chunks: one announce covers them
 
     def _announce_once(self) -> None:
         payload = protocol.encode_holdings(self.source.holdings())

@@ -4,8 +4,10 @@ from __future__ import annotations
 import ctypes
 import fcntl
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 
 @dataclass(frozen=True)
@@ -18,12 +20,33 @@ class ChunkLocation:
 
 
 def fsync_dir(directory: str | os.PathLike) -> None:
-    """Make a rename or link inside ``directory`` survive a crash (POSIX needs the folder synced)."""
+    """Make a rename or link inside ``directory`` survive a crash (POSIX needs the folder synced).
+
+    Any path will do: given a file, it flushes that file's bytes.
+    """
     fd = os.open(Path(directory), os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+FSYNC_THREADS = 8  # fsyncs in flight at once (see fsync_files)
+
+
+def fsync_files(paths: Sequence[str | os.PathLike]) -> None:
+    """fsync every file in ``paths``, several at once; raises the first ``OSError``.
+
+    One at a time, each fsync waits for its own journal commit; in flight
+    together, the file system commits them in one go (ext4 here: 1.1 ms a
+    small file with 8 at once, against 5.5 ms one by one).
+    """
+    if len(paths) <= 1:
+        for path in paths:
+            fsync_dir(path)
+        return
+    with ThreadPoolExecutor(FSYNC_THREADS, thread_name_prefix="fsync") as pool:
+        list(pool.map(fsync_dir, paths))
 
 
 def sync_filesystem(directory: str | os.PathLike) -> None:

@@ -109,7 +109,7 @@ class PartFile:
     """
 
     def __init__(self, store: PartialStore, state: PartialState, final: Path, name: str, fd: int | None,
-                 resumed: set[int]) -> None:
+                 resumed: set[int], prove_whole_file: bool = True) -> None:
         self._store = store
         self._state = state
         self.final = final
@@ -122,11 +122,19 @@ class PartFile:
         self._verified = set(resumed)
         self._installed = fd is None  # see open(): a killed run had installed it already
         self._closed = self._installed
-        self._hasher = _InOrderHasher(fd, self.manifest, resumed) if fd is not None else None
+        self._follower: _InOrderHasher | _WriteBack | None = None
+        if fd is not None:
+            self._follower = _InOrderHasher(fd, self.manifest, resumed) if prove_whole_file else _WriteBack(fd, self.manifest)
 
     @classmethod
-    def open(cls, store: PartialStore, final: Path, name: str, manifest: Manifest, part: Path) -> PartFile:
+    def open(cls, store: PartialStore, final: Path, name: str, manifest: Manifest, part: Path,
+             prove_whole_file: bool = True) -> PartFile:
         """Resume the recorded part file for ``final``, or create one (first free name from ``part``).
+
+        ``prove_whole_file`` False skips the second, whole-file SHA-256 pass:
+        for a manifest whose digest list is bound to the file by its root
+        (``Manifest.from_header`` checks it), every chunk verified against that
+        list already proves the file, so each byte is hashed once.
 
         If a run was killed after giving the part file its final name, its
         bookkeeping is finished now and the result is already installed
@@ -156,7 +164,7 @@ class PartFile:
         except BaseException:
             os.close(fd)
             raise
-        return cls(store, state, final, name, fd, resumed)
+        return cls(store, state, final, name, fd, resumed, prove_whole_file)
 
     @property
     def verified(self) -> frozenset[int]:
@@ -198,7 +206,7 @@ class PartFile:
             self._store.mark_verified(self._state.id, [index])  # ... then the record that says so
             self._verified.add(index)
             made_complete = len(self._verified) == self.manifest.chunk_count
-        self._hasher.chunk_ready(index)
+        self._follower.chunk_ready(index)
         return made_complete
 
     def install(self, on_installed: Callable[[Path], None] | None = None) -> None:
@@ -228,10 +236,10 @@ class PartFile:
         self._installed = True
 
     def _prove_and_link(self, on_installed: Callable[[Path], None] | None) -> None:
-        digest = self._hasher.finish()  # a local read or sync error is raised here: the part file is kept
+        digest = self._follower.finish()  # a local read or sync error is raised here: the part file is kept
         os.fsync(self._fd)
         ours = _identity(os.fstat(self._fd))
-        if digest != self.manifest.sha256:
+        if digest is not None and digest != self.manifest.sha256:
             _remove(self._store, self._state, ours)
             raise IntegrityError(f"{self.name}: whole-file SHA-256 does not match the manifest; discarded")
         _link_durably(self._fd, self.final, self.path)
@@ -248,7 +256,7 @@ class PartFile:
             if self._closed:
                 return
             self._closed = True
-        self._hasher.cancel()
+        self._follower.cancel()
         os.close(self._fd)
 
     def discard(self) -> None:
@@ -516,3 +524,57 @@ class _InOrderHasher:
             if unsynced >= SYNC_EVERY_BYTES:
                 os.fdatasync(self._fd)  # write back during the transfer, not all in the final fsync
                 unsynced = 0
+
+
+class _WriteBack:
+    """Writes the part file back every ``SYNC_EVERY_BYTES`` of verified chunks, in its own thread.
+
+    Used instead of ``_InOrderHasher`` when the chunks alone prove the file:
+    the writers only count bytes (no wake-up per chunk), and the final
+    ``fsync`` then writes back only the tail, not the whole file at the end.
+    """
+
+    def __init__(self, fd: int, manifest: Manifest) -> None:
+        self._fd = fd
+        self._manifest = manifest
+        self._lock = threading.Lock()
+        self._unsynced = 0
+        self._due = threading.Event()
+        self._stopped = False
+        self._error: OSError | None = None
+        self._thread = threading.Thread(target=self._run, name="write-back", daemon=True)
+        self._thread.start()
+
+    def chunk_ready(self, index: int) -> None:
+        """Chunk ``index`` is verified and written; any thread."""
+        with self._lock:
+            self._unsynced += self._manifest.chunk_span(index)[1]
+            due = self._unsynced >= SYNC_EVERY_BYTES
+            if due:
+                self._unsynced = 0
+        if due:
+            self._due.set()
+
+    def finish(self) -> None:
+        """Stop the thread; raises the ``OSError`` a write-back met (a local fault). No digest: None."""
+        self.cancel()
+        if self._error is not None:
+            raise self._error
+
+    def cancel(self) -> None:
+        """End the thread (after a write-back it is doing)."""
+        self._stopped = True
+        self._due.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            self._due.wait()
+            self._due.clear()
+            if self._stopped:
+                return
+            try:
+                os.fdatasync(self._fd)  # write back during the transfer, not all in the final fsync
+            except OSError as error:  # kept for finish(): the install must not go on
+                self._error = error
+                return

@@ -6,10 +6,10 @@ and the window (client_window.py) only show what these functions return.
 from __future__ import annotations
 
 import re
-import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
+from database import fold  # the server's search rule, so both filter alike
 from minitorrent.client.folders import summarize_folders
 from minitorrent.common.units import human_size
 from minitorrent.gui.base import entry_row
@@ -28,11 +28,6 @@ SEEDED_COLUMNS = [("name", "Seeded file", 200, "w"), ("size", "Size", 80, "e"), 
 
 
 # The catalog ---------------------------------------------------------------------------------------------------
-
-
-def fold(text: str) -> str:
-    """Caseless, normalisation-proof form of ``text``: the server's search rule, so both filter alike."""
-    return unicodedata.normalize("NFC", unicodedata.normalize("NFD", text).casefold())
 
 
 def filter_entries(entries: list[dict], search: str) -> list[dict]:

@@ -22,14 +22,14 @@ import itertools
 import logging
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from error_handler import DownloadCancelled, MiniTorrentError
+from metrics import RateMeter
 from minitorrent.client.downloader import DownloadResult
-from minitorrent.client.progress import Progress
+from minitorrent.client.progress import Progress, describe_sources
 from minitorrent.common.units import human_duration, human_size, percent
 
 log = logging.getLogger(__name__)
@@ -83,44 +83,6 @@ def allowed_actions(state: TransferState) -> frozenset[Action]:
 # Speed and ETA ---------------------------------------------------------------------------------------------
 
 
-class SpeedMeter:
-    """Bytes per second over the last ``window_s``, from (time, bytes received so far) samples.
-
-    When samples stop coming the speed decays to 0 instead of freezing at its
-    last value, so a stalled download reads as stalled.
-    """
-
-    def __init__(self, window_s: float = SPEED_WINDOW_S) -> None:
-        self.window_s = window_s
-        self._samples: deque[tuple[float, int]] = deque()
-
-    def reset(self, at: float) -> None:
-        """A new run starts at ``at`` with nothing received yet."""
-        self._samples.clear()
-        self._samples.append((at, 0))
-
-    def add(self, at: float, received: int) -> None:
-        """Record that ``received`` bytes had arrived (in this run) by time ``at``."""
-        if self._samples and at < self._samples[-1][0]:
-            at = self._samples[-1][0]  # samples from two threads may arrive a hair out of order
-        self._samples.append((at, received))
-        while len(self._samples) > 2 and self._samples[1][0] <= at - self.window_s:
-            self._samples.popleft()
-
-    def rate(self, now: float) -> float:
-        """The speed in bytes/s at ``now``; 0 with no samples or none within the window."""
-        if len(self._samples) < 2 or self._samples[-1][0] < now - self.window_s:
-            return 0.0
-        start = now - self.window_s
-        base_at, base_bytes = self._samples[0]
-        for at, received in self._samples:  # the newest sample at or before the window's start
-            if at > start:
-                break
-            base_at, base_bytes = at, received
-        elapsed = now - base_at
-        return max(0.0, (self._samples[-1][1] - base_bytes) / elapsed) if elapsed > 0 else 0.0
-
-
 def without_name(reason: str, name: str) -> str:
     """``reason`` without a leading ``"NAME: "`` (the row already names the file)."""
     prefix = f"{name}: "
@@ -134,27 +96,6 @@ def eta_seconds(remaining_bytes: int, speed_bps: float) -> float | None:
     if remaining_bytes <= 0:
         return 0.0
     return remaining_bytes / speed_bps if speed_bps > 0 else None
-
-
-def describe_sources(sources: dict[str, int], server_name: str = "") -> str:
-    """Who sent the bytes: ``"main server"``, ``"server 60% · 2 peers 40%"``; empty if no one yet.
-
-    ``sources`` maps a source label (``"server"``, ``"peer host:port"``) to
-    bytes; ``server_name`` ("main" or "backup") names the server in use (the
-    label "server" covers both: after a failover, the backup's bytes add to it).
-    """
-    total = sum(sources.values())
-    if total <= 0:
-        return ""
-    server_label = f"{server_name} server" if server_name else "server"
-    from_server = sum(n for label, n in sources.items() if not label.startswith("peer "))
-    peers = [n for label, n in sources.items() if label.startswith("peer ")]
-    if not peers:
-        return f"from {server_label}"
-    peer_part = f"{len(peers)} peer{'s' if len(peers) != 1 else ''} {round(100 * sum(peers) / total)}%"
-    if not from_server:
-        return f"from {peer_part}"
-    return f"from {server_label} {round(100 * from_server / total)}% · {peer_part}"
 
 
 # Transfers -------------------------------------------------------------------------------------------------
@@ -173,7 +114,7 @@ class Transfer:
     reason: str = ""  # why it failed
     sources: dict[str, int] = field(default_factory=dict)
     result: DownloadResult | None = None
-    meter: SpeedMeter = field(default_factory=SpeedMeter)
+    meter: RateMeter = field(default_factory=lambda: RateMeter(SPEED_WINDOW_S))
     cancel: threading.Event = field(default_factory=threading.Event)  # set: stop this run (pause or cancel)
     discard: threading.Event = field(default_factory=threading.Event)  # set: the stop is a cancel
     running: bool = False  # a download thread works on it now
@@ -368,7 +309,7 @@ class TransferManager:
         transfer.total_bytes = progress.total_bytes
         transfer.done_bytes = progress.done_bytes
         transfer.sources = dict(progress.sources)
-        transfer.meter.add(event.at, progress.fetched_bytes)
+        transfer.meter.add_total(progress.fetched_bytes, event.at)
         return transfer
 
     def speed(self, transfer: Transfer, now: float | None = None) -> float:

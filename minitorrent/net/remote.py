@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import queue
+import operator
 import threading
 import time
 from dataclasses import dataclass
@@ -50,7 +51,6 @@ AGENT = "minitorrent/1"
 MAX_RECONNECT_DELAY_S = 0.5  # failover must be seen within about a second of the backup taking over
 HIGHER_EPOCH_GRACE_S = 0.2  # once one server answers active, how long the others get to beat its epoch
 STANDBY_RECHECK_S = 0.5  # while a server is silent, how often one on standby is asked again (it may promote)
-MAX_LISTED_FILES = protocol.MAX_CATALOG_FILES  # a listing stops here whatever ``total`` a server claims
 T = TypeVar("T")
 
 
@@ -280,6 +280,7 @@ def _collect_answers(pools: list[ConnectionPool], answers: queue.Queue[_Answer],
     best: _Answer | None = None
     reasons: dict[str, str] = {}
     waiting = {pool.address for pool in pools}
+    position = {pool.address: index for index, pool in enumerate(pools)}
     deadline = time.monotonic() + max(pool.io_timeout_s for pool in pools) + 1
     while waiting and not (stop and stop.is_set()):
         wait_s = deadline - time.monotonic()
@@ -294,7 +295,7 @@ def _collect_answers(pools: list[ConnectionPool], answers: queue.Queue[_Answer],
         if answer.session is None:
             reasons[answer.pool.address] = answer.error
         elif answer.session.welcome.role == "active" or accept_standby:
-            best = _better(best, answer)
+            best = _better(best, answer, position)
             deadline = min(deadline, time.monotonic() + HIGHER_EPOCH_GRACE_S)
         else:
             reasons[answer.pool.address] = f"{answer.pool.address}: {answer.session.welcome.server or 'server'} on standby"
@@ -305,9 +306,16 @@ def _collect_answers(pools: list[ConnectionPool], answers: queue.Queue[_Answer],
     return best, reasons
 
 
-def _better(best: _Answer | None, answer: _Answer) -> _Answer:
-    """The answer with the higher epoch; the other's session is closed."""
-    if best is None or answer.session.welcome.epoch > best.session.welcome.epoch:
+def _better(best: _Answer | None, answer: _Answer, position: dict[str, int]) -> _Answer:
+    """The answer with the higher epoch, on a tie the server configured first; the other's session is closed.
+
+    The tie rule keeps a client on the main when both claim the same epoch
+    (servers with no cluster, or a main serving alone), whichever answered first.
+    """
+    def rank(each: _Answer) -> tuple[int, int]:
+        return each.session.welcome.epoch, -position[each.pool.address]
+
+    if best is None or rank(answer) > rank(best):
         if best:
             best.session.close()
         return answer
@@ -431,32 +439,17 @@ class ServerClient:
             return None
 
     def list_files(self, search: str = "") -> list[dict]:
-        """Every catalog entry matching ``search``, fetched page by page.
-
-        A server's numbers do not drive the loop: each page must start where
-        asked, the first ``total`` only ever shrinks, and ``MAX_LISTED_FILES``
-        bounds it all; an empty page ends the listing. Raises
-        ``RemoteProtocolError`` for a page out of place.
-        """
-        entries: list[dict] = []
-        total = MAX_LISTED_FILES
-        while len(entries) < total:
-            offset = len(entries)
-            page = self.call(lambda s: s.call(protocol.ListFiles(search, offset), protocol.FileList)).message
-            if page.offset != offset:
-                raise protocol.RemoteProtocolError(f"asked for entries from {offset}, got a page from {page.offset}")
-            total = min(total, page.total)
-            if not page.files:
-                break
-            entries.extend(page.files[: total - offset])
-        return entries
+        """Every catalog entry matching ``search``, by name, fetched in cursor pages (see ``Listing``)."""
+        listing = Listing(search)
+        self.call(listing.fetch)
+        return listing.entries
 
     def manifest(self, name: str) -> Manifest:
         """The manifest of ``name``. Raises ``RemoteError`` (NOT_FOUND) if unknown."""
         frame = self.call(lambda s: s.call(protocol.GetManifest(name), protocol.ManifestInfo))
         info = frame.message
         try:
-            return Manifest.from_header(info.to_header(), bytes(frame.payload))
+            return Manifest.from_header(info.to_header(), frame.payload)  # a read-only view: kept, not copied
         except ValueError as error:
             raise protocol.RemoteProtocolError(f"server sent a bad manifest for {name}: {error}") from error
 
@@ -483,3 +476,77 @@ class ServerClient:
     def report_downloaded(self, name: str, sha256: str) -> None:
         """Tell the server a download finished (it counts downloads per file)."""
         self.call(lambda s: s.call(protocol.ReportDownloaded(name, sha256), protocol.Ok))
+
+
+class Listing:
+    """A listing fetched in cursor pages; after a failure, ``fetch`` goes on from the last page taken.
+
+    Nothing the server sends can make it loop or grow without end: every
+    page must go on, in strictly increasing name order, from the entries
+    before it, and a listing holds at most ``protocol.MAX_LIST_TOTAL`` entries.
+    """
+
+    def __init__(self, search: str) -> None:
+        self.search = search
+        self.entries: list[dict] = []
+        self.cursor = ""  # where the next page starts: the last page's ``next``
+
+    def fetch(self, session: ServerSession) -> None:
+        """Fetch the remaining pages over ``session`` (one thread at a time).
+
+        Each page is asked for as soon as the one before it arrives, before
+        that one is decoded, so the server reads a page while we decode the last.
+        """
+        session.connection.send(self._request(self.cursor))
+        while True:
+            frame = session.receive(protocol.FileList)
+            page = frame.message
+            if not frame.payload:  # a server that pages by offset (protocol 1's paging)
+                self._fetch_offset_pages(session, page)
+                return
+            session.reusable = not page.next  # not while the next page's reply is on its way
+            if page.next:
+                session.connection.send(self._request(page.next))
+            self._take(protocol.decode_list_page(frame.payload), page.next)
+            if not page.next:
+                return
+
+    def _request(self, cursor: str) -> protocol.ListFiles:
+        return protocol.ListFiles(self.search, cursor=cursor, limit=protocol.MAX_LIST_PAGE_ENTRIES)
+
+    def _take(self, entries: list[dict], following: str) -> None:
+        """Add a page's entries, checked to go on in order; then move the cursor on."""
+        names = list(map(operator.itemgetter("name"), entries))  # C loops: a page is 5,000 entries
+        before = [self.entries[-1]["name"] if self.entries else ""] + names
+        if not all(map(operator.lt, before, names)):
+            raise protocol.RemoteProtocolError("listing page repeats or goes back: names must only increase")
+        if following and not entries:
+            raise protocol.RemoteProtocolError("listing page is empty but says more follow")
+        self._check_size(len(self.entries) + len(entries))
+        self.entries += entries
+        self.cursor = following
+
+    def _fetch_offset_pages(self, session: ServerSession, page: protocol.FileList) -> None:
+        """The whole listing from an older server, by offset; taken all at once, so a retry starts over.
+
+        The server's numbers do not drive the loop: each page must start where
+        asked, and the first page's ``total`` only ever shrinks.
+        """
+        entries: list[dict] = []
+        total = page.total
+        while True:
+            if page.offset != len(entries):
+                raise protocol.RemoteProtocolError(f"asked for entries from {len(entries)}, "
+                                                   f"got a page from {page.offset}")
+            total = min(total, page.total)
+            entries += page.files[: max(total - len(entries), 0)]
+            self._check_size(len(entries))
+            if not page.files or len(entries) >= total:
+                self.entries = entries
+                return
+            page = session.call(protocol.ListFiles(self.search, len(entries)), protocol.FileList).message
+
+    @staticmethod
+    def _check_size(count: int) -> None:
+        if count > protocol.MAX_LIST_TOTAL:
+            raise protocol.RemoteProtocolError(f"listing has over {protocol.MAX_LIST_TOTAL} entries")

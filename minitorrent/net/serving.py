@@ -36,6 +36,7 @@ import socket
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from typing import BinaryIO, Callable, Protocol
 
 from error_handler import MiniTorrentError
@@ -107,11 +108,29 @@ class ServingRole(Protocol):
         """Learn of ``epoch`` from ``source``; True if it made this server step down."""
 
 
+@dataclass(frozen=True)
+class ListingPage:
+    """Entries of a listing after some name, encoded for a cursor page (see ``FileSource.list_page``)."""
+
+    entries_json: str  # a JSON array of entry objects (as ``list_files`` gives them), by name
+    count: int  # how many entries
+    last_name: str  # the name of the last one ("" when there is none)
+
+
 class FileSource(Protocol):
     """What a server serves from. Called from handler threads concurrently."""
 
     def list_files(self, search: str, offset: int = 0, limit: int | None = None) -> tuple[list[dict], int]:
         """A page of the entries whose names contain ``search`` (any case), by name, and how many match."""
+
+    def list_page(self, search: str, after: str, limit: int, matches: int) -> ListingPage:
+        """Up to ``limit`` entries whose names contain ``search`` and sort after ``after``, by name.
+
+        ``matches`` is how many names matched when the listing began (a hint).
+        """
+
+    def count_matching(self, search: str) -> int:
+        """How many names contain ``search`` (any case); all of them for ""."""
 
     def count_files(self) -> tuple[int, int]:
         """(number of files, total bytes)."""
@@ -662,6 +681,9 @@ class _Handler:
         self.connection.send(protocol.Ok())
 
     def _send_listing(self, request: protocol.ListFiles) -> None:
+        if request.limit:
+            self.connection.send(*cursor_page(self.server.source, request))
+            return
         entries, total = self.server.source.list_files(request.search, request.offset, protocol.MAX_LIST_ENTRIES)
         page = protocol.fit_list_page(entries)
         self.connection.send(protocol.FileList(files=page, total=total, offset=request.offset))
@@ -758,3 +780,19 @@ def _shutdown(sock: socket.socket) -> None:
         sock.shutdown(socket.SHUT_RDWR)
     except OSError:
         pass
+
+
+def cursor_page(source: FileSource, request: protocol.ListFiles) -> tuple[protocol.FileList, bytes]:
+    """The reply to a ``list`` with a ``limit``: a cursor page, and its entries as payload.
+
+    Matches are counted once per listing, on its first page; later pages
+    take the total from their cursor. Keyset paging: a page starts after the
+    cursor's name, so its cost does not grow with the pages before it.
+    """
+    total, after = protocol.parse_cursor(request.cursor)
+    if not after:
+        total = min(source.count_matching(request.search), protocol.MAX_LIST_TOTAL)
+    limit = min(request.limit, protocol.MAX_LIST_PAGE_ENTRIES)
+    page = source.list_page(request.search, after, limit, total)
+    following = protocol.make_cursor(total, page.last_name) if page.count == limit else ""
+    return protocol.FileList(files=[], total=total, next=following), page.entries_json.encode()

@@ -10,11 +10,11 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 from config_loader import Config
 from database import PartialStore
-from error_handler import MiniTorrentError
+from error_handler import CatalogError, MiniTorrentError
 from minitorrent.server.catalog import AddResult
 from minitorrent.server.engine import ServerEngine
 from minitorrent.server.failback import (
@@ -65,6 +65,12 @@ class MainServer(ServerEngine):
         result = self.catalog.add_file(path, on_progress)
         self._changed()
         return result
+
+    def add_files(self, paths: Iterable[str | Path]) -> Iterator[tuple[str | Path, AddResult | CatalogError]]:
+        """Import many files in durable batches (``Catalog.add_files``): ``(path, outcome)`` each, in order."""
+        for path, outcome in self.catalog.add_files(paths):
+            yield path, outcome
+            self._changed()  # cheap: it wakes the replicator, which compares catalog versions
 
     def remove_file(self, name: str) -> bool:
         """Stop sharing ``name``; True if it was shared."""

@@ -317,7 +317,7 @@ class Replicator:
         if manifest is None or manifest.sha256 != record.sha256:
             return  # changed meanwhile; the next round sends the new state
         offer = protocol.ReplicateFile(record.name, manifest.size, manifest.chunk_size, manifest.sha256,
-                                       manifest.chunk_count, record.added_at)
+                                       manifest.chunk_count, record.added_at, manifest.root)
         frame = session.call(offer, protocol.ReplicaState, manifest.chunk_digests)
         if not frame.message.complete:
             held = protocol.bitmap_to_chunks(frame.payload, manifest.chunk_count)

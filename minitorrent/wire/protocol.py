@@ -28,6 +28,7 @@ from __future__ import annotations
 import base64
 import functools
 import json
+import operator
 import re
 import struct
 import typing
@@ -48,10 +49,14 @@ MAX_PAYLOAD_BYTES = max(MAX_CHUNK_BYTES, 32 * MAX_MANIFEST_CHUNKS)  # 128 MiB
 MAX_NAME_BYTES = 255  # what ext4 and most file systems allow for one name
 MAX_PATH_BYTES = 1024  # a relative path: well under Linux's PATH_MAX (4096) once an output folder is prefixed
 MAX_PATH_DEPTH = 64  # folders in one relative path: deep trees, but not a denial of service
-MAX_LIST_ENTRIES = 200  # entries per listing page at most; fit_list_page also keeps it under the header limit
+MAX_LIST_ENTRIES = 200  # entries per offset page (protocol 1's paging) at most; fit_list_page also keeps it under the header limit
 MAX_LIST_PAGE_BYTES = MAX_HEADER_BYTES - 4096  # room for the rest of the header
+MAX_LIST_PAGE_ENTRIES = 5000  # entries per cursor page at most: 200 pages list a million files
+# A cursor page's entries: 5,000 of at most about 760 bytes (a 255-byte name
+# whose every character is an escaped '"', a hash, four numbers, six keys).
+MAX_LIST_PAGE_PAYLOAD = 4 * 1024 * 1024
+MAX_LIST_TOTAL = 10_000_000  # a listing's total, and the entries a client collects: 10x the largest catalog measured
 MAX_STATUS_FILES = 100  # per-file download counts in a status reply (the most downloaded)
-MAX_CATALOG_FILES = 10_000_000  # a list offset or total beyond this is no catalog we serve (goal: 1,000,000)
 
 
 class ErrorCode:
@@ -283,15 +288,52 @@ class Hello(Message):
 
 @dataclass(frozen=True)
 class ListFiles(Message):
-    """Ask for catalog entries whose names contain ``search`` (any case)."""
+    """Ask for catalog entries whose names contain ``search`` (any case), by name.
+
+    With ``limit`` > 0, a cursor page: at most ``min(limit,
+    MAX_LIST_PAGE_ENTRIES)`` entries after ``cursor`` (the previous page's
+    ``next``; "" for the first page), in the reply's payload. With ``limit``
+    0, protocol 1's paging, kept for older clients: at most
+    ``MAX_LIST_ENTRIES`` entries from ``offset``, in the reply's header.
+    """
 
     TYPE = "list"
     search: str = ""
-    offset: int = 0  # paging: a reply holds at most MAX_LIST_ENTRIES entries
+    offset: int = 0
+    cursor: str = ""
+    limit: int = 0
 
     def validate(self) -> None:
-        _require(0 <= self.offset <= MAX_CATALOG_FILES, f"offset must be within 0..{MAX_CATALOG_FILES}",
-                 ErrorCode.OUT_OF_RANGE)
+        _require(0 <= self.offset <= MAX_LIST_TOTAL, f"offset must be in 0..{MAX_LIST_TOTAL}", ErrorCode.OUT_OF_RANGE)
+        _require(self.limit >= 0, "limit must not be negative", ErrorCode.OUT_OF_RANGE)
+        parse_cursor(self.cursor)
+
+
+def make_cursor(total: int, last_name: str) -> str:
+    """The cursor of the page after ``last_name`` in a listing of ``total`` matches.
+
+    The total rides along so that it is counted once per listing, on its
+    first page, by a server that keeps no state between pages (and a backup
+    that takes over mid-listing goes on from the same name).
+    """
+    return f"{total}:{last_name}"
+
+
+def parse_cursor(cursor: str) -> tuple[int, str]:
+    """``(total, last name)`` of a cursor; ``(0, "")`` for "" (the first page).
+
+    Raises ``RemoteProtocolError``: BAD_REQUEST if it is not a cursor,
+    OUT_OF_RANGE if its total is over ``MAX_LIST_TOTAL``, BAD_NAME if its
+    name could not be a file's.
+    """
+    if not cursor:
+        return 0, ""
+    total, colon, name = cursor.partition(":")
+    _require(bool(colon) and total.isascii() and total.isdigit() and len(total) <= 9,
+             f"bad listing cursor {cursor[:80]!r}")
+    _require(int(total) <= MAX_LIST_TOTAL, f"listing total {total} is over {MAX_LIST_TOTAL}",
+             ErrorCode.OUT_OF_RANGE)
+    return int(total), check_file_name(name)
 
 
 @dataclass(frozen=True)
@@ -406,22 +448,54 @@ class Welcome(Message):
 
 @dataclass(frozen=True)
 class FileList(Message):
-    """One page of catalog entries; ``total`` counts all matches."""
+    """One page of catalog entries; ``total`` counts all matches (when the listing began).
+
+    A cursor page (the answer to a ``list`` with a ``limit``) carries its
+    entries in the payload (see ``decode_list_page``) and ``next``, the cursor
+    of the following page ("" after the last). A page of protocol 1's paging
+    carries them in ``files``, and no payload.
+    """
 
     TYPE = "files"
+    MAX_PAYLOAD = MAX_LIST_PAGE_PAYLOAD
     files: list
     total: int
     offset: int = 0
+    next: str = ""
 
     def validate(self) -> None:
         _require(all(isinstance(entry, dict) for entry in self.files), "files must be objects")
-        _require(0 <= self.total <= MAX_CATALOG_FILES and 0 <= self.offset <= MAX_CATALOG_FILES,
-                 f"total and offset must be within 0..{MAX_CATALOG_FILES}", ErrorCode.OUT_OF_RANGE)
+        _require(0 <= self.total <= MAX_LIST_TOTAL, f"listing total {self.total} is outside 0..{MAX_LIST_TOTAL}",
+                 ErrorCode.OUT_OF_RANGE)
+        _require(self.offset >= 0, "offset must not be negative", ErrorCode.OUT_OF_RANGE)
+        parse_cursor(self.next)
+
+
+def decode_list_page(payload: bytes | memoryview) -> list[dict]:
+    """The entries of a cursor page: ``{name, size, chunks, sha256, downloads, added_at}`` each.
+
+    Raises ``RemoteProtocolError`` (BAD_REQUEST) unless the payload is a JSON
+    array of at most ``MAX_LIST_PAGE_ENTRIES`` objects, each with a text
+    "name". The checks run over C iterators: a page is 5,000 entries.
+    """
+    try:
+        entries = json.loads(bytes(payload))
+        names = list(map(operator.itemgetter("name"), entries)) if type(entries) is list else None
+    except (ValueError, RecursionError, KeyError, TypeError) as error:
+        raise RemoteProtocolError(f"bad listing page: {error!r}", ErrorCode.BAD_REQUEST, True) from error
+    _require(names is not None and len(entries) <= MAX_LIST_PAGE_ENTRIES
+             and set(map(type, entries)) <= {dict} and set(map(type, names)) <= {str},
+             f"a listing page must be an array of at most {MAX_LIST_PAGE_ENTRIES} objects with a text name")
+    return entries
 
 
 @dataclass(frozen=True)
 class ManifestInfo(Message):
-    """A manifest; the payload is the raw 32-byte chunk digests, in order."""
+    """A manifest; the payload is the raw 32-byte chunk digests, in order.
+
+    ``root`` binds the digests to the file (``integrity.hash_list_root``);
+    a receiver refuses a manifest whose digests do not give it.
+    """
 
     TYPE = "manifest_info"
     MAX_PAYLOAD = 32 * MAX_MANIFEST_CHUNKS
@@ -430,6 +504,7 @@ class ManifestInfo(Message):
     chunk_size: int
     sha256: str
     chunks: int
+    root: str = ""
 
 
 @dataclass(frozen=True)
@@ -542,9 +617,23 @@ def chunks_to_bitmap(indexes: set[int], count: int) -> bytes:
 
 
 def bitmap_to_chunks(bitmap: bytes | memoryview, count: int) -> set[int]:
-    """The chunk indexes whose bit is set."""
+    """The chunk indexes whose bit is set (below ``count``).
+
+    Empty bytes are skipped at C speed and a set byte costs one table
+    lookup, so a sparse bitmap of a million chunks costs what it holds.
+    """
     bitmap = bytes(bitmap)
-    return {i for i in range(min(count, 8 * len(bitmap))) if bitmap[i // 8] >> (i % 8) & 1}
+    indexes: list[int] = []
+    for match in _NONZERO_BYTE.finditer(bitmap):
+        base = match.start() * 8
+        indexes.extend([base + bit for bit in _BITS_OF_BYTE[bitmap[match.start()]]])
+    if 8 * len(bitmap) > count:
+        return {index for index in indexes if index < count}
+    return set(indexes)
+
+
+_NONZERO_BYTE = re.compile(rb"[^\x00]")
+_BITS_OF_BYTE = [tuple(bit for bit in range(8) if value >> bit & 1) for value in range(256)]
 
 
 def encode_holdings(files: dict[str, bytes | None]) -> bytes:
@@ -646,6 +735,7 @@ class ReplicateFile(Message):
     sha256: str
     chunks: int
     added_at: float
+    root: str = ""  # as in ManifestInfo
 
     def validate(self) -> None:
         check_file_name(self.name)

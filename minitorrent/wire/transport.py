@@ -143,7 +143,8 @@ class Connection:
 
         With ``payload_buffer`` the payload is read into it and returned as a
         memoryview over it, valid until the buffer is reused; otherwise the
-        payload is returned as ``bytes``. ``max_payload`` lowers the payload
+        payload is returned as a read-only memoryview over a buffer of its
+        own (as good as ``bytes``, without the copy). ``max_payload`` lowers the payload
         limit for this frame (a server accepts none from an unauthenticated
         peer), checked before anything is read. Raises ``ConnectionClosed`` on
         EOF, reset or timeout, and ``ProtocolError`` for a bad frame. A
@@ -192,7 +193,7 @@ class Connection:
             count = self._recv_into(view[got:], deadline)
             self._decoder.payload_received(count)
             got += count
-        return bytes(target) if owned else view
+        return view.toreadonly() if owned else view  # nobody else holds an owned buffer: no copy (a manifest may be 128 MiB)
 
     def _recv_into(self, view: memoryview, deadline: float | None) -> int:
         """One ``recv_into`` within the frame's deadline (or the idle timeout between frames); raise on EOF."""

@@ -350,3 +350,23 @@ class TestStopping:
             assert sha256_file(big) == sha256_file(engine.download("big.bin", tmp_path / "out").path)  # resumed
         finally:
             engine.close()
+
+
+class TestOneHashPass:
+    def test_a_fresh_download_never_reads_its_file_back(self, tmp_path, server_factory, small_chunks, monkeypatch):
+        """Every byte is hashed once, as its chunk arrives: nothing of the .part file is read back to hash it again."""
+        from minitorrent.common import partfile
+
+        reads: list[int] = []
+        read_exactly_at = partfile.read_exactly_at
+        monkeypatch.setattr(partfile, "read_exactly_at",
+                            lambda fd, view, offset: reads.append(offset) or read_exactly_at(fd, view, offset))
+        source = make_file(tmp_path / "src" / "once.bin", 40 * SMALL_CHUNK + 5, seed=11)
+        server = server_factory(small_chunks)
+        server.add_file(source)
+        engine = engine_for(tmp_path, server)
+        try:
+            result = engine.download("once.bin", tmp_path / "out")
+        finally:
+            engine.close()
+        assert ([], sha256_file(source)) == (reads, sha256_file(result.path))

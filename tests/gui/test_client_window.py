@@ -43,7 +43,6 @@ from minitorrent.gui.shell import TITLES
 from minitorrent.gui.transfers import (
     Action,
     DownloadProgressed,
-    SpeedMeter,
     Transfer,
     TransferManager,
     TransferState,
@@ -215,24 +214,7 @@ class TestTitles:
                 "client": "MiniTorrent — Client"} == TITLES
 
 
-class TestSpeedAndEta:
-    def test_speed_over_the_window(self):
-        """The speed is the bytes received over the last window, per second."""
-        meter = SpeedMeter(window_s=2.0)
-        meter.reset(0.0)
-        for second in range(1, 6):
-            meter.add(float(second), second * 1000)
-        assert 1000.0 == meter.rate(5.0)
-
-    def test_speed_decays_when_nothing_arrives(self):
-        """A stalled download slows down on screen and reads 0 after a whole window of silence."""
-        meter = SpeedMeter(window_s=2.0)
-        meter.reset(0.0)
-        meter.add(1.0, 1000)
-        meter.add(2.0, 2000)
-        assert meter.rate(2.5) < meter.rate(2.0)
-        assert 0.0 == meter.rate(4.5)
-
+class TestEta:
     def test_eta(self):
         """Remaining bytes over speed; 0 when done; unknown without speed."""
         assert (5.0, 0.0, None) == (eta_seconds(500, 100.0), eta_seconds(0, 0.0), eta_seconds(10, 0.0))

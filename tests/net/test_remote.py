@@ -235,7 +235,7 @@ class TestBoundedListing:
     def test_a_page_out_of_place_is_refused(self, servers):
         """A server answering every page with the first one (a loop for ever) is refused at the second page."""
         def page(offset: int) -> protocol.FileList:
-            return protocol.FileList([{"name": "again"}], total=protocol.MAX_CATALOG_FILES, offset=0)
+            return protocol.FileList([{"name": "again"}], total=protocol.MAX_LIST_TOTAL, offset=0)
 
         client = client_for(servers(pages=page))
         try:
@@ -245,9 +245,9 @@ class TestBoundedListing:
             client.close()
 
     def test_a_total_past_the_limit_is_refused_by_the_protocol(self):
-        """A listing claiming more than MAX_CATALOG_FILES matches is not a valid message."""
+        """A listing claiming more than MAX_LIST_TOTAL matches is not a valid message."""
         with pytest.raises(RemoteProtocolError):
-            protocol.FileList([], total=protocol.MAX_CATALOG_FILES + 1)
+            protocol.FileList([], total=protocol.MAX_LIST_TOTAL + 1)
 
 
 class TestStatusOf:

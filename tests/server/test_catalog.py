@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import hashlib
+import sqlite3
 import threading
 from pathlib import Path
 
 import pytest
 
+from database import ServerStore
 from error_handler import CatalogError
+from integrity import Manifest
+from minitorrent.server import catalog as catalog_module
 from minitorrent.common.fs import ChunkLocation
 from minitorrent.server.catalog import AddResult, Catalog, numbered_name
 from minitorrent.wire.protocol import ErrorCode, RequestFailed
@@ -228,6 +232,55 @@ class TestRemoveFile:
         assert False is catalog.remove_file("ghost.txt")
 
 
+class TestAddFiles:
+    def test_batches_add_every_file_in_order(self, catalog, source, monkeypatch):
+        """30 files in batches of 7: one outcome per path, in order, every blob stored; one catalog version per batch."""
+        monkeypatch.setattr(catalog_module, "ADD_BATCH_FILES", 7)
+        paths = [source(f"f{i:02d}.txt", b"content %d" % i) for i in range(30)]
+        outcomes = list(catalog.add_files(paths))
+        assert ([(path, "added") for path in paths], [p.name for p in paths], 5) == (
+            [(path, outcome.outcome) for path, outcome in outcomes], names(catalog), catalog.db.catalog_version())
+        assert [b"content %d" % i for i in range(30)] == [
+            (catalog.store_dir / outcome.record.sha256).read_bytes() for _, outcome in outcomes]
+
+    def test_one_name_twice_in_a_batch(self, catalog, source):
+        """Within one batch, another content under a taken name is numbered and the same content is unchanged."""
+        paths = [source("a.txt", b"one", "x"), source("a.txt", b"two", "y"), source("a.txt", b"one", "z")]
+        outcomes = [outcome for _, outcome in catalog.add_files(paths)]
+        assert ([("added", "a.txt"), ("renamed", "a (2).txt"), ("unchanged", "a.txt")], ["a (2).txt", "a.txt"]) == (
+            [(o.outcome, o.record.name) for o in outcomes], names(catalog))
+
+    def test_refused_paths_do_not_stop_the_others(self, catalog, source, tmp_path):
+        """A missing path and a folder get their error; the files around them are added."""
+        paths = [source("a.txt", b"a"), tmp_path / "missing.txt", tmp_path / "src", source("b.txt", b"b")]
+        outcomes = [outcome for _, outcome in catalog.add_files(paths)]
+        assert (["added", "no such file", "not a regular file", "added"], ["a.txt", "b.txt"]) == (
+            [o.outcome if isinstance(o, AddResult) else str(o).rsplit(": ", 1)[1] for o in outcomes], names(catalog))
+        assert [] == [name for name in store_files(catalog) if name.startswith(".incoming-")]
+
+    def test_outcome_comes_once_committed(self, catalog, source, tmp_path):
+        """When a file's outcome is yielded, another connection to the catalog already sees it."""
+        paths = [source(f"f{i}.txt", b"%d" % i) for i in range(3)]
+        with ServerStore(tmp_path / "data" / "catalog.db") as other:
+            seen = [other.get_file(outcome.record.name) is not None for _, outcome in catalog.add_files(paths)]
+        assert [True] * 3 == seen
+
+    def test_name_taken_by_another_process_mid_batch(self, catalog, source, tmp_path, monkeypatch):
+        """If another process takes a batch's name before it commits, that file is numbered and the rest added."""
+        real_add_files = catalog.db.add_files
+
+        def add_files_after_a_rival(entries):
+            monkeypatch.setattr(catalog.db, "add_files", real_add_files)
+            with ServerStore(tmp_path / "data" / "catalog.db") as rival:
+                rival.add_file("b.txt", Manifest(0, CHUNK_SIZE, sha256_of(b""), b""))
+            return real_add_files(entries)
+
+        monkeypatch.setattr(catalog.db, "add_files", add_files_after_a_rival)
+        outcomes = [outcome for _, outcome in catalog.add_files([source("a.txt", b"a"), source("b.txt", b"b")])]
+        assert ([("added", "a.txt"), ("renamed", "b (2).txt")], ["a.txt", "b (2).txt", "b.txt"]) == (
+            [(o.outcome, o.record.name) for o in outcomes], names(catalog))
+
+
 class TestConcurrentAdds:
     def test_different_contents_under_one_name_all_land(self, catalog, source):
         """Threads adding different contents under one name all succeed, each under its own number."""
@@ -359,12 +412,21 @@ class TestServing:
         assert ErrorCode.NOT_FOUND == raised.value.code
 
     def test_list_files_entries(self, catalog, source):
-        """Entries are JSON-safe dicts with name, size, chunks, sha256, downloads and added_at."""
+        """Entries are JSON-safe dicts with name, size, chunks, sha256, root, downloads and added_at."""
         catalog.add_file(source("a.txt", b"abc"))
         [entry], _ = catalog.list_files()
-        assert {"name", "size", "chunks", "sha256", "downloads", "added_at"} == set(entry)
-        assert ("a.txt", 3, 1, sha256_of(b"abc"), 0) == (
-            entry["name"], entry["size"], entry["chunks"], entry["sha256"], entry["downloads"])
+        assert {"name", "size", "chunks", "sha256", "root", "downloads", "added_at"} == set(entry)
+        assert ("a.txt", 3, 1, sha256_of(b"abc"), 0, catalog.db.get_manifest("a.txt").root) == (
+            entry["name"], entry["size"], entry["chunks"], entry["sha256"], entry["downloads"], entry["root"])
+
+    def test_damaged_digest_list_is_never_served(self, catalog, source):
+        """Digests changed in the catalog no longer give the root stored beside them: the manifest is refused."""
+        catalog.add_file(source("a.txt", b"abc" * 1000))
+        with sqlite3.connect(catalog.db.path) as connection:  # as a damaged disk or another program would
+            connection.execute("UPDATE files SET chunk_digests = zeroblob(length(chunk_digests)) WHERE name = 'a.txt'")
+        with pytest.raises(RequestFailed) as refused:
+            catalog.manifest("a.txt")
+        assert (ErrorCode.STORAGE_ERROR, True) == (refused.value.code, "root does not match" in str(refused.value))
 
     def test_list_files_search_is_case_insensitive(self, catalog, source):
         """A search matches names containing it, whatever the case."""

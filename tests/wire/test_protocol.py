@@ -70,6 +70,8 @@ EXAMPLES: list[tuple[Message, bytes]] = [
     (Welcome(PROTOCOL_VERSION, "main", 3, "abc123"), b""),
     (FileList([{"name": ODD_NAME, "size": 10, "sha256": SHA}], 1, 0), b""),
     (FileList([], 0, 200), b""),
+    (ListFiles("été", cursor=f"12:{ODD_NAME}", limit=5000), b""),
+    (FileList([], 12, next=f"12:{ODD_NAME}"), json.dumps([{"name": ODD_NAME, "size": 1}]).encode()),
     (ManifestInfo(ODD_NAME, 3000, 1024, SHA, 3), bytes(range(96))),
     (ManifestInfo("empty", 0, 1024, hashlib.sha256(b"").hexdigest(), 0), b""),
     (FileCount(2, 12345), b""),
@@ -506,6 +508,76 @@ class TestEncodeLimits:
         """LocalProtocolError and RemoteProtocolError share ProtocolError but are distinct."""
         assert issubclass(LocalProtocolError, ProtocolError)
         assert not issubclass(LocalProtocolError, RemoteProtocolError)
+
+
+class TestListingCursor:
+    def test_cursor_carries_total_and_name(self):
+        """A cursor made for a page gives back the listing's total and the page's last name."""
+        assert (1234, ODD_NAME) == protocol.parse_cursor(protocol.make_cursor(1234, ODD_NAME))
+
+    def test_empty_cursor_is_the_first_page(self):
+        """The empty cursor means: from the first name, total not counted yet."""
+        assert (0, "") == protocol.parse_cursor("")
+
+    @pytest.mark.parametrize("cursor, code", [
+        ("nocolon", ErrorCode.BAD_REQUEST),
+        (":a.txt", ErrorCode.BAD_REQUEST),
+        ("-1:a.txt", ErrorCode.BAD_REQUEST),
+        ("1e3:a.txt", ErrorCode.BAD_REQUEST),
+        ("\u0663:a.txt", ErrorCode.BAD_REQUEST),  # an Arabic-Indic digit: isdigit() but not ASCII
+        ("9" * 5000 + ":a.txt", ErrorCode.BAD_REQUEST),
+        (f"{protocol.MAX_LIST_TOTAL + 1}:a.txt", ErrorCode.OUT_OF_RANGE),
+        ("12:", ErrorCode.BAD_NAME),
+        ("12:../etc", ErrorCode.BAD_NAME),
+        ("12:" + "x" * 256, ErrorCode.BAD_NAME),
+    ])
+    def test_bad_cursor_refused_and_connection_kept(self, cursor, code):
+        """A list request with a malformed or out-of-range cursor is a recoverable error with its code."""
+        error = error_from(json_frame({"type": "list", "cursor": cursor, "limit": 10}))
+        assert (code, True) == (error.code, error.recoverable)
+
+    @pytest.mark.parametrize("fields", [{"limit": -1}, {"offset": protocol.MAX_LIST_TOTAL + 1}, {"offset": 2**64}])
+    def test_page_numbers_out_of_range_refused(self, fields):
+        """A negative limit, or an offset past MAX_LIST_TOTAL (SQLite takes no integer over 2**63), is OUT_OF_RANGE."""
+        error = error_from(json_frame({"type": "list", **fields}))
+        assert (ErrorCode.OUT_OF_RANGE, True) == (error.code, error.recoverable)
+
+    @pytest.mark.parametrize("fields, code", [
+        ({"total": -1}, ErrorCode.OUT_OF_RANGE),
+        ({"total": protocol.MAX_LIST_TOTAL + 1}, ErrorCode.OUT_OF_RANGE),
+        ({"total": 2**80}, ErrorCode.OUT_OF_RANGE),
+        ({"total": 3, "next": "3"}, ErrorCode.BAD_REQUEST),
+        ({"total": 3, "next": "3:a/b"}, ErrorCode.BAD_NAME),
+        ({"total": 3, "offset": -5}, ErrorCode.OUT_OF_RANGE),
+    ])
+    def test_reply_numbers_bounded(self, fields, code):
+        """A listing reply's total, offset and next cursor are checked when it is decoded."""
+        error = error_from(json_frame({"type": "files", "files": [], **fields}))
+        assert code == error.code
+
+    def test_page_payload_over_its_limit_is_refused_before_it_arrives(self):
+        """A files reply announcing more than MAX_LIST_PAGE_PAYLOAD bytes is refused from its header."""
+        header = json.dumps({"type": "files", "files": [], "total": 1}).encode()
+        error = error_from(raw_frame(header, payload_len=protocol.MAX_LIST_PAGE_PAYLOAD + 1))
+        assert (ErrorCode.BAD_FRAME, False) == (error.code, error.recoverable)
+
+
+class TestListPagePayload:
+    def test_entries_decode_as_dicts(self):
+        """A page's payload gives one dict per entry, in order."""
+        entries = [{"name": "a", "size": 1}, {"name": ODD_NAME, "size": 2, "extra": None}]
+        assert entries == protocol.decode_list_page(json.dumps(entries, ensure_ascii=False).encode())
+
+    @pytest.mark.parametrize("payload", [
+        b"not json", b"\xff\xfe", b'{"name": "a"}', b'[["a", 1]]', b'[{"size": 1}]', b'[{"name": 7}]',
+        b'[{"name": "a"}, "b"]', b"[" * 100_000,
+        json.dumps([{"name": f"{i}"} for i in range(protocol.MAX_LIST_PAGE_ENTRIES + 1)]).encode(),
+    ])
+    def test_malformed_page_refused(self, payload):
+        """A payload that is not an array of at most MAX_LIST_PAGE_ENTRIES objects with a text name is BAD_REQUEST."""
+        with pytest.raises(RemoteProtocolError) as caught:
+            protocol.decode_list_page(payload)
+        assert ErrorCode.BAD_REQUEST == caught.value.code
 
 
 # --------------------------------------------------------------------------- hypothesis

@@ -1,0 +1,296 @@
+"""Listing over the wire: cursor pages served by serving.py, followed by remote.Listing.
+
+A real ``RequestServer`` on 127.0.0.1 port 0 serves a real ``Catalog`` (an
+SQLite file in tmp_path), sometimes through a wrapper that changes the
+catalog between pages or lies on purpose; an inline server speaks protocol 1's
+offset paging.
+"""
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+from conftest import SHORT_TIMEOUT, SlowProxy
+
+from integrity import Manifest
+from minitorrent.net.remote import ServerClient, ServerSession
+from minitorrent.net.serving import ListingPage, RequestServer
+from minitorrent.server.catalog import Catalog
+from minitorrent.wire import protocol
+from minitorrent.wire.protocol import FileList, FrameDecoder, ListFiles, RemoteProtocolError, encode_frame
+
+ADDED_AT = 1000.5  # exactly representable: listing entries carry it to 15 significant digits
+SHA = "ab" * 32
+
+
+def manifest(size: int = 10) -> Manifest:
+    return Manifest(size, 4, SHA, bytes(32 * -(-size // 4)))
+
+
+def add_names(catalog: Catalog, names: list[str]) -> None:
+    """Catalog ``names`` directly (listing needs no stored bytes)."""
+    catalog.db.add_files([(name, manifest(), ADDED_AT) for name in names])
+
+
+class CountingSource:
+    """A catalog as a ``FileSource`` that counts the counts asked of it and may act between pages."""
+
+    def __init__(self, catalog: Catalog, between_pages: Callable[[list[str]], None] = lambda names: None) -> None:
+        self.catalog = catalog
+        self.between_pages = between_pages
+        self.counts = 0
+
+    def list_page(self, search: str, after: str, limit: int, matches: int) -> ListingPage:
+        page = self.catalog.list_page(search, after, limit, matches)
+        if page.count == limit:  # another page follows: change the catalog before it is asked for
+            self.between_pages([entry["name"] for entry in json.loads(page.entries_json)])
+        return page
+
+    def count_matching(self, search: str) -> int:
+        self.counts += 1
+        return self.catalog.count_matching(search)
+
+    def __getattr__(self, name: str):  # everything else as the catalog serves it
+        return getattr(self.catalog, name)
+
+
+@pytest.fixture
+def catalog(tmp_path: Path) -> Iterator[Catalog]:
+    catalog = Catalog(tmp_path / "server", chunk_size=4)
+    yield catalog
+    catalog.close()
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[[object], tuple[str, int]]]:
+    """Serve a source on port 0; returns its address. Stopped after the test."""
+    servers: list[RequestServer] = []
+
+    def start(source: object) -> tuple[str, int]:
+        server = RequestServer(source, host="127.0.0.1", port=0, name="test", max_connections=4,
+                               idle_timeout_s=SHORT_TIMEOUT, io_timeout_s=SHORT_TIMEOUT)
+        servers.append(server)
+        return server.start()
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def pages_of(monkeypatch) -> Callable[[int], None]:
+    """Make cursor pages hold at most ``n`` entries (client and server share the constant)."""
+    return lambda n: monkeypatch.setattr(protocol, "MAX_LIST_PAGE_ENTRIES", n)
+
+
+def list_all(address: tuple[str, int], search: str = "") -> list[dict]:
+    client = ServerClient([address], io_timeout_s=SHORT_TIMEOUT, pool_size=2, retry_deadline_s=SHORT_TIMEOUT)
+    try:
+        return client.list_files(search)
+    finally:
+        client.close()
+
+
+def raw_pages(address: tuple[str, int], search: str, limit: int) -> list[FileList]:
+    """Every page of a listing, asked for one by one with the cursor of the one before."""
+    session = ServerSession.open(*address, io_timeout_s=SHORT_TIMEOUT)
+    pages = [session.call(ListFiles(search, limit=limit), FileList).message]
+    try:
+        while pages[-1].next:
+            pages.append(session.call(ListFiles(search, cursor=pages[-1].next, limit=limit), FileList).message)
+    finally:
+        session.close()
+    return pages
+
+
+NAMES = [f"file {i:03d}.bin" for i in range(0, 40, 2)]
+
+
+class TestCursorListing:
+    def test_listing_of_many_pages_has_every_entry_once(self, catalog, serve, pages_of):
+        """A listing in pages of 3 gives the same entries as the catalog's own list, by name."""
+        add_names(catalog, NAMES)
+        catalog.db.record_download(NAMES[4])
+        pages_of(3)
+        assert catalog.list_files()[0] == list_all(serve(catalog))
+
+    def test_search_listing(self, catalog, serve, pages_of):
+        """A search over the wire finds what the catalog finds, in any case."""
+        add_names(catalog, NAMES + ["Other.TXT", "X 0.BIN"])
+        pages_of(2)
+        expected = ["X 0.BIN", "file 000.bin", "file 010.bin", "file 020.bin", "file 030.bin"]
+        assert expected == [entry["name"] for entry in list_all(serve(catalog), "0.bin")]
+
+    def test_empty_catalog(self, catalog, serve):
+        """An empty catalog lists as nothing, in one page."""
+        assert [] == list_all(serve(catalog))
+
+    def test_pages_neither_skip_nor_repeat_while_files_change(self, catalog, serve, pages_of):
+        """Files added and removed between pages, behind and ahead of the cursor: no name twice,
+        every name that stayed or was added ahead listed, none removed ahead listed."""
+        add_names(catalog, NAMES)
+        removed_ahead: list[str] = []
+        added_ahead: list[str] = []
+
+        def churn(page: list[str]) -> None:
+            number = int(page[-1][5:8])
+            behind, ahead = f"file {number - 1:03d}.bin", f"file {number + 1:03d}.bin"
+            add_names(catalog, [name for name in (behind, ahead) if catalog.db.get_file(name) is None])
+            added_ahead.append(ahead)
+            for seen in page[:2]:
+                catalog.db.remove_file(seen)
+            if catalog.db.remove_file(f"file {number + 4:03d}.bin"):
+                removed_ahead.append(f"file {number + 4:03d}.bin")
+
+        pages_of(4)
+        listed = [entry["name"] for entry in list_all(serve(CountingSource(catalog, churn)))]
+        stayed = [name for name in NAMES if name not in removed_ahead]
+        assert (sorted(set(listed)), [], [], True) == (
+            listed, [name for name in stayed + added_ahead if name not in listed],
+            [name for name in removed_ahead if name in listed], len(removed_ahead) > 2)
+
+
+class TestFailover:
+    def test_listing_goes_on_from_its_cursor_on_the_other_server(self, tmp_path, catalog, serve, pages_of):
+        """Cut off while serving page 3, the client goes on at the backup after page 2's last name: every name once."""
+        add_names(catalog, NAMES)
+        backup_catalog = Catalog(tmp_path / "backup", chunk_size=4)
+        add_names(backup_catalog, NAMES)
+        asked_of_backup: list[str] = []
+        calls = 0
+
+        class Recording(CountingSource):
+            def list_page(self, search: str, after: str, limit: int, matches: int) -> ListingPage:
+                asked_of_backup.append(after)
+                return super().list_page(search, after, limit, matches)
+
+        def cut_on_third_page(page: list[str]) -> None:
+            nonlocal calls
+            calls += 1
+            if calls == 3:
+                proxy.close()
+
+        proxy = SlowProxy(serve(CountingSource(catalog, cut_on_third_page)), rate_bps=0)
+        backup = serve(Recording(backup_catalog))
+        pages_of(3)
+        client = ServerClient([proxy.address, backup], io_timeout_s=SHORT_TIMEOUT, pool_size=2,
+                              retry_deadline_s=SHORT_TIMEOUT)
+        try:
+            listed = [entry["name"] for entry in client.list_files()]
+        finally:
+            client.close()
+            backup_catalog.close()
+        assert (NAMES, NAMES[5]) == (listed, asked_of_backup[0])
+
+
+class TestCounting:
+    def test_matches_counted_once_per_listing(self, catalog, serve):
+        """A listing of 7 pages asks the source for its count once, and every page carries that total."""
+        add_names(catalog, NAMES)
+        source = CountingSource(catalog)
+        pages = raw_pages(serve(source), "", limit=3)
+        assert (7, 1, [20] * 7, "") == (len(pages), source.counts, [page.total for page in pages], pages[-1].next)
+
+    def test_one_page_listing_counts_once(self, catalog, serve):
+        """A search that fits in its first page is counted once too, and its total is the page's size."""
+        add_names(catalog, NAMES)
+        source = CountingSource(catalog)
+        pages = raw_pages(serve(source), "0.bin", limit=100)
+        assert ([4], 1) == ([page.total for page in pages], source.counts)
+
+    def test_offset_paging_still_served(self, catalog, serve):
+        """A request without a limit (protocol 1's paging) still gets entries in the header, by offset."""
+        add_names(catalog, NAMES)
+        session = ServerSession.open(*serve(catalog), io_timeout_s=SHORT_TIMEOUT)
+        try:
+            frame = session.call(ListFiles("", 18), FileList)
+        finally:
+            session.close()
+        assert (NAMES[18:], 20, b"") == ([e["name"] for e in frame.message.files], frame.message.total, frame.payload)
+
+
+class TestPageSize:
+    def test_a_full_page_of_the_longest_names_fits(self, catalog, serve):
+        """5,000 entries with 255-byte names of escaped quotes and the largest sizes fit in one page's payload."""
+        names = ['"' * 250 + f"{i:05d}" for i in range(protocol.MAX_LIST_PAGE_ENTRIES)]
+        catalog.db.add_files([(name, Manifest(2**62, 2**62, SHA, bytes(32)), 1.0e300) for name in names])
+        session = ServerSession.open(*serve(catalog), io_timeout_s=SHORT_TIMEOUT)
+        try:
+            frame = session.call(ListFiles(limit=protocol.MAX_LIST_PAGE_ENTRIES), FileList)
+        finally:
+            session.close()
+        entries = protocol.decode_list_page(frame.payload)
+        assert (names, True) == ([e["name"] for e in entries], len(frame.payload) <= protocol.MAX_LIST_PAGE_PAYLOAD)
+
+
+class LyingSource:
+    """A source whose pages say more follow; ``names_of(after)`` gives each page's names."""
+
+    def __init__(self, names_of: Callable[[str], list[str]]) -> None:
+        self.names_of = names_of
+
+    def list_page(self, search: str, after: str, limit: int, matches: int) -> ListingPage:
+        names = self.names_of(after)
+        entries = [{"name": name, "size": 1, "chunks": 1, "sha256": SHA, "downloads": 0, "added_at": 0} for name in names]
+        return ListingPage(json.dumps(entries), limit, "x" if not names else names[-1])
+
+    def count_matching(self, search: str) -> int:
+        return 0
+
+
+class TestListingBounds:
+    @pytest.mark.parametrize("names_of", [
+        lambda after: ["a", "b"],  # the same page again and again
+        lambda after: ["b", "a"],  # out of order
+        lambda after: [],  # empty, yet "more follow"
+        lambda after: ["m"] if after == "" else ["c"],  # goes back
+    ], ids=["repeats", "unordered", "empty", "goes-back"])
+    def test_server_that_does_not_move_on_is_refused(self, serve, pages_of, names_of):
+        """Pages that repeat, go back or stand still end the listing with a protocol error, not a loop."""
+        pages_of(2)
+        with pytest.raises(RemoteProtocolError):
+            list_all(serve(LyingSource(names_of)))
+
+    def test_endless_listing_stops_at_the_bound(self, serve, pages_of, monkeypatch):
+        """A server that always has more names stops being read at MAX_LIST_TOTAL entries."""
+        pages_of(10)
+        monkeypatch.setattr(protocol, "MAX_LIST_TOTAL", 95)
+        endless = LyingSource(lambda after: [f"{after}{i}" for i in range(10)])
+        with pytest.raises(RemoteProtocolError, match="over 95 entries"):
+            list_all(serve(endless))
+
+
+class OffsetPagingServer:
+    """An inline server of protocol 1: it ignores cursors and limits, pages by offset in the header."""
+
+    def __init__(self, names: list[str], page: int) -> None:
+        self.names = names
+        self.page = page
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = self.listener.getsockname()[:2]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        with self.listener, self.listener.accept()[0] as sock:
+            decoder = FrameDecoder()
+            while data := sock.recv(65536):
+                decoder.feed(data)
+                while (frame := decoder.next_frame()) is not None:
+                    sock.sendall(encode_frame(self._answer(frame.message)))
+
+    def _answer(self, request: protocol.Message) -> protocol.Message:
+        if isinstance(request, protocol.Hello):
+            return protocol.Welcome(protocol.PROTOCOL_VERSION, "active", 1, "old", "main")
+        entries = [{"name": name} for name in self.names[request.offset:request.offset + self.page]]
+        return FileList(entries, len(self.names), request.offset)
+
+
+class TestOlderServer:
+    def test_offset_paging_server_is_listed_whole(self):
+        """Against a server that pages by offset, the client falls back to offsets and lists everything once."""
+        server = OffsetPagingServer(NAMES, page=6)
+        assert NAMES == [entry["name"] for entry in list_all(server.address)]
