@@ -699,7 +699,7 @@ class ServerStore(SQLiteStore):
             with self._transaction() as connection:
                 for old, new in renames:
                     cursor = connection.execute(
-                        "UPDATE files SET name = ?, name_folded = ? WHERE name = ?", (new, _fold(new), old))
+                        "UPDATE files SET name = ?, name_folded = ? WHERE name = ?", (new, fold(new), old))
                     if cursor.rowcount != 1:
                         raise CatalogError(f"{old!r} is not in the catalog")
                     connection.execute("UPDATE download_counts SET name = ? WHERE name = ?", (new, old))
