@@ -11,10 +11,10 @@ from __future__ import annotations
 import logging
 import threading
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 from config_loader import BackupServerConfig, Config, MainServerConfig
-from error_handler import MiniTorrentError
+from error_handler import CatalogError, MiniTorrentError
 from metrics import Metrics
 from minitorrent.common.fs import FolderLock
 from minitorrent.net.discovery import Announcer
@@ -58,6 +58,27 @@ class ServerEngine:
             **server_options,
         )
         self.announcer: Announcer | None = None
+
+    def add_file(self, path: str | Path, on_progress: Callable[[int], None] | None = None) -> AddResult:
+        """Import one file into the catalog (replicated while this server leads); ``CatalogError`` on bad input."""
+        result = self.catalog.add_file(path, on_progress)
+        self._changed()
+        return result
+
+    def add_files(self, paths: Iterable[str | Path]) -> Iterator[tuple[str | Path, AddResult | CatalogError]]:
+        """Import many files in durable batches (``Catalog.add_files``): ``(path, outcome)`` each, in order."""
+        for path, outcome in self.catalog.add_files(paths):
+            yield path, outcome
+            self._changed()  # cheap: it wakes the replicator, which compares catalog versions
+
+    def remove_file(self, name: str) -> bool:
+        """Stop sharing ``name``; True if it was shared."""
+        removed = self.catalog.remove_file(name)
+        self._changed()
+        return removed
+
+    def _changed(self) -> None:
+        """The catalog changed (a subclass tells its replicas)."""
 
     def set_upload_limit(self, rate_bps: int) -> None:
         """Change the upload limit for clients' chunks now (bytes/s, 0: unlimited)."""
@@ -127,9 +148,6 @@ class ServerEngine:
         renamed = self.catalog.rename_path(old, new)
         self._changed()
         return renamed
-
-    def _changed(self) -> None:
-        """The catalog changed: a subclass that replicates tells its replicators."""
 
     def _status_extra(self) -> dict:
         """Entries a subclass adds to status replies."""

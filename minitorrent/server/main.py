@@ -9,13 +9,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 from config_loader import Config
 from database import PartialStore
-from error_handler import CatalogError, MiniTorrentError
-from minitorrent.server.catalog import AddResult
+from error_handler import MiniTorrentError
 from minitorrent.server.engine import ServerEngine
 from minitorrent.server.failback import (
     catch_up_and_take_over,
@@ -60,25 +57,7 @@ class MainServer(ServerEngine):
 
     # Files --------------------------------------------------------------------------
 
-    def add_file(self, path: str | Path, on_progress: Callable[[int], None] | None = None) -> AddResult:
-        """Import one file into the catalog; raises ``CatalogError`` on bad input."""
-        result = self.catalog.add_file(path, on_progress)
-        self._changed()
-        return result
-
-    def add_files(self, paths: Iterable[str | Path]) -> Iterator[tuple[str | Path, AddResult | CatalogError]]:
-        """Import many files in durable batches (``Catalog.add_files``): ``(path, outcome)`` each, in order."""
-        for path, outcome in self.catalog.add_files(paths):
-            yield path, outcome
-            self._changed()  # cheap: it wakes the replicator, which compares catalog versions
-
-    def remove_file(self, name: str) -> bool:
-        """Stop sharing ``name``; True if it was shared."""
-        removed = self.catalog.remove_file(name)
-        self._changed()
-        return removed
-
-    def _changed(self) -> None:
+    def _changed(self) -> None:  # the catalog changed: the replicator compares versions and sends the news
         if self.replicator:
             self.replicator.notify_changed()
 
