@@ -272,7 +272,7 @@ _FILE_COLUMNS = "name, size, chunk_size, sha256, added_at, " + _DOWNLOADS_OF.for
 _DOWNLOADS_OF_PAGE = _DOWNLOADS_OF.format("page")
 
 # The keys of an entry of ``ServerStore.list_json``: a ``FileRecord`` without its chunk size.
-LISTING_KEYS = ("name", "size", "chunks", "sha256", "downloads", "added_at")
+LISTING_KEYS = ("name", "size", "chunks", "sha256", "root", "downloads", "added_at")
 
 
 def _file_record(row: tuple) -> FileRecord:
@@ -376,6 +376,9 @@ class ServerStore(SQLiteStore):
         -- back with the digests: a damaged digest blob no longer matches it.
         ALTER TABLE files ADD COLUMN root TEXT NOT NULL DEFAULT '';
         UPDATE files SET root = hash_list_root(size, chunk_size, chunk_digests);
+        -- The listing index covers the root too, so a page is still read from it alone.
+        DROP INDEX files_listing;
+        CREATE INDEX files_listing ON files (name, name_folded, size, chunk_size, sha256, root, added_at);
         """,
     )
 
@@ -485,9 +488,9 @@ class ServerStore(SQLiteStore):
         condition, arguments = _search_condition(search, matches)
         entries, count, last = self._connection().execute(
             "SELECT json_group_array(json_object('name', name, 'size', size,"
-            " 'chunks', (size + chunk_size - 1) / chunk_size, 'sha256', sha256,"
+            " 'chunks', (size + chunk_size - 1) / chunk_size, 'sha256', sha256, 'root', root,"
             f" 'downloads', {_DOWNLOADS_OF_PAGE}, 'added_at', added_at)), COUNT(*), MAX(name)"
-            " FROM (SELECT name, size, chunk_size, sha256, added_at FROM files"
+            " FROM (SELECT name, size, chunk_size, sha256, root, added_at FROM files"
             f" WHERE name > ? AND {condition} ORDER BY name LIMIT ?) AS page",
             (after, *arguments, limit),
         ).fetchone()

@@ -378,7 +378,7 @@ class TestListJson:
         add_names(server, ["b.txt", 'q"uote\\.txt', "Zürich 🎉.txt", "a.txt"])
         server.record_download("b.txt")
         entries, count, last = server.list_json(None, "B", 10)  # after "B": "Zürich" sorts before "a"
-        expected = [{"name": r.name, "size": r.size, "chunks": r.chunks, "sha256": r.sha256,
+        expected = [{"name": r.name, "size": r.size, "chunks": r.chunks, "sha256": r.sha256, "root": r.root,
                      "downloads": r.downloads, "added_at": r.added_at} for r in server.list_after(None, "B", 10)]
         assert (expected, 4, 'q"uote\\.txt') == (json.loads(entries), count, last)
         assert ([0, 0, 1, 0], list(LISTING_KEYS)) == ([e["downloads"] for e in expected], list(json.loads(entries)[0]))

@@ -25,8 +25,6 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable
 
 from config_loader import Config, MemberConfig
 from error_handler import ConfigError, ConnectionFailed, MiniTorrentError
@@ -126,18 +124,6 @@ class ClusterMember(ServerEngine):
         self._watcher = threading.Thread(target=self._watch_etcd, name="etcd", daemon=True)
 
     # Files ------------------------------------------------------------------------------------------------------
-
-    def add_file(self, path: str | Path, on_progress: Callable[[int], None] | None = None) -> AddResult:
-        """Import one file into the catalog (replicated to the followers while we lead)."""
-        result = self.catalog.add_file(path, on_progress)
-        self._changed()
-        return result
-
-    def remove_file(self, name: str) -> bool:
-        """Stop sharing ``name``; True if it was shared."""
-        removed = self.catalog.remove_file(name)
-        self._changed()
-        return removed
 
     def _changed(self) -> None:
         for replicator in list(self._replicators.values()):

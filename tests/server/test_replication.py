@@ -81,7 +81,7 @@ def peer_session(backup: BackupServer) -> ServerSession:
 def offer(session: ServerSession, name: str, manifest: Manifest) -> tuple[bool, set[int]]:
     """Offer a file as the main does; (complete, chunks the backup already holds)."""
     request = protocol.ReplicateFile(name, manifest.size, manifest.chunk_size, manifest.sha256,
-                                     manifest.chunk_count, 1.0)
+                                     manifest.chunk_count, 1.0, manifest.root)
     frame = session.call(request, protocol.ReplicaState, manifest.chunk_digests)
     return frame.message.complete, protocol.bitmap_to_chunks(frame.payload, manifest.chunk_count)
 

@@ -2,12 +2,20 @@
 and a real BitTorrent client (libtorrent) downloading from the web seed and swarming through the tracker."""
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 from pathlib import Path
 from urllib.parse import quote
 
 import pytest
-from conftest import LONG_TIMEOUT, SHORT_TIMEOUT, client_config_for, make_file, run_client, wait_until
+from conftest import (
+    LONG_TIMEOUT,
+    SHORT_TIMEOUT,
+    client_config_for,
+    make_file,
+    run_client,
+    wait_until,
+)
 from webfixtures import face_factory, fetch, standby_backup  # noqa: F401 - fixtures used by name
 
 from database import ServerStore
@@ -103,8 +111,12 @@ class TestIndexer:
 
         source = make_file(tmp_path / "old.bin", SIZE, seed=1)
         manifest = manifest_of_file(source, CHUNK)
-        with OldStore(tmp_path / "catalog.db") as old:
-            old.add_file("old.bin", manifest)
+        with OldStore(tmp_path / "catalog.db"):
+            pass  # schema 1, and the row as version 1 wrote it (today's add_file writes today's columns)
+        with contextlib.closing(sqlite3.connect(tmp_path / "catalog.db")) as old, old:
+            old.execute("INSERT INTO files (name, name_folded, size, chunk_size, sha256, chunk_digests, added_at)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?)", ("old.bin", "old.bin", manifest.size, manifest.chunk_size,
+                                                          manifest.sha256, manifest.chunk_digests, 1.0))
         from minitorrent.server.catalog import Catalog
 
         (tmp_path / "store").mkdir()
