@@ -2,7 +2,7 @@
 
     python client.py [--config PATH] [--geometry WxH+X+Y]   # the window (gui/client_window.py)
     python client.py [--config PATH] list [--json] [--search TEXT]
-    python client.py [--config PATH] get NAME [NAME ...] [--output DIR]
+    python client.py [--config PATH] get NAME|FOLDER/ [...] [--output DIR]
     python client.py [--config PATH] status [--json]
     python client.py [--config PATH] seed
     python client.py [--config PATH] servers [--json] [--seconds S]
@@ -30,6 +30,7 @@ from config_loader import load_config
 from error_handler import ConnectionFailed, MiniTorrentError
 from logger_config import setup_logging
 from minitorrent.client.engine import ClientEngine, server_addresses
+from minitorrent.client.folders import summarize_folders
 from minitorrent.client.progress import TerminalProgress, describe_sources
 from minitorrent.common.daemon import serve_until_signalled
 from minitorrent.common.units import human_size
@@ -57,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     listing = commands.add_parser("list", help="list the shared files")
     listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
     listing.add_argument("--search", default="", metavar="TEXT", help="only names containing TEXT (any case)")
-    get = commands.add_parser("get", help="download files by name")
+    get = commands.add_parser("get", help="download files by name, or whole folders (NAME ending with /)")
     get.add_argument("names", nargs="+", metavar="NAME")
     get.add_argument("--output", type=Path, metavar="DIR", help="folder to save into (default: client.download_dir)")
     status = commands.add_parser("status", help="show the server's status and metrics")
@@ -80,6 +81,12 @@ def run_list(engine: ClientEngine, args: argparse.Namespace) -> int:
     if not entries:
         print("no files" + (f" matching {args.search!r}" if args.search else ""))
         return 0
+    folders = summarize_folders(entries)
+    if folders:
+        print(f"{'FOLDER':40}  {'SIZE':>10}  {'FILES':>6}")
+        for folder in folders:
+            print(f"{folder.path:40}  {human_size(folder.size):>10}  {folder.files:>6}")
+        print()
     print(f"{'NAME':40}  {'SIZE':>10}  {'CHUNKS':>6}  {'DOWNLOADS':>9}  SHA256")
     for entry in entries:
         print(f"{entry['name']:40}  {human_size(entry['size']):>10}  {entry['chunks']:>6}  "
@@ -94,6 +101,9 @@ def run_get(engine: ClientEngine, args: argparse.Namespace) -> int:
         print(f"warning: not seeding: {error}", file=sys.stderr)
     failed = 0
     for name in args.names:
+        if name.endswith("/"):
+            failed += get_folder(engine, name, args.output)
+            continue
         try:
             result = engine.download(name, args.output)
         except MiniTorrentError as error:
@@ -104,6 +114,21 @@ def run_get(engine: ClientEngine, args: argparse.Namespace) -> int:
         print(f"{result.outcome}: {result.path} ({human_size(result.size)}, every chunk verified{resumed}"
               f", {describe_sources(result.sources) or 'nothing fetched'})", flush=True)
     return 1 if failed else 0
+
+
+def get_folder(engine: ClientEngine, folder: str, output: Path | None) -> int:
+    """Download a folder, printing one summary line and one line per file that failed; 1 if any failed."""
+    try:
+        result = engine.download_folder(folder, output)
+    except MiniTorrentError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    for line in result.failed:
+        print(f"error: {line}", file=sys.stderr)
+    print(f"{result.folder}: {result.downloaded} downloaded, {result.present} already present, "
+          f"{len(result.failed)} failed, of {result.files} files ({human_size(result.size)}, sha256 verified) "
+          f"into {result.path}", flush=True)
+    return 1 if result.failed else 0
 
 
 def run_status(engine: ClientEngine, args: argparse.Namespace) -> int:

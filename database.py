@@ -665,6 +665,51 @@ class ServerStore(SQLiteStore):
             ).rowcount
         return names + contents
 
+    # Folders: a folder is the names that start with "folder/" (no row of its own).
+
+    def names_under(self, folder: str) -> list[str]:
+        """Names that start with ``folder`` (which ends with ``/``), sorted; a range scan of the key."""
+        end = folder[:-1] + chr(ord(folder[-1]) + 1)  # "photos/" .. "photos0": every name with that prefix
+        rows = self._connection().execute(
+            "SELECT name FROM files WHERE name >= ? AND name < ? ORDER BY name", (folder, end))
+        return [name for (name,) in rows]
+
+    def record_downloads(self, pairs: list[tuple[str, str]], origin: str = "local") -> int:
+        """Count one download of each (name, sha256) that is shared as that version, in one transaction.
+
+        A folder's thousands of small files: one commit, not one each. Names
+        not shared (or shared as another version) are skipped; returns how
+        many were counted.
+        """
+        counted = 0
+        with self._transaction() as connection:
+            for name, sha256 in pairs:
+                if connection.execute("SELECT 1 FROM files WHERE name = ? AND sha256 = ?",
+                                      (name, sha256)).fetchone() is None:
+                    continue
+                connection.execute(
+                    "INSERT INTO download_counts (name, origin, count) VALUES (?, ?, 1)"
+                    " ON CONFLICT (name, origin) DO UPDATE SET count = count + 1", (name, origin))
+                counted += 1
+        return counted
+
+    def rename_files(self, renames: list[tuple[str, str]]) -> None:
+        """Rename each (old, new) pair in one transaction, download counters included.
+
+        Raises ``CatalogError`` (nothing renamed) if a new name is taken or an old one is gone.
+        """
+        try:
+            with self._transaction() as connection:
+                for old, new in renames:
+                    cursor = connection.execute(
+                        "UPDATE files SET name = ?, name_folded = ? WHERE name = ?", (new, fold(new), old))
+                    if cursor.rowcount != 1:
+                        raise CatalogError(f"{old!r} is not in the catalog")
+                    connection.execute("UPDATE download_counts SET name = ? WHERE name = ?", (new, old))
+                _bump_catalog_version(connection)
+        except sqlite3.IntegrityError as error:
+            raise CatalogError(f"cannot rename: {error}") from error
+
 
 # ------------------------------------------------------------- partial files
 

@@ -1,10 +1,13 @@
 """MiniTorrent main server: shares a catalog of files in verified chunks.
 
-    python main_server.py [--config PATH] [--headless] [--add FILE ...]
+    python main_server.py [--config PATH] [--headless] [--add FILE_OR_DIR ...]
+                          [--remove PATH ...] [--rename OLD NEW]
     python main_server.py [--config PATH] pair | paired | revoke ID
 
 ``--add`` imports files into the server's data folder (see catalog.py for the
-naming rules), then the server serves until SIGINT or SIGTERM. Without
+naming rules); a folder is shared whole, each file under its relative path
+(server/folder_scan.py). ``--remove`` stops sharing a file or a folder, ``--rename``
+renames one (the backup follows, clients see it at once). Then the server serves until SIGINT or SIGTERM. Without
 ``--headless`` it opens the main server's window (gui/main_window.py), which
 starts serving and imports the ``--add`` files with a progress bar. If a main
 server already runs on that data folder, ``--add`` adds the files to its
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import threading
 import time
@@ -34,6 +38,7 @@ from config_loader import load_config
 from error_handler import MiniTorrentError
 from minitorrent.common.daemon import build_engine, serve_until_signalled
 from minitorrent.server.coordinator import EtcdUnavailable
+from minitorrent.server.catalog import AddResult
 from minitorrent.server.engine import ServerEngine
 from minitorrent.server.main import MainServer
 from minitorrent.web.face import start_with_face, stop_with_face, web_face_for
@@ -51,7 +56,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", help="path to config.yaml (default: the one beside this program)")
     parser.add_argument("--headless", action="store_true", help="run without a window")
     parser.add_argument("--geometry", metavar="WxH+X+Y", help="the window's size and place on screen")
-    parser.add_argument("--add", nargs="+", metavar="FILE", default=[], help="files to share")
+    parser.add_argument("--add", nargs="+", metavar="FILE_OR_DIR", default=[], help="files or folders to share")
+    parser.add_argument("--remove", nargs="+", metavar="PATH", default=[],
+                        help="shared files or folders to stop sharing")
+    parser.add_argument("--rename", nargs=2, metavar=("OLD", "NEW"), help="rename a shared file or folder")
     parser.add_argument("command", nargs="?", choices=ACCESS_COMMANDS,
                         help="pair: show a one-time code for a client (server.access: paired); "
                              "paired: list the paired clients; revoke ID: stop accepting a client")
@@ -62,18 +70,50 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def add_files(engine: MainServer, paths: Sequence[str], added: list | None = None) -> bool:
-    """Import the files, printing one line per file once it is durable; False if any failed. Results are appended to ``added``."""
+def add_files(engine: ServerEngine, paths: Sequence[str], added: list | None = None) -> bool:
+    """Import files (in durable batches) and folders (whole trees), one line per file once it is durable.
+
+    False if any failed. Results are appended to ``added``.
+    """
     ok = True
-    for _path, outcome in engine.add_files(paths):
-        if isinstance(outcome, MiniTorrentError):
-            print(f"error: {outcome}", file=sys.stderr, flush=True)
+    files = [path for path in paths if not os.path.isdir(path)]
+    for _path, outcome in engine.add_files(files) if files else ():
+        ok = report_added(outcome, added) and ok
+    for folder in (path for path in paths if os.path.isdir(path)):
+        results, warnings = engine.add_folder(folder)
+        for warning in warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+        for result in results:
+            report_added(result, added)
+    return ok
+
+
+def report_added(outcome: AddResult | MiniTorrentError, added: list | None) -> bool:
+    """Print one import's line (stdout, or the error on stderr); False if it failed."""
+    if isinstance(outcome, MiniTorrentError):
+        print(f"error: {outcome}", file=sys.stderr, flush=True)
+        return False
+    record = outcome.record
+    if added is not None:
+        added.append(outcome)
+    print(f"{outcome.outcome}: {record.name} ({record.size} bytes, sha256 {record.sha256[:12]})", flush=True)
+    return True
+
+
+def edit_catalog(engine: ServerEngine, remove: Sequence[str], rename: Sequence[str] | None) -> bool:
+    """Apply ``--remove`` and ``--rename``, one line each; False if any failed."""
+    ok = True
+    for path in remove:
+        removed = engine.remove_path(path)
+        print(f"removed: {path} ({removed} files)" if removed else f"error: {path}: not shared",
+              file=sys.stdout if removed else sys.stderr, flush=True)
+        ok = ok and bool(removed)
+    if rename:
+        try:
+            print(f"renamed: {rename[0]} -> {rename[1]} ({engine.rename_path(*rename)} files)", flush=True)
+        except MiniTorrentError as error:
+            print(f"error: {error}", file=sys.stderr)
             ok = False
-            continue
-        record = outcome.record
-        if added is not None:
-            added.append(outcome)
-        print(f"{outcome.outcome}: {record.name} ({record.size} bytes, sha256 {record.sha256[:12]})", flush=True)
     return ok
 
 
@@ -147,14 +187,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if engine is None:
         return 2
     etcd_mode = engine.config.cluster.mode == "etcd"
-    if not args.headless and not etcd_mode and not (args.add and _folder_taken(engine)):
-        return run_window(engine, args.add, args.geometry)  # with --add and a main already running: add to it, as headless
+    edits = bool(args.add or args.remove or args.rename)
+    if not args.headless and not etcd_mode and not (edits and _folder_taken(engine)):
+        if args.remove or args.rename:
+            edit_catalog(engine, args.remove, args.rename)
+        return run_window(engine, args.add, args.geometry)  # with edits and a main already running: as headless
     if etcd_mode and not args.headless:
         print("note: a cluster member (cluster.mode: etcd) has no window: running headless", file=sys.stderr)
     if args.add and etcd_mode and _folder_taken(engine):
         return add_to_running_member(engine, args.add)
-    added_ok = add_files(engine, args.add)
-    if not added_ok or (args.add and _already_running(engine)):
+    added_ok = add_files(engine, args.add) and edit_catalog(engine, args.remove, args.rename)
+    if not added_ok or (edits and _already_running(engine)):
         engine.catalog.close()
         return 0 if added_ok else 1
     face = web_face_for(engine, engine.config)
@@ -237,7 +280,7 @@ def _already_running(engine: MainServer) -> bool:
     """True (and says so) if another main server holds this data folder: it will share the files."""
     if not _folder_taken(engine):
         return False
-    print("the main server already running on this data folder now shares them", flush=True)
+    print("the main server already running on this data folder now serves these changes", flush=True)
     return True
 
 

@@ -315,3 +315,66 @@ class TestAddManyFiles:
                         and sha256_file(tmp_path / "srv" / "server" / "store" / catalog.get_file(name).sha256)
                         != sha256_file(tmp_path / "src" / name)]
         assert (1200, [], []) == (len(reported), missing, unstored)
+
+
+class TestFolders:
+    @pytest.fixture
+    def tree(self, tmp_path, server_process):
+        """A real server sharing photos/ (nested, two small files and a multi-chunk one); yields (config, root)."""
+        root = tmp_path / "src" / "photos"
+        make_file(root / "2024" / "beach.jpg", 3000, seed=1)
+        make_file(root / "2024" / "big.raw", 3 * CHUNK + 1, seed=2)
+        make_file(root / "notes.txt", 10, seed=3)
+        proc = server_process(write_config(tmp_path / "srv", {"transfer": {"chunk_size": CHUNK}}), add=[root])
+        return client_config_for(tmp_path / "cli", proc.address), root
+
+    def test_list_shows_folders(self, tree):
+        """client.py list prints each folder with its file count before the files' paths."""
+        config, _ = tree
+        listed = run_client(config, "list")
+        folders = [line.split()[0::3] for line in listed.stdout.splitlines() if line.startswith("photos/") and
+                   line.split()[0].endswith("/")]
+        assert (0, [["photos/", "3"], ["photos/2024/", "2"]]) == (listed.returncode, folders), listed.stdout
+
+    def test_get_folder_keeps_the_structure(self, tree, tmp_path):
+        """client.py get photos/ downloads every file at its relative path, verified; one summary line."""
+        config, root = tree
+        got = run_client(config, "get", "photos/", "--output", str(tmp_path / "out"))
+        assert 0 == got.returncode, got.stderr
+        for source in root.rglob("*"):
+            if source.is_file():
+                assert sha256_file(source) == sha256_file(tmp_path / "out" / source.relative_to(root.parent))
+        assert "photos/: 3 downloaded, 0 already present, 0 failed, of 3 files" in got.stdout
+
+
+class TestFolderResumeAfterKill:
+    @pytest.mark.timeout(LONG_TIMEOUT * 2)
+    def test_sigkilled_folder_download_resumes_and_completes(self, tmp_path, server_process):
+        """client.py get tree/ SIGKILLed mid-way leaves no unverified file under a final name; run again, all arrive."""
+        root = tmp_path / "src" / "tree"
+        for i in range(300):
+            make_file(root / f"d{i // 100}" / f"f{i:03d}.bin", 4096, seed=i)
+        proc = server_process(write_config(tmp_path / "srv"), add=[root])
+        proxy = SlowProxy(proc.address, 256 * 1024)  # ~5 s for the folder: room to kill it in the middle
+        config = client_config_for(tmp_path / "cli", proxy.address)
+        out = tmp_path / "out"
+        staging = out / ".minitorrent-incoming"
+        try:
+            first = subprocess.Popen([sys.executable, str(ROOT / "client.py"), "--config", str(config), "get", "tree/",
+                                      "--output", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                wait_until(lambda: staging.is_dir() and len(os.listdir(staging)) >= 50, LONG_TIMEOUT, "50 files staged")
+                first.send_signal(signal.SIGKILL)
+                first.wait(SHORT_TIMEOUT)
+            finally:
+                first.kill()
+            installed = [p for p in out.rglob("*.bin") if ".minitorrent-incoming" not in p.parts]
+            wrong = [p for p in installed if sha256_file(p) != sha256_file(root.parent / p.relative_to(out))]
+            again = run_client(config, "get", "tree/", "--output", str(out))
+        finally:
+            proxy.close()
+        assert ([], 0) == (wrong, again.returncode), again.stderr
+        assert "0 failed, of 300 files" in again.stdout
+        for source in root.rglob("*.bin"):
+            assert sha256_file(source) == sha256_file(out / source.relative_to(root.parent))
+        assert not staging.exists()

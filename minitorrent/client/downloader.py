@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import os
 import socket
 import threading
 import time
@@ -135,7 +136,7 @@ class Downloader:
         started = time.monotonic()
         name = _checked_name(name)
         manifest = self._fetch_manifest(name)
-        final = Path(output_dir) / name
+        final = destination(output_dir, name)
         try:
             final.parent.mkdir(parents=True, exist_ok=True)
             if final.exists():
@@ -180,6 +181,21 @@ def _checked_name(name: str) -> str:
         raise DownloadError(str(error)) from error
 
 
+def destination(output_dir: Path, name: str) -> Path:
+    """Where ``name`` goes under ``output_dir``; ``DownloadError`` unless it stays inside it.
+
+    ``name`` has passed ``check_file_name`` (no ``..``, not absolute), but a
+    link already inside the output folder (``photos -> /etc``) would still
+    lead out: the real path of the file's folder must lie under the real
+    output folder before anything is created.
+    """
+    final = Path(output_dir) / _checked_name(name)
+    real_output = os.path.realpath(output_dir)
+    if os.path.commonpath([os.path.realpath(final.parent), real_output]) != real_output:
+        raise DownloadError(f"{name}: would be written outside {output_dir} (through a link); refused")
+    return final
+
+
 class _Job:
     """The state of one running download, shared by its stream threads.
 
@@ -220,7 +236,7 @@ class _Job:
     def run(self) -> tuple[int, int]:
         """Fetch, verify and install the file; returns (bytes fetched, chunks resumed)."""
         part = PartFile.open(self.owner.store, self.final, self.name, self.manifest,
-                             self.final.with_name(self.name + ".part"), prove_whole_file=False)
+                             self.final.with_name(self.final.name + ".part"), prove_whole_file=False)
         self.part = part
         try:
             if part.resumed:

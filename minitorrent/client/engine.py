@@ -10,6 +10,7 @@ from config_loader import Config
 from database import ClientStore
 from error_handler import MiniTorrentError
 from minitorrent.client.downloader import Downloader, DownloadResult
+from minitorrent.client.folders import FolderDownload, FolderResult
 from minitorrent.client.progress import Progress
 from minitorrent.client.seeding import Seeder
 from minitorrent.common.partfile import discard_recorded, finish_interrupted_installs
@@ -146,6 +147,13 @@ class ClientEngine:
                  cancel: threading.Event | None = None) -> DownloadResult:
         """Download one file (see ``Downloader.download``); several threads may each run one."""
         return self.downloader.download(name, output_dir or self.config.client.download_dir, cancel)
+
+    def download_folder(self, folder: str, output_dir: Path | None = None,
+                        cancel: threading.Event | None = None) -> FolderResult:
+        """Download every file under ``folder`` (``photos/``), structure kept (see client/folders.py)."""
+        download = FolderDownload(self.downloader, folder, Path(output_dir or self.config.client.download_dir),
+                                  cancel or threading.Event(), self._progress)
+        return download.run()
 
     def discard_partial(self, name: str, output_dir: Path | None = None) -> None:
         """Forget a stopped download: its part file (if ours) and its verified chunks (a cancel, not a pause)."""

@@ -148,6 +148,9 @@ class SeedSource:
     def record_download(self, name: str, sha256: str) -> None:
         """Downloads are counted by the servers, not by peers."""
 
+    def record_downloads(self, pairs: list[tuple[str, str]]) -> None:
+        """Downloads are counted by the servers, not by peers."""
+
 
 class Announcer:
     """Tells the tracker what the seeder holds: on demand and every ``interval_s``."""

@@ -1,6 +1,7 @@
 """Small durable-file helpers shared by the server's store and the client's downloads."""
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -46,6 +47,31 @@ def fsync_files(paths: Sequence[str | os.PathLike]) -> None:
         return
     with ThreadPoolExecutor(FSYNC_THREADS, thread_name_prefix="fsync") as pool:
         list(pool.map(fsync_dir, paths))
+
+
+def sync_filesystem(directory: str | os.PathLike) -> None:
+    """Make every file written on ``directory``'s file system durable, with one call.
+
+    ``syncfs(2)`` instead of an ``fsync`` per file: thousands of small files
+    written in a batch then cost one flush. Where libc has no ``syncfs``,
+    ``os.sync`` (every file system) keeps the guarantee, at a higher price.
+    """
+    fd = os.open(Path(directory), os.O_RDONLY)
+    try:
+        if _syncfs is None or _syncfs(fd) != 0:
+            os.sync()
+    finally:
+        os.close(fd)
+
+
+def _load_syncfs():
+    try:
+        return ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        return None
+
+
+_syncfs = _load_syncfs()
 
 
 def read_exactly_at(fd: int, view: memoryview, offset: int) -> bool:

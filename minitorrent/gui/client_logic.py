@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from database import fold  # the server's search rule, so both filter alike
+from minitorrent.client.folders import summarize_folders
 from minitorrent.common.units import human_size
 from minitorrent.gui.base import entry_row
 from minitorrent.gui.transfers import TransferState
@@ -20,7 +21,7 @@ CATALOG_REFRESH_S = 3.0  # while connected, the catalog is fetched again this of
 KIB = 1024
 MAX_LIMIT_KIB = 10 * 1024 * 1024  # 10 GiB/s: anything above is a typo, not a limit
 NAME_CHARS = 90  # a longer file name is shown shortened in the middle
-CATALOG_COLUMNS = [("name", "Name", 360, "w"), ("size", "Size", 100, "e"), ("chunks", "Chunks", 80, "e"),
+CATALOG_COLUMNS = [("name", "Path", 360, "w"), ("size", "Size", 100, "e"), ("chunks", "Chunks", 80, "e"),
                    ("downloads", "Downloads", 100, "e"), ("sha256", "SHA-256", 140, "w")]
 CATALOG_KEYS = [key for key, *_ in CATALOG_COLUMNS]
 SEEDED_COLUMNS = [("name", "Seeded file", 200, "w"), ("size", "Size", 80, "e"), ("sha256", "SHA-256", 120, "w")]
@@ -33,6 +34,30 @@ def filter_entries(entries: list[dict], search: str) -> list[dict]:
     """The catalog entries whose name contains ``search`` (any case, any accent form); all if empty."""
     wanted = fold(search.strip())
     return [entry for entry in entries if wanted in fold(entry["name"])] if wanted else list(entries)
+
+
+ALL_FOLDERS = "All folders"  # the folder filter's first choice: no filter
+
+
+def folder_choices(entries: list[dict]) -> list[str]:
+    """The folder filter's choices: everything, then each folder (``photos/``, ``photos/2024/``) by path."""
+    return [ALL_FOLDERS, *(folder.path for folder in summarize_folders(entries))]
+
+
+def in_folder(entries: list[dict], folder: str) -> list[dict]:
+    """The entries under ``folder`` at any depth; all of them for ``ALL_FOLDERS`` or an empty choice."""
+    if not folder or folder == ALL_FOLDERS:
+        return list(entries)
+    return [entry for entry in entries if entry["name"].startswith(folder)]
+
+
+def saved_limits(settings: dict) -> tuple[int, int] | None:
+    """The (upload, download) limits the window saved last time, in bytes/s; None if none or malformed."""
+    limits = settings.get("limits")
+    if (isinstance(limits, list) and len(limits) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in limits)):
+        return limits[0], limits[1]
+    return None
 
 
 def catalog_row(entry: dict) -> tuple[tuple, dict]:

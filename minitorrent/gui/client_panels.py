@@ -15,12 +15,16 @@ from typing import Any, Callable
 
 from minitorrent.gui.base import SortableTable, entry_row
 from minitorrent.gui.client_logic import (
+    ALL_FOLDERS,
     CATALOG_COLUMNS,
     MAX_LIMIT_KIB,
     SEEDED_COLUMNS,
     catalog_row,
     count_text,
+    elide,
     filter_entries,
+    folder_choices,
+    in_folder,
     format_limit_kib,
     parse_limit_kib,
     seeding_tiles,
@@ -79,7 +83,8 @@ class StatusLine(ttk.Label):
 class CatalogPanel(ttk.Frame):
     """The shared files: a search box that filters as you type, a sortable multi-select table (by name at first)."""
 
-    def __init__(self, master: tk.Misc, on_refresh: Callable[[], None], on_download: Callable[[], None]) -> None:
+    def __init__(self, master: tk.Misc, on_refresh: Callable[[], None], on_download: Callable[[], None],
+                 on_download_folder: Callable[[str], None] | None = None) -> None:
         super().__init__(master, padding=(14, 4, 14, 8))
         bar = ttk.Frame(self)
         bar.grid(row=0, column=0, sticky="ew", pady=(0, 6))
@@ -88,6 +93,11 @@ class CatalogPanel(ttk.Frame):
         ttk.Label(bar, text="Search", style="Subtitle.TLabel").pack(side="left", padx=(0, 6))
         self.search = ttk.Entry(bar, textvariable=self.search_var, width=24)
         self.search.pack(side="left")
+        self.folder_var = tk.StringVar(self, value=ALL_FOLDERS)
+        ttk.Label(bar, text="Folder", style="Subtitle.TLabel").pack(side="left", padx=(12, 6))
+        self.folder = ttk.Combobox(bar, textvariable=self.folder_var, values=[ALL_FOLDERS], state="readonly",
+                                   width=22)
+        self.folder.pack(side="left")
         self.refresh_button = ttk.Button(bar, text="Refresh", command=on_refresh)  # F5
         self.refresh_button.pack(side="left", padx=(8, 0))
         self.count = ttk.Label(bar, text="", style="Subtitle.TLabel")
@@ -95,6 +105,10 @@ class CatalogPanel(ttk.Frame):
         self.download_button = ttk.Button(bar, text="Download Selected", style="Accent.TButton",
                                           command=on_download)
         self.download_button.pack(side="right")
+        self.download_folder_button = ttk.Button(bar, text="Download Folder", state="disabled",
+                                                 command=lambda: on_download_folder and on_download_folder(
+                                                     self.folder_var.get()))
+        self.download_folder_button.pack(side="right", padx=(0, 8))
         self.table = SortableTable(self, CATALOG_COLUMNS, height=4)
         self.table.grid(row=1, column=0, sticky="nsew")
         self.table.sort_by("name")
@@ -108,6 +122,7 @@ class CatalogPanel(ttk.Frame):
 
     def _bind_keys(self, on_refresh: Callable[[], None], on_download: Callable[[], None]) -> None:
         self.search_var.trace_add("write", lambda *_: self.apply_filter())
+        self.folder_var.trace_add("write", lambda *_: self.apply_filter())
         for sequence in ("<Return>", "<KP_Enter>"):
             self.search.bind(sequence, lambda _e: on_refresh())
         self.search.bind("<Escape>", lambda _e: self.search_var.set(""))
@@ -122,11 +137,15 @@ class CatalogPanel(ttk.Frame):
         """Show a freshly fetched catalog (filtered by the search box, sorted, selection kept)."""
         if entries != self.entries:
             self.entries = entries
+            choices = folder_choices(entries)
+            self.folder.configure(values=choices)
+            if self.folder_var.get() not in choices:
+                self.folder_var.set(ALL_FOLDERS)  # the folder went (removed or renamed on the server)
             self.apply_filter()
 
     def apply_filter(self) -> None:
         """Show the entries matching the search box."""
-        shown = filter_entries(self.entries, self.search_var.get())
+        shown = in_folder(filter_entries(self.entries, self.search_var.get()), self.folder_var.get())
         rows = []
         for entry in shown:
             iid = self._iids.get(entry["name"])
@@ -161,6 +180,10 @@ class CatalogPanel(ttk.Frame):
     def _update_button(self) -> None:
         count = len(self.table.selected())
         self.download_button.configure(text=f"Download Selected ({count})" if count > 1 else "Download Selected")
+        folder = self.folder_var.get()
+        self.download_folder_button.configure(state="disabled" if folder == ALL_FOLDERS else "normal",
+                                              text="Download Folder" if folder == ALL_FOLDERS else
+                                              f"Download {elide(folder, 24)}")
 
 
 class TransferRow(ttk.Frame):

@@ -16,6 +16,7 @@ Three layers, as in every MiniTorrent window (DESIGN principle 1):
 from __future__ import annotations
 
 import logging
+import shutil
 import subprocess
 import sys
 import threading
@@ -25,7 +26,7 @@ from pathlib import Path
 from tkinter import filedialog, ttk
 from typing import TYPE_CHECKING, Any, Callable
 
-from error_handler import ConnectionFailed, MiniTorrentError
+from error_handler import ConnectionFailed, DownloadError, MiniTorrentError
 from minitorrent.common.units import human_size
 from minitorrent.gui.base import LogPane, load_settings
 from minitorrent.gui.client_logic import (
@@ -40,9 +41,11 @@ from minitorrent.gui.client_logic import (
     connection_view,
     download_folder,
     elide,
+    in_folder,
     limits_text,
     plural,
     reconnect_delay,
+    saved_limits,
 )
 from minitorrent.gui.client_panels import (
     CatalogPanel,
@@ -71,6 +74,7 @@ GEOMETRY = "1280x820"
 TICK_MS = 250  # countdown and speed refresh
 WORKER_JOIN_S = 5.0  # closing waits this long for short workers
 OPEN_FOLDER_COMMAND = {"darwin": ["open"], "win32": ["explorer"]}.get(sys.platform, ["xdg-open"])
+NOTIFY_TIMEOUT_S = 5.0  # notify-send returns at once; a hung notification daemon must not hold a worker
 OPEN_FOLDER_WAIT_S = 5.0  # a file manager that fails says so quickly; one that works may keep running
 TRANSFER_EVENTS = (DownloadProgressed, TransferFinished, TransferFailed, TransferStopped)
 
@@ -220,7 +224,7 @@ class ClientWindow(WindowShell):
         super().__init__(root, "client", settings_file, padding=0)
         self.engine = engine
         self.controller = ClientController(engine, self.pump.post)
-        self.manager = TransferManager(engine.download, engine.discard_partial, self.pump.post,
+        self.manager = TransferManager(download_file_or_folder(engine), engine.discard_partial, self.pump.post,
                                        **({"max_active": max_active} if max_active else {}))
         engine.on_progress = lambda progress: self.pump.post(DownloadProgressed(time.monotonic(), progress))
         self.seeding_enabled = engine.seeder is not None
@@ -249,7 +253,7 @@ class ClientWindow(WindowShell):
         panes = ttk.PanedWindow(self, orient="vertical")
         panes.grid(row=3, column=0, sticky="nsew")
         self.rowconfigure(3, weight=1)
-        self.catalog = CatalogPanel(panes, self.refresh_catalog, self.download_selected)
+        self.catalog = CatalogPanel(panes, self.refresh_catalog, self.download_selected, self.download_folder)
         self.tabs = ttk.Notebook(panes, padding=(10, 0, 10, 0))
         panes.add(self.catalog, weight=1)
         panes.add(self.tabs, weight=2)  # a taller window shows more transfers, not more empty catalog
@@ -262,6 +266,9 @@ class ClientWindow(WindowShell):
         self.tabs.add(self.log_pane, text="Log")
         self.status_line = StatusLine(self)
         self.status_line.grid(row=4, column=0, sticky="ew")
+        saved = saved_limits(load_settings(self.settings_file))
+        if saved is not None:  # what the user set in this window last time wins over the config file
+            self.engine.set_limits(*saved)
         upload = self.engine.seeder.upload_limit.rate_bps if self.engine.seeder else 0
         self.seeding_panel.set_limits(upload, self.engine.download_limit.rate_bps)
         self.seeding_panel.show(None)
@@ -295,14 +302,17 @@ class ClientWindow(WindowShell):
             return
         self.transfers.redraw_all()
         if isinstance(event, TransferFinished):
-            self.notify(f"{transfer.name}: downloaded and verified ({human_size(event.result.size)}) "
-                        f"into {transfer.folder}", "ok")
+            text = f"{transfer.name}: downloaded and verified ({human_size(event.result.size)}) into {transfer.folder}"
+            self.notify(text, "ok")
+            self.controller.in_background(lambda: desktop_notification("Download finished", text), "notify", False)
             self.refresh_catalog(announce=False)  # its download count went up
         elif isinstance(event, TransferFailed) and self.status is None:  # most likely why: resume when one answers
             transfer.resume_on_reconnect = True
             self.notify(f"{transfer.name}: {transfer.reason}; it resumes when a server answers", "warn")
         elif isinstance(event, TransferFailed):
             self.notify(f"{transfer.name}: {transfer.reason}", "error")
+            text = f"{transfer.name}: {transfer.reason}"
+            self.controller.in_background(lambda: desktop_notification("Download failed", text), "notify", False)
 
     def _on_snapshot(self, snapshot: ClientSnapshot) -> None:
         previous, current = self.status, snapshot.status
@@ -401,6 +411,26 @@ class ClientWindow(WindowShell):
             message += f"; already in the list: {', '.join(elide(n, 40) for n in skipped)}"
         self.notify(message, "warn" if skipped else "info")
 
+    def download_folder(self, folder: str) -> None:
+        """Ask where, then queue the whole ``folder`` (``photos/``) as one transfer with one progress."""
+        entries = in_folder(self.catalog.entries, folder)
+        if not entries:
+            return
+        settings = load_settings(self.settings_file)
+        start = download_folder(settings.get("download_folder"), self.engine.config.client.download_dir, Path.home())
+        target = filedialog.askdirectory(parent=self.root, title=f"Download {folder} into…",
+                                         initialdir=str(start), mustexist=False)
+        if not target:
+            return
+        self.controller.remember(self.settings_file, "download_folder", target)
+        transfer = self.manager.add(folder, Path(target), sum(entry["size"] for entry in entries))
+        if transfer is None:
+            self.notify(f"{folder} is already in the list", "warn")
+            return
+        self.transfers.add([transfer])
+        self.tabs.select(self.transfers)
+        self.notify(f"downloading {folder} ({plural(len(entries), 'file')}) into {target}")
+
     def apply_limits(self) -> None:
         """Validate both limit fields, then apply them; a bad value changes nothing."""
         try:
@@ -410,6 +440,7 @@ class ClientWindow(WindowShell):
             self.notify(str(error), "error")
             return
         self.engine.set_limits(upload, download)
+        self.controller.remember(self.settings_file, "limits", [upload, download])
         self.seeding_panel.set_limits(upload, download)
         text = limits_text(upload, download, self.seeding_enabled)
         self.seeding_panel.say(text, "ok")
@@ -430,6 +461,34 @@ class ClientWindow(WindowShell):
         if still_running:
             log.warning("downloads still stopping at exit: %s", ", ".join(still_running))
         self.controller.close()
+
+
+def download_file_or_folder(engine: ClientEngine) -> Callable[..., Any]:
+    """The transfer manager's download call: a name ending in ``/`` is a folder, one transfer for all of it.
+
+    A folder with files that failed is a failed transfer (saying how many and
+    the first reason); running it again fetches only what is missing.
+    """
+    def download(name: str, folder: Path, cancel: threading.Event) -> Any:
+        if not name.endswith("/"):
+            return engine.download(name, folder, cancel)
+        result = engine.download_folder(name, folder, cancel)
+        if result.failed:
+            raise DownloadError(f"{len(result.failed)} of {result.files} files failed, first: {result.failed[0]}")
+        return result
+    return download
+
+
+def desktop_notification(summary: str, body: str) -> None:
+    """A desktop notification through ``notify-send`` where it is installed; nothing (never an error) elsewhere."""
+    program = shutil.which("notify-send")
+    if program is None:
+        return
+    try:
+        subprocess.run([program, "--app-name=MiniTorrent", summary, body], timeout=NOTIFY_TIMEOUT_S,
+                       capture_output=True, check=False)
+    except (OSError, subprocess.SubprocessError) as error:
+        log.debug("no desktop notification: %s", error)
 
 
 def run(engine: ClientEngine, root: tk.Tk, settings_file: Path) -> int:

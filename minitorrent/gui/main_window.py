@@ -1,4 +1,7 @@
-"""The main server's window: the shared files, Add/Remove, Start/Stop, live status and the log.
+"""The main server's window: the shared files, Add Files/Add Folder/Rename/Remove, Start/Stop, live status and the log.
+
+Dropping files on the window is not offered: Tk has no drop target without a
+non-standard-library package (tkinterdnd2); Add Folder… covers the need.
 
 Three layers, as in every MiniTorrent window (DESIGN principle 1):
 
@@ -28,7 +31,7 @@ import tkinter as tk
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from tkinter import filedialog, messagebox, ttk
+from tkinter import filedialog, messagebox, simpledialog, ttk
 from typing import Any, Callable, Iterator, Sequence
 
 from error_handler import MiniTorrentError
@@ -412,6 +415,20 @@ class MainController:
         """Stop sharing ``names`` (in a worker thread)."""
         self._spawn(lambda: self._remove(tuple(names)), "window-remove")
 
+    def rename(self, old: str, new: str) -> None:
+        """Rename a shared file or folder (in a worker thread); a failure comes back as ``FilesRemoved`` errors."""
+        self._spawn(lambda: self._rename(old, new), "window-rename")
+
+    def _rename(self, old: str, new: str) -> None:
+        errors: tuple[str, ...] = ()
+        with self.holder.use() as engine:
+            try:
+                engine.rename_path(old, new)
+            except MiniTorrentError as error:
+                errors = (f"could not rename {old}: {error}",)
+        self.post(FilesRemoved((), errors))
+        self.on_change()
+
     def _remove(self, names: tuple[str, ...]) -> None:
         errors = []
         with self.holder.use() as engine:
@@ -455,6 +472,9 @@ class MainController:
 
         try:
             with self.holder.use() as engine:
+                if os.path.isdir(path):
+                    self._import_folder(engine, path, progress)
+                    return
                 result = engine.add_file(path, progress)
         except MiniTorrentError as error:
             log.error("could not add %s: %s", Path(path).name, error)
@@ -465,6 +485,14 @@ class MainController:
             self.post(ImportFinished(path, error=f"{Path(path).name}: {error}", queued=self._imports.qsize()))
             return
         self.post(ImportFinished(path, result.record.name, result.outcome, queued=self._imports.qsize()))
+
+    def _import_folder(self, engine: Any, path: str, progress: Callable[[int], None]) -> None:
+        """A whole tree: one ImportFinished for the folder, each skipped file's reason shown as an error."""
+        results, warnings = engine.add_folder(path, progress)
+        for warning in warnings:
+            self.post(ImportFinished(path, error=warning, queued=self._imports.qsize() + 1))
+        self.post(ImportFinished(path, f"{Path(path).name}/ ({len(results)} files)", "added",
+                                 queued=self._imports.qsize()))
 
     # Snapshots (the poller's thread) -----------------------------------------------------------------------
 
@@ -536,6 +564,8 @@ class MainWindow(ServerWindow):
 
     def _build(self) -> None:
         self.add_button = self.header.add_button("Add Files…", self.add_files, style="Accent.TButton")
+        self.add_folder_button = self.header.add_button("Add Folder…", self.add_folder)
+        self.rename_button = self.header.add_button("Rename…", self.rename_selected, state="disabled")
         self.remove_button = self.header.add_button("Remove", self.remove_selected, state="disabled")
         self.serve_button = self.header.add_button("Start Server", self.toggle_server, width=12)
         ttk.Separator(self).grid(row=1, column=0, sticky="ew", pady=(10, 0))
@@ -555,6 +585,25 @@ class MainWindow(ServerWindow):
         paths = filedialog.askopenfilenames(parent=self.root, title="Add files to share")
         if paths:
             self.controller.add_files(self.root.tk.splitlist(paths) if isinstance(paths, str) else list(paths))
+
+    def add_folder(self) -> None:
+        """Ask for a folder and share its whole tree in the background (each file under its relative path)."""
+        path = filedialog.askdirectory(parent=self.root, title="Add a folder to share", mustexist=True)
+        if path:
+            self.controller.add_files([path])
+
+    def rename_selected(self) -> None:
+        """Rename the selected file, or its folder: the path typed says which (``photos/2024`` renames a folder)."""
+        names = self.table.selected()
+        if not names:
+            return
+        old = simpledialog.askstring("Rename", "File or folder to rename (edit to a folder part to rename "
+                                     "the folder):", initialvalue=names[0], parent=self.root)
+        if not old:
+            return
+        new = simpledialog.askstring("Rename", f"New name for “{old}”:", initialvalue=old, parent=self.root)
+        if new and new != old:
+            self.controller.rename(old.strip(), new.strip())
 
     def remove_selected(self) -> None:
         """Stop sharing the selected files, after a confirmation."""
@@ -627,7 +676,9 @@ class MainWindow(ServerWindow):
 
     def _update_buttons(self) -> None:
         state = self.controller.state
-        self.remove_button.configure(state="normal" if self.table.selected() else "disabled")
+        selected = "normal" if self.table.selected() else "disabled"
+        self.remove_button.configure(state=selected)
+        self.rename_button.configure(state=selected)
         if state is ServerState.SERVING:
             self.serve_button.configure(text="Stop Server", state="normal")
         elif state is ServerState.STOPPED:

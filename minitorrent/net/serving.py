@@ -146,6 +146,9 @@ class FileSource(Protocol):
     def record_download(self, name: str, sha256: str) -> None:
         """A client finished and verified a download of ``name``."""
 
+    def record_downloads(self, pairs: list[tuple[str, str]]) -> None:
+        """``record_download`` for many (name, sha256) pairs at once (one commit where it is stored)."""
+
 
 class ClientAccess(Protocol):
     """Who may download, and whose reports count (the server floor's access policy is one)."""
@@ -505,7 +508,8 @@ class _Handler:
     """
 
     CLIENT_REQUESTS = (protocol.GetChunk, protocol.ListFiles, protocol.GetManifest, protocol.CountFiles,
-                       protocol.ReportDownloaded, protocol.Announce, protocol.GetPeers)
+                       protocol.ReportDownloaded, protocol.Announce, protocol.GetPeers, protocol.GetFiles,
+                       protocol.ReportDownloadedMany)
 
     def __init__(self, server: RequestServer, connection: Connection) -> None:
         self.server = server
@@ -646,6 +650,8 @@ class _Handler:
             self._send_chunk(request)
         elif isinstance(request, protocol.ListFiles):
             self._send_listing(request)
+        elif isinstance(request, protocol.GetFiles):
+            self._send_files(request)
         elif isinstance(request, protocol.GetManifest):
             header, digests = source.manifest(request.name)
             self.connection.send(protocol.ManifestInfo(name=request.name, **header), digests)
@@ -657,6 +663,11 @@ class _Handler:
             if access is None or access.first_report(self.client_identity, request.sha256):  # once per client
                 source.record_download(request.name, request.sha256)
                 self.server.metrics.download_finished(request.name)
+            self.connection.send(protocol.Ok())
+        elif isinstance(request, protocol.ReportDownloadedMany):
+            source.record_downloads(list(zip(request.names, request.sha256s)))
+            for name in request.names:
+                self.server.metrics.download_finished(name)
             self.connection.send(protocol.Ok())
         else:
             self._serve_tracker_request(frame)
@@ -742,6 +753,34 @@ class _Handler:
         where = self.server.source.locate_chunk(request.name, request.sha256, request.index)
         reply = protocol.ChunkData(name=request.name, index=request.index)
         self.send_stored_bytes(reply, where, request.name)
+
+    def _send_files(self, request: protocol.GetFiles) -> None:
+        """Several one-chunk files in one frame; one that cannot be served gets size -1 and its error code."""
+        sizes, errors, parts = [], [], []
+        room = protocol.MAX_CHUNK_BYTES
+        for name, sha256 in zip(request.names, request.sha256s):
+            try:
+                data = self._read_whole(self.server.source.locate_chunk(name, sha256, 0), name, room)
+            except RequestFailed as error:
+                sizes.append(-1)
+                errors.append(error.code)
+                continue
+            room -= len(data)
+            sizes.append(len(data))
+            errors.append("")
+            parts.append(data)
+        payload = b"".join(parts)
+        self.server.upload_limit.consume(len(payload))
+        self.connection.send(protocol.FilesData(sizes=sizes, errors=errors), payload)
+
+    def _read_whole(self, where: ChunkLocation, label: str, room: int) -> bytes:
+        """The bytes at ``where`` (read, not sent by sendfile: they go out with their neighbours in one frame)."""
+        if where.length > room:
+            raise RequestFailed(ErrorCode.OUT_OF_RANGE, f"{label} does not fit in this reply; ask for it alone")
+        data = os.pread(self._file(where.path).fileno(), where.length, where.offset)
+        if len(data) != where.length:
+            raise RequestFailed(ErrorCode.STORAGE_ERROR, f"the server's copy of {label} is truncated")
+        return data
 
     def send_stored_bytes(self, reply: Message, where: ChunkLocation, label: str) -> None:
         """Send ``reply`` with the bytes at ``where`` as payload, by ``sendfile``."""

@@ -36,12 +36,14 @@ from database import FileRecord, ServerStore
 from error_handler import CatalogError
 from integrity import Manifest, build_manifest
 from minitorrent.common.fs import ChunkLocation, fsync_dir, fsync_files
+from minitorrent.server.folder_scan import scan_folder
 from minitorrent.net.serving import ListingPage
 from minitorrent.wire.protocol import (
     ErrorCode,
     ProtocolError,
     RequestFailed,
     check_file_name,
+    folder_of,
 )
 
 log = logging.getLogger(__name__)
@@ -74,13 +76,14 @@ class Catalog:
 
     # Adding and removing ----------------------------------------------------------
 
-    def add_file(self, path: str | os.PathLike, on_progress: Callable[[int], None] | None = None) -> AddResult:
-        """Import the file at ``path`` under its base name (see the module rules).
+    def add_file(self, path: str | os.PathLike, on_progress: Callable[[int], None] | None = None,
+                 name: str | None = None) -> AddResult:
+        """Import the file at ``path`` under ``name`` (default: its base name; see the module rules).
 
         Raises ``CatalogError`` if it is not a readable regular file or its
         name is unsafe. ``on_progress(nbytes)`` is called as bytes are copied.
         """
-        [(_, outcome)] = self.add_files([path], on_progress)
+        [(_, outcome)] = self._add_all([(path, name)], on_progress)
         if isinstance(outcome, CatalogError):
             raise outcome
         return outcome
@@ -96,10 +99,15 @@ class Catalog:
         Batches are what make adding 100,000 small files take seconds rather
         than an fsync and a commit each.
         """
+        return self._add_all(((path, None) for path in paths), on_progress)
+
+    def _add_all(self, files: Iterable[tuple[str | os.PathLike, str | None]],
+                 on_progress: Callable[[int], None] | None) -> Iterator[tuple[str | os.PathLike, AddResult | CatalogError]]:
+        """``add_files`` for (path, catalog name) pairs; a name of None means the file's base name."""
         batch: list[_Import] = []
         batch_bytes = 0
-        for path in paths:
-            item = self._import(path, on_progress)
+        for path, name in files:
+            item = self._import(path, on_progress, name)
             batch.append(item)
             batch_bytes += item.manifest.size if item.manifest else 0
             if len(batch) >= ADD_BATCH_FILES or batch_bytes >= ADD_BATCH_BYTES:
@@ -112,7 +120,7 @@ class Catalog:
 
         Follows the same naming rule as ``add_file``.
         """
-        item = _Import(name, _catalog_name(Path(name)), manifest)
+        item = _Import(name, _catalog_name(name), manifest)
         with self._lock:
             self._catalog_all([item])
         if item.error:
@@ -169,6 +177,63 @@ class Catalog:
         log.info("removed %s", name)
         return True
 
+    def add_folder(self, path: str | os.PathLike,
+                   on_progress: Callable[[int], None] | None = None) -> tuple[list[AddResult], list[str]]:
+        """Import every file under the folder ``path`` under its relative name (see folders.py).
+
+        Returns the results and one warning per file skipped or refused; a
+        bad file never stops the rest of the tree.
+        """
+        source = Path(path)
+        if not source.is_dir():
+            raise CatalogError(f"{source}: not a folder")
+        scan = scan_folder(source)
+        results: list[AddResult] = []
+        warnings = list(scan.skipped)
+        for _, outcome in self._add_all(scan.files, on_progress):
+            if isinstance(outcome, CatalogError):
+                warnings.append(str(outcome))
+            else:
+                results.append(outcome)
+        for warning in warnings:
+            log.warning("%s", warning)
+        return results, warnings
+
+    def names_at(self, path: str) -> list[str]:
+        """The names ``path`` means: a file's own, or every name in the folder ``path`` (with or without ``/``)."""
+        folder = path if path.endswith("/") else path + "/"
+        exact = [] if path.endswith("/") else [path] if self.db.get_file(path) is not None else []
+        return exact or self.db.names_under(folder)
+
+    def remove_path(self, path: str) -> int:
+        """Stop sharing a file or a whole folder; how many files went."""
+        return sum(1 for name in self.names_at(path) if self.remove_file(name))
+
+    def rename_path(self, old: str, new: str) -> int:
+        """Rename a file, or a folder and everything in it, at once; how many names changed.
+
+        Raises ``CatalogError`` if nothing is at ``old``, a new name is unsafe
+        or taken, or a folder would move inside itself. Clients see the new
+        names at once; the replicator sends them to the backup.
+        """
+        old, new = old.rstrip("/"), new.rstrip("/")
+        _catalog_name(new)
+        if new == old or new.startswith(old + "/"):
+            raise CatalogError(f"cannot rename {old} to {new}: the same place or inside itself")
+        with self._lock:
+            names = self.names_at(old)
+            if not names:
+                raise CatalogError(f"{old}: no such file or folder in the catalog")
+            renames = [(name, new + name[len(old):]) for name in names]
+            for _, renamed in renames:
+                _catalog_name(renamed)
+                if self.db.get_file(renamed) is not None or self.db.names_under(renamed + "/"):
+                    raise CatalogError(f"cannot rename {old} to {new}: {renamed} is already shared")
+                self._refuse_file_as_folder(renamed)
+            self.db.rename_files(renames)
+        log.info("renamed %s to %s (%d files)", old, new, len(renames))
+        return len(renames)
+
     def _forget(self, name: str, sha256: str) -> bool:
         """Drop ``name`` and, unless another name shares them, its bytes. Caller holds _lock."""
         if not self.db.remove_file(name):
@@ -177,11 +242,12 @@ class Catalog:
             self._blob(sha256).unlink(missing_ok=True)
         return True
 
-    def _import(self, path: str | os.PathLike, on_progress: Callable[[int], None] | None) -> _Import:
+    def _import(self, path: str | os.PathLike, on_progress: Callable[[int], None] | None,
+                name: str | None = None) -> _Import:
         """Check ``path`` and copy it into a temp file of the store (not fsynced yet)."""
         source = Path(path)
         try:
-            name = _catalog_name(source)
+            name = _catalog_name(source.name if name is None else name)
             _check_regular_file(source)
             manifest, temp = self._copy_to_temp(source, on_progress)
         except CatalogError as error:
@@ -256,9 +322,13 @@ class Catalog:
     def _choose_name(self, name: str, manifest: Manifest, chosen: dict[str, FileRecord],
                      added_at: float) -> AddResult:
         """``name``, or the first free ``numbered_name`` of it, unless one of them holds this content already."""
+        self._refuse_file_as_folder(name)
         candidate = name
         for attempt in range(2, 10_000):
             existing = chosen.get(candidate) or self.db.get_file(candidate)
+            if existing is None and self.db.names_under(candidate + "/"):
+                candidate = numbered_name(name, attempt)  # a folder has that name: the file takes the next
+                continue
             if existing is None:
                 record = FileRecord(candidate, manifest.size, manifest.chunk_size, manifest.sha256,
                                     added_at, 0, manifest.chunk_count, manifest.root)
@@ -268,6 +338,14 @@ class Catalog:
                 return AddResult(existing, "unchanged")
             candidate = numbered_name(name, attempt)
         raise CatalogError(f"{name}: too many different files share this name")
+
+    def _refuse_file_as_folder(self, name: str) -> None:
+        """A file already shared as ``photos`` cannot also be the folder of ``photos/x``: no disk holds both."""
+        parts = name.split("/")
+        for depth in range(1, len(parts)):
+            folder = "/".join(parts[:depth])
+            if self.db.get_file(folder) is not None:
+                raise CatalogError(f"{name}: {folder} is a shared file, so it cannot also be a folder")
 
     def _blob(self, sha256: str) -> Path:
         return self.store_dir / sha256
@@ -321,6 +399,10 @@ class Catalog:
         if self._record(name).sha256 == sha256:
             self.db.record_download(name, self.origin)
 
+    def record_downloads(self, pairs: list[tuple[str, str]]) -> None:
+        """Count finished downloads of many (name, sha256) in one commit (a folder's small files)."""
+        self.db.record_downloads(pairs, self.origin)
+
     def download_counts(self) -> dict[str, int]:
         """Downloads per file name, as persisted."""
         return {record.name: record.downloads for record in self.db.list_files(None)}
@@ -363,11 +445,12 @@ def _log_added(name: str, result: AddResult) -> None:
 
 
 def numbered_name(name: str, number: int) -> str:
-    """``"report.pdf", 2`` -> ``"report (2).pdf"``; the suffix stays at the end."""
-    stem, dot, suffix = name.rpartition(".")
+    """``"report.pdf", 2`` -> ``"report (2).pdf"``; the suffix stays at the end (of the last component)."""
+    folder = folder_of(name)
+    stem, dot, suffix = name[len(folder):].rpartition(".")
     if not stem:  # no dot, or a dot-file such as ".bashrc"
         return f"{name} ({number})"
-    return f"{stem} ({number}){dot}{suffix}"
+    return f"{folder}{stem} ({number}){dot}{suffix}"
 
 
 def _check_regular_file(source: Path) -> None:
@@ -382,9 +465,9 @@ def _check_regular_file(source: Path) -> None:
         raise CatalogError(f"{source}: not a regular file")
 
 
-def _catalog_name(source: Path) -> str:
+def _catalog_name(name: str) -> str:
     try:
-        return check_file_name(source.name)
+        return check_file_name(name)
     except ProtocolError as error:
         raise CatalogError(str(error)) from error
 

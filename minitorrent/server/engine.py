@@ -141,6 +141,28 @@ class ServerEngine:
     def _stop_workers(self) -> None:
         """Wait for a subclass's own threads (after ``stop_event`` is set)."""
 
+    # Folders, removal, renaming (the main and cluster members; their _changed replicates) --------------------
+
+    def add_folder(self, path: str | Path,
+                   on_progress: Callable[[int], None] | None = None) -> tuple[list[AddResult], list[str]]:
+        """Import a whole folder tree (see ``Catalog.add_folder``): (results, warnings)."""
+        try:
+            return self.catalog.add_folder(path, on_progress)
+        finally:
+            self._changed()
+
+    def remove_path(self, path: str) -> int:
+        """Stop sharing a file or a whole folder; how many files went (replicated by the subclass's ``_changed``)."""
+        removed = self.catalog.remove_path(path)
+        self._changed()
+        return removed
+
+    def rename_path(self, old: str, new: str) -> int:
+        """Rename a file or a folder; how many names changed (replicated by the subclass's ``_changed``)."""
+        renamed = self.catalog.rename_path(old, new)
+        self._changed()
+        return renamed
+
     def _status_extra(self) -> dict:
         """Entries a subclass adds to status replies."""
         return {}

@@ -47,6 +47,8 @@ MAX_CHUNK_BYTES = 16 * 1024 * 1024  # the largest transfer.chunk_size the config
 MAX_MANIFEST_CHUNKS = 4 * 1024 * 1024  # 4 TiB at 1 MiB chunks
 MAX_PAYLOAD_BYTES = max(MAX_CHUNK_BYTES, 32 * MAX_MANIFEST_CHUNKS)  # 128 MiB
 MAX_NAME_BYTES = 255  # what ext4 and most file systems allow for one name
+MAX_PATH_BYTES = 1024  # a relative path: well under Linux's PATH_MAX (4096) once an output folder is prefixed
+MAX_PATH_DEPTH = 64  # folders in one relative path: deep trees, but not a denial of service
 MAX_LIST_ENTRIES = 200  # entries per offset page (protocol 1's paging) at most; fit_list_page also keeps it under the header limit
 MAX_LIST_PAGE_BYTES = MAX_HEADER_BYTES - 4096  # room for the rest of the header
 MAX_LIST_PAGE_ENTRIES = 5000  # entries per cursor page at most: 200 pages list a million files
@@ -111,32 +113,74 @@ class RemoteProtocolError(ProtocolError):
 
 
 def check_file_name(name: object) -> str:
-    """Return ``name`` if it is safe to use as one file name, else raise.
+    """Return ``name`` if it is safe as a shared file's relative path, else raise.
 
-    A name crosses the network and becomes a path on disk, so it must be a
-    single component: no ``/`` or ``\\``, no NUL or other control character,
-    not ``.`` or ``..``, not empty, at most 255 UTF-8 bytes. Spaces, accents,
-    emoji, ``|`` and ``:`` are all fine. Raises ``RemoteProtocolError`` with
-    code ``BAD_NAME`` (a ``MiniTorrentError``).
+    A name crosses the network and becomes a path under the receiver's output
+    folder, so it is one or more components joined by ``/`` (``photos/2024/
+    beach.jpg``), each of which must be safe on its own (``check_component``):
+    no absolute path, no empty component (``a//b``, a trailing ``/``), no
+    ``.`` or ``..``, no ``\\``. At most ``MAX_PATH_DEPTH`` components and
+    ``MAX_PATH_BYTES`` UTF-8 bytes in all. Spaces, accents, emoji, ``|`` and
+    ``:`` are all fine. Raises ``RemoteProtocolError`` with code ``BAD_NAME``
+    (a ``MiniTorrentError``). The one place these rules live: the catalog,
+    the replica and the downloading client all call it.
     """
-    def refuse(why: str) -> typing.NoReturn:
-        raise RemoteProtocolError(f"bad file name {name!r}: {why}", ErrorCode.BAD_NAME, True)
-
     if not isinstance(name, str):
-        refuse("not a string")
-    if name in ("", ".", ".."):
-        refuse("empty or a directory reference")
-    if "/" in name or "\\" in name:
-        refuse("contains a path separator")
-    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in name):
-        refuse("contains a control character")
-    try:
-        encoded = name.encode("utf-8")
-    except UnicodeEncodeError:
-        refuse("not valid Unicode")
-    if len(encoded) > MAX_NAME_BYTES:
-        refuse(f"longer than {MAX_NAME_BYTES} bytes")
+        _refuse_name(name, "not a string")
+    return _check_path(name)
+
+
+@functools.lru_cache(maxsize=1 << 14)  # pure; a folder's names are checked on listing, request and report
+def _check_path(name: str) -> str:
+    if name.startswith("/"):
+        _refuse_name(name, "an absolute path")
+    components = name.split("/")
+    if len(components) > MAX_PATH_DEPTH:
+        _refuse_name(name, f"deeper than {MAX_PATH_DEPTH} folders")
+    for component in components:
+        check_component(component, name)
+    if len(name.encode("utf-8")) > MAX_PATH_BYTES:
+        _refuse_name(name, f"longer than {MAX_PATH_BYTES} bytes")
     return name
+
+
+def check_component(component: object, whole: object = None) -> str:
+    """Return ``component`` if it is safe as one file or folder name, else raise (``BAD_NAME``).
+
+    No ``/`` or ``\\``, no NUL or other control character, not ``.`` or
+    ``..``, not empty, at most ``MAX_NAME_BYTES`` UTF-8 bytes.
+    """
+    name = component if whole is None else whole
+    if not isinstance(component, str):
+        _refuse_name(name, "not a string")
+    if component == "":
+        _refuse_name(name, "an empty name or an empty folder name (// or a / at either end)")
+    if component in (".", ".."):
+        _refuse_name(name, "a directory reference (. or ..)")
+    if "/" in component or "\\" in component:
+        _refuse_name(name, "contains a path separator")
+    if _CONTROL_CHARACTER.search(component):
+        _refuse_name(name, "contains a control character")
+    try:
+        encoded = component.encode("utf-8")
+    except UnicodeEncodeError:
+        _refuse_name(name, "not valid Unicode")
+    if len(encoded) > MAX_NAME_BYTES:
+        _refuse_name(name, f"a component longer than {MAX_NAME_BYTES} bytes")
+    return component
+
+
+_CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f]")  # a regex, not a loop per character: 10,000 names are checked often
+
+
+def _refuse_name(name: object, why: str) -> typing.NoReturn:
+    raise RemoteProtocolError(f"bad file name {name!r}: {why}", ErrorCode.BAD_NAME, True)
+
+
+def folder_of(name: str) -> str:
+    """``"photos/2024/beach.jpg"`` -> ``"photos/2024/"``; ``""`` for a name at the top."""
+    head, slash, _ = name.rpartition("/")
+    return head + slash
 
 
 # --------------------------------------------------------------------------
@@ -326,6 +370,31 @@ class GetChunk(Message):
         _require(self.index >= 0, f"chunk index {self.index} is negative", ErrorCode.OUT_OF_RANGE)
 
 
+MAX_BATCH_FILES = 64  # files in one get_files: 64 paths of up to 1 KiB and their digests stay under the header limit
+
+
+@dataclass(frozen=True)
+class GetFiles(Message):
+    """Ask for several whole files of at most one chunk each, in one reply (``FilesData``).
+
+    Thousands of small files then cost neither a round trip nor a frame each.
+    ``sha256s[i]`` is the version of ``names[i]`` wanted, as in ``GetChunk``.
+    """
+
+    TYPE = "get_files"
+    names: list
+    sha256s: list
+
+    def validate(self) -> None:
+        _require(0 < len(self.names) <= MAX_BATCH_FILES, f"get_files asks for 1 to {MAX_BATCH_FILES} files",
+                 ErrorCode.OUT_OF_RANGE)
+        _require(len(self.sha256s) == len(self.names), "get_files needs one sha256 per name")
+        for name in self.names:
+            check_file_name(name)
+        _require(all(isinstance(sha, str) and len(sha) == 64 for sha in self.sha256s),
+                 "sha256s must be 64 hex characters each")
+
+
 @dataclass(frozen=True)
 class ReportDownloaded(Message):
     """Tell the server a download of ``name`` finished and verified."""
@@ -336,6 +405,18 @@ class ReportDownloaded(Message):
 
     def validate(self) -> None:
         check_file_name(self.name)
+
+
+@dataclass(frozen=True)
+class ReportDownloadedMany(Message):
+    """``ReportDownloaded`` for up to ``MAX_BATCH_FILES`` files at once (a folder's small files); answered ``Ok``."""
+
+    TYPE = "downloaded_many"
+    names: list
+    sha256s: list
+
+    def validate(self) -> None:
+        GetFiles.validate(self)  # the same shape: names and their versions
 
 
 @dataclass(frozen=True)
@@ -445,6 +526,26 @@ class ChunkData(Message):
     MAX_PAYLOAD = MAX_CHUNK_BYTES
     name: str
     index: int
+
+
+@dataclass(frozen=True)
+class FilesData(Message):
+    """Answer to ``GetFiles``: the payload is the files' bytes one after another.
+
+    ``sizes[i]`` bytes belong to ``names[i]``; a file not served has size -1
+    and its error code in ``errors[i]`` (``""`` for a file served). Every
+    file is checked by the receiver against its SHA-256, never trusted.
+    """
+
+    TYPE = "files_data"
+    MAX_PAYLOAD = MAX_CHUNK_BYTES
+    sizes: list
+    errors: list
+
+    def validate(self) -> None:
+        _require(len(self.sizes) == len(self.errors) <= MAX_BATCH_FILES, "files_data: one size and error per file")
+        _require(all(isinstance(n, int) and not isinstance(n, bool) and n >= -1 for n in self.sizes),
+                 "files_data sizes must be integers of at least -1")
 
 
 @dataclass(frozen=True)

@@ -216,11 +216,11 @@ class TestSafety:
         assert not (tmp_path / "out" / "x.bin").exists()
 
     def test_bad_name_is_refused_before_any_request(self, tmp_path, server_factory):
-        """A name with a path in it is refused with a clear error, and nothing is written."""
+        """A name that climbs out of the output folder (..) is refused with a clear error, and nothing is written."""
         server = server_factory()
         engine = engine_for(tmp_path, server)
         try:
-            with pytest.raises(DownloadError, match="path separator"):
+            with pytest.raises(DownloadError, match=r"directory reference \(\. or \.\.\)"):
                 engine.download("../escape.txt", tmp_path / "out")
         finally:
             engine.close()

@@ -997,3 +997,75 @@ class TestProgram:
                 process.kill()
         assert 0 == process.returncode, stderr
         assert "Traceback" not in stderr
+
+
+class TestFoldersAndRemembering:
+    @pytest.fixture
+    def photos(self, server_factory, tmp_path):
+        """A main sharing photos/ (nested) and one loose file; returns (client config path, source root)."""
+        engine = server_factory({"transfer": {"chunk_size": CHUNK}})
+        root = tmp_path / "src" / "photos"
+        make_file(root / "2024" / "beach.jpg", 3000, seed=1)
+        make_file(root / "2024" / "big.raw", 2 * CHUNK + 3, seed=2)
+        make_file(root / "notes.txt", 10, seed=3)
+        engine.add_folder(root)
+        engine.add_file(make_file(tmp_path / "src" / "loose.txt", 5, seed=4))
+        return client_config(tmp_path / "cli", engine.server.address), root
+
+    def test_folder_logic(self):
+        """The folder filter offers every folder, and keeps the entries at any depth below the one chosen."""
+        entries = [entry("a/b/c.txt"), entry("a/d.txt"), entry("e.txt")]
+        assert [logic.ALL_FOLDERS, "a/", "a/b/"] == logic.folder_choices(entries)
+        assert ["a/b/c.txt", "a/d.txt"] == [e["name"] for e in logic.in_folder(entries, "a/")]
+        assert 3 == len(logic.in_folder(entries, logic.ALL_FOLDERS))
+
+    @pytest.mark.parametrize("settings, expected", [
+        ({"limits": [1024, 2048]}, (1024, 2048)), ({}, None), ({"limits": [-1, 5]}, None),
+        ({"limits": "fast"}, None), ({"limits": [True, 5]}, None)])
+    def test_saved_limits_are_read_safely(self, settings, expected):
+        """Saved limits come back as two non-negative ints; anything else is ignored."""
+        assert expected == logic.saved_limits(settings)
+
+    @pytest.mark.timeout(90)
+    def test_folder_filter_and_download_folder(self, harness, photos, tmp_path, monkeypatch):
+        """Choosing photos/2024/ shows its files; Download Folder fetches them as one transfer, structure kept."""
+        config, root = photos
+        h = harness(config)
+        h.connected()
+        assert [logic.ALL_FOLDERS, "photos/", "photos/2024/"] == list(h.window.catalog.folder.cget("values"))
+        h.window.catalog.folder_var.set("photos/2024/")
+        assert ["photos/2024/beach.jpg", "photos/2024/big.raw"] == shown_names(h.window)
+        monkeypatch.setattr(cw.filedialog, "askdirectory", lambda **_: str(tmp_path / "out"))
+        h.window.catalog.download_folder_button.invoke()
+        h.pump(lambda: h.transfer("photos/2024/").state.value == "done", "the folder transfer to finish")
+        for name in ("2024/beach.jpg", "2024/big.raw"):
+            assert sha256_file(root / name) == sha256_file(tmp_path / "out" / "photos" / name)
+        assert "100.0%" == h.row("photos/2024/").percent_label.cget("text")
+        h.pump(lambda: "photos/2024/: downloaded and verified" in h.window.status_line.cget("text"),
+               "the status line to say the folder is done")
+        if os.environ.get("WINDOW_SCREENSHOTS"):
+            h.root.update()
+            subprocess.run(["import", "-window", "root",
+                            os.path.join(os.environ["WINDOW_SCREENSHOTS"], "client-folders.png")], check=False)
+        assert [] == h.guard.violations
+
+    @pytest.mark.timeout(60)
+    def test_limits_are_remembered_between_runs(self, harness, photos):
+        """Limits applied in the window are in force again when the window is opened next time."""
+        config, _ = photos
+        first = harness(config)
+        first.window.seeding_panel.upload_var.set("300")
+        first.window.seeding_panel.download_var.set("700")
+        first.window.seeding_panel.apply_button.invoke()
+        wait_until(lambda: load_settings(first.settings_file).get("limits") == [300 * 1024, 700 * 1024],
+                   SHORT_TIMEOUT, "window.json to hold the limits")
+        first.close()
+        second = harness(config)
+        assert (300 * 1024, 700 * 1024) == (second.engine.seeder.upload_limit.rate_bps,
+                                            second.engine.download_limit.rate_bps)
+        assert "700" == second.window.seeding_panel.download_var.get()
+
+    def test_desktop_notification_without_notify_send_is_silent(self, monkeypatch):
+        """With no notify-send on the PATH, a notification is skipped without an error."""
+        monkeypatch.setenv("PATH", "/nonexistent")
+        assert None is cw.desktop_notification("Download finished", "x")

@@ -376,6 +376,46 @@ class TestMainWindow:
         assert [] == guard.violations
 
     @pytest.mark.timeout(GUI_TEST_TIMEOUT)
+    def test_add_folder_shares_the_tree_and_rename_moves_it(self, windows, monkeypatch, tmp_path):
+        """Add Folder… shares every file under its relative path; Rename… of the folder renames every row."""
+        window, guard = windows.main()
+        make_file(tmp_path / "in" / "photos" / "2024" / "beach.jpg", 3000, seed=1)
+        make_file(tmp_path / "in" / "photos" / "notes.txt", 20, seed=2)
+        monkeypatch.setattr(mw.filedialog, "askdirectory", lambda **_: str(tmp_path / "in" / "photos"))
+        window.add_folder_button.invoke()
+        pump_until(window.root, lambda: set(rows(window)) == {"photos/2024/beach.jpg", "photos/notes.txt"},
+                   LONG_TIMEOUT, "the folder's rows")
+        window.table.tree.selection_set(["photos/notes.txt"])
+        pump_until(window.root, lambda: str(window.rename_button.cget("state")) == "normal", SHORT_TIMEOUT,
+                   "Rename to be enabled")
+        answers = iter(["photos", "pictures"])  # edit the path down to the folder, then name it anew
+        monkeypatch.setattr(mw.simpledialog, "askstring", lambda *args, **kwargs: next(answers))
+        window.rename_button.invoke()
+        pump_until(window.root, lambda: set(rows(window)) == {"pictures/2024/beach.jpg", "pictures/notes.txt"},
+                   SHORT_TIMEOUT, "the renamed rows")
+        if os.environ.get("WINDOW_SCREENSHOTS"):
+            window.root.update()
+            subprocess.run(["import", "-window", "root", os.path.join(os.environ["WINDOW_SCREENSHOTS"],
+                                                                     "main-folders.png")], check=False)
+        assert [] == guard.violations
+
+    @pytest.mark.timeout(GUI_TEST_TIMEOUT)
+    def test_a_rename_onto_a_taken_name_is_reported(self, windows, monkeypatch, tmp_path):
+        """Renaming onto a name already shared changes nothing and says why in the banner."""
+        window, guard = windows.main()
+        window.controller.add_files([make_file(tmp_path / f"f{i}.bin", 100 + i, seed=i) for i in range(2)])
+        pump_until(window.root, lambda: len(rows(window)) == 2, LONG_TIMEOUT, "two rows")
+        window.table.tree.selection_set(["f0.bin"])
+        pump_until(window.root, lambda: str(window.rename_button.cget("state")) == "normal", SHORT_TIMEOUT,
+                   "Rename to be enabled")
+        answers = iter(["f0.bin", "f1.bin"])
+        monkeypatch.setattr(mw.simpledialog, "askstring", lambda *args, **kwargs: next(answers))
+        window.rename_button.invoke()
+        pump_until(window.root, lambda: window.banner.text, SHORT_TIMEOUT, "the error banner")
+        assert ("f1.bin is already shared" in window.banner.text, {"f0.bin", "f1.bin"}) == (True, set(rows(window)))
+        assert [] == guard.violations
+
+    @pytest.mark.timeout(GUI_TEST_TIMEOUT)
     def test_stop_and_start_server(self, windows, tmp_path):
         """Stop Server closes the port and stops the pulse; Start Server serves the same catalog again."""
         window, guard = windows.main()

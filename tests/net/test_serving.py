@@ -566,7 +566,8 @@ class TestChunkRequests:
     BAD_NAMES = {
         "parent": "../" + FILE_NAME,
         "parent of store": "../catalog.db",
-        "slash": "a/b",
+        "empty component": "a//b",
+        "parent inside a path": "a/../../" + FILE_NAME,
         "backslash": "..\\x",
         "nul": FILE_NAME + "\x00",
         "absolute": "/etc/passwd",
@@ -1212,3 +1213,67 @@ class TestFuzzLiveServer:
             fuzz()
         assert ([], []) == (downloader.errors, crash_summary(thread_crashes))
         assert downloader.chunks > 0
+
+
+class TestGetFiles:
+    @pytest.fixture
+    def small(self, tmp_path):
+        """A main sharing three small files; yields (engine, {name: bytes})."""
+        engine = MainServer(make_config(tmp_path / "srv"))
+        engine.start()
+        contents = {f"tree/f{i}.txt": bytes([65 + i]) * (100 + i) for i in range(3)}
+        for name, data in contents.items():
+            path = tmp_path / "src" / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+        engine.add_folder(tmp_path / "src" / "tree")
+        yield engine, contents
+        engine.stop()
+
+    def ask(self, engine, request):
+        session = ServerSession.open(*engine.server.address, io_timeout_s=SHORT_TIMEOUT)
+        try:
+            session.connection.send_many([request])
+            return session.receive(protocol.FilesData)
+        finally:
+            session.close()
+
+    def test_several_files_in_one_reply(self, small):
+        """get_files answers the files' bytes back to back, with their sizes, in the order asked."""
+        engine, contents = small
+        names = sorted(contents, reverse=True)
+        shas = [engine.catalog.db.get_file(n).sha256 for n in names]
+        frame = self.ask(engine, protocol.GetFiles(names, shas))
+        assert ([len(contents[n]) for n in names], b"".join(contents[n] for n in names)) == \
+            (frame.message.sizes, bytes(frame.payload))
+
+    def test_unknown_and_stale_files_keep_their_place(self, small):
+        """A file not shared, or asked as another version, gets size -1 and its code; the others still come."""
+        engine, contents = small
+        good = "tree/f1.txt"
+        sha = engine.catalog.db.get_file(good).sha256
+        frame = self.ask(engine, protocol.GetFiles(["tree/nothing.txt", good, "tree/f2.txt"], [sha, sha, sha]))
+        assert ([-1, 101, -1], ["NOT_FOUND", "", "STALE_VERSION"], contents[good]) == \
+            (frame.message.sizes, frame.message.errors, bytes(frame.payload))
+
+    def test_counts_in_one_request(self, small):
+        """downloaded_many counts each named file once; a wrong version is not counted."""
+        engine, contents = small
+        names = sorted(contents)
+        shas = [engine.catalog.db.get_file(n).sha256 for n in names]
+        session = ServerSession.open(*engine.server.address, io_timeout_s=SHORT_TIMEOUT)
+        try:
+            session.call(protocol.ReportDownloadedMany(names, shas[:2] + [shas[0]]), protocol.Ok)
+        finally:
+            session.close()
+        assert {names[0]: 1, names[1]: 1, names[2]: 0} == engine.catalog.download_counts()
+
+
+class TestBatchLimits:
+    def test_too_many_or_mismatched_names_are_refused(self):
+        """get_files takes 1 to MAX_BATCH_FILES names, one sha256 each."""
+        sha = "ab" * 32
+        for names, shas in (([], []), (["a"] * (protocol.MAX_BATCH_FILES + 1), [sha] * (protocol.MAX_BATCH_FILES + 1)),
+                            (["a", "b"], [sha])):
+            with pytest.raises(protocol.ProtocolError):
+                protocol.GetFiles(names, shas)

@@ -10,10 +10,14 @@ from hypothesis import strategies as st
 
 from minitorrent.wire import protocol
 from minitorrent.wire.protocol import (
+    FilesData,
+    GetFiles,
+    ReportDownloadedMany,
     MAGIC,
     MAX_CHUNK_BYTES,
     MAX_HEADER_BYTES,
     MAX_NAME_BYTES,
+    MAX_PATH_DEPTH,
     MAX_PAYLOAD_BYTES,
     PREFIX,
     PREFIX_BYTES,
@@ -59,6 +63,9 @@ EXAMPLES: list[tuple[Message, bytes]] = [
     (GetChunk(ODD_NAME, SHA, 0), b""),
     (GetChunk("a b", SHA, 2**40), b""),
     (ReportDownloaded(ODD_NAME, SHA), b""),
+    (GetFiles([ODD_NAME, "photos/2024/beach.jpg"], [SHA, SHA]), b""),
+    (FilesData(sizes=[3, -1], errors=["", ErrorCode.NOT_FOUND]), b"abc"),
+    (ReportDownloadedMany(["photos/a.jpg"], [SHA]), b""),
     (GetStatus(), b""),
     (Welcome(PROTOCOL_VERSION, "main", 3, "abc123"), b""),
     (FileList([{"name": ODD_NAME, "size": 10, "sha256": SHA}], 1, 0), b""),
@@ -409,7 +416,16 @@ class TestPayloadIntoCallersBuffer:
 class TestFileNames:
     REFUSED = {
         "parent": "../x",
-        "slash": "a/b",
+        "empty component": "a//b",
+        "trailing slash": "a/",
+        "parent inside": "a/../b",
+        "dot inside": "a/./b",
+        "parent at end": "a/..",
+        "nul in folder": "a\x00/b",
+        "control in folder": "a\nb/c",
+        "256-byte folder": "a" * 256 + "/b",
+        "too deep": "/".join(["d"] * (MAX_PATH_DEPTH + 1)),
+        "path too long": "/".join(["d" * 200] * 6),
         "backslash": "a\\b",
         "nul": "a\x00b",
         "absolute": "/etc/passwd",
@@ -437,11 +453,15 @@ class TestFileNames:
         "three dots": "...",
         "255 bytes": "a" * MAX_NAME_BYTES,
         "cjk": "文件.txt",
+        "relative path": "a/b",
+        "nested path": "photos/2024/beach.jpg",
+        "dot folder": ".config/x",
+        "deepest allowed": "/".join(["d"] * MAX_PATH_DEPTH),
     }
 
     @pytest.mark.parametrize("name", REFUSED.values(), ids=REFUSED.keys())
     def test_unsafe_name_refused(self, name):
-        """check_file_name refuses anything that is not one safe path component, with BAD_NAME."""
+        """check_file_name refuses anything that is not a safe relative path of safe components, with BAD_NAME."""
         with pytest.raises(RemoteProtocolError) as caught:
             check_file_name(name)
         assert (ErrorCode.BAD_NAME, True) == (caught.value.code, caught.value.recoverable)
@@ -461,7 +481,8 @@ class TestFileNames:
     @pytest.mark.parametrize("name", REFUSED.values(), ids=REFUSED.keys())
     def test_unsafe_name_refused_in_get_chunk(self, name):
         """GetChunk, GetManifest and ReportDownloaded refuse unsafe names when built."""
-        for build in (lambda: GetChunk(name, SHA, 0), lambda: GetManifest(name), lambda: ReportDownloaded(name, SHA)):
+        for build in (lambda: GetChunk(name, SHA, 0), lambda: GetManifest(name), lambda: ReportDownloaded(name, SHA),
+                      lambda: GetFiles([name], [SHA]), lambda: ReportDownloadedMany(["ok", name], [SHA, SHA])):
             with pytest.raises(RemoteProtocolError) as caught:
                 build()
             assert ErrorCode.BAD_NAME == caught.value.code
@@ -531,7 +552,7 @@ class TestListingCursor:
         ({"total": protocol.MAX_LIST_TOTAL + 1}, ErrorCode.OUT_OF_RANGE),
         ({"total": 2**80}, ErrorCode.OUT_OF_RANGE),
         ({"total": 3, "next": "3"}, ErrorCode.BAD_REQUEST),
-        ({"total": 3, "next": "3:a/b"}, ErrorCode.BAD_NAME),
+        ({"total": 3, "next": "3:a//b"}, ErrorCode.BAD_NAME),  # a path may name a file; an empty folder name may not
         ({"total": 3, "offset": -5}, ErrorCode.OUT_OF_RANGE),
     ])
     def test_reply_numbers_bounded(self, fields, code):

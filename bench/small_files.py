@@ -1,0 +1,234 @@
+"""Benchmark: 10,000 files of 4 KiB in nested folders, downloaded as one folder, beside rsync and tar.
+
+    python bench/small_files.py [--files 10000] [--size 4K] [--repeat 3]
+
+Everything lives on /dev/shm (tmpfs: the disk is out of the comparison; the
+per-file costs that are left are the protocol's, the syscalls' and the
+interpreters'), all traffic on 127.0.0.1 with explicit ports:
+
+* MiniTorrent: a real ``main_server.py --headless`` process sharing the tree
+  (imported before timing starts), then ``client.py get tree/`` as a user runs
+  it (a fresh process each round: its start-up is counted, as rsync's is);
+* rsync: ``rsync -a rsync://127.0.0.1:<port>/data/tree/`` from a local rsync
+  daemon (``rsync --daemon --no-detach``, its config in the temp folder);
+* tar: ``tar -cf - tree`` piped through a TCP socket into ``tar -xf -``.
+
+Each round downloads into a fresh folder; the medians of ``--repeat`` rounds
+are printed as files per second, with MiniTorrent's ratio to rsync. Target:
+at least as many files per second as rsync. Every copy is checked file by
+file against the source (exit 1 on a difference). rsync missing: said, and
+the comparison is skipped (``apt-get install -y rsync``).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+from common import (
+    ROOT,
+    BenchError,
+    exit_status,
+    install_interrupts,
+    parse_size,
+    start_server,
+    stop_process,
+    verdict,
+)
+
+from minitorrent.common.launcher import free_port, write_config
+
+SHM = Path("/dev/shm")
+FILES_PER_FOLDER = 100  # 10,000 files: 100 folders of 100, two levels deep (tree/dNN/eN/...)
+
+
+def build_tree(root: Path, files: int, size: int) -> dict[str, str]:
+    """Write ``files`` distinct files of ``size`` bytes under ``root``; relative path -> SHA-256."""
+    digests = {}
+    for i in range(files):
+        folder = root / f"d{i // (FILES_PER_FOLDER * 10):02d}" / f"e{i // FILES_PER_FOLDER % 10}"
+        folder.mkdir(parents=True, exist_ok=True)
+        data = hashlib.sha256(b"%d" % i).digest() * (size // 32 + 1)
+        path = folder / f"file {i:05d}.bin"
+        path.write_bytes(data[:size])
+        digests[path.relative_to(root.parent).as_posix()] = hashlib.sha256(data[:size]).hexdigest()
+    return digests
+
+
+def check_copy(dest: Path, expected: dict[str, str], who: str) -> None:
+    """Every file byte-exact where it belongs, and nothing else; ``BenchError`` otherwise."""
+    found = {p.relative_to(dest).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+             for p in dest.rglob("*") if p.is_file()}
+    if found != expected:
+        missing = len(set(expected) - set(found))
+        wrong = sum(1 for k in expected if k in found and found[k] != expected[k])
+        raise BenchError(f"{who}: copy differs from the source ({missing} missing, {wrong} different, "
+                         f"{len(set(found) - set(expected))} extra)")
+
+
+def timed(run: Callable[[Path], None], work: Path, label: str, round_no: int) -> tuple[float, Path]:
+    dest = work / f"{label}-{round_no}"
+    dest.mkdir()
+    started = time.perf_counter()
+    run(dest)
+    return time.perf_counter() - started, dest
+
+
+# The three contenders ---------------------------------------------------------------------
+
+
+def minitorrent_get(client_config: Path) -> Callable[[Path], None]:
+    def run(dest: Path) -> None:
+        done = subprocess.run([sys.executable, str(ROOT / "client.py"), "--config", str(client_config),
+                               "get", "tree/", "--output", str(dest)], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise BenchError(f"client.py get tree/ failed: {done.stderr.strip()[-400:]}")
+    return run
+
+
+def start_rsync_daemon(work: Path, source: Path) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    config = work / "rsyncd.conf"
+    config.write_text(f"pid file = {work / 'rsyncd.pid'}\nuse chroot = no\nlog file = {work / 'rsyncd.log'}\n"
+                      f"[data]\n  path = {source}\n  read only = yes\n  uid = {os.getuid()}\n"
+                      f"  gid = {os.getgid()}\n")
+    daemon = subprocess.Popen(["rsync", "--daemon", "--no-detach", f"--config={config}", f"--port={port}",
+                               "--address=127.0.0.1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return daemon, port
+        except OSError:
+            if daemon.poll() is not None:
+                raise BenchError(f"rsync daemon did not start: {daemon.stderr.read().decode()[-300:]}")
+            time.sleep(0.05)
+    stop_process(daemon)
+    raise BenchError("rsync daemon did not listen within 10 s")
+
+
+def rsync_get(port: int) -> Callable[[Path], None]:
+    def run(dest: Path) -> None:
+        done = subprocess.run(["rsync", "-a", f"rsync://127.0.0.1:{port}/data/tree", str(dest) + "/"],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            raise BenchError(f"rsync failed: {done.stderr.strip()[-400:]}")
+    return run
+
+
+def tar_over_socket(source: Path) -> Callable[[Path], None]:
+    """``tar -cf - tree`` on one end of a TCP connection on 127.0.0.1, ``tar -xf -`` on the other."""
+    def run(dest: Path) -> None:
+        with socket.create_server(("127.0.0.1", free_port())) as listener:
+            port = listener.getsockname()[1]
+            sender_done: list[int] = []
+
+            def send() -> None:
+                connection, _ = listener.accept()
+                with connection:
+                    sender_done.append(subprocess.run(["tar", "-C", str(source), "-cf", "-", "tree"],
+                                                      stdout=connection.fileno()).returncode)
+            thread = threading.Thread(target=send, daemon=True)
+            thread.start()
+            with socket.create_connection(("127.0.0.1", port)) as receiver:
+                code = subprocess.run(["tar", "-C", str(dest), "-xf", "-"], stdin=receiver.fileno()).returncode
+            thread.join()
+        if code != 0 or sender_done != [0]:
+            raise BenchError(f"tar over a socket failed (receiver {code}, sender {sender_done})")
+    return run
+
+
+# The run ----------------------------------------------------------------------------------------
+
+
+def measure(args: argparse.Namespace, work: Path) -> int:
+    source = work / "src"
+    print(f"writing {args.files} files of {args.size} bytes under {source / 'tree'} (tmpfs)...", flush=True)
+    expected = build_tree(source / "tree", args.files, args.size)
+    server_config = write_config(work / "srv" / "config.yaml", {
+        "server": {"main": {"host": "127.0.0.1", "port": free_port(), "data_dir": str(work / "srv" / "data")},
+                   "backup": {"port": 0}},
+        "logging": {"log_to_file": False, "level": "WARNING"}})
+    started = time.perf_counter()
+    server = start_server(server_config, add=[source / "tree"])
+    print(f"main server shares the tree (import and start: {time.perf_counter() - started:.1f} s)", flush=True)
+    contenders: dict[str, Callable[[Path], None]] = {}
+    rsync_daemon = None
+    try:
+        client_config = write_config(work / "cli" / "config.yaml", {
+            "server": {"main": {"host": "127.0.0.1", "port": server.address[1]}, "backup": {"port": 0}},
+            "client": {"data_dir": str(work / "cli" / "data"), "download_dir": str(work / "cli" / "dl"),
+                       "seeding": False},
+            "logging": {"log_to_file": False, "level": "WARNING"}})
+        contenders["minitorrent"] = minitorrent_get(client_config)
+        if shutil.which("rsync"):
+            rsync_daemon, port = start_rsync_daemon(work, source)
+            contenders["rsync"] = rsync_get(port)
+        else:
+            print("rsync is not installed (apt-get install -y rsync): no rsync figure", flush=True)
+        contenders["tar|tar"] = tar_over_socket(source)
+        return report(run_rounds(contenders, work, expected, args.repeat), args.files)
+    finally:
+        if rsync_daemon is not None:
+            stop_process(rsync_daemon)
+        stop_process(server.process)
+
+
+def run_rounds(contenders: dict[str, Callable[[Path], None]], work: Path, expected: dict[str, str],
+               repeat: int) -> dict[str, list[float]]:
+    """Round-robin, so a burst of load elsewhere hits every contender alike."""
+    seconds: dict[str, list[float]] = {name: [] for name in contenders}
+    for round_no in range(repeat):
+        for name, run in contenders.items():
+            elapsed, dest = timed(run, work, name.replace("|", "-"), round_no)
+            check_copy(dest, expected, name)
+            shutil.rmtree(dest)
+            seconds[name].append(elapsed)
+            print(f"  round {round_no + 1}: {name:12} {elapsed:6.2f} s", flush=True)
+    return seconds
+
+
+def report(seconds: dict[str, list[float]], files: int) -> int:
+    rates = {name: files / statistics.median(times) for name, times in seconds.items()}
+    print(f"\nmedian of {len(next(iter(seconds.values())))} rounds, {files} files, load average "
+          f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}:")
+    for name, rate in rates.items():
+        ratio = f"  ({rate / rates['rsync']:.2f} x rsync)" if "rsync" in rates else ""
+        print(f"  {name:12} {rate:8.0f} files/s  {statistics.median(seconds[name]):6.2f} s{ratio}")
+    if "rsync" in rates:
+        print(f"target: at least as many files/s as rsync: {verdict(rates['minitorrent'] >= rates['rsync'])}")
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--files", type=int, default=10_000)
+    parser.add_argument("--size", type=parse_size, default=4096)
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    if not SHM.is_dir():
+        print("error: /dev/shm is missing; this benchmark keeps its data in memory", file=sys.stderr)
+        return 1
+    install_interrupts()
+
+    def run() -> int:
+        work = Path(tempfile.mkdtemp(prefix="mt-small-", dir=SHM))
+        try:
+            return measure(args, work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    return exit_status(run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,255 @@
+"""Folders end to end over real sockets: shared whole, listed, downloaded with structure and checks."""
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import pytest
+from conftest import make_config, make_file
+
+from error_handler import DownloadError
+from integrity import sha256_file
+from minitorrent.client.engine import ClientEngine
+from minitorrent.client.folders import STAGING, FolderSummary, summarize_folders
+from minitorrent.client.progress import Progress
+
+CHUNK = 64 * 1024
+
+
+def engine_for(tmp_path: Path, server, **kw) -> ClientEngine:
+    host, port = server.server.address
+    return ClientEngine(make_config(tmp_path / "cli", {"server": {"main": {"host": host, "port": port}}}), **kw)
+
+
+def tree(root: Path) -> dict[str, str]:
+    """relative path -> sha256 of every file under ``root`` (staging excluded)."""
+    return {p.relative_to(root).as_posix(): sha256_file(p) for p in root.rglob("*")
+            if p.is_file() and STAGING not in p.parts}
+
+
+@pytest.fixture
+def photos(tmp_path) -> Path:
+    """A small tree: nested folders, a multi-chunk file, an empty file, an empty folder, duplicated content."""
+    root = tmp_path / "src" / "photos"
+    make_file(root / "2024" / "beach.jpg", 3000, seed=1)
+    make_file(root / "2024" / "summer" / "big.raw", 3 * CHUNK + 5, seed=2)
+    make_file(root / "notes.txt", 0)
+    make_file(root / "copy of beach.jpg", 3000, seed=1)
+    make_file(root / "Case.txt", 10, seed=3)
+    make_file(root / "case.txt", 11, seed=4)
+    (root / "empty folder").mkdir()
+    return root
+
+
+class TestFolderDownload:
+    def test_structure_and_content_preserved(self, tmp_path, server_factory, photos):
+        """get photos/ recreates every file at its relative path, byte-exact, with no staging left."""
+        server = server_factory({"transfer": {"chunk_size": CHUNK}})
+        server.add_folder(photos)
+        engine = engine_for(tmp_path, server)
+        try:
+            result = engine.download_folder("photos/", tmp_path / "out")
+        finally:
+            engine.close()
+        assert tree(photos.parent) == tree(tmp_path / "out")
+        assert (6, 6, []) == (result.files, result.downloaded, result.failed)
+        assert not (tmp_path / "out" / STAGING).exists()
+
+    def test_second_run_finds_everything_present(self, tmp_path, server_factory, photos):
+        """Running the same folder download again fetches nothing and counts every file as present."""
+        server = server_factory({"transfer": {"chunk_size": CHUNK}})
+        server.add_folder(photos)
+        engine = engine_for(tmp_path, server)
+        try:
+            engine.download_folder("photos", tmp_path / "out")
+            again = engine.download_folder("photos/", tmp_path / "out")
+        finally:
+            engine.close()
+        assert (0, 6, 0) == (again.downloaded, again.present, again.fetched_bytes)
+
+    def test_staged_file_from_a_crash_is_reused_and_a_damaged_one_refetched(self, tmp_path, server_factory, photos):
+        """A staged file that still hashes to its name is installed without a fetch; a damaged one is fetched again."""
+        server = server_factory({"transfer": {"chunk_size": CHUNK}})
+        server.add_folder(photos)
+        staging = tmp_path / "out" / STAGING
+        staging.mkdir(parents=True)
+        good = sha256_file(photos / "Case.txt")
+        os.link(photos / "Case.txt", staging / good)
+        damaged = sha256_file(photos / "case.txt")
+        (staging / damaged).write_bytes(b"not the content")
+        engine = engine_for(tmp_path, server)
+        try:
+            result = engine.download_folder("photos/", tmp_path / "out")
+        finally:
+            engine.close()
+        assert tree(photos.parent) == tree(tmp_path / "out")
+        assert 3000 + 11 + 3 * CHUNK + 5 == result.fetched_bytes  # Case.txt (10 bytes) came from staging
+
+    def test_existing_different_file_is_not_overwritten(self, tmp_path, server_factory, photos):
+        """A file already at a final name with other content is reported and kept; the rest arrive."""
+        server = server_factory({"transfer": {"chunk_size": CHUNK}})
+        server.add_folder(photos)
+        mine = tmp_path / "out" / "photos" / "notes.txt"
+        mine.parent.mkdir(parents=True)
+        mine.write_bytes(b"my own notes")
+        engine = engine_for(tmp_path, server)
+        try:
+            result = engine.download_folder("photos/", tmp_path / "out")
+        finally:
+            engine.close()
+        assert b"my own notes" == mine.read_bytes()
+        assert (5, 1) == (result.downloaded, len(result.failed))
+
+    def test_one_progress_for_the_folder_reaching_all_files(self, tmp_path, server_factory, photos):
+        """The folder's own progress ends at every file done; the multi-chunk file reports its own too."""
+        server = server_factory({"transfer": {"chunk_size": CHUNK}})
+        server.add_folder(photos)
+        seen: list[Progress] = []
+        engine = engine_for(tmp_path, server, on_progress=seen.append)
+        try:
+            engine.download_folder("photos/", tmp_path / "out")
+        finally:
+            engine.close()
+        folder = [p for p in seen if p.name == "photos/"]
+        assert (6, 6) == (folder[-1].chunks_done, folder[-1].chunks_total)
+        assert {"photos/", "photos/2024/summer/big.raw"} == {p.name for p in seen}
+
+    def test_unknown_folder_fails_with_one_line(self, tmp_path, server_factory, photos):
+        """A folder the server does not share is a DownloadError naming it."""
+        server = server_factory()
+        server.add_folder(photos)
+        engine = engine_for(tmp_path, server)
+        try:
+            with pytest.raises(DownloadError) as caught:
+                engine.download_folder("videos/", tmp_path / "out")
+        finally:
+            engine.close()
+        assert "videos/: no such folder on the server" == str(caught.value)
+
+    def test_deep_tree(self, tmp_path, server_factory):
+        """A file 40 folders deep is shared and downloaded at the same depth."""
+        deep = tmp_path / "src" / "deep"
+        leaf = deep.joinpath(*[f"d{i}" for i in range(40)]) / "leaf.txt"
+        make_file(leaf, 100, seed=9)
+        server = server_factory()
+        server.add_folder(deep)
+        engine = engine_for(tmp_path, server)
+        try:
+            engine.download_folder("deep/", tmp_path / "out")
+        finally:
+            engine.close()
+        assert tree(deep.parent) == tree(tmp_path / "out")
+
+
+class TestDestinationStaysInside:
+    def test_link_inside_the_output_folder_is_not_followed_out(self, tmp_path, server_factory, photos):
+        """If the output folder holds photos -> elsewhere, nothing is written through the link."""
+        server = server_factory()
+        server.add_folder(photos)
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        (tmp_path / "out").mkdir()
+        (tmp_path / "out" / "photos").symlink_to(elsewhere)
+        engine = engine_for(tmp_path, server)
+        try:
+            result = engine.download_folder("photos/", tmp_path / "out")
+        finally:
+            engine.close()
+        assert ([], 6) == (list(elsewhere.iterdir()), len(result.failed))
+
+
+class TestSummarizeFolders:
+    def test_every_depth_counted(self):
+        """Each folder counts the files and bytes under it at any depth."""
+        entries = [{"name": "a/b/c.txt", "size": 5}, {"name": "a/d.txt", "size": 7}, {"name": "top.txt", "size": 1}]
+        assert [FolderSummary("a/", 2, 12), FolderSummary("a/b/", 1, 5)] == summarize_folders(entries)
+
+
+class TestLyingServer:
+    HOSTILE = ["photos/../../escape.txt", "photos//x.txt", "photos/a\x00b.txt", "photos/./x.txt",
+               "photos/" + "n" * 300 + ".txt", "photos/a\nb.txt", "photos/..", "photos/sub/../../../escape2.txt"]
+
+    def test_hostile_names_in_a_listing_never_reach_disk(self, tmp_path, server_factory, photos):
+        """Names a server should never send (.., empty, NUL, control, over-long) are refused; good files still arrive."""
+        server = server_factory()
+        server.add_folder(photos)
+        record = server.catalog.db.get_file("photos/Case.txt")
+        manifest = server.catalog.db.get_manifest(record.name)
+        for name in self.HOSTILE:  # the lying server's own database, written behind its catalog's checks
+            server.catalog.db.add_file(name, manifest)
+        engine = engine_for(tmp_path, server)
+        try:
+            result = engine.download_folder("photos/", tmp_path / "out")
+        finally:
+            engine.close()
+        written = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if "escape" in p.name)
+        assert ([], len(self.HOSTILE), 6) == (written, len(result.failed), result.downloaded)
+
+
+class TestDamagedServerCopy:
+    def test_a_small_file_failing_verification_never_gets_its_final_name(self, tmp_path, server_factory, photos):
+        """A server whose stored copy of one small file is damaged: that file is reported and absent, the rest arrive."""
+        server = server_factory({"transfer": {"chunk_size": CHUNK}})
+        server.add_folder(photos)
+        record = server.catalog.db.get_file("photos/2024/beach.jpg")
+        blob = server.catalog.blob_path(record.sha256)
+        blob.write_bytes(b"X" + blob.read_bytes()[1:])  # same size, other bytes
+        engine = engine_for(tmp_path, server)
+        try:
+            result = engine.download_folder("photos/", tmp_path / "out")
+        finally:
+            engine.close()
+        # "copy of beach.jpg" shares the blob, so both fail; the other four arrive
+        assert (False, 2, 4) == ((tmp_path / "out" / "photos" / "2024" / "beach.jpg").exists(),
+                                 len(result.failed), result.downloaded)
+
+
+class TestGroupedCounts:
+    def test_every_small_file_is_counted_once(self, tmp_path, server_factory, photos):
+        """The downloaded_many burst counts each file of the folder exactly once on the server."""
+        server = server_factory({"transfer": {"chunk_size": CHUNK}})
+        server.add_folder(photos)
+        engine = engine_for(tmp_path, server)
+        try:
+            engine.download_folder("photos/", tmp_path / "out")
+        finally:
+            engine.close()
+        assert {name: 1 for name in server.catalog.names_at("photos/")} == server.catalog.download_counts()
+
+
+class TestFailover:
+    def test_a_folder_download_moves_to_the_other_server_when_the_first_goes(self, tmp_path, server_factory):
+        """The server in use goes away mid-folder: the rest comes from the other one, every file verified and counted there."""
+        from conftest import SHORT_TIMEOUT, SlowProxy, wait_until
+
+        from minitorrent.common.launcher import free_port
+
+        source = tmp_path / "src" / "tree"
+        for i in range(200):
+            make_file(source / f"d{i // 50}" / f"f{i:03d}.bin", 4096, seed=i)
+        first = server_factory(folder=tmp_path / "a")
+        first.add_folder(source)
+        proxy = SlowProxy(first.server.address, 128 * 1024)  # the folder would take ~6 s through it
+        (host, port), other_port = proxy.address, free_port()
+        config = make_config(tmp_path / "cli", {"server": {"main": {"host": host, "port": port},
+                                                            "backup": {"host": "127.0.0.1", "port": other_port}},
+                                                 "transfer": {"io_timeout": 2.0}})  # a silent server is given up sooner
+        engine = ClientEngine(config)
+        outcome: list = []
+        worker = threading.Thread(target=lambda: outcome.append(engine.download_folder("tree/", tmp_path / "out")))
+        try:
+            assert f"{host}:{port}" == engine.server.active_pool().address  # the only one answering yet
+            second = server_factory({"server": {"main": {"port": other_port}}}, folder=tmp_path / "b")
+            second.add_folder(source)
+            worker.start()
+            staging = tmp_path / "out" / STAGING
+            wait_until(lambda: staging.is_dir() and len(os.listdir(staging)) >= 20, SHORT_TIMEOUT, "20 files staged")
+            proxy.close()
+            first.stop()
+            worker.join(SHORT_TIMEOUT * 3)
+        finally:
+            engine.close()
+        assert (False, [], 200) == (worker.is_alive(), outcome[0].failed, outcome[0].downloaded)
+        assert tree(source.parent) == tree(tmp_path / "out")
+        assert {name: 1 for name in second.catalog.names_at("tree/")} == second.catalog.download_counts()
