@@ -29,6 +29,7 @@ from error_handler import MiniTorrentError
 from minitorrent.common.daemon import build_engine, serve_until_signalled
 from minitorrent.net import remote
 from minitorrent.server.backup import BackupServer
+from minitorrent.server.engine import peer_tls
 from minitorrent.web.face import start_with_face, stop_with_face, web_face_for
 
 log = logging.getLogger(__name__)
@@ -101,7 +102,8 @@ def add_to_running_backup(engine: BackupServer, paths: Sequence[str]) -> int:
 def _running_backup_active(engine: BackupServer) -> bool:
     """True if the backup at ``server.backup``'s address says it is active; else says why on stderr."""
     settings = engine.config.server.backup
-    status = remote.status_of((settings.host, settings.port), engine.config.transfer.io_timeout) or {}
+    status = remote.status_of((settings.host, settings.port), engine.config.transfer.io_timeout,
+                              peer_tls(engine.config)) or {}  # over TLS, expecting our own identity if configured
     if status.get("role") == "active":
         return True
     print(f"error: the backup is not active ({status.get('role', 'no answer')}): add files on the main",

@@ -268,6 +268,7 @@ class _Answer:
     pool: ConnectionPool
     session: ServerSession | None = None
     error: str = ""
+    refusal: AuthenticationFailed | None = None  # the server is not who it must be: never retried
 
 
 def ask_servers(pools: list[ConnectionPool], *, accept_standby: bool = False,
@@ -278,24 +279,30 @@ def ask_servers(pools: list[ConnectionPool], *, accept_standby: bool = False,
     get ``HIGHER_EPOCH_GRACE_S`` more, and a server on standby is asked again
     every ``STANDBY_RECHECK_S`` while another is silent (it may be promoting
     because that one froze). ``accept_standby`` takes a standby server too
-    (the main fetching a replica). Raises ``NotActive`` if none is active.
+    (the main fetching a replica). Raises ``NotActive`` if none is active,
+    or the ``AuthenticationFailed`` of a server that is not who it must be
+    (a changed identity) when no other server is active.
     """
     answers: queue.Queue[_Answer] = queue.Queue()
     round_over = threading.Event()
+    refusals: list[AuthenticationFailed] = []
     for pool in pools:
         _greet_in_background(pool, answers, round_over)
     try:
-        best, reasons = _collect_answers(pools, answers, accept_standby, round_over, stop)
+        best, reasons = _collect_answers(pools, answers, accept_standby, round_over, stop, refusals)
     finally:
         round_over.set()
     _close_unclaimed(answers)
+    if best is None and refusals:
+        raise refusals[0]
     if best is None:
         raise NotActive("no active server: " + "; ".join(reasons.values()))
     return best.pool, best.session
 
 
 def _collect_answers(pools: list[ConnectionPool], answers: queue.Queue[_Answer], accept_standby: bool,
-                     round_over: threading.Event, stop: threading.Event | None) -> tuple[_Answer | None, dict]:
+                     round_over: threading.Event, stop: threading.Event | None,
+                     refusals: list[AuthenticationFailed]) -> tuple[_Answer | None, dict]:
     best: _Answer | None = None
     reasons: dict[str, str] = {}
     waiting = {pool.address for pool in pools}
@@ -313,6 +320,8 @@ def _collect_answers(pools: list[ConnectionPool], answers: queue.Queue[_Answer],
         waiting.discard(answer.pool.address)
         if answer.session is None:
             reasons[answer.pool.address] = answer.error
+            if answer.refusal is not None:
+                refusals.append(answer.refusal)
         elif answer.session.welcome.role == "active" or accept_standby:
             best = _better(best, answer, position)
             deadline = min(deadline, time.monotonic() + HIGHER_EPOCH_GRACE_S)
@@ -349,6 +358,8 @@ def _greet_in_background(pool: ConnectionPool, answers: queue.Queue[_Answer], ro
             return
         try:
             answer = _Answer(pool, session=pool.open_session())
+        except AuthenticationFailed as error:
+            answer = _Answer(pool, error=f"{pool.address}: {error}", refusal=error)
         except (ConnectionFailed, RemoteError) as error:
             answer = _Answer(pool, error=f"{pool.address}: {error}")
         answers.put(answer)
