@@ -1231,7 +1231,7 @@ class TestGetFiles:
         engine.stop()
 
     def ask(self, engine, request):
-        session = ServerSession.open(*engine.server.address, io_timeout_s=SHORT_TIMEOUT)
+        session = ServerSession.open(*engine.server.address, io_timeout_s=SHORT_TIMEOUT, secure=TLS)
         try:
             session.connection.send_many([request])
             return session.receive(protocol.FilesData)
@@ -1261,7 +1261,7 @@ class TestGetFiles:
         engine, contents = small
         names = sorted(contents)
         shas = [engine.catalog.db.get_file(n).sha256 for n in names]
-        session = ServerSession.open(*engine.server.address, io_timeout_s=SHORT_TIMEOUT)
+        session = ServerSession.open(*engine.server.address, io_timeout_s=SHORT_TIMEOUT, secure=TLS)
         try:
             session.call(protocol.ReportDownloadedMany(names, shas[:2] + [shas[0]]), protocol.Ok)
         finally:
