@@ -428,15 +428,17 @@ class TestReplicatorView:
         assert None is server_factory().backup_holds()
 
 
-class TestFailbackFetch:
-    @pytest.fixture
-    def fetcher(self, tmp_path) -> Iterator[tuple[Catalog, PartialStore]]:
-        catalog = Catalog(tmp_path / "fetcher", CHUNK)
-        partials = PartialStore(tmp_path / "fetcher" / "failback.db")
-        yield catalog, partials
-        partials.close()
-        catalog.close()
+@pytest.fixture
+def fetcher(tmp_path) -> Iterator[tuple[Catalog, PartialStore]]:
+    """A main's catalog and failback records to fetch into (the failback tests share it)."""
+    catalog = Catalog(tmp_path / "fetcher", CHUNK)
+    partials = PartialStore(tmp_path / "fetcher" / "failback.db")
+    yield catalog, partials
+    partials.close()
+    catalog.close()
 
+
+class TestFailbackFetch:
     def test_a_fetched_file_is_verified_into_the_store(self, server_factory, fetcher, tmp_path):
         """fetch_file lands the content as an exact blob, leaves no part file or record, and add_stored names it."""
         catalog, partials = fetcher
@@ -483,14 +485,6 @@ class TestFailbackFetch:
 
 
 class TestFailbackNames:
-    @pytest.fixture
-    def fetcher(self, tmp_path) -> Iterator[tuple[Catalog, PartialStore]]:
-        catalog = Catalog(tmp_path / "fetcher", CHUNK)
-        partials = PartialStore(tmp_path / "fetcher" / "failback.db")
-        yield catalog, partials
-        partials.close()
-        catalog.close()
-
     def test_a_resumed_fetch_asks_for_the_name_the_backup_uses_now(self, server_factory, fetcher, tmp_path):
         """A fetch begun as old.bin and resumed as new.bin asks the backup for new.bin (old.bin is gone there)."""
         catalog, partials = fetcher
