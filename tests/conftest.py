@@ -26,6 +26,7 @@ from minitorrent.common import launcher
 from minitorrent.common.launcher import ServerProcess
 from minitorrent.server.main import MainServer
 from minitorrent.wire.identity import load_or_create
+from minitorrent.wire.protocol import ProtocolError
 from minitorrent.wire.tls import ClientTls, ServerTls
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -134,15 +135,15 @@ def run_client(config_path: Path, *args: str, timeout: float = LONG_TIMEOUT) -> 
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
-class TlsRelay:
-    """A machine in the middle: terminates TLS with its own certificate and relays to ``target`` over TLS."""
+class TlsServer:
+    """Accepts connections with ``tls``; each connection gets ``serve(sock)`` after the handshake, then is closed."""
 
-    def __init__(self, tls: ServerTls, target: tuple[str, int]) -> None:
+    def __init__(self, tls: ServerTls, serve=lambda sock: sock.recv(1), port: int = 0) -> None:
         self.tls = tls
-        self.target = target
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.connections = 0
+        self.serve = serve
+        self.listener = socket.create_server(("127.0.0.1", port))
+        self.address = self.listener.getsockname()[:2]
+        self.port = self.address[1]
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
@@ -151,17 +152,36 @@ class TlsRelay:
                 raw, _ = self.listener.accept()
             except OSError:
                 return
-            threading.Thread(target=self._serve, args=(raw,), daemon=True).start()
+            threading.Thread(target=self._one, args=(raw,), daemon=True).start()
 
-    def _serve(self, raw: socket.socket) -> None:
+    def _one(self, raw: socket.socket) -> None:
         sock = self.tls.wrap(raw)
         try:
             self.tls.handshake(sock, SHORT_TIMEOUT)
-            upstream = ClientTls().handshake(socket.create_connection(self.target, timeout=SHORT_TIMEOUT),
-                                             *self.target)
-        except (OSError, ConnectionFailed):
+            self.serve(sock)
+        except (OSError, ConnectionFailed, ProtocolError):
+            pass
+        finally:
             sock.close()
-            return
+
+    def close(self) -> None:
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() so the port is free at once
+        except OSError:
+            pass
+        self.listener.close()
+
+
+class TlsRelay(TlsServer):
+    """A machine in the middle: terminates TLS with its own certificate and relays to ``target`` over TLS."""
+
+    def __init__(self, tls: ServerTls, target: tuple[str, int]) -> None:
+        self.target = target
+        self.connections = 0
+        super().__init__(tls, self._pipe)
+
+    def _pipe(self, sock) -> None:
+        upstream = ClientTls().handshake(socket.create_connection(self.target, timeout=SHORT_TIMEOUT), *self.target)
         self.connections += 1
         self._relay(sock, upstream)
 
@@ -194,9 +214,6 @@ class TlsRelay:
             sink.settimeout(SHORT_TIMEOUT)
             sink.sendall(data)
             sink.settimeout(0)
-
-    def close(self) -> None:
-        self.listener.close()
 
 
 class SlowProxy:

@@ -1,10 +1,8 @@
 """Who may download: paired mode, pairing by one-time code over real TLS, revocation, counts once per client."""
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
-import threading
 
 import pytest
 from conftest import (
@@ -12,6 +10,7 @@ from conftest import (
     ROOT,
     SHORT_TIMEOUT,
     TlsRelay,
+    TlsServer,
     client_config_for,
     make_config,
     make_file,
@@ -21,7 +20,7 @@ from conftest import (
 )
 
 from config_loader import load_config
-from error_handler import ConfigError, ConnectionFailed, MiniTorrentError, RemoteError
+from error_handler import ConfigError, MiniTorrentError, RemoteError
 from minitorrent.client.engine import ClientEngine
 from minitorrent.common.launcher import free_port
 from minitorrent.net.remote import ServerSession
@@ -43,46 +42,27 @@ def client_of(tmp_path, address, name: str = "cli", overrides: dict | None = Non
     return ClientEngine(load_config(client_config_for(tmp_path / name, address, settings)))
 
 
-class IdentitySwappingRelay:
+class IdentitySwappingRelay(TlsServer):
     """A machine in the middle that speaks the protocol: it answers the server's identity challenge with
     its own identity (a client's proof names the relay and would fail) and relays everything else."""
 
     def __init__(self, tls: ServerTls, target: tuple[str, int]) -> None:
-        self.tls = tls
         self.target = target
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__(tls, self._relay)
 
-    def _accept(self) -> None:
+    def _relay(self, sock) -> None:
+        down = Connection(sock, io_timeout_s=SHORT_TIMEOUT)
+        up = Connection.dial(*self.target, io_timeout_s=SHORT_TIMEOUT, secure=ClientTls())
+        nonce = ""
         while True:
-            try:
-                raw, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._relay, args=(raw,), daemon=True).start()
-
-    def _relay(self, raw: socket.socket) -> None:
-        sock = self.tls.wrap(raw)
-        try:
-            self.tls.handshake(sock, SHORT_TIMEOUT)
-            down = Connection(sock, io_timeout_s=SHORT_TIMEOUT)
-            up = Connection.dial(*self.target, io_timeout_s=SHORT_TIMEOUT, secure=ClientTls())
-            nonce = ""
-            while True:
-                frame = down.recv()
-                if isinstance(frame.message, protocol.Identify):
-                    up.send(protocol.Identify(*self.tls.identity.identify(server_identity(up.sock), nonce)))
-                else:
-                    up.send(frame.message, frame.payload)
-                reply = up.recv()
-                nonce = reply.message.nonce if isinstance(reply.message, protocol.Welcome) else nonce
-                down.send(reply.message, reply.payload)
-        except (OSError, ConnectionFailed, protocol.ProtocolError):
-            sock.close()
-
-    def close(self) -> None:
-        self.listener.close()
+            frame = down.recv()
+            if isinstance(frame.message, protocol.Identify):
+                up.send(protocol.Identify(*self.tls.identity.identify(server_identity(up.sock), nonce)))
+            else:
+                up.send(frame.message, frame.payload)
+            reply = up.recv()
+            nonce = reply.message.nonce if isinstance(reply.message, protocol.Welcome) else nonce
+            down.send(reply.message, reply.payload)
 
 
 class TestPairedMode:

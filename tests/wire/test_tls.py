@@ -7,47 +7,11 @@ import ssl
 import threading
 
 import pytest
-from conftest import SHORT_TIMEOUT
+from conftest import SHORT_TIMEOUT, TlsServer
 
 from error_handler import ConnectionFailed
 from minitorrent.wire.identity import load_or_create
 from minitorrent.wire.tls import ClientTls, IdentityRefused, PinStore, ServerTls
-
-
-class TlsServer:
-    """Accepts connections with ``tls``; each connection gets ``serve(sock)`` after the handshake."""
-
-    def __init__(self, tls: ServerTls, serve=lambda sock: sock.recv(1), port: int = 0) -> None:
-        self.tls = tls
-        self.serve = serve
-        self.listener = socket.create_server(("127.0.0.1", port))
-        self.address = self.listener.getsockname()[:2]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                raw, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._one, args=(raw,), daemon=True).start()
-
-    def _one(self, raw: socket.socket) -> None:
-        sock = self.tls.wrap(raw)
-        try:
-            self.tls.handshake(sock, SHORT_TIMEOUT)
-            self.serve(sock)
-        except (OSError, ConnectionFailed):
-            pass
-        finally:
-            sock.close()
-
-    def close(self) -> None:
-        try:
-            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() so the port is free at once
-        except OSError:
-            pass
-        self.listener.close()
 
 
 @pytest.fixture
