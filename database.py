@@ -752,18 +752,6 @@ _PARTIAL_COLUMNS = ("id, dest_path, name, size, chunk_size, sha256, chunk_digest
 _BLOB_PIECE_BYTES = 1 << 20  # a digest list is written in pieces of this size, never bound whole
 
 
-def _blob_equals(connection: sqlite3.Connection, table: str, column: str, row: int, data: bytes | memoryview) -> bool:
-    """Whether a blob column holds exactly ``data``, compared piece by piece (never read whole)."""
-    view = memoryview(data)
-    with connection.blobopen(table, column, row, readonly=True) as blob:
-        if len(blob) != len(view):
-            return False
-        for start in range(0, len(view), _BLOB_PIECE_BYTES):
-            if blob.read(_BLOB_PIECE_BYTES) != view[start:start + _BLOB_PIECE_BYTES]:
-                return False
-    return True
-
-
 def _copy_blob(connection: sqlite3.Connection, source: tuple[str, int], target: tuple[str, int], column: str) -> None:
     """Copy a blob column between rows piece by piece, into a ``zeroblob`` of its length."""
     with connection.blobopen(source[0], column, source[1], readonly=True) as reader, \

@@ -145,15 +145,6 @@ class NodeState:
         log.info("%s server is ACTIVE with epoch %d: %s", self.server, epoch, reason)
         self._tell(RoleChanged(Role.ACTIVE, epoch, reason))
 
-    def become_active(self, reason: str) -> None:
-        """Activate with the current epoch, or promote if a higher one was seen (or none was ever taken)."""
-        with self._lock:
-            must_promote = self._highest_seen > self._epoch or self._epoch == 0
-        if must_promote:
-            self.promote(reason)
-        else:
-            self.activate(reason)
-
     def step_down(self, reason: str, primary: str = "") -> None:
         """Stop serving as active (if active); ``primary`` names who is."""
         with self._lock:

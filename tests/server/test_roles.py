@@ -190,28 +190,16 @@ class TestCheckServing:
             node.check_serving()
 
 
-class TestBecomeActive:
-    def test_keeps_its_epoch_when_nothing_higher_was_seen(self, store):
+class TestActivate:
+    """Whether to promote or resume is ha.decide's (tests/server/test_ha.py); activate only applies RESUME."""
+
+    def test_keeps_its_epoch(self, store):
         """A restarted server with epoch 3 and nothing newer heard activates at 3, without a new epoch."""
         store.set_meta("epoch", "3")
         node, events = node_with_events(store)
-        node.become_active("the backup is on standby")
+        node.activate("the backup is on standby")
         assert (Role.ACTIVE, 3, "3") == (node.role, node.epoch, store.get_meta("epoch"))
         assert [RoleChanged(Role.ACTIVE, 3, "the backup is on standby")] == events
-
-    def test_promotes_when_a_higher_epoch_was_seen(self, store):
-        """Having heard of epoch 5, becoming active means promoting to 6 (persisted)."""
-        store.set_meta("epoch", "3")
-        node = NodeState(store, "main", Role.STANDBY)
-        node.observe_epoch(5, "the backup")
-        node.become_active("the backup is unreachable")
-        assert (Role.ACTIVE, 6, "6") == (node.role, node.epoch, store.get_meta("epoch"))
-
-    def test_never_serves_as_active_at_epoch_zero(self, store):
-        """A server that never took an epoch takes one (1) before serving as active."""
-        node = NodeState(store, "main", Role.STANDBY)
-        node.become_active("serving alone")
-        assert (Role.ACTIVE, 1, "1") == (node.role, node.epoch, store.get_meta("epoch"))
 
     def test_activate_refuses_after_a_higher_epoch(self, store):
         """activate() keeps the epoch, so it refuses once a higher one is known: promote instead."""
@@ -222,12 +210,12 @@ class TestBecomeActive:
             node.activate("test")
         assert Role.STANDBY is node.role
 
-    def test_becoming_active_twice_tells_once(self, store):
+    def test_activating_twice_tells_once(self, store):
         """Activating an active server changes nothing and fires no second event."""
         store.set_meta("epoch", "2")
         node, events = node_with_events(store)
-        node.become_active("first")
-        node.become_active("second")
+        node.activate("first")
+        node.activate("second")
         assert (Role.ACTIVE, 2, 1) == (node.role, node.epoch, len(events))
 
 
