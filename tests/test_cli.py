@@ -160,6 +160,18 @@ class TestFailures:
         assert "nope.txt: no such file" in result.stderr
         assert "Traceback" not in result.stderr
 
+    def test_add_refuses_a_name_whose_part_file_could_not_exist(self, tmp_path):
+        """--add of a file whose "<name>.part" would pass 255 bytes exits 1 with one line; nothing is added."""
+        config = write_config(tmp_path)
+        long_file = make_file(tmp_path / ("é" * 123 + ".bin"), 10, seed=1)
+        result = subprocess.run([sys.executable, str(ROOT / "main_server.py"), "--config", str(config),
+                                 "--headless", "--add", str(long_file)],
+                                capture_output=True, text=True, timeout=LONG_TIMEOUT)
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert (1, 1, True) == (result.returncode, len(errors), "partial download" in errors[0])
+        with ServerStore(tmp_path / "server" / "catalog.db") as catalog:
+            assert [] == catalog.list_files()
+
 
 def _free_port() -> int:
     """A port that was free a moment ago: nothing listens there."""

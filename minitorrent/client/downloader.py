@@ -54,7 +54,7 @@ from error_handler import (
 from integrity import Manifest, sha256_file
 from minitorrent.client.chunkboard import ChunkBoard, ChunkSet, Source
 from minitorrent.client.progress import Progress
-from minitorrent.common.partfile import FinalNameTaken, PartFile, PartFileRefused
+from minitorrent.common.partfile import PART_SUFFIX, FinalNameTaken, PartFile, PartFileRefused
 from minitorrent.net.remote import (
     MAX_RECONNECT_DELAY_S,
     ConnectionPool,
@@ -236,7 +236,7 @@ class _Job:
     def run(self) -> tuple[int, int]:
         """Fetch, verify and install the file; returns (bytes fetched, chunks resumed)."""
         part = PartFile.open(self.owner.store, self.final, self.name, self.manifest,
-                             self.final.with_name(self.final.name + ".part"), prove_whole_file=False)
+                             self.final.with_name(self.final.name + PART_SUFFIX), prove_whole_file=False)
         self.part = part
         try:
             if part.resumed:

@@ -53,7 +53,7 @@ from minitorrent.client.progress import Progress
 from minitorrent.common.fs import fsync_dir, sync_filesystem
 from minitorrent.net.remote import MAX_RECONNECT_DELAY_S, ServerClient, ServerSession
 from minitorrent.wire import protocol
-from minitorrent.wire.protocol import ProtocolError, check_file_name
+from minitorrent.wire.protocol import ProtocolError, check_file_name, check_folder_name
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ class _Small:
 def folder_entries(server: ServerClient, folder: str) -> list[dict]:
     """The catalog entries in ``folder`` (``photos/``), sorted by name; ``DownloadError`` if none."""
     try:
-        check_file_name(folder.rstrip("/"))
+        check_folder_name(folder.rstrip("/"))
     except ProtocolError as error:
         raise DownloadError(str(error)) from error
     prefix = folder.rstrip("/") + "/"

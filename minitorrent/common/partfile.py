@@ -68,7 +68,11 @@ from minitorrent.common.units import human_size
 
 log = logging.getLogger(__name__)
 
+PART_SUFFIX = ".part"
 PART_NAME_ATTEMPTS = 100  # "<name>.part", then "<name>.2.part" ... "<name>.100.part"
+# The most a part name adds to a file's name (".100.part"): a file name longer
+# than 255 bytes minus this could not have all its part names on disk.
+LONGEST_PART_SUFFIX_BYTES = len(f".{PART_NAME_ATTEMPTS}{PART_SUFFIX}")
 SYNC_EVERY_BYTES = 64 * 1024 * 1024  # the hasher writes the part file back this often, not all at the end
 PART_FILE_MODE = 0o644
 # Opening a path we did not just create: never follow a symlink, never block on

@@ -43,6 +43,7 @@ from minitorrent.wire.protocol import (
     ProtocolError,
     RequestFailed,
     check_file_name,
+    check_folder_name,
     folder_of,
 )
 
@@ -131,8 +132,10 @@ class Catalog:
         """Make ``name`` mean ``manifest`` exactly as the main says; its blob must be stored.
 
         Unlike ``add_file`` this replaces a different content under ``name``:
-        the main is the authority for a replica's names.
+        the main is the authority for a replica's names, but not for what
+        names are safe: ``CatalogError`` for a name ``check_file_name`` refuses.
         """
+        _catalog_name(name)
         with self._lock:
             existing = self.db.get_file(name)
             if existing is not None and existing.sha256 == manifest.sha256:
@@ -217,7 +220,7 @@ class Catalog:
         names at once; the replicator sends them to the backup.
         """
         old, new = old.rstrip("/"), new.rstrip("/")
-        _catalog_name(new)
+        _catalog_name(new, check_folder_name)  # a file or a folder: each file's new name is checked below
         if new == old or new.startswith(old + "/"):
             raise CatalogError(f"cannot rename {old} to {new}: the same place or inside itself")
         with self._lock:
@@ -330,6 +333,7 @@ class Catalog:
                 candidate = numbered_name(name, attempt)  # a folder has that name: the file takes the next
                 continue
             if existing is None:
+                _catalog_name(candidate)  # "report (2).pdf" is longer than "report.pdf"
                 record = FileRecord(candidate, manifest.size, manifest.chunk_size, manifest.sha256,
                                     added_at, 0, manifest.chunk_count, manifest.root)
                 chosen[candidate] = record
@@ -465,9 +469,9 @@ def _check_regular_file(source: Path) -> None:
         raise CatalogError(f"{source}: not a regular file")
 
 
-def _catalog_name(name: str) -> str:
+def _catalog_name(name: str, check: Callable[[object], str] = check_file_name) -> str:
     try:
-        return check_file_name(name)
+        return check(name)
     except ProtocolError as error:
         raise CatalogError(str(error)) from error
 

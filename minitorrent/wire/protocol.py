@@ -36,6 +36,7 @@ from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 from error_handler import MiniTorrentError
+from minitorrent.common.partfile import LONGEST_PART_SUFFIX_BYTES, PART_SUFFIX
 
 PROTOCOL_VERSION = 1
 MAGIC = b"MT"
@@ -47,6 +48,9 @@ MAX_CHUNK_BYTES = 16 * 1024 * 1024  # the largest transfer.chunk_size the config
 MAX_MANIFEST_CHUNKS = 4 * 1024 * 1024  # 4 TiB at 1 MiB chunks
 MAX_PAYLOAD_BYTES = max(MAX_CHUNK_BYTES, 32 * MAX_MANIFEST_CHUNKS)  # 128 MiB
 MAX_NAME_BYTES = 255  # what ext4 and most file systems allow for one name
+# A file's own name (a path's last component) leaves room for the part file a
+# receiver writes beside it ("<name>.part", up to "<name>.100.part"): 246 bytes.
+MAX_FILE_NAME_BYTES = MAX_NAME_BYTES - LONGEST_PART_SUFFIX_BYTES
 MAX_PATH_BYTES = 1024  # a relative path: well under Linux's PATH_MAX (4096) once an output folder is prefixed
 MAX_PATH_DEPTH = 64  # folders in one relative path: deep trees, but not a denial of service
 MAX_LIST_ENTRIES = 200  # entries per offset page (protocol 1's paging) at most; fit_list_page also keeps it under the header limit
@@ -121,17 +125,30 @@ def check_file_name(name: object) -> str:
     no absolute path, no empty component (``a//b``, a trailing ``/``), no
     ``.`` or ``..``, no ``\\``. At most ``MAX_PATH_DEPTH`` components and
     ``MAX_PATH_BYTES`` UTF-8 bytes in all. Spaces, accents, emoji, ``|`` and
-    ``:`` are all fine. Raises ``RemoteProtocolError`` with code ``BAD_NAME``
-    (a ``MiniTorrentError``). The one place these rules live: the catalog,
-    the replica and the downloading client all call it.
+    ``:`` are all fine. The last component, the file's own name, is at most
+    ``MAX_FILE_NAME_BYTES``: a receiver must be able to create its part file
+    (``<name>.part``) beside it. Raises ``RemoteProtocolError`` with code
+    ``BAD_NAME`` (a ``MiniTorrentError``). The one place these rules live: the
+    catalog, the replica and the downloading client all call it.
     """
     if not isinstance(name, str):
         _refuse_name(name, "not a string")
-    return _check_path(name)
+    return _check_path(name, True)
+
+
+def check_folder_name(name: object) -> str:
+    """Return ``name`` if it is safe as a folder's relative path (``photos/2024``), else raise.
+
+    The rules of ``check_file_name`` but for the part-file room: no part file
+    is ever made for a folder, so its last component may have 255 bytes.
+    """
+    if not isinstance(name, str):
+        _refuse_name(name, "not a string")
+    return _check_path(name, False)
 
 
 @functools.lru_cache(maxsize=1 << 14)  # pure; a folder's names are checked on listing, request and report
-def _check_path(name: str) -> str:
+def _check_path(name: str, is_file: bool) -> str:
     if name.startswith("/"):
         _refuse_name(name, "an absolute path")
     components = name.split("/")
@@ -141,6 +158,9 @@ def _check_path(name: str) -> str:
         check_component(component, name)
     if len(name.encode("utf-8")) > MAX_PATH_BYTES:
         _refuse_name(name, f"longer than {MAX_PATH_BYTES} bytes")
+    if is_file and len(components[-1].encode("utf-8")) > MAX_FILE_NAME_BYTES:
+        _refuse_name(name, f"a file name longer than {MAX_FILE_NAME_BYTES} bytes: its partial download "
+                           f"(<name>{PART_SUFFIX}) would pass the file system's {MAX_NAME_BYTES}-byte limit")
     return name
 
 

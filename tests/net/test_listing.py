@@ -215,8 +215,8 @@ class TestCounting:
 
 class TestPageSize:
     def test_a_full_page_of_the_longest_names_fits(self, catalog, serve):
-        """5,000 entries with 255-byte names of escaped quotes and the largest sizes fit in one page's payload."""
-        names = ['"' * 250 + f"{i:05d}" for i in range(protocol.MAX_LIST_PAGE_ENTRIES)]
+        """5,000 entries with the longest file names (246 bytes) of escaped quotes and the largest sizes fit a page."""
+        names = ['"' * (protocol.MAX_FILE_NAME_BYTES - 5) + f"{i:05d}" for i in range(protocol.MAX_LIST_PAGE_ENTRIES)]
         catalog.db.add_files([(name, Manifest(2**62, 2**62, SHA, bytes(32)), 1.0e300) for name in names])
         session = ServerSession.open(*serve(catalog), io_timeout_s=SHORT_TIMEOUT)
         try:

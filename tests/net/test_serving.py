@@ -1046,9 +1046,9 @@ class TestStatus:
 
 class TestListing:
     def test_listing_pages_fit_with_long_names(self, start_served, tmp_path):
-        """A catalog of 250 files with 250-byte names can be listed: every page fits under MAX_HEADER_BYTES."""
+        """250 files with the longest file names (246 bytes) can be listed: every page fits under MAX_HEADER_BYTES."""
         served = start_served(PATIENT)
-        names = [f"{i:03d}" + '"' * 247 for i in range(250)]
+        names = [f"{i:03d}" + '"' * (protocol.MAX_FILE_NAME_BYTES - 3) for i in range(250)]
         for name in names:
             served.engine.add_file(make_file(tmp_path / "many" / name, 1, seed=len(name)))
         session = ServerSession.open(*served.address, io_timeout_s=SHORT_TIMEOUT, secure=TLS)

@@ -445,6 +445,42 @@ class TestServing:
         assert (3, 13) == catalog.count_files()
 
 
+LONG_NAME = "é" * 123 + ".bin"  # 250 bytes: a valid name, but "<name>.part" would pass 255
+
+
+class TestPartFileRoom:
+    def test_add_refuses_a_name_with_no_room_for_its_part_file(self, catalog, source):
+        """A file whose "<name>.part" could not exist on a client's disk is refused at add time; nothing is added."""
+        with pytest.raises(CatalogError) as caught:
+            catalog.add_file(source(LONG_NAME, b"data"))
+        assert ("partial download" in str(caught.value), [], []) == (True, names(catalog), store_files(catalog))
+
+    def test_add_folder_skips_such_a_file_with_a_warning(self, catalog, tmp_path):
+        """In a folder, such a file is skipped with one warning; the others are added."""
+        (tmp_path / "tree").mkdir()
+        (tmp_path / "tree" / LONG_NAME).write_bytes(b"long")
+        (tmp_path / "tree" / "ok.txt").write_bytes(b"ok")
+        results, warnings = catalog.add_folder(tmp_path / "tree")
+        assert (["tree/ok.txt"], 1) == ([result.record.name for result in results], len(warnings))
+        assert "partial download" in warnings[0]
+
+    def test_a_replica_with_such_a_name_is_refused(self, catalog, source):
+        """put_replica refuses the name too: the main is no authority on what a disk can hold."""
+        catalog.add_file(source("a.txt", b"123"))
+        manifest, _ = catalog.manifest("a.txt")
+        with pytest.raises(CatalogError):
+            catalog.put_replica(LONG_NAME, Manifest.from_header(manifest, catalog.manifest("a.txt")[1]), 1.0)
+        assert ["a.txt"] == names(catalog)
+
+    def test_a_numbered_name_past_the_limit_is_refused(self, catalog, source):
+        """A taken name's numbered twin ("x (2).bin") that would leave no room for a part file is refused."""
+        name = "a" * 240 + ".bin"  # 244 bytes: fits; "a...a (2).bin" (248) does not
+        catalog.add_file(source(name, b"one", "one"))
+        with pytest.raises(CatalogError):
+            catalog.add_file(source(name, b"two", "two"))
+        assert [name] == names(catalog)
+
+
 class TestNumberedName:
     @pytest.mark.parametrize("name, expected", [
         ("a.txt", "a (2).txt"),

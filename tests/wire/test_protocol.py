@@ -16,6 +16,7 @@ from minitorrent.wire.protocol import (
     MAGIC,
     MAX_CHUNK_BYTES,
     MAX_HEADER_BYTES,
+    MAX_FILE_NAME_BYTES,
     MAX_NAME_BYTES,
     MAX_PATH_DEPTH,
     MAX_PAYLOAD_BYTES,
@@ -45,6 +46,7 @@ from minitorrent.wire.protocol import (
     StatusInfo,
     Welcome,
     check_file_name,
+    check_folder_name,
     encode_frame,
     encode_head,
 )
@@ -435,6 +437,8 @@ class TestFileNames:
         "dotdot": "..",
         "256 bytes": "a" * 256,
         "256 bytes of accents": "é" * 128,
+        "no room for its part file": "a" * (MAX_FILE_NAME_BYTES + 1),
+        "no room for its part file, in a folder": "photos/" + "é" * 124,
         "newline": "a\nb",
         "tab": "a\tb",
         "escape": "a\x1bb",
@@ -451,7 +455,8 @@ class TestFileNames:
         "all together": ODD_NAME,
         "dot file": ".bashrc",
         "three dots": "...",
-        "255 bytes": "a" * MAX_NAME_BYTES,
+        "246-byte file name": "a" * MAX_FILE_NAME_BYTES,
+        "255-byte folder name": "a" * MAX_NAME_BYTES + "/b",
         "cjk": "文件.txt",
         "relative path": "a/b",
         "nested path": "photos/2024/beach.jpg",
@@ -470,6 +475,20 @@ class TestFileNames:
     def test_ordinary_name_accepted(self, name):
         """check_file_name returns ordinary names unchanged, whatever characters they use."""
         assert name == check_file_name(name)
+
+    def test_a_file_name_leaves_room_for_its_part_file(self):
+        """A file's own name is refused when "<name>.100.part", its longest part name, would pass 255 bytes."""
+        longest = "a" * MAX_FILE_NAME_BYTES
+        assert (MAX_NAME_BYTES, longest) == (len(f"{longest}.100.part"), check_file_name(longest))
+        with pytest.raises(RemoteProtocolError) as caught:
+            check_file_name(longest + "a")
+        assert (ErrorCode.BAD_NAME, True) == (caught.value.code, "partial download" in str(caught.value))
+
+    def test_a_folder_name_may_use_all_255_bytes(self):
+        """check_folder_name keeps the 255-byte component limit: no part file is made for a folder."""
+        assert "a" * MAX_NAME_BYTES == check_folder_name("a" * MAX_NAME_BYTES)
+        with pytest.raises(RemoteProtocolError):
+            check_folder_name("a" * (MAX_NAME_BYTES + 1))
 
     @pytest.mark.parametrize("value", [None, 5, b"name", ["a"]])
     def test_non_string_refused(self, value):
