@@ -337,6 +337,7 @@ class BackupWindow(ServerWindow):
     def _build(self) -> None:
         self.promote_button = self.header.add_button("Promote now", self.promote_now, state="disabled")
         self.handback_button = self.header.add_button("Hand back to main", self.hand_back, state="disabled")
+        self.header.show_identity(self.controller.engine.identity.id)  # the main pins it as server.backup.id
         ttk.Separator(self).grid(row=1, column=0, sticky="ew", pady=(10, 10))
         self._build_role_panel().grid(row=2, column=0, sticky="ew")
         ttk.Separator(self).grid(row=3, column=0, sticky="ew", pady=(10, 0))

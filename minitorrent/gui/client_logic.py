@@ -284,6 +284,7 @@ class CatalogFetched:
     entries: list[dict] | None
     error: str = ""
     announce: bool = False
+    not_paired: bool = False  # the server refused: this client is not paired (server.access: paired)
 
 
 @dataclass(frozen=True)

@@ -54,6 +54,7 @@ from minitorrent.gui.client_panels import (
     TransferList,
     configure_client_styles,
 )
+from minitorrent.gui.pairing import HOW_TO_PAIR, PairDialog, PairingResult, is_not_paired, pairing_failure
 from minitorrent.gui.shell import WindowShell, remember_setting, run_window
 from minitorrent.gui.transfers import (
     DownloadProgressed,
@@ -142,9 +143,21 @@ class ClientController:
         try:
             entries = self.engine.list_files("")
         except MiniTorrentError as error:
-            self.post(CatalogFetched(None, str(error), announce))
+            self.post(CatalogFetched(None, str(error), announce, is_not_paired(error)))
         else:
             self.post(CatalogFetched(entries, announce=announce))
+
+    def pair(self, code: str) -> None:
+        """Pair with the server using the operator's code (in a worker); a ``PairingResult`` says how it went."""
+        self.in_background(lambda: self._pair(code), "pair")
+
+    def _pair(self, code: str) -> None:
+        try:
+            server_identity = self.engine.pair(code)
+        except MiniTorrentError as error:
+            self.post(PairingResult(error=pairing_failure(error)))
+        else:
+            self.post(PairingResult(server_identity))
 
     def start(self, seeding: bool) -> None:
         """What a new window asks of the engine: unfinished downloads, the download folder, the seeder."""
@@ -233,6 +246,8 @@ class ClientWindow(WindowShell):
         self._last_snapshot: ClientSnapshot | None = None
         self._next_poll_at: float | None = None
         self._catalog_fetched_at: float | None = None
+        self.pair_dialog: PairDialog | None = None
+        self.not_paired = False  # the server in use refused us: the status line says how to pair
         self._build()
         self.open(self.controller.snapshot, CONNECTED_POLL_S)
         self.controller.set_poll_interval = self.poller.set_interval
@@ -243,9 +258,11 @@ class ClientWindow(WindowShell):
         configure_client_styles(self.root)
         self.header.configure(padding=(14, 10, 14, 6))
         self.header.grid(row=0, column=0, sticky="ew")
+        self.pair_button = self.header.add_button("Pair with server…", self.open_pair_dialog)
         self.retry_button = self.header.add_button("Retry now", self.retry_now)
         self.retry_button.grid_remove()
         self.header.show("asking the configured servers", "idle", False)
+        self.header.show_identity(self.engine.identity.id)  # what a server's operator sees when this client pairs
         self.banner = ErrorBanner(self)
         self.banner.grid(row=1, column=0, sticky="ew", padx=14, pady=(0, 6))
         self.banner.hide()
@@ -289,6 +306,8 @@ class ClientWindow(WindowShell):
             self.notify(event.text, event.tone)
         elif isinstance(event, UnfinishedFound):
             self._on_unfinished(event)
+        elif isinstance(event, PairingResult):
+            self._on_paired(event)
         elif isinstance(event, SeedingFailed):
             self.seeding_error = event.reason
             self.notify(f"seeding could not start: {event.reason}", "error")
@@ -333,7 +352,13 @@ class ClientWindow(WindowShell):
 
     def _on_catalog(self, event: CatalogFetched) -> None:
         self._catalog_fetched_at = time.monotonic()
-        if event.entries is not None:
+        if event.not_paired:  # said once, not every refresh: the catalog keeps being asked for
+            if not self.not_paired:
+                self.notify(HOW_TO_PAIR, "warn")
+                self.catalog.set_entries([])  # what it listed before (a revoked client) cannot be downloaded
+            self.not_paired = True
+        elif event.entries is not None:
+            self.not_paired = False
             self.catalog.set_entries(event.entries)
             if event.announce:
                 self.notify(f"catalog refreshed: {plural(len(event.entries), 'file')}")
@@ -445,6 +470,23 @@ class ClientWindow(WindowShell):
         text = limits_text(upload, download, self.seeding_enabled)
         self.seeding_panel.say(text, "ok")
         self.notify(text, "ok")
+
+    def open_pair_dialog(self) -> None:
+        """Pair with server…: the dialog where the user types the operator's one-time code."""
+        if self.pair_dialog is not None and self.pair_dialog.winfo_exists():
+            self.pair_dialog.lift()
+            return
+        self.pair_dialog = PairDialog(self.root, self.controller.pair)
+
+    def _on_paired(self, event: PairingResult) -> None:
+        if self.pair_dialog is not None and self.pair_dialog.winfo_exists():
+            self.pair_dialog.show_result(event)
+        if event.error:
+            self.notify(event.error, "error")
+            return
+        self.not_paired = False
+        self.notify(f"paired with the server {event.server_identity}", "ok")
+        self.refresh_catalog(announce=False)
 
     def retry_now(self) -> None:
         """Ask the servers again at once (the Retry now button)."""

@@ -37,9 +37,17 @@ from typing import Any, Callable, Iterator, Sequence
 from error_handler import MiniTorrentError
 from minitorrent.common.units import human_duration, human_size, percent
 from minitorrent.gui.base import entry_row
+from minitorrent.gui.pairing import (
+    ClientRevoked,
+    ClientsPanel,
+    PairingCodeOffered,
+    PairingEnded,
+    pairing_ended_text,
+)
 from minitorrent.gui.server_window import ServerWindow
 from minitorrent.gui.shell import run_window
 from minitorrent.gui.widgets import ProgressStrip, TileStrip
+from minitorrent.server.access import CODE_TTL_S, AccessList, wait_for_pairing
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +147,8 @@ class MainSnapshot:
     backup: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
     data_dir: str = ""
+    paired: list = field(default_factory=list)  # (identity, paired at) of each paired client
+    access: str = "open"  # server.access
 
 
 # Pure functions: what is shown ---------------------------------------------------------------------------------
@@ -494,6 +504,39 @@ class MainController:
         self.post(ImportFinished(path, f"{Path(path).name}/ ({len(results)} files)", "added",
                                  queued=self._imports.qsize()))
 
+    # Pairing (server.access: paired) -------------------------------------------------------------------------
+
+    def offer_code(self) -> None:
+        """Show a new one-time code (in a worker), then wait for the client that uses it; events tell the rest."""
+        self._spawn(self._offer_code, "window-pair")
+
+    def _offer_code(self) -> None:
+        with self.holder.use() as engine:
+            code = engine.offer_pairing_code()
+            data_dir = engine.config.server.main.data_dir
+        self.post(PairingCodeOffered(code, time.time() + CODE_TTL_S))
+        access = AccessList(data_dir)  # its own connection: Stop Server may replace the engine while we wait
+        try:
+            identity = wait_for_pairing(access, code, self._cancel)
+        except LookupError as error:  # a wrong code, none used in time, a newer code, or the window closing
+            if not self._cancel.is_set():
+                self.post(PairingEnded(code, error=str(error)))
+            return
+        finally:
+            access.close()
+        self.post(PairingEnded(code, identity))
+        self.on_change()  # the list shows the new client at once
+
+    def revoke(self, identity: str) -> None:
+        """Stop accepting ``identity`` (in a worker; the backup follows)."""
+        self._spawn(lambda: self._revoke(identity), "window-revoke")
+
+    def _revoke(self, identity: str) -> None:
+        with self.holder.use() as engine:
+            revoked = engine.revoke_client(identity)
+        self.post(ClientRevoked(identity, revoked))
+        self.on_change()
+
     # Snapshots (the poller's thread) -----------------------------------------------------------------------
 
     def snapshot(self) -> MainSnapshot:
@@ -511,10 +554,12 @@ class MainController:
             metrics = engine.metrics.snapshot(top_files=0)
             role, epoch = engine.node.role.value, engine.node.epoch
             data_dir = str(engine.catalog.data_dir)
+            paired, access = engine.paired_clients(), engine.config.server.access
         if holds is not None:
             self._last_holds = holds  # while the link is down, show what the backup held when last seen
         rows = file_rows(entries, self._last_holds, backup)
-        return MainSnapshot(state, address, uptime, role, epoch, rows, count, total_bytes, backup, metrics, data_dir)
+        return MainSnapshot(state, address, uptime, role, epoch, rows, count, total_bytes, backup, metrics, data_dir,
+                            paired, access)
 
     # Closing ---------------------------------------------------------------------------------------------
 
@@ -553,7 +598,7 @@ class MainWindow(ServerWindow):
         self.controller = MainController(engine, self.pump.post)
         self._state_error = ""
         self._role = ""
-        self._build()
+        self._build(engine.identity.id)
         self.root.bind("<Delete>", lambda _event: self.remove_selected())
         self.open(self.controller.snapshot)
         self.controller.on_change = self.poller.poll_now
@@ -562,12 +607,13 @@ class MainWindow(ServerWindow):
         if add_paths:
             self.controller.add_files(add_paths)
 
-    def _build(self) -> None:
+    def _build(self, identity: str) -> None:
         self.add_button = self.header.add_button("Add Files…", self.add_files, style="Accent.TButton")
         self.add_folder_button = self.header.add_button("Add Folder…", self.add_folder)
         self.rename_button = self.header.add_button("Rename…", self.rename_selected, state="disabled")
         self.remove_button = self.header.add_button("Remove", self.remove_selected, state="disabled")
         self.serve_button = self.header.add_button("Start Server", self.toggle_server, width=12)
+        self.header.show_identity(identity)  # what clients pin (server.main.id) and check on first use
         ttk.Separator(self).grid(row=1, column=0, sticky="ew", pady=(10, 0))
         self.tiles = TileStrip(self, TILES)
         self.tiles.grid(row=2, column=0, sticky="ew", pady=2)
@@ -577,6 +623,9 @@ class MainWindow(ServerWindow):
         self.import_strip.place_at(row=5)
         self.build_panes(6, "Shared files", COLUMNS, "No files shared yet. Click Add Files… to share some.")
         self.table.tree.bind("<<TreeviewSelect>>", lambda _event: self._update_buttons())
+        self.clients = ClientsPanel(self.panes, self.controller.offer_code, self.revoke_selected)
+        self.panes.insert(1, self.clients, weight=1)
+        self._code = ""  # the code shown, whose outcome the panel waits for
 
     # Actions (Tk thread) ------------------------------------------------------------------------------------
 
@@ -616,6 +665,14 @@ class MainWindow(ServerWindow):
             return
         self.controller.remove_files(names)
 
+    def revoke_selected(self) -> None:
+        """Stop accepting the selected client, after a confirmation."""
+        identity = self.clients.selected()
+        if identity and messagebox.askyesno(
+                "Revoke client", f"Stop accepting the client\n{identity}?\n\nIt can no longer list or download "
+                "(server.access: paired) until it pairs again with a new code.", parent=self.root):
+            self.controller.revoke(identity)
+
     def toggle_server(self) -> None:
         """Start Server when stopped, Stop Server when serving."""
         if self.controller.state is ServerState.SERVING:
@@ -649,6 +706,19 @@ class MainWindow(ServerWindow):
         elif isinstance(event, FilesRemoved):
             for error in event.errors:
                 self.show_error(error)
+        elif isinstance(event, (PairingCodeOffered, PairingEnded, ClientRevoked)):
+            self._show_pairing(event)
+
+    def _show_pairing(self, event: Any) -> None:
+        if isinstance(event, PairingCodeOffered):
+            self._code = event.code
+            self.clients.show_code(event.code, event.expires_at)
+        elif isinstance(event, PairingEnded) and event.code == self._code:  # an older code's end is old news
+            self._code = ""
+            self.clients.show_outcome(*pairing_ended_text(event))
+        elif isinstance(event, ClientRevoked):
+            self.clients.show_outcome(f"Revoked {event.identity}" if event.revoked else
+                                      f"{event.identity} was not paired any more", "info")
 
     def _show_snapshot(self, snapshot: MainSnapshot) -> None:
         if snapshot.rows is None:  # the engine is being replaced: keep showing what was there
@@ -659,6 +729,7 @@ class MainWindow(ServerWindow):
         self.show_headline(*headline(snapshot.state, snapshot.address, snapshot.role, self._state_error))
         self.status.configure(text=summary_line(snapshot.file_count, snapshot.total_bytes, len(snapshot.rows),
                                                 snapshot.data_dir))
+        self.clients.show(snapshot.paired, snapshot.access)
         self._update_buttons()
 
     def _show_import(self, event: Any) -> None:

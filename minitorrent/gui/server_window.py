@@ -33,7 +33,7 @@ class ServerWindow(WindowShell):
 
     def build_panes(self, row: int, caption: str, columns: list[tuple[str, str, int, str]], empty_text: str) -> None:
         """The files table above the log, split by a draggable sash; the status line under them."""
-        panes = ttk.PanedWindow(self, orient="vertical")
+        self.panes = panes = ttk.PanedWindow(self, orient="vertical")  # a window may insert a pane of its own
         panes.grid(row=row, column=0, sticky="nsew")
         self.rowconfigure(row, weight=1)
         table_frame = ttk.Frame(panes)

@@ -83,6 +83,11 @@ class Header(ttk.Frame):
         self.theme_button.grid(row=0, column=51)
         self._buttons = 0
 
+    def show_identity(self, identity: str) -> None:
+        """This program's identity under the headline, as selectable text with a Copy button."""
+        self.identity = IdentityLine(self, identity)
+        self.identity.grid(row=2, column=1, columnspan=2, sticky="w", pady=(4, 0))
+
     def add_button(self, text: str, command: Callable[[], None], **options: Any) -> ttk.Button:
         """A button in the header's bar, after those already there (and before the theme toggle)."""
         button = ttk.Button(self.bar, text=text, command=command, **options)
@@ -100,6 +105,27 @@ class Header(ttk.Frame):
         """Match a new theme."""
         self.dot.refresh_theme()
         self.theme_button.configure(text=theme_button_text(theme))
+
+
+class IdentityLine(ttk.Frame):
+    """"Identity" and the whole ID (read-only, selectable: people compare it group by group), and a Copy button."""
+
+    def __init__(self, master: tk.Misc, identity: str) -> None:
+        super().__init__(master)
+        self.identity = identity
+        ttk.Label(self, text="IDENTITY", style="Caption.TLabel").grid(row=0, column=0, padx=(0, 6))
+        self.text = tk.StringVar(self, identity)
+        self.field = ttk.Entry(self, textvariable=self.text, state="readonly", width=len(identity) + 1,
+                               font="TkFixedFont")
+        self.field.grid(row=0, column=1)
+        self.copy_button = ttk.Button(self, text="Copy", width=7, command=self.copy)
+        self.copy_button.grid(row=0, column=2, padx=(6, 0))
+
+    def copy(self) -> None:
+        """Put the whole ID on the clipboard (to paste into a config's ``server.main.id``, or a message)."""
+        self.clipboard_clear()
+        self.clipboard_append(self.identity)
+        self.copy_button.configure(text="Copied")
 
 
 class WindowShell(ttk.Frame):

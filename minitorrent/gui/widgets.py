@@ -52,6 +52,7 @@ def install_fonts_and_styles(root: tk.Misc) -> None:
     style.configure("Subtitle.TLabel", font="MTBody", foreground=caption)
     for tone, colour in text_tones(root).items():
         style.configure(f"{tone}.Value.TLabel", font="MTValue", foreground=colour if tone != "idle" else caption)
+        style.configure(f"{tone}.Body.TLabel", font="MTBody", foreground=colour if tone != "idle" else caption)
     style.configure("Tile.TFrame", padding=(12, 6))
     selected, selected_text = SELECTION[current_theme(root)]
     style.map("Treeview", background=[("selected", selected)], foreground=[("selected", selected_text)])
@@ -60,6 +61,11 @@ def install_fonts_and_styles(root: tk.Misc) -> None:
 def text_tones(widget: tk.Misc) -> dict[str, str]:
     """The tones as text colours for the theme in use (lighter on the dark theme, to stay readable)."""
     return {**TONES, **DARK_TONES} if current_theme(widget) == "dark" else dict(TONES)
+
+
+def tone_style(tone: str) -> str:
+    """The label style for a line of body text in ``tone`` (ok, info, warn, error, idle)."""
+    return f"{tone}.Body.TLabel"
 
 
 def set_style(label: ttk.Label, style: str) -> None:
