@@ -339,6 +339,8 @@ class MainController:
         self._address = ""
         self._started_at: float | None = None
         self._last_holds: dict[str, str] = {}
+        self._paired_version: int | None = None  # the paired list's version last read (poller thread only)
+        self._paired_list: list[tuple[str, float]] = []
         self._imports: queue.Queue[str | None] = queue.Queue()
         self._importing = 0  # queued or running
         self._cancel = threading.Event()
@@ -554,12 +556,19 @@ class MainController:
             metrics = engine.metrics.snapshot(top_files=0)
             role, epoch = engine.node.role.value, engine.node.epoch
             data_dir = str(engine.catalog.data_dir)
-            paired, access = engine.paired_clients(), engine.config.server.access
+            paired, access = self._paired(engine), engine.config.server.access
         if holds is not None:
             self._last_holds = holds  # while the link is down, show what the backup held when last seen
         rows = file_rows(entries, self._last_holds, backup)
         return MainSnapshot(state, address, uptime, role, epoch, rows, count, total_bytes, backup, metrics, data_dir,
                             paired, access)
+
+    def _paired(self, engine: Any) -> list[tuple[str, float]]:
+        """The paired clients, read again only when the list changed (a poll every half second reads one number)."""
+        version = engine.access.version()
+        if version != self._paired_version:
+            self._paired_version, self._paired_list = version, engine.paired_clients()
+        return self._paired_list
 
     # Closing ---------------------------------------------------------------------------------------------
 
