@@ -108,7 +108,7 @@ class Header(ttk.Frame):
 
 
 class IdentityLine(ttk.Frame):
-    """"Identity" and the whole ID (read-only, selectable: people compare it group by group), and a Copy button."""
+    """The caption IDENTITY, the whole ID (read-only, selectable: people compare it group by group), a Copy button."""
 
     def __init__(self, master: tk.Misc, identity: str) -> None:
         super().__init__(master)
