@@ -514,7 +514,9 @@ def start_with_face(start_engine: Callable[[], str], face: WebFace | None) -> st
     except BaseException:
         face.stop()
         raise
-    return f"{banner}\nweb page: {face.url}"
+    note = ("\nweb token (server.access: paired): python main_server.py token"
+            if face.authorize is not open_access else "")  # never the token itself: stdout often ends in a journal
+    return f"{banner}\nweb page: {face.url}{note}"
 
 
 def stop_with_face(stop_engine: Callable[[], None], face: WebFace | None) -> None:

@@ -163,7 +163,7 @@ class TestTorrentFile:
 
     def test_standby_redirects_torrents(self, standby_backup, face_factory):
         """On standby a .torrent request is redirected like a download."""
-        face = face_factory(standby_backup, redirect_to=("127.0.0.1", 5999))
+        face = face_factory(standby_backup, redirect_to="http://127.0.0.1:5999")
         answer = fetch(face.address, "/files/" + "b" * 64 + "/x.bin.torrent")
         assert 307 == answer.status
 
