@@ -100,7 +100,7 @@ class ClientEngine:
         Asked over the TLS session on which this client proved its identity;
         ``MiniTorrentError`` (NOT_PAIRED) if the server does not accept it.
         """
-        return self.server.call(lambda session: session.call(protocol.GetWebToken(), protocol.WebToken).token)
+        return self.server.call(lambda session: session.call(protocol.GetWebToken(), protocol.WebToken).message.token)
 
     def list_files(self, search: str = "") -> list[dict]:
         """Catalog entries matching ``search``."""

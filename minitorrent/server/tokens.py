@@ -1,7 +1,7 @@
 """Tokens for the web face under ``server.access: paired``: what a browser, curl or wget shows instead of a certificate.
 
 A token is 64 URL-safe characters: the 32 bytes of the holder's identity
-(a paired client's, or 32 zero bytes for the server's operator) followed by
+(a paired client's, or a fixed digest standing for the server's operator) followed by
 16 bytes of HMAC-SHA256 over them, keyed by ``token_key``::
 
     base64url( identity digest (32 B) | HMAC(key, "minitorrent-web-token\\0" | digest)[:16] )
@@ -32,7 +32,7 @@ from minitorrent.wire.protocol import ErrorCode, Frame, RequestFailed
 
 TOKEN_MAC_BYTES = 16  # 128 bits: forging one takes 2^128 tries online
 OPERATOR = "operator"  # who holds the operator's token (not an identity: no certificate behind it)
-_OPERATOR_DIGEST = bytes(32)
+_OPERATOR_DIGEST = hashlib.sha256(b"minitorrent-web-operator").digest()  # no certificate has this SHA-256
 _LABEL = b"minitorrent-web-token\0"
 MAX_TOKEN_CHARS = 128  # anything longer is not a token: refused before decoding
 
