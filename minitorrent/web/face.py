@@ -514,7 +514,8 @@ def start_with_face(start_engine: Callable[[], str], face: WebFace | None) -> st
     except BaseException:
         face.stop()
         raise
-    note = ("\nweb token (server.access: paired): python main_server.py token"
+    program = "backup_server.py" if face.engine.name == "backup" else "main_server.py"
+    note = (f"\nweb token (server.access: paired): python {program} token"
             if face.authorize is not open_access else "")  # never the token itself: stdout often ends in a journal
     return f"{banner}\nweb page: {face.url}{note}"
 

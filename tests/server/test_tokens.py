@@ -2,8 +2,11 @@
 the main and the backup, and asked for over the wire by a paired client."""
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
-from conftest import client_config_for, make_config
+from conftest import LONG_TIMEOUT, ROOT, client_config_for, make_config, write_config
 
 from config_loader import load_config
 from error_handler import RemoteError
@@ -103,6 +106,18 @@ class TestFailover:
                 engine.catalog.close()
                 engine.access.close()
         assert expected == actual
+
+
+class TestCommands:
+    def test_main_and_backup_commands_print_the_same_token(self, tmp_path):
+        """main_server.py token and backup_server.py token, on one shared secret, print the same 64 characters."""
+        config = write_config(tmp_path, {"server": {"secret": "shared", "main": {"port": 5998, "data_dir": "m"},
+                                                    "backup": {"port": 5999, "data_dir": "b"}}})
+        printed = [subprocess.run([sys.executable, str(ROOT / program), "--config", str(config), "token"],
+                                  capture_output=True, text=True, timeout=LONG_TIMEOUT)
+                   for program in ("main_server.py", "backup_server.py")]
+        main, backup = (p.stdout.strip() for p in printed)
+        assert (0, 0, 64, main) == (printed[0].returncode, printed[1].returncode, len(main), backup)
 
 
 class TestWebTokenRequest:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import shutil
 import socket
 import subprocess
 import sys
@@ -196,6 +197,17 @@ class TestPairedAccess:
         answer = fetch(face.address, "/metrics", {"Authorization": f"Bearer {engine.operator_token()}"}, secure=True)
         assert (200, True) == (answer.status, b"minitorrent_epoch" in answer.body)
 
+    @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed (Debian: prometheus)")
+    def test_promtool_accepts_the_exposition_over_https(self, paired):
+        """promtool check metrics accepts /metrics scraped over HTTPS with a Bearer token after a download."""
+        engine, face, _, path = paired
+        bearer = {"Authorization": f"Bearer {engine.operator_token()}"}
+        fetch(face.address, path, bearer, secure=True)
+        text = fetch(face.address, "/metrics", bearer, secure=True).body
+        result = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True,
+                                timeout=SHORT_TIMEOUT)
+        assert (0, b"") == (result.returncode, result.stdout + result.stderr)
+
     def test_torrent_urls_carry_the_token(self, paired, tmp_path):
         """A token holder's .torrent names a web seed and a tracker that carry the same token."""
         lt = pytest.importorskip("libtorrent", reason="libtorrent (pip) reads the torrent as a BitTorrent client")
@@ -252,7 +264,10 @@ class TestTokenCommands:
         subprocess.run(main_server + ["revoke", identity], capture_output=True, timeout=LONG_TIMEOUT, check=True)
         revoked = fetch(address, "/api/v1/status?token=" + token, secure=True).status
         refused = run_client(config, "token")
+        banner = list(server.stdout_lines)
         server.stop()
         assert (200, 200, 200, 401) == (access.status, with_token, with_operator, revoked)
         assert (1, 1, True) == (refused.returncode, len(refused.stderr.strip().splitlines()),
                                 "not paired" in refused.stderr)
+        assert (True, False) == ("web token (server.access: paired): python main_server.py token" in banner,
+                                 any(operator.stdout.strip() in line for line in banner))
