@@ -25,6 +25,7 @@ import json
 import logging
 import re
 import socket
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
@@ -252,8 +253,13 @@ class _HttpServer(ThreadingHTTPServer):
                 self.shutdown_request(secured)  # the TLS socket owns the descriptor now, not ``request``
 
     def handle_error(self, request, client_address) -> None:
-        """A connection that broke (reset, bad TLS record) is the client's business: a debug line, no traceback."""
-        log.debug("web face: connection from %s ended badly", client_address, exc_info=True)
+        """A connection that broke (reset, bad TLS record) is the client's business: a debug line, no traceback
+        on stderr. Anything else is a bug: logged as one."""
+        error = sys.exc_info()[1]
+        if isinstance(error, OSError):
+            log.debug("web face: connection from %s ended: %s", client_address[0], error)
+        else:
+            log.exception("web face: connection from %s failed", client_address[0])
 
 
 _REASONS = {400: "Bad Request", 503: "Service Unavailable"}
@@ -262,10 +268,10 @@ _REASONS = {400: "Bad Request", 503: "Service Unavailable"}
 def _refuse_plain(request: socket.socket, message: str, status: int = 400, code: str = ErrorCode.BAD_REQUEST) -> None:
     """Answer a plain-HTTP client with one JSON error and nothing more (before any request is read)."""
     body = HttpError(code, message).body()
+    retry = b"Retry-After: 1\r\n" if status == 503 else b""
     try:
-        request.sendall(b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
-                        b"Connection: close\r\nContent-Length: %d\r\n\r\n%s"
-                        % (status, _REASONS[status].encode(), len(body), body))
+        request.sendall(b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\n%sConnection: close\r\n"
+                        b"Content-Length: %d\r\n\r\n%s" % (status, _REASONS[status].encode(), retry, len(body), body))
     except OSError:
         pass
 
