@@ -2,6 +2,7 @@
 
     python backup_server.py [--config PATH] [--headless]
     python backup_server.py [--config PATH] --add FILE [FILE ...]   # beside a running, active backup
+    python backup_server.py [--config PATH] token    # the operator's token for the web face (docs/http.md)
 
 It listens on ``server.backup.port`` for both the main's authenticated peer
 links (heartbeats and replication) and for clients. On standby it refuses
@@ -25,11 +26,13 @@ import signal
 import sys
 from typing import Sequence
 
+from config_loader import load_config
 from error_handler import MiniTorrentError
 from minitorrent.common.daemon import build_engine, serve_until_signalled
 from minitorrent.net import remote
 from minitorrent.server.backup import BackupServer
-from minitorrent.server.engine import peer_tls
+from minitorrent.server.access import AccessList
+from minitorrent.server.engine import operator_token, peer_tls
 from minitorrent.web.face import start_with_face, stop_with_face, web_face_for
 
 log = logging.getLogger(__name__)
@@ -42,7 +45,27 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--geometry", metavar="WxH+X+Y", help="the window's size and place on screen")
     parser.add_argument("--add", nargs="+", metavar="FILE", default=[],
                         help="files to share from the running backup while it is active")
+    parser.add_argument("command", nargs="?", choices=["token"],
+                        help="token: print the operator's token for the web face (server.access: paired)")
     return parser.parse_args(argv)
+
+
+def run_token(config_path: str | None) -> int:
+    """The operator's token, alone on stdout (the same as the main's when they share the cluster secret)."""
+    try:
+        config = load_config(config_path)
+        access = AccessList(config.server.backup.data_dir)
+    except MiniTorrentError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    try:
+        print(operator_token(config, "backup", access))
+    except MiniTorrentError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        access.close()
+    return 0
 
 
 def start_banner(engine: BackupServer) -> str:
@@ -55,6 +78,8 @@ def start_banner(engine: BackupServer) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.command == "token":
+        return run_token(args.config)
     engine = build_engine(args.config, "backup_server", BackupServer)
     if engine is None:
         return 2

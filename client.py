@@ -7,6 +7,7 @@
     python client.py [--config PATH] seed
     python client.py [--config PATH] servers [--json] [--seconds S]
     python client.py [--config PATH] pair CODE
+    python client.py [--config PATH] token      # this paired client's token for the web face
 
 Exit status: 0 on success, 1 when a command failed (the reason is one line on
 stderr), 2 for a bad command line or configuration (or no display for the
@@ -70,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help=f"how long to listen (default {DISCOVERY_LISTEN_S:g})")
     pair = commands.add_parser("pair", help="pair with the server using the one-time code its operator gave you")
     pair.add_argument("code", metavar="CODE")
+    commands.add_parser("token", help="print this paired client's token for the server's web face "
+                                      "(server.access: paired): paste it into the page, or add ?token= to links")
     return parser
 
 
@@ -183,6 +186,11 @@ def run_pair(engine: ClientEngine, args: argparse.Namespace) -> int:
     return 0
 
 
+def run_token(engine: ClientEngine, args: argparse.Namespace) -> int:
+    print(engine.web_token())  # alone on stdout, so that TOKEN=$(python client.py token) works
+    return 0
+
+
 def run_servers(args: argparse.Namespace) -> int:
     """Listen for servers' mDNS announcements and print what was heard (unverified hints)."""
     if not 0 < args.seconds <= MAX_DISCOVERY_LISTEN_S:
@@ -202,7 +210,8 @@ def run_servers(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"list": run_list, "get": run_get, "status": run_status, "seed": run_seed, "pair": run_pair}
+COMMANDS = {"list": run_list, "get": run_get, "status": run_status, "seed": run_seed, "pair": run_pair,
+            "token": run_token}
 NEEDS_SERVER = {"list", "get", "status"}  # the seeder serves what it holds, with or without a server
 
 

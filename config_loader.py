@@ -89,6 +89,7 @@ class MainServerConfig:
     port: int = _setting(5001, **_PORT)
     data_dir: Path = _setting(Path("data/main"))
     http_port: int = _setting(5080, **_HTTP_PORT)
+    http_tls: bool = _setting(True)  # false: plain HTTP, and then only on a loopback host (web/face.py)
     id: str = _setting("", **_IDENTITY)
 
 
@@ -104,6 +105,7 @@ class BackupServerConfig:
     port: int = _setting(5002, **_PORT)
     data_dir: Path = _setting(Path("data/backup"))
     http_port: int = _setting(5081, **_HTTP_PORT)
+    http_tls: bool = _setting(True)
     id: str = _setting("", **_IDENTITY)
     heartbeat_interval: float = _setting(2.0, **_POSITIVE_SECONDS)
     heartbeat_timeout: float = _setting(6.0, **_POSITIVE_SECONDS)

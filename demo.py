@@ -23,7 +23,10 @@ real programs as headless processes:
 
 Each server also has its web face (docs/http.md): the demo prints the main
 server's page address, and with a screen opens it in a browser if there is
-one (``--no-browser``: don't).
+one (``--no-browser``: don't). Everything runs on 127.0.0.1, so the demo's
+configs serve the page in plain HTTP (``http_tls: false``: allowed on a
+loopback address only) and the browser opens it without a certificate warning;
+a real server serves HTTPS with its own certificate (docs/http.md).
 
 ``--keep`` leaves the folder (configs, logs, downloads) for a look afterwards.
 The commands it echoes are quoted for the shell: they can be copied and run.
@@ -81,8 +84,11 @@ def write_configs(workdir: Path) -> dict[str, Path]:
     """One config per program, all naming the same two servers and sharing a fresh secret."""
     settings = {
         "server": {
-            "main": {"host": "127.0.0.1", "port": free_port(), "http_port": free_port(), "data_dir": "data"},
-            "backup": {"host": "127.0.0.1", "port": free_port(), "http_port": free_port(), "data_dir": "data",
+            # Plain HTTP on loopback: the browser opens the page without a warning (see the docstring).
+            "main": {"host": "127.0.0.1", "port": free_port(), "http_port": free_port(), "http_tls": False,
+                     "data_dir": "data"},
+            "backup": {"host": "127.0.0.1", "port": free_port(), "http_port": free_port(), "http_tls": False,
+                       "data_dir": "data",
                        "heartbeat_interval": HEARTBEAT_INTERVAL_S, "heartbeat_timeout": HEARTBEAT_TIMEOUT_S},
             "secret": secrets.token_hex(16),
         },
@@ -148,7 +154,8 @@ def report_checksums(samples: list[Path], downloads: Path) -> bool:
 def page_address(config: Path) -> str:
     """The web page of the server that ``config`` configures (the demo gives every server a known http_port)."""
     settings = yaml.safe_load(config.read_text(encoding="utf-8"))["server"]["main"]
-    return f"http://{settings['host']}:{settings['http_port']}/"
+    scheme = "https" if settings.get("http_tls", True) else "http"
+    return f"{scheme}://{settings['host']}:{settings['http_port']}/"
 
 
 def say(text: str) -> None:

@@ -2,7 +2,7 @@
 
     python main_server.py [--config PATH] [--headless] [--add FILE_OR_DIR ...]
                           [--remove PATH ...] [--rename OLD NEW]
-    python main_server.py [--config PATH] pair | paired | revoke ID
+    python main_server.py [--config PATH] pair | paired | revoke ID | token
 
 ``--add`` imports files into the server's data folder (see catalog.py for the
 naming rules); a folder is shared whole, each file under its relative path
@@ -17,7 +17,8 @@ The engine, ``MainServer``, imports no tkinter: a window (or a test) holds one
 and calls its methods. With a backup configured it replicates to it and sends
 it heartbeats (see docs/failover.md). ``pair`` shows a one-time code that
 lets one client pair (``server.access: paired``), ``paired`` lists the paired
-clients and ``revoke`` removes one; see docs/security.md.
+clients and ``revoke`` removes one; see docs/security.md. ``token`` prints the
+operator's token for the web face (docs/http.md).
 
 With ``cluster.mode: etcd`` the program runs member ``cluster.name`` of an
 etcd cluster instead (headless; ``ClusterMember``). ``--add`` beside a
@@ -34,12 +35,12 @@ import threading
 import time
 from typing import Sequence
 
-from config_loader import load_config
+from config_loader import Config, load_config
 from error_handler import MiniTorrentError
 from minitorrent.common.daemon import build_engine, serve_until_signalled
 from minitorrent.server.coordinator import EtcdUnavailable
 from minitorrent.server.catalog import AddResult
-from minitorrent.server.engine import ServerEngine
+from minitorrent.server.engine import ServerEngine, operator_token
 from minitorrent.server.main import MainServer
 from minitorrent.web.face import start_with_face, stop_with_face, web_face_for
 from minitorrent.server.member import acknowledge_by_quorum, build_server, leader_name
@@ -62,7 +63,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--rename", nargs=2, metavar=("OLD", "NEW"), help="rename a shared file or folder")
     parser.add_argument("command", nargs="?", choices=ACCESS_COMMANDS,
                         help="pair: show a one-time code for a client (server.access: paired); "
-                             "paired: list the paired clients; revoke ID: stop accepting a client")
+                             "paired: list the paired clients; revoke ID: stop accepting a client; "
+                             "token: print the operator's token for the web face")
     parser.add_argument("identity", nargs="?", help="the client identity to revoke")
     args = parser.parse_args(argv)
     if (args.command == "revoke") != (args.identity is not None):
@@ -134,12 +136,12 @@ def run_access_command(args: argparse.Namespace) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     try:
-        return ACCESS_COMMANDS[args.command](access, args)
+        return ACCESS_COMMANDS[args.command](access, config, args)
     finally:
         access.close()
 
 
-def run_pair(access: AccessList, args: argparse.Namespace) -> int:
+def run_pair(access: AccessList, config: Config, args: argparse.Namespace) -> int:
     code = access.offer_code()
     print(f"pairing code: {code}  (one attempt, {CODE_TTL_S / 60:g} minutes); on the client run: "
           f"python client.py pair {code}", flush=True)
@@ -154,7 +156,7 @@ def run_pair(access: AccessList, args: argparse.Namespace) -> int:
     return 0
 
 
-def run_paired(access: AccessList, args: argparse.Namespace) -> int:
+def run_paired(access: AccessList, config: Config, args: argparse.Namespace) -> int:
     clients = access.paired()
     for identity, added_at in clients:
         print(f"{identity}  paired {time.strftime('%Y-%m-%d %H:%M', time.localtime(added_at))}")
@@ -163,7 +165,7 @@ def run_paired(access: AccessList, args: argparse.Namespace) -> int:
     return 0
 
 
-def run_revoke(access: AccessList, args: argparse.Namespace) -> int:
+def run_revoke(access: AccessList, config: Config, args: argparse.Namespace) -> int:
     try:
         identity = parse_id(args.identity)
     except ValueError as error:
@@ -176,7 +178,17 @@ def run_revoke(access: AccessList, args: argparse.Namespace) -> int:
     return 0
 
 
-ACCESS_COMMANDS = {"pair": run_pair, "paired": run_paired, "revoke": run_revoke}
+def run_token(access: AccessList, config: Config, args: argparse.Namespace) -> int:
+    """The operator's token, alone on stdout (the running main accepts the same one)."""
+    try:
+        print(operator_token(config, "main", access))
+    except MiniTorrentError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+ACCESS_COMMANDS = {"pair": run_pair, "paired": run_paired, "revoke": run_revoke, "token": run_token}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

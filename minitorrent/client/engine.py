@@ -94,6 +94,14 @@ class ClientEngine:
             raise MiniTorrentError(str(error)) from None
         return self.server.call(lambda session: _pair_on(session, code, self.identity.id))
 
+    def web_token(self) -> str:
+        """This client's token for the web face of a ``server.access: paired`` server (a secret).
+
+        Asked over the TLS session on which this client proved its identity;
+        ``MiniTorrentError`` (NOT_PAIRED) if the server does not accept it.
+        """
+        return self.server.call(lambda session: session.call(protocol.GetWebToken(), protocol.WebToken).message.token)
+
     def list_files(self, search: str = "") -> list[dict]:
         """Catalog entries matching ``search``."""
         return self.server.list_files(search)

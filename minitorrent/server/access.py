@@ -6,7 +6,8 @@ that the running server and the operator's commands in other processes
 
 * ``paired``: the identities accepted (by pairing, or replicated from the main);
 * ``pending``: at most one one-time code, its expiry and what became of it;
-* ``reported``: which client reported which file, so each counts once.
+* ``reported``: which client reported which file, so each counts once;
+* ``token_key``: the web tokens' key of a main with no peer (see tokens.py).
 
 ``open`` mode: any client may list and download (over TLS). ``paired``: only
 paired identities. Either way a download counts only once per identified
@@ -16,6 +17,7 @@ changes (``AccessSync``), so a failover keeps the same clients.
 from __future__ import annotations
 
 import logging
+import secrets
 import sqlite3
 import threading
 import time
@@ -46,6 +48,7 @@ CREATE TABLE IF NOT EXISTS pending (slot INTEGER PRIMARY KEY CHECK (slot = 1), c
 CREATE TABLE IF NOT EXISTS reported (identity TEXT NOT NULL, sha256 TEXT NOT NULL, PRIMARY KEY (identity, sha256));
 CREATE TABLE IF NOT EXISTS version (slot INTEGER PRIMARY KEY CHECK (slot = 1), value INTEGER NOT NULL);
 INSERT OR IGNORE INTO version VALUES (1, 0);
+CREATE TABLE IF NOT EXISTS token_key (slot INTEGER PRIMARY KEY CHECK (slot = 1), key BLOB NOT NULL);
 """
 
 
@@ -111,6 +114,11 @@ class AccessList:
                 now = time.time()
                 self._db.executemany("INSERT OR IGNORE INTO paired VALUES (?, ?)", [(i, now) for i in identities])
                 self._db.execute("UPDATE version SET value = value + 1")
+
+    def local_key(self) -> bytes:
+        """This server's own random key for web tokens, made on first use (the same for every process)."""
+        self._write("INSERT OR IGNORE INTO token_key VALUES (1, ?)", (secrets.token_bytes(32),))
+        return self._read("SELECT key FROM token_key")[0][0]
 
     # The one-time code -----------------------------------------------------------------
 

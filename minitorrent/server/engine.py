@@ -24,6 +24,8 @@ from minitorrent.net.tracker import PEER_TTL_INTERVALS, Tracker
 from minitorrent.server.access import AccessList, AccessPolicy
 from minitorrent.server.catalog import AddResult, Catalog
 from minitorrent.server.roles import NodeState, Role, RoleChanged
+from minitorrent.server.tokens import WebTokens, token_key, web_token_handler
+from minitorrent.wire import protocol
 from minitorrent.wire.identity import cluster_key, load_or_create, parse_id
 from minitorrent.wire.tls import ClientTls, Secure, ServerTls
 
@@ -40,9 +42,7 @@ class ServerEngine:
         self.config = config
         self.name = name
         self.identity = load_or_create(settings.data_dir)  # first: a bad key file stops us before anything opens
-        # A main with no backup configured has no peer link, so no cluster key file to make.
-        has_peer = name == "backup" or config.server.backup.port != 0 or config.cluster.mode == "etcd"
-        self.secret, self.secret_hint = cluster_secret(config, name) if has_peer else ("", "")
+        self.secret, self.secret_hint = peer_secret(config, name)
         self.catalog = Catalog(settings.data_dir, config.transfer.chunk_size)
         self.node = NodeState(self.catalog.db, name, Role.STANDBY)
         self.metrics = Metrics()
@@ -70,6 +70,8 @@ class ServerEngine:
             secret_hint=self.secret_hint,
             **server_options,
         )
+        self.tokens = WebTokens(token_key(self.secret, self.access), self.access)  # the web face's, when paired
+        self.server.client_handlers[protocol.GetWebToken] = web_token_handler(self.tokens)
         self.announcer: Announcer | None = None
 
     def add_file(self, path: str | Path, on_progress: Callable[[int], None] | None = None) -> AddResult:
@@ -89,6 +91,10 @@ class ServerEngine:
         removed = self.catalog.remove_file(name)
         self._changed()
         return removed
+
+    def operator_token(self) -> str:
+        """The token that opens this server's web face to its operator (``server.access: paired``). A secret."""
+        return self.tokens.operator_token()
 
     def _changed(self) -> None:
         """The catalog changed (a subclass tells its replicas)."""
@@ -166,6 +172,17 @@ class ServerEngine:
     def _status_extra(self) -> dict:
         """Entries a subclass adds to status replies."""
         return {}
+
+
+def peer_secret(config: Config, name: str) -> tuple[str, str]:
+    """``cluster_secret`` for a server that has a peer; ("", "") for a main with none (no key file to make)."""
+    has_peer = name == "backup" or config.server.backup.port != 0 or config.cluster.mode == "etcd"
+    return cluster_secret(config, name) if has_peer else ("", "")
+
+
+def operator_token(config: Config, name: str, access: AccessList) -> str:
+    """The operator's web token of server ``name``, as its engine computes it (for commands run beside it)."""
+    return WebTokens(token_key(peer_secret(config, name)[0], access), access).operator_token()
 
 
 def cluster_secret(config: Config, name: str) -> tuple[str, str]:

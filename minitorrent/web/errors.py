@@ -10,6 +10,7 @@ HTTP_STATUS = {
     ErrorCode.BAD_REQUEST: 400,
     ErrorCode.BAD_NAME: 400,
     ErrorCode.AUTH_FAILED: 401,
+    ErrorCode.NOT_PAIRED: 401,
     ErrorCode.NOT_FOUND: 404,
     ErrorCode.UNKNOWN_REQUEST: 405,
     ErrorCode.STALE_VERSION: 410,

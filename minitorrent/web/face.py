@@ -5,33 +5,44 @@ requests are few and small except file bodies, which go out by sendfile
 without passing through Python. Connections are capped (a busy server
 answers 503) and every socket has a timeout.
 
-Two seams are left for what comes next. ``wrap_socket`` turns an accepted
-socket into the one the handler talks on (TLS will wrap it there, in the
-connection's own thread, so a slow handshake never stalls accepting).
-``authorize(path, headers)`` may refuse a request with an ``HttpError``; it
-lets everything through until ``server.access: paired`` exists.
+HTTPS with the server's own certificate (``tls``) is the default, so the
+fingerprint a browser shows is the server's identity (its SHA-256). The TLS
+handshake runs in the connection's own thread under ``io_timeout_s``: a
+stranger who connects and says nothing holds one slot, never the accept
+loop. Plain HTTP (``server.<role>.http_tls: false``) is served only on a
+loopback address.
+
+``authorize(path, token)`` may refuse a request with an ``HttpError``:
+``open_access`` lets everything through; ``paired_access`` (``server.access:
+paired``) wants a token (server/tokens.py) for everything but the page itself,
+from ``Authorization: Bearer`` or a ``token`` query parameter (so plain links,
+``curl -C -`` and ``wget -c`` work). Tokens never reach the log.
 """
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import re
 import socket
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from typing import Callable
-from urllib.parse import parse_qs, quote, unquote, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
 
 from config_loader import HTTP_OFF, Config
-from error_handler import MiniTorrentError
+from error_handler import ConfigError, ConnectionFailed, MiniTorrentError
 from metrics import Metrics
 from minitorrent.server.engine import ServerEngine
+from minitorrent.server.tokens import WebTokens
 from minitorrent.web import announce, downloads, prometheus, torrents, views
 from minitorrent.web.errors import HttpError
 from minitorrent.web.indexer import TorrentIndexer
 from minitorrent.web.logtail import RecentLines
 from minitorrent.wire.protocol import ErrorCode
+from minitorrent.wire.tls import ServerTls
 
 log = logging.getLogger(__name__)
 
@@ -41,25 +52,63 @@ PAGE_FILES = {"/": ("index.html", "text/html; charset=utf-8"),
               "/app.js": ("app.js", "text/javascript; charset=utf-8"),
               "/style.css": ("style.css", "text/css; charset=utf-8")}
 _FILE_PATH = re.compile(r"/files/([0-9a-f]{64})/([^/]+)")
+_TOKEN_IN_TEXT = re.compile(r"(token=)[^&\s]*")
+TLS_RECORD_HANDSHAKE = 0x16  # the first byte of every TLS connection: anything else is plain HTTP
 
-Authorize = Callable[[str, dict], None]
+Authorize = Callable[[str, str], None]  # (path, the token the request carried or "") -> None, or HttpError
 
 
-def open_access(path: str, headers: dict) -> None:
-    """Every request may pass (``server.access: open``, today's only mode)."""
+def open_access(path: str, token: str) -> None:
+    """Every request may pass (``server.access: open``)."""
+
+
+def paired_access(tokens: WebTokens) -> Authorize:
+    """``server.access: paired``: the page loads for anyone; everything else wants a token still held."""
+
+    def authorize(path: str, token: str) -> None:
+        if path not in PAGE_FILES and tokens.holder(token) is None:
+            raise HttpError(ErrorCode.NOT_PAIRED, "not paired: ask the server's operator for a token",
+                            headers={"WWW-Authenticate": 'Bearer realm="minitorrent"'})
+
+    return authorize
+
+
+def request_token(query: dict, headers) -> str:
+    """The token a request carries: ``Authorization: Bearer`` first, else the ``token`` query parameter."""
+    scheme, _, value = (headers.get("Authorization") or "").partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    return _str_arg(query, "token")
+
+
+def redact(text: str) -> str:
+    """``text`` with any ``token=`` value hidden (request lines go to the log)."""
+    return _TOKEN_IN_TEXT.sub(r"\1<hidden>", text)
+
+
+def is_loopback(host: str) -> bool:
+    """True if every address ``host`` names is a loopback one (127.0.0.0/8, ::1)."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        return False
+    return bool(infos) and all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
 
 
 class WebFace:
     """The HTTP listener of one server engine. ``start``/``stop`` from one controlling thread."""
 
     def __init__(self, engine: ServerEngine, host: str, port: int, *, io_timeout_s: float,
-                 redirect_to: tuple[str, int] | None = None,
-                 wrap_socket: Callable[[socket.socket], socket.socket] = lambda sock: sock,
+                 redirect_to: str | None = None, tls: ServerTls | None = None,
                  authorize: Authorize = open_access, max_connections: int = MAX_HTTP_CONNECTIONS) -> None:
         self.engine = engine
         self.io_timeout_s = io_timeout_s
-        self.redirect_to = redirect_to  # the other server's web face, where a standby sends downloads
-        self.wrap_socket = wrap_socket
+        self.redirect_to = redirect_to  # the other server's web face ("https://host:port"), where a standby sends downloads
+        self.tls = tls  # None: plain HTTP (loopback only)
         self.authorize = authorize
         self.metrics = Metrics()  # the HTTP channel's own counters, beside the protocol's
         self.recent = RecentLines()
@@ -82,13 +131,26 @@ class WebFace:
         return self._httpd.server_address[:2]
 
     @property
+    def scheme(self) -> str:
+        """``https``, or ``http`` without TLS."""
+        return "https" if self.tls else "http"
+
+    @property
     def url(self) -> str:
-        """The page's address, ``http://host:port/``."""
+        """The page's address, ``https://host:port/`` (``http://`` without TLS)."""
         host, port = self.address
-        return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
+        return f"{self.scheme}://[{host}]:{port}/" if ":" in host else f"{self.scheme}://{host}:{port}/"
 
     def start(self) -> tuple[str, int]:
-        """Bind and serve in a background thread; ``MiniTorrentError`` if the port is taken."""
+        """Bind and serve in a background thread.
+
+        ``MiniTorrentError`` if the port is taken; ``ConfigError`` if plain
+        HTTP is asked on an address that is not a loopback one.
+        """
+        host = self._requested[0]
+        if self.tls is None and not is_loopback(host):
+            raise ConfigError(f"server.{self.engine.name}.http_tls is false: plain HTTP is served on a loopback "
+                              f"address only, not {host}; serve HTTPS (http_tls: true) or set host: 127.0.0.1")
         try:
             self._httpd = _HttpServer(self._requested, self)
         except OSError as error:
@@ -130,6 +192,31 @@ class WebFace:
     def release_slot(self) -> None:
         self._slots.release()
 
+    def secure(self, request: socket.socket) -> socket.socket | None:
+        """The socket to talk HTTP on: TLS after a handshake done here, under ``io_timeout_s`` (the
+        connection's own thread, never the accept loop's); None if the handshake failed or the
+        client spoke plain HTTP to the HTTPS port (it is told to use https)."""
+        if self.tls is None:
+            return request
+        peer = _peer(request)
+        request.settimeout(self.io_timeout_s)
+        try:
+            first = request.recv(1, socket.MSG_PEEK)
+        except OSError as error:
+            log.debug("web face: %s sent nothing: %s", peer, error)
+            return None
+        if first and first[0] != TLS_RECORD_HANDSHAKE:
+            _refuse_plain(request, f"this port speaks HTTPS: use https://{_host_port(*self.address)}/")
+            return None
+        tls_sock = self.tls.wrap(request)
+        try:
+            self.tls.handshake(tls_sock, self.io_timeout_s)
+        except ConnectionFailed as error:
+            log.debug("web face: no TLS with %s: %s", peer, error)
+            tls_sock.close()
+            return None
+        return tls_sock
+
 
 class _HttpServer(ThreadingHTTPServer):
     daemon_threads = True
@@ -143,7 +230,8 @@ class _HttpServer(ThreadingHTTPServer):
 
     def process_request(self, request: socket.socket, client_address) -> None:
         if not self.face.take_slot():
-            _refuse_busy(request)
+            if self.face.tls is None:  # over TLS a plain 503 would be noise: the handshake is not ours to do here
+                _refuse_plain(request, "too many connections; retry later", 503, ErrorCode.BUSY)
             self.shutdown_request(request)
             return
         super().process_request(request, client_address)
@@ -155,16 +243,48 @@ class _HttpServer(ThreadingHTTPServer):
             self.face.release_slot()
 
     def finish_request(self, request: socket.socket, client_address) -> None:
-        self.RequestHandlerClass(self.face.wrap_socket(request), client_address, self)
+        secured = self.face.secure(request)  # in this connection's thread: see WebFace.secure
+        if secured is None:
+            return
+        try:
+            self.RequestHandlerClass(secured, client_address, self)
+        finally:
+            if secured is not request:
+                self.shutdown_request(secured)  # the TLS socket owns the descriptor now, not ``request``
+
+    def handle_error(self, request, client_address) -> None:
+        """A connection that broke (reset, bad TLS record) is the client's business: a debug line, no traceback
+        on stderr. Anything else is a bug: logged as one."""
+        error = sys.exc_info()[1]
+        if isinstance(error, OSError):
+            log.debug("web face: connection from %s ended: %s", client_address[0], error)
+        else:
+            log.exception("web face: connection from %s failed", client_address[0])
 
 
-def _refuse_busy(request: socket.socket) -> None:
-    body = HttpError(ErrorCode.BUSY, "too many connections; retry later").body()
+_REASONS = {400: "Bad Request", 503: "Service Unavailable"}
+
+
+def _refuse_plain(request: socket.socket, message: str, status: int = 400, code: str = ErrorCode.BAD_REQUEST) -> None:
+    """Answer a plain-HTTP client with one JSON error and nothing more (before any request is read)."""
+    body = HttpError(code, message).body()
+    retry = b"Retry-After: 1\r\n" if status == 503 else b""
     try:
-        request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
-                        b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        request.sendall(b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\n%sConnection: close\r\n"
+                        b"Content-Length: %d\r\n\r\n%s" % (status, _REASONS[status].encode(), retry, len(body), body))
     except OSError:
         pass
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _peer(sock: socket.socket) -> str:
+    try:
+        return _host_port(*sock.getpeername()[:2])
+    except OSError:
+        return "a client that left"
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -187,7 +307,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.face.metrics.connection_closed()
 
     def log_message(self, format: str, *args) -> None:
-        log.debug("%s %s", self.address_string(), format % args)
+        log.debug("%s %s", self.address_string(), redact(format % args))  # a request line may hold ?token=
 
     def do_GET(self) -> None:
         self._answer(head=False)
@@ -208,11 +328,14 @@ class _Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path.encode("latin-1").decode("utf-8", "replace"))
         kind = "error"
         self._head_sent = False
+        self._token = ""
         try:
             if len(url.query) > MAX_QUERY_BYTES:
                 raise HttpError(ErrorCode.BAD_REQUEST, f"query longer than {MAX_QUERY_BYTES} bytes")
-            self.face.authorize(url.path, dict(self.headers))
-            kind = self._route(url.path, parse_qs(url.query), head)
+            query = parse_qs(url.query)
+            self._token = request_token(query, self.headers)
+            self.face.authorize(url.path, self._token)
+            kind = self._route(url.path, query, head)
         except HttpError as error:
             kind = "redirect" if error.status < 400 else kind
             self._send_error(error, head)
@@ -286,9 +409,11 @@ class _Handler(BaseHTTPRequestHandler):
         if pieces is None:
             raise HttpError(ErrorCode.BUSY, f"the torrent of {record.name} is being prepared; retry shortly",
                             headers={"Retry-After": "2"})
-        base = f"http://{self.headers.get('Host') or '%s:%d' % self.face.address}"
-        body = torrents.metainfo(record.name, record.size, pieces, base + views.file_url(record.sha256, record.name),
-                                 base + "/announce")
+        base = f"{self.face.scheme}://{self.headers.get('Host') or _host_port(*self.face.address)}"
+        # The holder's token rides in both URLs, so a BitTorrent client needs nothing else (BEP 19/3 keep queries).
+        token = "?" + urlencode({"token": self._token}) if self._token else ""
+        body = torrents.metainfo(record.name, record.size, pieces,
+                                 base + views.file_url(record.sha256, record.name) + token, base + "/announce" + token)
         self._send_bytes(200, body, "application/x-bittorrent", head, {
             "Content-Disposition": f"attachment; filename*=UTF-8''{quote(record.name + '.torrent', safe='')}"})
 
@@ -316,9 +441,8 @@ class _Handler(BaseHTTPRequestHandler):
         if target is None:
             where = f"the active server is {node.primary}" if node.primary else "no active server is known"
             raise HttpError(ErrorCode.STANDBY, f"this server is on standby; {where}")
-        host, port = target
         raise HttpError(ErrorCode.STANDBY, "this server is on standby; the active one serves this file",
-                        status=307, headers={"Location": f"http://{host}:{port}{self.path}"})
+                        status=307, headers={"Location": target + self.path})  # the path keeps any ?token=
 
     # Sending ----------------------------------------------------------------------------
 
@@ -373,9 +497,12 @@ def web_face_for(engine: ServerEngine, config: Config) -> WebFace | None:
     mine, other = (servers.main, servers.backup) if engine.name == "main" else (servers.backup, servers.main)
     if mine.http_port == HTTP_OFF:
         return None
-    redirect_to = (other.host, other.http_port) if other.http_port > 0 else None
+    other_scheme = "https" if other.http_tls else "http"
+    redirect_to = f"{other_scheme}://{_host_port(other.host, other.http_port)}" if other.http_port > 0 else None
+    authorize = paired_access(engine.tokens) if config.server.access == "paired" else open_access
     return WebFace(engine, mine.host, mine.http_port, io_timeout_s=config.transfer.io_timeout,
-                   redirect_to=redirect_to)
+                   redirect_to=redirect_to, tls=ServerTls(engine.identity) if mine.http_tls else None,
+                   authorize=authorize)
 
 
 def start_with_face(start_engine: Callable[[], str], face: WebFace | None) -> str:
@@ -393,7 +520,10 @@ def start_with_face(start_engine: Callable[[], str], face: WebFace | None) -> st
     except BaseException:
         face.stop()
         raise
-    return f"{banner}\nweb page: {face.url}"
+    program = "backup_server.py" if face.engine.name == "backup" else "main_server.py"
+    note = (f"\nweb token (server.access: paired): python {program} token"
+            if face.authorize is not open_access else "")  # never the token itself: stdout often ends in a journal
+    return f"{banner}\nweb page: {face.url}{note}"
 
 
 def stop_with_face(stop_engine: Callable[[], None], face: WebFace | None) -> None:

@@ -884,6 +884,24 @@ class PairConfirm(Message):
 
 
 @dataclass(frozen=True)
+class GetWebToken(Message):
+    """A paired client asks for its token for the web face (``server.access: paired``); answered ``WebToken``."""
+
+    TYPE = "get_web_token"
+
+
+@dataclass(frozen=True)
+class WebToken(Message):
+    """The asking client's token for the web face (a secret: 64 URL-safe characters, see server/tokens.py)."""
+
+    TYPE = "web_token"
+    token: str
+
+    def validate(self) -> None:
+        _require(0 < len(self.token) <= 128, "web_token: token must be 1 to 128 characters")
+
+
+@dataclass(frozen=True)
 class PairedClients(Message):
     """Peer message: the main's list of paired clients; payload: JSON ``{"clients": [...]}``."""
 

@@ -118,9 +118,9 @@ class TestErrors:
                                                        answer.json()["error"]["code"])
 
     def test_authorize_seam_can_refuse(self, server_factory, face_factory):
-        """An ``authorize`` that raises refuses the request with its code (where paired access will plug in)."""
-        def paired_only(path: str, headers: dict) -> None:
-            if "Authorization" not in headers:
+        """An ``authorize`` that raises refuses the request with its code."""
+        def paired_only(path: str, token: str) -> None:
+            if not token:
                 raise HttpError(ErrorCode.AUTH_FAILED, "pair this device first")
 
         face = face_factory(server_factory(), authorize=paired_only)
@@ -214,7 +214,7 @@ class TestDownloads:
 class TestStandby:
     def test_standby_redirects_downloads_to_the_other_face(self, standby_backup, face_factory):
         """On standby, /files/... answers 307 with the same path on the other server's web face."""
-        face = face_factory(standby_backup, redirect_to=("127.0.0.1", 5999))
+        face = face_factory(standby_backup, redirect_to="http://127.0.0.1:5999")
         path = "/files/" + "a" * 64 + "/x.bin"
         answer = fetch(face.address, path)
         assert (307, f"http://127.0.0.1:5999{path}") == (answer.status, answer.headers["Location"])
@@ -276,18 +276,18 @@ class TestPrograms:
         assert (-1, 0) == (config.server.main.http_port, config.server.backup.http_port)
 
     def test_headless_main_prints_the_page_address(self, tmp_path):
-        """main_server.py --headless with http_port 0 prints the page's address, and the page answers there."""
+        """main_server.py --headless with http_port 0 prints the page's https address, and the page answers there."""
         config = write_config(tmp_path, {"server": {"main": {"port": 0, "http_port": 0, "data_dir": "srv"}}})
         process = ServerProcess(config)
         try:
             line = wait_until(lambda: next((l for l in process.stdout_lines if l.startswith("web page: ")), None),
                               what="the web page line")
             url = line.split()[-1]
-            host, port = url.removeprefix("http://").rstrip("/").split(":")
-            answer = fetch((host, int(port)), "/")
+            host, port = url.removeprefix("https://").rstrip("/").split(":")
+            answer = fetch((host, int(port)), "/", secure=True)
         finally:
             process.stop()
-        assert (200, True) == (answer.status, b"<html" in answer.body)
+        assert (True, 200, True) == (url.startswith("https://"), answer.status, b"<html" in answer.body)
 
     def test_taken_http_port_is_a_one_line_error(self, tmp_path):
         """A web face port already in use stops the server with exit 1 and one line naming it."""

@@ -16,6 +16,9 @@ from conftest import LONG_TIMEOUT, SHORT_TIMEOUT, make_file, wait_until
 from webfixtures import face_factory  # noqa: F401 - a fixture used by name
 
 from integrity import sha256_file
+from minitorrent.web.face import paired_access
+from minitorrent.wire.identity import load_or_create
+from minitorrent.wire.tls import ServerTls
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -32,6 +35,7 @@ def browser(tmp_path: Path):
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
+    options.accept_insecure_certs = True  # the face's certificate is self-signed: its identity is pinned, not a CA's
     for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
                      "--window-size=1280,900"):
         options.add_argument(argument)
@@ -43,15 +47,36 @@ def browser(tmp_path: Path):
     driver.quit()
 
 
-@pytest.fixture
-def page(server_factory, face_factory, tmp_path: Path):
-    """(face, {name: source path}) for a main server sharing four files."""
-    engine = server_factory()
+def share_files(engine, folder: Path) -> dict[str, Path]:
+    """Share the NAMES files (of growing sizes) from ``engine``; {name: source path}."""
     sources = {}
     for index, name in enumerate(NAMES):
-        sources[name] = make_file(tmp_path / "in" / name, 1000 * (index + 1) ** 3, seed=index)
+        sources[name] = make_file(folder / name, 1000 * (index + 1) ** 3, seed=index)
         engine.add_file(sources[name])
-    return face_factory(engine), sources
+    return sources
+
+
+@pytest.fixture
+def page(server_factory, face_factory, tmp_path: Path):
+    """(face, {name: source path}) for a main server sharing four files over HTTPS (its default)."""
+    engine = server_factory()
+    sources = share_files(engine, tmp_path / "in")
+    return face_factory(engine, tls=ServerTls(engine.identity)), sources
+
+
+@pytest.fixture
+def paired_page(server_factory, face_factory, tmp_path: Path):
+    """(face, {name: source path}) as ``page``, with ``server.access: paired``."""
+    engine = server_factory({"server": {"access": "paired"}})
+    sources = share_files(engine, tmp_path / "in")
+    return face_factory(engine, tls=ServerTls(engine.identity), authorize=paired_access(engine.tokens)), sources
+
+
+def screenshot_folder(tmp_path: Path) -> Path:
+    """WEB_SCREENSHOTS if set (for a person to look at), else a folder in tmp_path."""
+    folder = Path(os.environ.get("WEB_SCREENSHOTS") or tmp_path / "screenshots")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 def shown_names(driver) -> list[str]:
@@ -105,8 +130,7 @@ class TestPage:
         face, _ = page
         caplog.set_level(logging.INFO)
         face.engine.add_file(make_file(tmp_path / "in" / "welcome.txt", 2000))  # a line for the log panel
-        folder = Path(os.environ.get("WEB_SCREENSHOTS") or tmp_path / "screenshots")
-        folder.mkdir(parents=True, exist_ok=True)
+        folder = screenshot_folder(tmp_path)
         saved = []
         for scheme in ("light", "dark"):
             browser.execute_cdp_cmd("Emulation.setEmulatedMedia",
@@ -120,3 +144,50 @@ class TestPage:
                 browser.save_screenshot(str(path))
                 saved.append(path.exists())
         assert [True] * 4 == saved
+
+
+def token_box_shown(driver) -> bool:
+    return driver.find_element("id", "token-box").is_displayed()
+
+
+class TestPairedPage:
+    def test_page_asks_for_a_token(self, browser, paired_page, tmp_path):
+        """Without a token the page loads, shows the token box and no rows (screenshot kept as for TestPage)."""
+        face, _ = paired_page
+        browser.get(face.url)
+        wait_until(lambda: token_box_shown(browser), SHORT_TIMEOUT, "the token box")
+        browser.save_screenshot(str(screenshot_folder(tmp_path) / "page-paired-asks-for-token.png"))
+        assert [] == shown_names(browser)
+
+    def test_a_pasted_token_opens_the_page_and_is_kept(self, browser, paired_page, tmp_path):
+        """The operator's token pasted in the box fills the rows; after a reload the kept token still works,
+        and a download link carries it and gives the byte-exact file."""
+        face, sources = paired_page
+        browser.get(face.url)
+        wait_until(lambda: token_box_shown(browser), SHORT_TIMEOUT, "the token box")
+        browser.find_element("id", "token-input").send_keys(face.engine.operator_token())
+        browser.find_element("css selector", "#token-form button").click()
+        wait_until(lambda: len(shown_names(browser)) == len(NAMES), SHORT_TIMEOUT, "every row")
+        browser.refresh()
+        wait_until(lambda: len(shown_names(browser)) == len(NAMES), SHORT_TIMEOUT, "every row after a reload")
+        name = "notes 2026.txt"
+        link = browser.find_element("css selector", f'#rows tr[data-name="{name}"] td.name a')
+        href = link.get_attribute("href")
+        link.click()
+        saved = tmp_path / "downloads" / name
+        wait_until(lambda: saved.exists() and saved.stat().st_size == sources[name].stat().st_size,
+                   LONG_TIMEOUT, "the download")
+        assert (True, False, sha256_file(sources[name])) == ("token=" in href, token_box_shown(browser),
+                                                            sha256_file(saved))
+
+    def test_a_revoked_token_brings_the_box_back(self, browser, paired_page, tmp_path):
+        """A paired client's token works until it is revoked; then the page asks again, saying it was refused."""
+        face, _ = paired_page
+        identity = load_or_create(tmp_path / "cli").id
+        face.engine.access.pair(identity)
+        browser.get(face.url + "?token=" + face.engine.tokens.token_for(identity))
+        wait_until(lambda: len(shown_names(browser)) == len(NAMES), SHORT_TIMEOUT, "every row")
+        address_bar = browser.current_url
+        face.engine.revoke_client(identity)
+        wait_until(lambda: token_box_shown(browser), SHORT_TIMEOUT, "the token box after the revocation")
+        assert (False, True) == ("token=" in address_bar, "refused" in browser.find_element("id", "token-error").text)

@@ -13,6 +13,7 @@ from conftest import SHORT_TIMEOUT, make_config
 from minitorrent.server.backup import BackupServer
 from minitorrent.server.engine import ServerEngine
 from minitorrent.web.face import WebFace
+from minitorrent.wire.tls import client_context
 
 
 @dataclass
@@ -27,9 +28,13 @@ class Answer:
         return json.loads(self.body)
 
 
-def fetch(address: tuple[str, int], path: str, headers: dict | None = None, method: str = "GET") -> Answer:
-    """One request on a fresh connection to ``address``."""
-    connection = http.client.HTTPConnection(*address, timeout=SHORT_TIMEOUT)
+def fetch(address: tuple[str, int], path: str, headers: dict | None = None, method: str = "GET",
+          secure: bool = False) -> Answer:
+    """One request on a fresh connection to ``address`` (HTTPS if ``secure``, any certificate: tests check it apart)."""
+    if secure:
+        connection = http.client.HTTPSConnection(*address, timeout=SHORT_TIMEOUT, context=client_context())
+    else:
+        connection = http.client.HTTPConnection(*address, timeout=SHORT_TIMEOUT)
     try:
         connection.request(method, path, headers=headers or {})
         response = connection.getresponse()

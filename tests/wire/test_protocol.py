@@ -103,6 +103,8 @@ EXAMPLES: list[tuple[Message, bytes]] = [
     (protocol.PairReply("bWVzc2FnZQ==", "Y29uZmlybQ=="), b""),
     (protocol.PairConfirm("Y29uZmlybQ=="), b""),
     (protocol.PairedClients(3), b'{"clients":[]}'),
+    (protocol.GetWebToken(), b""),
+    (protocol.WebToken("A" * 64), b""),
     (protocol.Announce(6881), b"{\"files\":[]}"),
     (protocol.GetPeers("ab" * 32, 6881), b""),
     (protocol.PeerList([{"host": "127.0.0.1", "port": 6881, "have": None}]), b""),

@@ -6,8 +6,12 @@ const REFRESH_MS = 2000;
 const PAGE_LIMIT = 500;        // rows fetched per search; the note says when there are more
 const SEARCH_DELAY_MS = 150;   // typing pauses this long before a search is sent
 
+const TOKEN_KEY = "minitorrent-token";  // server.access: paired: this browser's token, kept in localStorage
+
 const state = { files: [], total: 0, sortKey: "name", sortDir: 1, search: "", logAfter: 0, searchSeq: 0 };
 const $ = (id) => document.getElementById(id);
+
+class NotPaired extends Error {}
 
 function humanSize(bytes) {
   const units = ["B", "KiB", "MiB", "GiB", "TiB"];
@@ -18,11 +22,64 @@ function humanSize(bytes) {
 const humanRate = (bps) => humanSize(bps) + "/s";
 const humanDate = (unix) => new Date(unix * 1000).toLocaleString(undefined, { dateStyle: "medium", timeStyle: "short" });
 
+// Token (server.access: paired) ------------------------------------------------------------
+
+function token() {
+  return localStorage.getItem(TOKEN_KEY) || "";
+}
+
+// A link that works on its own (a download, curl, a BitTorrent client): the token rides in the query.
+function withToken(href) {
+  return token() ? href + (href.includes("?") ? "&" : "?") + "token=" + encodeURIComponent(token()) : href;
+}
+
+function takeTokenFromAddress() {
+  const address = new URL(location.href);
+  const given = address.searchParams.get("token");
+  if (!given) return;
+  localStorage.setItem(TOKEN_KEY, given);
+  address.searchParams.delete("token");
+  history.replaceState(null, "", address);  // out of the address bar, the history and bookmarks
+}
+
+function askForToken(refused) {
+  $("token-box").hidden = false;
+  $("token-error").textContent = refused ? "That token was refused: it may be revoked, or for another server." : "";
+  $("token-input").focus();
+}
+
+function setUpToken() {
+  takeTokenFromAddress();
+  $("token-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    localStorage.setItem(TOKEN_KEY, $("token-input").value.trim());
+    $("token-input").value = "";
+    $("token-box").hidden = true;
+    reloadAll();
+  });
+  $("forget-token").addEventListener("click", () => { localStorage.removeItem(TOKEN_KEY); location.reload(); });
+  showTokenLinks();
+}
+
+function showTokenLinks() {
+  $("token-forget").hidden = !token();
+  for (const a of document.querySelectorAll("a[data-token]")) a.href = withToken(a.getAttribute("href").split("?")[0]);
+}
+
 async function getJson(path) {
-  const response = await fetch(path, { cache: "no-store" });
+  const headers = token() ? { Authorization: "Bearer " + token() } : {};
+  const response = await fetch(path, { cache: "no-store", headers });
   const body = await response.json();
+  if (response.status === 401) throw new NotPaired(body.error ? body.error.message : "not paired");
   if (!response.ok) throw new Error(body.error ? body.error.code + ": " + body.error.message : response.statusText);
   return body;
+}
+
+function showTrouble(error) {
+  if (!(error instanceof NotPaired)) return showOffline();
+  askForToken(Boolean(token()));
+  $("live").textContent = "token needed";
+  $("live").classList.add("stale");
 }
 
 // Catalog ------------------------------------------------------------------------------
@@ -87,7 +144,7 @@ async function copyText(text) {
 
 function fileRow(file) {
   const tr = document.createElement("tr");
-  const name = link(file.links.download, file.name);
+  const name = link(withToken(file.links.download), file.name);
   name.setAttribute("download", file.name);
   const hash = document.createElement("div");
   hash.className = "hash";
@@ -95,7 +152,7 @@ function fileRow(file) {
   code.textContent = file.sha256.slice(0, 16) + "…";
   code.title = file.sha256;
   hash.append(code, copyButton(file.sha256));
-  tr.append(cell("name", name, link(file.links.torrent, ".torrent", "torrent")),
+  tr.append(cell("name", name, link(withToken(file.links.torrent), ".torrent", "torrent")),
             cell("size num", humanSize(file.size)), cell("added", humanDate(file.added_at)),
             cell("downloads num", String(file.downloads)), cell("hash-cell", hash));
   tr.dataset.name = file.name;
@@ -118,7 +175,7 @@ function setUpCatalog() {
   let timer = null;
   $("search").addEventListener("input", (event) => {
     clearTimeout(timer);
-    timer = setTimeout(() => { state.search = event.target.value; loadFiles().catch(showOffline); }, SEARCH_DELAY_MS);
+    timer = setTimeout(() => { state.search = event.target.value; loadFiles().catch(showTrouble); }, SEARCH_DELAY_MS);
   });
   for (const th of document.querySelectorAll("th[data-sort]")) {
     th.querySelector("button").addEventListener("click", () => {
@@ -188,16 +245,23 @@ function showOffline() {
 }
 
 async function refresh() {
+  if (!$("token-box").hidden) return;  // waiting for a token: asking again would only be refused again
   try {
     renderStatus(await getJson("/api/v1/status"));
     await refreshLog();
   } catch (error) {
-    showOffline();
+    showTrouble(error);
   }
 }
 
+function reloadAll() {
+  showTokenLinks();
+  loadFiles().catch(showTrouble);
+  refresh();
+}
+
+setUpToken();
 setUpCatalog();
-loadFiles().catch(showOffline);
-refresh();
+reloadAll();
 setInterval(refresh, REFRESH_MS);
-setInterval(() => loadFiles().catch(showOffline), REFRESH_MS * 5);  // new files and download counts
+setInterval(() => { if ($("token-box").hidden) loadFiles().catch(showTrouble); }, REFRESH_MS * 5);  // new files, counts
