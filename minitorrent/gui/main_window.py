@@ -42,6 +42,8 @@ from minitorrent.gui.pairing import (
     ClientsPanel,
     PairingCodeOffered,
     PairingEnded,
+    WEB_TOKEN_COPIED,
+    WebTokenReady,
     pairing_ended_text,
 )
 from minitorrent.gui.server_window import ServerWindow
@@ -529,6 +531,15 @@ class MainController:
         self.post(PairingEnded(code, identity))
         self.on_change()  # the list shows the new client at once
 
+    def fetch_web_token(self) -> None:
+        """Fetch the operator's web token (in a worker: it may read ``access.db``) for the clipboard."""
+        self._spawn(self._fetch_web_token, "window-token")
+
+    def _fetch_web_token(self) -> None:
+        with self.holder.use() as engine:
+            token = engine.operator_token()
+        self.post(WebTokenReady(token))
+
     def revoke(self, identity: str) -> None:
         """Stop accepting ``identity`` (in a worker; the backup follows)."""
         self._spawn(lambda: self._revoke(identity), "window-revoke")
@@ -632,7 +643,8 @@ class MainWindow(ServerWindow):
         self.import_strip.place_at(row=5)
         self.build_panes(6, "Shared files", COLUMNS, "No files shared yet. Click Add Files… to share some.")
         self.table.tree.bind("<<TreeviewSelect>>", lambda _event: self._update_buttons())
-        self.clients = ClientsPanel(self.panes, self.controller.offer_code, self.revoke_selected)
+        self.clients = ClientsPanel(self.panes, self.controller.offer_code, self.revoke_selected,
+                                    self.controller.fetch_web_token)
         self.panes.insert(1, self.clients, weight=1)
         self._code = ""  # the code shown, whose outcome the panel waits for
 
@@ -717,6 +729,10 @@ class MainWindow(ServerWindow):
                 self.show_error(error)
         elif isinstance(event, (PairingCodeOffered, PairingEnded, ClientRevoked)):
             self._show_pairing(event)
+        elif isinstance(event, WebTokenReady):
+            self.root.clipboard_clear()
+            self.root.clipboard_append(event.token)
+            self.clients.show_outcome(WEB_TOKEN_COPIED, "info")
 
     def _show_pairing(self, event: Any) -> None:
         if isinstance(event, PairingCodeOffered):

@@ -54,6 +54,13 @@ class ClientRevoked:
 
 
 @dataclass(frozen=True)
+class WebTokenReady:
+    """The operator's web token, fetched for the clipboard (a secret: never shown, never logged)."""
+
+    token: str
+
+
+@dataclass(frozen=True)
 class PairingResult:
     """The client's pairing attempt ended: ``server_identity`` on success, else ``error`` for the user."""
 
@@ -90,6 +97,10 @@ def access_hint(mode: str) -> str:
     return "server.access: open · any client may download; this list matters once access is paired"
 
 
+WEB_TOKEN_COPIED = ("Web token copied: paste it into the server page's token box, or send it as "
+                    "Authorization: Bearer. It opens the API and downloads; keep it secret.")
+
+
 def pairing_failure(error: MiniTorrentError) -> str:
     """A failed ``ClientEngine.pair`` as one line for the user: a wrong or spent code, or no server."""
     if isinstance(error, ConnectionFailed):
@@ -110,26 +121,32 @@ def is_not_paired(error: BaseException) -> bool:
 
 
 class ClientsPanel(ttk.Frame):
-    """Paired clients: Pair a client… (shows a one-time code), the list, Revoke for the selected one."""
+    """Paired clients: Pair a client… (shows a one-time code), the list, Revoke for the selected one.
 
-    def __init__(self, master: tk.Misc, on_pair: Callable[[], None], on_revoke: Callable[[], None]) -> None:
+    Copy web token puts the operator's token for the web face on the clipboard.
+    """
+
+    def __init__(self, master: tk.Misc, on_pair: Callable[[], None], on_revoke: Callable[[], None],
+                 on_copy_token: Callable[[], None]) -> None:
         super().__init__(master)
         self.columnconfigure(1, weight=1)
         ttk.Label(self, text="PAIRED CLIENTS", style="Caption.TLabel").grid(row=0, column=0, sticky="w",
                                                                             pady=(8, 4))
         self.hint = ttk.Label(self, text="", style="Caption.TLabel")
         self.hint.grid(row=0, column=1, sticky="w", padx=(10, 0), pady=(8, 4))
+        self.token_button = ttk.Button(self, text="Copy web token", command=on_copy_token)
+        self.token_button.grid(row=0, column=2, padx=(0, 6), pady=(8, 4))
         self.pair_button = ttk.Button(self, text="Pair a client…", command=on_pair)
-        self.pair_button.grid(row=0, column=2, padx=(0, 6), pady=(8, 4))
+        self.pair_button.grid(row=0, column=3, padx=(0, 6), pady=(8, 4))
         self.revoke_button = ttk.Button(self, text="Revoke", command=on_revoke, state="disabled")
-        self.revoke_button.grid(row=0, column=3, pady=(8, 4))
+        self.revoke_button.grid(row=0, column=4, pady=(8, 4))
         self.code_frame = ttk.Frame(self)
         self.code = ttk.Label(self.code_frame, text="", style="Title.TLabel", font="MTBadge")  # read out across a room
         self.code.grid(row=0, column=0, sticky="w", padx=(0, 12))
         self.code_line = ttk.Label(self.code_frame, text="", style="Subtitle.TLabel")
         self.code_line.grid(row=0, column=1, sticky="w")
         self.table = SortableTable(self, PAIRED_COLUMNS, height=3)
-        self.table.grid(row=2, column=0, columnspan=4, sticky="nsew")
+        self.table.grid(row=2, column=0, columnspan=5, sticky="nsew")
         self.rowconfigure(2, weight=1)
         self.table.tree.bind("<<TreeviewSelect>>", lambda _event: self._update_revoke())
         self._paired: list | None = None
@@ -148,14 +165,14 @@ class ClientsPanel(ttk.Frame):
         self.code.configure(text=code)
         set_style(self.code_line, "Subtitle.TLabel")
         self.code_line.configure(text=code_detail(code, expires_at))
-        self.code_frame.grid(row=1, column=0, columnspan=4, sticky="ew", pady=(0, 6))
+        self.code_frame.grid(row=1, column=0, columnspan=5, sticky="ew", pady=(0, 6))
 
     def show_outcome(self, text: str, tone: str) -> None:
         """What became of the code, in place of it."""
         self.code.configure(text="")
         set_style(self.code_line, tone_style(tone))
         self.code_line.configure(text=text)
-        self.code_frame.grid(row=1, column=0, columnspan=4, sticky="ew", pady=(0, 6))
+        self.code_frame.grid(row=1, column=0, columnspan=5, sticky="ew", pady=(0, 6))
 
     def selected(self) -> str:
         """The selected client's identity, or ``""``."""

@@ -237,6 +237,21 @@ class TestPairingFromTheWindows:
         assert [] == desk.violations()
 
 
+class TestCopyWebToken:
+    @pytest.mark.timeout(GUI_TEST_TIMEOUT)
+    def test_copy_web_token_puts_the_operators_token_on_the_clipboard(self, desk):
+        """Copy web token copies a token the server accepts (as its operator's), without showing it."""
+        main = desk.main(PAIRED)
+        with main.controller.holder.use() as engine:
+            expected = engine.operator_token()
+            holder = engine.tokens.holder(expected)
+        main.clients.token_button.invoke()
+        desk.pump(lambda: main.clients.code_line.cget("text") == pairing.WEB_TOKEN_COPIED, "the copied line")
+        assert (expected, True, False) == (main.root.clipboard_get(), holder is not None,
+                                           expected in main.clients.code_line.cget("text"))
+        assert [] == desk.violations()
+
+
 class TestAddRefusesNamesWithNoRoomForAPartFile:
     @pytest.mark.timeout(GUI_TEST_TIMEOUT)
     def test_add_files_refuses_such_a_name(self, desk, monkeypatch, tmp_path):
