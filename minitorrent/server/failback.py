@@ -118,11 +118,7 @@ def catch_up_and_take_over(catalog: Catalog, link: PeerLink, partials: PartialSt
     db = catalog.db
     plan = plan_catch_up(db.change_epochs(), [Change(*each) for each in db.removals()],
                          _inventory_changes(document, "files"), _inventory_changes(document, "removed"))
-    for name in plan.remove:
-        if catalog.remove_file(name):
-            log.info("failback: removed %s, as the backup did while it was active", name)
-    for entry in plan.fetch:
-        _fetch_if_missing(catalog, session, partials, entry, cancel)
+    _apply(plan, catalog, session, partials, cancel)
     db.merge_download_counters(document.get("counters", {}))
     try:
         frame = session.call(protocol.HandOver(link.node.highest_seen_epoch), protocol.HandedOver)
@@ -134,6 +130,27 @@ def catch_up_and_take_over(catalog: Catalog, link: PeerLink, partials: PartialSt
     catalog.db.merge_download_counters(decode_document(frame.payload))
     link.node.observe_epoch(frame.message.epoch, "backup hand-over")
     return True
+
+
+def _apply(plan: CatchUpPlan, catalog: Catalog, session: ServerSession, partials: PartialStore,
+           cancel: threading.Event) -> None:
+    """Fetch the files at names not being removed, remove, then fetch the rest.
+
+    In that order a rename's bytes are never copied again: the new name is
+    catalogued on the blob the old one still holds before the old one goes.
+    A name holding other content on the backup must be free before its
+    fetch, or the naming rule would keep ours under it.
+    """
+    freed = set(plan.remove)
+    for entry in plan.fetch:
+        if entry[0] not in freed:
+            _fetch_if_missing(catalog, session, partials, entry, cancel)
+    for name in plan.remove:
+        if catalog.remove_file(name):
+            log.info("failback: removed %s, as the backup did while it was active", name)
+    for entry in plan.fetch:
+        if entry[0] in freed:
+            _fetch_if_missing(catalog, session, partials, entry, cancel)
 
 
 def remove_old_failback_staging(data_dir: Path) -> None:
