@@ -413,6 +413,9 @@ class ServerStore(SQLiteStore):
             removed_at REAL NOT NULL,
             PRIMARY KEY (name, sha256)
         ) WITHOUT ROWID;
+        -- The listing index covers the epoch too, so a failback's comparison never walks the digests.
+        DROP INDEX files_listing;
+        CREATE INDEX files_listing ON files (name, name_folded, size, chunk_size, sha256, root, added_at, changed_epoch);
         """,
     )
 
