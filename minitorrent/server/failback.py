@@ -64,7 +64,7 @@ class Change:
 
 @dataclass(frozen=True)
 class CatchUpPlan:
-    """What the main does to its catalog before taking the role back: removals first, then fetches."""
+    """What the main does to its catalog before taking the role back (in the order ``_apply`` gives)."""
 
     remove: tuple[str, ...] = ()
     fetch: tuple[tuple[str, str], ...] = ()  # (name, sha256) as the backup holds them
@@ -106,7 +106,7 @@ def plan_catch_up(ours: dict[str, tuple[str, int]], our_removals: list[Change], 
 
 def catch_up_and_take_over(catalog: Catalog, link: PeerLink, partials: PartialStore,
                            cancel: threading.Event) -> bool:
-    """Fetch what the active backup gained, merge counters, ask for the role back.
+    """Take over what the active backup changed (``plan_catch_up``), merge counters, ask for the role back.
 
     Returns True when the backup handed over (the caller then promotes), False
     if it is waiting for its operator (``failback: manual``). Raises
