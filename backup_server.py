@@ -1,7 +1,8 @@
 """MiniTorrent backup server: a full replica that takes over when the main goes silent.
 
     python backup_server.py [--config PATH] [--headless]
-    python backup_server.py [--config PATH] --add FILE [FILE ...]   # beside a running, active backup
+    python backup_server.py [--config PATH] [--add FILE ...] [--remove PATH ...] [--rename OLD NEW]
+                                                                   # beside a running, active backup
     python backup_server.py [--config PATH] token    # the operator's token for the web face (docs/http.md)
 
 It listens on ``server.backup.port`` for both the main's authenticated peer
@@ -14,9 +15,11 @@ backup waits for its operator: SIGUSR1 to the headless process, or the
 window's Hand back to main button. Without ``--headless`` the program opens
 the backup's window (gui/backup_window.py). See docs/failover.md.
 
-``--add`` beside a running backup that is *active* shares more files from
-it (exit 1 on standby: the main is the authority then); the main fetches
-them when it takes the role back.
+``--add``, ``--remove`` and ``--rename`` beside a running backup that is
+*active* change what it shares (exit 1 on standby: the main is the authority
+then). When the main takes the role back it fetches what was added and
+removes what was removed or renamed away, unless it changed that name itself
+later (epochs decide; see minitorrent/server/failback.py).
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ from typing import Sequence
 
 from config_loader import load_config
 from error_handler import MiniTorrentError
-from minitorrent.common.daemon import build_engine, serve_until_signalled
+from minitorrent.common.daemon import build_engine, edit_catalog, serve_until_signalled
 from minitorrent.net import remote
 from minitorrent.server.backup import BackupServer
 from minitorrent.server.access import AccessList
@@ -45,6 +48,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--geometry", metavar="WxH+X+Y", help="the window's size and place on screen")
     parser.add_argument("--add", nargs="+", metavar="FILE", default=[],
                         help="files to share from the running backup while it is active")
+    parser.add_argument("--remove", nargs="+", metavar="PATH", default=[],
+                        help="shared files or folders the running, active backup stops sharing")
+    parser.add_argument("--rename", nargs=2, metavar=("OLD", "NEW"),
+                        help="rename a shared file or folder on the running, active backup")
     parser.add_argument("command", nargs="?", choices=["token"],
                         help="token: print the operator's token for the web face (server.access: paired)")
     return parser.parse_args(argv)
@@ -83,8 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     engine = build_engine(args.config, "backup_server", BackupServer)
     if engine is None:
         return 2
-    if args.add:
-        return add_to_running_backup(engine, args.add)
+    if args.add or args.remove or args.rename:
+        return edit_running_backup(engine, args.add, args.remove, args.rename)
     if not args.headless:
         return run_window(engine, args.geometry)
     face = web_face_for(engine, engine.config)
@@ -99,29 +106,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def add_to_running_backup(engine: BackupServer, paths: Sequence[str]) -> int:
-    """Add ``paths`` to the catalog of the backup running on this data folder, if it is active; the exit status."""
+def edit_running_backup(engine: BackupServer, add: Sequence[str], remove: Sequence[str],
+                        rename: Sequence[str] | None) -> int:
+    """Add, remove and rename in the catalog of the backup running on this data folder, if it is active;
+    the exit status."""
     try:
         if engine.lock.acquire():
             engine.lock.release()
-            print("error: no backup server runs on this data folder: --add needs a running, active backup",
-                  file=sys.stderr)
+            print("error: no backup server runs on this data folder: editing its catalog needs a running, "
+                  "active backup", file=sys.stderr)
             return 1
         if not _running_backup_active(engine):
             return 1
-        ok = True
-        for path in paths:
-            try:
-                record = engine.catalog.add_file(path).record
-            except MiniTorrentError as error:
-                print(f"error: {error}", file=sys.stderr)
-                ok = False
-                continue
-            print(f"added: {record.name} ({record.size} bytes, sha256 {record.sha256[:12]})", flush=True)
-        # Stepped down meanwhile: the main, now the authority, would drop what it never fetched.
+        ok = all([_add_each(engine, add), edit_catalog(engine, remove, rename)])
+        # Stepped down meanwhile: the main, now the authority, would not see what changed after its catch-up.
         return 0 if ok and _running_backup_active(engine) else 1
     finally:
         engine.catalog.close()
+
+
+def _add_each(engine: BackupServer, paths: Sequence[str]) -> bool:
+    """Add each file, one line each; False if any failed."""
+    ok = True
+    for path in paths:
+        try:
+            record = engine.catalog.add_file(path).record
+        except MiniTorrentError as error:
+            print(f"error: {error}", file=sys.stderr)
+            ok = False
+            continue
+        print(f"added: {record.name} ({record.size} bytes, sha256 {record.sha256[:12]})", flush=True)
+    return ok
 
 
 def _running_backup_active(engine: BackupServer) -> bool:
@@ -131,7 +146,7 @@ def _running_backup_active(engine: BackupServer) -> bool:
                               peer_tls(engine.config)) or {}  # over TLS, expecting our own identity if configured
     if status.get("role") == "active":
         return True
-    print(f"error: the backup is not active ({status.get('role', 'no answer')}): add files on the main",
+    print(f"error: the backup is not active ({status.get('role', 'no answer')}): change the catalog on the main",
           file=sys.stderr)
     return False
 

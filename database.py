@@ -230,6 +230,19 @@ def _bump_catalog_version(connection: sqlite3.Connection) -> None:
     )
 
 
+# The epoch the server holds now, read inside the transaction that changes a name: every change is stamped
+# with the epoch it was made under, whichever process makes it (``--add`` beside a running server too).
+_CURRENT_EPOCH = "COALESCE((SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'epoch'), 0)"
+
+
+def _bury(connection: sqlite3.Connection, name: str, sha256: str) -> None:
+    """Record that ``name`` stopped holding ``sha256`` now, at the current epoch."""
+    connection.execute(
+        "INSERT INTO removals (name, sha256, epoch, removed_at) VALUES (?, ?, " + _CURRENT_EPOCH + ", ?)"
+        " ON CONFLICT (name, sha256) DO UPDATE SET epoch = excluded.epoch, removed_at = excluded.removed_at",
+        (name, sha256, time.time()))
+
+
 def fold(text: str) -> str:
     """Caseless, normalisation-proof form of ``text`` for substring search (the catalog's and the windows').
 
@@ -297,6 +310,11 @@ class ServerStore(SQLiteStore):
     ``server_id``, and ``catalog_version``, bumped by every add and remove in
     the same transaction, so a replicator can tell cheaply that something
     changed, even when another process changed it.
+
+    Every change of a name is stamped with the epoch held when it was made:
+    a file's ``changed_epoch``, and a tombstone in ``removals`` for each
+    content a name stopped holding (removed, or renamed away). A failback
+    compares them (``minitorrent/server/failback.py``).
     """
 
     MIGRATIONS = (
@@ -380,6 +398,25 @@ class ServerStore(SQLiteStore):
         DROP INDEX files_listing;
         CREATE INDEX files_listing ON files (name, name_folded, size, chunk_size, sha256, root, added_at);
         """,
+        # Version 5: what a failback needs to tell which side changed a name last (epochs decide).
+        """
+        -- The server's epoch when this name last got its content (an add, a replica, a rename to it);
+        -- 0 for rows from before, which any later change beats.
+        ALTER TABLE files ADD COLUMN changed_epoch INTEGER NOT NULL DEFAULT 0;
+        -- A tombstone per content removed from a name (a removal, a rename from it), at the server's epoch
+        -- then: a backup active while the main was away hands its removals back with them. Adding that
+        -- content under that name again deletes it.
+        CREATE TABLE removals (
+            name       TEXT NOT NULL,
+            sha256     TEXT NOT NULL,
+            epoch      INTEGER NOT NULL,
+            removed_at REAL NOT NULL,
+            PRIMARY KEY (name, sha256)
+        ) WITHOUT ROWID;
+        -- The listing index covers the epoch too, so a failback's comparison never walks the digests.
+        DROP INDEX files_listing;
+        CREATE INDEX files_listing ON files (name, name_folded, size, chunk_size, sha256, root, added_at, changed_epoch);
+        """,
     )
 
     def add_file(self, name: str, manifest: Manifest, added_at: float | None = None) -> FileRecord:
@@ -404,9 +441,11 @@ class ServerStore(SQLiteStore):
             with self._transaction() as connection:
                 connection.executemany(
                     "INSERT INTO files (name, name_folded, size, chunk_size, sha256,"
-                    " chunk_digests, added_at, root) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    f" chunk_digests, added_at, root, changed_epoch) VALUES (?, ?, ?, ?, ?, ?, ?, ?, {_CURRENT_EPOCH})",
                     rows,
                 )
+                connection.executemany("DELETE FROM removals WHERE name = ? AND sha256 = ?",
+                                       [(row[0], row[4]) for row in rows])
                 _bump_catalog_version(connection)
         except sqlite3.IntegrityError as error:
             what = repr(rows[0][0]) if len(rows) == 1 else f"one of {len(rows)} names"
@@ -512,13 +551,24 @@ class ServerStore(SQLiteStore):
         return self._connection().execute(query, arguments).fetchone()[0]
 
     def remove_file(self, name: str) -> bool:
-        """Remove ``name`` (and its download counters); True if it was there."""
+        """Remove ``name`` (and its download counters), leaving its tombstone; True if it was there."""
         with self._transaction() as connection:
-            cursor = connection.execute("DELETE FROM files WHERE name = ?", (name,))
-            if cursor.rowcount:
+            row = connection.execute("DELETE FROM files WHERE name = ? RETURNING sha256", (name,)).fetchone()
+            if row is not None:
                 connection.execute("DELETE FROM download_counts WHERE name = ?", (name,))
+                _bury(connection, name, row[0])
                 _bump_catalog_version(connection)
-        return cursor.rowcount > 0
+        return row is not None
+
+    def change_epochs(self) -> dict[str, tuple[str, int]]:
+        """name -> (sha256, epoch of its last change) for every name (a failback's comparison)."""
+        rows = self._connection().execute("SELECT name, sha256, changed_epoch FROM files")
+        return {name: (sha256, epoch) for name, sha256, epoch in rows}
+
+    def removals(self) -> list[tuple[str, str, int]]:
+        """Every tombstone: (name, the sha256 it stopped holding, the epoch then), by name."""
+        return [tuple(row) for row in self._connection().execute(
+            "SELECT name, sha256, epoch FROM removals ORDER BY name, sha256")]
 
     def record_download(self, name: str, origin: str = "local") -> int:
         """Count one more download of ``name`` by ``origin``; return the file's total.
@@ -694,17 +744,20 @@ class ServerStore(SQLiteStore):
         return counted
 
     def rename_files(self, renames: list[tuple[str, str]]) -> None:
-        """Rename each (old, new) pair in one transaction, download counters included.
+        """Rename each (old, new) pair in one transaction, download counters included (a tombstone for each old name).
 
         Raises ``CatalogError`` (nothing renamed) if a new name is taken or an old one is gone.
         """
         try:
             with self._transaction() as connection:
                 for old, new in renames:
-                    cursor = connection.execute(
-                        "UPDATE files SET name = ?, name_folded = ? WHERE name = ?", (new, fold(new), old))
-                    if cursor.rowcount != 1:
+                    row = connection.execute(
+                        f"UPDATE files SET name = ?, name_folded = ?, changed_epoch = {_CURRENT_EPOCH}"
+                        " WHERE name = ? RETURNING sha256", (new, fold(new), old)).fetchone()
+                    if row is None:
                         raise CatalogError(f"{old!r} is not in the catalog")
+                    _bury(connection, old, row[0])
+                    connection.execute("DELETE FROM removals WHERE name = ? AND sha256 = ?", (new, row[0]))
                     connection.execute("UPDATE download_counts SET name = ? WHERE name = ?", (new, old))
                 _bump_catalog_version(connection)
         except sqlite3.IntegrityError as error:

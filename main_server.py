@@ -37,7 +37,7 @@ from typing import Sequence
 
 from config_loader import Config, load_config
 from error_handler import MiniTorrentError
-from minitorrent.common.daemon import build_engine, serve_until_signalled
+from minitorrent.common.daemon import build_engine, edit_catalog, serve_until_signalled
 from minitorrent.server.coordinator import EtcdUnavailable
 from minitorrent.server.catalog import AddResult
 from minitorrent.server.engine import ServerEngine, operator_token
@@ -100,23 +100,6 @@ def report_added(outcome: AddResult | MiniTorrentError, added: list | None) -> b
         added.append(outcome)
     print(f"{outcome.outcome}: {record.name} ({record.size} bytes, sha256 {record.sha256[:12]})", flush=True)
     return True
-
-
-def edit_catalog(engine: ServerEngine, remove: Sequence[str], rename: Sequence[str] | None) -> bool:
-    """Apply ``--remove`` and ``--rename``, one line each; False if any failed."""
-    ok = True
-    for path in remove:
-        removed = engine.remove_path(path)
-        print(f"removed: {path} ({removed} files)" if removed else f"error: {path}: not shared",
-              file=sys.stdout if removed else sys.stderr, flush=True)
-        ok = ok and bool(removed)
-    if rename:
-        try:
-            print(f"renamed: {rename[0]} -> {rename[1]} ({engine.rename_path(*rename)} files)", flush=True)
-        except MiniTorrentError as error:
-            print(f"error: {error}", file=sys.stderr)
-            ok = False
-    return ok
 
 
 def start_banner(engine: ServerEngine) -> str:

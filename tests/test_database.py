@@ -418,6 +418,43 @@ class TestCatalogMigration:
                 [e["name"] for e in json.loads(store.list_json("2024", "", 10)[0])])
 
 
+class TestChangeEpochs:
+    """Every change of a name is stamped with the epoch held then; removals leave tombstones (for failback)."""
+
+    def test_an_add_is_stamped_with_the_current_epoch(self, server):
+        """A file added at epoch 0, then one at epoch 4: each carries its own."""
+        server.add_file("a.txt", manifest_of(b"a"))
+        server.set_meta("epoch", "4")
+        server.add_file("b.txt", manifest_of(b"b"))
+        assert {"a.txt": (manifest_of(b"a").sha256, 0), "b.txt": (manifest_of(b"b").sha256, 4)} == server.change_epochs()
+
+    def test_a_removal_leaves_a_tombstone_at_the_current_epoch(self, server):
+        """Removing a name records (name, its content, epoch)."""
+        server.add_file("a.txt", manifest_of(b"a"))
+        server.set_meta("epoch", "7")
+        server.remove_file("a.txt")
+        assert [("a.txt", manifest_of(b"a").sha256, 7)] == server.removals()
+
+    def test_adding_the_content_again_deletes_its_tombstone_only(self, server):
+        """Re-adding a removed name with the same content clears that tombstone; another content leaves it."""
+        server.add_file("a.txt", manifest_of(b"a"))
+        server.add_file("b.txt", manifest_of(b"b"))
+        server.remove_file("a.txt")
+        server.remove_file("b.txt")
+        server.add_file("a.txt", manifest_of(b"a"))
+        server.add_file("b.txt", manifest_of(b"other"))
+        assert [("b.txt", manifest_of(b"b").sha256, 0)] == server.removals()
+
+    def test_a_rename_buries_the_old_name_and_stamps_the_new(self, server):
+        """Renaming at epoch 3: a tombstone for the old name, the new name changed at 3."""
+        manifest = manifest_of(b"a")
+        server.add_file("old.txt", manifest)
+        server.set_meta("epoch", "3")
+        server.rename_files([("old.txt", "new.txt")])
+        assert ([("old.txt", manifest.sha256, 3)], {"new.txt": (manifest.sha256, 3)}) == (
+            server.removals(), server.change_epochs())
+
+
 class TestAddFiles:
     def test_batch_is_one_transaction(self, server):
         """A batch with a name already taken adds nothing; a good batch bumps the catalog version once."""

@@ -1,9 +1,9 @@
-"""Running a headless server until it is told to stop, shared by both servers' command lines."""
+"""Running a headless server until it is told to stop, and editing its catalog: both servers' command lines."""
 from __future__ import annotations
 
 import signal
 import sys
-from typing import Callable, TypeVar
+from typing import Callable, Protocol, Sequence, TypeVar
 
 from config_loader import Config, load_config
 from error_handler import MiniTorrentError
@@ -50,3 +50,28 @@ def build_engine(config_path: str | None, program: str, factory: Callable[[Confi
     except MiniTorrentError as error:
         print(f"error: {error}", file=sys.stderr)
         return None
+
+
+class CatalogEditor(Protocol):
+    """What ``edit_catalog`` needs of a server's engine (the server floor's ``ServerEngine`` is one)."""
+
+    def remove_path(self, path: str) -> int: ...
+
+    def rename_path(self, old: str, new: str) -> int: ...
+
+
+def edit_catalog(engine: CatalogEditor, remove: Sequence[str], rename: Sequence[str] | None) -> bool:
+    """Apply ``--remove`` and ``--rename``, one line each; False if any failed."""
+    ok = True
+    for path in remove:
+        removed = engine.remove_path(path)
+        print(f"removed: {path} ({removed} files)" if removed else f"error: {path}: not shared",
+              file=sys.stdout if removed else sys.stderr, flush=True)
+        ok = ok and bool(removed)
+    if rename:
+        try:
+            print(f"renamed: {rename[0]} -> {rename[1]} ({engine.rename_path(*rename)} files)", flush=True)
+        except MiniTorrentError as error:
+            print(f"error: {error}", file=sys.stderr)
+            ok = False
+    return ok

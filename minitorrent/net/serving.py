@@ -103,6 +103,9 @@ class ServingRole(Protocol):
     def primary(self) -> str:
         """The address of the server believed active, as "host:port" ("" if unknown)."""
 
+    def is_active(self) -> bool:
+        """True while this server serves clients now (what replies give as its role)."""
+
     def check_serving(self) -> None:
         """Raise ``RequestFailed`` (NOT_ACTIVE) unless this server serves clients now."""
 
@@ -438,7 +441,9 @@ class RequestServer:
     def welcome(self, nonce: str = "", proof: str = "") -> protocol.Welcome:
         """The welcome this server gives now: its role, epoch (proven while active) and who is primary."""
         node = self.node
-        role, epoch, primary = (node.role.value, node.epoch, node.primary) if node else ("active", 0, "")
+        role, epoch, primary = ("active", 0, "")
+        if node:  # whether it serves *now*: a leader whose lease may have run out says standby, and refuses
+            role, epoch, primary = ("active" if node.is_active() else "standby"), node.epoch, node.primary
         epoch_proof = auth.prove_epoch(self.epoch_secret, epoch, self.server_id) if node and role == "active" else ""
         return protocol.Welcome(protocol.PROTOCOL_VERSION, role, epoch, self.server_id, self.name, primary,
                                 nonce, proof, epoch_proof)

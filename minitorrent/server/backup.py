@@ -168,7 +168,7 @@ class BackupServer(ServerEngine):
                 handback_requested=self._handback_request is not None,
                 handback_approved=self.receiver.handback_approved.is_set(),
                 operator_promote=self._promote_request is not None, operator_term=self._operator_term,
-                added_since_inventory=self.catalog.db.catalog_version() != self._inventory_version)
+                changed_since_inventory=self.catalog.db.catalog_version() != self._inventory_version)
 
     def _apply(self, decision: Decision) -> None:
         action, reason = decision.action, decision.reason

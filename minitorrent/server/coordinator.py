@@ -32,6 +32,10 @@ log = logging.getLogger(__name__)
 
 MAX_ANSWER_BYTES = 4 << 20  # the largest answer read: the acknowledged-files range of ~40,000 files
 MIN_TTL_S = 2  # etcd refuses (silently raises) shorter leases than about 1.5 s with its default timings
+# We count a lease's TTL from when we *sent* its grant or renewal, so etcd's own count ends later; the margin
+# covers what is left: our clock running slower than etcd's (NTP slews by at most 0.05 %) and the moment a
+# reply takes to leave once the lease was checked. A tenth of the TTL is both with room to spare.
+LEASE_SAFETY_FRACTION = 0.1
 
 
 class EtcdUnavailable(Exception):
@@ -105,8 +109,15 @@ class LeaderElection:
         return self._lease
 
     def lease_valid(self) -> bool:
-        """True while our lease is certainly alive (its TTL counted from the last renewal we sent)."""
-        return self._lease != 0 and time.monotonic() < self._lease_expires_at
+        """True while our lease is certainly alive (before ``lease_deadline``)."""
+        return time.monotonic() < self.lease_deadline()
+
+    def lease_deadline(self) -> float:
+        """Until when (``time.monotonic``) our lease is certainly alive: its TTL counted from the last grant
+        or renewal we sent, less ``LEASE_SAFETY_FRACTION``; 0.0 without a lease."""
+        if not self._lease:
+            return 0.0
+        return self._lease_expires_at - self.ttl_s * LEASE_SAFETY_FRACTION
 
     def renewal_due(self, interval_s: float) -> bool:
         """True once ``interval_s`` has passed since the lease was granted or last renewed."""

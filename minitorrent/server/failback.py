@@ -1,9 +1,17 @@
 """The main's way back after a failover (see docs/failover.md).
 
 When the main returns and finds the backup active, ``catch_up_and_take_over``
-asks the backup for its inventory over the authenticated peer link, fetches
-every file the main lacks or holds with other content, merges the download
+asks the backup for its inventory over the authenticated peer link, applies
+what the backup removed, fetches every file the main lacks or holds with
+other content (unless the main removed it since), merges the download
 counters, and asks the backup to hand the role back.
+
+Which side's change wins is decided by epochs, in one pure function,
+``plan_catch_up`` (its table of cases is in tests/server/test_failback.py):
+every name's last change and every tombstone (a content a name stopped
+holding) carries the epoch it was made under, and the later epoch wins. A
+tie goes to the main: within one epoch only the main writes, the backup
+only copying it.
 
 A file comes from that one source, the backup, through ``fetch_file``: the
 part-file lifecycle every receiver uses (``minitorrent.common.partfile``),
@@ -19,6 +27,7 @@ import logging
 import shutil
 import threading
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 
 from database import PartialStore
@@ -41,9 +50,63 @@ class FetchStopped(MiniTorrentError):
     """The main is stopping: the fetch ended early (its verified chunks are kept)."""
 
 
+@dataclass(frozen=True)
+class Change:
+    """A name holding (or, in a tombstone, having stopped holding) a content, as of an epoch.
+
+    ``epoch`` is None when the other side did not say (a version from before tombstones).
+    """
+
+    name: str
+    sha256: str
+    epoch: int | None
+
+
+@dataclass(frozen=True)
+class CatchUpPlan:
+    """What the main does to its catalog before taking the role back (in the order ``_apply`` gives)."""
+
+    remove: tuple[str, ...] = ()
+    fetch: tuple[tuple[str, str], ...] = ()  # (name, sha256) as the backup holds them
+
+
+def plan_catch_up(ours: dict[str, tuple[str, int]], our_removals: list[Change], theirs: list[Change],
+                  their_removals: list[Change]) -> CatchUpPlan:
+    """What the main applies of the active backup's catalog. Pure.
+
+    ``ours`` is name -> (sha256, epoch of its last change) of the main's
+    catalog; the rest is the two sides' tombstones and the backup's files.
+
+    * A name the backup removed (or renamed away) goes from the main too if
+      the main holds that very content under it and changed it at a lower
+      epoch: the main's own later change (another content, or the same one
+      added again at its epoch) is kept.
+    * A file the backup holds is fetched if the main lacks it or holds other
+      content there, unless the main removed that content from that name at
+      the backup's epoch for it or later (a removal the main made while the
+      backup merely kept the copy it had).
+    """
+    remove = []
+    for tomb in their_removals:
+        held = ours.get(tomb.name)
+        if held is not None and held[0] == tomb.sha256 and tomb.epoch is not None and held[1] < tomb.epoch:
+            remove.append(tomb.name)
+    removed_here = {(tomb.name, tomb.sha256): tomb.epoch for tomb in our_removals}
+    fetch = []
+    for entry in theirs:
+        held = ours.get(entry.name)
+        if held is not None and held[0] == entry.sha256:
+            continue
+        buried_at = removed_here.get((entry.name, entry.sha256))
+        if buried_at is not None and entry.epoch is not None and buried_at >= entry.epoch:
+            continue
+        fetch.append((entry.name, entry.sha256))
+    return CatchUpPlan(tuple(remove), tuple(fetch))
+
+
 def catch_up_and_take_over(catalog: Catalog, link: PeerLink, partials: PartialStore,
                            cancel: threading.Event) -> bool:
-    """Fetch what the active backup gained, merge counters, ask for the role back.
+    """Take over what the active backup changed (``plan_catch_up``), merge counters, ask for the role back.
 
     Returns True when the backup handed over (the caller then promotes), False
     if it is waiting for its operator (``failback: manual``). Raises
@@ -52,9 +115,11 @@ def catch_up_and_take_over(catalog: Catalog, link: PeerLink, partials: PartialSt
     """
     session = link.get()
     document = decode_document(session.call(protocol.GetInventory(), protocol.Inventory).payload)
-    for entry in _inventory_files(document):
-        _fetch_if_missing(catalog, session, partials, entry, cancel)
-    catalog.db.merge_download_counters(document.get("counters", {}))
+    db = catalog.db
+    plan = plan_catch_up(db.change_epochs(), [Change(*each) for each in db.removals()],
+                         _inventory_changes(document, "files"), _inventory_changes(document, "removed"))
+    _apply(plan, catalog, session, partials, cancel)
+    db.merge_download_counters(document.get("counters", {}))
     try:
         frame = session.call(protocol.HandOver(link.node.highest_seen_epoch), protocol.HandedOver)
     except RemoteError as error:
@@ -67,6 +132,27 @@ def catch_up_and_take_over(catalog: Catalog, link: PeerLink, partials: PartialSt
     return True
 
 
+def _apply(plan: CatchUpPlan, catalog: Catalog, session: ServerSession, partials: PartialStore,
+           cancel: threading.Event) -> None:
+    """Fetch the files at names not being removed, remove, then fetch the rest.
+
+    In that order a rename's bytes are never copied again: the new name is
+    catalogued on the blob the old one still holds before the old one goes.
+    A name holding other content on the backup must be free before its
+    fetch, or the naming rule would keep ours under it.
+    """
+    freed = set(plan.remove)
+    for entry in plan.fetch:
+        if entry[0] not in freed:
+            _fetch_if_missing(catalog, session, partials, entry, cancel)
+    for name in plan.remove:
+        if catalog.remove_file(name):
+            log.info("failback: removed %s, as the backup did while it was active", name)
+    for entry in plan.fetch:
+        if entry[0] in freed:
+            _fetch_if_missing(catalog, session, partials, entry, cancel)
+
+
 def remove_old_failback_staging(data_dir: Path) -> None:
     """Delete the staging folder versions up to fb1c0ba fetched into (their own files only; nothing reads it now)."""
     staging = Path(data_dir) / OLD_STAGING_FOLDER
@@ -75,23 +161,26 @@ def remove_old_failback_staging(data_dir: Path) -> None:
         log.info("removed %s, left by an earlier version's failback", staging)
 
 
-def _inventory_files(document: dict) -> list[tuple[str, str]]:
-    """(name, sha256) of each well-formed entry of the backup's inventory; a malformed one is logged and skipped."""
-    files = document.get("files", [])
-    if not isinstance(files, list):
-        log.warning("failback: the backup's inventory has no list of files; fetching nothing")
+def _inventory_changes(document: dict, key: str) -> list[Change]:
+    """Each well-formed entry of the backup's inventory list ``key`` ("files" or "removed"); a malformed one is
+    logged and skipped. An entry without an epoch (a backup from before tombstones) has ``epoch`` None."""
+    entries = document.get(key, [])
+    if not isinstance(entries, list):
+        log.warning("failback: the backup's inventory has no list of %s; taking none", key)
         return []
-    wanted = []
-    for entry in files:
+    changes = []
+    for entry in entries:
         try:
-            name, sha256 = check_file_name(entry["name"]), entry["sha256"]
+            name, sha256, epoch = check_file_name(entry["name"]), entry["sha256"], entry.get("epoch")
             if not isinstance(sha256, str):  # only compared with ours: the manifest fetched by name is checked
                 raise TypeError(f"bad sha256 {sha256!r}")
-        except (TypeError, KeyError, ProtocolError) as error:
+            if epoch is not None and (type(epoch) is not int or not 0 <= epoch <= protocol.MAX_EPOCH):
+                raise TypeError(f"bad epoch {epoch!r}")
+        except (TypeError, KeyError, AttributeError, ProtocolError) as error:
             log.warning("failback: skipped a malformed inventory entry %.200r: %s", entry, error)
             continue
-        wanted.append((name, sha256))
-    return wanted
+        changes.append(Change(name, sha256, epoch))
+    return changes
 
 
 def _fetch_if_missing(catalog: Catalog, session: ServerSession, partials: PartialStore, entry: tuple[str, str],

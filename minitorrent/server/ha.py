@@ -93,7 +93,8 @@ class Observation:
     failback: str = "auto"
     handback_requested: bool = False
     handback_approved: bool = False
-    added_since_inventory: bool = False  # backup: files were added here since the main last read our inventory
+    changed_since_inventory: bool = False  # backup: files were added, removed or renamed here since the main last
+    # read our inventory
     # The operator.
     operator_promote: bool = False
     operator_term: bool = False  # our active term began with the operator's promotion
@@ -190,8 +191,8 @@ def _active_backup(obs: Observation) -> Decision:
     if obs.peer_epoch > obs.epoch:
         return Decision(Action.STEP_DOWN, f"the main's heartbeat carries epoch {obs.peer_epoch}, above ours")
     if obs.handback_requested:
-        if obs.added_since_inventory:
-            return Decision(Action.STAY, "files were added here since the main read our inventory: "
+        if obs.changed_since_inventory:
+            return Decision(Action.STAY, "the catalog changed here since the main read our inventory: "
                                          "it catches up again before taking the role")
         if _handback_needs_operator(obs) and not obs.handback_approved:
             why = "failback is manual" if obs.failback == "manual" else "the operator promoted this backup"

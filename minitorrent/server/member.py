@@ -123,6 +123,7 @@ class ClusterMember(ServerEngine):
         self._replicators: dict[str, Replicator] = {}
         self.loop = DecisionLoop(name, self._observe, self._apply, self.stop_event)
         self.node.listeners.append(self.loop.wake)
+        self.node.hold_lease_until(0.0)  # a member serves only under a lease it holds
         self._watcher = threading.Thread(target=self._watch_etcd, name="etcd", daemon=True)
 
     # Files ------------------------------------------------------------------------------------------------------
@@ -153,7 +154,9 @@ class ClusterMember(ServerEngine):
 
     def _watch_etcd(self) -> None:
         while not self.stop_event.is_set():
-            self._record(self._look())
+            view = self._look()
+            self.node.hold_lease_until(self.election.lease_deadline())  # requests check it before the loop looks
+            self._record(view)
             self._campaign.wait(self.poll_s)
         if self.node.is_active():
             self.node.step_down("stopping")  # first stop serving, then free the key

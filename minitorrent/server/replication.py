@@ -472,11 +472,16 @@ class ReplicaReceiver:
         self.partials.close()
 
     def inventory(self, peer: PeerConnection, frame: Frame) -> None:
-        files = [{"name": r.name, "sha256": r.sha256, "size": r.size, "added_at": r.added_at}
-                 for r in self.catalog.db.list_files(None)]
+        db = self.catalog.db
+        epochs = db.change_epochs()
+        files = [{"name": r.name, "sha256": r.sha256, "size": r.size, "added_at": r.added_at,
+                  "epoch": epochs.get(r.name, ("", 0))[1]} for r in db.list_files(None)]
         # Partial replicas too, by name: one the main no longer has is then removed, not kept for good.
         receiving = {each["name"] for each in self.in_progress()} | {s.name for s in self.partials.in_progress()}
-        document = {"files": files, "counters": self.catalog.db.download_counters(), "receiving": sorted(receiving)}
+        # The tombstones: what this server removed, and when, for a main catching up after a failover.
+        removed = [{"name": name, "sha256": sha256, "epoch": epoch} for name, sha256, epoch in db.removals()]
+        document = {"files": files, "counters": db.download_counters(), "receiving": sorted(receiving),
+                    "removed": removed}
         peer.send(protocol.Inventory(), encode_document(document))
 
     def _refuse_while_active(self) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import enum
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -63,10 +64,12 @@ class NodeState:
         self._highest_seen = self._epoch
         self._role = role
         self._primary = ""
+        self._lease_deadline: float | None = None  # monotonic; None: no lease (a pair), the role alone decides
         self.listeners: list[Callable[[RoleChanged], None]] = []
 
     @property
     def role(self) -> Role:
+        """The role last taken (whether to serve *now* is ``is_active``: a lease may have run out since)."""
         with self._lock:
             return self._role
 
@@ -88,16 +91,38 @@ class NodeState:
             return self._primary
 
     def is_active(self) -> bool:
-        """True while this server may serve clients and accept writes."""
-        return self.role is Role.ACTIVE
+        """True while this server may serve clients and accept writes: active, and its lease (if any) certainly alive."""
+        with self._lock:
+            return self._serving()
 
     def check_serving(self) -> None:
-        """Raise ``RequestFailed(STANDBY)`` naming the primary unless active."""
+        """Raise ``RequestFailed(STANDBY)`` naming the primary unless ``is_active``."""
         with self._lock:
-            if self._role is Role.ACTIVE:
+            if self._serving():
                 return
-            where = f"the active server is {self._primary}" if self._primary else "no active server is known"
-        raise RequestFailed(ErrorCode.STANDBY, f"this {self.server} server is on standby; {where}")
+            if self._role is Role.ACTIVE:
+                why = f"this {self.server} server's leader lease may have run out: not serving until it is renewed"
+            else:
+                where = f"the active server is {self._primary}" if self._primary else "no active server is known"
+                why = f"this {self.server} server is on standby; {where}"
+        raise RequestFailed(ErrorCode.STANDBY, why)
+
+    def hold_lease_until(self, deadline: float) -> None:
+        """Serve as active only until ``deadline`` (``time.monotonic``) unless called again with a later one.
+
+        A leader under a coordinator's lease (etcd mode) calls this after
+        every grant and renewal: a process that wakes from a freeze (SIGSTOP,
+        a long pause) past its deadline refuses every request at once, before
+        its decision loop has even looked, until it renews or steps down.
+        ``role`` still says what the loop last decided; ``is_active`` and
+        ``check_serving`` say whether to serve now. Any thread.
+        """
+        with self._lock:
+            self._lease_deadline = deadline
+
+    def _serving(self) -> bool:
+        """Caller holds _lock."""
+        return self._role is Role.ACTIVE and (self._lease_deadline is None or time.monotonic() < self._lease_deadline)
 
     def promote(self, reason: str) -> int:
         """Become active with an epoch above every one seen; persisted first. Returns it."""

@@ -740,7 +740,8 @@ class GetInventory(Message):
 
 @dataclass(frozen=True)
 class Inventory(Message):
-    """Payload: JSON ``{"files": [{name, sha256, size, added_at}], "counters": {...}, "receiving": [name]}``."""
+    """Payload: JSON ``{"files": [{name, sha256, size, added_at, epoch}], "counters": {...}, "receiving": [name],
+    "removed": [{name, sha256, epoch}]}`` (``epoch``: when the name last changed; ``removed``: its tombstones)."""
 
     TYPE = "inventory_info"
     MAX_PAYLOAD = MAX_DOCUMENT_BYTES

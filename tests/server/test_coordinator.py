@@ -9,6 +9,7 @@ from conftest import LONG_TIMEOUT, wait_until
 from minitorrent.common.launcher import free_port
 from minitorrent.server.coordinator import (
     EtcdGateway,
+    LEASE_SAFETY_FRACTION,
     EtcdUnavailable,
     Leader,
     LeaderElection,
@@ -48,6 +49,16 @@ class TestCampaign:
         second = wait_until(lambda: (b.campaign() or Leader("", "", 0, 0)).name == "b" and b.leader(),
                             LONG_TIMEOUT, "the key to expire and b to win it")
         assert (True, False, False) == (second.epoch > first.epoch, a.renew(), a.lease_valid())
+
+    def test_the_local_deadline_ends_a_margin_before_the_ttl(self, etcd):
+        """The lease deadline a leader serves under is its TTL from the grant less the safety margin; none without a lease."""
+        a = election(etcd, "a")
+        assert 0.0 == a.lease_deadline()
+        before = time.monotonic()
+        a.campaign()
+        after = time.monotonic()
+        granted_at = a.lease_deadline() - TTL_S * (1 - LEASE_SAFETY_FRACTION)  # when the grant was sent
+        assert True is (before <= granted_at <= after), (before, granted_at, after)
 
     def test_resign_frees_the_key_at_once(self, etcd):
         """A leader that resigns frees the key without waiting for its TTL."""

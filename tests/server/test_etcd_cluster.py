@@ -211,6 +211,51 @@ class TestFrozenLeader:
         assert "steps down to STANDBY" in log, log
 
 
+STALE_READ_CONNECTIONS = 8  # connections with requests queued at the frozen leader: more chances to slip through
+STALE_READS_EACH = 16
+
+
+def queued_lists(session: ServerSession) -> None:
+    """Queue ``STALE_READS_EACH`` list requests on ``session`` without waiting for the replies."""
+    session.connection.send_many([protocol.ListFiles()] * STALE_READS_EACH)
+
+
+def answered_lists(session: ServerSession) -> int:
+    """How many of the queued list requests were answered with a listing (the others refused as on standby)."""
+    answered = 0
+    for _ in range(STALE_READS_EACH):
+        try:
+            session.receive(protocol.FileList)
+            answered += 1
+        except NotActive:
+            pass
+    return answered
+
+
+class TestThawedLeaderRefusesReads:
+    @pytest.mark.timeout(120)
+    def test_requests_waiting_at_a_leader_frozen_past_its_lease_are_all_refused(self, etcd_cluster, tmp_path):
+        """Reads queued at a leader SIGSTOPped until another leads are all refused the moment it gets SIGCONT."""
+        first = make_file(tmp_path / "src" / "first.bin", 300_000, seed=3)
+        cluster = etcd_cluster()
+        leader, epoch = started_with(cluster, [first])
+        sessions = [ServerSession.open("127.0.0.1", cluster.ports[leader], io_timeout_s=LONG_TIMEOUT, secure=TLS)
+                    for _ in range(STALE_READ_CONNECTIONS)]
+        cluster.closers.extend(session.close for session in sessions)
+        assert [1] * len(sessions) == [s.call(protocol.ListFiles(), protocol.FileList).message.total
+                                      for s in sessions]
+        frozen = cluster.processes[leader]
+        frozen.process.send_signal(signal.SIGSTOP)
+        cluster.closers.insert(0, lambda: frozen.process.poll() is None and frozen.process.send_signal(signal.SIGCONT))
+        cluster.wait_leader(excluding=leader, above=epoch)
+        for session in sessions:  # they wait in its sockets until it runs again
+            queued_lists(session)
+        frozen.process.send_signal(signal.SIGCONT)
+
+        assert [0] * len(sessions) == [answered_lists(session) for session in sessions]
+        assert "standby" == wait_until(lambda: cluster.status(leader), SHORT_TIMEOUT, "the thawed leader")["role"]
+
+
 class TestStaleWritesRefused:
     @pytest.mark.timeout(120)
     def test_follower_refuses_replication_from_a_link_proving_an_older_epoch(self, etcd_cluster, tmp_path):

@@ -455,13 +455,13 @@ class TestFailback:
         main, _ = c.start_pair(add=[first])
         c.wait_replicated({"first.bin": first})
         main_epoch = c.wait_paired()
-        refused = run_backup_add(c, added)
-        assert (1, "error: the backup is not active (standby): add files on the main\n") == (
+        refused = run_backup(c, "--add", added)
+        assert (1, "error: the backup is not active (standby): change the catalog on the main\n") == (
             refused.returncode, refused.stderr)
 
         sigkill(main)
         backup_epoch = c.wait_backup_active(above_epoch=main_epoch)
-        run = run_backup_add(c, added)
+        run = run_backup(c, "--add", added)
         assert (0, "added: added.bin") == (run.returncode, run.stdout.split(" (")[0]), run.stderr
         engine = c.client()
         assert sha256_file(added) == sha256_file(engine.download("added.bin", tmp_path / "dl").path)
@@ -471,10 +471,62 @@ class TestFailback:
         assert True is holds(c.main_dir, "added.bin", added)
 
 
-def run_backup_add(c: Cluster, path: Path) -> subprocess.CompletedProcess:
-    """``backup_server.py --add PATH`` beside the cluster's running backup."""
+def run_backup(c: Cluster, *args: str | Path) -> subprocess.CompletedProcess:
+    """``backup_server.py ARGS`` (``--add``, ``--remove``, ``--rename``) beside the cluster's running backup."""
     return subprocess.run([sys.executable, str(ROOT / "backup_server.py"), "--config", str(c.backup_config()),
-                           "--add", str(path)], capture_output=True, text=True, timeout=LONG_TIMEOUT, check=False)
+                           *map(str, args)], capture_output=True, text=True, timeout=LONG_TIMEOUT, check=False)
+
+
+class TestRemovalsOnTheActiveBackup:
+    """What the active backup removed or renamed stays so once the main has taken the role back (tombstones)."""
+
+    def fail_over(self, c: Cluster, files: list[Path]) -> int:
+        """Start the pair sharing ``files``, SIGKILL the main; the epoch the backup is active with."""
+        main, _ = c.start_pair(add=files)
+        c.wait_replicated({f.name: f for f in files})
+        main_epoch = c.wait_paired()
+        sigkill(main)
+        return c.wait_backup_active(above_epoch=main_epoch)
+
+    def fail_back(self, c: Cluster, backup_epoch: int) -> None:
+        """Restart the main; wait until it took the role back and the backup's catalog is the main's again."""
+        c.restart_main(instance="main-2")
+        c.wait_main_took_back(backup_epoch)
+        wait_until(lambda: catalog_of(c.backup_dir) == catalog_of(c.main_dir), LONG_TIMEOUT,
+                   "the backup to follow the main's catalog")
+
+    @pytest.mark.timeout(90)
+    def test_removed_and_renamed_files_stay_gone_on_both(self, cluster, tmp_path):
+        """--remove and --rename on the active backup, then failback: gone on both servers and from clients' lists."""
+        files = [make_file(tmp_path / "src" / name, 300_000 + n, seed=40 + n)
+                 for n, name in enumerate(("keep.bin", "gone.bin", "old.bin"))]
+        c = cluster(chunk_size=256 * 1024, heartbeat_interval=0.5, heartbeat_timeout=2)
+        backup_epoch = self.fail_over(c, files)
+        run = run_backup(c, "--remove", "gone.bin", "--rename", "old.bin", "new.bin")
+        assert (0, "removed: gone.bin (1 files)\nrenamed: old.bin -> new.bin (1 files)\n") == (
+            run.returncode, run.stdout), run.stderr
+
+        self.fail_back(c, backup_epoch)
+        expected = {"keep.bin": sha256_file(files[0]), "new.bin": sha256_file(files[2])}
+        assert (expected, expected) == (catalog_of(c.main_dir), catalog_of(c.backup_dir))
+        assert ["keep.bin", "new.bin"] == sorted(e["name"] for e in c.client().list_files())
+
+    @pytest.mark.timeout(90)
+    def test_a_file_added_again_after_its_removal_survives(self, cluster, tmp_path):
+        """Removed then added again on the active backup (same content, and other content): both kept after failback."""
+        same, replaced = make_file(tmp_path / "src" / "same.bin", 200_000, seed=50), make_file(
+            tmp_path / "src" / "replaced.bin", 200_000, seed=51)
+        newer = make_file(tmp_path / "newer" / "replaced.bin", 210_000, seed=52)
+        c = cluster(chunk_size=256 * 1024, heartbeat_interval=0.5, heartbeat_timeout=2)
+        backup_epoch = self.fail_over(c, [same, replaced])
+        assert 0 == run_backup(c, "--remove", "same.bin", "replaced.bin").returncode
+        run = run_backup(c, "--add", same, newer)
+        assert 0 == run.returncode, run.stderr
+
+        self.fail_back(c, backup_epoch)
+        expected = {"same.bin": sha256_file(same), "replaced.bin": sha256_file(newer)}
+        assert (expected, expected) == (catalog_of(c.main_dir), catalog_of(c.backup_dir))
+        assert True is holds(c.main_dir, "replaced.bin", newer)
 
 
 # 4. Split brain ----------------------------------------------------------------------------------------------------

@@ -94,10 +94,10 @@ ROWS = [
                                                           handback_approved=True), HAND_BACK),
     ("backup on standby, main asks for a role it holds", backup(handback_requested=True), HAND_BACK),
     ("backup active, files added here since the main read our inventory",
-     backup(A, epoch=5, handback_requested=True, added_since_inventory=True), STAY),
+     backup(A, epoch=5, handback_requested=True, changed_since_inventory=True), STAY),
     ("backup active, added since inventory, manual and approved",
      backup(A, epoch=5, failback="manual", handback_requested=True, handback_approved=True,
-            added_since_inventory=True), STAY),
+            changed_since_inventory=True), STAY),
     ("backup active hears a higher epoch", backup(A, epoch=5, peer_epoch=6), STEP_DOWN),
     ("backup active, stale main beats below it", backup(A, epoch=5, peer_epoch=4), STAY),
     ("operator promotes, main silent", backup(peer_silent_s=30.0, operator_promote=True), PROMOTE),
@@ -182,7 +182,7 @@ def backup_grid():
             (True, False), (True, False)):
         yield backup(role, epoch, peer_epoch=peer_epoch, peer_silent_s=silent, handback_requested=asked,
                      failback="manual" if manual else "auto", handback_approved=approved,
-                     operator_promote=operator, operator_term=term and role is A, added_since_inventory=added)
+                     operator_promote=operator, operator_term=term and role is A, changed_since_inventory=added)
 
 
 def member_grid():
@@ -223,7 +223,7 @@ class TestInvariants:
     def test_backup_hands_back_only_when_allowed(self):
         """An active backup hands the role back only when asked, and with failback manual or an operator's term only once approved."""
         wrong = [o for o in backup_grid() if o.role is A and decide(o).action is HAND_BACK
-                 and (not o.handback_requested or o.added_since_inventory
+                 and (not o.handback_requested or o.changed_since_inventory
                       or ((o.failback == "manual" or o.operator_term) and not o.handback_approved))]
         assert [] == wrong
 

@@ -504,15 +504,17 @@ class TestFailbackNames:
         assert (manifest.sha256, []) == (sha256_file(catalog.blob_path(manifest.sha256)), partials.in_progress())
 
     def test_malformed_inventory_entries_are_skipped(self, backup_factory, fetcher, tmp_path, monkeypatch):
-        """Entries without a name or SHA-256, or with an unsafe name, are skipped; the good one is fetched."""
+        """Entries without a name or SHA-256, with an unsafe name or a bad epoch, are skipped; the good one is fetched."""
         catalog, partials = fetcher
         source = make_file(tmp_path / "src" / "good.bin", 2 * CHUNK)
         manifest = manifest_of_file(source, CHUNK)
         malformed = [{"name": "a.bin"}, 7, {"name": "../x", "sha256": manifest.sha256}, {"sha256": 5},
-                     {"name": "good.bin", "sha256": manifest.sha256}]
+                     *({"name": f"{n}.bin", "sha256": manifest.sha256, "epoch": epoch}
+                       for n, epoch in enumerate(("3", True, -1, 2**63, 1.5))),
+                     {"name": "good.bin", "sha256": manifest.sha256, "epoch": 2}]
 
         def inventory(receiver, peer, frame) -> None:
-            peer.send(protocol.Inventory(), encode_document({"files": malformed, "counters": {}}))
+            peer.send(protocol.Inventory(), encode_document({"files": malformed, "counters": {}, "removed": 5}))
 
         monkeypatch.setattr(ReplicaReceiver, "inventory", inventory)
         backup = backup_factory()

@@ -5,6 +5,7 @@ In-process and fast: a real SQLite ``ServerStore`` under ``tmp_path``, no socket
 from __future__ import annotations
 
 import sqlite3
+import time
 
 import pytest
 from hypothesis import given, settings
@@ -188,6 +189,41 @@ class TestCheckServing:
         node.step_down("handing back", "10.0.0.7:5001")
         with pytest.raises(RequestFailed, match="10.0.0.7:5001"):
             node.check_serving()
+
+
+class TestLeaseDeadline:
+    """A leader under a coordinator's lease serves only before its deadline (etcd mode; see member.py)."""
+
+    def test_serves_before_the_deadline(self, store):
+        """Active with a lease deadline still ahead: it serves."""
+        node = NodeState(store, "a", Role.STANDBY)
+        node.promote("test")
+        node.hold_lease_until(time.monotonic() + 60)
+        node.check_serving()
+        assert (True, Role.ACTIVE) == (node.is_active(), node.role)
+
+    def test_refuses_past_the_deadline_before_any_step_down(self, store):
+        """Past its deadline an active leader refuses as on standby, saying why; its role is the loop's to change."""
+        node = NodeState(store, "a", Role.STANDBY)
+        node.promote("test")
+        node.hold_lease_until(time.monotonic() - 0.001)
+        with pytest.raises(RequestFailed, match="leader lease may have run out") as refused:
+            node.check_serving()
+        assert (ErrorCode.STANDBY, False, Role.ACTIVE) == (refused.value.code, node.is_active(), node.role)
+
+    def test_a_renewal_serves_again(self, store):
+        """A later deadline (the lease renewed) makes the same leader serve again."""
+        node = NodeState(store, "a", Role.STANDBY)
+        node.promote("test")
+        node.hold_lease_until(0.0)
+        node.hold_lease_until(time.monotonic() + 60)
+        assert True is node.is_active()
+
+    def test_without_a_lease_the_role_alone_decides(self, store):
+        """A pair's server never holds a lease: active means serving."""
+        node = NodeState(store, "main", Role.STANDBY)
+        node.promote("test")
+        assert True is node.is_active()
 
 
 class TestActivate:
