@@ -26,6 +26,7 @@ from minitorrent.gui.client_logic import (
     folder_choices,
     in_folder,
     format_limit_kib,
+    found_server_row,
     parse_limit_kib,
     seeding_tiles,
     transfers_summary,
@@ -39,6 +40,7 @@ from minitorrent.gui.transfers import (
     allowed_actions,
     transfer_view,
 )
+from minitorrent.net.discovery import FoundServer
 from minitorrent.gui.widgets import (
     TONES,
     FittedLabel,
@@ -49,6 +51,8 @@ from minitorrent.gui.widgets import (
     text_tones,
 )
 
+FOUND_COLUMNS = [("name", "Server", 150, "w"), ("address", "Address", 150, "w"), ("role", "Role", 70, "w"),
+                 ("epoch", "Epoch", 60, "e"), ("identity", "Identity", 540, "w")]
 TONE_STYLES = {"active": "info.State.TLabel", "ok": "ok.State.TLabel", "error": "error.State.TLabel",
                "muted": "idle.State.TLabel"}
 
@@ -78,6 +82,57 @@ class StatusLine(ttk.Label):
         """Show ``text`` (``tone``: ok, info, warn, error)."""
         set_style(self, f"{tone}.Message.TLabel" if tone in TONES else "Caption.TLabel")
         self.configure(text=f"{time.strftime('%H:%M:%S')}  {text}")
+
+
+class ServerChooser(ttk.LabelFrame):
+    """The servers heard on the LAN, offered when no configured server answers: pick one and use it."""
+
+    def __init__(self, master: tk.Misc, on_use: Callable[[FoundServer], None], on_listen: Callable[[], None]) -> None:
+        super().__init__(master, text="Servers found on this network", padding=(10, 4, 10, 6))
+        self.servers: list[FoundServer] = []
+        self._on_use = on_use
+        self.message = ttk.Label(self, text="", style="Caption.TLabel")
+        self.message.grid(row=0, column=0, sticky="w")
+        self.table = SortableTable(self, FOUND_COLUMNS, height=3)
+        self.table.grid(row=1, column=0, rowspan=2, sticky="nsew", pady=(4, 0))
+        self.use_button = ttk.Button(self, text="Use this server", command=self._use, style="Accent.TButton")
+        self.use_button.grid(row=1, column=1, sticky="new", padx=(10, 0), pady=(4, 4))
+        self.listen_button = ttk.Button(self, text="Search again", command=on_listen)
+        self.listen_button.grid(row=2, column=1, sticky="new", padx=(10, 0))
+        self.table.tree.configure(selectmode="browse")
+        self.table.tree.bind("<Double-1>", lambda _e: self._use())
+        self.columnconfigure(0, weight=1)
+
+    def listening(self) -> None:
+        """Say that the window is listening (the button waits meanwhile)."""
+        self.message.configure(text="Listening for servers on this network…")
+        self.listen_button.state(["disabled"])
+
+    def show(self, servers: list[FoundServer], error: str = "") -> None:
+        """List ``servers`` (the first selected) or say why none is listed."""
+        self.servers = list(servers)
+        keys = [key for key, *_ in FOUND_COLUMNS]
+        self.table.set_rows([(f"f{index}", found_server_row(server),
+                              {**dict(zip(keys, found_server_row(server))), "epoch": server.epoch})
+                             for index, server in enumerate(self.servers)])
+        if self.servers:
+            self.table.tree.selection_set("f0")
+        heard = f"{len(self.servers)} heard: choose one, its identity is pinned" if self.servers else \
+            "none heard (servers announce themselves only with 'discovery: true' in their config)"
+        self.message.configure(text=error or f"No configured server answers. Servers on this network: {heard}")
+        self.listen_button.state(["!disabled"])
+        self.use_button.state(["!disabled"] if self.servers else ["disabled"])
+
+    def chosen(self) -> FoundServer | None:
+        """The server selected in the table, if any."""
+        selected = self.table.selected()
+        return self.servers[int(selected[0][1:])] if selected else None
+
+    def _use(self) -> None:
+        server = self.chosen()
+        if server is not None:
+            self.use_button.state(["disabled"])
+            self._on_use(server)
 
 
 class CatalogPanel(ttk.Frame):

@@ -3,18 +3,13 @@ announce-and-browse inside a private network namespace (multicast never leaves i
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
+from conftest import private_network_available, run_in_private_network
 
 from minitorrent.net.discovery import MAX_EPOCH, FoundServer, parse_found
 
-ROOT = Path(__file__).resolve().parents[2]
-NETNS_TIMEOUT_S = 60
 GOOD = {b"id": b"ABCDEFG-HIJKLMN", b"role": b"active", b"epoch": b"3"}
 
 
@@ -73,22 +68,6 @@ NETNS_SCRIPT = textwrap.dedent("""
     fourth = browse(3.0)
     print(json.dumps([[vars(s) for s in found] for found in (first, second, third, fourth)]))
 """)
-
-
-def run_in_private_network(script: str) -> subprocess.CompletedProcess:
-    """Run ``script`` with python in a new network namespace whose loopback carries multicast."""
-    setup = ("ip link set lo up && ip link set lo multicast on && ip route add 224.0.0.0/4 dev lo && "
-             f"exec {sys.executable} -")
-    return subprocess.run(["unshare", "-n", "bash", "-c", setup], input=script, text=True,
-                          capture_output=True, cwd=ROOT, timeout=NETNS_TIMEOUT_S)
-
-
-def private_network_available() -> str | None:
-    """None when a network namespace can be made here, else why not."""
-    if shutil.which("unshare") is None or shutil.which("ip") is None:
-        return "unshare or ip is not installed"
-    probe = subprocess.run(["unshare", "-n", "true"], capture_output=True, text=True)
-    return None if probe.returncode == 0 else f"cannot create a network namespace: {probe.stderr.strip()}"
 
 
 class TestDiscoveryOnAPrivateLan:
