@@ -119,3 +119,24 @@ class TestServersCommand:
         assert 0 == report["rc"], report["err"]
         found = json.loads(report["out"])
         assert [(report["port"], "active")] == [(s["port"], s["role"]) for s in found]
+
+
+class TestNoMulticastFromTheTestSuite:
+    def test_configs_written_for_tests_and_benches_pin_discovery_off(self, tmp_path):
+        """launcher.write_config sets discovery: false unless the caller sets it, so no test announces by accident."""
+        from config_loader import load_config
+        from minitorrent.common.launcher import write_config
+
+        plain = load_config(write_config(tmp_path / "plain.yaml", {}))
+        asked = load_config(write_config(tmp_path / "asked.yaml", {"discovery": True}))
+        assert (False, True) == (plain.discovery, asked.discovery)
+        assert "discovery: false" in (tmp_path / "plain.yaml").read_text(encoding="utf-8")
+
+    def test_browsing_from_the_test_process_is_refused(self):
+        """Outside a namespace a test cannot open mDNS sockets: the suite's guard refuses it."""
+        from conftest import MulticastOutsideANamespace
+
+        from minitorrent.net.discovery import browse
+
+        with pytest.raises(MulticastOutsideANamespace):
+            browse(0.1)
