@@ -472,7 +472,7 @@ class ClientWindow(WindowShell):
         self.notify(message, "warn" if skipped else "info")
 
     def download_folder(self, folder: str) -> None:
-        """Ask where, then queue the whole ``folder`` (``photos/``) as one transfer with one progress."""
+        """Ask where, then queue the whole ``folder`` (``photos/``) as one transfer: one progress, and one per file."""
         entries = in_folder(self.catalog.entries, folder)
         if not entries:
             return
@@ -483,7 +483,8 @@ class ClientWindow(WindowShell):
         if not target:
             return
         self.controller.remember(self.settings_file, "download_folder", target)
-        transfer = self.manager.add(folder, Path(target), sum(entry["size"] for entry in entries))
+        transfer = self.manager.add(folder, Path(target), sum(entry["size"] for entry in entries),
+                                    files=[(entry["name"], entry["size"]) for entry in entries])
         if transfer is None:
             self.notify(f"{folder} is already in the list", "warn")
             return
