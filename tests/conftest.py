@@ -57,20 +57,27 @@ class MulticastOutsideANamespace(AssertionError):
 
 
 @pytest.fixture(autouse=True)
-def no_multicast_on_the_host(monkeypatch):
+def no_multicast_on_the_host(monkeypatch) -> Iterator[list[str]]:
     """Fail any test that would speak mDNS from the test process itself (the host's network).
 
     Discovery is tested only in subprocesses run inside a network namespace
-    the test creates (tests/net/test_discovery.py); test configs pin
-    ``discovery: false`` (launcher.write_config) so nothing else announces
-    or listens.
+    the test creates (tests/net/test_discovery.py, tests/gui/test_client_discovery.py);
+    test configs pin ``discovery: false`` (launcher.write_config) so nothing
+    else announces or listens. An attempt raises where it happens (so nothing
+    is sent) and fails the test at its end (a worker thread may have caught
+    the error); the list it yields holds the attempts.
     """
     from minitorrent.net import discovery
 
+    attempts: list[str] = []
+
     def refuse(*_args, **_kwargs):
+        attempts.append(threading.current_thread().name)
         raise MulticastOutsideANamespace("a test tried to send multicast DNS on the host's network")
 
     monkeypatch.setattr(discovery, "_open_zeroconf", refuse)
+    yield attempts
+    assert [] == attempts, "multicast DNS attempted from the test process (threads named here)"
 
 
 def deep_merge(base: dict, extra: dict) -> dict:

@@ -81,14 +81,15 @@ def found_server_row(server: FoundServer) -> tuple[str, str, str, str, str]:
     return server.name, server.address, server.role, str(server.epoch), server.identity
 
 
-def discovery_wanted(discovery_on: bool, connected: bool, listened: bool) -> bool:
+def discovery_wanted(discovery: bool | None, connected: bool, listened: bool) -> bool:
     """True when the window should listen for servers on the LAN by itself now.
 
-    Only with ``discovery: true``, only while no server answers, and once per
-    outage (``listened``: since the last time a server answered); the user
-    may listen again with the chooser's button.
+    Unless the config says ``discovery: false`` (unset listens too: a client
+    with no server configured finds those that announce themselves), only
+    while no server answers, and once per outage (``listened``: since the
+    last time a server answered); the chooser's button listens again.
     """
-    return discovery_on and not connected and not listened
+    return discovery is not False and not connected and not listened
 
 
 def catalog_row(entry: dict) -> tuple[tuple, dict]:

@@ -8,8 +8,9 @@ Three layers, as in every MiniTorrent window (DESIGN principle 1):
   came of it: the poller's ``ClientSnapshot`` (the server in use, one try, no
   retries; every second, or after a growing delay when no server answers),
   catalog fetches, the seeder's start, unfinished downloads, the folder
-  opener, listening for servers on the LAN (``discovery: true``, when no
-  configured server answers) and pinning the one the user chooses. Download threads (``TransferManager``) and the engine's
+  opener, listening for servers on the LAN (when no configured server
+  answers, unless ``discovery: false``) and pinning the one the user
+  chooses. Download threads (``TransferManager``) and the engine's
   ``on_progress`` post transfer events; logging posts ``LogLine``s;
 - ``ClientWindow``, a ``WindowShell``, composes the panels (client_panels.py)
   and draws each event the pump hands it on the Tk thread.
@@ -493,7 +494,10 @@ class ClientWindow(WindowShell):
         self.notify(f"downloading {folder} ({plural(len(entries), 'file')}) into {target}")
 
     def listen_for_servers(self) -> None:
-        """Listen for servers on the LAN in a worker (the chooser's Search again, or no server answers)."""
+        """Listen for servers on the LAN in a worker (the chooser's Search again, or no server answers).
+
+        Listening sends mDNS queries (multicast), never an announcement of this client.
+        """
         self._listened = True
         self.chooser.listening()
         self.chooser.grid()

@@ -12,7 +12,7 @@ configured server. Configured addresses always win and keep working where
 multicast does not reach (other subnets, VLANs).
 
 The zeroconf library (LGPL-2.1-or-later, used unmodified as a library) speaks
-mDNS; it is imported only when discovery is switched on (``discovery: true``).
+mDNS; it is imported only when something announces or listens.
 """
 from __future__ import annotations
 

@@ -106,7 +106,7 @@ class ServerEngine:
         except MiniTorrentError:
             self.lock.release()
             raise
-        if self.config.discovery:
+        if self.config.discovery is True:  # unset (None) or false: a server stays silent
             self._announce(*address)
         return address
 

@@ -5,7 +5,8 @@ Real programs, a real window: inside a network namespace this test creates
 (``discovery: true``), and a client window whose configured server does not
 exist lists it, is told to use it, pins its identity, connects, and on the
 next start uses it again without asking. Xvfb runs inside the namespace too
-(its abstract socket belongs to the namespace). The rest runs without mDNS.
+(its abstract socket belongs to the namespace). The client's config leaves ``discovery`` unset, as a new user's does. The
+rest runs without mDNS.
 """
 from __future__ import annotations
 
@@ -27,10 +28,11 @@ SERVER = FoundServer("main-server", "192.0.2.7", 5701, "ABCDEFG-HIJKLMN", "activ
 
 
 class TestChoosingLogic:
-    def test_listens_once_per_outage_and_only_with_discovery_on(self):
-        """The window listens by itself only with discovery on, no server answering, not yet this outage."""
-        cases = [(True, False, False), (False, False, False), (True, True, False), (True, False, True)]
-        assert [True, False, False, False] == [discovery_wanted(*case) for case in cases]
+    def test_listens_once_per_outage_unless_discovery_is_false(self):
+        """The window listens by itself with discovery true or unset, no server answering, not yet this outage."""
+        cases = [(True, False, False), (None, False, False), (False, False, False), (True, True, False),
+                 (None, False, True)]
+        assert [True, True, False, False, False] == [discovery_wanted(*case) for case in cases]
 
     def test_a_chosen_server_is_remembered_and_read_back_strictly(self):
         """What the window saves comes back equal; a hand-edited entry out of bounds is ignored."""
@@ -125,7 +127,8 @@ WINDOW_SCRIPT = textwrap.dedent("""
     client_config = write_config(folder / "client.yaml", {  # its configured main: a port where nothing listens
         "server": {"main": {"port": free_port()}, "backup": {"port": 0}},
         "client": {"data_dir": "client", "download_dir": "downloads"},
-        "transfer": {"io_timeout": 2.0}, "logging": {"log_to_file": False}, "discovery": True})
+        "transfer": {"io_timeout": 2.0}, "logging": {"log_to_file": False},
+        "discovery": None})  # unset, as in a new user's config: the window listens, the client never announces
     server = ServerProcess(server_config, add=[folder / "shared.txt"])
 
     def open_window():

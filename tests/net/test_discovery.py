@@ -132,11 +132,13 @@ class TestNoMulticastFromTheTestSuite:
         assert (False, True) == (plain.discovery, asked.discovery)
         assert "discovery: false" in (tmp_path / "plain.yaml").read_text(encoding="utf-8")
 
-    def test_browsing_from_the_test_process_is_refused(self):
-        """Outside a namespace a test cannot open mDNS sockets: the suite's guard refuses it."""
+    def test_browsing_from_the_test_process_is_refused(self, no_multicast_on_the_host):
+        """Outside a namespace a test cannot open mDNS sockets: the suite's guard refuses it and records it."""
         from conftest import MulticastOutsideANamespace
 
         from minitorrent.net.discovery import browse
 
         with pytest.raises(MulticastOutsideANamespace):
             browse(0.1)
+        assert ["MainThread"] == no_multicast_on_the_host
+        no_multicast_on_the_host.clear()  # this one was on purpose
