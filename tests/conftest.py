@@ -341,14 +341,14 @@ def run_in_private_network(script: str, timeout_s: float = NETNS_TIMEOUT_S) -> s
     setup = ("ip link set lo up && ip link set lo multicast on && ip route add 224.0.0.0/4 dev lo && "
              f"exec {sys.executable} -")
     return subprocess.run(["unshare", "-n", "bash", "-c", setup], input=script, text=True,
-                          capture_output=True, cwd=ROOT, timeout=timeout_s)
+                          capture_output=True, cwd=ROOT, timeout=timeout_s, check=False)
 
 
 def private_network_available() -> str | None:
     """None when a network namespace can be made here, else why not."""
     if shutil.which("unshare") is None or shutil.which("ip") is None:
         return "unshare or ip is not installed"
-    probe = subprocess.run(["unshare", "-n", "true"], capture_output=True, text=True)
+    probe = subprocess.run(["unshare", "-n", "true"], capture_output=True, text=True, check=False)
     return None if probe.returncode == 0 else f"cannot create a network namespace: {probe.stderr.strip()}"
 
 

@@ -24,9 +24,9 @@ from minitorrent.gui.client_logic import (
     elide,
     filter_entries,
     folder_choices,
-    in_folder,
     format_limit_kib,
     found_server_row,
+    in_folder,
     parse_limit_kib,
     seeding_tiles,
     transfers_summary,
@@ -43,7 +43,6 @@ from minitorrent.gui.transfers import (
     files_summary,
     transfer_view,
 )
-from minitorrent.net.discovery import FoundServer
 from minitorrent.gui.widgets import (
     TONES,
     FittedLabel,
@@ -53,6 +52,7 @@ from minitorrent.gui.widgets import (
     set_style,
     text_tones,
 )
+from minitorrent.net.discovery import FoundServer
 
 FOUND_COLUMNS = [("name", "Server", 150, "w"), ("address", "Address", 150, "w"), ("role", "Role", 70, "w"),
                  ("epoch", "Epoch", 60, "e"), ("identity", "Identity", 540, "w")]

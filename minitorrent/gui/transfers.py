@@ -29,7 +29,13 @@ from typing import Any, Callable
 from error_handler import DownloadCancelled, MiniTorrentError
 from metrics import RateMeter
 from minitorrent.client.downloader import DownloadResult
-from minitorrent.client.progress import FILE_DONE, FILE_FAILED, FILE_VERIFIED, Progress, describe_sources
+from minitorrent.client.progress import (
+    FILE_DONE,
+    FILE_FAILED,
+    FILE_VERIFIED,
+    Progress,
+    describe_sources,
+)
 from minitorrent.common.units import human_duration, human_size, percent
 
 log = logging.getLogger(__name__)
@@ -502,7 +508,7 @@ def transfer_view(transfer: Transfer, speed_bps: float, server_name: str = "", m
 
 def file_row(file: FileProgress, folder: str) -> tuple[str, str, str, str]:
     """One file of a folder transfer as its row shows it: path inside the folder, size, percent, state."""
-    inside = file.name[len(folder):] if file.name.startswith(folder) else file.name
+    inside = file.name.removeprefix(folder)
     return inside, human_size(file.size), f"{file.percent:.1f}%", file.state
 
 

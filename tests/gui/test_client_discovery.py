@@ -18,7 +18,11 @@ import pytest
 from conftest import make_config, private_network_available, run_in_private_network
 
 from minitorrent.client.engine import ClientEngine
-from minitorrent.gui.client_logic import discovery_wanted, found_server_row, saved_server
+from minitorrent.gui.client_logic import (
+    discovery_wanted,
+    found_server_row,
+    saved_server,
+)
 from minitorrent.net.discovery import FoundServer
 from minitorrent.wire.identity import load_or_create
 from minitorrent.wire.tls import IdentityRefused

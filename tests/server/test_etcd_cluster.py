@@ -369,7 +369,8 @@ def started_with_folder(cluster: EtcdCluster, folder: Path, names: set[str]) -> 
     cluster.start("b")
     cluster.start("c")
     for name in ("b", "c"):
-        wait_until(lambda: names_on(cluster, name) == names, LONG_TIMEOUT, f"{name} to replicate {folder.name}/")
+        wait_until(lambda name=name: names_on(cluster, name) == names, LONG_TIMEOUT,
+                   f"{name} to replicate {folder.name}/")
     return leader
 
 
@@ -400,7 +401,7 @@ class TestRemoveAndRename:
         after = {"album/b.jpg", "album/journey/c.jpg"}
         assert after == {entry["name"] for entry in client.list_files()}
         for follower in followers:
-            wait_until(lambda: names_on(cluster, follower) == after, LONG_TIMEOUT,
+            wait_until(lambda follower=follower: names_on(cluster, follower) == after, LONG_TIMEOUT,
                        f"follower {follower} to follow the remove and the rename")
 
     @pytest.mark.timeout(150)
