@@ -286,7 +286,7 @@ class ClientWindow(WindowShell):
         self.banner.hide()
         self.chooser = ServerChooser(self, self.use_found_server, self.listen_for_servers)
         self.chooser.grid(row=2, column=0, sticky="ew", padx=14, pady=(0, 6))
-        self.chooser.grid_remove()  # shown only when no server answers and discovery is on
+        self.chooser.grid_remove()  # shown only while no server answers (unless discovery: false)
         ttk.Separator(self, orient="horizontal").grid(row=3, column=0, sticky="ew")
         panes = ttk.PanedWindow(self, orient="vertical")
         panes.grid(row=4, column=0, sticky="nsew")
