@@ -4,8 +4,9 @@ Real programs, a real window: inside a network namespace this test creates
 (multicast never leaves it), a main server announces itself
 (``discovery: true``), and a client window whose configured server does not
 exist lists it, is told to use it, pins its identity, connects, and on the
-next start uses it again without asking. Xvfb runs inside the namespace too
-(its abstract socket belongs to the namespace). The client's config leaves ``discovery`` unset, as a new user's does. The
+next start uses it again without asking. The window is on the suite's
+display (Xvfb's socket is a file, which a network namespace does not hide).
+The client's config leaves ``discovery`` unset, as a new user's does. The
 rest runs without mDNS.
 """
 from __future__ import annotations
@@ -107,12 +108,12 @@ def _small_file(path):
     return path
 
 
-# What runs inside the namespace: Xvfb, a main server announcing itself, then two client windows.
+# What runs inside the namespace: a main server announcing itself, then two client windows.
 WINDOW_SCRIPT = textwrap.dedent("""
     import json, os, subprocess, sys, tempfile
     from pathlib import Path
     sys.path.insert(0, "tests")
-    from conftest import LONG_TIMEOUT, TkThreadGuard, _start_xvfb, pump_until
+    from conftest import LONG_TIMEOUT, TkThreadGuard, pump_until
     from config_loader import load_config
     from minitorrent.client.engine import ClientEngine
     from minitorrent.common.launcher import ServerProcess, free_port, write_config
@@ -122,7 +123,6 @@ WINDOW_SCRIPT = textwrap.dedent("""
     from minitorrent.wire.identity import load_or_create
     from minitorrent.wire.tls import PIN_FILE
 
-    xvfb = _start_xvfb()
     folder = Path(tempfile.mkdtemp())
     (folder / "shared.txt").write_text("found without an address")
     server_config = write_config(folder / "server.yaml", {
@@ -169,14 +169,13 @@ WINDOW_SCRIPT = textwrap.dedent("""
         again.close()
     finally:
         server.stop()
-        xvfb.terminate()
     print(json.dumps(report))
 """)
 
 
 class TestWindowOffersFoundServers:
     @pytest.mark.timeout(WINDOW_TEST_TIMEOUT_S)
-    def test_the_window_lists_a_server_it_hears_and_uses_the_one_chosen(self):
+    def test_the_window_lists_a_server_it_hears_and_uses_the_one_chosen(self, display):
         """No configured server answers: the window lists the announced main (name, address, role, epoch,
         identity); choosing it pins that identity, connects, is remembered, and is used again next start."""
         reason = private_network_available()
