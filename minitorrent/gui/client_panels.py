@@ -54,8 +54,8 @@ from minitorrent.gui.widgets import (
 )
 from minitorrent.net.discovery import FoundServer
 
-FOUND_COLUMNS = [("name", "Server", 150, "w"), ("address", "Address", 150, "w"), ("role", "Role", 70, "w"),
-                 ("epoch", "Epoch", 60, "e"), ("identity", "Identity", 540, "w")]
+FOUND_COLUMNS = [("name", "Server", 120, "w"), ("address", "Address", 140, "w"), ("role", "Role", 70, "w"),
+                 ("epoch", "Epoch", 60, "e"), ("identity", "Identity", 600, "w")]  # 63 characters
 TONE_STYLES = {"active": "info.State.TLabel", "ok": "ok.State.TLabel", "error": "error.State.TLabel",
                "muted": "idle.State.TLabel"}
 
