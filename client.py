@@ -35,12 +35,11 @@ from minitorrent.client.folders import summarize_folders
 from minitorrent.client.progress import TerminalProgress, describe_sources
 from minitorrent.common.daemon import serve_until_signalled
 from minitorrent.common.units import human_size
-from minitorrent.net.discovery import browse
+from minitorrent.net.discovery import LISTEN_S, browse
 
 log = logging.getLogger(__name__)
 
-DISCOVERY_LISTEN_S = 3.0  # mDNS answers arrive within about a second on a quiet LAN
-MAX_DISCOVERY_LISTEN_S = 60.0
+MAX_LISTEN_S = 60.0
 
 
 def window_geometry(text: str) -> str:
@@ -67,8 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("seed", help="seed the files this client downloaded to other clients, until stopped")
     servers = commands.add_parser("servers", help="list the servers announced on the LAN (mDNS)")
     servers.add_argument("--json", action="store_true", help="print JSON")
-    servers.add_argument("--seconds", type=float, default=DISCOVERY_LISTEN_S, metavar="S",
-                         help=f"how long to listen (default {DISCOVERY_LISTEN_S:g})")
+    servers.add_argument("--seconds", type=float, default=LISTEN_S, metavar="S",
+                         help=f"how long to listen (default {LISTEN_S:g})")
     pair = commands.add_parser("pair", help="pair with the server using the one-time code its operator gave you")
     pair.add_argument("code", metavar="CODE")
     commands.add_parser("token", help="print this paired client's token for the server's web face "
@@ -193,8 +192,8 @@ def run_token(engine: ClientEngine, args: argparse.Namespace) -> int:
 
 def run_servers(args: argparse.Namespace) -> int:
     """Listen for servers' mDNS announcements and print what was heard (unverified hints)."""
-    if not 0 < args.seconds <= MAX_DISCOVERY_LISTEN_S:
-        print(f"error: --seconds must be more than 0 and at most {MAX_DISCOVERY_LISTEN_S:g}", file=sys.stderr)
+    if not 0 < args.seconds <= MAX_LISTEN_S:
+        print(f"error: --seconds must be more than 0 and at most {MAX_LISTEN_S:g}", file=sys.stderr)
         return 2
     print(f"listening {args.seconds:g} s for servers on the LAN...", file=sys.stderr, flush=True)
     found = browse(args.seconds)

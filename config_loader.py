@@ -235,9 +235,12 @@ class Config:
     transfer: TransferConfig = field(default_factory=TransferConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
-    # Announce servers on the LAN by mDNS (off by default: an announcement tells the
-    # whole network a server is here; configured addresses work without it).
-    discovery: bool = _setting(False)
+    # Servers found on the LAN by mDNS. true: servers announce themselves and a client
+    # window with no configured server answering listens for them; false: neither.
+    # Unset (None): servers stay silent (an announcement tells the whole network a
+    # server is here) but a client window still listens, so a client with no server
+    # configured finds the servers that opted in.
+    discovery: bool | None = _setting(None)
     source: Path | None = field(default=None, metadata={"internal": True})
 
 
@@ -273,6 +276,14 @@ def _describe(value: Any) -> str:
         return "a list"
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _optional(kind: Any) -> type | None:
+    """``X`` for a field typed ``X | None`` (its value may be unset), else None."""
+    args = get_args(kind)
+    if len(args) == 2 and type(None) in args:
+        return next(arg for arg in args if arg is not type(None))
+    return None
 
 
 # ---------------------------------------------------------------------- walker
@@ -340,8 +351,10 @@ def _build(cls: type, data: Any, where: str, base_dir: Path, **extra: Any) -> An
             values[name] = _build(kind, data.get(name), key, base_dir)
         elif get_origin(kind) is tuple and name in data:
             values[name] = _list(spec, get_args(kind)[0], data[name], key, base_dir)
+        elif name in data and data[name] is None and _optional(kind):
+            values[name] = None  # written with no value (``discovery:``): as if unset
         elif name in data:
-            values[name] = _value(spec, kind, data[name], key, base_dir)
+            values[name] = _value(spec, _optional(kind) or kind, data[name], key, base_dir)
         elif kind is Path:
             values[name] = _resolve(spec.default, base_dir)
     try:

@@ -21,9 +21,11 @@ clients and ``revoke`` removes one; see docs/security.md. ``token`` prints the
 operator's token for the web face (docs/http.md).
 
 With ``cluster.mode: etcd`` the program runs member ``cluster.name`` of an
-etcd cluster instead (headless; ``ClusterMember``). ``--add`` beside a
-running member adds only if that member leads, and with ``cluster.ack:
-quorum`` returns once a majority of the members holds each file, verified.
+etcd cluster instead (headless; ``ClusterMember``). ``--add``, ``--remove``
+and ``--rename`` beside a running member change the catalog only if that
+member leads (it replicates the change to every member; beside a follower
+they are refused, naming the leader), and with ``cluster.ack: quorum``
+``--add`` returns once a majority of the members holds each file, verified.
 """
 from __future__ import annotations
 
@@ -189,8 +191,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_window(engine, args.add, args.geometry)  # with edits and a main already running: as headless
     if etcd_mode and not args.headless:
         print("note: a cluster member (cluster.mode: etcd) has no window: running headless", file=sys.stderr)
-    if args.add and etcd_mode and _folder_taken(engine):
-        return add_to_running_member(engine, args.add)
+    if edits and etcd_mode and _folder_taken(engine):
+        return edit_running_member(engine, args)
     added_ok = add_files(engine, args.add) and edit_catalog(engine, args.remove, args.rename)
     if not added_ok or (edits and _already_running(engine)):
         engine.catalog.close()
@@ -206,18 +208,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def add_to_running_member(engine: ServerEngine, paths: Sequence[str]) -> int:
-    """etcd mode: add to the running leader's catalog; with ``cluster.ack: quorum``, return once a majority holds each file."""
+def edit_running_member(engine: ServerEngine, args: argparse.Namespace) -> int:
+    """etcd mode: ``--add``, ``--remove``, ``--rename`` on the running leader's catalog (it replicates them to
+    every member); refused beside a follower, whose catalog only the leader writes. With ``cluster.ack: quorum``,
+    returns once a majority holds each added file."""
     config = engine.config
     try:
         leader = leader_name(config)
         if leader != engine.name:
-            print(f"error: {engine.name} is not the leader ({leader or 'nobody'} leads): add files on the leader",
+            what = "add files" if args.add else "edit the catalog"
+            print(f"error: {engine.name} is not the leader ({leader or 'nobody'} leads): {what} on the leader",
                   file=sys.stderr)
             return 1
         added: list = []
-        ok = add_files(engine, paths, added)
-        print(f"the {engine.name} server already running on this data folder now shares them", flush=True)
+        ok = add_files(engine, args.add, added) and edit_catalog(engine, args.remove, args.rename)
+        print(f"the {engine.name} server already running on this data folder now serves these changes", flush=True)
         if ok and config.cluster.ack == "quorum":
             failures = acknowledge_by_quorum(config, added, engine.stop_event, QUORUM_TIMEOUT_S)
             for failure in failures:

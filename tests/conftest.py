@@ -52,6 +52,34 @@ def wait_until(condition: Callable[[], Any], timeout: float = SHORT_TIMEOUT, wha
         time.sleep(POLL_INTERVAL)
 
 
+class MulticastOutsideANamespace(AssertionError):
+    """A test process tried to open mDNS sockets on the host's network."""
+
+
+@pytest.fixture(autouse=True)
+def no_multicast_on_the_host(monkeypatch) -> Iterator[list[str]]:
+    """Fail any test that would speak mDNS from the test process itself (the host's network).
+
+    Discovery is tested only in subprocesses run inside a network namespace
+    the test creates (tests/net/test_discovery.py, tests/gui/test_client_discovery.py);
+    test configs pin ``discovery: false`` (launcher.write_config) so nothing
+    else announces or listens. An attempt raises where it happens (so nothing
+    is sent) and fails the test at its end (a worker thread may have caught
+    the error); the list it yields holds the attempts.
+    """
+    from minitorrent.net import discovery
+
+    attempts: list[str] = []
+
+    def refuse(*_args, **_kwargs):
+        attempts.append(threading.current_thread().name)
+        raise MulticastOutsideANamespace("a test tried to send multicast DNS on the host's network")
+
+    monkeypatch.setattr(discovery, "_open_zeroconf", refuse)
+    yield attempts
+    assert [] == attempts, "multicast DNS attempted from the test process (threads named here)"
+
+
 def deep_merge(base: dict, extra: dict) -> dict:
     """``base`` updated with ``extra``, nested mappings merged key by key."""
     merged = dict(base)
@@ -301,6 +329,27 @@ class SlowProxy:
             except OSError:
                 pass
             sock.close()
+
+
+# Private networks (multicast that never leaves the test) ------------------------------------------------
+
+NETNS_TIMEOUT_S = 60  # one script run inside a namespace: servers start, mDNS probes (1.5 s each), browses
+
+
+def run_in_private_network(script: str, timeout_s: float = NETNS_TIMEOUT_S) -> subprocess.CompletedProcess:
+    """Run ``script`` with python in a new network namespace whose loopback carries multicast."""
+    setup = ("ip link set lo up && ip link set lo multicast on && ip route add 224.0.0.0/4 dev lo && "
+             f"exec {sys.executable} -")
+    return subprocess.run(["unshare", "-n", "bash", "-c", setup], input=script, text=True,
+                          capture_output=True, cwd=ROOT, timeout=timeout_s, check=False)
+
+
+def private_network_available() -> str | None:
+    """None when a network namespace can be made here, else why not."""
+    if shutil.which("unshare") is None or shutil.which("ip") is None:
+        return "unshare or ip is not installed"
+    probe = subprocess.run(["unshare", "-n", "true"], capture_output=True, text=True, check=False)
+    return None if probe.returncode == 0 else f"cannot create a network namespace: {probe.stderr.strip()}"
 
 
 # Windows under a virtual screen ---------------------------------------------------------------------------

@@ -444,13 +444,13 @@ class TestClusterSettings:
 
 
 class TestDiscoveryKey:
-    def test_discovery_is_off_unless_asked(self, tmp_path):
-        """An empty file leaves discovery off; `discovery: true` turns it on."""
-        off = tmp_path / "off.yaml"
-        off.write_text("", encoding="utf-8")
-        on = tmp_path / "on.yaml"
-        on.write_text("discovery: true\n", encoding="utf-8")
-        assert (False, True) == (load_config(off).discovery, load_config(on).discovery)
+    @pytest.mark.parametrize("text,expected", [("", None), ("discovery:\n", None), ("discovery: true\n", True),
+                                               ("discovery: false\n", False)])
+    def test_discovery_is_unset_unless_written(self, tmp_path, text, expected):
+        """An empty file (or `discovery:` alone) leaves discovery unset (None); true and false are kept."""
+        path = tmp_path / "config.yaml"
+        path.write_text(text, encoding="utf-8")
+        assert expected == load_config(path).discovery
 
     def test_a_non_boolean_discovery_is_a_clear_error(self, tmp_path):
         """`discovery: yes please` names the key and the rule."""

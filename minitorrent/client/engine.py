@@ -18,9 +18,9 @@ from minitorrent.net import remote
 from minitorrent.net.remote import ServerClient, ServerSession
 from minitorrent.net.throttle import TokenBucket
 from minitorrent.wire import protocol
-from minitorrent.wire.identity import load_or_create
+from minitorrent.wire.identity import load_or_create, parse_id
 from minitorrent.wire.pairing import ClientPairing, PairingFailed, normalize_code
-from minitorrent.wire.tls import Secure, client_tls, server_identity
+from minitorrent.wire.tls import IdentityRefused, Secure, client_tls, server_identity
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,22 @@ class ClientEngine:
             self.seeder.stop()
         self.server.close()
         self.store.close()
+
+    def use_server(self, host: str, port: int, identity: str) -> None:
+        """Talk to ``host:port`` too (a server found on the LAN that the user chose), pinning ``identity``.
+
+        The identity is pinned as trust on first use pins a configured
+        server's (the same store), so the server must present it from the very
+        first connection. Raises ``IdentityRefused`` if ``identity`` is not
+        a well-formed identity or another is pinned for that address already. Blocks only on a small file write.
+        """
+        try:
+            identity = parse_id(identity)  # the form the pin store compares, and a check of a stranger's text
+        except ValueError as error:
+            raise IdentityRefused(f"{host}:{port} announced {identity!r}, which is not an identity: {error}") from None
+        if self.server.secure is not None:
+            self.server.secure.pins.check(f"{host}:{port}", identity)
+        self.server.add_server(host, port)
 
     def pair(self, code: str) -> str:
         """Pair with the active server using the operator's one-time code; the server's identity.

@@ -49,7 +49,7 @@ from typing import Callable
 from error_handler import ConnectionFailed, DownloadCancelled, DownloadError, MiniTorrentError
 from integrity import sha256_file
 from minitorrent.client.downloader import Downloader, destination
-from minitorrent.client.progress import Progress
+from minitorrent.client.progress import FILE_DONE, FILE_FAILED, FILE_VERIFIED, Progress
 from minitorrent.common.fs import fsync_dir, sync_filesystem
 from minitorrent.net.remote import MAX_RECONNECT_DELAY_S, ServerClient, ServerSession
 from minitorrent.wire import protocol
@@ -123,6 +123,7 @@ class FolderDownload:
         self._staged = 0  # small files staged in this run
         self._staging_path = str(self.staging)
         self._staged_shas: set[str] = set()  # verified and staged (this run or reused from the last)
+        self._changes: list[tuple[str, str]] = []  # files whose state changed since the last progress report
 
     def run(self) -> FolderResult:
         """Download every file of the folder; failures of single files are listed, not raised."""
@@ -136,6 +137,8 @@ class FolderDownload:
             self._small_files(small)
         for entry in large:
             self._large_file(entry["name"])
+        if self._changes:  # the last large file failed: its row must say so too
+            self._notify()
         self.result.seconds = time.monotonic() - started
         return self.result
 
@@ -149,12 +152,14 @@ class FolderDownload:
                 size, sha256, chunks = int(entry["size"]), str(entry["sha256"]), int(entry["chunks"])
                 if chunks > 1:
                     large.append(entry)
-                elif not self._present(final, sha256):
+                elif self._present(final, sha256):
+                    self._changes.append((entry["name"], FILE_DONE))
+                else:
                     small.append(_Small(entry["name"], size, sha256, final))
             except (KeyError, TypeError, ValueError) as error:
-                self.result.failed.append(f"{entry.get('name')!r}: a malformed listing entry ({error})")
+                self._failed(entry.get("name"), f"{entry.get('name')!r}: a malformed listing entry ({error})")
             except DownloadError as error:
-                self.result.failed.append(str(error))
+                self._failed(entry.get("name"), str(error))
         return small, large
 
     def _present(self, final: str, sha256: str) -> bool:
@@ -174,8 +179,9 @@ class FolderDownload:
         except DownloadCancelled:
             raise
         except DownloadError as error:
-            self.result.failed.append(str(error))
+            self._failed(name, str(error))
             return
+        self._changes.append((name, FILE_DONE))
         self.result.fetched_bytes += outcome.fetched_bytes
         if outcome.outcome == "downloaded":
             self.result.downloaded += 1
@@ -259,7 +265,7 @@ class FolderDownload:
         offset = 0
         for file, size, error in zip(batch, reply.sizes, reply.errors):
             if size < 0:
-                self.result.failed.append(f"{file.name}: not served ({error})")
+                self._failed(file.name, f"{file.name}: not served ({error})")
                 continue
             self._stage(file, payload[offset:offset + size])
             offset += size
@@ -268,7 +274,7 @@ class FolderDownload:
 
     def _stage(self, file: _Small, data: bytes | memoryview) -> None:
         if len(data) != file.size or hashlib.sha256(data).hexdigest() != file.sha256:
-            self.result.failed.append(f"{file.name}: failed SHA-256 verification; not written")
+            self._failed(file.name, f"{file.name}: failed SHA-256 verification; not written")
             return
         fd = os.open(os.path.join(self._staging_path, file.sha256), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
@@ -276,6 +282,7 @@ class FolderDownload:
         finally:
             os.close(fd)
         self._staged_shas.add(file.sha256)
+        self._changes.append((file.name, FILE_VERIFIED))
         self.result.fetched_bytes += len(data)
         self._staged += 1
         if self._staged % PROGRESS_EVERY_FILES == 0:
@@ -291,8 +298,8 @@ class FolderDownload:
             fetched_as.setdefault(file.sha256, file)
             if file.sha256 not in self._staged_shas:
                 if fetched_as[file.sha256] is not file:  # its twin's failure is listed; say this one failed too
-                    self.result.failed.append(f"{file.name}: not written (same content as "
-                                              f"{fetched_as[file.sha256].name}, which failed)")
+                    self._failed(file.name, f"{file.name}: not written (same content as "
+                                            f"{fetched_as[file.sha256].name}, which failed)")
                 continue
             try:
                 folder = os.path.dirname(file.final)
@@ -300,13 +307,14 @@ class FolderDownload:
                     os.makedirs(folder, exist_ok=True)
                 os.link(os.path.join(self._staging_path, file.sha256), file.final)
             except FileExistsError:
-                self.result.failed.append(f"{file.final} appeared during the download; not overwriting it")
+                self._failed(file.name, f"{file.final} appeared during the download; not overwriting it")
                 continue
             except OSError as error:
-                self.result.failed.append(f"{file.name}: cannot write {file.final}: {error.strerror or error}")
+                self._failed(file.name, f"{file.name}: cannot write {file.final}: {error.strerror or error}")
                 continue
             folders.add(folder)
             installed.append(file)
+            self._changes.append((file.name, FILE_DONE))
         for folder in sorted(_with_parents(folders, str(self.output_dir))):
             fsync_dir(folder)
         self._clear_staging({f.sha256 for f in files})
@@ -330,13 +338,20 @@ class FolderDownload:
         except MiniTorrentError as error:
             log.warning("could not report the downloads of %s: %s", self.folder, error)
 
+    def _failed(self, name: object, line: str) -> None:
+        """One file failed: listed in the result, and told with the next progress report."""
+        self.result.failed.append(line)
+        self._changes.append((str(name), FILE_FAILED))
+
     def _notify(self) -> None:
+        """Report the folder's progress with the files that changed since the last report (caller's thread)."""
+        changes, self._changes = tuple(self._changes), []
         if self.on_progress is None:
             return
         result = self.result
         done_files = result.downloaded + result.present
         self.on_progress(Progress(self.folder, result.size, min(result.size, result.fetched_bytes),
-                                  result.fetched_bytes, done_files, result.files))
+                                  result.fetched_bytes, done_files, result.files, files=changes))
 
 
 class _InsideCheck:

@@ -25,6 +25,15 @@ class Progress:
     chunks_done: int
     chunks_total: int
     sources: dict[str, int] = field(default_factory=dict)  # bytes received per source ("server", "peer h:p")
+    # A folder's progress only: the files whose state changed since its last report, as
+    # (name, state) with state one of FILE_STATES, so a window can show one row per file.
+    files: tuple[tuple[str, str], ...] = ()
+
+
+FILE_VERIFIED = "verified"  # its bytes match its SHA-256; not under its final name yet
+FILE_DONE = "done"  # under its final name, verified (fetched now or already there)
+FILE_FAILED = "failed"
+FILE_STATES = (FILE_VERIFIED, FILE_DONE, FILE_FAILED)
 
 
 def describe_sources(sources: dict[str, int], server_name: str = "") -> str:

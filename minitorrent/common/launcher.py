@@ -35,9 +35,11 @@ def write_config(path: Path, settings: dict) -> Path:
     """Write ``settings`` as a YAML config file at ``path`` (folders created).
 
     A server given no ``http_port`` gets -1 (no web face): a test, a bench or
-    the demo never binds the default 5080/5081 by accident.
+    the demo never binds the default 5080/5081 by accident; and ``discovery``
+    is false unless given, so none of them sends multicast by accident.
     """
     settings = copy.deepcopy(settings)
+    settings.setdefault("discovery", False)
     servers = settings.setdefault("server", {})
     for role in ("main", "backup"):
         servers.setdefault(role, {}).setdefault("http_port", -1)

@@ -14,6 +14,7 @@ from minitorrent.client.folders import summarize_folders
 from minitorrent.common.units import human_size
 from minitorrent.gui.base import entry_row
 from minitorrent.gui.transfers import TransferState
+from minitorrent.net.discovery import FoundServer, parse_found
 
 CONNECTED_POLL_S = 1.0  # status of the server in use, once a second: the indicator follows a failover quickly
 RECONNECT_DELAYS_S = (1, 2, 3, 5)  # then every 5 s: no server answers, ask again with backoff
@@ -58,6 +59,37 @@ def saved_limits(settings: dict) -> tuple[int, int] | None:
             and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in limits)):
         return limits[0], limits[1]
     return None
+
+
+def saved_server(settings: dict) -> FoundServer | None:
+    """The server found on the LAN that the user chose last time; None if none or malformed.
+
+    The settings file is ours but may be edited by hand: it passes the same
+    strict checks as an announcement heard on the LAN.
+    """
+    chosen = settings.get("server")
+    if not isinstance(chosen, dict) or not all(isinstance(chosen.get(k), str) for k in ("name", "host")):
+        return None
+    port = chosen.get("port")
+    properties = {key: str(chosen.get(key, "")).encode() for key in ("identity", "role", "epoch")}
+    return parse_found(chosen["name"], [chosen["host"]], port if isinstance(port, int) else None,
+                       {b"id": properties["identity"], b"role": properties["role"], b"epoch": properties["epoch"]})
+
+
+def found_server_row(server: FoundServer) -> tuple[str, str, str, str, str]:
+    """A found server as the chooser's row: name, address, role, epoch, identity."""
+    return server.name, server.address, server.role, str(server.epoch), server.identity
+
+
+def discovery_wanted(discovery: bool | None, connected: bool, listened: bool) -> bool:
+    """True when the window should listen for servers on the LAN by itself now.
+
+    Unless the config says ``discovery: false`` (unset listens too: a client
+    with no server configured finds those that announce themselves), only
+    while no server answers, and once per outage (``listened``: since the
+    last time a server answered); the chooser's button listens again.
+    """
+    return discovery is not False and not connected and not listened
 
 
 def catalog_row(entry: dict) -> tuple[tuple, dict]:
@@ -307,3 +339,19 @@ class UnfinishedFound:
     """Event: downloads an earlier run left unfinished (name, folder, size, verified bytes)."""
 
     downloads: list[tuple[str, Path, int, int]]
+
+
+@dataclass(frozen=True)
+class ServersFound:
+    """Event: a listen for servers on the LAN ended, with what was heard (highest epoch first) or why it failed."""
+
+    servers: list[FoundServer]
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class ServerChosen:
+    """Event: the server the user chose is pinned and asked from now on (``error``: it could not be)."""
+
+    server: FoundServer
+    error: str = ""

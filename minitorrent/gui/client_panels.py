@@ -24,19 +24,23 @@ from minitorrent.gui.client_logic import (
     elide,
     filter_entries,
     folder_choices,
-    in_folder,
     format_limit_kib,
+    found_server_row,
+    in_folder,
     parse_limit_kib,
     seeding_tiles,
     transfers_summary,
 )
 from minitorrent.gui.transfers import (
     Action,
+    FileProgress,
     Transfer,
     TransferManager,
     TransferState,
     TransferView,
     allowed_actions,
+    file_row,
+    files_summary,
     transfer_view,
 )
 from minitorrent.gui.widgets import (
@@ -48,7 +52,10 @@ from minitorrent.gui.widgets import (
     set_style,
     text_tones,
 )
+from minitorrent.net.discovery import FoundServer
 
+FOUND_COLUMNS = [("name", "Server", 120, "w"), ("address", "Address", 140, "w"), ("role", "Role", 70, "w"),
+                 ("epoch", "Epoch", 60, "e"), ("identity", "Identity", 600, "w")]  # 63 characters
 TONE_STYLES = {"active": "info.State.TLabel", "ok": "ok.State.TLabel", "error": "error.State.TLabel",
                "muted": "idle.State.TLabel"}
 
@@ -78,6 +85,57 @@ class StatusLine(ttk.Label):
         """Show ``text`` (``tone``: ok, info, warn, error)."""
         set_style(self, f"{tone}.Message.TLabel" if tone in TONES else "Caption.TLabel")
         self.configure(text=f"{time.strftime('%H:%M:%S')}  {text}")
+
+
+class ServerChooser(ttk.LabelFrame):
+    """The servers heard on the LAN, offered when no configured server answers: pick one and use it."""
+
+    def __init__(self, master: tk.Misc, on_use: Callable[[FoundServer], None], on_listen: Callable[[], None]) -> None:
+        super().__init__(master, text="Servers found on this network", padding=(10, 4, 10, 6))
+        self.servers: list[FoundServer] = []
+        self._on_use = on_use
+        self.message = ttk.Label(self, text="", style="Caption.TLabel")
+        self.message.grid(row=0, column=0, sticky="w")
+        self.table = SortableTable(self, FOUND_COLUMNS, height=3)
+        self.table.grid(row=1, column=0, rowspan=2, sticky="nsew", pady=(4, 0))
+        self.use_button = ttk.Button(self, text="Use this server", command=self._use, style="Accent.TButton")
+        self.use_button.grid(row=1, column=1, sticky="new", padx=(10, 0), pady=(4, 4))
+        self.listen_button = ttk.Button(self, text="Search again", command=on_listen)
+        self.listen_button.grid(row=2, column=1, sticky="new", padx=(10, 0))
+        self.table.tree.configure(selectmode="browse")
+        self.table.tree.bind("<Double-1>", lambda _e: self._use())
+        self.columnconfigure(0, weight=1)
+
+    def listening(self) -> None:
+        """Say that the window is listening (the button waits meanwhile)."""
+        self.message.configure(text="Listening for servers on this network…")
+        self.listen_button.state(["disabled"])
+
+    def show(self, servers: list[FoundServer], error: str = "") -> None:
+        """List ``servers`` (the first selected) or say why none is listed."""
+        self.servers = list(servers)
+        keys = [key for key, *_ in FOUND_COLUMNS]
+        self.table.set_rows([(f"f{index}", found_server_row(server),
+                              {**dict(zip(keys, found_server_row(server))), "epoch": server.epoch})
+                             for index, server in enumerate(self.servers)])
+        if self.servers:
+            self.table.tree.selection_set("f0")
+        heard = f"{len(self.servers)} heard: choose one, its identity is pinned" if self.servers else \
+            "none heard (servers announce themselves only with 'discovery: true' in their config)"
+        self.message.configure(text=error or f"No configured server answers. Servers on this network: {heard}")
+        self.listen_button.state(["!disabled"])
+        self.use_button.state(["!disabled"] if self.servers else ["disabled"])
+
+    def chosen(self) -> FoundServer | None:
+        """The server selected in the table, if any."""
+        selected = self.table.selected()
+        return self.servers[int(selected[0][1:])] if selected else None
+
+    def _use(self) -> None:
+        server = self.chosen()
+        if server is not None:
+            self.use_button.state(["disabled"])
+            self._on_use(server)
 
 
 class CatalogPanel(ttk.Frame):
@@ -211,11 +269,21 @@ class TransferRow(ttk.Frame):
         self.percent_label.grid(row=0, column=2, sticky="e")
         self.bar.grid(row=1, column=0, columnspan=3, sticky="ew", pady=(4, 3))
         self.detail_label.grid(row=2, column=0, columnspan=3, sticky="ew")
+        self.files: FileList | None = None  # a folder's files, made by show_files
         buttons.grid(row=0, column=3, rowspan=3, padx=(16, 0), sticky="e")
         buttons.update_idletasks()  # the width with every place filled: rows keep it, so their bars line up
         self.columnconfigure(3, minsize=buttons.winfo_reqwidth() + 16)
         self.columnconfigure(0, weight=1)
         self.view: TransferView | None = None
+
+    def show_files(self, files: dict[str, FileProgress], folder: str) -> None:
+        """A folder transfer: its files' list under the bar, drawn from ``files``."""
+        if self.files is None:
+            self.files = FileList(self)
+            self.files.grid(row=3, column=0, columnspan=4, sticky="ew", pady=(6, 0))
+            self.files.colour(text_tones(self))
+            restyle_tree(self.files)
+        self.files.show(files, folder)
 
     def show(self, view: TransferView, allowed: frozenset[Action]) -> None:
         """Display ``view``; show the buttons of the ``allowed`` actions (a finished row keeps Open folder)."""
@@ -236,6 +304,86 @@ class TransferRow(ttk.Frame):
 
 
 REDRAW_MS = 100  # progress rows are redrawn at most this often, however many chunks arrive
+FILE_ROWS_SHOWN = 1000  # a folder's file list shows this many rows (Tk slows with more); the bar counts them all
+FILE_ORDER = {"downloading": 0, "failed": 1, "verified": 2, "waiting": 3, "done": 4}  # what is under way first
+FILE_BAR_CELLS = 10  # a file's progress as a text bar in its row: ten cells of 10 %
+FILE_COLUMNS = [("file", "File", 420, "w"), ("size", "Size", 90, "e"), ("progress", "Progress", 190, "w"),
+                ("state", "State", 110, "w")]
+
+
+def text_bar(percent_done: float) -> str:
+    """``"██████░░░░  60.0%"``: a progress bar a table cell can hold."""
+    full = int(percent_done // (100 / FILE_BAR_CELLS))
+    return "█" * full + "░" * (FILE_BAR_CELLS - full) + f" {percent_done:5.1f}%"
+
+
+class FileList(ttk.Frame):
+    """A folder transfer's files, one row each with its size, progress and state. Tk thread only."""
+
+    def __init__(self, master: tk.Misc) -> None:
+        super().__init__(master)
+        self.summary = ttk.Label(self, text="", style="Caption.TLabel")
+        self.summary.grid(row=0, column=0, sticky="w")
+        self.toggle = ttk.Button(self, text="Hide files", command=self._toggle)
+        self.toggle.grid(row=0, column=1, sticky="e")
+        self.tree = ttk.Treeview(self, columns=[key for key, *_ in FILE_COLUMNS], show="headings", height=6,
+                                 selectmode="none")
+        for key, heading, width, anchor in FILE_COLUMNS:
+            self.tree.heading(key, text=heading)
+            self.tree.column(key, width=width, anchor=anchor, stretch=key == "file")
+        self.scroll = ttk.Scrollbar(self, orient="vertical", command=self.tree.yview)
+        self.tree.configure(yscrollcommand=self.scroll.set)
+        self.tree.grid(row=1, column=0, columnspan=2, sticky="nsew", pady=(4, 0))
+        self.scroll.grid(row=1, column=2, sticky="ns", pady=(4, 0))
+        self.columnconfigure(0, weight=1)
+        self._shown: dict[str, tuple] = {}  # iid -> the values drawn, so a redraw touches only what changed
+        self._order: list[str] = []  # the iids in the order drawn
+        self._iids: dict[str, str] = {}  # file name -> iid
+
+    def show(self, files: dict[str, FileProgress], folder: str) -> None:
+        """Draw each file's progress and state: the ones under way first, then by name (at most ``FILE_ROWS_SHOWN``)."""
+        more = len(files) - FILE_ROWS_SHOWN
+        self.summary.configure(text=files_summary(files) + (f" · the list shows {FILE_ROWS_SHOWN}, those under "
+                                                            "way first" if more > 0 else ""))
+        ranked = sorted(files.values(), key=lambda f: (FILE_ORDER.get(f.state, len(FILE_ORDER)), f.name))
+        order = [self._iid(file.name) for file in ranked[:FILE_ROWS_SHOWN]]
+        for iid in set(self._shown) - set(order):
+            self.tree.delete(iid)
+            del self._shown[iid]
+        for iid, file in zip(order, ranked):
+            inside, size, _, state = file_row(file, folder)
+            values = (inside, size, text_bar(file.percent), state)
+            if self._shown.get(iid) == values:
+                continue
+            if iid in self._shown:
+                self.tree.item(iid, values=values, tags=(state,))
+            else:
+                self.tree.insert("", "end", iid=iid, values=values, tags=(state,))
+            self._shown[iid] = values
+        if order != self._order:
+            for position, iid in enumerate(order):
+                self.tree.move(iid, "", position)
+            self._order = order
+
+    def _iid(self, name: str) -> str:
+        """A plain item id per file name (a name may hold anything a Tcl list would mangle)."""
+        return self._iids.setdefault(name, f"f{len(self._iids)}")
+
+    def colour(self, tones: dict[str, str]) -> None:
+        """Colour the rows by state with the theme's text tones."""
+        for state, tone in (("failed", "error"), ("downloading", "info"), ("done", "ok")):
+            if tone in tones:
+                self.tree.tag_configure(state, foreground=tones[tone])
+
+    def _toggle(self) -> None:
+        shown = bool(self.tree.winfo_ismapped())
+        for widget in (self.tree, self.scroll):
+            if shown:
+                widget.grid_remove()
+            else:
+                widget.grid()
+        self.toggle.configure(text="Show files" if shown else "Hide files")
+
 
 
 class TransferList(ttk.Frame):
@@ -290,6 +438,8 @@ class TransferList(ttk.Frame):
         self.canvas.configure(background=background(self))
         for row in self.rows.values():
             row.view = None
+            if row.files is not None:
+                row.files.colour(text_tones(self))
 
     def add(self, transfers: list[Transfer], scroll: bool = True) -> None:
         """Rows for new transfers, at the bottom, drawn; ``scroll``: show the first of them, whole, at the top."""
@@ -361,6 +511,8 @@ class TransferList(ttk.Frame):
             if transfer is not None and row is not None:
                 view = transfer_view(transfer, manager.speed(transfer), server, manager.max_active)
                 row.show(view, allowed_actions(transfer.state))
+                if transfer.files:
+                    row.show_files(transfer.files, transfer.name)
         self.summary.configure(text=transfers_summary(manager.counts()))
 
     def row_action(self, tid: int, action: str) -> None:

@@ -8,7 +8,9 @@ Three layers, as in every MiniTorrent window (DESIGN principle 1):
   came of it: the poller's ``ClientSnapshot`` (the server in use, one try, no
   retries; every second, or after a growing delay when no server answers),
   catalog fetches, the seeder's start, unfinished downloads, the folder
-  opener. Download threads (``TransferManager``) and the engine's
+  opener, listening for servers on the LAN (when no configured server
+  answers, unless ``discovery: false``) and pinning the one the user
+  chooses. Download threads (``TransferManager``) and the engine's
   ``on_progress`` post transfer events; logging posts ``LogLine``s;
 - ``ClientWindow``, a ``WindowShell``, composes the panels (client_panels.py)
   and draws each event the pump hands it on the Tk thread.
@@ -35,10 +37,13 @@ from minitorrent.gui.client_logic import (
     ClientSnapshot,
     Notice,
     SeedingFailed,
+    ServerChosen,
+    ServersFound,
     UnfinishedFound,
     catalog_due,
     connection_news,
     connection_view,
+    discovery_wanted,
     download_folder,
     elide,
     in_folder,
@@ -46,10 +51,12 @@ from minitorrent.gui.client_logic import (
     plural,
     reconnect_delay,
     saved_limits,
+    saved_server,
 )
 from minitorrent.gui.client_panels import (
     CatalogPanel,
     SeedingPanel,
+    ServerChooser,
     StatusLine,
     TransferList,
     configure_client_styles,
@@ -65,6 +72,7 @@ from minitorrent.gui.transfers import (
     TransferStopped,
 )
 from minitorrent.gui.widgets import ErrorBanner
+from minitorrent.net.discovery import LISTEN_S, FoundServer, browse
 
 if TYPE_CHECKING:
     from minitorrent.client.engine import ClientEngine
@@ -185,6 +193,31 @@ class ClientController:
         if unfinished:
             self.post(UnfinishedFound(unfinished))
 
+    def listen_for_servers(self) -> None:
+        """Listen for servers announced on the LAN for ``LISTEN_S`` (in a worker); posts ``ServersFound``."""
+        self.in_background(self._listen, "discovery")
+
+    def _listen(self) -> None:
+        try:
+            found = browse(LISTEN_S)
+        except OSError as error:  # no multicast route, no interface: say so, the configured servers still count
+            self.post(ServersFound([], f"cannot listen for servers on this network: {error.strerror or error}"))
+        else:
+            self.post(ServersFound(found))
+
+    def use_server(self, server: FoundServer, settings_file: Path) -> None:
+        """Pin ``server``'s identity, ask it from now on and remember it (in a worker); posts ``ServerChosen``."""
+        self.in_background(lambda: self._use_server(server, settings_file), "use-server")
+
+    def _use_server(self, server: FoundServer, settings_file: Path) -> None:
+        try:
+            self.engine.use_server(server.host, server.port, server.identity)
+        except MiniTorrentError as error:  # another identity is pinned for that address: refused
+            self.post(ServerChosen(server, str(error)))
+            return
+        remember_setting(settings_file, "server", vars(server))
+        self.post(ServerChosen(server))
+
     def remember(self, settings_file: Path, key: str, value: Any) -> None:
         """Save one window setting (in a worker: it writes a file)."""
         self.in_background(lambda: remember_setting(settings_file, key, value), "settings")
@@ -248,7 +281,9 @@ class ClientWindow(WindowShell):
         self._catalog_fetched_at: float | None = None
         self.pair_dialog: PairDialog | None = None
         self.not_paired = False  # the server in use refused us: the status line says how to pair
+        self._listened = False  # listened for servers on the LAN since a server last answered
         self._build()
+        self._use_remembered_server()
         self.open(self.controller.snapshot, CONNECTED_POLL_S)
         self.controller.set_poll_interval = self.poller.set_interval
         self.every(TICK_MS, self._tick)
@@ -266,10 +301,13 @@ class ClientWindow(WindowShell):
         self.banner = ErrorBanner(self)
         self.banner.grid(row=1, column=0, sticky="ew", padx=14, pady=(0, 6))
         self.banner.hide()
-        ttk.Separator(self, orient="horizontal").grid(row=2, column=0, sticky="ew")
+        self.chooser = ServerChooser(self, self.use_found_server, self.listen_for_servers)
+        self.chooser.grid(row=2, column=0, sticky="ew", padx=14, pady=(0, 6))
+        self.chooser.grid_remove()  # shown only while no server answers (unless discovery: false)
+        ttk.Separator(self, orient="horizontal").grid(row=3, column=0, sticky="ew")
         panes = ttk.PanedWindow(self, orient="vertical")
-        panes.grid(row=3, column=0, sticky="nsew")
-        self.rowconfigure(3, weight=1)
+        panes.grid(row=4, column=0, sticky="nsew")
+        self.rowconfigure(4, weight=1)
         self.catalog = CatalogPanel(panes, self.refresh_catalog, self.download_selected, self.download_folder)
         self.tabs = ttk.Notebook(panes, padding=(10, 0, 10, 0))
         panes.add(self.catalog, weight=1)
@@ -282,7 +320,7 @@ class ClientWindow(WindowShell):
         self.tabs.add(self.seeding_panel, text="Seeding & limits")
         self.tabs.add(self.log_pane, text="Log")
         self.status_line = StatusLine(self)
-        self.status_line.grid(row=4, column=0, sticky="ew")
+        self.status_line.grid(row=5, column=0, sticky="ew")
         saved = saved_limits(load_settings(self.settings_file))
         if saved is not None:  # what the user set in this window last time wins over the config file
             self.engine.set_limits(*saved)
@@ -308,6 +346,10 @@ class ClientWindow(WindowShell):
             self._on_unfinished(event)
         elif isinstance(event, PairingResult):
             self._on_paired(event)
+        elif isinstance(event, ServersFound):
+            self._on_servers_found(event)
+        elif isinstance(event, ServerChosen):
+            self._on_server_chosen(event)
         elif isinstance(event, SeedingFailed):
             self.seeding_error = event.reason
             self.notify(f"seeding could not start: {event.reason}", "error")
@@ -342,6 +384,11 @@ class ClientWindow(WindowShell):
         news = connection_news(previous, current, first, snapshot.reason)
         if news:  # the status line and the header never disagree
             self.notify(*news)
+        if current is not None:
+            self._listened = False
+            self.chooser.grid_remove()
+        elif discovery_wanted(self.engine.config.discovery, False, self._listened):
+            self.listen_for_servers()
         if current is not None and (previous is None or news):
             self.refresh_catalog(announce=False)
             if self.manager.resume_after_outage():
@@ -366,6 +413,20 @@ class ClientWindow(WindowShell):
             self.notify(f"could not refresh the catalog: {event.error}", "error")
         if self.controller.catalog_arrived():
             self.refresh_catalog(announce=False)
+
+    def _on_servers_found(self, event: ServersFound) -> None:
+        self.chooser.show(event.servers, event.error)
+        if self.status is None:
+            self.chooser.grid()
+
+    def _on_server_chosen(self, event: ServerChosen) -> None:
+        server = event.server
+        if event.error:
+            self.notify(event.error, "error")
+            self.chooser.show(self.chooser.servers)
+            return
+        self.notify(f"using {server.name} at {server.address}; its identity {server.identity} is pinned", "ok")
+        self.retry_now()
 
     def _on_unfinished(self, event: UnfinishedFound) -> None:
         added = [self.manager.add_paused(name, folder, size, done) for name, folder, size, done in event.downloads]
@@ -437,7 +498,7 @@ class ClientWindow(WindowShell):
         self.notify(message, "warn" if skipped else "info")
 
     def download_folder(self, folder: str) -> None:
-        """Ask where, then queue the whole ``folder`` (``photos/``) as one transfer with one progress."""
+        """Ask where, then queue the whole ``folder`` (``photos/``) as one transfer: one progress, and one per file."""
         entries = in_folder(self.catalog.entries, folder)
         if not entries:
             return
@@ -448,13 +509,39 @@ class ClientWindow(WindowShell):
         if not target:
             return
         self.controller.remember(self.settings_file, "download_folder", target)
-        transfer = self.manager.add(folder, Path(target), sum(entry["size"] for entry in entries))
+        transfer = self.manager.add(folder, Path(target), sum(entry["size"] for entry in entries),
+                                    files=[(entry["name"], entry["size"]) for entry in entries])
         if transfer is None:
             self.notify(f"{folder} is already in the list", "warn")
             return
         self.transfers.add([transfer])
         self.tabs.select(self.transfers)
         self.notify(f"downloading {folder} ({plural(len(entries), 'file')}) into {target}")
+
+    def listen_for_servers(self) -> None:
+        """Listen for servers on the LAN in a worker (the chooser's Search again, or no server answers).
+
+        Listening sends mDNS queries (multicast), never an announcement of this client.
+        """
+        self._listened = True
+        self.chooser.listening()
+        self.chooser.grid()
+        self.controller.listen_for_servers()
+
+    def use_found_server(self, server: FoundServer) -> None:
+        """The user chose ``server`` in the chooser: pin it, ask it, remember it (in a worker)."""
+        self.notify(f"trying {server.name} at {server.address}…")
+        self.controller.use_server(server, self.settings_file)
+
+    def _use_remembered_server(self) -> None:
+        """Ask the server chosen in an earlier run too (its identity was pinned then; a small file read)."""
+        server = saved_server(load_settings(self.settings_file))
+        if server is None:
+            return
+        try:
+            self.engine.use_server(server.host, server.port, server.identity)
+        except MiniTorrentError as error:
+            self.notify(f"the server chosen last time is not used: {error}", "error")
 
     def apply_limits(self) -> None:
         """Validate both limit fields, then apply them; a bad value changes nothing."""

@@ -29,7 +29,13 @@ from typing import Any, Callable
 from error_handler import DownloadCancelled, MiniTorrentError
 from metrics import RateMeter
 from minitorrent.client.downloader import DownloadResult
-from minitorrent.client.progress import Progress, describe_sources
+from minitorrent.client.progress import (
+    FILE_DONE,
+    FILE_FAILED,
+    FILE_VERIFIED,
+    Progress,
+    describe_sources,
+)
 from minitorrent.common.units import human_duration, human_size, percent
 
 log = logging.getLogger(__name__)
@@ -100,6 +106,26 @@ def eta_seconds(remaining_bytes: int, speed_bps: float) -> float | None:
 
 # Transfers -------------------------------------------------------------------------------------------------
 
+FILE_WAITING = "waiting"
+FILE_DOWNLOADING = "downloading"
+
+
+@dataclass
+class FileProgress:
+    """One file of a folder transfer, as its row shows it. Owned by the window's thread."""
+
+    name: str  # the catalog name (``photos/2024/beach.jpg``)
+    size: int
+    done_bytes: int = 0
+    state: str = FILE_WAITING  # waiting, downloading, then progress.FILE_STATES
+
+    @property
+    def percent(self) -> float:
+        """Completion in percent (an empty file is 100 once done)."""
+        if self.state in (FILE_VERIFIED, FILE_DONE):
+            return 100.0
+        return percent(self.done_bytes, self.size) if self.size else 0.0
+
 
 @dataclass
 class Transfer:
@@ -120,6 +146,8 @@ class Transfer:
     running: bool = False  # a download thread works on it now
     started_at: float = 0.0
     resume_on_reconnect: bool = False  # it failed while no server answered: resume when one does
+    files: dict[str, FileProgress] = field(default_factory=dict)  # a folder's files by name; empty for one file
+    folder_fetched: int = 0  # a folder's fetched bytes at its last report (a file's own reports add to it)
 
     @property
     def percent(self) -> float:
@@ -192,11 +220,16 @@ class TransferManager:
 
     # Asking -----------------------------------------------------------------------------------------------
 
-    def add(self, name: str, folder: Path, total_bytes: int = 0) -> Transfer | None:
-        """Queue a download of ``name`` into ``folder``; None if that file is already in the list, unfinished."""
+    def add(self, name: str, folder: Path, total_bytes: int = 0,
+            files: list[tuple[str, int]] | None = None) -> Transfer | None:
+        """Queue a download of ``name`` into ``folder``; None if that file is already in the list, unfinished.
+
+        ``files``: for a folder (``photos/``), its files as (name, size), each shown with its own progress.
+        """
         if self.find_unfinished(name) is not None:
             return None
-        transfer = Transfer(next(self._ids), name, Path(folder), total_bytes)
+        transfer = Transfer(next(self._ids), name, Path(folder), total_bytes,
+                            files={file: FileProgress(file, size) for file, size in sorted(files or [])})
         self.transfers[transfer.tid] = transfer
         self._start_queued()
         return transfer
@@ -286,6 +319,8 @@ class TransferManager:
             return transfer
         transfer.running = False
         if isinstance(event, TransferFinished):
+            for file in transfer.files.values():  # a folder that finished has every file in place
+                file.state, file.done_bytes = FILE_DONE, file.size
             transfer.state = TransferState.DONE
             transfer.result = event.result
             transfer.total_bytes = transfer.done_bytes = event.result.size
@@ -305,11 +340,29 @@ class TransferManager:
         progress = event.progress
         transfer = next((t for t in self.transfers.values() if t.running and t.name == progress.name), None)
         if transfer is None:
-            return None
+            return self._file_progressed(event)
         transfer.total_bytes = progress.total_bytes
         transfer.done_bytes = progress.done_bytes
         transfer.sources = dict(progress.sources)
         transfer.meter.add_total(progress.fetched_bytes, event.at)
+        if transfer.files:
+            transfer.folder_fetched = progress.fetched_bytes
+            for name, state in progress.files:
+                _set_file_state(transfer.files.get(name), state)
+            transfer.done_bytes = sum(file.done_bytes for file in transfer.files.values())
+        return transfer
+
+    def _file_progressed(self, event: DownloadProgressed) -> Transfer | None:
+        """A file of a running folder transfer reported its own progress (a file of many chunks)."""
+        progress = event.progress
+        transfer = next((t for t in self.transfers.values() if t.running and progress.name in t.files), None)
+        if transfer is None:
+            return None
+        file = transfer.files[progress.name]
+        file.done_bytes = min(file.size, progress.done_bytes)
+        file.state = FILE_VERIFIED if progress.done_bytes >= progress.total_bytes else FILE_DOWNLOADING
+        transfer.done_bytes = sum(f.done_bytes for f in transfer.files.values())
+        transfer.meter.add_total(transfer.folder_fetched + progress.fetched_bytes, event.at)
         return transfer
 
     def speed(self, transfer: Transfer, now: float | None = None) -> float:
@@ -388,6 +441,15 @@ class TransferManager:
         return [t.name for t in self._threads if t.is_alive()]
 
 
+def _set_file_state(file: FileProgress | None, state: str) -> None:
+    """Apply a folder report's news about one file (a name not in the folder is ignored)."""
+    if file is None:
+        return
+    file.state = state
+    if state in (FILE_VERIFIED, FILE_DONE):
+        file.done_bytes = file.size
+
+
 # What a transfer row shows --------------------------------------------------------------------------------
 
 
@@ -442,3 +504,19 @@ def transfer_view(transfer: Transfer, speed_bps: float, server_name: str = "", m
         tone = "muted"
     return TransferView(transfer.percent, f"{transfer.percent:.1f}%", state.value,
                         " · ".join(part for part in parts if part), tone)
+
+
+def file_row(file: FileProgress, folder: str) -> tuple[str, str, str, str]:
+    """One file of a folder transfer as its row shows it: path inside the folder, size, percent, state."""
+    inside = file.name.removeprefix(folder)
+    return inside, human_size(file.size), f"{file.percent:.1f}%", file.state
+
+
+def files_summary(files: dict[str, FileProgress]) -> str:
+    """``"3 of 10 files done · 1 downloading · 1 failed"`` for a folder transfer's file list."""
+    counts: dict[str, int] = {}
+    for file in files.values():
+        counts[file.state] = counts.get(file.state, 0) + 1
+    parts = [f"{counts.get(FILE_DONE, 0)} of {len(files)} files done"]
+    parts += [f"{counts[state]} {state}" for state in (FILE_VERIFIED, FILE_DOWNLOADING, FILE_FAILED) if counts.get(state)]
+    return " · ".join(parts)

@@ -12,7 +12,7 @@ configured server. Configured addresses always win and keep working where
 multicast does not reach (other subnets, VLANs).
 
 The zeroconf library (LGPL-2.1-or-later, used unmodified as a library) speaks
-mDNS; it is imported only when discovery is switched on (``discovery: true``).
+mDNS; it is imported only when something announces or listens.
 """
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ MAX_TXT_VALUE_BYTES = 128  # an identity in its long form is 63 characters; noth
 MAX_EPOCH = 2**63 - 1  # the wire limit (protocol.MAX_EPOCH); larger is a lie
 MAX_FOUND = 64  # a LAN flooding us with announcements does not grow our memory
 ROLES = ("active", "standby")
+LISTEN_S = 3.0  # how long a client listens by default: answers arrive within about a second on a quiet LAN
 INFO_TIMEOUT_MS = 1500  # how long to wait for one service's details once it is seen
 
 

@@ -396,9 +396,8 @@ class ServerClient:
     ) -> None:
         if not addresses:
             raise ValueError("at least one server address is needed")
-        self.pools = [ConnectionPool(host, port, io_timeout_s=io_timeout_s, max_idle=pool_size,
-                                     claim=lambda: self.claim, secret=secret, secure=secure)
-                      for host, port in addresses]
+        self._pool_options = {"io_timeout_s": io_timeout_s, "max_idle": pool_size, "secret": secret, "secure": secure}
+        self.pools = [self._pool(host, port) for host, port in addresses]
         self.secure = secure  # how every connection is secured (TLS), for callers dialling others (peers)
         self.io_timeout_s = io_timeout_s
         self.as_peer = secret is not None  # the main fetching from the backup may read a standby's replica
@@ -408,6 +407,20 @@ class ServerClient:
         self.current: protocol.Welcome | None = None
         self._active: ConnectionPool | None = None
         self._lock = threading.Lock()
+
+    def _pool(self, host: str, port: int) -> ConnectionPool:
+        return ConnectionPool(host, port, claim=lambda: self.claim, **self._pool_options)
+
+    def add_server(self, host: str, port: int) -> None:
+        """Also ask ``host:port`` from now on (a server the user chose); no-op if it is asked already.
+
+        The active server is chosen afresh on the next call, among all of them.
+        """
+        with self._lock:
+            if any((pool.host, pool.port) == (host, port) for pool in self.pools):
+                return
+            self.pools = [*self.pools, self._pool(host, port)]  # a new list: a running ask_servers keeps its own
+            self._active = None
 
     def close(self) -> None:
         """Close pooled connections."""

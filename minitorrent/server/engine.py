@@ -112,13 +112,14 @@ class ServerEngine:
         except MiniTorrentError:
             self.lock.release()
             raise
-        if self.config.discovery:
+        if self.config.discovery is True:  # unset (None) or false: a server stays silent
             self._announce(*address)
         return address
 
     def _announce(self, host: str, port: int) -> None:
         """Announce this server on the LAN, and again whenever its role or epoch changes."""
-        self.announcer = Announcer(f"{self.name}-{self.node.server_id}", host, port, self.node.server_id)
+        # The TLS identity, the one clients pin (node.server_id only names this node in replication).
+        self.announcer = Announcer(f"{self.name}-{self.node.server_id}", host, port, self.identity.id)
         announcer = self.announcer
 
         def start() -> None:  # the mDNS probe takes about 1.5 s: not on the caller's thread

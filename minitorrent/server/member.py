@@ -327,18 +327,24 @@ def holders(config: Config, sha256: str) -> list[str]:
     """Names of the members whose catalog holds content ``sha256`` (verified), asked over peer links."""
     found = []
     for member in config.cluster.servers:
-        link = PeerLink((member.host, member.port), config.server.secret, config.transfer.io_timeout, _NO_NODE,
-                        peer_tls(config))
-        try:
-            frame = link.get().call(protocol.GetInventory(), protocol.Inventory)
-            files = json.loads(bytes(frame.payload)).get("files", [])
-            if any(entry.get("sha256") == sha256 for entry in files):
-                found.append(member.name)
-        except (MiniTorrentError, protocol.ProtocolError, ValueError):
-            pass  # a member that does not answer does not hold it, as far as an acknowledgement goes
-        finally:
-            link.drop()
+        files = inventory_of(config, member)
+        if files is not None and any(entry.get("sha256") == sha256 for entry in files):
+            found.append(member.name)
     return found
+
+
+def inventory_of(config: Config, member: MemberConfig) -> list[dict] | None:
+    """Member ``member``'s catalog as its inventory lists it (name, sha256...); None if it does not answer."""
+    link = PeerLink((member.host, member.port), config.server.secret, config.transfer.io_timeout, _NO_NODE,
+                    peer_tls(config))
+    try:
+        frame = link.get().call(protocol.GetInventory(), protocol.Inventory)
+        files = json.loads(bytes(frame.payload)).get("files", [])
+        return [entry for entry in files if isinstance(entry, dict)] if isinstance(files, list) else None
+    except (MiniTorrentError, protocol.ProtocolError, ValueError):
+        return None  # a member that does not answer does not hold it, as far as an acknowledgement goes
+    finally:
+        link.drop()
 
 
 def acknowledge_by_quorum(config: Config, records: list[AddResult], stop: threading.Event,

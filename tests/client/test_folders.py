@@ -115,6 +115,41 @@ class TestFolderDownload:
         assert (6, 6) == (folder[-1].chunks_done, folder[-1].chunks_total)
         assert {"photos/", "photos/2024/summer/big.raw"} == {p.name for p in seen}
 
+    def test_the_folder_progress_tells_each_file_state(self, tmp_path, server_factory, photos):
+        """Every file of the folder is told done once (the small ones verified first), a second run all done."""
+        server = server_factory({"transfer": {"chunk_size": CHUNK}})
+        server.add_folder(photos)
+        seen: list[Progress] = []
+        engine = engine_for(tmp_path, server, on_progress=seen.append)
+        try:
+            engine.download_folder("photos/", tmp_path / "out")
+            first = [change for p in seen if p.name == "photos/" for change in p.files]
+            seen.clear()
+            engine.download_folder("photos/", tmp_path / "out")
+            second = [change for p in seen if p.name == "photos/" for change in p.files]
+        finally:
+            engine.close()
+        names = {f"photos/{p.relative_to(photos).as_posix()}" for p in photos.rglob("*") if p.is_file()}
+        assert sorted(names) == sorted(name for name, state in first if state == "done")
+        small = names - {"photos/2024/summer/big.raw", "photos/copy of beach.jpg"}  # a twin's content is fetched once
+        assert sorted(small) == sorted(name for name, state in first if state == "verified")
+        assert sorted((name, "done") for name in names) == sorted(second)
+
+    def test_a_file_that_fails_is_told_failed(self, tmp_path, server_factory, photos):
+        """A file that cannot be written is reported failed in the folder's progress, by name."""
+        server = server_factory({"transfer": {"chunk_size": CHUNK}})
+        server.add_folder(photos)
+        mine = tmp_path / "out" / "photos" / "notes.txt"
+        mine.parent.mkdir(parents=True)
+        mine.write_bytes(b"my own notes")
+        seen: list[Progress] = []
+        engine = engine_for(tmp_path, server, on_progress=seen.append)
+        try:
+            engine.download_folder("photos/", tmp_path / "out")
+        finally:
+            engine.close()
+        assert [("photos/notes.txt", "failed")] == [c for p in seen for c in p.files if c[1] == "failed"]
+
     def test_unknown_folder_fails_with_one_line(self, tmp_path, server_factory, photos):
         """A folder the server does not share is a DownloadError naming it."""
         server = server_factory()

@@ -49,6 +49,8 @@ from minitorrent.gui.transfers import (
     allowed_actions,
     describe_sources,
     eta_seconds,
+    file_row,
+    files_summary,
     transfer_view,
     without_name,
 )
@@ -370,6 +372,23 @@ class TestTransferManager:
         assert driven.manager.add("a", Path("/dl")) is not None
         assert driven.manager.add("a", Path("/other")) is None
         driven.manager.stop_all()
+
+    def test_a_folder_transfer_follows_each_file(self):
+        """A folder transfer keeps one progress per file: a big file's own reports, the folder's per-file news."""
+        driven = Driven()
+        folder = driven.manager.add("p/", Path("/dl"), 130, files=[("p/b.raw", 100), ("p/a.txt", 10), ("p/c.txt", 20)])
+        at = time.monotonic()
+        driven.manager.handle(DownloadProgressed(at, Progress("p/", 130, 30, 30, 2, 3,
+                                                              files=(("p/a.txt", "done"), ("p/c.txt", "failed")))))
+        driven.manager.handle(DownloadProgressed(at, Progress("p/b.raw", 100, 40, 40, 2, 5)))
+        files = folder.files
+        assert ["p/a.txt", "p/b.raw", "p/c.txt"] == list(files)
+        assert [("done", 10), ("downloading", 40), ("failed", 0)] == [(f.state, f.done_bytes) for f in files.values()]
+        assert (50, "1 of 3 files done · 1 downloading · 1 failed") == (folder.done_bytes, files_summary(files))
+        assert ("b.raw", "100 B", "40.0%", "downloading") == file_row(files["p/b.raw"], "p/")
+        driven.engine.gate("p/").set()
+        driven.until(lambda: driven.states() == ["done"], "the folder to finish")
+        assert ["done"] * 3 == [f.state for f in files.values()]
 
     def test_progress_updates_the_running_transfer(self):
         """Progress events move the running transfer of that name."""
@@ -1047,6 +1066,42 @@ class TestFoldersAndRemembering:
             h.root.update()
             subprocess.run(["import", "-window", "root",
                             os.path.join(os.environ["WINDOW_SCREENSHOTS"], "client-folders.png")], check=False)
+        assert [] == h.guard.violations
+
+    @pytest.mark.timeout(90)
+    def test_a_folder_shows_one_progress_per_file(self, harness, server_factory, tmp_path, monkeypatch):
+        """While a folder downloads, its list shows the small files done and the big one downloading, each
+        with its own progress; at the end every file's row says done."""
+        engine = server_factory({"transfer": {"chunk_size": CHUNK}})
+        root = tmp_path / "src" / "album"
+        for index in range(12):
+            make_file(root / f"day{index // 4}" / f"photo{index:02}.jpg", 2000 + index, seed=index)
+        make_file(root / "video.mp4", 24 * CHUNK, seed=99)  # 6 MiB at 2 MiB/s: seconds to look at it
+        engine.add_folder(root)
+        h = harness(client_config(tmp_path / "cli", engine.server.address))
+        h.connected()
+        h.engine.set_limits(0, 2 * MiB)
+        h.window.catalog.folder_var.set("album/")
+        monkeypatch.setattr(cw.filedialog, "askdirectory", lambda **_: str(tmp_path / "out"))
+        h.window.catalog.download_folder_button.invoke()
+        files = h.transfer("album/").files
+        h.pump(lambda: files["album/video.mp4"].state == "downloading" and files["album/video.mp4"].done_bytes > 4 * CHUNK,
+               "the big file to be under way")
+        row = h.row("album/")
+        h.pump(lambda: row.files is not None and "downloading" in row.files.summary.cget("text"), "the list to show it")
+        shown = {row.files.tree.item(i, "values")[0]: row.files.tree.item(i, "values")[3]
+                 for i in row.files.tree.get_children()}
+        assert ({"done"}, "downloading") == ({v for k, v in shown.items() if k != "video.mp4"}, shown["video.mp4"])
+        assert 0 < h.transfer("album/").percent < 100
+        if os.environ.get("WINDOW_SCREENSHOTS"):
+            h.root.update()
+            subprocess.run(["import", "-window", "root",
+                            os.path.join(os.environ["WINDOW_SCREENSHOTS"], "client-folder-files.png")], check=False)
+        h.engine.set_limits(0, 0)
+        h.pump(lambda: h.transfer("album/").state.value == "done", "the folder to finish")
+        h.window.transfers.redraw_all()
+        states = [row.files.tree.item(i, "values")[3] for i in row.files.tree.get_children()]
+        assert ["done"] * 13 == states
         assert [] == h.guard.violations
 
     @pytest.mark.timeout(60)

@@ -3,18 +3,13 @@ announce-and-browse inside a private network namespace (multicast never leaves i
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
+from conftest import private_network_available, run_in_private_network
 
 from minitorrent.net.discovery import MAX_EPOCH, FoundServer, parse_found
 
-ROOT = Path(__file__).resolve().parents[2]
-NETNS_TIMEOUT_S = 60
 GOOD = {b"id": b"ABCDEFG-HIJKLMN", b"role": b"active", b"epoch": b"3"}
 
 
@@ -75,22 +70,6 @@ NETNS_SCRIPT = textwrap.dedent("""
 """)
 
 
-def run_in_private_network(script: str) -> subprocess.CompletedProcess:
-    """Run ``script`` with python in a new network namespace whose loopback carries multicast."""
-    setup = ("ip link set lo up && ip link set lo multicast on && ip route add 224.0.0.0/4 dev lo && "
-             f"exec {sys.executable} -")
-    return subprocess.run(["unshare", "-n", "bash", "-c", setup], input=script, text=True,
-                          capture_output=True, cwd=ROOT, timeout=NETNS_TIMEOUT_S)
-
-
-def private_network_available() -> str | None:
-    """None when a network namespace can be made here, else why not."""
-    if shutil.which("unshare") is None or shutil.which("ip") is None:
-        return "unshare or ip is not installed"
-    probe = subprocess.run(["unshare", "-n", "true"], capture_output=True, text=True)
-    return None if probe.returncode == 0 else f"cannot create a network namespace: {probe.stderr.strip()}"
-
-
 class TestDiscoveryOnAPrivateLan:
     def test_a_server_is_found_and_a_liar_is_not(self):
         """Browsing finds the honest server with its identity, role and epoch, drops the malformed one,
@@ -140,3 +119,26 @@ class TestServersCommand:
         assert 0 == report["rc"], report["err"]
         found = json.loads(report["out"])
         assert [(report["port"], "active")] == [(s["port"], s["role"]) for s in found]
+
+
+class TestNoMulticastFromTheTestSuite:
+    def test_configs_written_for_tests_and_benches_pin_discovery_off(self, tmp_path):
+        """launcher.write_config sets discovery: false unless the caller sets it, so no test announces by accident."""
+        from config_loader import load_config
+        from minitorrent.common.launcher import write_config
+
+        plain = load_config(write_config(tmp_path / "plain.yaml", {}))
+        asked = load_config(write_config(tmp_path / "asked.yaml", {"discovery": True}))
+        assert (False, True) == (plain.discovery, asked.discovery)
+        assert "discovery: false" in (tmp_path / "plain.yaml").read_text(encoding="utf-8")
+
+    def test_browsing_from_the_test_process_is_refused(self, no_multicast_on_the_host):
+        """Outside a namespace a test cannot open mDNS sockets: the suite's guard refuses it and records it."""
+        from conftest import MulticastOutsideANamespace
+
+        from minitorrent.net.discovery import browse
+
+        with pytest.raises(MulticastOutsideANamespace):
+            browse(0.1)
+        assert ["MainThread"] == no_multicast_on_the_host
+        no_multicast_on_the_host.clear()  # this one was on purpose

@@ -390,3 +390,73 @@ class TestClientDiscovery:
         client = ClientEngine(load_config(write_config(tmp_path / "one-member-client", settings)))
         cluster.closers.append(client.close)
         assert ["first.bin"] == [entry["name"] for entry in client.list_files()]
+
+
+def names_on(cluster: EtcdCluster, name: str) -> set[str] | None:
+    """The names in member ``name``'s catalog (its inventory over a peer link); None if it does not answer."""
+    from minitorrent.server.member import inventory_of
+
+    config = load_config(cluster.config_path(name))
+    files = inventory_of(config, config.cluster.member(name))
+    return None if files is None else {entry.get("name") for entry in files}
+
+
+def edit_on(cluster: EtcdCluster, member: str, *args: str) -> subprocess.CompletedProcess:
+    """Run ``main_server.py --headless ARGS`` beside running member ``member``."""
+    return subprocess.run([sys.executable, str(ROOT / "main_server.py"), "--config", str(cluster.config_path(member)),
+                           "--headless", *args], capture_output=True, text=True, timeout=LONG_TIMEOUT, check=False)
+
+
+def started_with_folder(cluster: EtcdCluster, folder: Path, names: set[str]) -> str:
+    """Start "a" alone sharing ``folder`` (it leads), then "b" and "c"; wait until each lists exactly ``names``."""
+    cluster.start("a", [folder])
+    leader, _ = cluster.wait_leader()
+    cluster.start("b")
+    cluster.start("c")
+    for name in ("b", "c"):
+        wait_until(lambda name=name: names_on(cluster, name) == names, LONG_TIMEOUT,
+                   f"{name} to replicate {folder.name}/")
+    return leader
+
+
+ALBUM = {"album/a.jpg", "album/b.jpg", "album/trip/c.jpg"}
+
+
+class TestRemoveAndRename:
+    @pytest.fixture
+    def album(self, tmp_path) -> Path:
+        root = tmp_path / "src" / "album"
+        make_file(root / "a.jpg", 3000, seed=21)
+        make_file(root / "b.jpg", 3001, seed=22)
+        make_file(root / "trip" / "c.jpg", 3002, seed=23)
+        return root
+
+    @pytest.mark.timeout(150)
+    def test_remove_and_rename_on_the_leader_reach_every_follower_and_clients(self, etcd_cluster, album):
+        """--remove and --rename beside the running leader: each follower's catalog and a client's list follow."""
+        cluster = etcd_cluster()
+        leader = started_with_folder(cluster, album, ALBUM)
+        followers = [name for name in NAMES if name != leader]
+        client = cluster.client()
+        assert ALBUM == {entry["name"] for entry in client.list_files()}
+
+        removed = edit_on(cluster, leader, "--remove", "album/a.jpg")
+        renamed = edit_on(cluster, leader, "--rename", "album/trip", "album/journey")
+        assert (0, 0) == (removed.returncode, renamed.returncode), removed.stderr + renamed.stderr
+        after = {"album/b.jpg", "album/journey/c.jpg"}
+        assert after == {entry["name"] for entry in client.list_files()}
+        for follower in followers:
+            wait_until(lambda follower=follower: names_on(cluster, follower) == after, LONG_TIMEOUT,
+                       f"follower {follower} to follow the remove and the rename")
+
+    @pytest.mark.timeout(150)
+    def test_remove_beside_a_follower_is_refused_naming_the_leader(self, etcd_cluster, album):
+        """--remove or --rename beside a running follower exits 1 saying who leads; no catalog changes."""
+        cluster = etcd_cluster()
+        leader = started_with_folder(cluster, album, ALBUM)
+        follower = next(name for name in NAMES if name != leader)
+        removed = edit_on(cluster, follower, "--remove", "album/a.jpg")
+        renamed = edit_on(cluster, follower, "--rename", "album/b.jpg", "album/z.jpg")
+        refusal = f"error: {follower} is not the leader ({leader} leads): edit the catalog on the leader\n"
+        assert [(1, refusal), (1, refusal)] == [(run.returncode, run.stderr) for run in (removed, renamed)]
+        assert [ALBUM] * 3 == [names_on(cluster, name) for name in NAMES]
