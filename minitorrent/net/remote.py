@@ -99,7 +99,7 @@ class ServerSession:
                 welcome = expect_reply(connection.recv(), protocol.Welcome)
                 _identify(connection, getattr(secure, "identity", None), welcome)
             else:
-                welcome = _authenticate(connection, secret, epoch, f"{host}:{port}")
+                welcome = _authenticate(connection, secret, epoch, f"{host}:{port}", getattr(secure, "identity", None))
         except BaseException:
             connection.close()
             raise
@@ -140,11 +140,14 @@ def status_of(address: tuple[str, int], io_timeout_s: float, secure: Secure | No
         session.close()
 
 
-def _authenticate(connection: Connection, secret: str, epoch: int, where: str) -> protocol.Welcome:
+def _authenticate(connection: Connection, secret: str, epoch: int, where: str,
+                  identity: Identity | None) -> protocol.Welcome:
     """The peer handshake: both sides answer the other's fresh challenge.
 
     Each proof also covers the server's TLS identity as we saw it: a machine in
     the middle presenting its own certificate gets proofs it cannot pass on.
+    With our ``identity`` we also sign the challenge as a client's ``Identify``
+    does, so the other server knows which server dialled it and may pin it.
     """
     nonce = auth.new_nonce()
     bound = server_identity(connection.sock)
@@ -153,7 +156,9 @@ def _authenticate(connection: Connection, secret: str, epoch: int, where: str) -
     if not auth.proof_ok(secret, auth.SERVER_PURPOSE, f"{nonce}{bound}", welcome.proof):
         _tell_refused(connection)
         raise AuthenticationFailed(f"{where} could not prove it knows the cluster key; not replicating to it")
-    connection.send(protocol.Authenticate(auth.prove(secret, auth.PEER_PURPOSE, f"{welcome.nonce}{bound}")))
+    certificate, signature = identity.identify(bound, welcome.nonce) if identity else ("", "")
+    connection.send(protocol.Authenticate(auth.prove(secret, auth.PEER_PURPOSE, f"{welcome.nonce}{bound}"),
+                                          certificate, signature))
     try:
         expect_reply(connection.recv(), protocol.Ok)
     except RemoteError as error:

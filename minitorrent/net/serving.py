@@ -185,7 +185,8 @@ class RequestServer:
     ``node`` says whether client requests are served (active) or refused with
     STANDBY, and carries the epoch; without one the server is always active
     at epoch 0. ``peer_handlers`` answer the peer (replication) requests of
-    an authenticated main server; ``secret`` is what it must prove to know.
+    an authenticated main server; ``secret`` is what it must prove to know,
+    and ``peer_identity`` (when set) the identity it must prove to have.
     With ``epoch_secret`` (the cluster secret) the welcome carries a proof of
     this server's epoch, and an epoch a client relays is believed only with
     such a proof.
@@ -219,6 +220,7 @@ class RequestServer:
         tls: ServerTls | None = None,
         access: ClientAccess | None = None,
         client_handlers: dict[type[Message], PeerHandler] | None = None,
+        peer_identity: str = "",
     ) -> None:
         self.source = source
         self.epoch_secret = epoch_secret
@@ -232,6 +234,7 @@ class RequestServer:
         self.node = node
         self.secret = secret
         self.secret_hint = secret_hint
+        self.peer_identity = peer_identity  # the identity the peer must prove besides the secret ("": any)
         self.peer_handlers = peer_handlers or {}
         self.status_extra = status_extra
         self.server_id = node.server_id if node else uuid.uuid4().hex[:12]
@@ -739,12 +742,30 @@ class _Handler:
                                                         f"{self.peer_nonce}{self._bound}", request.proof):
             log.warning("peer %s failed authentication: %s", self.connection.peer, self.server.secret_hint)
             raise RequestFailed(ErrorCode.AUTH_FAILED, f"authentication failed: {self.server.secret_hint}")
+        proven = self._proven_peer_identity(request)
         self.peer_nonce = ""
         if not self.server.take_peer_slot(self):
             raise RequestFailed(ErrorCode.BUSY, f"all {PEER_SLOTS} peer slots are taken")
         self.connection.idle_timeout_s = self.server.idle_timeout_s
-        log.info("peer %s authenticated", self.connection.peer)
+        log.info("peer %s authenticated%s", self.connection.peer, f" as {proven}" if proven else "")
         self.connection.send(protocol.Ok())
+
+    def _proven_peer_identity(self, request: protocol.Authenticate) -> str:
+        """The identity the peer signed our challenge with ("" if none); refused unless it is the pinned one."""
+        proven = ""
+        if request.certificate:
+            try:
+                proven = verify_identify(request.certificate, request.signature, self._bound, self.peer_nonce)
+            except ValueError as error:
+                raise RequestFailed(ErrorCode.AUTH_FAILED, str(error)) from None
+        pinned = self.server.peer_identity
+        if pinned and proven != pinned:
+            log.warning("peer %s refused: it proved identity %s, not %s pinned here; if that server was "
+                        "reinstalled, set its new identity in this server's config", self.connection.peer,
+                        proven or "(none)", pinned)
+            raise RequestFailed(ErrorCode.AUTH_FAILED, f"identity {proven or '(none)'} is not the peer identity "
+                                                       f"{pinned} pinned on this server")
+        return proven
 
     def _send_listing(self, request: protocol.ListFiles) -> None:
         if request.limit:

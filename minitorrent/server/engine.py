@@ -26,7 +26,7 @@ from minitorrent.server.catalog import AddResult, Catalog
 from minitorrent.server.roles import NodeState, Role, RoleChanged
 from minitorrent.server.tokens import WebTokens, token_key, web_token_handler
 from minitorrent.wire import protocol
-from minitorrent.wire.identity import cluster_key, load_or_create, parse_id
+from minitorrent.wire.identity import Identity, cluster_key, load_or_create, parse_id
 from minitorrent.wire.tls import ClientTls, Secure, ServerTls
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,7 @@ class ServerEngine:
             tls=ServerTls(self.identity) if transfer.encrypt else None,
             access=AccessPolicy(self.access, config.server.access) if transfer.encrypt else None,
             secret_hint=self.secret_hint,
+            peer_identity=pinned_peer(config, name),
             **server_options,
         )
         self.tokens = WebTokens(token_key(self.secret, self.access), self.access)  # the web face's, when paired
@@ -204,14 +205,24 @@ def cluster_secret(config: Config, name: str) -> tuple[str, str]:
                                f"server.secret to the same value on both")
 
 
-def peer_tls(config: Config) -> Secure | None:
-    """How the main dials the backup: TLS; the backup is recognised by its proof of the cluster key
-    over it, and also by its identity when ``server.backup.id`` is set. Raises ``ConfigError``."""
+def peer_tls(config: Config, identity: Identity | None = None) -> Secure | None:
+    """How a server dials its peer: TLS; the peer is recognised by its proof of the cluster key over it,
+    and also by its identity when ``server.backup.id`` is set. With our ``identity`` the link proves ours
+    in turn (what the backup checks against ``server.main.id``). Raises ``ConfigError``."""
     if not config.transfer.encrypt:
         return None
-    if not config.server.backup.id:
-        return ClientTls()
+    tls = ClientTls(identity=identity)
+    return tls.expecting(_configured_id(config, "backup")) if config.server.backup.id else tls
+
+
+def pinned_peer(config: Config, name: str) -> str:
+    """The identity the server dialling server ``name`` must prove: ``server.main.id`` for the backup
+    ("": any server that knows the cluster key). Raises ``ConfigError``."""
+    return _configured_id(config, "main") if name == "backup" and config.server.main.id else ""
+
+
+def _configured_id(config: Config, name: str) -> str:
     try:
-        return ClientTls().expecting(parse_id(config.server.backup.id))
+        return parse_id(getattr(config.server, name).id)
     except ValueError as error:
-        raise ConfigError(f"{config.source or 'config'}: server.backup.id: {error}") from None
+        raise ConfigError(f"{config.source or 'config'}: server.{name}.id: {error}") from None

@@ -46,7 +46,7 @@ class MainServer(ServerEngine):
         backup = config.server.backup
         self.backup_address = (backup.host, backup.port)
         self.replicating = backup.port != 0  # the cluster key file stands in for an empty server.secret
-        self._peer_secure = peer_tls(config)  # how links to the backup are secured (TLS, pinned if configured)
+        self._peer_secure = peer_tls(config, self.identity)  # TLS to the backup, each side pinned if configured
         self.replicator: Replicator | None = None
         self._lock = threading.Lock()
         self.server.client_handlers.update(Pairing(self.access).handlers())

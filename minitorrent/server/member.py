@@ -245,7 +245,8 @@ class ClusterMember(ServerEngine):
         """Leading: one replicator per follower, each starting with an inventory (anti-entropy)."""
         self._end_term()
         stop = self._term_stop = threading.Event()
-        secret, io_timeout, secure = self.secret, self.config.transfer.io_timeout, peer_tls(self.config)
+        secret, io_timeout = self.secret, self.config.transfer.io_timeout
+        secure = peer_tls(self.config, self.identity)
         for follower in self.followers:
             link = FencedPeerLink((follower.host, follower.port), secret, io_timeout, self.node, self.address, secure)
             replicator = Replicator(self.catalog, link, self.config.transfer.pipeline_depth, stop)

@@ -700,10 +700,17 @@ MAX_DOCUMENT_BYTES = 64 * 1024 * 1024  # an inventory of ~300k files as JSON
 
 @dataclass(frozen=True)
 class Authenticate(Message):
-    """A peer's answer to the server's challenge (``Welcome.nonce``)."""
+    """A peer's answer to the server's challenge (``Welcome.nonce``): the cluster-key proof and, as an
+    ``Identify`` carries it, its certificate and a signature over the server's identity and that nonce."""
 
     TYPE = "auth"
     proof: str
+    certificate: str = ""
+    signature: str = ""
+
+    def validate(self) -> None:
+        _require(len(self.certificate) <= MAX_CERTIFICATE_CHARS and len(self.signature) <= 512,
+                 "auth: certificate or signature too long")
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ frame's head in the same write (``TlsSocket``).
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -154,6 +155,8 @@ class ClientTls:
     ``identity`` is ours, which sessions prove to servers that ask (remote.py).
     """
 
+    expected = ""  # the one identity a server must have ("": the pins decide)
+
     def __init__(self, pins: PinStore | None = None, identity: Identity | None = None) -> None:
         self.context = client_context()
         self.pins = pins
@@ -161,11 +164,14 @@ class ClientTls:
 
     def __call__(self, sock: socket.socket, host: str, port: int) -> TlsSocket:
         """Secure a connected socket to a server; see ``handshake``."""
-        return self.handshake(sock, host, port)
+        return self.handshake(sock, host, port, self.expected)
 
-    def expecting(self, identity: str) -> Secure:
-        """A ``Secure`` that accepts only a server whose identity is ``identity`` (a seeder, a configured backup)."""
-        return lambda sock, host, port: self.handshake(sock, host, port, identity)
+    def expecting(self, identity: str) -> ClientTls:
+        """This client's TLS, accepting only a server whose identity is ``identity`` (a seeder, a configured
+        backup). Our own identity goes along, for the proofs a session gives (remote.py)."""
+        pinned = copy.copy(self)
+        pinned.expected = identity
+        return pinned
 
     def handshake(self, sock: socket.socket, host: str, port: int, expected: str = "") -> TlsSocket:
         """TLS over ``sock`` and the identity check; closes ``sock`` and raises on failure.

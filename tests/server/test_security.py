@@ -11,6 +11,7 @@ import sys
 
 import pytest
 from conftest import (
+    TLS,
     LONG_TIMEOUT,
     ROOT,
     SHORT_TIMEOUT,
@@ -28,7 +29,9 @@ from minitorrent.common.launcher import ServerProcess, free_port
 from minitorrent.server.backup import BackupServer
 from minitorrent.server.main import MainServer
 from minitorrent.wire.identity import IDENTITY_FILE, load_or_create
-from minitorrent.wire.tls import ServerTls
+from minitorrent.wire import auth, protocol
+from minitorrent.wire.tls import ServerTls, server_identity
+from minitorrent.wire.transport import Connection
 
 HEARTBEAT = {"heartbeat_interval": 0.2, "heartbeat_timeout": 1.5}
 
@@ -184,3 +187,72 @@ class TestBackupIdentity:
         finally:
             main.stop()
             backup.stop()
+
+
+class TestMainIdentity:
+    """The backup pins the main by ``server.main.id``: the main signs the backup's challenge with its key."""
+
+    def start_pair(self, tmp_path, pinned: str) -> tuple[MainServer, BackupServer]:
+        shared = {"cluster_key_file": str(tmp_path / "cluster.key")}
+        backup = BackupServer(make_config(tmp_path / "backup", {"server": {
+            "backup": {"port": 0, **HEARTBEAT}, "main": {"id": pinned}, **shared}}))
+        backup.start()
+        main = MainServer(make_config(tmp_path / "main", {"server": {
+            "main": {"port": 0, "data_dir": str(tmp_path / "main-data")},
+            "backup": {"port": backup.server.address[1], **HEARTBEAT}, **shared}}))
+        main.start()
+        return main, backup
+
+    @pytest.mark.timeout(LONG_TIMEOUT)
+    def test_the_pinned_main_replicates_and_is_named(self, tmp_path, caplog):
+        """With server.main.id set to the main's identity, the backup accepts the link and logs who it is."""
+        main_id = load_or_create(tmp_path / "main-data").id
+        with caplog.at_level(logging.INFO):
+            main, backup = self.start_pair(tmp_path, main_id)
+            try:
+                main.add_file(make_file(tmp_path / "src" / "a.bin", 1000))
+                wait_until(lambda: backup.catalog.count_files()[0] == 1, SHORT_TIMEOUT, "the file replicated")
+            finally:
+                main.stop()
+                backup.stop()
+        assert any(f"authenticated as {main_id}" in r.getMessage() for r in caplog.records)
+
+    @pytest.mark.timeout(LONG_TIMEOUT)
+    def test_a_main_with_another_identity_is_refused_even_with_the_key(self, tmp_path, caplog):
+        """A server that knows the cluster key but is not the pinned main replicates nothing to the backup."""
+        pinned = load_or_create(tmp_path / "the main we expect").id
+        main_id = load_or_create(tmp_path / "main-data").id
+        with caplog.at_level(logging.WARNING):
+            main, backup = self.start_pair(tmp_path, pinned)
+            try:
+                main.add_file(make_file(tmp_path / "src" / "a.bin", 1000))
+                wait_until(lambda: any(f"it proved identity {main_id}, not {pinned} pinned here" in r.getMessage()
+                                       for r in caplog.records), SHORT_TIMEOUT, "the backup to refuse the main")
+                assert (0, 0) == backup.catalog.count_files()
+            finally:
+                main.stop()
+                backup.stop()
+
+    @pytest.mark.timeout(LONG_TIMEOUT)
+    def test_the_pinned_mains_certificate_without_its_key_is_refused(self, tmp_path):
+        """A peer with the cluster key that shows the pinned main's certificate but cannot sign with it gets AUTH_FAILED."""
+        secret = "k" * 32
+        main_identity = load_or_create(tmp_path / "main-data")
+        backup = BackupServer(make_config(tmp_path / "backup", {"server": {
+            "secret": secret, "backup": {"port": 0, **HEARTBEAT}, "main": {"id": main_identity.id}}}))
+        address = backup.start()
+        impostor = load_or_create(tmp_path / "impostor")
+        connection = Connection.dial(*address, io_timeout_s=SHORT_TIMEOUT, secure=TLS)
+        try:
+            bound = server_identity(connection.sock)
+            connection.send(protocol.Hello(protocol.PROTOCOL_VERSION, "main", "x", 0, auth.new_nonce()))
+            welcome = connection.recv().message
+            certificate, _ = main_identity.identify(bound, welcome.nonce)  # the real main's certificate...
+            _, signature = impostor.identify(bound, welcome.nonce)  # ...signed with another key
+            connection.send(protocol.Authenticate(auth.prove(secret, auth.PEER_PURPOSE, f"{welcome.nonce}{bound}"),
+                                                  certificate, signature))
+            reply = connection.recv().message
+        finally:
+            connection.close()
+            backup.stop()
+        assert (protocol.ErrorReply, protocol.ErrorCode.AUTH_FAILED) == (type(reply), reply.code)
