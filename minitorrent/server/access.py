@@ -23,7 +23,7 @@ import threading
 import time
 from pathlib import Path
 
-from minitorrent.net.serving import PeerHandler
+from minitorrent.net.serving import PeerConnection, PeerHandler
 from minitorrent.server.replication import (
     PEER_ERRORS,
     PeerLink,
@@ -273,13 +273,13 @@ class AccessSync:
 def receive_paired_list(access: AccessList) -> PeerHandler:
     """The backup's handler for the main's ``PairedClients``."""
 
-    def handle(handler, frame: Frame) -> None:
+    def handle(peer: PeerConnection, frame: Frame) -> None:
         clients = decode_document(frame.payload).get("clients")
         if not isinstance(clients, list) or len(clients) > MAX_PAIRED_CLIENTS \
                 or not all(isinstance(c, str) and len(c) < 100 for c in clients):
             raise RequestFailed(ErrorCode.BAD_REQUEST, "paired_clients: clients must be a list of identities")
         access.replace_all(clients)
         log.info("paired clients from the main: %d", len(clients))
-        handler.connection.send(protocol.Ok())
+        peer.send(protocol.Ok())
 
     return handle

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 from conftest import (
+    TLS,
     LONG_TIMEOUT,
     ROOT,
     SHORT_TIMEOUT,
@@ -26,6 +27,7 @@ from minitorrent.common.launcher import free_port
 from minitorrent.net.remote import ServerSession
 from minitorrent.server.backup import BackupServer
 from minitorrent.server.main import MainServer
+from minitorrent.server.replication import encode_document
 from minitorrent.wire import protocol
 from minitorrent.wire.identity import load_or_create
 from minitorrent.wire.protocol import ErrorCode
@@ -227,6 +229,23 @@ class TestReplication:
             main.stop()
             backup.stop()
         assert ErrorCode.NOT_PAIRED == refused.value.code
+
+    @pytest.mark.timeout(LONG_TIMEOUT)
+    def test_the_backup_acknowledges_the_paired_list(self, tmp_path):
+        """The backup answers the main's paired_clients with ok (so the main stops sending it), not an error."""
+        secret = "k" * 32
+        backup = BackupServer(make_config(tmp_path / "backup", {"server": {
+            "secret": secret, "access": "paired", "backup": {"port": 0, **HEARTBEAT}}}))
+        address = backup.start()
+        identity = load_or_create(tmp_path / "someone").id
+        peer = ServerSession.open(*address, io_timeout_s=SHORT_TIMEOUT, secret=secret, secure=TLS)
+        try:
+            reply = peer.call(protocol.PairedClients(1), protocol.Ok, encode_document({"clients": [identity]}))
+            held = [i for i, _ in backup.access.paired()]
+        finally:
+            peer.close()
+            backup.stop()
+        assert ("ok", [identity]) == (reply.message.TYPE, held)
 
 
 class TestCommands:
