@@ -630,8 +630,6 @@ class MainWindow(ServerWindow):
     def _build(self, identity: str) -> None:
         self.add_button = self.header.add_button("Add Files…", self.add_files, style="Accent.TButton")
         self.add_folder_button = self.header.add_button("Add Folder…", self.add_folder)
-        self.rename_button = self.header.add_button("Rename…", self.rename_selected, state="disabled")
-        self.remove_button = self.header.add_button("Remove", self.remove_selected, state="disabled")
         self.serve_button = self.header.add_button("Start Server", self.toggle_server, width=12)
         self.header.show_identity(identity)  # what clients pin (server.main.id) and check on first use
         ttk.Separator(self).grid(row=1, column=0, sticky="ew", pady=(10, 0))
@@ -643,6 +641,13 @@ class MainWindow(ServerWindow):
         self.import_strip.place_at(row=5)
         self.build_panes(6, "Shared files", COLUMNS, "No files shared yet. Click Add Files… to share some.")
         self.table.tree.bind("<<TreeviewSelect>>", lambda _event: self._update_buttons())
+        # Near the rows they act on (the header has no room for them in a half-screen window).
+        self.rename_button = ttk.Button(self.table_actions, text="Rename…", command=self.rename_selected,
+                                        state="disabled")
+        self.rename_button.grid(row=0, column=0, padx=(0, 6))
+        self.remove_button = ttk.Button(self.table_actions, text="Remove", command=self.remove_selected,
+                                        state="disabled")
+        self.remove_button.grid(row=0, column=1)
         self.clients = ClientsPanel(self.panes, self.controller.offer_code, self.revoke_selected,
                                     self.controller.fetch_web_token)
         self.panes.insert(1, self.clients, weight=1)

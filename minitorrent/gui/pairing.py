@@ -94,7 +94,7 @@ def access_hint(mode: str) -> str:
     """What ``server.access`` means for this list, beside its caption."""
     if mode == "paired":
         return "server.access: paired · only these clients may list and download"
-    return "server.access: open · any client may download; this list matters once access is paired"
+    return "server.access: open · any client may download"
 
 
 WEB_TOKEN_COPIED = ("Web token copied: paste it into the server page's token box, or send it as "

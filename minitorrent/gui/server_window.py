@@ -39,8 +39,10 @@ class ServerWindow(WindowShell):
         table_frame = ttk.Frame(panes)
         ttk.Label(table_frame, text=caption.upper(), style="Caption.TLabel").grid(row=0, column=0, sticky="w",
                                                                                   pady=(0, 4))
+        self.table_actions = ttk.Frame(table_frame)  # buttons acting on the selected rows, beside the caption
+        self.table_actions.grid(row=0, column=1, sticky="e", pady=(0, 4))
         self.table = SortableTable(table_frame, columns, height=6)
-        self.table.grid(row=1, column=0, sticky="nsew")
+        self.table.grid(row=1, column=0, columnspan=2, sticky="nsew")
         self.empty_hint = ttk.Label(table_frame, text=empty_text, style="Subtitle.TLabel")
         table_frame.columnconfigure(0, weight=1)
         table_frame.rowconfigure(1, weight=1)
