@@ -208,7 +208,10 @@ def _search_condition(search: str | None, matches: int | None = None) -> tuple[s
     phrase = _indexed_phrase(search)
     if phrase is None or (matches or 0) > LOOKUP_MAX_MATCHES:
         return "instr(name_folded, ?) > 0", (fold(search),)
-    return "rowid IN (SELECT rowid FROM files_search WHERE files_search MATCH ?)", (phrase,)
+    return _TRIGRAM_CONDITION, (phrase,)
+
+
+_TRIGRAM_CONDITION = "rowid IN (SELECT rowid FROM files_search WHERE files_search MATCH ?)"
 
 
 def _indexed_phrase(search: str) -> str | None:
@@ -273,6 +276,9 @@ _DOWNLOADS_OF_PAGE = _DOWNLOADS_OF.format("page")
 
 # The keys of an entry of ``ServerStore.list_json``: a ``FileRecord`` without its chunk size.
 LISTING_KEYS = ("name", "size", "chunks", "sha256", "root", "downloads", "added_at")
+# One entry of ``list_json``, built by SQLite from a row of the page (keys in ``LISTING_KEYS``' order).
+_LISTING_OBJECT = ("json_object('name', name, 'size', size, 'chunks', (size + chunk_size - 1) / chunk_size,"
+                   f" 'sha256', sha256, 'root', root, 'downloads', {_DOWNLOADS_OF_PAGE}, 'added_at', added_at)")
 
 
 def _file_record(row: tuple) -> FileRecord:
@@ -474,8 +480,8 @@ class ServerStore(SQLiteStore):
         return [_file_record(row) for row in rows]
 
     def list_json(self, search: str | None, after: str, limit: int,
-                  matches: int | None = None) -> tuple[str, int, str]:
-        """The page ``list_after`` would give, encoded by SQLite: ``(entries, count, last name)``.
+                  matches: int | None = None) -> tuple[str, int, str, bool]:
+        """The page ``list_after`` would give, encoded by SQLite: ``(entries, count, last name, more)``.
 
         ``entries`` is a JSON array of objects with the keys of
         ``LISTING_KEYS``, in name order; ``last name`` is "" for an empty
@@ -484,17 +490,41 @@ class ServerStore(SQLiteStore):
         ``added_at`` has 15 significant digits (10 us for today's times).
         ``matches``, how many names match ``search`` if known, picks the
         cheaper way to read a search's page (see ``LOOKUP_MAX_MATCHES``).
+        ``more`` is False when no name after this page matches (known for
+        sure for a search read through the trigram index), else True when the
+        page is full: then the next page may be empty.
         """
         condition, arguments = _search_condition(search, matches)
+        if condition == _TRIGRAM_CONDITION:
+            return self._trigram_page_json(arguments, after, limit)
         entries, count, last = self._connection().execute(
-            "SELECT json_group_array(json_object('name', name, 'size', size,"
-            " 'chunks', (size + chunk_size - 1) / chunk_size, 'sha256', sha256, 'root', root,"
-            f" 'downloads', {_DOWNLOADS_OF_PAGE}, 'added_at', added_at)), COUNT(*), MAX(name)"
+            f"SELECT json_group_array({_LISTING_OBJECT}), COUNT(*), MAX(name)"
             " FROM (SELECT name, size, chunk_size, sha256, root, added_at FROM files"
             f" WHERE name > ? AND {condition} ORDER BY name LIMIT ?) AS page",
             (after, *arguments, limit),
         ).fetchone()
-        return entries, count, last or ""
+        return entries, count, last or "", count == limit
+
+    def _trigram_page_json(self, arguments: tuple, after: str, limit: int) -> tuple[str, int, str, bool]:
+        """``list_json`` for a search read by looking up every match the trigram index finds.
+
+        Every page looks up all the matches anyway (the index gives them in
+        rowid order, not by name), so reading one row past the page costs
+        nothing and says whether another page follows: the last full page of
+        a search ends the listing, instead of a page that looks them all up
+        again to find none (a third of a 10,000-match search at 1,000,000 files).
+        """
+        in_page = "FILTER (WHERE position <= :limit)"
+        entries, count, last, more = self._connection().execute(
+            f"SELECT json_group_array({_LISTING_OBJECT}) {in_page}, COUNT(*) {in_page}, MAX(name) {in_page},"
+            " COUNT(*) > :limit"
+            " FROM (SELECT name, size, chunk_size, sha256, root, added_at,"
+            " row_number() OVER (ORDER BY name) AS position FROM files"
+            f" WHERE name > :after AND {_TRIGRAM_CONDITION.replace('?', ':phrase')}"
+            " ORDER BY name LIMIT :limit + 1) AS page",
+            {"after": after, "phrase": arguments[0], "limit": limit},
+        ).fetchone()
+        return entries, count, last or "", bool(more)
 
     def count_matching(self, search: str | None = None) -> int:
         """How many names ``list_files(search)`` would return.
@@ -503,7 +533,9 @@ class ServerStore(SQLiteStore):
         cost of looking each match up (14 ms against 52 ms for 10,000 of
         1,000,000 names).
         """
-        phrase = _indexed_phrase(search) if search else None
+        if not search:  # no WHERE: SQLite counts the smallest index's entries without reading them
+            return self.file_count()
+        phrase = _indexed_phrase(search)
         if phrase is not None:
             query, arguments = "SELECT COUNT(*) FROM files_search WHERE files_search MATCH ?", (phrase,)
         else:

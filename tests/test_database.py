@@ -374,10 +374,10 @@ class TestListJson:
         """The SQLite-built JSON page holds what list_after gives, as the catalog's entry objects."""
         add_names(server, ["b.txt", 'q"uote\\.txt', "Zürich 🎉.txt", "a.txt"])
         server.record_download("b.txt")
-        entries, count, last = server.list_json(None, "B", 10)  # after "B": "Zürich" sorts before "a"
+        entries, count, last, more = server.list_json(None, "B", 10)  # after "B": "Zürich" sorts before "a"
         expected = [{"name": r.name, "size": r.size, "chunks": r.chunks, "sha256": r.sha256, "root": r.root,
                      "downloads": r.downloads, "added_at": r.added_at} for r in server.list_after(None, "B", 10)]
-        assert (expected, 4, 'q"uote\\.txt') == (json.loads(entries), count, last)
+        assert (expected, 4, 'q"uote\\.txt', False) == (json.loads(entries), count, last, more)
         assert ([0, 0, 1, 0], list(LISTING_KEYS)) == ([e["downloads"] for e in expected], list(json.loads(entries)[0]))
 
     @pytest.mark.parametrize("text", ["file", "FILE 01", "0.b", "e"])
@@ -390,7 +390,15 @@ class TestListJson:
     def test_empty_page(self, server):
         """A page past the end is an empty array with no last name."""
         add_names(server, ["a.txt"])
-        assert ("[]", 0, "") == server.list_json("a", "a.txt", 10)
+        assert ("[]", 0, "", False) == server.list_json("a", "a.txt", 10)
+
+    @pytest.mark.parametrize("matches", [None, database.LOOKUP_MAX_MATCHES + 1])
+    def test_a_full_search_page_says_whether_more_follow(self, server, matches):
+        """Read through the trigram index, a full last page of a search says none follow; walked, it may follow."""
+        add_names(server, [f"file {i:03d}.bin" for i in range(6)] + ["other.txt"])
+        by_trigrams = matches is None
+        assert ([(6, "file 005.bin", not by_trigrams), (5, "file 004.bin", True), (1, "file 005.bin", False)]) == [
+            server.list_json("file", after, limit, matches)[1:] for after, limit in (("", 6), ("", 5), ("file 004.bin", 6))]
 
 
 class TestCatalogMigration:
