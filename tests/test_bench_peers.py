@@ -1,4 +1,4 @@
-"""bench/peers.py in its quickest mode: every installed tool downloads, every output is verified, the missing are named."""
+"""bench/peers.py in its quickest mode: every installed tool downloads a verified copy; a missing one is named."""
 from __future__ import annotations
 
 import importlib.util

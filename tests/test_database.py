@@ -390,15 +390,16 @@ class TestListJson:
     def test_empty_page(self, server):
         """A page past the end is an empty array with no last name."""
         add_names(server, ["a.txt"])
-        assert ("[]", 0, "", False) == server.list_json("a", "a.txt", 10)
+        assert (b"[]", 0, "", False) == server.list_json("a", "a.txt", 10)
 
     @pytest.mark.parametrize("matches", [None, database.LOOKUP_MAX_MATCHES + 1])
     def test_a_full_search_page_says_whether_more_follow(self, server, matches):
         """Read through the trigram index, a full last page of a search says none follow; walked, it may follow."""
         add_names(server, [f"file {i:03d}.bin" for i in range(6)] + ["other.txt"])
         by_trigrams = matches is None
-        assert ([(6, "file 005.bin", not by_trigrams), (5, "file 004.bin", True), (1, "file 005.bin", False)]) == [
-            server.list_json("file", after, limit, matches)[1:] for after, limit in (("", 6), ("", 5), ("file 004.bin", 6))]
+        pages = (("", 6), ("", 5), ("file 004.bin", 6))
+        assert [(6, "file 005.bin", not by_trigrams), (5, "file 004.bin", True), (1, "file 005.bin", False)] == [
+            server.list_json("file", after, limit, matches)[1:] for after, limit in pages]
 
 
 class TestCatalogMigration:

@@ -114,7 +114,7 @@ class SeedSource:
         entries, _ = self.list_files(search)
         following = [entry for entry in entries if entry["name"] > after]
         page = following[:limit]
-        return ListingPage(json.dumps(page, ensure_ascii=False), len(page), page[-1]["name"] if page else "",
+        return ListingPage(json.dumps(page, ensure_ascii=False).encode(), len(page), page[-1]["name"] if page else "",
                            len(following) > limit)
 
     def count_matching(self, search: str) -> int:

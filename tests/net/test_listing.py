@@ -242,7 +242,7 @@ class LyingSource:
     def list_page(self, search: str, after: str, limit: int, matches: int) -> ListingPage:
         names = self.names_of(after)
         entries = [{"name": name, "size": 1, "chunks": 1, "sha256": SHA, "downloads": 0, "added_at": 0} for name in names]
-        return ListingPage(json.dumps(entries), limit, "x" if not names else names[-1], True)
+        return ListingPage(json.dumps(entries).encode(), limit, "x" if not names else names[-1], True)
 
     def count_matching(self, search: str) -> int:
         return 0
