@@ -226,6 +226,22 @@ def _indexed_phrase(search: str) -> str | None:
     return '"' + folded.replace('"', '""') + '"'
 
 
+# How many (catalog version, search) counts ``ServerStore.count_matching`` remembers.
+COUNTS_REMEMBERED = 256
+_CATALOG_VERSION = "SELECT value FROM meta WHERE key = 'catalog_version'"
+
+
+def _count_sql(search: str | None) -> tuple[str, tuple]:
+    """The SQL (and its arguments) that counts the names containing ``search``."""
+    if not search:  # no WHERE: SQLite counts the smallest index's entries without reading them
+        return "SELECT COUNT(*) FROM files", ()
+    phrase = _indexed_phrase(search)
+    if phrase is not None:
+        return "SELECT COUNT(*) FROM files_search WHERE files_search MATCH ?", (phrase,)
+    condition, arguments = _search_condition(search)
+    return f"SELECT COUNT(*) FROM files WHERE {condition}", arguments
+
+
 def _bump_catalog_version(connection: sqlite3.Connection) -> None:
     connection.execute(
         "INSERT INTO meta (key, value) VALUES ('catalog_version', '1')"
@@ -304,6 +320,10 @@ class ServerStore(SQLiteStore):
     the same transaction, so a replicator can tell cheaply that something
     changed, even when another process changed it.
     """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        super().__init__(path)
+        self._counts: dict[tuple[int, str], int] = {}  # see count_matching
 
     MIGRATIONS = (
         """
@@ -534,17 +554,22 @@ class ServerStore(SQLiteStore):
 
         From the trigram index alone when it can answer: a quarter of the
         cost of looking each match up (14 ms against 52 ms for 10,000 of
-        1,000,000 names).
+        1,000,000 names). Remembered per ``catalog_version``, which every add,
+        rename and remove bumps (also by another process): a listing that a
+        hundred clients ask for, or a search typed again, is counted once
+        (65 ms for every name at 1,000,000 files, 25 ms for a search).
         """
-        if not search:  # no WHERE: SQLite counts the smallest index's entries without reading them
-            return self.file_count()
-        phrase = _indexed_phrase(search)
-        if phrase is not None:
-            query, arguments = "SELECT COUNT(*) FROM files_search WHERE files_search MATCH ?", (phrase,)
-        else:
-            condition, arguments = _search_condition(search)
-            query = f"SELECT COUNT(*) FROM files WHERE {condition}"
-        return self._connection().execute(query, arguments).fetchone()[0]
+        key = (self.catalog_version(), search or "")
+        with self._lock:
+            if key in self._counts:
+                return self._counts[key]
+        query, arguments = _count_sql(search)
+        version, count = self._connection().execute(f"SELECT ({_CATALOG_VERSION}), ({query})", arguments).fetchone()
+        with self._lock:  # under the version read with the count: one statement, one snapshot
+            self._counts[(int(version or 0), search or "")] = count
+            while len(self._counts) > COUNTS_REMEMBERED:
+                del self._counts[next(iter(self._counts))]  # the oldest first
+        return count
 
     def remove_file(self, name: str) -> bool:
         """Remove ``name`` (and its download counters); True if it was there."""

@@ -317,6 +317,30 @@ class TestSearchIndex:
         assert ["CAFÉ noir.txt", "Café Résumé.pdf"] == [r.name for r in server.list_files("café")]
 
 
+class TestRememberedCounts:
+    @pytest.mark.parametrize("search", [None, "café", "ca"])  # every name; trigram index; scan
+    def test_a_count_follows_adds_renames_and_removes_by_another_store(self, tmp_path, search):
+        """A remembered count is never stale: a change made through another store on the same file shows at once."""
+        path = tmp_path / "db" / "server.sqlite3"
+        with ServerStore(path) as serving, ServerStore(path) as other:
+            add_names(other, ["café 1.txt", "other.txt"])
+            counts = [serving.count_matching(search), serving.count_matching(search)]
+            add_names(other, ["Café 2.txt"])
+            counts.append(serving.count_matching(search))
+            other.rename_files([("café 1.txt", "tea.txt")])
+            counts.append(serving.count_matching(search))
+            other.remove_file("Café 2.txt")
+            counts.append(serving.count_matching(search))
+        expected = [2, 2, 3, 3, 2] if search is None else [1, 1, 2, 1, 0]
+        assert expected == counts
+
+    def test_more_searches_than_are_remembered_are_each_counted_right(self, server):
+        """Past COUNTS_REMEMBERED different searches, the oldest are forgotten, and every count is still right."""
+        add_names(server, [f"file {i:03d}.bin" for i in range(10)])
+        counts = [server.count_matching(f"file {i:03d}") for i in range(database.COUNTS_REMEMBERED + 5)]
+        assert [1] * 10 + [0] * (database.COUNTS_REMEMBERED - 5) == counts
+
+
 def add_names(server: ServerStore, names: list[str]) -> None:
     server.add_files([(name, manifest_of(name.encode()), 1000.5) for name in names])
 
