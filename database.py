@@ -324,6 +324,7 @@ class ServerStore(SQLiteStore):
     def __init__(self, path: str | os.PathLike) -> None:
         super().__init__(path)
         self._counts: dict[tuple[int, str], int] = {}  # see count_matching
+        self._counts_lock = threading.Lock()
 
     MIGRATIONS = (
         """
@@ -560,12 +561,12 @@ class ServerStore(SQLiteStore):
         (65 ms for every name at 1,000,000 files, 25 ms for a search).
         """
         key = (self.catalog_version(), search or "")
-        with self._lock:
+        with self._counts_lock:
             if key in self._counts:
                 return self._counts[key]
         query, arguments = _count_sql(search)
         version, count = self._connection().execute(f"SELECT ({_CATALOG_VERSION}), ({query})", arguments).fetchone()
-        with self._lock:  # under the version read with the count: one statement, one snapshot
+        with self._counts_lock:  # under the version read with the count: one statement, one snapshot
             self._counts[(int(version or 0), search or "")] = count
             while len(self._counts) > COUNTS_REMEMBERED:
                 del self._counts[next(iter(self._counts))]  # the oldest first
