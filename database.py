@@ -208,7 +208,10 @@ def _search_condition(search: str | None, matches: int | None = None) -> tuple[s
     phrase = _indexed_phrase(search)
     if phrase is None or (matches or 0) > LOOKUP_MAX_MATCHES:
         return "instr(name_folded, ?) > 0", (fold(search),)
-    return "rowid IN (SELECT rowid FROM files_search WHERE files_search MATCH ?)", (phrase,)
+    return _TRIGRAM_CONDITION, (phrase,)
+
+
+_TRIGRAM_CONDITION = "rowid IN (SELECT rowid FROM files_search WHERE files_search MATCH ?)"
 
 
 def _indexed_phrase(search: str) -> str | None:
@@ -221,6 +224,22 @@ def _indexed_phrase(search: str) -> str | None:
     if len(folded) < MIN_INDEXED_SEARCH or "\x00" in folded:  # FTS5 query text ends at a NUL
         return None
     return '"' + folded.replace('"', '""') + '"'
+
+
+# How many (catalog version, search) counts ``ServerStore.count_matching`` remembers.
+COUNTS_REMEMBERED = 256
+_CATALOG_VERSION = "SELECT value FROM meta WHERE key = 'catalog_version'"
+
+
+def _count_sql(search: str | None) -> tuple[str, tuple]:
+    """The SQL (and its arguments) that counts the names containing ``search``."""
+    if not search:  # no WHERE: SQLite counts the smallest index's entries without reading them
+        return "SELECT COUNT(*) FROM files", ()
+    phrase = _indexed_phrase(search)
+    if phrase is not None:
+        return "SELECT COUNT(*) FROM files_search WHERE files_search MATCH ?", (phrase,)
+    condition, arguments = _search_condition(search)
+    return f"SELECT COUNT(*) FROM files WHERE {condition}", arguments
 
 
 def _bump_catalog_version(connection: sqlite3.Connection) -> None:
@@ -286,6 +305,9 @@ _DOWNLOADS_OF_PAGE = _DOWNLOADS_OF.format("page")
 
 # The keys of an entry of ``ServerStore.list_json``: a ``FileRecord`` without its chunk size.
 LISTING_KEYS = ("name", "size", "chunks", "sha256", "root", "downloads", "added_at")
+# One entry of ``list_json``, built by SQLite from a row of the page (keys in ``LISTING_KEYS``' order).
+_LISTING_OBJECT = ("json_object('name', name, 'size', size, 'chunks', (size + chunk_size - 1) / chunk_size,"
+                   f" 'sha256', sha256, 'root', root, 'downloads', {_DOWNLOADS_OF_PAGE}, 'added_at', added_at)")
 
 
 def _file_record(row: tuple) -> FileRecord:
@@ -316,6 +338,11 @@ class ServerStore(SQLiteStore):
     content a name stopped holding (removed, or renamed away). A failback
     compares them (``minitorrent/server/failback.py``).
     """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        super().__init__(path)
+        self._counts: dict[tuple[int, str], int] = {}  # see count_matching
+        self._counts_lock = threading.Lock()
 
     MIGRATIONS = (
         """
@@ -513,42 +540,76 @@ class ServerStore(SQLiteStore):
         return [_file_record(row) for row in rows]
 
     def list_json(self, search: str | None, after: str, limit: int,
-                  matches: int | None = None) -> tuple[str, int, str]:
-        """The page ``list_after`` would give, encoded by SQLite: ``(entries, count, last name)``.
+                  matches: int | None = None) -> tuple[bytes, int, str, bool]:
+        """The page ``list_after`` would give, encoded by SQLite: ``(entries, count, last name, more)``.
 
         ``entries`` is a JSON array of objects with the keys of
-        ``LISTING_KEYS``, in name order; ``last name`` is "" for an empty
-        page. The JSON is built inside one SQLite call, in C and without the
-        GIL: serving a million entries makes no Python object per entry.
+        ``LISTING_KEYS``, in name order, in UTF-8; ``last name`` is "" for an
+        empty page. The JSON is built inside one SQLite call, in C and without
+        the GIL: serving a million entries makes no Python object per entry.
+        It comes out as bytes, ready to send: as text, Python would decode a
+        page (into 4 bytes a character when one name has an emoji) only to
+        encode it again, a quarter of the server's time for a page.
         ``added_at`` has 15 significant digits (10 us for today's times).
         ``matches``, how many names match ``search`` if known, picks the
         cheaper way to read a search's page (see ``LOOKUP_MAX_MATCHES``).
+        ``more`` is False when no name after this page matches (known for
+        sure for a search read through the trigram index), else True when the
+        page is full: then the next page may be empty.
         """
         condition, arguments = _search_condition(search, matches)
+        if condition == _TRIGRAM_CONDITION:
+            return self._trigram_page_json(arguments, after, limit)
         entries, count, last = self._connection().execute(
-            "SELECT json_group_array(json_object('name', name, 'size', size,"
-            " 'chunks', (size + chunk_size - 1) / chunk_size, 'sha256', sha256, 'root', root,"
-            f" 'downloads', {_DOWNLOADS_OF_PAGE}, 'added_at', added_at)), COUNT(*), MAX(name)"
+            f"SELECT CAST(json_group_array({_LISTING_OBJECT}) AS BLOB), COUNT(*), MAX(name)"
             " FROM (SELECT name, size, chunk_size, sha256, root, added_at FROM files"
             f" WHERE name > ? AND {condition} ORDER BY name LIMIT ?) AS page",
             (after, *arguments, limit),
         ).fetchone()
-        return entries, count, last or ""
+        return entries, count, last or "", count == limit
+
+    def _trigram_page_json(self, arguments: tuple, after: str, limit: int) -> tuple[bytes, int, str, bool]:
+        """``list_json`` for a search read by looking up every match the trigram index finds.
+
+        Every page looks up all the matches anyway (the index gives them in
+        rowid order, not by name), so reading one row past the page costs
+        nothing and says whether another page follows: the last full page of
+        a search ends the listing, instead of a page that looks them all up
+        again to find none (a third of a 10,000-match search at 1,000,000 files).
+        """
+        in_page = "FILTER (WHERE position <= :limit)"
+        entries, count, last, more = self._connection().execute(
+            f"SELECT CAST(json_group_array({_LISTING_OBJECT}) {in_page} AS BLOB), COUNT(*) {in_page},"
+            f" MAX(name) {in_page}, COUNT(*) > :limit"
+            " FROM (SELECT name, size, chunk_size, sha256, root, added_at,"
+            " row_number() OVER (ORDER BY name) AS position FROM files"
+            f" WHERE name > :after AND {_TRIGRAM_CONDITION.replace('?', ':phrase')}"
+            " ORDER BY name LIMIT :limit + 1) AS page",
+            {"after": after, "phrase": arguments[0], "limit": limit},
+        ).fetchone()
+        return entries, count, last or "", bool(more)
 
     def count_matching(self, search: str | None = None) -> int:
         """How many names ``list_files(search)`` would return.
 
         From the trigram index alone when it can answer: a quarter of the
         cost of looking each match up (14 ms against 52 ms for 10,000 of
-        1,000,000 names).
+        1,000,000 names). Remembered per ``catalog_version``, which every add,
+        rename and remove bumps (also by another process): a listing that a
+        hundred clients ask for, or a search typed again, is counted once
+        (65 ms for every name at 1,000,000 files, 25 ms for a search).
         """
-        phrase = _indexed_phrase(search) if search else None
-        if phrase is not None:
-            query, arguments = "SELECT COUNT(*) FROM files_search WHERE files_search MATCH ?", (phrase,)
-        else:
-            condition, arguments = _search_condition(search)
-            query = f"SELECT COUNT(*) FROM files WHERE {condition}"
-        return self._connection().execute(query, arguments).fetchone()[0]
+        key = (self.catalog_version(), search or "")
+        with self._counts_lock:
+            if key in self._counts:
+                return self._counts[key]
+        query, arguments = _count_sql(search)
+        version, count = self._connection().execute(f"SELECT ({_CATALOG_VERSION}), ({query})", arguments).fetchone()
+        with self._counts_lock:  # under the version read with the count: one statement, one snapshot
+            self._counts[(int(version or 0), search or "")] = count
+            while len(self._counts) > COUNTS_REMEMBERED:
+                del self._counts[next(iter(self._counts))]  # the oldest first
+        return count
 
     def remove_file(self, name: str) -> bool:
         """Remove ``name`` (and its download counters), leaving its tombstone; True if it was there."""

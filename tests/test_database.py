@@ -317,6 +317,30 @@ class TestSearchIndex:
         assert ["CAFÉ noir.txt", "Café Résumé.pdf"] == [r.name for r in server.list_files("café")]
 
 
+class TestRememberedCounts:
+    @pytest.mark.parametrize("search", [None, "café", "ca"])  # every name; trigram index; scan
+    def test_a_count_follows_adds_renames_and_removes_by_another_store(self, tmp_path, search):
+        """A remembered count is never stale: a change made through another store on the same file shows at once."""
+        path = tmp_path / "db" / "server.sqlite3"
+        with ServerStore(path) as serving, ServerStore(path) as other:
+            add_names(other, ["café 1.txt", "other.txt"])
+            counts = [serving.count_matching(search), serving.count_matching(search)]
+            add_names(other, ["Café 2.txt"])
+            counts.append(serving.count_matching(search))
+            other.rename_files([("café 1.txt", "tea.txt")])
+            counts.append(serving.count_matching(search))
+            other.remove_file("Café 2.txt")
+            counts.append(serving.count_matching(search))
+        expected = [2, 2, 3, 3, 2] if search is None else [1, 1, 2, 1, 0]
+        assert expected == counts
+
+    def test_more_searches_than_are_remembered_are_each_counted_right(self, server):
+        """Past COUNTS_REMEMBERED different searches, the oldest are forgotten, and every count is still right."""
+        add_names(server, [f"file {i:03d}.bin" for i in range(10)])
+        counts = [server.count_matching(f"file {i:03d}") for i in range(database.COUNTS_REMEMBERED + 5)]
+        assert [1] * 10 + [0] * (database.COUNTS_REMEMBERED - 5) == counts
+
+
 def add_names(server: ServerStore, names: list[str]) -> None:
     server.add_files([(name, manifest_of(name.encode()), 1000.5) for name in names])
 
@@ -374,10 +398,10 @@ class TestListJson:
         """The SQLite-built JSON page holds what list_after gives, as the catalog's entry objects."""
         add_names(server, ["b.txt", 'q"uote\\.txt', "Zürich 🎉.txt", "a.txt"])
         server.record_download("b.txt")
-        entries, count, last = server.list_json(None, "B", 10)  # after "B": "Zürich" sorts before "a"
+        entries, count, last, more = server.list_json(None, "B", 10)  # after "B": "Zürich" sorts before "a"
         expected = [{"name": r.name, "size": r.size, "chunks": r.chunks, "sha256": r.sha256, "root": r.root,
                      "downloads": r.downloads, "added_at": r.added_at} for r in server.list_after(None, "B", 10)]
-        assert (expected, 4, 'q"uote\\.txt') == (json.loads(entries), count, last)
+        assert (expected, 4, 'q"uote\\.txt', False) == (json.loads(entries), count, last, more)
         assert ([0, 0, 1, 0], list(LISTING_KEYS)) == ([e["downloads"] for e in expected], list(json.loads(entries)[0]))
 
     @pytest.mark.parametrize("text", ["file", "FILE 01", "0.b", "e"])
@@ -390,7 +414,16 @@ class TestListJson:
     def test_empty_page(self, server):
         """A page past the end is an empty array with no last name."""
         add_names(server, ["a.txt"])
-        assert ("[]", 0, "") == server.list_json("a", "a.txt", 10)
+        assert (b"[]", 0, "", False) == server.list_json("a", "a.txt", 10)
+
+    @pytest.mark.parametrize("matches", [None, database.LOOKUP_MAX_MATCHES + 1])
+    def test_a_full_search_page_says_whether_more_follow(self, server, matches):
+        """Read through the trigram index, a full last page of a search says none follow; walked, it may follow."""
+        add_names(server, [f"file {i:03d}.bin" for i in range(6)] + ["other.txt"])
+        by_trigrams = matches is None
+        pages = (("", 6), ("", 5), ("file 004.bin", 6))
+        assert [(6, "file 005.bin", not by_trigrams), (5, "file 004.bin", True), (1, "file 005.bin", False)] == [
+            server.list_json("file", after, limit, matches)[1:] for after, limit in pages]
 
 
 class TestCatalogMigration:

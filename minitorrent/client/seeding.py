@@ -112,8 +112,10 @@ class SeedSource:
     def list_page(self, search: str, after: str, limit: int, matches: int) -> ListingPage:
         """The whole files held whose names sort after ``after``: at most ``limit``, for a cursor page."""
         entries, _ = self.list_files(search)
-        page = [entry for entry in entries if entry["name"] > after][:limit]
-        return ListingPage(json.dumps(page, ensure_ascii=False), len(page), page[-1]["name"] if page else "")
+        following = [entry for entry in entries if entry["name"] > after]
+        page = following[:limit]
+        return ListingPage(json.dumps(page, ensure_ascii=False).encode(), len(page), page[-1]["name"] if page else "",
+                           len(following) > limit)
 
     def count_matching(self, search: str) -> int:
         """How many whole files held have names containing ``search``."""

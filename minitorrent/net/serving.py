@@ -117,9 +117,10 @@ class ServingRole(Protocol):
 class ListingPage:
     """Entries of a listing after some name, encoded for a cursor page (see ``FileSource.list_page``)."""
 
-    entries_json: str  # a JSON array of entry objects (as ``list_files`` gives them), by name
+    entries_json: bytes  # a JSON array of entry objects (as ``list_files`` gives them), by name, in UTF-8
     count: int  # how many entries
     last_name: str  # the name of the last one ("" when there is none)
+    more: bool  # whether a next page may hold more (False: this page ends the listing)
 
 
 class FileSource(Protocol):
@@ -881,5 +882,5 @@ def cursor_page(source: FileSource, request: protocol.ListFiles) -> tuple[protoc
         total = min(source.count_matching(request.search), protocol.MAX_LIST_TOTAL)
     limit = min(request.limit, protocol.MAX_LIST_PAGE_ENTRIES)
     page = source.list_page(request.search, after, limit, total)
-    following = protocol.make_cursor(total, page.last_name) if page.count == limit else ""
-    return protocol.FileList(files=[], total=total, next=following), page.entries_json.encode()
+    following = protocol.make_cursor(total, page.last_name) if page.count == limit and page.more else ""
+    return protocol.FileList(files=[], total=total, next=following), page.entries_json

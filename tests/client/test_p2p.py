@@ -615,3 +615,15 @@ class TestEndgameEnds:
         assert peer_bytes(result.sources) > 0  # the slow peer did take part
         lag = returned_at - all_verified_at[0]
         assert lag < 1.5, f"download returned {lag:.1f} s after its last chunk was verified"
+
+
+class TestSeederListingPages:
+    def test_a_full_last_page_ends_the_listing(self, tmp_path):
+        """A seeder's page says more follow only if a held name sorts after it; its entries are UTF-8 JSON."""
+        seed_source = SeedSource()
+        for index, name in enumerate(["b.bin", "a.bin", "Zürich.bin"]):
+            seed_source.add_complete(tmp_path / name, name, Manifest(4, 4, f"{index:064x}", bytes(32)))
+        pages = [seed_source.list_page("", after, limit, 0) for after, limit in (("", 3), ("", 2), ("a.bin", 1))]
+        assert [([b"Z\xc3\xbcrich.bin", b"a.bin", b"b.bin"], False), ([b"Z\xc3\xbcrich.bin", b"a.bin"], True),
+                ([b"b.bin"], False)] == [(re.findall(rb'"name": "([^"]+)"', page.entries_json), page.more)
+                                         for page in pages]

@@ -125,6 +125,12 @@ class TestCursorListing:
         expected = ["X 0.BIN", "file 000.bin", "file 010.bin", "file 020.bin", "file 030.bin"]
         assert expected == [entry["name"] for entry in list_all(serve(catalog), "0.bin")]
 
+    def test_search_that_fills_its_last_page_ends_there(self, catalog, serve):
+        """A search read through the trigram index, 20 matches in pages of 5: 4 pages, no empty fifth."""
+        add_names(catalog, NAMES + ["other.txt"])
+        pages = raw_pages(serve(catalog), "file", limit=5)
+        assert (4, ["x", "x", "x", ""]) == (len(pages), ["x" if page.next else "" for page in pages])
+
     def test_empty_catalog(self, catalog, serve):
         """An empty catalog lists as nothing, in one page."""
         assert [] == list_all(serve(catalog))
@@ -236,7 +242,7 @@ class LyingSource:
     def list_page(self, search: str, after: str, limit: int, matches: int) -> ListingPage:
         names = self.names_of(after)
         entries = [{"name": name, "size": 1, "chunks": 1, "sha256": SHA, "downloads": 0, "added_at": 0} for name in names]
-        return ListingPage(json.dumps(entries), limit, "x" if not names else names[-1])
+        return ListingPage(json.dumps(entries).encode(), limit, "x" if not names else names[-1], True)
 
     def count_matching(self, search: str) -> int:
         return 0

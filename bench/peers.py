@@ -1,0 +1,334 @@
+"""Benchmark: the same file downloaded by MiniTorrent and by its verified peers, in one run.
+
+    python bench/peers.py [--size 1G] [--rounds 5] [--quick] [--folder /dev/shm]
+
+Every tool moves the same random file over 127.0.0.1 and every output is
+checked: its SHA-256 must equal the source's (exit 1 if one differs). Each
+time is the wall clock of a fresh process (or pipeline), start-up included,
+because that is what a user waits for:
+
+* ``minitorrent``: ``client.py get`` from a real headless ``main_server.py``
+  (both ports explicit; the backup's is 0, so nothing else is dialled).
+* ``curl+openssl``: ``curl | tee FILE | openssl dgst -sha256`` from
+  ``python3 -m http.server``: one read, stored and hashed as it streams.
+* ``aria2c``: ``aria2c --checksum=sha-256=HEX`` from the same HTTP server.
+* ``libtorrent``: a downloader process (the pip package, a fresh session)
+  fetching from a seed session in this process; both bound to 127.0.0.1,
+  no DHT, LSD, UPnP, NAT-PMP or tracker, the seed given as the one peer.
+
+The tools run in turn, round by round, in an order that alternates, so drift
+on a shared machine hits all alike; medians are reported, with MiniTorrent's
+speed-up over each (target: at least 1.5 x over the fastest verified peer).
+A tool that is not installed is reported as missing, with how to install it,
+and left out of the verdict. ``--quick`` is a small file and one round.
+"""
+from __future__ import annotations
+
+# transfer first: it imports common, which puts the project root on sys.path
+# (and takes bench/ off it, so this is the only bench module imported by name).
+from transfer import FILE_NAME, config_settings, run_client
+
+import argparse
+import importlib.util
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.parse
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Callable
+
+from common import (
+    BenchError,
+    exit_status,
+    install_interrupts,
+    parse_size,
+    report_line,
+    sha256_of,
+    start_server,
+    starting,
+    stop_process,
+    temp_folder,
+    verdict,
+    write_random_file,
+)
+
+from minitorrent.common.launcher import free_port, write_config
+
+CHUNK_SIZE = 1 << 20
+SPEEDUP_TARGET = 1.5  # over the fastest verified peer (issue 10)
+QUICK_SIZE = 16 << 20
+START_TIMEOUT_S = 30.0  # a helper process start on a loaded machine
+MIN_RATE_BPS = 5e6  # any slower than this and a download is considered hung
+DEFAULT_FOLDER = Path("/dev/shm") if Path("/dev/shm").is_dir() else None  # tmpfs: no fsync timing in the figures
+TOOLS = ("minitorrent", "curl+openssl", "aria2c", "libtorrent")
+INSTALL = {"curl+openssl": "apt-get install -y curl openssl", "aria2c": "apt-get install -y aria2",
+           "libtorrent": "pip install libtorrent==2.1.1"}
+
+# libtorrent settings for both sessions: loopback only, nothing announced or discovered.
+# TCP only: uTP's delay-based congestion control crawls on loopback (3 MB/s measured here).
+LT_SETTINGS = {
+    "enable_dht": False, "enable_lsd": False, "enable_upnp": False, "enable_natpmp": False,
+    "enable_outgoing_utp": False, "enable_incoming_utp": False,
+    "dht_bootstrap_nodes": "", "outgoing_interfaces": "127.0.0.1", "alert_mask": 0,
+}
+
+# The libtorrent downloader, run as ``python -c LT_DOWNLOADER TORRENT SAVE_DIR SEED_PORT TIMEOUT``:
+# a fresh session that fetches the torrent from the one seed it is given and exits
+# when every piece has passed libtorrent's own hash check.
+LT_DOWNLOADER = r"""
+import signal, sys, time
+import libtorrent as lt
+signal.signal(signal.SIGINT, signal.SIG_IGN)  # on Ctrl-C the benchmark ends this process itself
+torrent, save_dir, seed_port, timeout = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+settings = dict(%(settings)r, listen_interfaces="127.0.0.1:0")
+session = lt.session(settings)
+params = lt.add_torrent_params()
+params.ti = lt.torrent_info(torrent)
+params.save_path = save_dir
+handle = session.add_torrent(params)
+handle.connect_peer(("127.0.0.1", seed_port))
+deadline = time.monotonic() + timeout
+while not handle.status().is_seeding:
+    if time.monotonic() > deadline:
+        sys.exit("libtorrent download timed out at %%.1f%%%%" %% (handle.status().progress * 100))
+    time.sleep(0.005)  # a poll of libtorrent's state: its own threads do the work
+""" % {"settings": LT_SETTINGS}
+
+
+def missing_tools() -> dict[str, str]:
+    """Tools not installed here, each with how to install it."""
+    present = {"curl+openssl": shutil.which("curl") and shutil.which("openssl"),
+               "aria2c": shutil.which("aria2c"),
+               "libtorrent": importlib.util.find_spec("libtorrent")}
+    return {tool: INSTALL[tool] for tool, found in present.items() if not found}
+
+
+def run_timed(command: list[str], size: int, cwd: Path) -> float:
+    """Run ``command`` to its end; wall-clock seconds. A failure or a hang is a ``BenchError``."""
+    started = time.perf_counter()
+    try:
+        run = subprocess.run(command, cwd=cwd, capture_output=True, text=True,
+                             timeout=START_TIMEOUT_S + size / MIN_RATE_BPS)
+    except subprocess.TimeoutExpired:
+        raise BenchError(f"{command[0]} did not finish in time") from None
+    seconds = time.perf_counter() - started
+    if run.returncode:
+        raise BenchError(f"{' '.join(command)[:200]} exited {run.returncode}:\n{(run.stderr or run.stdout)[-1500:]}")
+    return seconds
+
+
+def wait_listening(port: int, process: subprocess.Popen) -> None:
+    """Poll until something accepts on 127.0.0.1:``port``; a process that died meanwhile is a ``BenchError``."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise BenchError(f"{process.args[:4]} exited {process.returncode} before it listened")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise BenchError(f"nothing listens on 127.0.0.1:{port} after {START_TIMEOUT_S:.0f} s")
+
+
+# The peers ---------------------------------------------------------------------------
+
+
+class HttpPeers:
+    """``python3 -m http.server`` on an explicit port, and the two HTTP clients fetching from it."""
+
+    def __init__(self, source: Path, source_sha: str, size: int, work: Path) -> None:
+        self.source_sha, self.size, self.work = source_sha, size, work
+        port = free_port()
+        with starting():
+            self.server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
+                                            "--directory", str(source.parent)],
+                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_listening(port, self.server)
+        self.url = f"http://127.0.0.1:{port}/{urllib.parse.quote(source.name)}"
+
+    def curl(self, output: Path) -> float:
+        """``curl | tee | openssl dgst -sha256``; the digest it printed must be the source's too."""
+        pipeline = (f"set -o pipefail; curl -sSf {self.url!r} | tee {str(output)!r} | openssl dgst -sha256 "
+                    f"> {str(output)!r}.sha256")
+        seconds = run_timed(["bash", "-c", pipeline], self.size, self.work)
+        printed = Path(f"{output}.sha256").read_text().split()[-1]
+        if printed != self.source_sha:
+            raise BenchError(f"curl | openssl printed sha256 {printed} != source {self.source_sha}")
+        return seconds
+
+    def aria2c(self, output: Path) -> float:
+        """``aria2c --checksum``: it fails (and so does the run) if the file's SHA-256 differs."""
+        return run_timed(["aria2c", "--no-conf=true", f"--checksum=sha-256={self.source_sha}",
+                          "--dir", str(output.parent), "--out", output.name, "--file-allocation=none",
+                          "--allow-overwrite=true", "--auto-file-renaming=false", "--console-log-level=warn",
+                          "--summary-interval=0", "--quiet=true", self.url], self.size, self.work)
+
+    def close(self) -> None:
+        stop_process(self.server)
+
+
+class LibtorrentSeed:
+    """A libtorrent session in this process seeding the source file; a fresh downloader process per run."""
+
+    def __init__(self, source: Path, size: int, work: Path) -> None:
+        import libtorrent as lt
+
+        self.size, self.work = size, work
+        creator = lt.create_torrent(lt.list_files(str(source)))  # v1 + v2 (hybrid), libtorrent's default
+        lt.set_piece_hashes(creator, str(source.parent))
+        self.torrent = work / "payload.torrent"
+        self.torrent.write_bytes(lt.bencode(creator.generate()))
+        self.session = lt.session(dict(LT_SETTINGS, listen_interfaces="127.0.0.1:0"))
+        params = lt.add_torrent_params()
+        params.ti = lt.torrent_info(str(self.torrent))
+        params.save_path = str(source.parent)
+        params.flags |= lt.torrent_flags.seed_mode  # the file is the source: no need to re-hash it
+        self.session.add_torrent(params)
+        self.port = self.session.listen_port()
+
+    def download(self, output: Path) -> float:
+        """The downloader process, from start to every piece verified; the file lands as ``output``."""
+        save_dir = output.parent / "libtorrent"
+        save_dir.mkdir(parents=True, exist_ok=True)
+        seconds = run_timed([sys.executable, "-c", LT_DOWNLOADER, str(self.torrent), str(save_dir),
+                             str(self.port), str(START_TIMEOUT_S + self.size / MIN_RATE_BPS)], self.size, self.work)
+        (save_dir / FILE_NAME).rename(output)
+        shutil.rmtree(save_dir)
+        return seconds
+
+    def close(self) -> None:
+        del self.session  # ends libtorrent's threads and sockets
+
+
+# The run -----------------------------------------------------------------------------
+
+
+@dataclass
+class Results:
+    size: int
+    missing: dict[str, str]
+    seconds: dict[str, list[float]] = field(default_factory=dict)
+
+    def add(self, tool: str, seconds: float) -> None:
+        self.seconds.setdefault(tool, []).append(seconds)
+
+    def median(self, tool: str) -> float:
+        return statistics.median(self.seconds[tool])
+
+    def report(self, rounds: int) -> None:
+        print()
+        print(f"file size {self.size} bytes ({self.size / (1 << 20):.0f} MiB); medians of {rounds} round(s); "
+              f"every output's SHA-256 checked")
+        mini = self.median("minitorrent")
+        for tool in TOOLS:
+            if tool in self.missing:
+                line(tool, f"MISSING: install with `{self.missing[tool]}`")
+            elif tool != "minitorrent":
+                line(tool, f"{self.median(tool):7.2f} s  minitorrent speed-up {self.median(tool) / mini:5.2f} x")
+            else:
+                line(tool, f"{mini:7.2f} s  {self.size / mini / 1e6:7.1f} MB/s")
+        peers = [tool for tool in self.seconds if tool != "minitorrent"]
+        line("load average (1, 5, 15 min)", " ".join(f"{v:.2f}" for v in os.getloadavg()))
+        if peers:
+            fastest = min(peers, key=self.median)
+            speedup = self.median(fastest) / mini
+            line(f"TARGET speed-up over fastest ({fastest}) >= {SPEEDUP_TARGET}",
+                 f"{speedup:7.2f} x  {verdict(speedup >= SPEEDUP_TARGET)}")
+
+
+line = partial(report_line, width=54)
+
+
+@dataclass
+class Runner:
+    source_sha: str
+    size: int
+    work: Path
+    runs: dict[str, Callable[[Path], float]]  # per tool: download to the given path, seconds
+
+    def round(self, label: str, order: list[str], results: Results) -> None:
+        for tool in order:
+            output = self.work / "out" / FILE_NAME
+            output.parent.mkdir(exist_ok=True)
+            try:
+                seconds = self.runs[tool](output)
+                got = sha256_of(output)
+                if got != self.source_sha:
+                    raise BenchError(f"{tool}: DOWNLOAD CORRUPT: sha256 {got} != source {self.source_sha}")
+            finally:
+                shutil.rmtree(output.parent, ignore_errors=True)
+                shutil.rmtree(self.work / "client-state", ignore_errors=True)  # MiniTorrent: no resumable state
+            results.add(tool, seconds)
+            print(f"  {label:8} {tool:13} {seconds:7.2f} s {self.size / seconds / 1e6:8.1f} MB/s  sha256 verified"
+                  f"  (load {os.getloadavg()[0]:.2f})", flush=True)
+
+
+def minitorrent_run(config: Path, size: int, work: Path) -> Callable[[Path], float]:
+    """``client.py get`` into the output's folder; seconds of the whole client process."""
+    return lambda output: run_client(config, output.parent, size, work).seconds
+
+
+def bench(folder: Path, size: int, rounds: int) -> None:
+    missing = missing_tools()
+    for tool, how in missing.items():
+        print(f"{tool}: MISSING (install with `{how}`); left out of this run", flush=True)
+    source = folder / "source" / FILE_NAME
+    print(f"writing {size} random bytes to {source} ...", flush=True)
+    source_sha = write_random_file(source, size)
+    port = free_port()
+    server = start_server(write_config(folder / "server.yaml", config_settings(CHUNK_SIZE, port)), add=[source])
+    closers: list[Callable[[], None]] = [lambda: stop_process(server.process)]
+    try:
+        client_config = write_config(folder / "client.yaml", config_settings(CHUNK_SIZE, port))
+        runs = {"minitorrent": minitorrent_run(client_config, size, folder)}
+        if "curl+openssl" not in missing or "aria2c" not in missing:
+            http = HttpPeers(source, source_sha, size, folder)
+            closers.append(http.close)
+            runs.update({tool: run for tool, run in (("curl+openssl", http.curl), ("aria2c", http.aria2c))
+                         if tool not in missing})
+        if "libtorrent" not in missing:
+            seed = LibtorrentSeed(source, size, folder)
+            closers.append(seed.close)
+            runs["libtorrent"] = seed.download
+        runner = Runner(source_sha, size, folder, runs)
+        results = Results(size, missing)
+        tools = [tool for tool in TOOLS if tool in runs]
+        for number in range(rounds):
+            runner.round(f"round {number + 1}", tools if number % 2 == 0 else tools[::-1], results)
+    finally:
+        for close in reversed(closers):
+            close()
+    results.report(rounds)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", type=parse_size, help="file size: bytes, or 256M, 1G ... (default 1G; --quick 16M)")
+    parser.add_argument("--rounds", type=int, help="rounds of every tool, alternated; medians reported "
+                                                   "(default 5; --quick 1)")
+    parser.add_argument("--quick", action="store_true", help="a small file and one round: does everything work?")
+    parser.add_argument("--folder", type=Path, default=DEFAULT_FOLDER,
+                        help=f"where the temporary folder goes (default {DEFAULT_FOLDER or 'the system temp'})")
+    args = parser.parse_args(argv)
+    size = args.size if args.size is not None else (QUICK_SIZE if args.quick else 1 << 30)
+    rounds = args.rounds if args.rounds is not None else (1 if args.quick else 5)
+    if rounds < 1:
+        parser.error("--rounds must be at least 1")
+    install_interrupts()
+    print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}; folder in {args.folder or 'the system temp'}",
+          flush=True)
+    with temp_folder("minitorrent-bench-peers-", args.folder) as folder:
+        status = exit_status(lambda: bench(folder, size, rounds))
+    print(f"load average at the end {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
