@@ -196,7 +196,11 @@ def run_servers(args: argparse.Namespace) -> int:
         print(f"error: --seconds must be more than 0 and at most {MAX_LISTEN_S:g}", file=sys.stderr)
         return 2
     print(f"listening {args.seconds:g} s for servers on the LAN...", file=sys.stderr, flush=True)
-    found = browse(args.seconds)
+    try:
+        found = browse(args.seconds)
+    except OSError as error:  # no interface with multicast: configured addresses still work
+        print(f"error: cannot listen for servers on this network: {error.strerror or error}", file=sys.stderr)
+        return 1
     if args.json:
         print(json.dumps([vars(server) for server in found], indent=2))
         return 0

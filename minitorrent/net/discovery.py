@@ -108,9 +108,18 @@ def local_ipv4_addresses() -> list[str]:
 
 
 def _open_zeroconf(interfaces: list[str] | None) -> Zeroconf:
-    from zeroconf import InterfaceChoice, IPVersion, Zeroconf
+    """mDNS sockets on ``interfaces`` (all IPv4 ones by default); ``OSError`` when they cannot be opened.
 
-    return Zeroconf(interfaces=interfaces or InterfaceChoice.All, ip_version=IPVersion.V4Only)
+    zeroconf reports "no interface to listen on" as a RuntimeError and its own
+    failures as ``zeroconf.Error``: both become the OSError that callers
+    already expect from a machine without multicast.
+    """
+    from zeroconf import Error, InterfaceChoice, IPVersion, Zeroconf
+
+    try:
+        return Zeroconf(interfaces=interfaces or InterfaceChoice.All, ip_version=IPVersion.V4Only)
+    except (RuntimeError, Error) as error:
+        raise OSError(f"mDNS unavailable: {error}") from error
 
 
 class Announcer:

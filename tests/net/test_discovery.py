@@ -3,10 +3,12 @@ announce-and-browse inside a private network namespace (multicast never leaves i
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import textwrap
 
 import pytest
-from conftest import private_network_available, run_in_private_network
+from conftest import NETNS_TIMEOUT_S, ROOT, private_network_available, run_in_private_network
 
 from minitorrent.net.discovery import MAX_EPOCH, FoundServer, parse_found
 
@@ -119,6 +121,18 @@ class TestServersCommand:
         assert 0 == report["rc"], report["err"]
         found = json.loads(report["out"])
         assert [(report["port"], "active")] == [(s["port"], s["role"]) for s in found]
+
+    def test_no_interface_to_listen_on_is_one_error_line(self):
+        """Where no interface carries IPv4 (a namespace with loopback down), `servers` says so and exits 1."""
+        reason = private_network_available()
+        if reason:
+            pytest.skip(reason)
+        heard = subprocess.run(["unshare", "-n", sys.executable, str(ROOT / "client.py"), "servers", "--seconds", "1"],
+                               capture_output=True, text=True, timeout=NETNS_TIMEOUT_S, check=False)
+        said = heard.stderr.strip().splitlines()[-1]
+        assert (1, True, False) == (heard.returncode, said.startswith("error: cannot listen for servers on this "
+                                                                      "network: mDNS unavailable"),
+                                    "Traceback" in heard.stderr), heard.stderr
 
 
 class TestNoMulticastFromTheTestSuite:
