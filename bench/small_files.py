@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import resource
 import shutil
 import socket
 import statistics
@@ -76,12 +77,16 @@ def check_copy(dest: Path, expected: dict[str, str], who: str) -> None:
                          f"{len(set(found) - set(expected))} extra)")
 
 
-def timed(run: Callable[[Path], None], work: Path, label: str, round_no: int) -> tuple[float, Path]:
+def timed(run: Callable[[Path], None], work: Path, label: str, round_no: int) -> tuple[float, float, Path]:
+    """(wall seconds, CPU seconds of the processes it ran and waited for, the copy): CPU is what load barely moves."""
     dest = work / f"{label}-{round_no}"
     dest.mkdir()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     run(dest)
-    return time.perf_counter() - started, dest
+    elapsed = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return elapsed, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), dest
 
 
 # The three contenders ---------------------------------------------------------------------
@@ -185,26 +190,31 @@ def measure(args: argparse.Namespace, work: Path) -> int:
 
 
 def run_rounds(contenders: dict[str, Callable[[Path], None]], work: Path, expected: dict[str, str],
-               repeat: int) -> dict[str, list[float]]:
-    """Round-robin, so a burst of load elsewhere hits every contender alike."""
-    seconds: dict[str, list[float]] = {name: [] for name in contenders}
+               repeat: int) -> dict[str, list[tuple[float, float]]]:
+    """Round-robin, the order rotated each round, so a burst of load elsewhere hits every contender alike."""
+    seconds: dict[str, list[tuple[float, float]]] = {name: [] for name in contenders}
+    names = list(contenders)
     for round_no in range(repeat):
-        for name, run in contenders.items():
-            elapsed, dest = timed(run, work, name.replace("|", "-"), round_no)
+        shift = round_no % len(names)
+        for name in names[shift:] + names[:shift]:
+            elapsed, cpu, dest = timed(contenders[name], work, name.replace("|", "-"), round_no)
             check_copy(dest, expected, name)
             shutil.rmtree(dest)
-            seconds[name].append(elapsed)
-            print(f"  round {round_no + 1}: {name:12} {elapsed:6.2f} s", flush=True)
+            seconds[name].append((elapsed, cpu))
+            print(f"  round {round_no + 1}: {name:12} {elapsed:6.2f} s  ({cpu:5.2f} CPU-s)", flush=True)
     return seconds
 
 
-def report(seconds: dict[str, list[float]], files: int) -> int:
-    rates = {name: files / statistics.median(times) for name, times in seconds.items()}
+def report(seconds: dict[str, list[tuple[float, float]]], files: int) -> int:
+    """Medians; CPU-s: the processes the bench runs and waits for (client.py, rsync's receiver, both tars), not servers."""
+    walls = {name: statistics.median(wall for wall, _ in times) for name, times in seconds.items()}
+    rates = {name: files / wall for name, wall in walls.items()}
     print(f"\nmedian of {len(next(iter(seconds.values())))} rounds, {files} files, load average "
           f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}:")
     for name, rate in rates.items():
         ratio = f"  ({rate / rates['rsync']:.2f} x rsync)" if "rsync" in rates else ""
-        print(f"  {name:12} {rate:8.0f} files/s  {statistics.median(seconds[name]):6.2f} s{ratio}")
+        cpu = statistics.median(cpu for _, cpu in seconds[name])
+        print(f"  {name:12} {rate:8.0f} files/s  {walls[name]:6.2f} s  {cpu:5.2f} CPU-s{ratio}")
     if "rsync" in rates:
         print(f"target: at least as many files/s as rsync: {verdict(rates['minitorrent'] >= rates['rsync'])}")
     return 0
