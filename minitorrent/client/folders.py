@@ -277,7 +277,7 @@ class FolderDownload:
         if len(data) != file.size or hashlib.sha256(data).hexdigest() != file.sha256:
             self._failed(file.name, f"{file.name}: failed SHA-256 verification; not written")
             return
-        fd = os.open(os.path.join(self._staging_path, file.sha256), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = os.open(f"{self._staging_path}/{file.sha256}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             os.write(fd, data)  # at most one chunk; a short write on a regular file would be an error already
         finally:
@@ -328,7 +328,7 @@ class FolderDownload:
             if file.sha256 in content_at:
                 os.link(content_at[file.sha256], file.final)
             else:
-                rename_noreplace(os.path.join(self._staging_path, file.sha256), file.final)
+                rename_noreplace(f"{self._staging_path}/{file.sha256}", file.final)
                 content_at[file.sha256] = file.final
             return True
         except FileExistsError:
