@@ -451,6 +451,15 @@ class ServerStore(SQLiteStore):
             what = repr(rows[0][0]) if len(rows) == 1 else f"one of {len(rows)} names"
             raise CatalogError(f"{what} is already in the catalog") from error
 
+    def file_layout(self, name: str) -> tuple[int, int, str] | None:
+        """(size, chunk_size, sha256) of ``name``, or None: ``get_file`` without counting its downloads.
+
+        What serving a chunk needs, asked once per file of a folder's batch;
+        the download count is a subquery that such a request never uses.
+        """
+        return self._connection().execute(
+            "SELECT size, chunk_size, sha256 FROM files WHERE name = ?", (name,)).fetchone()
+
     def get_file(self, name: str) -> FileRecord | None:
         """The record for ``name`` (exact match), or None."""
         row = self._connection().execute(
