@@ -478,6 +478,15 @@ class ServerStore(SQLiteStore):
             what = repr(rows[0][0]) if len(rows) == 1 else f"one of {len(rows)} names"
             raise CatalogError(f"{what} is already in the catalog") from error
 
+    def file_layout(self, name: str) -> tuple[int, int, str] | None:
+        """(size, chunk_size, sha256) of ``name``, or None: ``get_file`` without counting its downloads.
+
+        What serving a chunk needs, asked once per file of a folder's batch;
+        the download count is a subquery that such a request never uses.
+        """
+        return self._connection().execute(
+            "SELECT size, chunk_size, sha256 FROM files WHERE name = ?", (name,)).fetchone()
+
     def get_file(self, name: str) -> FileRecord | None:
         """The record for ``name`` (exact match), or None."""
         row = self._connection().execute(
@@ -792,17 +801,12 @@ class ServerStore(SQLiteStore):
         not shared (or shared as another version) are skipped; returns how
         many were counted.
         """
-        counted = 0
-        with self._transaction() as connection:
-            for name, sha256 in pairs:
-                if connection.execute("SELECT 1 FROM files WHERE name = ? AND sha256 = ?",
-                                      (name, sha256)).fetchone() is None:
-                    continue
-                connection.execute(
-                    "INSERT INTO download_counts (name, origin, count) VALUES (?, ?, 1)"
-                    " ON CONFLICT (name, origin) DO UPDATE SET count = count + 1", (name, origin))
-                counted += 1
-        return counted
+        with self._transaction() as connection:  # one statement a file: the SELECT picks only shared versions
+            cursor = connection.executemany(
+                "INSERT INTO download_counts (name, origin, count) SELECT name, ?, 1 FROM files"
+                " WHERE name = ? AND sha256 = ? ON CONFLICT (name, origin) DO UPDATE SET count = count + 1",
+                [(origin, name, sha256) for name, sha256 in pairs])
+            return cursor.rowcount
 
     def rename_files(self, renames: list[tuple[str, str]]) -> None:
         """Rename each (old, new) pair in one transaction, download counters included (a tombstone for each old name).

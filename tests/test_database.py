@@ -229,6 +229,21 @@ class TestServerCatalog:
         with pytest.raises(CatalogError, match="no file named"):
             server.record_download("nope")
 
+    def test_record_downloads_counts_only_shared_versions(self, server):
+        """record_downloads counts each (name, sha256) shared as that version, in one go, and says how many."""
+        a, b = manifest_of(b"x"), manifest_of(b"y")
+        server.add_file("a.txt", a)
+        server.add_file("b.txt", b)
+        counted = server.record_downloads([("a.txt", a.sha256), ("a.txt", a.sha256), ("b.txt", a.sha256),
+                                           ("gone.txt", a.sha256), ("b.txt", b.sha256)])
+        assert (3, 2, 1) == (counted, server.get_file("a.txt").downloads, server.get_file("b.txt").downloads)
+
+    def test_file_layout_is_size_chunk_size_and_sha256(self, server):
+        """file_layout gives what serving a chunk needs, None for a name not shared."""
+        manifest = manifest_of(b"12345")
+        server.add_file("a.txt", manifest)
+        assert ((5, 4, manifest.sha256), None) == (server.file_layout("a.txt"), server.file_layout("b.txt"))
+
     def test_concurrent_writers(self, server):
         """8 threads recording 100 downloads each lose no update."""
         server.add_file("hot.bin", manifest_of(b"x"))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import threading
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from config_loader import Config
 from database import ClientStore
@@ -12,15 +12,16 @@ from error_handler import MiniTorrentError
 from minitorrent.client.downloader import Downloader, DownloadResult
 from minitorrent.client.folders import FolderDownload, FolderResult
 from minitorrent.client.progress import Progress
-from minitorrent.client.seeding import Seeder
 from minitorrent.common.partfile import discard_recorded, finish_interrupted_installs
 from minitorrent.net import remote
 from minitorrent.net.remote import ServerClient, ServerSession
 from minitorrent.net.throttle import TokenBucket
 from minitorrent.wire import protocol
 from minitorrent.wire.identity import load_or_create, parse_id
-from minitorrent.wire.pairing import ClientPairing, PairingFailed, normalize_code
 from minitorrent.wire.tls import IdentityRefused, Secure, client_tls, server_identity
+
+if TYPE_CHECKING:  # for type hints only: imported when client.seeding is on (see _seeder)
+    from minitorrent.client.seeding import Seeder
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ class ClientEngine:
         self.store = ClientStore(config.client.data_dir / "client.db")
         finish_interrupted_installs(self.store)  # else a download killed while installing is listed unfinished for good
         self.download_limit = TokenBucket(transfer.download_limit)
-        self.seeder = Seeder(config, self.server, self.store) if config.client.seeding else None
+        self.seeder = _seeder(config, self.server, self.store) if config.client.seeding else None
         self._seeding = False
         self.seed_address: tuple[str, int] | None = None  # where peers reach our seeder, once started
         self.on_progress = on_progress  # may be replaced before downloads start (a window sets its own)
@@ -104,6 +105,8 @@ class ClientEngine:
         Raises ``MiniTorrentError`` with a one-line reason (a wrong or spent
         code, no TLS, no server).
         """
+        # imported here, not at the top: SPAKE2's tables cost every command's start-up ~35 ms, and only pairing needs them
+        from minitorrent.wire.pairing import normalize_code
         try:
             code = normalize_code(code)
         except ValueError as error:
@@ -184,8 +187,15 @@ class ClientEngine:
         discard_recorded(self.store, Path(output_dir or self.config.client.download_dir) / name)
 
 
+def _seeder(config: Config, server: ServerClient, store: ClientStore) -> Seeder:
+    """The seeder, its module imported only when seeding is on: it brings the request server (serving.py)."""
+    from minitorrent.client.seeding import Seeder
+    return Seeder(config, server, store)
+
+
 def _pair_on(session: ServerSession, code: str, client_id: str) -> str:
     """The client's side of pairing (wire/pairing.py) on one session; the server's identity."""
+    from minitorrent.wire.pairing import ClientPairing, PairingFailed  # only pairing needs SPAKE2 (see pair)
     server_id = server_identity(session.connection.sock)
     if not server_id:
         raise MiniTorrentError("pairing needs TLS: set transfer.encrypt: true")

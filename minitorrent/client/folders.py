@@ -21,8 +21,9 @@ The small files' life keeps the single-file guarantees without paying an
    by content, so it is never mistaken for another file, and one content
    shared under two names is fetched once.
 2. One ``syncfs`` makes every staged file durable at once.
-3. Each file is linked to its final name (``os.link`` never replaces
-   anything) and every folder touched is fsynced once.
+3. Each file is moved to its final name by ``renameat2(RENAME_NOREPLACE)``
+   (``common/fs.rename_noreplace``: never replaces anything, as ``os.link``
+   which it falls back to) and every folder touched is fsynced once.
 4. The download counts go to the server in ``downloaded_many`` requests,
    pipelined (one round trip for the lot, not one per file).
 
@@ -50,7 +51,7 @@ from error_handler import ConnectionFailed, DownloadCancelled, DownloadError, Mi
 from integrity import sha256_file
 from minitorrent.client.downloader import Downloader, destination
 from minitorrent.client.progress import FILE_DONE, FILE_FAILED, FILE_VERIFIED, Progress
-from minitorrent.common.fs import fsync_dir, sync_filesystem
+from minitorrent.common.fs import fsync_dir, rename_noreplace, sync_filesystem
 from minitorrent.net.remote import MAX_RECONNECT_DELAY_S, ServerClient, ServerSession
 from minitorrent.wire import protocol
 from minitorrent.wire.protocol import ProtocolError, check_file_name, check_folder_name
@@ -276,7 +277,7 @@ class FolderDownload:
         if len(data) != file.size or hashlib.sha256(data).hexdigest() != file.sha256:
             self._failed(file.name, f"{file.name}: failed SHA-256 verification; not written")
             return
-        fd = os.open(os.path.join(self._staging_path, file.sha256), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = os.open(f"{self._staging_path}/{file.sha256}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             os.write(fd, data)  # at most one chunk; a short write on a regular file would be an error already
         finally:
@@ -289,11 +290,12 @@ class FolderDownload:
             self._notify()
 
     def _install(self, files: list[_Small]) -> list[_Small]:
-        """One syncfs, then each verified file linked to its final name, then each folder fsynced once."""
+        """One syncfs, then each verified file moved to its final name, then each folder fsynced once."""
         sync_filesystem(self.staging)
         folders: set[str] = set()
         installed = []
-        fetched_as = {}  # sha256 -> the one file it was fetched for (one content shared by two names: fetched once)
+        fetched_as: dict[str, _Small] = {}  # sha256 -> the file it was fetched for (one content, two names: fetched once)
+        content_at: dict[str, str] = {}  # sha256 -> where its verified bytes are now: staged, then its first final name
         for file in files:
             fetched_as.setdefault(file.sha256, file)
             if file.sha256 not in self._staged_shas:
@@ -301,30 +303,47 @@ class FolderDownload:
                     self._failed(file.name, f"{file.name}: not written (same content as "
                                             f"{fetched_as[file.sha256].name}, which failed)")
                 continue
-            try:
-                folder = os.path.dirname(file.final)
-                if folder not in folders:
-                    os.makedirs(folder, exist_ok=True)
-                os.link(os.path.join(self._staging_path, file.sha256), file.final)
-            except FileExistsError:
-                self._failed(file.name, f"{file.final} appeared during the download; not overwriting it")
-                continue
-            except OSError as error:
-                self._failed(file.name, f"{file.name}: cannot write {file.final}: {error.strerror or error}")
-                continue
-            folders.add(folder)
-            installed.append(file)
-            self._changes.append((file.name, FILE_DONE))
+            folder = os.path.dirname(file.final)
+            if self._place(file, folder, folders, content_at):
+                folders.add(folder)
+                installed.append(file)
+                self._changes.append((file.name, FILE_DONE))
         for folder in sorted(_with_parents(folders, str(self.output_dir))):
             fsync_dir(folder)
-        self._clear_staging({f.sha256 for f in files})
+        self._clear_staging({f.sha256 for f in files if f.sha256 not in content_at})
         self.result.downloaded += len(installed)
         self._notify()
         return installed
 
+    def _place(self, file: _Small, folder: str, folders: set[str], content_at: dict[str, str]) -> bool:
+        """Give ``file`` its final name without replacing anything; False (and listed) if that fails.
+
+        The first name of a content takes the staged file (a rename, never
+        replacing); a second name of the same content is a link to the first,
+        as both were links to one staged file before.
+        """
+        try:
+            if folder not in folders:
+                os.makedirs(folder, exist_ok=True)
+            if file.sha256 in content_at:
+                os.link(content_at[file.sha256], file.final)
+            else:
+                rename_noreplace(f"{self._staging_path}/{file.sha256}", file.final)
+                content_at[file.sha256] = file.final
+            return True
+        except FileExistsError:
+            self._failed(file.name, f"{file.final} appeared during the download; not overwriting it")
+        except OSError as error:
+            self._failed(file.name, f"{file.name}: cannot write {file.final}: {error.strerror or error}")
+        return False
+
     def _clear_staging(self, shas: set[str]) -> None:
+        """Remove what is still staged of ``shas`` (files that failed to install), then the staging folder if empty."""
         for sha256 in shas:
-            (self.staging / sha256).unlink(missing_ok=True)
+            try:
+                os.unlink(os.path.join(self._staging_path, sha256))
+            except FileNotFoundError:
+                pass
         fsync_dir(self.staging)
         try:
             self.staging.rmdir()

@@ -804,7 +804,14 @@ class _Handler:
         """The bytes at ``where`` (read, not sent by sendfile: they go out with their neighbours in one frame)."""
         if where.length > room:
             raise RequestFailed(ErrorCode.OUT_OF_RANGE, f"{label} does not fit in this reply; ask for it alone")
-        data = os.pread(self._file(where.path).fileno(), where.length, where.offset)
+        try:  # a bare descriptor, not ``_file``'s buffered object: each small file is opened once, for one read
+            fd = os.open(where.path, os.O_RDONLY)
+        except OSError as error:
+            raise RequestFailed(ErrorCode.STORAGE_ERROR, f"cannot read the server's copy: {error.strerror}") from error
+        try:
+            data = os.pread(fd, where.length, where.offset)
+        finally:
+            os.close(fd)
         if len(data) != where.length:
             raise RequestFailed(ErrorCode.STORAGE_ERROR, f"the server's copy of {label} is truncated")
         return data

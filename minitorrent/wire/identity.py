@@ -30,14 +30,16 @@ import secrets
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from error_handler import ConfigError
+
+if TYPE_CHECKING:  # for type hints only (see _self_signed)
+    from cryptography import x509
 
 IDENTITY_FILE = "identity.pem"  # the key and the certificate, together, so a reader never sees half
 CERT_VALID_DAYS = 100 * 365  # validity is never checked (identities are pinned), so it must simply not lapse
@@ -81,6 +83,7 @@ class Identity:
 
 def verify_identify(certificate: str, signature: str, server_id: str, nonce: str) -> str:
     """The identity a client proved with ``Identity.identify``; ``ValueError`` if the proof is bad."""
+    from cryptography import x509  # here, not at the top: ~50 ms of every client's start-up, and only servers verify
     try:
         der = base64.b64decode(certificate, validate=True)
         public_key = x509.load_der_x509_certificate(der).public_key()
@@ -131,6 +134,8 @@ def _create(path: Path) -> None:
 
 
 def _self_signed(key: ec.EllipticCurvePrivateKey) -> x509.Certificate:
+    from cryptography import x509  # only a new identity needs a certificate built (see verify_identify)
+    from cryptography.x509.oid import NameOID
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "minitorrent")])
     now = datetime.datetime.now(datetime.timezone.utc)
     return (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
@@ -139,10 +144,19 @@ def _self_signed(key: ec.EllipticCurvePrivateKey) -> x509.Certificate:
 
 
 def _certificate_der(pem: bytes, path: Path) -> bytes:
+    """The certificate of an identity file, DER; ``ConfigError`` unless it holds a key and its certificate.
+
+    Checked by ``ssl`` (key, certificate, and that they match), not by
+    ``cryptography.x509``, whose import alone would cost every start-up ~50 ms.
+    """
+    text = pem.decode("ascii", "replace")
+    begin, end = text.find(ssl.PEM_HEADER), text.find(ssl.PEM_FOOTER)
     try:
-        serialization.load_pem_private_key(pem, password=None)
-        return x509.load_pem_x509_certificate(pem).public_bytes(serialization.Encoding.DER)
-    except ValueError as error:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(path, password=b"")  # never a prompt
+        if begin < 0 or end < begin:
+            raise ValueError("no certificate")
+        return ssl.PEM_cert_to_DER_cert(text[begin:end + len(ssl.PEM_FOOTER)])
+    except (ssl.SSLError, ValueError) as error:
         raise ConfigError(f"{path} is not a MiniTorrent identity (a key and a certificate); "
                           "move it away and a new identity is made") from error
 

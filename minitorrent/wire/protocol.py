@@ -149,6 +149,8 @@ def check_folder_name(name: object) -> str:
 
 @functools.lru_cache(maxsize=1 << 14)  # pure; a folder's names are checked on listing, request and report
 def _check_path(name: str, is_file: bool) -> str:
+    if _plainly_safe(name):
+        return name
     if name.startswith("/"):
         _refuse_name(name, "an absolute path")
     components = name.split("/")
@@ -191,6 +193,24 @@ def check_component(component: object, whole: object = None) -> str:
 
 
 _CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f]")  # a regex, not a loop per character: 10,000 names are checked often
+# A control character, a backslash, or a component that is empty, "." or "..": one search over the whole path.
+_UNSAFE_IN_PATH = re.compile(r"[\x00-\x1f\x7f\\]|(?:^|/)\.{0,2}(?:/|$)")
+_PLAIN_PATH_BYTES = min(MAX_NAME_BYTES, MAX_FILE_NAME_BYTES, MAX_PATH_BYTES)
+
+
+def _plainly_safe(name: str) -> bool:
+    """True for a path that passes every rule of ``_check_path`` at a glance (most names); False: check each part.
+
+    Short enough that no component can be too long, no unsafe character or
+    component anywhere: one regex and one encode instead of a loop over the
+    components (a folder of 10,000 files is checked as it is listed).
+    """
+    if _UNSAFE_IN_PATH.search(name) or name.count("/") >= MAX_PATH_DEPTH:
+        return False
+    try:
+        return len(name.encode("utf-8")) <= _PLAIN_PATH_BYTES
+    except UnicodeEncodeError:
+        return False
 
 
 def _refuse_name(name: object, why: str) -> typing.NoReturn:

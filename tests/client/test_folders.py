@@ -101,6 +101,26 @@ class TestFolderDownload:
         assert b"my own notes" == mine.read_bytes()
         assert (5, 1) == (result.downloaded, len(result.failed))
 
+    def test_a_file_appearing_at_a_final_name_during_the_download_is_kept(self, tmp_path, server_factory, photos):
+        """A file made at a final name after the listing is not replaced; its twin of the same content still arrives."""
+        server = server_factory({"transfer": {"chunk_size": CHUNK}})
+        server.add_folder(photos)
+        theirs = tmp_path / "out" / "photos" / "2024" / "beach.jpg"
+
+        def appear(progress: Progress) -> None:  # the first report comes after the listing, before any install
+            if progress.name == "photos/" and not theirs.exists():
+                theirs.parent.mkdir(parents=True, exist_ok=True)
+                theirs.write_bytes(b"made meanwhile")
+        engine = engine_for(tmp_path, server, on_progress=appear)
+        try:
+            result = engine.download_folder("photos/", tmp_path / "out")
+        finally:
+            engine.close()
+        copy = tmp_path / "out" / "photos" / "copy of beach.jpg"
+        assert (b"made meanwhile", sha256_file(photos / "copy of beach.jpg")) == (theirs.read_bytes(), sha256_file(copy))
+        assert (5, 1, []) == (result.downloaded, len(result.failed), os.listdir(tmp_path / "out" / STAGING)
+                              if (tmp_path / "out" / STAGING).exists() else [])
+
     def test_one_progress_for_the_folder_reaching_all_files(self, tmp_path, server_factory, photos):
         """The folder's own progress ends at every file done; the multi-chunk file reports its own too."""
         server = server_factory({"transfer": {"chunk_size": CHUNK}})

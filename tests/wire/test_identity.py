@@ -3,10 +3,14 @@ from __future__ import annotations
 
 import hashlib
 import stat
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from error_handler import ConfigError
 from minitorrent.wire.identity import (
@@ -17,6 +21,8 @@ from minitorrent.wire.identity import (
     load_or_create,
     parse_id,
 )
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class TestIdentityFile:
@@ -51,6 +57,29 @@ class TestIdentityFile:
         (tmp_path / IDENTITY_FILE).write_text("not a key")
         with pytest.raises(ConfigError, match=IDENTITY_FILE):
             load_or_create(tmp_path)
+
+    def test_a_key_with_another_identitys_certificate_is_refused(self, tmp_path):
+        """A key beside a certificate that is not its own is not an identity (it could never prove itself)."""
+        first, second = (load_or_create(tmp_path / name).path.read_text() for name in ("a", "b"))
+        key, certificate = first.split("-----BEGIN CERTIFICATE-----")[0], second[second.index("-----BEGIN CERTIFICATE-----"):]
+        (tmp_path / IDENTITY_FILE).write_text(key + certificate)
+        with pytest.raises(ConfigError, match=IDENTITY_FILE):
+            load_or_create(tmp_path)
+
+    def test_the_certificate_read_is_the_one_tls_presents(self, tmp_path):
+        """The DER the identity is computed from is exactly the certificate in the file, byte for byte."""
+        identity = load_or_create(tmp_path)
+        pem = identity.path.read_bytes()
+        expected = x509.load_pem_x509_certificate(pem).public_bytes(serialization.Encoding.DER)
+        assert expected == identity.certificate_der
+
+    def test_loading_an_identity_does_not_import_x509(self, tmp_path):
+        """A client's start-up reads its identity without cryptography.x509 (about 50 ms of import)."""
+        load_or_create(tmp_path)
+        code = ("import sys; from minitorrent.wire.identity import load_or_create; "
+                f"load_or_create({str(tmp_path)!r}); print('cryptography.x509' in sys.modules)")
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+        assert "False" == done.stdout.strip()
 
 
 class TestIds:
