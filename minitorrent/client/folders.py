@@ -5,7 +5,9 @@ A folder is the catalog names that start with ``photos/`` (server/folder_scan.py
 that names many files), then:
 
 * A file of more than one chunk goes through ``Downloader.download``: its
-  own part file, peers, failover and resume as for any single file.
+  own part file, peers, failover and resume as for any single file. So does
+  a one-chunk file of at least ``PEER_WORTHY_BYTES`` that a seeding client
+  holds (the tracker is asked about all of them in one pipelined round).
 * A file of at most one chunk (most of a tree of thousands of small files)
   needs no manifest request: with one chunk, the chunk's SHA-256 *is* the
   file's SHA-256, which the listing already carries. So the listing is the
@@ -31,9 +33,9 @@ A crash at any point resumes: final names are only ever verified content,
 and a staged file is reused on the next run if its bytes still hash to its
 name (a local read of a few KiB, not a fetch), dropped otherwise. When the
 server in use goes, the small files still missing are asked of whichever
-server is active (as a single download fails over). Small files come from
-the servers only: asking peers for 4 KiB costs more than it saves; the
-multi-chunk files of a folder use peers as any download does.
+server is active (as a single download fails over). Files below
+``PEER_WORTHY_BYTES`` come from the servers only: asking a peer for 4 KiB
+costs more than it saves.
 """
 from __future__ import annotations
 
@@ -63,6 +65,10 @@ REPORTS_IN_FLIGHT = 8  # downloaded_many frames of up to ~70 KiB: a few at a tim
 BATCH_BYTES = 1024 * 1024  # file bytes asked for in one get_files: a reply is at most this (and the receive buffer)
 BATCHES_IN_FLIGHT = 4  # get_files requests outstanding: the server reads the next batch while we write this one
 PROGRESS_EVERY_FILES = 64  # the folder's progress is told every this many small files, not 10,000 times
+# A one-chunk file this big is worth a download of its own when a peer holds it (P2P, as for any file): a
+# get_files batch carries only a few such files anyway, so batching saves little and the server pays it all.
+PEER_WORTHY_BYTES = 256 * 1024
+PEER_QUESTIONS_IN_FLIGHT = 64  # tracker questions per round: their replies (30 peers each) never fill a buffer
 
 
 @dataclass
@@ -161,7 +167,28 @@ class FolderDownload:
                 self._failed(entry.get("name"), f"{entry.get('name')!r}: a malformed listing entry ({error})")
             except DownloadError as error:
                 self._failed(entry.get("name"), str(error))
-        return small, large
+        held = self._held_by_peers([file.sha256 for file in small if file.size >= PEER_WORTHY_BYTES])
+        large += [{"name": file.name} for file in small if file.sha256 in held]
+        return [file for file in small if file.sha256 not in held], large
+
+    def _held_by_peers(self, contents: list[str]) -> set[str]:
+        """Which of ``contents`` some seeding client holds: the tracker is asked in pipelined rounds."""
+        requests = [protocol.GetPeers(sha256, self.downloader.seed_port()) for sha256 in dict.fromkeys(contents)]
+
+        def ask(session: ServerSession) -> list[protocol.Message]:
+            replies = []
+            for start in range(0, len(requests), PEER_QUESTIONS_IN_FLIGHT):
+                window = requests[start:start + PEER_QUESTIONS_IN_FLIGHT]
+                session.connection.send_many(window)
+                replies += [session.receive(protocol.PeerList).message for _ in window]
+            return replies
+
+        try:
+            replies = self.server.try_call(ask) if requests else None
+        except MiniTorrentError as error:  # the tracker would not say: the servers serve them, as before
+            log.debug("%s: no peers asked: %s", self.folder, error)
+            replies = None
+        return {request.sha256 for request, reply in zip(requests, replies or []) if reply.peers}
 
     def _present(self, final: str, sha256: str) -> bool:
         """True (and counted) if ``final`` holds that content; ``DownloadError`` if it holds another."""

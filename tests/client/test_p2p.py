@@ -493,6 +493,32 @@ class TestVanishingPeers:
 # The seed command -------------------------------------------------------------------------------
 
 
+class TestFolderFromPeers:
+    @pytest.mark.timeout(LONG_TIMEOUT)
+    def test_a_one_chunk_file_of_a_folder_comes_from_a_peer_holding_it(self, tmp_path, server_factory):
+        """A folder's 300 KiB photo (one chunk) comes from the peer that holds it; its 2 KB note from the server."""
+        server = server_factory({"transfer": {"upload_limit": 100_000}})  # 3 s for the photo from the server
+        photo = make_file(tmp_path / "src" / "album" / "photo.jpg", 300 * 1024, seed=5)
+        make_file(tmp_path / "src" / "album" / "note.txt", 2000, seed=6)
+        server.add_folder(tmp_path / "src" / "album")
+        header, digests = server.catalog.manifest("album/photo.jpg")
+        manifest = Manifest.from_header(header, digests)
+        holding = SeedSource()
+        holding.add_complete(photo, "album/photo.jpg", manifest)
+        seeder, port = start_seeder(holding)
+        announce_fake_peer(server, port, {manifest.sha256: None})
+        engine = engine_for(tmp_path / "client", server)
+        try:
+            result = engine.download_folder("album/", tmp_path / "out")
+            uploaded = seeder.metrics.snapshot()["bytes_sent"]
+        finally:
+            engine.close()
+            seeder.stop()
+        assert (2, [], sha256_file(photo)) == (result.downloaded, result.failed,
+                                               sha256_file(tmp_path / "out" / "album" / "photo.jpg"))
+        assert uploaded >= 300 * 1024, f"the peer sent {uploaded} bytes"
+
+
 class TestSeedCommand:
     @pytest.mark.timeout(LONG_TIMEOUT * 2)
     def test_seed_serves_a_previous_get(self, tmp_path, server_factory):
