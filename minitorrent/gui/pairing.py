@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import tkinter as tk
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from tkinter import ttk
 from typing import Callable
 
@@ -57,7 +57,7 @@ class ClientRevoked:
 class WebTokenReady:
     """The operator's web token, fetched for the clipboard (a secret: never shown, never logged)."""
 
-    token: str
+    token: str = field(repr=False)  # the window logs an event it could not show, by its repr
 
 
 @dataclass(frozen=True)

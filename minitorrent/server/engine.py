@@ -9,6 +9,7 @@ backup receives replication and watches the heartbeats.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -23,7 +24,7 @@ from minitorrent.net.throttle import TokenBucket
 from minitorrent.net.tracker import PEER_TTL_INTERVALS, Tracker
 from minitorrent.server.access import AccessList, AccessPolicy
 from minitorrent.server.catalog import AddResult, Catalog
-from minitorrent.server.roles import NodeState, Role, RoleChanged
+from minitorrent.server.roles import NodeState, Role
 from minitorrent.server.tokens import WebTokens, token_key, web_token_handler
 from minitorrent.wire import protocol
 from minitorrent.wire.identity import Identity, cluster_key, load_or_create, parse_id
@@ -74,6 +75,7 @@ class ServerEngine:
         self.tokens = WebTokens(token_key(self.secret, self.access), self.access)  # the web face's, when paired
         self.server.client_handlers[protocol.GetWebToken] = web_token_handler(self.tokens)
         self.announcer: Announcer | None = None
+        self._announcements: queue.Queue[tuple[str, int] | None] = queue.Queue()  # (role, epoch); None: stop
 
     def add_file(self, path: str | Path, on_progress: Callable[[int], None] | None = None) -> AddResult:
         """Import one file into the catalog (replicated while this server leads); ``CatalogError`` on bad input."""
@@ -118,27 +120,37 @@ class ServerEngine:
         return address
 
     def _announce(self, host: str, port: int) -> None:
-        """Announce this server on the LAN, and again whenever its role or epoch changes."""
+        """Announce this server on the LAN, and again whenever its role or epoch changes.
+
+        All the mDNS I/O runs on the announcer's own thread: the probe takes
+        about 1.5 s and each update half a second, and either may fail. A
+        role change (made inside ``start`` by a main alone, or by the decision
+        loop) only leaves its news for that thread, which announces the latest.
+        """
         # The TLS identity, the one clients pin (node.server_id only names this node in replication).
         self.announcer = Announcer(f"{self.name}-{self.node.server_id}", host, port, self.identity.id)
-        announcer = self.announcer
+        announcer, news = self.announcer, self._announcements
 
-        def start() -> None:  # the mDNS probe takes about 1.5 s: not on the caller's thread
+        def run() -> None:
             try:
                 announcer.start(self.node.role.value, self.node.epoch)
             except OSError as error:
                 log.warning("cannot announce on the LAN (discovery: true): %s", error)
+                return
+            while (latest := _latest(news)) is not None:
+                try:
+                    announcer.update(*latest)
+                except Exception as error:  # zeroconf's own errors too: the next change announces again
+                    log.warning("cannot announce the new role on the LAN: %s", error)
 
-        def changed(event: RoleChanged) -> None:
-            announcer.update(event.role.value, event.epoch)
-
-        self.node.listeners.append(changed)
-        threading.Thread(target=start, name=f"{self.name}-announce", daemon=True).start()
+        self.node.listeners.append(lambda event: news.put((event.role.value, event.epoch)))
+        threading.Thread(target=run, name=f"{self.name}-announce", daemon=True).start()
 
     def stop(self) -> None:
         """Stop serving and the background work, close the catalog, let go of the folder."""
         self.stop_event.set()
         if self.announcer is not None:
+            self._announcements.put(None)  # the announcer's thread ends
             self.announcer.close()
         self.server.stop()
         self._stop_workers()
@@ -174,6 +186,17 @@ class ServerEngine:
     def _status_extra(self) -> dict:
         """Entries a subclass adds to status replies."""
         return {}
+
+
+def _latest(news: queue.Queue) -> tuple[str, int] | None:
+    """Wait for news, then take all there is: the last (role, epoch), or None once told to stop."""
+    latest = news.get()
+    while latest is not None:
+        try:
+            latest = news.get_nowait()
+        except queue.Empty:
+            break
+    return latest
 
 
 def peer_secret(config: Config, name: str) -> tuple[str, str]:

@@ -29,6 +29,7 @@ import threading
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from database import PartialStore
 from error_handler import IntegrityError, MiniTorrentError, RemoteError
@@ -134,23 +135,42 @@ def catch_up_and_take_over(catalog: Catalog, link: PeerLink, partials: PartialSt
 
 def _apply(plan: CatchUpPlan, catalog: Catalog, session: ServerSession, partials: PartialStore,
            cancel: threading.Event) -> None:
-    """Fetch the files at names not being removed, remove, then fetch the rest.
+    """Fetch the files whose names no removal stands in the way of, remove, then fetch the rest.
 
     In that order a rename's bytes are never copied again: the new name is
     catalogued on the blob the old one still holds before the old one goes.
-    A name holding other content on the backup must be free before its
-    fetch, or the naming rule would keep ours under it.
+    A name the backup gave other content, or another shape (the file ``a``
+    removed and the folder ``a/`` shared, or the other way round), must be
+    free before its fetch: else the naming rule would keep ours under it, or
+    refuse a file inside a shared file, and the failback would never end.
     """
-    freed = set(plan.remove)
+    in_the_way = _in_the_way(plan.remove)
     for entry in plan.fetch:
-        if entry[0] not in freed:
+        if not in_the_way(entry[0]):
             _fetch_if_missing(catalog, session, partials, entry, cancel)
     for name in plan.remove:
         if catalog.remove_file(name):
             log.info("failback: removed %s, as the backup did while it was active", name)
     for entry in plan.fetch:
-        if entry[0] in freed:
+        if in_the_way(entry[0]):
             _fetch_if_missing(catalog, session, partials, entry, cancel)
+
+
+def _in_the_way(removed: tuple[str, ...]) -> Callable[[str], bool]:
+    """Whether a name can be catalogued only once ``removed`` are gone: it is one of them, the folder of one,
+    or a file inside one."""
+    files = set(removed)
+    folders = {folder for name in removed for folder in _folders_of(name)}
+    return lambda name: name in files or name in folders or any(folder in files for folder in _folders_of(name))
+
+
+def _folders_of(name: str) -> list[str]:
+    """``"a/b/c"`` -> ``["a", "a/b"]``: the folders ``name`` lies in, outermost first."""
+    folders, end = [], name.find("/")
+    while end != -1:
+        folders.append(name[:end])
+        end = name.find("/", end + 1)
+    return folders
 
 
 def remove_old_failback_staging(data_dir: Path) -> None:

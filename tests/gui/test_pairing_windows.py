@@ -251,6 +251,21 @@ class TestCopyWebToken:
                                            expected in main.clients.code_line.cget("text"))
         assert [] == desk.violations()
 
+    @pytest.mark.timeout(GUI_TEST_TIMEOUT)
+    def test_a_clipboard_that_fails_never_puts_the_token_in_the_log(self, desk, monkeypatch, caplog):
+        """The window logs an event it could not show; the token's event is logged without the token."""
+        main = desk.main(PAIRED)
+        with main.controller.holder.use() as engine:
+            token = engine.operator_token()
+
+        def refuse(*_args, **_kwargs):
+            raise RuntimeError("the clipboard is gone")
+
+        monkeypatch.setattr(main.root, "clipboard_append", refuse)
+        main.clients.token_button.invoke()
+        desk.pump(lambda: "could not show" in caplog.text, "the window to log the event it could not show")
+        assert (True, False) == ("WebTokenReady" in caplog.text, token in caplog.text)
+
 
 class TestAddRefusesNamesWithNoRoomForAPartFile:
     @pytest.mark.timeout(GUI_TEST_TIMEOUT)

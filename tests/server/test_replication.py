@@ -526,6 +526,32 @@ class TestFailbackNames:
             link.drop()
         assert (True, ["good.bin"]) == (handed_over, [r.name for r in catalog.db.list_files(None)])
 
+    @pytest.mark.parametrize("before, after", [("file", "folder"), ("folder", "file")])
+    def test_a_name_turned_from_file_to_folder_on_the_backup_takes_the_new_shape(
+            self, backup_factory, fetcher, tmp_path, before, after):
+        """The active backup removed ``a`` (a file, or the folder ``a/``) and shared the other shape under that name:
+        the main removes its old one before fetching the new one, and ends with exactly the backup's names."""
+        catalog, partials = fetcher
+        file_a = make_file(tmp_path / "src-file" / "a", 2 * CHUNK, seed=61)
+        folder_a = tmp_path / "src-folder" / "a"
+        make_file(folder_a / "b", 3 * CHUNK, seed=62)
+        share = {"file": lambda c: c.add_file(file_a), "folder": lambda c: c.add_folder(folder_a)}
+        unshare = {"file": lambda c: c.remove_file("a"), "folder": lambda c: c.remove_path("a/")}
+        share[before](catalog)  # the main's, at epoch 0
+        backup = backup_factory()
+        backup.node.promote("the main went silent")  # epoch 1: what the backup changes now outranks the main's
+        backup.node.step_down("the main is back")
+        share[before](backup.catalog)
+        unshare[before](backup.catalog)
+        share[after](backup.catalog)
+        link = PeerLink(backup.server.address, SECRET, SHORT_TIMEOUT, NodeState(catalog.db, "main", Role.STANDBY), TLS)
+        try:
+            handed_over = catch_up_and_take_over(catalog, link, partials, threading.Event())
+        finally:
+            link.drop()
+        expected = sorted(r.name for r in backup.catalog.db.list_files(None))
+        assert (True, expected) == (handed_over, sorted(r.name for r in catalog.db.list_files(None)))
+
 
 class TestServerFloor:
     def test_the_servers_load_no_client_code(self):
