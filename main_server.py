@@ -193,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("note: a cluster member (cluster.mode: etcd) has no window: running headless", file=sys.stderr)
     if edits and etcd_mode and _folder_taken(engine):
         return edit_running_member(engine, args)
-    added_ok = add_files(engine, args.add) and edit_catalog(engine, args.remove, args.rename)
+    added_ok = all([add_files(engine, args.add), edit_catalog(engine, args.remove, args.rename)])  # both run
     if not added_ok or (edits and _already_running(engine)):
         engine.catalog.close()
         return 0 if added_ok else 1
@@ -221,7 +221,7 @@ def edit_running_member(engine: ServerEngine, args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 1
         added: list = []
-        ok = add_files(engine, args.add, added) and edit_catalog(engine, args.remove, args.rename)
+        ok = all([add_files(engine, args.add, added), edit_catalog(engine, args.remove, args.rename)])
         print(f"the {engine.name} server already running on this data folder now serves these changes", flush=True)
         if ok and config.cluster.ack == "quorum":
             failures = acknowledge_by_quorum(config, added, engine.stop_event, QUORUM_TIMEOUT_S)

@@ -52,7 +52,8 @@ PAGE_FILES = {"/": ("index.html", "text/html; charset=utf-8"),
               "/app.js": ("app.js", "text/javascript; charset=utf-8"),
               "/style.css": ("style.css", "text/css; charset=utf-8")}
 _FILE_PATH = re.compile(r"/files/([0-9a-f]{64})/([^/]+)")
-_TOKEN_IN_TEXT = re.compile(r"(token=)[^&\s]*")
+# Every query value: the token's key may come percent-encoded (%74oken=), which parse_qs still reads as "token".
+_QUERY_VALUE_IN_TEXT = re.compile(r"([?&][^=&\s]*=)[^&\s]*")
 TLS_RECORD_HANDSHAKE = 0x16  # the first byte of every TLS connection: anything else is plain HTTP
 
 Authorize = Callable[[str, str], None]  # (path, the token the request carried or "") -> None, or HttpError
@@ -82,8 +83,8 @@ def request_token(query: dict, headers) -> str:
 
 
 def redact(text: str) -> str:
-    """``text`` with any ``token=`` value hidden (request lines go to the log)."""
-    return _TOKEN_IN_TEXT.sub(r"\1<hidden>", text)
+    """``text`` with every query value hidden, a token's among them (request lines go to the log)."""
+    return _QUERY_VALUE_IN_TEXT.sub(r"\1<hidden>", text)
 
 
 def is_loopback(host: str) -> bool:

@@ -190,6 +190,14 @@ class TestCommandLine:
                         "--rename", "photos/2024", "photos/old", "--remove", "photos/x.txt")
         assert (0, ["photos/old/beach.jpg"]) == (done.returncode, names(running.catalog)), done.stderr
 
+    def test_a_failed_add_still_applies_the_removal(self, tmp_path, server_factory):
+        """An --add that fails does not skip the --remove given with it: the removal happens, the exit is 1."""
+        running = server_factory(folder=tmp_path / "srv")
+        running.add_file(make_file(tmp_path / "src" / "old.bin", 10))
+        done = self.run(tmp_path / "srv" / "config.yaml", "--add", str(tmp_path / "src" / "missing.bin"),
+                        "--remove", "old.bin")
+        assert (1, []) == (done.returncode, names(running.catalog)), done.stderr
+
     def test_remove_of_nothing_fails(self, tmp_path, server_factory):
         """--remove of a path that is not shared exits 1 with one line."""
         server_factory(folder=tmp_path / "srv")
