@@ -2,8 +2,10 @@
 
 Stdlib ``http.server`` with a thread per connection is enough here: the
 requests are few and small except file bodies, which go out by sendfile
-without passing through Python. Connections are capped (a busy server
-answers 503) and every socket has a timeout.
+without passing through Python. Connections are capped, shared fairly per
+address, and an idle one is closed after ``io_timeout_s`` however it trickles
+bytes (web/slots.py); a connection finding no slot to take is closed (over
+plain HTTP it is told 503).
 
 HTTPS with the server's own certificate (``tls``) is the default, so the
 fingerprint a browser shows is the server's identity (its SHA-256). The TLS
@@ -41,6 +43,7 @@ from minitorrent.web import announce, downloads, prometheus, torrents, views
 from minitorrent.web.errors import HttpError
 from minitorrent.web.indexer import TorrentIndexer
 from minitorrent.web.logtail import RecentLines
+from minitorrent.web.slots import HttpSlot, HttpSlots
 from minitorrent.wire.protocol import ErrorCode
 from minitorrent.wire.tls import ServerTls
 
@@ -114,7 +117,7 @@ class WebFace:
         self.recent = RecentLines()
         self._requests_by_kind: dict[str, int] = {}
         self._count_lock = threading.Lock()
-        self._slots = threading.BoundedSemaphore(max_connections)
+        self.slots = HttpSlots(max_connections, io_timeout_s)
         self._requested = (host, port)
         self._httpd: _HttpServer | None = None
         self._thread: threading.Thread | None = None
@@ -185,14 +188,7 @@ class WebFace:
         with self._count_lock:
             return dict(self._requests_by_kind)
 
-    def take_slot(self) -> bool:
-        """Take a connection slot; False when ``max_connections`` are being served."""
-        return self._slots.acquire(blocking=False)
-
-    def release_slot(self) -> None:
-        self._slots.release()
-
-    def secure(self, request: socket.socket) -> socket.socket | None:
+    def secure(self, request: socket.socket, slot: HttpSlot) -> socket.socket | None:
         """The socket to talk HTTP on: TLS after a handshake done here, under ``io_timeout_s`` (the
         connection's own thread, never the accept loop's); None if the handshake failed or the
         client spoke plain HTTP to the HTTPS port (it is told to use https)."""
@@ -209,6 +205,9 @@ class WebFace:
             _refuse_plain(request, f"this port speaks HTTPS: use https://{_host_port(*self.address)}/")
             return None
         tls_sock = self.tls.wrap(request)
+        if not self.slots.rebind(slot, tls_sock):  # shed while wrapping: its close missed this socket
+            tls_sock.close()
+            return None
         try:
             self.tls.handshake(tls_sock, self.io_timeout_s)
         except ConnectionFailed as error:
@@ -229,25 +228,39 @@ class _HttpServer(ThreadingHTTPServer):
         super().__init__(address, _Handler)
 
     def process_request(self, request: socket.socket, client_address) -> None:
-        if not self.face.take_slot():
+        """Serve the connection in a thread of its own once it has a slot (ThreadingMixIn's, plus the slot)."""
+        slot = self.face.slots.take(request, client_address[0])
+        if slot is None:
             if self.face.tls is None:  # over TLS a plain 503 would be noise: the handshake is not ours to do here
                 _refuse_plain(request, "too many connections; retry later", 503, ErrorCode.BUSY)
             self.shutdown_request(request)
             return
-        super().process_request(request, client_address)
-
-    def process_request_thread(self, request: socket.socket, client_address) -> None:
+        thread = threading.Thread(target=self._serve, args=(request, client_address, slot), daemon=True)
         try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self.face.release_slot()
+            thread.start()
+        except RuntimeError:  # no more threads: give the slot back and close
+            self.face.slots.release(slot)
+            self.shutdown_request(request)
 
-    def finish_request(self, request: socket.socket, client_address) -> None:
-        secured = self.face.secure(request)  # in this connection's thread: see WebFace.secure
+    def _serve(self, request: socket.socket, client_address, slot: HttpSlot) -> None:
+        try:
+            self._secure_and_handle(request, client_address, slot)
+        except Exception:
+            self.handle_error(request, client_address)
+        finally:
+            self.shutdown_request(request)
+            self.face.slots.release(slot)
+
+    def service_actions(self) -> None:
+        """Between accepts (every half second at most): close the connections idle too long."""
+        self.face.slots.close_overdue()
+
+    def _secure_and_handle(self, request: socket.socket, client_address, slot: HttpSlot) -> None:
+        secured = self.face.secure(request, slot)  # in this connection's thread: see WebFace.secure
         if secured is None:
             return
         try:
-            self.RequestHandlerClass(secured, client_address, self)
+            _Handler(secured, client_address, self, slot)
         finally:
             if secured is not request:
                 self.shutdown_request(secured)  # the TLS socket owns the descriptor now, not ``request``
@@ -294,6 +307,10 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "MiniTorrent"
     server: _HttpServer
 
+    def __init__(self, request: socket.socket, client_address, server: _HttpServer, slot: HttpSlot) -> None:
+        self.slot = slot  # set first: the base class serves the whole connection from its __init__
+        super().__init__(request, client_address, server)
+
     def setup(self) -> None:
         self.face: WebFace = self.server.face
         self.timeout = self.face.io_timeout_s
@@ -314,6 +331,19 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_HEAD(self) -> None:
         self._answer(head=True)
+
+    def handle_one_request(self) -> None:
+        """One request; the connection stays busy (its slot never shed) from its head read to its answer sent."""
+        try:
+            super().handle_one_request()
+        finally:
+            HttpSlots.answered(self.slot)
+
+    def parse_request(self) -> bool:
+        parsed = super().parse_request()
+        if parsed:
+            HttpSlots.answering(self.slot)
+        return parsed
 
     def _refuse_method(self) -> None:
         self._head_sent = False
