@@ -153,6 +153,8 @@ class FolderDownload:
                 size, sha256, chunks = int(entry["size"]), str(entry["sha256"]), int(entry["chunks"])
                 if chunks > 1:
                     large.append(entry)
+                elif size > protocol.MAX_CHUNK_BYTES:  # a lie: it would size the receive buffer (one chunk at most)
+                    raise DownloadError(f"{entry['name']}: listed as {size} bytes in one chunk, more than any chunk")
                 elif self._present(final, sha256):
                     self._changes.append((entry["name"], FILE_DONE))
                 else:

@@ -9,7 +9,7 @@ import pytest
 from conftest import make_config, make_file
 
 from error_handler import DownloadError
-from integrity import sha256_file
+from integrity import Manifest, sha256_file
 from minitorrent.client.engine import ClientEngine
 from minitorrent.client.folders import STAGING, FolderSummary, summarize_folders
 from minitorrent.client.progress import Progress
@@ -240,6 +240,20 @@ class TestLyingServer:
             engine.close()
         written = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if "escape" in p.name)
         assert ([], len(self.HOSTILE), 6) == (written, len(result.failed), result.downloaded)
+
+
+    def test_a_small_file_listed_with_a_terabyte_is_refused_not_allocated(self, tmp_path, server_factory, photos):
+        """A listing entry of one chunk claiming 1 TiB fails alone (no buffer of that size); the rest arrive."""
+        server = server_factory()
+        server.add_folder(photos)
+        huge = 2**40
+        server.catalog.db.add_file("photos/huge.bin", Manifest(huge, huge, "0" * 64, bytes(32)))
+        engine = engine_for(tmp_path, server)
+        try:
+            result = engine.download_folder("photos/", tmp_path / "out")
+        finally:
+            engine.close()
+        assert (1, 6, True) == (len(result.failed), result.downloaded, "photos/huge.bin" in result.failed[0])
 
 
 class TestDamagedServerCopy:
