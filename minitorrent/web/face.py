@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 
 MAX_HTTP_CONNECTIONS = 64  # browsers open ~6 each; a scrape, a few curls and wgets fit beside them
 MAX_QUERY_BYTES = 4096  # a search box's text, a page number: nothing legitimate is longer
+MAX_QUERY_INT = 2**63 - 1  # SQLite's largest integer: a larger offset would overflow in the query, not just match nothing
 PAGE_FILES = {"/": ("index.html", "text/html; charset=utf-8"),
               "/app.js": ("app.js", "text/javascript; charset=utf-8"),
               "/style.css": ("style.css", "text/css; charset=utf-8")}
@@ -511,8 +512,8 @@ def _int_arg(query: dict, key: str, default: int) -> int:
         value = int(values[0])
     except ValueError:
         raise HttpError(ErrorCode.BAD_REQUEST, f"{key} must be an integer, got {values[0]!r}") from None
-    if value < 0:
-        raise HttpError(ErrorCode.BAD_REQUEST, f"{key} must be >= 0, got {value}")
+    if not 0 <= value <= MAX_QUERY_INT:
+        raise HttpError(ErrorCode.BAD_REQUEST, f"{key} must be from 0 to {MAX_QUERY_INT}, got {value}")
     return value
 
 

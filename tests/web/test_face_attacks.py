@@ -108,3 +108,11 @@ class TestHugeRange:
         face = face_factory(engine)
         answer = fetch(face.address, f"/files/{record.sha256}/r.bin", {"Range": "bytes=" + "9" * 5000 + "-"})
         assert (200, 1000) == (answer.status, len(answer.body))
+
+
+class TestHugeQueryNumbers:
+    def test_an_offset_past_sqlites_integers_is_a_400(self, server_factory, face_factory):
+        """/api/v1/files?offset=<30 digits> is 400 BAD_REQUEST, not a 500 with a traceback in the log."""
+        face = face_factory(server_factory())
+        answer = fetch(face.address, "/api/v1/files?offset=" + "9" * 30)
+        assert (400, "BAD_REQUEST") == (answer.status, answer.json()["error"]["code"])
