@@ -214,6 +214,29 @@ class TestDestinationStaysInside:
         assert ([], 6) == (list(elsewhere.iterdir()), len(result.failed))
 
 
+    def test_a_link_planted_after_the_checks_is_not_followed_out(self, tmp_path, server_factory):
+        """photos -> elsewhere made once the names are checked (at the first progress report): no small file lands
+        there."""
+        server = server_factory()
+        for name in ("2024/beach.jpg", "2024/summer/sea.jpg", "notes.txt"):
+            make_file(tmp_path / "src" / "photos" / name, 3000, seed=len(name))
+        server.add_folder(tmp_path / "src" / "photos")
+        elsewhere, out = tmp_path / "elsewhere", tmp_path / "out"
+        elsewhere.mkdir()
+        out.mkdir()
+
+        def plant_link(progress: Progress) -> None:
+            if not (out / "photos").is_symlink():  # another process on the machine, racing the download
+                (out / "photos").symlink_to(elsewhere)
+
+        engine = engine_for(tmp_path, server, on_progress=plant_link)
+        try:
+            result = engine.download_folder("photos/", out)
+        finally:
+            engine.close()
+        assert ([], 3) == (sorted(p.name for p in elsewhere.rglob("*")), len(result.failed))
+
+
 class TestSummarizeFolders:
     def test_every_depth_counted(self):
         """Each folder counts the files and bytes under it at any depth."""
