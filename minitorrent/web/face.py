@@ -22,6 +22,7 @@ from ``Authorization: Bearer`` or a ``token`` query parameter (so plain links,
 """
 from __future__ import annotations
 
+import http.client
 import ipaddress
 import json
 import logging
@@ -51,6 +52,7 @@ log = logging.getLogger(__name__)
 
 MAX_HTTP_CONNECTIONS = 64  # browsers open ~6 each; a scrape, a few curls and wgets fit beside them
 MAX_QUERY_BYTES = 4096  # a search box's text, a page number: nothing legitimate is longer
+MAX_HEAD_BYTES = 64 * 1024  # a request line and headers together (http.server alone allows 100 lines of 64 KiB each)
 MAX_QUERY_INT = 2**63 - 1  # SQLite's largest integer: a larger offset would overflow in the query, not just match nothing
 PAGE_FILES = {"/": ("index.html", "text/html; charset=utf-8"),
               "/app.js": ("app.js", "text/javascript; charset=utf-8"),
@@ -316,6 +318,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.face: WebFace = self.server.face
         self.timeout = self.face.io_timeout_s
         super().setup()
+        self.rfile = _HeadBudget(self.rfile)
         self.face.metrics.connection_opened()
 
     def finish(self) -> None:
@@ -335,6 +338,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def handle_one_request(self) -> None:
         """One request; the connection stays busy (its slot never shed) from its head read to its answer sent."""
+        self.rfile.renew()
         try:
             super().handle_one_request()
         finally:
@@ -502,6 +506,34 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return
         self._send_bytes(error.status, error.body(), "application/json", head, error.headers)
+
+
+class _HeadBudget:
+    """The connection's reader, allowing ``MAX_HEAD_BYTES`` of request head per request (GETs have no body).
+
+    http.server caps a line at 64 KiB and a head at 100 lines: 6.5 MB a
+    connection, which 64 connections make most of a small server's memory.
+    Past the budget a read raises ``LineTooLong``, which http.server answers
+    with 431.
+    """
+
+    def __init__(self, reader) -> None:
+        self._reader = reader
+        self._left = MAX_HEAD_BYTES
+
+    def renew(self) -> None:
+        """A new request begins: its head gets the whole budget."""
+        self._left = MAX_HEAD_BYTES
+
+    def readline(self, limit: int = -1) -> bytes:
+        if self._left <= 0:
+            raise http.client.LineTooLong(f"request head over {MAX_HEAD_BYTES} bytes")
+        line = self._reader.readline(self._left if limit < 0 else min(limit, self._left))
+        self._left -= len(line)
+        return line
+
+    def __getattr__(self, name: str):
+        return getattr(self._reader, name)  # close() and the rest, as the wrapped reader has them
 
 
 def _int_arg(query: dict, key: str, default: int) -> int:

@@ -2,6 +2,7 @@
 odd headers, over real sockets and real TLS. Another source address is 127.0.0.2 (all of 127.0.0.0/8 is loopback)."""
 from __future__ import annotations
 
+import http.client
 import socket
 import ssl
 import time
@@ -116,3 +117,26 @@ class TestHugeQueryNumbers:
         face = face_factory(server_factory())
         answer = fetch(face.address, "/api/v1/files?offset=" + "9" * 30)
         assert (400, "BAD_REQUEST") == (answer.status, answer.json()["error"]["code"])
+
+
+class TestRequestHeadSize:
+    def test_a_request_head_of_400_kib_is_refused_with_431(self, server_factory, face_factory):
+        """50 headers of 8 KiB each (each line within http.server's own limits) get 431, not an answer."""
+        face = face_factory(server_factory())
+        headers = {f"X-Pad-{i}": "p" * 8192 for i in range(50)}
+        assert 431 == fetch(face.address, "/api/v1/status", headers).status
+
+    def test_a_normal_request_still_passes_after_a_big_one_on_the_same_connection(self, server_factory, face_factory):
+        """The budget is per request: two requests of 40 KiB of headers each on one connection are both answered."""
+        face = face_factory(server_factory())
+        connection = http.client.HTTPConnection(*face.address, timeout=SHORT_TIMEOUT)
+        statuses = []
+        try:
+            for _ in range(2):
+                connection.request("GET", "/api/v1/status", headers={f"X-Pad-{i}": "p" * 4096 for i in range(10)})
+                response = connection.getresponse()
+                response.read()
+                statuses.append(response.status)
+        finally:
+            connection.close()
+        assert [200, 200] == statuses
