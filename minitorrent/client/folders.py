@@ -25,7 +25,11 @@ The small files' life keeps the single-file guarantees without paying an
 2. One ``syncfs`` makes every staged file durable at once.
 3. Each file is moved to its final name by ``renameat2(RENAME_NOREPLACE)``
    (``common/fs.rename_noreplace``: never replaces anything, as ``os.link``
-   which it falls back to) and every folder touched is fsynced once.
+   which it falls back to) and every folder touched is fsynced once. The
+   staging area and each final folder are opened by descriptor, one name at
+   a time from the output folder's, and checked to lie inside it: a link
+   another process plants in the output folder once the names were checked
+   leads nothing out (``_FolderFds``).
 4. The download counts go to the server in ``downloaded_many`` requests,
    pipelined (one round trip for the lot, not one per file).
 
@@ -129,6 +133,8 @@ class FolderDownload:
         self.result = FolderResult(self.folder, self.output_dir / self.folder)
         self._staged = 0  # small files staged in this run
         self._staging_path = str(self.staging)
+        self._fds: _FolderFds | None = None  # while small files are staged and placed
+        self._staging_fd = -1
         self._staged_shas: set[str] = set()  # verified and staged (this run or reused from the last)
         self._changes: list[tuple[str, str]] = []  # files whose state changed since the last progress report
 
@@ -159,6 +165,8 @@ class FolderDownload:
                 size, sha256, chunks = int(entry["size"]), str(entry["sha256"]), int(entry["chunks"])
                 if chunks > 1:
                     large.append(entry)
+                elif size > protocol.MAX_CHUNK_BYTES:  # a lie: it would size the receive buffer (one chunk at most)
+                    raise DownloadError(f"{entry['name']}: listed as {size} bytes in one chunk, more than any chunk")
                 elif self._present(final, sha256):
                     self._changes.append((entry["name"], FILE_DONE))
                 else:
@@ -220,11 +228,19 @@ class FolderDownload:
     # Small files -----------------------------------------------------------------
 
     def _small_files(self, files: list[_Small]) -> None:
-        self.staging.mkdir(parents=True, exist_ok=True)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self._fds = _FolderFds(str(self.output_dir))
+        try:
+            self._staging_fd = self._fds.fd(self._staging_path)
+            self._stage_and_place(files)
+        finally:
+            self._fds.close()
+
+    def _stage_and_place(self, files: list[_Small]) -> None:
         wanted: dict[str, _Small] = {}
         for file in files:
             wanted.setdefault(file.sha256, file)  # the first name of a content fetches it (as _install assumes)
-        left_over = set(os.listdir(self.staging))  # one listing, not a stat per file: usually empty
+        left_over = set(os.listdir(self._staging_fd))  # one listing, not a stat per file: usually empty
         missing = deque(f for sha, f in wanted.items() if sha not in left_over or not self._staged_ok(sha))
         for empty in [f for f in missing if f.size == 0]:  # nothing to fetch: staged as it is
             self._stage(empty, b"")
@@ -234,11 +250,10 @@ class FolderDownload:
 
     def _staged_ok(self, sha256: str) -> bool:
         """A staged file from an earlier run is reused only if it still hashes to its name."""
-        staged = self.staging / sha256
-        if sha256_file(staged) == sha256:
+        if sha256_file(f"/proc/self/fd/{self._staging_fd}/{sha256}") == sha256:  # the folder opened, not its name
             self._staged_shas.add(sha256)
             return True
-        staged.unlink()
+        os.unlink(sha256, dir_fd=self._staging_fd)
         return False
 
     def _fetch(self, missing: deque[_Small]) -> None:
@@ -304,7 +319,8 @@ class FolderDownload:
         if len(data) != file.size or hashlib.sha256(data).hexdigest() != file.sha256:
             self._failed(file.name, f"{file.name}: failed SHA-256 verification; not written")
             return
-        fd = os.open(f"{self._staging_path}/{file.sha256}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = os.open(file.sha256, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644,
+                     dir_fd=self._staging_fd)
         try:
             os.write(fd, data)  # at most one chunk; a short write on a regular file would be an error already
         finally:
@@ -322,7 +338,7 @@ class FolderDownload:
         folders: set[str] = set()
         installed = []
         fetched_as: dict[str, _Small] = {}  # sha256 -> the file it was fetched for (one content, two names: fetched once)
-        content_at: dict[str, str] = {}  # sha256 -> where its verified bytes are now: staged, then its first final name
+        content_at: dict[str, tuple[int, str]] = {}  # sha256 -> (folder fd, name): its first final name, once placed
         for file in files:
             fetched_as.setdefault(file.sha256, file)
             if file.sha256 not in self._staged_shas:
@@ -331,7 +347,7 @@ class FolderDownload:
                                             f"{fetched_as[file.sha256].name}, which failed)")
                 continue
             folder = os.path.dirname(file.final)
-            if self._place(file, folder, folders, content_at):
+            if self._place(file, folder, content_at):
                 folders.add(folder)
                 installed.append(file)
                 self._changes.append((file.name, FILE_DONE))
@@ -342,7 +358,7 @@ class FolderDownload:
         self._notify()
         return installed
 
-    def _place(self, file: _Small, folder: str, folders: set[str], content_at: dict[str, str]) -> bool:
+    def _place(self, file: _Small, folder: str, content_at: dict[str, tuple[int, str]]) -> bool:
         """Give ``file`` its final name without replacing anything; False (and listed) if that fails.
 
         The first name of a content takes the staged file (a rename, never
@@ -350,13 +366,13 @@ class FolderDownload:
         as both were links to one staged file before.
         """
         try:
-            if folder not in folders:
-                os.makedirs(folder, exist_ok=True)
+            folder_fd, name = self._fds.fd(folder), os.path.basename(file.final)
             if file.sha256 in content_at:
-                os.link(content_at[file.sha256], file.final)
+                first_fd, first_name = content_at[file.sha256]
+                os.link(first_name, name, src_dir_fd=first_fd, dst_dir_fd=folder_fd, follow_symlinks=False)
             else:
-                rename_noreplace(f"{self._staging_path}/{file.sha256}", file.final)
-                content_at[file.sha256] = file.final
+                rename_noreplace(file.sha256, name, self._staging_fd, folder_fd)
+                content_at[file.sha256] = (folder_fd, name)
             return True
         except FileExistsError:
             self._failed(file.name, f"{file.final} appeared during the download; not overwriting it")
@@ -368,7 +384,7 @@ class FolderDownload:
         """Remove what is still staged of ``shas`` (files that failed to install), then the staging folder if empty."""
         for sha256 in shas:
             try:
-                os.unlink(os.path.join(self._staging_path, sha256))
+                os.unlink(sha256, dir_fd=self._staging_fd)
             except FileNotFoundError:
                 pass
         fsync_dir(self.staging)
@@ -420,6 +436,51 @@ class _InsideCheck:
             destination(self.output_dir, name)  # resolves the folder's real path; DownloadError if it leads out
             self._checked.add(folder)
         return final
+
+
+class _FolderFds:
+    """Folders under the output folder, made and opened by descriptor, each checked to lie inside it.
+
+    ``downloader.destination`` checks each name's folder before the download;
+    another process could still swap a folder for a link (``photos ->
+    ~/.ssh``) before the files are placed. Here each folder is opened one
+    name at a time from its parent's descriptor, and what the descriptor is
+    (its real path, whatever links led there) must lie inside the output
+    folder; files are then named relative to it, so a link planted later
+    changes nothing. Links that stay inside (``a -> b``) work as before.
+    """
+
+    def __init__(self, output_dir: str) -> None:
+        self._top = output_dir
+        self._real_top = os.path.realpath(output_dir)
+        self._fds: dict[str, int] = {output_dir: os.open(output_dir, os.O_RDONLY | os.O_DIRECTORY)}
+
+    def fd(self, folder: str) -> int:
+        """A descriptor of ``folder`` (a path under the output folder), made if missing; ``OSError`` if it leads out."""
+        fd = self._fds.get(folder)
+        if fd is not None:
+            return fd
+        parent, name = os.path.dirname(folder), os.path.basename(folder)
+        if not folder.startswith(self._top + os.sep):
+            raise OSError(f"{folder} is not inside {self._top}")
+        parent_fd = self.fd(parent)
+        try:
+            os.mkdir(name, dir_fd=parent_fd)
+        except FileExistsError:
+            pass
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=parent_fd)
+        real = os.readlink(f"/proc/self/fd/{fd}")
+        if os.path.commonpath([real, self._real_top]) != self._real_top:
+            os.close(fd)
+            raise OSError(f"{folder} leads outside {self._top} (through a link); refused")
+        self._fds[folder] = fd
+        return fd
+
+    def close(self) -> None:
+        """Close every descriptor opened."""
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
 
 def _next_batch(missing: deque[_Small]) -> list[_Small]:

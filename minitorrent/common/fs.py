@@ -78,22 +78,26 @@ _AT_FDCWD = -100
 _RENAME_NOREPLACE = 1  # linux/fs.h
 
 
-def rename_noreplace(source: str, target: str) -> None:
+def rename_noreplace(source: str, target: str, source_dir: int | None = None, target_dir: int | None = None) -> None:
     """Move ``source`` to ``target``, never replacing anything: ``FileExistsError`` if ``target`` exists.
 
     One ``renameat2(RENAME_NOREPLACE)``, atomic: one system call and one
     entry changed per folder, where ``os.link`` then ``os.unlink`` cost two
     of each. Where the kernel, libc or file system lacks it, ``os.link`` and
     ``os.unlink`` keep the same guarantee (a link never replaces either).
+    ``source_dir`` / ``target_dir``: descriptors of the folders the names are
+    in (as ``dir_fd`` in ``os``), so that no link swapped into a path since
+    those folders were opened can move the file elsewhere.
     """
     if _renameat2 is not None:
-        if _renameat2(_AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target), _RENAME_NOREPLACE) == 0:
+        if _renameat2(_AT_FDCWD if source_dir is None else source_dir, os.fsencode(source),
+                      _AT_FDCWD if target_dir is None else target_dir, os.fsencode(target), _RENAME_NOREPLACE) == 0:
             return
         error = ctypes.get_errno()
         if error not in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
             raise OSError(error, os.strerror(error), target)  # FileExistsError for EEXIST, as os.link raises
-    os.link(source, target)
-    os.unlink(source)
+    os.link(source, target, src_dir_fd=source_dir, dst_dir_fd=target_dir, follow_symlinks=False)
+    os.unlink(source, dir_fd=source_dir)
 
 
 def _load_renameat2():

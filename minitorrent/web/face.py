@@ -2,8 +2,10 @@
 
 Stdlib ``http.server`` with a thread per connection is enough here: the
 requests are few and small except file bodies, which go out by sendfile
-without passing through Python. Connections are capped (a busy server
-answers 503) and every socket has a timeout.
+without passing through Python. Connections are capped, shared fairly per
+address, and an idle one is closed after ``io_timeout_s`` however it trickles
+bytes (web/slots.py); a connection finding no slot to take is closed (over
+plain HTTP it is told 503).
 
 HTTPS with the server's own certificate (``tls``) is the default, so the
 fingerprint a browser shows is the server's identity (its SHA-256). The TLS
@@ -20,6 +22,7 @@ from ``Authorization: Bearer`` or a ``token`` query parameter (so plain links,
 """
 from __future__ import annotations
 
+import http.client
 import ipaddress
 import json
 import logging
@@ -41,6 +44,7 @@ from minitorrent.web import announce, downloads, prometheus, torrents, views
 from minitorrent.web.errors import HttpError
 from minitorrent.web.indexer import TorrentIndexer
 from minitorrent.web.logtail import RecentLines
+from minitorrent.web.slots import HttpSlot, HttpSlots
 from minitorrent.wire.protocol import ErrorCode
 from minitorrent.wire.tls import ServerTls
 
@@ -48,6 +52,8 @@ log = logging.getLogger(__name__)
 
 MAX_HTTP_CONNECTIONS = 64  # browsers open ~6 each; a scrape, a few curls and wgets fit beside them
 MAX_QUERY_BYTES = 4096  # a search box's text, a page number: nothing legitimate is longer
+MAX_HEAD_BYTES = 64 * 1024  # a request line and headers together (http.server alone allows 100 lines of 64 KiB each)
+MAX_QUERY_INT = 2**63 - 1  # SQLite's largest integer: a larger offset would overflow in the query, not just match nothing
 PAGE_FILES = {"/": ("index.html", "text/html; charset=utf-8"),
               "/app.js": ("app.js", "text/javascript; charset=utf-8"),
               "/style.css": ("style.css", "text/css; charset=utf-8")}
@@ -115,7 +121,7 @@ class WebFace:
         self.recent = RecentLines()
         self._requests_by_kind: dict[str, int] = {}
         self._count_lock = threading.Lock()
-        self._slots = threading.BoundedSemaphore(max_connections)
+        self.slots = HttpSlots(max_connections, io_timeout_s)
         self._requested = (host, port)
         self._httpd: _HttpServer | None = None
         self._thread: threading.Thread | None = None
@@ -186,14 +192,7 @@ class WebFace:
         with self._count_lock:
             return dict(self._requests_by_kind)
 
-    def take_slot(self) -> bool:
-        """Take a connection slot; False when ``max_connections`` are being served."""
-        return self._slots.acquire(blocking=False)
-
-    def release_slot(self) -> None:
-        self._slots.release()
-
-    def secure(self, request: socket.socket) -> socket.socket | None:
+    def secure(self, request: socket.socket, slot: HttpSlot) -> socket.socket | None:
         """The socket to talk HTTP on: TLS after a handshake done here, under ``io_timeout_s`` (the
         connection's own thread, never the accept loop's); None if the handshake failed or the
         client spoke plain HTTP to the HTTPS port (it is told to use https)."""
@@ -210,6 +209,9 @@ class WebFace:
             _refuse_plain(request, f"this port speaks HTTPS: use https://{_host_port(*self.address)}/")
             return None
         tls_sock = self.tls.wrap(request)
+        if not self.slots.rebind(slot, tls_sock):  # shed while wrapping: its close missed this socket
+            tls_sock.close()
+            return None
         try:
             self.tls.handshake(tls_sock, self.io_timeout_s)
         except ConnectionFailed as error:
@@ -230,25 +232,39 @@ class _HttpServer(ThreadingHTTPServer):
         super().__init__(address, _Handler)
 
     def process_request(self, request: socket.socket, client_address) -> None:
-        if not self.face.take_slot():
+        """Serve the connection in a thread of its own once it has a slot (ThreadingMixIn's, plus the slot)."""
+        slot = self.face.slots.take(request, client_address[0])
+        if slot is None:
             if self.face.tls is None:  # over TLS a plain 503 would be noise: the handshake is not ours to do here
                 _refuse_plain(request, "too many connections; retry later", 503, ErrorCode.BUSY)
             self.shutdown_request(request)
             return
-        super().process_request(request, client_address)
-
-    def process_request_thread(self, request: socket.socket, client_address) -> None:
+        thread = threading.Thread(target=self._serve, args=(request, client_address, slot), daemon=True)
         try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self.face.release_slot()
+            thread.start()
+        except RuntimeError:  # no more threads: give the slot back and close
+            self.face.slots.release(slot)
+            self.shutdown_request(request)
 
-    def finish_request(self, request: socket.socket, client_address) -> None:
-        secured = self.face.secure(request)  # in this connection's thread: see WebFace.secure
+    def _serve(self, request: socket.socket, client_address, slot: HttpSlot) -> None:
+        try:
+            self._secure_and_handle(request, client_address, slot)
+        except Exception:
+            self.handle_error(request, client_address)
+        finally:
+            self.shutdown_request(request)
+            self.face.slots.release(slot)
+
+    def service_actions(self) -> None:
+        """Between accepts (every half second at most): close the connections idle too long."""
+        self.face.slots.close_overdue()
+
+    def _secure_and_handle(self, request: socket.socket, client_address, slot: HttpSlot) -> None:
+        secured = self.face.secure(request, slot)  # in this connection's thread: see WebFace.secure
         if secured is None:
             return
         try:
-            self.RequestHandlerClass(secured, client_address, self)
+            _Handler(secured, client_address, self, slot)
         finally:
             if secured is not request:
                 self.shutdown_request(secured)  # the TLS socket owns the descriptor now, not ``request``
@@ -295,10 +311,15 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "MiniTorrent"
     server: _HttpServer
 
+    def __init__(self, request: socket.socket, client_address, server: _HttpServer, slot: HttpSlot) -> None:
+        self.slot = slot  # set first: the base class serves the whole connection from its __init__
+        super().__init__(request, client_address, server)
+
     def setup(self) -> None:
         self.face: WebFace = self.server.face
         self.timeout = self.face.io_timeout_s
         super().setup()
+        self.rfile = _HeadBudget(self.rfile)
         self.face.metrics.connection_opened()
 
     def finish(self) -> None:
@@ -315,6 +336,20 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_HEAD(self) -> None:
         self._answer(head=True)
+
+    def handle_one_request(self) -> None:
+        """One request; the connection stays busy (its slot never shed) from its head read to its answer sent."""
+        self.rfile.renew()
+        try:
+            super().handle_one_request()
+        finally:
+            HttpSlots.answered(self.slot)
+
+    def parse_request(self) -> bool:
+        parsed = super().parse_request()
+        if parsed:
+            HttpSlots.answering(self.slot)
+        return parsed
 
     def _refuse_method(self) -> None:
         self._head_sent = False
@@ -474,6 +509,34 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_bytes(error.status, error.body(), "application/json", head, error.headers)
 
 
+class _HeadBudget:
+    """The connection's reader, allowing ``MAX_HEAD_BYTES`` of request head per request (GETs have no body).
+
+    http.server caps a line at 64 KiB and a head at 100 lines: 6.5 MB a
+    connection, which 64 connections make most of a small server's memory.
+    Past the budget a read raises ``LineTooLong``, which http.server answers
+    with 431.
+    """
+
+    def __init__(self, reader) -> None:
+        self._reader = reader
+        self._left = MAX_HEAD_BYTES
+
+    def renew(self) -> None:
+        """A new request begins: its head gets the whole budget."""
+        self._left = MAX_HEAD_BYTES
+
+    def readline(self, limit: int = -1) -> bytes:
+        if self._left <= 0:
+            raise http.client.LineTooLong(f"request head over {MAX_HEAD_BYTES} bytes")
+        line = self._reader.readline(self._left if limit < 0 else min(limit, self._left))
+        self._left -= len(line)
+        return line
+
+    def __getattr__(self, name: str):
+        return getattr(self._reader, name)  # close() and the rest, as the wrapped reader has them
+
+
 def _int_arg(query: dict, key: str, default: int) -> int:
     values = query.get(key)
     if not values:
@@ -482,8 +545,8 @@ def _int_arg(query: dict, key: str, default: int) -> int:
         value = int(values[0])
     except ValueError:
         raise HttpError(ErrorCode.BAD_REQUEST, f"{key} must be an integer, got {values[0]!r}") from None
-    if value < 0:
-        raise HttpError(ErrorCode.BAD_REQUEST, f"{key} must be >= 0, got {value}")
+    if not 0 <= value <= MAX_QUERY_INT:
+        raise HttpError(ErrorCode.BAD_REQUEST, f"{key} must be from 0 to {MAX_QUERY_INT}, got {value}")
     return value
 
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-_SINGLE_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+# A number longer than 40 digits is no byte position (and past 4300 digits int() raises): the header is ignored.
+_SINGLE_RANGE = re.compile(r"bytes=(\d{0,40})-(\d{0,40})")
 
 
 class Unsatisfiable(Exception):

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -91,7 +91,7 @@ def verify_identify(certificate: str, signature: str, server_id: str, nonce: str
             raise ValueError("not an elliptic-curve certificate")
         public_key.verify(base64.b64decode(signature, validate=True), _identify_text(server_id, nonce),
                           ec.ECDSA(hashes.SHA256()))
-    except (ValueError, TypeError, InvalidSignature) as error:
+    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm) as error:  # a curve it cannot load
         raise ValueError(f"identity proof refused: {error or type(error).__name__}") from None
     return id_of_certificate(der)
 

@@ -9,7 +9,7 @@ import pytest
 from conftest import make_config, make_file
 
 from error_handler import DownloadError
-from integrity import sha256_file
+from integrity import Manifest, sha256_file
 from minitorrent.client.engine import ClientEngine
 from minitorrent.client.folders import STAGING, FolderSummary, summarize_folders
 from minitorrent.client.progress import Progress
@@ -214,6 +214,29 @@ class TestDestinationStaysInside:
         assert ([], 6) == (list(elsewhere.iterdir()), len(result.failed))
 
 
+    def test_a_link_planted_after_the_checks_is_not_followed_out(self, tmp_path, server_factory):
+        """photos -> elsewhere made once the names are checked (at the first progress report): no small file lands
+        there."""
+        server = server_factory()
+        for name in ("2024/beach.jpg", "2024/summer/sea.jpg", "notes.txt"):
+            make_file(tmp_path / "src" / "photos" / name, 3000, seed=len(name))
+        server.add_folder(tmp_path / "src" / "photos")
+        elsewhere, out = tmp_path / "elsewhere", tmp_path / "out"
+        elsewhere.mkdir()
+        out.mkdir()
+
+        def plant_link(progress: Progress) -> None:
+            if not (out / "photos").is_symlink():  # another process on the machine, racing the download
+                (out / "photos").symlink_to(elsewhere)
+
+        engine = engine_for(tmp_path, server, on_progress=plant_link)
+        try:
+            result = engine.download_folder("photos/", out)
+        finally:
+            engine.close()
+        assert ([], 3) == (sorted(p.name for p in elsewhere.rglob("*")), len(result.failed))
+
+
 class TestSummarizeFolders:
     def test_every_depth_counted(self):
         """Each folder counts the files and bytes under it at any depth."""
@@ -240,6 +263,20 @@ class TestLyingServer:
             engine.close()
         written = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if "escape" in p.name)
         assert ([], len(self.HOSTILE), 6) == (written, len(result.failed), result.downloaded)
+
+
+    def test_a_small_file_listed_with_a_terabyte_is_refused_not_allocated(self, tmp_path, server_factory, photos):
+        """A listing entry of one chunk claiming 1 TiB fails alone (no buffer of that size); the rest arrive."""
+        server = server_factory()
+        server.add_folder(photos)
+        huge = 2**40
+        server.catalog.db.add_file("photos/huge.bin", Manifest(huge, huge, "0" * 64, bytes(32)))
+        engine = engine_for(tmp_path, server)
+        try:
+            result = engine.download_folder("photos/", tmp_path / "out")
+        finally:
+            engine.close()
+        assert (1, 6, True) == (len(result.failed), result.downloaded, "photos/huge.bin" in result.failed[0])
 
 
 class TestDamagedServerCopy:

@@ -1,6 +1,7 @@
 """Who may download: paired mode, pairing by one-time code over real TLS, revocation, counts once per client."""
 from __future__ import annotations
 
+import base64
 import subprocess
 import sys
 
@@ -152,6 +153,34 @@ class TestPairing:
             client.close()
             relay.close()
         assert [] == server.access.paired()
+
+
+def certificate_on_an_unusual_curve(folder) -> str:
+    """Base64 DER of a self-signed certificate whose key is on sect163k1 (openssl makes it; cryptography cannot
+    load that curve)."""
+    key, der = folder / "k.pem", folder / "c.der"
+    subprocess.run(["openssl", "ecparam", "-name", "sect163k1", "-genkey", "-out", str(key)], check=True,
+                   capture_output=True, timeout=SHORT_TIMEOUT)
+    subprocess.run(["openssl", "req", "-new", "-x509", "-key", str(key), "-subj", "/CN=x", "-days", "1",
+                    "-outform", "DER", "-out", str(der)], check=True, capture_output=True, timeout=SHORT_TIMEOUT)
+    return base64.b64encode(der.read_bytes()).decode()
+
+
+class TestIdentityProofs:
+    def test_a_certificate_on_an_unsupported_curve_is_refused_not_a_crash(self, tmp_path, server_factory, caplog):
+        """identify with a certificate cryptography cannot load gets AUTH_FAILED, and no traceback is logged."""
+        server = server_factory()
+        connection = Connection.dial(*server.server.address, io_timeout_s=SHORT_TIMEOUT, secure=ClientTls())
+        try:
+            connection.send(protocol.Hello(protocol.PROTOCOL_VERSION, "client"))
+            connection.recv()
+            connection.send(protocol.Identify(certificate_on_an_unusual_curve(tmp_path), base64.b64encode(
+                b"x" * 64).decode()))
+            reply = connection.recv().message
+        finally:
+            connection.close()
+        crashed = "Traceback" in caplog.text or "internal error" in caplog.text
+        assert (ErrorCode.AUTH_FAILED, False) == (reply.code, crashed)
 
 
 class TestRevocation:

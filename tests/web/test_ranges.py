@@ -32,6 +32,11 @@ class TestParseRange:
             parse_range(header, size)
 
 
+    def test_a_number_of_thousands_of_digits_is_ignored(self):
+        """A 5000-digit start (past int()'s 4300-digit limit) is a header to ignore: the whole file."""
+        assert None is parse_range("bytes=" + "9" * 5000 + "-", 1000)
+
+
 class TestRangeApplies:
     @pytest.mark.parametrize("if_range, expected", [
         (None, True), ('"abc"', True), ('"old"', False), ('W/"abc"', False),
