@@ -7,7 +7,7 @@ that names many files), then:
 * A file of more than one chunk goes through ``Downloader.download``: its
   own part file, peers, failover and resume as for any single file. So does
   a one-chunk file of at least ``PEER_WORTHY_BYTES`` that a seeding client
-  holds (the tracker is asked about all of them in one pipelined round).
+  holds (the tracker is asked about them first, in pipelined rounds).
 * A file of at most one chunk (most of a tree of thousands of small files)
   needs no manifest request: with one chunk, the chunk's SHA-256 *is* the
   file's SHA-256, which the listing already carries. So the listing is the
