@@ -228,6 +228,9 @@ def _indexed_phrase(search: str) -> str | None:
 
 # How many (catalog version, search) counts ``ServerStore.count_matching`` remembers.
 COUNTS_REMEMBERED = 256
+# Tombstones kept (the newest): each rides in every inventory, which must stay under the protocol's 64 MiB
+# document limit (a tombstone is about 150 bytes of JSON); one older than this many newer removals is forgotten.
+MAX_TOMBSTONES = 100_000
 _CATALOG_VERSION = "SELECT value FROM meta WHERE key = 'catalog_version'"
 
 
@@ -636,9 +639,26 @@ class ServerStore(SQLiteStore):
         return {name: (sha256, epoch) for name, sha256, epoch in rows}
 
     def removals(self) -> list[tuple[str, str, int]]:
-        """Every tombstone: (name, the sha256 it stopped holding, the epoch then), by name."""
+        """The tombstones: (name, the sha256 it stopped holding, the epoch then), by name.
+
+        At most ``MAX_TOMBSTONES``, the newest: the older ones are deleted
+        here, where they are read (for an inventory or a failback's plan), so
+        the inventory that carries them stays bounded however many removals
+        and renames a catalog sees. What is forgotten is a removal that a
+        hundred thousand later ones have long since followed to the other
+        server (a failback applies them as soon as the main is back).
+        """
+        self._forget_oldest_tombstones()
         return [tuple(row) for row in self._connection().execute(
             "SELECT name, sha256, epoch FROM removals ORDER BY name, sha256")]
+
+    def _forget_oldest_tombstones(self) -> None:
+        if self._connection().execute("SELECT COUNT(*) FROM removals").fetchone()[0] <= MAX_TOMBSTONES:
+            return  # the usual case: no sort, no write
+        with self._transaction() as connection:
+            connection.execute(
+                "DELETE FROM removals WHERE (name, sha256) IN (SELECT name, sha256 FROM removals"
+                " ORDER BY removed_at DESC, name, sha256 LIMIT -1 OFFSET ?)", (MAX_TOMBSTONES,))
 
     def record_download(self, name: str, origin: str = "local") -> int:
         """Count one more download of ``name`` by ``origin``; return the file's total.

@@ -493,6 +493,17 @@ class TestChangeEpochs:
         server.add_file("b.txt", manifest_of(b"other"))
         assert [("b.txt", manifest_of(b"b").sha256, 0)] == server.removals()
 
+    def test_only_the_newest_tombstones_are_kept(self, server, monkeypatch):
+        """Past MAX_TOMBSTONES the oldest removals are forgotten, so an inventory stays bounded."""
+        monkeypatch.setattr(database, "MAX_TOMBSTONES", 3)
+        names = [f"f{i}.txt" for i in range(5)]
+        for name in names:
+            server.add_file(name, manifest_of(name.encode()))
+        for name in names:
+            server.remove_file(name)
+        kept = [name for name, _, _ in server.removals()]
+        assert (["f2.txt", "f3.txt", "f4.txt"], 3) == (kept, len(server.removals()))
+
     def test_a_rename_buries_the_old_name_and_stamps_the_new(self, server):
         """Renaming at epoch 3: a tombstone for the old name, the new name changed at 3."""
         manifest = manifest_of(b"a")
