@@ -19,9 +19,11 @@ import random
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -206,6 +208,21 @@ def start_server(config: Path, add: Sequence[Path] = (), script: str = "main_ser
         if server is not None:
             stop_process(server.process)
         raise
+
+
+def wait_listening(port: int, process: subprocess.Popen, timeout_s: float) -> None:
+    """Poll until something accepts on 127.0.0.1:``port``; ``BenchError`` if ``process`` dies first or time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            said = process.stderr.read().decode(errors="replace")[-300:] if process.stderr else ""
+            raise BenchError(f"{process.args[:4]} exited {process.returncode} before it listened {said}".strip())
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)  # a poll with a deadline: the process binds when it is ready
+    raise BenchError(f"nothing listens on 127.0.0.1:{port} after {timeout_s:.0f} s")
 
 
 def stop_process(process: subprocess.Popen, timeout_s: float = STOP_TIMEOUT_S) -> None:

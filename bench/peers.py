@@ -32,7 +32,6 @@ import argparse
 import importlib.util
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -55,6 +54,7 @@ from common import (
     stop_process,
     temp_folder,
     verdict,
+    wait_listening,
     write_random_file,
 )
 
@@ -123,20 +123,6 @@ def run_timed(command: list[str], size: int, cwd: Path) -> float:
     return seconds
 
 
-def wait_listening(port: int, process: subprocess.Popen) -> None:
-    """Poll until something accepts on 127.0.0.1:``port``; a process that died meanwhile is a ``BenchError``."""
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise BenchError(f"{process.args[:4]} exited {process.returncode} before it listened")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise BenchError(f"nothing listens on 127.0.0.1:{port} after {START_TIMEOUT_S:.0f} s")
-
-
 # The peers ---------------------------------------------------------------------------
 
 
@@ -150,7 +136,7 @@ class HttpPeers:
             self.server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
                                             "--directory", str(source.parent)],
                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_listening(port, self.server)
+        wait_listening(port, self.server, START_TIMEOUT_S)
         self.url = f"http://127.0.0.1:{port}/{urllib.parse.quote(source.name)}"
 
     def curl(self, output: Path) -> float:

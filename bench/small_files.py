@@ -47,11 +47,13 @@ from common import (
     start_server,
     stop_process,
     verdict,
+    wait_listening,
 )
 
 from minitorrent.common.launcher import free_port, write_config
 
 SHM = Path("/dev/shm")
+RSYNC_START_S = 10.0  # the rsync daemon binds its port in well under a second
 FILES_PER_FOLDER = 100  # 10,000 files: 100 folders of 100, two levels deep (tree/dNN/eN/...)
 
 
@@ -120,17 +122,12 @@ def start_rsync_daemon(work: Path, source: Path) -> tuple[subprocess.Popen, int]
                       f"  gid = {os.getgid()}\n")
     daemon = subprocess.Popen(["rsync", "--daemon", "--no-detach", f"--config={config}", f"--port={port}",
                                "--address=127.0.0.1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return daemon, port
-        except OSError:
-            if daemon.poll() is not None:
-                raise BenchError(f"rsync daemon did not start: {daemon.stderr.read().decode()[-300:]}")
-            time.sleep(0.05)
-    stop_process(daemon)
-    raise BenchError("rsync daemon did not listen within 10 s")
+    try:
+        wait_listening(port, daemon, RSYNC_START_S)
+    except BenchError:
+        stop_process(daemon)
+        raise
+    return daemon, port
 
 
 def rsync_get(port: int) -> Callable[[Path], None]:
