@@ -22,6 +22,23 @@ def engine_for(tmp_path: Path, server, **kw) -> ClientEngine:
     return ClientEngine(make_config(tmp_path / "cli", {"server": {"main": {"host": host, "port": port}}}), **kw)
 
 
+def progress_of_runs(tmp_path: Path, server_factory, photos: Path, runs: int = 1) -> list[list[Progress]]:
+    """Share ``photos`` (in CHUNK chunks), download photos/ ``runs`` times; each run's progress reports."""
+    server = server_factory({"transfer": {"chunk_size": CHUNK}})
+    server.add_folder(photos)
+    seen: list[Progress] = []
+    reports = []
+    engine = engine_for(tmp_path, server, on_progress=seen.append)
+    try:
+        for _ in range(runs):
+            engine.download_folder("photos/", tmp_path / "out")
+            reports.append(list(seen))
+            seen.clear()
+    finally:
+        engine.close()
+    return reports
+
+
 def tree(root: Path) -> dict[str, str]:
     """relative path -> sha256 of every file under ``root`` (staging excluded)."""
     return {p.relative_to(root).as_posix(): sha256_file(p) for p in root.rglob("*")
@@ -123,32 +140,15 @@ class TestFolderDownload:
 
     def test_one_progress_for_the_folder_reaching_all_files(self, tmp_path, server_factory, photos):
         """The folder's own progress ends at every file done; the multi-chunk file reports its own too."""
-        server = server_factory({"transfer": {"chunk_size": CHUNK}})
-        server.add_folder(photos)
-        seen: list[Progress] = []
-        engine = engine_for(tmp_path, server, on_progress=seen.append)
-        try:
-            engine.download_folder("photos/", tmp_path / "out")
-        finally:
-            engine.close()
+        [seen] = progress_of_runs(tmp_path, server_factory, photos)
         folder = [p for p in seen if p.name == "photos/"]
         assert (6, 6) == (folder[-1].chunks_done, folder[-1].chunks_total)
         assert {"photos/", "photos/2024/summer/big.raw"} == {p.name for p in seen}
 
     def test_the_folder_progress_tells_each_file_state(self, tmp_path, server_factory, photos):
         """Every file of the folder is told done once (the small ones verified first), a second run all done."""
-        server = server_factory({"transfer": {"chunk_size": CHUNK}})
-        server.add_folder(photos)
-        seen: list[Progress] = []
-        engine = engine_for(tmp_path, server, on_progress=seen.append)
-        try:
-            engine.download_folder("photos/", tmp_path / "out")
-            first = [change for p in seen if p.name == "photos/" for change in p.files]
-            seen.clear()
-            engine.download_folder("photos/", tmp_path / "out")
-            second = [change for p in seen if p.name == "photos/" for change in p.files]
-        finally:
-            engine.close()
+        first, second = ([change for p in run if p.name == "photos/" for change in p.files]
+                         for run in progress_of_runs(tmp_path, server_factory, photos, runs=2))
         names = {f"photos/{p.relative_to(photos).as_posix()}" for p in photos.rglob("*") if p.is_file()}
         assert sorted(names) == sorted(name for name, state in first if state == "done")
         small = names - {"photos/2024/summer/big.raw", "photos/copy of beach.jpg"}  # a twin's content is fetched once
