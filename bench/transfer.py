@@ -23,6 +23,13 @@ never listens on, so no other program on 127.0.0.1 can answer the client.
 * Integrity floor (information only): the same receiver also doing what
   MiniTorrent's integrity rules demand of any receiver, in one thread: a
   SHA-256 per 1 MiB chunk (one pass over every byte), an fsync at the end.
+* TLS floor (information only): the least a Python receiver can take for
+  what MiniTorrent does by default, with nothing else: two TLS 1.3
+  connections (as a download's two server streams), each chunk read into a
+  reused buffer, hashed and written at its place, an fsync at the end; the
+  sender reads each chunk into a reused buffer and writes it in one call, as
+  the server does. No protocol, no bookkeeping, no process start: the figure
+  no TLS download on this machine can beat, beside the ratio target.
 
 The kinds are alternated run by run and the medians compared, so a noisy,
 shared machine slows all alike. The figures are ratios against that
@@ -46,6 +53,7 @@ import os
 import re
 import shutil
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -72,6 +80,7 @@ from common import (
 )
 
 from minitorrent.common.launcher import ServerProcess, write_config
+from minitorrent.wire import identity
 
 FILE_NAME = "bench payload.bin"  # a space, as real names have
 RATIO_TARGET = 0.6  # one SHA-256 pass (0.53 CPU-s/GiB) beside the raw transfer (0.4 s/GiB) on 2 cores: about 0.7
@@ -121,6 +130,45 @@ with socket.create_server(("127.0.0.1", 0)) as listener:
         if integrity:
             os.fsync(out.fileno())
 print("done", total, flush=True)
+"""
+
+# The TLS floor's receiver, run as ``python -c TLS_RECEIVER OUT SIZE CERT STREAMS``: prints its port,
+# takes STREAMS TLS connections, connection k carrying chunks k, k + STREAMS, ...; each chunk is hashed
+# and written at its place; an fsync; prints "done BYTES".
+TLS_STREAMS = 2  # as a MiniTorrent download's server streams
+CHUNK_BLOCK = 1024 * 1024  # the receivers' BLOCK
+TLS_RECEIVER = r"""
+import hashlib, os, signal, socket, ssl, sys, threading
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+BLOCK = 1024 * 1024
+size, streams = int(sys.argv[2]), int(sys.argv[4])
+context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+context.load_cert_chain(sys.argv[3])
+out = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+received = []
+
+def stream(conn, first):
+    with context.wrap_socket(conn, server_side=True) as tls:
+        tls.settimeout(60)
+        view = memoryview(bytearray(BLOCK))
+        for offset in range(first * BLOCK, size, streams * BLOCK):
+            length, got = min(BLOCK, size - offset), 0
+            while got < length:
+                got += tls.recv_into(view[got:length]) or sys.exit("connection closed early")
+            hashlib.sha256(view[:length]).digest()
+            os.pwrite(out, view[:length], offset)
+            received.append(length)
+
+with socket.create_server(("127.0.0.1", 0)) as listener:
+    listener.settimeout(60)  # never outlive a benchmark that died
+    print(listener.getsockname()[1], flush=True)
+    threads = [threading.Thread(target=stream, args=(listener.accept()[0], k)) for k in range(streams)]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+os.fsync(out)
+print("done", sum(received), flush=True)
 """
 
 
@@ -223,6 +271,50 @@ def run_baseline(source: Path, target: Path, size: int, mode: str = "plain") -> 
     return seconds
 
 
+def run_tls_floor(source: Path, target: Path, size: int, certificate: Path) -> float:
+    """Send ``source`` over ``TLS_STREAMS`` TLS connections to the TLS floor's receiver; seconds taken."""
+    receiver = subprocess.Popen([sys.executable, "-c", TLS_RECEIVER, str(target), str(size), str(certificate),
+                                 str(TLS_STREAMS)], stdout=subprocess.PIPE, text=True)
+    try:
+        line = receiver.stdout.readline()
+        if not line.strip().isdigit():
+            raise BenchError(f"TLS floor receiver did not start (said {line!r})")
+        started = time.perf_counter()
+        senders = [threading.Thread(target=_send_tls_stream, args=(source, int(line), size, k))
+                   for k in range(TLS_STREAMS)]
+        for sender in senders:
+            sender.start()
+        for sender in senders:
+            sender.join()
+        done = receiver.stdout.readline()  # every chunk hashed, written and the file synced
+        seconds = time.perf_counter() - started
+        receiver.wait(START_TIMEOUT_S)
+    finally:
+        _kill(receiver)
+        receiver.wait()
+        receiver.stdout.close()
+    if done.split() != ["done", str(size)]:
+        raise BenchError(f"TLS floor receiver said {done.strip()!r}; expected {size} bytes")
+    return seconds
+
+
+def _send_tls_stream(source: Path, port: int, size: int, first: int) -> None:
+    """Chunks ``first``, ``first + TLS_STREAMS``, ... of ``source``, each read into one buffer and written in one call."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE  # a throwaway certificate, on loopback
+    view = memoryview(bytearray(CHUNK_BLOCK))
+    fd = os.open(source, os.O_RDONLY)
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=START_TIMEOUT_S) as raw, \
+                context.wrap_socket(raw) as tls:
+            for offset in range(first * CHUNK_BLOCK, size, TLS_STREAMS * CHUNK_BLOCK):
+                got = os.preadv(fd, [view[:min(CHUNK_BLOCK, size - offset)]], offset)
+                tls.sendall(view[:got])
+            tls.recv(1)  # the receiver closes once it has everything: closing first could cut its last bytes
+    finally:
+        os.close(fd)
+
+
 # The run ----------------------------------------------------------------------------
 
 
@@ -246,10 +338,10 @@ def bench(folder: Path, size: int, repeat: int, warmup: bool, chunk_size: int) -
     configs = {"minitorrent": write_config(folder / "client.yaml", config_settings(chunk_size, server.address[1])),
                "plaintext": write_config(folder / "client-plain.yaml",
                                          config_settings(chunk_size, plain.address[1], False))}
-    runner = Runner(folder, source, source_sha, size, configs)
+    runner = Runner(folder, source, source_sha, size, configs, identity.load_or_create(folder / "tls-floor").path)
     try:
         if warmup:
-            runner.round("warm-up", ("baseline", "minitorrent", "plaintext"), Results(size))
+            runner.round("warm-up", ("baseline", "tls floor", "minitorrent", "plaintext"), Results(size))
         for run in range(repeat):
             order = KINDS if run % 2 == 0 else KINDS[::-1]  # alternate, so drift hits all alike
             runner.round(f"run {run + 1}", order, results)
@@ -260,7 +352,7 @@ def bench(folder: Path, size: int, repeat: int, warmup: bool, chunk_size: int) -
     results.report(repeat, server_rss)
 
 
-KINDS = ("baseline", "integrity", "minitorrent", "plaintext")
+KINDS = ("baseline", "integrity", "tls floor", "minitorrent", "plaintext")
 
 
 @dataclass
@@ -268,6 +360,7 @@ class Results:
     size: int
     baseline_s: list[float] = field(default_factory=list)
     integrity_s: list[float] = field(default_factory=list)
+    tls_floor_s: list[float] = field(default_factory=list)
     client_runs: list[ClientRun] = field(default_factory=list)
     plain_runs: list[ClientRun] = field(default_factory=list)  # the same programs over plain TCP
 
@@ -284,6 +377,10 @@ class Results:
         line("integrity floor (info): + 1x SHA-256, fsync", f"{mb_per_s(size, floor):7.1f} MB/s  {floor:6.2f} s")
         line("minitorrent: client process, wall clock", f"{mb_per_s(size, mini):7.1f} MB/s  {mini:6.2f} s")
         line("minitorrent / integrity floor (info)", f"{floor / mini:7.2f}")
+        tls_floor = statistics.median(self.tls_floor_s)
+        line("TLS floor (info): 2 TLS streams, SHA-256, fsync", f"{mb_per_s(size, tls_floor):7.1f} MB/s  {tls_floor:6.2f} s")
+        line("minitorrent / TLS floor (info)", f"{tls_floor / mini:7.2f}")
+        line("best ratio any TLS receiver reaches (info)", f"{base / tls_floor:7.2f}")
         cpu = statistics.median(run.cpu_s for run in self.client_runs)
         line("client CPU, user + system (info)", f"{cpu / (size / (1 << 30)):7.2f} s/GiB")
         plain = statistics.median(run.seconds for run in self.plain_runs)
@@ -306,6 +403,7 @@ class Runner:
     source_sha: str
     size: int
     client_configs: dict[str, Path]  # per kind: the client's config (TLS, plaintext)
+    certificate: Path  # the TLS floor receiver's certificate and key
 
     def round(self, label: str, order: tuple[str, ...], results: Results) -> None:
         for kind in order:
@@ -317,12 +415,15 @@ class Runner:
                       f"  (client says {run.reported_speed}; load {os.getloadavg()[0]:.2f})", flush=True)
                 continue
             seconds = self.baseline(kind)
-            (results.baseline_s if kind == "baseline" else results.integrity_s).append(seconds)
+            {"baseline": results.baseline_s, "integrity": results.integrity_s,
+             "tls floor": results.tls_floor_s}[kind].append(seconds)
             print(f"  {label:8} {kind:11} {seconds:7.2f} s {mb_per_s(self.size, seconds):8.1f} MB/s", flush=True)
 
     def baseline(self, mode: str) -> float:
         target = self.folder / "baseline.out"
         try:
+            if mode == "tls floor":
+                return run_tls_floor(self.source, target, self.size, self.certificate)
             return run_baseline(self.source, target, self.size, "plain" if mode == "baseline" else mode)
         finally:
             target.unlink(missing_ok=True)
