@@ -9,8 +9,14 @@ because that is what a user waits for:
 
 * ``minitorrent``: ``client.py get`` from a real headless ``main_server.py``
   (both ports explicit; the backup's is 0, so nothing else is dialled).
+* ``minitorrent plain`` (information): the same from a second server whose
+  config says ``transfer.encrypt: false``, to race the plain HTTP peers like
+  for like.
 * ``curl+openssl``: ``curl | tee FILE | openssl dgst -sha256`` from
   ``python3 -m http.server``: one read, stored and hashed as it streams.
+* ``curl https`` (information): the same pipeline over HTTPS (TLS 1.3, the
+  same standard-library server wrapped in ``ssl``), to race MiniTorrent's
+  default, TLS, like for like.
 * ``aria2c``: ``aria2c --checksum=sha-256=HEX`` from the same HTTP server.
 * ``libtorrent``: a downloader process (the pip package, a fresh session)
   fetching from a seed session in this process; both bound to 127.0.0.1,
@@ -59,6 +65,7 @@ from common import (
 )
 
 from minitorrent.common.launcher import free_port, write_config
+from minitorrent.wire import identity
 
 CHUNK_SIZE = 1 << 20
 SPEEDUP_TARGET = 1.5  # over the fastest verified peer (issue 10)
@@ -66,8 +73,11 @@ QUICK_SIZE = 16 << 20
 START_TIMEOUT_S = 30.0  # a helper process start on a loaded machine
 MIN_RATE_BPS = 5e6  # any slower than this and a download is considered hung
 DEFAULT_FOLDER = Path("/dev/shm") if Path("/dev/shm").is_dir() else None  # tmpfs: no fsync timing in the figures
-TOOLS = ("minitorrent", "curl+openssl", "aria2c", "libtorrent")
-INSTALL = {"curl+openssl": "apt-get install -y curl openssl", "aria2c": "apt-get install -y aria2",
+TOOLS = ("minitorrent", "minitorrent plain", "curl+openssl", "curl https", "aria2c", "libtorrent")
+PLAIN_PEERS = ("curl+openssl", "aria2c", "libtorrent")  # the peers without encryption
+INFO_TOOLS = ("minitorrent plain", "curl https")  # like-for-like races, not judged by the target
+INSTALL = {"curl+openssl": "apt-get install -y curl openssl", "curl https": "apt-get install -y curl openssl",
+           "aria2c": "apt-get install -y aria2",
            "libtorrent": "pip install libtorrent==2.1.1"}
 
 # libtorrent settings for both sessions: loopback only, nothing announced or discovered.
@@ -103,7 +113,8 @@ while not handle.status().is_seeding:
 
 def missing_tools() -> dict[str, str]:
     """Tools not installed here, each with how to install it."""
-    present = {"curl+openssl": shutil.which("curl") and shutil.which("openssl"),
+    curl = shutil.which("curl") and shutil.which("openssl")
+    present = {"curl+openssl": curl, "curl https": curl,
                "aria2c": shutil.which("aria2c"),
                "libtorrent": importlib.util.find_spec("libtorrent")}
     return {tool: INSTALL[tool] for tool, found in present.items() if not found}
@@ -120,6 +131,17 @@ def run_timed(command: list[str], size: int, cwd: Path) -> float:
     seconds = time.perf_counter() - started
     if run.returncode:
         raise BenchError(f"{' '.join(command)[:200]} exited {run.returncode}:\n{(run.stderr or run.stdout)[-1500:]}")
+    return seconds
+
+
+def curl_and_hash(url: str, output: Path, source_sha: str, size: int, work: Path, curl_options: str = "") -> float:
+    """``curl URL | tee OUTPUT | openssl dgst -sha256``; seconds. The digest it printed must be the source's."""
+    pipeline = (f"set -o pipefail; curl -sSf {curl_options} {url!r} | tee {str(output)!r} | openssl dgst -sha256 "
+                f"> {str(output)!r}.sha256")
+    seconds = run_timed(["bash", "-c", pipeline], size, work)
+    printed = Path(f"{output}.sha256").read_text().split()[-1]
+    if printed != source_sha:
+        raise BenchError(f"curl | openssl printed sha256 {printed} != source {source_sha}")
     return seconds
 
 
@@ -141,13 +163,7 @@ class HttpPeers:
 
     def curl(self, output: Path) -> float:
         """``curl | tee | openssl dgst -sha256``; the digest it printed must be the source's too."""
-        pipeline = (f"set -o pipefail; curl -sSf {self.url!r} | tee {str(output)!r} | openssl dgst -sha256 "
-                    f"> {str(output)!r}.sha256")
-        seconds = run_timed(["bash", "-c", pipeline], self.size, self.work)
-        printed = Path(f"{output}.sha256").read_text().split()[-1]
-        if printed != self.source_sha:
-            raise BenchError(f"curl | openssl printed sha256 {printed} != source {self.source_sha}")
-        return seconds
+        return curl_and_hash(self.url, output, self.source_sha, self.size, self.work)
 
     def aria2c(self, output: Path) -> float:
         """``aria2c --checksum``: it fails (and so does the run) if the file's SHA-256 differs."""
@@ -155,6 +171,43 @@ class HttpPeers:
                           "--dir", str(output.parent), "--out", output.name, "--file-allocation=none",
                           "--allow-overwrite=true", "--auto-file-renaming=false", "--console-log-level=warn",
                           "--summary-interval=0", "--quiet=true", self.url], self.size, self.work)
+
+    def close(self) -> None:
+        stop_process(self.server)
+
+
+# The HTTPS peer, run as ``python -c HTTPS_SERVER PORT FOLDER CERT``: the standard library's file
+# server (as ``python3 -m http.server``), its listening socket wrapped in TLS 1.3.
+HTTPS_SERVER = r"""
+import functools, http.server, signal, ssl, sys
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+port, folder, certificate = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+context.minimum_version = ssl.TLSVersion.TLSv1_3
+context.load_cert_chain(certificate)
+handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=folder)
+server = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
+server.socket = context.wrap_socket(server.socket, server_side=True)
+server.serve_forever()
+"""
+
+
+class HttpsPeer:
+    """The HTTPS file server, and ``curl | tee | openssl dgst`` fetching from it."""
+
+    def __init__(self, source: Path, source_sha: str, size: int, work: Path) -> None:
+        certificate = identity.load_or_create(work / "https-server").path
+        port = free_port()
+        with starting():
+            self.server = subprocess.Popen([sys.executable, "-c", HTTPS_SERVER, str(port), str(source.parent),
+                                            str(certificate)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_listening(port, self.server, START_TIMEOUT_S)
+        self.url = f"https://127.0.0.1:{port}/{urllib.parse.quote(source.name)}"
+        self.source_sha, self.size, self.work = source_sha, size, work
+
+    def curl(self, output: Path) -> float:
+        """``curl --insecure`` (a throwaway certificate, on loopback), piped as for plain HTTP."""
+        return curl_and_hash(self.url, output, self.source_sha, self.size, self.work, "--insecure")
 
     def close(self) -> None:
         stop_process(self.server)
@@ -220,16 +273,26 @@ class Results:
                 line(tool, f"{self.median(tool):7.2f} s  minitorrent speed-up {self.median(tool) / mini:5.2f} x")
             else:
                 line(tool, f"{mini:7.2f} s  {self.size / mini / 1e6:7.1f} MB/s")
-        peers = [tool for tool in self.seconds if tool != "minitorrent"]
         line("load average (1, 5, 15 min)", " ".join(f"{v:.2f}" for v in os.getloadavg()))
+        self.like_for_like("minitorrent plain", PLAIN_PEERS, "no encryption")
+        self.like_for_like("minitorrent", ("curl https",), "TLS")
+        peers = [tool for tool in self.seconds if tool != "minitorrent" and tool not in INFO_TOOLS]
         if peers:
             fastest = min(peers, key=self.median)
             speedup = self.median(fastest) / mini
             line(f"TARGET speed-up over fastest ({fastest}) >= {SPEEDUP_TARGET}",
                  f"{speedup:7.2f} x  {verdict(speedup >= SPEEDUP_TARGET)}")
 
+    def like_for_like(self, tool: str, peers: tuple[str, ...], what: str) -> None:
+        """(information) ``tool``'s speed-up over the fastest of ``peers`` that ran: both sides with ``what``."""
+        ran = [peer for peer in peers if peer in self.seconds]
+        if tool in self.seconds and ran:
+            fastest = min(ran, key=self.median)
+            line(f"like for like ({what}): {tool} over {fastest} (info)",
+                 f"{self.median(fastest) / self.median(tool):7.2f} x")
 
-line = partial(report_line, width=54)
+
+line = partial(report_line, width=72)
 
 
 @dataclass
@@ -252,13 +315,19 @@ class Runner:
                 shutil.rmtree(output.parent, ignore_errors=True)
                 shutil.rmtree(self.work / "client-state", ignore_errors=True)  # MiniTorrent: no resumable state
             results.add(tool, seconds)
-            print(f"  {label:8} {tool:13} {seconds:7.2f} s {self.size / seconds / 1e6:8.1f} MB/s  sha256 verified"
+            print(f"  {label:8} {tool:17} {seconds:7.2f} s {self.size / seconds / 1e6:8.1f} MB/s  sha256 verified"
                   f"  (load {os.getloadavg()[0]:.2f})", flush=True)
 
 
-def minitorrent_run(config: Path, size: int, work: Path) -> Callable[[Path], float]:
-    """``client.py get`` into the output's folder; seconds of the whole client process."""
-    return lambda output: run_client(config, output.parent, size, work).seconds
+def minitorrent_server(folder: Path, source: Path, size: int, encrypt: bool,
+                       closers: list[Callable[[], None]]) -> Callable[[Path], float]:
+    """A main server sharing ``source`` (its stop added to ``closers``); what runs ``client.py get`` from it."""
+    port, kind = free_port(), "tls" if encrypt else "plain"
+    server = start_server(write_config(folder / f"server-{kind}.yaml", config_settings(CHUNK_SIZE, port, encrypt)),
+                          add=[source])
+    closers.append(lambda: stop_process(server.process))
+    config = write_config(folder / f"client-{kind}.yaml", config_settings(CHUNK_SIZE, port, encrypt))
+    return lambda output: run_client(config, output.parent, size, folder).seconds
 
 
 def bench(folder: Path, size: int, rounds: int) -> None:
@@ -268,17 +337,19 @@ def bench(folder: Path, size: int, rounds: int) -> None:
     source = folder / "source" / FILE_NAME
     print(f"writing {size} random bytes to {source} ...", flush=True)
     source_sha = write_random_file(source, size)
-    port = free_port()
-    server = start_server(write_config(folder / "server.yaml", config_settings(CHUNK_SIZE, port)), add=[source])
-    closers: list[Callable[[], None]] = [lambda: stop_process(server.process)]
+    closers: list[Callable[[], None]] = []
     try:
-        client_config = write_config(folder / "client.yaml", config_settings(CHUNK_SIZE, port))
-        runs = {"minitorrent": minitorrent_run(client_config, size, folder)}
+        runs = {"minitorrent": minitorrent_server(folder, source, size, encrypt=True, closers=closers),
+                "minitorrent plain": minitorrent_server(folder, source, size, encrypt=False, closers=closers)}
         if "curl+openssl" not in missing or "aria2c" not in missing:
             http = HttpPeers(source, source_sha, size, folder)
             closers.append(http.close)
             runs.update({tool: run for tool, run in (("curl+openssl", http.curl), ("aria2c", http.aria2c))
                          if tool not in missing})
+        if "curl https" not in missing:
+            https = HttpsPeer(source, source_sha, size, folder)
+            closers.append(https.close)
+            runs["curl https"] = https.curl
         if "libtorrent" not in missing:
             seed = LibtorrentSeed(source, size, folder)
             closers.append(seed.close)

@@ -11,13 +11,13 @@ import sys
 import pytest
 from conftest import LONG_TIMEOUT, ROOT
 
-PEERS = ("curl+openssl", "aria2c", "libtorrent")
-ROUND = re.compile(r"^  round 1\s+(\S+)\s+[\d.]+ s\s+[\d.]+ MB/s  sha256 verified", re.MULTILINE)
+ROUND = re.compile(r"^  round 1\s+(\S+(?: [a-z]+)?)\s+[\d.]+ s\s+[\d.]+ MB/s  sha256 verified", re.MULTILINE)
 
 
 def installed_peers() -> set[str]:
     """The peers this machine has, found the way an operator would."""
-    found = {"curl+openssl": shutil.which("curl") and shutil.which("openssl"), "aria2c": shutil.which("aria2c"),
+    curl = shutil.which("curl") and shutil.which("openssl")
+    found = {"curl+openssl": curl, "curl https": curl, "aria2c": shutil.which("aria2c"),
              "libtorrent": importlib.util.find_spec("libtorrent")}
     return {tool for tool, there in found.items() if there}
 
@@ -34,14 +34,17 @@ def run_quick(tmp_path, path: str) -> subprocess.CompletedProcess:
 class TestPeersBenchmark:
     @pytest.mark.timeout(LONG_TIMEOUT * 3)
     def test_every_installed_tool_downloads_a_verified_copy(self, tmp_path):
-        """Quick mode runs MiniTorrent and every installed peer once, checks each SHA-256, and reports medians."""
+        """Quick mode runs MiniTorrent (TLS and plain) and every installed peer once, checks each SHA-256, and reports medians."""
         result = run_quick(tmp_path, os.environ.get("PATH", "/usr/bin:/bin"))
         assert 0 == result.returncode, result.stdout + result.stderr
-        assert {"minitorrent"} | installed_peers() == set(ROUND.findall(result.stdout))
-        for tool in installed_peers():
+        assert {"minitorrent", "minitorrent plain"} | installed_peers() == set(ROUND.findall(result.stdout))
+        for tool in installed_peers() | {"minitorrent plain"}:
             assert 1 == len(re.findall(rf"^  {re.escape(tool)}\s+[\d.]+ s  minitorrent speed-up\s+[\d.]+ x$",
                                        result.stdout, re.MULTILINE)), result.stdout
         assert "load average (1, 5, 15 min)" in result.stdout
+        if "curl https" in installed_peers():  # the races like for like: plain against plain, TLS against TLS
+            assert 1 == result.stdout.count("like for like (no encryption): minitorrent plain over "), result.stdout
+            assert 1 == result.stdout.count("like for like (TLS): minitorrent over curl https"), result.stdout
         assert [] == list(tmp_path.glob("minitorrent-bench-peers-*"))  # the temporary folder is gone
 
     @pytest.mark.timeout(LONG_TIMEOUT * 3)
