@@ -41,6 +41,7 @@ from typing import Callable
 from common import (
     ROOT,
     BenchError,
+    bytecode_cached_env,
     exit_status,
     install_interrupts,
     parse_size,
@@ -99,12 +100,9 @@ def timed(run: Callable[[Path], None], work: Path, label: str, round_no: int) ->
 def minitorrent_get(client_config: Path, pycache: Path) -> Callable[[Path], None]:
     """``client.py get tree/``, its bytecode cached in ``pycache`` as an installed program's is.
 
-    Where PYTHONDONTWRITEBYTECODE is set (as in this project's sandboxes),
-    every start would compile the client's modules again (~0.1 CPU-s) that a
-    user's second run never pays; ``measure`` runs it once untimed first.
+    ``measure`` runs it once untimed first, so the cache is filled.
     """
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-    env["PYTHONPYCACHEPREFIX"] = str(pycache)
+    env = bytecode_cached_env(pycache)
 
     def run(dest: Path) -> None:
         done = subprocess.run([sys.executable, str(ROOT / "client.py"), "--config", str(client_config),

@@ -67,6 +67,7 @@ from pathlib import Path
 from common import (
     ROOT,
     BenchError,
+    bytecode_cached_env,
     exit_status,
     install_interrupts,
     parse_size,
@@ -218,7 +219,8 @@ def run_client(config: Path, output: Path, size: int, log_folder: Path) -> Clien
     stdout_path, stderr_path = log_folder / "client.stdout", log_folder / "client.stderr"
     with open(stdout_path, "wb") as stdout, open(stderr_path, "wb") as stderr:
         started = time.perf_counter()
-        process = subprocess.Popen(command, stdout=stdout, stderr=stderr, cwd=log_folder)
+        process = subprocess.Popen(command, stdout=stdout, stderr=stderr, cwd=log_folder,
+                                   env=bytecode_cached_env(log_folder / "pycache"))
         watchdog = threading.Timer(START_TIMEOUT_S + size / MIN_RATE_BPS, _kill, (process,))
         watchdog.start()
         try:
