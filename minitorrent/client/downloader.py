@@ -141,7 +141,7 @@ class Downloader:
             final.parent.mkdir(parents=True, exist_ok=True)
             if final.exists():
                 return self._already_present(name, final, manifest, started)
-            job = _Job(self, name, final, manifest, cancel or threading.Event())
+            job = _Job(self, name, final, Path(output_dir), manifest, cancel or threading.Event())
             fetched, resumed = job.run()
         except OSError as error:
             raise DownloadError(f"{name}: cannot write {error.filename or final}: {error.strerror or error}") from error
@@ -205,12 +205,13 @@ class _Job:
     sent it.
     """
 
-    def __init__(self, owner: Downloader, name: str, final: Path, manifest: Manifest,
+    def __init__(self, owner: Downloader, name: str, final: Path, output_dir: Path, manifest: Manifest,
                  cancel: threading.Event) -> None:
         self.owner = owner
         self.cancel = cancel
         self.name = name
         self.final = final
+        self.output_dir = output_dir  # the file's folder must lie inside it, also when the file is installed
         self.manifest = manifest
         self.part: PartFile | None = None  # once run() has opened it
         self._lock = threading.Lock()
@@ -236,7 +237,8 @@ class _Job:
     def run(self) -> tuple[int, int]:
         """Fetch, verify and install the file; returns (bytes fetched, chunks resumed)."""
         part = PartFile.open(self.owner.store, self.final, self.name, self.manifest,
-                             self.final.with_name(self.final.name + PART_SUFFIX), prove_whole_file=False)
+                             self.final.with_name(self.final.name + PART_SUFFIX), prove_whole_file=False,
+                             inside=self.output_dir)
         self.part = part
         try:
             if part.resumed:

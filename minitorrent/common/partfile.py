@@ -113,7 +113,7 @@ class PartFile:
     """
 
     def __init__(self, store: PartialStore, state: PartialState, final: Path, name: str, fd: int | None,
-                 resumed: set[int], prove_whole_file: bool = True) -> None:
+                 resumed: set[int], prove_whole_file: bool = True, folder: int | None = None) -> None:
         self._store = store
         self._state = state
         self.final = final
@@ -122,6 +122,7 @@ class PartFile:
         self.manifest = state.manifest
         self.resumed = frozenset(resumed)
         self._fd = fd
+        self._folder = folder  # the final name's folder, opened when the part file was: see open()
         self._lock = threading.Lock()
         self._verified = set(resumed)
         self._installed = fd is None  # see open(): a killed run had installed it already
@@ -132,8 +133,14 @@ class PartFile:
 
     @classmethod
     def open(cls, store: PartialStore, final: Path, name: str, manifest: Manifest, part: Path,
-             prove_whole_file: bool = True) -> PartFile:
+             prove_whole_file: bool = True, inside: Path | None = None) -> PartFile:
         """Resume the recorded part file for ``final``, or create one (first free name from ``part``).
+
+        The final name's folder is opened now and the file is installed into
+        that folder, whatever its path leads to later: a folder swapped for a
+        link while the file arrives changes nothing. With ``inside``, the
+        folder opened must lie inside it (its real path, whatever links led
+        there), else ``PartFileRefused``.
 
         ``prove_whole_file`` False skips the second, whole-file SHA-256 pass:
         for a manifest whose digest list is bound to the file by its root
@@ -156,19 +163,25 @@ class PartFile:
             state = None
         if state is not None and _finish_interrupted_install(store, state, final):
             return cls(store, state, final, name, None, set(range(manifest.chunk_count)))
-        fd = _reopen_ours(state) if state is not None else None
-        if fd is None:
-            if state is not None:
-                store.abandon_partial(state.id)  # its part file is gone or no longer ours: the chunks went with it
-            fd, state = _create(store, final, name, manifest, part)
+        folder = _open_folder(final.parent, inside)
+        try:
+            fd = _reopen_ours(state) if state is not None else None
+            if fd is None:
+                if state is not None:
+                    store.abandon_partial(state.id)  # its part file is gone or no longer ours: the chunks went with it
+                fd, state = _create(store, final, name, manifest, part)
+        except BaseException:
+            os.close(folder)
+            raise
         try:
             if not state.part_identity:  # recorded by a version that kept no identity; it always made the file
                 store.set_part_identity(state.id, _identity(os.fstat(fd)))
             resumed = _recheck(store, fd, state)
         except BaseException:
             os.close(fd)
+            os.close(folder)
             raise
-        return cls(store, state, final, name, fd, resumed, prove_whole_file)
+        return cls(store, state, final, name, fd, resumed, prove_whole_file, folder)
 
     @property
     def verified(self) -> frozenset[int]:
@@ -237,6 +250,7 @@ class PartFile:
             self._prove_and_link(on_installed)
         finally:
             os.close(self._fd)
+            os.close(self._folder)
         self._installed = True
 
     def _prove_and_link(self, on_installed: Callable[[Path], None] | None) -> None:
@@ -246,7 +260,7 @@ class PartFile:
         if digest is not None and digest != self.manifest.sha256:
             _remove(self._store, self._state, ours)
             raise IntegrityError(f"{self.name}: whole-file SHA-256 does not match the manifest; discarded")
-        _link_durably(self._fd, self.final, self.path)
+        _link_durably(self._fd, self._folder, self.final, self.path)
         if on_installed is not None:
             on_installed(self.final)
         # The part name goes before the record: killed in between, open() finds the
@@ -262,6 +276,7 @@ class PartFile:
             self._closed = True
         self._follower.cancel()
         os.close(self._fd)
+        os.close(self._folder)
 
     def discard(self) -> None:
         """Stop receiving, delete the part file (if it is still ours) and its record."""
@@ -406,25 +421,34 @@ def _chunk_on_disk_ok(fd: int, manifest: Manifest, index: int) -> bool:
     return read_exactly_at(fd, view, offset) and manifest.verify_chunk(index, view)
 
 
-def _link_durably(fd: int, final: Path, part: Path) -> None:
-    """Give the open file ``fd`` the name ``final`` (never replacing a file there), durably.
+def _open_folder(folder: Path, inside: Path | None) -> int:
+    """A descriptor of ``folder``; with ``inside``, ``PartFileRefused`` unless its real path lies inside that."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    if inside is not None:
+        real, top = os.readlink(f"/proc/self/fd/{fd}"), os.path.realpath(inside)
+        if os.path.commonpath([real, top]) != top:
+            os.close(fd)
+            raise PartFileRefused(f"{folder} leads outside {inside} (through a link); refused")
+    return fd
+
+
+def _link_durably(fd: int, folder: int, final: Path, part: Path) -> None:
+    """Give the open file ``fd`` the name ``final`` in the open ``folder`` (never replacing a file there), durably.
 
     Linked from the open file, not from the part name: whatever was renamed
-    onto the part name since it was hashed never gets the final name.
+    onto the part name since it was hashed never gets the final name. Into
+    the folder opened with the part file, not by its path: a folder swapped
+    for a link since then does not take the file elsewhere.
     ``dst_dir_fd`` makes ``os.link`` call linkat with AT_SYMLINK_FOLLOW, which
     resolves ``/proc/self/fd/N`` to the file itself.
     """
-    folder = os.open(final.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        try:
-            os.link(f"/proc/self/fd/{fd}", final.name, dst_dir_fd=folder)
-        except FileExistsError as error:
-            raise FinalNameTaken(f"{final} appeared meanwhile; kept {part.name}") from error
-        except FileNotFoundError as error:  # the file has no name left: linkat will not give it one
-            raise OSError(errno.ENOENT, f"{part} was deleted or replaced before it got its final name") from error
-        os.fsync(folder)
-    finally:
-        os.close(folder)
+        os.link(f"/proc/self/fd/{fd}", final.name, dst_dir_fd=folder)
+    except FileExistsError as error:
+        raise FinalNameTaken(f"{final} appeared meanwhile; kept {part.name}") from error
+    except FileNotFoundError as error:  # the file has no name left: linkat will not give it one
+        raise OSError(errno.ENOENT, f"{part} was deleted or replaced before it got its final name") from error
+    os.fsync(folder)
 
 
 def _unlink_if(path: Path, identity: str) -> bool:

@@ -237,6 +237,32 @@ class TestDestinationStaysInside:
         assert ([], 3) == (sorted(p.name for p in elsewhere.rglob("*")), len(result.failed))
 
 
+    def test_a_folder_swapped_for_a_link_mid_file_does_not_take_a_big_file_out(self, tmp_path, server_factory):
+        """photos swapped for photos -> elsewhere while a multi-chunk file arrives: it is installed in the folder
+        it started in, nothing lands elsewhere."""
+        server = server_factory({"transfer": {"chunk_size": CHUNK}})
+        make_file(tmp_path / "src" / "photos" / "big.raw", 8 * CHUNK, seed=4)
+        server.add_folder(tmp_path / "src" / "photos")
+        elsewhere, out = tmp_path / "elsewhere", tmp_path / "out"
+        elsewhere.mkdir()
+        out.mkdir()
+        swapped: list[bool] = []
+
+        def swap_folder(progress: Progress) -> None:
+            if not swapped and 0 < progress.done_bytes < progress.total_bytes:  # big.raw.part is being filled
+                (out / "photos").rename(out / "moved")  # another process on the machine, racing the download
+                (out / "photos").symlink_to(elsewhere)
+                swapped.append(True)
+
+        engine = engine_for(tmp_path, server, on_progress=swap_folder)
+        try:
+            engine.download_folder("photos/", out)
+        finally:
+            engine.close()
+        assert ([True], [], (tmp_path / "src" / "photos" / "big.raw").read_bytes()) == (
+            swapped, sorted(p.name for p in elsewhere.rglob("*")), (out / "moved" / "big.raw").read_bytes())
+
+
 class TestSummarizeFolders:
     def test_every_depth_counted(self):
         """Each folder counts the files and bytes under it at any depth."""

@@ -22,6 +22,7 @@ from minitorrent.common.partfile import (
     NotEnoughSpace,
     PartFile,
     PartFileClosed,
+    PartFileRefused,
     discard_recorded,
     finish_interrupted_installs,
     part_names,
@@ -404,6 +405,44 @@ class TestSwappedFiles:
         after_first_call(monkeypatch, "fstat", lambda: replace_with_foreign(part.path, foreign))
         discard_recorded(store, tmp_path / "movie.bin")
         assert (foreign, []) == (part.path.read_bytes(), store.in_progress())
+
+
+class TestSwappedFolders:
+    def test_a_folder_swapped_for_a_link_while_the_file_arrives_does_not_take_it_out(self, store, tmp_path,
+                                                                                   manifest):
+        """The folder becomes a link out after open: the file is installed in the folder opened, nothing outside."""
+        output, outside = tmp_path / "downloads", tmp_path / "outside"
+        (output / "photos").mkdir(parents=True)
+        outside.mkdir()
+        part = PartFile.open(store, output / "photos" / "movie.bin", "photos/movie.bin", manifest,
+                             output / "photos" / "movie.bin.part", inside=output)
+        write_all(part)
+        (output / "photos").rename(output / "moved")  # another user of the machine swaps the folder ...
+        (output / "photos").symlink_to(outside)  # ... for a link leading out
+        part.install()
+        assert ([], DATA) == (list(outside.iterdir()), (output / "moved" / "movie.bin").read_bytes())
+
+    def test_a_folder_that_already_leads_out_is_refused_before_anything_is_created(self, store, tmp_path, manifest):
+        """With ``inside``, a folder whose real path lies outside it is refused: no part file, no record."""
+        output, outside = tmp_path / "downloads", tmp_path / "outside"
+        output.mkdir()
+        outside.mkdir()
+        (output / "photos").symlink_to(outside)
+        with pytest.raises(PartFileRefused, match="leads outside"):
+            PartFile.open(store, output / "photos" / "movie.bin", "photos/movie.bin", manifest,
+                          output / "photos" / "movie.bin.part", inside=output)
+        assert ([], []) == (list(outside.iterdir()), store.in_progress())
+
+    def test_a_link_that_stays_inside_is_followed(self, store, tmp_path, manifest):
+        """A folder that is a link to another folder inside the output folder works as before."""
+        output = tmp_path / "downloads"
+        (output / "real").mkdir(parents=True)
+        (output / "alias").symlink_to(output / "real")
+        part = PartFile.open(store, output / "alias" / "movie.bin", "alias/movie.bin", manifest,
+                             output / "alias" / "movie.bin.part", inside=output)
+        write_all(part)
+        part.install()
+        assert DATA == (output / "real" / "movie.bin").read_bytes()
 
 
 class TestLocalFaults:
