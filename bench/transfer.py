@@ -49,6 +49,7 @@ differs from the source's).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shutil
@@ -62,6 +63,7 @@ import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Iterator
 
 # common first: importing it puts the project root on sys.path.
 from common import (
@@ -247,27 +249,31 @@ def _kill(process: subprocess.Popen) -> None:
         pass
 
 
-def run_baseline(source: Path, target: Path, size: int, mode: str = "plain") -> float:
-    """Send ``source`` over 127.0.0.1 with sendfile to a recv_into receiver process; seconds taken."""
-    receiver = subprocess.Popen([sys.executable, "-c", RECEIVER, str(target), mode], stdout=subprocess.PIPE,
-                                text=True)
+@contextlib.contextmanager
+def receiver_process(script: str, *args: str) -> Iterator[tuple[subprocess.Popen, int]]:
+    """A receiver run as ``python -c script args...`` and the port it printed; killed (if still there) at the end."""
+    receiver = subprocess.Popen([sys.executable, "-c", script, *args], stdout=subprocess.PIPE, text=True)
     try:
         line = receiver.stdout.readline()
         if not line.strip().isdigit():
-            raise BenchError(f"baseline receiver did not start (said {line!r})")
-        port = int(line)
-        with open(source, "rb") as file:
-            started = time.perf_counter()
-            with socket.create_connection(("127.0.0.1", port), timeout=START_TIMEOUT_S) as sock:
-                sent = sock.sendfile(file)
-                sock.shutdown(socket.SHUT_WR)
-                done = receiver.stdout.readline()  # the receiver has closed its file
-            seconds = time.perf_counter() - started
+            raise BenchError(f"receiver did not start (said {line!r})")
+        yield receiver, int(line)
         receiver.wait(START_TIMEOUT_S)
     finally:
         _kill(receiver)
         receiver.wait()
         receiver.stdout.close()
+
+
+def run_baseline(source: Path, target: Path, size: int, mode: str = "plain") -> float:
+    """Send ``source`` over 127.0.0.1 with sendfile to a recv_into receiver process; seconds taken."""
+    with receiver_process(RECEIVER, str(target), mode) as (receiver, port), open(source, "rb") as file:
+        started = time.perf_counter()
+        with socket.create_connection(("127.0.0.1", port), timeout=START_TIMEOUT_S) as sock:
+            sent = sock.sendfile(file)
+            sock.shutdown(socket.SHUT_WR)
+            done = receiver.stdout.readline()  # the receiver has closed its file
+        seconds = time.perf_counter() - started
     if sent != size or done.split() != ["done", str(size)]:
         raise BenchError(f"baseline moved {sent} bytes, receiver said {done.strip()!r}; expected {size}")
     return seconds
@@ -275,26 +281,16 @@ def run_baseline(source: Path, target: Path, size: int, mode: str = "plain") -> 
 
 def run_tls_floor(source: Path, target: Path, size: int, certificate: Path) -> float:
     """Send ``source`` over ``TLS_STREAMS`` TLS connections to the TLS floor's receiver; seconds taken."""
-    receiver = subprocess.Popen([sys.executable, "-c", TLS_RECEIVER, str(target), str(size), str(certificate),
-                                 str(TLS_STREAMS)], stdout=subprocess.PIPE, text=True)
-    try:
-        line = receiver.stdout.readline()
-        if not line.strip().isdigit():
-            raise BenchError(f"TLS floor receiver did not start (said {line!r})")
+    with receiver_process(TLS_RECEIVER, str(target), str(size), str(certificate), str(TLS_STREAMS)) as (
+            receiver, port):
         started = time.perf_counter()
-        senders = [threading.Thread(target=_send_tls_stream, args=(source, int(line), size, k))
-                   for k in range(TLS_STREAMS)]
+        senders = [threading.Thread(target=_send_tls_stream, args=(source, port, size, k)) for k in range(TLS_STREAMS)]
         for sender in senders:
             sender.start()
         for sender in senders:
             sender.join()
         done = receiver.stdout.readline()  # every chunk hashed, written and the file synced
         seconds = time.perf_counter() - started
-        receiver.wait(START_TIMEOUT_S)
-    finally:
-        _kill(receiver)
-        receiver.wait()
-        receiver.stdout.close()
     if done.split() != ["done", str(size)]:
         raise BenchError(f"TLS floor receiver said {done.strip()!r}; expected {size} bytes")
     return seconds
