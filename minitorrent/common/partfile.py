@@ -191,9 +191,12 @@ class PartFile:
 
     @property
     def verified_count(self) -> int:
-        """How many chunks are written and recorded."""
-        with self._lock:
-            return len(self._verified)
+        """How many chunks are written and recorded.
+
+        Read without the lock (``len`` of a set is one atomic step): a progress
+        report must not wait while another stream writes its chunk under it.
+        """
+        return len(self._verified)
 
     def has(self, index: int) -> bool:
         """True if chunk ``index`` is written and recorded."""
