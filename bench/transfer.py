@@ -41,7 +41,9 @@ The client's CPU time (user + system, from ``os.wait4``) is reported per GiB:
 run with ``--chunk-size 64K`` and ``--chunk-size 1M`` to see that it does not
 grow with the number of chunks.
 
-Targets: MiniTorrent / baseline >= 0.6, client peak RSS <= 100 MiB.
+Targets: MiniTorrent / baseline >= 0.6, client peak RSS <= 100 MiB. The ratio
+target was set before every connection ran TLS; ``baseline / TLS floor``
+says how much of it any TLS receiver can reach on the machine at hand.
 A benchmark, not a test: it prints PASS or MISS per target and exits 0. It
 exits 1 only if something is broken (a process fails, a download's SHA-256
 differs from the source's).
@@ -86,7 +88,7 @@ from minitorrent.common.launcher import ServerProcess, write_config
 from minitorrent.wire import identity
 
 FILE_NAME = "bench payload.bin"  # a space, as real names have
-RATIO_TARGET = 0.6  # one SHA-256 pass (0.53 CPU-s/GiB) beside the raw transfer (0.4 s/GiB) on 2 cores: about 0.7
+RATIO_TARGET = 0.6  # set for plain TCP (a SHA-256 pass beside the raw transfer: about 0.7); TLS allows less: the TLS floor row
 RSS_TARGET_MIB = 100.0  # the client's memory must not grow with the file
 START_TIMEOUT_S = 60.0  # a process start on a loaded machine
 MIN_RATE_BPS = 5e6  # any slower than this and a run is considered hung
