@@ -111,7 +111,7 @@ def folder_entries(server: ServerClient, folder: str) -> list[dict]:
     except ProtocolError as error:
         raise DownloadError(str(error)) from error
     prefix = folder.rstrip("/") + "/"
-    entries = sorted((e for e in server.list_files(prefix) if str(e.get("name", "")).startswith(prefix)),
+    entries = sorted((e for e in server.list_files(prefix, under=prefix) if str(e.get("name", "")).startswith(prefix)),
                      key=lambda e: e["name"])
     if not entries:
         raise DownloadError(f"{prefix}: no such folder on the server")
@@ -137,6 +137,7 @@ class FolderDownload:
         self._staging_fd = -1
         self._staged_shas: set[str] = set()  # verified and staged (this run or reused from the last)
         self._changes: list[tuple[str, str]] = []  # files whose state changed since the last progress report
+        self._listed: dict[str, set[str]] = {}  # output folder -> the names in it when first looked at
 
     def run(self) -> FolderResult:
         """Download every file of the folder; failures of single files are listed, not raised."""
@@ -200,12 +201,24 @@ class FolderDownload:
 
     def _present(self, final: str, sha256: str) -> bool:
         """True (and counted) if ``final`` holds that content; ``DownloadError`` if it holds another."""
-        if not os.path.lexists(final):
+        folder, name = os.path.split(final)
+        if name not in self._names_in(folder):
             return False
         if not os.path.isfile(final) or sha256_file(final) != sha256:
             raise DownloadError(f"{final} already exists with different content; not overwriting it")
         self.result.present += 1
         return True
+
+    def _names_in(self, folder: str) -> set[str]:
+        """What ``folder`` holds, listed once: one listing a folder, not a stat a file (usually it is not there yet)."""
+        names = self._listed.get(folder)
+        if names is None:
+            try:
+                names = set(os.listdir(folder))
+            except (FileNotFoundError, NotADirectoryError):
+                names = set()
+            self._listed[folder] = names
+        return names
 
     def _large_file(self, name: str) -> None:
         if self.cancel.is_set():

@@ -129,14 +129,15 @@ class FileSource(Protocol):
     def list_files(self, search: str, offset: int = 0, limit: int | None = None) -> tuple[list[dict], int]:
         """A page of the entries whose names contain ``search`` (any case), by name, and how many match."""
 
-    def list_page(self, search: str, after: str, limit: int, matches: int) -> ListingPage:
+    def list_page(self, search: str, after: str, limit: int, matches: int, under: str = "") -> ListingPage:
         """Up to ``limit`` entries whose names contain ``search`` and sort after ``after``, by name.
 
         ``matches`` is how many names matched when the listing began (a hint).
+        ``under`` (a folder ending in ``/``, or ""): only names that start with it.
         """
 
-    def count_matching(self, search: str) -> int:
-        """How many names contain ``search`` (any case); all of them for ""."""
+    def count_matching(self, search: str, under: str = "") -> int:
+        """How many names contain ``search`` (any case); all of them for "" (only those under ``under``)."""
 
     def count_files(self) -> tuple[int, int]:
         """(number of files, total bytes)."""
@@ -146,6 +147,9 @@ class FileSource(Protocol):
 
     def locate_chunk(self, name: str, sha256: str, index: int) -> ChunkLocation:
         """Where chunk ``index`` of that version of ``name`` is; ``RequestFailed`` if not served."""
+
+    def locate_files(self, names: list[str], sha256s: list[str]) -> list[ChunkLocation | RequestFailed]:
+        """``locate_chunk(name, sha256, 0)`` for each file of a ``get_files`` batch, or the ``RequestFailed`` it raises."""
 
     def record_download(self, name: str, sha256: str) -> None:
         """A client finished and verified a download of ``name``."""
@@ -785,9 +789,9 @@ class _Handler:
         """Several one-chunk files in one frame; one that cannot be served gets size -1 and its error code."""
         sizes, errors, parts = [], [], []
         room = protocol.MAX_CHUNK_BYTES
-        for name, sha256 in zip(request.names, request.sha256s):
+        for name, where in zip(request.names, self.server.source.locate_files(request.names, request.sha256s)):
             try:
-                data = self._read_whole(self.server.source.locate_chunk(name, sha256, 0), name, room)
+                data = self._read_whole(where, name, room)
             except RequestFailed as error:
                 sizes.append(-1)
                 errors.append(error.code)
@@ -800,8 +804,13 @@ class _Handler:
         self.server.upload_limit.consume(len(payload))
         self.connection.send(protocol.FilesData(sizes=sizes, errors=errors), payload)
 
-    def _read_whole(self, where: ChunkLocation, label: str, room: int) -> bytes:
-        """The bytes at ``where`` (read, not sent by sendfile: they go out with their neighbours in one frame)."""
+    def _read_whole(self, where: ChunkLocation | RequestFailed, label: str, room: int) -> bytes:
+        """The bytes at ``where`` (read, not sent by sendfile: they go out with their neighbours in one frame).
+
+        ``RequestFailed`` if ``where`` is one (the file is not served) or the bytes cannot be read.
+        """
+        if isinstance(where, RequestFailed):
+            raise where
         if where.length > room:
             raise RequestFailed(ErrorCode.OUT_OF_RANGE, f"{label} does not fit in this reply; ask for it alone")
         try:  # a bare descriptor, not ``_file``'s buffered object: each small file is opened once, for one read
@@ -886,8 +895,8 @@ def cursor_page(source: FileSource, request: protocol.ListFiles) -> tuple[protoc
     """
     total, after = protocol.parse_cursor(request.cursor)
     if not after:
-        total = min(source.count_matching(request.search), protocol.MAX_LIST_TOTAL)
+        total = min(source.count_matching(request.search, request.under), protocol.MAX_LIST_TOTAL)
     limit = min(request.limit, protocol.MAX_LIST_PAGE_ENTRIES)
-    page = source.list_page(request.search, after, limit, total)
+    page = source.list_page(request.search, after, limit, total, request.under)
     following = protocol.make_cursor(total, page.last_name) if page.count == limit and page.more else ""
     return protocol.FileList(files=[], total=total, next=following), page.entries_json

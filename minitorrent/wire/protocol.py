@@ -337,6 +337,11 @@ class ListFiles(Message):
     ``next``; "" for the first page), in the reply's payload. With ``limit``
     0, protocol 1's paging, kept for older clients: at most
     ``MAX_LIST_ENTRIES`` entries from ``offset``, in the reply's header.
+    ``under`` (a folder ending in ``/``; cursor pages only): only the names
+    in that folder, read by a range of the name key. A server older than the
+    field ignores it and lists every name containing ``search``: a client
+    asking for a folder sends its path as ``search`` too, and keeps the names
+    that start with it.
     """
 
     TYPE = "list"
@@ -344,11 +349,16 @@ class ListFiles(Message):
     offset: int = 0
     cursor: str = ""
     limit: int = 0
+    under: str = ""
 
     def validate(self) -> None:
         _require(0 <= self.offset <= MAX_LIST_TOTAL, f"offset must be in 0..{MAX_LIST_TOTAL}", ErrorCode.OUT_OF_RANGE)
         _require(self.limit >= 0, "limit must not be negative", ErrorCode.OUT_OF_RANGE)
         parse_cursor(self.cursor)
+        if self.under:
+            _require(self.limit > 0, "under needs a cursor listing (a limit)")
+            _require(self.under.endswith("/"), "under must be a folder ending in '/'", ErrorCode.BAD_NAME)
+            check_folder_name(self.under[:-1])
 
 
 def make_cursor(total: int, last_name: str) -> str:
