@@ -65,8 +65,8 @@ from minitorrent.wire.protocol import ProtocolError, check_file_name, check_fold
 log = logging.getLogger(__name__)
 
 STAGING = ".minitorrent-incoming"  # inside the output folder: same file system, so a link is atomic
-REPORTS_IN_FLIGHT = 8  # downloaded_many frames of up to ~70 KiB: a few at a time, so no write can block on a full buffer
-BATCH_BYTES = 1024 * 1024  # file bytes asked for in one get_files: a reply is at most this (and the receive buffer)
+REPORTS_IN_FLIGHT = 8  # report frames (up to 1 MiB each) sent before their answers (tiny) are read
+BATCH_BYTES = 1024 * 1024  # file bytes asked for in one get_batch or get_files: a reply is at most this (the receive buffer)
 BATCHES_IN_FLIGHT = 4  # get_files requests outstanding: the server reads the next batch while we write this one
 PROGRESS_EVERY_FILES = 64  # the folder's progress is told every this many small files, not 10,000 times
 # A one-chunk file this big is worth a download of its own when a peer holds it (P2P, as for any file): a
@@ -294,17 +294,20 @@ class FolderDownload:
         """Keep ``BATCHES_IN_FLIGHT`` ``get_files`` requests in flight; stage each verified file of each reply."""
         in_flight: deque[list[_Small]] = deque()
         buffer = bytearray(max(BATCH_BYTES, max((f.size for f in missing), default=0)))
+        listed = protocol.FEATURE_BATCHES in session.welcome.features.split()  # else protocol 1's get_files
         try:
             while missing or in_flight:
                 if self.cancel.is_set():
                     raise DownloadCancelled(f"{self.folder}: stopped; what was verified is kept")
-                requests = []
+                requests, payloads = [], []
                 while missing and len(in_flight) < BATCHES_IN_FLIGHT:
-                    batch = _next_batch(missing)
+                    batch = _take_batch(missing, listed, BATCH_BYTES, _size)
                     in_flight.append(batch)
-                    requests.append(protocol.GetFiles([f.name for f in batch], [f.sha256 for f in batch]))
+                    names, sha256s = [f.name for f in batch], [f.sha256 for f in batch]
+                    requests.append(protocol.GetBatch() if listed else protocol.GetFiles(names, sha256s))
+                    payloads.append(protocol.encode_batch(names, sha256s) if listed else b"")
                 if requests:
-                    session.connection.send_many(requests)
+                    session.connection.send_many(requests, payloads)
                 frame = session.receive(protocol.FilesData, buffer)
                 self._take_batch(in_flight.popleft(), frame)
         finally:
@@ -496,28 +499,45 @@ class _FolderFds:
         self._fds.clear()
 
 
-def _next_batch(missing: deque[_Small]) -> list[_Small]:
-    """Up to MAX_BATCH_FILES non-empty files off ``missing``, at most BATCH_BYTES of them (at least one)."""
+def _take_batch(files: deque[_Small], listed: bool, most_bytes: int, cost: Callable[[_Small], int]) -> list[_Small]:
+    """Files off the front of ``files`` for one request (at least one), while their ``cost`` adds up to at most
+    ``most_bytes`` and the request stays in its bounds: a ``get_batch`` or ``downloaded_batch`` (``listed``)
+    names ``MAX_LISTED_BATCH_FILES`` in ``MAX_BATCH_LIST_BYTES``, protocol 1's requests ``MAX_BATCH_FILES``."""
+    most_files = protocol.MAX_LISTED_BATCH_FILES if listed else protocol.MAX_BATCH_FILES
     batch: list[_Small] = []
-    total = 0
-    while missing and len(batch) < protocol.MAX_BATCH_FILES:
-        file = missing[0]
-        if batch and total + file.size > BATCH_BYTES:
+    total = named = 0
+    while files and len(batch) < most_files:
+        file = files[0]
+        entry = protocol.batch_entry_bytes(file.name) if listed else 0
+        if batch and (total + cost(file) > most_bytes or named + entry > protocol.MAX_BATCH_LIST_BYTES):
             break
-        batch.append(missing.popleft())
-        total += file.size
+        batch.append(files.popleft())
+        total += cost(file)
+        named += entry
     return batch
 
 
+def _size(file: _Small) -> int:
+    return file.size
+
+
+def _nothing(file: _Small) -> int:
+    return 0
+
+
 def _report_all(session: ServerSession, files: list[_Small]) -> None:
-    """``downloaded_many`` requests, all sent before the first answer is read (each is one small frame)."""
-    step = protocol.MAX_BATCH_FILES
-    requests = [protocol.ReportDownloadedMany([f.name for f in files[i:i + step]], [f.sha256 for f in files[i:i + step]])
-                for i in range(0, len(files), step)]
+    """``downloaded_batch`` requests (``downloaded_many`` to an older server), all sent before the first answer is read."""
+    listed = protocol.FEATURE_BATCHES in session.welcome.features.split()
+    left = deque(files)
+    requests, payloads = [], []
+    while left:
+        batch = _take_batch(left, listed, 0, _nothing)
+        names, sha256s = [f.name for f in batch], [f.sha256 for f in batch]
+        requests.append(protocol.ReportDownloadedBatch() if listed else protocol.ReportDownloadedMany(names, sha256s))
+        payloads.append(protocol.encode_batch(names, sha256s) if listed else b"")
     for start in range(0, len(requests), REPORTS_IN_FLIGHT):
-        window = requests[start:start + REPORTS_IN_FLIGHT]
-        session.connection.send_many(window)
-        for _ in window:
+        session.connection.send_many(requests[start:start + REPORTS_IN_FLIGHT], payloads[start:start + REPORTS_IN_FLIGHT])
+        for _ in requests[start:start + REPORTS_IN_FLIGHT]:
             session.receive(protocol.Ok)
 
 

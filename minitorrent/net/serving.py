@@ -454,7 +454,7 @@ class RequestServer:
             role, epoch, primary = ("active" if node.is_active() else "standby"), node.epoch, node.primary
         epoch_proof = auth.prove_epoch(self.epoch_secret, epoch, self.server_id) if node and role == "active" else ""
         return protocol.Welcome(protocol.PROTOCOL_VERSION, role, epoch, self.server_id, self.name, primary,
-                                nonce, proof, epoch_proof)
+                                nonce, proof, epoch_proof, protocol.FEATURES)
 
     def observe_relayed_epoch(self, hello: protocol.Hello, peer: str) -> None:
         """Learn the epoch a client relays, if a server holding the cluster secret proved it; else ignore it.
@@ -522,7 +522,7 @@ class _Handler:
 
     CLIENT_REQUESTS = (protocol.GetChunk, protocol.ListFiles, protocol.GetManifest, protocol.CountFiles,
                        protocol.ReportDownloaded, protocol.Announce, protocol.GetPeers, protocol.GetFiles,
-                       protocol.ReportDownloadedMany)
+                       protocol.ReportDownloadedMany, protocol.GetBatch, protocol.ReportDownloadedBatch)
 
     def __init__(self, server: RequestServer, connection: Connection) -> None:
         self.server = server
@@ -664,7 +664,9 @@ class _Handler:
         elif isinstance(request, protocol.ListFiles):
             self._send_listing(request)
         elif isinstance(request, protocol.GetFiles):
-            self._send_files(request)
+            self._send_files(request.names, request.sha256s)
+        elif isinstance(request, protocol.GetBatch):
+            self._send_files(*protocol.decode_batch(frame.payload))
         elif isinstance(request, protocol.GetManifest):
             header, digests = source.manifest(request.name)
             self.connection.send(protocol.ManifestInfo(name=request.name, **header), digests)
@@ -678,10 +680,9 @@ class _Handler:
                 self.server.metrics.download_finished(request.name)
             self.connection.send(protocol.Ok())
         elif isinstance(request, protocol.ReportDownloadedMany):
-            source.record_downloads(list(zip(request.names, request.sha256s)))
-            for name in request.names:
-                self.server.metrics.download_finished(name)
-            self.connection.send(protocol.Ok())
+            self._count_downloads(request.names, request.sha256s)
+        elif isinstance(request, protocol.ReportDownloadedBatch):
+            self._count_downloads(*protocol.decode_batch(frame.payload))
         else:
             self._serve_tracker_request(frame)
 
@@ -785,11 +786,17 @@ class _Handler:
         reply = protocol.ChunkData(name=request.name, index=request.index)
         self.send_stored_bytes(reply, where, request.name)
 
-    def _send_files(self, request: protocol.GetFiles) -> None:
+    def _count_downloads(self, names: list[str], sha256s: list[str]) -> None:
+        """A batch of finished downloads: counted in one commit (those shared as that version), then ``Ok``."""
+        self.server.source.record_downloads(list(zip(names, sha256s)))
+        self.server.metrics.downloads_finished(names)
+        self.connection.send(protocol.Ok())
+
+    def _send_files(self, names: list[str], sha256s: list[str]) -> None:
         """Several one-chunk files in one frame; one that cannot be served gets size -1 and its error code."""
         sizes, errors, parts = [], [], []
         room = protocol.MAX_CHUNK_BYTES
-        for name, where in zip(request.names, self.server.source.locate_files(request.names, request.sha256s)):
+        for name, where in zip(names, self.server.source.locate_files(names, sha256s)):
             try:
                 data = self._read_whole(where, name, room)
             except RequestFailed as error:

@@ -493,6 +493,7 @@ class Welcome(Message):
     nonce: str = ""  # to a peer: the server's challenge
     proof: str = ""  # to a peer: the server's answer to the peer's challenge
     epoch_proof: str = ""  # HMAC over (epoch, server_id) with the cluster secret: clients relay it
+    features: str = ""  # space-separated: what it answers beyond protocol 1's first messages ("batches"; see FEATURES)
 
     def validate(self) -> None:
         _check_epoch(self.epoch)
@@ -593,7 +594,7 @@ class FilesData(Message):
     errors: list
 
     def validate(self) -> None:
-        _require(len(self.sizes) == len(self.errors) <= MAX_BATCH_FILES, "files_data: one size and error per file")
+        _require(len(self.sizes) == len(self.errors) <= MAX_LISTED_BATCH_FILES, "files_data: one size and error per file")
         _require(all(isinstance(n, int) and not isinstance(n, bool) and n >= -1 for n in self.sizes),
                  "files_data sizes must be integers of at least -1")
 
@@ -721,6 +722,78 @@ def _bitmap_field(value: object) -> bytes | None:
     if not isinstance(value, str):
         raise ValueError("have must be base64 text or null")
     return base64.b64decode(value, validate=True)
+
+
+# Batches named in the payload (servers whose welcome lists FEATURE_BATCHES) ------------
+
+FEATURE_BATCHES = "batches"  # answers get_batch and downloaded_batch
+FEATURES = FEATURE_BATCHES  # what this version's servers say in Welcome.features
+MAX_LISTED_BATCH_FILES = 1024  # files in one batch: the files_data answering it has 1,024 sizes and codes, under 16 KiB
+MAX_BATCH_LIST_BYTES = MAX_CLIENT_PAYLOAD  # a batch's payload (its names and versions): what a client may send
+
+
+@dataclass(frozen=True)
+class GetBatch(Message):
+    """``GetFiles`` for up to ``MAX_LISTED_BATCH_FILES`` files named in the payload (``encode_batch``).
+
+    Answered by one ``FilesData``. A folder of 10,000 small files is ten of
+    these, not 157 ``get_files``, and the names need no JSON header of their
+    own. The server only looks the names up: one it does not share (or a
+    name no rule allows, which it cannot share) gets size -1 and
+    ``NOT_FOUND``, as in ``GetFiles``.
+    """
+
+    TYPE = "get_batch"
+    MAX_PAYLOAD = MAX_BATCH_LIST_BYTES
+
+
+@dataclass(frozen=True)
+class ReportDownloadedBatch(Message):
+    """``ReportDownloadedMany`` for up to ``MAX_LISTED_BATCH_FILES`` files named in the payload; answered ``Ok``."""
+
+    TYPE = "downloaded_batch"
+    MAX_PAYLOAD = MAX_BATCH_LIST_BYTES
+
+
+def encode_batch(names: list[str], sha256s: list[str]) -> bytes:
+    """The payload of a ``GetBatch`` or ``ReportDownloadedBatch``: ``{"names": [...], "sha256s": [...]}``.
+
+    Raises ``LocalProtocolError`` if it would break the limits a server checks (``decode_batch``).
+    """
+    payload = json.dumps({"names": names, "sha256s": sha256s}, ensure_ascii=False, separators=(",", ":")).encode()
+    if not 0 < len(names) <= MAX_LISTED_BATCH_FILES or len(payload) > MAX_BATCH_LIST_BYTES:
+        raise LocalProtocolError(f"a batch of {len(names)} files in {len(payload)} bytes breaks the batch limits")
+    return payload
+
+
+def batch_entry_bytes(name: str) -> int:
+    """At most what one file adds to ``encode_batch``'s payload: a caller fills a batch to the byte limit with it.
+
+    A character is at most 4 bytes of UTF-8, or 2 once JSON escapes it (a
+    quote); its sha256 and the quotes and commas add 72.
+    """
+    return 4 * len(name) + 72
+
+
+def decode_batch(payload: bytes | memoryview) -> tuple[list[str], list[str]]:
+    """(names, sha256s) of a batch payload; ``RemoteProtocolError`` (BAD_REQUEST) unless it keeps the limits.
+
+    1 to ``MAX_LISTED_BATCH_FILES`` names, each text of at most
+    ``MAX_PATH_BYTES`` characters, and as many 64-character sha256s. Checked
+    over C iterators: a batch is a thousand names. The names are not put
+    through ``check_file_name`` here: a server only looks them up.
+    """
+    try:
+        document = json.loads(bytes(payload))
+        names, sha256s = document["names"], document["sha256s"]
+    except (ValueError, RecursionError, KeyError, TypeError) as error:
+        raise RemoteProtocolError(f"bad batch: {error!r}", ErrorCode.BAD_REQUEST, True) from error
+    _require(type(names) is list and type(sha256s) is list and 0 < len(names) == len(sha256s) <= MAX_LISTED_BATCH_FILES,
+             f"a batch names 1 to {MAX_LISTED_BATCH_FILES} files, one sha256 each", ErrorCode.OUT_OF_RANGE)
+    _require(set(map(type, names)) == {str} == set(map(type, sha256s)), "a batch's names and sha256s must be text")
+    _require(max(map(len, names)) <= MAX_PATH_BYTES and set(map(len, sha256s)) == {64},
+             f"a batch's names are at most {MAX_PATH_BYTES} characters, its sha256s 64")
+    return names, sha256s
 
 
 # Peer messages: main server to backup, after authentication -------------------

@@ -1,6 +1,7 @@
 """Folders end to end over real sockets: shared whole, listed, downloaded with structure and checks."""
 from __future__ import annotations
 
+import json
 import os
 import threading
 from pathlib import Path
@@ -8,11 +9,13 @@ from pathlib import Path
 import pytest
 from conftest import make_config, make_file
 
-from error_handler import DownloadError
+from error_handler import DownloadError, MiniTorrentError
 from integrity import Manifest, sha256_file
 from minitorrent.client.engine import ClientEngine
 from minitorrent.client.folders import STAGING, FolderSummary, summarize_folders
 from minitorrent.client.progress import Progress
+from minitorrent.net import serving
+from minitorrent.wire import protocol
 
 CHUNK = 64 * 1024
 
@@ -345,3 +348,79 @@ class TestFailover:
         assert (False, [], 200) == (worker.is_alive(), outcome[0].failed, outcome[0].downloaded)
         assert tree(source.parent) == tree(tmp_path / "out")
         assert {name: 1 for name in second.catalog.names_at("tree/")} == second.catalog.download_counts()
+
+
+class TestBatches:
+    def test_an_older_server_is_asked_with_get_files_and_downloaded_many(self, tmp_path, server_factory, photos,
+                                                                        monkeypatch):
+        """A server whose welcome lists no batches feature gets protocol 1's requests: every file arrives, counted once."""
+        monkeypatch.setattr(protocol, "FEATURES", "")
+        asked: list[str] = []
+        serve_client_request = serving._Handler._serve_client_request
+        monkeypatch.setattr(serving._Handler, "_serve_client_request",
+                            lambda handler, frame: (asked.append(frame.message.TYPE), serve_client_request(handler, frame)))
+        server = server_factory({"transfer": {"chunk_size": CHUNK}})
+        server.add_folder(photos)
+        engine = engine_for(tmp_path, server)
+        try:
+            result = engine.download_folder("photos/", tmp_path / "out")
+        finally:
+            engine.close()
+        assert ([], tree(photos.parent), {"get_files", "downloaded_many"}) == (
+            result.failed, tree(tmp_path / "out"), {"get_files", "downloaded_many"} & set(asked))
+        assert ({name: 1 for name in server.catalog.names_at("photos/")}, set()) == (
+            server.catalog.download_counts(), {"get_batch", "downloaded_batch"} & set(asked))
+
+    def test_a_thousand_files_come_in_a_few_batches(self, tmp_path, server_factory, monkeypatch):
+        """1,500 small files: asked in get_batch requests of at most MAX_LISTED_BATCH_FILES, counted by downloaded_batch."""
+        asked: list[tuple[str, int]] = []
+        serve_client_request = serving._Handler._serve_client_request
+
+        def spy(handler, frame):
+            batch = len(protocol.decode_batch(frame.payload)[0]) if frame.payload else 0
+            asked.append((frame.message.TYPE, batch))
+            return serve_client_request(handler, frame)
+        monkeypatch.setattr(serving._Handler, "_serve_client_request", spy)
+        source = tmp_path / "src" / "many"
+        for i in range(1500):
+            make_file(source / f"d{i // 500}" / f"f{i:04d}.bin", 100, seed=i)
+        server = server_factory()
+        server.add_folder(source)
+        engine = engine_for(tmp_path, server)
+        try:
+            result = engine.download_folder("many/", tmp_path / "out")
+        finally:
+            engine.close()
+        batches = [count for kind, count in asked if kind == "get_batch"]
+        reports = [count for kind, count in asked if kind == "downloaded_batch"]
+        assert (1500, [], 1500, 1500, 2, True) == (result.downloaded, result.failed, sum(batches), sum(reports),
+                                                    len(reports), max(batches) <= protocol.MAX_LISTED_BATCH_FILES)
+
+
+class TestLyingBatches:
+    @pytest.mark.parametrize("sizes, errors, payload", [
+        ([3000] * 2, [""] * 2, b"x" * 6000),  # two files answered for the batch of four asked
+        ([10] * 4, [""] * 4, b"x" * 41),  # sizes that do not add up to the payload
+        ([1] * (protocol.MAX_LISTED_BATCH_FILES + 1), [""] * (protocol.MAX_LISTED_BATCH_FILES + 1), b""),  # over the bound
+    ], ids=["fewer-files", "sizes-and-payload-disagree", "over-the-batch-bound"])
+    def test_a_lying_files_data_fails_the_folder_and_places_nothing(self, tmp_path, server_factory, photos,
+                                                                    monkeypatch, sizes, errors, payload):
+        """A files_data that does not answer the batch as asked is refused: no file gets its final name, no loop."""
+        server = server_factory({"transfer": {"chunk_size": CHUNK}})
+        server.add_folder(photos)
+        monkeypatch.setattr(serving._Handler, "_send_files", _raw_files_data(sizes, errors, payload))
+        engine = engine_for(tmp_path, server)
+        try:
+            with pytest.raises(MiniTorrentError):
+                engine.download_folder("photos/", tmp_path / "out")
+        finally:
+            engine.close()
+        assert {} == tree(tmp_path / "out")
+
+
+def _raw_files_data(sizes: list[int], errors: list[str], payload: bytes):
+    """A ``_send_files`` that answers any batch with this ``files_data``, built by hand (past FilesData's own checks)."""
+    def send(handler, names, sha256s):
+        header = json.dumps({"type": "files_data", "sizes": sizes, "errors": errors}).encode()
+        handler.connection.sock.sendall(protocol.PREFIX.pack(protocol.MAGIC, len(header), len(payload)) + header + payload)
+    return send
