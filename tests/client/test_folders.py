@@ -12,7 +12,7 @@ from conftest import make_config, make_file
 from error_handler import DownloadError, MiniTorrentError
 from integrity import Manifest, sha256_file
 from minitorrent.client.engine import ClientEngine
-from minitorrent.client.folders import STAGING, FolderSummary, summarize_folders
+from minitorrent.client.folders import STAGING, FolderSummary, staging_key, summarize_folders
 from minitorrent.client.progress import Progress
 from minitorrent.net import serving
 from minitorrent.wire import protocol
@@ -46,6 +46,11 @@ def tree(root: Path) -> dict[str, str]:
     """relative path -> sha256 of every file under ``root`` (staging excluded)."""
     return {p.relative_to(root).as_posix(): sha256_file(p) for p in root.rglob("*")
             if p.is_file() and STAGING not in p.parts}
+
+
+def staged_files(staging: Path) -> int:
+    """How many files are staged under ``staging`` (at any depth)."""
+    return sum(len(names) for _, _, names in os.walk(staging))
 
 
 @pytest.fixture
@@ -89,21 +94,21 @@ class TestFolderDownload:
         assert (0, 6, 0) == (again.downloaded, again.present, again.fetched_bytes)
 
     def test_staged_file_from_a_crash_is_reused_and_a_damaged_one_refetched(self, tmp_path, server_factory, photos):
-        """A staged file that still hashes to its name is installed without a fetch; a damaged one is fetched again."""
+        """A staged file that still hashes to its version is placed without a fetch; a damaged one is fetched
+        again; one the folder does not list is removed, never placed."""
         server = server_factory({"transfer": {"chunk_size": CHUNK}})
         server.add_folder(photos)
-        staging = tmp_path / "out" / STAGING
-        staging.mkdir(parents=True)
-        good = sha256_file(photos / "Case.txt")
-        os.link(photos / "Case.txt", staging / good)
-        damaged = sha256_file(photos / "case.txt")
-        (staging / damaged).write_bytes(b"not the content")
+        staged = tmp_path / "out" / STAGING / staging_key("photos/")
+        (staged / "2024").mkdir(parents=True)
+        os.link(photos / "Case.txt", staged / "Case.txt")
+        (staged / "case.txt").write_bytes(b"not the content")
+        (staged / "2024" / "not listed.txt").write_bytes(b"left by someone")
         engine = engine_for(tmp_path, server)
         try:
             result = engine.download_folder("photos/", tmp_path / "out")
         finally:
             engine.close()
-        assert tree(photos.parent) == tree(tmp_path / "out")
+        assert (tree(photos.parent), False) == (tree(tmp_path / "out"), (tmp_path / "out" / STAGING).exists())
         assert 3000 + 11 + 3 * CHUNK + 5 == result.fetched_bytes  # Case.txt (10 bytes) came from staging
 
     def test_existing_different_file_is_not_overwritten(self, tmp_path, server_factory, photos):
@@ -339,7 +344,7 @@ class TestFailover:
             second.add_folder(source)
             worker.start()
             staging = tmp_path / "out" / STAGING
-            wait_until(lambda: staging.is_dir() and len(os.listdir(staging)) >= 20, SHORT_TIMEOUT, "20 files staged")
+            wait_until(lambda: staged_files(staging) >= 20, SHORT_TIMEOUT, "20 files staged")
             proxy.close()
             first.stop()
             worker.join(SHORT_TIMEOUT * 3)
