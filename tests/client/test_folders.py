@@ -1,6 +1,7 @@
 """Folders end to end over real sockets: shared whole, listed, downloaded with structure and checks."""
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import threading
@@ -103,13 +104,40 @@ class TestFolderDownload:
         os.link(photos / "Case.txt", staged / "Case.txt")
         (staged / "case.txt").write_bytes(b"not the content")
         (staged / "2024" / "not listed.txt").write_bytes(b"left by someone")
+        outside = tmp_path / "outside.txt"
+        outside.write_bytes(b"")  # the content notes.txt (empty) is listed with
+        (staged / "notes.txt").symlink_to(outside)  # a link planted where a staged file goes: removed, not followed
+        os.mkfifo(staged / "2024" / "beach.jpg")  # a FIFO: never read (it would block), removed
         engine = engine_for(tmp_path, server)
         try:
             result = engine.download_folder("photos/", tmp_path / "out")
         finally:
             engine.close()
         assert (tree(photos.parent), False) == (tree(tmp_path / "out"), (tmp_path / "out" / STAGING).exists())
-        assert 3000 + 11 + 3 * CHUNK + 5 == result.fetched_bytes  # Case.txt (10 bytes) came from staging
+        assert (3000 + 11 + 3 * CHUNK + 5, False) == (result.fetched_bytes,  # Case.txt (10 bytes) came from staging
+                                                     (tmp_path / "out" / "photos" / "notes.txt").is_symlink())
+
+    def test_a_second_download_of_the_same_folder_into_the_same_place_is_refused(self, tmp_path, server_factory,
+                                                                                 photos):
+        """While one download stages photos/ in out/, another one of photos/ there fails with one line and places
+        nothing; once the first is done, it runs."""
+        server = server_factory({"transfer": {"chunk_size": CHUNK}})
+        server.add_folder(photos)
+        staging = tmp_path / "out" / STAGING
+        staging.mkdir(parents=True)
+        holder = os.open(staging / (staging_key("photos/") + ".lock"), os.O_RDWR | os.O_CREAT)
+        fcntl.flock(holder, fcntl.LOCK_EX)  # the first download, in another process
+        engine = engine_for(tmp_path, server)
+        try:
+            with pytest.raises(DownloadError, match="another download of that folder is running there"):
+                engine.download_folder("photos/", tmp_path / "out")
+            placed_meanwhile = sorted(p.name for p in (tmp_path / "out").glob("photos/*"))
+            os.close(holder)
+            result = engine.download_folder("photos/", tmp_path / "out")
+        finally:
+            engine.close()
+        assert ([], 6, [], tree(photos.parent)) == (placed_meanwhile, result.downloaded, result.failed,
+                                                    tree(tmp_path / "out"))
 
     def test_existing_different_file_is_not_overwritten(self, tmp_path, server_factory, photos):
         """A file already at a final name with other content is reported and kept; the rest arrive."""
