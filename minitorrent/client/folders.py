@@ -54,7 +54,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from error_handler import ConnectionFailed, DownloadCancelled, DownloadError, MiniTorrentError
 from integrity import sha256_file
@@ -99,8 +99,7 @@ class FolderResult:
         return "already present" if self.files and self.present == self.files else "downloaded"
 
 
-@dataclass(frozen=True)
-class _Small:
+class _Small(NamedTuple):  # a tuple: 10,000 of them are made as fast as a listing is read
     name: str
     size: int
     sha256: str
@@ -158,7 +157,7 @@ class FolderDownload:
     def _split(self, entries: list[dict]) -> tuple[list[_Small], list[dict]]:
         """Small files (at most one chunk, already present ones counted) and the rest."""
         small, large = [], []
-        inside = _InsideCheck(self.output_dir)
+        inside = _InsideCheck(self.output_dir, protocol.plainly_safe_names([entry.get("name") for entry in entries]))
         for entry in entries:
             try:
                 final = inside.destination(entry["name"])
@@ -200,7 +199,7 @@ class FolderDownload:
 
     def _present(self, final: str, sha256: str) -> bool:
         """True (and counted) if ``final`` holds that content; ``DownloadError`` if it holds another."""
-        folder, name = os.path.split(final)
+        folder, _, name = final.rpartition("/")
         if name not in self._names_in(folder):
             return False
         if not os.path.isfile(final) or sha256_file(final) != sha256:
@@ -395,19 +394,21 @@ class FolderDownload:
 class _InsideCheck:
     """``downloader.destination`` for many names: each folder's real path is resolved once, not once per file."""
 
-    def __init__(self, output_dir: Path) -> None:
+    def __init__(self, output_dir: Path, names_checked: bool = False) -> None:
         self.output_dir = output_dir
         self._output = str(output_dir)
+        self._names_checked = names_checked  # every name passed (protocol.plainly_safe_names) already
         self._checked: set[str] = set()
 
     def destination(self, name: str) -> str:
         """Where ``name`` goes; ``DownloadError`` if the name is unsafe or its folder leads out."""
-        try:
-            check_file_name(name)  # first: a name is never joined to a path before it passed
-        except ProtocolError as error:
-            raise DownloadError(str(error)) from error
+        if not self._names_checked:
+            try:
+                check_file_name(name)  # first: a name is never joined to a path before it passed
+            except ProtocolError as error:
+                raise DownloadError(str(error)) from error
         final = os.path.join(self._output, name)
-        folder = os.path.dirname(final)
+        folder = final.rpartition("/")[0]
         if folder not in self._checked:
             destination(self.output_dir, name)  # resolves the folder's real path; DownloadError if it leads out
             self._checked.add(folder)

@@ -513,6 +513,24 @@ class TestFileNames:
             assert ErrorCode.BAD_NAME == caught.value.code
 
 
+class TestNamesCheckedAtOnce:
+    def test_a_listing_of_plain_names_passes_at_once(self):
+        """Plain ASCII paths, nested and with spaces, pass plainly_safe_names (and each passes check_file_name)."""
+        names = ["photos/a.jpg", "photos/2024/b c.jpg", "top.txt", "a/" * 10 + "deep.bin"]
+        assert (True, names) == (protocol.plainly_safe_names(names), [check_file_name(n) for n in names])
+
+    @pytest.mark.parametrize("name", TestFileNames.REFUSED.values(), ids=TestFileNames.REFUSED.keys())
+    def test_one_refused_name_sends_the_listing_to_the_slow_path(self, name):
+        """A listing holding one name that check_file_name refuses is never passed at once."""
+        assert False == protocol.plainly_safe_names(["photos/a.jpg", name, "photos/b.jpg"])
+
+    @pytest.mark.parametrize("names", [[], ["a\nb"], ["photos/é.jpg"], [None], ["a", 5]],
+                             ids=["empty", "newline", "non-ascii", "none", "number"])
+    def test_unusual_listings_take_the_slow_path(self, names):
+        """An empty listing, a newline in a name, a non-ASCII or non-text name: checked one by one instead."""
+        assert False == protocol.plainly_safe_names(names)
+
+
 class TestBatchPayload:
     def test_names_and_versions_come_back(self):
         """decode_batch gives back the names (any Unicode) and sha256s that encode_batch put in, in order."""
