@@ -70,6 +70,9 @@ log = logging.getLogger(__name__)
 STAGING = ".minitorrent-incoming"  # inside the output folder: same file system, so a link is atomic
 REPORTS_IN_FLIGHT = 8  # report frames (up to 1 MiB each) sent before their answers (tiny) are read
 BATCH_BYTES = 1024 * 1024  # file bytes asked for in one get_batch or get_files: a reply is at most this (the receive buffer)
+# The names and versions of one get_batch, at most (a get_files header's size): the requests in flight stay
+# well inside the server's receive buffer, so our sending them never waits on its sending us a reply.
+BATCH_REQUEST_BYTES = 64 * 1024
 BATCHES_IN_FLIGHT = 4  # get_files requests outstanding: the server reads the next batch while we write this one
 PROGRESS_EVERY_FILES = 64  # the folder's progress is told every this many small files, not 10,000 times
 # A one-chunk file this big is worth a download of its own when a peer holds it (P2P, as for any file): a
@@ -295,7 +298,7 @@ class FolderDownload:
                     raise DownloadCancelled(f"{self.folder}: stopped; what was verified is kept")
                 requests, payloads = [], []
                 while missing and len(in_flight) < BATCHES_IN_FLIGHT:
-                    batch = _next_batch(missing, listed, BATCH_BYTES, _size)
+                    batch = _next_batch(missing, listed, BATCH_BYTES, _size, BATCH_REQUEST_BYTES)
                     in_flight.append(batch)
                     names, sha256s = [f.name for f in batch], [f.sha256 for f in batch]
                     requests.append(protocol.GetBatch() if listed else protocol.GetFiles(names, sha256s))
@@ -678,17 +681,18 @@ def _remove_if_empty(name: str, folder_fd: int) -> None:
         pass  # not empty: something in it is kept
 
 
-def _next_batch(files: deque[_Small], listed: bool, most_bytes: int, cost: Callable[[_Small], int]) -> list[_Small]:
+def _next_batch(files: deque[_Small], listed: bool, most_bytes: int, cost: Callable[[_Small], int],
+                most_listed_bytes: int = protocol.MAX_BATCH_LIST_BYTES) -> list[_Small]:
     """Files off the front of ``files`` for one request (at least one), while their ``cost`` adds up to at most
     ``most_bytes`` and the request stays in its bounds: a ``get_batch`` or ``downloaded_batch`` (``listed``)
-    names ``MAX_LISTED_BATCH_FILES`` in ``MAX_BATCH_LIST_BYTES``, protocol 1's requests ``MAX_BATCH_FILES``."""
+    names ``MAX_LISTED_BATCH_FILES`` in ``most_listed_bytes``, protocol 1's requests ``MAX_BATCH_FILES``."""
     most_files = protocol.MAX_LISTED_BATCH_FILES if listed else protocol.MAX_BATCH_FILES
     batch: list[_Small] = []
     total = named = 0
     while files and len(batch) < most_files:
         file = files[0]
         entry = protocol.batch_entry_bytes(file.name) if listed else 0
-        if batch and (total + cost(file) > most_bytes or named + entry > protocol.MAX_BATCH_LIST_BYTES):
+        if batch and (total + cost(file) > most_bytes or named + entry > most_listed_bytes):
             break
         batch.append(files.popleft())
         total += cost(file)

@@ -347,11 +347,15 @@ class TestGroupedCounts:
 
 
 class TestFailover:
-    def test_a_folder_download_moves_to_the_other_server_when_the_first_goes(self, tmp_path, server_factory):
+    def test_a_folder_download_moves_to_the_other_server_when_the_first_goes(self, tmp_path, server_factory,
+                                                                          monkeypatch):
         """The server in use goes away mid-folder: the rest comes from the other one, every file verified and counted there."""
         from conftest import SHORT_TIMEOUT, SlowProxy, wait_until
 
+        from minitorrent.client import folders
         from minitorrent.common.launcher import free_port
+
+        monkeypatch.setattr(folders, "BATCH_BYTES", 16 * 4096)  # batches of 16 files: staged a few at a time
 
         source = tmp_path / "src" / "tree"
         for i in range(200):
