@@ -616,7 +616,7 @@ class FilesData(Message):
 
     def validate(self) -> None:
         _require(len(self.sizes) == len(self.errors) <= MAX_LISTED_BATCH_FILES, "files_data: one size and error per file")
-        _require(all(isinstance(n, int) and not isinstance(n, bool) and n >= -1 for n in self.sizes),
+        _require(not self.sizes or (set(map(type, self.sizes)) == {int} and min(self.sizes) >= -1),  # C loops
                  "files_data sizes must be integers of at least -1")
 
 

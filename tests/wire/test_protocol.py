@@ -531,6 +531,19 @@ class TestNamesCheckedAtOnce:
         assert False == protocol.plainly_safe_names(names)
 
 
+class TestFilesDataSizes:
+    @pytest.mark.parametrize("sizes", [[True], [-2], [1.5], ["3"], [None], [3, -1, False]],
+                             ids=["bool", "below-minus-one", "float", "text", "null", "bool-among-ints"])
+    def test_sizes_that_are_not_integers_of_at_least_minus_one_are_refused(self, sizes):
+        """A files_data size must be an int (not a bool) of at least -1."""
+        with pytest.raises(RemoteProtocolError):
+            FilesData(sizes=sizes, errors=[""] * len(sizes))
+
+    def test_an_empty_answer_and_mixed_sizes_pass(self):
+        """No files, or served and unserved files side by side, make a valid files_data."""
+        assert ([], [0, -1, 7]) == (FilesData([], []).sizes, FilesData([0, -1, 7], ["", "NOT_FOUND", ""]).sizes)
+
+
 class TestBatchPayload:
     def test_names_and_versions_come_back(self):
         """decode_batch gives back the names (any Unicode) and sha256s that encode_batch put in, in order."""
