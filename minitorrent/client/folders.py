@@ -11,31 +11,38 @@ that names many files), then:
 * A file of at most one chunk (most of a tree of thousands of small files)
   needs no manifest request: with one chunk, the chunk's SHA-256 *is* the
   file's SHA-256, which the listing already carries. So the listing is the
-  batch of manifests, and the small files are fetched on one connection by
-  ``get_files`` requests (up to ``MAX_BATCH_FILES`` files, ``BATCH_BYTES``
-  bytes, in one reply), ``BATCHES_IN_FLIGHT`` of them outstanding.
+  batch of manifests, and the small files are fetched on one connection in
+  batches (up to ``BATCH_BYTES`` of files in one reply), ``BATCHES_IN_FLIGHT``
+  of them outstanding: ``get_batch`` (names in the payload, up to
+  ``MAX_LISTED_BATCH_FILES``) from a server whose welcome lists the
+  ``batches`` feature, ``get_files`` (``MAX_BATCH_FILES``) from an older one.
 
 The small files' life keeps the single-file guarantees without paying an
-``fsync`` and a database commit per file:
+``fsync``, a rename and a database commit per file:
 
 1. Each reply is verified (length and SHA-256) in memory, then written to
-   the folder's staging area, ``DIR/.minitorrent-incoming/<sha256>``: named
-   by content, so it is never mistaken for another file, and one content
-   shared under two names is fetched once.
+   the folder's staged tree, ``DIR/.minitorrent-incoming/folder-<key>/``, at
+   its path inside the folder (``_StagedFolder``). One content shared under
+   two names is fetched once and staged as two links.
 2. One ``syncfs`` makes every staged file durable at once.
-3. Each file is moved to its final name by ``renameat2(RENAME_NOREPLACE)``
-   (``common/fs.rename_noreplace``: never replaces anything, as ``os.link``
-   which it falls back to) and every folder touched is fsynced once. The
-   staging area and each final folder are opened by descriptor, one name at
-   a time from the output folder's, and checked to lie inside it: a link
-   another process plants in the output folder once the names were checked
-   leads nothing out (``_FolderFds``).
-4. The download counts go to the server in ``downloaded_many`` requests,
-   pipelined (one round trip for the lot, not one per file).
+3. The staged tree is moved to the folder's final place with one
+   ``renameat2(RENAME_NOREPLACE)`` (``common/fs.rename_noreplace``: never
+   replaces anything) when nothing is there yet; where the folder is there
+   already (an earlier run, the user's own files), folder by folder and file
+   by file the same way. Each folder touched is fsynced once. The final
+   folders are opened by descriptor, one name at a time from the output
+   folder's, and checked to lie inside it: a link another process plants in
+   the output folder once the names were checked leads nothing out
+   (``_FolderFds``).
+4. The download counts go to the server in ``downloaded_batch`` requests
+   (``downloaded_many`` to an older server), pipelined.
 
-A crash at any point resumes: final names are only ever verified content,
-and a staged file is reused on the next run if its bytes still hash to its
-name (a local read of a few KiB, not a fetch), dropped otherwise. When the
+A crash at any point resumes: final names are only ever verified, durable
+content, and a staged tree is reused on the next run file by file, each
+kept only if its bytes still hash to its version (a local read of a few
+KiB, not a fetch), anything else in it removed. A lock file beside the
+staged tree keeps a second download of the same folder into the same place
+out while one runs (the kernel drops it when its process dies). When the
 server in use goes, the small files still missing are asked of whichever
 server is active (as a single download fails over). Files below
 ``PEER_WORTHY_BYTES`` come from the servers only: asking a peer for 4 KiB
