@@ -252,7 +252,11 @@ class FolderDownload:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         fds = _FolderFds(str(self.output_dir))
         try:
-            self._staging = _StagedFolder(fds, self.folder)
+            try:
+                self._staging = _StagedFolder(fds, self.folder)
+            except OSError as error:  # the staging folder cannot be made or opened (a file or a link there)
+                raise DownloadError(f"{self.folder}: cannot stage in {self.output_dir / STAGING}: "
+                                    f"{error.strerror or error}") from error
             try:
                 installed = self._stage_and_place(files)
             finally:
@@ -497,7 +501,11 @@ class _StagedFolder:
         self._incoming = fds.fd(os.path.join(fds.top, STAGING))
         self._lock = _lock_staging(self._incoming, self._key + ".lock", f"{folder} into {fds.top}")
         self._dirs: dict[str, int] = {}
-        self._dirs[""] = self._open_dir(self._incoming, self._key)
+        try:
+            self._dirs[""] = self._open_dir(self._incoming, self._key)
+        except OSError:
+            os.close(self._lock)  # a window may run many downloads: the lock must not outlive this one
+            raise
         self._finals: dict[str, _Small] = {}  # final path -> the file staged for it
         self._placed = False
 

@@ -117,6 +117,24 @@ class TestFolderDownload:
         assert (3000 + 11 + 3 * CHUNK + 5, False) == (result.fetched_bytes,  # Case.txt (10 bytes) came from staging
                                                      (tmp_path / "out" / "photos" / "notes.txt").is_symlink())
 
+    def test_a_file_where_the_staged_tree_goes_fails_with_one_line(self, tmp_path, server_factory, photos):
+        """Something not a folder where the staged tree goes: the download fails with a DownloadError, no traceback,
+        and a later run, once it is gone, succeeds (the staging lock was let go)."""
+        server = server_factory({"transfer": {"chunk_size": CHUNK}})
+        server.add_folder(photos)
+        planted = tmp_path / "out" / STAGING / staging_key("photos/")
+        planted.parent.mkdir(parents=True)
+        planted.write_bytes(b"not a folder")
+        engine = engine_for(tmp_path, server)
+        try:
+            with pytest.raises(DownloadError, match="cannot stage"):
+                engine.download_folder("photos/", tmp_path / "out")
+            planted.unlink()
+            result = engine.download_folder("photos/", tmp_path / "out")
+        finally:
+            engine.close()
+        assert ([], tree(photos.parent)) == (result.failed, tree(tmp_path / "out"))
+
     def test_a_second_download_of_the_same_folder_into_the_same_place_is_refused(self, tmp_path, server_factory,
                                                                                  photos):
         """While one download stages photos/ in out/, another one of photos/ there fails with one line and places
