@@ -117,6 +117,25 @@ class TestFolderDownload:
         assert (3000 + 11 + 3 * CHUNK + 5, False) == (result.fetched_bytes,  # Case.txt (10 bytes) came from staging
                                                      (tmp_path / "out" / "photos" / "notes.txt").is_symlink())
 
+    def test_a_crash_while_placing_file_by_file_resumes(self, tmp_path, server_factory, photos):
+        """As a crash while placing leaves it (some files at their final names, some still staged): the next run
+        keeps the placed ones, places the staged ones without a fetch, and fetches only the rest."""
+        server = server_factory({"transfer": {"chunk_size": CHUNK}})
+        server.add_folder(photos)
+        out = tmp_path / "out"
+        (out / "photos").mkdir(parents=True)
+        os.link(photos / "Case.txt", out / "photos" / "Case.txt")  # placed before the crash
+        staged = out / STAGING / staging_key("photos/")
+        (staged / "2024").mkdir(parents=True)
+        os.link(photos / "2024" / "beach.jpg", staged / "2024" / "beach.jpg")  # verified, staged, not yet placed
+        engine = engine_for(tmp_path, server)
+        try:
+            result = engine.download_folder("photos/", out)
+        finally:
+            engine.close()
+        assert (tree(photos.parent), 1, 5, 11 + 3 * CHUNK + 5) == (
+            tree(out), result.present, result.downloaded, result.fetched_bytes)  # only case.txt and big.raw fetched
+
     def test_a_file_where_the_staged_tree_goes_fails_with_one_line(self, tmp_path, server_factory, photos):
         """Something not a folder where the staged tree goes: the download fails with a DownloadError, no traceback,
         and a later run, once it is gone, succeeds (the staging lock was let go)."""
