@@ -50,6 +50,7 @@ costs more than it saves.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import logging
@@ -343,7 +344,11 @@ class FolderDownload:
         if len(data) != file.size or hashlib.sha256(data).hexdigest() != file.sha256:
             self._failed(file.name, f"{file.name}: failed SHA-256 verification; not written")
             return
-        self._staging.write(file, data)
+        try:
+            self._staging.write(file, data)
+        except OSError as error:  # a full disk, or something not a file where it goes: the folder stops here
+            raise DownloadError(f"{self.folder}: cannot stage {file.name}: {error.strerror or error}; "
+                                "what was verified is kept") from error
         self._changes.append((file.name, FILE_VERIFIED))
         self.result.fetched_bytes += len(data)
         self._staged += 1
@@ -518,7 +523,8 @@ class _StagedFolder:
         folder, name = self._split(file)
         fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644, dir_fd=self._dir(folder))
         try:
-            os.write(fd, data)  # at most one chunk; a short write on a regular file would be an error already
+            if os.write(fd, data) != len(data):  # a full disk or a size limit took part of it: never staged as whole
+                raise OSError(errno.ENOSPC, "the file system took only part of the file")
         finally:
             os.close(fd)
         self._finals[file.final] = file
@@ -575,7 +581,10 @@ class _StagedFolder:
                 pass  # placed whole
         else:
             _remove_if_empty(self._key, self._incoming)
-        os.unlink(self._key + ".lock", dir_fd=self._incoming)  # while locked: nobody else holds a lock on it
+        try:
+            os.unlink(self._key + ".lock", dir_fd=self._incoming)  # while locked: nobody else holds a lock on it
+        except FileNotFoundError:
+            pass  # removed by hand meanwhile
         os.close(self._lock)
         fsync_dir(f"/proc/self/fd/{self._incoming}")
         _remove_if_empty(STAGING, self._fds.fd(self._fds.top))

@@ -154,6 +154,31 @@ class TestFolderDownload:
             engine.close()
         assert ([], tree(photos.parent)) == (result.failed, tree(tmp_path / "out"))
 
+    def test_a_file_that_cannot_be_staged_stops_the_folder_with_one_line(self, tmp_path, server_factory):
+        """A staged file that cannot be written (a folder made where it goes once staging began): DownloadError, not
+        a traceback; nothing placed; once it is gone, the next run completes."""
+        source = tmp_path / "src" / "many"
+        for i in range(70):
+            make_file(source / f"f{i:02d}.bin", 100, seed=i)
+        server = server_factory()
+        server.add_folder(source)
+        in_the_way = tmp_path / "out" / STAGING / staging_key("many/") / "f66.bin"
+
+        def plant(progress: Progress) -> None:  # called after the 64th file is staged: f66.bin is still to come
+            if in_the_way.parent.is_dir() and not in_the_way.exists():
+                (in_the_way / "inside").mkdir(parents=True)
+        engine = engine_for(tmp_path, server, on_progress=plant)
+        try:
+            with pytest.raises(DownloadError, match="cannot stage many/f66.bin"):
+                engine.download_folder("many/", tmp_path / "out")
+            placed = (tmp_path / "out" / "many").exists()
+            engine.on_progress = None
+            (in_the_way / "inside").rmdir()
+            result = engine.download_folder("many/", tmp_path / "out")
+        finally:
+            engine.close()
+        assert (False, [], tree(source.parent)) == (placed, result.failed, tree(tmp_path / "out"))
+
     def test_a_second_download_of_the_same_folder_into_the_same_place_is_refused(self, tmp_path, server_factory,
                                                                                  photos):
         """While one download stages photos/ in out/, another one of photos/ there fails with one line and places
