@@ -594,10 +594,8 @@ class _StagedFolder:
         try:
             rename_noreplace(source, os.path.basename(final), source_fd, self._fds.fd(os.path.dirname(final)))
             return {os.path.dirname(final)}
-        except FileExistsError:
+        except OSError:  # something is there; or no renameat2 here, and a folder cannot be linked: file by file
             pass
-        except OSError as error:
-            return self._refuse_under(final, error, refused)
         try:
             final_fd = self._fds.fd(final)
         except OSError as error:  # not a folder, or one leading out of the output folder

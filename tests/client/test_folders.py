@@ -117,6 +117,22 @@ class TestFolderDownload:
         assert (3000 + 11 + 3 * CHUNK + 5, False) == (result.fetched_bytes,  # Case.txt (10 bytes) came from staging
                                                      (tmp_path / "out" / "photos" / "notes.txt").is_symlink())
 
+    def test_without_renameat2_the_folder_is_placed_file_by_file(self, tmp_path, server_factory, photos, monkeypatch):
+        """Where renameat2 is missing (a folder cannot be linked, so not moved without a risk of replacing), the
+        staged tree is placed file by file with link and unlink: every file arrives, nothing is left staged."""
+        from minitorrent.common import fs
+
+        monkeypatch.setattr(fs, "_renameat2", None)
+        server = server_factory({"transfer": {"chunk_size": CHUNK}})
+        server.add_folder(photos)
+        engine = engine_for(tmp_path, server)
+        try:
+            result = engine.download_folder("photos/", tmp_path / "out")
+        finally:
+            engine.close()
+        assert (tree(photos.parent), [], 6, False) == (tree(tmp_path / "out"), result.failed, result.downloaded,
+                                                       (tmp_path / "out" / STAGING).exists())
+
     def test_a_crash_while_placing_file_by_file_resumes(self, tmp_path, server_factory, photos):
         """As a crash while placing leaves it (some files at their final names, some still staged): the next run
         keeps the placed ones, places the staged ones without a fetch, and fetches only the rest."""
