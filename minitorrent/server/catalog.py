@@ -65,6 +65,7 @@ class Catalog:
         self.data_dir = Path(data_dir)
         self.chunk_size = chunk_size
         self.store_dir = self.data_dir / "store"
+        self._store_prefix = os.path.join(self.store_dir, "")  # + a sha256: a blob's path, with no Path made per file
         self.store_dir.mkdir(parents=True, exist_ok=True)
         self.db = ServerStore(self.data_dir / "catalog.db")
         self.origin = self.db.server_id()  # whose download counter this catalog increments
@@ -413,8 +414,8 @@ class Catalog:
         if not 0 <= index < chunks:
             raise RequestFailed(ErrorCode.OUT_OF_RANGE, f"{name} has no chunk {index} (it has {chunks})")
         offset = index * chunk_size
-        # a plain join, not _blob's Path: get_files locates thousands of small files, and Path costs more than the read
-        return ChunkLocation(os.path.join(self.store_dir, sha256), offset, min(chunk_size, size - offset))
+        # a plain string, not _blob's Path: a get_batch locates a thousand small files, and Path costs more than the read
+        return ChunkLocation(self._store_prefix + sha256, offset, min(chunk_size, size - offset))
 
     def record_download(self, name: str, sha256: str) -> None:
         """Count a finished download of ``name`` (persisted)."""
