@@ -848,20 +848,20 @@ class ServerStore(SQLiteStore):
             "SELECT name FROM files WHERE name >= ? AND name < ? ORDER BY name", (folder, _after_prefix(folder)))
         return [name for (name,) in rows]
 
-    def record_downloads(self, pairs: list[tuple[str, str]], origin: str = "local") -> int:
+    def record_downloads(self, pairs: list[tuple[str, str]], origin: str = "local") -> list[str]:
         """Count one download of each (name, sha256) that is shared as that version, in one transaction.
 
         A folder's thousands of small files: one commit, not one each. Names
-        not shared (or shared as another version) are skipped; returns how
-        many were counted.
+        not shared (or shared as another version) are skipped; returns the
+        names counted (a name listed twice, twice).
         """
         with self._transaction() as connection:  # one statement for the lot, in C: the join keeps shared versions
             cursor = connection.execute(
                 "INSERT INTO download_counts (name, origin, count) SELECT f.name, ?, 1 FROM json_each(?) AS j"
                 " JOIN files AS f ON f.name = json_extract(j.value, '$[0]') AND f.sha256 = json_extract(j.value, '$[1]')"
-                " WHERE true ON CONFLICT (name, origin) DO UPDATE SET count = count + 1",  # WHERE: SQLite's upsert rule
-                (origin, json.dumps(pairs, ensure_ascii=False)))
-            return cursor.rowcount
+                " WHERE true ON CONFLICT (name, origin) DO UPDATE SET count = count + 1"  # WHERE: SQLite's upsert rule
+                " RETURNING name", (origin, json.dumps(pairs, ensure_ascii=False)))
+            return [name for (name,) in cursor]
 
     def rename_files(self, renames: list[tuple[str, str]]) -> None:
         """Rename each (old, new) pair in one transaction, download counters included (a tombstone for each old name).

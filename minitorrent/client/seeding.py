@@ -161,8 +161,9 @@ class SeedSource:
     def record_download(self, name: str, sha256: str) -> None:
         """Downloads are counted by the servers, not by peers."""
 
-    def record_downloads(self, pairs: list[tuple[str, str]]) -> None:
-        """Downloads are counted by the servers, not by peers."""
+    def record_downloads(self, pairs: list[tuple[str, str]]) -> list[str]:
+        """Downloads are counted by the servers, not by peers: none counted."""
+        return []
 
 
 class Announcer:

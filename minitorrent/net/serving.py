@@ -154,8 +154,8 @@ class FileSource(Protocol):
     def record_download(self, name: str, sha256: str) -> None:
         """A client finished and verified a download of ``name``."""
 
-    def record_downloads(self, pairs: list[tuple[str, str]]) -> None:
-        """``record_download`` for many (name, sha256) pairs at once (one commit where it is stored)."""
+    def record_downloads(self, pairs: list[tuple[str, str]]) -> list[str]:
+        """``record_download`` for many (name, sha256) pairs at once (one commit where it is stored); the names counted."""
 
 
 class ClientAccess(Protocol):
@@ -787,9 +787,12 @@ class _Handler:
         self.send_stored_bytes(reply, where, request.name)
 
     def _count_downloads(self, names: list[str], sha256s: list[str]) -> None:
-        """A batch of finished downloads: counted in one commit (those shared as that version), then ``Ok``."""
-        self.server.source.record_downloads(list(zip(names, sha256s)))
-        self.server.metrics.downloads_finished(names)
+        """A batch of finished downloads: counted in one commit (those shared as that version), then ``Ok``.
+
+        The metrics count the same names: a name not shared never becomes a
+        key there (a client cannot grow them with names it makes up).
+        """
+        self.server.metrics.downloads_finished(self.server.source.record_downloads(list(zip(names, sha256s))))
         self.connection.send(protocol.Ok())
 
     def _send_files(self, names: list[str], sha256s: list[str]) -> None:

@@ -422,9 +422,9 @@ class Catalog:
         if self._record(name).sha256 == sha256:
             self.db.record_download(name, self.origin)
 
-    def record_downloads(self, pairs: list[tuple[str, str]]) -> None:
-        """Count finished downloads of many (name, sha256) in one commit (a folder's small files)."""
-        self.db.record_downloads(pairs, self.origin)
+    def record_downloads(self, pairs: list[tuple[str, str]]) -> list[str]:
+        """Count finished downloads of many (name, sha256) in one commit (a folder's small files); the names counted."""
+        return self.db.record_downloads(pairs, self.origin)
 
     def download_counts(self) -> dict[str, int]:
         """Downloads per file name, as persisted."""

@@ -814,6 +814,8 @@ def decode_batch(payload: bytes | memoryview) -> tuple[list[str], list[str]]:
     _require(set(map(type, names)) == {str} == set(map(type, sha256s)), "a batch's names and sha256s must be text")
     _require(max(map(len, names)) <= MAX_PATH_BYTES and set(map(len, sha256s)) == {64},
              f"a batch's names are at most {MAX_PATH_BYTES} characters, its sha256s 64")
+    _require(_is_utf8("\n".join(names)) and _is_utf8("".join(sha256s)),  # JSON may carry lone surrogates
+             "a batch's names and sha256s must be valid Unicode text")
     return names, sha256s
 
 

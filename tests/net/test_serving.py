@@ -1294,6 +1294,20 @@ class TestGetFiles:
             session.close()
         assert {names[0]: 1, names[1]: 1, names[2]: 0} == engine.catalog.download_counts()
 
+    def test_reports_of_names_not_shared_leave_the_metrics_alone(self, small):
+        """downloaded_batch of names the server does not share (made up, or another version) counts nothing anywhere."""
+        engine, contents = small
+        shared = sorted(contents)[0]
+        made_up = [f"made/up {i}.txt" for i in range(100)]
+        session = ServerSession.open(*engine.server.address, io_timeout_s=SHORT_TIMEOUT, secure=TLS)
+        try:
+            session.call(protocol.ReportDownloadedBatch(), protocol.Ok,
+                         protocol.encode_batch(made_up + [shared], ["ab" * 32] * 101))
+        finally:
+            session.close()
+        assert ({}, 0) == (engine.server.metrics.snapshot()["downloads_per_file"],
+                           engine.catalog.download_counts()[shared])
+
     def test_welcome_says_batches_are_answered(self, small):
         """A server's welcome lists the batches feature, which a client needs before it sends get_batch."""
         engine, _ = small

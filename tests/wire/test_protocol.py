@@ -564,7 +564,9 @@ class TestBatchPayload:
         b'{"names": ["a"], "sha256s": ["abc"]}',
         b'{"names": ["' + b"a" * (protocol.MAX_PATH_BYTES + 1) + b'"], "sha256s": ["' + b"a" * 64 + b'"]}',
         b'{"names": "aa", "sha256s": "bb"}',
-    ], ids=["not-json", "array", "no-sha256s", "empty", "mismatched", "number", "short-sha", "long-name", "strings"])
+        b'{"names": ["a\\ud800b"], "sha256s": ["' + b"a" * 64 + b'"]}',
+    ], ids=["not-json", "array", "no-sha256s", "empty", "mismatched", "number", "short-sha", "long-name", "strings",
+            "lone-surrogate"])
     def test_malformed_batches_are_refused(self, document):
         """A batch payload that is not 1..MAX_LISTED_BATCH_FILES text names with 64-character sha256s is refused."""
         with pytest.raises(RemoteProtocolError) as caught:
