@@ -127,6 +127,11 @@ class Metrics:
         with self._lock:
             self._downloads[name] += 1
 
+    def downloads_finished(self, names: list[str]) -> None:
+        """``download_finished`` for each of ``names`` (a folder's batch), under the lock once."""
+        with self._lock:
+            self._downloads.update(names)
+
     @property
     def active_connections(self) -> int:
         """Connections being served right now."""

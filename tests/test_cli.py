@@ -375,7 +375,8 @@ class TestFolderResumeAfterKill:
             first = subprocess.Popen([sys.executable, str(ROOT / "client.py"), "--config", str(config), "get", "tree/",
                                       "--output", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             try:
-                wait_until(lambda: staging.is_dir() and len(os.listdir(staging)) >= 50, LONG_TIMEOUT, "50 files staged")
+                wait_until(lambda: sum(len(names) for _, _, names in os.walk(staging)) >= 50, LONG_TIMEOUT,
+                           "50 files staged")
                 first.send_signal(signal.SIGKILL)
                 first.wait(SHORT_TIMEOUT)
             finally:

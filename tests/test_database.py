@@ -230,13 +230,22 @@ class TestServerCatalog:
             server.record_download("nope")
 
     def test_record_downloads_counts_only_shared_versions(self, server):
-        """record_downloads counts each (name, sha256) shared as that version, in one go, and says how many."""
+        """record_downloads counts each (name, sha256) shared as that version, in one go, and says which."""
         a, b = manifest_of(b"x"), manifest_of(b"y")
         server.add_file("a.txt", a)
         server.add_file("b.txt", b)
         counted = server.record_downloads([("a.txt", a.sha256), ("a.txt", a.sha256), ("b.txt", a.sha256),
                                            ("gone.txt", a.sha256), ("b.txt", b.sha256)])
-        assert (3, 2, 1) == (counted, server.get_file("a.txt").downloads, server.get_file("b.txt").downloads)
+        assert (["a.txt", "a.txt", "b.txt"], 2, 1) == (sorted(counted), server.get_file("a.txt").downloads,
+                                                       server.get_file("b.txt").downloads)
+
+    def test_file_layouts_looks_a_batch_up_at_once(self, server):
+        """file_layouts gives file_layout's answer for each name shared, and leaves out the names not shared."""
+        one, two = manifest_of(b"12345"), manifest_of(b"678")
+        server.add_file("a.txt", one)
+        server.add_file("dir/b.txt", two)
+        assert {"a.txt": (5, 4, one.sha256), "dir/b.txt": (3, 4, two.sha256)} == \
+            server.file_layouts(["a.txt", "gone.txt", "dir/b.txt", "a.txt"])
 
     def test_file_layout_is_size_chunk_size_and_sha256(self, server):
         """file_layout gives what serving a chunk needs, None for a name not shared."""

@@ -161,6 +161,12 @@ class TestMetricsCounters:
         assert {"a.txt": 2, "b.txt": 2, "c.txt": 1} == per_file
         assert ["a.txt", "b.txt", "c.txt"] == list(per_file)
 
+    def test_a_batch_of_downloads_counts_each_name(self, metrics):
+        """downloads_finished counts each name of a batch, a name twice in it twice, as download_finished would."""
+        metrics.set_downloads({"a.txt": 1})
+        metrics.downloads_finished(["a.txt", "dir/b.txt", "dir/b.txt"])
+        assert {"a.txt": 2, "dir/b.txt": 2} == metrics.snapshot()["downloads_per_file"]
+
     def test_set_downloads_replaces(self, metrics):
         """set_downloads replaces earlier counts instead of adding to them."""
         metrics.download_finished("old.txt")

@@ -11,31 +11,38 @@ that names many files), then:
 * A file of at most one chunk (most of a tree of thousands of small files)
   needs no manifest request: with one chunk, the chunk's SHA-256 *is* the
   file's SHA-256, which the listing already carries. So the listing is the
-  batch of manifests, and the small files are fetched on one connection by
-  ``get_files`` requests (up to ``MAX_BATCH_FILES`` files, ``BATCH_BYTES``
-  bytes, in one reply), ``BATCHES_IN_FLIGHT`` of them outstanding.
+  batch of manifests, and the small files are fetched on one connection in
+  batches (up to ``BATCH_BYTES`` of files in one reply), ``BATCHES_IN_FLIGHT``
+  of them outstanding: ``get_batch`` (names in the payload, up to
+  ``MAX_LISTED_BATCH_FILES``) from a server whose welcome lists the
+  ``batches`` feature, ``get_files`` (``MAX_BATCH_FILES``) from an older one.
 
 The small files' life keeps the single-file guarantees without paying an
-``fsync`` and a database commit per file:
+``fsync``, a rename and a database commit per file:
 
 1. Each reply is verified (length and SHA-256) in memory, then written to
-   the folder's staging area, ``DIR/.minitorrent-incoming/<sha256>``: named
-   by content, so it is never mistaken for another file, and one content
-   shared under two names is fetched once.
+   the folder's staged tree, ``DIR/.minitorrent-incoming/folder-<key>/``, at
+   its path inside the folder (``_StagedFolder``). One content shared under
+   two names is fetched once and staged as two links.
 2. One ``syncfs`` makes every staged file durable at once.
-3. Each file is moved to its final name by ``renameat2(RENAME_NOREPLACE)``
-   (``common/fs.rename_noreplace``: never replaces anything, as ``os.link``
-   which it falls back to) and every folder touched is fsynced once. The
-   staging area and each final folder are opened by descriptor, one name at
-   a time from the output folder's, and checked to lie inside it: a link
-   another process plants in the output folder once the names were checked
-   leads nothing out (``_FolderFds``).
-4. The download counts go to the server in ``downloaded_many`` requests,
-   pipelined (one round trip for the lot, not one per file).
+3. The staged tree is moved to the folder's final place with one
+   ``renameat2(RENAME_NOREPLACE)`` (``common/fs.rename_noreplace``: never
+   replaces anything) when nothing is there yet; where the folder is there
+   already (an earlier run, the user's own files), folder by folder and file
+   by file the same way. Each folder touched is fsynced once. The final
+   folders are opened by descriptor, one name at a time from the output
+   folder's, and checked to lie inside it: a link another process plants in
+   the output folder once the names were checked leads nothing out
+   (``_FolderFds``).
+4. The download counts go to the server in ``downloaded_batch`` requests
+   (``downloaded_many`` to an older server), pipelined.
 
-A crash at any point resumes: final names are only ever verified content,
-and a staged file is reused on the next run if its bytes still hash to its
-name (a local read of a few KiB, not a fetch), dropped otherwise. When the
+A crash at any point resumes: final names are only ever verified, durable
+content, and a staged tree is reused on the next run file by file, each
+kept only if its bytes still hash to its version (a local read of a few
+KiB, not a fetch), anything else in it removed. A lock file beside the
+staged tree keeps a second download of the same folder into the same place
+out while one runs (the kernel drops it when its process dies). When the
 server in use goes, the small files still missing are asked of whichever
 server is active (as a single download fails over). Files below
 ``PEER_WORTHY_BYTES`` come from the servers only: asking a peer for 4 KiB
@@ -43,15 +50,19 @@ costs more than it saves.
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import logging
 import os
+import shutil
+import stat
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from error_handler import ConnectionFailed, DownloadCancelled, DownloadError, MiniTorrentError
 from integrity import sha256_file
@@ -65,8 +76,11 @@ from minitorrent.wire.protocol import ProtocolError, check_file_name, check_fold
 log = logging.getLogger(__name__)
 
 STAGING = ".minitorrent-incoming"  # inside the output folder: same file system, so a link is atomic
-REPORTS_IN_FLIGHT = 8  # downloaded_many frames of up to ~70 KiB: a few at a time, so no write can block on a full buffer
-BATCH_BYTES = 1024 * 1024  # file bytes asked for in one get_files: a reply is at most this (and the receive buffer)
+REPORTS_IN_FLIGHT = 8  # report frames (up to 1 MiB each) sent before their answers (tiny) are read
+BATCH_BYTES = 1024 * 1024  # file bytes asked for in one get_batch or get_files: a reply is at most this (the receive buffer)
+# The names and versions of one get_batch, at most (a get_files header's size): the requests in flight stay
+# well inside the server's receive buffer, so our sending them never waits on its sending us a reply.
+BATCH_REQUEST_BYTES = 64 * 1024
 BATCHES_IN_FLIGHT = 4  # get_files requests outstanding: the server reads the next batch while we write this one
 PROGRESS_EVERY_FILES = 64  # the folder's progress is told every this many small files, not 10,000 times
 # A one-chunk file this big is worth a download of its own when a peer holds it (P2P, as for any file): a
@@ -96,8 +110,7 @@ class FolderResult:
         return "already present" if self.files and self.present == self.files else "downloaded"
 
 
-@dataclass(frozen=True)
-class _Small:
+class _Small(NamedTuple):  # a tuple: 10,000 of them are made as fast as a listing is read
     name: str
     size: int
     sha256: str
@@ -111,7 +124,7 @@ def folder_entries(server: ServerClient, folder: str) -> list[dict]:
     except ProtocolError as error:
         raise DownloadError(str(error)) from error
     prefix = folder.rstrip("/") + "/"
-    entries = sorted((e for e in server.list_files(prefix) if str(e.get("name", "")).startswith(prefix)),
+    entries = sorted((e for e in server.list_files(prefix, under=prefix) if str(e.get("name", "")).startswith(prefix)),
                      key=lambda e: e["name"])
     if not entries:
         raise DownloadError(f"{prefix}: no such folder on the server")
@@ -127,16 +140,13 @@ class FolderDownload:
         self.server = downloader.server
         self.folder = folder.rstrip("/") + "/"
         self.output_dir = Path(output_dir)
-        self.staging = self.output_dir / STAGING
         self.cancel = cancel
         self.on_progress = on_progress
         self.result = FolderResult(self.folder, self.output_dir / self.folder)
         self._staged = 0  # small files staged in this run
-        self._staging_path = str(self.staging)
-        self._fds: _FolderFds | None = None  # while small files are staged and placed
-        self._staging_fd = -1
-        self._staged_shas: set[str] = set()  # verified and staged (this run or reused from the last)
+        self._staging: _StagedFolder | None = None  # while small files are staged and placed
         self._changes: list[tuple[str, str]] = []  # files whose state changed since the last progress report
+        self._listed: dict[str, set[str]] = {}  # output folder -> the names in it when first looked at
 
     def run(self) -> FolderResult:
         """Download every file of the folder; failures of single files are listed, not raised."""
@@ -158,7 +168,7 @@ class FolderDownload:
     def _split(self, entries: list[dict]) -> tuple[list[_Small], list[dict]]:
         """Small files (at most one chunk, already present ones counted) and the rest."""
         small, large = [], []
-        inside = _InsideCheck(self.output_dir)
+        inside = _InsideCheck(self.output_dir, protocol.plainly_safe_names([entry.get("name") for entry in entries]))
         for entry in entries:
             try:
                 final = inside.destination(entry["name"])
@@ -200,12 +210,24 @@ class FolderDownload:
 
     def _present(self, final: str, sha256: str) -> bool:
         """True (and counted) if ``final`` holds that content; ``DownloadError`` if it holds another."""
-        if not os.path.lexists(final):
+        folder, _, name = final.rpartition("/")
+        if name not in self._names_in(folder):
             return False
         if not os.path.isfile(final) or sha256_file(final) != sha256:
             raise DownloadError(f"{final} already exists with different content; not overwriting it")
         self.result.present += 1
         return True
+
+    def _names_in(self, folder: str) -> set[str]:
+        """What ``folder`` holds, listed once: one listing a folder, not a stat a file (usually it is not there yet)."""
+        names = self._listed.get(folder)
+        if names is None:
+            try:
+                names = set(os.listdir(folder))
+            except (FileNotFoundError, NotADirectoryError):
+                names = set()
+            self._listed[folder] = names
+        return names
 
     def _large_file(self, name: str) -> None:
         if self.cancel.is_set():
@@ -229,32 +251,32 @@ class FolderDownload:
 
     def _small_files(self, files: list[_Small]) -> None:
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        self._fds = _FolderFds(str(self.output_dir))
+        fds = _FolderFds(str(self.output_dir))
         try:
-            self._staging_fd = self._fds.fd(self._staging_path)
-            self._stage_and_place(files)
+            try:
+                self._staging = _StagedFolder(fds, self.folder)
+            except OSError as error:  # the staging folder cannot be made or opened (a file or a link there)
+                raise DownloadError(f"{self.folder}: cannot stage in {self.output_dir / STAGING}: "
+                                    f"{error.strerror or error}") from error
+            try:
+                installed = self._stage_and_place(files)
+            finally:
+                self._staging.close()
         finally:
-            self._fds.close()
+            fds.close()
+        self._report(installed)
 
-    def _stage_and_place(self, files: list[_Small]) -> None:
-        wanted: dict[str, _Small] = {}
+    def _stage_and_place(self, files: list[_Small]) -> list[_Small]:
+        """Stage each file not staged already (one fetch a content), then place them all; the files placed."""
+        first_of: dict[str, _Small] = {}
         for file in files:
-            wanted.setdefault(file.sha256, file)  # the first name of a content fetches it (as _install assumes)
-        left_over = set(os.listdir(self._staging_fd))  # one listing, not a stat per file: usually empty
-        missing = deque(f for sha, f in wanted.items() if sha not in left_over or not self._staged_ok(sha))
+            first_of.setdefault(file.sha256, file)  # the first name of a content fetches it, the others link to it
+        kept = self._staging.reuse({file.name: file for file in first_of.values()})
+        missing = [file for file in first_of.values() if file.name not in kept]
         for empty in [f for f in missing if f.size == 0]:  # nothing to fetch: staged as it is
             self._stage(empty, b"")
         self._fetch(deque(f for f in missing if f.size > 0))
-        installed = self._install(files)
-        self._report(installed)
-
-    def _staged_ok(self, sha256: str) -> bool:
-        """A staged file from an earlier run is reused only if it still hashes to its name."""
-        if sha256_file(f"/proc/self/fd/{self._staging_fd}/{sha256}") == sha256:  # the folder opened, not its name
-            self._staged_shas.add(sha256)
-            return True
-        os.unlink(sha256, dir_fd=self._staging_fd)
-        return False
+        return self._install(files, first_of)
 
     def _fetch(self, missing: deque[_Small]) -> None:
         """Fetch every file in ``missing`` into staging; fail over between servers like a single download."""
@@ -281,17 +303,20 @@ class FolderDownload:
         """Keep ``BATCHES_IN_FLIGHT`` ``get_files`` requests in flight; stage each verified file of each reply."""
         in_flight: deque[list[_Small]] = deque()
         buffer = bytearray(max(BATCH_BYTES, max((f.size for f in missing), default=0)))
+        listed = protocol.FEATURE_BATCHES in session.welcome.features.split()  # else protocol 1's get_files
         try:
             while missing or in_flight:
                 if self.cancel.is_set():
                     raise DownloadCancelled(f"{self.folder}: stopped; what was verified is kept")
-                requests = []
+                requests, payloads = [], []
                 while missing and len(in_flight) < BATCHES_IN_FLIGHT:
-                    batch = _next_batch(missing)
+                    batch = _next_batch(missing, listed, BATCH_BYTES, _size, BATCH_REQUEST_BYTES)
                     in_flight.append(batch)
-                    requests.append(protocol.GetFiles([f.name for f in batch], [f.sha256 for f in batch]))
+                    names, sha256s = [f.name for f in batch], [f.sha256 for f in batch]
+                    requests.append(protocol.GetBatch() if listed else protocol.GetFiles(names, sha256s))
+                    payloads.append(protocol.encode_batch(names, sha256s) if listed else b"")
                 if requests:
-                    session.connection.send_many(requests)
+                    session.connection.send_many(requests, payloads)
                 frame = session.receive(protocol.FilesData, buffer)
                 self._take_batch(in_flight.popleft(), frame)
         finally:
@@ -319,79 +344,48 @@ class FolderDownload:
         if len(data) != file.size or hashlib.sha256(data).hexdigest() != file.sha256:
             self._failed(file.name, f"{file.name}: failed SHA-256 verification; not written")
             return
-        fd = os.open(file.sha256, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644,
-                     dir_fd=self._staging_fd)
         try:
-            os.write(fd, data)  # at most one chunk; a short write on a regular file would be an error already
-        finally:
-            os.close(fd)
-        self._staged_shas.add(file.sha256)
+            self._staging.write(file, data)
+        except OSError as error:  # a full disk, or something not a file where it goes: the folder stops here
+            raise DownloadError(f"{self.folder}: cannot stage {file.name}: {error.strerror or error}; "
+                                "what was verified is kept") from error
         self._changes.append((file.name, FILE_VERIFIED))
         self.result.fetched_bytes += len(data)
         self._staged += 1
         if self._staged % PROGRESS_EVERY_FILES == 0:
             self._notify()
 
-    def _install(self, files: list[_Small]) -> list[_Small]:
-        """One syncfs, then each verified file moved to its final name, then each folder fsynced once."""
-        sync_filesystem(self.staging)
-        folders: set[str] = set()
-        installed = []
-        fetched_as: dict[str, _Small] = {}  # sha256 -> the file it was fetched for (one content, two names: fetched once)
-        content_at: dict[str, tuple[int, str]] = {}  # sha256 -> (folder fd, name): its first final name, once placed
+    def _install(self, files: list[_Small], first_of: dict[str, _Small]) -> list[_Small]:
+        """Give every staged file its final name (``_StagedFolder.place``); the files that have it now."""
+        staged = []
         for file in files:
-            fetched_as.setdefault(file.sha256, file)
-            if file.sha256 not in self._staged_shas:
-                if fetched_as[file.sha256] is not file:  # its twin's failure is listed; say this one failed too
-                    self._failed(file.name, f"{file.name}: not written (same content as "
-                                            f"{fetched_as[file.sha256].name}, which failed)")
+            first = first_of[file.sha256]
+            if not self._staging.holds(first):
+                if first is not file:  # its twin's failure is listed; say this one failed too
+                    self._failed(file.name, f"{file.name}: not written (same content as {first.name}, which failed)")
                 continue
-            folder = os.path.dirname(file.final)
-            if self._place(file, folder, content_at):
-                folders.add(folder)
+            if first is file or self._linked(first, file):
+                staged.append(file)
+        refused = self._staging.place()
+        installed = []
+        for file in staged:
+            if file.final in refused:
+                self._failed(file.name, refused[file.final])
+            else:
                 installed.append(file)
                 self._changes.append((file.name, FILE_DONE))
-        for folder in sorted(_with_parents(folders, str(self.output_dir))):
-            fsync_dir(folder)
-        self._clear_staging({f.sha256 for f in files if f.sha256 not in content_at})
         self.result.downloaded += len(installed)
         self._notify()
         return installed
 
-    def _place(self, file: _Small, folder: str, content_at: dict[str, tuple[int, str]]) -> bool:
-        """Give ``file`` its final name without replacing anything; False (and listed) if that fails.
-
-        The first name of a content takes the staged file (a rename, never
-        replacing); a second name of the same content is a link to the first,
-        as both were links to one staged file before.
-        """
+    def _linked(self, first: _Small, file: _Small) -> bool:
+        """Stage ``file`` as a link to ``first`` (one content, two names: fetched once); False (listed) if that fails."""
         try:
-            folder_fd, name = self._fds.fd(folder), os.path.basename(file.final)
-            if file.sha256 in content_at:
-                first_fd, first_name = content_at[file.sha256]
-                os.link(first_name, name, src_dir_fd=first_fd, dst_dir_fd=folder_fd, follow_symlinks=False)
-            else:
-                rename_noreplace(file.sha256, name, self._staging_fd, folder_fd)
-                content_at[file.sha256] = (folder_fd, name)
+            self._staging.link(first, file)
             return True
-        except FileExistsError:
-            self._failed(file.name, f"{file.final} appeared during the download; not overwriting it")
         except OSError as error:
-            self._failed(file.name, f"{file.name}: cannot write {file.final}: {error.strerror or error}")
-        return False
-
-    def _clear_staging(self, shas: set[str]) -> None:
-        """Remove what is still staged of ``shas`` (files that failed to install), then the staging folder if empty."""
-        for sha256 in shas:
-            try:
-                os.unlink(sha256, dir_fd=self._staging_fd)
-            except FileNotFoundError:
-                pass
-        fsync_dir(self.staging)
-        try:
-            self.staging.rmdir()
-        except OSError:
-            pass  # another folder download still stages there
+            self._failed(file.name, f"{file.name}: cannot stage it: {error.strerror or error}")
+            return False
 
     def _report(self, installed: list[_Small]) -> None:
         """Tell the server of every finished file in one pipelined burst (counts only: never fatal)."""
@@ -419,19 +413,21 @@ class FolderDownload:
 class _InsideCheck:
     """``downloader.destination`` for many names: each folder's real path is resolved once, not once per file."""
 
-    def __init__(self, output_dir: Path) -> None:
+    def __init__(self, output_dir: Path, names_checked: bool = False) -> None:
         self.output_dir = output_dir
         self._output = str(output_dir)
+        self._names_checked = names_checked  # every name passed (protocol.plainly_safe_names) already
         self._checked: set[str] = set()
 
     def destination(self, name: str) -> str:
         """Where ``name`` goes; ``DownloadError`` if the name is unsafe or its folder leads out."""
-        try:
-            check_file_name(name)  # first: a name is never joined to a path before it passed
-        except ProtocolError as error:
-            raise DownloadError(str(error)) from error
+        if not self._names_checked:
+            try:
+                check_file_name(name)  # first: a name is never joined to a path before it passed
+            except ProtocolError as error:
+                raise DownloadError(str(error)) from error
         final = os.path.join(self._output, name)
-        folder = os.path.dirname(final)
+        folder = final.rpartition("/")[0]
         if folder not in self._checked:
             destination(self.output_dir, name)  # resolves the folder's real path; DownloadError if it leads out
             self._checked.add(folder)
@@ -451,7 +447,7 @@ class _FolderFds:
     """
 
     def __init__(self, output_dir: str) -> None:
-        self._top = output_dir
+        self.top = output_dir
         self._real_top = os.path.realpath(output_dir)
         self._fds: dict[str, int] = {output_dir: os.open(output_dir, os.O_RDONLY | os.O_DIRECTORY)}
 
@@ -461,8 +457,8 @@ class _FolderFds:
         if fd is not None:
             return fd
         parent, name = os.path.dirname(folder), os.path.basename(folder)
-        if not folder.startswith(self._top + os.sep):
-            raise OSError(f"{folder} is not inside {self._top}")
+        if not folder.startswith(self.top + os.sep):
+            raise OSError(f"{folder} is not inside {self.top}")
         parent_fd = self.fd(parent)
         try:
             os.mkdir(name, dir_fd=parent_fd)
@@ -472,7 +468,7 @@ class _FolderFds:
         real = os.readlink(f"/proc/self/fd/{fd}")
         if os.path.commonpath([real, self._real_top]) != self._real_top:
             os.close(fd)
-            raise OSError(f"{folder} leads outside {self._top} (through a link); refused")
+            raise OSError(f"{folder} leads outside {self.top} (through a link); refused")
         self._fds[folder] = fd
         return fd
 
@@ -483,28 +479,270 @@ class _FolderFds:
         self._fds.clear()
 
 
-def _next_batch(missing: deque[_Small]) -> list[_Small]:
-    """Up to MAX_BATCH_FILES non-empty files off ``missing``, at most BATCH_BYTES of them (at least one)."""
+class _StagedFolder:
+    """A folder's small files, staged where their final folder will be made in one rename.
+
+    Each verified file is written under ``OUT/.minitorrent-incoming/<key>/``
+    at its path inside the folder (``2024/beach.jpg``); ``key`` names the
+    folder (``folder-`` and part of its path's SHA-256), so two folders
+    never share a staged tree, nested or not. ``place`` then moves the
+    staged tree to the folder's final place with one
+    ``renameat2(RENAME_NOREPLACE)`` when nothing is there yet (a fresh
+    download: one rename, not 10,000); where something is (an earlier run,
+    the user's own files), it goes down a level and moves each file the same
+    way, never replacing anything. While a download uses a staged tree it
+    holds ``<key>.lock`` (``flock``; the kernel lets go when the process dies,
+    SIGKILL included): a second download of the same folder into the same
+    output is refused, not mixed in. A staged tree left by a crash is
+    ``reuse``d: each file kept only if it is one wanted and still hashes to
+    its version, anything else removed.
+    """
+
+    def __init__(self, fds: _FolderFds, folder: str) -> None:
+        self._fds = fds
+        self.final = os.path.join(fds.top, folder.rstrip("/"))  # where the staged tree goes
+        self._folder = folder
+        self._key = staging_key(folder)
+        self._incoming = fds.fd(os.path.join(fds.top, STAGING))
+        self._lock = _lock_staging(self._incoming, self._key + ".lock", f"{folder} into {fds.top}")
+        self._dirs: dict[str, int] = {}
+        try:
+            self._dirs[""] = self._open_dir(self._incoming, self._key)
+        except OSError:
+            os.close(self._lock)  # a window may run many downloads: the lock must not outlive this one
+            raise
+        self._finals: dict[str, _Small] = {}  # final path -> the file staged for it
+        self._placed = False
+
+    def holds(self, file: _Small) -> bool:
+        """True if ``file`` is staged (verified, this run or kept from the last)."""
+        return file.final in self._finals
+
+    def write(self, file: _Small, data: bytes | memoryview) -> None:
+        """Stage ``file`` (already verified) with ``data``."""
+        folder, name = self._split(file)
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644, dir_fd=self._dir(folder))
+        try:
+            if os.write(fd, data) != len(data):  # a full disk or a size limit took part of it: never staged as whole
+                raise OSError(errno.ENOSPC, "the file system took only part of the file")
+        finally:
+            os.close(fd)
+        self._finals[file.final] = file
+
+    def link(self, first: _Small, file: _Small) -> None:
+        """Stage ``file`` as a second name of ``first``'s staged content (``OSError`` if the link fails)."""
+        (first_folder, first_name), (folder, name) = self._split(first), self._split(file)
+        os.link(first_name, name, src_dir_fd=self._dir(first_folder), dst_dir_fd=self._dir(folder),
+                follow_symlinks=False)
+        self._finals[file.final] = file
+
+    def reuse(self, wanted: dict[str, _Small]) -> set[str]:
+        """Keep what an earlier run staged of ``wanted`` (name -> file) if it still verifies; remove the rest.
+
+        Returns the names kept. Usually nothing is staged: one listing says so.
+        """
+        if not os.listdir(self._dirs[""]):
+            return set()
+        kept = set()
+        for path, folders, names, fd in os.fwalk(dir_fd=self._dirs[""], topdown=False):
+            for name in names:
+                file = wanted.get(self._name_of(path, name))
+                if file is not None and _hash_at(fd, name) == file.sha256:
+                    kept.add(file.name)
+                    self._finals[file.final] = file
+                else:
+                    os.unlink(name, dir_fd=fd)
+            for folder in folders:
+                _remove_if_empty(folder, fd)
+        return kept
+
+    def place(self) -> dict[str, str]:
+        """One syncfs, then the staged tree to its final place; final path -> why, for each file refused."""
+        refused: dict[str, str] = {}
+        if not self._finals:
+            return refused  # nothing verified: no folder is made
+        sync_filesystem(f"/proc/self/fd/{self._incoming}")
+        touched = self._place(self._incoming, self._key, self.final, refused)
+        self._placed = True
+        for folder in sorted(_with_parents(touched, self._fds.top)):
+            fsync_dir(folder)
+        return refused
+
+    def close(self) -> None:
+        """Let go of the staged tree: once placed, remove what is left of it (refused files); before, keep it
+        for the next run. Then the lock, and the staging folder if it is empty."""
+        for fd in self._dirs.values():
+            os.close(fd)
+        self._dirs.clear()
+        if self._placed:
+            try:
+                shutil.rmtree(self._key, dir_fd=self._incoming)
+            except FileNotFoundError:
+                pass  # placed whole
+        else:
+            _remove_if_empty(self._key, self._incoming)
+        try:
+            os.unlink(self._key + ".lock", dir_fd=self._incoming)  # while locked: nobody else holds a lock on it
+        except FileNotFoundError:
+            pass  # removed by hand meanwhile
+        os.close(self._lock)
+        fsync_dir(f"/proc/self/fd/{self._incoming}")
+        _remove_if_empty(STAGING, self._fds.fd(self._fds.top))
+
+    def _place(self, source_fd: int, source: str, final: str, refused: dict[str, str]) -> set[str]:
+        """Move the staged folder ``source`` to ``final``: whole if nothing is there, else file by file."""
+        try:
+            rename_noreplace(source, os.path.basename(final), source_fd, self._fds.fd(os.path.dirname(final)))
+            return {os.path.dirname(final)}
+        except OSError:  # something is there; or no renameat2 here, and a folder cannot be linked: file by file
+            pass
+        try:
+            final_fd = self._fds.fd(final)
+        except OSError as error:  # not a folder, or one leading out of the output folder
+            return self._refuse_under(final, error, refused)
+        touched = set()
+        folder_fd = self._open_dir(source_fd, source)
+        try:
+            for entry in os.scandir(folder_fd):
+                target = os.path.join(final, entry.name)
+                if entry.is_dir(follow_symlinks=False):
+                    touched |= self._place(folder_fd, entry.name, target, refused)
+                    continue
+                try:
+                    rename_noreplace(entry.name, entry.name, folder_fd, final_fd)
+                    touched.add(final)
+                except FileExistsError:
+                    refused[target] = f"{target} appeared during the download; not overwriting it"
+                except OSError as error:
+                    refused[target] = f"cannot write {target}: {error.strerror or error}"
+        finally:
+            os.close(folder_fd)
+        return touched
+
+    def _refuse_under(self, final: str, error: OSError, refused: dict[str, str]) -> set[str]:
+        for path in self._finals:
+            if path.startswith(final + os.sep):
+                refused[path] = f"cannot write {path}: {error.strerror or error}"
+        return set()
+
+    def _split(self, file: _Small) -> tuple[str, str]:
+        """(its folder inside the staged tree, its own name)."""
+        folder, _, name = file.name[len(self._folder):].rpartition("/")
+        return folder, name
+
+    def _name_of(self, path: str, name: str) -> str:
+        """The catalog name of a staged file found at ``path``/``name`` (``os.fwalk``'s) under the staged tree."""
+        return self._folder + os.path.normpath(os.path.join(path, name))
+
+    def _dir(self, folder: str) -> int:
+        """The descriptor of ``folder`` in the staged tree, made if missing (opened one name at a time)."""
+        fd = self._dirs.get(folder)
+        if fd is None:
+            parent, _, name = folder.rpartition("/")
+            fd = self._dirs[folder] = self._open_dir(self._dir(parent), name)
+        return fd
+
+    @staticmethod
+    def _open_dir(parent_fd: int, name: str) -> int:
+        try:
+            os.mkdir(name, dir_fd=parent_fd)
+        except FileExistsError:
+            pass
+        return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent_fd)
+
+
+def staging_key(folder: str) -> str:
+    """The name of ``folder``'s staged tree in ``.minitorrent-incoming`` (its lock file adds ``.lock``)."""
+    return "folder-" + hashlib.sha256(folder.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+def _lock_staging(folder_fd: int, name: str, what: str) -> int:
+    """A descriptor holding an exclusive ``flock`` on ``name`` in ``folder_fd``; ``DownloadError`` if another holds it.
+
+    The lock file is removed by its holder when done; a lock taken on a file
+    just removed is dropped and taken again on the new one.
+    """
+    for _ in range(3):
+        fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644, dir_fd=folder_fd)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise DownloadError(f"{what}: another download of that folder is running there; "
+                                "try again when it is done") from None
+        try:
+            if os.fstat(fd).st_ino == os.stat(name, dir_fd=folder_fd, follow_symlinks=False).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    raise DownloadError(f"{what}: could not lock its staging folder")
+
+
+def _hash_at(folder_fd: int, name: str) -> str:
+    """The SHA-256 of the regular file ``name`` in ``folder_fd`` ("" if it is anything else): no link followed."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=folder_fd)  # a FIFO must not block us
+    except OSError:  # a link (ELOOP), or gone
+        return ""
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return ""
+        return sha256_file(f"/proc/self/fd/{fd}")
+    finally:
+        os.close(fd)
+
+
+def _remove_if_empty(name: str, folder_fd: int) -> None:
+    """Remove the folder ``name`` in ``folder_fd`` if it is empty (a link there: removed too)."""
+    try:
+        os.rmdir(name, dir_fd=folder_fd)
+    except NotADirectoryError:
+        os.unlink(name, dir_fd=folder_fd)
+    except OSError:
+        pass  # not empty: something in it is kept
+
+
+def _next_batch(files: deque[_Small], listed: bool, most_bytes: int, cost: Callable[[_Small], int],
+                most_listed_bytes: int = protocol.MAX_BATCH_LIST_BYTES) -> list[_Small]:
+    """Files off the front of ``files`` for one request (at least one), while their ``cost`` adds up to at most
+    ``most_bytes`` and the request stays in its bounds: a ``get_batch`` or ``downloaded_batch`` (``listed``)
+    names ``MAX_LISTED_BATCH_FILES`` in ``most_listed_bytes``, protocol 1's requests ``MAX_BATCH_FILES``."""
+    most_files = protocol.MAX_LISTED_BATCH_FILES if listed else protocol.MAX_BATCH_FILES
     batch: list[_Small] = []
-    total = 0
-    while missing and len(batch) < protocol.MAX_BATCH_FILES:
-        file = missing[0]
-        if batch and total + file.size > BATCH_BYTES:
+    total = named = 0
+    while files and len(batch) < most_files:
+        file = files[0]
+        entry = protocol.batch_entry_bytes(file.name) if listed else 0
+        if batch and (total + cost(file) > most_bytes or named + entry > most_listed_bytes):
             break
-        batch.append(missing.popleft())
-        total += file.size
+        batch.append(files.popleft())
+        total += cost(file)
+        named += entry
     return batch
 
 
+def _size(file: _Small) -> int:
+    return file.size
+
+
+def _nothing(file: _Small) -> int:
+    return 0
+
+
 def _report_all(session: ServerSession, files: list[_Small]) -> None:
-    """``downloaded_many`` requests, all sent before the first answer is read (each is one small frame)."""
-    step = protocol.MAX_BATCH_FILES
-    requests = [protocol.ReportDownloadedMany([f.name for f in files[i:i + step]], [f.sha256 for f in files[i:i + step]])
-                for i in range(0, len(files), step)]
+    """``downloaded_batch`` requests (``downloaded_many`` to an older server), all sent before the first answer is read."""
+    listed = protocol.FEATURE_BATCHES in session.welcome.features.split()
+    left = deque(files)
+    requests, payloads = [], []
+    while left:
+        batch = _next_batch(left, listed, 0, _nothing)
+        names, sha256s = [f.name for f in batch], [f.sha256 for f in batch]
+        requests.append(protocol.ReportDownloadedBatch() if listed else protocol.ReportDownloadedMany(names, sha256s))
+        payloads.append(protocol.encode_batch(names, sha256s) if listed else b"")
     for start in range(0, len(requests), REPORTS_IN_FLIGHT):
-        window = requests[start:start + REPORTS_IN_FLIGHT]
-        session.connection.send_many(window)
-        for _ in window:
+        session.connection.send_many(requests[start:start + REPORTS_IN_FLIGHT], payloads[start:start + REPORTS_IN_FLIGHT])
+        for _ in requests[start:start + REPORTS_IN_FLIGHT]:
             session.receive(protocol.Ok)
 
 

@@ -109,17 +109,18 @@ class SeedSource:
                     "sha256": h.manifest.sha256, "downloads": 0, "added_at": 0.0} for h in matches[offset:end]]
         return entries, len(matches)
 
-    def list_page(self, search: str, after: str, limit: int, matches: int) -> ListingPage:
+    def list_page(self, search: str, after: str, limit: int, matches: int, under: str = "") -> ListingPage:
         """The whole files held whose names sort after ``after``: at most ``limit``, for a cursor page."""
         entries, _ = self.list_files(search)
-        following = [entry for entry in entries if entry["name"] > after]
+        following = [entry for entry in entries if entry["name"] > after and entry["name"].startswith(under)]
         page = following[:limit]
         return ListingPage(json.dumps(page, ensure_ascii=False).encode(), len(page), page[-1]["name"] if page else "",
                            len(following) > limit)
 
-    def count_matching(self, search: str) -> int:
-        """How many whole files held have names containing ``search``."""
-        return self.list_files(search)[1]
+    def count_matching(self, search: str, under: str = "") -> int:
+        """How many whole files held have names containing ``search`` (and starting with ``under``)."""
+        entries, count = self.list_files(search)
+        return sum(entry["name"].startswith(under) for entry in entries) if under else count
 
     def count_files(self) -> tuple[int, int]:
         """(whole files held, their bytes)."""
@@ -147,11 +148,22 @@ class SeedSource:
         offset, length = held.manifest.chunk_span(index)
         return ChunkLocation(str(held.path), offset, length)
 
+    def locate_files(self, names: list[str], sha256s: list[str]) -> list[ChunkLocation | RequestFailed]:
+        """``locate_chunk(name, sha256, 0)`` for each file of a ``get_files`` batch, or why it is not served."""
+        located: list[ChunkLocation | RequestFailed] = []
+        for name, sha256 in zip(names, sha256s):
+            try:
+                located.append(self.locate_chunk(name, sha256, 0))
+            except RequestFailed as error:
+                located.append(error)
+        return located
+
     def record_download(self, name: str, sha256: str) -> None:
         """Downloads are counted by the servers, not by peers."""
 
-    def record_downloads(self, pairs: list[tuple[str, str]]) -> None:
-        """Downloads are counted by the servers, not by peers."""
+    def record_downloads(self, pairs: list[tuple[str, str]]) -> list[str]:
+        """Downloads are counted by the servers, not by peers: none counted."""
+        return []
 
 
 class Announcer:

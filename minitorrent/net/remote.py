@@ -489,9 +489,13 @@ class ServerClient:
             log.debug("no answer now: %s", error)
             return None
 
-    def list_files(self, search: str = "") -> list[dict]:
-        """Every catalog entry matching ``search``, by name, fetched in cursor pages (see ``Listing``)."""
-        listing = Listing(search)
+    def list_files(self, search: str = "", under: str = "") -> list[dict]:
+        """Every catalog entry matching ``search``, by name, fetched in cursor pages (see ``Listing``).
+
+        ``under`` (a folder ending in ``/``) asks for that folder's names only;
+        a server older than it may also send others (see ``protocol.ListFiles``).
+        """
+        listing = Listing(search, under)
         self.call(listing.fetch)
         return listing.entries
 
@@ -537,8 +541,9 @@ class Listing:
     before it, and a listing holds at most ``protocol.MAX_LIST_TOTAL`` entries.
     """
 
-    def __init__(self, search: str) -> None:
+    def __init__(self, search: str, under: str = "") -> None:
         self.search = search
+        self.under = under
         self.entries: list[dict] = []
         self.cursor = ""  # where the next page starts: the last page's ``next``
 
@@ -563,7 +568,7 @@ class Listing:
                 return
 
     def _request(self, cursor: str) -> protocol.ListFiles:
-        return protocol.ListFiles(self.search, cursor=cursor, limit=protocol.MAX_LIST_PAGE_ENTRIES)
+        return protocol.ListFiles(self.search, cursor=cursor, limit=protocol.MAX_LIST_PAGE_ENTRIES, under=self.under)
 
     def _take(self, entries: list[dict], following: str) -> None:
         """Add a page's entries, checked to go on in order; then move the cursor on."""

@@ -129,14 +129,15 @@ class FileSource(Protocol):
     def list_files(self, search: str, offset: int = 0, limit: int | None = None) -> tuple[list[dict], int]:
         """A page of the entries whose names contain ``search`` (any case), by name, and how many match."""
 
-    def list_page(self, search: str, after: str, limit: int, matches: int) -> ListingPage:
+    def list_page(self, search: str, after: str, limit: int, matches: int, under: str = "") -> ListingPage:
         """Up to ``limit`` entries whose names contain ``search`` and sort after ``after``, by name.
 
         ``matches`` is how many names matched when the listing began (a hint).
+        ``under`` (a folder ending in ``/``, or ""): only names that start with it.
         """
 
-    def count_matching(self, search: str) -> int:
-        """How many names contain ``search`` (any case); all of them for ""."""
+    def count_matching(self, search: str, under: str = "") -> int:
+        """How many names contain ``search`` (any case); all of them for "" (only those under ``under``)."""
 
     def count_files(self) -> tuple[int, int]:
         """(number of files, total bytes)."""
@@ -147,11 +148,14 @@ class FileSource(Protocol):
     def locate_chunk(self, name: str, sha256: str, index: int) -> ChunkLocation:
         """Where chunk ``index`` of that version of ``name`` is; ``RequestFailed`` if not served."""
 
+    def locate_files(self, names: list[str], sha256s: list[str]) -> list[ChunkLocation | RequestFailed]:
+        """``locate_chunk(name, sha256, 0)`` for each file of a ``get_files`` batch, or the ``RequestFailed`` it raises."""
+
     def record_download(self, name: str, sha256: str) -> None:
         """A client finished and verified a download of ``name``."""
 
-    def record_downloads(self, pairs: list[tuple[str, str]]) -> None:
-        """``record_download`` for many (name, sha256) pairs at once (one commit where it is stored)."""
+    def record_downloads(self, pairs: list[tuple[str, str]]) -> list[str]:
+        """``record_download`` for many (name, sha256) pairs at once (one commit where it is stored); the names counted."""
 
 
 class ClientAccess(Protocol):
@@ -450,7 +454,7 @@ class RequestServer:
             role, epoch, primary = ("active" if node.is_active() else "standby"), node.epoch, node.primary
         epoch_proof = auth.prove_epoch(self.epoch_secret, epoch, self.server_id) if node and role == "active" else ""
         return protocol.Welcome(protocol.PROTOCOL_VERSION, role, epoch, self.server_id, self.name, primary,
-                                nonce, proof, epoch_proof)
+                                nonce, proof, epoch_proof, protocol.FEATURES)
 
     def observe_relayed_epoch(self, hello: protocol.Hello, peer: str) -> None:
         """Learn the epoch a client relays, if a server holding the cluster secret proved it; else ignore it.
@@ -518,7 +522,7 @@ class _Handler:
 
     CLIENT_REQUESTS = (protocol.GetChunk, protocol.ListFiles, protocol.GetManifest, protocol.CountFiles,
                        protocol.ReportDownloaded, protocol.Announce, protocol.GetPeers, protocol.GetFiles,
-                       protocol.ReportDownloadedMany)
+                       protocol.ReportDownloadedMany, protocol.GetBatch, protocol.ReportDownloadedBatch)
 
     def __init__(self, server: RequestServer, connection: Connection) -> None:
         self.server = server
@@ -660,7 +664,9 @@ class _Handler:
         elif isinstance(request, protocol.ListFiles):
             self._send_listing(request)
         elif isinstance(request, protocol.GetFiles):
-            self._send_files(request)
+            self._send_files(request.names, request.sha256s)
+        elif isinstance(request, protocol.GetBatch):
+            self._send_files(*protocol.decode_batch(frame.payload))
         elif isinstance(request, protocol.GetManifest):
             header, digests = source.manifest(request.name)
             self.connection.send(protocol.ManifestInfo(name=request.name, **header), digests)
@@ -674,10 +680,9 @@ class _Handler:
                 self.server.metrics.download_finished(request.name)
             self.connection.send(protocol.Ok())
         elif isinstance(request, protocol.ReportDownloadedMany):
-            source.record_downloads(list(zip(request.names, request.sha256s)))
-            for name in request.names:
-                self.server.metrics.download_finished(name)
-            self.connection.send(protocol.Ok())
+            self._count_downloads(request.names, request.sha256s)
+        elif isinstance(request, protocol.ReportDownloadedBatch):
+            self._count_downloads(*protocol.decode_batch(frame.payload))
         else:
             self._serve_tracker_request(frame)
 
@@ -781,13 +786,22 @@ class _Handler:
         reply = protocol.ChunkData(name=request.name, index=request.index)
         self.send_stored_bytes(reply, where, request.name)
 
-    def _send_files(self, request: protocol.GetFiles) -> None:
+    def _count_downloads(self, names: list[str], sha256s: list[str]) -> None:
+        """A batch of finished downloads: counted in one commit (those shared as that version), then ``Ok``.
+
+        The metrics count the same names: a name not shared never becomes a
+        key there (a client cannot grow them with names it makes up).
+        """
+        self.server.metrics.downloads_finished(self.server.source.record_downloads(list(zip(names, sha256s))))
+        self.connection.send(protocol.Ok())
+
+    def _send_files(self, names: list[str], sha256s: list[str]) -> None:
         """Several one-chunk files in one frame; one that cannot be served gets size -1 and its error code."""
         sizes, errors, parts = [], [], []
         room = protocol.MAX_CHUNK_BYTES
-        for name, sha256 in zip(request.names, request.sha256s):
+        for name, where in zip(names, self.server.source.locate_files(names, sha256s)):
             try:
-                data = self._read_whole(self.server.source.locate_chunk(name, sha256, 0), name, room)
+                data = self._read_whole(where, name, room)
             except RequestFailed as error:
                 sizes.append(-1)
                 errors.append(error.code)
@@ -800,8 +814,13 @@ class _Handler:
         self.server.upload_limit.consume(len(payload))
         self.connection.send(protocol.FilesData(sizes=sizes, errors=errors), payload)
 
-    def _read_whole(self, where: ChunkLocation, label: str, room: int) -> bytes:
-        """The bytes at ``where`` (read, not sent by sendfile: they go out with their neighbours in one frame)."""
+    def _read_whole(self, where: ChunkLocation | RequestFailed, label: str, room: int) -> bytes:
+        """The bytes at ``where`` (read, not sent by sendfile: they go out with their neighbours in one frame).
+
+        ``RequestFailed`` if ``where`` is one (the file is not served) or the bytes cannot be read.
+        """
+        if isinstance(where, RequestFailed):
+            raise where
         if where.length > room:
             raise RequestFailed(ErrorCode.OUT_OF_RANGE, f"{label} does not fit in this reply; ask for it alone")
         try:  # a bare descriptor, not ``_file``'s buffered object: each small file is opened once, for one read
@@ -886,8 +905,8 @@ def cursor_page(source: FileSource, request: protocol.ListFiles) -> tuple[protoc
     """
     total, after = protocol.parse_cursor(request.cursor)
     if not after:
-        total = min(source.count_matching(request.search), protocol.MAX_LIST_TOTAL)
+        total = min(source.count_matching(request.search, request.under), protocol.MAX_LIST_TOTAL)
     limit = min(request.limit, protocol.MAX_LIST_PAGE_ENTRIES)
-    page = source.list_page(request.search, after, limit, total)
+    page = source.list_page(request.search, after, limit, total, request.under)
     following = protocol.make_cursor(total, page.last_name) if page.count == limit and page.more else ""
     return protocol.FileList(files=[], total=total, next=following), page.entries_json

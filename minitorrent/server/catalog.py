@@ -65,6 +65,7 @@ class Catalog:
         self.data_dir = Path(data_dir)
         self.chunk_size = chunk_size
         self.store_dir = self.data_dir / "store"
+        self._store_prefix = os.path.join(self.store_dir, "")  # + a sha256: a blob's path, with no Path made per file
         self.store_dir.mkdir(parents=True, exist_ok=True)
         self.db = ServerStore(self.data_dir / "catalog.db")
         self.origin = self.db.server_id()  # whose download counter this catalog increments
@@ -366,13 +367,13 @@ class Catalog:
         records = self.db.list_files(search or None, offset, limit)
         return [_entry(record) for record in records], self.db.count_matching(search or None)
 
-    def list_page(self, search: str, after: str, limit: int, matches: int) -> ListingPage:
+    def list_page(self, search: str, after: str, limit: int, matches: int, under: str = "") -> ListingPage:
         """Up to ``limit`` entries whose names contain ``search`` and sort after ``after``, encoded by SQLite."""
-        return ListingPage(*self.db.list_json(search or None, after, limit, matches))
+        return ListingPage(*self.db.list_json(search or None, after, limit, matches, under))
 
-    def count_matching(self, search: str) -> int:
-        """How many names contain ``search`` (any case); every name for ""."""
-        return self.db.count_matching(search or None)
+    def count_matching(self, search: str, under: str = "") -> int:
+        """How many names contain ``search`` (any case); every name for "" (only those under ``under``, if given)."""
+        return self.db.count_matching(search or None, under)
 
     def count_files(self) -> tuple[int, int]:
         """(number of files, total bytes)."""
@@ -390,7 +391,20 @@ class Catalog:
 
     def locate_chunk(self, name: str, sha256: str, index: int) -> ChunkLocation:
         """Where chunk ``index`` of ``name`` is stored; ``RequestFailed`` if not served."""
-        layout = self.db.file_layout(name)  # not _record: a folder's batch asks this per file, and needs no count
+        return self._locate(name, sha256, index, self.db.file_layout(name))  # not _record: no count needed
+
+    def locate_files(self, names: list[str], sha256s: list[str]) -> list[ChunkLocation | RequestFailed]:
+        """Where each of a ``get_files`` batch is stored (its one chunk), or why it is not served: one query."""
+        layouts = self.db.file_layouts(names)
+        located: list[ChunkLocation | RequestFailed] = []
+        for name, sha256 in zip(names, sha256s):
+            try:
+                located.append(self._locate(name, sha256, 0, layouts.get(name)))
+            except RequestFailed as error:
+                located.append(error)
+        return located
+
+    def _locate(self, name: str, sha256: str, index: int, layout: tuple[int, int, str] | None) -> ChunkLocation:
         if layout is None:
             raise RequestFailed(ErrorCode.NOT_FOUND, f"no file named {name!r}")
         size, chunk_size, stored_sha256 = layout
@@ -400,17 +414,17 @@ class Catalog:
         if not 0 <= index < chunks:
             raise RequestFailed(ErrorCode.OUT_OF_RANGE, f"{name} has no chunk {index} (it has {chunks})")
         offset = index * chunk_size
-        # a plain join, not _blob's Path: get_files locates thousands of small files, and Path costs more than the read
-        return ChunkLocation(os.path.join(self.store_dir, sha256), offset, min(chunk_size, size - offset))
+        # a plain string, not _blob's Path: a get_batch locates a thousand small files, and Path costs more than the read
+        return ChunkLocation(self._store_prefix + sha256, offset, min(chunk_size, size - offset))
 
     def record_download(self, name: str, sha256: str) -> None:
         """Count a finished download of ``name`` (persisted)."""
         if self._record(name).sha256 == sha256:
             self.db.record_download(name, self.origin)
 
-    def record_downloads(self, pairs: list[tuple[str, str]]) -> None:
-        """Count finished downloads of many (name, sha256) in one commit (a folder's small files)."""
-        self.db.record_downloads(pairs, self.origin)
+    def record_downloads(self, pairs: list[tuple[str, str]]) -> list[str]:
+        """Count finished downloads of many (name, sha256) in one commit (a folder's small files); the names counted."""
+        return self.db.record_downloads(pairs, self.origin)
 
     def download_counts(self) -> dict[str, int]:
         """Downloads per file name, as persisted."""

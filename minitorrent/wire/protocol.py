@@ -213,6 +213,27 @@ def _plainly_safe(name: str) -> bool:
         return False
 
 
+def plainly_safe_names(names: list) -> bool:
+    """True if every one of ``names`` passes ``check_file_name`` at a glance; False: check them one by one.
+
+    ``_plainly_safe`` for a whole listing at once: one regex search over the
+    names joined by newlines (each line a name), ASCII, short and shallow,
+    all counted over C iterators. A name holding a newline, or anything else
+    unusual, makes it False.
+    """
+    if not names or set(map(type, names)) != {str}:
+        return False
+    joined = "\n".join(names)
+    return (joined.isascii() and joined.count("\n") == len(names) - 1
+            and max(map(len, names)) <= _PLAIN_PATH_BYTES
+            and max(map(operator.methodcaller("count", "/"), names)) < MAX_PATH_DEPTH
+            and not _UNSAFE_IN_LINES.search(joined))
+
+
+# _UNSAFE_IN_PATH over lines: a control character but the newline between names, a backslash, or a bad component.
+_UNSAFE_IN_LINES = re.compile(r"[\x00-\x09\x0b-\x1f\x7f\\]|(?:^|/)\.{0,2}(?:/|$)", re.MULTILINE)
+
+
 def _refuse_name(name: object, why: str) -> typing.NoReturn:
     raise RemoteProtocolError(f"bad file name {name!r}: {why}", ErrorCode.BAD_NAME, True)
 
@@ -337,6 +358,11 @@ class ListFiles(Message):
     ``next``; "" for the first page), in the reply's payload. With ``limit``
     0, protocol 1's paging, kept for older clients: at most
     ``MAX_LIST_ENTRIES`` entries from ``offset``, in the reply's header.
+    ``under`` (a folder ending in ``/``; cursor pages only): only the names
+    in that folder, read by a range of the name key. A server older than the
+    field ignores it and lists every name containing ``search``: a client
+    asking for a folder sends its path as ``search`` too, and keeps the names
+    that start with it.
     """
 
     TYPE = "list"
@@ -344,11 +370,16 @@ class ListFiles(Message):
     offset: int = 0
     cursor: str = ""
     limit: int = 0
+    under: str = ""
 
     def validate(self) -> None:
         _require(0 <= self.offset <= MAX_LIST_TOTAL, f"offset must be in 0..{MAX_LIST_TOTAL}", ErrorCode.OUT_OF_RANGE)
         _require(self.limit >= 0, "limit must not be negative", ErrorCode.OUT_OF_RANGE)
         parse_cursor(self.cursor)
+        if self.under:
+            _require(self.limit > 0, "under needs a cursor listing (a limit)")
+            _require(self.under.endswith("/"), "under must be a folder ending in '/'", ErrorCode.BAD_NAME)
+            check_folder_name(self.under[:-1])
 
 
 def make_cursor(total: int, last_name: str) -> str:
@@ -483,6 +514,7 @@ class Welcome(Message):
     nonce: str = ""  # to a peer: the server's challenge
     proof: str = ""  # to a peer: the server's answer to the peer's challenge
     epoch_proof: str = ""  # HMAC over (epoch, server_id) with the cluster secret: clients relay it
+    features: str = ""  # space-separated: what it answers beyond protocol 1's first messages ("batches"; see FEATURES)
 
     def validate(self) -> None:
         _check_epoch(self.epoch)
@@ -583,8 +615,8 @@ class FilesData(Message):
     errors: list
 
     def validate(self) -> None:
-        _require(len(self.sizes) == len(self.errors) <= MAX_BATCH_FILES, "files_data: one size and error per file")
-        _require(all(isinstance(n, int) and not isinstance(n, bool) and n >= -1 for n in self.sizes),
+        _require(len(self.sizes) == len(self.errors) <= MAX_LISTED_BATCH_FILES, "files_data: one size and error per file")
+        _require(not self.sizes or (set(map(type, self.sizes)) == {int} and min(self.sizes) >= -1),  # C loops
                  "files_data sizes must be integers of at least -1")
 
 
@@ -711,6 +743,80 @@ def _bitmap_field(value: object) -> bytes | None:
     if not isinstance(value, str):
         raise ValueError("have must be base64 text or null")
     return base64.b64decode(value, validate=True)
+
+
+# Batches named in the payload (servers whose welcome lists FEATURE_BATCHES) ------------
+
+FEATURE_BATCHES = "batches"  # answers get_batch and downloaded_batch
+FEATURES = FEATURE_BATCHES  # what this version's servers say in Welcome.features
+MAX_LISTED_BATCH_FILES = 1024  # files in one batch: the files_data answering it has 1,024 sizes and codes, under 16 KiB
+MAX_BATCH_LIST_BYTES = MAX_CLIENT_PAYLOAD  # a batch's payload (its names and versions): what a client may send
+
+
+@dataclass(frozen=True)
+class GetBatch(Message):
+    """``GetFiles`` for up to ``MAX_LISTED_BATCH_FILES`` files named in the payload (``encode_batch``).
+
+    Answered by one ``FilesData``. A folder of 10,000 small files is ten of
+    these, not 157 ``get_files``, and the names need no JSON header of their
+    own. The server only looks the names up: one it does not share (or a
+    name no rule allows, which it cannot share) gets size -1 and
+    ``NOT_FOUND``, as in ``GetFiles``.
+    """
+
+    TYPE = "get_batch"
+    MAX_PAYLOAD = MAX_BATCH_LIST_BYTES
+
+
+@dataclass(frozen=True)
+class ReportDownloadedBatch(Message):
+    """``ReportDownloadedMany`` for up to ``MAX_LISTED_BATCH_FILES`` files named in the payload; answered ``Ok``."""
+
+    TYPE = "downloaded_batch"
+    MAX_PAYLOAD = MAX_BATCH_LIST_BYTES
+
+
+def encode_batch(names: list[str], sha256s: list[str]) -> bytes:
+    """The payload of a ``GetBatch`` or ``ReportDownloadedBatch``: ``{"names": [...], "sha256s": [...]}``.
+
+    Raises ``LocalProtocolError`` if it would break the limits a server checks (``decode_batch``).
+    """
+    payload = json.dumps({"names": names, "sha256s": sha256s}, ensure_ascii=False, separators=(",", ":")).encode()
+    if not 0 < len(names) <= MAX_LISTED_BATCH_FILES or len(payload) > MAX_BATCH_LIST_BYTES:
+        raise LocalProtocolError(f"a batch of {len(names)} files in {len(payload)} bytes breaks the batch limits")
+    return payload
+
+
+def batch_entry_bytes(name: str) -> int:
+    """At most what one file adds to ``encode_batch``'s payload: a caller fills a batch to the byte limit with it.
+
+    A character is at most 4 bytes of UTF-8, or 2 once JSON escapes it (a
+    quote); its sha256 and the quotes and commas add 72.
+    """
+    return 4 * len(name) + 72
+
+
+def decode_batch(payload: bytes | memoryview) -> tuple[list[str], list[str]]:
+    """(names, sha256s) of a batch payload; ``RemoteProtocolError`` (BAD_REQUEST) unless it keeps the limits.
+
+    1 to ``MAX_LISTED_BATCH_FILES`` names, each text of at most
+    ``MAX_PATH_BYTES`` characters, and as many 64-character sha256s. Checked
+    over C iterators: a batch is a thousand names. The names are not put
+    through ``check_file_name`` here: a server only looks them up.
+    """
+    try:
+        document = json.loads(bytes(payload))
+        names, sha256s = document["names"], document["sha256s"]
+    except (ValueError, RecursionError, KeyError, TypeError) as error:
+        raise RemoteProtocolError(f"bad batch: {error!r}", ErrorCode.BAD_REQUEST, True) from error
+    _require(type(names) is list and type(sha256s) is list and 0 < len(names) == len(sha256s) <= MAX_LISTED_BATCH_FILES,
+             f"a batch names 1 to {MAX_LISTED_BATCH_FILES} files, one sha256 each", ErrorCode.OUT_OF_RANGE)
+    _require(set(map(type, names)) == {str} == set(map(type, sha256s)), "a batch's names and sha256s must be text")
+    _require(max(map(len, names)) <= MAX_PATH_BYTES and set(map(len, sha256s)) == {64},
+             f"a batch's names are at most {MAX_PATH_BYTES} characters, its sha256s 64")
+    _require(_is_utf8("\n".join(names)) and _is_utf8("".join(sha256s)),  # JSON may carry lone surrogates
+             "a batch's names and sha256s must be valid Unicode text")
+    return names, sha256s
 
 
 # Peer messages: main server to backup, after authentication -------------------

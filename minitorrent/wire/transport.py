@@ -108,9 +108,12 @@ class Connection:
         head = protocol.encode_head(message, len(payload))
         self._send_all(head + bytes(payload) if payload else head)
 
-    def send_many(self, messages: list[Message]) -> None:
-        """Send several payload-less frames in one write (pipelined requests)."""
-        self._send_all(b"".join(protocol.encode_head(m) for m in messages))
+    def send_many(self, messages: list[Message], payloads: list[bytes] | None = None) -> None:
+        """Send several frames in one write (pipelined requests); ``payloads[i]`` goes with ``messages[i]``."""
+        if payloads is None:
+            self._send_all(b"".join(protocol.encode_head(m) for m in messages))
+        else:
+            self._send_all(b"".join(protocol.encode_head(m, len(p)) + p for m, p in zip(messages, payloads, strict=True)))
 
     def send_file_payload(self, message: Message, file: BinaryIO, offset: int, count: int) -> None:
         """Send ``message`` with ``count`` bytes of ``file`` from ``offset`` as payload.

@@ -1,6 +1,8 @@
 """Folders end to end over real sockets: shared whole, listed, downloaded with structure and checks."""
 from __future__ import annotations
 
+import fcntl
+import json
 import os
 import threading
 from pathlib import Path
@@ -8,11 +10,13 @@ from pathlib import Path
 import pytest
 from conftest import make_config, make_file
 
-from error_handler import DownloadError
+from error_handler import DownloadError, MiniTorrentError
 from integrity import Manifest, sha256_file
 from minitorrent.client.engine import ClientEngine
-from minitorrent.client.folders import STAGING, FolderSummary, summarize_folders
+from minitorrent.client.folders import STAGING, FolderSummary, staging_key, summarize_folders
 from minitorrent.client.progress import Progress
+from minitorrent.net import serving
+from minitorrent.wire import protocol
 
 CHUNK = 64 * 1024
 
@@ -43,6 +47,11 @@ def tree(root: Path) -> dict[str, str]:
     """relative path -> sha256 of every file under ``root`` (staging excluded)."""
     return {p.relative_to(root).as_posix(): sha256_file(p) for p in root.rglob("*")
             if p.is_file() and STAGING not in p.parts}
+
+
+def staged_files(staging: Path) -> int:
+    """How many files are staged under ``staging`` (at any depth)."""
+    return sum(len(names) for _, _, names in os.walk(staging))
 
 
 @pytest.fixture
@@ -86,22 +95,127 @@ class TestFolderDownload:
         assert (0, 6, 0) == (again.downloaded, again.present, again.fetched_bytes)
 
     def test_staged_file_from_a_crash_is_reused_and_a_damaged_one_refetched(self, tmp_path, server_factory, photos):
-        """A staged file that still hashes to its name is installed without a fetch; a damaged one is fetched again."""
+        """A staged file that still hashes to its version is placed without a fetch; a damaged one is fetched
+        again; one the folder does not list is removed, never placed."""
         server = server_factory({"transfer": {"chunk_size": CHUNK}})
         server.add_folder(photos)
-        staging = tmp_path / "out" / STAGING
-        staging.mkdir(parents=True)
-        good = sha256_file(photos / "Case.txt")
-        os.link(photos / "Case.txt", staging / good)
-        damaged = sha256_file(photos / "case.txt")
-        (staging / damaged).write_bytes(b"not the content")
+        staged = tmp_path / "out" / STAGING / staging_key("photos/")
+        (staged / "2024").mkdir(parents=True)
+        os.link(photos / "Case.txt", staged / "Case.txt")
+        (staged / "case.txt").write_bytes(b"not the content")
+        (staged / "2024" / "not listed.txt").write_bytes(b"left by someone")
+        outside = tmp_path / "outside.txt"
+        outside.write_bytes(b"")  # the content notes.txt (empty) is listed with
+        (staged / "notes.txt").symlink_to(outside)  # a link planted where a staged file goes: removed, not followed
+        os.mkfifo(staged / "2024" / "beach.jpg")  # a FIFO: never read (it would block), removed
         engine = engine_for(tmp_path, server)
         try:
             result = engine.download_folder("photos/", tmp_path / "out")
         finally:
             engine.close()
-        assert tree(photos.parent) == tree(tmp_path / "out")
-        assert 3000 + 11 + 3 * CHUNK + 5 == result.fetched_bytes  # Case.txt (10 bytes) came from staging
+        assert (tree(photos.parent), False) == (tree(tmp_path / "out"), (tmp_path / "out" / STAGING).exists())
+        assert (3000 + 11 + 3 * CHUNK + 5, False) == (result.fetched_bytes,  # Case.txt (10 bytes) came from staging
+                                                     (tmp_path / "out" / "photos" / "notes.txt").is_symlink())
+
+    def test_without_renameat2_the_folder_is_placed_file_by_file(self, tmp_path, server_factory, photos, monkeypatch):
+        """Where renameat2 is missing (a folder cannot be linked, so not moved without a risk of replacing), the
+        staged tree is placed file by file with link and unlink: every file arrives, nothing is left staged."""
+        from minitorrent.common import fs
+
+        monkeypatch.setattr(fs, "_renameat2", None)
+        server = server_factory({"transfer": {"chunk_size": CHUNK}})
+        server.add_folder(photos)
+        engine = engine_for(tmp_path, server)
+        try:
+            result = engine.download_folder("photos/", tmp_path / "out")
+        finally:
+            engine.close()
+        assert (tree(photos.parent), [], 6, False) == (tree(tmp_path / "out"), result.failed, result.downloaded,
+                                                       (tmp_path / "out" / STAGING).exists())
+
+    def test_a_crash_while_placing_file_by_file_resumes(self, tmp_path, server_factory, photos):
+        """As a crash while placing leaves it (some files at their final names, some still staged): the next run
+        keeps the placed ones, places the staged ones without a fetch, and fetches only the rest."""
+        server = server_factory({"transfer": {"chunk_size": CHUNK}})
+        server.add_folder(photos)
+        out = tmp_path / "out"
+        (out / "photos").mkdir(parents=True)
+        os.link(photos / "Case.txt", out / "photos" / "Case.txt")  # placed before the crash
+        staged = out / STAGING / staging_key("photos/")
+        (staged / "2024").mkdir(parents=True)
+        os.link(photos / "2024" / "beach.jpg", staged / "2024" / "beach.jpg")  # verified, staged, not yet placed
+        engine = engine_for(tmp_path, server)
+        try:
+            result = engine.download_folder("photos/", out)
+        finally:
+            engine.close()
+        assert (tree(photos.parent), 1, 5, 11 + 3 * CHUNK + 5) == (
+            tree(out), result.present, result.downloaded, result.fetched_bytes)  # only case.txt and big.raw fetched
+
+    def test_a_file_where_the_staged_tree_goes_fails_with_one_line(self, tmp_path, server_factory, photos):
+        """Something not a folder where the staged tree goes: the download fails with a DownloadError, no traceback,
+        and a later run, once it is gone, succeeds (the staging lock was let go)."""
+        server = server_factory({"transfer": {"chunk_size": CHUNK}})
+        server.add_folder(photos)
+        planted = tmp_path / "out" / STAGING / staging_key("photos/")
+        planted.parent.mkdir(parents=True)
+        planted.write_bytes(b"not a folder")
+        engine = engine_for(tmp_path, server)
+        try:
+            with pytest.raises(DownloadError, match="cannot stage"):
+                engine.download_folder("photos/", tmp_path / "out")
+            planted.unlink()
+            result = engine.download_folder("photos/", tmp_path / "out")
+        finally:
+            engine.close()
+        assert ([], tree(photos.parent)) == (result.failed, tree(tmp_path / "out"))
+
+    def test_a_file_that_cannot_be_staged_stops_the_folder_with_one_line(self, tmp_path, server_factory):
+        """A staged file that cannot be written (a folder made where it goes once staging began): DownloadError, not
+        a traceback; nothing placed; once it is gone, the next run completes."""
+        source = tmp_path / "src" / "many"
+        for i in range(70):
+            make_file(source / f"f{i:02d}.bin", 100, seed=i)
+        server = server_factory()
+        server.add_folder(source)
+        in_the_way = tmp_path / "out" / STAGING / staging_key("many/") / "f66.bin"
+
+        def plant(progress: Progress) -> None:  # called after the 64th file is staged: f66.bin is still to come
+            if in_the_way.parent.is_dir() and not in_the_way.exists():
+                (in_the_way / "inside").mkdir(parents=True)
+        engine = engine_for(tmp_path, server, on_progress=plant)
+        try:
+            with pytest.raises(DownloadError, match="cannot stage many/f66.bin"):
+                engine.download_folder("many/", tmp_path / "out")
+            placed = (tmp_path / "out" / "many").exists()
+            engine.on_progress = None
+            (in_the_way / "inside").rmdir()
+            result = engine.download_folder("many/", tmp_path / "out")
+        finally:
+            engine.close()
+        assert (False, [], tree(source.parent)) == (placed, result.failed, tree(tmp_path / "out"))
+
+    def test_a_second_download_of_the_same_folder_into_the_same_place_is_refused(self, tmp_path, server_factory,
+                                                                                 photos):
+        """While one download stages photos/ in out/, another one of photos/ there fails with one line and places
+        nothing; once the first is done, it runs."""
+        server = server_factory({"transfer": {"chunk_size": CHUNK}})
+        server.add_folder(photos)
+        staging = tmp_path / "out" / STAGING
+        staging.mkdir(parents=True)
+        holder = os.open(staging / (staging_key("photos/") + ".lock"), os.O_RDWR | os.O_CREAT)
+        fcntl.flock(holder, fcntl.LOCK_EX)  # the first download, in another process
+        engine = engine_for(tmp_path, server)
+        try:
+            with pytest.raises(DownloadError, match="another download of that folder is running there"):
+                engine.download_folder("photos/", tmp_path / "out")
+            placed_meanwhile = sorted(p.name for p in (tmp_path / "out").glob("photos/*"))
+            os.close(holder)
+            result = engine.download_folder("photos/", tmp_path / "out")
+        finally:
+            engine.close()
+        assert ([], 6, [], tree(photos.parent)) == (placed_meanwhile, result.downloaded, result.failed,
+                                                    tree(tmp_path / "out"))
 
     def test_existing_different_file_is_not_overwritten(self, tmp_path, server_factory, photos):
         """A file already at a final name with other content is reported and kept; the rest arrive."""
@@ -337,11 +451,15 @@ class TestGroupedCounts:
 
 
 class TestFailover:
-    def test_a_folder_download_moves_to_the_other_server_when_the_first_goes(self, tmp_path, server_factory):
+    def test_a_folder_download_moves_to_the_other_server_when_the_first_goes(self, tmp_path, server_factory,
+                                                                          monkeypatch):
         """The server in use goes away mid-folder: the rest comes from the other one, every file verified and counted there."""
         from conftest import SHORT_TIMEOUT, SlowProxy, wait_until
 
+        from minitorrent.client import folders
         from minitorrent.common.launcher import free_port
+
+        monkeypatch.setattr(folders, "BATCH_BYTES", 16 * 4096)  # batches of 16 files: staged a few at a time
 
         source = tmp_path / "src" / "tree"
         for i in range(200):
@@ -362,7 +480,7 @@ class TestFailover:
             second.add_folder(source)
             worker.start()
             staging = tmp_path / "out" / STAGING
-            wait_until(lambda: staging.is_dir() and len(os.listdir(staging)) >= 20, SHORT_TIMEOUT, "20 files staged")
+            wait_until(lambda: staged_files(staging) >= 20, SHORT_TIMEOUT, "20 files staged")
             proxy.close()
             first.stop()
             worker.join(SHORT_TIMEOUT * 3)
@@ -371,3 +489,79 @@ class TestFailover:
         assert (False, [], 200) == (worker.is_alive(), outcome[0].failed, outcome[0].downloaded)
         assert tree(source.parent) == tree(tmp_path / "out")
         assert {name: 1 for name in second.catalog.names_at("tree/")} == second.catalog.download_counts()
+
+
+class TestBatches:
+    def test_an_older_server_is_asked_with_get_files_and_downloaded_many(self, tmp_path, server_factory, photos,
+                                                                        monkeypatch):
+        """A server whose welcome lists no batches feature gets protocol 1's requests: every file arrives, counted once."""
+        monkeypatch.setattr(protocol, "FEATURES", "")
+        asked: list[str] = []
+        serve_client_request = serving._Handler._serve_client_request
+        monkeypatch.setattr(serving._Handler, "_serve_client_request",
+                            lambda handler, frame: (asked.append(frame.message.TYPE), serve_client_request(handler, frame)))
+        server = server_factory({"transfer": {"chunk_size": CHUNK}})
+        server.add_folder(photos)
+        engine = engine_for(tmp_path, server)
+        try:
+            result = engine.download_folder("photos/", tmp_path / "out")
+        finally:
+            engine.close()
+        assert ([], tree(photos.parent), {"get_files", "downloaded_many"}) == (
+            result.failed, tree(tmp_path / "out"), {"get_files", "downloaded_many"} & set(asked))
+        assert ({name: 1 for name in server.catalog.names_at("photos/")}, set()) == (
+            server.catalog.download_counts(), {"get_batch", "downloaded_batch"} & set(asked))
+
+    def test_a_thousand_files_come_in_a_few_batches(self, tmp_path, server_factory, monkeypatch):
+        """1,500 small files: asked in get_batch requests of at most MAX_LISTED_BATCH_FILES, counted by downloaded_batch."""
+        asked: list[tuple[str, int]] = []
+        serve_client_request = serving._Handler._serve_client_request
+
+        def spy(handler, frame):
+            batch = len(protocol.decode_batch(frame.payload)[0]) if frame.payload else 0
+            asked.append((frame.message.TYPE, batch))
+            return serve_client_request(handler, frame)
+        monkeypatch.setattr(serving._Handler, "_serve_client_request", spy)
+        source = tmp_path / "src" / "many"
+        for i in range(1500):
+            make_file(source / f"d{i // 500}" / f"f{i:04d}.bin", 100, seed=i)
+        server = server_factory()
+        server.add_folder(source)
+        engine = engine_for(tmp_path, server)
+        try:
+            result = engine.download_folder("many/", tmp_path / "out")
+        finally:
+            engine.close()
+        batches = [count for kind, count in asked if kind == "get_batch"]
+        reports = [count for kind, count in asked if kind == "downloaded_batch"]
+        assert (1500, [], 1500, 1500, 2, True) == (result.downloaded, result.failed, sum(batches), sum(reports),
+                                                    len(reports), max(batches) <= protocol.MAX_LISTED_BATCH_FILES)
+
+
+class TestLyingBatches:
+    @pytest.mark.parametrize("sizes, errors, payload", [
+        ([3000] * 2, [""] * 2, b"x" * 6000),  # two files answered for the batch of four asked
+        ([10] * 4, [""] * 4, b"x" * 41),  # sizes that do not add up to the payload
+        ([1] * (protocol.MAX_LISTED_BATCH_FILES + 1), [""] * (protocol.MAX_LISTED_BATCH_FILES + 1), b""),  # over the bound
+    ], ids=["fewer-files", "sizes-and-payload-disagree", "over-the-batch-bound"])
+    def test_a_lying_files_data_fails_the_folder_and_places_nothing(self, tmp_path, server_factory, photos,
+                                                                    monkeypatch, sizes, errors, payload):
+        """A files_data that does not answer the batch as asked is refused: no file gets its final name, no loop."""
+        server = server_factory({"transfer": {"chunk_size": CHUNK}})
+        server.add_folder(photos)
+        monkeypatch.setattr(serving._Handler, "_send_files", _raw_files_data(sizes, errors, payload))
+        engine = engine_for(tmp_path, server)
+        try:
+            with pytest.raises(MiniTorrentError):
+                engine.download_folder("photos/", tmp_path / "out")
+        finally:
+            engine.close()
+        assert {} == tree(tmp_path / "out")
+
+
+def _raw_files_data(sizes: list[int], errors: list[str], payload: bytes):
+    """A ``_send_files`` that answers any batch with this ``files_data``, built by hand (past FilesData's own checks)."""
+    def send(handler, names, sha256s):
+        header = json.dumps({"type": "files_data", "sizes": sizes, "errors": errors}).encode()
+        handler.connection.sock.sendall(protocol.PREFIX.pack(protocol.MAGIC, len(header), len(payload)) + header + payload)
+    return send

@@ -44,15 +44,15 @@ class CountingSource:
         self.between_pages = between_pages
         self.counts = 0
 
-    def list_page(self, search: str, after: str, limit: int, matches: int) -> ListingPage:
-        page = self.catalog.list_page(search, after, limit, matches)
+    def list_page(self, search: str, after: str, limit: int, matches: int, under: str = "") -> ListingPage:
+        page = self.catalog.list_page(search, after, limit, matches, under)
         if page.count == limit:  # another page follows: change the catalog before it is asked for
             self.between_pages([entry["name"] for entry in json.loads(page.entries_json)])
         return page
 
-    def count_matching(self, search: str) -> int:
+    def count_matching(self, search: str, under: str = "") -> int:
         self.counts += 1
-        return self.catalog.count_matching(search)
+        return self.catalog.count_matching(search, under)
 
     def __getattr__(self, name: str):  # everything else as the catalog serves it
         return getattr(self.catalog, name)
@@ -160,6 +160,65 @@ class TestCursorListing:
             [name for name in removed_ahead if name in listed], len(removed_ahead) > 2)
 
 
+class DropsUnder(CountingSource):
+    """A server older than ``under``: it lists every name containing the search, whatever the folder."""
+
+    def list_page(self, search: str, after: str, limit: int, matches: int, under: str = "") -> ListingPage:
+        return super().list_page(search, after, limit, matches)
+
+    def count_matching(self, search: str, under: str = "") -> int:
+        return super().count_matching(search)
+
+
+FOLDER_NAMES = ["photos (2)/a.jpg", "photos/2024/b.jpg", "photos/a.jpg", "photos0.txt", "x/photos/c.jpg"]
+
+
+class TestFolderListing:
+    def test_under_lists_the_folder_alone_across_pages(self, catalog, serve, pages_of):
+        """A listing with under='photos/' gives the names in photos/ only (not x/photos/...), over pages of 1."""
+        add_names(catalog, FOLDER_NAMES)
+        pages_of(1)
+        client = ServerClient([serve(catalog)], io_timeout_s=SHORT_TIMEOUT, pool_size=2, retry_deadline_s=SHORT_TIMEOUT)
+        try:
+            listed = [entry["name"] for entry in client.list_files("photos/", under="photos/")]
+        finally:
+            client.close()
+        assert ["photos/2024/b.jpg", "photos/a.jpg"] == listed
+
+    def test_under_counts_the_folder(self, catalog, serve):
+        """The first page's total counts the folder's names, not every name containing the search."""
+        add_names(catalog, FOLDER_NAMES)
+        session = ServerSession.open(*serve(catalog), io_timeout_s=SHORT_TIMEOUT)
+        try:
+            page = session.call(ListFiles("photos/", limit=10, under="photos/"), FileList).message
+        finally:
+            session.close()
+        assert 2 == page.total
+
+    def test_a_server_without_under_lists_every_match(self, catalog, serve):
+        """Against a server that ignores under, the listing holds every name containing the search."""
+        add_names(catalog, FOLDER_NAMES)
+        client = ServerClient([serve(DropsUnder(catalog))], io_timeout_s=SHORT_TIMEOUT, pool_size=2,
+                              retry_deadline_s=SHORT_TIMEOUT)
+        try:
+            listed = [entry["name"] for entry in client.list_files("photos/", under="photos/")]
+        finally:
+            client.close()
+        assert ["photos/2024/b.jpg", "photos/a.jpg", "x/photos/c.jpg"] == listed
+
+    @pytest.mark.parametrize("fields, code", [
+        ({"under": "photos/"}, protocol.ErrorCode.BAD_REQUEST),  # no limit: offset pages have no folder
+        ({"under": "photos", "limit": 5}, protocol.ErrorCode.BAD_NAME),
+        ({"under": "../photos/", "limit": 5}, protocol.ErrorCode.BAD_NAME),
+        ({"under": "/", "limit": 5}, protocol.ErrorCode.BAD_NAME),
+    ])
+    def test_bad_under_is_refused(self, fields, code):
+        """under must be a safe folder name ending in '/', in a cursor listing."""
+        with pytest.raises(protocol.ProtocolError) as refused:
+            ListFiles("", **fields)
+        assert code == refused.value.code
+
+
 class TestFailover:
     def test_listing_goes_on_from_its_cursor_on_the_other_server(self, tmp_path, catalog, serve, pages_of):
         """Cut off while serving page 3, the client goes on at the backup after page 2's last name: every name once."""
@@ -170,9 +229,9 @@ class TestFailover:
         calls = 0
 
         class Recording(CountingSource):
-            def list_page(self, search: str, after: str, limit: int, matches: int) -> ListingPage:
+            def list_page(self, search: str, after: str, limit: int, matches: int, under: str = "") -> ListingPage:
                 asked_of_backup.append(after)
-                return super().list_page(search, after, limit, matches)
+                return super().list_page(search, after, limit, matches, under)
 
         def cut_on_third_page(page: list[str]) -> None:
             nonlocal calls
@@ -239,12 +298,12 @@ class LyingSource:
     def __init__(self, names_of: Callable[[str], list[str]]) -> None:
         self.names_of = names_of
 
-    def list_page(self, search: str, after: str, limit: int, matches: int) -> ListingPage:
+    def list_page(self, search: str, after: str, limit: int, matches: int, under: str = "") -> ListingPage:
         names = self.names_of(after)
         entries = [{"name": name, "size": 1, "chunks": 1, "sha256": SHA, "downloads": 0, "added_at": 0} for name in names]
         return ListingPage(json.dumps(entries).encode(), limit, "x" if not names else names[-1], True)
 
-    def count_matching(self, search: str) -> int:
+    def count_matching(self, search: str, under: str = "") -> int:
         return 0
 
 

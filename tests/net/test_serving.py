@@ -1269,6 +1269,65 @@ class TestGetFiles:
         assert {names[0]: 1, names[1]: 1, names[2]: 0} == engine.catalog.download_counts()
 
 
+    def test_a_batch_named_in_the_payload_is_answered_like_get_files(self, small):
+        """get_batch (names in the payload) gets the same files_data as get_files: unknown and stale files keep their place."""
+        engine, contents = small
+        names = ["tree/nothing.txt", "tree/f1.txt", "tree/f2.txt", "../not a name"]
+        sha = engine.catalog.db.get_file("tree/f1.txt").sha256
+        session = ServerSession.open(*engine.server.address, io_timeout_s=SHORT_TIMEOUT, secure=TLS)
+        try:
+            frame = session.call(protocol.GetBatch(), protocol.FilesData, protocol.encode_batch(names, [sha] * 4))
+        finally:
+            session.close()
+        assert ([-1, 101, -1, -1], ["NOT_FOUND", "", "STALE_VERSION", "NOT_FOUND"], contents["tree/f1.txt"]) == \
+            (frame.message.sizes, frame.message.errors, bytes(frame.payload))
+
+    def test_a_batch_of_reports_counts_each_shared_version_once(self, small):
+        """downloaded_batch counts each named file once in one request; a wrong version is not counted."""
+        engine, contents = small
+        names = sorted(contents)
+        shas = [engine.catalog.db.get_file(n).sha256 for n in names]
+        session = ServerSession.open(*engine.server.address, io_timeout_s=SHORT_TIMEOUT, secure=TLS)
+        try:
+            session.call(protocol.ReportDownloadedBatch(), protocol.Ok, protocol.encode_batch(names, shas[:2] + [shas[0]]))
+        finally:
+            session.close()
+        assert {names[0]: 1, names[1]: 1, names[2]: 0} == engine.catalog.download_counts()
+
+    def test_reports_of_names_not_shared_leave_the_metrics_alone(self, small):
+        """downloaded_batch of names the server does not share (made up, or another version) counts nothing anywhere."""
+        engine, contents = small
+        shared = sorted(contents)[0]
+        made_up = [f"made/up {i}.txt" for i in range(100)]
+        session = ServerSession.open(*engine.server.address, io_timeout_s=SHORT_TIMEOUT, secure=TLS)
+        try:
+            session.call(protocol.ReportDownloadedBatch(), protocol.Ok,
+                         protocol.encode_batch(made_up + [shared], ["ab" * 32] * 101))
+        finally:
+            session.close()
+        assert ({}, 0) == (engine.server.metrics.snapshot()["downloads_per_file"],
+                           engine.catalog.download_counts()[shared])
+
+    def test_welcome_says_batches_are_answered(self, small):
+        """A server's welcome lists the batches feature, which a client needs before it sends get_batch."""
+        engine, _ = small
+        session = ServerSession.open(*engine.server.address, io_timeout_s=SHORT_TIMEOUT, secure=TLS)
+        session.close()
+        assert [protocol.FEATURE_BATCHES] == session.welcome.features.split()
+
+    def test_a_malformed_batch_is_refused_and_the_connection_serves_on(self, small):
+        """A get_batch whose payload is no batch gets BAD_REQUEST; the next request on the connection is answered."""
+        engine, contents = small
+        session = ServerSession.open(*engine.server.address, io_timeout_s=SHORT_TIMEOUT, secure=TLS)
+        try:
+            session.connection.send(protocol.GetBatch(), b'{"names": ["a"], "sha256s": ["short"]}')
+            refused = session.connection.recv().message
+            count = session.call(protocol.CountFiles(), protocol.FileCount).message
+        finally:
+            session.close()
+        assert (protocol.ErrorCode.BAD_REQUEST, len(contents)) == (refused.code, count.files)
+
+
 class TestBatchLimits:
     def test_too_many_or_mismatched_names_are_refused(self):
         """get_files takes 1 to MAX_BATCH_FILES names, one sha256 each."""

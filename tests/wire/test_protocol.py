@@ -68,6 +68,10 @@ EXAMPLES: list[tuple[Message, bytes]] = [
     (GetFiles([ODD_NAME, "photos/2024/beach.jpg"], [SHA, SHA]), b""),
     (FilesData(sizes=[3, -1], errors=["", ErrorCode.NOT_FOUND]), b"abc"),
     (ReportDownloadedMany(["photos/a.jpg"], [SHA]), b""),
+    (protocol.GetBatch(), protocol.encode_batch([ODD_NAME, "photos/a.jpg"], [SHA, SHA])),
+    (protocol.ReportDownloadedBatch(), protocol.encode_batch(["photos/a.jpg"], [SHA])),
+    (Welcome(PROTOCOL_VERSION, "active", 3, "abc123", features=protocol.FEATURES), b""),
+    (ListFiles("photos/", limit=10, under="photos/"), b""),
     (GetStatus(), b""),
     (Welcome(PROTOCOL_VERSION, "main", 3, "abc123"), b""),
     (FileList([{"name": ODD_NAME, "size": 10, "sha256": SHA}], 1, 0), b""),
@@ -507,6 +511,77 @@ class TestFileNames:
             with pytest.raises(RemoteProtocolError) as caught:
                 build()
             assert ErrorCode.BAD_NAME == caught.value.code
+
+
+class TestNamesCheckedAtOnce:
+    def test_a_listing_of_plain_names_passes_at_once(self):
+        """Plain ASCII paths, nested and with spaces, pass plainly_safe_names (and each passes check_file_name)."""
+        names = ["photos/a.jpg", "photos/2024/b c.jpg", "top.txt", "a/" * 10 + "deep.bin"]
+        assert (True, names) == (protocol.plainly_safe_names(names), [check_file_name(n) for n in names])
+
+    @pytest.mark.parametrize("name", TestFileNames.REFUSED.values(), ids=TestFileNames.REFUSED.keys())
+    def test_one_refused_name_sends_the_listing_to_the_slow_path(self, name):
+        """A listing holding one name that check_file_name refuses is never passed at once."""
+        assert False == protocol.plainly_safe_names(["photos/a.jpg", name, "photos/b.jpg"])
+
+    @pytest.mark.parametrize("names", [[], ["a\nb"], ["photos/é.jpg"], [None], ["a", 5]],
+                             ids=["empty", "newline", "non-ascii", "none", "number"])
+    def test_unusual_listings_take_the_slow_path(self, names):
+        """An empty listing, a newline in a name, a non-ASCII or non-text name: checked one by one instead."""
+        assert False == protocol.plainly_safe_names(names)
+
+
+class TestFilesDataSizes:
+    @pytest.mark.parametrize("sizes", [[True], [-2], [1.5], ["3"], [None], [3, -1, False]],
+                             ids=["bool", "below-minus-one", "float", "text", "null", "bool-among-ints"])
+    def test_sizes_that_are_not_integers_of_at_least_minus_one_are_refused(self, sizes):
+        """A files_data size must be an int (not a bool) of at least -1."""
+        with pytest.raises(RemoteProtocolError):
+            FilesData(sizes=sizes, errors=[""] * len(sizes))
+
+    def test_an_empty_answer_and_mixed_sizes_pass(self):
+        """No files, or served and unserved files side by side, make a valid files_data."""
+        assert ([], [0, -1, 7]) == (FilesData([], []).sizes, FilesData([0, -1, 7], ["", "NOT_FOUND", ""]).sizes)
+
+
+class TestBatchPayload:
+    def test_names_and_versions_come_back(self):
+        """decode_batch gives back the names (any Unicode) and sha256s that encode_batch put in, in order."""
+        names = [ODD_NAME, "photos/2024/beach.jpg", 'a "quoted" name']
+        assert (names, [SHA] * 3) == protocol.decode_batch(protocol.encode_batch(names, [SHA] * 3))
+
+    def test_a_full_batch_of_the_longest_names_fits_its_estimate(self):
+        """Names filling batch_entry_bytes to the limit encode within MAX_BATCH_LIST_BYTES."""
+        name = 'é\\"' * 341  # 1,023 characters: a 2-byte UTF-8 one and two that JSON escapes
+        count = min(protocol.MAX_LISTED_BATCH_FILES, protocol.MAX_BATCH_LIST_BYTES // protocol.batch_entry_bytes(name))
+        payload = protocol.encode_batch([name] * count, [SHA] * count)
+        assert (True, count) == (len(payload) <= protocol.MAX_BATCH_LIST_BYTES, len(protocol.decode_batch(payload)[0]))
+
+    @pytest.mark.parametrize("document", [
+        b"not json", b"[]", b'{"names": ["a"]}', b'{"names": [], "sha256s": []}',
+        b'{"names": ["a", "b"], "sha256s": ["' + b"a" * 64 + b'"]}',
+        b'{"names": [1], "sha256s": ["' + b"a" * 64 + b'"]}',
+        b'{"names": ["a"], "sha256s": ["abc"]}',
+        b'{"names": ["' + b"a" * (protocol.MAX_PATH_BYTES + 1) + b'"], "sha256s": ["' + b"a" * 64 + b'"]}',
+        b'{"names": "aa", "sha256s": "bb"}',
+        b'{"names": ["a\\ud800b"], "sha256s": ["' + b"a" * 64 + b'"]}',
+    ], ids=["not-json", "array", "no-sha256s", "empty", "mismatched", "number", "short-sha", "long-name", "strings",
+            "lone-surrogate"])
+    def test_malformed_batches_are_refused(self, document):
+        """A batch payload that is not 1..MAX_LISTED_BATCH_FILES text names with 64-character sha256s is refused."""
+        with pytest.raises(RemoteProtocolError) as caught:
+            protocol.decode_batch(document)
+        assert True == caught.value.recoverable
+
+    def test_too_many_files_are_refused_both_ways(self):
+        """One file over MAX_LISTED_BATCH_FILES: encode_batch refuses to build it, decode_batch to read it."""
+        count = protocol.MAX_LISTED_BATCH_FILES + 1
+        document = json.dumps({"names": ["a"] * count, "sha256s": ["a" * 64] * count}).encode()
+        with pytest.raises(LocalProtocolError):
+            protocol.encode_batch(["a"] * count, ["a" * 64] * count)
+        with pytest.raises(RemoteProtocolError) as caught:
+            protocol.decode_batch(document)
+        assert ErrorCode.OUT_OF_RANGE == caught.value.code
 
 
 class TestEncodeLimits:
