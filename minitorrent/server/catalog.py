@@ -39,12 +39,14 @@ from minitorrent.common.fs import ChunkLocation, fsync_dir, fsync_files
 from minitorrent.server.folder_scan import scan_folder
 from minitorrent.net.serving import ListingPage
 from minitorrent.wire.protocol import (
+    LIST_LAYOUT_PACKED,
     ErrorCode,
     ProtocolError,
     RequestFailed,
     check_file_name,
     check_folder_name,
     folder_of,
+    pack_list_columns,
 )
 
 log = logging.getLogger(__name__)
@@ -366,8 +368,15 @@ class Catalog:
         records = self.db.list_files(search or None, offset, limit)
         return [_entry(record) for record in records], self.db.count_matching(search or None)
 
-    def list_page(self, search: str, after: str, limit: int, matches: int) -> ListingPage:
-        """Up to ``limit`` entries whose names contain ``search`` and sort after ``after``, encoded by SQLite."""
+    def list_page(self, search: str, after: str, limit: int, matches: int, layout: str = "") -> ListingPage:
+        """Up to ``limit`` entries whose names contain ``search`` and sort after ``after``, encoded by SQLite.
+
+        Packed if ``layout`` asks for it (a damaged row, whose digest is not
+        64 hex digits, fails the page with ``ValueError``), else JSON objects.
+        """
+        if layout == LIST_LAYOUT_PACKED:
+            columns, count, last, more = self.db.list_packed(search or None, after, limit, matches)
+            return ListingPage(pack_list_columns(*columns), count, last, more, LIST_LAYOUT_PACKED)
         return ListingPage(*self.db.list_json(search or None, after, limit, matches))
 
     def count_matching(self, search: str) -> int:
