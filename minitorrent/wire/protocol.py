@@ -591,7 +591,7 @@ def pack_list_columns(numbers: str, sha256s: str, roots: str, names: bytes) -> b
 def _decode_packed_page(payload: bytes, count: int) -> list[dict]:
     """``decode_list_page`` of a packed page of ``count`` entries: every column must hold exactly that many."""
     fixed = PACKED_FIXED_BYTES * count
-    numbers_end, digests_end = 8 * len(PACKED_NUMBERS) * count, (8 * len(PACKED_NUMBERS) + 32) * count
+    numbers_end = 8 * len(PACKED_NUMBERS) * count
     wrong = f"a packed listing page must hold exactly {count} entries (at most {MAX_LIST_PAGE_ENTRIES})"
     _require(0 <= count <= MAX_LIST_PAGE_ENTRIES and len(payload) >= fixed and (count or not payload), wrong)
     try:
@@ -603,15 +603,23 @@ def _decode_packed_page(payload: bytes, count: int) -> list[dict]:
     if not _BIG_ENDIAN:
         numbers.byteswap()
     values = numbers.tolist()
-    digests, roots = payload[numbers_end:digests_end].hex(), payload[digests_end:fixed].hex()
-    columns = (names, values[0::4], values[1::4], _split_hex(digests), _split_hex(roots), values[2::4],
-               list(map(operator.truediv, values[3::4], itertools.repeat(1_000_000))))
-    return list(map(dict, map(zip, itertools.repeat(LIST_ENTRY_KEYS), zip(*columns))))
+    digests = list(map(bytes.hex, _digests_layout(count).unpack(payload[numbers_end:fixed])))  # sha256s, roots
+    added_at = map(operator.truediv, values[3::4], itertools.repeat(1_000_000))
+    columns = zip(names, values[0::4], values[1::4], digests[:count], digests[count:], values[2::4], added_at)
+    return list(itertools.starmap(_list_entry, columns))  # a dict display: a third cheaper than dict(zip(...))
 
 
-def _split_hex(text: str) -> list[str]:
-    """Hex digests one after another, one string each (64 characters)."""
-    return [text[start:start + 64] for start in range(0, len(text), 64)]
+@functools.lru_cache(maxsize=4)  # pages are mostly full: one layout serves nearly every page
+def _digests_layout(count: int) -> struct.Struct:
+    """Both digest columns of a packed page of ``count`` entries, as 2 x ``count`` raw 32-byte digests."""
+    return struct.Struct("32s" * (2 * count))
+
+
+def _list_entry(name: str, size: int, chunks: int, sha256: str, root: str, downloads: int,
+                added_at: float) -> dict:
+    """One listing entry, keys in ``LIST_ENTRY_KEYS``' order."""
+    return {"name": name, "size": size, "chunks": chunks, "sha256": sha256, "root": root, "downloads": downloads,
+            "added_at": added_at}
 
 
 @dataclass(frozen=True)
