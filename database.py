@@ -10,6 +10,8 @@ own connection. ``close()`` is for shutdown, once worker threads have stopped.
 """
 from __future__ import annotations
 
+import bisect
+import json
 import os
 import sqlite3
 import threading
@@ -228,6 +230,9 @@ def _indexed_phrase(search: str) -> str | None:
 
 # How many (catalog version, search) counts ``ServerStore.count_matching`` remembers.
 COUNTS_REMEMBERED = 256
+# How many searches' matching names (at most LOOKUP_MAX_MATCHES each) ``ServerStore`` remembers for
+# their pages: 8 x 20,000 names, a few MiB at most.
+MATCHES_REMEMBERED = 8
 # Tombstones kept (the newest): each rides in every inventory, which must stay under the protocol's 64 MiB
 # document limit (a tombstone is about 150 bytes of JSON); one older than this many newer removals is forgotten.
 MAX_TOMBSTONES = 100_000
@@ -355,7 +360,8 @@ class ServerStore(SQLiteStore):
     def __init__(self, path: str | os.PathLike) -> None:
         super().__init__(path)
         self._counts: dict[tuple[int, str], int] = {}  # see count_matching
-        self._counts_lock = threading.Lock()
+        self._matches: dict[tuple[int, str], list[str]] = {}  # see _matching_names
+        self._counts_lock = threading.Lock()  # guards both
 
     MIGRATIONS = (
         """
@@ -603,7 +609,7 @@ class ServerStore(SQLiteStore):
         """``aggregates`` over the page ``list_after`` would give: ``(their values, count, last name, more)``."""
         condition, arguments = _search_condition(search, matches)
         if condition == _TRIGRAM_CONDITION:
-            return self._trigram_page(aggregates, arguments, after, limit)
+            return self._matches_page(aggregates, search or "", arguments, after, limit)
         *columns, count, last = self._connection().execute(
             f"SELECT {', '.join(aggregates).format(rows='')}, COUNT(*), MAX(name)"
             " FROM (SELECT name, size, chunk_size, sha256, root, added_at FROM files"
@@ -611,6 +617,55 @@ class ServerStore(SQLiteStore):
             (after, *arguments, limit),
         ).fetchone()
         return tuple(columns), count, last or "", count == limit
+
+    def _matches_page(self, aggregates: tuple[str, ...], search: str, arguments: tuple, after: str,
+                      limit: int) -> tuple[tuple, int, str, bool]:
+        """``_page`` for a search whose matches the trigram index finds: from its remembered names.
+
+        The index gives matches in rowid order, and looking each one up in
+        the table is the cost (the root column sits after the digests' blob):
+        58 ms a page of 5,000 at 1,000,000 files. So a search's names are read
+        once per catalog version (``_matching_names``) and each page reads
+        only its own rows, by name, from the covering listing index: 15 ms.
+        Download counts, which change without a new catalog version, are read
+        with the page as ever. A page that finds one of its names gone (a
+        change this connection has not seen yet) is read the old way.
+        """
+        names = self._matching_names(search, arguments[0])
+        if names is None:  # too many to remember
+            return self._trigram_page(aggregates, arguments, after, limit)
+        start = bisect.bisect_right(names, after)  # Python's str order is SQLite's BINARY order (code points)
+        wanted = names[start:start + limit]
+        *columns, count, last = self._connection().execute(
+            f"SELECT {', '.join(aggregates).format(rows='')}, COUNT(*), MAX(name)"
+            " FROM (SELECT files.name AS name, size, chunk_size, sha256, files.root AS root, added_at"
+            " FROM json_each(:names) AS wanted JOIN files INDEXED BY files_listing ON files.name = wanted.value"
+            " ORDER BY wanted.key) AS page",
+            {"names": json.dumps(wanted, ensure_ascii=False)},
+        ).fetchone()
+        if count != len(wanted):
+            return self._trigram_page(aggregates, arguments, after, limit)
+        return tuple(columns), count, last or "", start + limit < len(names)
+
+    def _matching_names(self, search: str, phrase: str) -> list[str] | None:
+        """The names the trigram ``phrase`` finds, by name, as of the current catalog version; None if over
+        ``LOOKUP_MAX_MATCHES``. Remembered per (catalog version, search): 45 ms for 10,000 of 1,000,000."""
+        version = self.catalog_version()
+        with self._counts_lock:
+            remembered = self._matches.get((version, search))
+        if remembered is not None:
+            return remembered
+        rows = self._connection().execute(f"SELECT name FROM files WHERE {_TRIGRAM_CONDITION} LIMIT ?",
+                                          (phrase, LOOKUP_MAX_MATCHES + 1)).fetchall()
+        if len(rows) > LOOKUP_MAX_MATCHES:
+            return None
+        names = sorted(name for (name,) in rows)  # sorted here, not by SQLite: a tenth cheaper
+        if self.catalog_version() == version:  # nothing changed while they were read: they are that version's
+            with self._counts_lock:
+                self._matches[(version, search)] = names
+                while len(self._matches) > MATCHES_REMEMBERED:
+                    del self._matches[next(iter(self._matches))]  # the oldest first
+        return names
 
     def _trigram_page(self, aggregates: tuple[str, ...], arguments: tuple, after: str,
                       limit: int) -> tuple[tuple, int, str, bool]:
@@ -642,12 +697,16 @@ class ServerStore(SQLiteStore):
         1,000,000 names). Remembered per ``catalog_version``, which every add,
         rename and remove bumps (also by another process): a listing that a
         hundred clients ask for, or a search typed again, is counted once
-        (65 ms for every name at 1,000,000 files, 25 ms for a search).
+        (65 ms for every name at 1,000,000 files, 25 ms for a search). A
+        search whose names a listing remembered (``_matching_names``) is
+        counted from them.
         """
         key = (self.catalog_version(), search or "")
         with self._counts_lock:
             if key in self._counts:
                 return self._counts[key]
+            if key in self._matches:
+                return len(self._matches[key])
         query, arguments = _count_sql(search)
         version, count = self._connection().execute(f"SELECT ({_CATALOG_VERSION}), ({query})", arguments).fetchone()
         with self._counts_lock:  # under the version read with the count: one statement, one snapshot

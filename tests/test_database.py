@@ -441,6 +441,61 @@ class TestListJson:
             server.list_json("file", after, limit, matches)[1:] for after, limit in pages]
 
 
+class TestRememberedMatches:
+    """A search's matching names are read once per catalog version; its pages read only their own rows."""
+
+    NAMES = [f"file {i:03d}.bin" for i in range(12)] + ["other.txt"]
+
+    def pages(self, server: ServerStore, text: str, limit: int = 5) -> list[str]:
+        names, after = [], ""
+        while True:
+            entries, count, last, more = server.list_json(text, after, limit)
+            names += [entry["name"] for entry in json.loads(entries)]
+            if not more:
+                return names
+            after = last
+
+    def test_download_counts_are_read_with_each_page(self, server):
+        """A download recorded after a search was listed shows in the next listing of it (no new catalog version)."""
+        add_names(server, self.NAMES)
+        first = json.loads(server.list_json("file 00", "", 10)[0])
+        server.record_download("file 003.bin")
+        again = json.loads(server.list_json("file 00", "", 10)[0])
+        assert ([0, 0, 0, 0], [0, 0, 0, 1]) == ([e["downloads"] for e in first[:4]], [e["downloads"] for e in again[:4]])
+
+    def test_a_name_added_or_removed_shows_in_the_next_listing(self, server):
+        """Adding and removing names (a new catalog version) is seen by the next listing of a remembered search."""
+        add_names(server, self.NAMES)
+        before = self.pages(server, "file")
+        add_names(server, ["file 100.bin"])
+        server.remove_file("file 000.bin")
+        assert (self.NAMES[:12], self.NAMES[1:12] + ["file 100.bin"]) == (before, self.pages(server, "file"))
+
+    def test_a_name_gone_without_a_new_version_is_read_around(self, server, tmp_path):
+        """A remembered name whose row is gone (a change not yet seen) leaves its page full, read the old way."""
+        add_names(server, self.NAMES)
+        self.pages(server, "file")
+        other = sqlite3.connect(tmp_path / "db" / "server.sqlite3")
+        with other:  # deletes the row, bumps no version
+            other.execute("DELETE FROM files WHERE name = 'file 006.bin'")
+        other.close()
+        assert ((5, "file 010.bin", True), [name for name in self.NAMES[:12] if name != "file 006.bin"]) == (
+            server.list_json("file", "file 004.bin", 5)[1:], self.pages(server, "file"))
+
+    def test_too_many_matches_are_not_remembered(self, server, monkeypatch):
+        """A search matching over LOOKUP_MAX_MATCHES names is paged without remembering them, to the same pages."""
+        add_names(server, self.NAMES)
+        monkeypatch.setattr(database, "LOOKUP_MAX_MATCHES", 3)
+        assert (self.NAMES[:12], 12) == (self.pages(server, "file"), server.count_matching("file"))
+
+    def test_a_remembered_search_is_counted_from_its_names(self, server, tmp_path):
+        """Once its pages were read, a search's count comes from the names remembered, and agrees with the index."""
+        add_names(server, self.NAMES)
+        self.pages(server, "file")
+        with ServerStore(tmp_path / "db" / "server.sqlite3") as fresh:  # remembers nothing: counts by the index
+            assert (12, 12) == (server.count_matching("file"), fresh.count_matching("file"))
+
+
 class TestCatalogMigration:
     def test_version_one_catalog_migrates_and_lists(self, tmp_path):
         """A catalog written by schema version 1 opens at the current version and lists and searches correctly."""
