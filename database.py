@@ -14,10 +14,12 @@ import bisect
 import json
 import os
 import sqlite3
+import sys
 import threading
 import time
 import unicodedata
 import uuid
+from array import array
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -319,13 +321,14 @@ _LISTING_OBJECT = ("json_object('name', name, 'size', size, 'chunks', (size + ch
 # The aggregates of a page, "{rows}" standing where a search read by its trigram index restricts
 # them to the page's rows (``ServerStore._trigram_page``). For ``list_json``: one JSON array.
 _JSON_AGGREGATES = (f"CAST(json_group_array({_LISTING_OBJECT}) {{rows}} AS BLOB)",)
-# For ``list_packed``, one column each: an entry's four numbers as 64 hex digits (size, chunks,
-# downloads, added_at in microseconds), the hex digests, the names.
+# For ``list_packed``, one column each: an entry's three numbers as 48 hex digits (size, chunks,
+# added_at in microseconds), the hex digests, the names; and the download counts, 16 hex digits each.
 _PACKED_AGGREGATES = (
-    "group_concat(printf('%016x%016x%016x%016x', size, (size + chunk_size - 1) / chunk_size,"
-    f" {_DOWNLOADS_OF_PAGE}, CAST(round(added_at * 1000000) AS INTEGER)), '') {{rows}}",
+    "group_concat(printf('%016x%016x%016x', size, (size + chunk_size - 1) / chunk_size,"
+    " CAST(round(added_at * 1000000) AS INTEGER)), '') {rows}",
     "group_concat(sha256, '') {rows}", "group_concat(root, '') {rows}",
     "CAST(group_concat(name, char(10)) {rows} AS BLOB)")
+_PACKED_DOWNLOADS = f"group_concat(printf('%016x', {_DOWNLOADS_OF_PAGE}), '') {{rows}}"
 
 
 def _file_record(row: tuple) -> FileRecord:
@@ -589,20 +592,56 @@ class ServerStore(SQLiteStore):
         return entries or b"[]", count, last, more
 
     def list_packed(self, search: str | None, after: str, limit: int,
-                    matches: int | None = None) -> tuple[tuple[str, str, str, bytes], int, str, bool]:
-        """``list_json``'s page as columns: ``((numbers, sha256s, roots, names), count, last name, more)``.
+                    matches: int | None = None) -> tuple[tuple[bytes, ...], int, str, bool]:
+        """``list_json``'s page as raw columns: ``((numbers, downloads, sha256s, roots, names), count, last, more)``.
 
-        One aggregate per column, no text per entry: ``numbers`` holds 64 hex
-        digits an entry (size, chunks, downloads and ``added_at`` in whole
-        microseconds, 16 each, two's complement), ``sha256s`` and ``roots``
-        the entries' hex digests one after another, ``names`` the names in
-        UTF-8 separated by "\n" (no name holds a control character). About
-        three quarters of the JSON's cost, and a client reads it without
-        parsing an object per entry (see ``protocol.pack_list_columns``).
+        One aggregate per column, no text per entry: ``numbers`` holds three
+        signed 64-bit big-endian integers an entry (size, chunks, ``added_at``
+        in whole microseconds), ``downloads`` one, ``sha256s`` and ``roots``
+        the raw digests, ``names`` the names in UTF-8 separated by "\n" (no
+        name holds a control character); see ``protocol.pack_list_columns``.
+        A search's counts are read row by row with its page; a page of every
+        name reads them for its range of names (``_downloads_between``).
         """
-        columns, count, last, more = self._page(_PACKED_AGGREGATES, search, after, limit, matches)
-        numbers, sha256s, roots, names = columns
-        return (numbers or "", sha256s or "", roots or "", names or b""), count, last, more
+        if search:
+            columns, count, last, more = self._page(_PACKED_AGGREGATES + (_PACKED_DOWNLOADS,), search, after, limit,
+                                                    matches)
+            numbers, sha256s, roots, names, downloads = columns
+            downloads = bytes.fromhex(downloads or "")
+        else:
+            with self._transaction("DEFERRED"):  # one snapshot: the counts are those of the page's names
+                columns, count, last, more = self._page(_PACKED_AGGREGATES, None, after, limit, None)
+                numbers, sha256s, roots, names = columns
+                downloads = self._downloads_between(after, last, count, names or b"")
+        return (bytes.fromhex(numbers or ""), downloads, bytes.fromhex(sha256s or ""), bytes.fromhex(roots or ""),
+                names or b""), count, last, more
+
+    def _downloads_between(self, after: str, last: str, count: int, names: bytes) -> bytes:
+        """The download counts of the ``count`` names after ``after`` up to ``last`` (``names``), packed.
+
+        Most names of a catalog are seldom downloaded: their counters are read
+        by one range scan and placed by name, instead of one lookup per name
+        (a quarter of a page's cost when there are none). When more than one
+        name in 8 has a counter, each name's is read with the names, as for a search.
+        """
+        connection = self._connection()
+        few = count // 8
+        rows = connection.execute("SELECT name, SUM(count) FROM download_counts WHERE name > ? AND name <= ?"
+                                  " GROUP BY name LIMIT ?", (after, last, few + 1)).fetchall()
+        if len(rows) > few:
+            (counts,) = connection.execute(
+                f"SELECT group_concat(printf('%016x', {_DOWNLOADS_OF_PAGE}), '') FROM (SELECT name FROM files"
+                " WHERE name > ? AND name <= ? ORDER BY name) AS page", (after, last)).fetchone()
+            return bytes.fromhex(counts or "")
+        column = array("q", bytes(8 * count))
+        listed = names.decode().split("\n") if rows else []
+        for name, total in rows:
+            at = bisect.bisect_left(listed, name)
+            if at < count and listed[at] == name:  # a counter may outlive its name (a replica's merge)
+                column[at] = total
+        if sys.byteorder == "little":
+            column.byteswap()
+        return column.tobytes()
 
     def _page(self, aggregates: tuple[str, ...], search: str | None, after: str, limit: int,
               matches: int | None) -> tuple[tuple, int, str, bool]:

@@ -14,6 +14,7 @@ import database
 from database import LISTING_KEYS, ClientStore, PartialStore, ServerStore, SQLiteStore, fold
 from error_handler import CatalogError
 from integrity import Manifest, build_manifest, hash_list_root
+from minitorrent.wire import protocol
 
 LONG_TIMEOUT = 30  # seconds; thread joins that should take milliseconds
 
@@ -439,6 +440,48 @@ class TestListJson:
         pages = (("", 6), ("", 5), ("file 004.bin", 6))
         assert [(6, "file 005.bin", not by_trigrams), (5, "file 004.bin", True), (1, "file 005.bin", False)] == [
             server.list_json("file", after, limit, matches)[1:] for after, limit in pages]
+
+
+class TestListPacked:
+    """A packed page (raw columns for the wire) holds what the JSON page of the same names holds."""
+
+    NAMES = [f"file {i:03d}.bin" for i in range(40)]
+
+    def both(self, server: ServerStore, search: str | None, after: str = "", limit: int = 20) -> tuple[list, list]:
+        columns, count, last, more = server.list_packed(search, after, limit)
+        packed = protocol.decode_list_page(protocol.pack_list_columns(*columns), protocol.LIST_LAYOUT_PACKED, count)
+        entries, *rest = server.list_json(search, after, limit)
+        return [packed, count, last, more], [json.loads(entries), *rest]
+
+    @pytest.mark.parametrize("downloaded", [[], ["file 003.bin"], NAMES[::2]], ids=["none", "sparse", "dense"])
+    def test_every_name_and_its_downloads(self, server, downloaded):
+        """Pages of every name carry each one's download count, whether few names or many have one."""
+        add_names(server, self.NAMES)
+        for name in downloaded:
+            server.record_download(name)
+            server.record_download(name, "other-server")
+        packed, as_json = self.both(server, None, "file 001.bin")
+        assert (as_json, 2 * len([n for n in downloaded if "file 001.bin" < n <= "file 021.bin"])) == (
+            packed, sum(entry["downloads"] for entry in packed[0]))
+
+    def test_a_counter_without_its_name_is_left_out(self, server, tmp_path):
+        """A download counter whose name is not in the catalog (a replica's merge) changes no listed count."""
+        add_names(server, self.NAMES)
+        server.record_download("file 005.bin")
+        other = sqlite3.connect(tmp_path / "db" / "server.sqlite3")
+        with other:
+            other.execute("INSERT INTO download_counts (name, origin, count) VALUES ('file 005.binary', 'x', 7)")
+        other.close()
+        packed, as_json = self.both(server, None)
+        assert (as_json, 1) == (packed, sum(entry["downloads"] for entry in packed[0]))
+
+    @pytest.mark.parametrize("text", ["file 01", "0.b"])
+    def test_search_pages(self, server, text):
+        """A search's packed page holds what its JSON page holds, download counts included."""
+        add_names(server, self.NAMES)
+        server.record_download("file 010.bin")
+        packed, as_json = self.both(server, text, limit=5)
+        assert (as_json, 1) == (packed, sum(entry["downloads"] for entry in packed[0]))
 
 
 class TestRememberedMatches:

@@ -552,10 +552,10 @@ def decode_list_page(payload: bytes | memoryview, layout: str = "", entries: int
 
 # The page layout a client asks for (``ListFiles.layout``): columns in raw bytes, no per-entry syntax.
 LIST_LAYOUT_PACKED = "packed"
-# The keys of a listing entry, and the order of a packed page's numbers.
+# The keys of a listing entry, and the order of a packed page's numbers (then its downloads column).
 LIST_ENTRY_KEYS = ("name", "size", "chunks", "sha256", "root", "downloads", "added_at")
-PACKED_NUMBERS = ("size", "chunks", "downloads", "added_at")  # added_at in whole microseconds
-PACKED_FIXED_BYTES = 8 * len(PACKED_NUMBERS) + 32 + 32  # per entry: its numbers and two raw SHA-256 digests
+PACKED_NUMBERS = ("size", "chunks", "added_at")  # added_at in whole microseconds
+PACKED_FIXED_BYTES = 8 * len(PACKED_NUMBERS) + 8 + 32 + 32  # per entry: numbers, downloads, two raw digests
 _BIG_ENDIAN = sys.byteorder == "big"
 
 
@@ -563,35 +563,38 @@ def pack_list_page(entries: list[dict]) -> bytes:
     """A packed page of ``entries`` (dicts with the keys of ``LIST_ENTRY_KEYS``), by ``pack_list_columns``."""
     numbers = array("q", [round(e[key] * 1_000_000) if key == "added_at" else e[key]
                           for e in entries for key in PACKED_NUMBERS])
+    downloads = array("q", [e["downloads"] for e in entries])
     if not _BIG_ENDIAN:
         numbers.byteswap()
-    return pack_list_columns(numbers.tobytes().hex(), "".join(e["sha256"] for e in entries),
-                             "".join(e["root"] for e in entries), "\n".join(e["name"] for e in entries).encode())
+        downloads.byteswap()
+    return pack_list_columns(numbers.tobytes(), downloads.tobytes(),
+                             bytes.fromhex("".join(e["sha256"] for e in entries)),
+                             bytes.fromhex("".join(e["root"] for e in entries)),
+                             "\n".join(e["name"] for e in entries).encode())
 
 
-def pack_list_columns(numbers: str, sha256s: str, roots: str, names: bytes) -> bytes:
-    """A packed page from its columns in hex, as a server reads them (one SQL aggregate each).
+def pack_list_columns(numbers: bytes, downloads: bytes, sha256s: bytes, roots: bytes, names: bytes) -> bytes:
+    """A packed page from its columns, as a server reads them (one SQL aggregate each).
 
-    Layout, for n entries: n x 4 signed 64-bit big-endian integers (size,
-    chunks, downloads, added_at in microseconds, entry by entry); n raw
-    SHA-256 digests (32 bytes each); n raw roots (32 bytes each); the n names
-    in UTF-8, separated by "\n" (which no name holds: it is a control character).
-    ``numbers``, ``sha256s`` and ``roots`` are those columns in hex (64
-    digits an entry each). Raises ``ValueError`` unless every column holds
-    the same number of entries, in hex.
+    Layout, for n entries: n x 3 signed 64-bit big-endian integers (size,
+    chunks, added_at in microseconds, entry by entry); n such integers, the
+    download counts; n raw SHA-256 digests (32 bytes each); n raw roots (32
+    bytes each); the n names in UTF-8, separated by "\n" (which no name
+    holds: it is a control character). Raises ``ValueError`` unless every
+    column holds the same number of entries.
     """
-    numbers_raw, digests, roots_raw = bytes.fromhex(numbers), bytes.fromhex(sha256s), bytes.fromhex(roots)
-    count = len(digests) // 32
-    if not len(numbers_raw) == len(digests) == len(roots_raw) == 32 * count \
+    count = len(downloads) // 8
+    if not len(numbers) == 8 * len(PACKED_NUMBERS) * count or not len(downloads) == 8 * count \
+            or not len(sha256s) == len(roots) == 32 * count \
             or names.count(b"\n") != max(count - 1, 0) or (not count and names):
         raise ValueError(f"the columns of a listing page do not hold {count} entries each")
-    return b"".join((numbers_raw, digests, roots_raw, names))
+    return b"".join((numbers, downloads, sha256s, roots, names))
 
 
 def _decode_packed_page(payload: bytes, count: int) -> list[dict]:
     """``decode_list_page`` of a packed page of ``count`` entries: every column must hold exactly that many."""
     fixed = PACKED_FIXED_BYTES * count
-    numbers_end = 8 * len(PACKED_NUMBERS) * count
+    numbers_end = 8 * (len(PACKED_NUMBERS) + 1) * count  # and the downloads
     wrong = f"a packed listing page must hold exactly {count} entries (at most {MAX_LIST_PAGE_ENTRIES})"
     _require(0 <= count <= MAX_LIST_PAGE_ENTRIES and len(payload) >= fixed and (count or not payload), wrong)
     try:
@@ -603,9 +606,11 @@ def _decode_packed_page(payload: bytes, count: int) -> list[dict]:
     if not _BIG_ENDIAN:
         numbers.byteswap()
     values = numbers.tolist()
+    triples = 3 * count
     digests = list(map(bytes.hex, _digests_layout(count).unpack(payload[numbers_end:fixed])))  # sha256s, roots
-    added_at = map(operator.truediv, values[3::4], itertools.repeat(1_000_000))
-    columns = zip(names, values[0::4], values[1::4], digests[:count], digests[count:], values[2::4], added_at)
+    added_at = map(operator.truediv, values[2:triples:3], itertools.repeat(1_000_000))
+    columns = zip(names, values[0:triples:3], values[1:triples:3], digests[:count], digests[count:],
+                  values[triples:], added_at)
     return list(itertools.starmap(_list_entry, columns))  # a dict display: a third cheaper than dict(zip(...))
 
 

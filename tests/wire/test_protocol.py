@@ -665,11 +665,11 @@ class TestPackedListPage:
         assert expected == error.code
 
     @pytest.mark.parametrize("columns", [
-        ("00" * 32, "ab" * 32, "cd" * 31, b"a"),  # a root short
-        ("00" * 32, "zz" * 32, "cd" * 32, b"a"),  # a digest not hex
-        ("00" * 32, "ab" * 32, "cd" * 32, b"a\nb"),  # two names for one entry
-        ("", "", "", b"a"),  # a name and no entry
-    ], ids=["short-root", "not-hex", "extra-name", "name-without-entry"])
+        (bytes(24), bytes(8), bytes(32), bytes(31), b"a"),  # a root short
+        (bytes(24), bytes(16), bytes(32), bytes(32), b"a"),  # two download counts for one entry
+        (bytes(24), bytes(8), bytes(32), bytes(32), b"a\nb"),  # two names for one entry
+        (b"", b"", b"", b"", b"a"),  # a name and no entry
+    ], ids=["short-root", "extra-count", "extra-name", "name-without-entry"])
     def test_server_refuses_to_pack_columns_that_disagree(self, columns):
         """Columns read from a damaged catalog are refused (ValueError), never sent as a page that shifts entries."""
         with pytest.raises(ValueError):
