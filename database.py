@@ -235,6 +235,10 @@ COUNTS_REMEMBERED = 256
 # How many searches' matching names (at most LOOKUP_MAX_MATCHES each) ``ServerStore`` remembers for
 # their pages: 8 x 20,000 names, a few MiB at most.
 MATCHES_REMEMBERED = 8
+# Bytes of packed pages of every name (all but their download counts) ``ServerStore`` keeps for the
+# current catalog version, so a listing asked again, or by many clients, is read from SQLite once:
+# about the first 500,000 entries of a catalog (some 130 bytes each).
+PAGES_REMEMBERED_BYTES = 64 * 1024 * 1024
 # Tombstones kept (the newest): each rides in every inventory, which must stay under the protocol's 64 MiB
 # document limit (a tombstone is about 150 bytes of JSON); one older than this many newer removals is forgotten.
 MAX_TOMBSTONES = 100_000
@@ -364,7 +368,10 @@ class ServerStore(SQLiteStore):
         super().__init__(path)
         self._counts: dict[tuple[int, str], int] = {}  # see count_matching
         self._matches: dict[tuple[int, str], list[str]] = {}  # see _matching_names
-        self._counts_lock = threading.Lock()  # guards both
+        self._pages: dict[tuple[str, int], tuple] = {}  # see _every_name_page: (after, limit) -> page
+        self._pages_version = -1  # the catalog version of those pages
+        self._pages_bytes = 0
+        self._counts_lock = threading.Lock()  # guards the three
 
     MIGRATIONS = (
         """
@@ -601,20 +608,45 @@ class ServerStore(SQLiteStore):
         the raw digests, ``names`` the names in UTF-8 separated by "\n" (no
         name holds a control character); see ``protocol.pack_list_columns``.
         A search's counts are read row by row with its page; a page of every
-        name reads them for its range of names (``_downloads_between``).
+        name reads them for its range of names (``_downloads_between``), and
+        the rest of it may be remembered (``_every_name_page``).
         """
-        if search:
-            columns, count, last, more = self._page(_PACKED_AGGREGATES + (_PACKED_DOWNLOADS,), search, after, limit,
-                                                    matches)
-            numbers, sha256s, roots, names, downloads = columns
-            downloads = bytes.fromhex(downloads or "")
-        else:
+        if not search:
             with self._transaction("DEFERRED"):  # one snapshot: the counts are those of the page's names
-                columns, count, last, more = self._page(_PACKED_AGGREGATES, None, after, limit, None)
-                numbers, sha256s, roots, names = columns
-                downloads = self._downloads_between(after, last, count, names or b"")
-        return (bytes.fromhex(numbers or ""), downloads, bytes.fromhex(sha256s or ""), bytes.fromhex(roots or ""),
-                names or b""), count, last, more
+                numbers, sha256s, roots, names, count, last, more = self._every_name_page(after, limit)
+                return (numbers, self._downloads_between(after, last, count, names), sha256s, roots,
+                        names), count, last, more
+        columns, count, last, more = self._page(_PACKED_AGGREGATES + (_PACKED_DOWNLOADS,), search, after, limit,
+                                                matches)
+        numbers, sha256s, roots, names, downloads = columns
+        return (bytes.fromhex(numbers or ""), bytes.fromhex(downloads or ""), bytes.fromhex(sha256s or ""),
+                bytes.fromhex(roots or ""), names or b""), count, last, more
+
+    def _every_name_page(self, after: str, limit: int) -> tuple:
+        """``(numbers, sha256s, roots, names, count, last, more)`` of a page of every name, without its counts.
+
+        Remembered for the catalog version (read in the caller's snapshot,
+        with the page), up to ``PAGES_REMEMBERED_BYTES``: a listing asked again
+        costs a range scan of download counters a page instead of 8 ms of SQL.
+        Download counts change without a new version, so they are never kept.
+        """
+        version = self.catalog_version()
+        with self._counts_lock:
+            page = self._pages.get((after, limit)) if self._pages_version == version else None
+        if page is not None:
+            return page
+        columns, count, last, more = self._page(_PACKED_AGGREGATES, None, after, limit, None)
+        numbers, sha256s, roots, names = columns
+        page = (bytes.fromhex(numbers or ""), bytes.fromhex(sha256s or ""), bytes.fromhex(roots or ""), names or b"",
+                count, last, more)
+        size = sum(map(len, page[:4]))
+        with self._counts_lock:
+            if version > self._pages_version:  # the older version's pages will not be asked for again
+                self._pages, self._pages_version, self._pages_bytes = {}, version, 0
+            if version == self._pages_version and self._pages_bytes + size <= PAGES_REMEMBERED_BYTES:
+                self._pages[(after, limit)] = page  # the first pages of a listing stay; later ones are read
+                self._pages_bytes += size
+        return page
 
     def _downloads_between(self, after: str, last: str, count: int, names: bytes) -> bytes:
         """The download counts of the ``count`` names after ``after`` up to ``last`` (``names``), packed.

@@ -475,6 +475,30 @@ class TestListPacked:
         packed, as_json = self.both(server, None)
         assert (as_json, 1) == (packed, sum(entry["downloads"] for entry in packed[0]))
 
+    def test_a_page_asked_again_has_fresh_download_counts(self, server):
+        """A page of every name asked again (and remembered) carries the downloads recorded since."""
+        add_names(server, self.NAMES)
+        first, _ = self.both(server, None)
+        server.record_download("file 004.bin")
+        again, as_json = self.both(server, None)
+        assert (0, 1, as_json) == (first[0][4]["downloads"], again[0][4]["downloads"], again)
+
+    def test_a_page_asked_again_after_a_change_shows_it(self, server):
+        """After a name is added or removed (a new catalog version), a page asked again shows the change."""
+        add_names(server, self.NAMES)
+        self.both(server, None)
+        server.remove_file("file 002.bin")
+        add_names(server, ["file 002a.bin"])
+        again, as_json = self.both(server, None)
+        assert ("file 002a.bin", as_json) == (again[0][2]["name"], again)
+
+    def test_pages_over_the_memory_bound_are_read_each_time(self, server, monkeypatch):
+        """With room for no page, every listing still gives the same pages."""
+        monkeypatch.setattr(database, "PAGES_REMEMBERED_BYTES", 100)
+        add_names(server, self.NAMES)
+        first = self.both(server, None)
+        assert (first, first[0] == first[1]) == (self.both(server, None), True)
+
     @pytest.mark.parametrize("text", ["file 01", "0.b"])
     def test_search_pages(self, server, text):
         """A search's packed page holds what its JSON page holds, download counts included."""
