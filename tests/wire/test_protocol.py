@@ -8,6 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import database
 from minitorrent.wire import protocol
 from minitorrent.wire.protocol import (
     FilesData,
@@ -623,6 +624,11 @@ class TestPackedListPage:
         decoded = protocol.decode_list_page(packed(PACKED_ENTRIES), protocol.LIST_LAYOUT_PACKED, 2)
         assert (PACKED_ENTRIES, [list(map(type, e.values())) for e in PACKED_ENTRIES]) == (
             decoded, [list(map(type, e.values())) for e in decoded])
+
+    def test_entry_keys_are_the_catalogs(self):
+        """A packed entry has the keys, in order, of the catalog's JSON entries (database.LISTING_KEYS)."""
+        assert database.LISTING_KEYS == protocol.LIST_ENTRY_KEYS == tuple(
+            protocol.decode_list_page(packed(PACKED_ENTRIES[:1]), protocol.LIST_LAYOUT_PACKED, 1)[0])
 
     def test_empty_page_is_empty(self):
         """A packed page of no entries is an empty payload, and decodes to no entries."""
