@@ -371,7 +371,7 @@ class ServerStore(SQLiteStore):
         self._pages: dict[tuple[str, int], tuple] = {}  # see _every_name_page: (after, limit) -> page
         self._pages_version = -1  # the catalog version of those pages
         self._pages_bytes = 0
-        self._counts_lock = threading.Lock()  # guards the three
+        self._remembered_lock = threading.Lock()  # guards the three above
 
     MIGRATIONS = (
         """
@@ -631,7 +631,7 @@ class ServerStore(SQLiteStore):
         Download counts change without a new version, so they are never kept.
         """
         version = self.catalog_version()
-        with self._counts_lock:
+        with self._remembered_lock:
             page = self._pages.get((after, limit)) if self._pages_version == version else None
         if page is not None:
             return page
@@ -640,7 +640,7 @@ class ServerStore(SQLiteStore):
         page = (bytes.fromhex(numbers or ""), bytes.fromhex(sha256s or ""), bytes.fromhex(roots or ""), names or b"",
                 count, last, more)
         size = sum(map(len, page[:4]))
-        with self._counts_lock:
+        with self._remembered_lock:
             if version > self._pages_version:  # the older version's pages will not be asked for again
                 self._pages, self._pages_version, self._pages_bytes = {}, version, 0
             if version == self._pages_version and self._pages_bytes + size <= PAGES_REMEMBERED_BYTES:
@@ -722,7 +722,7 @@ class ServerStore(SQLiteStore):
         """The names the trigram ``phrase`` finds, by name, as of the current catalog version; None if over
         ``LOOKUP_MAX_MATCHES``. Remembered per (catalog version, search): 45 ms for 10,000 of 1,000,000."""
         version = self.catalog_version()
-        with self._counts_lock:
+        with self._remembered_lock:
             remembered = self._matches.get((version, search))
         if remembered is not None:
             return remembered
@@ -732,7 +732,7 @@ class ServerStore(SQLiteStore):
             return None
         names = sorted(name for (name,) in rows)  # sorted here, not by SQLite: a tenth cheaper
         if self.catalog_version() == version:  # nothing changed while they were read: they are that version's
-            with self._counts_lock:
+            with self._remembered_lock:
                 self._matches[(version, search)] = names
                 while len(self._matches) > MATCHES_REMEMBERED:
                     del self._matches[next(iter(self._matches))]  # the oldest first
@@ -773,14 +773,14 @@ class ServerStore(SQLiteStore):
         counted from them.
         """
         key = (self.catalog_version(), search or "")
-        with self._counts_lock:
+        with self._remembered_lock:
             if key in self._counts:
                 return self._counts[key]
             if key in self._matches:
                 return len(self._matches[key])
         query, arguments = _count_sql(search)
         version, count = self._connection().execute(f"SELECT ({_CATALOG_VERSION}), ({query})", arguments).fetchone()
-        with self._counts_lock:  # under the version read with the count: one statement, one snapshot
+        with self._remembered_lock:  # under the version read with the count: one statement, one snapshot
             self._counts[(int(version or 0), search or "")] = count
             while len(self._counts) > COUNTS_REMEMBERED:
                 del self._counts[next(iter(self._counts))]  # the oldest first

@@ -371,12 +371,17 @@ class Catalog:
     def list_page(self, search: str, after: str, limit: int, matches: int, layout: str = "") -> ListingPage:
         """Up to ``limit`` entries whose names contain ``search`` and sort after ``after``, encoded by SQLite.
 
-        Packed if ``layout`` asks for it (a damaged row, whose digest is not
-        64 hex digits, fails the page with ``ValueError``), else JSON objects.
+        Packed if ``layout`` asks for it, else JSON objects; also JSON for a
+        page the packed layout cannot carry: a row written behind the
+        catalog's checks, whose name holds a "\n" or whose digest is not hex
+        (the client then refuses that name or file, and gets the others).
         """
         if layout == LIST_LAYOUT_PACKED:
-            columns, count, last, more = self.db.list_packed(search or None, after, limit, matches)
-            return ListingPage(pack_list_columns(*columns), count, last, more, LIST_LAYOUT_PACKED)
+            try:
+                columns, count, last, more = self.db.list_packed(search or None, after, limit, matches)
+                return ListingPage(pack_list_columns(*columns), count, last, more, LIST_LAYOUT_PACKED)
+            except ValueError as error:
+                log.warning("listing page after %r sent as JSON: %s", after, error)
         return ListingPage(*self.db.list_json(search or None, after, limit, matches))
 
     def count_matching(self, search: str) -> int:

@@ -308,6 +308,15 @@ class OffsetPagingServer:
         return FileList(entries, len(self.names), request.offset)
 
 
+class TestRowsThePackedLayoutCannotCarry:
+    def test_a_name_with_a_newline_comes_in_a_json_page(self, catalog, serve, pages_of):
+        """A name holding "\n", written behind the catalog's checks, is listed (a JSON page) with the rest."""
+        pages_of(4)
+        add_names(catalog, NAMES[:10])
+        catalog.db.add_file("a\nb", manifest())  # the database's own method: no name checks
+        assert ["a\nb"] + NAMES[:10] == [entry["name"] for entry in list_all(serve(catalog))]
+
+
 class JsonOnlySource(CountingSource):
     """A catalog served as by a server that knows no packed layout: every page in JSON objects."""
 
