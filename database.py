@@ -720,16 +720,23 @@ class ServerStore(SQLiteStore):
 
     def _matching_names(self, search: str, phrase: str) -> list[str] | None:
         """The names the trigram ``phrase`` finds, by name, as of the current catalog version; None if over
-        ``LOOKUP_MAX_MATCHES``. Remembered per (catalog version, search): 45 ms for 10,000 of 1,000,000."""
+        ``LOOKUP_MAX_MATCHES``. Remembered per (catalog version, search): 40 ms for 10,000 of 1,000,000.
+
+        The index's rowids come first, so a search with too many matches
+        costs no lookups (20 ms for its first 20,001 rowids at 1,000,000 files).
+        """
         version = self.catalog_version()
         with self._remembered_lock:
             remembered = self._matches.get((version, search))
         if remembered is not None:
             return remembered
-        rows = self._connection().execute(f"SELECT name FROM files WHERE {_TRIGRAM_CONDITION} LIMIT ?",
-                                          (phrase, LOOKUP_MAX_MATCHES + 1)).fetchall()
-        if len(rows) > LOOKUP_MAX_MATCHES:
+        connection = self._connection()
+        rowids = [rowid for (rowid,) in connection.execute(
+            "SELECT rowid FROM files_search WHERE files_search MATCH ? LIMIT ?", (phrase, LOOKUP_MAX_MATCHES + 1))]
+        if len(rowids) > LOOKUP_MAX_MATCHES:
             return None
+        rows = connection.execute("SELECT name FROM files WHERE rowid IN (SELECT value FROM json_each(?))",
+                                  (json.dumps(rowids),))
         names = sorted(name for (name,) in rows)  # sorted here, not by SQLite: a tenth cheaper
         if self.catalog_version() == version:  # nothing changed while they were read: they are that version's
             with self._remembered_lock:
@@ -759,6 +766,14 @@ class ServerStore(SQLiteStore):
             {"after": after, "phrase": arguments[0], "limit": limit},
         ).fetchone()
         return tuple(columns), count, last or "", bool(more)
+
+    def count_listing(self, search: str | None = None) -> int:
+        """``count_matching`` for a listing that will read pages: a search whose matches the trigram
+        index finds is counted by reading (and remembering) its names, which its pages need anyway,
+        instead of counting them in the index and then reading them (15 + 45 ms at 1,000,000 files)."""
+        phrase = _indexed_phrase(search) if search else None
+        names = self._matching_names(search, phrase) if phrase is not None else None
+        return len(names) if names is not None else self.count_matching(search)
 
     def count_matching(self, search: str | None = None) -> int:
         """How many names ``list_files(search)`` would return.

@@ -555,6 +555,15 @@ class TestRememberedMatches:
         monkeypatch.setattr(database, "LOOKUP_MAX_MATCHES", 3)
         assert (self.NAMES[:12], 12) == (self.pages(server, "file"), server.count_matching("file"))
 
+    @pytest.mark.parametrize("bound", [database.LOOKUP_MAX_MATCHES, 3])
+    def test_a_listing_counts_a_search_by_its_names(self, server, monkeypatch, bound):
+        """A listing's count of a search is what the index counts, whether its names are remembered or too many."""
+        add_names(server, self.NAMES)
+        monkeypatch.setattr(database, "LOOKUP_MAX_MATCHES", bound)
+        with ServerStore(server.path) as fresh:
+            assert (12, 12, 1) == (server.count_listing("file"), fresh.count_matching("file"),
+                                   server.count_listing("other"))
+
     def test_a_remembered_search_is_counted_from_its_names(self, server, tmp_path):
         """Once its pages were read, a search's count comes from the names remembered, and agrees with the index."""
         add_names(server, self.NAMES)

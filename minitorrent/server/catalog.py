@@ -385,8 +385,8 @@ class Catalog:
         return ListingPage(*self.db.list_json(search or None, after, limit, matches))
 
     def count_matching(self, search: str) -> int:
-        """How many names contain ``search`` (any case); every name for ""."""
-        return self.db.count_matching(search or None)
+        """How many names contain ``search`` (any case); every name for "" (a listing's first page asks)."""
+        return self.db.count_listing(search or None)
 
     def count_files(self) -> tuple[int, int]:
         """(number of files, total bytes)."""
