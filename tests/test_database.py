@@ -14,6 +14,7 @@ import database
 from database import LISTING_KEYS, ClientStore, PartialStore, ServerStore, SQLiteStore, fold
 from error_handler import CatalogError
 from integrity import Manifest, build_manifest, hash_list_root
+from minitorrent.wire import protocol
 
 LONG_TIMEOUT = 30  # seconds; thread joins that should take milliseconds
 
@@ -448,6 +449,136 @@ class TestListJson:
         pages = (("", 6), ("", 5), ("file 004.bin", 6))
         assert [(6, "file 005.bin", not by_trigrams), (5, "file 004.bin", True), (1, "file 005.bin", False)] == [
             server.list_json("file", after, limit, matches)[1:] for after, limit in pages]
+
+
+class TestListPacked:
+    """A packed page (raw columns for the wire) holds what the JSON page of the same names holds."""
+
+    NAMES = [f"file {i:03d}.bin" for i in range(40)]
+
+    def both(self, server: ServerStore, search: str | None, after: str = "", limit: int = 20) -> tuple[list, list]:
+        columns, count, last, more = server.list_packed(search, after, limit)
+        packed = protocol.decode_list_page(protocol.pack_list_columns(*columns), protocol.LIST_LAYOUT_PACKED, count)
+        entries, *rest = server.list_json(search, after, limit)
+        return [packed, count, last, more], [json.loads(entries), *rest]
+
+    @pytest.mark.parametrize("downloaded", [[], ["file 003.bin"], NAMES[::2]], ids=["none", "sparse", "dense"])
+    def test_every_name_and_its_downloads(self, server, downloaded):
+        """Pages of every name carry each one's download count, whether few names or many have one."""
+        add_names(server, self.NAMES)
+        for name in downloaded:
+            server.record_download(name)
+            server.record_download(name, "other-server")
+        packed, as_json = self.both(server, None, "file 001.bin")
+        assert (as_json, 2 * len([n for n in downloaded if "file 001.bin" < n <= "file 021.bin"])) == (
+            packed, sum(entry["downloads"] for entry in packed[0]))
+
+    def test_a_counter_without_its_name_is_left_out(self, server, tmp_path):
+        """A download counter whose name is not in the catalog (a replica's merge) changes no listed count."""
+        add_names(server, self.NAMES)
+        server.record_download("file 005.bin")
+        other = sqlite3.connect(tmp_path / "db" / "server.sqlite3")
+        with other:
+            other.execute("INSERT INTO download_counts (name, origin, count) VALUES ('file 005.binary', 'x', 7)")
+        other.close()
+        packed, as_json = self.both(server, None)
+        assert (as_json, 1) == (packed, sum(entry["downloads"] for entry in packed[0]))
+
+    def test_a_page_asked_again_has_fresh_download_counts(self, server):
+        """A page of every name asked again (and remembered) carries the downloads recorded since."""
+        add_names(server, self.NAMES)
+        first, _ = self.both(server, None)
+        server.record_download("file 004.bin")
+        again, as_json = self.both(server, None)
+        assert (0, 1, as_json) == (first[0][4]["downloads"], again[0][4]["downloads"], again)
+
+    def test_a_page_asked_again_after_a_change_shows_it(self, server):
+        """After a name is added or removed (a new catalog version), a page asked again shows the change."""
+        add_names(server, self.NAMES)
+        self.both(server, None)
+        server.remove_file("file 002.bin")
+        add_names(server, ["file 002a.bin"])
+        again, as_json = self.both(server, None)
+        assert ("file 002a.bin", as_json) == (again[0][2]["name"], again)
+
+    def test_pages_over_the_memory_bound_are_read_each_time(self, server, monkeypatch):
+        """With room for no page, every listing still gives the same pages."""
+        monkeypatch.setattr(database, "PAGES_REMEMBERED_BYTES", 100)
+        add_names(server, self.NAMES)
+        first = self.both(server, None)
+        assert (first, first[0] == first[1]) == (self.both(server, None), True)
+
+    @pytest.mark.parametrize("text", ["file 01", "0.b"])
+    def test_search_pages(self, server, text):
+        """A search's packed page holds what its JSON page holds, download counts included."""
+        add_names(server, self.NAMES)
+        server.record_download("file 010.bin")
+        packed, as_json = self.both(server, text, limit=5)
+        assert (as_json, 1) == (packed, sum(entry["downloads"] for entry in packed[0]))
+
+
+class TestRememberedMatches:
+    """A search's matching names are read once per catalog version; its pages read only their own rows."""
+
+    NAMES = [f"file {i:03d}.bin" for i in range(12)] + ["other.txt"]
+
+    def pages(self, server: ServerStore, text: str, limit: int = 5) -> list[str]:
+        names, after = [], ""
+        while True:
+            entries, count, last, more = server.list_json(text, after, limit)
+            names += [entry["name"] for entry in json.loads(entries)]
+            if not more:
+                return names
+            after = last
+
+    def test_download_counts_are_read_with_each_page(self, server):
+        """A download recorded after a search was listed shows in the next listing of it (no new catalog version)."""
+        add_names(server, self.NAMES)
+        first = json.loads(server.list_json("file 00", "", 10)[0])
+        server.record_download("file 003.bin")
+        again = json.loads(server.list_json("file 00", "", 10)[0])
+        assert ([0, 0, 0, 0], [0, 0, 0, 1]) == ([e["downloads"] for e in first[:4]], [e["downloads"] for e in again[:4]])
+
+    def test_a_name_added_or_removed_shows_in_the_next_listing(self, server):
+        """Adding and removing names (a new catalog version) is seen by the next listing of a remembered search."""
+        add_names(server, self.NAMES)
+        before = self.pages(server, "file")
+        add_names(server, ["file 100.bin"])
+        server.remove_file("file 000.bin")
+        assert (self.NAMES[:12], self.NAMES[1:12] + ["file 100.bin"]) == (before, self.pages(server, "file"))
+
+    def test_a_name_gone_without_a_new_version_is_read_around(self, server, tmp_path):
+        """A remembered name whose row is gone (a change not yet seen) leaves its page full, read the old way."""
+        add_names(server, self.NAMES)
+        self.pages(server, "file")
+        other = sqlite3.connect(tmp_path / "db" / "server.sqlite3")
+        with other:  # deletes the row, bumps no version
+            other.execute("DELETE FROM files WHERE name = 'file 006.bin'")
+        other.close()
+        assert ((5, "file 010.bin", True), [name for name in self.NAMES[:12] if name != "file 006.bin"]) == (
+            server.list_json("file", "file 004.bin", 5)[1:], self.pages(server, "file"))
+
+    def test_too_many_matches_are_not_remembered(self, server, monkeypatch):
+        """A search matching over LOOKUP_MAX_MATCHES names is paged without remembering them, to the same pages."""
+        add_names(server, self.NAMES)
+        monkeypatch.setattr(database, "LOOKUP_MAX_MATCHES", 3)
+        assert (self.NAMES[:12], 12) == (self.pages(server, "file"), server.count_matching("file"))
+
+    @pytest.mark.parametrize("bound", [database.LOOKUP_MAX_MATCHES, 3])
+    def test_a_listing_counts_a_search_by_its_names(self, server, monkeypatch, bound):
+        """A listing's count of a search is what the index counts, whether its names are remembered or too many."""
+        add_names(server, self.NAMES)
+        monkeypatch.setattr(database, "LOOKUP_MAX_MATCHES", bound)
+        with ServerStore(server.path) as fresh:
+            assert (12, 12, 1) == (server.count_listing("file"), fresh.count_matching("file"),
+                                   server.count_listing("other"))
+
+    def test_a_remembered_search_is_counted_from_its_names(self, server, tmp_path):
+        """Once its pages were read, a search's count comes from the names remembered, and agrees with the index."""
+        add_names(server, self.NAMES)
+        self.pages(server, "file")
+        with ServerStore(tmp_path / "db" / "server.sqlite3") as fresh:  # remembers nothing: counts by the index
+            assert (12, 12) == (server.count_matching("file"), fresh.count_matching("file"))
 
 
 class TestCatalogMigration:

@@ -106,16 +106,20 @@ class SeedSource:
         matches = [h for h in whole if fold(search) in fold(h.name)]
         end = None if limit is None else offset + limit
         entries = [{"name": h.name, "size": h.manifest.size, "chunks": h.manifest.chunk_count,
-                    "sha256": h.manifest.sha256, "downloads": 0, "added_at": 0.0} for h in matches[offset:end]]
+                    "sha256": h.manifest.sha256, "root": h.manifest.root, "downloads": 0, "added_at": 0.0}
+                   for h in matches[offset:end]]
         return entries, len(matches)
 
-    def list_page(self, search: str, after: str, limit: int, matches: int, under: str = "") -> ListingPage:
+    def list_page(self, search: str, after: str, limit: int, matches: int, under: str = "",
+                  layout: str = "") -> ListingPage:
         """The whole files held whose names sort after ``after``: at most ``limit``, for a cursor page."""
         entries, _ = self.list_files(search)
         following = [entry for entry in entries if entry["name"] > after and entry["name"].startswith(under)]
         page = following[:limit]
-        return ListingPage(json.dumps(page, ensure_ascii=False).encode(), len(page), page[-1]["name"] if page else "",
-                           len(following) > limit)
+        last, more = page[-1]["name"] if page else "", len(following) > limit
+        if layout == protocol.LIST_LAYOUT_PACKED:
+            return ListingPage(protocol.pack_list_page(page), len(page), last, more, layout)
+        return ListingPage(json.dumps(page, ensure_ascii=False).encode(), len(page), last, more)
 
     def count_matching(self, search: str, under: str = "") -> int:
         """How many whole files held have names containing ``search`` (and starting with ``under``)."""

@@ -557,18 +557,19 @@ class Listing:
         while True:
             frame = session.receive(protocol.FileList)
             page = frame.message
-            if not frame.payload:  # a server that pages by offset (protocol 1's paging)
+            if not frame.payload and not page.layout:  # a server that pages by offset (protocol 1's paging)
                 self._fetch_offset_pages(session, page)
                 return
             session.reusable = not page.next  # not while the next page's reply is on its way
             if page.next:
                 session.connection.send(self._request(page.next))
-            self._take(protocol.decode_list_page(frame.payload), page.next)
+            self._take(protocol.decode_list_page(frame.payload, page.layout, page.entries), page.next)
             if not page.next:
                 return
 
     def _request(self, cursor: str) -> protocol.ListFiles:
-        return protocol.ListFiles(self.search, cursor=cursor, limit=protocol.MAX_LIST_PAGE_ENTRIES, under=self.under)
+        return protocol.ListFiles(self.search, cursor=cursor, limit=protocol.MAX_LIST_PAGE_ENTRIES, under=self.under,
+                                  layout=protocol.LIST_LAYOUT_PACKED)
 
     def _take(self, entries: list[dict], following: str) -> None:
         """Add a page's entries, checked to go on in order; then move the cursor on."""

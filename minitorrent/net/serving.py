@@ -117,10 +117,11 @@ class ServingRole(Protocol):
 class ListingPage:
     """Entries of a listing after some name, encoded for a cursor page (see ``FileSource.list_page``)."""
 
-    entries_json: bytes  # a JSON array of entry objects (as ``list_files`` gives them), by name, in UTF-8
+    entries: bytes  # by name, in ``layout``: "" a JSON array of entry objects (as ``list_files`` gives them)
     count: int  # how many entries
     last_name: str  # the name of the last one ("" when there is none)
     more: bool  # whether a next page may hold more (False: this page ends the listing)
+    layout: str = ""  # or protocol.LIST_LAYOUT_PACKED (see protocol.pack_list_columns)
 
 
 class FileSource(Protocol):
@@ -129,11 +130,13 @@ class FileSource(Protocol):
     def list_files(self, search: str, offset: int = 0, limit: int | None = None) -> tuple[list[dict], int]:
         """A page of the entries whose names contain ``search`` (any case), by name, and how many match."""
 
-    def list_page(self, search: str, after: str, limit: int, matches: int, under: str = "") -> ListingPage:
+    def list_page(self, search: str, after: str, limit: int, matches: int, under: str = "",
+                  layout: str = "") -> ListingPage:
         """Up to ``limit`` entries whose names contain ``search`` and sort after ``after``, by name.
 
         ``matches`` is how many names matched when the listing began (a hint).
         ``under`` (a folder ending in ``/``, or ""): only names that start with it.
+        ``layout``, the one the client asked for (the page says which it is in).
         """
 
     def count_matching(self, search: str, under: str = "") -> int:
@@ -907,6 +910,9 @@ def cursor_page(source: FileSource, request: protocol.ListFiles) -> tuple[protoc
     if not after:
         total = min(source.count_matching(request.search, request.under), protocol.MAX_LIST_TOTAL)
     limit = min(request.limit, protocol.MAX_LIST_PAGE_ENTRIES)
-    page = source.list_page(request.search, after, limit, total, request.under)
+    page = source.list_page(request.search, after, limit, total, request.under, request.layout)
     following = protocol.make_cursor(total, page.last_name) if page.count == limit and page.more else ""
-    return protocol.FileList(files=[], total=total, next=following), page.entries_json
+    if page.layout:
+        return protocol.FileList(files=[], total=total, next=following, layout=page.layout,
+                                 entries=page.count), page.entries
+    return protocol.FileList(files=[], total=total, next=following), page.entries

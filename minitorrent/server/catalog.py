@@ -39,12 +39,14 @@ from minitorrent.common.fs import ChunkLocation, fsync_dir, fsync_files
 from minitorrent.server.folder_scan import scan_folder
 from minitorrent.net.serving import ListingPage
 from minitorrent.wire.protocol import (
+    LIST_LAYOUT_PACKED,
     ErrorCode,
     ProtocolError,
     RequestFailed,
     check_file_name,
     check_folder_name,
     folder_of,
+    pack_list_columns,
 )
 
 log = logging.getLogger(__name__)
@@ -367,13 +369,28 @@ class Catalog:
         records = self.db.list_files(search or None, offset, limit)
         return [_entry(record) for record in records], self.db.count_matching(search or None)
 
-    def list_page(self, search: str, after: str, limit: int, matches: int, under: str = "") -> ListingPage:
-        """Up to ``limit`` entries whose names contain ``search`` and sort after ``after``, encoded by SQLite."""
+    def list_page(self, search: str, after: str, limit: int, matches: int, under: str = "",
+                  layout: str = "") -> ListingPage:
+        """Up to ``limit`` entries whose names contain ``search`` and sort after ``after``, encoded by SQLite.
+
+        ``under`` (a folder ending in ``/``, or ""): only the names in it.
+        Packed if ``layout`` asks for it, else JSON objects; also JSON for a
+        page the packed layout cannot carry: a row written behind the
+        catalog's checks, whose name holds a "\n" or whose digest is not hex
+        (the client then refuses that name or file, and gets the others).
+        """
+        if layout == LIST_LAYOUT_PACKED:
+            try:
+                columns, count, last, more = self.db.list_packed(search or None, after, limit, matches, under)
+                return ListingPage(pack_list_columns(*columns), count, last, more, LIST_LAYOUT_PACKED)
+            except ValueError as error:
+                log.warning("listing page after %r sent as JSON: %s", after, error)
         return ListingPage(*self.db.list_json(search or None, after, limit, matches, under))
 
     def count_matching(self, search: str, under: str = "") -> int:
-        """How many names contain ``search`` (any case); every name for "" (only those under ``under``, if given)."""
-        return self.db.count_matching(search or None, under)
+        """How many names contain ``search`` (any case); every name for "" (only those under ``under``, if given;
+        a listing's first page asks)."""
+        return self.db.count_listing(search or None, under)
 
     def count_files(self) -> tuple[int, int]:
         """(number of files, total bytes)."""

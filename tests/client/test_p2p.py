@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import json
 import logging
 import re
 import shutil
@@ -651,5 +652,14 @@ class TestSeederListingPages:
             seed_source.add_complete(tmp_path / name, name, Manifest(4, 4, f"{index:064x}", bytes(32)))
         pages = [seed_source.list_page("", after, limit, 0) for after, limit in (("", 3), ("", 2), ("a.bin", 1))]
         assert [([b"Z\xc3\xbcrich.bin", b"a.bin", b"b.bin"], False), ([b"Z\xc3\xbcrich.bin", b"a.bin"], True),
-                ([b"b.bin"], False)] == [(re.findall(rb'"name": "([^"]+)"', page.entries_json), page.more)
+                ([b"b.bin"], False)] == [(re.findall(rb'"name": "([^"]+)"', page.entries), page.more)
                                          for page in pages]
+
+    def test_a_packed_page_holds_what_the_json_page_holds(self, tmp_path):
+        """Asked for the packed layout, a seeder's page decodes to the entries of its JSON page."""
+        seed_source = SeedSource()
+        for index, name in enumerate(["b.bin", "a.bin", "Zürich.bin"]):
+            seed_source.add_complete(tmp_path / name, name, Manifest(4, 4, f"{index:064x}", bytes(32)))
+        packed = seed_source.list_page("", "", 3, 0, layout=protocol.LIST_LAYOUT_PACKED)
+        as_json = seed_source.list_page("", "", 3, 0)
+        assert json.loads(as_json.entries) == protocol.decode_list_page(packed.entries, packed.layout, packed.count)

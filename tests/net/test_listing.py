@@ -44,10 +44,12 @@ class CountingSource:
         self.between_pages = between_pages
         self.counts = 0
 
-    def list_page(self, search: str, after: str, limit: int, matches: int, under: str = "") -> ListingPage:
-        page = self.catalog.list_page(search, after, limit, matches, under)
+    def list_page(self, search: str, after: str, limit: int, matches: int, under: str = "",
+                  layout: str = "") -> ListingPage:
+        page = self.catalog.list_page(search, after, limit, matches, under, layout)
         if page.count == limit:  # another page follows: change the catalog before it is asked for
-            self.between_pages([entry["name"] for entry in json.loads(page.entries_json)])
+            entries = protocol.decode_list_page(page.entries, page.layout, page.count)
+            self.between_pages([entry["name"] for entry in entries])
         return page
 
     def count_matching(self, search: str, under: str = "") -> int:
@@ -163,8 +165,9 @@ class TestCursorListing:
 class DropsUnder(CountingSource):
     """A server older than ``under``: it lists every name containing the search, whatever the folder."""
 
-    def list_page(self, search: str, after: str, limit: int, matches: int, under: str = "") -> ListingPage:
-        return super().list_page(search, after, limit, matches)
+    def list_page(self, search: str, after: str, limit: int, matches: int, under: str = "",
+                  layout: str = "") -> ListingPage:
+        return super().list_page(search, after, limit, matches, layout=layout)
 
     def count_matching(self, search: str, under: str = "") -> int:
         return super().count_matching(search)
@@ -229,9 +232,10 @@ class TestFailover:
         calls = 0
 
         class Recording(CountingSource):
-            def list_page(self, search: str, after: str, limit: int, matches: int, under: str = "") -> ListingPage:
+            def list_page(self, search: str, after: str, limit: int, matches: int, under: str = "",
+                          layout: str = "") -> ListingPage:
                 asked_of_backup.append(after)
-                return super().list_page(search, after, limit, matches, under)
+                return super().list_page(search, after, limit, matches, under, layout)
 
         def cut_on_third_page(page: list[str]) -> None:
             nonlocal calls
@@ -279,46 +283,59 @@ class TestCounting:
 
 
 class TestPageSize:
-    def test_a_full_page_of_the_longest_names_fits(self, catalog, serve):
-        """5,000 entries with the longest file names (246 bytes) of escaped quotes and the largest sizes fit a page."""
-        names = ['"' * (protocol.MAX_FILE_NAME_BYTES - 5) + f"{i:05d}" for i in range(protocol.MAX_LIST_PAGE_ENTRIES)]
+    @pytest.mark.parametrize("layout", ["", protocol.LIST_LAYOUT_PACKED])
+    def test_a_full_page_of_the_longest_names_fits(self, catalog, serve, layout):
+        """5,000 entries with the longest paths (1,024 bytes) of escaped quotes and the largest sizes fit a page."""
+        folders = "/".join(['"' * 200] * 4) + "/"
+        names = [folders + '"' * (protocol.MAX_PATH_BYTES - len(folders) - 5) + f"{i:05d}"
+                 for i in range(protocol.MAX_LIST_PAGE_ENTRIES)]
         catalog.db.add_files([(name, Manifest(2**62, 2**62, SHA, bytes(32)), 1.0e300) for name in names])
         session = ServerSession.open(*serve(catalog), io_timeout_s=SHORT_TIMEOUT)
         try:
-            frame = session.call(ListFiles(limit=protocol.MAX_LIST_PAGE_ENTRIES), FileList)
+            frame = session.call(ListFiles(limit=protocol.MAX_LIST_PAGE_ENTRIES, layout=layout), FileList)
         finally:
             session.close()
-        entries = protocol.decode_list_page(frame.payload)
-        assert (names, True) == ([e["name"] for e in entries], len(frame.payload) <= protocol.MAX_LIST_PAGE_PAYLOAD)
+        entries = protocol.decode_list_page(frame.payload, frame.message.layout, frame.message.entries)
+        assert (names, protocol.MAX_PATH_BYTES, True) == (
+            [e["name"] for e in entries], len(names[0]), len(frame.payload) <= protocol.MAX_LIST_PAGE_PAYLOAD)
 
 
 class LyingSource:
-    """A source whose pages say more follow; ``names_of(after)`` gives each page's names."""
+    """A source whose pages say more follow; ``names_of(after)`` gives each page's names, in ``layout``."""
 
-    def __init__(self, names_of: Callable[[str], list[str]]) -> None:
+    def __init__(self, names_of: Callable[[str], list[str]], layout: str = "") -> None:
         self.names_of = names_of
+        self.layout = layout
 
-    def list_page(self, search: str, after: str, limit: int, matches: int, under: str = "") -> ListingPage:
+    def list_page(self, search: str, after: str, limit: int, matches: int, under: str = "",
+                  layout: str = "") -> ListingPage:
         names = self.names_of(after)
-        entries = [{"name": name, "size": 1, "chunks": 1, "sha256": SHA, "downloads": 0, "added_at": 0} for name in names]
-        return ListingPage(json.dumps(entries).encode(), limit, "x" if not names else names[-1], True)
+        entries = [{"name": name, "size": 1, "chunks": 1, "sha256": SHA, "root": SHA, "downloads": 0, "added_at": 0}
+                   for name in names]
+        last = "x" if not names else names[-1]
+        if self.layout:
+            return ListingPage(protocol.pack_list_page(entries), len(entries), last, True, self.layout)
+        return ListingPage(json.dumps(entries).encode(), limit, last, True)
 
     def count_matching(self, search: str, under: str = "") -> int:
         return 0
 
 
 class TestListingBounds:
-    @pytest.mark.parametrize("names_of", [
-        lambda after: ["a", "b"],  # the same page again and again
-        lambda after: ["b", "a"],  # out of order
-        lambda after: [],  # empty, yet "more follow"
-        lambda after: ["m"] if after == "" else ["c"],  # goes back
-    ], ids=["repeats", "unordered", "empty", "goes-back"])
-    def test_server_that_does_not_move_on_is_refused(self, serve, pages_of, names_of):
+    @pytest.mark.parametrize("names_of, layout", [
+        (lambda after: ["a", "b"], ""),  # the same page again and again
+        (lambda after: ["b", "a"], ""),  # out of order
+        (lambda after: [], ""),  # empty, yet "more follow"
+        (lambda after: ["m"] if after == "" else ["c"], ""),  # goes back
+        (lambda after: ["a", "b"], protocol.LIST_LAYOUT_PACKED),
+        (lambda after: ["b", "a"], protocol.LIST_LAYOUT_PACKED),
+        (lambda after: ["m", "n"] if after == "" else ["c", "d"], protocol.LIST_LAYOUT_PACKED),  # full pages
+    ], ids=["repeats", "unordered", "empty", "goes-back", "packed-repeats", "packed-unordered", "packed-goes-back"])
+    def test_server_that_does_not_move_on_is_refused(self, serve, pages_of, names_of, layout):
         """Pages that repeat, go back or stand still end the listing with a protocol error, not a loop."""
         pages_of(2)
         with pytest.raises(RemoteProtocolError):
-            list_all(serve(LyingSource(names_of)))
+            list_all(serve(LyingSource(names_of, layout)))
 
     def test_endless_listing_stops_at_the_bound(self, serve, pages_of, monkeypatch):
         """A server that always has more names stops being read at MAX_LIST_TOTAL entries."""
@@ -354,8 +371,42 @@ class OffsetPagingServer:
         return FileList(entries, len(self.names), request.offset)
 
 
+class TestRowsThePackedLayoutCannotCarry:
+    def test_a_name_with_a_newline_comes_in_a_json_page(self, catalog, serve, pages_of):
+        """A name holding "\n", written behind the catalog's checks, is listed (a JSON page) with the rest."""
+        pages_of(4)
+        add_names(catalog, NAMES[:10])
+        catalog.db.add_file("a\nb", manifest())  # the database's own method: no name checks
+        assert ["a\nb"] + NAMES[:10] == [entry["name"] for entry in list_all(serve(catalog))]
+
+
+class JsonOnlySource(CountingSource):
+    """A catalog served as by a server that knows no packed layout: every page in JSON objects."""
+
+    def list_page(self, search: str, after: str, limit: int, matches: int, under: str = "",
+                  layout: str = "") -> ListingPage:
+        return super().list_page(search, after, limit, matches, under)
+
+
 class TestOlderServer:
     def test_offset_paging_server_is_listed_whole(self):
         """Against a server that pages by offset, the client falls back to offsets and lists everything once."""
         server = OffsetPagingServer(NAMES, page=6)
         assert NAMES == [entry["name"] for entry in list_all(server.address)]
+
+    def test_json_page_server_is_listed_whole(self, catalog, serve, pages_of):
+        """A server that knows no packed layout (it ignores the field) answers JSON pages, which the client reads."""
+        pages_of(7)
+        add_names(catalog, NAMES)
+
+        listed = list_all(serve(JsonOnlySource(catalog)))
+        assert (NAMES, SHA, ADDED_AT) == ([e["name"] for e in listed], listed[0]["sha256"], listed[0]["added_at"])
+
+    def test_packed_pages_hold_what_json_pages_hold(self, catalog, serve, pages_of):
+        """Listed in packed pages and in JSON pages, a catalog gives the same entries, every key and value."""
+        pages_of(7)
+        add_names(catalog, NAMES)
+        catalog.record_download(NAMES[3], SHA)
+
+        packed, as_json = list_all(serve(CountingSource(catalog))), list_all(serve(JsonOnlySource(catalog)))
+        assert (as_json, 1) == (packed, packed[3]["downloads"])

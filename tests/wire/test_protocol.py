@@ -8,6 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import database
 from minitorrent.wire import protocol
 from minitorrent.wire.protocol import (
     FilesData,
@@ -679,6 +680,81 @@ class TestListPagePayload:
         with pytest.raises(RemoteProtocolError) as caught:
             protocol.decode_list_page(payload)
         assert ErrorCode.BAD_REQUEST == caught.value.code
+
+
+PACKED_ENTRIES = [
+    {"name": "a", "size": 0, "chunks": 0, "sha256": "00" * 32, "root": "01" * 32, "downloads": 0, "added_at": 0.0},
+    {"name": ODD_NAME, "size": 2**62, "chunks": 7, "sha256": "ab" * 32, "root": "cd" * 32, "downloads": 12,
+     "added_at": 1764500000.123456},
+]
+
+
+def packed(entries: list[dict]) -> bytes:
+    return protocol.pack_list_page(entries)
+
+
+class TestPackedListPage:
+    def test_entries_round_trip(self):
+        """A packed page decodes to the entries it was packed from, every key and type kept."""
+        decoded = protocol.decode_list_page(packed(PACKED_ENTRIES), protocol.LIST_LAYOUT_PACKED, 2)
+        assert (PACKED_ENTRIES, [list(map(type, e.values())) for e in PACKED_ENTRIES]) == (
+            decoded, [list(map(type, e.values())) for e in decoded])
+
+    def test_entry_keys_are_the_catalogs(self):
+        """A packed entry has the keys, in order, of the catalog's JSON entries (database.LISTING_KEYS)."""
+        assert database.LISTING_KEYS == protocol.LIST_ENTRY_KEYS == tuple(
+            protocol.decode_list_page(packed(PACKED_ENTRIES[:1]), protocol.LIST_LAYOUT_PACKED, 1)[0])
+
+    def test_empty_page_is_empty(self):
+        """A packed page of no entries is an empty payload, and decodes to no entries."""
+        assert (b"", []) == (packed([]), protocol.decode_list_page(b"", protocol.LIST_LAYOUT_PACKED, 0))
+
+    def test_smaller_than_json(self):
+        """The packed page of the same entries takes fewer bytes than the JSON one (raw digests and numbers)."""
+        as_json = json.dumps(PACKED_ENTRIES, ensure_ascii=False, separators=(",", ":")).encode()
+        assert (True, 2 * protocol.PACKED_FIXED_BYTES + 1 + len(ODD_NAME.encode()) + 1) == (
+            len(packed(PACKED_ENTRIES)) < len(as_json), len(packed(PACKED_ENTRIES)))
+
+    @pytest.mark.parametrize("payload, count", [
+        (packed(PACKED_ENTRIES), 1),  # more names than entries said
+        (packed(PACKED_ENTRIES), 3),  # fewer bytes than 3 entries' numbers and digests
+        (packed(PACKED_ENTRIES)[:-len(ODD_NAME.encode()) - 1], 2),  # one name missing
+        (packed(PACKED_ENTRIES[:1]) + b"\n", 1),  # a second, empty name
+        (packed(PACKED_ENTRIES[:1])[:-1] + b"\xff", 1),  # a name that is not UTF-8
+        (b"\0" * 8, 0),  # bytes, yet no entries
+        (packed(PACKED_ENTRIES), -1),
+        (b"\0" * protocol.PACKED_FIXED_BYTES * (protocol.MAX_LIST_PAGE_ENTRIES + 1)
+         + b"\n" * protocol.MAX_LIST_PAGE_ENTRIES, protocol.MAX_LIST_PAGE_ENTRIES + 1),  # over the page bound
+    ], ids=["names-over", "short", "name-missing", "extra-name", "not-utf8", "bytes-no-entries", "negative", "oversized"])
+    def test_malformed_packed_page_refused(self, payload, count):
+        """A packed page whose columns do not hold exactly its count of entries (at most the bound) is BAD_REQUEST."""
+        with pytest.raises(RemoteProtocolError) as caught:
+            protocol.decode_list_page(payload, protocol.LIST_LAYOUT_PACKED, count)
+        assert ErrorCode.BAD_REQUEST == caught.value.code
+
+    def test_unknown_layout_refused(self):
+        """A page in a layout this client did not ask for and does not know is BAD_REQUEST, not guessed at."""
+        with pytest.raises(RemoteProtocolError) as caught:
+            protocol.decode_list_page(b"[]", "columns-v9", 0)
+        assert ErrorCode.BAD_REQUEST == caught.value.code
+
+    @pytest.mark.parametrize("entries", [-1, protocol.MAX_LIST_PAGE_ENTRIES + 1, "3"])
+    def test_reply_entry_count_bounded(self, entries):
+        """A files reply's packed entry count is checked against the page bound when it is decoded."""
+        error = error_from(json_frame({"type": "files", "files": [], "total": 3, "layout": "packed", "entries": entries}))
+        expected = ErrorCode.BAD_REQUEST if entries == "3" else ErrorCode.OUT_OF_RANGE  # a string is no count
+        assert expected == error.code
+
+    @pytest.mark.parametrize("columns", [
+        (bytes(24), bytes(8), bytes(32), bytes(31), b"a"),  # a root short
+        (bytes(24), bytes(16), bytes(32), bytes(32), b"a"),  # two download counts for one entry
+        (bytes(24), bytes(8), bytes(32), bytes(32), b"a\nb"),  # two names for one entry
+        (b"", b"", b"", b"", b"a"),  # a name and no entry
+    ], ids=["short-root", "extra-count", "extra-name", "name-without-entry"])
+    def test_server_refuses_to_pack_columns_that_disagree(self, columns):
+        """Columns read from a damaged catalog are refused (ValueError), never sent as a page that shifts entries."""
+        with pytest.raises(ValueError):
+            protocol.pack_list_columns(*columns)
 
 
 # --------------------------------------------------------------------------- hypothesis
