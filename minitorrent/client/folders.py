@@ -346,7 +346,11 @@ class FolderDownload:
             return
         try:
             self._staging.write(file, data)
-        except OSError as error:  # a full disk, or something not a file where it goes: the folder stops here
+        except FileExistsError:  # another name of the folder where case is ignored, or something planted: never opened
+            self._failed(file.name, f"{file.name}: something else is staged at its name (a file system that ignores "
+                                    "case?); not written")
+            return
+        except OSError as error:  # a full disk, or something not a folder where one goes: the folder stops here
             raise DownloadError(f"{self.folder}: cannot stage {file.name}: {error.strerror or error}; "
                                 "what was verified is kept") from error
         self._changes.append((file.name, FILE_VERIFIED))
@@ -519,9 +523,14 @@ class _StagedFolder:
         return file.final in self._finals
 
     def write(self, file: _Small, data: bytes | memoryview) -> None:
-        """Stage ``file`` (already verified) with ``data``."""
+        """Stage ``file`` (already verified) with ``data``; ``FileExistsError`` if anything is at its name.
+
+        Created, never truncated: what is there is not ours to write (a hard
+        link planted there would carry our bytes to its other names; where a
+        file system ignores case, ``Case.txt`` and ``case.txt`` are one file).
+        """
         folder, name = self._split(file)
-        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644, dir_fd=self._dir(folder))
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644, dir_fd=self._dir(folder))
         try:
             if os.write(fd, data) != len(data):  # a full disk or a size limit took part of it: never staged as whole
                 raise OSError(errno.ENOSPC, "the file system took only part of the file")

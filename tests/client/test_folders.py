@@ -171,29 +171,53 @@ class TestFolderDownload:
         assert ([], tree(photos.parent)) == (result.failed, tree(tmp_path / "out"))
 
     def test_a_file_that_cannot_be_staged_stops_the_folder_with_one_line(self, tmp_path, server_factory):
-        """A staged file that cannot be written (a folder made where it goes once staging began): DownloadError, not
-        a traceback; nothing placed; once it is gone, the next run completes."""
+        """A staged file that cannot be written (a file made where its staged folder goes once staging began):
+        DownloadError, not a traceback; nothing placed; once it is gone, the next run completes."""
+        source = tmp_path / "src" / "many"
+        for i in range(70):
+            make_file(source / ("a" if i < 66 else "b") / f"f{i:02d}.bin", 100, seed=i)
+        server = server_factory()
+        server.add_folder(source)
+        in_the_way = tmp_path / "out" / STAGING / staging_key("many/") / "b"
+
+        def plant(progress: Progress) -> None:  # called after the 64th file is staged: b/f66.bin is still to come
+            if in_the_way.parent.is_dir() and not in_the_way.exists():
+                in_the_way.write_bytes(b"not a folder")
+        engine = engine_for(tmp_path, server, on_progress=plant)
+        try:
+            with pytest.raises(DownloadError, match="cannot stage many/b/f66.bin"):
+                engine.download_folder("many/", tmp_path / "out")
+            placed = (tmp_path / "out" / "many").exists()
+            engine.on_progress = None
+            in_the_way.unlink()
+            result = engine.download_folder("many/", tmp_path / "out")
+        finally:
+            engine.close()
+        assert (False, [], tree(source.parent)) == (placed, result.failed, tree(tmp_path / "out"))
+
+    def test_a_link_planted_at_a_staged_name_is_never_written_through(self, tmp_path, server_factory):
+        """A hard link planted in the staged tree where a file is about to be staged: the file it links to keeps its
+        bytes (staged files are created, never truncated), that one file fails with one line, the others arrive."""
         source = tmp_path / "src" / "many"
         for i in range(70):
             make_file(source / f"f{i:02d}.bin", 100, seed=i)
         server = server_factory()
         server.add_folder(source)
-        in_the_way = tmp_path / "out" / STAGING / staging_key("many/") / "f66.bin"
+        victim = tmp_path / "victim.txt"
+        victim.write_bytes(b"precious")
+        planted = tmp_path / "out" / STAGING / staging_key("many/") / "f66.bin"
 
         def plant(progress: Progress) -> None:  # called after the 64th file is staged: f66.bin is still to come
-            if in_the_way.parent.is_dir() and not in_the_way.exists():
-                (in_the_way / "inside").mkdir(parents=True)
+            if planted.parent.is_dir() and not planted.exists():
+                os.link(victim, planted)
         engine = engine_for(tmp_path, server, on_progress=plant)
         try:
-            with pytest.raises(DownloadError, match="cannot stage many/f66.bin"):
-                engine.download_folder("many/", tmp_path / "out")
-            placed = (tmp_path / "out" / "many").exists()
-            engine.on_progress = None
-            (in_the_way / "inside").rmdir()
             result = engine.download_folder("many/", tmp_path / "out")
         finally:
             engine.close()
-        assert (False, [], tree(source.parent)) == (placed, result.failed, tree(tmp_path / "out"))
+        assert (b"precious", 69, ["many/f66.bin"]) == (victim.read_bytes(), result.downloaded,
+                                                       [line.split(": something else is staged")[0]
+                                                        for line in result.failed])
 
     def test_a_second_download_of_the_same_folder_into_the_same_place_is_refused(self, tmp_path, server_factory,
                                                                                  photos):
