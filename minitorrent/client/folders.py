@@ -507,7 +507,7 @@ class _StagedFolder:
         self.final = os.path.join(fds.top, folder.rstrip("/"))  # where the staged tree goes
         self._folder = folder
         self._key = staging_key(folder)
-        self._incoming = fds.fd(os.path.join(fds.top, STAGING))
+        self._incoming = _open_staging(fds)
         self._lock = _lock_staging(self._incoming, self._key + ".lock", f"{folder} into {fds.top}")
         self._dirs: dict[str, int] = {}
         try:
@@ -653,11 +653,43 @@ class _StagedFolder:
 
     @staticmethod
     def _open_dir(parent_fd: int, name: str) -> int:
+        """The staged folder ``name`` in ``parent_fd``, made if missing; ``OSError`` if it is a link or not ours."""
         try:
             os.mkdir(name, dir_fd=parent_fd)
         except FileExistsError:
             pass
-        return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent_fd)
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent_fd)
+        try:
+            _owned_by_us(fd)
+        except OSError:
+            os.close(fd)
+            raise
+        return fd
+
+
+def _open_staging(fds: _FolderFds) -> int:
+    """The output folder's staging folder, made if missing, writable by us alone; ``OSError`` if it is not ours.
+
+    Where other users may write in the output folder (``/tmp``), one of them
+    could make it first: in a folder of theirs they could swap a staged file
+    once it was verified, and the staged tree moved into place would be theirs.
+    """
+    try:
+        os.mkdir(STAGING, 0o700, dir_fd=fds.fd(fds.top))
+    except FileExistsError:
+        pass
+    fd = fds.fd(os.path.join(fds.top, STAGING))  # closed with fds
+    if _owned_by_us(fd).st_mode & 0o077:  # made by an older version, or under another umask
+        os.fchmod(fd, 0o700)
+    return fd
+
+
+def _owned_by_us(fd: int) -> os.stat_result:
+    """The status of the open folder ``fd``, if it belongs to this process's user; else ``PermissionError``."""
+    status = os.fstat(fd)
+    if status.st_uid != os.geteuid():
+        raise PermissionError(errno.EPERM, f"it belongs to another user (uid {status.st_uid}); not staging there")
+    return status
 
 
 def staging_key(folder: str) -> str:
@@ -689,13 +721,15 @@ def _lock_staging(folder_fd: int, name: str, what: str) -> int:
 
 
 def _hash_at(folder_fd: int, name: str) -> str:
-    """The SHA-256 of the regular file ``name`` in ``folder_fd`` ("" if it is anything else): no link followed."""
+    """The SHA-256 of the regular file ``name`` in ``folder_fd`` ("" if it is anything else, or another user's): no
+    link followed."""
     try:
         fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=folder_fd)  # a FIFO must not block us
     except OSError:  # a link (ELOOP), or gone
         return ""
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        status = os.fstat(fd)
+        if not stat.S_ISREG(status.st_mode) or status.st_uid != os.geteuid():  # another user's: they could change it
             return ""
         return sha256_file(f"/proc/self/fd/{fd}")
     finally:

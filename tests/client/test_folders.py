@@ -401,6 +401,52 @@ class TestDestinationStaysInside:
             swapped, sorted(p.name for p in elsewhere.rglob("*")), (out / "moved" / "big.raw").read_bytes())
 
 
+NOBODY = 65534  # another user's uid: chown needs root, which this suite runs as
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="making a file another user's needs root")
+class TestStagingOfAnotherUser:
+    @pytest.mark.parametrize("theirs", ["staging folder", "staged tree"])
+    def test_a_staging_folder_another_user_made_is_refused(self, tmp_path, server_factory, photos, theirs):
+        """Another user who made the staging folder (or this folder's staged tree) first, where they may write
+        (/tmp): the download fails with one line and places nothing, so no folder of theirs becomes the download."""
+        server = server_factory({"transfer": {"chunk_size": CHUNK}})
+        server.add_folder(photos)
+        staging = tmp_path / "out" / STAGING
+        staged = staging / staging_key("photos/")
+        staged.mkdir(parents=True)
+        their_folder = staging if theirs == "staging folder" else staged
+        os.chown(their_folder, NOBODY, NOBODY)
+        before = sorted(os.listdir(their_folder))
+        engine = engine_for(tmp_path, server)
+        try:
+            with pytest.raises(DownloadError, match="belongs to another user"):
+                engine.download_folder("photos/", tmp_path / "out")
+        finally:
+            engine.close()
+        assert (False, before) == ((tmp_path / "out" / "photos").exists(), sorted(os.listdir(their_folder)))
+
+    def test_a_staged_file_of_another_user_is_fetched_again_not_reused(self, tmp_path, server_factory, photos):
+        """A staged file that hashes right but is another user's (they could rewrite it once placed) is removed and
+        fetched again: every file placed is ours."""
+        server = server_factory({"transfer": {"chunk_size": CHUNK}})
+        server.add_folder(photos)
+        staging = tmp_path / "out" / STAGING
+        staged = staging / staging_key("photos/")
+        staged.mkdir(parents=True)
+        staging.chmod(0o777)
+        (staged / "Case.txt").write_bytes((photos / "Case.txt").read_bytes())
+        os.chown(staged / "Case.txt", NOBODY, NOBODY)
+        engine = engine_for(tmp_path, server)
+        try:
+            result = engine.download_folder("photos/", tmp_path / "out")
+        finally:
+            engine.close()
+        owners = {p.stat().st_uid for p in (tmp_path / "out" / "photos").rglob("*")}
+        assert (tree(photos.parent), {os.geteuid()}, 3000 + 10 + 11 + 3 * CHUNK + 5) == (
+            tree(tmp_path / "out"), owners, result.fetched_bytes)
+
+
 class TestSummarizeFolders:
     def test_every_depth_counted(self):
         """Each folder counts the files and bytes under it at any depth."""
