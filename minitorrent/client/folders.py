@@ -175,8 +175,10 @@ class FolderDownload:
                 size, sha256, chunks = int(entry["size"]), str(entry["sha256"]), int(entry["chunks"])
                 if chunks > 1:
                     large.append(entry)
-                elif size > protocol.MAX_CHUNK_BYTES:  # a lie: it would size the receive buffer (one chunk at most)
-                    raise DownloadError(f"{entry['name']}: listed as {size} bytes in one chunk, more than any chunk")
+                elif not 0 <= size <= protocol.MAX_CHUNK_BYTES:  # a lie: it would size the receive buffer, or
+                    # (negative) be neither fetched nor staged, so missing with no line said
+                    raise DownloadError(f"{entry['name']}: listed as {size} bytes in one chunk "
+                                        f"(a chunk holds 0 to {protocol.MAX_CHUNK_BYTES})")
                 elif self._present(final, sha256):
                     self._changes.append((entry["name"], FILE_DONE))
                 else:

@@ -489,6 +489,28 @@ class TestLyingServer:
         assert (1, 6, True) == (len(result.failed), result.downloaded, "photos/huge.bin" in result.failed[0])
 
 
+    def test_a_small_file_listed_with_a_negative_size_fails_with_a_line_not_silently(self, tmp_path, server_factory,
+                                                                                      photos, monkeypatch):
+        """A listing entry of one chunk claiming -5 bytes is listed as failed (never fetched, never dropped unsaid):
+        the folder's result accounts for every file listed."""
+        from minitorrent.net.remote import ServerClient
+
+        list_files = ServerClient.list_files
+
+        def lying(client, search="", under=""):
+            entries = list_files(client, search, under)
+            return [dict(entry, size=-5) if entry["name"] == "photos/Case.txt" else entry for entry in entries]
+        monkeypatch.setattr(ServerClient, "list_files", lying)
+        server = server_factory({"transfer": {"chunk_size": CHUNK}})
+        server.add_folder(photos)
+        engine = engine_for(tmp_path, server)
+        try:
+            result = engine.download_folder("photos/", tmp_path / "out")
+        finally:
+            engine.close()
+        assert (5, ["photos/Case.txt"]) == (result.downloaded, [line.split(":")[0] for line in result.failed])
+
+
 class TestDamagedServerCopy:
     def test_a_small_file_failing_verification_never_gets_its_final_name(self, tmp_path, server_factory, photos):
         """A server whose stored copy of one small file is damaged: that file is reported and absent, the rest arrive."""
