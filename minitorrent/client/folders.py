@@ -66,7 +66,7 @@ from typing import Callable, NamedTuple
 
 from error_handler import ConnectionFailed, DownloadCancelled, DownloadError, MiniTorrentError
 from integrity import sha256_file
-from minitorrent.client.downloader import Downloader, destination
+from minitorrent.client.downloader import STAGING, Downloader, destination
 from minitorrent.client.progress import FILE_DONE, FILE_FAILED, FILE_VERIFIED, Progress
 from minitorrent.common.fs import fsync_dir, rename_noreplace, sync_filesystem
 from minitorrent.net.remote import MAX_RECONNECT_DELAY_S, ServerClient, ServerSession
@@ -75,7 +75,6 @@ from minitorrent.wire.protocol import ProtocolError, check_file_name, check_fold
 
 log = logging.getLogger(__name__)
 
-STAGING = ".minitorrent-incoming"  # inside the output folder: same file system, so a link is atomic
 REPORTS_IN_FLIGHT = 8  # report frames (up to 1 MiB each) sent before their answers (tiny) are read
 BATCH_BYTES = 1024 * 1024  # file bytes asked for in one get_batch or get_files: a reply is at most this (the receive buffer)
 # The names and versions of one get_batch, at most (a get_files header's size): the requests in flight stay

@@ -511,6 +511,25 @@ class TestLyingServer:
         assert (5, ["photos/Case.txt"]) == (result.downloaded, [line.split(":")[0] for line in result.failed])
 
 
+class TestStagingNameReserved:
+    def test_a_served_folder_named_like_the_staging_folder_is_not_written_there(self, tmp_path, server_factory,
+                                                                              photos):
+        """A server's .minitorrent-incoming/ (here a folder where photos/'s staging lock goes) is refused file by
+        file: nothing lands in the staging folder, and a later download of photos/ there is not broken by it."""
+        server = server_factory({"transfer": {"chunk_size": CHUNK}})
+        server.add_folder(photos)
+        manifest = server.catalog.db.get_manifest("photos/Case.txt")
+        server.catalog.db.add_file(f"{STAGING}/{staging_key('photos/')}.lock/x.txt", manifest)
+        engine = engine_for(tmp_path, server)
+        try:
+            hostile = engine.download_folder(f"{STAGING}/", tmp_path / "out")
+            result = engine.download_folder("photos/", tmp_path / "out")
+        finally:
+            engine.close()
+        assert (1, 0, [], tree(photos.parent)) == (len(hostile.failed), hostile.downloaded, result.failed,
+                                                   tree(tmp_path / "out"))
+
+
 class TestDamagedServerCopy:
     def test_a_small_file_failing_verification_never_gets_its_final_name(self, tmp_path, server_factory, photos):
         """A server whose stored copy of one small file is damaged: that file is reported and absent, the rest arrive."""
