@@ -508,13 +508,13 @@ class _StagedFolder:
         self.final = os.path.join(fds.top, folder.rstrip("/"))  # where the staged tree goes
         self._folder = folder
         self._key = staging_key(folder)
-        self._incoming = _open_staging(fds)
-        self._lock = _lock_staging(self._incoming, self._key + ".lock", f"{folder} into {fds.top}")
+        self._incoming, self._lock = _locked_staging(fds.fd(fds.top), self._key + ".lock", f"{folder} into {fds.top}")
         self._dirs: dict[str, int] = {}
         try:
             self._dirs[""] = self._open_dir(self._incoming, self._key)
         except OSError:
             os.close(self._lock)  # a window may run many downloads: the lock must not outlive this one
+            os.close(self._incoming)
             raise
         self._finals: dict[str, _Small] = {}  # final path -> the file staged for it
         self._placed = False
@@ -596,7 +596,8 @@ class _StagedFolder:
         except FileNotFoundError:
             pass  # removed by hand meanwhile
         os.close(self._lock)
-        fsync_dir(f"/proc/self/fd/{self._incoming}")
+        os.fsync(self._incoming)
+        os.close(self._incoming)
         _remove_if_empty(STAGING, self._fds.fd(self._fds.top))
 
     def _place(self, source_fd: int, source: str, final: str, refused: dict[str, str]) -> set[str]:
@@ -668,7 +669,26 @@ class _StagedFolder:
         return fd
 
 
-def _open_staging(fds: _FolderFds) -> int:
+def _locked_staging(output_fd: int, lock_name: str, what: str) -> tuple[int, int]:
+    """(the staging folder, a descriptor holding the lock ``lock_name`` in it); ``DownloadError`` if another holds it.
+
+    Another download ending removes the staging folder if it finds it empty:
+    if it did so between our opening it and our lock file's creation (from
+    then on the lock file keeps it), it is made and opened again.
+    """
+    for _ in range(3):
+        incoming = _open_staging(output_fd)
+        try:
+            return incoming, _lock_staging(incoming, lock_name, what)
+        except FileNotFoundError:  # removed under us: made again
+            os.close(incoming)
+        except BaseException:
+            os.close(incoming)
+            raise
+    raise DownloadError(f"{what}: its staging folder kept being removed")
+
+
+def _open_staging(output_fd: int) -> int:
     """The output folder's staging folder, made if missing, writable by us alone; ``OSError`` if it is not ours.
 
     Where other users may write in the output folder (``/tmp``), one of them
@@ -676,12 +696,16 @@ def _open_staging(fds: _FolderFds) -> int:
     once it was verified, and the staged tree moved into place would be theirs.
     """
     try:
-        os.mkdir(STAGING, 0o700, dir_fd=fds.fd(fds.top))
+        os.mkdir(STAGING, 0o700, dir_fd=output_fd)
     except FileExistsError:
         pass
-    fd = fds.fd(os.path.join(fds.top, STAGING))  # closed with fds
-    if _owned_by_us(fd).st_mode & 0o077:  # made by an older version, or under another umask
-        os.fchmod(fd, 0o700)
+    fd = os.open(STAGING, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=output_fd)
+    try:
+        if _owned_by_us(fd).st_mode & 0o077:  # made by an older version, or under another umask
+            os.fchmod(fd, 0o700)
+    except OSError:
+        os.close(fd)
+        raise
     return fd
 
 

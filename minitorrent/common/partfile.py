@@ -6,9 +6,10 @@ these steps, which live here and nowhere else:
 
 1. **Create.** Only if the folder has room for the whole file (a size from
    the network must not fill a disk, nor leave a sparse giant behind), the
-   part file is created with ``O_CREAT | O_EXCL`` (so it is
-   ours: we made it) in the final name's folder, opened by descriptor, and recorded, with its identity (device and inode), in
-   a ``PartialStore`` before a byte goes into it. A name already taken by a
+   part file is created with ``O_CREAT | O_EXCL`` (so it is ours: we made
+   it) in the final name's folder, opened by descriptor, and recorded, with
+   its identity (device and inode), in a ``PartialStore`` before a byte
+   goes into it. A name already taken by a
    file we have no record of creating is never opened for writing, truncated
    or deleted: the next free name is used instead (``movie.bin.part``, then
    ``movie.bin.2.part``, ``movie.bin.3.part``...) and that file is left

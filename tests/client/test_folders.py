@@ -241,6 +241,30 @@ class TestFolderDownload:
         assert ([], 6, [], tree(photos.parent)) == (placed_meanwhile, result.downloaded, result.failed,
                                                     tree(tmp_path / "out"))
 
+    def test_a_staging_folder_removed_by_another_download_as_this_one_opens_it_is_made_again(
+            self, tmp_path, server_factory, photos, monkeypatch):
+        """Another download ending removes the staging folder, empty, between this one's opening it and making its
+        lock file there (a window runs many downloads at once): it is made again and the download completes."""
+        from minitorrent.client import folders
+
+        lock_staging = folders._lock_staging
+        removed: list[bool] = []
+
+        def others_end_first(folder_fd: int, name: str, what: str) -> int:
+            if not removed:
+                (tmp_path / "out" / STAGING).rmdir()  # as the other download's close() does when it finds it empty
+                removed.append(True)
+            return lock_staging(folder_fd, name, what)
+        monkeypatch.setattr(folders, "_lock_staging", others_end_first)
+        server = server_factory({"transfer": {"chunk_size": CHUNK}})
+        server.add_folder(photos)
+        engine = engine_for(tmp_path, server)
+        try:
+            result = engine.download_folder("photos/", tmp_path / "out")
+        finally:
+            engine.close()
+        assert ([True], [], tree(photos.parent)) == (removed, result.failed, tree(tmp_path / "out"))
+
     def test_existing_different_file_is_not_overwritten(self, tmp_path, server_factory, photos):
         """A file already at a final name with other content is reported and kept; the rest arrive."""
         server = server_factory({"transfer": {"chunk_size": CHUNK}})
