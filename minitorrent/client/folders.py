@@ -80,10 +80,10 @@ BATCH_BYTES = 1024 * 1024  # file bytes asked for in one get_batch or get_files:
 # The names and versions of one get_batch, at most (a get_files header's size): the requests in flight stay
 # well inside the server's receive buffer, so our sending them never waits on its sending us a reply.
 BATCH_REQUEST_BYTES = 64 * 1024
-BATCHES_IN_FLIGHT = 4  # get_files requests outstanding: the server reads the next batch while we write this one
+BATCHES_IN_FLIGHT = 4  # get_batch (or get_files) requests outstanding: the server reads the next batch while we write this one
 PROGRESS_EVERY_FILES = 64  # the folder's progress is told every this many small files, not 10,000 times
 # A one-chunk file this big is worth a download of its own when a peer holds it (P2P, as for any file): a
-# get_files batch carries only a few such files anyway, so batching saves little and the server pays it all.
+# batch carries only a few such files anyway, so batching saves little and the server pays it all.
 PEER_WORTHY_BYTES = 256 * 1024
 PEER_QUESTIONS_IN_FLIGHT = 64  # tracker questions per round: their replies (30 peers each) never fill a buffer
 
@@ -301,7 +301,7 @@ class FolderDownload:
                 delay = min(delay * 2, MAX_RECONNECT_DELAY_S)
 
     def _pump(self, session: ServerSession, missing: deque[_Small]) -> None:
-        """Keep ``BATCHES_IN_FLIGHT`` ``get_files`` requests in flight; stage each verified file of each reply."""
+        """Keep ``BATCHES_IN_FLIGHT`` batch requests in flight; stage each verified file of each reply."""
         in_flight: deque[list[_Small]] = deque()
         buffer = bytearray(max(BATCH_BYTES, max((f.size for f in missing), default=0)))
         listed = protocol.FEATURE_BATCHES in session.welcome.features.split()  # else protocol 1's get_files
