@@ -68,7 +68,7 @@ from error_handler import ConnectionFailed, DownloadCancelled, DownloadError, Mi
 from integrity import sha256_file
 from minitorrent.client.downloader import STAGING, Downloader, destination
 from minitorrent.client.progress import FILE_DONE, FILE_FAILED, FILE_VERIFIED, Progress
-from minitorrent.common.fs import fsync_dir, rename_noreplace, sync_filesystem
+from minitorrent.common.fs import rename_noreplace, sync_filesystem
 from minitorrent.net.remote import MAX_RECONNECT_DELAY_S, ServerClient, ServerSession
 from minitorrent.wire import protocol
 from minitorrent.wire.protocol import ProtocolError, check_file_name, check_folder_name
@@ -575,7 +575,7 @@ class _StagedFolder:
         touched = self._place(self._incoming, self._key, self.final, refused)
         self._placed = True
         for folder in sorted(_with_parents(touched, self._fds.top)):
-            fsync_dir(folder)
+            os.fsync(self._fds.fd(folder))  # the folder opened to place in, not whatever its path names now
         return refused
 
     def close(self) -> None:
