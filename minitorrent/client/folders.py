@@ -80,7 +80,7 @@ BATCH_BYTES = 1024 * 1024  # file bytes asked for in one get_batch or get_files:
 # The names and versions of one get_batch, at most (a get_files header's size): the requests in flight stay
 # well inside the server's receive buffer, so our sending them never waits on its sending us a reply.
 BATCH_REQUEST_BYTES = 64 * 1024
-BATCHES_IN_FLIGHT = 4  # get_batch (or get_files) requests outstanding: the server reads the next batch while we write this one
+BATCHES_IN_FLIGHT = 4  # batch requests outstanding: the server reads the next batch while we write this one
 PROGRESS_EVERY_FILES = 64  # the folder's progress is told every this many small files, not 10,000 times
 # A one-chunk file this big is worth a download of its own when a peer holds it (P2P, as for any file): a
 # batch carries only a few such files anyway, so batching saves little and the server pays it all.
@@ -596,8 +596,10 @@ class _StagedFolder:
         except FileNotFoundError:
             pass  # removed by hand meanwhile
         os.close(self._lock)
-        os.fsync(self._incoming)
-        os.close(self._incoming)
+        try:
+            os.fsync(self._incoming)
+        finally:
+            os.close(self._incoming)
         _remove_if_empty(STAGING, self._fds.fd(self._fds.top))
 
     def _place(self, source_fd: int, source: str, final: str, refused: dict[str, str]) -> set[str]:
