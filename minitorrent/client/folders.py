@@ -500,7 +500,9 @@ class _StagedFolder:
     SIGKILL included): a second download of the same folder into the same
     output is refused, not mixed in. A staged tree left by a crash is
     ``reuse``d: each file kept only if it is one wanted and still hashes to
-    its version, anything else removed.
+    its version, anything else removed. Only the downloading user writes in
+    ``.minitorrent-incoming`` (``_open_staging``), and a staged file is
+    created, never rewritten: so whatever is staged was put there by us.
     """
 
     def __init__(self, fds: _FolderFds, folder: str) -> None:
