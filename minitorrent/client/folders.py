@@ -347,13 +347,13 @@ class FolderDownload:
             return
         try:
             self._staging.write(file, data)
-        except FileExistsError:  # another name of the folder where case is ignored, or something planted: never opened
-            self._failed(file.name, f"{file.name}: something else is staged at its name (a file system that ignores "
-                                    "case?); not written")
+        except OSError as error:
+            clash = self._staging.clash(file, error)
+            if clash is None:  # a full disk, or something planted where a folder goes: the folder stops here
+                raise DownloadError(f"{self.folder}: cannot stage {file.name}: {error.strerror or error}; "
+                                    "what was verified is kept") from error
+            self._failed(file.name, f"{file.name}: {clash}; not written")
             return
-        except OSError as error:  # a full disk, or something not a folder where one goes: the folder stops here
-            raise DownloadError(f"{self.folder}: cannot stage {file.name}: {error.strerror or error}; "
-                                "what was verified is kept") from error
         self._changes.append((file.name, FILE_VERIFIED))
         self.result.fetched_bytes += len(data)
         self._staged += 1
@@ -540,6 +540,23 @@ class _StagedFolder:
         finally:
             os.close(fd)
         self._finals[file.final] = file
+
+    def clash(self, file: _Small, error: OSError) -> str | None:
+        """Why ``write`` met ``error`` if another file of the folder is in the way (that one file fails), else None.
+
+        Something at its name (another name of the folder where case is
+        ignored), or a file staged where one of its folders goes (a listing
+        naming ``a`` and ``a/b``, which a catalog never does).
+        """
+        if isinstance(error, FileExistsError):
+            return "something else is staged at its name (a file system that ignores case?)"
+        if isinstance(error, NotADirectoryError):
+            folder = os.path.dirname(file.final)
+            while folder.startswith(self.final + os.sep):
+                if folder in self._finals:
+                    return f"{self._finals[folder].name} is listed as a file"
+                folder = os.path.dirname(folder)
+        return None
 
     def link(self, first: _Small, file: _Small) -> None:
         """Stage ``file`` as a second name of ``first``'s staged content (``OSError`` if the link fails)."""

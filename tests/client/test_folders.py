@@ -499,6 +499,23 @@ class TestLyingServer:
         assert ([], len(self.HOSTILE), 6) == (written, len(result.failed), result.downloaded)
 
 
+    def test_a_name_listed_as_a_file_and_as_a_folder_fails_alone(self, tmp_path, server_factory, photos):
+        """A listing naming photos/Case.txt and photos/Case.txt/inner.txt (a catalog never does): the one that cannot
+        be staged fails with a line, the folder's other files arrive (the download is not stopped, run after run)."""
+        server = server_factory({"transfer": {"chunk_size": CHUNK}})
+        server.add_folder(photos)
+        make_file(tmp_path / "elsewhere" / "other" / "inner.txt", 7, seed=9)
+        server.add_folder(tmp_path / "elsewhere" / "other")
+        manifest = server.catalog.db.get_manifest("other/inner.txt")
+        server.catalog.db.add_file("photos/Case.txt/inner.txt", manifest)
+        engine = engine_for(tmp_path, server)
+        try:
+            result = engine.download_folder("photos/", tmp_path / "out")
+        finally:
+            engine.close()
+        assert (6, ["photos/Case.txt/inner.txt"], tree(photos.parent)) == (
+            result.downloaded, [line.split(": ")[0] for line in result.failed], tree(tmp_path / "out"))
+
     def test_a_small_file_listed_with_a_terabyte_is_refused_not_allocated(self, tmp_path, server_factory, photos):
         """A listing entry of one chunk claiming 1 TiB fails alone (no buffer of that size); the rest arrive."""
         server = server_factory()
