@@ -248,6 +248,13 @@ class TestServerCatalog:
         assert {"a.txt": (5, 4, one.sha256), "dir/b.txt": (3, 4, two.sha256)} == \
             server.file_layouts(["a.txt", "gone.txt", "dir/b.txt", "a.txt"])
 
+    def test_file_layouts_takes_a_full_batch_where_sqlite_binds_999_values_at_most(self, server):
+        """A get_batch's 1,024 names are looked up where SQLite allows 999 bound values (its limit before 3.32)."""
+        one = manifest_of(b"12345")
+        server.add_file("a.txt", one)
+        server._connection().setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999)
+        assert {"a.txt": (5, 4, one.sha256)} == server.file_layouts(["a.txt"] + [f"gone{i}" for i in range(1023)])
+
     def test_file_layout_is_size_chunk_size_and_sha256(self, server):
         """file_layout gives what serving a chunk needs, None for a name not shared."""
         manifest = manifest_of(b"12345")

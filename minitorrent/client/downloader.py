@@ -72,6 +72,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# Where folder downloads stage their small files, inside the output folder (same file system: a rename is atomic).
+# No download is written there: a served folder of that name would mix with the staged trees and their locks.
+STAGING = ".minitorrent-incoming"
 STREAMS_PER_DOWNLOAD = 2  # two cores: one stream hashes while the other receives
 MAX_CHUNK_ATTEMPTS = 3  # a chunk failing verification this often means the source is damaged
 SHARE_BATCH = 8  # verified chunks offered to peers at a time (each is recorded at once)
@@ -187,9 +190,11 @@ def destination(output_dir: Path, name: str) -> Path:
     ``name`` has passed ``check_file_name`` (no ``..``, not absolute), but a
     link already inside the output folder (``photos -> /etc``) would still
     lead out: the real path of the file's folder must lie under the real
-    output folder before anything is created.
+    output folder before anything is created. Nothing goes in ``STAGING``.
     """
     final = Path(output_dir) / _checked_name(name)
+    if name.partition("/")[0] == STAGING:
+        raise DownloadError(f"{name}: {STAGING} is where folder downloads stage their files; not written there")
     real_output = os.path.realpath(output_dir)
     if os.path.commonpath([os.path.realpath(final.parent), real_output]) != real_output:
         raise DownloadError(f"{name}: would be written outside {output_dir} (through a link); refused")

@@ -66,25 +66,24 @@ from typing import Callable, NamedTuple
 
 from error_handler import ConnectionFailed, DownloadCancelled, DownloadError, MiniTorrentError
 from integrity import sha256_file
-from minitorrent.client.downloader import Downloader, destination
+from minitorrent.client.downloader import STAGING, Downloader, destination
 from minitorrent.client.progress import FILE_DONE, FILE_FAILED, FILE_VERIFIED, Progress
-from minitorrent.common.fs import fsync_dir, rename_noreplace, sync_filesystem
+from minitorrent.common.fs import rename_noreplace, sync_filesystem
 from minitorrent.net.remote import MAX_RECONNECT_DELAY_S, ServerClient, ServerSession
 from minitorrent.wire import protocol
 from minitorrent.wire.protocol import ProtocolError, check_file_name, check_folder_name
 
 log = logging.getLogger(__name__)
 
-STAGING = ".minitorrent-incoming"  # inside the output folder: same file system, so a link is atomic
 REPORTS_IN_FLIGHT = 8  # report frames (up to 1 MiB each) sent before their answers (tiny) are read
 BATCH_BYTES = 1024 * 1024  # file bytes asked for in one get_batch or get_files: a reply is at most this (the receive buffer)
 # The names and versions of one get_batch, at most (a get_files header's size): the requests in flight stay
 # well inside the server's receive buffer, so our sending them never waits on its sending us a reply.
 BATCH_REQUEST_BYTES = 64 * 1024
-BATCHES_IN_FLIGHT = 4  # get_files requests outstanding: the server reads the next batch while we write this one
+BATCHES_IN_FLIGHT = 4  # batch requests outstanding: the server reads the next batch while we write this one
 PROGRESS_EVERY_FILES = 64  # the folder's progress is told every this many small files, not 10,000 times
 # A one-chunk file this big is worth a download of its own when a peer holds it (P2P, as for any file): a
-# get_files batch carries only a few such files anyway, so batching saves little and the server pays it all.
+# batch carries only a few such files anyway, so batching saves little and the server pays it all.
 PEER_WORTHY_BYTES = 256 * 1024
 PEER_QUESTIONS_IN_FLIGHT = 64  # tracker questions per round: their replies (30 peers each) never fill a buffer
 
@@ -175,8 +174,10 @@ class FolderDownload:
                 size, sha256, chunks = int(entry["size"]), str(entry["sha256"]), int(entry["chunks"])
                 if chunks > 1:
                     large.append(entry)
-                elif size > protocol.MAX_CHUNK_BYTES:  # a lie: it would size the receive buffer (one chunk at most)
-                    raise DownloadError(f"{entry['name']}: listed as {size} bytes in one chunk, more than any chunk")
+                elif not 0 <= size <= protocol.MAX_CHUNK_BYTES:  # a lie: it would size the receive buffer, or
+                    # (negative) be neither fetched nor staged, so missing with no line said
+                    raise DownloadError(f"{entry['name']}: listed as {size} bytes in one chunk "
+                                        f"(a chunk holds 0 to {protocol.MAX_CHUNK_BYTES})")
                 elif self._present(final, sha256):
                     self._changes.append((entry["name"], FILE_DONE))
                 else:
@@ -300,7 +301,7 @@ class FolderDownload:
                 delay = min(delay * 2, MAX_RECONNECT_DELAY_S)
 
     def _pump(self, session: ServerSession, missing: deque[_Small]) -> None:
-        """Keep ``BATCHES_IN_FLIGHT`` ``get_files`` requests in flight; stage each verified file of each reply."""
+        """Keep ``BATCHES_IN_FLIGHT`` batch requests in flight; stage each verified file of each reply."""
         in_flight: deque[list[_Small]] = deque()
         buffer = bytearray(max(BATCH_BYTES, max((f.size for f in missing), default=0)))
         listed = protocol.FEATURE_BATCHES in session.welcome.features.split()  # else protocol 1's get_files
@@ -346,9 +347,13 @@ class FolderDownload:
             return
         try:
             self._staging.write(file, data)
-        except OSError as error:  # a full disk, or something not a file where it goes: the folder stops here
-            raise DownloadError(f"{self.folder}: cannot stage {file.name}: {error.strerror or error}; "
-                                "what was verified is kept") from error
+        except OSError as error:
+            clash = self._staging.clash(file, error)
+            if clash is None:  # a full disk, or something planted where a folder goes: the folder stops here
+                raise DownloadError(f"{self.folder}: cannot stage {file.name}: {error.strerror or error}; "
+                                    "what was verified is kept") from error
+            self._failed(file.name, f"{file.name}: {clash}; not written")
+            return
         self._changes.append((file.name, FILE_VERIFIED))
         self.result.fetched_bytes += len(data)
         self._staged += 1
@@ -495,7 +500,9 @@ class _StagedFolder:
     SIGKILL included): a second download of the same folder into the same
     output is refused, not mixed in. A staged tree left by a crash is
     ``reuse``d: each file kept only if it is one wanted and still hashes to
-    its version, anything else removed.
+    its version, anything else removed. Only the downloading user writes in
+    ``.minitorrent-incoming`` (``_open_staging``), and a staged file is
+    created, never rewritten: so whatever is staged was put there by us.
     """
 
     def __init__(self, fds: _FolderFds, folder: str) -> None:
@@ -503,13 +510,13 @@ class _StagedFolder:
         self.final = os.path.join(fds.top, folder.rstrip("/"))  # where the staged tree goes
         self._folder = folder
         self._key = staging_key(folder)
-        self._incoming = fds.fd(os.path.join(fds.top, STAGING))
-        self._lock = _lock_staging(self._incoming, self._key + ".lock", f"{folder} into {fds.top}")
+        self._incoming, self._lock = _locked_staging(fds.fd(fds.top), self._key + ".lock", f"{folder} into {fds.top}")
         self._dirs: dict[str, int] = {}
         try:
             self._dirs[""] = self._open_dir(self._incoming, self._key)
         except OSError:
             os.close(self._lock)  # a window may run many downloads: the lock must not outlive this one
+            os.close(self._incoming)
             raise
         self._finals: dict[str, _Small] = {}  # final path -> the file staged for it
         self._placed = False
@@ -519,15 +526,37 @@ class _StagedFolder:
         return file.final in self._finals
 
     def write(self, file: _Small, data: bytes | memoryview) -> None:
-        """Stage ``file`` (already verified) with ``data``."""
+        """Stage ``file`` (already verified) with ``data``; ``FileExistsError`` if anything is at its name.
+
+        Created, never truncated: what is there is not ours to write (a hard
+        link planted there would carry our bytes to its other names; where a
+        file system ignores case, ``Case.txt`` and ``case.txt`` are one file).
+        """
         folder, name = self._split(file)
-        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644, dir_fd=self._dir(folder))
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644, dir_fd=self._dir(folder))
         try:
             if os.write(fd, data) != len(data):  # a full disk or a size limit took part of it: never staged as whole
                 raise OSError(errno.ENOSPC, "the file system took only part of the file")
         finally:
             os.close(fd)
         self._finals[file.final] = file
+
+    def clash(self, file: _Small, error: OSError) -> str | None:
+        """Why ``write`` met ``error`` if another file of the folder is in the way (that one file fails), else None.
+
+        Something at its name (another name of the folder where case is
+        ignored), or a file staged where one of its folders goes (a listing
+        naming ``a`` and ``a/b``, which a catalog never does).
+        """
+        if isinstance(error, FileExistsError):
+            return "something else is staged at its name (a file system that ignores case?)"
+        if isinstance(error, NotADirectoryError):
+            folder = os.path.dirname(file.final)
+            while folder.startswith(self.final + os.sep):
+                if folder in self._finals:
+                    return f"{self._finals[folder].name} is listed as a file"
+                folder = os.path.dirname(folder)
+        return None
 
     def link(self, first: _Small, file: _Small) -> None:
         """Stage ``file`` as a second name of ``first``'s staged content (``OSError`` if the link fails)."""
@@ -565,7 +594,7 @@ class _StagedFolder:
         touched = self._place(self._incoming, self._key, self.final, refused)
         self._placed = True
         for folder in sorted(_with_parents(touched, self._fds.top)):
-            fsync_dir(folder)
+            os.fsync(self._fds.fd(folder))  # the folder opened to place in, not whatever its path names now
         return refused
 
     def close(self) -> None:
@@ -586,7 +615,10 @@ class _StagedFolder:
         except FileNotFoundError:
             pass  # removed by hand meanwhile
         os.close(self._lock)
-        fsync_dir(f"/proc/self/fd/{self._incoming}")
+        try:
+            os.fsync(self._incoming)
+        finally:
+            os.close(self._incoming)
         _remove_if_empty(STAGING, self._fds.fd(self._fds.top))
 
     def _place(self, source_fd: int, source: str, final: str, refused: dict[str, str]) -> set[str]:
@@ -644,11 +676,66 @@ class _StagedFolder:
 
     @staticmethod
     def _open_dir(parent_fd: int, name: str) -> int:
+        """The staged folder ``name`` in ``parent_fd``, made if missing; ``OSError`` if it is a link or not ours."""
         try:
             os.mkdir(name, dir_fd=parent_fd)
         except FileExistsError:
             pass
-        return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent_fd)
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent_fd)
+        try:
+            _owned_by_us(fd)
+        except OSError:
+            os.close(fd)
+            raise
+        return fd
+
+
+def _locked_staging(output_fd: int, lock_name: str, what: str) -> tuple[int, int]:
+    """(the staging folder, a descriptor holding the lock ``lock_name`` in it); ``DownloadError`` if another holds it.
+
+    Another download ending removes the staging folder if it finds it empty:
+    if it did so between our opening it and our lock file's creation (from
+    then on the lock file keeps it), it is made and opened again.
+    """
+    for _ in range(3):
+        incoming = _open_staging(output_fd)
+        try:
+            return incoming, _lock_staging(incoming, lock_name, what)
+        except FileNotFoundError:  # removed under us: made again
+            os.close(incoming)
+        except BaseException:
+            os.close(incoming)
+            raise
+    raise DownloadError(f"{what}: its staging folder kept being removed")
+
+
+def _open_staging(output_fd: int) -> int:
+    """The output folder's staging folder, made if missing, writable by us alone; ``OSError`` if it is not ours.
+
+    Where other users may write in the output folder (``/tmp``), one of them
+    could make it first: in a folder of theirs they could swap a staged file
+    once it was verified, and the staged tree moved into place would be theirs.
+    """
+    try:
+        os.mkdir(STAGING, 0o700, dir_fd=output_fd)
+    except FileExistsError:
+        pass
+    fd = os.open(STAGING, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=output_fd)
+    try:
+        if _owned_by_us(fd).st_mode & 0o077:  # made by an older version, or under another umask
+            os.fchmod(fd, 0o700)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _owned_by_us(fd: int) -> os.stat_result:
+    """The status of the open folder ``fd``, if it belongs to this process's user; else ``PermissionError``."""
+    status = os.fstat(fd)
+    if status.st_uid != os.geteuid():
+        raise PermissionError(errno.EPERM, f"it belongs to another user (uid {status.st_uid}); not staging there")
+    return status
 
 
 def staging_key(folder: str) -> str:
@@ -680,13 +767,15 @@ def _lock_staging(folder_fd: int, name: str, what: str) -> int:
 
 
 def _hash_at(folder_fd: int, name: str) -> str:
-    """The SHA-256 of the regular file ``name`` in ``folder_fd`` ("" if it is anything else): no link followed."""
+    """The SHA-256 of the regular file ``name`` in ``folder_fd`` ("" if it is anything else, or another user's): no
+    link followed."""
     try:
         fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=folder_fd)  # a FIFO must not block us
     except OSError:  # a link (ELOOP), or gone
         return ""
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        status = os.fstat(fd)
+        if not stat.S_ISREG(status.st_mode) or status.st_uid != os.geteuid():  # another user's: they could change it
             return ""
         return sha256_file(f"/proc/self/fd/{fd}")
     finally:

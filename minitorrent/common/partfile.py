@@ -6,9 +6,10 @@ these steps, which live here and nowhere else:
 
 1. **Create.** Only if the folder has room for the whole file (a size from
    the network must not fill a disk, nor leave a sparse giant behind), the
-   part file is created with ``O_CREAT | O_EXCL`` (so it is
-   ours: we made it) and recorded, with its identity (device and inode), in
-   a ``PartialStore`` before a byte goes into it. A name already taken by a
+   part file is created with ``O_CREAT | O_EXCL`` (so it is ours: we made
+   it) in the final name's folder, opened by descriptor, and recorded, with
+   its identity (device and inode), in a ``PartialStore`` before a byte
+   goes into it. A name already taken by a
    file we have no record of creating is never opened for writing, truncated
    or deleted: the next free name is used instead (``movie.bin.part``, then
    ``movie.bin.2.part``, ``movie.bin.3.part``...) and that file is left
@@ -136,9 +137,10 @@ class PartFile:
              prove_whole_file: bool = True, inside: Path | None = None) -> PartFile:
         """Resume the recorded part file for ``final``, or create one (first free name from ``part``).
 
-        The final name's folder is opened now and the file is installed into
-        that folder, whatever its path leads to later: a folder swapped for a
-        link while the file arrives changes nothing. With ``inside``, the
+        The final name's folder (``part``'s too) is opened now; the part file
+        is created, and the file installed, in that folder, whatever its path
+        leads to later: a folder swapped for a link while the file arrives
+        changes nothing. With ``inside``, the
         folder opened must lie inside it (its real path, whatever links led
         there), else ``PartFileRefused``.
 
@@ -169,7 +171,7 @@ class PartFile:
             if fd is None:
                 if state is not None:
                     store.abandon_partial(state.id)  # its part file is gone or no longer ours: the chunks went with it
-                fd, state = _create(store, final, name, manifest, part)
+                fd, state = _create(store, final, name, manifest, part, folder)
         except BaseException:
             os.close(folder)
             raise
@@ -268,7 +270,7 @@ class PartFile:
             on_installed(self.final)
         # The part name goes before the record: killed in between, open() finds the
         # final name holding the recorded inode and finishes the bookkeeping.
-        _unlink_if(self.path, ours)
+        _unlink_if(self.path, ours, self._folder)
         self._store.finish_partial(self._state.id)
 
     def close(self) -> None:
@@ -325,21 +327,27 @@ def _write_all_at(fd: int, data: bytes | memoryview, offset: int) -> None:
         view, offset = view[written:], offset + written
 
 
-def _require_space(folder: Path, size: int, name: str) -> None:
+def _require_space(folder: Path, folder_fd: int, size: int, name: str) -> None:
     """Refuse, before anything is created, a file the folder has no room for (a size comes from the network)."""
-    status = os.statvfs(folder)
+    status = os.fstatvfs(folder_fd)
     available = status.f_bavail * status.f_frsize
     if size > available:
         raise NotEnoughSpace(f"{name}: needs {human_size(size)} ({size} bytes) in {folder}, "
                              f"which has {human_size(available)} ({available} bytes) free")
 
 
-def _create(store: PartialStore, final: Path, name: str, manifest: Manifest, part: Path) -> tuple[int, PartialState]:
-    """Create the first free part name with O_EXCL and record it as ours."""
-    _require_space(part.parent, manifest.size, name)
+def _create(store: PartialStore, final: Path, name: str, manifest: Manifest, part: Path,
+            folder: int) -> tuple[int, PartialState]:
+    """Create the first free part name with O_EXCL in the open ``folder`` (``part``'s and ``final``'s) and record it.
+
+    In the folder opened, not by its path: a folder swapped for a link since
+    then gets no part file (the bytes would arrive outside the output folder).
+    """
+    _require_space(part.parent, folder, manifest.size, name)
     for candidate in part_names(part):
         try:
-            fd = os.open(candidate, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, PART_FILE_MODE)
+            fd = os.open(candidate.name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, PART_FILE_MODE,
+                         dir_fd=folder)
         except FileExistsError:
             continue
         if candidate != part:
@@ -350,7 +358,7 @@ def _create(store: PartialStore, final: Path, name: str, manifest: Manifest, par
             return fd, store.begin_partial(str(final), name, manifest, str(candidate), _identity(os.fstat(fd)))
         except BaseException:
             os.close(fd)
-            candidate.unlink()  # we created it a moment ago and recorded nothing in it
+            os.unlink(candidate.name, dir_fd=folder)  # we created it a moment ago and recorded nothing in it
             raise
     raise NoFreePartName(f"{name}: {part} and {PART_NAME_ATTEMPTS - 1} numbered names are taken by other files")
 
@@ -454,16 +462,20 @@ def _link_durably(fd: int, folder: int, final: Path, part: Path) -> None:
     os.fsync(folder)
 
 
-def _unlink_if(path: Path, identity: str) -> bool:
-    """Remove ``path`` if it names the file of that identity, compared right before the unlink."""
+def _unlink_if(path: Path, identity: str, folder: int | None = None) -> bool:
+    """Remove ``path`` if it names the file of that identity, compared right before the unlink.
+
+    With ``folder`` (the open folder ``path`` is in), the name is looked up there, not along ``path``.
+    """
+    name = path if folder is None else path.name
     try:
-        status = os.lstat(path)
+        status = os.stat(name, dir_fd=folder, follow_symlinks=False)
     except FileNotFoundError:
         return False
     if _identity(status) != identity:
         log.warning("%s is no longer the file we created: left untouched", path)
         return False
-    path.unlink()
+    os.unlink(name, dir_fd=folder)
     return True
 
 

@@ -171,29 +171,53 @@ class TestFolderDownload:
         assert ([], tree(photos.parent)) == (result.failed, tree(tmp_path / "out"))
 
     def test_a_file_that_cannot_be_staged_stops_the_folder_with_one_line(self, tmp_path, server_factory):
-        """A staged file that cannot be written (a folder made where it goes once staging began): DownloadError, not
-        a traceback; nothing placed; once it is gone, the next run completes."""
+        """A staged file that cannot be written (a file made where its staged folder goes once staging began):
+        DownloadError, not a traceback; nothing placed; once it is gone, the next run completes."""
+        source = tmp_path / "src" / "many"
+        for i in range(70):
+            make_file(source / ("a" if i < 66 else "b") / f"f{i:02d}.bin", 100, seed=i)
+        server = server_factory()
+        server.add_folder(source)
+        in_the_way = tmp_path / "out" / STAGING / staging_key("many/") / "b"
+
+        def plant(progress: Progress) -> None:  # called after the 64th file is staged: b/f66.bin is still to come
+            if in_the_way.parent.is_dir() and not in_the_way.exists():
+                in_the_way.write_bytes(b"not a folder")
+        engine = engine_for(tmp_path, server, on_progress=plant)
+        try:
+            with pytest.raises(DownloadError, match="cannot stage many/b/f66.bin"):
+                engine.download_folder("many/", tmp_path / "out")
+            placed = (tmp_path / "out" / "many").exists()
+            engine.on_progress = None
+            in_the_way.unlink()
+            result = engine.download_folder("many/", tmp_path / "out")
+        finally:
+            engine.close()
+        assert (False, [], tree(source.parent)) == (placed, result.failed, tree(tmp_path / "out"))
+
+    def test_a_link_planted_at_a_staged_name_is_never_written_through(self, tmp_path, server_factory):
+        """A hard link planted in the staged tree where a file is about to be staged: the file it links to keeps its
+        bytes (staged files are created, never truncated), that one file fails with one line, the others arrive."""
         source = tmp_path / "src" / "many"
         for i in range(70):
             make_file(source / f"f{i:02d}.bin", 100, seed=i)
         server = server_factory()
         server.add_folder(source)
-        in_the_way = tmp_path / "out" / STAGING / staging_key("many/") / "f66.bin"
+        victim = tmp_path / "victim.txt"
+        victim.write_bytes(b"precious")
+        planted = tmp_path / "out" / STAGING / staging_key("many/") / "f66.bin"
 
         def plant(progress: Progress) -> None:  # called after the 64th file is staged: f66.bin is still to come
-            if in_the_way.parent.is_dir() and not in_the_way.exists():
-                (in_the_way / "inside").mkdir(parents=True)
+            if planted.parent.is_dir() and not planted.exists():
+                os.link(victim, planted)
         engine = engine_for(tmp_path, server, on_progress=plant)
         try:
-            with pytest.raises(DownloadError, match="cannot stage many/f66.bin"):
-                engine.download_folder("many/", tmp_path / "out")
-            placed = (tmp_path / "out" / "many").exists()
-            engine.on_progress = None
-            (in_the_way / "inside").rmdir()
             result = engine.download_folder("many/", tmp_path / "out")
         finally:
             engine.close()
-        assert (False, [], tree(source.parent)) == (placed, result.failed, tree(tmp_path / "out"))
+        assert (b"precious", 69, ["many/f66.bin"]) == (victim.read_bytes(), result.downloaded,
+                                                       [line.split(": something else is staged")[0]
+                                                        for line in result.failed])
 
     def test_a_second_download_of_the_same_folder_into_the_same_place_is_refused(self, tmp_path, server_factory,
                                                                                  photos):
@@ -216,6 +240,30 @@ class TestFolderDownload:
             engine.close()
         assert ([], 6, [], tree(photos.parent)) == (placed_meanwhile, result.downloaded, result.failed,
                                                     tree(tmp_path / "out"))
+
+    def test_a_staging_folder_removed_by_another_download_as_this_one_opens_it_is_made_again(
+            self, tmp_path, server_factory, photos, monkeypatch):
+        """Another download ending removes the staging folder, empty, between this one's opening it and making its
+        lock file there (a window runs many downloads at once): it is made again and the download completes."""
+        from minitorrent.client import folders
+
+        lock_staging = folders._lock_staging
+        removed: list[bool] = []
+
+        def others_end_first(folder_fd: int, name: str, what: str) -> int:
+            if not removed:
+                (tmp_path / "out" / STAGING).rmdir()  # as the other download's close() does when it finds it empty
+                removed.append(True)
+            return lock_staging(folder_fd, name, what)
+        monkeypatch.setattr(folders, "_lock_staging", others_end_first)
+        server = server_factory({"transfer": {"chunk_size": CHUNK}})
+        server.add_folder(photos)
+        engine = engine_for(tmp_path, server)
+        try:
+            result = engine.download_folder("photos/", tmp_path / "out")
+        finally:
+            engine.close()
+        assert ([True], [], tree(photos.parent)) == (removed, result.failed, tree(tmp_path / "out"))
 
     def test_existing_different_file_is_not_overwritten(self, tmp_path, server_factory, photos):
         """A file already at a final name with other content is reported and kept; the rest arrive."""
@@ -377,6 +425,52 @@ class TestDestinationStaysInside:
             swapped, sorted(p.name for p in elsewhere.rglob("*")), (out / "moved" / "big.raw").read_bytes())
 
 
+NOBODY = 65534  # another user's uid: chown needs root, which this suite runs as
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="making a file another user's needs root")
+class TestStagingOfAnotherUser:
+    @pytest.mark.parametrize("theirs", ["staging folder", "staged tree"])
+    def test_a_staging_folder_another_user_made_is_refused(self, tmp_path, server_factory, photos, theirs):
+        """Another user who made the staging folder (or this folder's staged tree) first, where they may write
+        (/tmp): the download fails with one line and places nothing, so no folder of theirs becomes the download."""
+        server = server_factory({"transfer": {"chunk_size": CHUNK}})
+        server.add_folder(photos)
+        staging = tmp_path / "out" / STAGING
+        staged = staging / staging_key("photos/")
+        staged.mkdir(parents=True)
+        their_folder = staging if theirs == "staging folder" else staged
+        os.chown(their_folder, NOBODY, NOBODY)
+        before = sorted(os.listdir(their_folder))
+        engine = engine_for(tmp_path, server)
+        try:
+            with pytest.raises(DownloadError, match="belongs to another user"):
+                engine.download_folder("photos/", tmp_path / "out")
+        finally:
+            engine.close()
+        assert (False, before) == ((tmp_path / "out" / "photos").exists(), sorted(os.listdir(their_folder)))
+
+    def test_a_staged_file_of_another_user_is_fetched_again_not_reused(self, tmp_path, server_factory, photos):
+        """A staged file that hashes right but is another user's (they could rewrite it once placed) is removed and
+        fetched again: every file placed is ours."""
+        server = server_factory({"transfer": {"chunk_size": CHUNK}})
+        server.add_folder(photos)
+        staging = tmp_path / "out" / STAGING
+        staged = staging / staging_key("photos/")
+        staged.mkdir(parents=True)
+        staging.chmod(0o777)
+        (staged / "Case.txt").write_bytes((photos / "Case.txt").read_bytes())
+        os.chown(staged / "Case.txt", NOBODY, NOBODY)
+        engine = engine_for(tmp_path, server)
+        try:
+            result = engine.download_folder("photos/", tmp_path / "out")
+        finally:
+            engine.close()
+        owners = {p.stat().st_uid for p in (tmp_path / "out" / "photos").rglob("*")}
+        assert (tree(photos.parent), {os.geteuid()}, 3000 + 10 + 11 + 3 * CHUNK + 5) == (
+            tree(tmp_path / "out"), owners, result.fetched_bytes)
+
+
 class TestSummarizeFolders:
     def test_every_depth_counted(self):
         """Each folder counts the files and bytes under it at any depth."""
@@ -405,6 +499,23 @@ class TestLyingServer:
         assert ([], len(self.HOSTILE), 6) == (written, len(result.failed), result.downloaded)
 
 
+    def test_a_name_listed_as_a_file_and_as_a_folder_fails_alone(self, tmp_path, server_factory, photos):
+        """A listing naming photos/Case.txt and photos/Case.txt/inner.txt (a catalog never does): the one that cannot
+        be staged fails with a line, the folder's other files arrive (the download is not stopped, run after run)."""
+        server = server_factory({"transfer": {"chunk_size": CHUNK}})
+        server.add_folder(photos)
+        make_file(tmp_path / "elsewhere" / "other" / "inner.txt", 7, seed=9)
+        server.add_folder(tmp_path / "elsewhere" / "other")
+        manifest = server.catalog.db.get_manifest("other/inner.txt")
+        server.catalog.db.add_file("photos/Case.txt/inner.txt", manifest)
+        engine = engine_for(tmp_path, server)
+        try:
+            result = engine.download_folder("photos/", tmp_path / "out")
+        finally:
+            engine.close()
+        assert (6, ["photos/Case.txt/inner.txt"], tree(photos.parent)) == (
+            result.downloaded, [line.split(": ")[0] for line in result.failed], tree(tmp_path / "out"))
+
     def test_a_small_file_listed_with_a_terabyte_is_refused_not_allocated(self, tmp_path, server_factory, photos):
         """A listing entry of one chunk claiming 1 TiB fails alone (no buffer of that size); the rest arrive."""
         server = server_factory()
@@ -417,6 +528,47 @@ class TestLyingServer:
         finally:
             engine.close()
         assert (1, 6, True) == (len(result.failed), result.downloaded, "photos/huge.bin" in result.failed[0])
+
+
+    def test_a_small_file_listed_with_a_negative_size_fails_with_a_line_not_silently(self, tmp_path, server_factory,
+                                                                                      photos, monkeypatch):
+        """A listing entry of one chunk claiming -5 bytes is listed as failed (never fetched, never dropped unsaid):
+        the folder's result accounts for every file listed."""
+        from minitorrent.net.remote import ServerClient
+
+        list_files = ServerClient.list_files
+
+        def lying(client, search="", under=""):
+            entries = list_files(client, search, under)
+            return [dict(entry, size=-5) if entry["name"] == "photos/Case.txt" else entry for entry in entries]
+        monkeypatch.setattr(ServerClient, "list_files", lying)
+        server = server_factory({"transfer": {"chunk_size": CHUNK}})
+        server.add_folder(photos)
+        engine = engine_for(tmp_path, server)
+        try:
+            result = engine.download_folder("photos/", tmp_path / "out")
+        finally:
+            engine.close()
+        assert (5, ["photos/Case.txt"]) == (result.downloaded, [line.split(":")[0] for line in result.failed])
+
+
+class TestStagingNameReserved:
+    def test_a_served_folder_named_like_the_staging_folder_is_not_written_there(self, tmp_path, server_factory,
+                                                                              photos):
+        """A server's .minitorrent-incoming/ (here a folder where photos/'s staging lock goes) is refused file by
+        file: nothing lands in the staging folder, and a later download of photos/ there is not broken by it."""
+        server = server_factory({"transfer": {"chunk_size": CHUNK}})
+        server.add_folder(photos)
+        manifest = server.catalog.db.get_manifest("photos/Case.txt")
+        server.catalog.db.add_file(f"{STAGING}/{staging_key('photos/')}.lock/x.txt", manifest)
+        engine = engine_for(tmp_path, server)
+        try:
+            hostile = engine.download_folder(f"{STAGING}/", tmp_path / "out")
+            result = engine.download_folder("photos/", tmp_path / "out")
+        finally:
+            engine.close()
+        assert (1, 0, [], tree(photos.parent)) == (len(hostile.failed), hostile.downloaded, result.failed,
+                                                   tree(tmp_path / "out"))
 
 
 class TestDamagedServerCopy:

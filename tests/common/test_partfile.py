@@ -422,6 +422,30 @@ class TestSwappedFolders:
         part.install()
         assert ([], DATA) == (list(outside.iterdir()), (output / "moved" / "movie.bin").read_bytes())
 
+    def test_a_folder_swapped_for_a_link_right_after_it_is_opened_gets_no_part_file_outside(
+            self, store, tmp_path, manifest, monkeypatch):
+        """The folder becomes a link out between its opening and the part file's creation: the part file is made in
+        the folder opened (nothing outside, ever), and once installed its part name there is gone too."""
+        output, outside = tmp_path / "downloads", tmp_path / "outside"
+        (output / "photos").mkdir(parents=True)
+        outside.mkdir()
+        open_folder = partfile._open_folder
+
+        def open_then_swap(folder: Path, inside: Path | None) -> int:
+            fd = open_folder(folder, inside)
+            (output / "photos").rename(output / "moved")  # another user of the machine swaps the folder ...
+            (output / "photos").symlink_to(outside)  # ... for a link leading out
+            return fd
+        monkeypatch.setattr(partfile, "_open_folder", open_then_swap)
+        part = PartFile.open(store, output / "photos" / "movie.bin", "photos/movie.bin", manifest,
+                             output / "photos" / "movie.bin.part", inside=output)
+        outside_while_arriving = list(outside.iterdir())
+        write_all(part)
+        part.install()
+        assert ([], [], ["movie.bin"], DATA) == (outside_while_arriving, list(outside.iterdir()),
+                                                 sorted(os.listdir(output / "moved")),
+                                                 (output / "moved" / "movie.bin").read_bytes())
+
     def test_a_folder_that_already_leads_out_is_refused_before_anything_is_created(self, store, tmp_path, manifest):
         """With ``inside``, a folder whose real path lies outside it is refused: no part file, no record."""
         output, outside = tmp_path / "downloads", tmp_path / "outside"
