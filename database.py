@@ -551,6 +551,7 @@ class ServerStore(SQLiteStore):
             "SELECT f.name, f.size, f.chunk_size, f.sha256 FROM json_each(?) AS j JOIN files AS f ON f.name = j.value",
             (json.dumps(names, ensure_ascii=False),))
         return {name: (size, chunk_size, sha256) for name, size, chunk_size, sha256 in rows}
+
     def get_file(self, name: str) -> FileRecord | None:
         """The record for ``name`` (exact match), or None."""
         row = self._connection().execute(
