@@ -13,7 +13,7 @@ from conftest import make_config, make_file
 from error_handler import DownloadError, MiniTorrentError
 from integrity import Manifest, sha256_file
 from minitorrent.client.engine import ClientEngine
-from minitorrent.client.folders import STAGING, FolderSummary, staging_key, summarize_folders
+from minitorrent.client.folders import STAGING, FolderResult, FolderSummary, staging_key, summarize_folders
 from minitorrent.client.progress import Progress
 from minitorrent.net import serving
 from minitorrent.wire import protocol
@@ -24,6 +24,15 @@ CHUNK = 64 * 1024
 def engine_for(tmp_path: Path, server, **kw) -> ClientEngine:
     host, port = server.server.address
     return ClientEngine(make_config(tmp_path / "cli", {"server": {"main": {"host": host, "port": port}}}), **kw)
+
+
+def fetch_folder(tmp_path: Path, server, folder: str, output: Path, **kw) -> FolderResult:
+    """``folder`` downloaded into ``output`` by a client engine of its own (``engine_for``), closed after."""
+    engine = engine_for(tmp_path, server, **kw)
+    try:
+        return engine.download_folder(folder, output)
+    finally:
+        engine.close()
 
 
 def progress_of_runs(tmp_path: Path, server_factory, photos: Path, runs: int = 1) -> list[list[Progress]]:
@@ -73,11 +82,7 @@ class TestFolderDownload:
         """get photos/ recreates every file at its relative path, byte-exact, with no staging left."""
         server = server_factory({"transfer": {"chunk_size": CHUNK}})
         server.add_folder(photos)
-        engine = engine_for(tmp_path, server)
-        try:
-            result = engine.download_folder("photos/", tmp_path / "out")
-        finally:
-            engine.close()
+        result = fetch_folder(tmp_path, server, "photos/", tmp_path / "out")
         assert tree(photos.parent) == tree(tmp_path / "out")
         assert (6, 6, []) == (result.files, result.downloaded, result.failed)
         assert not (tmp_path / "out" / STAGING).exists()
@@ -108,11 +113,7 @@ class TestFolderDownload:
         outside.write_bytes(b"")  # the content notes.txt (empty) is listed with
         (staged / "notes.txt").symlink_to(outside)  # a link planted where a staged file goes: removed, not followed
         os.mkfifo(staged / "2024" / "beach.jpg")  # a FIFO: never read (it would block), removed
-        engine = engine_for(tmp_path, server)
-        try:
-            result = engine.download_folder("photos/", tmp_path / "out")
-        finally:
-            engine.close()
+        result = fetch_folder(tmp_path, server, "photos/", tmp_path / "out")
         assert (tree(photos.parent), False) == (tree(tmp_path / "out"), (tmp_path / "out" / STAGING).exists())
         assert (3000 + 11 + 3 * CHUNK + 5, False) == (result.fetched_bytes,  # Case.txt (10 bytes) came from staging
                                                      (tmp_path / "out" / "photos" / "notes.txt").is_symlink())
@@ -125,11 +126,7 @@ class TestFolderDownload:
         monkeypatch.setattr(fs, "_renameat2", None)
         server = server_factory({"transfer": {"chunk_size": CHUNK}})
         server.add_folder(photos)
-        engine = engine_for(tmp_path, server)
-        try:
-            result = engine.download_folder("photos/", tmp_path / "out")
-        finally:
-            engine.close()
+        result = fetch_folder(tmp_path, server, "photos/", tmp_path / "out")
         assert (tree(photos.parent), [], 6, False) == (tree(tmp_path / "out"), result.failed, result.downloaded,
                                                        (tmp_path / "out" / STAGING).exists())
 
@@ -144,11 +141,7 @@ class TestFolderDownload:
         staged = out / STAGING / staging_key("photos/")
         (staged / "2024").mkdir(parents=True)
         os.link(photos / "2024" / "beach.jpg", staged / "2024" / "beach.jpg")  # verified, staged, not yet placed
-        engine = engine_for(tmp_path, server)
-        try:
-            result = engine.download_folder("photos/", out)
-        finally:
-            engine.close()
+        result = fetch_folder(tmp_path, server, "photos/", out)
         assert (tree(photos.parent), 1, 5, 11 + 3 * CHUNK + 5) == (
             tree(out), result.present, result.downloaded, result.fetched_bytes)  # only case.txt and big.raw fetched
 
@@ -210,11 +203,7 @@ class TestFolderDownload:
         def plant(progress: Progress) -> None:  # called after the 64th file is staged: f66.bin is still to come
             if planted.parent.is_dir() and not planted.exists():
                 os.link(victim, planted)
-        engine = engine_for(tmp_path, server, on_progress=plant)
-        try:
-            result = engine.download_folder("many/", tmp_path / "out")
-        finally:
-            engine.close()
+        result = fetch_folder(tmp_path, server, "many/", tmp_path / "out", on_progress=plant)
         assert (b"precious", 69, ["many/f66.bin"]) == (victim.read_bytes(), result.downloaded,
                                                        [line.split(": something else is staged")[0]
                                                         for line in result.failed])
@@ -258,11 +247,7 @@ class TestFolderDownload:
         monkeypatch.setattr(folders, "_lock_staging", others_end_first)
         server = server_factory({"transfer": {"chunk_size": CHUNK}})
         server.add_folder(photos)
-        engine = engine_for(tmp_path, server)
-        try:
-            result = engine.download_folder("photos/", tmp_path / "out")
-        finally:
-            engine.close()
+        result = fetch_folder(tmp_path, server, "photos/", tmp_path / "out")
         assert ([True], [], tree(photos.parent)) == (removed, result.failed, tree(tmp_path / "out"))
 
     def test_existing_different_file_is_not_overwritten(self, tmp_path, server_factory, photos):
@@ -272,11 +257,7 @@ class TestFolderDownload:
         mine = tmp_path / "out" / "photos" / "notes.txt"
         mine.parent.mkdir(parents=True)
         mine.write_bytes(b"my own notes")
-        engine = engine_for(tmp_path, server)
-        try:
-            result = engine.download_folder("photos/", tmp_path / "out")
-        finally:
-            engine.close()
+        result = fetch_folder(tmp_path, server, "photos/", tmp_path / "out")
         assert b"my own notes" == mine.read_bytes()
         assert (5, 1) == (result.downloaded, len(result.failed))
 
@@ -290,11 +271,7 @@ class TestFolderDownload:
             if progress.name == "photos/" and not theirs.exists():
                 theirs.parent.mkdir(parents=True, exist_ok=True)
                 theirs.write_bytes(b"made meanwhile")
-        engine = engine_for(tmp_path, server, on_progress=appear)
-        try:
-            result = engine.download_folder("photos/", tmp_path / "out")
-        finally:
-            engine.close()
+        result = fetch_folder(tmp_path, server, "photos/", tmp_path / "out", on_progress=appear)
         copy = tmp_path / "out" / "photos" / "copy of beach.jpg"
         assert (b"made meanwhile", sha256_file(photos / "copy of beach.jpg")) == (theirs.read_bytes(), sha256_file(copy))
         assert (5, 1, []) == (result.downloaded, len(result.failed), os.listdir(tmp_path / "out" / STAGING)
@@ -325,11 +302,7 @@ class TestFolderDownload:
         mine.parent.mkdir(parents=True)
         mine.write_bytes(b"my own notes")
         seen: list[Progress] = []
-        engine = engine_for(tmp_path, server, on_progress=seen.append)
-        try:
-            engine.download_folder("photos/", tmp_path / "out")
-        finally:
-            engine.close()
+        fetch_folder(tmp_path, server, "photos/", tmp_path / "out", on_progress=seen.append)
         assert [("photos/notes.txt", "failed")] == [c for p in seen for c in p.files if c[1] == "failed"]
 
     def test_unknown_folder_fails_with_one_line(self, tmp_path, server_factory, photos):
@@ -351,11 +324,7 @@ class TestFolderDownload:
         make_file(leaf, 100, seed=9)
         server = server_factory()
         server.add_folder(deep)
-        engine = engine_for(tmp_path, server)
-        try:
-            engine.download_folder("deep/", tmp_path / "out")
-        finally:
-            engine.close()
+        fetch_folder(tmp_path, server, "deep/", tmp_path / "out")
         assert tree(deep.parent) == tree(tmp_path / "out")
 
 
@@ -368,11 +337,7 @@ class TestDestinationStaysInside:
         elsewhere.mkdir()
         (tmp_path / "out").mkdir()
         (tmp_path / "out" / "photos").symlink_to(elsewhere)
-        engine = engine_for(tmp_path, server)
-        try:
-            result = engine.download_folder("photos/", tmp_path / "out")
-        finally:
-            engine.close()
+        result = fetch_folder(tmp_path, server, "photos/", tmp_path / "out")
         assert ([], 6) == (list(elsewhere.iterdir()), len(result.failed))
 
 
@@ -391,11 +356,7 @@ class TestDestinationStaysInside:
             if not (out / "photos").is_symlink():  # another process on the machine, racing the download
                 (out / "photos").symlink_to(elsewhere)
 
-        engine = engine_for(tmp_path, server, on_progress=plant_link)
-        try:
-            result = engine.download_folder("photos/", out)
-        finally:
-            engine.close()
+        result = fetch_folder(tmp_path, server, "photos/", out, on_progress=plant_link)
         assert ([], 3) == (sorted(p.name for p in elsewhere.rglob("*")), len(result.failed))
 
 
@@ -416,11 +377,7 @@ class TestDestinationStaysInside:
                 (out / "photos").symlink_to(elsewhere)
                 swapped.append(True)
 
-        engine = engine_for(tmp_path, server, on_progress=swap_folder)
-        try:
-            engine.download_folder("photos/", out)
-        finally:
-            engine.close()
+        fetch_folder(tmp_path, server, "photos/", out, on_progress=swap_folder)
         assert ([True], [], (tmp_path / "src" / "photos" / "big.raw").read_bytes()) == (
             swapped, sorted(p.name for p in elsewhere.rglob("*")), (out / "moved" / "big.raw").read_bytes())
 
@@ -461,11 +418,7 @@ class TestStagingOfAnotherUser:
         staging.chmod(0o777)
         (staged / "Case.txt").write_bytes((photos / "Case.txt").read_bytes())
         os.chown(staged / "Case.txt", NOBODY, NOBODY)
-        engine = engine_for(tmp_path, server)
-        try:
-            result = engine.download_folder("photos/", tmp_path / "out")
-        finally:
-            engine.close()
+        result = fetch_folder(tmp_path, server, "photos/", tmp_path / "out")
         owners = {p.stat().st_uid for p in (tmp_path / "out" / "photos").rglob("*")}
         assert (tree(photos.parent), {os.geteuid()}, 3000 + 10 + 11 + 3 * CHUNK + 5) == (
             tree(tmp_path / "out"), owners, result.fetched_bytes)
@@ -490,11 +443,7 @@ class TestLyingServer:
         manifest = server.catalog.db.get_manifest(record.name)
         for name in self.HOSTILE:  # the lying server's own database, written behind its catalog's checks
             server.catalog.db.add_file(name, manifest)
-        engine = engine_for(tmp_path, server)
-        try:
-            result = engine.download_folder("photos/", tmp_path / "out")
-        finally:
-            engine.close()
+        result = fetch_folder(tmp_path, server, "photos/", tmp_path / "out")
         written = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if "escape" in p.name)
         assert ([], len(self.HOSTILE), 6) == (written, len(result.failed), result.downloaded)
 
@@ -508,11 +457,7 @@ class TestLyingServer:
         server.add_folder(tmp_path / "elsewhere" / "other")
         manifest = server.catalog.db.get_manifest("other/inner.txt")
         server.catalog.db.add_file("photos/Case.txt/inner.txt", manifest)
-        engine = engine_for(tmp_path, server)
-        try:
-            result = engine.download_folder("photos/", tmp_path / "out")
-        finally:
-            engine.close()
+        result = fetch_folder(tmp_path, server, "photos/", tmp_path / "out")
         assert (6, ["photos/Case.txt/inner.txt"], tree(photos.parent)) == (
             result.downloaded, [line.split(": ")[0] for line in result.failed], tree(tmp_path / "out"))
 
@@ -522,11 +467,7 @@ class TestLyingServer:
         server.add_folder(photos)
         huge = 2**40
         server.catalog.db.add_file("photos/huge.bin", Manifest(huge, huge, "0" * 64, bytes(32)))
-        engine = engine_for(tmp_path, server)
-        try:
-            result = engine.download_folder("photos/", tmp_path / "out")
-        finally:
-            engine.close()
+        result = fetch_folder(tmp_path, server, "photos/", tmp_path / "out")
         assert (1, 6, True) == (len(result.failed), result.downloaded, "photos/huge.bin" in result.failed[0])
 
 
@@ -544,11 +485,7 @@ class TestLyingServer:
         monkeypatch.setattr(ServerClient, "list_files", lying)
         server = server_factory({"transfer": {"chunk_size": CHUNK}})
         server.add_folder(photos)
-        engine = engine_for(tmp_path, server)
-        try:
-            result = engine.download_folder("photos/", tmp_path / "out")
-        finally:
-            engine.close()
+        result = fetch_folder(tmp_path, server, "photos/", tmp_path / "out")
         assert (5, ["photos/Case.txt"]) == (result.downloaded, [line.split(":")[0] for line in result.failed])
 
 
@@ -579,11 +516,7 @@ class TestDamagedServerCopy:
         record = server.catalog.db.get_file("photos/2024/beach.jpg")
         blob = server.catalog.blob_path(record.sha256)
         blob.write_bytes(b"X" + blob.read_bytes()[1:])  # same size, other bytes
-        engine = engine_for(tmp_path, server)
-        try:
-            result = engine.download_folder("photos/", tmp_path / "out")
-        finally:
-            engine.close()
+        result = fetch_folder(tmp_path, server, "photos/", tmp_path / "out")
         # "copy of beach.jpg" shares the blob, so both fail; the other four arrive
         assert (False, 2, 4) == ((tmp_path / "out" / "photos" / "2024" / "beach.jpg").exists(),
                                  len(result.failed), result.downloaded)
@@ -594,11 +527,7 @@ class TestGroupedCounts:
         """The downloaded_many burst counts each file of the folder exactly once on the server."""
         server = server_factory({"transfer": {"chunk_size": CHUNK}})
         server.add_folder(photos)
-        engine = engine_for(tmp_path, server)
-        try:
-            engine.download_folder("photos/", tmp_path / "out")
-        finally:
-            engine.close()
+        fetch_folder(tmp_path, server, "photos/", tmp_path / "out")
         assert {name: 1 for name in server.catalog.names_at("photos/")} == server.catalog.download_counts()
 
 
@@ -654,11 +583,7 @@ class TestBatches:
                             lambda handler, frame: (asked.append(frame.message.TYPE), serve_client_request(handler, frame)))
         server = server_factory({"transfer": {"chunk_size": CHUNK}})
         server.add_folder(photos)
-        engine = engine_for(tmp_path, server)
-        try:
-            result = engine.download_folder("photos/", tmp_path / "out")
-        finally:
-            engine.close()
+        result = fetch_folder(tmp_path, server, "photos/", tmp_path / "out")
         assert ([], tree(photos.parent), {"get_files", "downloaded_many"}) == (
             result.failed, tree(tmp_path / "out"), {"get_files", "downloaded_many"} & set(asked))
         assert ({name: 1 for name in server.catalog.names_at("photos/")}, set()) == (
@@ -679,11 +604,7 @@ class TestBatches:
             make_file(source / f"d{i // 500}" / f"f{i:04d}.bin", 100, seed=i)
         server = server_factory()
         server.add_folder(source)
-        engine = engine_for(tmp_path, server)
-        try:
-            result = engine.download_folder("many/", tmp_path / "out")
-        finally:
-            engine.close()
+        result = fetch_folder(tmp_path, server, "many/", tmp_path / "out")
         batches = [count for kind, count in asked if kind == "get_batch"]
         reports = [count for kind, count in asked if kind == "downloaded_batch"]
         assert (1500, [], 1500, 1500, 2, True) == (result.downloaded, result.failed, sum(batches), sum(reports),

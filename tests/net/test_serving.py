@@ -1230,11 +1230,11 @@ class TestGetFiles:
         yield engine, contents
         engine.stop()
 
-    def ask(self, engine, request):
+    def ask(self, engine, request, reply=protocol.FilesData, payload: bytes = b""):
+        """``request`` (with ``payload``) over a session of its own; its ``reply`` frame."""
         session = ServerSession.open(*engine.server.address, io_timeout_s=SHORT_TIMEOUT, secure=TLS)
         try:
-            session.connection.send_many([request])
-            return session.receive(protocol.FilesData)
+            return session.call(request, reply, payload)
         finally:
             session.close()
 
@@ -1261,24 +1261,15 @@ class TestGetFiles:
         engine, contents = small
         names = sorted(contents)
         shas = [engine.catalog.db.get_file(n).sha256 for n in names]
-        session = ServerSession.open(*engine.server.address, io_timeout_s=SHORT_TIMEOUT, secure=TLS)
-        try:
-            session.call(protocol.ReportDownloadedMany(names, shas[:2] + [shas[0]]), protocol.Ok)
-        finally:
-            session.close()
+        self.ask(engine, protocol.ReportDownloadedMany(names, shas[:2] + [shas[0]]), protocol.Ok)
         assert {names[0]: 1, names[1]: 1, names[2]: 0} == engine.catalog.download_counts()
-
 
     def test_a_batch_named_in_the_payload_is_answered_like_get_files(self, small):
         """get_batch (names in the payload) gets the same files_data as get_files: unknown and stale files keep their place."""
         engine, contents = small
         names = ["tree/nothing.txt", "tree/f1.txt", "tree/f2.txt", "../not a name"]
         sha = engine.catalog.db.get_file("tree/f1.txt").sha256
-        session = ServerSession.open(*engine.server.address, io_timeout_s=SHORT_TIMEOUT, secure=TLS)
-        try:
-            frame = session.call(protocol.GetBatch(), protocol.FilesData, protocol.encode_batch(names, [sha] * 4))
-        finally:
-            session.close()
+        frame = self.ask(engine, protocol.GetBatch(), payload=protocol.encode_batch(names, [sha] * 4))
         assert ([-1, 101, -1, -1], ["NOT_FOUND", "", "STALE_VERSION", "NOT_FOUND"], contents["tree/f1.txt"]) == \
             (frame.message.sizes, frame.message.errors, bytes(frame.payload))
 
@@ -1287,11 +1278,7 @@ class TestGetFiles:
         engine, contents = small
         names = sorted(contents)
         shas = [engine.catalog.db.get_file(n).sha256 for n in names]
-        session = ServerSession.open(*engine.server.address, io_timeout_s=SHORT_TIMEOUT, secure=TLS)
-        try:
-            session.call(protocol.ReportDownloadedBatch(), protocol.Ok, protocol.encode_batch(names, shas[:2] + [shas[0]]))
-        finally:
-            session.close()
+        self.ask(engine, protocol.ReportDownloadedBatch(), protocol.Ok, protocol.encode_batch(names, shas[:2] + [shas[0]]))
         assert {names[0]: 1, names[1]: 1, names[2]: 0} == engine.catalog.download_counts()
 
     def test_reports_of_names_not_shared_leave_the_metrics_alone(self, small):
