@@ -26,6 +26,20 @@ def engine_for(tmp_path: Path, server, **kw) -> ClientEngine:
     return ClientEngine(make_config(tmp_path / "cli", {"server": {"main": {"host": host, "port": port}}}), **kw)
 
 
+def serve_photos(server_factory, photos: Path):
+    """A server (chunks of ``CHUNK``) sharing the ``photos`` folder."""
+    server = server_factory({"transfer": {"chunk_size": CHUNK}})
+    server.add_folder(photos)
+    return server
+
+
+def plant_own_notes(output: Path) -> Path:
+    """The user's own ``photos/notes.txt`` in ``output``, other content than the served one's, before a download."""
+    mine = output / "photos" / "notes.txt"
+    mine.parent.mkdir(parents=True)
+    mine.write_bytes(b"my own notes")
+    return mine
+
 def fetch_folder(tmp_path: Path, server, folder: str, output: Path, **kw) -> FolderResult:
     """``folder`` downloaded into ``output`` by a client engine of its own (``engine_for``), closed after."""
     engine = engine_for(tmp_path, server, **kw)
@@ -37,8 +51,7 @@ def fetch_folder(tmp_path: Path, server, folder: str, output: Path, **kw) -> Fol
 
 def progress_of_runs(tmp_path: Path, server_factory, photos: Path, runs: int = 1) -> list[list[Progress]]:
     """Share ``photos`` (in CHUNK chunks), download photos/ ``runs`` times; each run's progress reports."""
-    server = server_factory({"transfer": {"chunk_size": CHUNK}})
-    server.add_folder(photos)
+    server = serve_photos(server_factory, photos)
     seen: list[Progress] = []
     reports = []
     engine = engine_for(tmp_path, server, on_progress=seen.append)
@@ -80,8 +93,7 @@ def photos(tmp_path) -> Path:
 class TestFolderDownload:
     def test_structure_and_content_preserved(self, tmp_path, server_factory, photos):
         """get photos/ recreates every file at its relative path, byte-exact, with no staging left."""
-        server = server_factory({"transfer": {"chunk_size": CHUNK}})
-        server.add_folder(photos)
+        server = serve_photos(server_factory, photos)
         result = fetch_folder(tmp_path, server, "photos/", tmp_path / "out")
         assert tree(photos.parent) == tree(tmp_path / "out")
         assert (6, 6, []) == (result.files, result.downloaded, result.failed)
@@ -89,8 +101,7 @@ class TestFolderDownload:
 
     def test_second_run_finds_everything_present(self, tmp_path, server_factory, photos):
         """Running the same folder download again fetches nothing and counts every file as present."""
-        server = server_factory({"transfer": {"chunk_size": CHUNK}})
-        server.add_folder(photos)
+        server = serve_photos(server_factory, photos)
         engine = engine_for(tmp_path, server)
         try:
             engine.download_folder("photos", tmp_path / "out")
@@ -102,8 +113,7 @@ class TestFolderDownload:
     def test_staged_file_from_a_crash_is_reused_and_a_damaged_one_refetched(self, tmp_path, server_factory, photos):
         """A staged file that still hashes to its version is placed without a fetch; a damaged one is fetched
         again; one the folder does not list is removed, never placed."""
-        server = server_factory({"transfer": {"chunk_size": CHUNK}})
-        server.add_folder(photos)
+        server = serve_photos(server_factory, photos)
         staged = tmp_path / "out" / STAGING / staging_key("photos/")
         (staged / "2024").mkdir(parents=True)
         os.link(photos / "Case.txt", staged / "Case.txt")
@@ -124,8 +134,7 @@ class TestFolderDownload:
         from minitorrent.common import fs
 
         monkeypatch.setattr(fs, "_renameat2", None)
-        server = server_factory({"transfer": {"chunk_size": CHUNK}})
-        server.add_folder(photos)
+        server = serve_photos(server_factory, photos)
         result = fetch_folder(tmp_path, server, "photos/", tmp_path / "out")
         assert (tree(photos.parent), [], 6, False) == (tree(tmp_path / "out"), result.failed, result.downloaded,
                                                        (tmp_path / "out" / STAGING).exists())
@@ -133,8 +142,7 @@ class TestFolderDownload:
     def test_a_crash_while_placing_file_by_file_resumes(self, tmp_path, server_factory, photos):
         """As a crash while placing leaves it (some files at their final names, some still staged): the next run
         keeps the placed ones, places the staged ones without a fetch, and fetches only the rest."""
-        server = server_factory({"transfer": {"chunk_size": CHUNK}})
-        server.add_folder(photos)
+        server = serve_photos(server_factory, photos)
         out = tmp_path / "out"
         (out / "photos").mkdir(parents=True)
         os.link(photos / "Case.txt", out / "photos" / "Case.txt")  # placed before the crash
@@ -148,8 +156,7 @@ class TestFolderDownload:
     def test_a_file_where_the_staged_tree_goes_fails_with_one_line(self, tmp_path, server_factory, photos):
         """Something not a folder where the staged tree goes: the download fails with a DownloadError, no traceback,
         and a later run, once it is gone, succeeds (the staging lock was let go)."""
-        server = server_factory({"transfer": {"chunk_size": CHUNK}})
-        server.add_folder(photos)
+        server = serve_photos(server_factory, photos)
         planted = tmp_path / "out" / STAGING / staging_key("photos/")
         planted.parent.mkdir(parents=True)
         planted.write_bytes(b"not a folder")
@@ -212,8 +219,7 @@ class TestFolderDownload:
                                                                                  photos):
         """While one download stages photos/ in out/, another one of photos/ there fails with one line and places
         nothing; once the first is done, it runs."""
-        server = server_factory({"transfer": {"chunk_size": CHUNK}})
-        server.add_folder(photos)
+        server = serve_photos(server_factory, photos)
         staging = tmp_path / "out" / STAGING
         staging.mkdir(parents=True)
         holder = os.open(staging / (staging_key("photos/") + ".lock"), os.O_RDWR | os.O_CREAT)
@@ -245,26 +251,21 @@ class TestFolderDownload:
                 removed.append(True)
             return lock_staging(folder_fd, name, what)
         monkeypatch.setattr(folders, "_lock_staging", others_end_first)
-        server = server_factory({"transfer": {"chunk_size": CHUNK}})
-        server.add_folder(photos)
+        server = serve_photos(server_factory, photos)
         result = fetch_folder(tmp_path, server, "photos/", tmp_path / "out")
         assert ([True], [], tree(photos.parent)) == (removed, result.failed, tree(tmp_path / "out"))
 
     def test_existing_different_file_is_not_overwritten(self, tmp_path, server_factory, photos):
         """A file already at a final name with other content is reported and kept; the rest arrive."""
-        server = server_factory({"transfer": {"chunk_size": CHUNK}})
-        server.add_folder(photos)
-        mine = tmp_path / "out" / "photos" / "notes.txt"
-        mine.parent.mkdir(parents=True)
-        mine.write_bytes(b"my own notes")
+        server = serve_photos(server_factory, photos)
+        mine = plant_own_notes(tmp_path / "out")
         result = fetch_folder(tmp_path, server, "photos/", tmp_path / "out")
         assert b"my own notes" == mine.read_bytes()
         assert (5, 1) == (result.downloaded, len(result.failed))
 
     def test_a_file_appearing_at_a_final_name_during_the_download_is_kept(self, tmp_path, server_factory, photos):
         """A file made at a final name after the listing is not replaced; its twin of the same content still arrives."""
-        server = server_factory({"transfer": {"chunk_size": CHUNK}})
-        server.add_folder(photos)
+        server = serve_photos(server_factory, photos)
         theirs = tmp_path / "out" / "photos" / "2024" / "beach.jpg"
 
         def appear(progress: Progress) -> None:  # the first report comes after the listing, before any install
@@ -296,11 +297,8 @@ class TestFolderDownload:
 
     def test_a_file_that_fails_is_told_failed(self, tmp_path, server_factory, photos):
         """A file that cannot be written is reported failed in the folder's progress, by name."""
-        server = server_factory({"transfer": {"chunk_size": CHUNK}})
-        server.add_folder(photos)
-        mine = tmp_path / "out" / "photos" / "notes.txt"
-        mine.parent.mkdir(parents=True)
-        mine.write_bytes(b"my own notes")
+        server = serve_photos(server_factory, photos)
+        mine = plant_own_notes(tmp_path / "out")
         seen: list[Progress] = []
         fetch_folder(tmp_path, server, "photos/", tmp_path / "out", on_progress=seen.append)
         assert [("photos/notes.txt", "failed")] == [c for p in seen for c in p.files if c[1] == "failed"]
@@ -391,8 +389,7 @@ class TestStagingOfAnotherUser:
     def test_a_staging_folder_another_user_made_is_refused(self, tmp_path, server_factory, photos, theirs):
         """Another user who made the staging folder (or this folder's staged tree) first, where they may write
         (/tmp): the download fails with one line and places nothing, so no folder of theirs becomes the download."""
-        server = server_factory({"transfer": {"chunk_size": CHUNK}})
-        server.add_folder(photos)
+        server = serve_photos(server_factory, photos)
         staging = tmp_path / "out" / STAGING
         staged = staging / staging_key("photos/")
         staged.mkdir(parents=True)
@@ -410,8 +407,7 @@ class TestStagingOfAnotherUser:
     def test_a_staged_file_of_another_user_is_fetched_again_not_reused(self, tmp_path, server_factory, photos):
         """A staged file that hashes right but is another user's (they could rewrite it once placed) is removed and
         fetched again: every file placed is ours."""
-        server = server_factory({"transfer": {"chunk_size": CHUNK}})
-        server.add_folder(photos)
+        server = serve_photos(server_factory, photos)
         staging = tmp_path / "out" / STAGING
         staged = staging / staging_key("photos/")
         staged.mkdir(parents=True)
@@ -451,8 +447,7 @@ class TestLyingServer:
     def test_a_name_listed_as_a_file_and_as_a_folder_fails_alone(self, tmp_path, server_factory, photos):
         """A listing naming photos/Case.txt and photos/Case.txt/inner.txt (a catalog never does): the one that cannot
         be staged fails with a line, the folder's other files arrive (the download is not stopped, run after run)."""
-        server = server_factory({"transfer": {"chunk_size": CHUNK}})
-        server.add_folder(photos)
+        server = serve_photos(server_factory, photos)
         make_file(tmp_path / "elsewhere" / "other" / "inner.txt", 7, seed=9)
         server.add_folder(tmp_path / "elsewhere" / "other")
         manifest = server.catalog.db.get_manifest("other/inner.txt")
@@ -483,8 +478,7 @@ class TestLyingServer:
             entries = list_files(client, search, under)
             return [dict(entry, size=-5) if entry["name"] == "photos/Case.txt" else entry for entry in entries]
         monkeypatch.setattr(ServerClient, "list_files", lying)
-        server = server_factory({"transfer": {"chunk_size": CHUNK}})
-        server.add_folder(photos)
+        server = serve_photos(server_factory, photos)
         result = fetch_folder(tmp_path, server, "photos/", tmp_path / "out")
         assert (5, ["photos/Case.txt"]) == (result.downloaded, [line.split(":")[0] for line in result.failed])
 
@@ -494,8 +488,7 @@ class TestStagingNameReserved:
                                                                               photos):
         """A server's .minitorrent-incoming/ (here a folder where photos/'s staging lock goes) is refused file by
         file: nothing lands in the staging folder, and a later download of photos/ there is not broken by it."""
-        server = server_factory({"transfer": {"chunk_size": CHUNK}})
-        server.add_folder(photos)
+        server = serve_photos(server_factory, photos)
         manifest = server.catalog.db.get_manifest("photos/Case.txt")
         server.catalog.db.add_file(f"{STAGING}/{staging_key('photos/')}.lock/x.txt", manifest)
         engine = engine_for(tmp_path, server)
@@ -511,8 +504,7 @@ class TestStagingNameReserved:
 class TestDamagedServerCopy:
     def test_a_small_file_failing_verification_never_gets_its_final_name(self, tmp_path, server_factory, photos):
         """A server whose stored copy of one small file is damaged: that file is reported and absent, the rest arrive."""
-        server = server_factory({"transfer": {"chunk_size": CHUNK}})
-        server.add_folder(photos)
+        server = serve_photos(server_factory, photos)
         record = server.catalog.db.get_file("photos/2024/beach.jpg")
         blob = server.catalog.blob_path(record.sha256)
         blob.write_bytes(b"X" + blob.read_bytes()[1:])  # same size, other bytes
@@ -525,8 +517,7 @@ class TestDamagedServerCopy:
 class TestGroupedCounts:
     def test_every_small_file_is_counted_once(self, tmp_path, server_factory, photos):
         """The downloaded_many burst counts each file of the folder exactly once on the server."""
-        server = server_factory({"transfer": {"chunk_size": CHUNK}})
-        server.add_folder(photos)
+        server = serve_photos(server_factory, photos)
         fetch_folder(tmp_path, server, "photos/", tmp_path / "out")
         assert {name: 1 for name in server.catalog.names_at("photos/")} == server.catalog.download_counts()
 
@@ -581,8 +572,7 @@ class TestBatches:
         serve_client_request = serving._Handler._serve_client_request
         monkeypatch.setattr(serving._Handler, "_serve_client_request",
                             lambda handler, frame: (asked.append(frame.message.TYPE), serve_client_request(handler, frame)))
-        server = server_factory({"transfer": {"chunk_size": CHUNK}})
-        server.add_folder(photos)
+        server = serve_photos(server_factory, photos)
         result = fetch_folder(tmp_path, server, "photos/", tmp_path / "out")
         assert ([], tree(photos.parent), {"get_files", "downloaded_many"}) == (
             result.failed, tree(tmp_path / "out"), {"get_files", "downloaded_many"} & set(asked))
@@ -620,8 +610,7 @@ class TestLyingBatches:
     def test_a_lying_files_data_fails_the_folder_and_places_nothing(self, tmp_path, server_factory, photos,
                                                                     monkeypatch, sizes, errors, payload):
         """A files_data that does not answer the batch as asked is refused: no file gets its final name, no loop."""
-        server = server_factory({"transfer": {"chunk_size": CHUNK}})
-        server.add_folder(photos)
+        server = serve_photos(server_factory, photos)
         monkeypatch.setattr(serving._Handler, "_send_files", _raw_files_data(sizes, errors, payload))
         engine = engine_for(tmp_path, server)
         try:

@@ -23,6 +23,15 @@ def tls_to(address: tuple[str, int], source: str = "127.0.0.1") -> ssl.SSLSocket
     return client_context().wrap_socket(raw)
 
 
+def status_while_held(face: WebFace, held: list[socket.socket]) -> int:
+    """The HTTP status of ``/api/v1/status`` asked from 127.0.0.1 while the ``held`` connections stay open; they close after."""
+    try:
+        return fetch(face.address, "/api/v1/status", secure=True).status
+    finally:
+        for sock in held:
+            sock.close()
+
+
 @pytest.fixture
 def quick_face(server_factory):
     """A main server's HTTPS face with a 1 s I/O timeout and 8 connection slots; stopped after the test."""
@@ -39,23 +48,12 @@ class TestConnectionFairShare:
         face = https_face_8
         silent = [socket.create_connection(face.address, timeout=SHORT_TIMEOUT, source_address=(STRANGER, 0))
                   for _ in range(8)]
-        try:
-            answer = fetch(face.address, "/api/v1/status", secure=True)
-        finally:
-            for sock in silent:
-                sock.close()
-        assert 200 == answer.status
+        assert 200 == status_while_held(face, silent)
 
     def test_a_strangers_open_tls_connections_do_not_lock_out_another_machine(self, https_face_8):
         """Every slot held by finished TLS handshakes that send no request: another address is still served."""
         face = https_face_8
-        holders = [tls_to(face.address, STRANGER) for _ in range(8)]
-        try:
-            answer = fetch(face.address, "/api/v1/status", secure=True)
-        finally:
-            for sock in holders:
-                sock.close()
-        assert 200 == answer.status
+        assert 200 == status_while_held(face, [tls_to(face.address, STRANGER) for _ in range(8)])
 
 
 @pytest.fixture
