@@ -390,7 +390,7 @@ class ServerStore(SQLiteStore):
         super().__init__(path)
         self._counts: dict[tuple[int, str, str], int] = {}  # see count_matching
         self._matches: dict[tuple[int, str], list[str]] = {}  # see _matching_names
-        self._pages: dict[tuple[str, int], tuple] = {}  # see _every_name_page: (after, limit) -> page
+        self._pages: dict[tuple[str, str, int], tuple] = {}  # see _remembered_page: (under, after, limit) -> page
         self._pages_version = -1  # the catalog version of those pages
         self._pages_bytes = 0
         self._remembered_lock = threading.Lock()  # guards the three above
@@ -635,8 +635,8 @@ class ServerStore(SQLiteStore):
         (entries,), count, last, more = self._page(_JSON_AGGREGATES, search, after, limit, matches, under)
         return entries or b"[]", count, last, more
 
-    def list_packed(self, search: str | None, after: str, limit: int,
-                    matches: int | None = None, under: str = "") -> tuple[tuple[bytes, ...], int, str, bool]:
+    def list_packed(self, search: str | None, after: str, limit: int, matches: int | None = None, under: str = "",
+                    counts: bool = True) -> tuple[tuple[bytes, ...], int, str, bool]:
         """``list_json``'s page as raw columns: ``((numbers, downloads, sha256s, roots, names), count, last, more)``.
 
         One aggregate per column, no text per entry: ``numbers`` holds three
@@ -645,34 +645,39 @@ class ServerStore(SQLiteStore):
         the raw digests, ``names`` the names in UTF-8 separated by "\n" (no
         name holds a control character); see ``protocol.pack_list_columns``.
         A search's counts are read row by row with its page; a page of every
-        name reads them for its range of names (``_downloads_between``), and
-        the rest of it may be remembered (``_every_name_page``).
+        name, or of a folder's names, reads them for its range of names
+        (``_downloads_between``; not at all if not ``counts``: all 0), and the
+        rest of it may be remembered (``_remembered_page``).
         """
-        if not search and not under:
+        if under and search and fold(search) in fold(under):
+            search = None  # every name in the folder holds it: a client asks for a folder by both (ListFiles)
+        if not search:
             with self._transaction("DEFERRED"):  # one snapshot: the counts are those of the page's names
-                numbers, sha256s, roots, names, count, last, more = self._every_name_page(after, limit)
-                return (numbers, self._downloads_between(after, last, count, names), sha256s, roots,
-                        names), count, last, more
+                numbers, sha256s, roots, names, count, last, more = self._remembered_page(after, limit, under)
+                downloads = self._downloads_between(after, last, count, names, under) if counts else bytes(8 * count)
+                return (numbers, downloads, sha256s, roots, names), count, last, more
         columns, count, last, more = self._page(_PACKED_AGGREGATES + (_PACKED_DOWNLOADS,), search, after, limit,
                                                 matches, under)
         numbers, sha256s, roots, names, downloads = columns
         return (bytes.fromhex(numbers or ""), bytes.fromhex(downloads or ""), bytes.fromhex(sha256s or ""),
                 bytes.fromhex(roots or ""), names or b""), count, last, more
 
-    def _every_name_page(self, after: str, limit: int) -> tuple:
-        """``(numbers, sha256s, roots, names, count, last, more)`` of a page of every name, without its counts.
+    def _remembered_page(self, after: str, limit: int, under: str) -> tuple:
+        """``(numbers, sha256s, roots, names, count, last, more)`` of a page of every name (of the folder ``under``
+        if given), without its counts.
 
         Remembered for the catalog version (read in the caller's snapshot,
         with the page), up to ``PAGES_REMEMBERED_BYTES``: a listing asked again
-        costs a range scan of download counters a page instead of 8 ms of SQL.
+        costs a range scan of download counters a page instead of 8 ms of SQL
+        (a folder that a hundred colleagues download is read once).
         Download counts change without a new version, so they are never kept.
         """
         version = self.catalog_version()
         with self._remembered_lock:
-            page = self._pages.get((after, limit)) if self._pages_version == version else None
+            page = self._pages.get((under, after, limit)) if self._pages_version == version else None
         if page is not None:
             return page
-        columns, count, last, more = self._page(_PACKED_AGGREGATES, None, after, limit, None)
+        columns, count, last, more = self._page(_PACKED_AGGREGATES, None, after, limit, None, under)
         numbers, sha256s, roots, names = columns
         page = (bytes.fromhex(numbers or ""), bytes.fromhex(sha256s or ""), bytes.fromhex(roots or ""), names or b"",
                 count, last, more)
@@ -681,12 +686,13 @@ class ServerStore(SQLiteStore):
             if version > self._pages_version:  # the older version's pages will not be asked for again
                 self._pages, self._pages_version, self._pages_bytes = {}, version, 0
             if version == self._pages_version and self._pages_bytes + size <= PAGES_REMEMBERED_BYTES:
-                self._pages[(after, limit)] = page  # the first pages of a listing stay; later ones are read
+                self._pages[(under, after, limit)] = page  # the first pages of a listing stay; later ones are read
                 self._pages_bytes += size
         return page
 
-    def _downloads_between(self, after: str, last: str, count: int, names: bytes) -> bytes:
-        """The download counts of the ``count`` names after ``after`` up to ``last`` (``names``), packed.
+    def _downloads_between(self, after: str, last: str, count: int, names: bytes, under: str = "") -> bytes:
+        """The download counts of the ``count`` names after ``after`` up to ``last`` (``names``; all of them under
+        ``under``, which every name starts with when it is ""), packed.
 
         Most names of a catalog are seldom downloaded: their counters are read
         by one range scan and placed by name, instead of one lookup per name
@@ -695,12 +701,13 @@ class ServerStore(SQLiteStore):
         """
         connection = self._connection()
         few = count // 8
-        rows = connection.execute("SELECT name, SUM(count) FROM download_counts WHERE name > ? AND name <= ?"
-                                  " GROUP BY name LIMIT ?", (after, last, few + 1)).fetchall()
+        low = max(after, under)  # a name after ``after`` and under ``under`` is one after ``low`` or ``low`` itself
+        rows = connection.execute("SELECT name, SUM(count) FROM download_counts WHERE name >= ? AND name > ?"
+                                  " AND name <= ? GROUP BY name LIMIT ?", (low, after, last, few + 1)).fetchall()
         if len(rows) > few:
             (counts,) = connection.execute(
                 f"SELECT group_concat(printf('%016x', {_DOWNLOADS_OF_PAGE}), '') FROM (SELECT name FROM files"
-                " WHERE name > ? AND name <= ? ORDER BY name) AS page", (after, last)).fetchone()
+                " WHERE name >= ? AND name > ? AND name <= ? ORDER BY name) AS page", (low, after, last)).fetchone()
             return bytes.fromhex(counts or "")
         column = array("q", bytes(8 * count))
         listed = names.decode().split("\n") if rows else []

@@ -524,6 +524,64 @@ class TestListPacked:
         assert (as_json, 1) == (packed, sum(entry["downloads"] for entry in packed[0]))
 
 
+class TestFolderPages:
+    """A packed page of a folder's names (``under``): what its JSON page holds, remembered, counts if asked for."""
+
+    NAMES = ["a/x.bin", "photos.txt"] + [f"photos/{i:02d}.jpg" for i in range(30)] + ["photos/z/deep.jpg", "q.bin"]
+
+    def page(self, server: ServerStore, after: str = "", limit: int = 20, counts: bool = True,
+             search: str | None = None) -> list:
+        columns, count, last, more = server.list_packed(search, after, limit, None, "photos/", counts)
+        return [protocol.decode_list_page(protocol.pack_list_columns(*columns), protocol.LIST_LAYOUT_PACKED, count),
+                count, last, more]
+
+    def json_page(self, server: ServerStore, after: str = "", limit: int = 20) -> list:
+        entries, *rest = server.list_json(None, after, limit, None, "photos/")
+        return [json.loads(entries), *rest]
+
+    @pytest.mark.parametrize("after", ["", "photos/04.jpg", "photos/29.jpg"])
+    def test_a_folder_page_is_its_json_page(self, server, after):
+        """Download counts of names around the folder (before it, after it) never leak into its pages."""
+        add_names(server, self.NAMES)
+        for name in ("a/x.bin", "photos.txt", "photos/05.jpg", "photos/z/deep.jpg", "q.bin"):
+            server.record_download(name)
+        assert self.json_page(server, after) == self.page(server, after)
+
+    @pytest.mark.parametrize("search", ["photos/", "PHOTOS", "to", "0"])
+    def test_a_search_inside_the_folder(self, server, search):
+        """A search within the folder (a client sends the folder as its search too) finds what its JSON page finds."""
+        add_names(server, self.NAMES)
+        server.record_download("photos/05.jpg")
+        entries, *rest = server.list_json(search, "", 20, None, "photos/")
+        assert [json.loads(entries), *rest] == self.page(server, search=search)
+
+    def test_dense_counts_around_the_folder(self, server):
+        """Every name counted (the dense way of reading counts): each entry still gets its own."""
+        add_names(server, self.NAMES)
+        for i, name in enumerate(self.NAMES):
+            for _ in range(i % 3 + 1):
+                server.record_download(name)
+        assert self.json_page(server) == self.page(server)
+
+    def test_a_page_without_counts_reads_none(self, server):
+        """``counts`` false: every entry's downloads is 0, the rest as with counts."""
+        add_names(server, self.NAMES)
+        server.record_download("photos/00.jpg")
+        with_counts, without = self.page(server), self.page(server, counts=False)
+        with_counts[0][0]["downloads"] = 0
+        assert with_counts == without
+
+    def test_a_folder_page_asked_again_has_fresh_counts_and_changes(self, server):
+        """Remembered for the catalog version: downloads since and names added since both show."""
+        add_names(server, self.NAMES)
+        self.page(server)
+        server.record_download("photos/01.jpg")
+        counted = self.page(server)
+        add_names(server, ["photos/00a.jpg"])
+        assert (1, "photos/00a.jpg", self.json_page(server)) == (counted[0][1]["downloads"],
+                                                               self.page(server)[0][1]["name"], self.page(server))
+
+
 class TestRememberedMatches:
     """A search's matching names are read once per catalog version; its pages read only their own rows."""
 

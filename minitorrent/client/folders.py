@@ -64,7 +64,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, NamedTuple
 
-from error_handler import ConnectionFailed, DownloadCancelled, DownloadError, MiniTorrentError
+from error_handler import ConnectionFailed, DownloadCancelled, DownloadError, MiniTorrentError, RemoteError
 from integrity import sha256_file
 from minitorrent.client.downloader import STAGING, Downloader, destination
 from minitorrent.client.progress import FILE_DONE, FILE_FAILED, FILE_VERIFIED, Progress
@@ -81,6 +81,7 @@ BATCH_BYTES = 1024 * 1024  # file bytes asked for in one get_batch or get_files:
 # well inside the server's receive buffer, so our sending them never waits on its sending us a reply.
 BATCH_REQUEST_BYTES = 64 * 1024
 BATCHES_IN_FLIGHT = 4  # batch requests outstanding: the server reads the next batch while we write this one
+REQUESTS_IN_FLIGHT_BYTES = BATCHES_IN_FLIGHT * BATCH_REQUEST_BYTES  # batches and reports of them, at most
 PROGRESS_EVERY_FILES = 64  # the folder's progress is told every this many small files, not 10,000 times
 # A one-chunk file this big is worth a download of its own when a peer holds it (P2P, as for any file): a
 # batch carries only a few such files anyway, so batching saves little and the server pays it all.
@@ -109,6 +110,14 @@ class FolderResult:
         return "already present" if self.files and self.present == self.files else "downloaded"
 
 
+class _Asked(NamedTuple):
+    """A request in flight on a folder download's connection."""
+
+    files: list[_Small]
+    fetch: bool  # a batch asked for (answered by files_data), else a report of staged files (answered by ok)
+    size: int  # its names' bytes: what the server holds unread until it gets to it
+
+
 class _Small(NamedTuple):  # a tuple: 10,000 of them are made as fast as a listing is read
     name: str
     size: int
@@ -123,8 +132,8 @@ def folder_entries(server: ServerClient, folder: str) -> list[dict]:
     except ProtocolError as error:
         raise DownloadError(str(error)) from error
     prefix = folder.rstrip("/") + "/"
-    entries = sorted((e for e in server.list_files(prefix, under=prefix) if str(e.get("name", "")).startswith(prefix)),
-                     key=lambda e: e["name"])
+    listed = server.list_files(prefix, under=prefix, counts=False)  # a download needs no download counts
+    entries = sorted((e for e in listed if str(e.get("name", "")).startswith(prefix)), key=lambda e: e["name"])
     if not entries:
         raise DownloadError(f"{prefix}: no such folder on the server")
     return entries
@@ -145,6 +154,7 @@ class FolderDownload:
         self._staged = 0  # small files staged in this run
         self._staging: _StagedFolder | None = None  # while small files are staged and placed
         self._changes: list[tuple[str, str]] = []  # files whose state changed since the last progress report
+        self._unreported: deque[_Small] = deque()  # staged in this run, not reported to the server yet
         self._listed: dict[str, set[str]] = {}  # output folder -> the names in it when first looked at
 
     def run(self) -> FolderResult:
@@ -260,24 +270,30 @@ class FolderDownload:
                 raise DownloadError(f"{self.folder}: cannot stage in {self.output_dir / STAGING}: "
                                     f"{error.strerror or error}") from error
             try:
-                installed = self._stage_and_place(files)
+                uncounted = self._stage_and_place(files)
             finally:
                 self._staging.close()
         finally:
             fds.close()
-        self._report(installed)
+        self._report(uncounted)
 
     def _stage_and_place(self, files: list[_Small]) -> list[_Small]:
-        """Stage each file not staged already (one fetch a content), then place them all; the files placed."""
+        """Stage each file not staged already (one fetch a content), then place them all; the files placed that are
+        still to be counted (see ``_pump``)."""
         first_of: dict[str, _Small] = {}
         for file in files:
             first_of.setdefault(file.sha256, file)  # the first name of a content fetches it, the others link to it
         kept = self._staging.reuse({file.name: file for file in first_of.values()})
         missing = [file for file in first_of.values() if file.name not in kept]
         for empty in [f for f in missing if f.size == 0]:  # nothing to fetch: staged as it is
-            self._stage(empty, b"")
+            if self._stage(empty, b""):
+                self._unreported.append(empty)
         self._fetch(deque(f for f in missing if f.size > 0))
-        return self._install(files, first_of)
+        installed = self._install(files, first_of)
+        # Counted by now: what was reported while fetching, and what an earlier run staged (it reported them).
+        # Left: a report that never went (no fetch ran, or its connection failed), and second names of a content.
+        waiting = {file.name for file in self._unreported}
+        return [file for file in installed if file.name in waiting or first_of[file.sha256] is not file]
 
     def _fetch(self, missing: deque[_Small]) -> None:
         """Fetch every file in ``missing`` into staging; fail over between servers like a single download."""
@@ -301,50 +317,80 @@ class FolderDownload:
                 delay = min(delay * 2, MAX_RECONNECT_DELAY_S)
 
     def _pump(self, session: ServerSession, missing: deque[_Small]) -> None:
-        """Keep ``BATCHES_IN_FLIGHT`` batch requests in flight; stage each verified file of each reply."""
-        in_flight: deque[list[_Small]] = deque()
+        """Keep batch requests in flight, stage each verified file of each reply, and report the staged files.
+
+        A file is counted as downloaded once its bytes are verified and
+        staged: each batch's files are reported in a request of their own,
+        sent with the next batch requests, so the server counts them while
+        we write the next batch (reported only after placing, 10,000 files
+        cost a serial round of reports at the end).
+        """
+        in_flight: deque[_Asked] = deque()
         buffer = bytearray(max(BATCH_BYTES, max((f.size for f in missing), default=0)))
         listed = protocol.FEATURE_BATCHES in session.welcome.features.split()  # else protocol 1's get_files
         try:
-            while missing or in_flight:
+            while missing or in_flight or self._unreported:
                 if self.cancel.is_set():
                     raise DownloadCancelled(f"{self.folder}: stopped; what was verified is kept")
-                requests, payloads = [], []
-                while missing and len(in_flight) < BATCHES_IN_FLIGHT:
-                    batch = _next_batch(missing, listed, BATCH_BYTES, _size, BATCH_REQUEST_BYTES)
-                    in_flight.append(batch)
-                    names, sha256s = [f.name for f in batch], [f.sha256 for f in batch]
-                    requests.append(protocol.GetBatch() if listed else protocol.GetFiles(names, sha256s))
-                    payloads.append(protocol.encode_batch(names, sha256s) if listed else b"")
-                if requests:
-                    session.connection.send_many(requests, payloads)
-                frame = session.receive(protocol.FilesData, buffer)
-                self._take_batch(in_flight.popleft(), frame)
+                self._ask(session, missing, in_flight, listed)
+                asked = in_flight[0]  # still in flight until its reply is read whole
+                if asked.fetch:
+                    frame = session.receive(protocol.FilesData, buffer)
+                    in_flight.popleft()
+                    self._unreported += self._take_batch(asked.files, frame)
+                else:
+                    _expect_counted(session, asked.files, self.folder)
+                    in_flight.popleft()
         finally:
             if in_flight:
                 session.reusable = False  # their replies would reach the pool's next user
-                for batch in reversed(in_flight):
-                    missing.extendleft(reversed(batch))
+                for asked in reversed(in_flight):
+                    (missing if asked.fetch else self._unreported).extendleft(reversed(asked.files))
 
-    def _take_batch(self, batch: list[_Small], frame: protocol.Frame) -> None:
-        """Cut a ``files_data`` payload into its files and stage each one that verifies."""
+    def _ask(self, session: ServerSession, missing: deque[_Small], in_flight: deque[_Asked], listed: bool) -> None:
+        """Send, in one write, a report of the files staged since the last one, then batch requests, as many as fit:
+        ``BATCHES_IN_FLIGHT`` batches and ``REQUESTS_IN_FLIGHT_BYTES`` of requests in all."""
+        room = REQUESTS_IN_FLIGHT_BYTES - sum(asked.size for asked in in_flight)
+        batches = sum(asked.fetch for asked in in_flight)
+        requests, payloads = [], []
+        while room >= BATCH_REQUEST_BYTES and (self._unreported or (missing and batches < BATCHES_IN_FLIGHT)):
+            fetch = not self._unreported
+            if fetch:
+                files = _next_batch(missing, listed, BATCH_BYTES, _size, BATCH_REQUEST_BYTES)
+                batches += 1
+            else:
+                files = _next_batch(self._unreported, listed, 0, _nothing, BATCH_REQUEST_BYTES)
+            request, payload = _request(files, listed, fetch)
+            size = len(payload) or sum(map(protocol.batch_entry_bytes, (file.name for file in files)))
+            in_flight.append(_Asked(files, fetch, size))
+            requests.append(request)
+            payloads.append(payload)
+            room -= size
+        if requests:
+            session.connection.send_many(requests, payloads)
+
+    def _take_batch(self, batch: list[_Small], frame: protocol.Frame) -> list[_Small]:
+        """Cut a ``files_data`` payload into its files and stage each one that verifies; the files staged."""
         reply, payload = frame.message, memoryview(frame.payload)
         if len(reply.sizes) != len(batch):
             raise protocol.RemoteProtocolError(f"files_data answered {len(reply.sizes)} files, {len(batch)} asked")
-        offset = 0
+        staged, offset = [], 0
         for file, size, error in zip(batch, reply.sizes, reply.errors):
             if size < 0:
                 self._failed(file.name, f"{file.name}: not served ({error})")
                 continue
-            self._stage(file, payload[offset:offset + size])
+            if self._stage(file, payload[offset:offset + size]):
+                staged.append(file)
             offset += size
         if offset != len(payload):
             raise protocol.RemoteProtocolError(f"files_data carried {len(payload)} bytes for sizes adding up to {offset}")
+        return staged
 
-    def _stage(self, file: _Small, data: bytes | memoryview) -> None:
+    def _stage(self, file: _Small, data: bytes | memoryview) -> bool:
+        """Verify ``file``'s bytes and stage them; False (the file listed as failed) if they fail or cannot be staged."""
         if len(data) != file.size or hashlib.sha256(data).hexdigest() != file.sha256:
             self._failed(file.name, f"{file.name}: failed SHA-256 verification; not written")
-            return
+            return False
         try:
             self._staging.write(file, data)
         except OSError as error:
@@ -353,12 +399,13 @@ class FolderDownload:
                 raise DownloadError(f"{self.folder}: cannot stage {file.name}: {error.strerror or error}; "
                                     "what was verified is kept") from error
             self._failed(file.name, f"{file.name}: {clash}; not written")
-            return
+            return False
         self._changes.append((file.name, FILE_VERIFIED))
         self.result.fetched_bytes += len(data)
         self._staged += 1
         if self._staged % PROGRESS_EVERY_FILES == 0:
             self._notify()
+        return True
 
     def _install(self, files: list[_Small], first_of: dict[str, _Small]) -> list[_Small]:
         """Give every staged file its final name (``_StagedFolder.place``); the files that have it now."""
@@ -392,10 +439,12 @@ class FolderDownload:
             self._failed(file.name, f"{file.name}: cannot stage it: {error.strerror or error}")
             return False
 
-    def _report(self, installed: list[_Small]) -> None:
-        """Tell the server of every finished file in one pipelined burst (counts only: never fatal)."""
+    def _report(self, files: list[_Small]) -> None:
+        """Tell the server of placed files not counted yet, in one pipelined burst (counts only: never fatal)."""
+        if not files:
+            return
         try:
-            self.server.call(lambda session: _report_all(session, installed))
+            self.server.call(lambda session: _report_all(session, files))
         except MiniTorrentError as error:
             log.warning("could not report the downloads of %s: %s", self.folder, error)
 
@@ -819,16 +868,33 @@ def _nothing(file: _Small) -> int:
     return 0
 
 
+def _request(files: list[_Small], listed: bool, fetch: bool) -> tuple[protocol.Message, bytes]:
+    """(request, payload) asking for ``files`` (``fetch``), or reporting them downloaded: ``get_batch`` or
+    ``downloaded_batch`` with the names in the payload (``listed``), else protocol 1's ``get_files`` or
+    ``downloaded_many`` with the names in the header."""
+    names, sha256s = [f.name for f in files], [f.sha256 for f in files]
+    if listed:
+        return (protocol.GetBatch() if fetch else protocol.ReportDownloadedBatch()), protocol.encode_batch(names, sha256s)
+    return (protocol.GetFiles(names, sha256s) if fetch else protocol.ReportDownloadedMany(names, sha256s)), b""
+
+
+def _expect_counted(session: ServerSession, files: list[_Small], folder: str) -> None:
+    """Read the answer to a report of ``files``: a refusal is logged, not fatal (the files are downloaded all the same)."""
+    try:
+        session.receive(protocol.Ok)
+    except RemoteError as error:
+        log.warning("%s: the server did not count %d downloads: %s", folder, len(files), error)
+
+
 def _report_all(session: ServerSession, files: list[_Small]) -> None:
     """``downloaded_batch`` requests (``downloaded_many`` to an older server), all sent before the first answer is read."""
     listed = protocol.FEATURE_BATCHES in session.welcome.features.split()
     left = deque(files)
     requests, payloads = [], []
     while left:
-        batch = _next_batch(left, listed, 0, _nothing)
-        names, sha256s = [f.name for f in batch], [f.sha256 for f in batch]
-        requests.append(protocol.ReportDownloadedBatch() if listed else protocol.ReportDownloadedMany(names, sha256s))
-        payloads.append(protocol.encode_batch(names, sha256s) if listed else b"")
+        request, payload = _request(_next_batch(left, listed, 0, _nothing), listed, fetch=False)
+        requests.append(request)
+        payloads.append(payload)
     for start in range(0, len(requests), REPORTS_IN_FLIGHT):
         session.connection.send_many(requests[start:start + REPORTS_IN_FLIGHT], payloads[start:start + REPORTS_IN_FLIGHT])
         for _ in requests[start:start + REPORTS_IN_FLIGHT]:

@@ -111,7 +111,7 @@ class SeedSource:
         return entries, len(matches)
 
     def list_page(self, search: str, after: str, limit: int, matches: int, under: str = "",
-                  layout: str = "") -> ListingPage:
+                  layout: str = "", counts: bool = True) -> ListingPage:
         """The whole files held whose names sort after ``after``: at most ``limit``, for a cursor page."""
         entries, _ = self.list_files(search)
         following = [entry for entry in entries if entry["name"] > after and entry["name"].startswith(under)]

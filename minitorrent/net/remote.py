@@ -489,13 +489,14 @@ class ServerClient:
             log.debug("no answer now: %s", error)
             return None
 
-    def list_files(self, search: str = "", under: str = "") -> list[dict]:
+    def list_files(self, search: str = "", under: str = "", counts: bool = True) -> list[dict]:
         """Every catalog entry matching ``search``, by name, fetched in cursor pages (see ``Listing``).
 
         ``under`` (a folder ending in ``/``) asks for that folder's names only;
         a server older than it may also send others (see ``protocol.ListFiles``).
+        ``counts`` false: the entries' ``downloads`` may be 0 (not read).
         """
-        listing = Listing(search, under)
+        listing = Listing(search, under, counts)
         self.call(listing.fetch)
         return listing.entries
 
@@ -541,9 +542,10 @@ class Listing:
     before it, and a listing holds at most ``protocol.MAX_LIST_TOTAL`` entries.
     """
 
-    def __init__(self, search: str, under: str = "") -> None:
+    def __init__(self, search: str, under: str = "", counts: bool = True) -> None:
         self.search = search
         self.under = under
+        self.counts = counts
         self.entries: list[dict] = []
         self.cursor = ""  # where the next page starts: the last page's ``next``
 
@@ -569,7 +571,7 @@ class Listing:
 
     def _request(self, cursor: str) -> protocol.ListFiles:
         return protocol.ListFiles(self.search, cursor=cursor, limit=protocol.MAX_LIST_PAGE_ENTRIES, under=self.under,
-                                  layout=protocol.LIST_LAYOUT_PACKED)
+                                  layout=protocol.LIST_LAYOUT_PACKED, counts=self.counts)
 
     def _take(self, entries: list[dict], following: str) -> None:
         """Add a page's entries, checked to go on in order; then move the cursor on."""

@@ -131,12 +131,13 @@ class FileSource(Protocol):
         """A page of the entries whose names contain ``search`` (any case), by name, and how many match."""
 
     def list_page(self, search: str, after: str, limit: int, matches: int, under: str = "",
-                  layout: str = "") -> ListingPage:
+                  layout: str = "", counts: bool = True) -> ListingPage:
         """Up to ``limit`` entries whose names contain ``search`` and sort after ``after``, by name.
 
         ``matches`` is how many names matched when the listing began (a hint).
         ``under`` (a folder ending in ``/``, or ""): only names that start with it.
         ``layout``, the one the client asked for (the page says which it is in).
+        ``counts`` false: the entries' download counts may be left 0.
         """
 
     def count_matching(self, search: str, under: str = "") -> int:
@@ -910,7 +911,7 @@ def cursor_page(source: FileSource, request: protocol.ListFiles) -> tuple[protoc
     if not after:
         total = min(source.count_matching(request.search, request.under), protocol.MAX_LIST_TOTAL)
     limit = min(request.limit, protocol.MAX_LIST_PAGE_ENTRIES)
-    page = source.list_page(request.search, after, limit, total, request.under, request.layout)
+    page = source.list_page(request.search, after, limit, total, request.under, request.layout, request.counts)
     following = protocol.make_cursor(total, page.last_name) if page.count == limit and page.more else ""
     if page.layout:
         return protocol.FileList(files=[], total=total, next=following, layout=page.layout,

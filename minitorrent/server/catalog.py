@@ -369,11 +369,12 @@ class Catalog:
         records = self.db.list_files(search or None, offset, limit)
         return [_entry(record) for record in records], self.db.count_matching(search or None)
 
-    def list_page(self, search: str, after: str, limit: int, matches: int, under: str = "",
-                  layout: str = "") -> ListingPage:
+    def list_page(self, search: str, after: str, limit: int, matches: int, under: str = "", layout: str = "",
+                  counts: bool = True) -> ListingPage:
         """Up to ``limit`` entries whose names contain ``search`` and sort after ``after``, encoded by SQLite.
 
         ``under`` (a folder ending in ``/``, or ""): only the names in it.
+        ``counts`` false: a packed page of every name or of a folder leaves the download counts 0.
         Packed if ``layout`` asks for it, else JSON objects; also JSON for a
         page the packed layout cannot carry: a row written behind the
         catalog's checks, whose name holds a "\n" or whose digest is not hex
@@ -381,7 +382,7 @@ class Catalog:
         """
         if layout == LIST_LAYOUT_PACKED:
             try:
-                columns, count, last, more = self.db.list_packed(search or None, after, limit, matches, under)
+                columns, count, last, more = self.db.list_packed(search or None, after, limit, matches, under, counts)
                 return ListingPage(pack_list_columns(*columns), count, last, more, LIST_LAYOUT_PACKED)
             except ValueError as error:
                 log.warning("listing page after %r sent as JSON: %s", after, error)

@@ -228,14 +228,19 @@ def plainly_safe_names(names: list) -> bool:
     if not names or set(map(type, names)) != {str}:
         return False
     joined = "\n".join(names)
-    return (joined.isascii() and joined.count("\n") == len(names) - 1
+    if not (joined.isascii() and joined.count("\n") == len(names) - 1
             and max(map(len, names)) <= _PLAIN_PATH_BYTES
-            and max(map(operator.methodcaller("count", "/"), names)) < MAX_PATH_DEPTH
-            and not _UNSAFE_IN_LINES.search(joined))
+            and max(map(operator.methodcaller("count", "/"), names)) < MAX_PATH_DEPTH):
+        return False
+    # Every component of every name between two slashes: one that is empty, "." or ".." shows as "//", "/./", "/../".
+    components = "/" + joined.replace("\n", "/") + "/"
+    return (not joined.encode("ascii").translate(None, _PLAIN_PATH_CHARACTERS)  # nothing left: no unsafe character
+            and "//" not in components and "/./" not in components and "/../" not in components)
 
 
-# _UNSAFE_IN_PATH over lines: a control character but the newline between names, a backslash, or a bad component.
-_UNSAFE_IN_LINES = re.compile(r"[\x00-\x09\x0b-\x1f\x7f\\]|(?:^|/)\.{0,2}(?:/|$)", re.MULTILINE)
+# What plain names are made of (and the newline between them): printable ASCII but the backslash. Substring
+# scans and a translate, not a regex: a regex tries its alternatives at each of a listing's 300,000 characters.
+_PLAIN_PATH_CHARACTERS = bytes(c for c in range(128) if c == 0x0A or (0x20 <= c < 0x7F and c != ord("\\")))
 
 
 def _refuse_name(name: object, why: str) -> typing.NoReturn:
@@ -367,7 +372,9 @@ class ListFiles(Message):
     only the names in that folder, read by a range of the name key. A server
     older than the field ignores it and lists every name containing
     ``search``: a client asking for a folder sends its path as ``search``
-    too, and keeps the names that start with it.
+    too, and keeps the names that start with it. ``counts`` false (cursor
+    pages only): every entry's ``downloads`` is 0, not read (a folder
+    download needs none; they are half a folder page's cost to a server).
     """
 
     TYPE = "list"
@@ -377,6 +384,7 @@ class ListFiles(Message):
     limit: int = 0
     under: str = ""
     layout: str = ""  # the page layout the client reads best; a server that does not know it ignores it
+    counts: bool = True  # a server older than the field reads them all the same
 
     def validate(self) -> None:
         _require(0 <= self.offset <= MAX_LIST_TOTAL, f"offset must be in 0..{MAX_LIST_TOTAL}", ErrorCode.OUT_OF_RANGE)

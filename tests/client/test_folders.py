@@ -474,8 +474,8 @@ class TestLyingServer:
 
         list_files = ServerClient.list_files
 
-        def lying(client, search="", under=""):
-            entries = list_files(client, search, under)
+        def lying(client, search="", under="", counts=True):
+            entries = list_files(client, search, under, counts)
             return [dict(entry, size=-5) if entry["name"] == "photos/Case.txt" else entry for entry in entries]
         monkeypatch.setattr(ServerClient, "list_files", lying)
         server = serve_photos(server_factory, photos)
@@ -597,8 +597,43 @@ class TestBatches:
         result = fetch_folder(tmp_path, server, "many/", tmp_path / "out")
         batches = [count for kind, count in asked if kind == "get_batch"]
         reports = [count for kind, count in asked if kind == "downloaded_batch"]
-        assert (1500, [], 1500, 1500, 2, True) == (result.downloaded, result.failed, sum(batches), sum(reports),
-                                                    len(reports), max(batches) <= protocol.MAX_LISTED_BATCH_FILES)
+        assert (1500, [], 1500, 1500, True) == (result.downloaded, result.failed, sum(batches), sum(reports),
+                                                 max(batches) <= protocol.MAX_LISTED_BATCH_FILES)
+        assert {name: 1 for name in server.catalog.names_at("many/")} == server.catalog.download_counts()
+
+    def test_files_are_counted_while_the_next_batches_come(self, tmp_path, server_factory, monkeypatch):
+        """Each batch's files are reported as soon as they are staged, between the next batch requests: the server
+        counts them while the client writes, not in a round of reports of its own at the end."""
+        from minitorrent.client import folders
+
+        monkeypatch.setattr(folders, "BATCH_BYTES", 10 * 100)  # 10 files a batch: 10 batches, 4 in flight
+        asked: list[str] = []
+        serve_client_request = serving._Handler._serve_client_request
+        monkeypatch.setattr(serving._Handler, "_serve_client_request",
+                            lambda handler, frame: (asked.append(frame.message.TYPE), serve_client_request(handler, frame)))
+        source = tmp_path / "src" / "many"
+        for i in range(100):
+            make_file(source / f"f{i:03d}.bin", 100, seed=i)
+        server = server_factory()
+        server.add_folder(source)
+        result = fetch_folder(tmp_path, server, "many/", tmp_path / "out")
+        first_report, last_batch = asked.index("downloaded_batch"), len(asked) - 1 - asked[::-1].index("get_batch")
+        assert (100, [], True) == (result.downloaded, result.failed, first_report < last_batch)
+        assert {name: 1 for name in server.catalog.names_at("many/")} == server.catalog.download_counts()
+
+    def test_a_report_refused_loses_no_file(self, tmp_path, server_factory, monkeypatch):
+        """A server answering the reports with errors (it will not count them): every file still arrives, none failed."""
+        def refuse(handler, names, sha256s):
+            raise protocol.RequestFailed(protocol.ErrorCode.STORAGE_ERROR, "the counts cannot be stored")
+        monkeypatch.setattr(serving._Handler, "_count_downloads", refuse)
+        source = tmp_path / "src" / "many"
+        for i in range(30):
+            make_file(source / f"f{i:03d}.bin", 100, seed=i)
+        server = server_factory()
+        server.add_folder(source)
+        result = fetch_folder(tmp_path, server, "many/", tmp_path / "out")
+        assert (30, [], tree(source.parent), {0}) == (result.downloaded, result.failed, tree(tmp_path / "out"),
+                                                      set(server.catalog.download_counts().values()))
 
 
 class TestLyingBatches:

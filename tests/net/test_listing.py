@@ -45,8 +45,8 @@ class CountingSource:
         self.counts = 0
 
     def list_page(self, search: str, after: str, limit: int, matches: int, under: str = "",
-                  layout: str = "") -> ListingPage:
-        page = self.catalog.list_page(search, after, limit, matches, under, layout)
+                  layout: str = "", counts: bool = True) -> ListingPage:
+        page = self.catalog.list_page(search, after, limit, matches, under, layout, counts)
         if page.count == limit:  # another page follows: change the catalog before it is asked for
             entries = protocol.decode_list_page(page.entries, page.layout, page.count)
             self.between_pages([entry["name"] for entry in entries])
@@ -166,7 +166,7 @@ class DropsUnder(CountingSource):
     """A server older than ``under``: it lists every name containing the search, whatever the folder."""
 
     def list_page(self, search: str, after: str, limit: int, matches: int, under: str = "",
-                  layout: str = "") -> ListingPage:
+                  layout: str = "", counts: bool = True) -> ListingPage:
         return super().list_page(search, after, limit, matches, layout=layout)
 
     def count_matching(self, search: str, under: str = "") -> int:
@@ -233,9 +233,9 @@ class TestFailover:
 
         class Recording(CountingSource):
             def list_page(self, search: str, after: str, limit: int, matches: int, under: str = "",
-                          layout: str = "") -> ListingPage:
+                          layout: str = "", counts: bool = True) -> ListingPage:
                 asked_of_backup.append(after)
-                return super().list_page(search, after, limit, matches, under, layout)
+                return super().list_page(search, after, limit, matches, under, layout, counts)
 
         def cut_on_third_page(page: list[str]) -> None:
             nonlocal calls
@@ -308,7 +308,7 @@ class LyingSource:
         self.layout = layout
 
     def list_page(self, search: str, after: str, limit: int, matches: int, under: str = "",
-                  layout: str = "") -> ListingPage:
+                  layout: str = "", counts: bool = True) -> ListingPage:
         names = self.names_of(after)
         entries = [{"name": name, "size": 1, "chunks": 1, "sha256": SHA, "root": SHA, "downloads": 0, "added_at": 0}
                    for name in names]
@@ -384,7 +384,7 @@ class JsonOnlySource(CountingSource):
     """A catalog served as by a server that knows no packed layout: every page in JSON objects."""
 
     def list_page(self, search: str, after: str, limit: int, matches: int, under: str = "",
-                  layout: str = "") -> ListingPage:
+                  layout: str = "", counts: bool = True) -> ListingPage:
         return super().list_page(search, after, limit, matches, under)
 
 

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from error_handler import ConnectionFailed
-from integrity import Manifest
+from integrity import Manifest, sha256_file
 from minitorrent.net.remote import ServerSession
 from minitorrent.server.backup import BackupServer
 from minitorrent.server.main import MainServer
@@ -1062,6 +1062,24 @@ class TestListing:
         finally:
             session.close()
         assert sorted(names + [FILE_NAME]) == sorted(listed)
+
+    def test_a_folder_listing_without_counts(self, start_served, tmp_path):
+        """A ``list`` with ``counts`` false gets every entry's downloads as 0; with counts, the real ones."""
+        served = start_served(PATIENT)
+        for i in range(3):
+            make_file(tmp_path / "photos" / f"{i}.bin", 10, seed=i)
+        served.engine.add_folder(tmp_path / "photos")
+        session = ServerSession.open(*served.address, io_timeout_s=SHORT_TIMEOUT, secure=TLS)
+        try:
+            sha256 = sha256_file(tmp_path / "photos" / "1.bin")
+            session.call(protocol.ReportDownloaded("photos/1.bin", sha256), protocol.Ok)
+            pages = [session.call(ListFiles("photos/", limit=10, under="photos/", layout=protocol.LIST_LAYOUT_PACKED,
+                                            counts=counts), FileList) for counts in (True, False)]
+        finally:
+            session.close()
+        assert [[0, 1, 0], [0, 0, 0]] == [
+            [entry["downloads"] for entry in protocol.decode_list_page(frame.payload, frame.message.layout,
+                                                                       frame.message.entries)] for frame in pages]
 
 
 class TestStop:

@@ -525,6 +525,19 @@ class TestNamesCheckedAtOnce:
         """A listing holding one name that check_file_name refuses is never passed at once."""
         assert False == protocol.plainly_safe_names(["photos/a.jpg", name, "photos/b.jpg"])
 
+    @pytest.mark.parametrize("name", TestFileNames.REFUSED.values(), ids=TestFileNames.REFUSED.keys())
+    def test_a_refused_name_first_or_last_is_seen(self, name):
+        """A refused name at either end of the listing (where a component meets no slash) is seen too."""
+        assert (False, False) == (protocol.plainly_safe_names([name, "photos/b.jpg"]),
+                                  protocol.plainly_safe_names(["photos/a.jpg", name]))
+
+    @settings(max_examples=500, deadline=None)
+    @given(st.lists(st.text(alphabet="a./\\ \x00\x1f\x7f", max_size=8), min_size=1, max_size=4))
+    def test_names_passed_at_once_pass_one_by_one(self, names):
+        """Whatever the names, a listing passed at once holds only names check_file_name passes."""
+        if protocol.plainly_safe_names(names):
+            assert names == [check_file_name(name) for name in names]
+
     @pytest.mark.parametrize("names", [[], ["a\nb"], ["photos/é.jpg"], [None], ["a", 5]],
                              ids=["empty", "newline", "non-ascii", "none", "number"])
     def test_unusual_listings_take_the_slow_path(self, names):
