@@ -50,10 +50,13 @@ costs more than it saves.
 """
 from __future__ import annotations
 
+import bisect
 import errno
 import fcntl
 import hashlib
+import itertools
 import logging
+import operator
 import os
 import shutil
 import stat
@@ -62,7 +65,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import Callable, Iterable, NamedTuple
 
 from error_handler import ConnectionFailed, DownloadCancelled, DownloadError, MiniTorrentError, RemoteError
 from integrity import sha256_file
@@ -178,6 +181,7 @@ class FolderDownload:
         """Small files (at most one chunk, already present ones counted) and the rest."""
         small, large = [], []
         inside = _InsideCheck(self.output_dir, protocol.plainly_safe_names([entry.get("name") for entry in entries]))
+        present = self._present if os.path.lexists(self.result.path) else _absent  # a first download: nothing there
         for entry in entries:
             try:
                 final = inside.destination(entry["name"])
@@ -188,7 +192,7 @@ class FolderDownload:
                     # (negative) be neither fetched nor staged, so missing with no line said
                     raise DownloadError(f"{entry['name']}: listed as {size} bytes in one chunk "
                                         f"(a chunk holds 0 to {protocol.MAX_CHUNK_BYTES})")
-                elif self._present(final, sha256):
+                elif present(final, sha256):
                     self._changes.append((entry["name"], FILE_DONE))
                 else:
                     small.append(_Small(entry["name"], size, sha256, final))
@@ -356,10 +360,10 @@ class FolderDownload:
         while room >= BATCH_REQUEST_BYTES and (self._unreported or (missing and batches < BATCHES_IN_FLIGHT)):
             fetch = not self._unreported
             if fetch:
-                files = _next_batch(missing, listed, BATCH_BYTES, _size, BATCH_REQUEST_BYTES)
+                files = _next_batch(missing, listed, BATCH_BYTES, BATCH_REQUEST_BYTES)
                 batches += 1
             else:
-                files = _next_batch(self._unreported, listed, 0, _nothing, BATCH_REQUEST_BYTES)
+                files = _next_batch(self._unreported, listed, None, BATCH_REQUEST_BYTES)
             request, payload = _request(files, listed, fetch)
             size = len(payload) or sum(map(protocol.batch_entry_bytes, (file.name for file in files)))
             in_flight.append(_Asked(files, fetch, size))
@@ -469,7 +473,7 @@ class _InsideCheck:
 
     def __init__(self, output_dir: Path, names_checked: bool = False) -> None:
         self.output_dir = output_dir
-        self._output = str(output_dir)
+        self._prefix = os.path.join(output_dir, "")  # the output folder and a slash: a checked name is relative
         self._names_checked = names_checked  # every name passed (protocol.plainly_safe_names) already
         self._checked: set[str] = set()
 
@@ -480,7 +484,7 @@ class _InsideCheck:
                 check_file_name(name)  # first: a name is never joined to a path before it passed
             except ProtocolError as error:
                 raise DownloadError(str(error)) from error
-        final = os.path.join(self._output, name)
+        final = self._prefix + name
         folder = final.rpartition("/")[0]
         if folder not in self._checked:
             destination(self.output_dir, name)  # resolves the folder's real path; DownloadError if it leads out
@@ -831,6 +835,11 @@ def _hash_at(folder_fd: int, name: str) -> str:
         os.close(fd)
 
 
+def _absent(final: str, sha256: str) -> bool:
+    """``FolderDownload._present`` where the folder is not there at all."""
+    return False
+
+
 def _remove_if_empty(name: str, folder_fd: int) -> None:
     """Remove the folder ``name`` in ``folder_fd`` if it is empty (a link there: removed too)."""
     try:
@@ -841,31 +850,25 @@ def _remove_if_empty(name: str, folder_fd: int) -> None:
         pass  # not empty: something in it is kept
 
 
-def _next_batch(files: deque[_Small], listed: bool, most_bytes: int, cost: Callable[[_Small], int],
+def _next_batch(files: deque[_Small], listed: bool, most_bytes: int | None = None,
                 most_listed_bytes: int = protocol.MAX_BATCH_LIST_BYTES) -> list[_Small]:
-    """Files off the front of ``files`` for one request (at least one), while their ``cost`` adds up to at most
-    ``most_bytes`` and the request stays in its bounds: a ``get_batch`` or ``downloaded_batch`` (``listed``)
-    names ``MAX_LISTED_BATCH_FILES`` in ``most_listed_bytes``, protocol 1's requests ``MAX_BATCH_FILES``."""
-    most_files = protocol.MAX_LISTED_BATCH_FILES if listed else protocol.MAX_BATCH_FILES
-    batch: list[_Small] = []
-    total = named = 0
-    while files and len(batch) < most_files:
-        file = files[0]
-        entry = protocol.batch_entry_bytes(file.name) if listed else 0
-        if batch and (total + cost(file) > most_bytes or named + entry > most_listed_bytes):
-            break
-        batch.append(files.popleft())
-        total += cost(file)
-        named += entry
-    return batch
+    """Files off the front of ``files`` (not empty) for one request (at least one), while their sizes add up to at
+    most ``most_bytes`` (None: sizes not counted, a report) and the request stays in its bounds: a ``get_batch`` or
+    ``downloaded_batch`` (``listed``) names ``MAX_LISTED_BATCH_FILES`` in ``most_listed_bytes``, protocol 1's
+    requests ``MAX_BATCH_FILES``."""
+    front = list(itertools.islice(files, protocol.MAX_LISTED_BATCH_FILES if listed else protocol.MAX_BATCH_FILES))
+    taken = len(front)
+    if most_bytes is not None:
+        taken = min(taken, _within(map(operator.attrgetter("size"), front), most_bytes))
+    if listed:
+        taken = min(taken, _within(map(protocol.batch_entry_bytes, map(operator.attrgetter("name"), front)),
+                                   most_listed_bytes))
+    return [files.popleft() for _ in range(max(taken, 1))]
 
 
-def _size(file: _Small) -> int:
-    return file.size
-
-
-def _nothing(file: _Small) -> int:
-    return 0
+def _within(costs: Iterable[int], most: int) -> int:
+    """How many of ``costs``, from the first, add up to at most ``most`` (C loops: a batch is a thousand files)."""
+    return bisect.bisect_right(list(itertools.accumulate(costs)), most)
 
 
 def _request(files: list[_Small], listed: bool, fetch: bool) -> tuple[protocol.Message, bytes]:
@@ -892,7 +895,7 @@ def _report_all(session: ServerSession, files: list[_Small]) -> None:
     left = deque(files)
     requests, payloads = [], []
     while left:
-        request, payload = _request(_next_batch(left, listed, 0, _nothing), listed, fetch=False)
+        request, payload = _request(_next_batch(left, listed), listed, fetch=False)
         requests.append(request)
         payloads.append(payload)
     for start in range(0, len(requests), REPORTS_IN_FLIGHT):

@@ -8,6 +8,8 @@ import threading
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from conftest import make_config, make_file
 
 from error_handler import DownloadError, MiniTorrentError
@@ -561,6 +563,28 @@ class TestFailover:
         assert (False, [], 200) == (worker.is_alive(), outcome[0].failed, outcome[0].downloaded)
         assert tree(source.parent) == tree(tmp_path / "out")
         assert {name: 1 for name in second.catalog.names_at("tree/")} == second.catalog.download_counts()
+
+
+class TestBatchBounds:
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(st.tuples(st.integers(0, 50), st.integers(1, 40)), min_size=1, max_size=80),
+           st.booleans(), st.one_of(st.none(), st.integers(0, 200)), st.integers(0, 600))
+    def test_a_batch_is_the_longest_front_within_every_bound(self, files, listed, most_bytes, most_listed_bytes):
+        """The files taken: at least one, else the longest front within the file count, the bytes and the names' bytes."""
+        from collections import deque
+
+        from minitorrent.client.folders import _next_batch, _Small
+        queue = deque(_Small("n" * length, size, "0" * 64, "") for size, length in files)
+        most_files = protocol.MAX_LISTED_BATCH_FILES if listed else protocol.MAX_BATCH_FILES
+        expected = 0
+        while expected < min(len(files), most_files):
+            front = list(queue)[:expected + 1]
+            if ((most_bytes is not None and sum(f.size for f in front) > most_bytes)
+                    or (listed and sum(protocol.batch_entry_bytes(f.name) for f in front) > most_listed_bytes)):
+                break
+            expected += 1
+        taken = _next_batch(queue, listed, most_bytes, most_listed_bytes)
+        assert (max(expected, 1), len(files)) == (len(taken), len(taken) + len(queue))
 
 
 class TestBatches:
