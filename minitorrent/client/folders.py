@@ -35,7 +35,9 @@ The small files' life keeps the single-file guarantees without paying an
    the output folder once the names were checked leads nothing out
    (``_FolderFds``).
 4. The download counts go to the server in ``downloaded_batch`` requests
-   (``downloaded_many`` to an older server), pipelined.
+   (``downloaded_many`` to an older server), each batch's as soon as it is
+   staged, between the next batch requests: a file is counted once its
+   bytes are verified, and the server counts while we write.
 
 A crash at any point resumes: final names are only ever verified, durable
 content, and a staged tree is reused on the next run file by file, each
@@ -857,13 +859,11 @@ def _next_batch(files: deque[_Small], listed: bool, most_bytes: int | None = Non
     ``downloaded_batch`` (``listed``) names ``MAX_LISTED_BATCH_FILES`` in ``most_listed_bytes``, protocol 1's
     requests ``MAX_BATCH_FILES``."""
     front = list(itertools.islice(files, protocol.MAX_LISTED_BATCH_FILES if listed else protocol.MAX_BATCH_FILES))
-    taken = len(front)
     if most_bytes is not None:
-        taken = min(taken, _within(map(operator.attrgetter("size"), front), most_bytes))
-    if listed:
-        taken = min(taken, _within(map(protocol.batch_entry_bytes, map(operator.attrgetter("name"), front)),
-                                   most_listed_bytes))
-    return [files.popleft() for _ in range(max(taken, 1))]
+        del front[_within(map(operator.attrgetter("size"), front), most_bytes):]
+    if listed:  # on what the sizes left: a name's bound is a Python call
+        del front[_within(map(protocol.batch_entry_bytes, map(operator.attrgetter("name"), front)), most_listed_bytes):]
+    return [files.popleft() for _ in range(max(len(front), 1))]
 
 
 def _within(costs: Iterable[int], most: int) -> int:
