@@ -1043,13 +1043,21 @@ class ServerStore(SQLiteStore):
         not shared (or shared as another version) are skipped; returns the
         names counted (a name listed twice, twice).
         """
+        # One text a pair, the digest first, cut by SQLite with substr (a pair as a JSON array would be parsed
+        # twice a row); only a 64-character digest, so that no part of a digest can pass for part of a name.
+        pairs = [(name, sha256) for name, sha256 in pairs if len(sha256) == 64]
+        versions = json.dumps([sha256 + name for name, sha256 in pairs], ensure_ascii=False)
         with self._transaction() as connection:  # one statement for the lot, in C: the join keeps shared versions
-            cursor = connection.execute(
+            counted = connection.execute(
                 "INSERT INTO download_counts (name, origin, count) SELECT f.name, ?, 1 FROM json_each(?) AS j"
-                " JOIN files AS f ON f.name = json_extract(j.value, '$[0]') AND f.sha256 = json_extract(j.value, '$[1]')"
-                " WHERE true ON CONFLICT (name, origin) DO UPDATE SET count = count + 1"  # WHERE: SQLite's upsert rule
-                " RETURNING name", (origin, json.dumps(pairs, ensure_ascii=False)))
-            return [name for (name,) in cursor]
+                " JOIN files AS f ON f.name = substr(j.value, 65) AND f.sha256 = substr(j.value, 1, 64)"
+                " WHERE true ON CONFLICT (name, origin) DO UPDATE SET count = count + 1",  # WHERE: SQLite's upsert rule
+                (origin, versions)).rowcount
+            if counted == len(pairs):  # every one (a client reports what it was just served): no names to read back
+                return [name for name, _ in pairs]
+            return [name for (name,) in connection.execute(
+                "SELECT f.name FROM json_each(?) AS j"
+                " JOIN files AS f ON f.name = substr(j.value, 65) AND f.sha256 = substr(j.value, 1, 64)", (versions,))]
 
     def rename_files(self, renames: list[tuple[str, str]]) -> None:
         """Rename each (old, new) pair in one transaction, download counters included (a tombstone for each old name).

@@ -240,6 +240,21 @@ class TestServerCatalog:
         assert (["a.txt", "a.txt", "b.txt"], 2, 1) == (sorted(counted), server.get_file("a.txt").downloads,
                                                        server.get_file("b.txt").downloads)
 
+    def test_record_downloads_of_every_one_reported(self, server):
+        """The usual report (every pair shared as that version) counts them all and says so."""
+        a, b = manifest_of(b"x"), manifest_of(b"y")
+        server.add_file("a.txt", a)
+        server.add_file("b.txt", b)
+        assert (["a.txt", "b.txt"], 1, 1) == (server.record_downloads([("a.txt", a.sha256), ("b.txt", b.sha256)]),
+                                              server.get_file("a.txt").downloads, server.get_file("b.txt").downloads)
+
+    def test_a_short_digest_cannot_lend_its_end_to_a_name(self, server):
+        """A digest cut short with its tail moved to the name's front (the text unchanged) counts nothing."""
+        a = manifest_of(b"x")
+        server.add_file("a.txt", a)
+        assert ([], 0) == (server.record_downloads([(a.sha256[60:] + "a.txt", a.sha256[:60])]),
+                           server.get_file("a.txt").downloads)
+
     def test_file_layouts_looks_a_batch_up_at_once(self, server):
         """file_layouts gives file_layout's answer for each name shared, and leaves out the names not shared."""
         one, two = manifest_of(b"12345"), manifest_of(b"678")
