@@ -13,7 +13,6 @@ pytest's caplog) alone. Call it from one thread at start-up.
 from __future__ import annotations
 
 import logging
-import logging.handlers
 import sys
 import threading
 
@@ -71,11 +70,14 @@ def _make_handlers(
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if not config.log_to_file:
         return handlers
+    # Imported here: logging.handlers (with pickle) costs every start ~3 ms, and only a log file needs it.
+    from logging.handlers import RotatingFileHandler
+
     log_file = config.log_dir / f"{program}.log"
     try:
         config.log_dir.mkdir(parents=True, exist_ok=True)
         handlers.append(
-            logging.handlers.RotatingFileHandler(
+            RotatingFileHandler(
                 log_file, maxBytes=max_bytes, backupCount=backup_count, encoding="utf-8"
             )
         )

@@ -1,6 +1,7 @@
 """Tests for protocol.py: messages, framing and the incremental decoder (no sockets)."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 
@@ -202,6 +203,76 @@ class TestRoundTrip:
     def test_optional_fields_take_their_defaults(self):
         """Fields with defaults may be left out of the header."""
         assert ListFiles("", 0) == decode_one(json_frame({"type": "list"})).message
+
+
+class TestMessagesAreFrozenValues:
+    def test_equal_when_same_type_and_fields(self):
+        """Two messages of one type with equal fields are equal, and hash alike."""
+        first, second = GetChunk("a", SHA, 1), GetChunk(name="a", sha256=SHA, index=1)
+        assert (True, hash(first)) == (first == second, hash(second))
+
+    def test_unequal_when_a_field_differs(self):
+        """A message differing in one field is not equal."""
+        assert GetChunk("a", SHA, 1) != GetChunk("a", SHA, 2)
+
+    def test_unequal_across_types_with_the_same_fields(self):
+        """Messages of two types holding the same field values are not equal (nor equal to a tuple)."""
+        names, shas = ["photos/a.jpg"], [SHA]
+        assert (False, False) == (GetFiles(names, shas) == ReportDownloadedMany(names, shas),
+                                  Ok() == ())
+
+    def test_hash_refuses_unhashable_fields(self):
+        """A message holding a list cannot be hashed, as a generated frozen dataclass's hash refuses it."""
+        with pytest.raises(TypeError):
+            hash(GetFiles(["a"], [SHA]))
+
+    def test_repr_names_the_type_and_fields(self):
+        """repr shows the type and every field, in order, as a dataclass's does."""
+        assert f"GetChunk(name='a|b', sha256='{SHA}', index=3)" == repr(GetChunk("a|b", SHA, 3))
+        assert "Ok()" == repr(Ok())
+
+    def test_assignment_is_refused(self):
+        """Setting or deleting a field (or any attribute) raises FrozenInstanceError and changes nothing."""
+        message = GetChunk("a", SHA, 1)
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            message.index = 2
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            message.extra = 2
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            del message.name
+        assert GetChunk("a", SHA, 1) == message
+
+    def test_fields_by_position_name_or_default(self):
+        """Fields are taken by position, by name, or from their defaults, and listed by dataclasses.fields."""
+        message = Hello(PROTOCOL_VERSION, "client", epoch=3)
+        assert ["version", "role", "agent", "epoch", "nonce", "epoch_server", "epoch_proof"] == [
+            field.name for field in dataclasses.fields(message)]
+        assert (PROTOCOL_VERSION, "client", "", 3) == (message.version, message.role, message.agent, message.epoch)
+
+    def test_replace_builds_a_checked_copy(self):
+        """dataclasses.replace gives a new message with one field changed, checked as any other."""
+        assert GetChunk("a", SHA, 2) == dataclasses.replace(GetChunk("a", SHA, 1), index=2)
+        with pytest.raises(RemoteProtocolError):
+            dataclasses.replace(GetChunk("a", SHA, 1), index=-1)
+
+    @pytest.mark.parametrize("args, kwargs, why", [
+        (("a", SHA), {}, "missing required argument: 'index'"),
+        (("a",), {}, "missing required arguments: 'sha256', 'index'"),
+        (("a", SHA, 1, 2), {}, "takes 3 fields by position but 4 were given"),
+        (("a", SHA, 1), {"size": 2}, "got an unexpected keyword argument 'size'"),
+        (("a", SHA), {"name": "b", "index": 1}, "got multiple values for argument 'name'"),
+    ])
+    def test_wrong_arguments_raise_type_error(self, args, kwargs, why):
+        """Missing, extra, unknown or repeated fields raise TypeError saying which, as a dataclass's __init__ does."""
+        with pytest.raises(TypeError) as caught:
+            GetChunk(*args, **kwargs)
+        assert f"GetChunk() {why}" == str(caught.value)
+
+    def test_every_type_shares_the_base_methods(self):
+        """No message type has its own __init__, __eq__, __hash__, __repr__ or setters (each would slow start-up)."""
+        shared = {"__init__", "__eq__", "__hash__", "__repr__", "__setattr__", "__delattr__"}
+        assert {} == {kind.__name__: shared & vars(kind).keys() for kind in all_message_types()
+                      if shared & vars(kind).keys()}
 
 
 class TestSplitStreams:
