@@ -172,9 +172,13 @@ class TestFolderDownload:
             engine.close()
         assert ([], tree(photos.parent)) == (result.failed, tree(tmp_path / "out"))
 
-    def test_a_file_that_cannot_be_staged_stops_the_folder_with_one_line(self, tmp_path, server_factory):
+    def test_a_file_that_cannot_be_staged_stops_the_folder_with_one_line(self, tmp_path, server_factory,
+                                                                         monkeypatch):
         """A staged file that cannot be written (a file made where its staged folder goes once staging began):
         DownloadError, not a traceback; nothing placed; once it is gone, the next run completes."""
+        from minitorrent.client import folders
+
+        monkeypatch.setattr(folders, "BATCH_BYTES", 8 * 100)  # batches of 8: the progress is told after the 64th
         source = tmp_path / "src" / "many"
         for i in range(70):
             make_file(source / ("a" if i < 66 else "b") / f"f{i:02d}.bin", 100, seed=i)
@@ -197,9 +201,12 @@ class TestFolderDownload:
             engine.close()
         assert (False, [], tree(source.parent)) == (placed, result.failed, tree(tmp_path / "out"))
 
-    def test_a_link_planted_at_a_staged_name_is_never_written_through(self, tmp_path, server_factory):
+    def test_a_link_planted_at_a_staged_name_is_never_written_through(self, tmp_path, server_factory, monkeypatch):
         """A hard link planted in the staged tree where a file is about to be staged: the file it links to keeps its
         bytes (staged files are created, never truncated), that one file fails with one line, the others arrive."""
+        from minitorrent.client import folders
+
+        monkeypatch.setattr(folders, "BATCH_BYTES", 8 * 100)  # batches of 8: the progress is told after the 64th
         source = tmp_path / "src" / "many"
         for i in range(70):
             make_file(source / f"f{i:02d}.bin", 100, seed=i)
