@@ -1044,8 +1044,10 @@ class ServerStore(SQLiteStore):
         names counted (a name listed twice, twice).
         """
         # One text a pair, the digest first, cut by SQLite with substr (a pair as a JSON array would be parsed
-        # twice a row); only a 64-character digest, so that no part of a digest can pass for part of a name.
-        pairs = [(name, sha256) for name, sha256 in pairs if len(sha256) == 64]
+        # twice a row); only a 64-character digest, so that no part of a digest can pass for part of a name, and
+        # no name holding a NUL: substr ends its text there, so "a.txt\x00..." would count a.txt and come back
+        # as counted whole (a shared name never holds one).
+        pairs = [(name, sha256) for name, sha256 in pairs if len(sha256) == 64 and "\x00" not in name]
         versions = json.dumps([sha256 + name for name, sha256 in pairs], ensure_ascii=False)
         with self._transaction() as connection:  # one statement for the lot, in C: the join keeps shared versions
             counted = connection.execute(

@@ -255,6 +255,14 @@ class TestServerCatalog:
         assert ([], 0) == (server.record_downloads([(a.sha256[60:] + "a.txt", a.sha256[:60])]),
                            server.get_file("a.txt").downloads)
 
+    @pytest.mark.parametrize("tail", ["\x00", "\x00made up", "\x00\x00.txt"])
+    def test_a_name_with_a_nul_is_not_a_shared_name(self, server, tail):
+        """A reported name holding a NUL (where SQLite's substr stops) is not shared: nothing counted, nothing said
+        counted (else every made-up tail would become a key of the server's metrics)."""
+        a = manifest_of(b"x")
+        server.add_file("a.txt", a)
+        assert ([], 0) == (server.record_downloads([("a.txt" + tail, a.sha256)]), server.get_file("a.txt").downloads)
+
     def test_file_layouts_looks_a_batch_up_at_once(self, server):
         """file_layouts gives file_layout's answer for each name shared, and leaves out the names not shared."""
         one, two = manifest_of(b"12345"), manifest_of(b"678")
