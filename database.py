@@ -234,10 +234,14 @@ COUNTS_REMEMBERED = 256
 # How many searches' matching names (at most LOOKUP_MAX_MATCHES each) ``ServerStore`` remembers for
 # their pages: 8 x 20,000 names, a few MiB at most.
 MATCHES_REMEMBERED = 8
-# Bytes of packed pages of every name (all but their download counts) ``ServerStore`` keeps for the
-# current catalog version, so a listing asked again, or by many clients, is read from SQLite once:
+# Bytes of packed pages of every name or of a folder's (all but their download counts) ``ServerStore`` keeps for
+# the current catalog version, so a listing asked again, or by many clients, is read from SQLite once:
 # about the first 500,000 entries of a catalog (some 130 bytes each).
 PAGES_REMEMBERED_BYTES = 64 * 1024 * 1024
+# What a remembered page costs beyond its columns and the texts of its key: the dict slot, the key and page
+# tuples, the objects' headers (~200 bytes measured). Counted so that empty pages (a made-up folder, a cursor
+# past the last name), which a client can ask for by the thousand, fill the bound as well.
+_PAGE_SLOT_BYTES = 256
 # Tombstones kept (the newest): each rides in every inventory, which must stay under the protocol's 64 MiB
 # document limit (a tombstone is about 150 bytes of JSON); one older than this many newer removals is forgotten.
 MAX_TOMBSTONES = 100_000
@@ -680,7 +684,7 @@ class ServerStore(SQLiteStore):
         numbers, sha256s, roots, names = columns
         page = (bytes.fromhex(numbers or ""), bytes.fromhex(sha256s or ""), bytes.fromhex(roots or ""), names or b"",
                 count, last, more)
-        size = sum(map(len, page[:4]))
+        size = sum(map(len, page[:4])) + sys.getsizeof(under) + sys.getsizeof(after) + _PAGE_SLOT_BYTES
         with self._remembered_lock:
             if version > self._pages_version:  # the older version's pages will not be asked for again
                 self._pages, self._pages_version, self._pages_bytes = {}, version, 0

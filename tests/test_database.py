@@ -6,6 +6,7 @@ import io
 import json
 import sqlite3
 import threading
+import tracemalloc
 import unicodedata
 
 import pytest
@@ -603,6 +604,28 @@ class TestFolderPages:
         add_names(server, ["photos/00a.jpg"])
         assert (1, "photos/00a.jpg", self.json_page(server)) == (counted[0][1]["downloads"],
                                                                self.page(server)[0][1]["name"], self.page(server))
+
+
+    @pytest.mark.parametrize("made_up", ["under", "after"])
+    def test_empty_pages_count_against_the_memory_bound(self, server, monkeypatch, made_up):
+        """Thousands of listings of made-up folders (or cursors past the last name) each give an empty page: the
+        pages kept of them stay within PAGES_REMEMBERED_BYTES (a client cannot grow the server's memory with them)."""
+        monkeypatch.setattr(database, "PAGES_REMEMBERED_BYTES", 256 * 1024)
+        add_names(server, self.NAMES)
+        server.list_packed(None, "", 20, None, "photos/", False)  # SQLite's statements made before counting
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            for i in range(4000):
+                folder = f"{'x' * 200}{i}/"
+                if made_up == "under":
+                    server.list_packed(None, "", 20, None, folder, False)
+                else:
+                    server.list_packed(None, "z" + folder, 20, None, "", False)
+            kept = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+        assert True == (kept <= 2 * database.PAGES_REMEMBERED_BYTES), f"{kept} bytes kept"
 
 
 class TestRememberedMatches:
