@@ -269,6 +269,7 @@ class FolderDownload:
     def _small_files(self, files: list[_Small]) -> None:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         fds = _FolderFds(str(self.output_dir))
+        seconds: list[_Small] | None = None  # the second names of a content placed; None: stopped before placing
         try:
             try:
                 self._staging = _StagedFolder(fds, self.folder)
@@ -276,16 +277,18 @@ class FolderDownload:
                 raise DownloadError(f"{self.folder}: cannot stage in {self.output_dir / STAGING}: "
                                     f"{error.strerror or error}") from error
             try:
-                uncounted = self._stage_and_place(files)
+                seconds = self._stage_and_place(files)
             finally:
                 self._staging.close()
         finally:
             fds.close()
-        self._report(uncounted)
+            # Also what was staged and never reported (no fetch ran; or a pause or a failure: a later run places
+            # it as kept, uncounted). A folder that stopped tries once: a pause must not wait on a server gone.
+            self._report([*self._unreported, *(seconds or [])], patient=seconds is not None)
 
     def _stage_and_place(self, files: list[_Small]) -> list[_Small]:
-        """Stage each file not staged already (one fetch a content), then place them all; the files placed that are
-        still to be counted (see ``_pump``)."""
+        """Stage each file not staged already (one fetch a content), then place them all; the second names of a
+        content placed (staged as links, reported by none of ``_pump``'s reports)."""
         first_of: dict[str, _Small] = {}
         for file in files:
             first_of.setdefault(file.sha256, file)  # the first name of a content fetches it, the others link to it
@@ -293,11 +296,7 @@ class FolderDownload:
         missing = [file for file in first_of.values() if file.name not in kept]
         self._unreported += self._stage([(f, b"") for f in missing if f.size == 0])  # nothing to fetch: staged as is
         self._fetch(deque(f for f in missing if f.size > 0))
-        installed = self._install(files, first_of)
-        # Counted by now: what was reported while fetching, and what an earlier run staged (it reported them).
-        # Left: a report that never went (no fetch ran, or its connection failed), and second names of a content.
-        waiting = {file.name for file in self._unreported}
-        return [file for file in installed if file.name in waiting or first_of[file.sha256] is not file]
+        return [file for file in self._install(files, first_of) if first_of[file.sha256] is not file]
 
     def _fetch(self, missing: deque[_Small]) -> None:
         """Fetch every file in ``missing`` into staging; fail over between servers like a single download."""
@@ -345,11 +344,16 @@ class FolderDownload:
                 else:
                     _expect_counted(session, asked.files, self.folder)
                     in_flight.popleft()
-        finally:
+        except ConnectionFailed:  # the reports in flight may be lost with the connection: sent again on the next
+            self._unreported.extendleft(reversed([file for asked in in_flight if not asked.fetch
+                                                  for file in asked.files]))
+            raise
+        finally:  # else (a pause, a failure) the connection worked: the server has them, most likely counted by now
             if in_flight:
                 session.reusable = False  # their replies would reach the pool's next user
                 for asked in reversed(in_flight):
-                    (missing if asked.fetch else self._unreported).extendleft(reversed(asked.files))
+                    if asked.fetch:
+                        missing.extendleft(reversed(asked.files))
 
     def _ask(self, session: ServerSession, missing: deque[_Small], in_flight: deque[_Asked], listed: bool) -> None:
         """Send, in one write, a report of the files staged since the last one, then batch requests, as many as fit:
@@ -454,12 +458,13 @@ class FolderDownload:
             self._failed(file.name, f"{file.name}: cannot stage it: {error.strerror or error}")
             return False
 
-    def _report(self, files: list[_Small]) -> None:
-        """Tell the server of placed files not counted yet, in one pipelined burst (counts only: never fatal)."""
+    def _report(self, files: list[_Small], patient: bool) -> None:
+        """Tell the server of ``files``, in one pipelined burst (counts only: never fatal); ``patient``: failing over
+        and retrying as any call, else one try."""
         if not files:
             return
         try:
-            self.server.call(lambda session: _report_all(session, files))
+            (self.server.call if patient else self.server.try_call)(lambda session: _report_all(session, files))
         except MiniTorrentError as error:
             log.warning("could not report the downloads of %s: %s", self.folder, error)
 

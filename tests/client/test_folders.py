@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from conftest import make_config, make_file
 
-from error_handler import DownloadError, MiniTorrentError
+from error_handler import DownloadCancelled, DownloadError, MiniTorrentError
 from integrity import Manifest, sha256_file
 from minitorrent.client.engine import ClientEngine
 from minitorrent.client.folders import STAGING, FolderResult, FolderSummary, staging_key, summarize_folders
@@ -529,6 +529,38 @@ class TestGroupedCounts:
         server = serve_photos(server_factory, photos)
         fetch_folder(tmp_path, server, "photos/", tmp_path / "out")
         assert {name: 1 for name in server.catalog.names_at("photos/")} == server.catalog.download_counts()
+
+
+    def test_a_folder_paused_and_resumed_counts_each_file_once(self, tmp_path, server_factory, monkeypatch):
+        """Paused just after a batch is staged (its report not sent yet, earlier reports still unanswered, though
+        counted), then resumed: the server counts every file once, those of the paused batch too."""
+        from conftest import SHORT_TIMEOUT, wait_until
+
+        from minitorrent.client import folders
+
+        monkeypatch.setattr(folders, "BATCH_BYTES", 8 * 100)  # batches of 8: the progress comes with the 8th
+        source = tmp_path / "src" / "many"
+        for i in range(100):
+            make_file(source / f"f{i:03d}.bin", 100, seed=i)
+        server = server_factory()
+        server.add_folder(source)
+        cancel = threading.Event()
+
+        def pause(progress: Progress) -> None:  # the 64th file staged: batches 1 to 7 reported, the 8th not yet
+            if progress.files and not cancel.is_set():
+                wait_until(lambda: 56 == sum(server.catalog.download_counts().values()), SHORT_TIMEOUT,
+                           "the 7 batches reported counted")
+                cancel.set()
+        engine = engine_for(tmp_path, server, on_progress=pause)
+        try:
+            with pytest.raises(DownloadCancelled):
+                engine.download_folder("many/", tmp_path / "out", cancel)
+            engine.on_progress = None
+            result = engine.download_folder("many/", tmp_path / "out")
+        finally:
+            engine.close()
+        assert ([], tree(source.parent)) == (result.failed, tree(tmp_path / "out"))
+        assert {name: 1 for name in server.catalog.names_at("many/")} == server.catalog.download_counts()
 
 
 class TestFailover:
