@@ -294,7 +294,7 @@ class FolderDownload:
             first_of.setdefault(file.sha256, file)  # the first name of a content fetches it, the others link to it
         kept = self._staging.reuse({file.name: file for file in first_of.values()})
         missing = [file for file in first_of.values() if file.name not in kept]
-        self._unreported += self._stage([(f, b"") for f in missing if f.size == 0])  # nothing to fetch: staged as is
+        self._stage([(f, b"") for f in missing if f.size == 0])  # nothing to fetch: staged as it is
         self._fetch(deque(f for f in missing if f.size > 0))
         return [file for file in self._install(files, first_of) if first_of[file.sha256] is not file]
 
@@ -340,7 +340,7 @@ class FolderDownload:
                 if asked.fetch:
                     frame = session.receive(protocol.FilesData, buffer)
                     in_flight.popleft()
-                    self._unreported += self._take_batch(asked.files, frame)
+                    self._take_batch(asked.files, frame)
                 else:
                     _expect_counted(session, asked.files, self.folder)
                     in_flight.popleft()
@@ -377,8 +377,8 @@ class FolderDownload:
         if requests:
             session.connection.send_many(requests, payloads)
 
-    def _take_batch(self, batch: list[_Small], frame: protocol.Frame) -> list[_Small]:
-        """Cut a ``files_data`` payload into its files and stage each one that verifies; the files staged."""
+    def _take_batch(self, batch: list[_Small], frame: protocol.Frame) -> None:
+        """Cut a ``files_data`` payload into its files and stage each one that verifies (``_stage``)."""
         reply, payload = frame.message, memoryview(frame.payload)
         if len(reply.sizes) != len(batch):
             raise protocol.RemoteProtocolError(f"files_data answered {len(reply.sizes)} files, {len(batch)} asked")
@@ -391,26 +391,28 @@ class FolderDownload:
                 continue
             served.append((file, payload[offset:offset + size]))
             offset += size
-        return self._stage(served)
+        self._stage(served)
 
-    def _stage(self, served: list[tuple[_Small, bytes | memoryview]]) -> list[_Small]:
-        """Verify each file's bytes and stage them; the files staged (the others listed as failed).
+    def _stage(self, served: list[tuple[_Small, bytes | memoryview]]) -> None:
+        """Verify each file's bytes and stage them, to be reported (``_unreported``); the others listed as failed.
 
         The progress is counted once for the lot: a folder of 10,000 files
         makes every statement a file cost 10,000 times.
         """
         staged, sha256 = [], hashlib.sha256
-        for file, data in served:
-            if len(data) != file.size or sha256(data).hexdigest() != file.sha256:
-                self._failed(file.name, f"{file.name}: failed SHA-256 verification; not written")
-            elif self._staged_whole(file, data):
-                staged.append(file)
-        self._changes += [(file.name, FILE_VERIFIED) for file in staged]
-        before, self._staged = self._staged, self._staged + len(staged)
-        self.result.fetched_bytes += sum(file.size for file in staged)
+        try:
+            for file, data in served:
+                if len(data) != file.size or sha256(data).hexdigest() != file.sha256:
+                    self._failed(file.name, f"{file.name}: failed SHA-256 verification; not written")
+                elif self._staged_whole(file, data):
+                    staged.append(file)
+        finally:  # the folder stopped mid-batch (a full disk): the files staged before are kept, so counted
+            self._unreported += staged
+            self._changes += [(file.name, FILE_VERIFIED) for file in staged]
+            before, self._staged = self._staged, self._staged + len(staged)
+            self.result.fetched_bytes += sum(file.size for file in staged)
         if self._staged // PROGRESS_EVERY_FILES > before // PROGRESS_EVERY_FILES:
             self._notify()
-        return staged
 
     def _staged_whole(self, file: _Small, data: bytes | memoryview) -> bool:
         """Write verified ``data`` to ``file``'s staged name; False (the file listed as failed) if another file of the

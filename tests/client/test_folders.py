@@ -67,6 +67,36 @@ def progress_of_runs(tmp_path: Path, server_factory, photos: Path, runs: int = 1
     return reports
 
 
+def stop_on_a_planted_file(tmp_path: Path, server_factory, monkeypatch) -> tuple:
+    """A folder of 70 files whose download stops (DownloadError) at many/b/f66.bin, in its 9th batch of 8: a file is
+    planted where its staged folder goes; then, that file gone, run again. (source, server, anything placed by the
+    first run, the second run's result)."""
+    from minitorrent.client import folders
+
+    monkeypatch.setattr(folders, "BATCH_BYTES", 8 * 100)  # batches of 8: the progress is told after the 64th
+    source = tmp_path / "src" / "many"
+    for i in range(70):
+        make_file(source / ("a" if i < 66 else "b") / f"f{i:02d}.bin", 100, seed=i)
+    server = server_factory()
+    server.add_folder(source)
+    in_the_way = tmp_path / "out" / STAGING / staging_key("many/") / "b"
+
+    def plant(progress: Progress) -> None:  # called after the 64th file is staged: b/f66.bin is still to come
+        if in_the_way.parent.is_dir() and not in_the_way.exists():
+            in_the_way.write_bytes(b"not a folder")
+    engine = engine_for(tmp_path, server, on_progress=plant)
+    try:
+        with pytest.raises(DownloadError, match="cannot stage many/b/f66.bin"):
+            engine.download_folder("many/", tmp_path / "out")
+        placed = (tmp_path / "out" / "many").exists()
+        engine.on_progress = None
+        in_the_way.unlink()
+        result = engine.download_folder("many/", tmp_path / "out")
+    finally:
+        engine.close()
+    return source, server, placed, result
+
+
 def tree(root: Path) -> dict[str, str]:
     """relative path -> sha256 of every file under ``root`` (staging excluded)."""
     return {p.relative_to(root).as_posix(): sha256_file(p) for p in root.rglob("*")
@@ -176,30 +206,18 @@ class TestFolderDownload:
                                                                          monkeypatch):
         """A staged file that cannot be written (a file made where its staged folder goes once staging began):
         DownloadError, not a traceback; nothing placed; once it is gone, the next run completes."""
+        source, _, placed, result = stop_on_a_planted_file(tmp_path, server_factory, monkeypatch)
+        assert (False, [], tree(source.parent)) == (placed, result.failed, tree(tmp_path / "out"))
+
+    def test_files_staged_in_the_batch_that_stopped_the_folder_are_counted_once(self, tmp_path, server_factory,
+                                                                               monkeypatch):
+        """The folder stopped mid-batch (a file that cannot be staged): the batch's files staged before it are
+        counted, once, though the next run places them as kept from staging."""
         from minitorrent.client import folders
 
-        monkeypatch.setattr(folders, "BATCH_BYTES", 8 * 100)  # batches of 8: the progress is told after the 64th
-        source = tmp_path / "src" / "many"
-        for i in range(70):
-            make_file(source / ("a" if i < 66 else "b") / f"f{i:02d}.bin", 100, seed=i)
-        server = server_factory()
-        server.add_folder(source)
-        in_the_way = tmp_path / "out" / STAGING / staging_key("many/") / "b"
-
-        def plant(progress: Progress) -> None:  # called after the 64th file is staged: b/f66.bin is still to come
-            if in_the_way.parent.is_dir() and not in_the_way.exists():
-                in_the_way.write_bytes(b"not a folder")
-        engine = engine_for(tmp_path, server, on_progress=plant)
-        try:
-            with pytest.raises(DownloadError, match="cannot stage many/b/f66.bin"):
-                engine.download_folder("many/", tmp_path / "out")
-            placed = (tmp_path / "out" / "many").exists()
-            engine.on_progress = None
-            in_the_way.unlink()
-            result = engine.download_folder("many/", tmp_path / "out")
-        finally:
-            engine.close()
-        assert (False, [], tree(source.parent)) == (placed, result.failed, tree(tmp_path / "out"))
+        monkeypatch.setattr(folders, "BATCHES_IN_FLIGHT", 1)  # no earlier report unanswered when the folder stops
+        source, server, _, _ = stop_on_a_planted_file(tmp_path, server_factory, monkeypatch)
+        assert {name: 1 for name in server.catalog.names_at("many/")} == server.catalog.download_counts()
 
     def test_a_link_planted_at_a_staged_name_is_never_written_through(self, tmp_path, server_factory, monkeypatch):
         """A hard link planted in the staged tree where a file is about to be staged: the file it links to keeps its
