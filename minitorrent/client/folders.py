@@ -247,8 +247,7 @@ class FolderDownload:
         return names
 
     def _large_file(self, name: str) -> None:
-        if self.cancel.is_set():
-            raise DownloadCancelled(f"{self.folder}: stopped; what was verified is kept")
+        self._check_cancel()
         try:
             outcome = self.downloader.download(name, self.output_dir, self.cancel)
         except DownloadCancelled:
@@ -318,6 +317,7 @@ class FolderDownload:
                     raise DownloadError(f"{self.folder}: server unreachable: {error}") from error
                 self.server.stop.wait(delay)
                 delay = min(delay * 2, MAX_RECONNECT_DELAY_S)
+                self._check_cancel()  # between tries too: with no server answering, a pause waits on no deadline
 
     def _pump(self, session: ServerSession, missing: deque[_Small]) -> None:
         """Keep batch requests in flight, stage each verified file of each reply, and report the staged files.
@@ -333,8 +333,7 @@ class FolderDownload:
         listed = protocol.FEATURE_BATCHES in session.welcome.features.split()  # else protocol 1's get_files
         try:
             while missing or in_flight or self._unreported:
-                if self.cancel.is_set():
-                    raise DownloadCancelled(f"{self.folder}: stopped; what was verified is kept")
+                self._check_cancel()
                 self._ask(session, missing, in_flight, listed)
                 asked = in_flight[0]  # still in flight until its reply is read whole
                 if asked.fetch:
@@ -469,6 +468,11 @@ class FolderDownload:
             (self.server.call if patient else self.server.try_call)(lambda session: _report_all(session, files))
         except MiniTorrentError as error:
             log.warning("could not report the downloads of %s: %s", self.folder, error)
+
+    def _check_cancel(self) -> None:
+        """``DownloadCancelled`` if the folder was paused or cancelled."""
+        if self.cancel.is_set():
+            raise DownloadCancelled(f"{self.folder}: stopped; what was verified is kept")
 
     def _failed(self, name: object, line: str) -> None:
         """One file failed: listed in the result, and told with the next progress report."""

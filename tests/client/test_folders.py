@@ -622,6 +622,45 @@ class TestFailover:
         assert {name: 1 for name in second.catalog.names_at("tree/")} == second.catalog.download_counts()
 
 
+class TestPause:
+    def test_a_pause_while_no_server_answers_takes_effect_at_once(self, tmp_path, server_factory, monkeypatch):
+        """Paused while the server in use is gone (the folder retrying until retry_deadline, 60 s here): it stops
+        with DownloadCancelled within the retry delay, not at the deadline."""
+        from conftest import SHORT_TIMEOUT, SlowProxy, wait_until
+
+        from minitorrent.client import folders
+
+        monkeypatch.setattr(folders, "BATCH_BYTES", 16 * 4096)  # batches of 16 files: staged a few at a time
+        source = tmp_path / "src" / "tree"
+        for i in range(200):
+            make_file(source / f"f{i:03d}.bin", 4096, seed=i)
+        server = server_factory()
+        server.add_folder(source)
+        proxy = SlowProxy(server.server.address, 128 * 1024)  # the folder would take ~6 s through it
+        host, port = proxy.address
+        engine = ClientEngine(make_config(tmp_path / "cli", {"server": {"main": {"host": host, "port": port}},
+                                                             "client": {"retry_deadline": 60.0}}))
+        cancel, outcome = threading.Event(), []
+
+        def download() -> None:
+            try:
+                engine.download_folder("tree/", tmp_path / "out", cancel)
+            except MiniTorrentError as error:
+                outcome.append(type(error))
+        worker = threading.Thread(target=download)
+        try:
+            worker.start()
+            wait_until(lambda: staged_files(tmp_path / "out" / STAGING) >= 20, SHORT_TIMEOUT, "20 files staged")
+            proxy.close()
+            server.stop()
+            cancel.set()
+            worker.join(SHORT_TIMEOUT)
+        finally:
+            engine.close()
+            worker.join()
+        assert [DownloadCancelled] == outcome
+
+
 class TestBatchBounds:
     @settings(max_examples=300, deadline=None)
     @given(st.lists(st.tuples(st.integers(0, 50), st.integers(1, 40)), min_size=1, max_size=80),
