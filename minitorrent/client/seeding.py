@@ -162,8 +162,9 @@ class SeedSource:
                 located.append(error)
         return located
 
-    def record_download(self, name: str, sha256: str) -> None:
-        """Downloads are counted by the servers, not by peers."""
+    def shared_versions(self, pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        """Downloads are counted by the servers, not by peers: nothing here is a version to count."""
+        return []
 
     def record_downloads(self, pairs: list[tuple[str, str]]) -> list[str]:
         """Downloads are counted by the servers, not by peers: none counted."""

@@ -155,11 +155,12 @@ class FileSource(Protocol):
     def locate_files(self, names: list[str], sha256s: list[str]) -> list[ChunkLocation | RequestFailed]:
         """``locate_chunk(name, sha256, 0)`` for each file of a ``get_files`` batch, or the ``RequestFailed`` it raises."""
 
-    def record_download(self, name: str, sha256: str) -> None:
-        """A client finished and verified a download of ``name``."""
+    def shared_versions(self, pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        """Those of the (name, sha256) pairs shared as that version, in order (one query)."""
 
     def record_downloads(self, pairs: list[tuple[str, str]]) -> list[str]:
-        """``record_download`` for many (name, sha256) pairs at once (one commit where it is stored); the names counted."""
+        """Clients finished and verified downloads of these (name, sha256): counted in one commit where they are
+        stored; the names counted."""
 
 
 class ClientAccess(Protocol):
@@ -168,8 +169,8 @@ class ClientAccess(Protocol):
     def allows(self, identity: str) -> bool:
         """May the client with this proven identity ("" if none) list and download? Any thread."""
 
-    def first_report(self, identity: str, sha256: str) -> bool:
-        """True the first time this identified client reports a download of ``sha256``."""
+    def first_reports(self, identity: str, pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        """The (name, sha256) pairs this identified client reports for the first time (none for no identity)."""
 
 
 
@@ -678,11 +679,7 @@ class _Handler:
             files, total = source.count_files()
             self.connection.send(protocol.FileCount(files=files, bytes=total))
         elif isinstance(request, protocol.ReportDownloaded):
-            access = self.server.access
-            if access is None or access.first_report(self.client_identity, request.sha256):  # once per client
-                source.record_download(request.name, request.sha256)
-                self.server.metrics.download_finished(request.name)
-            self.connection.send(protocol.Ok())
+            self._count_downloads([request.name], [request.sha256])
         elif isinstance(request, protocol.ReportDownloadedMany):
             self._count_downloads(request.names, request.sha256s)
         elif isinstance(request, protocol.ReportDownloadedBatch):
@@ -791,12 +788,18 @@ class _Handler:
         self.send_stored_bytes(reply, where, request.name)
 
     def _count_downloads(self, names: list[str], sha256s: list[str]) -> None:
-        """A batch of finished downloads: counted in one commit (those shared as that version), then ``Ok``.
+        """Finished downloads reported (one, or a batch): each counted once per identified client and file, in one
+        commit, then ``Ok``.
 
-        The metrics count the same names: a name not shared never becomes a
-        key there (a client cannot grow them with names it makes up).
+        Only versions shared are counted, and only they are asked of the
+        access list (``ClientAccess.first_reports``) and given to the
+        metrics: a client cannot grow either with names it makes up.
         """
-        self.server.metrics.downloads_finished(self.server.source.record_downloads(list(zip(names, sha256s))))
+        source, access = self.server.source, self.server.access
+        pairs = source.shared_versions(list(zip(names, sha256s)))
+        if access is not None and pairs:
+            pairs = access.first_reports(self.client_identity, pairs)
+        self.server.metrics.downloads_finished(source.record_downloads(pairs) if pairs else [])
         self.connection.send(protocol.Ok())
 
     def _send_files(self, names: list[str], sha256s: list[str]) -> None:

@@ -6,7 +6,7 @@ that the running server and the operator's commands in other processes
 
 * ``paired``: the identities accepted (by pairing, or replicated from the main);
 * ``pending``: at most one one-time code, its expiry and what became of it;
-* ``reported``: which client reported which file, so each counts once;
+* ``reported_files``: which client reported which file (name and version), so each counts once;
 * ``token_key``: the web tokens' key of a main with no peer (see tokens.py).
 
 ``open`` mode: any client may list and download (over TLS). ``paired``: only
@@ -16,6 +16,7 @@ changes (``AccessSync``), so a failover keeps the same clients.
 """
 from __future__ import annotations
 
+import json
 import logging
 import secrets
 import sqlite3
@@ -45,7 +46,9 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS paired (identity TEXT PRIMARY KEY, added_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS pending (slot INTEGER PRIMARY KEY CHECK (slot = 1), code TEXT NOT NULL,
     expires_at REAL NOT NULL, state TEXT NOT NULL, identity TEXT NOT NULL DEFAULT '');
-CREATE TABLE IF NOT EXISTS reported (identity TEXT NOT NULL, sha256 TEXT NOT NULL, PRIMARY KEY (identity, sha256));
+DROP TABLE IF EXISTS reported;  -- before 2026-12-01: one row per client and content, whatever its name
+CREATE TABLE IF NOT EXISTS reported_files (identity TEXT NOT NULL, name TEXT NOT NULL, sha256 TEXT NOT NULL,
+    PRIMARY KEY (identity, name, sha256)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS version (slot INTEGER PRIMARY KEY CHECK (slot = 1), value INTEGER NOT NULL);
 INSERT OR IGNORE INTO version VALUES (1, 0);
 CREATE TABLE IF NOT EXISTS token_key (slot INTEGER PRIMARY KEY CHECK (slot = 1), key BLOB NOT NULL);
@@ -156,9 +159,19 @@ class AccessList:
 
     # Reports ---------------------------------------------------------------------------
 
-    def first_report(self, identity: str, sha256: str) -> bool:
-        """True the first time ``identity`` reports ``sha256`` (never for no identity)."""
-        return bool(identity) and self._write("INSERT OR IGNORE INTO reported VALUES (?, ?)", (identity, sha256)) > 0
+    def first_reports(self, identity: str, pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        """The (name, sha256) pairs ``identity`` reports for the first time (a pair listed twice: once), noted as
+        reported in one transaction; none for no identity. A file is a name and a version: a second name of
+        one content, or a new version of a name, is another file."""
+        if not identity or not pairs:
+            return []
+        with self._lock:
+            with self._db:
+                self._db.execute("BEGIN IMMEDIATE")
+                return self._db.execute(  # OR IGNORE: a pair reported before is no row, so not returned
+                    "INSERT OR IGNORE INTO reported_files (identity, name, sha256) SELECT ?, json_extract(j.value, '$[0]'),"
+                    " json_extract(j.value, '$[1]') FROM json_each(?) AS j RETURNING name, sha256",
+                    (identity, json.dumps(pairs, ensure_ascii=False))).fetchall()
 
 
 def wait_for_pairing(access: AccessList, code: str, stop: threading.Event, proof_wait_s: float = 10.0) -> str:
@@ -195,9 +208,9 @@ class AccessPolicy:
         """Open: anyone; paired: only accepted identities."""
         return self.mode == "open" or self.access.is_paired(identity)
 
-    def first_report(self, identity: str, sha256: str) -> bool:
+    def first_reports(self, identity: str, pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
         """Only identified clients' reports count, once per file."""
-        return self.access.first_report(identity, sha256)
+        return self.access.first_reports(identity, pairs)
 
 
 class Pairing:

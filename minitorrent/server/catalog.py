@@ -440,6 +440,11 @@ class Catalog:
         if self._record(name).sha256 == sha256:
             self.db.record_download(name, self.origin)
 
+    def shared_versions(self, pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        """Those of the (name, sha256) pairs shared as that version, in order: one query for the lot."""
+        layouts = self.db.file_layouts([name for name, _ in pairs])
+        return [(name, sha256) for name, sha256 in pairs if layouts.get(name, (0, 0, ""))[2] == sha256]
+
     def record_downloads(self, pairs: list[tuple[str, str]]) -> list[str]:
         """Count finished downloads of many (name, sha256) in one commit (a folder's small files); the names counted."""
         return self.db.record_downloads(pairs, self.origin)

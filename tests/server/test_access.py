@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import sqlite3
 import subprocess
 import sys
 
@@ -26,6 +27,7 @@ from error_handler import ConfigError, MiniTorrentError, RemoteError
 from minitorrent.client.engine import ClientEngine
 from minitorrent.common.launcher import free_port
 from minitorrent.net.remote import ServerSession
+from minitorrent.server.access import ACCESS_FILE
 from minitorrent.server.backup import BackupServer
 from minitorrent.server.main import MainServer
 from minitorrent.server.replication import encode_document
@@ -199,6 +201,14 @@ class TestRevocation:
         assert ErrorCode.NOT_PAIRED == refused.value.code
 
 
+def report_batch(kind: str, pairs: list[tuple[str, str]]) -> tuple[protocol.Message, type, bytes]:
+    """(request, reply type, payload) reporting ``pairs`` downloaded in one request of ``kind``."""
+    names, sha256s = [name for name, _ in pairs], [sha256 for _, sha256 in pairs]
+    if kind == "downloaded_batch":
+        return protocol.ReportDownloadedBatch(), protocol.Ok, protocol.encode_batch(names, sha256s)
+    return protocol.ReportDownloadedMany(names, sha256s), protocol.Ok, b""
+
+
 class TestReports:
     def test_a_download_counts_once_per_identified_client_and_file(self, tmp_path, server_factory):
         """Reports: the same client twice counts once, another client once more, an unidentified one never."""
@@ -212,6 +222,37 @@ class TestReports:
             session.call(report, protocol.Ok)
             session.close()
         assert {"a.bin": 2} == server.catalog.download_counts()
+
+    @pytest.mark.parametrize("kind", ["downloaded_batch", "downloaded_many"])
+    def test_a_batch_of_reports_counts_once_per_identified_client_and_file(self, tmp_path, server_factory, kind):
+        """Batches of reports keep the rule too: a client reporting a file again (even twice in one batch), or a
+        stranger with no identity, adds nothing; another client adds one; two names of one content are two files."""
+        server = server_factory()
+        a = server.add_file(make_file(tmp_path / "src" / "a.bin", 100)).record
+        server.add_file(make_file(tmp_path / "src" / "copy of a.bin", 100))  # the same bytes (the same seed)
+        pairs = [("a.bin", a.sha256), ("a.bin", a.sha256), ("copy of a.bin", a.sha256)]
+        for secure in (ClientTls(identity=load_or_create(tmp_path / "one")),) * 2 + (
+                ClientTls(identity=load_or_create(tmp_path / "two")), ClientTls()):
+            session = ServerSession.open(*server.server.address, io_timeout_s=SHORT_TIMEOUT, secure=secure)
+            session.call(*report_batch(kind, pairs), protocol.Ok)
+            session.close()
+        assert {"a.bin": 2, "copy of a.bin": 2} == server.catalog.download_counts()
+
+    def test_reports_of_files_not_shared_are_not_kept(self, tmp_path, server_factory):
+        """A thousand made-up names reported: nothing counted, and nothing kept in the access list (it cannot be
+        grown with names a client makes up)."""
+        server = server_factory()
+        server.add_file(make_file(tmp_path / "src" / "a.bin", 100))
+        made_up = [(f"nope {i}.bin", "0" * 64) for i in range(1000)]
+        session = ServerSession.open(*server.server.address, io_timeout_s=SHORT_TIMEOUT,
+                                     secure=ClientTls(identity=load_or_create(tmp_path / "one")))
+        try:
+            session.call(*report_batch("downloaded_batch", made_up), protocol.Ok)
+        finally:
+            session.close()
+        with sqlite3.connect(server.config.server.main.data_dir / ACCESS_FILE) as db:
+            kept = db.execute("SELECT COUNT(*) FROM reported_files").fetchone()[0]
+        assert ({"a.bin": 0}, 0) == (server.catalog.download_counts(), kept)
 
     def test_an_unidentified_client_cannot_announce(self, tmp_path, server_factory):
         """An announcement from a connection that proved no identity is refused."""
