@@ -18,6 +18,7 @@ from minitorrent.client.engine import ClientEngine
 from minitorrent.client.folders import STAGING, FolderResult, FolderSummary, staging_key, summarize_folders
 from minitorrent.client.progress import Progress
 from minitorrent.net import serving
+from minitorrent.server.main import MainServer
 from minitorrent.wire import protocol
 
 CHUNK = 64 * 1024
@@ -33,6 +34,16 @@ def serve_photos(server_factory, photos: Path):
     server = server_factory({"transfer": {"chunk_size": CHUNK}})
     server.add_folder(photos)
     return server
+
+
+def serve_many(tmp_path: Path, server_factory, count: int) -> tuple[Path, MainServer]:
+    """(the folder ``many``, a server sharing it): ``count`` files of 100 bytes, f000.bin and on."""
+    source = tmp_path / "src" / "many"
+    for i in range(count):
+        make_file(source / f"f{i:03d}.bin", 100, seed=i)
+    server = server_factory()
+    server.add_folder(source)
+    return source, server
 
 
 def plant_own_notes(output: Path) -> Path:
@@ -557,11 +568,7 @@ class TestGroupedCounts:
         from minitorrent.client import folders
 
         monkeypatch.setattr(folders, "BATCH_BYTES", 8 * 100)  # batches of 8: the progress comes with the 8th
-        source = tmp_path / "src" / "many"
-        for i in range(100):
-            make_file(source / f"f{i:03d}.bin", 100, seed=i)
-        server = server_factory()
-        server.add_folder(source)
+        source, server = serve_many(tmp_path, server_factory, 100)
         cancel = threading.Event()
 
         def pause(progress: Progress) -> None:  # the 64th file staged: batches 1 to 7 reported, the 8th not yet
@@ -731,11 +738,7 @@ class TestBatches:
         serve_client_request = serving._Handler._serve_client_request
         monkeypatch.setattr(serving._Handler, "_serve_client_request",
                             lambda handler, frame: (asked.append(frame.message.TYPE), serve_client_request(handler, frame)))
-        source = tmp_path / "src" / "many"
-        for i in range(100):
-            make_file(source / f"f{i:03d}.bin", 100, seed=i)
-        server = server_factory()
-        server.add_folder(source)
+        _, server = serve_many(tmp_path, server_factory, 100)
         result = fetch_folder(tmp_path, server, "many/", tmp_path / "out")
         first_report, last_batch = asked.index("downloaded_batch"), len(asked) - 1 - asked[::-1].index("get_batch")
         assert (100, [], True) == (result.downloaded, result.failed, first_report < last_batch)
@@ -746,11 +749,7 @@ class TestBatches:
         def refuse(handler, names, sha256s):
             raise protocol.RequestFailed(protocol.ErrorCode.STORAGE_ERROR, "the counts cannot be stored")
         monkeypatch.setattr(serving._Handler, "_count_downloads", refuse)
-        source = tmp_path / "src" / "many"
-        for i in range(30):
-            make_file(source / f"f{i:03d}.bin", 100, seed=i)
-        server = server_factory()
-        server.add_folder(source)
+        source, server = serve_many(tmp_path, server_factory, 30)
         result = fetch_folder(tmp_path, server, "many/", tmp_path / "out")
         assert (30, [], tree(source.parent), {0}) == (result.downloaded, result.failed, tree(tmp_path / "out"),
                                                       set(server.catalog.download_counts().values()))
