@@ -360,6 +360,23 @@ _PACKED_AGGREGATES = (
 _PACKED_DOWNLOADS = f"group_concat(printf('%016x', {_DOWNLOADS_OF_PAGE}), '') {{rows}}"
 
 
+# A JSON array of (name, sha256) pairs as one text each, the digest first (``version_texts``), read back in SQL
+# over json_each by cutting ``j.value``: a pair as a JSON array would be parsed twice a row.
+VERSION_SHA256 = "substr(j.value, 1, 64)"
+VERSION_NAME = "substr(j.value, 65)"
+
+
+def version_texts(pairs: list[tuple[str, str]]) -> tuple[list[tuple[str, str]], str]:
+    """(the pairs kept, their JSON array of ``sha256 + name`` texts) for ``VERSION_SHA256`` and ``VERSION_NAME``.
+
+    Kept: a 64-character digest, so that no part of a digest can pass for
+    part of a name; and a name holding no NUL, where substr ends its text
+    ("a.txt\x00..." would be read as a.txt; a shared name never holds one).
+    """
+    kept = [(name, sha256) for name, sha256 in pairs if len(sha256) == 64 and "\x00" not in name]
+    return kept, json.dumps([sha256 + name for name, sha256 in kept], ensure_ascii=False)
+
+
 def _file_record(row: tuple) -> FileRecord:
     name, size, chunk_size, sha256, added_at, downloads, root = row
     return FileRecord(
@@ -1047,23 +1064,18 @@ class ServerStore(SQLiteStore):
         not shared (or shared as another version) are skipped; returns the
         names counted (a name listed twice, twice).
         """
-        # One text a pair, the digest first, cut by SQLite with substr (a pair as a JSON array would be parsed
-        # twice a row); only a 64-character digest, so that no part of a digest can pass for part of a name, and
-        # no name holding a NUL: substr ends its text there, so "a.txt\x00..." would count a.txt and come back
-        # as counted whole (a shared name never holds one).
-        pairs = [(name, sha256) for name, sha256 in pairs if len(sha256) == 64 and "\x00" not in name]
-        versions = json.dumps([sha256 + name for name, sha256 in pairs], ensure_ascii=False)
+        pairs, versions = version_texts(pairs)
         with self._transaction() as connection:  # one statement for the lot, in C: the join keeps shared versions
             counted = connection.execute(
                 "INSERT INTO download_counts (name, origin, count) SELECT f.name, ?, 1 FROM json_each(?) AS j"
-                " JOIN files AS f ON f.name = substr(j.value, 65) AND f.sha256 = substr(j.value, 1, 64)"
+                f" JOIN files AS f ON f.name = {VERSION_NAME} AND f.sha256 = {VERSION_SHA256}"
                 " WHERE true ON CONFLICT (name, origin) DO UPDATE SET count = count + 1",  # WHERE: SQLite's upsert rule
                 (origin, versions)).rowcount
             if counted == len(pairs):  # every one (a client reports what it was just served): no names to read back
                 return [name for name, _ in pairs]
             return [name for (name,) in connection.execute(
-                "SELECT f.name FROM json_each(?) AS j"
-                " JOIN files AS f ON f.name = substr(j.value, 65) AND f.sha256 = substr(j.value, 1, 64)", (versions,))]
+                f"SELECT f.name FROM json_each(?) AS j JOIN files AS f ON f.name = {VERSION_NAME}"
+                f" AND f.sha256 = {VERSION_SHA256}", (versions,))]
 
     def rename_files(self, renames: list[tuple[str, str]]) -> None:
         """Rename each (old, new) pair in one transaction, download counters included (a tombstone for each old name).

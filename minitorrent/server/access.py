@@ -16,7 +16,6 @@ changes (``AccessSync``), so a failover keeps the same clients.
 """
 from __future__ import annotations
 
-import json
 import logging
 import secrets
 import sqlite3
@@ -24,6 +23,7 @@ import threading
 import time
 from pathlib import Path
 
+from database import VERSION_NAME, VERSION_SHA256, version_texts
 from minitorrent.net.serving import PeerConnection, PeerHandler
 from minitorrent.server.replication import (
     PEER_ERRORS,
@@ -163,15 +163,15 @@ class AccessList:
         """The (name, sha256) pairs ``identity`` reports for the first time (a pair listed twice: once), noted as
         reported in one transaction; none for no identity. A file is a name and a version: a second name of
         one content, or a new version of a name, is another file."""
+        pairs, versions = version_texts(pairs)
         if not identity or not pairs:
             return []
         with self._lock:
             with self._db:
                 self._db.execute("BEGIN IMMEDIATE")
                 return self._db.execute(  # OR IGNORE: a pair reported before is no row, so not returned
-                    "INSERT OR IGNORE INTO reported_files (identity, name, sha256) SELECT ?, json_extract(j.value, '$[0]'),"
-                    " json_extract(j.value, '$[1]') FROM json_each(?) AS j RETURNING name, sha256",
-                    (identity, json.dumps(pairs, ensure_ascii=False))).fetchall()
+                    f"INSERT OR IGNORE INTO reported_files (identity, name, sha256) SELECT ?, {VERSION_NAME},"
+                    f" {VERSION_SHA256} FROM json_each(?) AS j RETURNING name, sha256", (identity, versions)).fetchall()
 
 
 def wait_for_pairing(access: AccessList, code: str, stop: threading.Event, proof_wait_s: float = 10.0) -> str:

@@ -27,7 +27,7 @@ from error_handler import ConfigError, MiniTorrentError, RemoteError
 from minitorrent.client.engine import ClientEngine
 from minitorrent.common.launcher import free_port
 from minitorrent.net.remote import ServerSession
-from minitorrent.server.access import ACCESS_FILE
+from minitorrent.server.access import ACCESS_FILE, AccessList
 from minitorrent.server.backup import BackupServer
 from minitorrent.server.main import MainServer
 from minitorrent.server.replication import encode_document
@@ -237,6 +237,19 @@ class TestReports:
             session.call(*report_batch(kind, pairs), protocol.Ok)
             session.close()
         assert {"a.bin": 2, "copy of a.bin": 2} == server.catalog.download_counts()
+
+    def test_the_access_list_notes_each_file_once_and_nothing_malformed(self, tmp_path):
+        """first_reports: a file once (even listed twice), never for no identity, never a name with a NUL or a digest
+        cut short (the texts SQLite cuts could be misread)."""
+        access = AccessList(tmp_path)
+        sha = "a" * 64
+        try:
+            first = access.first_reports("me", [("a.txt", sha), ("a.txt", sha), ("b\x00c", sha), ("d.txt", sha[:60])])
+            again = access.first_reports("me", [("a.txt", sha), ("b.txt", sha)])
+            stranger = access.first_reports("", [("c.txt", sha)])
+        finally:
+            access.close()
+        assert ([("a.txt", sha)], [("b.txt", sha)], []) == (first, again, stranger)
 
     def test_reports_of_files_not_shared_are_not_kept(self, tmp_path, server_factory):
         """A thousand made-up names reported: nothing counted, and nothing kept in the access list (it cannot be
