@@ -492,3 +492,16 @@ def etcd(tmp_path: Path) -> Iterator[EtcdServer]:
     server.start()
     yield server
     server.stop()
+
+
+def swap_for_a_fifo_when_opened(path: Path):
+    """``os.open``, which first swaps ``path`` for a FIFO: another process's move just before the file is opened to
+    be hashed (opened by name after a check by name, it would then block for ever on the FIFO)."""
+    real_open = os.open
+
+    def opened(target, *args, **kwargs):
+        if os.fspath(target) == os.fspath(path) and not os.path.lexists(f"{path}.swapped"):
+            os.rename(path, f"{path}.swapped")
+            os.mkfifo(path)
+        return real_open(target, *args, **kwargs)
+    return opened

@@ -51,9 +51,10 @@ from error_handler import (
     RemoteError,
     backoff_delays,
 )
-from integrity import Manifest, sha256_file
+from integrity import Manifest
 from minitorrent.client.chunkboard import ChunkBoard, ChunkSet, Source
 from minitorrent.client.progress import Progress
+from minitorrent.common.fs import regular_file_sha256
 from minitorrent.common.partfile import PART_SUFFIX, FinalNameTaken, PartFile, PartFileRefused
 from minitorrent.net.remote import (
     MAX_RECONNECT_DELAY_S,
@@ -165,7 +166,7 @@ class Downloader:
             raise DownloadError(f"{name}: {error}") from error
 
     def _already_present(self, name: str, final: Path, manifest: Manifest, started: float) -> DownloadResult:
-        if not final.is_file() or sha256_file(final) != manifest.sha256:
+        if regular_file_sha256(final) != manifest.sha256:  # opened, then checked: a FIFO swapped in cannot block us
             raise DownloadError(f"{final} already exists with different content; not overwriting it")
         return DownloadResult(name, final, "already present", manifest.size, 0, 0, time.monotonic() - started,
                               manifest)

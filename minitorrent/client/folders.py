@@ -61,7 +61,6 @@ import logging
 import operator
 import os
 import shutil
-import stat
 import threading
 import time
 from collections import deque
@@ -70,10 +69,9 @@ from pathlib import Path
 from typing import Callable, Iterable, NamedTuple
 
 from error_handler import ConnectionFailed, DownloadCancelled, DownloadError, MiniTorrentError, RemoteError
-from integrity import sha256_file
 from minitorrent.client.downloader import STAGING, Downloader, destination
 from minitorrent.client.progress import FILE_DONE, FILE_FAILED, FILE_VERIFIED, Progress
-from minitorrent.common.fs import rename_noreplace, sync_filesystem
+from minitorrent.common.fs import regular_file_sha256, rename_noreplace, sync_filesystem
 from minitorrent.net.remote import MAX_RECONNECT_DELAY_S, ServerClient, ServerSession
 from minitorrent.wire import protocol
 from minitorrent.wire.protocol import ProtocolError, check_file_name, check_folder_name
@@ -230,7 +228,7 @@ class FolderDownload:
         folder, _, name = final.rpartition("/")
         if name not in self._names_in(folder):
             return False
-        if not os.path.isfile(final) or sha256_file(final) != sha256:
+        if regular_file_sha256(final) != sha256:  # opened, then checked: a FIFO swapped in cannot block us
             raise DownloadError(f"{final} already exists with different content; not overwriting it")
         self.result.present += 1
         return True
@@ -651,7 +649,9 @@ class _StagedFolder:
         for path, folders, names, fd in os.fwalk(dir_fd=self._dirs[""], topdown=False):
             for name in names:
                 file = wanted.get(self._name_of(path, name))
-                if file is not None and _hash_at(fd, name) == file.sha256:
+                # no link followed, no FIFO read; another user's file could change once hashed
+                if file is not None and regular_file_sha256(name, fd, follow_links=False,
+                                                            owner=os.geteuid()) == file.sha256:
                     kept.add(file.name)
                     self._finals[file.final] = file
                 else:
@@ -839,22 +839,6 @@ def _lock_staging(folder_fd: int, name: str, what: str) -> int:
             pass
         os.close(fd)
     raise DownloadError(f"{what}: could not lock its staging folder")
-
-
-def _hash_at(folder_fd: int, name: str) -> str:
-    """The SHA-256 of the regular file ``name`` in ``folder_fd`` ("" if it is anything else, or another user's): no
-    link followed."""
-    try:
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=folder_fd)  # a FIFO must not block us
-    except OSError:  # a link (ELOOP), or gone
-        return ""
-    try:
-        status = os.fstat(fd)
-        if not stat.S_ISREG(status.st_mode) or status.st_uid != os.geteuid():  # another user's: they could change it
-            return ""
-        return sha256_file(f"/proc/self/fd/{fd}")
-    finally:
-        os.close(fd)
 
 
 def _absent(final: str, sha256: str) -> bool:

@@ -5,10 +5,13 @@ import ctypes
 import errno
 import fcntl
 import os
+import stat
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
+
+from integrity import sha256_file
 
 
 @dataclass(frozen=True)
@@ -18,6 +21,30 @@ class ChunkLocation:
     path: str
     offset: int
     length: int
+
+
+def regular_file_sha256(path: str | os.PathLike, dir_fd: int | None = None, *, follow_links: bool = True,
+                        owner: int | None = None) -> str:
+    """The SHA-256 of the regular file at ``path`` (in ``dir_fd`` if given); "" if it is anything else or is gone.
+
+    The file is opened first and what was opened is checked and read, never
+    the name again: a FIFO or a device there (or swapped in after someone
+    looked) is opened without blocking (``O_NONBLOCK``), found not regular,
+    and never read. ``follow_links`` false: a link is "" too. ``owner``: a
+    file of another user is "" (they could change it after it was hashed).
+    """
+    flags = os.O_RDONLY | os.O_NONBLOCK | (0 if follow_links else os.O_NOFOLLOW)
+    try:
+        fd = os.open(path, flags, dir_fd=dir_fd)
+    except OSError:  # gone, a link (ELOOP), or not ours to read
+        return ""
+    try:
+        status = os.fstat(fd)
+        if not stat.S_ISREG(status.st_mode) or owner not in (None, status.st_uid):
+            return ""
+        return sha256_file(f"/proc/self/fd/{fd}")
+    finally:
+        os.close(fd)
 
 
 def fsync_dir(directory: str | os.PathLike) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from conftest import make_config, make_file
+from conftest import make_config, make_file, swap_for_a_fifo_when_opened
 
 from error_handler import DownloadCancelled, DownloadError, MiniTorrentError
 from integrity import Manifest, sha256_file
@@ -300,6 +300,17 @@ class TestFolderDownload:
         result = fetch_folder(tmp_path, server, "photos/", tmp_path / "out")
         assert b"my own notes" == mine.read_bytes()
         assert (5, 1) == (result.downloaded, len(result.failed))
+
+    @pytest.mark.timeout(30)
+    def test_a_fifo_swapped_in_before_the_hash_never_blocks(self, tmp_path, server_factory, photos, monkeypatch):
+        """A file at a final name swapped for a FIFO just before it is opened to be hashed: that file is refused as
+        another file (what was opened is checked, never read), the rest arrive."""
+        server = serve_photos(server_factory, photos)
+        mine = plant_own_notes(tmp_path / "out")
+        monkeypatch.setattr(os, "open", swap_for_a_fifo_when_opened(mine))
+        result = fetch_folder(tmp_path, server, "photos/", tmp_path / "out")
+        assert (5, [f"{mine} already exists with different content; not overwriting it"]) == (result.downloaded,
+                                                                                             result.failed)
 
     def test_a_file_appearing_at_a_final_name_during_the_download_is_kept(self, tmp_path, server_factory, photos):
         """A file made at a final name after the listing is not replaced; its twin of the same content still arrives."""

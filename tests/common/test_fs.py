@@ -1,10 +1,13 @@
 """Durable-file helpers: moving a file into place without ever replacing one."""
 from __future__ import annotations
 
+import hashlib
+import os
+
 import pytest
 
 from minitorrent.common import fs
-from minitorrent.common.fs import rename_noreplace
+from minitorrent.common.fs import regular_file_sha256, rename_noreplace
 
 
 @pytest.fixture(params=["renameat2", "link and unlink"])
@@ -35,3 +38,31 @@ class TestRenameNoReplace:
         with pytest.raises(FileNotFoundError):
             mover(str(tmp_path / "gone"), str(tmp_path / "final"))
         assert not (tmp_path / "final").exists()
+
+
+class TestRegularFileSha256:
+    def test_a_regular_file_and_a_link_to_one(self, tmp_path):
+        """A regular file's SHA-256, through a link too unless links are not followed."""
+        (tmp_path / "a.txt").write_bytes(b"abc")
+        (tmp_path / "link").symlink_to(tmp_path / "a.txt")
+        expected = hashlib.sha256(b"abc").hexdigest()
+        assert (expected, expected, "") == (regular_file_sha256(tmp_path / "a.txt"), regular_file_sha256(tmp_path / "link"),
+                                            regular_file_sha256(tmp_path / "link", follow_links=False))
+
+    @pytest.mark.timeout(10)
+    def test_a_fifo_is_not_a_file_and_never_blocks(self, tmp_path):
+        """A FIFO (no writer: reading it would wait for ever) is "", at once; so are a folder and a missing name."""
+        os.mkfifo(tmp_path / "pipe")
+        (tmp_path / "folder").mkdir()
+        assert ["", "", ""] == [regular_file_sha256(tmp_path / name) for name in ("pipe", "folder", "missing")]
+
+    def test_in_a_folder_descriptor_and_by_owner(self, tmp_path):
+        """Named in a folder's descriptor; a file of another owner than the one asked for is ""."""
+        (tmp_path / "a.txt").write_bytes(b"abc")
+        folder = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            mine = regular_file_sha256("a.txt", folder, owner=os.geteuid())
+            theirs = regular_file_sha256("a.txt", folder, owner=os.geteuid() + 1)
+        finally:
+            os.close(folder)
+        assert (hashlib.sha256(b"abc").hexdigest(), "") == (mine, theirs)
