@@ -130,39 +130,26 @@ class TestManyClients:
 
 
 class TestSafety:
-    def test_existing_different_file_is_not_overwritten(self, tmp_path, server_factory):
-        """A different file already at the destination is refused and left untouched."""
-        source = make_file(tmp_path / "src" / "doc.txt", 5000)
-        server = server_factory()
-        server.add_file(source)
-        existing = tmp_path / "out" / "doc.txt"
-        existing.parent.mkdir()
-        existing.write_bytes(b"my own notes")
-        engine = engine_for(tmp_path, server)
-        try:
-            with pytest.raises(DownloadError, match="already exists with different content"):
-                engine.download("doc.txt", tmp_path / "out")
-        finally:
-            engine.close()
-        assert b"my own notes" == existing.read_bytes()
-
     @pytest.mark.timeout(30)
-    def test_a_fifo_swapped_in_before_the_hash_never_blocks(self, tmp_path, server_factory, monkeypatch):
-        """A file at the destination swapped for a FIFO by another process just before it is opened to be hashed:
-        what was opened is checked, so it is refused at once as another file (not read, which would block)."""
+    @pytest.mark.parametrize("fifo", [False, True], ids=["file", "fifo-swapped-in"])
+    def test_existing_different_file_is_not_overwritten(self, tmp_path, server_factory, monkeypatch, fifo):
+        """A different file already at the destination is refused and left untouched; so is one another process
+        swaps for a FIFO just before it is opened to be hashed (what was opened is checked, not read: that blocks)."""
         source = make_file(tmp_path / "src" / "doc.txt", 5000)
         server = server_factory()
         server.add_file(source)
         existing = tmp_path / "out" / "doc.txt"
         existing.parent.mkdir()
         existing.write_bytes(b"my own notes")
-        monkeypatch.setattr(os, "open", swap_for_a_fifo_when_opened(existing))
+        if fifo:
+            monkeypatch.setattr(os, "open", swap_for_a_fifo_when_opened(existing))
         engine = engine_for(tmp_path, server)
         try:
             with pytest.raises(DownloadError, match="already exists with different content"):
                 engine.download("doc.txt", tmp_path / "out")
         finally:
             engine.close()
+        assert b"my own notes" == (tmp_path / "out" / ("doc.txt.swapped" if fifo else "doc.txt")).read_bytes()
 
     def test_unrelated_part_file_is_left_untouched(self, tmp_path, server_factory, small_chunks):
         """An unrelated NAME.part is neither truncated nor deleted: by a download beside it, or by discarding one."""
