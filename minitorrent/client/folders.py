@@ -264,8 +264,11 @@ class FolderDownload:
     # Small files -----------------------------------------------------------------
 
     def _small_files(self, files: list[_Small]) -> None:
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        fds = _FolderFds(str(self.output_dir))
+        try:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            fds = _FolderFds(str(self.output_dir))
+        except OSError as error:  # a file where the folder goes, no permission, a read-only file system
+            raise DownloadError(f"{self.folder}: cannot write in {self.output_dir}: {error.strerror or error}") from error
         seconds: list[_Small] | None = None  # the second names of a content placed; None: stopped before placing
         try:
             try:
@@ -277,6 +280,9 @@ class FolderDownload:
                 seconds = self._stage_and_place(files)
             finally:
                 self._staging.close()
+        except OSError as error:  # the disk failed syncing or placing (EIO, ENOSPC): one line, not a traceback
+            raise DownloadError(f"{self.folder}: cannot place it in {self.output_dir}: {error.strerror or error}; "
+                                "what was verified is kept") from error
         finally:
             fds.close()
             # Also what was staged and never reported (no fetch ran; or a pause or a failure: a later run places

@@ -1,6 +1,7 @@
 """Folders end to end over real sockets: shared whole, listed, downloaded with structure and checks."""
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -212,6 +213,39 @@ class TestFolderDownload:
         finally:
             engine.close()
         assert ([], tree(photos.parent)) == (result.failed, tree(tmp_path / "out"))
+
+    def test_a_disk_error_while_placing_fails_with_one_line_and_keeps_what_was_verified(self, tmp_path, server_factory,
+                                                                                        photos, monkeypatch):
+        """The disk failing to sync the staged files (EIO): a DownloadError saying so, not a bare OSError; nothing
+        under a final name; the next run places what was staged without fetching it again."""
+        from minitorrent.client import folders
+
+        def failing_disk(path: str) -> None:
+            raise OSError(errno.EIO, "Input/output error")
+        server = serve_photos(server_factory, photos)
+        engine = engine_for(tmp_path, server)
+        try:
+            with monkeypatch.context() as patched:
+                patched.setattr(folders, "sync_filesystem", failing_disk)
+                with pytest.raises(DownloadError, match="cannot place it in .*: Input/output error; what was verified"):
+                    engine.download_folder("photos/", tmp_path / "out")
+            placed = (tmp_path / "out" / "photos").exists()
+            result = engine.download_folder("photos/", tmp_path / "out")
+        finally:
+            engine.close()
+        assert (False, [], tree(photos.parent), 3 * CHUNK + 5) == (placed, result.failed, tree(tmp_path / "out"),
+                                                                    result.fetched_bytes)  # only big.raw fetched again
+
+    def test_an_output_folder_that_cannot_be_made_fails_with_one_line(self, tmp_path, server_factory, photos):
+        """A file where the output folder goes: a DownloadError naming it, not a bare FileExistsError."""
+        server = serve_photos(server_factory, photos)
+        (tmp_path / "out").write_bytes(b"a file, not a folder")
+        engine = engine_for(tmp_path, server)
+        try:
+            with pytest.raises(DownloadError, match="cannot write in"):
+                engine.download_folder("photos/", tmp_path / "out")
+        finally:
+            engine.close()
 
     def test_a_file_that_cannot_be_staged_stops_the_folder_with_one_line(self, tmp_path, server_factory,
                                                                          monkeypatch):
