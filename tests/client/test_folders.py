@@ -47,6 +47,16 @@ def serve_many(tmp_path: Path, server_factory, count: int) -> tuple[Path, MainSe
     return source, server
 
 
+def fails_with(tmp_path: Path, server, match: str) -> None:
+    """photos/ downloaded into ``tmp_path/out`` by an engine of its own raises a DownloadError matching ``match``."""
+    engine = engine_for(tmp_path, server)
+    try:
+        with pytest.raises(DownloadError, match=match):
+            engine.download_folder("photos/", tmp_path / "out")
+    finally:
+        engine.close()
+
+
 def plant_own_notes(output: Path) -> Path:
     """The user's own ``photos/notes.txt`` in ``output``, other content than the served one's, before a download."""
     mine = output / "photos" / "notes.txt"
@@ -240,12 +250,7 @@ class TestFolderDownload:
         """A file where the output folder goes: a DownloadError naming it, not a bare FileExistsError."""
         server = serve_photos(server_factory, photos)
         (tmp_path / "out").write_bytes(b"a file, not a folder")
-        engine = engine_for(tmp_path, server)
-        try:
-            with pytest.raises(DownloadError, match="cannot write in"):
-                engine.download_folder("photos/", tmp_path / "out")
-        finally:
-            engine.close()
+        fails_with(tmp_path, server, "cannot write in")
 
     def test_a_file_that_cannot_be_staged_stops_the_folder_with_one_line(self, tmp_path, server_factory,
                                                                          monkeypatch):
@@ -479,12 +484,7 @@ class TestStagingOfAnotherUser:
         their_folder = staging if theirs == "staging folder" else staged
         os.chown(their_folder, NOBODY, NOBODY)
         before = sorted(os.listdir(their_folder))
-        engine = engine_for(tmp_path, server)
-        try:
-            with pytest.raises(DownloadError, match="belongs to another user"):
-                engine.download_folder("photos/", tmp_path / "out")
-        finally:
-            engine.close()
+        fails_with(tmp_path, server, "belongs to another user")
         assert (False, before) == ((tmp_path / "out" / "photos").exists(), sorted(os.listdir(their_folder)))
 
     def test_a_staged_file_of_another_user_is_fetched_again_not_reused(self, tmp_path, server_factory, photos):
