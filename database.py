@@ -558,7 +558,6 @@ class ServerStore(SQLiteStore):
         return self._connection().execute(
             "SELECT size, chunk_size, sha256 FROM files WHERE name = ?", (name,)).fetchone()
 
-
     def file_layouts(self, names: list[str]) -> dict[str, tuple[int, int, str]]:
         """name -> (size, chunk_size, sha256) for those of ``names`` in the catalog: ``file_layout`` in one query.
 

@@ -173,7 +173,6 @@ class ClientAccess(Protocol):
         """The (name, sha256) pairs this identified client reports for the first time (none for no identity)."""
 
 
-
 class PeerConnection(Protocol):
     """What a peer handler gets of the authenticated peer's connection: a way to answer it."""
 
