@@ -248,6 +248,12 @@ MAX_TOMBSTONES = 100_000
 _CATALOG_VERSION = "SELECT value FROM meta WHERE key = 'catalog_version'"
 
 
+def _search_in_folder(search: str | None, under: str) -> str | None:
+    """``search`` as a listing of the folder ``under`` reads it: None when every name there holds it (a client asks
+    for a folder by both, see ``protocol.ListFiles``), so such a listing is one of the whole folder (remembered)."""
+    return None if under and search and fold(search) in fold(under) else search
+
+
 def _folder_condition(under: str, search: str | None) -> tuple[str, tuple]:
     """A WHERE condition for names under the folder ``under`` (ending in ``/``) that contain ``search``.
 
@@ -651,6 +657,7 @@ class ServerStore(SQLiteStore):
         page is full: then the next page may be empty. ``under`` (a folder,
         ending in ``/``): only the names in it (``_folder_condition``).
         """
+        search = _search_in_folder(search, under)
         (entries,), count, last, more = self._page(_JSON_AGGREGATES, search, after, limit, matches, under)
         return entries or b"[]", count, last, more
 
@@ -668,8 +675,7 @@ class ServerStore(SQLiteStore):
         (``_downloads_between``; not at all if not ``counts``: all 0), and the
         rest of it may be remembered (``_remembered_page``).
         """
-        if under and search and fold(search) in fold(under):
-            search = None  # every name in the folder holds it: a client asks for a folder by both (ListFiles)
+        search = _search_in_folder(search, under)
         if not search:
             with self._transaction("DEFERRED"):  # one snapshot: the counts are those of the page's names
                 numbers, sha256s, roots, names, count, last, more = self._remembered_page(after, limit, under)
@@ -835,6 +841,7 @@ class ServerStore(SQLiteStore):
         """``count_matching`` for a listing that will read pages: a search whose matches the trigram
         index finds is counted by reading (and remembering) its names, which its pages need anyway,
         instead of counting them in the index and then reading them (15 + 45 ms at 1,000,000 files)."""
+        search = _search_in_folder(search, under)
         phrase = _indexed_phrase(search) if search and not under else None  # a folder is read by its range
         names = self._matching_names(search, phrase) if phrase is not None else None
         return len(names) if names is not None else self.count_matching(search, under)

@@ -573,11 +573,13 @@ class TestFolderPages:
 
     @pytest.mark.parametrize("search", ["photos/", "PHOTOS", "to", "0"])
     def test_a_search_inside_the_folder(self, server, search):
-        """A search within the folder (a client sends the folder as its search too) finds what its JSON page finds."""
+        """A search within the folder (a client sends the folder as its search too) finds what its JSON page finds,
+        and is counted as many."""
         add_names(server, self.NAMES)
         server.record_download("photos/05.jpg")
         entries, *rest = server.list_json(search, "", 20, None, "photos/")
         assert [json.loads(entries), *rest] == self.page(server, search=search)
+        assert len(json.loads(entries)) == server.count_listing(search, "photos/")
 
     def test_dense_counts_around_the_folder(self, server):
         """Every name counted (the dense way of reading counts): each entry still gets its own."""
