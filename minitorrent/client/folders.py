@@ -71,7 +71,7 @@ from typing import Callable, Iterable, NamedTuple
 from error_handler import ConnectionFailed, DownloadCancelled, DownloadError, MiniTorrentError, RemoteError
 from minitorrent.client.downloader import STAGING, Downloader, destination
 from minitorrent.client.progress import FILE_DONE, FILE_FAILED, FILE_VERIFIED, Progress
-from minitorrent.common.fs import regular_file_sha256, rename_noreplace, sync_filesystem
+from minitorrent.common.fs import opened_inside, regular_file_sha256, rename_noreplace, sync_filesystem
 from minitorrent.net.remote import MAX_RECONNECT_DELAY_S, ServerClient, ServerSession
 from minitorrent.wire import protocol
 from minitorrent.wire.protocol import ProtocolError, check_file_name, check_folder_name
@@ -549,8 +549,7 @@ class _FolderFds:
         except FileExistsError:
             pass
         fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=parent_fd)
-        real = os.readlink(f"/proc/self/fd/{fd}")
-        if os.path.commonpath([real, self._real_top]) != self._real_top:
+        if not opened_inside(fd, self._real_top):
             os.close(fd)
             raise OSError(f"{folder} leads outside {self.top} (through a link); refused")
         self._fds[folder] = fd

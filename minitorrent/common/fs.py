@@ -23,6 +23,12 @@ class ChunkLocation:
     length: int
 
 
+def opened_inside(fd: int, real_top: str) -> bool:
+    """True if what ``fd`` opened (its real path, whatever links led to it) is the real path ``real_top`` or lies
+    under it: a check of the folder a file will be made in, not of a path that may change meanwhile."""
+    return os.path.commonpath([os.readlink(f"/proc/self/fd/{fd}"), real_top]) == real_top
+
+
 def regular_file_sha256(path: str | os.PathLike, dir_fd: int | None = None, *, follow_links: bool = True,
                         owner: int | None = None) -> str:
     """The SHA-256 of the regular file at ``path`` (in ``dir_fd`` if given); "" if it is anything else or is gone.

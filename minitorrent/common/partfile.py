@@ -64,7 +64,7 @@ from typing import Callable, Iterator
 from database import PartialState, PartialStore
 from error_handler import IntegrityError, MiniTorrentError
 from integrity import Manifest
-from minitorrent.common.fs import read_exactly_at
+from minitorrent.common.fs import opened_inside, read_exactly_at
 from minitorrent.common.units import human_size
 
 log = logging.getLogger(__name__)
@@ -435,11 +435,9 @@ def _chunk_on_disk_ok(fd: int, manifest: Manifest, index: int) -> bool:
 def _open_folder(folder: Path, inside: Path | None) -> int:
     """A descriptor of ``folder``; with ``inside``, ``PartFileRefused`` unless its real path lies inside that."""
     fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    if inside is not None:
-        real, top = os.readlink(f"/proc/self/fd/{fd}"), os.path.realpath(inside)
-        if os.path.commonpath([real, top]) != top:
-            os.close(fd)
-            raise PartFileRefused(f"{folder} leads outside {inside} (through a link); refused")
+    if inside is not None and not opened_inside(fd, os.path.realpath(inside)):
+        os.close(fd)
+        raise PartFileRefused(f"{folder} leads outside {inside} (through a link); refused")
     return fd
 
 

@@ -66,3 +66,20 @@ class TestRegularFileSha256:
         finally:
             os.close(folder)
         assert (hashlib.sha256(b"abc").hexdigest(), "") == (mine, theirs)
+
+
+class TestOpenedInside:
+    def test_what_was_opened_is_checked_not_the_path(self, tmp_path):
+        """A folder inside (or the top itself) is inside; one reached through a link leading out is not."""
+        top, elsewhere = tmp_path / "top", tmp_path / "elsewhere"
+        (top / "a").mkdir(parents=True)
+        elsewhere.mkdir()
+        (top / "out").symlink_to(elsewhere)
+        found = []
+        for folder in (top, top / "a", top / "out"):
+            fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                found.append(fs.opened_inside(fd, os.path.realpath(top)))
+            finally:
+                os.close(fd)
+        assert [True, True, False] == found
