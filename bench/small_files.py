@@ -12,7 +12,12 @@ interpreters'), all traffic on 127.0.0.1 with explicit ports:
   its bytecode cached as an installed program's, after one untimed run);
 * rsync: ``rsync -a rsync://127.0.0.1:<port>/data/tree/`` from a local rsync
   daemon (``rsync --daemon --no-detach``, its config in the temp folder);
-* tar: ``tar -cf - tree`` piped through a TCP socket into ``tar -xf -``.
+* tar: ``tar -cf - tree`` piped through a TCP socket into ``tar -xf -``;
+* python floor: bench/python_floor.py, the least any Python receiver does (a
+  fresh interpreter, TLS with the server pinned, SHA-256 and one
+  ``open``/``write``/``close`` per file) from a sender in this process. Not a
+  target: it shows how much of the time a Python client has left for
+  everything else (configuration, identity proof, catalog, staging).
 
 Each round downloads into a fresh folder, the contenders' order rotated; the
 medians of ``--repeat`` rounds are printed as files per second and CPU
@@ -25,11 +30,14 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import resource
 import shutil
 import socket
+import ssl
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -52,9 +60,11 @@ from common import (
 )
 
 from minitorrent.common.launcher import free_port, write_config
+from minitorrent.wire.identity import Identity, load_or_create
 
 SHM = Path("/dev/shm")
 RSYNC_START_S = 10.0  # the rsync daemon binds its port in well under a second
+FLOOR_FRAME_BYTES = 1024 * 1024  # the python floor's frames hold up to 1 MiB of files, as a client's batches
 FILES_PER_FOLDER = 100  # 10,000 files: 100 folders of 100, two levels deep (tree/dNN/eN/...)
 
 
@@ -110,6 +120,51 @@ def minitorrent_get(client_config: Path, pycache: Path) -> Callable[[Path], None
         if done.returncode != 0:
             raise BenchError(f"client.py get tree/ failed: {done.stderr.strip()[-400:]}")
     return run
+
+
+def python_floor(port: int, server_sha256: str) -> Callable[[Path], None]:
+    """bench/python_floor.py: the least a Python receiver does (TLS, SHA-256 per file, one write per file)."""
+    def run(dest: Path) -> None:
+        done = subprocess.run([sys.executable, str(ROOT / "bench" / "python_floor.py"), str(port), server_sha256,
+                               str(dest)], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise BenchError(f"the python floor failed: {done.stderr.strip()[-400:]}")
+    return run
+
+
+def start_floor_sender(source: Path, expected: dict[str, str], identity: Identity) -> socket.socket:
+    """Serve the files of ``expected`` (path under ``source`` -> SHA-256) to bench/python_floor.py, over TLS as
+    ``identity``, until closed. The bytes are read before timing starts: the floor measures the receiver.
+    """
+    listing = [[name, (source / name).stat().st_size, expected[name]] for name in sorted(expected)]
+    frames = [_floor_frame(0, json.dumps(listing).encode())]
+    batch: list[bytes] = []
+    for name, size, _ in listing:
+        if batch and sum(map(len, batch)) + size > FLOOR_FRAME_BYTES:
+            frames.append(_floor_frame(len(batch), b"".join(batch)))
+            batch = []
+        batch.append((source / name).read_bytes())
+    if batch:
+        frames.append(_floor_frame(len(batch), b"".join(batch)))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(identity.path)
+    listener = socket.create_server(("127.0.0.1", free_port()))
+
+    def serve() -> None:
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:  # closed: the bench is done
+                return
+            with context.wrap_socket(connection, server_side=True) as secure:
+                for frame in frames:
+                    secure.sendall(frame)
+    threading.Thread(target=serve, name="python-floor-sender", daemon=True).start()
+    return listener
+
+
+def _floor_frame(files: int, body: bytes) -> bytes:
+    return struct.pack(">II", files, len(body)) + body
 
 
 def start_rsync_daemon(work: Path, source: Path) -> tuple[subprocess.Popen, int]:
@@ -174,7 +229,7 @@ def measure(args: argparse.Namespace, work: Path) -> int:
     server = start_server(server_config, add=[source / "tree"])
     print(f"main server shares the tree (import and start: {time.perf_counter() - started:.1f} s)", flush=True)
     contenders: dict[str, Callable[[Path], None]] = {}
-    rsync_daemon = None
+    rsync_daemon = floor_sender = None
     try:
         client_config = write_config(work / "cli" / "config.yaml", {
             "server": {"main": {"host": "127.0.0.1", "port": server.address[1]}, "backup": {"port": 0}},
@@ -189,8 +244,14 @@ def measure(args: argparse.Namespace, work: Path) -> int:
         else:
             print("rsync is not installed (apt-get install -y rsync): no rsync figure", flush=True)
         contenders["tar|tar"] = tar_over_socket(source)
+        floor_identity = load_or_create(work / "floor")
+        floor_sender = start_floor_sender(source, expected, floor_identity)
+        contenders["python floor"] = python_floor(floor_sender.getsockname()[1],
+                                                  hashlib.sha256(floor_identity.certificate_der).hexdigest())
         return report(run_rounds(contenders, work, expected, args.repeat), args.files)
     finally:
+        if floor_sender is not None:
+            floor_sender.close()
         if rsync_daemon is not None:
             stop_process(rsync_daemon)
         stop_process(server.process)
