@@ -139,11 +139,13 @@ def start_floor_sender(source: Path, expected: dict[str, str], identity: Identit
     listing = [[name, (source / name).stat().st_size, expected[name]] for name in sorted(expected)]
     frames = [_floor_frame(0, json.dumps(listing).encode())]
     batch: list[bytes] = []
+    batch_bytes = 0
     for name, size, _ in listing:
-        if batch and sum(map(len, batch)) + size > FLOOR_FRAME_BYTES:
+        if batch and batch_bytes + size > FLOOR_FRAME_BYTES:
             frames.append(_floor_frame(len(batch), b"".join(batch)))
-            batch = []
+            batch, batch_bytes = [], 0
         batch.append((source / name).read_bytes())
+        batch_bytes += size
     if batch:
         frames.append(_floor_frame(len(batch), b"".join(batch)))
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -156,14 +158,18 @@ def start_floor_sender(source: Path, expected: dict[str, str], identity: Identit
                 connection, _ = listener.accept()
             except OSError:  # closed: the bench is done
                 return
-            with context.wrap_socket(connection, server_side=True) as secure:
-                for frame in frames:
-                    secure.sendall(frame)
+            try:
+                with context.wrap_socket(connection, server_side=True) as secure:
+                    for frame in frames:
+                        secure.sendall(frame)
+            except OSError:  # that receiver failed (it says why); the next round's is served all the same
+                connection.close()
     threading.Thread(target=serve, name="python-floor-sender", daemon=True).start()
     return listener
 
 
 def _floor_frame(files: int, body: bytes) -> bytes:
+    """A frame of bench/python_floor.py's stream: its head (how many files, how many bytes: its ``FRAME_HEAD``)."""
     return struct.pack(">II", files, len(body)) + body
 
 
