@@ -27,6 +27,7 @@ import sys
 
 WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
 FRAME_HEAD = struct.Struct(">II")  # files in the frame, bytes in its body
+IO_TIMEOUT_S = 10.0  # as a client's transfer.io_timeout: a stuck sender ends the run with an error, not a hang
 
 
 def receive_exactly(connection: ssl.SSLSocket, size: int) -> memoryview:
@@ -60,7 +61,7 @@ def main() -> None:
     port, server_sha256, output = int(sys.argv[1]), sys.argv[2], sys.argv[3]
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname, context.verify_mode = False, ssl.CERT_NONE  # pinned below instead, as a client does
-    with context.wrap_socket(socket.create_connection(("127.0.0.1", port))) as connection:
+    with context.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT_S)) as connection:
         if hashlib.sha256(connection.getpeercert(binary_form=True)).hexdigest() != server_sha256:
             raise SystemExit("python floor: not the server pinned")
         listing = json.loads(bytes(receive_frame(connection)[1]))
