@@ -12,7 +12,7 @@ left is the interpreter's start, TLS, SHA-256 and the syscalls, which any
 Python client pays. Next to rsync in the same run it says how much of the
 time a Python client has left for everything else.
 
-The stream (from ``small_files.floor_sender``): frames of a head (two
+The stream (from ``small_files.start_floor_sender``): frames of a head (two
 big-endian 32-bit numbers: how many files, how many bytes) and a body; the
 first body is the JSON listing ``[[name, size, sha256], ...]``, each next one
 the bytes of the next files, in listing order.
