@@ -254,7 +254,9 @@ class SlowProxy:
     connection, for a target that moves to new ports when restarted; when it
     does not answer, the accepted connection is closed at once (like a refused
     one) and the proxy keeps accepting. Pacing uses short sleeps; it waits on
-    nothing.
+    nothing. ``hold_requests`` makes the connections open now swallow what
+    their clients send from then on: requests lost on the way, while the
+    connection itself stays up.
     """
 
     BLOCK = 16 * 1024
@@ -270,6 +272,8 @@ class SlowProxy:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.address = self.listener.getsockname()[:2]
         self._sockets: list = []
+        self._holds: list[threading.Event] = []  # one a connection: set, what its client sends is swallowed
+        self._on_held: Callable[[], None] = lambda: None
         self._lock = threading.Lock()
         threading.Thread(target=self._accept_loop, name="proxy-accept", daemon=True).start()
 
@@ -288,18 +292,33 @@ class SlowProxy:
             except OSError:  # the target is down: this client is refused, later ones may not be
                 client.close()
                 continue
+            hold = threading.Event()
             with self._lock:
                 self._sockets += [client, upstream]
+                self._holds.append(hold)
             to_server, to_client = (self.rate_bps, None) if self.pace == "to_server" else (None, self.rate_bps)
-            threading.Thread(target=self._pump, args=(client, upstream, to_server), daemon=True).start()
+            threading.Thread(target=self._pump, args=(client, upstream, to_server, hold), daemon=True).start()
             threading.Thread(target=self._pump, args=(upstream, client, to_client), daemon=True).start()
 
-    def _pump(self, source, sink, rate_bps: int | None) -> None:
+    def hold_requests(self, on_held: Callable[[], None]) -> None:
+        """From now on, the connections open now drop what their clients send; ``on_held`` is called at each drop.
+
+        Connections accepted later forward as before.
+        """
+        with self._lock:
+            self._on_held = on_held
+            for hold in self._holds:
+                hold.set()
+
+    def _pump(self, source, sink, rate_bps: int | None, hold: threading.Event | None = None) -> None:
         try:
             while True:
                 data = source.recv(self.BLOCK)
                 if not data:
                     break
+                if hold is not None and hold.is_set():
+                    self._on_held()
+                    continue
                 sink.sendall(data)
                 if rate_bps:
                     time.sleep(len(data) / rate_bps)

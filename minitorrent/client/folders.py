@@ -347,16 +347,10 @@ class FolderDownload:
                 else:
                     _expect_counted(session, asked.files, self.folder)
                     in_flight.popleft()
-        except ConnectionFailed:  # the reports in flight may be lost with the connection: sent again on the next
-            self._unreported.extendleft(reversed([file for asked in in_flight if not asked.fetch
-                                                  for file in asked.files]))
-            raise
-        finally:  # else (a pause, a failure) the connection worked: the server has them, most likely counted by now
+        finally:  # a failover, a pause, a failure: what was asked and not answered is asked again (see _unanswered)
             if in_flight:
                 session.reusable = False  # their replies would reach the pool's next user
-                for asked in reversed(in_flight):
-                    if asked.fetch:
-                        missing.extendleft(reversed(asked.files))
+                _unanswered(in_flight, missing, self._unreported)
 
     def _ask(self, session: ServerSession, missing: deque[_Small], in_flight: deque[_Asked], listed: bool) -> None:
         """Send, in one write, a report of the files staged since the last one, then batch requests, as many as fit:
@@ -468,8 +462,9 @@ class FolderDownload:
         and retrying as any call, else one try."""
         if not files:
             return
+        call = self.server.call if patient else self.server.try_call
         try:
-            (self.server.call if patient else self.server.try_call)(lambda session: _report_all(session, files))
+            call(lambda session: _report_all(session, files, self.folder))
         except MiniTorrentError as error:
             log.warning("could not report the downloads of %s: %s", self.folder, error)
 
@@ -898,19 +893,33 @@ def _expect_counted(session: ServerSession, files: list[_Small], folder: str) ->
         log.warning("%s: the server did not count %d downloads: %s", folder, len(files), error)
 
 
-def _report_all(session: ServerSession, files: list[_Small]) -> None:
-    """``downloaded_batch`` requests (``downloaded_many`` to an older server), all sent before the first answer is read."""
+def _unanswered(in_flight: deque[_Asked], missing: deque[_Small], unreported: deque[_Small]) -> None:
+    """Put the requests left unanswered back in front: batches into ``missing``, reports into ``unreported``.
+
+    A report with no answer yet may never have been read: the server answers
+    one request at a time, and the connection is closed now. So it is sent
+    again (by the next connection, or by the last report of a folder that
+    stopped); an identified client's is counted once all the same (the
+    access list), an anonymous one's may count twice.
+    """
+    for asked in reversed(in_flight):
+        (missing if asked.fetch else unreported).extendleft(reversed(asked.files))
+
+
+def _report_all(session: ServerSession, files: list[_Small], folder: str) -> None:
+    """``downloaded_batch`` requests (``downloaded_many`` to an older server), ``REPORTS_IN_FLIGHT`` sent before their
+    answers are read; a refused one is logged (``_expect_counted``) and the others still read."""
     listed = protocol.FEATURE_BATCHES in session.welcome.features.split()
     left = deque(files)
-    requests, payloads = [], []
+    batches = []
     while left:
-        request, payload = _request(_next_batch(left, listed), listed, fetch=False)
-        requests.append(request)
-        payloads.append(payload)
-    for start in range(0, len(requests), REPORTS_IN_FLIGHT):
-        session.connection.send_many(requests[start:start + REPORTS_IN_FLIGHT], payloads[start:start + REPORTS_IN_FLIGHT])
-        for _ in requests[start:start + REPORTS_IN_FLIGHT]:
-            session.receive(protocol.Ok)
+        batches.append(_next_batch(left, listed))
+    for start in range(0, len(batches), REPORTS_IN_FLIGHT):
+        window = batches[start:start + REPORTS_IN_FLIGHT]
+        requests, payloads = zip(*(_request(batch, listed, fetch=False) for batch in window))
+        session.connection.send_many(list(requests), list(payloads))
+        for batch in window:
+            _expect_counted(session, batch, folder)
 
 
 def _with_parents(folders: set[str], top: str) -> set[str]:

@@ -633,6 +633,39 @@ class TestGroupedCounts:
         assert {name: 1 for name in server.catalog.names_at("many/")} == server.catalog.download_counts()
 
 
+    def test_reports_the_server_never_read_are_sent_again_when_the_folder_stops(self, tmp_path, server_factory,
+                                                                                  monkeypatch):
+        """The reports a pause leaves unanswered never reached the server (lost on the way; on a real link, queued
+        behind the batches it was still sending): the folder's last report sends them again, so every file is
+        counted once, not those dropped with the connection left at 0."""
+        from conftest import SHORT_TIMEOUT, SlowProxy
+
+        from minitorrent.client import folders
+
+        monkeypatch.setattr(folders, "BATCH_BYTES", 8 * 100)  # batches of 8: the progress comes with the 8th
+        source, server = serve_many(tmp_path, server_factory, 100)
+        proxy = SlowProxy(server.server.address, 0)  # no pacing: it only loses requests, once told to
+        host, port = proxy.address
+        engine = ClientEngine(make_config(tmp_path / "cli", {"server": {"main": {"host": host, "port": port}},
+                                                             "transfer": {"io_timeout": SHORT_TIMEOUT}}))
+        cancel = threading.Event()
+
+        def lose_what_follows(progress: Progress) -> None:  # the 64th file staged: its batch's report comes next
+            if progress.files and not cancel.is_set():
+                proxy.hold_requests(on_held=cancel.set)  # that report and the next batch request are lost: pause
+        engine.on_progress = lose_what_follows
+        try:
+            with pytest.raises(DownloadCancelled):
+                engine.download_folder("many/", tmp_path / "out", cancel)
+            engine.on_progress = None
+            result = engine.download_folder("many/", tmp_path / "out")
+        finally:
+            engine.close()
+            proxy.close()
+        assert ([], tree(source.parent)) == (result.failed, tree(tmp_path / "out"))
+        assert {name: 1 for name in server.catalog.names_at("many/")} == server.catalog.download_counts()
+
+
 class TestFailover:
     def test_a_folder_download_moves_to_the_other_server_when_the_first_goes(self, tmp_path, server_factory,
                                                                           monkeypatch):
@@ -707,10 +740,11 @@ class TestPause:
             server.stop()
             cancel.set()
             worker.join(SHORT_TIMEOUT)
+            stopped = not worker.is_alive()  # here, before engine.close() would end the retries anyway
         finally:
             engine.close()
             worker.join()
-        assert [DownloadCancelled] == outcome
+        assert (True, [DownloadCancelled]) == (stopped, outcome)
 
 
 class TestBatchBounds:
@@ -798,6 +832,31 @@ class TestBatches:
         result = fetch_folder(tmp_path, server, "many/", tmp_path / "out")
         assert (30, [], tree(source.parent), {0}) == (result.downloaded, result.failed, tree(tmp_path / "out"),
                                                       set(server.catalog.download_counts().values()))
+
+
+    def test_a_refused_report_among_the_last_ones_costs_only_its_own_counts(self, tmp_path, server_factory,
+                                                                            monkeypatch):
+        """A folder's last reports (here the 29 second names of one content, 8 to a request): the first of them
+        refused, the later ones are still read and counted."""
+        monkeypatch.setattr(protocol, "MAX_LISTED_BATCH_FILES", 8)
+        count, asked, refused = serving._Handler._count_downloads, [], []
+
+        def refuse_the_second(handler, names, sha256s):  # the first counts the one file fetched
+            asked.append(names)
+            if len(asked) == 2:
+                refused.extend(names)
+                raise protocol.RequestFailed(protocol.ErrorCode.STORAGE_ERROR, "the counts cannot be stored")
+            return count(handler, names, sha256s)
+        monkeypatch.setattr(serving._Handler, "_count_downloads", refuse_the_second)
+        source = tmp_path / "src" / "same"
+        for i in range(30):
+            make_file(source / f"f{i:02d}.bin", 100, seed=7)  # one content under 30 names
+        server = server_factory()
+        server.add_folder(source)
+        result = fetch_folder(tmp_path, server, "same/", tmp_path / "out")
+        assert ([], tree(source.parent), 8) == (result.failed, tree(tmp_path / "out"), len(refused))
+        assert {name: int(name not in refused) for name in server.catalog.names_at("same/")} == \
+            server.catalog.download_counts()
 
 
 class TestLyingBatches:
