@@ -333,7 +333,7 @@ class Message:
     def to_header(self) -> dict[str, Any]:
         """The JSON object that represents this message on the wire."""
         header = {"type": self.TYPE}
-        header.update({f.name: getattr(self, f.name) for f in fields(self)})
+        header.update({name: getattr(self, name) for name in _init_params(type(self))[0]})
         return header
 
 
@@ -365,10 +365,10 @@ def _bad_arguments(kind: type[Message], args: tuple, kwargs: dict[str, Any]) -> 
 
 
 @functools.cache
-def _field_types(kind: type) -> tuple[tuple[str, Any], ...]:
+def _field_types(kind: type[Message]) -> tuple[tuple[str, Any], ...]:
     """(name, type) of each field: cached, as resolving annotations is slow and every chunk builds messages."""
     hints = typing.get_type_hints(kind)
-    return tuple((field.name, hints[field.name]) for field in fields(kind))
+    return tuple((name, hints[name]) for name in _init_params(kind)[0])
 
 
 def _check_type(name: str, value: Any, expected: Any) -> None:
@@ -1250,17 +1250,12 @@ def decode_header(raw: bytes | memoryview, payload_len: int) -> Message:
         raise RemoteProtocolError(f"unknown message type {header['type']!r}", ErrorCode.UNKNOWN_REQUEST, True)
     if payload_len > kind.MAX_PAYLOAD:
         raise RemoteProtocolError(f"{kind.TYPE} may not carry a {payload_len}-byte payload")
-    names = {f.name for f in fields(kind)}
-    missing = sorted(n for n in names if n not in header and _is_required(kind, n))
+    defaults = _init_params(kind)[1]
+    missing = sorted(name for name, default in defaults.items() if default is MISSING and name not in header)
     if missing:
         raise RemoteProtocolError(f"{kind.TYPE} is missing {', '.join(missing)}", ErrorCode.BAD_REQUEST, True)
     # Keys this version does not know are ignored so a newer peer's additions do not break us.
-    return kind(**{k: v for k, v in header.items() if k in names})
-
-
-def _is_required(kind: type[Message], name: str) -> bool:
-    field = next(f for f in fields(kind) if f.name == name)
-    return field.default is field.default_factory  # both MISSING: no default
+    return kind(**{k: v for k, v in header.items() if k in defaults})
 
 
 @dataclass(frozen=True)
