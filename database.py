@@ -710,7 +710,9 @@ class ServerStore(SQLiteStore):
         with self._remembered_lock:
             if version > self._pages_version:  # the older version's pages will not be asked for again
                 self._pages, self._pages_version, self._pages_bytes = {}, version, 0
-            if version == self._pages_version and self._pages_bytes + size <= PAGES_REMEMBERED_BYTES:
+            # An empty page (a folder that is not there, a cursor past the end) costs a range scan that finds
+            # nothing: never kept, so made-up folders fill no memory.
+            if count and version == self._pages_version and self._pages_bytes + size <= PAGES_REMEMBERED_BYTES:
                 self._pages[(under, after, limit)] = page  # the first pages of a listing stay; later ones are read
                 self._pages_bytes += size
         return page
@@ -976,7 +978,7 @@ class ServerStore(SQLiteStore):
         server_id = self.get_meta("server_id")
         if server_id is None:
             with self._transaction() as connection:
-                # 12 random hex digits, as uuid4().hex[:12] was, without uuid (and platform): 2 ms of every start
+                # 12 random hex digits, as uuid4().hex[:12] was, without uuid (and platform): 2 ms of a client's start
                 connection.execute(
                     "INSERT OR IGNORE INTO meta (key, value) VALUES ('server_id', ?)", (os.urandom(6).hex(),)
                 )
@@ -1071,17 +1073,15 @@ class ServerStore(SQLiteStore):
         names counted (a name listed twice, twice).
         """
         pairs, versions = version_texts(pairs)
+        shared = f"FROM json_each(?) AS j JOIN files AS f ON f.name = {VERSION_NAME} AND f.sha256 = {VERSION_SHA256}"
         with self._transaction() as connection:  # one statement for the lot, in C: the join keeps shared versions
             counted = connection.execute(
-                "INSERT INTO download_counts (name, origin, count) SELECT f.name, ?, 1 FROM json_each(?) AS j"
-                f" JOIN files AS f ON f.name = {VERSION_NAME} AND f.sha256 = {VERSION_SHA256}"
+                f"INSERT INTO download_counts (name, origin, count) SELECT f.name, ?, 1 {shared}"
                 " WHERE true ON CONFLICT (name, origin) DO UPDATE SET count = count + 1",  # WHERE: SQLite's upsert rule
                 (origin, versions)).rowcount
             if counted == len(pairs):  # every one (a client reports what it was just served): no names to read back
                 return [name for name, _ in pairs]
-            return [name for (name,) in connection.execute(
-                f"SELECT f.name FROM json_each(?) AS j JOIN files AS f ON f.name = {VERSION_NAME}"
-                f" AND f.sha256 = {VERSION_SHA256}", (versions,))]
+            return [name for (name,) in connection.execute(f"SELECT f.name {shared}", (versions,))]
 
     def rename_files(self, renames: list[tuple[str, str]]) -> None:
         """Rename each (old, new) pair in one transaction, download counters included (a tombstone for each old name).

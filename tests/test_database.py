@@ -609,10 +609,11 @@ class TestFolderPages:
                                                                self.page(server)[0][1]["name"], self.page(server))
 
 
-    @pytest.mark.parametrize("made_up", ["under", "after"])
-    def test_empty_pages_count_against_the_memory_bound(self, server, monkeypatch, made_up):
-        """Thousands of listings of made-up folders (or cursors past the last name) each give an empty page: the
-        pages kept of them stay within PAGES_REMEMBERED_BYTES (a client cannot grow the server's memory with them)."""
+    @pytest.mark.parametrize("made_up", ["under", "after", "after-inside"])
+    def test_made_up_listings_stay_within_the_memory_bound(self, server, monkeypatch, made_up):
+        """Thousands of listings of made-up folders, of cursors past the last name (empty pages: never kept), or of
+        cursors between real names (a page of one name each, every one a new key): the pages kept of them stay
+        within PAGES_REMEMBERED_BYTES (a client cannot grow the server's memory with them)."""
         monkeypatch.setattr(database, "PAGES_REMEMBERED_BYTES", 256 * 1024)
         add_names(server, self.NAMES)
         server.list_packed(None, "", 20, None, "photos/", False)  # SQLite's statements made before counting
@@ -623,12 +624,16 @@ class TestFolderPages:
                 folder = f"{'x' * 200}{i}/"
                 if made_up == "under":
                     server.list_packed(None, "", 20, None, folder, False)
-                else:
+                elif made_up == "after":
                     server.list_packed(None, "z" + folder, 20, None, "", False)
+                else:
+                    server.list_packed(None, "photos/00" + folder, 1, None, "photos/", False)
             kept = tracemalloc.get_traced_memory()[0] - before
         finally:
             tracemalloc.stop()
-        assert True == (kept <= 2 * database.PAGES_REMEMBERED_BYTES), f"{kept} bytes kept"
+        # What is counted against the bound is what is kept, give or take the objects' own headers: 1.2 times the
+        # bound here (1.85 without the slot each page is counted for)
+        assert True == (kept <= 1.5 * database.PAGES_REMEMBERED_BYTES), f"{kept} bytes kept"
 
 
 class TestRememberedMatches:

@@ -787,8 +787,8 @@ class _Handler:
         self.send_stored_bytes(reply, where, request.name)
 
     def _count_downloads(self, names: list[str], sha256s: list[str]) -> None:
-        """Finished downloads reported (one, or a batch): each counted once per identified client and file, in one
-        commit, then ``Ok``.
+        """Finished downloads reported (one, or a batch), counted in one commit, then ``Ok``: each once per
+        identified client and file where the server keeps an access list (``access``; without one, each report).
 
         Only versions shared are counted, and only they are asked of the
         access list (``ClientAccess.first_reports``) and given to the

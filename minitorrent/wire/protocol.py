@@ -440,8 +440,9 @@ class ListFiles(Message):
     older than the field ignores it and lists every name containing
     ``search``: a client asking for a folder sends its path as ``search``
     too, and keeps the names that start with it. ``counts`` false (cursor
-    pages only): every entry's ``downloads`` is 0, not read (a folder
-    download needs none; they are half a folder page's cost to a server).
+    pages only): an entry's ``downloads`` may be 0, not read (a folder
+    download needs none; they are half a folder page's cost to a server,
+    which skips them where it reads a folder's whole page).
     """
 
     TYPE = "list"
