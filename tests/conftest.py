@@ -513,7 +513,7 @@ def etcd(tmp_path: Path) -> Iterator[EtcdServer]:
     server.stop()
 
 
-def swap_for_a_fifo_when_opened(path: Path):
+def swap_for_a_fifo_when_opened(path: Path) -> Callable[..., int]:
     """``os.open``, which first swaps ``path`` for a FIFO: another process's move just before the file is opened to
     be hashed (opened by name after a check by name, it would then block for ever on the FIFO)."""
     real_open = os.open

@@ -30,7 +30,7 @@ def engine_for(tmp_path: Path, server, **kw) -> ClientEngine:
     return ClientEngine(make_config(tmp_path / "cli", {"server": {"main": {"host": host, "port": port}}}), **kw)
 
 
-def serve_photos(server_factory, photos: Path):
+def serve_photos(server_factory, photos: Path) -> MainServer:
     """A server (chunks of ``CHUNK``) sharing the ``photos`` folder."""
     server = server_factory({"transfer": {"chunk_size": CHUNK}})
     server.add_folder(photos)
@@ -89,10 +89,10 @@ def progress_of_runs(tmp_path: Path, server_factory, photos: Path, runs: int = 1
     return reports
 
 
-def stop_on_a_planted_file(tmp_path: Path, server_factory, monkeypatch) -> tuple:
+def stop_on_a_planted_file(tmp_path: Path, server_factory, monkeypatch) -> tuple[Path, MainServer, bool, FolderResult]:
     """A folder of 70 files whose download stops (DownloadError) at many/b/f66.bin, in its 9th batch of 8: a file is
-    planted where its staged folder goes; then, that file gone, run again. (source, server, anything placed by the
-    first run, the second run's result)."""
+    planted where its staged folder goes; then, that file gone, run again. (source, server, whether the first run
+    placed anything, the second run's result)."""
     from minitorrent.client import folders
 
     monkeypatch.setattr(folders, "BATCH_BYTES", 8 * 100)  # batches of 8: the progress is told after the 64th
@@ -386,7 +386,7 @@ class TestFolderDownload:
     def test_a_file_that_fails_is_told_failed(self, tmp_path, server_factory, photos):
         """A file that cannot be written is reported failed in the folder's progress, by name."""
         server = serve_photos(server_factory, photos)
-        mine = plant_own_notes(tmp_path / "out")
+        plant_own_notes(tmp_path / "out")
         seen: list[Progress] = []
         fetch_folder(tmp_path, server, "photos/", tmp_path / "out", on_progress=seen.append)
         assert [("photos/notes.txt", "failed")] == [c for p in seen for c in p.files if c[1] == "failed"]

@@ -234,8 +234,10 @@ class TestReports:
         for secure in (ClientTls(identity=load_or_create(tmp_path / "one")),) * 2 + (
                 ClientTls(identity=load_or_create(tmp_path / "two")), ClientTls()):
             session = ServerSession.open(*server.server.address, io_timeout_s=SHORT_TIMEOUT, secure=secure)
-            session.call(*report_batch(kind, pairs), protocol.Ok)
-            session.close()
+            try:
+                session.call(*report_batch(kind, pairs), protocol.Ok)
+            finally:
+                session.close()
         assert {"a.bin": 2, "copy of a.bin": 2} == server.catalog.download_counts()
 
     def test_the_access_list_notes_each_file_once_and_nothing_malformed(self, tmp_path):
