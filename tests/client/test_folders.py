@@ -119,6 +119,18 @@ def stop_on_a_planted_file(tmp_path: Path, server_factory, monkeypatch) -> tuple
     return source, server, placed, result
 
 
+def paused_then_resumed(engine: ClientEngine, cancel: threading.Event, output: Path) -> FolderResult:
+    """many/ downloaded into ``output`` until ``cancel`` stops it (DownloadCancelled), then again to its end, with no
+    progress callback: the second run's result. The engine is closed after."""
+    try:
+        with pytest.raises(DownloadCancelled):
+            engine.download_folder("many/", output, cancel)
+        engine.on_progress = None
+        return engine.download_folder("many/", output)
+    finally:
+        engine.close()
+
+
 def tree(root: Path) -> dict[str, str]:
     """relative path -> sha256 of every file under ``root`` (staging excluded)."""
     return {p.relative_to(root).as_posix(): sha256_file(p) for p in root.rglob("*")
@@ -621,17 +633,9 @@ class TestGroupedCounts:
                 wait_until(lambda: 56 == sum(server.catalog.download_counts().values()), SHORT_TIMEOUT,
                            "the 7 batches reported counted")
                 cancel.set()
-        engine = engine_for(tmp_path, server, on_progress=pause)
-        try:
-            with pytest.raises(DownloadCancelled):
-                engine.download_folder("many/", tmp_path / "out", cancel)
-            engine.on_progress = None
-            result = engine.download_folder("many/", tmp_path / "out")
-        finally:
-            engine.close()
+        result = paused_then_resumed(engine_for(tmp_path, server, on_progress=pause), cancel, tmp_path / "out")
         assert ([], tree(source.parent)) == (result.failed, tree(tmp_path / "out"))
         assert {name: 1 for name in server.catalog.names_at("many/")} == server.catalog.download_counts()
-
 
     def test_reports_the_server_never_read_are_sent_again_when_the_folder_stops(self, tmp_path, server_factory,
                                                                                   monkeypatch):
@@ -646,21 +650,17 @@ class TestGroupedCounts:
         source, server = serve_many(tmp_path, server_factory, 100)
         proxy = SlowProxy(server.server.address, 0)  # no pacing: it only loses requests, once told to
         host, port = proxy.address
-        engine = ClientEngine(make_config(tmp_path / "cli", {"server": {"main": {"host": host, "port": port}},
-                                                             "transfer": {"io_timeout": SHORT_TIMEOUT}}))
         cancel = threading.Event()
 
         def lose_what_follows(progress: Progress) -> None:  # the 64th file staged: its batch's report comes next
             if progress.files and not cancel.is_set():
                 proxy.hold_requests(on_held=cancel.set)  # that report and the next batch request are lost: pause
-        engine.on_progress = lose_what_follows
+        engine = ClientEngine(make_config(tmp_path / "cli", {"server": {"main": {"host": host, "port": port}},
+                                                             "transfer": {"io_timeout": SHORT_TIMEOUT}}),
+                              on_progress=lose_what_follows)
         try:
-            with pytest.raises(DownloadCancelled):
-                engine.download_folder("many/", tmp_path / "out", cancel)
-            engine.on_progress = None
-            result = engine.download_folder("many/", tmp_path / "out")
+            result = paused_then_resumed(engine, cancel, tmp_path / "out")
         finally:
-            engine.close()
             proxy.close()
         assert ([], tree(source.parent)) == (result.failed, tree(tmp_path / "out"))
         assert {name: 1 for name in server.catalog.names_at("many/")} == server.catalog.download_counts()
